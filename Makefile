@@ -1,0 +1,57 @@
+# casaspawner: `make demo` and `make test` are the two entry points (see README.md).
+# Both are idempotent: they install what is missing (apt packages, the venv, npm tools) and nothing else.
+# Area-specific targets and their system packages live in mk/*.mk (one file per area).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Debian packages every target needs; mk/*.mk files append their own.
+APT_PACKAGES := python3-venv python3-dev git
+# Extras installed into the venv; mk/*.mk files may append.
+PIP_EXTRAS := test
+PYTEST_ARGS ?=
+comma := ,
+empty :=
+space := $(empty) $(empty)
+
+include $(sort $(wildcard mk/*.mk))
+
+.PHONY: help deps venv lint typecheck unit test demo clean
+
+help:
+	@echo "make demo   install what is missing and run casaspawner on this machine"
+	@echo "make test   install what is missing and run every test (ruff, mypy, pytest)"
+
+deps:
+	@scripts/apt-ensure $(sort $(APT_PACKAGES))
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(subst $(space),$(comma),$(sort $(PIP_EXTRAS)))]"
+	@touch $@
+
+venv: deps $(VENV)/.installed
+
+lint: venv
+	$(BIN)/ruff check casaspawner tests benchmarks images
+	$(BIN)/ruff format --check casaspawner tests benchmarks images
+
+typecheck: venv
+	$(BIN)/mypy casaspawner
+
+unit: venv
+	$(BIN)/pytest -m "not integration and not images and not k8s" $(PYTEST_ARGS)
+
+# Everything CI runs: lint, types, and every test tier except `k8s` (real cluster only).
+test: venv $(TEST_PREREQS)
+	$(BIN)/ruff check casaspawner tests benchmarks images
+	$(BIN)/ruff format --check casaspawner tests benchmarks images
+	$(BIN)/mypy casaspawner
+	$(BIN)/pytest -m "not k8s" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,7 @@
+"""``python -m casaspawner``: the same as the ``casaspawner`` console script."""
+
+import sys
+
+from casaspawner.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""ALMA dataset identifiers, evidence readers and version resolution."""

@@ -1,0 +1,27 @@
+"""The one family of errors a user or operator can cause.
+
+Every message is a single sentence meant for a person: spawners turn these into ``SpawnException``
+(a form/progress-page message), the CLI prints them on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+
+class CasaspawnerError(Exception):
+    """Base class: ``str(error)`` is one user-facing sentence."""
+
+
+class InvalidInput(CasaspawnerError):  # noqa: N818 - reads better at raise sites
+    """A value given by a user (identifier, option, path) is not acceptable."""
+
+
+class CatalogError(CasaspawnerError):
+    """The release catalog is malformed, or a release asked for does not exist."""
+
+
+class ResolutionError(CasaspawnerError):
+    """Nothing in a dataset tells which CASA build processed it, or no build can be chosen."""
+
+
+class ArchiveUnavailable(CasaspawnerError):  # noqa: N818
+    """The ALMA archive could not be reached or did not have what was asked for."""

@@ -1,0 +1,285 @@
+"""The session plan: a pure, backend-neutral description of one CASA session.
+
+``make_plan(identity, options, catalog, resolution, config)`` decides everything a spawner needs — release,
+image, interface, environment, mounts, identity, resources, labels, annotations and a one-line summary — and
+does no I/O. ``spawners/kube.py`` translates a plan into a pod, ``spawners/local.py`` into a process. Secrets
+(tokens) never enter a plan, so a plan can be logged, printed and shown to the user.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from casaspawner.catalog.model import Catalog, Release
+from casaspawner.datasets.model import Resolution
+from casaspawner.errors import InvalidInput
+
+Interface = Literal["lab", "desktop"]
+INTERFACES: dict[str, str] = {"lab": "JupyterLab", "desktop": "CASA desktop"}
+DEFAULT_URLS: dict[str, str] = {"lab": "/lab", "desktop": "/desktop/"}
+MountKind = Literal["storage", "scratch", "measures"]
+
+_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@\-]{0,63}")
+_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
+_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._\-]{0,61}[A-Za-z0-9])?)?")
+_LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9.\-]{0,251}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the session runs as: never root."""
+
+    username: str
+    uid: int
+    gid: int
+    groups: tuple[str, ...] = ()
+    supplemental_gids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _USERNAME.fullmatch(self.username):
+            raise InvalidInput(f"{self.username!r} is not a usable user name.")
+        if self.uid <= 0 or self.gid < 0:
+            raise InvalidInput(f"User {self.username} would run as uid {self.uid}; sessions never run as root.")
+        for group in self.groups:
+            if not _GROUP.fullmatch(group):
+                raise InvalidInput(f"{group!r} is not a usable group name.")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What the user chose on the form (or CLI), already checked for shape."""
+
+    dataset: str
+    interface: Interface = "lab"
+    size: str = "medium"
+    release: str | None = None  # catalog id overriding the resolved release
+
+    def __post_init__(self) -> None:
+        if self.interface not in INTERFACES:
+            raise InvalidInput(f"{self.interface!r} is not an interface; choose lab or desktop.")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """CPU in cores and memory as Kubernetes/KubeSpawner quantities (``8G``)."""
+
+    cpu_guarantee: float
+    cpu_limit: float
+    mem_guarantee: str
+    mem_limit: str
+    description: str = ""
+
+
+DEFAULT_SIZES: dict[str, Resources] = {
+    "small": Resources(0.5, 2, "2G", "4G", "2 CPU, 4 GB"),
+    "medium": Resources(1, 4, "8G", "16G", "4 CPU, 16 GB"),
+    "large": Resources(4, 8, "32G", "64G", "8 CPU, 64 GB"),
+}
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """Where Cavern (or its local stand-in) and the other volumes appear in a session.
+
+    Templates take ``{username}`` and ``{group}``.
+    """
+
+    home_subpath: str = "home/{username}"
+    home_mount: str = "/arc/home/{username}"
+    project_subpath: str = "projects/{group}"
+    project_mount: str = "/arc/projects/{group}"
+    scratch_mount: str = "/scratch"
+    scratch_limit: str = "20Gi"
+    measures_mount: str = "/opt/casa/measures"
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Operator choices the plan depends on (spawner traits fill this in)."""
+
+    image_registry: str = "ghcr.io/casaspawner"
+    image_template: str = "{registry}/casa:{tag}"
+    label_prefix: str = "casaspawner.io"
+    sizes: Mapping[str, Resources] = field(default_factory=lambda: dict(DEFAULT_SIZES))
+    storage: StorageLayout = field(default_factory=StorageLayout)
+    desktop_xstartup: str = "/opt/casaspawner/desktop/xstartup"
+    allow_override: bool = True
+
+    def __post_init__(self) -> None:
+        if not _LABEL_PREFIX.fullmatch(self.label_prefix):
+            raise InvalidInput(f"{self.label_prefix!r} is not a Kubernetes label prefix (a DNS subdomain).")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A volume in the session: ``storage`` (Cavern sub-path), ``scratch`` or ``measures`` (read-only)."""
+
+    name: str
+    kind: MountKind
+    path: str
+    sub_path: str | None = None
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Substitution:
+    """A backend that cannot run the chosen release runs this one instead, and says why."""
+
+    release: Release
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """Everything a spawner needs to start one session; contains no secrets."""
+
+    identity: Identity
+    options: SessionOptions
+    resolution: Resolution
+    release: Release
+    exact: bool
+    approximate: bool
+    reason: str
+    image: str
+    interface: Interface
+    default_url: str
+    home: str
+    environment: Mapping[str, str]
+    mounts: tuple[Mount, ...]
+    resources: Resources
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    summary: str
+
+    @property
+    def username(self) -> str:
+        return self.identity.username
+
+    @property
+    def kernel_name(self) -> str:
+        """Jupyter kernel display name; approximations say so in the name itself."""
+        name = self.release.kernel_name
+        return f"{name} (approximate)" if self.approximate else name
+
+
+def image_for(release: Release, config: PlanConfig) -> str:
+    """The image reference for a release; the image build tool tags with the same function."""
+    return config.image_template.format(
+        registry=config.image_registry.rstrip("/"),
+        tag=release.tag,
+        casa=release.casa,
+        pipeline=release.pipeline or "",
+        id=release.id,
+    )
+
+
+def label_value(text: str) -> str | None:
+    """``text`` if it is a valid Kubernetes label value, else None (the value then goes in an annotation)."""
+    return text if len(text) <= 63 and _LABEL_VALUE.fullmatch(text) else None
+
+
+def make_plan(
+    identity: Identity,
+    options: SessionOptions,
+    catalog: Catalog,
+    resolution: Resolution,
+    config: PlanConfig | None = None,
+    substitution: Substitution | None = None,
+) -> SessionPlan:
+    """Decide one session. Pure: same inputs, same plan; raises ``InvalidInput`` with one sentence."""
+    config = config or PlanConfig()
+    release, exact, reason = resolution.release, resolution.exact, resolution.reason
+    if options.release is not None and options.release != release.id:
+        if not config.allow_override:
+            raise InvalidInput("This hub does not allow choosing a CASA release other than the resolved one.")
+        chosen = catalog.get(options.release)
+        if not chosen.available:
+            raise InvalidInput(f"{chosen.label} has no public build to run; choose another release.")
+        reason = f"You chose {chosen.label} instead of {release.label}, which {_lower_first(reason)}"
+        release, exact = chosen, False
+    approximate = substitution is not None
+    if substitution is not None:
+        reason = f"{substitution.reason} (the dataset calls for {release.label})."
+        release, exact = substitution.release, False
+    if options.size not in config.sizes:
+        raise InvalidInput(f"{options.size!r} is not a session size; choose one of {', '.join(config.sizes)}.")
+
+    layout = config.storage
+    home = layout.home_mount.format(username=identity.username)
+    mounts = [
+        Mount("home", "storage", home, layout.home_subpath.format(username=identity.username)),
+        *(
+            Mount(
+                f"project-{group.lower()}",
+                "storage",
+                layout.project_mount.format(group=group),
+                layout.project_subpath.format(group=group),
+            )
+            for group in identity.groups
+        ),
+        Mount("scratch", "scratch", layout.scratch_mount),
+        Mount("measures", "measures", layout.measures_mount, read_only=True),
+    ]
+    interface = options.interface
+    environment = {
+        "HOME": home,
+        "CASASPAWNER_RELEASE": release.id,
+        "CASASPAWNER_CASA": release.casa,
+        "CASASPAWNER_PIPELINE": release.pipeline or "",
+        "CASASPAWNER_DATASET": resolution.dataset,
+        "CASASPAWNER_EXACT": "true" if exact else "false",
+        "CASASPAWNER_APPROXIMATE": "true" if approximate else "false",
+        "CASASPAWNER_KERNEL_NAME": release.kernel_name + (" (approximate)" if approximate else ""),
+        "CASA_MEASURES_PATH": layout.measures_mount,
+        "SCRATCH": layout.scratch_mount,
+    }
+    if interface == "desktop":
+        environment["JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP"] = config.desktop_xstartup
+
+    prefix = config.label_prefix
+    labels = {f"{prefix}/release": release.id, f"{prefix}/interface": interface}
+    for key, value in (("casa", release.casa), ("pipeline", release.pipeline or ""), ("dataset", resolution.dataset)):
+        safe = label_value(value.replace("://", "___").replace("/", "_"))
+        if value and safe:
+            labels[f"{prefix}/{key}"] = safe
+    exactness = "exact" if exact else ("approximate" if approximate else "not exact")
+    summary = f"{release.label} · {INTERFACES[interface]} · {resolution.dataset} · {exactness}"
+    annotations = {
+        f"{prefix}/dataset": resolution.dataset,
+        f"{prefix}/processed-with": _processed_with(resolution),
+        f"{prefix}/evidence": f"{resolution.evidence.kind}: {resolution.evidence.path}",
+        f"{prefix}/reason": reason,
+        f"{prefix}/summary": summary,
+    }
+    return SessionPlan(
+        identity=identity,
+        options=options,
+        resolution=resolution,
+        release=release,
+        exact=exact,
+        approximate=approximate,
+        reason=reason,
+        image=image_for(release, config),
+        interface=interface,
+        default_url=DEFAULT_URLS[interface],
+        home=home,
+        environment=environment,
+        mounts=tuple(mounts),
+        resources=config.sizes[options.size],
+        labels=labels,
+        annotations=annotations,
+        summary=summary,
+    )
+
+
+def _processed_with(resolution: Resolution) -> str:
+    casa, pipeline = resolution.evidence.casa, resolution.evidence.pipeline
+    text = f"CASA {casa}" if casa else "CASA unknown"
+    return f"{text}, pipeline {pipeline}" if pipeline else text
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:] if text else text

@@ -1,0 +1,1 @@
+"""JupyterHub spawners: CASASpawner (Kubernetes) and LocalCASASpawner (one machine)."""
