@@ -11,7 +11,7 @@ class CasaspawnerError(Exception):
     """Base class: ``str(error)`` is one user-facing sentence."""
 
 
-class InvalidInput(CasaspawnerError):  # noqa: N818 - reads better at raise sites
+class InvalidInput(CasaspawnerError):
     """A value given by a user (identifier, option, path) is not acceptable."""
 
 
@@ -23,5 +23,5 @@ class ResolutionError(CasaspawnerError):
     """Nothing in a dataset tells which CASA build processed it, or no build can be chosen."""
 
 
-class ArchiveUnavailable(CasaspawnerError):  # noqa: N818
+class ArchiveUnavailable(CasaspawnerError):
     """The ALMA archive could not be reached or did not have what was asked for."""

@@ -42,7 +42,9 @@ class Identity:
         if not _USERNAME.fullmatch(self.username):
             raise InvalidInput(f"{self.username!r} is not a usable user name.")
         if self.uid <= 0 or self.gid < 0:
-            raise InvalidInput(f"User {self.username} would run as uid {self.uid}; sessions never run as root.")
+            raise InvalidInput(
+                f"User {self.username} would run as uid {self.uid}; sessions never run as root."
+            )
         for group in self.groups:
             if not _GROUP.fullmatch(group):
                 raise InvalidInput(f"{group!r} is not a usable group name.")
@@ -205,7 +207,9 @@ def make_plan(
         reason = f"{substitution.reason} (the dataset calls for {release.label})."
         release, exact = substitution.release, False
     if options.size not in config.sizes:
-        raise InvalidInput(f"{options.size!r} is not a session size; choose one of {', '.join(config.sizes)}.")
+        raise InvalidInput(
+            f"{options.size!r} is not a session size; choose one of {', '.join(config.sizes)}."
+        )
 
     layout = config.storage
     home = layout.home_mount.format(username=identity.username)
@@ -241,7 +245,11 @@ def make_plan(
 
     prefix = config.label_prefix
     labels = {f"{prefix}/release": release.id, f"{prefix}/interface": interface}
-    for key, value in (("casa", release.casa), ("pipeline", release.pipeline or ""), ("dataset", resolution.dataset)):
+    for key, value in (
+        ("casa", release.casa),
+        ("pipeline", release.pipeline or ""),
+        ("dataset", resolution.dataset),
+    ):
         safe = label_value(value.replace("://", "___").replace("/", "_"))
         if value and safe:
             labels[f"{prefix}/{key}"] = safe

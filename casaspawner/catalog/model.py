@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -21,7 +21,7 @@ from casaspawner.catalog.versions import (
     parse_casa,
     pipeline_sort_key,
 )
-from casaspawner.errors import CatalogError, CasaspawnerError
+from casaspawner.errors import CasaspawnerError, CatalogError
 
 Role = Literal["pipeline", "manual", "modular"]
 ROLES: tuple[Role, ...] = ("pipeline", "manual", "modular")
@@ -177,7 +177,7 @@ class Catalog:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_id", {release.id: release for release in self.releases})
 
-    def __iter__(self) -> Iterable[Release]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Release]:
         return iter(self.releases)
 
     def __len__(self) -> int:
@@ -301,7 +301,9 @@ def _parse_release(raw: object, index: int) -> Release:
     if confidence not in CONFIDENCE:
         raise entry.fail("confidence", f"must be one of {', '.join(CONFIDENCE)}")
     cycles = entry.raw.get("cycles") or []
-    if not isinstance(cycles, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in cycles):
+    if not isinstance(cycles, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in cycles
+    ):
         raise entry.fail("cycles", "must be a list of cycle numbers")
     ops = entry.raw.get("ops") or {}
     if not isinstance(ops, dict) or set(ops) - {"start", "end"}:
@@ -312,7 +314,7 @@ def _parse_release(raw: object, index: int) -> Release:
             raise entry.fail("ops", f"{key} must be a date written YYYY-MM-DD or YYYY-MM")
     return Release(
         id=release_id,
-        role=cast(Role, role),
+        role=role,
         casa=casa,
         confidence=confidence,
         cycles=tuple(cycles),
@@ -339,7 +341,11 @@ def _parse_tarball(entry: _Entry) -> Tarball | None:
     if raw is None:
         return None
     sub = _Entry(raw, f"{entry.where}, tarball")
-    name, url_dir, sha256 = sub.text("name", required=True), sub.text("url_dir", required=True), sub.text("sha256")
+    name, url_dir, sha256 = (
+        sub.text("name", required=True),
+        sub.text("url_dir", required=True),
+        sub.text("sha256"),
+    )
     assert name is not None and url_dir is not None
     if set(sub.raw) - {"name", "url_dir", "sha256"}:
         raise entry.fail("tarball", "may only have name, url_dir and sha256")
@@ -393,7 +399,9 @@ def _parse_catalog(data: object, source: str) -> Catalog:
             raise CatalogError(f"release {release.id!r} appears twice")
         seen_ids.add(release.id)
         if release.tag in seen_tags:
-            raise CatalogError(f"releases {seen_tags[release.tag]!r} and {release.id!r} share image tag {release.tag!r}")
+            raise CatalogError(
+                f"releases {seen_tags[release.tag]!r} and {release.id!r} share image tag {release.tag!r}"
+            )
         seen_tags[release.tag] = release.id
     by_id = {release.id: release for release in releases}
     for release in releases:
@@ -401,12 +409,16 @@ def _parse_catalog(data: object, source: str) -> Catalog:
             continue
         target = by_id.get(release.restore_with)
         if target is None:
-            raise CatalogError(f"release {release.id!r}, field 'restore_with': {release.restore_with!r} is not a release")
+            raise CatalogError(
+                f"release {release.id!r}, field 'restore_with': {release.restore_with!r} is not a release"
+            )
         if not target.available:
             raise CatalogError(
                 f"release {release.id!r}, field 'restore_with': {target.id!r} has no public tarball or wheels"
             )
-    non_alma = _Entry(top.raw.get("non_alma_pipelines") or {"versions": []}, "non_alma_pipelines").texts("versions")
+    non_alma = _Entry(top.raw.get("non_alma_pipelines") or {"versions": []}, "non_alma_pipelines").texts(
+        "versions"
+    )
     restore_builds = []
     for index, raw in enumerate(top.raw.get("restore_builds") or []):
         entry = _Entry(raw, f"restore_builds #{index + 1}")
@@ -417,7 +429,9 @@ def _parse_catalog(data: object, source: str) -> Catalog:
         restore_builds.append(RestoreBuild(normalize_casa(casa), target_id, reason))
     for release in releases:
         if release.pipeline and any(fnmatch.fnmatchcase(release.pipeline, p) for p in non_alma):
-            raise CatalogError(f"release {release.id!r} uses pipeline {release.pipeline}, listed as a non-ALMA build")
+            raise CatalogError(
+                f"release {release.id!r} uses pipeline {release.pipeline}, listed as a non-ALMA build"
+            )
     return Catalog(releases, tuple(non_alma), tuple(restore_builds), source)
 
 

@@ -16,7 +16,9 @@ from casaspawner.errors import InvalidInput
 # ASCII digits only: ``\d`` would accept other scripts' digits.
 _CASA_CORE = re.compile(r"([1-9])\.([0-9]{1,2})(?:\.([0-9]{1,2}))?(?:[-.]([0-9]{1,4}))?")
 # What may follow the core in strings CASA printed itself.
-_CASA_SUFFIX = re.compile(r"(?:\s*(?:-?REL[0-9]*|\(?r[0-9]+(?:/r[0-9]+)*\)?|\.el[0-9]+|-py[0-9]\.[0-9]+))*\s*")
+_CASA_SUFFIX = re.compile(
+    r"(?:\s*(?:-?REL[0-9]*|\(?r[0-9]+(?:/r[0-9]+)*\)?|\.el[0-9]+|-py[0-9]\.[0-9]+))*\s*"
+)
 _PIPELINE_GIT = re.compile(r"([0-9]{4})\.([0-9]{1,2})\.([0-9]{1,2})\.([0-9]{1,5})(?:\+[A-Za-z0-9_.\-]+)?")
 _PIPELINE_SERIES = re.compile(r"([0-9]{4})\.([0-9]{1,2})\.([0-9]{1,2})")
 _PIPELINE_SVN = re.compile(r"r?([0-9]{5})M?(?:\s*\([^()]*\))?")

@@ -1,0 +1,157 @@
+"""The ``casaspawner`` command line.
+
+Bad input never shows a traceback: every user-caused problem prints one line on stderr and exits 2.
+Subcommands owned by other layers (``pod``, ``images``, ``demo``) live in their own modules, listed in
+``PLUGINS``; each provides ``register(subparsers)`` and sets ``func`` on its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from casaspawner import __version__
+from casaspawner.catalog.model import Catalog, load_catalog
+from casaspawner.datasets.archive import AlmaDataLinkClient
+from casaspawner.datasets.resolve import resolve_target
+from casaspawner.datasets.synth import ERAS, write_dataset
+from casaspawner.errors import CasaspawnerError
+from casaspawner.plan import PlanConfig, image_for
+
+#: Modules adding subcommands: each has ``register(subparsers) -> None``.
+PLUGINS: tuple[str, ...] = ()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line on stderr with exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="casaspawner", description="Start the CASA build ALMA's pipeline used on a dataset."
+    )
+    parser.add_argument("--version", action="version", version=f"casaspawner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser("catalog", help="print the ALMA pipeline / CASA release catalog")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--catalog", metavar="FILE", help="use this catalog file instead of the bundled one")
+    p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser("resolve", help="tell which CASA build a dataset (directory or ALMA id) runs with")
+    p.add_argument("target", metavar="TARGET", help="a dataset directory, an ALMA uid or a project code")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--catalog", metavar="FILE", help="use this catalog file instead of the bundled one")
+    p.add_argument(
+        "--archive-url",
+        default=os.environ.get("CASASPAWNER_ARCHIVE_URL", "https://almascience.org"),
+        help="ALMA archive mirror used for identifiers (default: %(default)s; env CASASPAWNER_ARCHIVE_URL)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=10.0, help="archive timeout in seconds (default: %(default)s)"
+    )
+    p.add_argument(
+        "--registry",
+        default=os.environ.get("CASASPAWNER_IMAGE_REGISTRY", PlanConfig().image_registry),
+        help="image registry used to name the image (default: %(default)s; env CASASPAWNER_IMAGE_REGISTRY)",
+    )
+    p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("demo-data", help="write synthetic ALMA product trees (for trying things out)")
+    p.add_argument("directory", type=Path, help="where to write the trees")
+    p.add_argument(
+        "--era", action="append", choices=sorted(ERAS), help="which era (repeatable; default: all)"
+    )
+    p.set_defaults(func=cmd_demo_data)
+
+    for module in PLUGINS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def _catalog(args: argparse.Namespace) -> Catalog:
+    return load_catalog(args.catalog) if getattr(args, "catalog", None) else load_catalog()
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    rows = [release.summary_row() for release in catalog.releases]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("ID", "CASA", "PIPELINE", "CYCLES", "ALMA OPERATIONS", "PACKAGING", "CONFIDENCE")
+    table = [header] + [
+        (
+            row["id"],
+            row["casa"],
+            row["pipeline"] or "-",
+            ",".join(str(c) for c in row["cycles"]) or "-",
+            f"{row['ops_start'] or ''} → {row['ops_end'] or ('now' if row['ops_start'] else '')}".strip(" →")
+            or "-",
+            row["packaging"] + (f" → {row['restore_with']}" if row["restore_with"] else ""),
+            row["confidence"],
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    archive = AlmaDataLinkClient(args.archive_url, timeout=args.timeout)
+    resolution = resolve_target(args.target, catalog, archive=archive)
+    image = image_for(resolution.release, PlanConfig(image_registry=args.registry))
+    if args.json:
+        print(json.dumps(resolution.to_json(image), indent=2))
+        return 0
+    evidence = resolution.evidence
+    print(f"dataset:        {resolution.dataset}")
+    print(
+        f"processed with: CASA {evidence.casa}"
+        + (f", pipeline {evidence.pipeline}" if evidence.pipeline else "")
+    )
+    print(f"evidence:       {evidence.kind} ({evidence.path})")
+    print(
+        f"session runs:   {resolution.release.label} [{resolution.release.id}]"
+        + ("" if resolution.exact else " (not exact)")
+    )
+    print(f"image:          {image}")
+    print(f"reason:         {resolution.reason}")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    for era in args.era or sorted(ERAS):
+        member = write_dataset(args.directory / era, era)
+        print(member)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CasaspawnerError as exc:
+        print(f"casaspawner: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

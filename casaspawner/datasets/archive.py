@@ -1,0 +1,198 @@
+"""Look up a dataset's pipeline manifest in the ALMA archive without downloading the dataset.
+
+``ArchiveClient`` is the pluggable interface; ``AlmaDataLinkClient`` asks an ALMA archive mirror's TAP
+service for the MOUS of a project code and its DataLink service for the MOUS's files, downloads only the
+``*.pipeline_manifest.xml`` (size-limited, with timeouts) and caches it on disk (manifests never change).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Protocol
+from xml.etree.ElementTree import Element, ParseError
+
+import defusedxml.ElementTree as SafeET
+from defusedxml import DefusedXmlException
+
+from casaspawner.datasets.ids import ProjectCode, Uid, parse_uid
+from casaspawner.errors import ArchiveUnavailable, ResolutionError
+
+MANIFEST_LIMIT = 32 * 1024 * 1024
+LISTING_LIMIT = 16 * 1024 * 1024
+_MANIFEST_NAME = re.compile(r"[A-Za-z0-9_.\-]*pipeline_manifest\.xml")
+
+
+class ArchiveClient(Protocol):
+    """Fetches the pipeline manifest of an ALMA dataset into a local file (one manifest per directory)."""
+
+    name: str
+
+    def fetch_manifest(self, identifier: ProjectCode | Uid) -> Path: ...
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "casaspawner" / "archive"
+
+
+class AlmaDataLinkClient:
+    """ALMA archive client: TAP (project code → MOUS) and DataLink (MOUS → manifest file)."""
+
+    def __init__(
+        self,
+        base_url: str = "https://almascience.org",
+        *,
+        timeout: float = 10.0,
+        cache_dir: Path | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.name = urllib.parse.urlsplit(self.base_url).netloc or self.base_url
+
+    # -- public -----------------------------------------------------------------------------------------
+    def fetch_manifest(self, identifier: ProjectCode | Uid) -> Path:
+        mous = self.mous_for(identifier) if isinstance(identifier, ProjectCode) else identifier
+        cached = self._cached(mous)
+        if cached is not None:
+            return cached
+        url = self._find_manifest_url(mous)
+        if url is None:
+            raise ResolutionError(
+                f"The ALMA archive lists no pipeline manifest for {mous} (manually calibrated or Cycle 0-4 data); "
+                f"download it and give its directory, e.g. casaspawner resolve ./member.{mous.sanitized}."
+            )
+        name = Path(urllib.parse.urlsplit(url).path).name
+        if not _MANIFEST_NAME.fullmatch(name):
+            name = f"member.{mous.sanitized}.pipeline_manifest.xml"
+        data = self._get(url, MANIFEST_LIMIT)
+        directory = self.cache_dir / mous.sanitized
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / (name + ".part")
+        partial.write_bytes(data)
+        partial.replace(directory / name)
+        return directory / name
+
+    def mous_for(self, code: ProjectCode) -> Uid:
+        """The single MOUS of a project code (several: a ResolutionError listing some of them)."""
+        # str(code) is built from the strict project-code pattern: digits, dots and capitals only
+        query = f"SELECT DISTINCT member_ous_uid FROM ivoa.obscore WHERE proposal_id = '{code}'"  # noqa: S608
+        params = urllib.parse.urlencode(
+            {"REQUEST": "doQuery", "LANG": "ADQL", "FORMAT": "votable", "QUERY": query}
+        )
+        rows = _votable_rows(self._xml(f"{self.base_url}/tap/sync?{params}"))
+        uids = sorted({row.get("member_ous_uid", "") for row in rows} - {""})
+        if not uids:
+            raise ResolutionError(f"The ALMA archive has no data for project {code}.")
+        if len(uids) > 1:
+            shown = ", ".join(uids[:5]) + (f" and {len(uids) - 5} more" if len(uids) > 5 else "")
+            raise ResolutionError(
+                f"Project {code} has {len(uids)} datasets (MOUS {shown}); give one uid instead."
+            )
+        return parse_uid(uids[0])
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _cached(self, mous: Uid) -> Path | None:
+        directory = self.cache_dir / mous.sanitized
+        if directory.is_dir():
+            found = sorted(p for p in directory.iterdir() if _MANIFEST_NAME.fullmatch(p.name))
+            if found:
+                return found[0]
+        return None
+
+    def _find_manifest_url(self, mous: Uid, depth: int = 0, url: str | None = None) -> str | None:
+        url = url or f"{self.base_url}/datalink/sync?{urllib.parse.urlencode({'ID': str(mous)})}"
+        tree = self._xml(url)
+        rows = _votable_rows(tree)
+        manifests = sorted(
+            (
+                row["access_url"]
+                for row in rows
+                if row.get("access_url", "").endswith("pipeline_manifest.xml")
+            ),
+            key=lambda u: (0 if "cal" in u.rsplit("/", 1)[-1] else 1, u),
+        )
+        if manifests:
+            return manifests[0]
+        if depth >= 2:
+            return None
+        services = _service_urls(tree)
+        for row in rows:
+            service = services.get(row.get("service_def", ""))
+            if service and row.get("ID") and row.get("semantics") in ("#auxiliary", "#this", ""):
+                found = self._find_manifest_url(
+                    mous, depth + 1, f"{service}?{urllib.parse.urlencode({'ID': row['ID']})}"
+                )
+                if found:
+                    return found
+        return None
+
+    def _xml(self, url: str) -> Element:
+        data = self._get(url, LISTING_LIMIT)
+        try:
+            tree: Element = SafeET.fromstring(
+                data, forbid_dtd=True, forbid_entities=True, forbid_external=True
+            )
+        except (DefusedXmlException, ParseError):
+            raise ArchiveUnavailable(
+                f"The ALMA archive at {self.name} sent a reply that is not a VOTable."
+            ) from None
+        return tree
+
+    def _get(self, url: str, limit: int) -> bytes:
+        if not url.startswith(("https://", "http://")):
+            raise ArchiveUnavailable(f"The ALMA archive at {self.name} pointed to a non-HTTP location.")
+        request = urllib.request.Request(url, headers={"User-Agent": "casaspawner"})  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+                data: bytes = response.read(limit + 1)
+        except urllib.error.HTTPError as exc:
+            raise ArchiveUnavailable(
+                f"The ALMA archive at {self.name} answered {exc.code} {exc.reason}; give the dataset's directory instead."
+            ) from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ArchiveUnavailable(
+                f"The ALMA archive at {self.name} could not be reached ({reason}); download the dataset and give its "
+                "directory instead, e.g. casaspawner resolve ./member.uid___A001_X1467_X29e."
+            ) from None
+        if len(data) > limit:
+            raise ArchiveUnavailable(
+                f"The ALMA archive at {self.name} sent more than {limit // 2**20} MiB; refused."
+            )
+        return data
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _votable_rows(tree: Element) -> list[dict[str, str]]:
+    """Rows of the first TABLE of a VOTable, keyed by FIELD name (namespace-agnostic)."""
+    for table in tree.iter():
+        if _local(table.tag) != "TABLE":
+            continue
+        names = [f.get("name") or f.get("ID") or "" for f in table if _local(f.tag) == "FIELD"]
+        rows = []
+        for tr in table.iter():
+            if _local(tr.tag) == "TR":
+                cells = [(td.text or "").strip() for td in tr if _local(td.tag) == "TD"]
+                rows.append(dict(zip(names, cells, strict=False)))
+        return rows
+    return []
+
+
+def _service_urls(tree: Element) -> dict[str, str]:
+    """DataLink service descriptors: RESOURCE ID → its ``accessURL`` PARAM."""
+    services = {}
+    for resource in tree.iter():
+        if _local(resource.tag) == "RESOURCE" and resource.get("type") == "meta" and resource.get("ID"):
+            for param in resource.iter():
+                if _local(param.tag) == "PARAM" and param.get("name") == "accessURL" and param.get("value"):
+                    services[resource.get("ID", "")] = param.get("value", "")
+    return services

@@ -1,0 +1,352 @@
+"""One small reader per kind of evidence of a dataset's processing version.
+
+Every reader takes the MOUS directory and the dataset root the user gave (paths in evidence are relative to
+it) and returns the Evidence it finds, None when its kind of file is absent or says nothing about versions,
+or raises ``UnreadableEvidence`` for a file that is there but cannot be read safely. Files are read with size
+limits; XML goes through defusedxml with DTDs forbidden; archives are read in memory, never extracted;
+files reached through a symbolic link that leaves the dataset are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from xml.etree.ElementTree import Element, ParseError
+
+import defusedxml.ElementTree as SafeET
+from defusedxml import DefusedXmlException
+
+from casaspawner.catalog.versions import normalize_pipeline, parse_casa
+from casaspawner.datasets.model import Evidence
+from casaspawner.errors import CasaspawnerError
+
+MiB = 1024 * 1024
+LIMITS = {
+    "manifest": 32 * MiB,
+    "aquareport": 8 * MiB,
+    "weblog": 4 * MiB,
+    "script": MiB // 4,
+    "casalog": 2 * MiB,
+}
+_MAX_TAR_MEMBERS = 200_000
+_SEARCH_DIRS = (".", "script", "qa", "log", "calibration", "product")
+
+
+class UnreadableEvidence(CasaspawnerError):
+    """A candidate evidence file exists but cannot be read safely; the message says which and why."""
+
+
+Reader = Callable[[Path, Path], "Evidence | None"]
+
+
+# ------------------------------------------------------------------------------------------- file access
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _candidates(
+    mous: Path, root: Path, patterns: tuple[str, ...], dirs: tuple[str, ...] = _SEARCH_DIRS
+) -> list[Path]:
+    """Regular files matching ``patterns`` in the MOUS's usual subdirectories, sorted, staying in ``root``."""
+    found: set[Path] = set()
+    for sub in dirs:
+        directory = mous / sub
+        if not directory.is_dir() or not _inside(directory, root):
+            continue
+        for pattern in patterns:
+            for path in directory.glob(pattern):
+                if path.is_file() and _inside(path, root):
+                    found.add(path)
+    return sorted(found)
+
+
+def _read(path: Path, limit: int, *, truncate: bool = False) -> bytes:
+    with path.open("rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        if truncate:
+            return data[:limit]
+        raise UnreadableEvidence(
+            f"{path.name} is larger than {limit // MiB or 1} MiB, too large to be evidence."
+        )
+    return data
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _parse_xml(data: bytes, name: str) -> Element:
+    try:
+        tree: Element = SafeET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        return tree
+    except DefusedXmlException:
+        raise UnreadableEvidence(
+            f"{name} declares a DTD or entities, which evidence files never do; ignored."
+        ) from None
+    except ParseError:
+        raise UnreadableEvidence(f"{name} is not well-formed XML.") from None
+
+
+def _casa(text: str | None, name: str, *, partial: bool = False) -> str | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return str(parse_casa(text, allow_partial=partial))
+    except CasaspawnerError:
+        raise UnreadableEvidence(
+            f"{name} gives the CASA version as {text.strip()[:40]!r}, which is not one."
+        ) from None
+
+
+def _pipeline(text: str | None, name: str) -> str | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return normalize_pipeline(text)
+    except CasaspawnerError:
+        raise UnreadableEvidence(
+            f"{name} gives the pipeline version as {text.strip()[:40]!r}, which is not one."
+        ) from None
+
+
+# -------------------------------------------------------------------------------------------- the readers
+
+
+def read_manifest(mous: Path, root: Path) -> Evidence | None:
+    """``*.pipeline_manifest.xml``: ``ous/casaversion@name`` and ``ous/pipeline_version@name`` (Cycle 5 on).
+
+    Several manifests (one per recipe) are read calibration-first; manifests of Cycles 2-4 carry no versions
+    and yield None so the next kind of evidence is consulted.
+    """
+    paths = sorted(
+        _candidates(mous, root, ("*pipeline_manifest.xml",)),
+        key=lambda p: (0 if "cal" in p.name else 1, p.name),
+    )
+    for path in paths:
+        tree = _parse_xml(_read(path, LIMITS["manifest"]), path.name)
+        casa_el = tree.find(".//ous/casaversion")
+        if casa_el is None:
+            casa_el = tree.find(".//casaversion")
+        pipe_el = tree.find(".//ous/pipeline_version")
+        if pipe_el is None:
+            pipe_el = tree.find(".//pipeline_version")
+        casa = _casa(casa_el.get("name") if casa_el is not None else None, path.name)
+        if casa is None:
+            continue
+        pipeline = _pipeline(pipe_el.get("name") if pipe_el is not None else None, path.name)
+        return Evidence("manifest", _rel(path, root), casa, pipeline)
+    return None
+
+
+def read_aquareport(mous: Path, root: Path) -> Evidence | None:
+    """``*pipeline_aquareport.xml``: ``QaSummary/CasaVersion`` and ``QaSummary/PipelineVersion``."""
+    for path in _candidates(mous, root, ("*pipeline_aquareport.xml",)):
+        tree = _parse_xml(_read(path, LIMITS["aquareport"]), path.name)
+        casa = _casa(tree.findtext(".//QaSummary/CasaVersion"), path.name)
+        if casa is None:
+            continue
+        pipeline = _pipeline(tree.findtext(".//QaSummary/PipelineVersion"), path.name)
+        return Evidence("aquareport", _rel(path, root), casa, pipeline)
+    return None
+
+
+class _RowParser(HTMLParser):
+    """Collects the text of each table row's cells (``th`` and ``td``)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.rows: list[list[str]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._finish_cell()
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th", "tr"):
+            self._finish_cell()
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def _finish_cell(self) -> None:
+        if self._cell is not None and self.rows:
+            self.rows[-1].append(" ".join("".join(self._cell).split()))
+        self._cell = None
+
+
+def weblog_versions(html: bytes, name: str) -> tuple[str | None, str | None]:
+    """CASA and pipeline versions from a weblog home page (``t1-1.html``)."""
+    parser = _RowParser()
+    parser.feed(html.decode("utf-8", errors="replace"))
+    parser.close()
+    values: dict[str, str] = {}
+    for row in parser.rows:
+        if len(row) >= 2:
+            values.setdefault(row[0].rstrip(":").strip().lower(), row[1])
+    raw_pipeline = values.get("pipeline version")
+    if raw_pipeline:
+        # "2023.1.0.124 (documentation)" / "42254M (Pipeline-CASA54-P1-B)": the version is the first word,
+        # SVN builds keep their branch in parentheses.
+        first = raw_pipeline.split()[0]
+        raw_pipeline = raw_pipeline if first.rstrip("M").isdigit() else first
+    return _casa(values.get("casa version"), name), _pipeline(raw_pipeline, name)
+
+
+def read_weblog(mous: Path, root: Path) -> Evidence | None:
+    """Weblog home page ``html/t1-1.html``: unpacked, or inside ``qa/*.weblog.tgz`` (read in memory)."""
+    pages = [
+        page
+        for qa in (mous / "qa", mous)
+        if qa.is_dir() and _inside(qa, root)
+        for page in _walk_for(qa, "t1-1.html", depth=5)
+        if page.parent.name == "html" and _inside(page, root)
+    ]
+    for page in sorted(pages):
+        casa, pipeline = weblog_versions(_read(page, LIMITS["weblog"]), page.name)
+        if casa:
+            return Evidence("weblog", _rel(page, root), casa, pipeline)
+    for archive in _candidates(mous, root, ("*weblog.tgz", "*weblog.tar.gz"), ("qa", ".")):
+        for member_name, data in _tar_members(
+            archive, lambda n: n.endswith("html/t1-1.html"), LIMITS["weblog"]
+        ):
+            casa, pipeline = weblog_versions(data, f"{archive.name}!{member_name}")
+            if casa:
+                return Evidence("weblog", f"{_rel(archive, root)}!{member_name}", casa, pipeline)
+    return None
+
+
+_GUARD_PATTERNS = (
+    re.compile(r"GENERATING THE SCRIPT:\s*([0-9][0-9A-Za-z.\-]*)"),
+    re.compile(r"""re\.search\(\s*['"]\^?([0-9][0-9.\-]*)['"]\s*,\s*casadef\.casa_version"""),
+    re.compile(r"""casadef\.casa_version\s*[!=]=\s*['"]([0-9][0-9.\-]*)['"]"""),
+    re.compile(r"""casa\[['"]build['"]\]\[['"]version['"]\]\s*[!=]=\s*['"]([0-9][0-9.\-]*)['"]"""),
+)
+
+
+def script_version(text: str, name: str) -> str | None:
+    """The CASA version a manual calibration script's guard demands (series such as ``4.2`` allowed)."""
+    head = "\n".join(text.splitlines()[:80])
+    for pattern in _GUARD_PATTERNS:
+        match = pattern.search(head)
+        if match:
+            return _casa(match.group(1).rstrip(".-"), name, partial=True)
+    return None
+
+
+def read_script(mous: Path, root: Path) -> Evidence | None:
+    """The version guard at the top of manual ``*.scriptForCalibration.py`` files (one per EB).
+
+    When the scripts disagree, the version most of them demand wins (ties: the newest).
+    """
+    versions: dict[str, Path] = {}
+    counts: Counter[str] = Counter()
+    for path in _candidates(mous, root, ("*scriptForCalibration.py",), ("script", ".")):
+        text = _read(path, LIMITS["script"], truncate=True).decode("utf-8", errors="replace")
+        version = script_version(text, path.name)
+        if version:
+            counts[version] += 1
+            versions.setdefault(version, path)
+    if not counts:
+        return None
+    best = max(counts, key=lambda v: (counts[v], parse_casa(v, allow_partial=True)))
+    return Evidence("script", _rel(versions[best], root), best, None)
+
+
+_LOG_LINE = re.compile(
+    rb"CASA Version:?\s+(?:CASA\s+)?([0-9]+\.[0-9]+\.[0-9]+(?:[-.][0-9]+)?(?:-REL)?(?:\s*\(r[0-9]+\))?)"
+)
+
+
+def log_version(data: bytes, name: str) -> str | None:
+    match = _LOG_LINE.search(data)
+    return _casa(match.group(1).decode("ascii"), name) if match else None
+
+
+def read_casalog(mous: Path, root: Path) -> Evidence | None:
+    """A ``CASA Version`` line in ``log/casa*.log`` (``casapy-*.log`` for CASA ≤ 4), or in a ``log/*.tgz``."""
+    for path in _candidates(mous, root, ("casa*.log",), ("log",)):
+        version = log_version(_read(path, LIMITS["casalog"], truncate=True), path.name)
+        if version:
+            return Evidence("casalog", _rel(path, root), version, None)
+    for archive in _candidates(mous, root, ("*.tgz", "*.tar.gz"), ("log",)):
+        for member_name, data in _tar_members(archive, _is_casa_log, LIMITS["casalog"], True):
+            version = log_version(data, member_name)
+            if version:
+                return Evidence("casalog", f"{_rel(archive, root)}!{member_name}", version, None)
+    return None
+
+
+def _is_casa_log(name: str) -> bool:
+    return _LOG_MEMBER.fullmatch(name) is not None
+
+
+_LOG_MEMBER = re.compile(r"(?:.*/)?casa(?:py)?-[^/]*\.log")
+
+#: The readers in ALMA's order of trust.
+READERS: tuple[tuple[str, Reader], ...] = (
+    ("manifest", read_manifest),
+    ("aquareport", read_aquareport),
+    ("weblog", read_weblog),
+    ("script", read_script),
+    ("casalog", read_casalog),
+)
+
+
+# --------------------------------------------------------------------------------------------- utilities
+
+
+def _walk_for(top: Path, filename: str, depth: int) -> Iterator[Path]:
+    """Files named ``filename`` under ``top`` within ``depth`` levels, without following symbolic links."""
+    stack = [(top, 0)]
+    while stack:
+        directory, level = stack.pop()
+        try:
+            entries = list(directory.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink():
+                continue
+            if entry.is_dir() and level < depth:
+                stack.append((entry, level + 1))
+            elif entry.name == filename and entry.is_file():
+                yield entry
+
+
+def _tar_members(
+    archive: Path, wanted: Callable[[str], bool], limit: int, truncate: bool = False
+) -> Iterator[tuple[str, bytes]]:
+    """Contents of the wanted regular members of a tar archive, read in memory (never extracted)."""
+    try:
+        with tarfile.open(archive, mode="r|*") as tar:
+            for index, member in enumerate(tar):
+                if index > _MAX_TAR_MEMBERS:
+                    return
+                if not member.isreg() or not wanted(member.name):
+                    continue
+                if member.size > limit and not truncate:
+                    raise UnreadableEvidence(f"{archive.name}!{member.name} is too large to be evidence.")
+                handle = tar.extractfile(member)
+                if handle is not None:
+                    yield member.name, handle.read(limit)
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        raise UnreadableEvidence(f"{archive.name} is not a readable tar archive.") from None

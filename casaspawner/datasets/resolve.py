@@ -1,0 +1,177 @@
+"""ALMA's rule: which release a dataset runs with, and why.
+
+Evidence is read in ALMA's order (pipeline manifest → AQUA report → weblog → manual script guard → CASA log);
+the first file that states a version decides. The release is then chosen from the catalog:
+
+1. pipeline data: the catalog's release of that pipeline build, when its CASA build agrees — exact;
+2. an ALMA operations build that was never published: the public release ALMA restores it with — not exact;
+3. a VLA/VLASS build number, or a pipeline build the catalog lacks: the ALMA release of the same CASA build;
+4. manual data (or CASA-only evidence): the release of exactly that CASA build (a guard's series such as
+   ``4.2`` is satisfied by the catalog's newest 4.2.x), then known restore builds, then the nearest newer
+   public build of the same CASA series — not exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from casaspawner.catalog.model import Catalog, Release
+from casaspawner.catalog.versions import CasaVersion, parse_casa, pipeline_sort_key
+from casaspawner.datasets.archive import ArchiveClient
+from casaspawner.datasets.evidence import READERS, UnreadableEvidence
+from casaspawner.datasets.ids import looks_like_identifier, parse_identifier
+from casaspawner.datasets.layout import find_mous
+from casaspawner.datasets.model import Evidence, Resolution
+from casaspawner.errors import ArchiveUnavailable, InvalidInput, ResolutionError
+
+
+def read_evidence(path: Path) -> Evidence:
+    """The first evidence, in ALMA's order, found in the dataset at ``path``."""
+    mous = find_mous(path)
+    problems: list[str] = []
+    for _kind, reader in READERS:
+        try:
+            evidence = reader(mous, path)
+        except UnreadableEvidence as exc:
+            problems.append(str(exc))
+            continue
+        except OSError as exc:
+            problems.append(f"a file could not be read ({exc.strerror})")
+            continue
+        if evidence is not None:
+            return evidence
+    if problems:
+        raise ResolutionError(
+            f"Nothing readable in {path} tells its CASA version: {problems[0].rstrip('.')}."
+        )
+    raise ResolutionError(
+        f"Nothing in {path} tells which CASA version processed it (no pipeline manifest, AQUA report, weblog, "
+        "calibration script or CASA log); choose a CASA release yourself."
+    )
+
+
+def resolve_path(path: str | Path, catalog: Catalog, *, label: str | None = None) -> Resolution:
+    """Resolve a dataset directory; ``label`` is how the dataset is named in the result (default: the path)."""
+    path = Path(path)
+    evidence = read_evidence(path)
+    release, exact, reason = choose_release(catalog, evidence)
+    return Resolution(label or str(path), evidence, release, exact, reason)
+
+
+def resolve_target(
+    target: str, catalog: Catalog, *, archive: ArchiveClient | None = None, base: Path | None = None
+) -> Resolution:
+    """Resolve a dataset directory or an ALMA identifier (through ``archive``)."""
+    text = target.strip()
+    if not text:
+        raise InvalidInput("No dataset given; give an ALMA dataset directory or an ALMA identifier.")
+    path = (base / text) if base is not None else Path(text)
+    if path.is_dir():
+        return resolve_path(path, catalog, label=text)
+    if not looks_like_identifier(text) and ("/" in text or text.startswith(".") or path.exists()):
+        return resolve_path(path, catalog, label=text)  # find_mous words the missing-path error
+    identifier = parse_identifier(text)
+    if archive is None:
+        raise ArchiveUnavailable(
+            f"No ALMA archive is configured to look up {identifier}; give the dataset's directory instead."
+        )
+    manifest = archive.fetch_manifest(identifier)
+    evidence = READERS[0][1](manifest.parent, manifest.parent)
+    if evidence is None:
+        raise ResolutionError(
+            f"The archive's pipeline manifest for {identifier} does not name a CASA version (data of Cycles 2-4 "
+            "or manually calibrated); download the dataset and give its directory instead."
+        )
+    evidence = Evidence(
+        "archive-manifest", f"{archive.name}:{manifest.name}", evidence.casa, evidence.pipeline
+    )
+    release, exact, reason = choose_release(catalog, evidence)
+    return Resolution(str(identifier), evidence, release, exact, reason)
+
+
+def choose_release(catalog: Catalog, evidence: Evidence) -> tuple[Release, bool, str]:
+    """Apply ALMA's rule to one piece of evidence: (release to run, exact?, one-sentence reason)."""
+    where = _where(evidence)
+    if evidence.casa is None:
+        raise ResolutionError(f"{where} names no CASA version.")
+    casa = parse_casa(evidence.casa, allow_partial=True)
+    pipeline = evidence.pipeline
+    if pipeline is not None:
+        by_pipeline = [r for r in catalog.with_pipeline(pipeline) if r.role == "pipeline"]
+        if by_pipeline and not catalog.is_non_alma_pipeline(pipeline):
+            release = by_pipeline[0]
+            if casa.satisfied_by(release.casa_version):
+                return _public(
+                    catalog, release, f"{where} names pipeline {pipeline} with CASA {evidence.casa}"
+                )
+            chosen, _, why = _public(catalog, release, f"{where} names pipeline {pipeline}")
+            return (
+                chosen,
+                False,
+                f"{why.rstrip('.')}, but CASA {evidence.casa} where the catalog has {release.casa} for that build.",
+            )
+        if catalog.is_non_alma_pipeline(pipeline):
+            note = f"pipeline {pipeline} is a VLA/VLASS build that never processed ALMA data"
+        else:
+            note = f"pipeline {pipeline} is not in the catalog"
+        release, _, why = _by_casa(catalog, casa, where, manual=False)
+        return release, False, f"{why.rstrip('.')}; {note}."
+    return _by_casa(catalog, casa, where, manual=evidence.kind == "script")
+
+
+def _by_casa(catalog: Catalog, casa: CasaVersion, where: str, *, manual: bool) -> tuple[Release, bool, str]:
+    said = f"{where} names CASA {casa}"
+    matches = catalog.with_casa(casa)
+    public = [r for r in matches if r.available]
+    if public:
+        release = max(public, key=lambda r: _preference(r, manual))
+        series = "" if casa.is_complete else f" (its newest {casa}.x build)"
+        return release, True, f"{said}; {release.label} is that build{series}."
+    if matches:
+        return _public(catalog, max(matches, key=lambda r: _preference(r, manual)), said)
+    restore = catalog.restore_build(casa)
+    if restore is not None:
+        return catalog.get(restore.restore_with), False, f"{said}; {restore.reason}."
+    newer = [
+        r
+        for r in catalog.available(("pipeline", "manual"))
+        if (r.casa_version.major, r.casa_version.minor) == (casa.major, casa.minor) and r.casa_version > casa
+    ]
+    if newer:
+        release = min(newer, key=lambda r: r.casa_version)
+        return release, False, f"{said}, which the catalog lacks; {release.label} is the nearest newer build."
+    raise ResolutionError(
+        f"{said}, but no public build of CASA {casa.major}.{casa.minor} is in the catalog; choose a release yourself."
+    )
+
+
+def _public(catalog: Catalog, release: Release, said: str) -> tuple[Release, bool, str]:
+    if release.available:
+        return release, True, f"{said}; {release.label} is that exact build."
+    public = catalog.public_release_for(release)
+    if public.available:
+        return (
+            public,
+            False,
+            f"{said}; that operations build was never published, and ALMA restores it with {public.label}.",
+        )
+    raise ResolutionError(f"{said}; that build has no public distribution yet; choose a release yourself.")
+
+
+def _preference(release: Release, manual: bool) -> tuple[int, CasaVersion, tuple[int, ...]]:
+    role_rank = (
+        {"manual": 2, "pipeline": 1, "modular": 0} if manual else {"pipeline": 2, "manual": 1, "modular": 0}
+    )
+    return (role_rank[release.role], release.casa_version, pipeline_sort_key(release.pipeline or "r0"))
+
+
+def _where(evidence: Evidence) -> str:
+    names = {
+        "manifest": "The pipeline manifest",
+        "aquareport": "The AQUA report",
+        "weblog": "The weblog",
+        "script": "The calibration script",
+        "casalog": "The CASA log",
+        "archive-manifest": "The archive's pipeline manifest",
+    }
+    return names[evidence.kind]

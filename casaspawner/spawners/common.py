@@ -1,0 +1,812 @@
+"""What both CASA spawners share: options, the spawn form, validation, identity, the plan, progress text.
+
+``CASASessionMixin`` is mixed in front of a concrete JupyterHub spawner::
+
+    class CASASpawner(CASASessionMixin, KubeSpawner): ...
+    class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner): ...
+
+The flow is the same for both: ``user_options`` (form, query or REST) → :meth:`parse_session_options` →
+identity from ``auth_state`` → dataset resolution (storage path or ALMA identifier) → blocked-release check →
+``plan.make_plan`` → :meth:`apply_plan` (each subclass translates the plan into its own traits). All of it runs
+in :meth:`prepare_session`, which JupyterHub ≥ 5.3 calls through ``apply_user_options`` (before
+``pre_spawn_hook`` and before any process, pod or other object exists) and which subclasses call again from
+``start`` for older hubs; it is idempotent for one set of options. Nothing here knows about Kubernetes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import re
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from jupyterhub.spawner import Spawner
+from jupyterhub.utils import maybe_future
+from tornado import web
+from traitlets import Any as AnyTrait
+from traitlets import Bool, Callable as CallableTrait, Dict, Integer, List, Unicode, Union, default
+
+from casaspawner.catalog.model import Catalog, Release, load_catalog
+from casaspawner.datasets.ids import looks_like_identifier
+from casaspawner.datasets.model import Resolution
+from casaspawner.datasets.resolve import resolve_path, resolve_target
+from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.plan import (
+    DEFAULT_SIZES,
+    INTERFACES,
+    Identity,
+    PlanConfig,
+    Resources,
+    SessionOptions,
+    SessionPlan,
+    StorageLayout,
+    make_plan,
+)
+
+try:  # JupyterHub ≥ 6.0
+    from jupyterhub.spawner import SpawnException as _HubSpawnException
+except ImportError:  # JupyterHub 5.x: no SpawnException; an HTTPError subclass behaves the same for users
+    _HubSpawnException = None
+
+
+if _HubSpawnException is not None:
+    SpawnException: type[web.HTTPError] = _HubSpawnException
+else:
+
+    class _SpawnException(web.HTTPError):
+        """Stand-in for JupyterHub 6's ``SpawnException`` on JupyterHub 5."""
+
+        def __init__(self, message: str, *, reason: str, status_code: int = 400, **_: object) -> None:
+            super().__init__(status_code, "%s", message, reason=None)
+            self.message = message
+            self.reason = reason
+
+    SpawnException = _SpawnException
+
+
+#: Keys a spawn request may carry in ``user_options``; ``profile`` and ``casa_version`` are written back by
+#: the spawner itself (for the admin page) and accepted when the hub reuses saved options.
+OPTION_KEYS = frozenset({"dataset", "interface", "size", "release", "profile", "casa_version"})
+#: Form fields turned into options (everything else but the hub's own ``_xsrf``-style fields is refused).
+FORM_FIELDS = ("dataset", "interface", "size", "release")
+
+
+def spawn_error(message: str, reason: str = "invalid-options") -> web.HTTPError:
+    """A ``SpawnException`` whose text is ``message`` on the form, the progress page and in the logs."""
+    exc = SpawnException(message, reason=reason)
+    exc.jupyterhub_message = message  # type: ignore[attr-defined]  # the progress page shows this text
+    return exc
+
+
+# ------------------------------------------------------------------------------------------ dataset readers
+
+
+class DatasetReader(Protocol):
+    """Gives the hub read access to a dataset the user named by a path in their session's storage.
+
+    ``open`` is an async context manager yielding a local directory the resolver may read; it raises
+    ``InvalidInput`` (one sentence) for paths outside the user's storage.
+    """
+
+    def open(self, text: str, identity: Identity) -> contextlib.AbstractAsyncContextManager[Path]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageRoot:
+    """One place a session sees storage: ``mount`` in the session is ``sub_path`` of the storage root."""
+
+    mount: str
+    sub_path: str
+
+
+def storage_roots(identity: Identity, layout: StorageLayout) -> list[StorageRoot]:
+    """The user's home and project directories as the session sees them, and where they live in storage."""
+    roots = [
+        StorageRoot(
+            layout.home_mount.format(username=identity.username),
+            layout.home_subpath.format(username=identity.username),
+        )
+    ]
+    roots += [
+        StorageRoot(layout.project_mount.format(group=g), layout.project_subpath.format(group=g))
+        for g in identity.groups
+    ]
+    return roots
+
+
+def locate_in_storage(
+    text: str, identity: Identity, layout: StorageLayout
+) -> tuple[StorageRoot, PurePosixPath]:
+    """Map a path the user typed to (storage root, relative path); pure, never touches the file system.
+
+    Accepted: an absolute path under the session's home or project mounts, ``~/…``, or a path relative to
+    the home directory. Refused with one sentence: ``..`` components and absolute paths elsewhere.
+    """
+    raw = text.strip()
+    if "\x00" in raw:
+        raise InvalidInput("A dataset path cannot contain NUL characters.")
+    home = storage_roots(identity, layout)[0]
+    if raw == "~" or raw.startswith("~/"):
+        raw = home.mount + raw[1:]
+    path = PurePosixPath(raw)
+    if ".." in path.parts:
+        raise InvalidInput(
+            f"The dataset path {text.strip()!r} may not contain '..'; give a path inside your storage."
+        )
+    if not path.is_absolute():
+        return home, path
+    for root in storage_roots(identity, layout):
+        mount = PurePosixPath(root.mount)
+        if path == mount or mount in path.parents:
+            return root, path.relative_to(mount)
+    raise InvalidInput(
+        f"The dataset path {text.strip()!r} is outside your storage; give a path under {home.mount}"
+        + (" or one of your project directories." if identity.groups else ".")
+    )
+
+
+class StorageMountReader:
+    """Reads datasets through a read-only mount of the whole storage (Cavern) on the hub.
+
+    ``root`` is the hub-side directory holding ``home/<user>`` and ``projects/<group>``. Symbolic links that
+    lead out of the user's own directories are refused.
+    """
+
+    def __init__(self, root: str | Path, layout: StorageLayout) -> None:
+        self.root = Path(root)
+        self.layout = layout
+
+    def locate(self, text: str, identity: Identity) -> Path:
+        root, relative = locate_in_storage(text, identity, self.layout)
+        base = (self.root / root.sub_path).resolve()
+        target = (base / relative).resolve()
+        if target != base and base not in target.parents:
+            raise InvalidInput(
+                f"The dataset path {text.strip()!r} leads outside your storage through a link."
+            )
+        if not target.is_dir():
+            raise InvalidInput(f"There is no dataset directory at {text.strip()!r} in your storage.")
+        return target
+
+    @contextlib.asynccontextmanager
+    async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
+        yield await asyncio.to_thread(self.locate, text, identity)
+
+
+class LocalDirectoryReader:
+    """Reads any directory on this machine as given (the ``casaspawner pod`` dry run and tests; not a hub)."""
+
+    @contextlib.asynccontextmanager
+    async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            raise InvalidInput(f"There is no dataset directory at {text!r}.")
+        yield path
+
+
+# ------------------------------------------------------------------------------------------------ the mixin
+
+_TEMPLATES = Environment(
+    loader=PackageLoader("casaspawner", "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_SIZE_KEYS = {"cpu_guarantee", "cpu_limit", "mem_guarantee", "mem_limit", "description"}
+_DATASET_MAX = 1024
+
+
+def _dotted(mapping: Mapping[str, Any] | None, key: str) -> Any:
+    """``mapping["a"]["b"]`` for ``key="a.b"``; None when any step is missing."""
+    value: Any = mapping
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _as_int(value: Any, what: str, username: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidInput(f"The {what} of {username} in the login data is not a number.")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"The {what} of {username} in the login data is not a number.") from None
+
+
+class CASASessionMixin(Spawner):  # type: ignore[misc]  # jupyterhub is untyped
+    """Options, form, validation and session plan shared by ``CASASpawner`` and ``LocalCASASpawner``."""
+
+    # ---------------------------------------------------------------------------------------- catalog, plan
+    catalog_path = Unicode(
+        None,
+        allow_none=True,
+        help="""
+        Path of the release catalog (``releases.yaml``) to use instead of the one shipped with casaspawner.
+        The catalog decides which CASA builds exist, which dataset runs with which build, and image tags.
+        """,
+    ).tag(config=True)
+
+    image_registry = Unicode(
+        PlanConfig.image_registry,
+        help="""
+        Registry and namespace holding the CASA session images, e.g. ``ghcr.io/casaspawner``. Images are named
+        with ``image_template``; the image build tool tags them with the same rule.
+        """,
+    ).tag(config=True)
+
+    image_template = Unicode(
+        PlanConfig.image_template,
+        help="""
+        Template of a session image reference. Fields: ``{registry}`` (``image_registry``), ``{tag}`` (the
+        release's image tag, e.g. ``6.5.4-9-pipeline-2023.1.0.124``), ``{casa}``, ``{pipeline}`` and ``{id}``.
+        """,
+    ).tag(config=True)
+
+    label_prefix = Unicode(
+        PlanConfig.label_prefix,
+        help="""
+        Prefix (a DNS subdomain) of the labels and annotations casaspawner puts on sessions, e.g.
+        ``casaspawner.io/release``. Labels set by KubeSpawner or the Helm chart are never replaced.
+        """,
+    ).tag(config=True)
+
+    session_sizes = Dict(
+        {
+            name: {
+                "cpu_guarantee": r.cpu_guarantee,
+                "cpu_limit": r.cpu_limit,
+                "mem_guarantee": r.mem_guarantee,
+                "mem_limit": r.mem_limit,
+                "description": r.description,
+            }
+            for name, r in DEFAULT_SIZES.items()
+        },
+        help="""
+        Session sizes offered on the form, in order: name → ``{cpu_guarantee, cpu_limit, mem_guarantee,
+        mem_limit, description}`` (CPU in cores, memory as a quantity such as ``8G``). The description is
+        what users see next to the name.
+        """,
+    ).tag(config=True)
+
+    default_size = Unicode(
+        "medium",
+        help="Size preselected on the form and used when a spawn request names none (a key of ``session_sizes``).",
+    ).tag(config=True)
+
+    allow_release_override = Bool(
+        True,
+        help="""
+        Whether users may choose a CASA release other than the one resolved for their dataset (the form's
+        advanced section). Such a session is marked as not exact everywhere it is shown.
+        """,
+    ).tag(config=True)
+
+    desktop_xstartup = Unicode(
+        PlanConfig.desktop_xstartup,
+        help="""
+        Start script of the CASA desktop inside the session image, passed to jupyter-remote-desktop-proxy as
+        ``JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP`` for desktop sessions.
+        """,
+    ).tag(config=True)
+
+    # ------------------------------------------------------------------------------------------- storage
+    home_subpath_template = Unicode(
+        StorageLayout.home_subpath,
+        help="Directory of a user's home inside the storage root; ``{username}`` is replaced.",
+    ).tag(config=True)
+
+    home_mount_template = Unicode(
+        StorageLayout.home_mount,
+        help="Where the user's home appears in a session; ``{username}`` is replaced. It is also ``HOME``.",
+    ).tag(config=True)
+
+    project_subpath_template = Unicode(
+        StorageLayout.project_subpath,
+        help="Directory of a project (one per group of the user) inside the storage root; ``{group}`` is replaced.",
+    ).tag(config=True)
+
+    project_mount_template = Unicode(
+        StorageLayout.project_mount,
+        help="Where a project directory appears in a session; ``{group}`` is replaced.",
+    ).tag(config=True)
+
+    project_group_pattern = Unicode(
+        r".*",
+        help="""
+        Regular expression a group name must match in full for its project directory to be mounted. Use it to
+        keep authorization-only groups out of the session, e.g. ``proj-.*``.
+        """,
+    ).tag(config=True)
+
+    scratch_mount_path = Unicode(
+        StorageLayout.scratch_mount,
+        help="Where the per-session scratch space appears in a session (exported as ``SCRATCH``).",
+    ).tag(config=True)
+
+    scratch_size_limit = Unicode(
+        StorageLayout.scratch_limit,
+        help="Size limit of the per-session scratch space, as a quantity such as ``20Gi``.",
+    ).tag(config=True)
+
+    measures_mount_path = Unicode(
+        StorageLayout.measures_mount,
+        help="Where the read-only CASA measures data appears in a session (exported as ``CASA_MEASURES_PATH``).",
+    ).tag(config=True)
+
+    # ------------------------------------------------------------------------------------------- datasets
+    storage_hub_path = Unicode(
+        None,
+        allow_none=True,
+        help="""
+        Hub-side path of a read-only mount of the storage root (Cavern), e.g. ``/cavern``: the hub reads datasets
+        named by path from ``<storage_hub_path>/home/<user>/…`` and ``…/projects/<group>/…`` to resolve their CASA
+        version. Unset: datasets can only be named by ALMA identifier, unless ``dataset_reader`` is configured.
+        """,
+    ).tag(config=True)
+
+    dataset_reader = AnyTrait(
+        None,
+        allow_none=True,
+        help="""
+        Object giving the hub read access to datasets named by path (``casaspawner.spawners.common.DatasetReader``:
+        an async context manager ``open(path, identity)`` yielding a local directory), or a callable
+        ``(spawner) -> reader``. Use it for storage reached through an API such as VOSpace. Default: a reader over
+        ``storage_hub_path``.
+        """,
+    ).tag(config=True)
+
+    archive_client = AnyTrait(
+        None,
+        allow_none=True,
+        help="""
+        ALMA archive client used to resolve datasets given by identifier
+        (``casaspawner.datasets.archive.ArchiveClient``, e.g. ``AlmaDataLinkClient()``), or a callable
+        ``(spawner) -> client``. Unset: identifiers are refused with a sentence asking for a path.
+        """,
+    ).tag(config=True)
+
+    recent_datasets_limit = Integer(
+        8,
+        help="How many recently used datasets the spawn form offers (kept in the server's state).",
+    ).tag(config=True)
+
+    # ------------------------------------------------------------------------------------------- identity
+    uid_claim = Unicode(
+        "oauth_user.uid",
+        help="Dotted key of the numeric user id in ``auth_state`` (OAuthenticator keeps user info in ``oauth_user``).",
+    ).tag(config=True)
+
+    gid_claim = Unicode(
+        "oauth_user.gid",
+        help="Dotted key of the numeric primary group id in ``auth_state``; missing means the uid is used.",
+    ).tag(config=True)
+
+    groups_claim = Unicode(
+        "oauth_user.groups",
+        help="""
+        Dotted key of the user's group names in ``auth_state`` (a list; a leading ``/`` is dropped). Missing:
+        the user's JupyterHub groups are used. Each group whose name matches ``project_group_pattern`` gets its
+        project directory mounted.
+        """,
+    ).tag(config=True)
+
+    supplemental_gids_claim = Unicode(
+        "oauth_user.gids",
+        help="Dotted key of the user's supplemental numeric group ids in ``auth_state`` (a list).",
+    ).tag(config=True)
+
+    identity_hook = CallableTrait(
+        None,
+        allow_none=True,
+        help="""
+        Callable ``(spawner, auth_state) -> dict`` (may be async) returning ``uid``, ``gid``, ``groups`` and
+        ``supplemental_gids`` for the user, replacing the ``*_claim`` look-ups. uid 0 is refused either way.
+        """,
+    ).tag(config=True)
+
+    fallback_uid = Integer(
+        None,
+        allow_none=True,
+        help="""
+        uid to run as when ``auth_state`` has none. Unset (the default), a user without a uid cannot start a
+        session. Never 0.
+        """,
+    ).tag(config=True)
+
+    fallback_gid = Integer(
+        None,
+        allow_none=True,
+        help="gid to run as when ``auth_state`` has none (default: the uid).",
+    ).tag(config=True)
+
+    access_token_claim = Unicode(
+        "access_token",
+        help="""
+        Dotted key of the user's access token in ``auth_state``. The token reaches the session only as a file
+        (a Kubernetes Secret, or a private file for local sessions), never in the environment or the logs.
+        """,
+    ).tag(config=True)
+
+    # ------------------------------------------------------------------------------------------- operations
+    blocked_releases = Union(
+        [List(Unicode()), CallableTrait()],
+        default_value=[],
+        help="""
+        Releases that may not be started right now (e.g. while their image is being replaced): a list of
+        release ids, or a callable ``(spawner) -> {release id: message}`` (may be async), which the operators'
+        drain service provides. Spawning a blocked release is refused with the message before any object exists.
+        """,
+    ).tag(config=True)
+
+    # ------------------------------------------------------------------------------------------- state
+    session_plan: SessionPlan | None = None
+    recent_datasets: list[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.recent_datasets = []
+        self.session_plan = None
+        self._plan_for: dict[str, Any] | None = None
+        self._access_token: str | None = None
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------ catalog + config
+    def casa_catalog(self) -> Catalog:
+        """The release catalog (``catalog_path`` or the bundled one)."""
+        cached: tuple[str | None, Catalog] | None = getattr(self, "_catalog_cache", None)
+        if cached is None or cached[0] != self.catalog_path:
+            cached = (self.catalog_path, load_catalog(self.catalog_path))
+            self._catalog_cache = cached
+        return cached[1]
+
+    def storage_layout(self) -> StorageLayout:
+        return StorageLayout(
+            home_subpath=self.home_subpath_template,
+            home_mount=self.home_mount_template,
+            project_subpath=self.project_subpath_template,
+            project_mount=self.project_mount_template,
+            scratch_mount=self.scratch_mount_path,
+            scratch_limit=self.scratch_size_limit,
+            measures_mount=self.measures_mount_path,
+        )
+
+    def size_resources(self) -> dict[str, Resources]:
+        sizes: dict[str, Resources] = {}
+        for name, spec in self.session_sizes.items():
+            if not isinstance(spec, Mapping) or set(spec) - _SIZE_KEYS:
+                raise InvalidInput(
+                    f"Session size {name!r} must be a mapping of {', '.join(sorted(_SIZE_KEYS))}."
+                )
+            sizes[name] = Resources(
+                float(spec.get("cpu_guarantee", 0)),
+                float(spec.get("cpu_limit", 0)),
+                str(spec.get("mem_guarantee", "")),
+                str(spec.get("mem_limit", "")),
+                str(spec.get("description", "")),
+            )
+        return sizes
+
+    def plan_config(self) -> PlanConfig:
+        """The operator's choices as the plan sees them."""
+        return PlanConfig(
+            image_registry=self.image_registry,
+            image_template=self.image_template,
+            label_prefix=self.label_prefix,
+            sizes=self.size_resources(),
+            storage=self.storage_layout(),
+            desktop_xstartup=self.desktop_xstartup,
+            allow_override=self.allow_release_override,
+        )
+
+    # ------------------------------------------------------------------------------------------- the form
+    @default("options_form")
+    def _casa_options_form_default(self) -> Callable[[Spawner], Any]:
+        return _render_options_form
+
+    def render_options_form(self, error: str = "") -> str:
+        """The spawn form's HTML fragment (JupyterHub wraps it in its own ``<form>`` and Start button)."""
+        catalog = self.casa_catalog()
+        previous = self.user_options or {}
+        resolved: Release | None = None
+        if self.session_plan is not None:
+            resolved = self.session_plan.resolution.release
+        sizes = self.size_resources()
+        size = previous.get("size") if previous.get("size") in sizes else self.default_size
+        interface = previous.get("interface") if previous.get("interface") in INTERFACES else "lab"
+        return _TEMPLATES.get_template("spawn_form.html").render(
+            dataset=previous.get("dataset", "") if isinstance(previous.get("dataset"), str) else "",
+            recent=self.recent_datasets,
+            interfaces=INTERFACES,
+            interface=interface,
+            sizes=sizes,
+            size=size,
+            releases=catalog.available() if self.allow_release_override else [],
+            resolved=resolved,
+            resolved_dataset=self.session_plan.resolution.dataset if self.session_plan else "",
+            can_read_paths=self.storage_hub_path is not None or self.dataset_reader is not None,
+            home=self.home_mount_template.format(username=self.user.name),
+            error=error,
+        )
+
+    @default("options_from_form")
+    def _casa_options_from_form_default(self) -> Callable[[dict[str, list[str]]], dict[str, Any]]:
+        return options_from_form
+
+    # --------------------------------------------------------------------------------------- validation
+    @default("apply_user_options")
+    def _casa_apply_user_options_default(self) -> Callable[[Spawner, dict[str, Any]], Any]:
+        return _apply_user_options
+
+    def parse_session_options(self, user_options: Mapping[str, Any]) -> SessionOptions:
+        """Check the shape of ``user_options`` (pure); raises ``InvalidInput`` with one sentence."""
+        if not isinstance(user_options, Mapping):
+            raise InvalidInput("The spawn options must be a mapping of option names to values.")
+        unknown = sorted(set(user_options) - OPTION_KEYS)
+        if unknown:
+            raise InvalidInput(
+                f"{unknown[0]!r} is not a session option; use dataset, interface, size and release."
+            )
+        for key in ("dataset", "interface", "size", "release"):
+            value = user_options.get(key)
+            if value is not None and not isinstance(value, str):
+                raise InvalidInput(f"The session option {key!r} must be text.")
+        dataset = (user_options.get("dataset") or "").strip()
+        if not dataset:
+            raise InvalidInput("Give a dataset: an ALMA identifier or the path of a dataset in your storage.")
+        if len(dataset) > _DATASET_MAX or any(ord(c) < 32 for c in dataset):
+            raise InvalidInput("The dataset must be one line of at most 1024 characters.")
+        interface = (user_options.get("interface") or "lab").strip()
+        if interface not in INTERFACES:
+            raise InvalidInput(f"{interface[:40]!r} is not an interface; choose lab or desktop.")
+        size = (user_options.get("size") or self.default_size).strip()
+        sizes = self.size_resources()
+        if size not in sizes:
+            raise InvalidInput(f"{size[:40]!r} is not a session size; choose one of {', '.join(sizes)}.")
+        release = (user_options.get("release") or "").strip() or None
+        if release is not None:
+            catalog = self.casa_catalog()
+            if release not in catalog:
+                raise InvalidInput(f"{release[:60]!r} is not a CASA release this hub knows.")
+            if not self.allow_release_override:
+                raise InvalidInput(
+                    "This hub does not allow choosing a CASA release other than the resolved one."
+                )
+        return SessionOptions(dataset=dataset, interface=interface, size=size, release=release)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------------------ identity
+    async def session_identity(self) -> Identity:
+        """uid, gid, groups and supplemental gids of the user, from ``auth_state`` (or the fallbacks)."""
+        auth_state = await self.user.get_auth_state() if self.user is not None else None
+        name = self.user.name
+        if self.identity_hook is not None:
+            found = await maybe_future(self.identity_hook(self, auth_state))
+            if not isinstance(found, Mapping):
+                raise InvalidInput(f"The identity of {name} could not be determined.")
+            uid, gid = found.get("uid"), found.get("gid")
+            groups, gids = found.get("groups"), found.get("supplemental_gids")
+        else:
+            uid = _dotted(auth_state, self.uid_claim)
+            gid = _dotted(auth_state, self.gid_claim)
+            groups = _dotted(auth_state, self.groups_claim)
+            gids = _dotted(auth_state, self.supplemental_gids_claim)
+        self._access_token = _dotted(auth_state, self.access_token_claim) if auth_state else None
+        uid_n = _as_int(uid, "uid", name)
+        gid_n = _as_int(gid, "gid", name)
+        if uid_n is None:
+            if self.fallback_uid is None:
+                raise InvalidInput(
+                    f"The login of {name} carries no numeric user id, so no session can run as {name}; ask the hub's "
+                    "administrators."
+                )
+            uid_n = self.fallback_uid
+            gid_n = self.fallback_gid if gid_n is None and self.fallback_gid is not None else gid_n
+        if uid_n == 0:
+            raise InvalidInput(f"User {name} would run as uid 0; sessions never run as root.")
+        if gid_n is None:
+            gid_n = uid_n
+        if groups is None:
+            groups = [group.name for group in getattr(self.user, "groups", [])]
+        if not isinstance(groups, list | tuple):
+            raise InvalidInput(f"The groups of {name} in the login data are not a list.")
+        pattern = re.compile(self.project_group_pattern)
+        names = []
+        for group in groups:
+            group_name = str(group).lstrip("/")
+            if pattern.fullmatch(group_name) and group_name not in names:
+                names.append(group_name)
+        supplemental = [_as_int(g, "group id", name) for g in (gids or [])]
+        if not isinstance(gids or [], list | tuple):
+            raise InvalidInput(f"The group ids of {name} in the login data are not a list.")
+        return Identity(
+            username=name,
+            uid=uid_n,
+            gid=gid_n,
+            groups=tuple(names),
+            supplemental_gids=tuple(g for g in supplemental if g is not None),
+        )
+
+    @property
+    def access_token(self) -> str | None:
+        """The user's access token from ``auth_state`` (set by :meth:`session_identity`); never log it."""
+        return self._access_token
+
+    # -------------------------------------------------------------------------------------------- datasets
+    def get_dataset_reader(self) -> DatasetReader | None:
+        reader = self.dataset_reader
+        if callable(reader) and not hasattr(reader, "open"):
+            reader = reader(self)
+        if reader is None and self.storage_hub_path is not None:
+            reader = StorageMountReader(self.storage_hub_path, self.storage_layout())
+        return reader  # type: ignore[no-any-return]
+
+    def get_archive_client(self) -> Any:
+        client = self.archive_client
+        if callable(client) and not hasattr(client, "fetch_manifest"):
+            client = client(self)
+        return client
+
+    async def resolve_dataset(self, text: str, identity: Identity) -> Resolution:
+        """Resolve an ALMA identifier (through the archive) or a path in the user's storage."""
+        catalog = self.casa_catalog()
+        if looks_like_identifier(text):
+            archive = self.get_archive_client()
+            with tempfile.TemporaryDirectory() as empty:  # never read a hub path named like an identifier
+                return await asyncio.to_thread(
+                    resolve_target, text, catalog, archive=archive, base=Path(empty)
+                )
+        reader = self.get_dataset_reader()
+        if reader is None:
+            raise InvalidInput(
+                f"{text[:80]!r} is not an ALMA identifier, and this hub cannot read datasets from your storage; "
+                "give the dataset's ALMA identifier."
+            )
+        async with reader.open(text, identity) as path:
+            return await asyncio.to_thread(resolve_path, path, catalog, label=text)
+
+    async def release_block_message(self, release: Release) -> str | None:
+        """The operators' message if ``release`` may not be started now, else None."""
+        blocked = self.blocked_releases
+        if callable(blocked):
+            found = await maybe_future(blocked(self))
+            messages = dict(found or {})
+        else:
+            messages = {rid: "" for rid in blocked}
+        if release.id not in messages:
+            return None
+        message = str(messages[release.id] or "").strip()
+        return (
+            message
+            or f"{release.label} cannot be started right now; try again later or choose another release."
+        )
+
+    # ------------------------------------------------------------------------------------------- the plan
+    async def prepare_session(self, user_options: Mapping[str, Any] | None = None) -> SessionPlan:
+        """Validate options, find identity, resolve the dataset and make the plan; apply it to this spawner.
+
+        Idempotent for the same options (the plan is kept in ``session_plan``). Every problem a user can cause
+        becomes a ``SpawnException`` with one sentence, raised before anything is created.
+        """
+        options = dict(self.user_options if user_options is None else user_options)
+        if self.session_plan is not None and self._plan_for == options:
+            return self.session_plan
+        try:
+            session_options = self.parse_session_options(options)
+            identity = await self.session_identity()
+            resolution = await self.resolve_dataset(session_options.dataset, identity)
+            plan = make_plan(identity, session_options, self.casa_catalog(), resolution, self.plan_config())
+            blocked = await self.release_block_message(plan.release)
+            if blocked:
+                raise spawn_error(blocked, reason="release-blocked")
+        except CasaspawnerError as exc:
+            raise spawn_error(str(exc), reason=type(exc).__name__) from None
+        self.session_plan = plan
+        self.apply_plan(plan)
+        self.user_options = {**options, **self.options_summary(plan)}
+        self._plan_for = dict(self.user_options)
+        orm_spawner = getattr(self, "orm_spawner", None)
+        if orm_spawner is not None:  # the admin page and the next spawn see the summary too
+            orm_spawner.user_options = dict(self.user_options)
+        self.remember_dataset(plan.options.dataset)
+        self.log.info("CASA session for %s: %s (%s)", self.user.name, plan.summary, plan.reason)
+        return plan
+
+    def options_summary(self, plan: SessionPlan) -> dict[str, str]:
+        """Small, readable ``user_options`` entries; ``profile`` is the admin page's Profile column."""
+        summary = {
+            "profile": plan.summary,
+            "dataset": plan.options.dataset,
+            "casa_version": plan.release.casa,
+            "interface": plan.interface,
+            "size": plan.options.size,
+        }
+        return summary
+
+    def apply_plan(self, plan: SessionPlan) -> None:
+        """Translate the plan into this spawner's traits; subclasses extend (call ``super()``)."""
+        self.default_url = plan.default_url
+        self.environment = {**self.environment, **plan.environment}
+
+    # -------------------------------------------------------------------------------------------- progress
+    def plan_progress_events(self) -> list[dict[str, Any]]:
+        """The resolution result and its reason, as the first lines of the spawn-progress page."""
+        plan = self.session_plan
+        if plan is None:
+            return []
+        exactness = "the exact build" if plan.exact else "not the exact build"
+        events = [
+            {
+                "progress": 2,
+                "message": f"Dataset {plan.resolution.dataset}: {plan.release.label}, {exactness}.",
+            },
+            {"progress": 4, "message": plan.reason},
+        ]
+        if plan.options.release is not None and plan.options.release != plan.resolution.release.id:
+            events.append(
+                {
+                    "progress": 5,
+                    "message": f"Warning: you chose {plan.release.label}; the dataset was processed with "
+                    f"{plan.resolution.release.label}.",
+                }
+            )
+        events.append(
+            {"progress": 6, "message": f"Starting {INTERFACES[plan.interface]} with image {plan.image}."}
+        )
+        return events
+
+    # ----------------------------------------------------------------------------------------------- state
+    def remember_dataset(self, dataset: str) -> None:
+        recent = [dataset, *(d for d in self.recent_datasets if d != dataset)]
+        self.recent_datasets = recent[: max(self.recent_datasets_limit, 0)]
+
+    def get_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().get_state()
+        if self.recent_datasets:
+            state["casa_recent_datasets"] = list(self.recent_datasets)
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        recent = state.get("casa_recent_datasets")
+        if isinstance(recent, list):
+            self.recent_datasets = [d for d in recent if isinstance(d, str)][
+                : max(self.recent_datasets_limit, 0)
+            ]
+
+    def clear_state(self) -> None:
+        """Forget the last session's plan; recently used datasets outlive sessions."""
+        super().clear_state()
+        self.session_plan = None
+        self._plan_for = None
+        self._access_token = None
+
+
+def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, Any]:
+    """Form fields (lists of strings) → ``user_options``; unknown fields are kept so validation names them."""
+    options: dict[str, Any] = {}
+    for key, values in formdata.items():
+        if key.startswith("_"):  # the hub's own fields (``_xsrf``)
+            continue
+        value = values[0] if isinstance(values, list) and len(values) == 1 else values
+        if isinstance(value, str):
+            value = value.strip()
+            if key in FORM_FIELDS and value == "":
+                continue
+        options[key] = value
+    return options
+
+
+async def _render_options_form(spawner: CASASessionMixin) -> str:
+    return spawner.render_options_form()
+
+
+async def _apply_user_options(spawner: CASASessionMixin, user_options: dict[str, Any]) -> None:
+    await spawner.prepare_session(user_options)
+
