@@ -22,14 +22,15 @@ import re
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import maybe_future
 from tornado import web
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Callable as CallableTrait, Dict, Integer, List, Unicode, Union, default
+from traitlets import Bool, Dict, Integer, List, Unicode, Union, default
+from traitlets import Callable as CallableTrait
 
 from casaspawner.catalog.model import Catalog, Release, load_catalog
 from casaspawner.datasets.ids import looks_like_identifier
@@ -49,24 +50,16 @@ from casaspawner.plan import (
 )
 
 try:  # JupyterHub ≥ 6.0
-    from jupyterhub.spawner import SpawnException as _HubSpawnException
-except ImportError:  # JupyterHub 5.x: no SpawnException; an HTTPError subclass behaves the same for users
-    _HubSpawnException = None
+    from jupyterhub.spawner import SpawnException
+except ImportError:  # JupyterHub 5.x has none; an HTTPError carrying the same fields reads the same to users
 
-
-if _HubSpawnException is not None:
-    SpawnException: type[web.HTTPError] = _HubSpawnException
-else:
-
-    class _SpawnException(web.HTTPError):
+    class SpawnException(web.HTTPError):  # type: ignore[no-redef,unused-ignore]
         """Stand-in for JupyterHub 6's ``SpawnException`` on JupyterHub 5."""
 
         def __init__(self, message: str, *, reason: str, status_code: int = 400, **_: object) -> None:
-            super().__init__(status_code, "%s", message, reason=None)
+            super().__init__(status_code, "%s", message)
             self.message = message
             self.reason = reason
-
-    SpawnException = _SpawnException
 
 
 #: Keys a spawn request may carry in ``user_options``; ``profile`` and ``casa_version`` are written back by
@@ -78,7 +71,7 @@ FORM_FIELDS = ("dataset", "interface", "size", "release")
 
 def spawn_error(message: str, reason: str = "invalid-options") -> web.HTTPError:
     """A ``SpawnException`` whose text is ``message`` on the form, the progress page and in the logs."""
-    exc = SpawnException(message, reason=reason)
+    exc: web.HTTPError = SpawnException(message, reason=reason)
     exc.jupyterhub_message = message  # type: ignore[attr-defined]  # the progress page shows this text
     return exc
 
@@ -222,7 +215,14 @@ def _as_int(value: Any, what: str, username: str) -> int | None:
         raise InvalidInput(f"The {what} of {username} in the login data is not a number.") from None
 
 
-class CASASessionMixin(Spawner):  # type: ignore[misc]  # jupyterhub is untyped
+# The mixin always sits in front of a Spawner, but JupyterHub refuses Spawner subclasses without start/stop/poll.
+if TYPE_CHECKING:
+    from jupyterhub.spawner import Spawner as _MixinBase
+else:
+    from traitlets.config import LoggingConfigurable as _MixinBase
+
+
+class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no type hints
     """Options, form, validation and session plan shared by ``CASASpawner`` and ``LocalCASASpawner``."""
 
     # ---------------------------------------------------------------------------------------- catalog, plan
@@ -450,6 +450,8 @@ class CASASessionMixin(Spawner):  # type: ignore[misc]  # jupyterhub is untyped
     # ------------------------------------------------------------------------------------------- state
     session_plan: SessionPlan | None = None
     recent_datasets: list[str]
+    user_options: dict[str, Any]
+    environment: dict[str, Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.recent_datasets = []
@@ -480,11 +482,12 @@ class CASASessionMixin(Spawner):  # type: ignore[misc]  # jupyterhub is untyped
 
     def size_resources(self) -> dict[str, Resources]:
         sizes: dict[str, Resources] = {}
-        for name, spec in self.session_sizes.items():
-            if not isinstance(spec, Mapping) or set(spec) - _SIZE_KEYS:
+        for name, raw in self.session_sizes.items():
+            if not isinstance(raw, Mapping) or set(raw) - _SIZE_KEYS:
                 raise InvalidInput(
                     f"Session size {name!r} must be a mapping of {', '.join(sorted(_SIZE_KEYS))}."
                 )
+            spec = cast(Mapping[str, Any], raw)
             sizes[name] = Resources(
                 float(spec.get("cpu_guarantee", 0)),
                 float(spec.get("cpu_limit", 0)),
@@ -809,4 +812,3 @@ async def _render_options_form(spawner: CASASessionMixin) -> str:
 
 async def _apply_user_options(spawner: CASASessionMixin, user_options: dict[str, Any]) -> None:
     await spawner.prepare_session(user_options)
-
