@@ -197,10 +197,14 @@ def make_plan(
     if options.release is not None and options.release != release.id:
         if not config.allow_override:
             raise InvalidInput("This hub does not allow choosing a CASA release other than the resolved one.")
+        if options.release not in catalog:
+            raise InvalidInput(
+                f"{options.release!r} is not a release in the catalog; choose one from the list."
+            )
         chosen = catalog.get(options.release)
         if not chosen.available:
             raise InvalidInput(f"{chosen.label} has no public build to run; choose another release.")
-        reason = f"You chose {chosen.label} instead of {release.label}, which {_lower_first(reason)}"
+        reason = f"You chose {chosen.label}; the dataset calls for {release.label} ({reason.rstrip('.')})."
         release, exact = chosen, False
     approximate = substitution is not None
     if substitution is not None:
@@ -287,7 +291,3 @@ def _processed_with(resolution: Resolution) -> str:
     casa, pipeline = resolution.evidence.casa, resolution.evidence.pipeline
     text = f"CASA {casa}" if casa else "CASA unknown"
     return f"{text}, pipeline {pipeline}" if pipeline else text
-
-
-def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:] if text else text

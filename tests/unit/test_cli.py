@@ -1,0 +1,103 @@
+"""The installed command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from casaspawner.datasets.synth import write_dataset
+
+CLI = [sys.executable, "-m", "casaspawner"]
+RESOLVE_KEYS = {"processed_with", "casa", "pipeline", "image", "exact", "evidence", "reason"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_catalog_table_and_json() -> None:
+    table = run("catalog")
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[0].split()[:3] == ["ID", "CASA", "PIPELINE"]
+    assert any(
+        line.startswith("pl-2023.1.0.124 ") and "6.5.4-9" in line for line in table.stdout.splitlines()
+    )
+    rows = json.loads(run("catalog", "--json").stdout)
+    assert {row["id"] for row in rows} >= {"pl-r42254", "pl-2025.1.0.36", "casa-4.2.2"}
+    assert next(r for r in rows if r["id"] == "pl-r42030")["restore_with"] == "pl-r42254"
+
+
+@pytest.mark.parametrize(
+    ("era", "casa", "pipeline", "exact"),
+    [
+        ("cycle10", "6.5.4-9", "2023.1.0.124", True),
+        ("cycle5-internal", "5.4.0-70", "r42254", False),
+        ("cycle2-manual", "4.2.2", None, True),
+    ],
+)
+def test_resolve_json_has_exactly_the_documented_keys(
+    tmp_path: Path, era: str, casa: str, pipeline: str | None, exact: bool
+) -> None:
+    write_dataset(tmp_path, era)
+    result = run("resolve", str(tmp_path), "--json", "--registry", "registry.example.org/casa")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == RESOLVE_KEYS
+    assert set(data["processed_with"]) == {"casa", "pipeline"} and set(data["evidence"]) == {"kind", "path"}
+    assert (data["casa"], data["pipeline"], data["exact"]) == (casa, pipeline, exact)
+    assert data["image"].startswith("registry.example.org/casa/casa:" + casa)
+    assert isinstance(data["reason"], str) and data["reason"].endswith(".")
+
+
+def test_resolve_text_output(tmp_path: Path) -> None:
+    write_dataset(tmp_path, "cycle7")
+    out = run("resolve", str(tmp_path)).stdout
+    assert "session runs:   CASA 6.1.1-15 (pipeline 2020.1.0.40) [pl-2020.1.0.40]" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["resolve", "not-an-id"], "is not an ALMA dataset identifier"),
+        (["resolve", "/no/such/dataset"], "does not exist"),
+        (
+            ["resolve", "uid://A001/X1/X2", "--archive-url", "http://127.0.0.1:9", "--timeout", "2"],
+            "could not be reached",
+        ),
+        (["resolve"], "required: TARGET"),
+        (["frobnicate"], "invalid choice"),
+        (["catalog", "--catalog", "/no/such/file.yaml"], "cannot be read"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_no_evidence_exits_2(tmp_path: Path) -> None:
+    write_dataset(tmp_path, "no-evidence")
+    result = run("resolve", str(tmp_path), "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "tells which CASA version" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_data_writes_resolvable_trees(tmp_path: Path) -> None:
+    result = run("demo-data", str(tmp_path), "--era", "cycle8", "--era", "cycle3-pipeline")
+    assert result.returncode == 0
+    members = [Path(line) for line in result.stdout.splitlines()]
+    assert len(members) == 2 and all(m.name.startswith("member.uid___") and m.is_dir() for m in members)
+    assert json.loads(run("resolve", str(tmp_path / "cycle8"), "--json").stdout)["casa"] == "6.2.1-7"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("casaspawner")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.startswith("casaspawner ")

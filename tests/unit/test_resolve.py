@@ -1,0 +1,236 @@
+"""Dataset trees of every era resolve by ALMA's rule; attacks and malformed files leak nothing."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from casaspawner.catalog import Catalog
+from casaspawner.datasets.evidence import read_weblog
+from casaspawner.datasets.resolve import read_evidence, resolve_path, resolve_target
+from casaspawner.datasets.synth import ERAS, DatasetSpec, write_dataset
+from casaspawner.errors import InvalidInput, ResolutionError
+
+# era -> (release id the session runs, exact?, evidence kind, processed_with casa, processed_with pipeline)
+EXPECTED = {
+    "cycle0-manual": ("casa-3.4.0", True, "script", "3.4.0", None),
+    "cycle2-manual": ("casa-4.2.2", True, "script", "4.2.2", None),
+    "cycle2-pipeline": ("pl-cycle2-r31667", True, "weblog", "4.2.2", "r31667"),
+    "cycle3-pipeline": ("pl-r36660", True, "weblog", "4.5.3", "r36660"),
+    "cycle4-manual": ("pl-r39732", True, "script", "4.7.2", None),
+    "cycle4-pipeline": ("pl-r39732", True, "weblog", "4.7.2", "r39732"),
+    "cycle5": ("pl-r40896", True, "manifest", "5.1.1-5", "r40896"),
+    "cycle5-internal": ("pl-r42254", False, "manifest", "5.4.0-68", "r42030"),
+    "cycle6": ("pl-r42254", True, "manifest", "5.4.0-70", "r42254"),
+    "cycle7": ("pl-2020.1.0.40", True, "manifest", "6.1.1-15", "2020.1.0.40"),
+    "cycle7-internal": ("pl-2020.1.0.40", False, "manifest", "6.1.1-10", "2020.1.0.36"),
+    "cycle8": ("pl-2021.2.0.128", True, "manifest", "6.2.1-7", "2021.2.0.128"),
+    "cycle9": ("pl-2022.2.0.64", True, "manifest", "6.4.1-12", "2022.2.0.64"),
+    "cycle10": ("pl-2023.1.0.124", True, "manifest", "6.5.4-9", "2023.1.0.124"),
+    "cycle11": ("pl-2024.1.0.8", True, "aquareport", "6.6.1-17", "2024.1.0.8"),
+    "cycle12": ("pl-2025.1.0.36", True, "manifest", "6.6.6-18", "2025.1.0.36"),
+    "cycle12-patch2": ("pl-2025.1.0.36", False, "manifest", "6.6.6-18", "2025.1.0.37"),
+    "vla-numbered": ("pl-2024.1.0.8", False, "manifest", "6.6.1-17", "2024.1.1.22"),
+    "log-only": ("pl-r39732", True, "casalog", "4.7.2", None),
+}
+
+
+def test_every_named_era_is_covered() -> None:
+    assert set(EXPECTED) | {"no-evidence"} == set(ERAS)
+
+
+@pytest.mark.parametrize("era", sorted(EXPECTED))
+@pytest.mark.parametrize("start", ["project", "member"])
+def test_eras_resolve_by_almas_rule(tmp_path: Path, catalog: Catalog, era: str, start: str) -> None:
+    member = write_dataset(tmp_path, era)
+    target = member if start == "member" else tmp_path / ERAS[era].project
+    resolution = resolve_path(target, catalog)
+    release_id, exact, kind, casa, pipeline = EXPECTED[era]
+    assert resolution.release.id == release_id
+    assert resolution.exact is exact
+    assert resolution.evidence.kind == kind
+    assert resolution.processed_with == {"casa": casa, "pipeline": pipeline}
+    assert (target / resolution.evidence.path.split("!")[0]).is_file()
+    reason = resolution.reason
+    assert reason.endswith(".") and "\n" not in reason and resolution.release.casa in reason
+
+
+def test_reasons_explain_the_rule(tmp_path: Path, catalog: Catalog) -> None:
+    assert "never published" in resolve_path(write_dataset(tmp_path / "a", "cycle5-internal"), catalog).reason
+    assert "VLA/VLASS" in resolve_path(write_dataset(tmp_path / "b", "vla-numbered"), catalog).reason
+
+
+def test_no_evidence_is_a_clear_error(tmp_path: Path, catalog: Catalog) -> None:
+    write_dataset(tmp_path, "no-evidence")
+    with pytest.raises(ResolutionError, match="Nothing in .* tells which CASA version processed it"):
+        resolve_path(tmp_path, catalog)
+
+
+def test_evidence_order_manifest_beats_weblog_and_log(tmp_path: Path, catalog: Catalog) -> None:
+    spec = DatasetSpec(casa="6.5.4.9", pipeline="2023.1.0.124", evidence=("manifest",))
+    member = write_dataset(tmp_path, spec=spec)
+    other = DatasetSpec(casa="6.4.1.12", pipeline="2022.2.0.64", evidence=("weblog", "aquareport", "casalog"))
+    write_dataset(tmp_path, spec=other)
+    assert read_evidence(member).kind == "manifest"
+    assert resolve_path(member, catalog).release.id == "pl-2023.1.0.124"
+    next(member.glob("script/*manifest.xml")).unlink()
+    assert read_evidence(member).kind == "aquareport"
+
+
+def test_several_mous_are_listed(tmp_path: Path, catalog: Catalog) -> None:
+    write_dataset(tmp_path, spec=DatasetSpec(mous="uid___A001_X1_X2"))
+    write_dataset(tmp_path, spec=DatasetSpec(mous="uid___A001_X1_X3"))
+    with pytest.raises(ResolutionError) as info:
+        resolve_path(tmp_path, catalog)
+    assert "2 MOUS directories" in str(info.value)
+    assert "member.uid___A001_X1_X2" in str(info.value) and "member.uid___A001_X1_X3" in str(info.value)
+
+
+def test_paths_that_are_not_datasets(tmp_path: Path, catalog: Catalog) -> None:
+    with pytest.raises(ResolutionError, match="does not exist"):
+        resolve_path(tmp_path / "nope", catalog)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ResolutionError, match="is a file"):
+        resolve_path(tmp_path / "file.txt", catalog)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResolutionError, match="holds no ALMA member"):
+        resolve_path(tmp_path / "empty", catalog)
+
+
+def test_resolve_target_distinguishes_paths_and_identifiers(tmp_path: Path, catalog: Catalog) -> None:
+    write_dataset(tmp_path, "cycle10")
+    assert resolve_target(str(tmp_path), catalog).release.id == "pl-2023.1.0.124"
+    with pytest.raises(InvalidInput, match="not an ALMA dataset identifier"):
+        resolve_target("hello", catalog)
+    with pytest.raises(ResolutionError, match="does not exist"):
+        resolve_target("./no/such/dir", catalog)
+    with pytest.raises(InvalidInput, match="No dataset given"):
+        resolve_target("  ", catalog)
+
+
+def test_manual_scripts_majority_and_series(tmp_path: Path, catalog: Catalog) -> None:
+    member = write_dataset(
+        tmp_path, spec=DatasetSpec(casa="4.2.1", pipeline=None, evidence=("script",), eb="uid___A002_X1_X1")
+    )
+    write_dataset(
+        tmp_path, spec=DatasetSpec(casa="4.2.2", pipeline=None, evidence=("script",), eb="uid___A002_X1_X2")
+    )
+    write_dataset(
+        tmp_path, spec=DatasetSpec(casa="4.2.2", pipeline=None, evidence=("script",), eb="uid___A002_X1_X3")
+    )
+    assert read_evidence(member).casa == "4.2.2"
+    series = write_dataset(tmp_path / "s", spec=DatasetSpec(casa="4.1", pipeline=None, evidence=("script",)))
+    resolution = resolve_path(series, catalog)
+    assert (resolution.release.casa, resolution.exact, resolution.evidence.casa) == ("4.1.0", True, "4.1")
+
+
+def test_unknown_builds_take_the_nearest_newer_public_build(tmp_path: Path, catalog: Catalog) -> None:
+    member = write_dataset(tmp_path, spec=DatasetSpec(casa="4.7.1", pipeline=None, evidence=("casalog",)))
+    resolution = resolve_path(member, catalog)
+    assert (resolution.release.casa, resolution.exact) == ("4.7.2", False)
+    member = write_dataset(tmp_path / "b", spec=DatasetSpec(casa="6.5.4.7", pipeline="2023.1.0.99"))
+    resolution = resolve_path(member, catalog)
+    assert (resolution.release.id, resolution.exact) == ("pl-2023.1.0.124", False)
+    assert "not in the catalog" in resolution.reason
+    member = write_dataset(
+        tmp_path / "c", spec=DatasetSpec(casa="2.9.0", pipeline=None, evidence=("casalog",))
+    )
+    with pytest.raises(ResolutionError, match="no public build of CASA 2.9"):
+        resolve_path(member, catalog)
+
+
+def test_planned_release_without_a_build_is_refused(tmp_path: Path, catalog: Catalog) -> None:
+    member = write_dataset(tmp_path, spec=DatasetSpec(casa="6.7.4.4", pipeline="2026.2.0.12"))
+    with pytest.raises(ResolutionError, match="no public distribution yet"):
+        resolve_path(member, catalog)
+
+
+# ------------------------------------------------------------------------------------------ hostile input
+
+SECRET = "TOP-SECRET-CASA-9.9.9-LEAK"
+
+ATTACKS = {
+    "billion-laughs": """<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
+<piperesults><ous><casaversion name="&lol3;"/></ous></piperesults>""",
+    "xxe-file": """<?xml version="1.0"?>
+<!DOCTYPE r [<!ENTITY xxe SYSTEM "file://{secret}">]>
+<piperesults><ous><casaversion name="&xxe;"/><pipeline_version name="&xxe;"/></ous></piperesults>""",
+    "external-dtd": """<?xml version="1.0"?>
+<!DOCTYPE r SYSTEM "http://127.0.0.1:9/evil.dtd">
+<piperesults><ous><casaversion name="6.5.4.9"/></ous></piperesults>""",
+    "parameter-entity": """<?xml version="1.0"?>
+<!DOCTYPE r [<!ENTITY % p SYSTEM "file://{secret}"> %p;]>
+<piperesults><ous><casaversion name="6.5.4.9"/></ous></piperesults>""",
+    "not-xml": "<piperesults><ous><casaversion name='6.5.4.9'></piperesults",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("where", ["manifest", "aquareport"])
+def test_xml_attacks_leak_nothing(tmp_path: Path, catalog: Catalog, attack: str, where: str) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    spec = DatasetSpec(evidence=())
+    member = write_dataset(tmp_path / "ds", spec=spec)
+    name = "script/x.pipeline_manifest.xml" if where == "manifest" else "qa/x.pipeline_aquareport.xml"
+    (member / name).write_text(ATTACKS[attack].format(secret=secret))
+    with pytest.raises(ResolutionError) as info:
+        resolve_path(member, catalog)
+    assert SECRET not in str(info.value) and "lol" not in str(info.value)
+    # with other evidence present, the hostile file is skipped and the next kind decides
+    write_dataset(tmp_path / "ds", spec=DatasetSpec(evidence=("casalog",), casa="6.5.4.9"))
+    resolution = resolve_path(member, catalog)
+    assert resolution.evidence.kind == "casalog" and SECRET not in resolution.reason
+
+
+def test_symlinks_out_of_the_dataset_are_ignored(tmp_path: Path, catalog: Catalog) -> None:
+    outside = write_dataset(tmp_path / "outside", "cycle10")
+    member = write_dataset(
+        tmp_path / "ds", spec=DatasetSpec(evidence=("casalog",), casa="4.7.2", pipeline=None)
+    )
+    manifest = next(outside.glob("script/*manifest.xml"))
+    os.symlink(manifest, member / "script" / manifest.name)
+    assert resolve_path(member, catalog).evidence.kind == "casalog"
+
+
+def test_oversized_evidence_is_refused_not_read(tmp_path: Path, catalog: Catalog) -> None:
+    member = write_dataset(tmp_path, spec=DatasetSpec(evidence=()))
+    with (member / "qa" / "big.pipeline_aquareport.xml").open("wb") as handle:
+        handle.truncate(9 * 1024 * 1024)
+    with pytest.raises(ResolutionError, match="too large"):
+        resolve_path(member, catalog)
+
+
+def test_packed_weblog_is_read_without_extracting(tmp_path: Path, catalog: Catalog) -> None:
+    member = write_dataset(tmp_path, "cycle3-pipeline")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    evidence = read_weblog(member, tmp_path)
+    assert evidence is not None and evidence.path.endswith(
+        "weblog.tgz!pipeline-20231015T120000/html/t1-1.html"
+    )
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_hostile_tar_members_are_not_written(tmp_path: Path, catalog: Catalog) -> None:
+    member = write_dataset(tmp_path / "ds", spec=DatasetSpec(evidence=()))
+    archive = member / "qa" / "x.weblog.tgz"
+    page = tmp_path / "page.html"
+    page.write_text("<table><tr><th>CASA Version</th><td>6.5.4.9</td></tr></table>")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(page, arcname="../../../../escape/html/t1-1.html")
+        info = tarfile.TarInfo("pipeline-1/html/t1-1.html")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    resolution = resolve_path(member, catalog)
+    assert resolution.release.casa == "6.5.4-9"
+    assert not (tmp_path / "escape").exists()
+    (member / "qa" / "y.weblog.tgz").write_bytes(b"\x1f\x8b not really gzip")
+    archive.unlink()
+    with pytest.raises(ResolutionError, match="not a readable tar archive"):
+        resolve_path(member, catalog)
