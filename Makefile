@@ -19,7 +19,7 @@ space := $(empty) $(empty)
 
 include $(sort $(wildcard mk/*.mk))
 
-.PHONY: help deps venv lint typecheck unit test demo clean
+.PHONY: help deps venv lint typecheck unit test demo docs clean
 
 help:
 	@echo "make demo   install what is missing and run casaspawner on this machine"
@@ -52,6 +52,17 @@ test: venv $(TEST_PREREQS)
 	$(BIN)/ruff format --check casaspawner tests benchmarks images
 	$(BIN)/mypy casaspawner
 	$(BIN)/pytest -m "not k8s" $(PYTEST_ARGS)
+
+# The main job on the embedded default. mk/local.mk sets DEMO_COMMAND to the embedded hub; without it, the
+# demo resolves a generated example dataset and prints what a session would run.
+DEMO_COMMAND ?= $(BIN)/casaspawner demo-data demo/datasets --era cycle10 && \
+	$(BIN)/casaspawner resolve demo/datasets/cycle10
+demo: venv $(DEMO_PREREQS)
+	$(DEMO_COMMAND)
+
+docs: venv
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
