@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import re
 import tempfile
@@ -732,8 +733,22 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         }
         return summary
 
+    #: Traits :meth:`apply_plan` sets. Spawner objects live across sessions, so their configured values are
+    #: remembered at the first plan and restored before each later one (no leftovers from the last session).
+    plan_traits: tuple[str, ...] = ("default_url", "environment")
+
+    def restore_configured_traits(self) -> None:
+        """Put every trait in ``plan_traits`` back to its value before the first plan was applied."""
+        baseline: dict[str, Any] | None = getattr(self, "_casa_baseline", None)
+        if baseline is None:
+            self._casa_baseline = {name: copy.deepcopy(getattr(self, name)) for name in self.plan_traits}
+            return
+        for name, value in baseline.items():
+            setattr(self, name, copy.deepcopy(value))
+
     def apply_plan(self, plan: SessionPlan) -> None:
-        """Translate the plan into this spawner's traits; subclasses extend (call ``super()``)."""
+        """Translate the plan into this spawner's traits; subclasses extend ``plan_traits`` and call ``super()``."""
+        self.restore_configured_traits()
         self.default_url = plan.default_url
         self.environment = {**self.environment, **plan.environment}
 

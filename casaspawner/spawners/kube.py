@@ -1,0 +1,257 @@
+"""``CASASpawner``: KubeSpawner that starts, for a named ALMA dataset, the exact CASA build that processed it.
+
+Thin by design: :class:`~casaspawner.spawners.common.CASASessionMixin` validates options and makes the
+session plan, :mod:`casaspawner.spawners.kube_objects` turns the plan into KubeSpawner fields and the token
+Secret, and KubeSpawner does all Kubernetes API work. Registered as the ``casa`` spawner
+(``c.JupyterHub.spawner_class = "casa"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from functools import partial
+from typing import Any
+
+from jupyterhub.utils import exponential_backoff, maybe_future
+from kubernetes_asyncio.client.rest import ApiException
+from kubespawner import KubeSpawner
+from traitlets import Bool, Dict, Unicode, default, validate
+
+from casaspawner.plan import SessionPlan
+from casaspawner.spawners import kube_objects
+from casaspawner.spawners.common import CASASessionMixin, spawn_error
+
+#: Placeholder owner uid in dry-run Secrets (the real one exists only once the pod does).
+DRY_RUN_OWNER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+class _AfterPodCreated:
+    """``after_pod_created_hook`` that first creates the token Secret, then runs the operator's own hook."""
+
+    def __init__(self, user_hook: Any = None) -> None:
+        self.user_hook = user_hook
+
+    async def __call__(self, spawner: CASASpawner, pod: dict[str, Any]) -> None:
+        await spawner.create_token_secret(pod)
+        if self.user_hook is not None:
+            await maybe_future(self.user_hook(spawner, pod))
+
+
+class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeSpawner ships no type hints
+    """Start one CASA session pod per server: image, storage, identity and labels from the session plan."""
+
+    storage_volume = Dict(
+        {"persistentVolumeClaim": {"claimName": "cavern"}},
+        help="""
+        Kubernetes volume source of the shared storage (Cavern) holding ``home/<user>`` and
+        ``projects/<group>``: exactly one of ``persistentVolumeClaim`` (default: the claim ``cavern``), ``csi``,
+        ``cephfs``, ``nfs`` or ``hostPath``, written as in a pod spec. Inline ``cephfs``, ``nfs`` and
+        ``hostPath`` are refused by namespaces enforcing the restricted Pod Security Standard; bind such storage
+        to a PersistentVolume and claim instead.
+        """,
+    ).tag(config=True)
+
+    measures_volume = Dict(
+        {"persistentVolumeClaim": {"claimName": "casa-measures", "readOnly": True}},
+        help="""
+        Kubernetes volume source of the CASA measures data (mounted read-only at ``measures_mount_path``):
+        one of ``persistentVolumeClaim``, ``csi``, ``cephfs``, ``nfs`` or ``hostPath``.
+        """,
+    ).tag(config=True)
+
+    tmp_size_limit = Unicode(
+        "1Gi",
+        help="Size limit of the session's writable ``/tmp`` (an emptyDir; the image's root file system is read-only).",
+    ).tag(config=True)
+
+    token_mount_dir = Unicode(
+        "/var/run/secrets/casaspawner",
+        help="""
+        Directory where the user's access token appears as the file ``token`` (from a Secret owned by the pod;
+        ``CASASPAWNER_TOKEN_FILE`` names it). Users without a token in ``auth_state`` get no Secret.
+        """,
+    ).tag(config=True)
+
+    unschedulable_is_fatal = Bool(
+        True,
+        help="""
+        End a spawn as soon as Kubernetes reports that no node can run the pod (``FailedScheduling``). Turn
+        off on clusters whose autoscaler adds nodes for pending pods.
+        """,
+    ).tag(config=True)
+
+    plan_traits = (
+        "image",
+        "cmd",
+        "default_url",
+        "working_dir",
+        "environment",
+        "volumes",
+        "volume_mounts",
+        "uid",
+        "gid",
+        "fs_gid",
+        "supplemental_gids",
+        "privileged",
+        "allow_privilege_escalation",
+        "pod_security_context",
+        "container_security_context",
+        "automount_service_account_token",
+        "service_account",
+        "extra_labels",
+        "extra_annotations",
+        "cpu_guarantee",
+        "cpu_limit",
+        "mem_guarantee",
+        "mem_limit",
+    )
+
+    @default("cmd")
+    def _cmd_default(self) -> list[str]:
+        return ["jupyterhub-singleuser"]
+
+    @default("after_pod_created_hook")
+    def _after_pod_created_default(self) -> _AfterPodCreated:
+        return _AfterPodCreated()
+
+    @validate("after_pod_created_hook")
+    def _keep_token_secret_hook(self, proposal: Any) -> _AfterPodCreated:
+        value = proposal["value"]
+        return value if isinstance(value, _AfterPodCreated) else _AfterPodCreated(value)
+
+    # ------------------------------------------------------------------------------------------- the plan
+    @property
+    def token_secret_name(self) -> str | None:
+        """Name of this session's token Secret, or None when the user has no token."""
+        return f"{self.pod_name}-token" if self.access_token else None
+
+    def pod_settings(self) -> kube_objects.PodSettings:
+        return kube_objects.PodSettings(
+            storage_volume=self.storage_volume,
+            measures_volume=self.measures_volume,
+            scratch_size_limit=self.scratch_size_limit,
+            tmp_size_limit=self.tmp_size_limit,
+            token_secret_name=self.token_secret_name,
+            token_mount_dir=self.token_mount_dir,
+            command=tuple(self.cmd or ["jupyterhub-singleuser"]),
+        )
+
+    def apply_plan(self, plan: SessionPlan) -> None:
+        super().apply_plan(plan)
+        self._set_session_fields(plan)
+
+    def _set_session_fields(self, plan: SessionPlan) -> None:
+        fields = kube_objects.session_fields(
+            plan,
+            self.pod_settings(),
+            environment=self.environment,
+            volumes=self.volumes,
+            volume_mounts=self.volume_mounts,
+            extra_labels=self.extra_labels,
+            extra_annotations=self.extra_annotations,
+        )
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    async def load_user_options(self) -> None:
+        """Profiles first (KubeSpawner), then the session plan, so the plan's decisions always win."""
+        plan = await self.prepare_session()
+        options = self.user_options
+        # ``profile`` holds the plan summary for the admin page, not a KubeSpawner profile slug.
+        self.user_options = {k: v for k, v in options.items() if k != "profile"}
+        try:
+            await super().load_user_options()
+        finally:
+            self.user_options = options
+        self._set_session_fields(plan)
+
+    async def session_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The pod (and token Secret, without data) this spawner would submit now; no API calls.
+
+        Same path as ``start``: plan, ``load_user_options``, ``get_pod_manifest``, ``modify_pod_hook``.
+        """
+        await self.load_user_options()
+        pod = await self.get_pod_manifest()
+        if self.modify_pod_hook:
+            pod = await maybe_future(self.modify_pod_hook(self, pod))
+        manifest: dict[str, Any] = self.api.api_client.sanitize_for_serialization(pod)
+        manifest = {"apiVersion": "v1", "kind": "Pod", **manifest}
+        secret = None
+        if self.token_secret_name:
+            secret = self.token_secret_manifest(self.pod_name, DRY_RUN_OWNER_UID, None)
+        return manifest, secret
+
+    # ------------------------------------------------------------------------------------------- secrets
+    def token_secret_manifest(self, pod_name: str, pod_uid: str, token: str | None) -> dict[str, Any]:
+        assert self.token_secret_name is not None
+        return kube_objects.token_secret(
+            self.token_secret_name,
+            token,
+            owner_name=pod_name,
+            owner_uid=pod_uid,
+            labels=self._build_common_labels(self._expand_all(self.extra_labels)),
+        )
+
+    async def create_token_secret(self, pod: Mapping[str, Any]) -> None:
+        """Create the Secret holding the user's token, owned by ``pod`` (never logged)."""
+        token = self.access_token
+        if not token or not self.token_secret_name:
+            return
+        manifest = self.token_secret_manifest(pod["metadata"]["name"], pod["metadata"]["uid"], token)
+        await exponential_backoff(
+            partial(self._create_secret, manifest),
+            f"Could not create the token Secret {self.token_secret_name}",
+            timeout=self.k8s_api_request_retry_timeout,
+        )
+
+    async def _create_secret(self, manifest: dict[str, Any]) -> bool:
+        name = manifest["metadata"]["name"]
+        try:
+            await asyncio.wait_for(
+                self.api.create_namespaced_secret(self.namespace, manifest), self.k8s_api_request_timeout
+            )
+            return True
+        except asyncio.TimeoutError:
+            return False
+        except ApiException as exc:
+            if exc.status == 409:  # left over from an earlier pod of the same name: replace it
+                self.log.info("Replacing the token Secret %s", name)
+                await asyncio.wait_for(
+                    self.api.replace_namespaced_secret(name, self.namespace, manifest),
+                    self.k8s_api_request_timeout,
+                )
+                return True
+            self.log.error("Creating the token Secret %s failed: %s %s", name, exc.status, exc.reason)
+            if exc.status >= 500:
+                return False
+            raise spawn_error(
+                "The session's access token could not be stored; try again.", "secret"
+            ) from None
+
+    # ------------------------------------------------------------------------------------------- progress
+    def is_pod_running(self, pod: dict[str, Any] | None) -> bool:
+        """KubeSpawner's check, but a pod that can never start ends the spawn with one sentence."""
+        plan = self.session_plan
+        failure = kube_objects.spawn_failure(
+            pod,
+            list(self.events) if self.events_enabled else [],
+            plan.image if plan else self.image,
+            unschedulable_is_fatal=self.unschedulable_is_fatal,
+        )
+        if failure:
+            raise spawn_error(failure, reason="image-pull" if "image" in failure else "unschedulable")
+        return bool(super().is_pod_running(pod))
+
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+        """Resolution result and reason first, then the pod's events in words (image pull, container start)."""
+        for event in self.plan_progress_events():
+            yield event
+        image = self.session_plan.image if self.session_plan else self.image
+        async for event in super().progress():
+            raw = event.get("raw_event")
+            text = kube_objects.describe_event(raw, image) if raw else None
+            if text:
+                event = {**event, "message": text}
+            event.pop("raw_event", None)
+            yield event

@@ -1,0 +1,285 @@
+"""Pure builders: a ``SessionPlan`` → the KubeSpawner fields of one hardened pod, and the token Secret.
+
+Nothing here talks to Kubernetes or reads traits: ``session_fields(plan, settings)`` returns the values
+``CASASpawner`` assigns to KubeSpawner traits, ``token_secret(...)`` the Secret manifest. Tests exercise these
+functions directly (schema + restricted Pod Security Standard) and through the real KubeSpawner.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from casaspawner.errors import InvalidInput
+from casaspawner.plan import Identity, Mount, SessionPlan
+
+#: Volume sources the Cavern storage may use. Inline ``cephfs``, ``nfs`` and ``hostPath`` work but are not
+#: allowed by the *restricted* Pod Security Standard; expose such storage through a PersistentVolume and
+#: claim (``persistentVolumeClaim``) or a CSI driver (``csi``) in namespaces that enforce it.
+STORAGE_KINDS = ("persistentVolumeClaim", "csi", "cephfs", "nfs", "hostPath")
+#: Volume types the restricted Pod Security Standard allows.
+RESTRICTED_VOLUME_TYPES = frozenset(
+    {
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    }
+)
+#: KubeSpawner's main container (``poll`` and the server URL depend on it).
+CONTAINER = "notebook"
+TOKEN_FILE = "token"  # noqa: S105 - a file name, not a secret
+STORAGE_VOLUME = "casa-storage"
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """Operator choices the pod depends on (CASASpawner traits fill this in)."""
+
+    storage_volume: Mapping[str, Any] = field(
+        default_factory=lambda: {"persistentVolumeClaim": {"claimName": "cavern"}}
+    )
+    measures_volume: Mapping[str, Any] = field(
+        default_factory=lambda: {"persistentVolumeClaim": {"claimName": "casa-measures", "readOnly": True}}
+    )
+    scratch_size_limit: str = "20Gi"
+    tmp_size_limit: str = "1Gi"
+    token_secret_name: str | None = None  # None: no token, no Secret, no volume
+    token_mount_dir: str = "/var/run/secrets/casaspawner"  # noqa: S105 - a directory
+    command: tuple[str, ...] = ("jupyterhub-singleuser",)
+
+
+def volume_source(
+    raw: Mapping[str, Any], what: str, kinds: tuple[str, ...] = STORAGE_KINDS
+) -> dict[str, Any]:
+    """A copy of a Kubernetes volume source with exactly one of ``kinds``; ``InvalidInput`` otherwise."""
+    if not isinstance(raw, Mapping) or len(raw) != 1 or next(iter(raw)) not in kinds:
+        raise InvalidInput(
+            f"The {what} volume must be exactly one of {', '.join(kinds)} (a Kubernetes volume source)."
+        )
+    kind, spec = next(iter(raw.items()))
+    if not isinstance(spec, Mapping):
+        raise InvalidInput(f"The {what} volume's {kind} settings must be a mapping.")
+    return {kind: copy.deepcopy(dict(spec))}
+
+
+def security_contexts(identity: Identity) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod, container) security contexts: non-root, read-only root, no capabilities, RuntimeDefault seccomp."""
+    if identity.uid <= 0:
+        raise InvalidInput(
+            f"User {identity.username} would run as uid {identity.uid}; sessions never run as root."
+        )
+    seccomp = {"type": "RuntimeDefault"}
+    pod: dict[str, Any] = {
+        "runAsUser": identity.uid,
+        "runAsGroup": identity.gid,
+        "runAsNonRoot": True,
+        "seccompProfile": dict(seccomp),
+    }
+    if identity.supplemental_gids:
+        pod["supplementalGroups"] = list(identity.supplemental_gids)
+    container = {
+        "runAsUser": identity.uid,
+        "runAsGroup": identity.gid,
+        "runAsNonRoot": True,
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": dict(seccomp),
+    }
+    return pod, container
+
+
+def session_volumes(
+    plan: SessionPlan, settings: PodSettings
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(volumes, volume mounts) as KubeSpawner's dict form (keys order the entries)."""
+    volumes: dict[str, dict[str, Any]] = {}
+    mounts: dict[str, dict[str, Any]] = {}
+    for mount in plan.mounts:
+        _add_mount(mount, settings, volumes, mounts)
+    volumes["casa-tmp"] = {"name": "casa-tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}}
+    mounts["casa-tmp"] = {"name": "casa-tmp", "mountPath": "/tmp"}  # noqa: S108 - the pod's own writable /tmp
+    if settings.token_secret_name:
+        volumes["casa-token"] = {
+            "name": "casa-token",
+            "secret": {
+                "secretName": settings.token_secret_name,
+                "items": [{"key": TOKEN_FILE, "path": TOKEN_FILE}],
+                "defaultMode": 0o444,  # no fsGroup (it would chown all of Cavern): the single user reads it
+            },
+        }
+        mounts["casa-token"] = {"name": "casa-token", "mountPath": settings.token_mount_dir, "readOnly": True}
+    return volumes, mounts
+
+
+def _add_mount(
+    mount: Mount, settings: PodSettings, volumes: dict[str, dict[str, Any]], mounts: dict[str, dict[str, Any]]
+) -> None:
+    key = f"casa-{mount.name}"
+    if mount.kind == "storage":
+        volumes[STORAGE_VOLUME] = {
+            "name": STORAGE_VOLUME,
+            **volume_source(settings.storage_volume, "storage"),
+        }
+        entry: dict[str, Any] = {"name": STORAGE_VOLUME, "mountPath": mount.path}
+        if mount.sub_path:
+            entry["subPath"] = mount.sub_path
+    elif mount.kind == "scratch":
+        volumes[key] = {"name": key, "emptyDir": {"sizeLimit": settings.scratch_size_limit}}
+        entry = {"name": key, "mountPath": mount.path}
+    else:
+        volumes[key] = {"name": key, **volume_source(settings.measures_volume, "measures data")}
+        entry = {"name": key, "mountPath": mount.path}
+    if mount.read_only:
+        entry["readOnly"] = True
+    mounts[key] = entry
+
+
+def merge_keeping(existing: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]:
+    """``ours`` added to ``existing`` without replacing any key already there (z2jh's labels stay)."""
+    return {**ours, **existing}
+
+
+def session_fields(
+    plan: SessionPlan,
+    settings: PodSettings,
+    *,
+    environment: Mapping[str, Any] | None = None,
+    volumes: Mapping[str, Any] | None = None,
+    volume_mounts: Mapping[str, Any] | None = None,
+    extra_labels: Mapping[str, str] | None = None,
+    extra_annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The KubeSpawner trait values for ``plan``; dict traits are merged into the given current values."""
+    pod_sc, container_sc = security_contexts(plan.identity)
+    vols, mnts = session_volumes(plan, settings)
+    env = {**(environment or {}), **plan.environment}
+    if settings.token_secret_name:
+        env["CASASPAWNER_TOKEN_FILE"] = f"{settings.token_mount_dir.rstrip('/')}/{TOKEN_FILE}"
+    resources = plan.resources
+    return {
+        "image": plan.image,
+        "cmd": list(settings.command),
+        "default_url": plan.default_url,
+        "working_dir": plan.home,
+        "environment": env,
+        "volumes": {**(volumes or {}), **vols},
+        "volume_mounts": {**(volume_mounts or {}), **mnts},
+        "uid": plan.identity.uid,
+        "gid": plan.identity.gid,
+        "fs_gid": None,
+        "supplemental_gids": list(plan.identity.supplemental_gids),
+        "privileged": False,
+        "allow_privilege_escalation": False,
+        "pod_security_context": pod_sc,
+        "container_security_context": container_sc,
+        "automount_service_account_token": False,
+        "service_account": None,
+        "extra_labels": merge_keeping(extra_labels or {}, plan.labels),
+        "extra_annotations": merge_keeping(extra_annotations or {}, plan.annotations),
+        "cpu_guarantee": resources.cpu_guarantee or None,
+        "cpu_limit": resources.cpu_limit or None,
+        "mem_guarantee": resources.mem_guarantee or None,
+        "mem_limit": resources.mem_limit or None,
+    }
+
+
+def token_secret(
+    name: str,
+    token: str | None,
+    *,
+    owner_name: str,
+    owner_uid: str,
+    labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The Secret holding the user's access token, owned by (and deleted with) the session pod.
+
+    ``token=None`` gives the manifest without ``data`` (what the dry run prints).
+    """
+    manifest: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": name,
+            "labels": dict(labels or {}),
+            "annotations": dict(annotations or {}),
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": owner_name,
+                    "uid": owner_uid,
+                    "blockOwnerDeletion": True,
+                    "controller": False,
+                }
+            ],
+        },
+    }
+    if token is not None:
+        manifest["data"] = {TOKEN_FILE: base64.b64encode(token.encode()).decode("ascii")}
+    return manifest
+
+
+_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+
+
+def _clip(text: str, limit: int = 240) -> str:
+    text = " ".join(str(text).split()).rstrip(".")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def spawn_failure(
+    pod: Mapping[str, Any] | None,
+    events: list[Mapping[str, Any]],
+    image: str,
+    *,
+    unschedulable_is_fatal: bool = True,
+) -> str | None:
+    """One sentence if the pod can never start (image pull or scheduling failure), else None.
+
+    Reads the pod's container statuses and the Kubernetes events of this spawn (newest last).
+    """
+    for event in events:
+        reason, message = str(event.get("reason") or ""), str(event.get("message") or "")
+        if any(code in message or code == reason for code in _PULL_FAILURES) or (
+            reason == "Failed" and "pull" in message.lower()
+        ):
+            return f"The session image {image} could not be pulled ({_clip(message)})."
+        if unschedulable_is_fatal and reason == "FailedScheduling":
+            return f"No node can run this session: {_clip(message)}."
+    status = (pod or {}).get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _PULL_FAILURES:
+            detail = waiting.get("message") or waiting["reason"]
+            return f"The session image {image} could not be pulled ({_clip(detail)})."
+    if unschedulable_is_fatal:
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
+                return f"No node can run this session: {_clip(condition.get('message') or 'unschedulable')}."
+    return None
+
+
+def describe_event(event: Mapping[str, Any], image: str) -> str | None:
+    """A readable progress line for the usual kubelet events (None: show the event as it is)."""
+    reason = event.get("reason")
+    if reason == "Scheduled":
+        return "The session is scheduled on a node."
+    if reason == "Pulling":
+        return f"Pulling the session image {image} (this can take minutes the first time on a node)."
+    if reason == "Pulled":
+        return f"The session image {image} is ready."
+    if reason == "Started":
+        return "The session container started; waiting for Jupyter to answer."
+    return None
