@@ -156,10 +156,11 @@ def read_aquareport(mous: Path, root: Path) -> Evidence | None:
     """``*pipeline_aquareport.xml``: ``QaSummary/CasaVersion`` and ``QaSummary/PipelineVersion``."""
     for path in _candidates(mous, root, ("*pipeline_aquareport.xml",)):
         tree = _parse_xml(_read(path, LIMITS["aquareport"]), path.name)
-        casa = _casa(tree.findtext(".//QaSummary/CasaVersion"), path.name)
+        casa = _casa(tree.findtext(".//QaSummary/CasaVersion") or tree.findtext(".//CasaVersion"), path.name)
         if casa is None:
             continue
-        pipeline = _pipeline(tree.findtext(".//QaSummary/PipelineVersion"), path.name)
+        pipeline_text = tree.findtext(".//QaSummary/PipelineVersion") or tree.findtext(".//PipelineVersion")
+        pipeline = _pipeline(pipeline_text, path.name)
         return Evidence("aquareport", _rel(path, root), casa, pipeline)
     return None
 
@@ -202,13 +203,20 @@ def weblog_versions(html: bytes, name: str) -> tuple[str | None, str | None]:
     for row in parser.rows:
         if len(row) >= 2:
             values.setdefault(row[0].rstrip(":").strip().lower(), row[1])
-    raw_pipeline = values.get("pipeline version")
-    if raw_pipeline:
-        # "2023.1.0.124 (documentation)" / "42254M (Pipeline-CASA54-P1-B)": the version is the first word,
-        # SVN builds keep their branch in parentheses.
-        first = raw_pipeline.split()[0]
-        raw_pipeline = raw_pipeline if first.rstrip("M").isdigit() else first
-    return _casa(values.get("casa version"), name), _pipeline(raw_pipeline, name)
+    # Cells carry links after the version: "6.5.4.9 (environment)", "2023.1.0.124 (documentation)",
+    # "42254M (Pipeline-CASA54-P1-B) (documentation)", "4.7.2-REL (r39762)".
+    casa = _WEBLOG_CASA.match(values.get("casa version", ""))
+    pipeline = _WEBLOG_PIPELINE.match(values.get("pipeline version", ""))
+    return (
+        _casa(casa.group(0) if casa else values.get("casa version"), name),
+        _pipeline(pipeline.group(0) if pipeline else values.get("pipeline version"), name),
+    )
+
+
+_WEBLOG_CASA = re.compile(r"\s*[0-9]+\.[0-9]+\.[0-9]+(?:[-.][0-9]+)?(?:-REL)?(?:\s*\(r[0-9]+\))?")
+_WEBLOG_PIPELINE = re.compile(
+    r"\s*(?:[0-9]{4}\.[0-9]+\.[0-9]+\.[0-9]+(?:\+\S+)?|r?[0-9]{5}M?(?:\s*\([^()]*\))?)"
+)
 
 
 def read_weblog(mous: Path, root: Path) -> Evidence | None:

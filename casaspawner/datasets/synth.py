@@ -141,21 +141,28 @@ def aquareport_xml(spec: DatasetSpec) -> str:
 
 
 def weblog_html(spec: DatasetSpec) -> str:
-    """The weblog home page's observation-summary table, as ``t1-1.mako`` renders it."""
+    """The weblog home page's two summary tables, as the pipeline's ``t1-1.mako`` renders them."""
     pipeline = spec.pipeline or ""
-    if pipeline and pipeline[0].isdigit() and "." in pipeline and "(" not in pipeline:
-        pipeline += ' (<a href="https://almascience.org/processing/science-pipeline">documentation</a>)'
+    doclink = ' (<a href="https://almascience.org/processing/science-pipeline">documentation</a>)'
+    environment = '(<a href="javascript:" data-fancybox data-src="#hidden-environment">environment</a>)'
+    empty = "<td></td><td></td>"
     return (
-        "<!DOCTYPE html>\n<html><head><title>Pipeline Weblog</title></head><body>\n"
-        '<div class="page-header"><h1>Observation Overview</h1></div>\n'
-        '<table class="table table-bordered table-striped">\n'
-        f"<tr><th>Proposal Code</th><td>{spec.project}</td></tr>\n"
-        f"<tr><th>PPR ID</th><td>PPR_{spec.mous}.xml</td></tr>\n"
-        f"<tr><th>Pipeline Version</th><td>{pipeline}</td></tr>\n"
-        f"<tr><th>Pipeline Recipe</th><td>{spec.recipe}</td></tr>\n"
-        f"<tr><th>CASA Version</th><td>{spec.casa or ''}</td></tr>\n"
-        "<tr><th>IERS eop_2000 Version</th><td>1234</td></tr>\n"
-        "</table></body></html>\n"
+        "<!DOCTYPE html>\n<html><head><title>Home</title></head><body>\n"
+        '<div class="row"><div class="col-md-6"><h2>Observation Overview</h2>\n'
+        '<table class="table table-condensed" summary="Data Details"><thead><tr><th class="col-md-5"></th>'
+        '<th class="col-md-7"></th></tr></thead><tbody>\n'
+        f"<tr><th>Project</th><td>{spec.project}</td></tr>\n"
+        f"<tr><th>OUS Status Entity id</th><td>{spec.mous}</td></tr>\n"
+        "<tr><th>Observation Start</th><td>2023-10-14 22:01:12&nbsp;UTC</td></tr>\n"
+        "</tbody></table></div>\n"
+        '<div class="col-md-6"><h2>Pipeline Summary</h2>\n<table class="table table-condensed"><thead><tr>'
+        '<th class="col-md-3"></th><th class="col-md-6"></th><th class="col-md-2"></th><th class="col-md-1"></th>'
+        "</tr></thead><tbody>\n"
+        f"<tr><th>PPR ID</th><td></td>{empty}</tr>\n"
+        f"<tr>\n  <th>Pipeline Version</th>\n  <td>{pipeline}\n{doclink}\n  </td>{empty}\n</tr>\n"
+        f"<tr>\n  <th>CASA Version</th>\n  <td>{spec.casa or ''} {environment}</td>{empty}\n</tr>\n"
+        f"<tr><th>Pipeline Start</th><td>2023-10-15 12:00:00&nbsp;UTC</td>{empty}</tr>\n"
+        "</tbody></table></div></div>\n</body></html>\n"
     )
 
 

@@ -234,3 +234,42 @@ def test_hostile_tar_members_are_not_written(tmp_path: Path, catalog: Catalog) -
     archive.unlink()
     with pytest.raises(ResolutionError, match="not a readable tar archive"):
         resolve_path(member, catalog)
+
+
+@pytest.mark.parametrize(
+    ("casa_cell", "pipeline_cell", "expected"),
+    [
+        (
+            "6.5.4.9 (<a href='javascript:'>environment</a>)",
+            "2023.1.0.124\n (<a href='x'>documentation</a>)",
+            ("6.5.4-9", "2023.1.0.124"),
+        ),
+        ("5.4.0-70", "42254M (Pipeline-CASA54-P1-B)", ("5.4.0-70", "r42254")),
+        (
+            "4.7.2-REL (r39762) (<a>environment</a>)",
+            "39732M (Pipeline-Cycle4-R2-B) (<a>documentation</a>)",
+            ("4.7.2", "r39732"),
+        ),
+        ("6.1.1.15", "2020.1.0.40+dirty", ("6.1.1-15", "2020.1.0.40")),
+    ],
+)
+def test_weblog_cells_of_every_template_generation(
+    casa_cell: str, pipeline_cell: str, expected: tuple[str, str]
+) -> None:
+    from casaspawner.datasets.evidence import weblog_versions
+
+    html = (
+        "<table><thead><tr><th></th><th></th><th></th></tr></thead><tbody>"
+        "<tr><th>PPR ID</th><td></td><td></td></tr>"
+        f"<tr><th>Pipeline Version</th><td>{pipeline_cell}</td><td></td></tr>"
+        f"<tr><th>CASA Version</th><td>{casa_cell}</td><td></td></tr></tbody></table>"
+    )
+    assert weblog_versions(html.encode(), "t1-1.html") == expected
+
+
+def test_aquareport_versions_outside_qasummary(tmp_path: Path, catalog: Catalog) -> None:
+    member = write_dataset(tmp_path, spec=DatasetSpec(evidence=()))
+    (member / "qa" / "m.pipeline_aquareport.xml").write_text(
+        "<PipelineAquaReport><CasaVersion>5.4.0-70</CasaVersion><PipelineVersion>42254M</PipelineVersion></PipelineAquaReport>"
+    )
+    assert resolve_path(member, catalog).release.id == "pl-r42254"
