@@ -1,0 +1,227 @@
+"""Test support for CASASpawner: a fake user, a kmock-based Kubernetes emulator and a fake kubelet.
+
+The emulator is kmock 0.8's ``KubernetesEmulator`` with the four gaps the real KubeSpawner trips over filled
+in (see the JupyterHub stack reference, §7.3–7.4): ``watch=True`` spelling, namespace defaulting, uid and
+resourceVersion bookkeeping, and a Pending status on new pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import kmock
+from kmock._internal import enums
+
+PLACEHOLDER_KUBECONFIG = """\
+apiVersion: v1
+kind: Config
+clusters: [{name: tests, cluster: {server: "https://127.0.0.1:9"}}]
+users: [{name: tests, user: {token: not-a-real-token}}]
+contexts: [{name: tests, context: {cluster: tests, user: tests, namespace: test}}]
+current-context: tests
+"""
+
+
+class FakeGroup:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class FakeUser:
+    """What a spawner needs of ``jupyterhub.user.User``: name, id, url, groups and auth_state."""
+
+    def __init__(
+        self, name: str = "alice", auth_state: Mapping[str, Any] | None = None, groups: tuple[str, ...] = ()
+    ):
+        self.name = name
+        self.id = 7
+        self.url = f"/user/{name}/"
+        self.groups = [FakeGroup(g) for g in groups]
+        self.auth_state = dict(auth_state) if auth_state is not None else None
+
+    async def get_auth_state(self) -> dict[str, Any] | None:
+        return self.auth_state
+
+
+def auth_state(
+    uid: int | None = 1001,
+    gid: int | None = 1001,
+    groups: tuple[str, ...] = (),
+    token: str | None = "tok-SECRET-42",
+    **extra: Any,
+) -> dict[str, Any]:
+    user: dict[str, Any] = {"groups": list(groups), **extra}
+    if uid is not None:
+        user["uid"] = uid
+    if gid is not None:
+        user["gid"] = gid
+    state: dict[str, Any] = {"oauth_user": user}
+    if token is not None:
+        state["access_token"] = token
+    return state
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator, filled in where KubeSpawner needs a real API server's bookkeeping."""
+
+    _versions = itertools.count(1)
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.action == enums.action.LIST and str(request.params.get("watch", "")).lower() in (
+            "true",
+            "1",
+        ):
+            object.__setattr__(request, "action", enums.action.WATCH)  # frozen, matched by identity
+        if request.resource is not None and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if request.action == enums.action.CREATE:
+                if request.namespace and "namespace" not in meta:
+                    meta["namespace"] = request.namespace
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", _now())
+                meta["resourceVersion"] = str(next(self._versions))
+                if request.resource.plural == "pods":
+                    request.data.setdefault("status", {"phase": "Pending"})
+            elif request.action == enums.action.UPDATE:
+                meta["resourceVersion"] = str(next(self._versions))
+        return await super()._handle(request)
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def kubeconfig_for(path: Path, url: str) -> Path:
+    path.write_text(PLACEHOLDER_KUBECONFIG.replace("https://127.0.0.1:9", url))
+    return path
+
+
+class FakeKubelet:
+    """Plays scheduler and kubelet for every new pod: events, then Running — or an image/scheduling failure."""
+
+    def __init__(self, server: kmock.Server, namespace: str = "test", mode: str = "ok") -> None:
+        self.server = server
+        self.namespace = namespace
+        self.mode = mode
+        self.seen: set[str] = set()
+        self.pods: list[dict[str, Any]] = []
+
+    async def _event(self, pod: Mapping[str, Any], reason: str, message: str, kind: str = "Normal") -> None:
+        name = pod["metadata"]["name"]
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:10]}", "namespace": self.namespace},
+            "involvedObject": {
+                "kind": "Pod",
+                "name": name,
+                "namespace": self.namespace,
+                "uid": pod["metadata"]["uid"],
+            },
+            "reason": reason,
+            "message": message,
+            "type": kind,
+            "lastTimestamp": _now(),
+            "eventTime": None,
+        }
+        async with self.server.client.post(
+            f"/api/v1/namespaces/{self.namespace}/events", json=event
+        ) as response:
+            assert response.status < 300, await response.text()
+
+    async def _patch(self, pod: Mapping[str, Any], status: dict[str, Any]) -> None:
+        path = f"/api/v1/namespaces/{self.namespace}/pods/{pod['metadata']['name']}"
+        headers = {"Content-Type": "application/merge-patch+json"}
+        async with self.server.client.patch(path, json={"status": status}, headers=headers) as response:
+            assert response.status < 300, await response.text()
+
+    async def _run_pod(self, pod: Mapping[str, Any]) -> None:
+        image = pod["spec"]["containers"][0]["image"]
+        if self.mode == "unschedulable":
+            await self._event(
+                pod, "FailedScheduling", "0/3 nodes are available: 3 Insufficient memory.", "Warning"
+            )
+            return
+        await self._event(
+            pod, "Scheduled", f"Successfully assigned {self.namespace}/{pod['metadata']['name']} to node-1"
+        )
+        await self._event(pod, "Pulling", f'Pulling image "{image}"')
+        if self.mode == "errimagepull":
+            await self._event(pod, "Failed", f'Failed to pull image "{image}": {image} not found', "Warning")
+            await self._event(pod, "Failed", "Error: ErrImagePull", "Warning")
+            await self._patch(
+                pod,
+                {
+                    "phase": "Pending",
+                    "containerStatuses": [
+                        {
+                            "name": "notebook",
+                            "image": image,
+                            "imageID": "",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {"waiting": {"reason": "ErrImagePull", "message": f"{image} not found"}},
+                        }
+                    ],
+                },
+            )
+            return
+        await self._event(pod, "Pulled", f'Successfully pulled image "{image}"')
+        await self._event(pod, "Started", "Started container notebook")
+        await self._patch(
+            pod,
+            {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "containerStatuses": [
+                    {
+                        "name": "notebook",
+                        "image": image,
+                        "imageID": f"{image}@sha256:{'0' * 64}",
+                        "ready": True,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": _now()}},
+                    }
+                ],
+            },
+        )
+
+    async def run(self) -> None:
+        while True:
+            async with self.server.client.get(f"/api/v1/namespaces/{self.namespace}/pods") as response:
+                listing = await response.json() if response.status == 200 else {"items": []}
+            for pod in listing.get("items", []):
+                uid = pod["metadata"]["uid"]
+                if uid not in self.seen:
+                    self.seen.add(uid)
+                    self.pods.append(pod)
+                    await self._run_pod(pod)
+            await asyncio.sleep(0.05)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[FakeKubelet]:
+        task = asyncio.create_task(self.run())
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def stored(
+    emulator: kmock.KubernetesEmulator, plural: str, namespace: str = "test"
+) -> dict[str, dict[str, Any]]:
+    """Live objects of one resource in the emulator, by name."""
+    found = {}
+    for (resource, ns, name), obj in emulator.objects.items():
+        if resource.plural == plural and ns == namespace and not obj.deleted:
+            found[name] = obj.raw
+    return found
