@@ -1,7 +1,7 @@
 """Test support for CASASpawner: a fake user, a kmock-based Kubernetes emulator and a fake kubelet.
 
 The emulator is kmock 0.8's ``KubernetesEmulator`` with the four gaps the real KubeSpawner trips over filled
-in (see the JupyterHub stack reference, §7.3–7.4): ``watch=True`` spelling, namespace defaulting, uid and
+in (see the JupyterHub stack reference, sections 7.3 and 7.4): ``watch=True`` spelling, namespace defaulting, uid and
 resourceVersion bookkeeping, and a Pending status on new pods.
 """
 
