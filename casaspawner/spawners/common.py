@@ -709,10 +709,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             blocked = await self.release_block_message(plan.release)
             if blocked:
                 raise spawn_error(blocked, reason="release-blocked")
+            self.apply_plan(plan)
         except CasaspawnerError as exc:
             raise spawn_error(str(exc), reason=type(exc).__name__) from None
         self.session_plan = plan
-        self.apply_plan(plan)
         self.user_options = {**options, **self.options_summary(plan)}
         self._plan_for = dict(self.user_options)
         orm_spawner = getattr(self, "orm_spawner", None)

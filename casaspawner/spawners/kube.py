@@ -73,6 +73,15 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         """,
     ).tag(config=True)
 
+    pod_security_level = Unicode(
+        "restricted",
+        help="""
+        Pod Security Standard level session pods must meet: ``restricted`` (default; storage and measures
+        volumes may only be ``persistentVolumeClaim`` or ``csi``), ``baseline`` (also inline ``cephfs`` and
+        ``nfs``) or ``privileged`` (also ``hostPath``). The pod itself is always hardened to *restricted*.
+        """,
+    ).tag(config=True)
+
     unschedulable_is_fatal = Bool(
         True,
         help="""
@@ -135,6 +144,7 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             token_secret_name=self.token_secret_name,
             token_mount_dir=self.token_mount_dir,
             command=tuple(self.cmd or ["jupyterhub-singleuser"]),
+            security_level=self.pod_security_level,
         )
 
     def apply_plan(self, plan: SessionPlan) -> None:

@@ -16,10 +16,16 @@ from typing import Any
 from casaspawner.errors import InvalidInput
 from casaspawner.plan import Identity, Mount, SessionPlan
 
-#: Volume sources the Cavern storage may use. Inline ``cephfs``, ``nfs`` and ``hostPath`` work but are not
-#: allowed by the *restricted* Pod Security Standard; expose such storage through a PersistentVolume and
-#: claim (``persistentVolumeClaim``) or a CSI driver (``csi``) in namespaces that enforce it.
+#: Volume sources the Cavern storage may use. Inline ``cephfs``, ``nfs`` and ``hostPath`` are not allowed by
+#: the *restricted* Pod Security Standard (``hostPath`` not even by *baseline*): expose such storage through a
+#: PersistentVolume and claim (``persistentVolumeClaim``) or a CSI driver (``csi``), or lower the level.
 STORAGE_KINDS = ("persistentVolumeClaim", "csi", "cephfs", "nfs", "hostPath")
+#: Pod Security Standard level → the storage volume kinds a pod of that level may use.
+LEVEL_KINDS: dict[str, frozenset[str]] = {
+    "restricted": frozenset({"persistentVolumeClaim", "csi"}),
+    "baseline": frozenset({"persistentVolumeClaim", "csi", "cephfs", "nfs"}),
+    "privileged": frozenset(STORAGE_KINDS),
+}
 #: Volume types the restricted Pod Security Standard allows.
 RESTRICTED_VOLUME_TYPES = frozenset(
     {
@@ -54,17 +60,23 @@ class PodSettings:
     token_secret_name: str | None = None  # None: no token, no Secret, no volume
     token_mount_dir: str = "/var/run/secrets/casaspawner"  # noqa: S105 - a directory
     command: tuple[str, ...] = ("jupyterhub-singleuser",)
+    security_level: str = "restricted"
 
 
-def volume_source(
-    raw: Mapping[str, Any], what: str, kinds: tuple[str, ...] = STORAGE_KINDS
-) -> dict[str, Any]:
-    """A copy of a Kubernetes volume source with exactly one of ``kinds``; ``InvalidInput`` otherwise."""
-    if not isinstance(raw, Mapping) or len(raw) != 1 or next(iter(raw)) not in kinds:
+def volume_source(raw: Mapping[str, Any], what: str, level: str = "restricted") -> dict[str, Any]:
+    """A copy of a Kubernetes volume source of one allowed kind at Pod Security ``level``; else ``InvalidInput``."""
+    if level not in LEVEL_KINDS:
+        raise InvalidInput(f"{level!r} is not a Pod Security Standard level; use {', '.join(LEVEL_KINDS)}.")
+    if not isinstance(raw, Mapping) or len(raw) != 1 or next(iter(raw)) not in STORAGE_KINDS:
         raise InvalidInput(
-            f"The {what} volume must be exactly one of {', '.join(kinds)} (a Kubernetes volume source)."
+            f"The {what} volume must be exactly one of {', '.join(STORAGE_KINDS)} (a Kubernetes volume source)."
         )
     kind, spec = next(iter(raw.items()))
+    if kind not in LEVEL_KINDS[level]:
+        raise InvalidInput(
+            f"The {what} volume is an inline {kind} volume, which the {level} Pod Security Standard forbids; "
+            "use a PersistentVolumeClaim or a CSI driver, or lower CASASpawner.pod_security_level."
+        )
     if not isinstance(spec, Mapping):
         raise InvalidInput(f"The {what} volume's {kind} settings must be a mapping.")
     return {kind: copy.deepcopy(dict(spec))}
@@ -128,7 +140,7 @@ def _add_mount(
     if mount.kind == "storage":
         volumes[STORAGE_VOLUME] = {
             "name": STORAGE_VOLUME,
-            **volume_source(settings.storage_volume, "storage"),
+            **volume_source(settings.storage_volume, "storage", settings.security_level),
         }
         entry: dict[str, Any] = {"name": STORAGE_VOLUME, "mountPath": mount.path}
         if mount.sub_path:
@@ -137,7 +149,10 @@ def _add_mount(
         volumes[key] = {"name": key, "emptyDir": {"sizeLimit": settings.scratch_size_limit}}
         entry = {"name": key, "mountPath": mount.path}
     else:
-        volumes[key] = {"name": key, **volume_source(settings.measures_volume, "measures data")}
+        volumes[key] = {
+            "name": key,
+            **volume_source(settings.measures_volume, "measures data", settings.security_level),
+        }
         entry = {"name": key, "mountPath": mount.path}
     if mount.read_only:
         entry["readOnly"] = True
