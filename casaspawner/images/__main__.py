@@ -1,0 +1,7 @@
+"""``python -m casaspawner.images ACTION ...`` = ``casaspawner images ACTION ...``."""
+
+import sys
+
+from casaspawner.images.cli import main
+
+sys.exit(main())

@@ -1,0 +1,319 @@
+"""``casaspawner images list|build|test|prepuller``: the image set, generated from the release catalog."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from casaspawner.catalog.model import Catalog, load_catalog
+from casaspawner.errors import CasaspawnerError
+from casaspawner.images import engine, smoke
+from casaspawner.images.matrix import (
+    DEFAULT_BASE_IMAGE,
+    DEFAULT_PYTHON,
+    ImageBuildError,
+    MatrixOptions,
+    Recipe,
+    build_matrix,
+    parse_checksums,
+    prepuller_values,
+    select_releases,
+)
+from casaspawner.plan import PlanConfig
+
+LOCAL_BASE = "local"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``images`` (with list, build, test, prepuller) to the ``casaspawner`` command line."""
+    images = subparsers.add_parser("images", help="list, build and smoke-test the session and CASA images")
+    sub = images.add_subparsers(
+        dest="images_command", required=True, metavar="ACTION", parser_class=type(images)
+    )
+
+    p = sub.add_parser("list", help="print the build matrix: one image per available release")
+    _matrix_options(p)
+    p.add_argument("--releases", nargs="+", metavar="ID", help="only these catalog ids")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("build", help="build the session image and CASA images (reusing unchanged ones)")
+    _matrix_options(p)
+    _tool_options(p)
+    p.add_argument("--release", action="append", metavar="ID", help="build this release's image (repeatable)")
+    p.add_argument("--session", action="store_true", help="build the session image (implied by --release)")
+    p.add_argument("--all", action="store_true", help="build every buildable release in the catalog")
+    p.add_argument("--force", action="store_true", help="rebuild even when the input hash is unchanged")
+    p.add_argument("--sha256", metavar="HEX", help="SHA-256 of the tarball of the one --release given")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("test", help="smoke-test built images as a pod runs them (uid 54321, read-only root)")
+    _matrix_options(p)
+    _tool_options(p)
+    p.add_argument("--release", action="append", metavar="ID", help="test this release's image (repeatable)")
+    p.add_argument("--session", action="store_true", help="test the session image")
+    p.add_argument(
+        "--measures", type=Path, metavar="DIR", help="casarundata (or casadata __data__) to mount read-only"
+    )
+    p.add_argument("--json", action="store_true", help="print the observations as JSON")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("prepuller", help="print a z2jh prePuller.extraImages snippet for the given releases")
+    _matrix_options(p)
+    p.add_argument(
+        "--releases", nargs="+", metavar="ID", help="releases the hub offers (default: all available)"
+    )
+    p.set_defaults(func=cmd_prepuller)
+
+
+def _matrix_options(p: argparse.ArgumentParser) -> None:
+    default = PlanConfig()
+    p.add_argument(
+        "--registry",
+        default=os.environ.get("CASASPAWNER_IMAGE_REGISTRY", default.image_registry),
+        help="image registry (default: %(default)s; env CASASPAWNER_IMAGE_REGISTRY)",
+    )
+    p.add_argument(
+        "--image-template",
+        default=default.image_template,
+        help="image reference template (default: %(default)s)",
+    )
+    p.add_argument(
+        "--session-tag", default=MatrixOptions().session_tag, help="session image tag (default: %(default)s)"
+    )
+    p.add_argument(
+        "--base",
+        default=DEFAULT_BASE_IMAGE,
+        help=f"base image of the session layer, or '{LOCAL_BASE}' to make a Debian base with mmdebstrap from "
+        "this host's apt mirror (default: %(default)s)",
+    )
+    p.add_argument("--suite", default="bookworm", help="Debian suite of a local base (default: %(default)s)")
+    p.add_argument(
+        "--python",
+        default=DEFAULT_PYTHON,
+        help="Python of the base, used for modular CASA (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tarball-mirror", metavar="URL", help="fetch monolithic tarballs from this directory URL"
+    )
+    p.add_argument(
+        "--checksums", type=Path, metavar="FILE", help="SHA-256 sums of tarballs (sha256sum format)"
+    )
+    p.add_argument("--catalog", metavar="FILE", help="use this catalog file instead of the bundled one")
+
+
+def _tool_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="auto", choices=("auto", "buildah", "docker"), help="image builder")
+    p.add_argument(
+        "--ca-bundle",
+        default="auto",
+        metavar="PATH",
+        help="CA bundle mounted into builds for pip/downloads: a file, 'auto' ($SSL_CERT_FILE or the system "
+        "bundle) or 'none' (default: %(default)s)",
+    )
+    p.add_argument(
+        "--isolation",
+        default="auto",
+        help="buildah isolation: auto (OCI if it works, else chroot), oci, chroot",
+    )
+    p.add_argument(
+        "--runtime-flags",
+        default="auto",
+        help="extra `podman run` flags, e.g. '--runtime runc --cgroup-manager cgroupfs'; auto tries without "
+        "first; none never adds any (default: %(default)s)",
+    )
+    p.add_argument(
+        "--containers-conf",
+        default="auto",
+        metavar="PATH",
+        help="containers.conf for podman/buildah; auto writes one without default ulimits only when the host "
+        "refuses them (default: %(default)s)",
+    )
+
+
+def _catalog(args: argparse.Namespace) -> Catalog:
+    return load_catalog(args.catalog) if args.catalog else load_catalog()
+
+
+def _options(args: argparse.Namespace, base: str | None = None) -> MatrixOptions:
+    checksums: dict[str, str] = {}
+    if args.checksums:
+        try:
+            checksums = parse_checksums(args.checksums.read_text())
+        except OSError as exc:
+            raise ImageBuildError(
+                f"cannot read the checksum file {args.checksums}: {exc.strerror}."
+            ) from None
+    shown_base = base or (
+        "localhost/casaspawner-base:<made by mmdebstrap>" if args.base == LOCAL_BASE else args.base
+    )
+    return MatrixOptions(
+        registry=args.registry,
+        image_template=args.image_template,
+        session_tag=args.session_tag,
+        base_image=shown_base,
+        python=args.python,
+        tarball_mirror=args.tarball_mirror,
+        checksums=checksums,
+    )
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    recipes = build_matrix(_catalog(args), _options(args), args.releases)
+    if args.json:
+        print(json.dumps([r.to_json() for r in recipes], indent=2))
+        return 0
+    width = max(len(r.name) for r in recipes)
+    for r in recipes:
+        state = "" if r.buildable else f"  (not buildable: {r.problem})"
+        print(f"{r.name.ljust(width)}  {r.kind.ljust(10)}  {r.image}{state}")
+    return 0
+
+
+def cmd_prepuller(args: argparse.Namespace) -> int:
+    releases = select_releases(_catalog(args), args.releases)
+    values = prepuller_values(releases, _options(args).plan_config)
+    print(yaml.safe_dump(values, sort_keys=False), end="")
+    return 0
+
+
+def _tools(args: argparse.Namespace, probe_image: str | None = None) -> engine.Tools:
+    return engine.detect_tools(
+        builder=args.engine,
+        runtime_flags=args.runtime_flags,
+        containers_conf=args.containers_conf,
+        isolation=args.isolation,
+        ca_bundle=args.ca_bundle,
+        probe_image=probe_image,
+    )
+
+
+def _selected(args: argparse.Namespace, recipes: list[Recipe]) -> list[Recipe]:
+    if getattr(args, "all", False):
+        return recipes
+    wanted = set(args.release or [])
+    chosen = [r for r in recipes[1:] if r.name in wanted]
+    if args.session or chosen:
+        chosen.insert(0, recipes[0])
+    if not chosen:
+        raise ImageBuildError("name what to build or test: --session, --release ID or --all.")
+    return chosen
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if args.sha256 and len(args.release or []) != 1:
+        raise ImageBuildError("--sha256 needs exactly one --release.")
+    tools = _tools(args)
+    base = engine.local_base(tools, args.suite) if args.base == LOCAL_BASE else args.base
+    if tools.image_id(base):
+        tools = _tools(args, probe_image=base)
+    options = _options(args, base)
+    catalog = _catalog(args)
+    if args.sha256:
+        release = catalog.get(args.release[0])
+        if release.tarball is None:
+            raise ImageBuildError(f"{release.label} has no tarball, so --sha256 does not apply.")
+        options = MatrixOptions(
+            **{**options.__dict__, "checksums": {release.tarball.name: args.sha256.lower()}}
+        )
+    recipes = build_matrix(catalog, options, None if args.all else args.release)
+    selected = _selected(args, recipes)
+    if args.all:
+        selected = [r for r in selected if r.buildable]
+    for recipe in selected:
+        print(f"building {recipe.image} ({recipe.kind}) ...", flush=True)
+        result = engine.build(tools, recipe, force=args.force)
+        verb = "up to date" if result.reused else f"built in {result.seconds:.0f} s"
+        print(f"{recipe.image}: {verb} [input {result.input_hash[:12]}]", flush=True)
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    options = _options(args)
+    recipes = _selected(args, build_matrix(_catalog(args), options, args.release))
+    tools = _tools(args, probe_image=recipes[0].image)
+    report: dict[str, dict[str, object]] = {}
+    failed = False
+    for recipe in recipes:
+        if tools.image_id(recipe.image) is None:
+            raise ImageBuildError(f"{recipe.image} is not built; run `casaspawner images build` first.")
+        observed, problems = check_image(tools, recipe, args.measures)
+        report[recipe.image] = {"observed": observed, "problems": problems}
+        failed = failed or bool(problems)
+        if not args.json:
+            print(f"{recipe.image}: {'FAIL' if problems else 'ok'}")
+            for problem in problems:
+                print(f"  - {problem}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 1 if failed else 0
+
+
+def check_image(
+    tools: engine.Tools, recipe: Recipe, measures: Path | None
+) -> tuple[dict[str, object], list[str]]:
+    """Run every smoke check that applies to ``recipe``; return observations and problems found."""
+    session = smoke.Session(home=smoke.home_dir(), measures=measures)
+    observed: dict[str, object] = {}
+    problems: list[str] = []
+    observed["world_writable"] = ww = smoke.world_writable(tools, recipe.image)
+    if ww:
+        problems.append(f"world-writable outside /tmp: {', '.join(ww[:5])}")
+    observed["identity"] = ident = smoke.identity(tools, recipe.image, session)
+    if ident.get("user") != "smoke" or ident.get("home") != smoke.HOME:
+        problems.append(f"uid {session.uid} got no passwd entry or HOME: {ident}")
+    xstartup = PlanConfig().desktop_xstartup
+    observed["desktop"] = desk = smoke.desktop_tools(tools, recipe.image, session, xstartup)
+    if not desk["vncserver"]:
+        problems.append("vncserver is missing")
+    if not desk["xstartup"]:
+        problems.append(f"the desktop start script {xstartup} is missing")
+    observed["vnc"] = greeting = smoke.vnc_greeting(tools, recipe.image, session)
+    if not greeting.startswith("RFB "):
+        problems.append(f"TigerVNC did not answer on its Unix socket: {greeting[-300:]}")
+    specs = smoke.kernelspecs(tools, recipe.image, session)
+    with smoke.jupyter_server(tools, recipe.image, session) as (url, token):
+        observed["jupyter"] = smoke.get_json(f"{url}/api/status", token)
+        observed["desktop_page"] = smoke.get_status(f"{url}/desktop/", token)
+    if observed["desktop_page"] != 200:
+        problems.append(f"/desktop/ answered {observed['desktop_page']}")
+    if recipe.release is not None:
+        release = recipe.release
+        names = {spec["spec"]["display_name"]: name for name, spec in specs.items()}
+        observed["kernels"] = sorted(names)
+        kernel = names.get(release.kernel_name)
+        if kernel is None:
+            problems.append(f"no kernel named {release.kernel_name!r} (found {sorted(names)})")
+        elif measures is None:
+            problems.append("no --measures given, so the CASA kernel was not run")
+        else:
+            reply = smoke.run_kernel(tools, recipe.image, session, kernel, smoke.CASA_CODE)
+            observed["kernel_run"] = reply
+            if reply["status"] != "ok" or f"casatools {release.casa}" not in reply["output"]:
+                problems.append(f"the CASA kernel failed: {reply['output'][-300:]}")
+        observed["casa_env"] = env = smoke.casa_environment(tools, recipe.image, session)
+        if not env["version"]:
+            problems.append(f"CASASPAWNER_CASA_PYTHON {env['python']!r} does not run")
+    return observed, problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from casaspawner.cli import _Parser
+
+    parser = _Parser(prog="casaspawner")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    register(subparsers)
+    args = parser.parse_args(["images", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except CasaspawnerError as exc:
+        print(f"casaspawner: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

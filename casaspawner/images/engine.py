@@ -1,0 +1,403 @@
+"""Container tools: find a builder (buildah or docker) and a runner (podman or docker), work out the runtime
+options this host needs, make a local Debian base with mmdebstrap, and build recipes with input-hash reuse.
+
+Every host-specific workaround (a containers.conf without default ulimits, ``--runtime runc
+--cgroup-manager cgroupfs``, chroot isolation, a CA bundle mount) is detected by trying the plain way first,
+and each can be forced from the command line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from casaspawner.images.matrix import INPUT_HASH_LABEL, ImageBuildError, Recipe, input_hash
+
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "casaspawner" / "images"
+CA_TARGET = "/etc/casaspawner-build-ca.pem"
+RUNTIME_FLAGS = ("--runtime", "runc", "--cgroup-manager", "cgroupfs")
+Builder = Literal["buildah", "docker"]
+
+
+def recipes_dir() -> Path:
+    """The ``images/`` directory of the checkout this package runs from."""
+    return Path(__file__).resolve().parents[2] / "images"
+
+
+def desktop_dir() -> Path:
+    """``casaspawner/desktop``: the desktop start script and menu entries installed in the session image."""
+    return Path(__file__).resolve().parents[1] / "desktop"
+
+
+@dataclass
+class Tools:
+    """The container tools this host has and the options they need here."""
+
+    builder: Builder
+    runner: str  # "podman" or "docker"
+    env: dict[str, str] = field(default_factory=dict)  # e.g. CONTAINERS_CONF
+    run_flags: tuple[str, ...] = ()  # global flags for `podman run`
+    isolation: str | None = None  # buildah --isolation
+    ca_bundle: Path | None = None
+    log_dir: Path = CACHE_DIR / "logs"
+
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float | None = None, capture: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **self.env}
+        result = subprocess.run(list(argv), env=env, capture_output=capture, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise ImageBuildError(f"`{' '.join(argv[:3])} …` failed: {_last_line(result.stderr)}.")
+        return result
+
+    # ------------------------------------------------------------------------------------------- images
+
+    def image_id(self, reference: str) -> str | None:
+        result = self.run([self.runner, "image", "inspect", "--format", "{{.Id}}", reference], check=False)
+        return result.stdout.strip() or None if result.returncode == 0 else None
+
+    def image_labels(self, reference: str) -> dict[str, str]:
+        result = self.run([self.runner, "image", "inspect", reference], check=False)
+        if result.returncode != 0:
+            return {}
+        data = json.loads(result.stdout)[0]
+        labels = data.get("Labels") or data.get("Config", {}).get("Labels") or {}
+        return {str(k): str(v) for k, v in labels.items()}
+
+    def image_size(self, reference: str) -> int:
+        result = self.run([self.runner, "image", "inspect", "--format", "{{.Size}}", reference])
+        return int(result.stdout.strip())
+
+    def container_flags(self) -> list[str]:
+        """Flags every `podman run`/`kube play` needs on this host."""
+        return list(self.run_flags)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("casaspawner:"):
+            return line.removeprefix("casaspawner:").strip().rstrip(".")
+    return (lines[-1] if lines else "no output").rstrip(".")
+
+
+def detect_tools(
+    builder: str = "auto",
+    runtime_flags: str = "auto",
+    containers_conf: str = "auto",
+    isolation: str = "auto",
+    ca_bundle: str = "auto",
+    probe_image: str | None = None,
+) -> Tools:
+    """Pick the builder and runner, and (with ``probe_image``) the runtime options that make `run` work."""
+    if builder == "auto":
+        if shutil.which("buildah"):
+            builder = "buildah"
+        elif shutil.which("docker") and _docker_works():
+            builder = "docker"
+        else:
+            raise ImageBuildError(
+                "neither buildah nor a working docker is installed; `make deps` installs buildah."
+            )
+    if builder not in ("buildah", "docker") or not shutil.which(builder):
+        raise ImageBuildError(f"the image builder {builder!r} is not available; use buildah or docker.")
+    runner = "podman" if builder == "buildah" else "docker"
+    if not shutil.which(runner):
+        raise ImageBuildError(f"{runner} is needed next to {builder} to run and inspect images.")
+    tools = Tools(builder=builder, runner=runner)  # type: ignore[arg-type]
+    tools.ca_bundle = _ca_bundle(ca_bundle)
+    if containers_conf not in ("auto", "none"):
+        tools.env["CONTAINERS_CONF"] = str(Path(containers_conf).resolve())
+    if runtime_flags not in ("auto", "none"):
+        tools.run_flags = tuple(runtime_flags.split())
+    if builder == "buildah":
+        tools.isolation = None if isolation in ("auto", "default") else isolation
+    if probe_image and runner == "podman":
+        _probe_runtime(tools, probe_image, runtime_flags == "auto", containers_conf == "auto")
+        if isolation == "auto":
+            tools.isolation = _probe_isolation(tools, probe_image)
+    elif isolation == "auto" and builder == "buildah":
+        tools.isolation = "chroot"
+    return tools
+
+
+def _docker_works() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+def _ca_bundle(choice: str) -> Path | None:
+    if choice == "none":
+        return None
+    if choice != "auto":
+        path = Path(choice)
+        if not path.is_file():
+            raise ImageBuildError(f"the CA bundle {choice} is not a file.")
+        return path.resolve()
+    for candidate in (os.environ.get("SSL_CERT_FILE"), "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).resolve()
+    return None
+
+
+def _write_containers_conf() -> Path:
+    path = CACHE_DIR / "containers.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# Written by casaspawner images: this host refuses the default ulimits podman sets on containers.\n"
+        "[containers]\ndefault_ulimits = []\n"
+    )
+    return path
+
+
+def _probe_runtime(tools: Tools, image: str, try_flags: bool, try_conf: bool) -> None:
+    """Try `podman run IMAGE true` the plain way, then with each workaround, keeping the first that works."""
+    attempts: list[tuple[dict[str, str], tuple[str, ...]]] = [(dict(tools.env), tools.run_flags)]
+    if try_conf:
+        conf = {**tools.env, "CONTAINERS_CONF": str(_write_containers_conf())}
+        attempts.append((conf, tools.run_flags))
+    if try_flags:
+        attempts += [(env, RUNTIME_FLAGS) for env, _ in list(attempts)]
+    error = ""
+    for env, flags in attempts:
+        trial = Tools(tools.builder, tools.runner, env=env, run_flags=flags)
+        result = trial.run(["podman", "run", "--rm", *flags, "--network", "none", image, "true"], check=False)
+        if result.returncode == 0:
+            tools.env, tools.run_flags = env, flags
+            return
+        error = _last_line(result.stderr)
+    raise ImageBuildError(f"podman cannot run containers on this host ({error}).")
+
+
+def _probe_isolation(tools: Tools, image: str) -> str:
+    """buildah's default (OCI) isolation when it works, else chroot."""
+    name = f"casaspawner-probe-{os.getpid()}"
+    result = tools.run(["buildah", "from", "--name", name, image], check=False)
+    if result.returncode != 0:
+        return "chroot"
+    try:
+        ok = tools.run(["buildah", "run", "--isolation", "oci", name, "true"], check=False).returncode == 0
+    finally:
+        tools.run(["buildah", "rm", name], check=False)
+    return "oci" if ok else "chroot"
+
+
+# --------------------------------------------------------------------------------------------- base image
+
+
+@dataclass(frozen=True)
+class AptSource:
+    uri: str
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+
+
+def parse_apt_sources(texts: Mapping[str, str]) -> list[AptSource]:
+    """Binary (``deb``) sources from deb822 ``*.sources`` and one-line ``*.list`` files, in file order."""
+    sources: list[AptSource] = []
+    for name, text in texts.items():
+        if name.endswith(".sources"):
+            for stanza in text.split("\n\n"):
+                fields: dict[str, str] = {}
+                for line in stanza.splitlines():
+                    if line.startswith("#") or ":" not in line or line[:1].isspace():
+                        continue
+                    key, _, value = line.partition(":")
+                    fields[key.strip().lower()] = value.strip()
+                if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes") == "no":
+                    continue
+                for uri in fields.get("uris", "").split():
+                    sources.append(
+                        AptSource(
+                            uri,
+                            tuple(fields.get("suites", "").split()),
+                            tuple(fields.get("components", "").split()),
+                        )
+                    )
+        else:
+            for line in text.splitlines():
+                words = line.split("#", 1)[0].split()
+                if len(words) >= 3 and words[0] == "deb":
+                    words = (
+                        [w for w in words[1:] if not w.startswith("[")]
+                        if "[" not in line
+                        else _strip_options(words[1:])
+                    )
+                    sources.append(AptSource(words[0], (words[1],), tuple(words[2:])))
+    return [s for s in sources if s.uri.startswith(("http://", "https://", "file:/"))]
+
+
+def _strip_options(words: list[str]) -> list[str]:
+    out, inside = [], False
+    for word in words:
+        if word.startswith("["):
+            inside = True
+        if not inside:
+            out.append(word)
+        if word.endswith("]"):
+            inside = False
+    return out
+
+
+def read_host_apt_sources(root: Path = Path("/etc/apt")) -> list[AptSource]:
+    files = sorted((root / "sources.list.d").glob("*.sources")) + sorted(
+        (root / "sources.list.d").glob("*.list")
+    )
+    if (root / "sources.list").is_file():
+        files.append(root / "sources.list")
+    return parse_apt_sources({str(p): p.read_text() for p in files})
+
+
+def mirror_lines(sources: Iterable[AptSource], suite: str) -> list[str]:
+    """mmdebstrap mirror lines for ``suite`` (+ ``-updates`` and ``-security``) from the host's sources."""
+    lines: list[str] = []
+    for source in sources:
+        for wanted in (suite, f"{suite}-updates", f"{suite}-security"):
+            if wanted in source.suites:
+                lines.append(f"deb {source.uri} {wanted} main")
+    if not any(line.split()[2] == suite for line in lines):
+        main = next((s for s in sources if not any(x.endswith("-security") for x in s.suites)), None)
+        if main is None:
+            raise ImageBuildError(
+                "no Debian mirror is configured in /etc/apt/sources.list.d; give --base IMAGE."
+            )
+        lines.insert(0, f"deb {main.uri} {suite} main")
+    return list(dict.fromkeys(lines))
+
+
+def local_base(tools: Tools, suite: str = "bookworm", max_age_days: int = 7, log: bool = True) -> str:
+    """A minbase Debian image made with mmdebstrap from the host's mirror, cached by mirror and date."""
+    if not shutil.which("mmdebstrap"):
+        raise ImageBuildError("mmdebstrap is not installed; `make deps` installs it, or give --base IMAGE.")
+    lines = mirror_lines(read_host_apt_sources(), suite)
+    key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
+    base_dir = CACHE_DIR / "base"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    fresh = [
+        p
+        for p in sorted(base_dir.glob(f"{suite}-*-{key}.tar"), reverse=True)
+        if (today - dt.datetime.strptime(p.name.split("-")[1], "%Y%m%d").date()).days < max_age_days
+    ]
+    if fresh:
+        tarball = fresh[0]
+    else:
+        tarball = base_dir / f"{suite}-{today:%Y%m%d}-{key}.tar"
+        if log:
+            print(
+                f"making a {suite} base with mmdebstrap from {len(lines)} mirror line(s) -> {tarball}",
+                flush=True,
+            )
+        partial = tarball.with_suffix(".partial.tar")
+        result = tools.run(
+            ["mmdebstrap", "--variant=minbase", "--quiet", suite, str(partial), *lines], check=False
+        )
+        if result.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise ImageBuildError(f"mmdebstrap could not make a {suite} base: {_last_line(result.stderr)}.")
+        partial.rename(tarball)
+        for old in base_dir.glob(f"{suite}-*-{key}.tar"):
+            if old != tarball:
+                old.unlink()
+    reference = f"localhost/casaspawner-base:{tarball.stem}"
+    if tools.image_id(reference) is None:
+        tools.run([tools.runner, "import", str(tarball), reference])
+    return reference
+
+
+# ------------------------------------------------------------------------------------------------- build
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    recipe: Recipe
+    image_id: str
+    input_hash: str
+    reused: bool
+    seconds: float
+    log: Path | None
+
+
+def assemble_context(recipe: Recipe, recipes: Path, into: Path) -> dict[str, bytes]:
+    """Copy the recipe directory (plus the desktop files for the session) into ``into``; return its files."""
+    source = recipes / recipe.context
+    if not (source / recipe.containerfile).is_file():
+        raise ImageBuildError(f"the recipe {source / recipe.containerfile} does not exist.")
+    shutil.copytree(source, into, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if recipe.kind == "session":
+        desktop = into / "desktop"
+        desktop.mkdir(exist_ok=True)
+        if desktop_dir().is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.log")  # CASA drops logs in the cwd
+            shutil.copytree(desktop_dir(), desktop, dirs_exist_ok=True, ignore=ignore)
+    return {str(p.relative_to(into)): p.read_bytes() for p in sorted(into.rglob("*")) if p.is_file()}
+
+
+def parent_reference(recipe: Recipe) -> str:
+    return recipe.build_args.get("SESSION_IMAGE") or recipe.build_args["BASE_IMAGE"]
+
+
+def build(tools: Tools, recipe: Recipe, recipes: Path | None = None, force: bool = False) -> BuildResult:
+    """Build one recipe, or reuse the existing image when its input hash is unchanged."""
+    import time
+
+    if recipe.problem:
+        raise ImageBuildError(f"{recipe.name} cannot be built: {recipe.problem}.")
+    recipes = recipes or recipes_dir()
+    parent = parent_reference(recipe)
+    parent_id = tools.image_id(parent)
+    if parent_id is None and recipe.kind != "session":
+        raise ImageBuildError(f"the session image {parent} is not built yet; build it first (--session).")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"casaspawner-{recipe.name}-") as tmp:
+        context = Path(tmp)
+        files = assemble_context(recipe, recipes, context)
+        digest = input_hash(recipe, files, parent_id or parent)
+        if not force and tools.image_labels(recipe.image).get(INPUT_HASH_LABEL) == digest:
+            image_id = tools.image_id(recipe.image) or ""
+            return BuildResult(recipe, image_id, digest, True, time.monotonic() - started, None)
+        tools.log_dir.mkdir(parents=True, exist_ok=True)
+        log = tools.log_dir / f"{recipe.name}.log"
+        argv = build_command(tools, recipe, context, digest)
+        with log.open("w") as out:
+            out.write("$ " + " ".join(argv) + "\n")
+            out.flush()
+            result = subprocess.run(
+                argv, env={**os.environ, **tools.env}, stdout=out, stderr=subprocess.STDOUT
+            )
+        if result.returncode != 0:
+            raise ImageBuildError(
+                f"building {recipe.image} failed: {_last_line(log.read_text(errors='replace'))} (log: {log})."
+            )
+    image_id = tools.image_id(recipe.image) or ""
+    return BuildResult(recipe, image_id, digest, False, time.monotonic() - started, log)
+
+
+def build_command(tools: Tools, recipe: Recipe, context: Path, digest: str) -> list[str]:
+    args = dict(recipe.build_args)
+    labels = {**recipe.labels, INPUT_HASH_LABEL: digest}
+    containerfile = str(context / recipe.containerfile)
+    if tools.builder == "buildah":
+        argv = ["buildah", "bud", "--layers", "-f", containerfile, "-t", recipe.image]
+        if tools.isolation:
+            argv += ["--isolation", tools.isolation]
+        if tools.ca_bundle:
+            argv += ["-v", f"{tools.ca_bundle}:{CA_TARGET}:ro"]
+            args |= {"PIP_CERT": CA_TARGET, "SSL_CERT_FILE": CA_TARGET}
+    else:
+        if tools.ca_bundle:
+            raise ImageBuildError("docker build cannot mount a CA bundle; use buildah or --ca-bundle none.")
+        argv = ["docker", "build", "-f", containerfile, "-t", recipe.image]
+    for key, value in args.items():
+        argv += ["--build-arg", f"{key}={value}"]
+    for key, value in labels.items():
+        argv += ["--label", f"{key}={value}"]
+    return [*argv, str(context)]

@@ -1,0 +1,252 @@
+"""The image build matrix: which image each catalog release becomes, with which recipe and build arguments.
+
+Pure: no I/O. Tags come from ``casaspawner.plan.image_for``, the same function the spawner uses, so the
+image a session asks for is the image this matrix builds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from casaspawner import __version__
+from casaspawner.catalog.model import Catalog, Release
+from casaspawner.errors import CasaspawnerError
+from casaspawner.plan import PlanConfig, image_for
+
+RecipeKind = Literal["session", "modular", "monolithic"]
+LABEL_PREFIX = "io.casaspawner"
+INPUT_HASH_LABEL = f"{LABEL_PREFIX}.input-hash"
+DEFAULT_BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
+DEFAULT_PYTHON = "3.11"  # Debian bookworm's python3
+MEASURES_MOUNT = "/opt/casa/measures"
+#: Build arguments that only carry the build host's CA bundle; they never change what is built.
+TRANSIENT_ARGS = frozenset({"PIP_CERT", "SSL_CERT_FILE"})
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ImageBuildError(CasaspawnerError):
+    """An image cannot be planned, built or tested; the message is one sentence for the operator."""
+
+
+@dataclass(frozen=True)
+class MatrixOptions:
+    """Operator choices that shape the matrix (CLI flags of ``casaspawner images``)."""
+
+    registry: str = PlanConfig().image_registry
+    image_template: str = PlanConfig().image_template
+    session_tag: str = __version__
+    base_image: str = DEFAULT_BASE_IMAGE
+    python: str = DEFAULT_PYTHON
+    tarball_mirror: str | None = None
+    checksums: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig(image_registry=self.registry, image_template=self.image_template)
+
+    @property
+    def session_image(self) -> str:
+        return f"{self.registry.rstrip('/')}/session:{self.session_tag}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One image to build: recipe files, build arguments, labels and the reference it is tagged with."""
+
+    name: str  # "session" or the release id
+    kind: RecipeKind
+    context: str  # recipe directory under images/: "session" or "casa"
+    containerfile: str  # file name inside the context
+    image: str
+    build_args: Mapping[str, str]
+    labels: Mapping[str, str]
+    release: Release | None = None
+    problem: str | None = None  # why it cannot be built as configured (None: buildable)
+
+    @property
+    def buildable(self) -> bool:
+        return self.problem is None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "image": self.image,
+            "recipe": f"images/{self.context}/{self.containerfile}",
+            "build_args": dict(self.build_args),
+            "labels": dict(self.labels),
+            "buildable": self.buildable,
+            "problem": self.problem,
+        }
+
+
+def kernel_id(release: Release) -> str:
+    """Directory name of the release's kernelspec (``casa-6.6.5-31``)."""
+    return "casa-" + re.sub(r"[^a-z0-9._-]", "-", release.tag.lower())
+
+
+def casa_home(release: Release) -> str:
+    return f"/opt/casa/{release.tag}"
+
+
+def session_recipe(options: MatrixOptions) -> Recipe:
+    labels = {
+        "org.opencontainers.image.title": "casaspawner session",
+        "org.opencontainers.image.version": options.session_tag,
+        f"{LABEL_PREFIX}.role": "session",
+    }
+    return Recipe(
+        name="session",
+        kind="session",
+        context="session",
+        containerfile="Containerfile",
+        image=options.session_image,
+        build_args={"BASE_IMAGE": options.base_image},
+        labels=labels,
+    )
+
+
+def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
+    """The recipe for one release; ``problem`` says why it cannot be built (unpublished, no pin, ...)."""
+    image = image_for(release, options.plan_config)
+    args = {
+        "SESSION_IMAGE": options.session_image,
+        "CASA_RELEASE": release.id,
+        "CASA_TAG": release.tag,
+        "CASA_KERNEL_ID": kernel_id(release),
+        "CASA_KERNEL_NAME": release.kernel_name,
+    }
+    labels = {
+        "org.opencontainers.image.title": release.label,
+        "org.opencontainers.image.version": release.casa,
+        f"{LABEL_PREFIX}.role": "casa",
+        f"{LABEL_PREFIX}.release": release.id,
+        f"{LABEL_PREFIX}.casa": release.casa,
+        f"{LABEL_PREFIX}.pipeline": release.pipeline or "",
+        f"{LABEL_PREFIX}.packaging": release.packaging,
+        f"{LABEL_PREFIX}.kernel-name": release.kernel_name,
+        f"{LABEL_PREFIX}.measures": f"mounted read-only at {MEASURES_MOUNT} (CASA_MEASURES_PATH)",
+    }
+    common = {"name": release.id, "context": "casa", "image": image, "release": release}
+    if release.packaging == "monolithic":
+        assert release.tarball is not None
+        tarball = release.tarball
+        url = (
+            tarball.url
+            if not options.tarball_mirror
+            else options.tarball_mirror.rstrip("/") + "/" + tarball.name
+        )
+        sha256 = (tarball.sha256 or options.checksums.get(tarball.name) or "").lower()
+        python = f"{casa_home(release)}/lib/py/bin/python3" if release.casa_version.major >= 6 else ""
+        args |= {"CASA_TARBALL_URL": url, "CASA_TARBALL_SHA256": sha256, "CASA_PYTHON": python}
+        labels |= {f"{LABEL_PREFIX}.tarball": tarball.name, f"{LABEL_PREFIX}.tarball-sha256": sha256}
+        problem = None
+        if not _SHA256.fullmatch(sha256):
+            problem = (
+                f"no SHA-256 is pinned for {tarball.name}; give one with --checksums FILE (sha256sum format) "
+                "or --sha256"
+            )
+        return Recipe(kind="monolithic", containerfile="monolithic.Containerfile", build_args=args,
+                      labels=labels, problem=problem, **common)  # type: ignore[arg-type]  # fmt: skip
+    if release.packaging == "modular":
+        assert release.wheels is not None
+        requirements = " ".join(release.wheels.requirements())
+        args |= {"CASA_REQUIREMENTS": requirements, "PYTHON": f"python{options.python}"}
+        labels |= {f"{LABEL_PREFIX}.python": options.python, f"{LABEL_PREFIX}.wheels": requirements}
+        problem = None
+        if options.python not in release.wheels.python:
+            problem = (
+                f"casatools {release.wheels.casatools} has no wheel for Python {options.python} "
+                f"(only {', '.join(release.wheels.python)}); use a base image with one of those and --python"
+            )
+        return Recipe(kind="modular", containerfile="modular.Containerfile", build_args=args,
+                      labels=labels, problem=problem, **common)  # type: ignore[arg-type]  # fmt: skip
+    return Recipe(kind="monolithic", containerfile="monolithic.Containerfile", build_args=args, labels=labels,
+                  problem=f"{release.label} was never published; ALMA restores it with another release",
+                  **common)  # type: ignore[arg-type]  # fmt: skip
+
+
+def select_releases(catalog: Catalog, ids: Sequence[str] | None) -> list[Release]:
+    """The releases named (each must exist and have a public build), else every available one."""
+    if not ids:
+        return catalog.available()
+    chosen = []
+    for release_id in ids:
+        release = catalog.get(release_id)
+        if not release.available:
+            raise ImageBuildError(
+                f"{release.label} has no public build, so there is no image to make for it."
+            )
+        chosen.append(release)
+    return chosen
+
+
+def build_matrix(catalog: Catalog, options: MatrixOptions, ids: Sequence[str] | None = None) -> list[Recipe]:
+    """Session recipe first, then one recipe per selected release (catalog order)."""
+    return [session_recipe(options), *(release_recipe(r, options) for r in select_releases(catalog, ids))]
+
+
+def parse_checksums(text: str) -> dict[str, str]:
+    """Read ``sha256sum`` output (``<hex>  <file name>`` per line) into {file name: hex}."""
+    sums: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not _SHA256.fullmatch(parts[0].lower()):
+            raise ImageBuildError(f"line {number} of the checksum file is not '<sha256>  <file name>'.")
+        sums[parts[1].lstrip("*").rsplit("/", 1)[-1]] = parts[0].lower()
+    return sums
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """``registry/repo:tag`` → (``registry/repo``, ``tag``); a port in the registry is not a tag."""
+    if "@" in reference:
+        raise ImageBuildError(f"{reference!r} is pinned by digest; z2jh prePuller needs a name and a tag.")
+    slash = reference.rfind("/")
+    colon = reference.rfind(":")
+    if colon <= slash:
+        return reference, "latest"
+    return reference[:colon], reference[colon + 1 :]
+
+
+def prepuller_name(release: Release) -> str:
+    """A DNS-1123 label for the puller init container of this release (``casa-6-6-5-31``)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", release.tag.lower()).strip("-")
+    return f"casa-{slug}"[:63].rstrip("-")
+
+
+def prepuller_values(releases: Iterable[Release], config: PlanConfig) -> dict[str, object]:
+    """z2jh values: ``prePuller.extraImages`` for the given releases (images picked by a callable profile
+    list are invisible to the chart, so they are listed here)."""
+    images: dict[str, dict[str, str]] = {}
+    for release in releases:
+        name, tag = split_reference(image_for(release, config))
+        images[prepuller_name(release)] = {"name": name, "tag": tag}
+    return {"prePuller": {"extraImages": images}}
+
+
+def input_hash(recipe: Recipe, files: Mapping[str, bytes], parent_id: str) -> str:
+    """Hash of everything that determines an image: recipe files, build arguments, labels, parent image."""
+    digest = hashlib.sha256()
+
+    def feed(*parts: str | bytes) -> None:
+        for part in parts:
+            data = part.encode() if isinstance(part, str) else part
+            digest.update(len(data).to_bytes(8, "big"))
+            digest.update(data)
+
+    feed("casaspawner-image-v1", recipe.kind, recipe.containerfile, parent_id)
+    for path in sorted(files):
+        feed(path, files[path])
+    for key in sorted(recipe.build_args):
+        if key not in TRANSIENT_ARGS:
+            feed(key, recipe.build_args[key])
+    for key in sorted(recipe.labels):
+        feed(key, recipe.labels[key])
+    return digest.hexdigest()

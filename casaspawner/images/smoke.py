@@ -1,0 +1,254 @@
+"""Smoke tests for built images, run the way a Kubernetes pod runs them: an arbitrary uid with no passwd
+entry, a read-only root filesystem with only /tmp writable, HOME on a mounted directory and the measures
+data mounted read-only. Each check returns what it observed; callers (CLI, pytest) decide pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from casaspawner.images.engine import Tools
+from casaspawner.images.matrix import MEASURES_MOUNT, ImageBuildError
+
+HOME = "/arc/home/smoke"
+CASA_CODE = """
+import casatools
+print("casatools", casatools.version_string())
+me = casatools.measures()
+alma = me.observatory("ALMA")
+print("ALMA", alma["refer"], round(me.getvalue(alma)["m2"]["value"]))
+"""
+KERNEL_RUNNER = """
+import json, sys
+from jupyter_client.manager import start_new_kernel
+km, kc = start_new_kernel(kernel_name=sys.argv[1], startup_timeout=180)
+out = []
+def hook(msg):
+    content = msg["content"]
+    if msg["msg_type"] == "stream":
+        out.append(content["text"])
+    elif msg["msg_type"] == "error":
+        out.append("%s: %s" % (content["ename"], content["evalue"]))
+try:
+    reply = kc.execute_interactive(sys.argv[2], output_hook=hook, timeout=300)
+finally:
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+print(json.dumps({"status": reply["content"]["status"], "output": "".join(out)}))
+"""
+WORLD_WRITABLE = (
+    "find / -xdev \\( -path /proc -o -path /sys -o -path /dev -o -path /tmp \\) -prune "
+    "-o ! -type l -perm -o+w -print"
+)
+
+
+@dataclass
+class Session:
+    """How a smoke-test container runs: uid/gid, a host HOME directory and the measures directory."""
+
+    home: Path
+    measures: Path | None = None
+    uid: int = 54321
+    gid: int = 54321
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_argv(
+    tools: Tools, image: str, session: Session, *, detach: bool = False, name: str | None = None
+) -> list[str]:
+    """``podman run`` as a pod runs: uid without passwd entry, read-only root, tmpfs /tmp, mounted HOME."""
+    argv = [tools.runner, "run", *tools.container_flags(), "--network", "host"]
+    argv += ["-d"] if detach else ["--rm"]
+    if name:
+        argv += ["--name", name]
+    if tools.runner == "podman":
+        argv += ["--passwd=false"]
+    argv += ["--user", f"{session.uid}:{session.gid}", "--read-only", "--tmpfs", "/tmp:rw,mode=1777,exec"]  # noqa: S108 (the container's /tmp)
+    argv += ["-v", f"{session.home}:{HOME}", "-e", f"HOME={HOME}", "-e", "JUPYTERHUB_USER=smoke"]
+    if session.measures:
+        argv += ["-v", f"{session.measures}:{MEASURES_MOUNT}:ro"]
+    for key, value in session.env.items():
+        argv += ["-e", f"{key}={value}"]
+    return [*argv, image]
+
+
+def run_in(
+    tools: Tools, image: str, session: Session, command: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return tools.run([*run_argv(tools, image, session), "sh", "-c", command], check=False, timeout=timeout)
+
+
+def world_writable(tools: Tools, image: str) -> list[str]:
+    """Paths in the image (outside /proc, /sys, /dev, /tmp; symlinks aside) that any user may write."""
+    result = tools.run(
+        [tools.runner, "run", "--rm", *tools.container_flags(), "--network", "none", "--user", "0", "--read-only",
+         image, "sh", "-c", WORLD_WRITABLE],
+        check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise ImageBuildError(f"could not list world-writable files in {image}: {result.stderr.strip()}.")
+    runtime = {
+        "/etc/hosts",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/run/.containerenv",
+    }  # added by the runtime
+    return [line for line in result.stdout.split() if line and line not in runtime]
+
+
+def identity(tools: Tools, image: str, session: Session) -> dict[str, str]:
+    """What the entrypoint made of an unknown uid: name, HOME, runtime dirs."""
+    result = run_in(
+        tools, image, session,
+        'printf "%s\\n" "$(id -un)" "$HOME" "$XDG_RUNTIME_DIR" "$JUPYTER_RUNTIME_DIR" "$(pwd)"; touch "$HOME/.probe"',
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise ImageBuildError(f"the entrypoint failed in {image}: {result.stderr.strip()}.")
+    keys = ("user", "home", "xdg_runtime_dir", "jupyter_runtime_dir", "cwd")
+    return dict(zip(keys, result.stdout.splitlines(), strict=False))
+
+
+def desktop_tools(tools: Tools, image: str, session: Session, xstartup: str) -> dict[str, str]:
+    """Paths of ``vncserver`` and the desktop start script (empty when missing)."""
+    result = run_in(
+        tools, image, session, f"command -v vncserver || true; echo; [ -x {xstartup} ] && echo {xstartup}"
+    )
+    lines = result.stdout.split("\n")
+    return {"vncserver": lines[0].strip(), "xstartup": lines[-2].strip() if len(lines) > 2 else ""}
+
+
+def vnc_greeting(tools: Tools, image: str, session: Session) -> str:
+    """Start TigerVNC as jupyter-remote-desktop-proxy does (Unix socket, no TCP) and read its RFB greeting."""
+    script = (
+        "printf '#!/bin/sh\\nexec openbox\\n' > /tmp/xs && chmod 755 /tmp/xs; "
+        "vncserver -rfbunixpath /tmp/vnc.sock -rfbport -1 -xstartup /tmp/xs -fg -geometry 800x600 "
+        "-SecurityTypes None >/tmp/vnc.log 2>&1 & "
+        "for i in $(seq 60); do [ -S /tmp/vnc.sock ] && break; sleep 0.5; done; "
+        'python3 -c \'import socket; s=socket.socket(socket.AF_UNIX); s.connect("/tmp/vnc.sock"); '
+        "print(s.recv(12).decode().strip())' || cat /tmp/vnc.log"
+    )
+    return run_in(tools, image, session, script, timeout=120).stdout.strip()
+
+
+def kernelspecs(tools: Tools, image: str, session: Session) -> dict[str, Any]:
+    result = run_in(tools, image, session, "jupyter kernelspec list --json")
+    if result.returncode != 0:
+        raise ImageBuildError(f"jupyter kernelspec list failed in {image}: {result.stderr.strip()}.")
+    specs: dict[str, Any] = json.loads(result.stdout)["kernelspecs"]
+    return specs
+
+
+def run_kernel(tools: Tools, image: str, session: Session, kernel: str, code: str) -> dict[str, str]:
+    """Start a kernel by its kernelspec (as JupyterLab would), run ``code``, return status and output."""
+    result = run_in(
+        tools,
+        image,
+        session,
+        f"python - {_quote(kernel)} {_quote(code)} <<'PY'\n{KERNEL_RUNNER}\nPY",
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise ImageBuildError(f"kernel {kernel} did not run in {image}: {result.stderr.strip()[-500:]}.")
+    reply: dict[str, str] = json.loads(result.stdout.strip().splitlines()[-1])
+    return reply
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def casa_environment(tools: Tools, image: str, session: Session) -> dict[str, str]:
+    """CASASPAWNER_CASA_PYTHON / _HOME / CASASITECONFIG as set in the image, and whether the Python runs."""
+    result = run_in(
+        tools, image, session,
+        'printf "%s\\n" "$CASASPAWNER_CASA_PYTHON" "$CASASPAWNER_CASA_HOME" "$CASASITECONFIG"; '
+        '"$CASASPAWNER_CASA_PYTHON" -c "import sys; print(sys.version.split()[0])"',
+    )  # fmt: skip
+    lines = result.stdout.splitlines() + [""] * 4
+    return {"python": lines[0], "home": lines[1], "siteconfig": lines[2], "version": lines[3]}
+
+
+@contextmanager
+def jupyter_server(
+    tools: Tools, image: str, session: Session, command: Sequence[str] | None = None, timeout: float = 120
+) -> Iterator[tuple[str, str]]:
+    """A Jupyter server from ``image`` on 127.0.0.1; yields (base URL, token) once it answers."""
+    port, token = free_port(), secrets.token_hex(16)
+    name = f"casaspawner-smoke-{port}"
+    command = command or [
+        "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+        f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+    ]  # fmt: skip
+    tools.run([*run_argv(tools, image, session, detach=True, name=name), *command])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/api/status", token, timeout, container=(tools, name))
+        yield url, token
+    finally:
+        tools.run([tools.runner, "rm", "-f", name], check=False)
+
+
+def wait_for_http(url: str, token: str, timeout: float, container: tuple[Tools, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            get_json(url, token)
+            return
+        except (OSError, ValueError) as exc:
+            last = str(exc)
+        time.sleep(1)
+    logs = ""
+    if container:
+        tools, name = container
+        logs = tools.run([tools.runner, "logs", name], check=False).stderr[-2000:]
+    raise ImageBuildError(f"no Jupyter server answered at {url} within {timeout:.0f} s ({last}): {logs}")
+
+
+def _open(url: str, token: str) -> Any:
+    if not url.startswith("http://127.0.0.1:"):
+        raise ImageBuildError(f"smoke tests only talk to 127.0.0.1, not {url}.")
+    request = urllib.request.Request(url, headers={"Authorization": f"token {token}"})  # noqa: S310
+    return urllib.request.urlopen(request, timeout=10)  # noqa: S310
+
+
+def get_json(url: str, token: str) -> Any:
+    with _open(url, token) as response:
+        return json.loads(response.read())
+
+
+def get_status(url: str, token: str) -> int:
+    try:
+        with _open(url, token) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def home_dir(root: Path | None = None, uid: int = 54321, gid: int = 54321) -> Path:
+    """A fresh HOME directory on the host owned by the session uid (as a storage mount would be)."""
+    path = Path(tempfile.mkdtemp(prefix="casaspawner-home-", dir=root))
+    try:
+        os.chown(path, uid, gid)
+    except PermissionError:  # rootless: chown inside podman's user namespace
+        subprocess.run(["podman", "unshare", "chown", f"{uid}:{gid}", str(path)], check=True)
+    return path

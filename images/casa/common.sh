@@ -1,0 +1,61 @@
+#!/bin/sh
+# Shared steps of the CASA recipes (run as root at build time, never at run time).
+set -eu
+
+# extract_appimages DIR: replace every AppImage under DIR by its extracted tree (no FUSE in containers);
+# the AppImage path becomes a link to the tree's AppRun, so callers that run the AppImage keep working.
+extract_appimages() {
+    find "$1" -type f -name '*.AppImage' | while read -r app; do
+        dir=$(dirname "$app")
+        base=$(basename "$app" .AppImage)
+        chmod 0755 "$app"
+        (cd "$dir" && "./$base.AppImage" --appimage-extract >/dev/null 2>&1) \
+            || { echo "casaspawner: cannot extract $app" >&2; exit 1; }
+        mv "$dir/squashfs-root" "$dir/$base.AppDir"
+        rm -f "$app"
+        ln -s "$base.AppDir/AppRun" "$app"
+        echo "extracted $app"
+    done
+}
+
+# strip_debug DIR: drop debug sections from ELF files (the GUI AppImages ship ~1 GB of them); code and
+# symbol tables stay, so behaviour does not change.
+strip_debug() {
+    find "$1" -type f \( -name '*.so' -o -name '*.so.*' -o -perm -u+x \) -size +1M -print0 \
+        | xargs -0 -r sh -c 'for f; do [ "$(head -c4 "$f" | tail -c3)" = ELF ] && strip --strip-debug "$f" 2>/dev/null; done; true' sh
+}
+
+# open_tree DIR: readable by every uid, writable by none but root (AppImage trees unpack as 0700).
+open_tree() {
+    chmod -R u+rwX,go+rX,go-w "$1"
+}
+
+# register_kernel PYTHON KERNEL_ID DISPLAY_NAME [PYTHONPATH]: a kernelspec in the session environment, so
+# JupyterLab (from /opt/session) offers CASA's interpreter as a kernel, and makes it the default kernel.
+register_kernel() {
+    spec=/opt/session/share/jupyter/kernels/$2
+    mkdir -p "$spec"
+    /opt/session/bin/python - "$1" "$2" "$3" "${4:-}" "$spec/kernel.json" <<'PY'
+import json, sys
+python, kernel_id, display, pythonpath, out = sys.argv[1:]
+spec = {
+    "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    "display_name": display,
+    "language": "python",
+    "metadata": {"debugger": True, "casaspawner": {"kernel": kernel_id}},
+}
+if pythonpath:
+    spec["env"] = {"PYTHONPATH": pythonpath}
+with open(out, "w") as f:
+    json.dump(spec, f, indent=1)
+PY
+    mkdir -p /opt/session/etc/jupyter/jupyter_server_config.d
+    printf '{"MultiKernelManager": {"default_kernel_name": "%s"}}\n' "$2" \
+        >/opt/session/etc/jupyter/jupyter_server_config.d/casaspawner-kernel.json
+}
+
+# harden: nothing outside /tmp world-writable (the opposite of `chmod 777`).
+harden() {
+    find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /tmp \) -prune \
+        -o ! -type l -perm -o+w -exec chmod o-w {} +
+}
