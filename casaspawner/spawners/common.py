@@ -673,7 +673,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
                 "give the dataset's ALMA identifier."
             )
         async with reader.open(text, identity) as path:
-            return await asyncio.to_thread(resolve_path, path, catalog, label=text)
+            try:
+                return await asyncio.to_thread(resolve_path, path, catalog, label=text)
+            except CasaspawnerError as exc:  # name the dataset as the user did, never by the hub's path
+                raise type(exc)(str(exc).replace(str(path), text)) from None
 
     async def release_block_message(self, release: Release) -> str | None:
         """The operators' message if ``release`` may not be started now, else None."""

@@ -1,0 +1,248 @@
+"""Pod manifests from the real CASASpawner path for a grid of sessions: Kubernetes schema + restricted PSS."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import kubernetes_validate
+import pytest
+from conftest import dataset_in
+from kube_support import FakeUser, auth_state
+from pss import restricted_violations
+
+from casaspawner.errors import InvalidInput
+from casaspawner.spawners import kube_objects
+from casaspawner.spawners.common import SpawnException
+
+K8S_VERSION = kubernetes_validate.latest_version()
+
+STORAGE = {
+    "pvc": {"persistentVolumeClaim": {"claimName": "cavern"}},
+    "csi-nfs": {
+        "csi": {"driver": "nfs.csi.k8s.io", "volumeAttributes": {"server": "nfs.example.org", "share": "/"}}
+    },
+    "cephfs-pv": {"persistentVolumeClaim": {"claimName": "cavern-cephfs"}},
+    "cephfs": {
+        "cephfs": {
+            "monitors": ["10.0.0.1:6789"],
+            "path": "/cavern",
+            "user": "cavern",
+            "secretRef": {"name": "ceph"},
+        }
+    },
+    "nfs": {"nfs": {"server": "nfs.example.org", "path": "/cavern"}},
+    "hostPath": {"hostPath": {"path": "/srv/cavern", "type": "Directory"}},
+}
+#: Which storage kinds each Pod Security level admits (the spawner refuses the others with one sentence).
+LEVEL = {
+    "pvc": "restricted",
+    "csi-nfs": "restricted",
+    "cephfs-pv": "restricted",
+    "cephfs": "baseline",
+    "nfs": "baseline",
+    "hostPath": "privileged",
+}
+ERAS = ("cycle10", "cycle7", "cycle3-pipeline", "cycle2-manual")
+GROUPS = ((), ("proja", "projb"))
+
+
+def validate(manifest: dict) -> None:
+    kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+
+
+async def manifests_for(make_spawner, storage, *, interface, era, groups, storage_kind, level=None):
+    user = FakeUser(auth_state=auth_state(uid=20001, gid=20001, groups=groups, gids=[30001, 30002]))
+    spawner = make_spawner(
+        user,
+        storage_volume=STORAGE[storage_kind],
+        pod_security_level=level or LEVEL[storage_kind],
+        supplemental_gids_claim="oauth_user.gids",
+    )
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", era), "interface": interface}
+    await spawner.prepare_session()
+    return spawner, *(await spawner.session_manifests())
+
+
+GRID = list(itertools.product(("lab", "desktop"), ERAS, list(STORAGE), GROUPS))
+
+
+@pytest.mark.parametrize(("interface", "era", "storage_kind", "groups"), GRID)
+async def test_grid_pod_is_valid_and_hardened(make_spawner, storage, interface, era, storage_kind, groups):
+    spawner, pod, secret = await manifests_for(
+        make_spawner, storage, interface=interface, era=era, groups=groups, storage_kind=storage_kind
+    )
+    validate(pod)
+    validate(secret)
+    violations = restricted_violations(pod)
+    if LEVEL[storage_kind] == "restricted":
+        assert violations == {}
+    else:  # opted into a lower level: the storage volume is the only thing the restricted profile objects to
+        expected = {"volume-types"} | ({"host-path-volumes"} if storage_kind == "hostPath" else set())
+        assert set(violations) == expected
+        assert all("casa-storage" in v for found in violations.values() for v in found)
+
+    (container,) = pod["spec"]["containers"]
+    assert container["name"] == "notebook" and container["args"] == ["jupyterhub-singleuser"]
+    assert container["image"] == spawner.session_plan.image
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["JUPYTERHUB_DEFAULT_URL"] == ("/lab" if interface == "lab" else "/desktop/")
+    assert ("JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP" in env) == (interface == "desktop")
+    assert env["HOME"] == "/arc/home/alice" and env["SCRATCH"] == "/scratch"
+
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/arc/home/alice"]["subPath"] == "home/alice"
+    for group in groups:
+        assert mounts[f"/arc/projects/{group}"]["subPath"] == f"projects/{group}"
+        assert mounts[f"/arc/projects/{group}"]["name"] == "casa-storage"
+    assert not any(path.startswith("/arc/projects/") for path in mounts if not groups)
+    assert mounts["/opt/casa/measures"]["readOnly"] is True
+    assert "/tmp" in mounts and "/scratch" in mounts
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["casa-scratch"]["emptyDir"]["sizeLimit"] == "20Gi"
+    assert volumes["casa-storage"] == {"name": "casa-storage", **STORAGE[storage_kind]}
+
+    psc, csc = pod["spec"]["securityContext"], container["securityContext"]
+    assert psc["runAsUser"] == csc["runAsUser"] == 20001
+    assert psc["supplementalGroups"] == [30001, 30002]
+    assert "fsGroup" not in psc  # fsGroup would chown all of Cavern on every start
+    assert csc["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert "tok-SECRET-42" not in json.dumps(pod)
+    assert secret["metadata"]["ownerReferences"][0]["kind"] == "Pod" and "data" not in secret
+
+
+async def test_inline_storage_refused_at_restricted_level(make_spawner, storage):
+    for kind in ("cephfs", "nfs", "hostPath"):
+        with pytest.raises(SpawnException) as info:
+            await manifests_for(
+                make_spawner,
+                storage,
+                interface="lab",
+                era="cycle10",
+                groups=(),
+                storage_kind=kind,
+                level="restricted",
+            )
+        assert info.value.jupyterhub_message == (
+            f"The storage volume is an inline {kind} volume, which the restricted Pod Security Standard forbids; "
+            "use a PersistentVolumeClaim or a CSI driver, or lower CASASpawner.pod_security_level."
+        )
+    with pytest.raises(SpawnException, match="baseline Pod Security Standard forbids"):
+        await manifests_for(
+            make_spawner,
+            storage,
+            interface="lab",
+            era="cycle10",
+            groups=(),
+            storage_kind="hostPath",
+            level="baseline",
+        )
+
+
+def test_volume_source_shapes():
+    assert kube_objects.volume_source({"csi": {"driver": "x"}}, "storage") == {"csi": {"driver": "x"}}
+    for bad in (
+        {},
+        {"emptyDir": {}},
+        {"persistentVolumeClaim": {}, "csi": {}},
+        {"persistentVolumeClaim": "cavern"},
+    ):
+        with pytest.raises(InvalidInput):
+            kube_objects.volume_source(bad, "storage")
+    with pytest.raises(InvalidInput, match="not a Pod Security Standard level"):
+        kube_objects.volume_source({"csi": {}}, "storage", "lax")
+
+
+def test_labels_merge_never_replaces_existing():
+    merged = kube_objects.merge_keeping(
+        {"hub.jupyter.org/network-access-hub": "true", "a/b": "theirs"}, {"a/b": "ours", "c/d": "x"}
+    )
+    assert merged == {"hub.jupyter.org/network-access-hub": "true", "a/b": "theirs", "c/d": "x"}
+
+
+def test_token_secret_manifest():
+    secret = kube_objects.token_secret(
+        "pod-token", "s3cr3t", owner_name="pod", owner_uid="u-1", labels={"a": "b"}
+    )
+    validate(secret)
+    assert secret["data"] == {"token": "czNjcjN0"}
+    assert secret["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": "pod",
+            "uid": "u-1",
+            "blockOwnerDeletion": True,
+            "controller": False,
+        }
+    ]
+    assert "data" not in kube_objects.token_secret("pod-token", None, owner_name="pod", owner_uid="u-1")
+
+
+def test_spawn_failure_sentences():
+    image = "registry/casa:6.6.5-31"
+    assert kube_objects.spawn_failure(None, [], image) is None
+    pulled = [{"reason": "Failed", "message": f'Failed to pull image "{image}": manifest unknown'}]
+    assert kube_objects.spawn_failure(None, pulled, image) == (
+        f'The session image {image} could not be pulled (Failed to pull image "{image}": manifest unknown).'
+    )
+    waiting = {"status": {"containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}
+    assert kube_objects.spawn_failure(waiting, [], image) == (
+        f"The session image {image} could not be pulled (ImagePullBackOff)."
+    )
+    unschedulable = [
+        {"reason": "FailedScheduling", "message": "0/3 nodes are available: 3 Insufficient memory."}
+    ]
+    assert kube_objects.spawn_failure(None, unschedulable, image) == (
+        "No node can run this session: 0/3 nodes are available: 3 Insufficient memory."
+    )
+    assert kube_objects.spawn_failure(None, unschedulable, image, unschedulable_is_fatal=False) is None
+    normal = [{"reason": "Scheduled", "message": "ok"}, {"reason": "Pulling", "message": "Pulling image"}]
+    assert kube_objects.spawn_failure({"status": {"phase": "Pending"}}, normal, image) is None
+
+
+def test_security_contexts_refuse_root():
+    from casaspawner.plan import Identity
+
+    identity = Identity("alice", 1001, 1001)
+    object.__setattr__(identity, "uid", 0)  # Identity itself refuses 0; the builder checks again
+    with pytest.raises(InvalidInput, match="never run as root"):
+        kube_objects.security_contexts(identity)
+
+
+async def test_checker_catches_weakened_pods(make_spawner, storage):
+    """The PSS checker is not vacuous: each weakening of a generated pod is reported by its rule."""
+    _, pod, _ = await manifests_for(
+        make_spawner, storage, interface="lab", era="cycle10", groups=(), storage_kind="pvc"
+    )
+    assert restricted_violations(pod) == {}
+
+    def weakened(change) -> dict:
+        copy_ = copy.deepcopy(pod)
+        change(copy_)
+        return restricted_violations(copy_)
+
+    csc = lambda p: p["spec"]["containers"][0]["securityContext"]  # noqa: E731
+    assert set(weakened(lambda p: csc(p).update(privileged=True))) == {"privileged"}
+    assert set(weakened(lambda p: csc(p).update(allowPrivilegeEscalation=True))) == {"privilege-escalation"}
+    assert set(weakened(lambda p: csc(p).update(capabilities={"add": ["SYS_ADMIN"]}))) == {
+        "capabilities-baseline",
+        "capabilities-restricted",
+    }
+    assert set(weakened(lambda p: csc(p).update(runAsUser=0))) == {"run-as-user"}
+    assert set(
+        weakened(lambda p: [csc(p).pop("runAsNonRoot"), p["spec"]["securityContext"].pop("runAsNonRoot")])
+    ) == {"run-as-non-root"}
+    assert set(
+        weakened(lambda p: [csc(p).pop("seccompProfile"), p["spec"]["securityContext"].pop("seccompProfile")])
+    ) == {"seccomp-restricted"}
+    assert set(weakened(lambda p: p["spec"].update(hostNetwork=True))) == {"host-namespaces"}
+    assert set(weakened(lambda p: p["spec"]["volumes"].append({"name": "h", "hostPath": {"path": "/"}}))) == {
+        "host-path-volumes",
+        "volume-types",
+    }
+    assert set(weakened(lambda p: p["spec"]["containers"][0]["ports"][0].update(hostPort=80))) == {
+        "host-ports"
+    }

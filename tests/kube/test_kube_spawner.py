@@ -1,0 +1,412 @@
+"""CASASpawner without a cluster: options, validation, identity, the form, state and trait translation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from html.parser import HTMLParser
+
+import pytest
+from conftest import dataset_in
+from kube_support import FakeUser, auth_state
+
+from casaspawner.plan import Identity, StorageLayout
+from casaspawner.spawners.common import (
+    SpawnException,
+    StorageRoot,
+    locate_in_storage,
+    options_from_form,
+)
+
+
+def sentence(exc: pytest.ExceptionInfo) -> str:
+    """The one sentence a user sees (form error / progress page)."""
+    message = exc.value.jupyterhub_message
+    assert "\n" not in message and message.endswith((".", "?")) and len(message) < 400, message
+    assert exc.value.status_code == 400
+    return message
+
+
+async def refused(spawner, options) -> str:
+    with pytest.raises(SpawnException) as info:
+        await spawner._run_apply_user_options(options)
+    return sentence(info)
+
+
+# ------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"dataset": "2019.1.00001.S", "image": "evil"}, "'image' is not a session option"),
+        ({}, "Give a dataset"),
+        ({"dataset": "   "}, "Give a dataset"),
+        ({"dataset": ["a", "b"]}, "must be text"),
+        ({"dataset": "x\ny"}, "one line"),
+        ({"dataset": "data", "interface": "vnc"}, "'vnc' is not an interface"),
+        ({"dataset": "data", "size": "huge"}, "'huge' is not a session size"),
+        ({"dataset": "data", "release": "casa-99"}, "'casa-99' is not a CASA release this hub knows"),
+        ({"dataset": "uid://A001/X1/Xzz"}, "not an ALMA dataset identifier"),
+        ({"dataset": "2019.1.00001"}, "not an ALMA dataset identifier"),
+        ({"dataset": "2019.1.00001.S"}, "No ALMA archive is configured"),
+        ({"dataset": "../bob/data"}, "may not contain '..'"),
+        ({"dataset": "/arc/home/bob/data"}, "is outside your storage"),
+        ({"dataset": "/etc"}, "is outside your storage"),
+        ({"dataset": "/arc/projects/projz/x"}, "is outside your storage"),
+        ({"dataset": "escape"}, "leads outside your storage through a link"),
+        ({"dataset": "data/nothing-here"}, "There is no dataset directory"),
+    ],
+)
+async def test_bad_options_are_one_sentence(make_spawner, options, expected):
+    spawner = make_spawner()
+    message = await refused(spawner, options)
+    assert expected in message
+    assert spawner.session_plan is None
+
+
+async def test_resolution_failure_is_one_sentence(make_spawner, storage):
+    dataset = dataset_in(storage, "alice", "no-evidence")
+    message = await refused(make_spawner(), {"dataset": dataset})
+    assert message.startswith(f"Nothing in {dataset} tells which CASA version")
+    assert str(storage) not in message  # the hub's own paths stay private
+
+
+async def test_release_override_disallowed(make_spawner, storage, catalog):
+    spawner = make_spawner(allow_release_override=False)
+    release = catalog.available(("modular",))[0].id
+    message = await refused(spawner, {"dataset": dataset_in(storage, "alice", "cycle10"), "release": release})
+    assert message == "This hub does not allow choosing a CASA release other than the resolved one."
+
+
+async def test_identity_rules(make_spawner, storage):
+    dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    root = make_spawner(FakeUser(auth_state=auth_state(uid=0)))
+    assert (await refused(root, dataset)) == "User alice would run as uid 0; sessions never run as root."
+    no_uid = make_spawner(FakeUser(auth_state=auth_state(uid=None)))
+    assert "carries no numeric user id" in await refused(no_uid, dataset)
+    no_state = make_spawner(FakeUser(auth_state=None))
+    assert "carries no numeric user id" in await refused(no_state, dataset)
+    bad = make_spawner(FakeUser(auth_state=auth_state(uid="abc")))
+    assert (await refused(bad, dataset)) == "The uid of alice in the login data is not a number."
+
+    fallback = make_spawner(FakeUser(auth_state=None, groups=("proja",)), fallback_uid=4242)
+    plan = await fallback.prepare_session(dataset)
+    assert (plan.identity.uid, plan.identity.gid, plan.identity.groups) == (4242, 4242, ("proja",))
+    assert fallback.access_token is None and fallback.token_secret_name is None
+
+    zero_fallback = make_spawner(FakeUser(auth_state=None), fallback_uid=0)
+    assert "never run as root" in await refused(zero_fallback, dataset)
+
+
+async def test_identity_claims_and_hook(make_spawner, storage):
+    dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    state = {"posix": {"uidNumber": "5001", "gidNumber": 6001}, "memberOf": ["/proja", "admins"], "tok": "T"}
+    spawner = make_spawner(
+        FakeUser(auth_state=state),
+        uid_claim="posix.uidNumber",
+        gid_claim="posix.gidNumber",
+        groups_claim="memberOf",
+        access_token_claim="tok",
+        project_group_pattern="proj.*",
+    )
+    plan = await spawner.prepare_session(dataset)
+    assert (plan.identity.uid, plan.identity.gid, plan.identity.groups) == (5001, 6001, ("proja",))
+    assert spawner.access_token == "T"
+
+    async def hook(spawner, auth_state):
+        return {"uid": 7001, "gid": 7002, "groups": ["proja"], "supplemental_gids": [7003]}
+
+    hooked = make_spawner(identity_hook=hook)
+    plan = await hooked.prepare_session(dataset)
+    assert (plan.identity.uid, plan.identity.gid, plan.identity.supplemental_gids) == (7001, 7002, (7003,))
+
+
+async def test_blocked_releases_list_and_async_callable(make_spawner, storage):
+    dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    listed = make_spawner(blocked_releases=["pl-2023.1.0.124"])
+    assert (await refused(listed, dataset)) == (
+        "CASA 6.5.4-9 (pipeline 2023.1.0.124) cannot be started right now; try again later or choose another release."
+    )
+
+    calls = []
+
+    async def drain(spawner):
+        calls.append(spawner.user.name)
+        return {"pl-2023.1.0.124": "CASA 6.5.4-9 is being updated until 14:00 UTC; please come back then."}
+
+    drained = make_spawner(blocked_releases=drain)
+    assert (
+        await refused(drained, dataset)
+    ) == "CASA 6.5.4-9 is being updated until 14:00 UTC; please come back then."
+    assert calls == ["alice"]
+
+    other = make_spawner(blocked_releases=["pl-2022.2.0.64"])
+    plan = await other.prepare_session(dataset)
+    assert plan.release.id == "pl-2023.1.0.124"
+
+
+async def test_blocked_release_refused_before_any_object(cluster, make_spawner, storage):
+    emulator, _server = cluster
+    spawner = make_spawner(blocked_releases=["pl-2023.1.0.124"], start_timeout=10)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    with pytest.raises(SpawnException) as info:
+        await spawner.start()  # an older hub: validation happens in load_user_options, inside start
+    assert "cannot be started right now" in sentence(info)
+    assert len(emulator) == 0  # not even a list or watch: nothing was asked of Kubernetes
+
+
+# ------------------------------------------------------------------------------------------ storage paths
+def test_locate_in_storage_is_pure_and_strict():
+    layout = StorageLayout()
+    alice = Identity("alice", 1001, 1001, groups=("proja",))
+    home = StorageRoot("/arc/home/alice", "home/alice")
+    project = StorageRoot("/arc/projects/proja", "projects/proja")
+    assert locate_in_storage("data/x", alice, layout) == (
+        home,
+        locate_in_storage("~/data/x", alice, layout)[1],
+    )
+    assert locate_in_storage("/arc/home/alice/data/x", alice, layout)[0] == home
+    assert str(locate_in_storage("/arc/projects/proja/shared", alice, layout)[1]) == "shared"
+    assert locate_in_storage("/arc/projects/proja", alice, layout)[0] == project
+    for bad in ("/arc/home/alice/../bob", "/arc/home/alicex/data", "/arc/projects/projb/x", "/", "a/../../b"):
+        with pytest.raises(Exception, match=r"outside your storage|may not contain"):
+            locate_in_storage(bad, alice, layout)
+
+
+async def test_project_paths_and_absolute_home_paths(make_spawner, storage):
+    spawner = make_spawner()
+    member = dataset_in(storage, "alice", "cycle7")
+    plan = await spawner.prepare_session({"dataset": f"/arc/home/alice/{member}"})
+    assert plan.release.pipeline == "2020.1.0.40"
+    project = next((storage / "projects" / "proja" / "shared").glob("*/science_goal.*/group.*/member.*"))
+    relative = project.relative_to(storage / "projects" / "proja")
+    plan = await make_spawner().prepare_session({"dataset": f"/arc/projects/proja/{relative}"})
+    assert plan.release.casa.startswith("6.4.1")
+    no_member = make_spawner(FakeUser(auth_state=auth_state(groups=())))
+    assert "outside your storage" in await refused(no_member, {"dataset": f"/arc/projects/proja/{relative}"})
+
+
+async def test_without_storage_paths_ask_for_an_identifier(make_spawner):
+    spawner = make_spawner(storage_hub_path=None)
+    message = await refused(spawner, {"dataset": "data/x"})
+    assert message.endswith("give the dataset's ALMA identifier.")
+
+
+async def test_identifier_resolved_through_archive_client(make_spawner, tmp_path):
+    from casaspawner.datasets.synth import ERAS, manifest_xml
+
+    class Archive:
+        name = "test-archive"
+
+        def __init__(self):
+            self.asked = []
+
+        def fetch_manifest(self, identifier):
+            self.asked.append(str(identifier))
+            path = tmp_path / "member.pipeline_manifest.xml"
+            path.write_text(manifest_xml(ERAS["cycle9"]))
+            return path
+
+    archive = Archive()
+    spawner = make_spawner(archive_client=lambda spawner: archive)
+    plan = await spawner.prepare_session({"dataset": "uid://A001/X2d20/X3ee5"})
+    assert archive.asked == ["uid://A001/X2d20/X3ee5"]
+    assert plan.release.pipeline == "2022.2.0.64"
+    assert plan.resolution.evidence.kind == "archive-manifest"
+
+
+# ------------------------------------------------------------------------------------------ the plan on the pod
+async def test_user_options_summary_and_labels_merge(make_spawner, storage):
+    z2jh = {"hub.jupyter.org/network-access-hub": "true", "casaspawner.io/interface": "set-by-operator"}
+    spawner = make_spawner(extra_labels=dict(z2jh), extra_annotations={"team": "alma"})
+    await spawner._run_apply_user_options(
+        {"dataset": dataset_in(storage, "alice", "cycle10"), "interface": "desktop"}
+    )
+    assert spawner.user_options["profile"] == spawner.session_plan.summary
+    assert spawner.user_options["profile"].startswith(
+        "CASA 6.5.4-9 (pipeline 2023.1.0.124) · CASA desktop · "
+    )
+    assert spawner.user_options["casa_version"] == "6.5.4-9"
+    assert spawner.user_options["interface"] == "desktop"
+    pod, _ = await spawner.session_manifests()
+    labels = pod["metadata"]["labels"]
+    assert labels["hub.jupyter.org/network-access-hub"] == "true"
+    assert labels["casaspawner.io/interface"] == "set-by-operator"  # never replaced
+    assert labels["casaspawner.io/release"] == "pl-2023.1.0.124"
+    assert labels["component"] == "singleuser-server"
+    assert pod["metadata"]["annotations"]["team"] == "alma"
+    assert (
+        pod["metadata"]["annotations"]["casaspawner.io/processed-with"]
+        == "CASA 6.5.4-9, pipeline 2023.1.0.124"
+    )
+
+
+async def test_plan_wins_over_profile_overrides(make_spawner, storage):
+    profile_list = [
+        {
+            "display_name": "Default",
+            "slug": "default",
+            "kubespawner_override": {
+                "image": "quay.io/jupyter/minimal-notebook",
+                "uid": 0,
+                "node_selector": {"pool": "casa"},
+                "extra_labels": {"profile": "default"},
+            },
+        }
+    ]
+    spawner = make_spawner(profile_list=profile_list, fs_gid=100)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    await spawner._run_apply_user_options(spawner.user_options)
+    pod, _ = await spawner.session_manifests()
+    assert pod["spec"]["containers"][0]["image"] == spawner.session_plan.image
+    assert (
+        pod["spec"]["securityContext"]["runAsUser"] == 1001
+        and "fsGroup" not in pod["spec"]["securityContext"]
+    )
+    assert pod["spec"]["nodeSelector"] == {"pool": "casa"}  # what the plan does not decide, the profile does
+    assert pod["metadata"]["labels"]["profile"] == "default"
+
+
+async def test_no_leftovers_between_sessions(make_spawner, storage):
+    user = FakeUser(auth_state=auth_state(groups=("proja",)))
+    spawner = make_spawner(user, environment={"OPERATOR": "1"})
+    await spawner._run_apply_user_options(
+        {"dataset": dataset_in(storage, "alice", "cycle10"), "interface": "desktop"}
+    )
+    assert "/arc/projects/proja" in {m["mountPath"] for m in spawner.volume_mounts.values()}
+    spawner.clear_state()
+    user.auth_state = auth_state(groups=(), token=None)
+    await spawner._run_apply_user_options(
+        {"dataset": dataset_in(storage, "alice", "cycle7"), "interface": "lab"}
+    )
+    pod, secret = await spawner.session_manifests()
+    paths = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert "/arc/projects/proja" not in paths
+    assert "JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP" not in env and env["OPERATOR"] == "1"
+    assert env["CASASPAWNER_PIPELINE"] == "2020.1.0.40" and "CASASPAWNER_TOKEN_FILE" not in env
+    assert secret is None and "casa-token" not in {v["name"] for v in pod["spec"]["volumes"]}
+    assert spawner.default_url == "/lab"
+
+
+async def test_release_override_is_marked(make_spawner, storage, catalog):
+    chosen = catalog.available(("modular",))[-1]
+    spawner = make_spawner()
+    await spawner._run_apply_user_options(
+        {"dataset": dataset_in(storage, "alice", "cycle10"), "release": chosen.id}
+    )
+    plan = spawner.session_plan
+    assert plan.release.id == chosen.id and not plan.exact
+    messages = [event["message"] for event in spawner.plan_progress_events()]
+    assert any(m.startswith(f"Warning: you chose {chosen.label}") for m in messages)
+    assert spawner.user_options["profile"].endswith("not exact")
+
+
+async def test_token_never_in_pod_or_logs(make_spawner, storage, caplog):
+    caplog.set_level(logging.DEBUG)
+    spawner = make_spawner()
+    spawner.log.setLevel(logging.DEBUG)
+    await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
+    pod, secret = await spawner.session_manifests()
+    assert spawner.access_token == "tok-SECRET-42"
+    assert "tok-SECRET-42" not in json.dumps(pod) + json.dumps(secret) + json.dumps(spawner.get_state())
+    assert "tok-SECRET-42" not in caplog.text
+    mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "casa-token")
+    assert mount == {"mountPath": "/var/run/secrets/casaspawner", "name": "casa-token", "readOnly": True}
+
+
+# ------------------------------------------------------------------------------------------ the form + state
+class _FormParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.fields, self.labels, self.ids, self.external = [], set(), set(), []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag in ("input", "select") and attrs.get("type") != "hidden":
+            self.fields.append(attrs)
+        if tag == "label" and "for" in attrs:
+            self.labels.add(attrs["for"])
+        for key in ("src", "href"):
+            if attrs.get(key):
+                self.external.append(attrs[key])
+
+
+async def test_form_is_accessible_and_self_contained(make_spawner, storage, catalog):
+    spawner = make_spawner()
+    dataset = dataset_in(storage, "alice", "cycle10")
+    await spawner._run_apply_user_options({"dataset": dataset, "interface": "desktop"})
+    spawner.remember_dataset("<script>alert(1)</script>")
+    html = await spawner.options_form(spawner)
+    parser = _FormParser()
+    parser.feed(html)
+    assert not parser.external  # no external assets
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
+    names = {f.get("name") for f in parser.fields}
+    assert names == {"dataset", "interface", "size", "release"}
+    for field in parser.fields:  # every visible control has a label
+        if field.get("type") != "radio":
+            assert field["id"] in parser.labels
+    assert "checked" in re.search(r'<input type="radio" name="interface" value="desktop"[^>]*>', html).group(
+        0
+    )
+    assert f'value="{dataset}"' in html  # previous dataset prefilled and offered among the recent ones
+    assert html.count('data-dataset="') == 2
+    resolved = re.search(r'<option value="" selected>([^<]*)</option>', html).group(1)
+    assert resolved.startswith("CASA 6.5.4-9 (pipeline 2023.1.0.124) — resolved for ")
+    offered = re.findall(r'<option value="([^"]+)">', html)
+    assert "pl-2023.1.0.124" not in offered and len(offered) >= len(catalog.available()) - 1 - len(
+        spawner.size_resources()
+    )
+    assert 'id="casa-release-warning"' in html and "hidden" in html
+
+
+def test_options_from_form():
+    form = {
+        "dataset": [" 2019.1.00001.S "],
+        "interface": ["desktop"],
+        "size": ["small"],
+        "release": [""],
+        "_xsrf": ["token"],
+        "extra": ["x"],
+    }
+    assert options_from_form(form) == {
+        "dataset": "2019.1.00001.S",
+        "interface": "desktop",
+        "size": "small",
+        "extra": "x",
+    }
+
+
+async def test_recent_datasets_survive_restart_and_clear_state(make_spawner, storage):
+    spawner = make_spawner(recent_datasets_limit=2)
+    for era in ("cycle10", "cycle7", "cycle10", "cycle3-pipeline"):
+        spawner.clear_state()
+        await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", era)})
+    expected = [dataset_in(storage, "alice", "cycle3-pipeline"), dataset_in(storage, "alice", "cycle10")]
+    assert spawner.recent_datasets == expected
+    state = spawner.get_state()
+    assert state["casa_recent_datasets"] == expected and "pod_name" in state
+    spawner.clear_state()
+    assert spawner.recent_datasets == expected and spawner.session_plan is None
+    fresh = make_spawner()
+    fresh.load_state(json.loads(json.dumps(state)))
+    assert fresh.recent_datasets == expected
+    fresh.load_state({"casa_recent_datasets": "not a list"})
+    assert fresh.recent_datasets == expected
+
+
+async def test_entry_point_and_defaults(make_spawner):
+    from importlib.metadata import entry_points
+
+    from casaspawner.spawners.kube import CASASpawner
+
+    names = {ep.name: ep for ep in entry_points(group="jupyterhub.spawners")}
+    assert names["casa"].load() is CASASpawner
+    spawner = make_spawner()
+    assert spawner.cmd == ["jupyterhub-singleuser"]
+    for name, trait in CASASpawner.class_traits(config=True).items():
+        if trait.this_class.__module__.startswith("casaspawner"):
+            assert trait.help and len(trait.help.split()) >= 5, name
