@@ -24,7 +24,7 @@ from casaspawner.images.matrix import INPUT_HASH_LABEL, ImageBuildError, Recipe,
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "casaspawner" / "images"
 CA_TARGET = "/etc/casaspawner-build-ca.pem"
-RUNTIME_FLAGS = ("--runtime", "runc", "--cgroup-manager", "cgroupfs")
+RUNTIME_FLAGS = ("--runtime", "runc", "--cgroup-manager", "cgroupfs")  # global podman flags
 Builder = Literal["buildah", "docker"]
 
 
@@ -77,9 +77,9 @@ class Tools:
         result = self.run([self.runner, "image", "inspect", "--format", "{{.Size}}", reference])
         return int(result.stdout.strip())
 
-    def container_flags(self) -> list[str]:
-        """Flags every `podman run`/`kube play` needs on this host."""
-        return list(self.run_flags)
+    def container(self, *args: str) -> list[str]:
+        """argv for a runner command (`run`, `kube play`, `exec`, ...) with this host's global runtime flags."""
+        return [self.runner, *self.run_flags, *args]
 
 
 def _last_line(text: str) -> str:
@@ -169,7 +169,7 @@ def _probe_runtime(tools: Tools, image: str, try_flags: bool, try_conf: bool) ->
     error = ""
     for env, flags in attempts:
         trial = Tools(tools.builder, tools.runner, env=env, run_flags=flags)
-        result = trial.run(["podman", "run", "--rm", *flags, "--network", "none", image, "true"], check=False)
+        result = trial.run(trial.container("run", "--rm", "--network", "none", image, "true"), check=False)
         if result.returncode == 0:
             tools.env, tools.run_flags = env, flags
             return

@@ -76,7 +76,7 @@ def run_argv(
     tools: Tools, image: str, session: Session, *, detach: bool = False, name: str | None = None
 ) -> list[str]:
     """``podman run`` as a pod runs: uid without passwd entry, read-only root, tmpfs /tmp, mounted HOME."""
-    argv = [tools.runner, "run", *tools.container_flags(), "--network", "host"]
+    argv = tools.container("run", "--network", "host")
     argv += ["-d"] if detach else ["--rm"]
     if name:
         argv += ["--name", name]
@@ -100,7 +100,7 @@ def run_in(
 def world_writable(tools: Tools, image: str) -> list[str]:
     """Paths in the image (outside /proc, /sys, /dev, /tmp; symlinks aside) that any user may write."""
     result = tools.run(
-        [tools.runner, "run", "--rm", *tools.container_flags(), "--network", "none", "--user", "0", "--read-only",
+        [*tools.container("run", "--rm", "--network", "none", "--user", "0", "--read-only"),
          image, "sh", "-c", WORLD_WRITABLE],
         check=False,
     )  # fmt: skip
