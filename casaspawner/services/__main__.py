@@ -1,0 +1,3 @@
+from casaspawner.services.app import main
+
+raise SystemExit(main())

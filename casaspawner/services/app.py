@@ -1,0 +1,328 @@
+"""casa-sessions: a JupyterHub service for CASA operators, served at ``/services/casa-sessions/``.
+
+* ``GET  /``                   running sessions grouped by CASA release and dataset (age, last activity), and
+                               the catalog with each release's drain/retire state (operators only).
+* ``POST /releases/<id>``      drain / undrain / retire / unretire a release (operators only).
+* ``GET  /api/sessions``       the same grouping as JSON (operators only).
+* ``GET  /api/notices``        notices for the caller's own sessions (any valid token of that user, e.g. a
+                               session's ``$JUPYTERHUB_API_TOKEN``): drained releases and idle-cull warnings.
+
+Operators are whoever holds ``access:services!service=casa-sessions`` (admins, and the ``casa-operators``
+role in the shipped hub configuration). The service's own token needs only ``list:users``,
+``read:users:activity`` and ``read:servers``. Drains are written to the release state file, which the CASA
+spawners read through :func:`casaspawner.services.state.drain_blocker`.
+
+Run it as a hub-managed service: ``python -m casaspawner.services --state-file ... --cull-timeout 3600``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import urlparse
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.utils import url_path_join
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpserver import HTTPServer
+
+from casaspawner.catalog.model import Catalog, load_catalog
+from casaspawner.errors import CasaspawnerError
+from casaspawner.services.sessions import (
+    CullPolicy,
+    Session,
+    format_duration,
+    group_sessions,
+    notices_for,
+    sessions_from_users,
+)
+from casaspawner.services.state import ReleaseStateStore, default_state_path
+
+log = logging.getLogger("casa-sessions")
+ACTIONS: dict[str, dict[str, Any]] = {
+    "drain": {"drained": True},
+    "undrain": {"drained": False, "message": ""},
+    "retire": {"retired": True},
+    "unretire": {"retired": False},
+}
+_TEMPLATES = Environment(
+    loader=PackageLoader("casaspawner.services", "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+class ServiceConfig:
+    """Everything the handlers share."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        store: ReleaseStateStore,
+        policy: CullPolicy,
+        api_url: str,
+        api_token: str,
+        prefix: str,
+    ) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.policy = policy
+        self.api_url = api_url.rstrip("/")
+        self.api_token = api_token
+        self.prefix = prefix
+
+    async def running_sessions(self) -> list[Session]:
+        """Every started or pending server on the hub, read with the service's own token."""
+        client = AsyncHTTPClient()
+        users: list[dict[str, Any]] = []
+        url = f"{self.api_url}/users?state=active&limit=200"
+        offset = 0
+        while True:
+            response = await client.fetch(
+                HTTPRequest(
+                    f"{url}&offset={offset}",
+                    headers={
+                        "Authorization": f"token {self.api_token}",
+                        "Accept": "application/jupyterhub-pagination+json",
+                    },
+                )
+            )
+            body = json.loads(response.body)
+            items = body["items"] if isinstance(body, dict) else body
+            users.extend(items)
+            nxt = body.get("_pagination", {}).get("next") if isinstance(body, dict) else None
+            if not nxt:
+                break
+            offset = int(nxt["offset"])
+        return sessions_from_users(users, self.catalog)
+
+
+class OperatorHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
+    """Pages and API for operators: HubOAuth, access scope ``access:services!service=<this service>``."""
+
+    def initialize(self, config: ServiceConfig) -> None:
+        self.config = config
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        reason = self._reason
+        if status_code == 403:
+            reason = (
+                "This page is for the hub's CASA operators; ask an administrator for the casa-operators role."
+            )
+        self.finish(_TEMPLATES.get_template("error.html").render(status=status_code, reason=reason))
+
+
+class SessionsPage(OperatorHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        now = datetime.now(timezone.utc)
+        states = self.config.store.load()
+        sessions = await self.config.running_sessions()
+        groups = group_sessions(sessions, states)
+        counts: dict[str, int] = {g.release_id: g.count for g in groups}
+        releases = [
+            {"release": r, "state": states.get(r.id), "running": counts.get(r.id, 0)}
+            for r in self.config.catalog.releases
+        ]
+        html = _TEMPLATES.get_template("sessions.html").render(
+            user=self.current_user,
+            groups=groups,
+            releases=releases,
+            now=now,
+            duration=format_duration,
+            prefix=self.config.prefix,
+            xsrf_form_html=self.xsrf_form_html(),
+            cull_after=format_duration(timedelta(seconds=self.config.policy.timeout))
+            if self.config.policy.timeout
+            else "",
+            flash=self.get_argument("done", ""),
+        )
+        self.finish(html)
+
+
+class ReleaseAction(OperatorHandler):
+    @web.authenticated
+    def post(self, release_id: str) -> None:
+        if release_id not in self.config.catalog:
+            raise web.HTTPError(404, f"{release_id} is not a release in the catalog.")
+        action = self.get_body_argument("action", "")
+        if action not in ACTIONS:
+            raise web.HTTPError(400, f"{action!r} is not an action; use drain, undrain, retire or unretire.")
+        changes: dict[str, Any] = dict(ACTIONS[action])
+        if action == "drain":
+            changes["message"] = self.get_body_argument("message", "")
+        user = self.current_user["name"]
+        try:
+            self.config.store.update(release_id, by=user, **changes)
+        except CasaspawnerError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        log.info("%s: %s %s", user, action, release_id)
+        self.redirect(url_path_join(self.config.prefix, f"?done={action}+{release_id}"))
+
+
+class SessionsAPI(OperatorHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        now = datetime.now(timezone.utc)
+        states = self.config.store.load()
+        groups = group_sessions(await self.config.running_sessions(), states)
+        self.set_header("Content-Type", "application/json")
+        self.finish(
+            json.dumps(
+                [
+                    {
+                        "release": g.release_id,
+                        "label": g.label,
+                        "drained": g.state.drained,
+                        "retired": g.state.retired,
+                        "datasets": [
+                            {
+                                "dataset": d.dataset,
+                                "sessions": [
+                                    {
+                                        "user": s.user,
+                                        "server": s.server,
+                                        "interface": s.interface,
+                                        "profile": s.profile,
+                                        "age_seconds": _seconds(s.age(now)),
+                                        "idle_seconds": _seconds(s.idle(now)),
+                                    }
+                                    for s in d.sessions
+                                ],
+                            }
+                            for d in g.datasets
+                        ],
+                    }
+                    for g in groups
+                ]
+            )
+        )
+
+
+class NoticesAPI(web.RequestHandler):
+    """Notices for the token owner's own sessions; identity comes from the hub, no scope is required."""
+
+    def initialize(self, config: ServiceConfig, hub_auth: HubOAuth) -> None:
+        self.config = config
+        self.hub_auth = hub_auth
+
+    def check_xsrf_cookie(self) -> None:  # token-authenticated GET only
+        return None
+
+    async def get(self) -> None:
+        header = self.request.headers.get("Authorization", "")
+        token = header.split(None, 1)[1] if header.lower().startswith(("token ", "bearer ")) else ""
+        model = await self.hub_auth.user_for_token(token, sync=False) if token else None
+        if not model or model.get("kind") != "user":
+            raise web.HTTPError(403, "A user's token is required.")
+        now = datetime.now(timezone.utc)
+        notices = notices_for(
+            model["name"],
+            await self.config.running_sessions(),
+            self.config.store.load(),
+            self.config.policy,
+            now,
+        )
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps({"user": model["name"], "notices": notices}))
+
+
+def _seconds(delta: Any) -> int | None:
+    return int(delta.total_seconds()) if delta is not None else None
+
+
+def make_app(config: ServiceConfig, hub_auth: HubOAuth | None = None) -> web.Application:
+    """The tornado application under ``config.prefix`` (``$JUPYTERHUB_SERVICE_PREFIX``)."""
+    hub_auth = hub_auth or HubOAuth(api_token=config.api_token, cache_max_age=30)
+    prefix = config.prefix
+    handler_args = {"config": config}
+    return web.Application(
+        [
+            (prefix, SessionsPage, handler_args),
+            (url_path_join(prefix, "releases/([a-z0-9][a-z0-9.\\-]*)"), ReleaseAction, handler_args),
+            (url_path_join(prefix, "api/sessions"), SessionsAPI, handler_args),
+            (url_path_join(prefix, "api/notices"), NoticesAPI, {**handler_args, "hub_auth": hub_auth}),
+            (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
+        ],
+        cookie_secret=os.urandom(32),
+        xsrf_cookies=True,
+        hub_auth=hub_auth,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m casaspawner.services",
+        description="The casa-sessions JupyterHub service (run by the hub as a managed service).",
+    )
+    parser.add_argument(
+        "--state-file",
+        default=None,
+        help=f"release drain/retire state (JSON); default ${'CASASPAWNER_RELEASE_STATE'} or ./{default_state_path()}",
+    )
+    parser.add_argument("--catalog", default=None, help="release catalog YAML (default: the bundled one)")
+    parser.add_argument(
+        "--cull-timeout", type=int, default=0, help="the idle culler's --timeout in seconds (0: off)"
+    )
+    parser.add_argument(
+        "--warn-before",
+        type=int,
+        default=600,
+        help="warn users this many seconds before their session is culled",
+    )
+    parser.add_argument(
+        "--ip", default=None, help="address to listen on (default: from $JUPYTERHUB_SERVICE_URL)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)1.1s %(asctime)s casa-sessions] %(message)s")
+    service_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+    token = os.environ.get("JUPYTERHUB_API_TOKEN")
+    if not service_url or not token:
+        print("casa-sessions must be started by JupyterHub as a managed service with a url.", file=sys.stderr)
+        return 2
+    if args.cull_timeout < 0 or args.warn_before < 0:
+        print("--cull-timeout and --warn-before must not be negative.", file=sys.stderr)
+        return 2
+    try:
+        catalog = load_catalog(args.catalog)
+    except CasaspawnerError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    config = ServiceConfig(
+        catalog=catalog,
+        store=ReleaseStateStore(args.state_file or default_state_path()),
+        policy=CullPolicy(args.cull_timeout, args.warn_before),
+        api_url=os.environ["JUPYTERHUB_API_URL"],
+        api_token=token,
+        prefix=os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/casa-sessions/"),
+    )
+    url = urlparse(service_url)
+    ip = args.ip if args.ip is not None else (url.hostname or "127.0.0.1")
+    asyncio.run(_serve(config, ip, url.port or 80))
+    return 0
+
+
+async def _serve(config: ServiceConfig, ip: str, port: int) -> None:
+    server = HTTPServer(make_app(config), xheaders=True)
+    server.listen(port, ip)
+    log.info("casa-sessions on %s:%s (release state %s)", ip, port, config.store.path)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

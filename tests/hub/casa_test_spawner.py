@@ -1,0 +1,30 @@
+"""The spawner of the hub browser tests: the real CASA session logic on a plain local Jupyter server.
+
+``CASASessionMixin`` does everything a CASA spawner decides — the form, option validation, identity from the
+OIDC ``auth_state``, dataset resolution, drained-release refusal, the plan and the ``profile`` summary the
+admin page shows. The session itself is ``jupyterhub-singleuser`` as the hub's own user (no CASA build is
+installed), which is all the hub-side tests need; the token path of the real spawners is checked with
+``CASASpawner``'s own pod and Secret builders in ``test_login.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from jupyterhub.spawner import SimpleLocalProcessSpawner
+
+from casaspawner.spawners.common import CASASessionMixin, LocalDirectoryReader
+
+
+class HubTestSpawner(CASASessionMixin, SimpleLocalProcessSpawner):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dataset_reader = LocalDirectoryReader()
+
+    async def start(self) -> Any:
+        await self.prepare_session()
+        self.default_url = "/tree"  # the plan's /lab or /desktop/ need JupyterLab or a desktop
+        if os.geteuid() == 0:
+            self.args = [*self.args, "--allow-root"]
+        return await super().start()

@@ -1,0 +1,38 @@
+# Test hub: the shipped hub-config/jupyterhub_config.py, plus loopback ports, a temporary database, a test
+# admin service for the tests' API calls, and the test spawner. Started by tests/hub/conftest.py.
+import os
+import sys
+from pathlib import Path
+
+c = get_config()  # noqa: F821
+here = Path(__file__).resolve().parent
+load_subconfig(str(here.parents[1] / "hub-config" / "jupyterhub_config.py"))  # noqa: F821
+
+workdir = Path(os.environ["CASA_TEST_WORKDIR"])
+c.JupyterHub.bind_url = f"http://127.0.0.1:{os.environ['CASA_TEST_PORT']}"
+c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{os.environ['CASA_TEST_HUB_PORT']}"
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{os.environ['CASA_TEST_PROXY_PORT']}"
+c.JupyterHub.db_url = f"sqlite:///{workdir / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(workdir / "cookie_secret")
+c.JupyterHub.pid_file = str(workdir / "jupyterhub.pid")
+c.JupyterHub.log_level = "DEBUG"
+c.JupyterHub.cleanup_servers = True
+
+# The tests' own API client (reads auth_state to check what the login stored).
+c.JupyterHub.services.append({"name": "test-admin", "api_token": os.environ["CASA_TEST_ADMIN_TOKEN"]})
+c.JupyterHub.load_roles.append(
+    {
+        "name": "test-admin",
+        "scopes": ["admin:users", "admin:auth_state", "admin:servers", "admin:groups"],
+        "services": ["test-admin"],
+    }
+)
+
+sys.path.insert(0, str(here))
+from casa_test_spawner import HubTestSpawner  # noqa: E402
+
+c.JupyterHub.spawner_class = HubTestSpawner
+c.Spawner.home_dir_template = str(workdir / "home" / "{username}")
+c.Spawner.start_timeout = 60
+c.Spawner.http_timeout = 60
+c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]

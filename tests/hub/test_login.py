@@ -1,0 +1,113 @@
+"""OIDC login for real: JupyterHub + GenericOAuthenticator (hub-config/jupyterhub_config.py) against
+oidc-provider-mock, through headless Chromium; then the login's auth_state through CASASpawner."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hub_helpers import login
+
+from casaspawner.datasets.synth import write_dataset
+
+pytestmark = pytest.mark.integration
+VALUES = Path(__file__).resolve().parents[2] / "hub-config" / "z2jh" / "values.yaml"
+
+
+@pytest.fixture(scope="module")
+def hub(hub_factory):
+    return hub_factory()
+
+
+@pytest.fixture(scope="module")
+def alice(hub, browser) -> dict[str, Any]:
+    """alice logged in through the browser; her hub model with auth_state."""
+    page = login(browser, hub, "alice")
+    assert page.url.endswith("/hub/spawn"), page.url
+    # The spawn form is casaspawner's (the dataset field), rendered for the freshly logged-in user.
+    assert page.locator("input[name=dataset]").count() == 1
+    page.context.close()
+    return hub.admin("/users/alice")
+
+
+def test_groups_become_hub_groups(hub, alice):
+    assert sorted(alice["groups"]) == ["alma-users", "proj-m87"]
+    assert alice["admin"] is False
+
+
+def test_auth_state_carries_identity_and_token(alice):
+    state = alice["auth_state"]
+    user = state["oauth_user"]
+    assert (user["uid"], user["gid"], user["groups"], user["gids"]) == (41001, 41001, ["alma-users", "proj-m87"], [52001])
+    assert isinstance(state["access_token"], str) and len(state["access_token"]) > 20
+
+
+def test_operators_group_gets_the_operators_role(hub, browser):
+    page = login(browser, hub, "olga")
+    page.context.close()
+    group = hub.admin("/groups/casa-operators")
+    assert "olga" in group["users"]
+    assert group["roles"] == ["casa-operators"]
+
+
+def test_user_outside_allowed_groups_is_refused(hub, browser):
+    page = login(browser, hub, "eve")
+    text = page.locator("body").inner_text()
+    assert "403" in text
+    assert "not in a group allowed to use this CASA hub (alma-users)" in text
+    page.context.close()
+    with pytest.raises(Exception, match="404"):
+        hub.admin("/users/eve")
+
+
+def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
+    """alice's real auth_state through CASASpawner configured by the z2jh values: identity from the OIDC claims
+    in the pod, the access token only in the Secret — never in the pod spec, its environment or the hub log."""
+    kube = pytest.importorskip("casaspawner.spawners.kube")
+    from traitlets.config import Config
+
+    from casaspawner.podcli import _DryRunUser, _offline_kubernetes
+    from casaspawner.spawners.common import LocalDirectoryReader
+
+    token = alice["auth_state"]["access_token"]
+    config = Config()
+    for section in ("CASASessionMixin", "CASASpawner"):
+        for trait, value in yaml.safe_load(VALUES.read_text())["hub"]["config"][section].items():
+            config[section][trait] = value
+    config.CASASessionMixin.storage_hub_path = None
+    dataset = write_dataset(tmp_path / "data", era="cycle10")
+
+    async def build() -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+        spawner = kube.CASASpawner(_mock=True, user=_DryRunUser("alice", alice["auth_state"]), config=config)
+        spawner.dataset_reader = LocalDirectoryReader()
+        spawner.user_options = {"dataset": str(dataset), "interface": "lab"}
+        await spawner.prepare_session()
+        pod, secret = await spawner.session_manifests()
+        return spawner, pod, secret
+
+    # Playwright's sync API owns this thread's event loop: run the spawner in a thread of its own.
+    with _offline_kubernetes(), ThreadPoolExecutor(1) as pool:
+        spawner, pod, secret = pool.submit(asyncio.run, build()).result()
+    full_secret = spawner.token_secret_manifest(pod["metadata"]["name"], "uid-1", token)
+
+    spec = pod["spec"]
+    assert spec["securityContext"]["runAsUser"] == 41001
+    assert spec["securityContext"]["runAsGroup"] == 41001
+    assert 52001 in spec["securityContext"]["supplementalGroups"]
+    container = next(c for c in spec["containers"] if c["name"] == "notebook")
+    assert any("/arc/projects/proj-m87" == m["mountPath"] for m in container["volumeMounts"])
+    token_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == spawner.token_mount_dir)
+    assert token_mount["readOnly"] is True
+    assert token not in json.dumps(pod)  # not in the spec, the environment or the annotations
+    assert all(token not in json.dumps(env) for env in container.get("env", []))
+    assert secret is not None and token not in json.dumps(secret)  # the dry-run Secret carries no data
+    assert base64.b64decode(full_secret["data"]["token"]).decode() == token
+    assert full_secret["metadata"]["ownerReferences"][0]["name"] == pod["metadata"]["name"]
+    assert token not in hub.log()
+    assert alice["auth_state"]["refresh_token"] not in hub.log()
