@@ -1,5 +1,5 @@
 # Hub configuration: z2jh values, the casa-sessions service, OIDC login and admin browser tests (tests/hub).
-APT_PACKAGES += chromium nodejs npm
+APT_PACKAGES += chromium nodejs  # npm comes with the machine's Node 20
 PIP_EXTRAS += hub hubtest
 TEST_PREREQS += hub-chp
 
