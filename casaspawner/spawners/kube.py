@@ -9,6 +9,7 @@ Secret, and KubeSpawner does all Kubernetes API work. Registered as the ``casa``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from typing import Any
@@ -225,13 +226,13 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         except asyncio.TimeoutError:
             return False
         except ApiException as exc:
-            if exc.status == 409:  # left over from an earlier pod of the same name: replace it
-                self.log.info("Replacing the token Secret %s", name)
-                await asyncio.wait_for(
-                    self.api.replace_namespaced_secret(name, self.namespace, manifest),
-                    self.k8s_api_request_timeout,
-                )
-                return True
+            if exc.status == 409:  # left over from an earlier pod of the same name: delete it, create again
+                self.log.info("Deleting the earlier token Secret %s", name)
+                with contextlib.suppress(ApiException, asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        self.api.delete_namespaced_secret(name, self.namespace), self.k8s_api_request_timeout
+                    )
+                return False
             self.log.error("Creating the token Secret %s failed: %s %s", name, exc.status, exc.reason)
             if exc.status >= 500:
                 return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,9 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Emulator, kmock.Server]
     from kubespawner import KubeSpawner
 
     async with Emulator() as emulator, kmock.Server(emulator) as server:
-        emulator.resources.load_bundled()
+        with warnings.catch_warnings():  # kmock 0.8 reads its bundled resources with a deprecated API
+            warnings.simplefilter("ignore", DeprecationWarning)
+            emulator.resources.load_bundled()
         use_kubeconfig(kubeconfig_for(tmp_path / "kubeconfig", str(server.url).rstrip("/")))
         try:
             yield emulator, server
