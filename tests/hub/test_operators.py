@@ -1,0 +1,162 @@
+"""Operators in the browser: JupyterHub's admin page shows each session's CASA build, interface and dataset;
+/services/casa-sessions/ groups sessions by release and dataset, drains and retires releases; drained releases
+are refused at spawn with the operator's message; running users and idle users get notices in their session."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hub_helpers import login
+
+from casaspawner.datasets.synth import write_dataset
+from casaspawner.services.session_notices import NOTICE_FILE
+
+pytestmark = pytest.mark.integration
+DRAINED = "pl-2023.1.0.124"
+DRAINED_LABEL = "CASA 6.5.4-9 (pipeline 2023.1.0.124)"
+OTHER_LABEL = "CASA 6.4.1-12 (pipeline 2022.2.0.64)"
+MESSAGE = "Image rebuild until 18:00 UTC"
+
+
+@pytest.fixture(scope="module")
+def hub(hub_factory):
+    # Cull after an hour, warn from 1 s of idleness on: every session shows the warning quickly, none is culled.
+    return hub_factory(CASA_CULL_TIMEOUT="3600", CASA_CULL_WARN_BEFORE="3599")
+
+
+@pytest.fixture(scope="module")
+def datasets(hub) -> dict[str, Path]:
+    root = hub.workdir / "data"
+    return {"cycle10": write_dataset(root / "a", era="cycle10"), "cycle9": write_dataset(root / "b", era="cycle9")}
+
+
+def spawn(page: Any, hub: Any, user: str, dataset: Path) -> None:
+    page.goto(f"{hub.url}/hub/spawn")
+    page.locator("input[name=dataset]").fill(str(dataset))
+    page.locator("form#spawn_form input[type=submit], form#spawn_form button[type=submit]").first.click()
+    page.wait_for_url(re.compile(rf".*/user/{user}/.*"), timeout=60_000)
+
+
+@pytest.fixture(scope="module")
+def sessions(hub, browser, datasets) -> dict[str, Any]:
+    """alice runs the cycle 10 dataset, bob the cycle 9 one, both spawned through the form."""
+    pages = {}
+    for user, era in (("alice", "cycle10"), ("bob", "cycle9")):
+        page = login(browser, hub, user)
+        spawn(page, hub, user, datasets[era])
+        pages[user] = page
+    return pages
+
+
+@pytest.fixture(scope="module")
+def operator(hub, browser, sessions) -> Any:
+    return login(browser, hub, "olga")
+
+
+def test_admin_page_shows_casa_build_interface_and_dataset(hub, operator, datasets):
+    operator.goto(f"{hub.url}/hub/admin")
+    row = operator.locator("tr", has_text="alice").first
+    row.wait_for()
+    text = row.inner_text()
+    assert f"{DRAINED_LABEL} · JupyterLab · {datasets['cycle10']}" in text
+    assert OTHER_LABEL in operator.locator("tr", has_text="bob").first.inner_text()
+
+
+def test_sessions_are_grouped_by_release_and_dataset(hub, operator, datasets):
+    operator.goto(f"{hub.url}/services/casa-sessions/")
+    operator.locator("#running").wait_for()
+    group = operator.locator(f"section.release-group[data-release='{DRAINED}']")
+    assert DRAINED_LABEL in group.locator("h3").inner_text()
+    table = group.locator(f"table.dataset-group[data-dataset='{datasets['cycle10']}']")
+    row = table.locator("tr.session[data-user='alice']")
+    assert row.count() == 1
+    assert re.fullmatch(r"\d+ (s|min)", row.locator("td.age").inner_text())
+    assert re.fullmatch(r"\d+ (s|min) ago", row.locator("td.idle").inner_text())
+    assert group.locator("tr.session[data-user='bob']").count() == 0
+    other = operator.locator("section.release-group[data-release='pl-2022.2.0.64']")
+    assert other.locator("tr.session[data-user='bob']").count() == 1
+
+
+def test_non_operators_cannot_open_the_sessions_page(hub, sessions):
+    page = sessions["bob"]
+    response = page.goto(f"{hub.url}/services/casa-sessions/")
+    assert response is not None and response.status == 403
+    assert page.locator("tr.session").count() == 0
+
+
+def wait_for_file(path: Path, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    content = ""
+    while time.monotonic() < deadline:
+        content = path.read_text() if path.is_file() else ""
+        if text in content:
+            return content
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} never appeared in {path}: {content!r}")
+
+
+def test_idle_users_are_warned_in_their_session(hub, sessions):
+    content = wait_for_file(hub.workdir / "home" / "bob" / NOTICE_FILE, "will be stopped at about")
+    assert "This session has been idle since" in content
+    assert "after 1 h 00 min without activity" in content
+
+
+def test_drain_notifies_running_users_and_refuses_new_spawns(hub, operator, sessions, datasets):
+    operator.goto(f"{hub.url}/services/casa-sessions/")
+    row = operator.locator(f"tr.release[data-release='{DRAINED}']")
+    row.locator("input[name=message]").fill(MESSAGE)
+    row.locator("button[value=drain]").click()
+    operator.locator("#flash").wait_for()
+    row = operator.locator(f"tr.release[data-release='{DRAINED}']")
+    assert "draining" in row.locator("td.state").inner_text()
+    assert MESSAGE in row.locator("td.state").inner_text()
+    assert "olga" in row.locator("td.state").inner_text()
+    assert operator.locator(f"section.release-group[data-release='{DRAINED}'] .badge.drained").count() == 1
+
+    # alice's running session tells her, in a file her JupyterLab shows; bob's release is not drained.
+    notice = wait_for_file(hub.workdir / "home" / "alice" / NOTICE_FILE, "is being drained")
+    assert f"{DRAINED_LABEL}, which this session runs, is being drained by the operators: {MESSAGE}" in notice
+    alice = sessions["alice"]
+    alice.goto(f"{hub.url}/user/alice/files/{NOTICE_FILE}")
+    assert MESSAGE in alice.locator("body").inner_text()
+    assert "drained" not in (hub.workdir / "home" / "bob" / NOTICE_FILE).read_text()
+
+    # A new session of the drained release is refused on the form, with the operator's message.
+    hub.admin("/users/alice/server", method="DELETE")
+    deadline = time.monotonic() + 30
+    while hub.admin("/users/alice")["servers"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    alice.goto(f"{hub.url}/hub/spawn")
+    alice.locator("input[name=dataset]").fill(str(datasets["cycle10"]))
+    alice.locator("form#spawn_form input[type=submit], form#spawn_form button[type=submit]").first.click()
+    alice.wait_for_load_state("networkidle")
+    body = alice.locator("body").inner_text()
+    assert f"{DRAINED_LABEL} is being drained by the operators and cannot be started now: {MESSAGE}" in body
+    assert not hub.admin("/users/alice")["servers"]
+
+    # The other release still starts.
+    spawn(alice, hub, "alice", datasets["cycle9"])
+
+
+def test_retire_marks_the_release_in_the_catalog_view(hub, operator):
+    operator.goto(f"{hub.url}/services/casa-sessions/")
+    row = operator.locator("tr.release[data-release='pl-2020.1.0.40']")
+    row.locator("button[value=retire]").click()
+    operator.locator("#flash").wait_for()
+    state = operator.locator("tr.release[data-release='pl-2020.1.0.40'] td.state").inner_text()
+    assert "retired" in state and "draining" not in state
+
+
+def test_notices_api_needs_a_user_token(hub):
+    service = hub.env["CASA_SESSIONS_URL"]
+    import urllib.request
+
+    request = urllib.request.Request(f"{service}/services/casa-sessions/api/notices")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
