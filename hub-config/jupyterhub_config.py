@@ -66,7 +66,7 @@ c.CASASessionMixin.uid_claim = "oauth_user.uid"
 c.CASASessionMixin.gid_claim = "oauth_user.gid"
 c.CASASessionMixin.groups_claim = "oauth_user.groups"
 c.CASASessionMixin.supplemental_gids_claim = "oauth_user.gids"
-c.CASASessionMixin.access_token_claim = "access_token"
+c.CASASessionMixin.access_token_claim = "access_token"  # noqa: S105 - a key name, not a secret
 
 # ------------------------------------------------------------------------------ sessions and operators
 state_file = os.environ.get("CASASPAWNER_RELEASE_STATE", os.path.abspath("casa-release-state.json"))

@@ -44,7 +44,12 @@ def test_groups_become_hub_groups(hub, alice):
 def test_auth_state_carries_identity_and_token(alice):
     state = alice["auth_state"]
     user = state["oauth_user"]
-    assert (user["uid"], user["gid"], user["groups"], user["gids"]) == (41001, 41001, ["alma-users", "proj-m87"], [52001])
+    assert (user["uid"], user["gid"], user["groups"], user["gids"]) == (
+        41001,
+        41001,
+        ["alma-users", "proj-m87"],
+        [52001],
+    )
     assert isinstance(state["access_token"], str) and len(state["access_token"]) > 20
 
 
@@ -101,7 +106,7 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     assert spec["securityContext"]["runAsGroup"] == 41001
     assert 52001 in spec["securityContext"]["supplementalGroups"]
     container = next(c for c in spec["containers"] if c["name"] == "notebook")
-    assert any("/arc/projects/proj-m87" == m["mountPath"] for m in container["volumeMounts"])
+    assert any(m["mountPath"] == "/arc/projects/proj-m87" for m in container["volumeMounts"])
     token_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == spawner.token_mount_dir)
     assert token_mount["readOnly"] is True
     assert token not in json.dumps(pod)  # not in the spec, the environment or the annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ def hub(hub_factory):
 @pytest.fixture(scope="module")
 def datasets(hub) -> dict[str, Path]:
     root = hub.workdir / "data"
-    return {"cycle10": write_dataset(root / "a", era="cycle10"), "cycle9": write_dataset(root / "b", era="cycle9")}
+    return {
+        "cycle10": write_dataset(root / "a", era="cycle10"),
+        "cycle9": write_dataset(root / "b", era="cycle9"),
+    }
 
 
 def spawn(page: Any, hub: Any, user: str, dataset: Path) -> None:
@@ -154,8 +158,6 @@ def test_retire_marks_the_release_in_the_catalog_view(hub, operator):
 
 def test_notices_api_needs_a_user_token(hub):
     service = hub.env["CASA_SESSIONS_URL"]
-    import urllib.request
-
     request = urllib.request.Request(f"{service}/services/casa-sessions/api/notices")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
