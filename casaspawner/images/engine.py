@@ -386,7 +386,7 @@ def build_command(tools: Tools, recipe: Recipe, context: Path, digest: str) -> l
     labels = {**recipe.labels, INPUT_HASH_LABEL: digest}
     containerfile = str(context / recipe.containerfile)
     if tools.builder == "buildah":
-        argv = ["buildah", "bud", "--layers", "-f", containerfile, "-t", recipe.image]
+        argv = ["buildah", "bud", "--layers", "--network", "host", "-f", containerfile, "-t", recipe.image]
         if tools.isolation:
             argv += ["--isolation", tools.isolation]
         if tools.ca_bundle:
@@ -395,7 +395,7 @@ def build_command(tools: Tools, recipe: Recipe, context: Path, digest: str) -> l
     else:
         if tools.ca_bundle:
             raise ImageBuildError("docker build cannot mount a CA bundle; use buildah or --ca-bundle none.")
-        argv = ["docker", "build", "-f", containerfile, "-t", recipe.image]
+        argv = ["docker", "build", "--network", "host", "-f", containerfile, "-t", recipe.image]
     for key, value in args.items():
         argv += ["--build-arg", f"{key}={value}"]
     for key, value in labels.items():

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from casaspawner.images.engine import Tools
 from casaspawner.images.matrix import MEASURES_MOUNT, ImageBuildError
 
@@ -244,11 +246,52 @@ def get_status(url: str, token: str) -> int:
         return int(exc.code)
 
 
-def home_dir(root: Path | None = None, uid: int = 54321, gid: int = 54321) -> Path:
-    """A fresh HOME directory on the host owned by the session uid (as a storage mount would be)."""
-    path = Path(tempfile.mkdtemp(prefix="casaspawner-home-", dir=root))
+def chown(path: Path, uid: int = 54321, gid: int = 54321) -> None:
+    """Give ``path`` to the session uid, as a storage volume would be (inside podman's namespace if rootless)."""
     try:
         os.chown(path, uid, gid)
-    except PermissionError:  # rootless: chown inside podman's user namespace
+    except PermissionError:
         subprocess.run(["podman", "unshare", "chown", f"{uid}:{gid}", str(path)], check=True)
+
+
+def home_dir(root: Path | None = None, uid: int = 54321, gid: int = 54321) -> Path:
+    """A fresh HOME directory on the host owned by the session uid."""
+    path = Path(tempfile.mkdtemp(prefix="casaspawner-home-", dir=root))
+    chown(path, uid, gid)
     return path
+
+
+@contextmanager
+def kube_play(tools: Tools, manifest: Path, timeout: float = 120) -> Iterator[str]:
+    """Run a pod manifest with ``podman kube play`` (no network but loopback); yields the pod name."""
+    pod = yaml.safe_load(manifest.read_text())
+    name = str(pod["metadata"]["name"])
+    tools.run(
+        tools.container("kube", "play", "--replace", "--network", "none", str(manifest)), timeout=timeout
+    )
+    try:
+        yield name
+    finally:
+        tools.run(tools.container("kube", "down", str(manifest)), check=False, timeout=timeout)
+
+
+def exec_http(tools: Tools, container: str, url: str, timeout: float = 120) -> str:
+    """GET ``url`` from inside ``container`` (its own loopback), retrying until it answers; returns the body."""
+    code = "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        result = tools.run(tools.container("exec", container, "python3", "-c", code, url), check=False)
+        if result.returncode == 0:
+            return result.stdout
+        last = _last_error(result.stderr)
+        time.sleep(2)
+    logs = tools.run(tools.container("logs", container), check=False)
+    raise ImageBuildError(
+        f"{url} did not answer in {container} ({last}): {(logs.stdout + logs.stderr)[-1500:]}"
+    )
+
+
+def _last_error(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"

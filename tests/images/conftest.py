@@ -1,0 +1,89 @@
+"""Fixtures for the ``images`` tier: real buildah/podman builds on an mmdebstrap Debian base.
+
+Builds go through the real ``casaspawner images build`` command and reuse images whose input hash is
+unchanged, so a warm run only re-runs the checks. Caches live under ``~/.cache/casaspawner/images``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from casaspawner.catalog import Catalog
+from casaspawner.images import engine
+from casaspawner.images.matrix import MatrixOptions, Recipe, build_matrix
+
+REGISTRY = "localhost/casaspawner"
+MODULAR = "casa-6.6.5-31"
+CASADATA = "casadata==2025.9.22"  # measures data for the tests, mounted read-only like the shared volume
+
+
+def images_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    """``casaspawner images ARGS`` in a subprocess, as an operator (or make) runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "casaspawner.images", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def build(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    result = images_cli("build", "--base", "local", *args)
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(scope="session")
+def tools() -> engine.Tools:
+    for tool in ("buildah", "podman", "mmdebstrap"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed (`make deps` installs it)")
+    return engine.detect_tools()
+
+
+@pytest.fixture(scope="session")
+def built(tools: engine.Tools, catalog: Catalog) -> dict[str, Recipe]:
+    """The session image and one modular CASA image, built (or reused) with the real CLI."""
+    result, seconds = build("--registry", REGISTRY, "--release", MODULAR)
+    assert result.returncode == 0, result.stderr + result.stdout
+    print(f"\n[images] session + {MODULAR}: {seconds:.0f} s\n{result.stdout}")
+    recipes = build_matrix(catalog, MatrixOptions(registry=REGISTRY), [MODULAR])
+    probe = engine.detect_tools(probe_image=recipes[0].image)
+    tools.env, tools.run_flags = probe.env, probe.run_flags
+    return {r.name: r for r in recipes}
+
+
+@pytest.fixture(scope="session")
+def measures() -> Path:
+    """The ``casadata`` package's data directory (installed once into the cache), as a measures tree."""
+    target = engine.CACHE_DIR / "casadata" / CASADATA.replace("==", "-")
+    if not (target / "casadata").is_dir():
+        partial = target.with_suffix(".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        pip: Sequence[str] = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(partial),
+        ]
+        subprocess.run([*pip, CASADATA], check=True, timeout=900)
+        partial.rename(target)
+    found = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import casadata; print(casadata.datapath)",
+         str(target)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    path = Path(found)
+    assert (path / "geodetic").is_dir(), f"casadata has no geodetic tables at {path}"
+    return path
