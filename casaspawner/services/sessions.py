@@ -183,6 +183,11 @@ class CullPolicy:
         )
 
 
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 def notices_for(
     username: str,
     sessions: Iterable[Session],
@@ -199,7 +204,7 @@ def notices_for(
         if state is not None and state.drained:
             text = (
                 f"{session.release_label}, which this session runs, is being drained by the operators"
-                + (f": {state.message}" if state.message else ".")
+                + (f": {_sentence(state.message)}" if state.message else ".")
                 + " This session keeps running; new sessions of this release cannot be started, so save your"
                 " work and start your next session with another release."
             )

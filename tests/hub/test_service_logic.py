@@ -1,0 +1,176 @@
+"""The casa-sessions service's pure parts: release state file, grouping, notices, the in-session notice file."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from casaspawner.errors import InvalidInput
+from casaspawner.services.sessions import (
+    CullPolicy,
+    format_duration,
+    group_sessions,
+    notices_for,
+    parse_time,
+    release_of,
+    sessions_from_users,
+)
+from casaspawner.services.session_notices import NOTICE_FILE, render_notices, sync_notice_file
+from casaspawner.services.state import ReleaseState, ReleaseStateStore, drain_blocker
+
+NOW = datetime(2026, 11, 23, 20, 0, tzinfo=timezone.utc)
+
+
+def server(
+    profile: str, dataset: str, started: datetime, active: datetime, **extra: object
+) -> dict[str, object]:
+    return {
+        "started": started.isoformat(),
+        "last_activity": active.isoformat().replace("+00:00", "Z"),
+        "ready": True,
+        "user_options": {"profile": profile, "dataset": dataset, "interface": "lab", **extra},
+    }
+
+
+@pytest.fixture
+def users(catalog) -> list[dict[str, object]]:
+    pl = catalog.get("pl-2023.1.0.124").label
+    other = catalog.get("pl-2022.2.0.64").label
+    return [
+        {"name": "alice", "servers": {"": server(f"{pl} · JupyterLab · ds1 · exact", "ds1", NOW - timedelta(hours=2), NOW - timedelta(minutes=55))}},
+        {"name": "bob", "servers": {"": server(f"{pl} · JupyterLab · ds1 · exact", "ds1", NOW - timedelta(minutes=5), NOW)}},
+        {"name": "carol", "servers": {"m87": server(f"{other} · CASA desktop · ds2 · exact", "ds2", NOW - timedelta(days=1), NOW)}},
+        {"name": "dave", "servers": {"": {"started": None, "pending": None, "user_options": {}}}},  # stopped
+        {"name": "erin", "servers": {"": {"started": NOW.isoformat(), "user_options": {}}}},  # not a CASA server
+    ]  # fmt: skip
+
+
+def test_state_store_round_trip_and_history(tmp_path):
+    store = ReleaseStateStore(tmp_path / "sub" / "state.json")
+    assert store.load() == {}
+    store.update("pl-2023.1.0.124", by="olga", drained=True, message="rebuild")
+    store.update("casa-4.2.2", by="olga", retired=True)
+    states = store.load()
+    assert states["pl-2023.1.0.124"].drained and states["pl-2023.1.0.124"].message == "rebuild"
+    assert states["casa-4.2.2"].retired and not states["casa-4.2.2"].drained
+    assert set(store.drained()) == {"pl-2023.1.0.124"}
+    store.update("pl-2023.1.0.124", by="olga", drained=False, message="")
+    assert "pl-2023.1.0.124" not in json.loads(store.path.read_text())["releases"]  # nothing left to say
+    assert list(tmp_path.joinpath("sub").iterdir()) == [store.path]  # no temporary files left behind
+
+
+@pytest.mark.parametrize("message", ["x" * 301, "two\nlines"])
+def test_state_store_refuses_bad_messages(tmp_path, message):
+    with pytest.raises(InvalidInput, match="one line"):
+        ReleaseStateStore(tmp_path / "s.json").update("casa-4.2.2", by="o", drained=True, message=message)
+
+
+def test_unreadable_state_is_one_sentence_and_blocks_nothing(tmp_path, catalog):
+    path = tmp_path / "s.json"
+    path.write_text("{not json")
+    with pytest.raises(InvalidInput, match="cannot be read"):
+        ReleaseStateStore(path).load()
+    logged = []
+
+    class Log:
+        def error(self, *args):
+            logged.append(args)
+
+    class Spawner:
+        log = Log()
+
+        def casa_catalog(self):
+            return catalog
+
+    assert drain_blocker(path)(Spawner()) == {}
+    assert logged
+
+
+def test_drain_blocker_names_the_release_and_reads_every_time(tmp_path, catalog):
+    path = tmp_path / "s.json"
+    blocked = drain_blocker(path)
+
+    class Spawner:
+        log = None
+
+        def casa_catalog(self):
+            return catalog
+
+    assert blocked(Spawner()) == {}
+    ReleaseStateStore(path).update("casa-6.6.5-31", by="olga", drained=True)
+    assert blocked(Spawner()) == {
+        "casa-6.6.5-31": "CASA 6.6.5-31 is being drained by the operators and cannot be started now; "
+        "choose another release or try again later."
+    }
+
+
+def test_release_of_prefers_explicit_id_then_label_then_unique_casa(catalog):
+    assert release_of({"casa_release": "casa-4.2.2"}, catalog).id == "casa-4.2.2"
+    label = catalog.get("pl-2023.1.0.124").label
+    assert release_of({"profile": f"{label} · JupyterLab · x · exact"}, catalog).id == "pl-2023.1.0.124"
+    assert release_of({"casa_version": "6.7.0-31"}, catalog).id == "casa-6.7.0-31"
+    assert release_of({"profile": "something else"}, catalog) is None
+
+
+def test_sessions_grouped_by_release_then_dataset(users, catalog):
+    sessions = sessions_from_users(users, catalog)
+    assert {s.user for s in sessions} == {"alice", "bob", "carol", "erin"}
+    states = {"pl-2023.1.0.124": ReleaseState(drained=True)}
+    groups = group_sessions(sessions, states)
+    assert [g.release_id for g in groups] == ["pl-2023.1.0.124", "pl-2022.2.0.64", "unknown"]
+    first = groups[0]
+    assert first.state.drained and first.count == 2
+    assert [s.user for s in first.datasets[0].sessions] == ["alice", "bob"]  # oldest first
+    assert groups[1].datasets[0].sessions[0].server == "m87"
+    alice = first.datasets[0].sessions[0]
+    assert format_duration(alice.age(NOW)) == "2 h 00 min"
+    assert format_duration(alice.idle(NOW)) == "55 min"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(40, "40 s"), (420, "7 min"), (7500, "2 h 05 min"), (273600, "3 d 4 h")]
+)
+def test_format_duration(seconds, text):
+    assert format_duration(timedelta(seconds=seconds)) == text
+    assert format_duration(None) == "—"
+
+
+def test_parse_time_accepts_hub_timestamps():
+    assert parse_time("2026-11-23T20:00:00.123Z") == NOW + timedelta(milliseconds=123)
+    assert parse_time("2026-11-23T20:00:00") == NOW
+    assert parse_time("yesterday") is None and parse_time(None) is None
+
+
+def test_notices_for_drains_and_upcoming_culls(users, catalog):
+    sessions = sessions_from_users(users, catalog)
+    states = {"pl-2023.1.0.124": ReleaseState(drained=True, message="image rebuild")}
+    policy = CullPolicy(timeout=3600, warn_before=600)
+    alice = notices_for("alice", sessions, states, policy, NOW)
+    assert [n["kind"] for n in alice] == ["drain", "cull"]
+    assert "is being drained by the operators: image rebuild." in alice[0]["text"]
+    assert "idle since 19:05 UTC and will be stopped at about 20:05 UTC" in alice[1]["text"]
+    assert [n["kind"] for n in notices_for("bob", sessions, states, policy, NOW)] == ["drain"]  # active
+    assert notices_for("carol", sessions, states, policy, NOW) == []
+    assert notices_for("alice", sessions, {}, CullPolicy(timeout=0), NOW) == []  # culling off
+
+
+def test_notice_file_is_written_updated_and_removed(tmp_path):
+    notices = [{"server": "", "kind": "drain", "text": "A"}, {"server": "m87", "kind": "cull", "text": "B"}]
+    content = render_notices(notices, "")
+    assert content is not None and "- A" in content and "- B" not in content
+    assert sync_notice_file(tmp_path, content) is True
+    assert sync_notice_file(tmp_path, content) is False
+    assert (tmp_path / NOTICE_FILE).read_text() == content
+    assert sync_notice_file(tmp_path, render_notices([], "")) is True
+    assert not (tmp_path / NOTICE_FILE).exists()
+
+
+def test_notice_file_never_touches_a_users_own_file(tmp_path: Path):
+    own = tmp_path / NOTICE_FILE
+    own.write_text("my notes")
+    assert sync_notice_file(tmp_path, "# notices\n") is False
+    assert sync_notice_file(tmp_path, None) is False
+    assert own.read_text() == "my notes"
