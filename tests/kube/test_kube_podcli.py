@@ -1,0 +1,191 @@
+"""``casaspawner pod``: the dry run's output, checked independently (Kubernetes schema + restricted PSS)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from pss import restricted_violations
+
+from casaspawner.cli import main
+from casaspawner.datasets.synth import write_dataset
+
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("datasets")
+    return {
+        era: write_dataset(root / era, era)
+        for era in ("cycle2-manual", "cycle3-pipeline", "cycle5", "cycle7", "cycle10", "cycle11")
+    }
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["pod", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def base_args(dataset: Path | str, *extra: str) -> list[str]:
+    return ["--user", "alice", "--uid", "1001", "--gid", "1001", "--dataset", str(dataset), *extra]
+
+
+def check_items(listing: dict) -> tuple[dict, dict | None]:
+    """Independent checks of the dry run's output: schema, restricted profile, no token anywhere."""
+    assert listing["kind"] == "List"
+    pod, *rest = listing["items"]
+    assert pod["kind"] == "Pod"
+    for item in listing["items"]:
+        kubernetes_validate.validate(item, K8S_VERSION, strict=True)
+    assert restricted_violations(pod) == {}
+    assert "dry-run-placeholder" not in json.dumps(listing)
+    secret = rest[0] if rest else None
+    if secret is not None:
+        assert secret["kind"] == "Secret" and "data" not in secret and "stringData" not in secret
+    return pod, secret
+
+
+ERA_RELEASES = {
+    "cycle2-manual": "4.2.2",
+    "cycle3-pipeline": "4.5.3",
+    "cycle5": "5.1.1-5",
+    "cycle7": "6.1.1-15",
+    "cycle10": "6.5.4-9",
+    "cycle11": "6.6.1-17",
+}
+
+
+@pytest.mark.parametrize("interface", ["lab", "desktop"])
+@pytest.mark.parametrize("era", sorted(ERA_RELEASES))
+def test_dry_run_json(capsys, trees, era, interface):
+    code, out, err = run(
+        capsys, *base_args(trees[era], "--group", "proja", "--interface", interface, "--json")
+    )
+    assert (code, err) == (0, "")
+    pod, secret = check_items(json.loads(out))
+    container = pod["spec"]["containers"][0]
+    assert container["image"].split(":")[1].startswith(ERA_RELEASES[era])
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["JUPYTERHUB_DEFAULT_URL"] == {"lab": "/lab", "desktop": "/desktop/"}[interface]
+    assert env["CASASPAWNER_CASA"].startswith(ERA_RELEASES[era])
+    mounts = {m["mountPath"]: m.get("subPath") for m in container["volumeMounts"]}
+    assert mounts["/arc/projects/proja"] == "projects/proja" and mounts["/arc/home/alice"] == "home/alice"
+    assert secret is not None and secret["metadata"]["name"] == "jupyter-alice-token"
+    token_volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "casa-token")
+    assert token_volume["secret"]["secretName"] == secret["metadata"]["name"]
+
+
+def test_dry_run_yaml_and_no_token(capsys, trees):
+    code, out, _ = run(capsys, *base_args(trees["cycle10"]))
+    documents = list(yaml.safe_load_all(out))
+    assert code == 0 and [d["kind"] for d in documents] == ["Pod", "Secret"]
+    code, out, _ = run(capsys, *base_args(trees["cycle10"], "--no-token", "--json"))
+    pod, secret = check_items(json.loads(out))
+    assert secret is None and "casa-token" not in {v["name"] for v in pod["spec"]["volumes"]}
+
+
+def test_dry_run_with_hub_config(capsys, trees, tmp_path):
+    config = tmp_path / "jupyterhub_config.py"
+    config.write_text(
+        textwrap.dedent(
+            """
+            from casaspawner.datasets.synth import ERAS, manifest_xml
+            from pathlib import Path
+
+            class Archive:
+                name = "fixture-archive"
+
+                def fetch_manifest(self, identifier):
+                    path = Path(__file__).parent / "archive" / "member.pipeline_manifest.xml"
+                    path.parent.mkdir(exist_ok=True)
+                    path.write_text(manifest_xml(ERAS["cycle9"]))
+                    return path
+
+            c.KubeSpawner.extra_labels = {"hub.jupyter.org/network-access-hub": "true"}
+            c.CASASpawner.image_registry = "registry.example.org/alma"
+            c.CASASpawner.storage_volume = {"csi": {"driver": "nfs.csi.k8s.io", "volumeAttributes": {"share": "/"}}}
+            c.CASASpawner.archive_client = Archive()
+            c.CASASpawner.session_sizes = {"tiny": {"cpu_limit": 1, "mem_limit": "2G", "description": "1 CPU"}}
+            c.CASASpawner.default_size = "tiny"
+            """
+        )
+    )
+    code, out, err = run(capsys, *base_args("uid://A001/X2d20/X3ee5", "--config", str(config), "--json"))
+    assert (code, err) == (0, "")
+    pod, _ = check_items(json.loads(out))
+    assert pod["metadata"]["labels"]["hub.jupyter.org/network-access-hub"] == "true"
+    assert (
+        pod["spec"]["containers"][0]["image"]
+        == "registry.example.org/alma/casa:6.4.1-12-pipeline-2022.2.0.64"
+    )
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == 2 * 1024**3
+    assert {
+        "name": "casa-storage",
+        "csi": {"driver": "nfs.csi.k8s.io", "volumeAttributes": {"share": "/"}},
+    } in pod["spec"]["volumes"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--uid", "0"], "Sessions never run as root; give a --uid other than 0."),
+        (["--dataset", "/nonexistent/dataset"], "There is no dataset directory at '/nonexistent/dataset'."),
+        (["--release", "casa-99"], "'casa-99' is not a CASA release this hub knows."),
+        (["--size", "huge"], "'huge' is not a session size; choose one of small, medium, large."),
+        (["--group", "bad group"], "'bad group' is not a usable group name."),
+    ],
+)
+def test_bad_input_exit_2_one_line(capsys, trees, args, message):
+    code, out, err = run(capsys, *base_args(trees["cycle10"]), *args)
+    assert (code, out) == (2, "")
+    assert err == f"casaspawner: {message}\n"
+
+
+def test_bad_config_exit_2_one_line(capsys, trees, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("c.CASASpawner.storage_volume = {\n")
+    code, _, err = run(capsys, *base_args(trees["cycle10"], "--config", str(broken)))
+    assert code == 2 and err.startswith(f"casaspawner: The config file {broken} could not be loaded (")
+    assert err.count("\n") == 1
+    host_path = tmp_path / "hostpath.py"
+    host_path.write_text('c.CASASpawner.storage_volume = {"hostPath": {"path": "/srv/cavern"}}\n')
+    code, _, err = run(capsys, *base_args(trees["cycle10"], "--config", str(host_path)))
+    assert code == 2 and "inline hostPath volume, which the restricted Pod Security Standard forbids" in err
+    code, _, err = run(capsys, *base_args(trees["cycle10"], "--config", str(tmp_path / "missing.py")))
+    assert (code, err) == (2, f"casaspawner: The config file {tmp_path / 'missing.py'} does not exist.\n")
+
+
+def test_command_line_entry_point(trees):
+    """The installed command, as an operator runs it (a separate process, no cluster anywhere)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "casaspawner",
+            "pod",
+            *base_args(trees["cycle11"], "--interface", "desktop", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(trees["cycle11"].parents[4]), "KUBECONFIG": "/nonexistent"},
+    )
+    assert result.returncode == 0, result.stderr
+    pod, secret = check_items(json.loads(result.stdout))
+    assert secret is not None
+    assert pod["metadata"]["labels"]["casaspawner.io/interface"] == "desktop"
+    bad = subprocess.run(
+        [sys.executable, "-m", "casaspawner", "pod", *base_args(trees["cycle11"], "--interface", "vnc")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice: 'vnc'" in bad.stderr
