@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from casaspawner.errors import InvalidInput
+from casaspawner.services.session_notices import NOTICE_FILE, render_notices, sync_notice_file
 from casaspawner.services.sessions import (
     CullPolicy,
     format_duration,
@@ -18,7 +19,6 @@ from casaspawner.services.sessions import (
     release_of,
     sessions_from_users,
 )
-from casaspawner.services.session_notices import NOTICE_FILE, render_notices, sync_notice_file
 from casaspawner.services.state import ReleaseState, ReleaseStateStore, drain_blocker
 
 NOW = datetime(2026, 11, 23, 20, 0, tzinfo=timezone.utc)
