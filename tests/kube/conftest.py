@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -27,11 +28,21 @@ def use_kubeconfig(path: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _placeholder_kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """KubeSpawner loads a kubeconfig when constructed; these tests never contact the placeholder server."""
+def _placeholder_kubeconfig(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """KubeSpawner loads a kubeconfig when constructed; these tests never contact the placeholder server.
+
+    Tests marked ``k8s`` keep the real ``KUBECONFIG``.
+    """
     from kubernetes_asyncio.config import kube_config
 
     previous = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+    if request.node.get_closest_marker("k8s"):
+        use_kubeconfig(Path(os.environ.get("KUBECONFIG", previous)))
+        yield
+        use_kubeconfig(Path(previous))
+        return
     path = tmp_path_factory.getbasetemp() / "placeholder-kubeconfig"
     path.write_text(PLACEHOLDER_KUBECONFIG)
     use_kubeconfig(path)
