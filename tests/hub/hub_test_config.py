@@ -23,7 +23,14 @@ c.JupyterHub.services.append({"name": "test-admin", "api_token": os.environ["CAS
 c.JupyterHub.load_roles.append(
     {
         "name": "test-admin",
-        "scopes": ["admin:users", "admin:auth_state", "admin:servers", "admin:groups"],
+        "scopes": [
+            "admin:users",
+            "admin:auth_state",
+            "admin:servers",
+            "admin:groups",
+            "read:services",
+            "read:roles:services",
+        ],
         "services": ["test-admin"],
     }
 )
