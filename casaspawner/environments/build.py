@@ -156,6 +156,7 @@ class EnvironmentManager:
         extra_packages: Sequence[str] = EXTRA_PACKAGES,
         search_path: str | None = None,
         probe_timeout: float = 5.0,
+        shared: bool | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.configured_measures = Path(measures_path) if measures_path else None
@@ -164,6 +165,8 @@ class EnvironmentManager:
         self.extra_packages = list(extra_packages)
         self.search_path = search_path
         self.probe_timeout = probe_timeout
+        # A hub running as root serves sessions of other users: everything must be usable by them.
+        self.shared = os.geteuid() == 0 if shared is None else shared
         self._reachable: dict[str, tuple[float, str | None]] = {}
 
     # ------------------------------------------------------------------ lookups
@@ -178,7 +181,11 @@ class EnvironmentManager:
     def ready(self, release: Release) -> CasaEnvironment | None:
         """The finished environment for ``release``, or None if it was never built."""
         root = self.path_for(release)
-        return CasaEnvironment.load(root) if (root / _META).is_file() else None
+        if not (root / _META).is_file():
+            return None
+        if self.shared and not json.loads((root / _META).read_text()).get("shared"):
+            return None  # built from a private interpreter: rebuilt for other users
+        return CasaEnvironment.load(root)
 
     def tarball_url(self, release: Release) -> str | None:
         if release.tarball is None:
@@ -214,12 +221,17 @@ class EnvironmentManager:
                 return _Method("tarball")
             problems.append(f"its tarball {url} is unreachable ({problem})")
         if release.wheels is not None:
-            found = find_python(release.wheels.python, self.search_path)
+            found = find_python(release.wheels.python, self.search_path, shared=self.shared)
             if found is not None:
                 return _Method("wheels", found[0], found[1])
-            problems.append(
-                f"its wheels need Python {' or '.join(release.wheels.python)}, which this machine does not have"
-            )
+            wanted = f"its wheels need Python {' or '.join(release.wheels.python)}"
+            private = find_python(release.wheels.python, self.search_path) if self.shared else None
+            if private is not None:
+                problems.append(
+                    f"{wanted}, and the only one here ({private[0]}) cannot be run by other users"
+                )
+            else:
+                problems.append(f"{wanted}, which this machine does not have")
         if not problems:
             problems.append("ALMA published no tarball or wheels for it")
         raise EnvironmentBuildError(
@@ -275,7 +287,7 @@ class EnvironmentManager:
                 async for message in steps:
                     yield message
                 os.chmod(staging, 0o755)  # noqa: S103 - sessions of every user read it
-                os.rename(staging, self.path_for(release))
+                _replace_dir(staging, self.path_for(release))
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
@@ -378,9 +390,52 @@ class EnvironmentManager:
             "casa_home": str(casa_home),
             "measures": str(measures),
             "kernel_site": str(kernel_site) if kernel_site else None,
+            "shared": self.shared,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / _META).write_text(json.dumps(meta, indent=1))
+
+    # ------------------------------------------------------------------ the UI environment
+
+    async def ensure_ui(self, requirements: Sequence[str]) -> AsyncIterator[str]:
+        """A venv with the Jupyter server side (``requirements``) every user can run; see :meth:`ui_prefix`."""
+        target = self.ui_prefix(requirements)
+        if (target / "bin" / "jupyterhub-singleuser").exists():
+            return
+        base = target.parent
+        base.mkdir(parents=True, exist_ok=True)
+        async with _locked(base / f"{target.name}.lock"):
+            if (target / "bin" / "jupyterhub-singleuser").exists():
+                return
+            found = find_python(["3.13", "3.12", "3.11", "3.10"], self.search_path, shared=self.shared)
+            if found is None:
+                raise EnvironmentBuildError(
+                    "No Python 3.10 or newer that every user can run was found for the sessions' Jupyter server."
+                )
+            yield f"Preparing the sessions' Jupyter environment (Python {found[1]}, once per hub)."
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=base))
+            try:
+                await _run([str(found[0]), "-m", "venv", str(staging)], "Creating the Jupyter environment")
+                # Scripts' shebangs name the final path: install at the staging path, then fix them on rename.
+                await _run(
+                    [str(staging / "bin" / "python"), "-m", "pip", "install", "--no-input",
+                     "--disable-pip-version-check", *self.pip_args, *requirements],
+                    "Installing the Jupyter environment",
+                )  # fmt: skip
+                for script in (staging / "bin").iterdir():
+                    if script.is_file() and not script.is_symlink():
+                        data = script.read_bytes()
+                        if data.startswith(b"#!" + str(staging).encode()):
+                            script.write_bytes(data.replace(str(staging).encode(), str(target).encode(), 1))
+                os.chmod(staging, 0o755)  # noqa: S103 - every session runs it
+                _replace_dir(staging, target)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+
+    def ui_prefix(self, requirements: Sequence[str]) -> Path:
+        key = hashlib.sha256("\n".join(sorted(requirements)).encode()).hexdigest()[:12]
+        return self.cache_dir / "ui" / key
 
     # ------------------------------------------------------------------ measures
 
@@ -434,6 +489,15 @@ def site_config_text(measures: Path) -> str:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target`` by rename; a stale ``target`` is moved aside first, then removed."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.rename(target, old / "env")
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(new, target)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,11 +40,24 @@ def _uv_python(version: str) -> Path | None:
     return Path(text) if out.returncode == 0 and text else None
 
 
+def world_usable(path: str | os.PathLike[str]) -> bool:
+    """Whether every user can reach and read ``path`` (all parent directories searchable by others)."""
+    real = Path(os.path.realpath(path))
+    try:
+        if not real.stat().st_mode & stat.S_IROTH:
+            return False
+        return all(parent.stat().st_mode & stat.S_IXOTH for parent in real.parents)
+    except OSError:
+        return False
+
+
 def candidates(version: str, path: str | None = None) -> Iterator[Path]:
-    """Interpreters that claim to be Python ``version`` ("3.11"), best first."""
-    found = shutil.which(f"python{version}", path=path)
-    if found:
-        yield Path(found)
+    """Interpreters that claim to be Python ``version`` ("3.11"), best first: PATH, pyenv, uv."""
+    search = (path if path is not None else os.environ.get("PATH", "")).split(os.pathsep)
+    for directory in [*search, "/usr/local/bin", "/usr/bin"]:
+        found = shutil.which(f"python{version}", path=directory) if directory else None
+        if found:
+            yield Path(found)
     root = _pyenv_root()
     if root is not None:
         for match in sorted(glob.glob(str(root / "versions" / f"{version}*" / "bin" / f"python{version}"))):
@@ -53,21 +67,40 @@ def candidates(version: str, path: str | None = None) -> Iterator[Path]:
         yield uv
 
 
-def _works(python: Path, version: str) -> bool:
-    """The interpreter runs, is the version asked for, and can make virtual environments."""
-    probe = "import sys, venv, ensurepip; print('%d.%d' % sys.version_info[:2])"
+def _works(python: Path, version: str, shared: bool) -> Path | None:
+    """The real interpreter if it runs, is ``version`` and can make venvs (and, if ``shared``, every user
+    can run it: a pyenv under a private home cannot serve sessions of other users)."""
+    probe = (
+        "import os, sys, venv, ensurepip; "
+        "print('%d.%d' % sys.version_info[:2]); print(os.path.realpath(sys.executable)); print(sys.base_prefix)"
+    )
     try:
         out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and out.stdout.strip() == version
+        return None
+    lines = out.stdout.split("\n")
+    if out.returncode != 0 or len(lines) < 3 or lines[0] != version:
+        return None
+    if shared and not (world_usable(lines[1]) and world_usable(lines[2])):
+        return None
+    return Path(lines[1])
 
 
-def find_python(versions: Iterable[str], path: str | None = None) -> tuple[Path, str] | None:
-    """The first working interpreter among ``versions`` (newest first), with its version, or None."""
+def find_python(
+    versions: Iterable[str], path: str | None = None, *, shared: bool = False
+) -> tuple[Path, str] | None:
+    """The first working interpreter among ``versions`` (newest first), with its version, or None.
+
+    ``shared``: only interpreters every user can run (the hub runs as root, sessions as other users).
+    """
     ordered = sorted(versions, key=lambda v: tuple(int(p) for p in v.split(".")), reverse=True)
     for version in ordered:
+        seen: set[Path] = set()
         for python in candidates(version, path):
-            if _works(python, version):
-                return python, version
+            if python in seen:
+                continue
+            seen.add(python)
+            real = _works(python, version, shared)
+            if real is not None:
+                return real, version
     return None

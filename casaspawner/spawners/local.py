@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,13 @@ from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from traitlets import Bool, Integer, List, Unicode, default
 
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
+from casaspawner.environments.pythons import world_usable
 from casaspawner.errors import CasaspawnerError, InvalidInput
 from casaspawner.plan import INTERFACES, Identity, SessionPlan, Substitution, make_plan
 from casaspawner.spawners.common import CASASessionMixin, spawn_error
 
+#: What the sessions' Jupyter environment needs (pinned to the hub's own versions when it is built).
+UI_PACKAGES = ("jupyterhub", "jupyterlab", "jupyter-remote-desktop-proxy", "jupyter-server-proxy")
 DESKTOP_DIR = Path(__file__).resolve().parent.parent / "desktop"
 _SYSTEM_NAME = re.compile(r"[a-z_][a-z0-9_.\-]{0,31}")
 
@@ -123,10 +127,13 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
     ).tag(config=True)
 
     ui_prefix = Unicode(
-        sys.prefix,
+        None,
+        allow_none=True,
         help="""
         Environment holding ``jupyterhub-singleuser``, JupyterLab and jupyter-remote-desktop-proxy; sessions run
-        their Jupyter server from it (default: the hub's own environment). CASA never runs from it.
+        their Jupyter server from it, never from a CASA environment. Default: the hub's own environment when the
+        session's user can run it; otherwise (a hub running as root from a Python under a private home) a venv
+        with the hub's versions of these packages, built once under ``environments_dir``.
         """,
     ).tag(config=True)
 
@@ -166,10 +173,6 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
     def _local_http_timeout(self) -> int:
         return 120
 
-    @default("cmd")
-    def _local_cmd(self) -> list[str]:
-        return [str(Path(self.ui_prefix) / "bin" / "jupyterhub-singleuser")]
-
     probe_timeout = Integer(
         5,
         help="Seconds to wait when checking that a release's tarball can be downloaded.",
@@ -177,6 +180,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
 
     # ---------------------------------------------------------------------------------------- state
     args: list[str]
+    cmd: list[str]
     popen_kwargs: dict[str, Any]
     notebook_dir: str
 
@@ -374,9 +378,29 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         self.casa_environment = env
         return env
 
+    async def _ui_environment(self) -> Path:
+        """Where the session's Jupyter server comes from (see ``ui_prefix``)."""
+        if self.ui_prefix:
+            return Path(self.ui_prefix)
+        own = Path(sys.prefix)
+        if not _running_as_root() or all(
+            world_usable(p) for p in (sys.executable, sys.prefix, sys.base_prefix)
+        ):
+            return own
+        requirements = [f"{name}=={version(name)}" for name in UI_PACKAGES]
+        manager = self.environment_manager()
+        try:
+            async for message in manager.ensure_ui(requirements):
+                self._event(message)
+        except CasaspawnerError as exc:
+            raise spawn_error(str(exc), reason="environment-build") from None
+        return manager.ui_prefix(requirements)
+
     async def _launch(self, plan: SessionPlan, env: CasaEnvironment) -> Any:
         uid, gid = plan.identity.uid, plan.identity.gid
         await asyncio.to_thread(self._prepare_directories, plan, uid, gid)
+        prefix = await self._ui_environment()
+        self.cmd = [str(prefix / "bin" / "jupyterhub-singleuser")]
         extra = dict(env.session_environment())
         if env.python is not None:
             try:

@@ -1,0 +1,231 @@
+"""The embedded demo: one machine, a real JupyterHub, a real CASA, a real (small) ALMA dataset.
+
+``python -m casaspawner.demo`` (what ``make demo`` runs):
+
+1. builds the CASA environment of the demo release (modular CASA 6.6.5-31 from its wheels) if needed;
+2. simulates a small MeasurementSet with casatools' simulator (five 12 m antennas at ALMA, one spectral window,
+   five minutes; cached under the environments cache) and writes it into an ALMA product tree whose pipeline
+   manifest names that CASA build (``casaspawner.datasets.synth``), in the demo user's home;
+3. starts JupyterHub on http://127.0.0.1:8000 with ``hub-config/local/jupyterhub_config.py`` (LocalCASASpawner,
+   one demo user with a shared password) and prints the URL, the login and the dataset to type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from casaspawner.catalog.model import load_catalog
+from casaspawner.datasets.synth import DatasetSpec, write_dataset
+from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
+from casaspawner.errors import CasaspawnerError
+
+DEMO_RELEASE = "casa-6.6.5-31"
+DEMO_USER = "demo"
+DEMO_SPEC = DatasetSpec(
+    project="2023.1.01234.S",
+    mous="uid___A001_X3621_X4d1b",
+    casa="6.6.5.31",
+    pipeline=None,
+    evidence=("manifest",),
+    eb="uid___A002_X10d5a8a_X3c21",
+)
+REPO = Path(__file__).resolve().parent.parent
+HUB_CONFIG = REPO / "hub-config" / "local" / "jupyterhub_config.py"
+
+#: Run by the CASA environment's Python: argv = [target MS]; prints the row count.
+SIMULATE_MS = """
+import sys
+import casatools
+
+target = sys.argv[1]
+me, sm, tb = casatools.measures(), casatools.simulator(), casatools.table()
+alma = me.observatory("ALMA")
+east = [0.0, 48.0, -36.0, 25.0, -61.0]
+north = [0.0, 17.0, 44.0, -52.0, -23.0]
+sm.open(target)
+sm.setconfig(
+    telescopename="ALMA", x=east, y=north, z=[0.0] * 5, dishdiameter=[12.0] * 5, mount=["alt-az"] * 5,
+    antname=["DA41", "DA42", "DV03", "DV07", "PM02"], padname=["A001", "A002", "A003", "A004", "A005"],
+    coordsystem="local", referencelocation=alma,
+)
+sm.setspwindow(spwname="SPW0", freq="230GHz", deltafreq="15.625MHz", freqresolution="15.625MHz",
+               nchannels=16, stokes="XX YY")
+sm.setfeed(mode="perfect X Y")
+sm.setfield(sourcename="DemoQuasar", sourcedirection=me.direction("J2000", "12h30m49.4s", "-23d23m28s"))
+sm.setlimits(shadowlimit=0.001, elevationlimit="8deg")
+sm.setauto(autocorrwt=0.0)
+sm.settimes(integrationtime="10s", usehourangle=True, referencetime=me.epoch("UTC", "2024/03/21/00:00:00"))
+sm.observe("DemoQuasar", "SPW0", starttime="-150s", stoptime="150s")
+cl = casatools.componentlist()
+cl.addcomponent(dir="J2000 12h30m49.4s -23d23m28s", flux=1.5, fluxunit="Jy", freq="230GHz", shape="point")
+cl.rename(target + ".cl")
+cl.close()
+sm.predict(complist=target + ".cl")
+sm.setnoise(mode="simplenoise", simplenoise="0.05Jy")
+sm.corrupt()
+sm.close()
+tb.open(target)
+print("ROWS", tb.nrows())
+tb.close()
+"""
+
+
+def demo_dir() -> Path:
+    """Where the demo keeps its storage root and hub state (``<repo>/demo`` unless ``CASASPAWNER_DEMO_DIR``)."""
+    return Path(os.environ.get("CASASPAWNER_DEMO_DIR") or REPO / "demo").resolve()
+
+
+def say(message: str) -> None:
+    print(f"[casaspawner demo] {message}", flush=True)
+
+
+async def ensure_environment(manager: EnvironmentManager, release_id: str = DEMO_RELEASE) -> CasaEnvironment:
+    release = load_catalog().get(release_id)
+    async for message in manager.ensure(release):
+        say(message)
+    env = manager.ready(release)
+    if env is None:
+        raise CasaspawnerError(f"The environment for {release.label} did not appear.")
+    return env
+
+
+def simulate_ms(env: CasaEnvironment, cache_dir: Path) -> Path:
+    """The demo MeasurementSet, simulated once per CASA build and script (cached under ``cache_dir``)."""
+    key = hashlib.sha256(f"{env.casa}\n{SIMULATE_MS}".encode()).hexdigest()[:16]
+    target = cache_dir / "demo" / key / f"{DEMO_SPEC.eb}.ms"
+    if target.is_dir():
+        return target
+    assert env.python is not None
+    staging = target.parent / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    say(f"Simulating a small MeasurementSet with casatools {env.casa}.")
+    result = subprocess.run(
+        [str(env.python), "-c", SIMULATE_MS, str(staging / target.name)],
+        capture_output=True,
+        text=True,
+        cwd=staging,
+        env={**os.environ, "CASASITECONFIG": str(env.site_config), "HOME": str(staging)},
+        timeout=600,
+    )
+    if result.returncode != 0 or "ROWS" not in result.stdout:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CasaspawnerError(f"Simulating the demo MeasurementSet failed: {tail}")
+    os.replace(staging / target.name, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    _readable(target.parent)
+    return target
+
+
+def _readable(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o755)  # noqa: S103 - the demo user's session reads it
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+
+
+def write_demo_dataset(home: Path, ms: Path) -> Path:
+    """An ALMA product tree in ``home`` with the MS under ``calibrated/``; returns the project directory."""
+    member = write_dataset(home, spec=DEMO_SPEC)
+    calibrated = member / "calibrated"
+    calibrated.mkdir(exist_ok=True)
+    target = calibrated / ms.name
+    if not target.is_dir():
+        shutil.copytree(ms, target)
+    _readable(home / DEMO_SPEC.project)
+    return home / DEMO_SPEC.project
+
+
+def find_proxy() -> str | None:
+    """configurable-http-proxy on PATH or installed in the repository by ``make`` (``.cache/npm``)."""
+    local = REPO / ".cache" / "npm" / "node_modules" / ".bin" / "configurable-http-proxy"
+    return shutil.which("configurable-http-proxy") or (str(local) if local.exists() else None)
+
+
+def port_problem(port: int) -> str | None:
+    """None if 127.0.0.1:``port`` can be bound, else one sentence naming the clash."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the hub and proxy bind
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return f"Port {port} on 127.0.0.1 is already in use; stop what uses it or choose another port with --port."
+    return None
+
+
+def prepare(root: Path, cache_dir: Path) -> Path:
+    """Environment, MS and dataset tree; returns the dataset directory in the demo user's home."""
+    manager = EnvironmentManager(cache_dir)
+    env = asyncio.run(ensure_environment(manager))
+    ms = simulate_ms(env, cache_dir)
+    home = root / "arc" / "home" / DEMO_USER
+    home.mkdir(parents=True, exist_ok=True)
+    return write_demo_dataset(home, ms)
+
+
+def hub_environment(root: Path, port: int, password: str, cache_dir: Path) -> dict[str, str]:
+    proxy = find_proxy()
+    if proxy is None:
+        raise CasaspawnerError(
+            "configurable-http-proxy is not installed; run `make demo`, which installs it."
+        )
+    path = os.pathsep.join(
+        [str(Path(proxy).parent), str(Path(sys.prefix) / "bin"), os.environ.get("PATH", "")]
+    )
+    return {
+        **os.environ,
+        "PATH": path,
+        "CASASPAWNER_DEMO_DIR": str(root),
+        "CASASPAWNER_DEMO_PORT": str(port),
+        "CASASPAWNER_DEMO_PASSWORD": password,
+        "CASASPAWNER_ENVIRONMENTS_DIR": str(cache_dir),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m casaspawner.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", choices=("run", "prepare"), default="run")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("CASASPAWNER_DEMO_PORT", "8000")))
+    parser.add_argument("--dir", type=Path, default=None, help="demo state directory (default: <repo>/demo)")
+    args = parser.parse_args(argv)
+    root = (args.dir or demo_dir()).resolve()
+    cache_dir = Path(os.environ.get("CASASPAWNER_ENVIRONMENTS_DIR") or default_cache_dir())
+    try:
+        for port in (args.port, args.port + 1, args.port + 2):
+            problem = port_problem(port)
+            if problem:
+                raise CasaspawnerError(problem)
+        dataset = prepare(root, cache_dir)
+        if args.command == "prepare":
+            say(f"Demo dataset ready at {dataset}.")
+            return 0
+        state = root / "hub"
+        state.mkdir(parents=True, exist_ok=True)
+        password_file = state / "password"
+        if not password_file.exists():
+            password_file.write_text(os.environ.get("CASASPAWNER_DEMO_PASSWORD") or secrets.token_urlsafe(9))
+            password_file.chmod(0o600)
+        password = os.environ.get("CASASPAWNER_DEMO_PASSWORD") or password_file.read_text().strip()
+        env = hub_environment(root, args.port, password, cache_dir)
+    except CasaspawnerError as exc:
+        print(f"casaspawner demo: {exc}", file=sys.stderr)
+        return 2
+    say(f"Open http://127.0.0.1:{args.port}/ and log in as {DEMO_USER!r} with password {password!r}.")
+    say(f"Dataset to type on the form: ~/{DEMO_SPEC.project}  (an ALMA product tree with a simulated MS)")
+    say("Stop the hub with Ctrl-C; sessions keep running and are found again when it restarts.")
+    jupyterhub = str(Path(sys.prefix) / "bin" / "jupyterhub")
+    os.chdir(state)
+    os.execve(jupyterhub, [jupyterhub, "-f", str(HUB_CONFIG)], env)  # noqa: S606 - replaces this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())
