@@ -60,7 +60,8 @@ except ImportError:  # JupyterHub 5.x has none; an HTTPError carrying the same f
         def __init__(self, message: str, *, reason: str, status_code: int = 400, **_: object) -> None:
             super().__init__(status_code, "%s", message)
             self.message = message
-            self.reason = reason
+            # Not ``reason``: JupyterHub 5 would show it instead of the message and use it as the HTTP reason.
+            self.spawn_reason = reason
 
 
 #: Keys a spawn request may carry in ``user_options``; ``profile`` and ``casa_version`` are written back by

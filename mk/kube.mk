@@ -1,0 +1,39 @@
+# Kubernetes spawner (CASASpawner, casaspawner pod): its tests, a JupyterHub 5.5 compatibility run (what z2jh 4.4
+# ships), the real-cluster tier and a dry-run example. No system packages needed: kmock and kubernetes-validate
+# come with the `test` extra.
+
+# JupyterHub 5.5 venv, cached outside the clone and keyed by the packaging files.
+KUBE_HUB5_KEY := $(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-12)
+KUBE_HUB5_VENV ?= $(HOME)/.cache/casaspawner/venv-hub5.5-$(KUBE_HUB5_KEY)
+# The JupyterHub 5.5 run is part of `make test` (about 20 s once the venv exists).
+TEST_PREREQS += kube-test-hub5
+
+.PHONY: kube-test kube-test-hub5 k8s-test kube-dry-run
+
+# CASASpawner tests on this venv's JupyterHub (6.x): manifests, validation, form, kmock lifecycle, dry run.
+kube-test: venv
+	$(BIN)/pytest tests/kube -m "not k8s" $(PYTEST_ARGS)
+
+$(KUBE_HUB5_VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(KUBE_HUB5_VENV)/bin/python || $(PYTHON) -m venv $(KUBE_HUB5_VENV)
+	$(KUBE_HUB5_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KUBE_HUB5_VENV)/bin/python -m pip install --quiet "jupyterhub==5.5.*" ".[test]"
+	@touch $@
+
+# The same spawner and lifecycle tests under JupyterHub 5.5 (no SpawnException there; see spawners/common.py).
+kube-test-hub5: deps $(KUBE_HUB5_VENV)/.installed
+	$(KUBE_HUB5_VENV)/bin/python -m pip install --quiet --no-deps --force-reinstall .
+	$(KUBE_HUB5_VENV)/bin/python -c "import jupyterhub; assert jupyterhub.__version__.startswith('5.5'), jupyterhub.__version__"
+	$(KUBE_HUB5_VENV)/bin/pytest -q -p no:cacheprovider tests/kube/test_kube_spawner.py \
+		tests/kube/test_kube_lifecycle.py $(PYTEST_ARGS)
+
+# A real cluster (KUBECONFIG must point at it); see docs/kube.md for what the tests create.
+k8s-test: venv
+	@test -n "$$KUBECONFIG" || { echo "k8s-test: set KUBECONFIG to a test cluster" >&2; exit 2; }
+	$(BIN)/pytest -m k8s tests/kube $(PYTEST_ARGS)
+
+# Print the pod a desktop session on a synthetic Cycle 10 dataset would get (no cluster needed).
+kube-dry-run: venv
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	member=$$($(BIN)/casaspawner demo-data "$$tmp" --era cycle10) && \
+	$(BIN)/casaspawner pod --user alice --uid 1001 --gid 1001 --group proja --dataset "$$member" --interface desktop
