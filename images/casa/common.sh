@@ -18,11 +18,22 @@ extract_appimages() {
     done
 }
 
-# strip_debug DIR: drop debug sections from ELF files (the GUI AppImages ship ~1 GB of them); code and
-# symbol tables stay, so behaviour does not change.
+# strip_debug DIR: drop debug sections from the ELF files of extracted AppImages under DIR (casaplotms and
+# casaviewer ship ~1 GB of them). Code and symbol tables stay. A stripped copy replaces a file only if the
+# dynamic loader still accepts it (strip can break files edited by patchelf, as in pip wheels' .libs, which
+# is why wheel contents outside the AppImages are never touched).
 strip_debug() {
-    find "$1" -type f \( -name '*.so' -o -name '*.so.*' -o -perm -u+x \) -size +1M -print0 \
-        | xargs -0 -r sh -c 'for f; do [ "$(head -c4 "$f" | tail -c3)" = ELF ] && strip --strip-debug "$f" 2>/dev/null; done; true' sh
+    find "$1" -type d -name '*.AppDir' -prune -print | while read -r appdir; do
+        find "$appdir" -type f -size +1M | while read -r f; do
+            [ "$(head -c4 "$f" | tail -c3)" = ELF ] || continue
+            strip --strip-debug -o "$f.stripped" "$f" 2>/dev/null || { rm -f "$f.stripped"; continue; }
+            if ldd "$f.stripped" 2>&1 | grep -q 'page-aligned'; then
+                rm -f "$f.stripped"
+            else
+                chmod --reference="$f" "$f.stripped" && mv "$f.stripped" "$f"
+            fi
+        done
+    done
 }
 
 # open_tree DIR: readable by every uid, writable by none but root (AppImage trees unpack as 0700).

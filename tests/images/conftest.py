@@ -9,35 +9,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from images_support import CASADATA, MODULAR, REGISTRY, build
 
 from casaspawner.catalog import Catalog
 from casaspawner.images import engine
 from casaspawner.images.matrix import MatrixOptions, Recipe, build_matrix
-
-REGISTRY = "localhost/casaspawner"
-MODULAR = "casa-6.6.5-31"
-CASADATA = "casadata==2025.9.22"  # measures data for the tests, mounted read-only like the shared volume
-
-
-def images_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    """``casaspawner images ARGS`` in a subprocess, as an operator (or make) runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "casaspawner.images", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def build(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    result = images_cli("build", "--base", "local", *args)
-    return result, time.monotonic() - started
 
 
 @pytest.fixture(scope="session")
