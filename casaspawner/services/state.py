@@ -51,7 +51,9 @@ def drain_message(label: str, message: str) -> str:
     """The sentence a user sees when starting a drained release."""
     text = message.strip()
     base = f"{label} is being drained by the operators and cannot be started now"
-    return f"{base}: {text}" if text else f"{base}; choose another release or try again later."
+    if not text:
+        return f"{base}; choose another release or try again later."
+    return f"{base}: {text}" + ("" if text.endswith((".", "!", "?")) else ".")
 
 
 class ReleaseStateStore:

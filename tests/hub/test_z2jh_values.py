@@ -145,7 +145,7 @@ def test_extra_config_configures_the_casa_spawner(values, chart, tmp_path):
     ReleaseStateStore(state).update("pl-2023.1.0.124", by="olga", drained=True, message="image rebuild")
     message = blocked(fake_spawner)["pl-2023.1.0.124"]
     assert "CASA 6.5.4-9 (pipeline 2023.1.0.124) is being drained" in message
-    assert message.endswith("image rebuild")
+    assert message.endswith(": image rebuild.")
 
 
 def test_extra_config_turns_warnings_off_without_culling(values, chart):
