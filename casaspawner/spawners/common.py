@@ -452,11 +452,13 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
     # ------------------------------------------------------------------------------------------- state
     session_plan: SessionPlan | None = None
     recent_datasets: list[str]
+    last_resolution: dict[str, str] | None
     user_options: dict[str, Any]
     environment: dict[str, Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.recent_datasets = []
+        self.last_resolution = None
         self.session_plan = None
         self._plan_for: dict[str, Any] | None = None
         self._access_token: str | None = None
@@ -521,8 +523,9 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         catalog = self.casa_catalog()
         previous = self.user_options or {}
         resolved: Release | None = None
-        if self.session_plan is not None:
-            resolved = self.session_plan.resolution.release
+        last = self.last_resolution
+        if last and last.get("release") in catalog:
+            resolved = catalog.get(last["release"])
         sizes = self.size_resources()
         size = previous.get("size") if previous.get("size") in sizes else self.default_size
         interface = previous.get("interface") if previous.get("interface") in INTERFACES else "lab"
@@ -535,7 +538,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             size=size,
             releases=catalog.available() if self.allow_release_override else [],
             resolved=resolved,
-            resolved_dataset=self.session_plan.resolution.dataset if self.session_plan else "",
+            resolved_dataset=(last or {}).get("dataset", ""),
             can_read_paths=self.storage_hub_path is not None or self.dataset_reader is not None,
             home=self.home_mount_template.format(username=self.user.name),
             error=error,
@@ -723,6 +726,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         if orm_spawner is not None:  # the admin page and the next spawn see the summary too
             orm_spawner.user_options = dict(self.user_options)
         self.remember_dataset(plan.options.dataset)
+        self.last_resolution = {"dataset": plan.resolution.dataset, "release": plan.resolution.release.id}
         self.log.info("CASA session for %s: %s (%s)", self.user.name, plan.summary, plan.reason)
         return plan
 
@@ -792,6 +796,8 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         state: dict[str, Any] = super().get_state()
         if self.recent_datasets:
             state["casa_recent_datasets"] = list(self.recent_datasets)
+        if self.last_resolution:
+            state["casa_last_resolution"] = dict(self.last_resolution)
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -801,9 +807,12 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             self.recent_datasets = [d for d in recent if isinstance(d, str)][
                 : max(self.recent_datasets_limit, 0)
             ]
+        last = state.get("casa_last_resolution")
+        if isinstance(last, dict) and all(isinstance(last.get(k), str) for k in ("dataset", "release")):
+            self.last_resolution = {"dataset": last["dataset"], "release": last["release"]}
 
     def clear_state(self) -> None:
-        """Forget the last session's plan; recently used datasets outlive sessions."""
+        """Forget the last session's plan; recently used datasets and the last resolution outlive sessions."""
         super().clear_state()
         self.session_plan = None
         self._plan_for = None

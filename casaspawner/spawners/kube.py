@@ -242,7 +242,13 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
 
     # ------------------------------------------------------------------------------------------- progress
     def is_pod_running(self, pod: dict[str, Any] | None) -> bool:
-        """KubeSpawner's check, but a pod that can never start ends the spawn with one sentence."""
+        """KubeSpawner's check, but a pod that can never start ends the spawn with one sentence.
+
+        Only while starting: ``poll()`` also asks, and must never raise.
+        """
+        starting = self._start_future is not None and not self._start_future.done()
+        if not starting:
+            return bool(super().is_pod_running(pod))
         plan = self.session_plan
         failure = kube_objects.spawn_failure(
             pod,
