@@ -262,6 +262,8 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
         """Resolution result and reason first, then the pod's events in words (image pull, container start)."""
+        while self.session_plan is None and self._start_future is not None and not self._start_future.done():
+            await asyncio.sleep(0.1)  # hubs < 5.3 make the plan inside start()
         for event in self.plan_progress_events():
             yield event
         image = self.session_plan.image if self.session_plan else self.image

@@ -140,3 +140,19 @@ async def test_hub_restart_restores_state(cluster, make_spawner, storage):
         await restored.stop(now=True)
         assert await restored.poll() == 1
         assert "casa-alice" not in stored(emulator, "pods")
+
+
+async def test_older_hub_plans_inside_start(cluster, make_spawner, storage):
+    """JupyterHub < 5.3 has no apply_user_options: the plan is made in start() and still leads the progress."""
+    _emulator, server = cluster
+    spawner = make_spawner(**TIMEOUTS)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle7"), "interface": "desktop"}
+    async with FakeKubelet(server).running() as kubelet:
+        future = spawner.start()
+        messages = [event["message"] async for event in spawner.progress()]
+        assert await asyncio.wait_for(future, 20) == "http://127.0.0.1:8888"
+        assert messages[0].endswith("CASA 6.1.1-15 (pipeline 2020.1.0.40), the exact build.")
+        env = {e["name"]: e.get("value") for e in kubelet.pods[0]["spec"]["containers"][0]["env"]}
+        assert env["JUPYTERHUB_DEFAULT_URL"] == "/desktop/"
+        assert spawner.user_options["casa_version"] == "6.1.1-15"
+        await spawner.stop(now=True)
