@@ -1,15 +1,12 @@
 # Hub configuration: z2jh values, the casa-sessions service, OIDC login and admin browser tests (tests/hub).
-APT_PACKAGES += chromium nodejs  # npm comes with the machine's Node 20
+# configurable-http-proxy comes from mk/local.mk's `chp` target (already in TEST_PREREQS); the tests find it
+# in .cache/npm/node_modules/.bin. Chromium is Debian's (Playwright never downloads a browser).
+APT_PACKAGES += chromium
 PIP_EXTRAS += hub hubtest
-TEST_PREREQS += hub-chp
 
-# configurable-http-proxy (npm) for the real hubs the integration tests start; installed once, globally.
-.PHONY: hub-chp hub-test hub-prepuller
-hub-chp: deps
-	@command -v configurable-http-proxy >/dev/null || npm install --global --no-audit --no-fund configurable-http-proxy@5
-
-# Only the hub tests (values schema, extraConfig, login, admin page, drain, notices).
-hub-test: venv hub-chp
+.PHONY: hub-test hub-prepuller
+# Only the hub tests (values schema, extraConfig, login, admin page, drain, notices, culling).
+hub-test: venv chp
 	$(BIN)/pytest tests/hub $(PYTEST_ARGS)
 
 # Print prePuller.extraImages for hub-config/z2jh/values.yaml from the catalog.

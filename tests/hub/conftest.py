@@ -30,6 +30,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 CHROMIUM = "/usr/bin/chromium"
+NPM_BIN = REPO / ".cache" / "npm" / "node_modules" / ".bin"  # mk/local.mk's `chp` installs the proxy here
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -160,7 +161,8 @@ def _wait_for(url: str, process: subprocess.Popen[bytes], log: Path, timeout: fl
 
 
 def require_tools() -> None:
-    if shutil.which("configurable-http-proxy") is None:
+    path = os.pathsep.join([str(NPM_BIN), os.environ.get("PATH", "")])
+    if shutil.which("configurable-http-proxy", path=path) is None:
         pytest.skip("configurable-http-proxy is not installed (`make test` installs it)")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is not installed (`make deps` installs Debian's chromium)")
@@ -180,7 +182,9 @@ def hub_factory(oidc: OIDCProvider, tmp_path_factory: pytest.TempPathFactory) ->
         state_file = workdir / "casa-release-state.json"
         env = {
             **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PATH": os.pathsep.join(
+                [str(Path(sys.executable).parent), str(NPM_BIN), os.environ.get("PATH", "")]
+            ),
             "OIDC_ISSUER": oidc.url,
             "OAUTH_CLIENT_ID": CLIENT_ID,
             "OAUTH_CLIENT_SECRET": CLIENT_SECRET,
