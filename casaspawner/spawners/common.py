@@ -605,7 +605,8 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             gid = _dotted(auth_state, self.gid_claim)
             groups = _dotted(auth_state, self.groups_claim)
             gids = _dotted(auth_state, self.supplemental_gids_claim)
-        self._access_token = _dotted(auth_state, self.access_token_claim) if auth_state else None
+        token = _dotted(auth_state, self.access_token_claim) if auth_state else None
+        self._access_token = token if isinstance(token, str) and token else None
         uid_n = _as_int(uid, "uid", name)
         gid_n = _as_int(gid, "gid", name)
         if uid_n is None:
@@ -630,9 +631,9 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             group_name = str(group).lstrip("/")
             if pattern.fullmatch(group_name) and group_name not in names:
                 names.append(group_name)
-        supplemental = [_as_int(g, "group id", name) for g in (gids or [])]
         if not isinstance(gids or [], list | tuple):
             raise InvalidInput(f"The group ids of {name} in the login data are not a list.")
+        supplemental = [_as_int(g, "group id", name) for g in (gids or [])]
         return Identity(
             username=name,
             uid=uid_n,

@@ -88,6 +88,10 @@ async def test_identity_rules(make_spawner, storage):
     assert "carries no numeric user id" in await refused(no_state, dataset)
     bad = make_spawner(FakeUser(auth_state=auth_state(uid="abc")))
     assert (await refused(bad, dataset)) == "The uid of alice in the login data is not a number."
+    bad_gids = make_spawner(FakeUser(auth_state=auth_state(gids="100")))
+    assert (await refused(bad_gids, dataset)) == "The group ids of alice in the login data are not a list."
+    bad_groups = make_spawner(FakeUser(auth_state={"oauth_user": {"uid": 5, "groups": "proja"}}))
+    assert (await refused(bad_groups, dataset)) == "The groups of alice in the login data are not a list."
 
     fallback = make_spawner(FakeUser(auth_state=None, groups=("proja",)), fallback_uid=4242)
     plan = await fallback.prepare_session(dataset)
