@@ -15,6 +15,8 @@ kube-test: venv
 	$(BIN)/pytest tests/kube -m "not k8s" $(PYTEST_ARGS)
 
 $(KUBE_HUB5_VENV)/.installed: setup.cfg pyproject.toml
+	@for old in $(dir $(KUBE_HUB5_VENV))venv-hub5.5-*; do \
+		if [ -d "$$old" ] && [ "$$old" != "$(KUBE_HUB5_VENV)" ]; then rm -rf "$$old"; fi; done
 	@test -x $(KUBE_HUB5_VENV)/bin/python || $(PYTHON) -m venv $(KUBE_HUB5_VENV)
 	$(KUBE_HUB5_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(KUBE_HUB5_VENV)/bin/python -m pip install --quiet "jupyterhub==5.5.*" ".[test]"
