@@ -15,6 +15,7 @@ import yaml
 from hub_helpers import login
 
 from casaspawner.datasets.synth import write_dataset
+from casaspawner.services.hubconfig import configure_sessions
 
 pytestmark = pytest.mark.integration
 VALUES = Path(__file__).resolve().parents[2] / "hub-config" / "z2jh" / "values.yaml"
@@ -81,11 +82,15 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     from casaspawner.spawners.common import LocalDirectoryReader
 
     token = alice["auth_state"]["access_token"]
+    values = yaml.safe_load(VALUES.read_text())
     config = Config()
     for section in ("CASASessionMixin", "CASASpawner"):
-        for trait, value in yaml.safe_load(VALUES.read_text())["hub"]["config"][section].items():
+        for trait, value in values["hub"]["config"][section].items():
             config[section][trait] = value
     config.CASASessionMixin.storage_hub_path = None
+    config.KubeSpawner.extra_labels = values["singleuser"]["extraLabels"]  # as the chart maps it
+    custom = values["custom"]["casaspawner"]
+    configure_sessions(config, state_file=str(tmp_path / "state.json"), notices_url=custom["noticesUrl"])
     dataset = write_dataset(tmp_path / "data", era="cycle10")
 
     async def build() -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
@@ -102,6 +107,10 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     full_secret = spawner.token_secret_manifest(pod["metadata"]["name"], "uid-1", token)
 
     spec = pod["spec"]
+    labels = pod["metadata"]["labels"]
+    assert labels["hub.jupyter.org/network-access-hub"] == "true"  # the hub's NetworkPolicy admits it
+    assert labels["casaspawner.io/release"] == "pl-2023.1.0.124"
+    assert labels["casaspawner.io/session"] == "true"
     assert spec["securityContext"]["runAsUser"] == 41001
     assert spec["securityContext"]["runAsGroup"] == 41001
     assert 52001 in spec["securityContext"]["supplementalGroups"]
@@ -109,6 +118,9 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     assert any(m["mountPath"] == "/arc/projects/proj-m87" for m in container["volumeMounts"])
     token_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == spawner.token_mount_dir)
     assert token_mount["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CASASPAWNER_NOTICES_URL"] == custom["noticesUrl"]
+    assert "--ServerApp.jpserver_extensions=casaspawner.services.session_notices=True" in container["args"]
     assert token not in json.dumps(pod)  # not in the spec, the environment or the annotations
     assert all(token not in json.dumps(env) for env in container.get("env", []))
     assert secret is not None and token not in json.dumps(secret)  # the dry-run Secret carries no data
