@@ -11,4 +11,4 @@ hub-test: venv chp
 
 # Print prePuller.extraImages for hub-config/z2jh/values.yaml from the catalog.
 hub-prepuller: venv
-	$(BIN)/python -m casaspawner.services.hubconfig prepuller
+	$(BIN)/casaspawner images prepuller

@@ -1,18 +1,15 @@
 """Building blocks of a casaspawner hub's configuration, shared by ``hub-config/jupyterhub_config.py`` (a hub
 outside Kubernetes) and the Zero to JupyterHub values' ``hub.extraConfig`` (``hub-config/z2jh/values.yaml``).
 
-Each function returns plain data (service and role dicts, image lists) or applies a few traits to a traitlets
+Each function returns plain data (service and role dicts) or applies a few traits to a traitlets
 config object ``c``, so the same rules hold in both deployments and tests can check what they produce.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from typing import Any
 
-from casaspawner.catalog.model import Catalog, Release
-from casaspawner.plan import PlanConfig, image_for
 from casaspawner.services.state import STATE_FILE_ENV, drain_blocker
 
 SERVICE_NAME = "casa-sessions"
@@ -131,49 +128,3 @@ def configure_sessions(
         {"CASASPAWNER_NOTICES_URL": notices_url, "CASASPAWNER_NOTICES_INTERVAL": str(notices_interval)}
     )
     c.Spawner.environment = environment
-
-
-def prepuller_images(
-    catalog: Catalog, config: PlanConfig | None = None, releases: Iterable[Release] | None = None
-) -> dict[str, dict[str, str]]:
-    """``prePuller.extraImages`` for z2jh: every runnable release's image, named by ``plan.image_for``.
-
-    The spawner picks images per dataset at spawn time, so the chart cannot see them in a profile list.
-    """
-    config = config or PlanConfig()
-    images: dict[str, dict[str, str]] = {}
-    for release in releases if releases is not None else catalog.available():
-        reference = image_for(release, config)
-        name, _, tag = reference.rpartition(":")
-        if not name or "/" in tag:
-            raise ValueError(f"image reference {reference!r} has no tag")
-        images[release.id.replace(".", "-")[:50]] = {"name": name, "tag": tag}
-    return images
-
-
-def prepuller_yaml(catalog: Catalog, config: PlanConfig | None = None) -> str:
-    """The ``extraImages:`` block of ``prePuller`` in z2jh values, indented for ``hub-config/z2jh/values.yaml``."""
-    lines = ["  extraImages:"]
-    for key, image in prepuller_images(catalog, config).items():
-        lines.append(f"    {key}:")
-        lines.append(f'      name: "{image["name"]}"')
-        lines.append(f'      tag: "{image["tag"]}"')
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m casaspawner.services.hubconfig prepuller [--registry R]``: print prePuller.extraImages."""
-    import argparse
-
-    from casaspawner.catalog.model import load_catalog
-
-    parser = argparse.ArgumentParser(prog="python -m casaspawner.services.hubconfig")
-    parser.add_argument("what", choices=["prepuller"])
-    parser.add_argument("--registry", default=PlanConfig.image_registry, help="session image registry")
-    args = parser.parse_args(argv)
-    sys.stdout.write(prepuller_yaml(load_catalog(), PlanConfig(image_registry=args.registry)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

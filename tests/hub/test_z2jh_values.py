@@ -14,6 +14,8 @@ import yaml
 from traitlets.config import Config
 
 from casaspawner.catalog import load_catalog
+from casaspawner.images import prepuller_values
+from casaspawner.plan import PlanConfig, image_for
 from casaspawner.services import hubconfig
 from casaspawner.services.state import ReleaseStateStore
 
@@ -80,10 +82,14 @@ def test_network_policy_label_is_merged_with_ours(values, chart):
 
 
 def test_prepuller_images_are_the_catalog_images(values):
-    """Every runnable release's image, named by plan.image_for (regenerate with the command in values.yaml)."""
-    expected = hubconfig.prepuller_images(load_catalog())
+    """Every runnable release's image, as `casaspawner images prepuller` names them (plan.image_for)."""
+    catalog = load_catalog()
+    expected = prepuller_values(catalog.available(), PlanConfig())["prePuller"]["extraImages"]
     assert values["prePuller"]["extraImages"] == expected
-    assert len(expected) == len(load_catalog().available())
+    assert len(expected) == len(catalog.available())
+    assert {f"{i['name']}:{i['tag']}" for i in expected.values()} == {
+        image_for(r, PlanConfig()) for r in catalog.available()
+    }
 
 
 def test_roles_are_least_privilege_and_match_the_standalone_config(values):
