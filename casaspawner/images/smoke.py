@@ -75,10 +75,17 @@ def free_port() -> int:
 
 
 def run_argv(
-    tools: Tools, image: str, session: Session, *, detach: bool = False, name: str | None = None
+    tools: Tools,
+    image: str,
+    session: Session,
+    *,
+    detach: bool = False,
+    name: str | None = None,
+    network: str = "none",
 ) -> list[str]:
     """``podman run`` as a pod runs: uid without passwd entry, read-only root, tmpfs /tmp, mounted HOME."""
-    argv = tools.container("run", "--network", "host")
+    # Own network namespace unless asked (X11 abstract sockets are per namespace, like in a pod).
+    argv = tools.container("run", "--network", network)
     argv += ["-d"] if detach else ["--rm"]
     if name:
         argv += ["--name", name]
@@ -200,7 +207,7 @@ def jupyter_server(
         "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
     ]  # fmt: skip
-    tools.run([*run_argv(tools, image, session, detach=True, name=name), *command])
+    tools.run([*run_argv(tools, image, session, detach=True, name=name, network="host"), *command])
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/api/status", token, timeout, container=(tools, name))
