@@ -115,6 +115,7 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
     image = image_for(release, options.plan_config)
     args = {
         "SESSION_IMAGE": options.session_image,
+        "BASE_IMAGE": options.base_image,
         "CASA_RELEASE": release.id,
         "CASA_TAG": release.tag,
         "CASA_KERNEL_ID": kernel_id(release),

@@ -147,6 +147,11 @@ def test_pod_manifest_from_casaspawner_pod_runs_under_kube_play(
     }
     env = [e for e in container["env"] if e["name"] not in hub_env]
     container["env"] = env + [{"name": k, "value": v} for k, v in hub_env.items()]
+    # podman 4.3 checks annotation values like label values (at most 63 characters; Kubernetes allows far
+    # more), so it refuses the long dataset/reason/summary annotations. They do not affect the container.
+    annotations = pod["metadata"].get("annotations", {})
+    dropped = {k for k, v in annotations.items() if len(v) > 63}
+    pod["metadata"]["annotations"] = {k: v for k, v in annotations.items() if k not in dropped}
     manifest = tmp_path / "pod.yaml"
     manifest.write_text(yaml.safe_dump(pod))
     with smoke.kube_play(tools, manifest) as name:
