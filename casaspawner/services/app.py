@@ -318,7 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     url = urlparse(service_url)
     ip = args.ip if args.ip is not None else (url.hostname or "127.0.0.1")
-    asyncio.run(_serve(config, ip, url.port or 80))
+    try:
+        asyncio.run(_serve(config, ip, url.port or 80))
+    except KeyboardInterrupt:  # the hub stops its services with SIGINT
+        log.info("casa-sessions stopped")
     return 0
 
 

@@ -35,11 +35,21 @@ c.JupyterHub.load_roles.append(
     }
 )
 
-sys.path.insert(0, str(here))
-from casa_test_spawner import HubTestSpawner  # noqa: E402
+if os.environ.get("CASA_TEST_SPAWNER") == "casa":
+    # The real CASASpawner (selected by hub-config/jupyterhub_config.py) against the test's kmock cluster.
+    c.KubeSpawner.namespace = "test"
+    c.KubeSpawner.port = int(os.environ["CASA_TEST_SESSION_PORT"])
+    c.KubeSpawner.start_timeout = 30
+    c.KubeSpawner.http_timeout = 30
+    c.KubeSpawner.k8s_api_request_retry_timeout = 10
+    c.KubeSpawner.extra_labels = {"hub.jupyter.org/network-access-hub": "true"}
+    c.CASASessionMixin.storage_hub_path = os.environ["CASA_TEST_STORAGE"]
+else:
+    sys.path.insert(0, str(here))
+    from casa_test_spawner import HubTestSpawner
 
-c.JupyterHub.spawner_class = HubTestSpawner
-c.Spawner.home_dir_template = str(workdir / "home" / "{username}")
-c.Spawner.start_timeout = 60
-c.Spawner.http_timeout = 60
-c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+    c.JupyterHub.spawner_class = HubTestSpawner
+    c.Spawner.home_dir_template = str(workdir / "home" / "{username}")
+    c.Spawner.start_timeout = 60
+    c.Spawner.http_timeout = 60
+    c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
