@@ -106,12 +106,16 @@ def kubeconfig_for(path: Path, url: str) -> Path:
 class FakeKubelet:
     """Plays scheduler and kubelet for every new pod: events, then Running — or an image/scheduling failure."""
 
-    def __init__(self, server: kmock.Server, namespace: str = "test", mode: str = "ok") -> None:
+    def __init__(
+        self, server: kmock.Server, namespace: str = "test", mode: str = "ok", pull_seconds: float = 0
+    ) -> None:
         self.server = server
         self.namespace = namespace
         self.mode = mode
+        self.pull_seconds = pull_seconds  # how long the image pull takes
         self.seen: set[str] = set()
         self.pods: list[dict[str, Any]] = []
+        self.errors: list[Exception] = []
 
     async def _event(self, pod: Mapping[str, Any], reason: str, message: str, kind: str = "Normal") -> None:
         name = pod["metadata"]["name"]
@@ -173,6 +177,7 @@ class FakeKubelet:
                 },
             )
             return
+        await asyncio.sleep(self.pull_seconds)
         await self._event(pod, "Pulled", f'Successfully pulled image "{image}"')
         await self._event(pod, "Started", "Started container notebook")
         await self._patch(
@@ -195,14 +200,17 @@ class FakeKubelet:
 
     async def run(self) -> None:
         while True:
-            async with self.server.client.get(f"/api/v1/namespaces/{self.namespace}/pods") as response:
-                listing = await response.json() if response.status == 200 else {"items": []}
-            for pod in listing.get("items", []):
-                uid = pod["metadata"]["uid"]
-                if uid not in self.seen:
-                    self.seen.add(uid)
-                    self.pods.append(pod)
-                    await self._run_pod(pod)
+            try:
+                async with self.server.client.get(f"/api/v1/namespaces/{self.namespace}/pods") as response:
+                    listing = await response.json() if response.status == 200 else {"items": []}
+                for pod in listing.get("items", []):
+                    uid = pod["metadata"]["uid"]
+                    if uid not in self.seen:
+                        self.seen.add(uid)
+                        self.pods.append(pod)
+                        await self._run_pod(pod)
+            except Exception as exc:  # keep playing kubelet; the test reads the errors
+                self.errors.append(exc)
             await asyncio.sleep(0.05)
 
     @contextlib.asynccontextmanager
