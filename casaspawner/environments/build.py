@@ -508,6 +508,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _readable_by_all(root: Path) -> None:
+    """``chmod -R a+rX``: AppImages unpack with private directories, but every session user runs them."""
+    for dirpath, _dirs, files in os.walk(root):
+        os.chmod(dirpath, os.stat(dirpath).st_mode | 0o555)  # noqa: S103 - every session runs them
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                mode = os.stat(path).st_mode
+                os.chmod(path, mode | 0o444 | (0o111 if mode & 0o100 else 0))
+
+
 def _make_read_only(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
@@ -589,7 +600,8 @@ async def _casa_version(python: Path, site_config: Path, kernel_site: Path | Non
         if kernel_site is not None:
             env["PYTHONPATH"] = str(kernel_site)
         code = "import casatools; print('CASA-VERSION', casatools.version_string())"
-        lines = [line async for line in _stream([str(python), "-c", code], "Starting casatools offline", env)]
+        check = _stream([str(python), "-c", code], "Starting casatools offline", env, Path(home))
+        lines = [line async for line in check]
     version = next((line.split()[-1] for line in lines if line.startswith("CASA-VERSION ")), "unknown")
     return version
 
@@ -662,5 +674,6 @@ async def _extract_appimage(appimage: Path, target: Path) -> None:
         (work / "squashfs-root").rename(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _readable_by_all(target)
     appimage.unlink()
     appimage.symlink_to(os.path.relpath(target / "AppRun", appimage.parent))

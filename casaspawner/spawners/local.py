@@ -45,6 +45,50 @@ def _running_as_root() -> bool:
     return os.geteuid() == 0
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found[::-1]
+
+
+def _terminate(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM, then after ``grace`` seconds SIGKILL, each of ``pids`` still alive."""
+    import signal
+    import time
+
+    alive = [p for p in pids if _signal(p, signal.SIGTERM)]
+    deadline = time.monotonic() + grace
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if _signal(p, 0)]
+    for pid in alive:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[misc]
     """Start CASA sessions (JupyterLab or a noVNC CASA desktop) as local processes."""
 
@@ -268,7 +312,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         nearest = await asyncio.to_thread(manager.nearest_installable, plan.release, catalog)
         if nearest is None:
             raise spawn_error(f"{problem[:-1]}, and no other CASA release can be installed here either.")
-        why = f"{plan.release.label} cannot be installed on this hub, so the session runs {nearest.label}"
+        why = f"{problem.rstrip('.')}; the session runs {nearest.label} instead"
         try:
             plan = make_plan(
                 plan.identity,
@@ -446,6 +490,16 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         env["SHELL"] = "/bin/bash"
         env["HOME"] = plan.home if plan is not None else env.get("HOME", "/")
         return env
+
+    async def stop(self, now: bool = False) -> None:
+        """Stop the Jupyter server, then whatever it left behind (the desktop's VNC server, X clients, CASA).
+
+        jupyter-server-proxy's VNC server and the X programs start sessions of their own, so stopping the
+        server's process group alone would leave the desktop running.
+        """
+        tree = _descendants(self.pid) if self.pid else []
+        await super().stop(now=now)
+        await asyncio.to_thread(_terminate, tree)
 
     def clear_state(self) -> None:
         super().clear_state()

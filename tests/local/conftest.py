@@ -1,0 +1,140 @@
+"""Fixtures for the local-mode tests: the demo's CASA environment and dataset, a real hub, a real browser.
+
+The expensive parts are cached outside the clone (``~/.cache/casaspawner``, or ``/var/cache/casaspawner`` as
+root): the CASA environment per release, the measures data, the sessions' Jupyter environment and the demo
+MeasurementSet. A warm run reuses them all.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from local_support import CHROMIUM_ARGS, Hub, free_port_block
+
+from casaspawner import demo
+from casaspawner.catalog.model import load_catalog
+from casaspawner.datasets.synth import DatasetSpec, write_dataset
+from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
+
+#: Releases only the test hub knows: one whose wheels do not exist (the build fails), one whose wheels need a
+#: Python this machine lacks.
+BROKEN_RELEASES = """
+  - id: casa-9.9.9-1
+    role: modular
+    casa: "9.9.9-1"
+    python: "3.11"
+    os: manylinux
+    tarball: null
+    wheels: {python: ["3.11"], casatools: "9.9.9.1", casatasks: "9.9.9.1"}
+    data: casaconfig
+    confidence: unconfirmed
+    note: "Test release: these wheels do not exist, so building its environment fails."
+
+  - id: casa-9.9.8-1
+    role: modular
+    casa: "9.9.8-1"
+    python: "3.4"
+    os: manylinux
+    tarball: null
+    wheels: {python: ["3.4"], casatools: "9.9.8.1", casatasks: "9.9.8.1"}
+    data: casaconfig
+    confidence: unconfirmed
+    note: "Test release: needs Python 3.4, which no test machine has."
+"""
+
+DATASETS = {
+    "broken-build": DatasetSpec("2030.1.00001.S", "uid___A001_X9999_X11", "9.9.9.1", None),
+    "missing-python": DatasetSpec("2030.1.00002.S", "uid___A001_X9999_X21", "9.9.8.1", None),
+    "cycle10": DatasetSpec("2023.1.00026.S", "uid___A001_X3621_X3d68", "6.5.4.9", "2023.1.0.124"),
+}
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return Path(os.environ.get("CASASPAWNER_ENVIRONMENTS_DIR") or default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def demo_root(cache_dir: Path) -> Iterator[Path]:
+    """The demo's state directory, prepared exactly as ``make demo`` prepares it (environment, MS, tree).
+
+    It lives in a directory every user can search (pytest's own temporary directories are private to root),
+    because sessions of the demo's local account read the storage under it.
+    """
+    root = Path(tempfile.mkdtemp(prefix="casaspawner-local-tests-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    try:
+        demo.prepare(root, cache_dir)
+        home = root / "arc" / "home" / demo.DEMO_USER
+        for name, spec in DATASETS.items():
+            write_dataset(home / "tests" / name, spec=spec)
+        for dirpath, dirs, files in os.walk(home / "tests"):
+            os.chmod(dirpath, 0o755)
+            for d in dirs:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+            for f in files:
+                os.chmod(os.path.join(dirpath, f), 0o644)
+        yield root
+    finally:
+        if not os.environ.get("CASASPAWNER_KEEP_TEST_ROOT"):  # keep it to read session logs after a failure
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_env(cache_dir: Path, demo_root: Path) -> CasaEnvironment:
+    env = EnvironmentManager(cache_dir).ready(load_catalog().get(demo.DEMO_RELEASE))
+    assert env is not None
+    return env
+
+
+@pytest.fixture(scope="session")
+def test_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    text = (Path(demo.__file__).parent / "catalog" / "releases.yaml").read_text()
+    marker = "\nnon_alma_pipelines:"
+    assert marker in text
+    text = text.replace(marker, BROKEN_RELEASES + marker, 1)
+    path = tmp_path_factory.mktemp("catalog") / "releases.yaml"
+    path.write_text(text)
+    path.parent.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hub(demo_root: Path, cache_dir: Path, test_catalog: Path) -> Iterator[Hub]:
+    """A real JupyterHub (LocalCASASpawner, the demo's config) on free loopback ports."""
+    token = secrets.token_hex(16)
+    password = secrets.token_urlsafe(12)
+    root = demo_root
+    env = demo.hub_environment(root, 0, password, cache_dir)
+    env.update({"CASASPAWNER_TEST_CATALOG": str(test_catalog), "CASASPAWNER_TEST_TOKEN": token})
+    hub = Hub(root=root, env=env, token=token, password=password, port=free_port_block())
+    hub.start()
+    try:
+        yield hub
+    finally:
+        try:
+            if hub.proc is None:
+                hub.start()
+            hub.stop_server()
+        finally:
+            hub.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian's chromium is not installed (make deps installs it)")
+    with sync_api.sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
