@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,19 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hub_helpers import CHROMIUM, CHROMIUM_ARGS, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-CHROMIUM = "/usr/bin/chromium"
 NPM_BIN = REPO / ".cache" / "npm" / "node_modules" / ".bin"  # mk/local.mk's `chp` installs the proxy here
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 CLIENT_ID = "casaspawner-hub"
 CLIENT_SECRET = "not-a-real-secret-" + secrets.token_hex(8)
 ADMIN_TOKEN = secrets.token_hex(16)
@@ -62,12 +53,6 @@ USERS: dict[str, dict[str, Any]] = {
     },
     "eve": {"preferred_username": "eve", "uid": 41004, "gid": 41004, "groups": ["visitors"], "gids": []},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hub_helpers import CHROMIUM, CHROMIUM_ARGS, free_port
 
 from casaspawner.datasets.synth import write_dataset
 
@@ -29,7 +30,6 @@ async def test_oidc_login_to_casaspawner_pod(hub_factory, oidc, tmp_path):
         from kube_support import Emulator, FakeKubelet, kubeconfig_for, stored
     finally:
         sys.path.remove(str(KUBE_TESTS))
-    from conftest import CHROMIUM, CHROMIUM_ARGS, free_port
 
     storage = tmp_path / "cavern"
     write_dataset(storage / "home" / "alice" / "data", "cycle10")
