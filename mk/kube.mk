@@ -5,7 +5,7 @@
 # JupyterHub 5.5 venv, cached outside the clone and keyed by the packaging files.
 KUBE_HUB5_KEY := $(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-12)
 KUBE_HUB5_VENV ?= $(HOME)/.cache/casaspawner/venv-hub5.5-$(KUBE_HUB5_KEY)
-# The JupyterHub 5.5 run is part of `make test` (about 20 s once the venv exists).
+# The JupyterHub 5.5 run is part of `make test` (about 30 s once the venv exists).
 TEST_PREREQS += kube-test-hub5
 
 .PHONY: kube-test kube-test-hub5 k8s-test kube-dry-run
@@ -22,12 +22,12 @@ $(KUBE_HUB5_VENV)/.installed: setup.cfg pyproject.toml
 	$(KUBE_HUB5_VENV)/bin/python -m pip install --quiet "jupyterhub==5.5.*" ".[test]"
 	@touch $@
 
-# The same spawner and lifecycle tests under JupyterHub 5.5 (no SpawnException there; see spawners/common.py).
-kube-test-hub5: deps $(KUBE_HUB5_VENV)/.installed
+# The spawner, lifecycle and real-hub tests under JupyterHub 5.5 (no SpawnException there; see spawners/common.py).
+kube-test-hub5: deps chp $(KUBE_HUB5_VENV)/.installed
 	$(KUBE_HUB5_VENV)/bin/python -m pip install --quiet --no-deps --force-reinstall .
 	$(KUBE_HUB5_VENV)/bin/python -c "import jupyterhub; assert jupyterhub.__version__.startswith('5.5'), jupyterhub.__version__"
 	$(KUBE_HUB5_VENV)/bin/pytest -q -p no:cacheprovider tests/kube/test_kube_spawner.py \
-		tests/kube/test_kube_lifecycle.py $(PYTEST_ARGS)
+		tests/kube/test_kube_lifecycle.py tests/kube/test_kube_hub.py $(PYTEST_ARGS)
 
 # A real cluster (KUBECONFIG must point at it); see docs/kube.md for what the tests create.
 k8s-test: venv
