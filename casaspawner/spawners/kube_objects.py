@@ -164,13 +164,20 @@ def merge_keeping(existing: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[
     return {**ours, **existing}
 
 
+def _keyed(entries: Mapping[str, Any] | list[Any] | None) -> dict[str, Any]:
+    """KubeSpawner takes volumes as a list or a dict sorted by key; lists keep their order, before ours."""
+    if isinstance(entries, list):
+        return {f"{index:04d}": entry for index, entry in enumerate(entries)}
+    return dict(entries or {})
+
+
 def session_fields(
     plan: SessionPlan,
     settings: PodSettings,
     *,
     environment: Mapping[str, Any] | None = None,
-    volumes: Mapping[str, Any] | None = None,
-    volume_mounts: Mapping[str, Any] | None = None,
+    volumes: Mapping[str, Any] | list[Any] | None = None,
+    volume_mounts: Mapping[str, Any] | list[Any] | None = None,
     extra_labels: Mapping[str, str] | None = None,
     extra_annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -187,8 +194,8 @@ def session_fields(
         "default_url": plan.default_url,
         "working_dir": plan.home,
         "environment": env,
-        "volumes": {**(volumes or {}), **vols},
-        "volume_mounts": {**(volume_mounts or {}), **mnts},
+        "volumes": {**_keyed(volumes), **vols},
+        "volume_mounts": {**_keyed(volume_mounts), **mnts},
         "uid": plan.identity.uid,
         "gid": plan.identity.gid,
         "fs_gid": None,

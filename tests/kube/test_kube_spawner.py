@@ -422,3 +422,16 @@ async def test_entry_point_and_defaults(make_spawner):
     for name, trait in CASASpawner.class_traits(config=True).items():
         if trait.this_class.__module__.startswith("casaspawner"):
             assert trait.help and len(trait.help.split()) >= 5, name
+
+
+async def test_operator_volumes_as_list_are_kept(make_spawner, storage):
+    """z2jh may pass extraVolumes as a list; they stay, in order, next to the session's own volumes."""
+    spawner = make_spawner(
+        volumes=[{"name": "shared-config", "configMap": {"name": "site"}}],
+        volume_mounts=[{"name": "shared-config", "mountPath": "/etc/site", "readOnly": True}],
+    )
+    await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
+    pod, _ = await spawner.session_manifests()
+    assert pod["spec"]["volumes"][0] == {"name": "shared-config", "configMap": {"name": "site"}}
+    mounts = pod["spec"]["containers"][0]["volumeMounts"]
+    assert mounts[0]["mountPath"] == "/etc/site" and "/arc/home/alice" in {m["mountPath"] for m in mounts}
