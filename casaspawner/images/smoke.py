@@ -270,11 +270,11 @@ def home_dir(root: Path | None = None, uid: int = 54321, gid: int = 54321) -> Pa
 
 @contextmanager
 def kube_play(tools: Tools, manifest: Path, timeout: float = 120) -> Iterator[str]:
-    """Run a pod manifest with ``podman kube play`` (no network but loopback); yields the pod name."""
+    """Run a pod manifest with ``podman kube play`` (its own network namespace); yields the pod name."""
     pod = yaml.safe_load(manifest.read_text())
     name = str(pod["metadata"]["name"])
     tools.run(
-        tools.container("kube", "play", "--replace", "--network", "none", str(manifest)), timeout=timeout
+        tools.container("kube", "play", "--replace", str(manifest)), timeout=timeout
     )
     try:
         yield name

@@ -19,7 +19,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
 from images_support import MODULAR, REGISTRY, build
 
 from casaspawner.catalog import Catalog
@@ -136,10 +135,11 @@ def test_pod_manifest_from_casaspawner_pod_runs_under_kube_play(
     container = pod["spec"]["containers"][0]
     assert container["image"] == built[MODULAR].image
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    # What JupyterHub fills in at spawn time (the dry run leaves placeholders): a hub that is not there.
+    # What JupyterHub fills in at spawn time (the dry run leaves placeholders), pointing at a stand-in for the
+    # hub's API: jupyterhub-singleuser asks the hub for its version before it starts serving.
     hub_env = {
-        "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api",
-        "JUPYTERHUB_ACTIVITY_URL": "http://127.0.0.1:9/hub/api/users/smoke/activity",
+        "JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api",
+        "JUPYTERHUB_ACTIVITY_URL": "http://127.0.0.1:8081/hub/api/users/smoke/activity",
         "JUPYTERHUB_API_TOKEN": "smoke-test-token",
         "JUPYTERHUB_BASE_URL": "/",
         "JUPYTERHUB_SERVICE_PREFIX": "/user/smoke/",
@@ -147,13 +147,19 @@ def test_pod_manifest_from_casaspawner_pod_runs_under_kube_play(
     }
     env = [e for e in container["env"] if e["name"] not in hub_env]
     container["env"] = env + [{"name": k, "value": v} for k, v in hub_env.items()]
+    pod["spec"]["containers"].append({
+        "name": "hub-api-stand-in",
+        "image": container["image"],
+        "command": ["python3", "-c", f"exec({HUB_API_STAND_IN!r})"],  # one line: podman splits on newlines
+        "securityContext": container["securityContext"],
+    })  # fmt: skip
     # podman 4.3 checks annotation values like label values (at most 63 characters; Kubernetes allows far
     # more), so it refuses the long dataset/reason/summary annotations. They do not affect the container.
     annotations = pod["metadata"].get("annotations", {})
     dropped = {k for k, v in annotations.items() if len(v) > 63}
     pod["metadata"]["annotations"] = {k: v for k, v in annotations.items() if k not in dropped}
-    manifest = tmp_path / "pod.yaml"
-    manifest.write_text(yaml.safe_dump(pod))
+    manifest = tmp_path / "pod.json"
+    manifest.write_text(json.dumps(pod))
     with smoke.kube_play(tools, manifest) as name:
         answer = smoke.exec_http(
             tools, f"{name}-notebook", "http://127.0.0.1:8888/user/smoke/api", timeout=120
@@ -167,6 +173,22 @@ def test_pod_manifest_from_casaspawner_pod_runs_under_kube_play(
         uid, home_path, *entries = whoami.stdout.split()
         assert (uid, home_path) == ("54321", "/arc/home/smoke")
         assert "geodetic" in entries
+
+
+HUB_API_STAND_IN = """
+import json
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Hub(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"version": "5.5.4"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-JupyterHub-Version", "5.5.4")
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+HTTPServer(("127.0.0.1", 8081), Hub).serve_forever()
+"""
 
 
 # ----------------------------------------------------------------------------------------- monolithic recipe
