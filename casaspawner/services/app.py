@@ -124,7 +124,8 @@ class OperatorHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[mi
         self.config = config
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        reason = self._reason
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        reason = getattr(exc, "log_message", None) or self._reason  # our HTTPErrors carry one sentence
         if status_code == 403:
             reason = (
                 "This page is for the hub's CASA operators; ask an administrator for the casa-operators role."

@@ -162,3 +162,17 @@ def test_notices_api_needs_a_user_token(hub):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 403
+
+
+def test_a_bad_release_action_is_one_sentence(hub, operator):
+    operator.goto(f"{hub.url}/services/casa-sessions/")
+    form = "tr.release[data-release='casa-4.2.2'] form"
+    operator.evaluate(f"""() => {{
+        const form = document.querySelector("{form}");
+        form.setAttribute("action", form.getAttribute("action").replace("casa-4.2.2", "casa-9.9.9"));
+    }}""")
+    with operator.expect_response(lambda r: "releases/casa-9.9.9" in r.url) as response:
+        operator.locator(f"{form} button[value=drain]").click()
+    assert response.value.status == 404
+    assert "casa-9.9.9 is not a release in the catalog." in operator.locator("body").inner_text()
+    assert "Traceback" not in operator.content()
