@@ -273,9 +273,7 @@ def kube_play(tools: Tools, manifest: Path, timeout: float = 120) -> Iterator[st
     """Run a pod manifest with ``podman kube play`` (its own network namespace); yields the pod name."""
     pod = yaml.safe_load(manifest.read_text())
     name = str(pod["metadata"]["name"])
-    tools.run(
-        tools.container("kube", "play", "--replace", str(manifest)), timeout=timeout
-    )
+    tools.run(tools.container("kube", "play", "--replace", str(manifest)), timeout=timeout)
     try:
         yield name
     finally:
