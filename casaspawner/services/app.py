@@ -45,7 +45,7 @@ from casaspawner.services.sessions import (
     notices_for,
     sessions_from_users,
 )
-from casaspawner.services.state import ReleaseStateStore, default_state_path
+from casaspawner.services.state import ReleaseState, ReleaseStateStore, default_state_path
 
 log = logging.getLogger("casa-sessions")
 ACTIONS: dict[str, dict[str, Any]] = {
@@ -116,6 +116,13 @@ class ServiceConfig:
         )
         return sessions_from_users([json.loads(response.body)], self.catalog)
 
+    def states(self) -> dict[str, ReleaseState]:
+        """The release state file; a broken file is a one-sentence 500, not a traceback."""
+        try:
+            return self.store.load()
+        except CasaspawnerError as exc:
+            raise web.HTTPError(500, str(exc)) from None
+
 
 class OperatorHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
     """Pages and API for operators: HubOAuth, access scope ``access:services!service=<this service>``."""
@@ -137,7 +144,7 @@ class SessionsPage(OperatorHandler):
     @web.authenticated
     async def get(self) -> None:
         now = datetime.now(timezone.utc)
-        states = self.config.store.load()
+        states = self.config.states()
         sessions = await self.config.running_sessions()
         groups = group_sessions(sessions, states)
         counts: dict[str, int] = {g.release_id: g.count for g in groups}
@@ -185,7 +192,7 @@ class SessionsAPI(OperatorHandler):
     @web.authenticated
     async def get(self) -> None:
         now = datetime.now(timezone.utc)
-        states = self.config.store.load()
+        states = self.config.states()
         groups = group_sessions(await self.config.running_sessions(), states)
         self.set_header("Content-Type", "application/json")
         self.finish(
@@ -238,7 +245,7 @@ class NoticesAPI(web.RequestHandler):
             raise web.HTTPError(403, "A user's token is required.")
         now = datetime.now(timezone.utc)
         sessions = await self.config.user_sessions(model["name"])
-        notices = notices_for(model["name"], sessions, self.config.store.load(), self.config.policy, now)
+        notices = notices_for(model["name"], sessions, self.config.states(), self.config.policy, now)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps({"user": model["name"], "notices": notices}))
