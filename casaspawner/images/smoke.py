@@ -27,7 +27,7 @@ from casaspawner.images.matrix import MEASURES_MOUNT, ImageBuildError
 
 HOME = "/arc/home/smoke"
 CASA_CODE = """
-import casatools
+import casatools, casatasks, numpy, scipy.linalg
 print("casatools", casatools.version_string())
 me = casatools.measures()
 alma = me.observatory("ALMA")

@@ -18,22 +18,27 @@ extract_appimages() {
     done
 }
 
-# strip_debug DIR: drop debug sections from the ELF files of extracted AppImages under DIR (casaplotms and
-# casaviewer ship ~1 GB of them). Code and symbol tables stay. A stripped copy replaces a file only if the
-# dynamic loader still accepts it (strip can break files edited by patchelf, as in pip wheels' .libs, which
-# is why wheel contents outside the AppImages are never touched).
+# strip_debug DIR...: drop debug sections from the ELF files under the given directories (the extracted
+# casaplotms/casaviewer AppImages and casatools carry ~1.5 GB of them). Code and symbol tables stay. Only
+# trees CASA builds itself are given: `strip` corrupts libraries edited by patchelf, as in other pip wheels
+# (scipy's bundled OpenBLAS: "ELF load command address/offset not page-aligned"). As a guard, a stripped copy
+# replaces its file only if the dynamic loader still accepts it.
 strip_debug() {
-    find "$1" -type d -name '*.AppDir' -prune -print | while read -r appdir; do
-        find "$appdir" -type f -size +1M | while read -r f; do
-            [ "$(head -c4 "$f" | tail -c3)" = ELF ] || continue
-            strip --strip-debug -o "$f.stripped" "$f" 2>/dev/null || { rm -f "$f.stripped"; continue; }
-            if ldd "$f.stripped" 2>&1 | grep -q 'page-aligned'; then
-                rm -f "$f.stripped"
-            else
-                chmod --reference="$f" "$f.stripped" && mv "$f.stripped" "$f"
-            fi
-        done
+    find "$@" -type f -size +1M | while read -r f; do
+        [ "$(head -c4 "$f" | tail -c3)" = ELF ] || continue
+        strip --strip-debug -o "$f.stripped" "$f" 2>/dev/null || { rm -f "$f.stripped"; continue; }
+        if ldd "$f.stripped" 2>&1 | grep -q 'page-aligned'; then
+            echo "kept $f unstripped (strip would break it)"
+            rm -f "$f.stripped"
+        else
+            chmod --reference="$f" "$f.stripped" && mv "$f.stripped" "$f"
+        fi
     done
+}
+
+# appdirs DIR: the extracted AppImage trees under DIR.
+appdirs() {
+    find "$1" -type d -name '*.AppDir' -prune
 }
 
 # open_tree DIR: readable by every uid, writable by none but root (AppImage trees unpack as 0700).
