@@ -462,6 +462,8 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 f"{plan.release.label} has no Python 3 for a notebook kernel; choose the CASA desktop.",
                 "no-kernel",
             )
+        # The desktop's vncserver wrapper picks an X display no other X server (or container) uses.
+        extra["PATH"] = os.pathsep.join([str(DESKTOP_DIR / "bin"), os.environ.get("PATH", "/usr/bin:/bin")])
         self.environment = {**self.environment, **extra}
         log_path = Path(plan.home) / self.session_log_name
         log = open(log_path, "ab")  # noqa: SIM115 - handed to the session process, closed below

@@ -74,7 +74,13 @@ class Hub:
         jupyterhub = str(Path(sys.prefix) / "bin" / "jupyterhub")
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [jupyterhub, "-f", str(TEST_CONFIG)], cwd=state, env=env, stdout=out, stderr=subprocess.STDOUT
+                [jupyterhub, "-f", str(TEST_CONFIG)],
+                cwd=state,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # as `make demo` runs it: not in pytest's process group
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -174,8 +180,10 @@ def session_display(uid_or_name: str) -> tuple[str, str]:
 
 def window_titles(display: str, xauthority: str) -> list[str]:
     env = {**os.environ, "DISPLAY": display, "XAUTHORITY": xauthority}
+    wm = subprocess.run(["wmctrl", "-l"], capture_output=True, text=True, env=env)
+    if wm.returncode != 0:  # the window manager has not published its client list yet
+        return []
     tree = subprocess.run(["xwininfo", "-root", "-tree"], capture_output=True, text=True, env=env, check=True)
-    wm = subprocess.run(["wmctrl", "-l"], capture_output=True, text=True, env=env, check=True)
     titles = [line.split(None, 3)[3] for line in wm.stdout.splitlines() if len(line.split(None, 3)) == 4]
     assert all(title in tree.stdout for title in titles), "wmctrl and xwininfo disagree"
     return titles
