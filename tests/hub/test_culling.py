@@ -19,7 +19,8 @@ def test_idle_session_is_warned_then_culled(hub_factory, browser):
     page = login(browser, hub, "bob")  # auth_state (uid, gid, groups) comes from this login
     page.context.close()
     dataset = write_dataset(hub.workdir / "data", era="cycle9")
-    hub.admin("/users/bob/server", method="POST", body={"user_options": {"dataset": str(dataset)}})
+    # The options as the body: JupyterHub 5's shape, which 6 still accepts.
+    hub.admin("/users/bob/server", method="POST", body={"dataset": str(dataset)})
 
     notice = hub.workdir / "home" / "bob" / NOTICE_FILE
     warned_at = None
