@@ -568,7 +568,7 @@ async def _stream(
             proc.kill()
             await proc.wait()
     if code != 0:
-        errors = [t for t in tail if t.startswith("ERROR")] or tail or ["no output"]
+        errors = [t.removeprefix("ERROR: ") for t in tail if t.startswith("ERROR")] or tail or ["no output"]
         raise EnvironmentBuildError(f"{what} failed: {errors[-1][:300].rstrip('.')}.")
 
 

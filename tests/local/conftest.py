@@ -26,32 +26,32 @@ from casaspawner.environments import CasaEnvironment, EnvironmentManager, defaul
 #: Releases only the test hub knows: one whose wheels do not exist (the build fails), one whose wheels need a
 #: Python this machine lacks.
 BROKEN_RELEASES = """
-  - id: casa-9.9.9-1
+  - id: casa-1.0.0-1
     role: modular
-    casa: "9.9.9-1"
+    casa: "1.0.0-1"
     python: "3.11"
     os: manylinux
     tarball: null
-    wheels: {python: ["3.11"], casatools: "9.9.9.1", casatasks: "9.9.9.1"}
+    wheels: {python: ["3.11"], casatools: "1.0.0.1", casatasks: "1.0.0.1"}
     data: casaconfig
     confidence: unconfirmed
     note: "Test release: these wheels do not exist, so building its environment fails."
 
-  - id: casa-9.9.8-1
+  - id: casa-6.6.6-1
     role: modular
-    casa: "9.9.8-1"
+    casa: "6.6.6-1"
     python: "3.4"
     os: manylinux
     tarball: null
-    wheels: {python: ["3.4"], casatools: "9.9.8.1", casatasks: "9.9.8.1"}
+    wheels: {python: ["3.4"], casatools: "6.6.6.1", casatasks: "6.6.6.1"}
     data: casaconfig
     confidence: unconfirmed
     note: "Test release: needs Python 3.4, which no test machine has."
 """
 
 DATASETS = {
-    "broken-build": DatasetSpec("2030.1.00001.S", "uid___A001_X9999_X11", "9.9.9.1", None),
-    "missing-python": DatasetSpec("2030.1.00002.S", "uid___A001_X9999_X21", "9.9.8.1", None),
+    "broken-build": DatasetSpec("2030.1.00001.S", "uid___A001_X9999_X11", "1.0.0.1", None),
+    "missing-python": DatasetSpec("2030.1.00002.S", "uid___A001_X9999_X21", "6.6.6.1", None),
     "cycle10": DatasetSpec("2023.1.00026.S", "uid___A001_X3621_X3d68", "6.5.4.9", "2023.1.0.124"),
 }
 

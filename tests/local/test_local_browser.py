@@ -110,7 +110,9 @@ def test_desktop_session_shows_a_casa_window(hub: Hub, browser: Any) -> None:
     page = login(browser, hub)
     submit_form(page, hub, "desktop")
     page.wait_for_url("**/desktop/**", timeout=900_000)
-    page.wait_for_function("(document.querySelector('#status') || {}).textContent === 'Connected'", timeout=60_000)
+    page.wait_for_function(
+        "(document.querySelector('#status') || {}).textContent === 'Connected'", timeout=60_000
+    )
 
     display, xauthority = session_display("jupyter-demo")
     deadline = time.monotonic() + 60
