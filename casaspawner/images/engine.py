@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -365,7 +366,7 @@ def build(tools: Tools, recipe: Recipe, recipes: Path | None = None, force: bool
             image_id = tools.image_id(recipe.image) or ""
             return BuildResult(recipe, image_id, digest, True, time.monotonic() - started, None)
         tools.log_dir.mkdir(parents=True, exist_ok=True)
-        log = tools.log_dir / f"{recipe.name}.log"
+        log = tools.log_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", recipe.image) + ".log")
         argv = build_command(tools, recipe, context, digest)
         with log.open("w") as out:
             out.write("$ " + " ".join(argv) + "\n")
