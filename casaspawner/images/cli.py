@@ -281,8 +281,11 @@ def check_image(
     with smoke.jupyter_server(tools, recipe.image, session) as (url, token):
         observed["jupyter"] = smoke.get_json(f"{url}/api/status", token)
         observed["desktop_page"] = smoke.get_status(f"{url}/desktop/", token)
+        observed["desktop_vnc"] = smoke.desktop_greeting(url, token)
     if observed["desktop_page"] != 200:
         problems.append(f"/desktop/ answered {observed['desktop_page']}")
+    if observed["desktop_vnc"] != "RFB 003.008":
+        problems.append(f"the desktop websocket did not reach TigerVNC: {observed['desktop_vnc']!r}")
     if recipe.release is not None:
         release = recipe.release
         names = {spec["spec"]["display_name"]: name for name, spec in specs.items()}

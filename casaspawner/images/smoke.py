@@ -24,8 +24,10 @@ import yaml
 
 from casaspawner.images.engine import Tools
 from casaspawner.images.matrix import MEASURES_MOUNT, ImageBuildError
+from casaspawner.plan import PlanConfig
 
 HOME = "/arc/home/smoke"
+DESKTOP_XSTARTUP = PlanConfig().desktop_xstartup
 CASA_CODE = """
 import casatools, casatasks, numpy, scipy.linalg
 print("casatools", casatools.version_string())
@@ -82,6 +84,7 @@ def run_argv(
     detach: bool = False,
     name: str | None = None,
     network: str = "none",
+    publish: int | None = None,
 ) -> list[str]:
     """``podman run`` as a pod runs: uid without passwd entry, read-only root, tmpfs /tmp, mounted HOME."""
     # Own network namespace unless asked (X11 abstract sockets are per namespace, like in a pod).
@@ -97,6 +100,8 @@ def run_argv(
         argv += ["-v", f"{session.measures}:{MEASURES_MOUNT}:ro"]
     for key, value in session.env.items():
         argv += ["-e", f"{key}={value}"]
+    if publish is not None:
+        argv += ["-p", f"127.0.0.1:{publish}:8888"]
     return [*argv, image]
 
 
@@ -200,20 +205,50 @@ def casa_environment(tools: Tools, image: str, session: Session) -> dict[str, st
 def jupyter_server(
     tools: Tools, image: str, session: Session, command: Sequence[str] | None = None, timeout: float = 120
 ) -> Iterator[tuple[str, str]]:
-    """A Jupyter server from ``image`` on 127.0.0.1; yields (base URL, token) once it answers."""
+    """A Jupyter server from ``image`` in its own network namespace, published on 127.0.0.1 only; yields
+    (base URL, token) once it answers. The desktop's environment is set as the plan sets it."""
     port, token = free_port(), secrets.token_hex(16)
     name = f"casaspawner-smoke-{port}"
     command = command or [
-        "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+        "jupyter", "lab", "--no-browser", "--ip=0.0.0.0", "--port=8888",
         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
     ]  # fmt: skip
-    tools.run([*run_argv(tools, image, session, detach=True, name=name, network="host"), *command])
+    session = Session(
+        session.home, session.measures, session.uid, session.gid,
+        {"JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP": DESKTOP_XSTARTUP, **session.env},
+    )  # fmt: skip
+    argv = run_argv(tools, image, session, detach=True, name=name, network="bridge", publish=port)
+    tools.run([*argv, *command])
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/api/status", token, timeout, container=(tools, name))
         yield url, token
     finally:
         tools.run([tools.runner, "rm", "-f", name], check=False)
+
+
+def desktop_greeting(url: str, token: str, timeout: float = 60) -> str:
+    """Open the noVNC websocket of jupyter-remote-desktop-proxy (which starts TigerVNC with the desktop start
+    script) and return the first bytes the VNC server sends."""
+    import asyncio
+
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    async def greet() -> str:
+        request = HTTPRequest(
+            url.replace("http://", "ws://") + "/desktop-websockify/",
+            headers={"Authorization": f"token {token}"},
+            request_timeout=timeout,
+        )
+        connection = await websocket_connect(request)
+        try:
+            message = await asyncio.wait_for(connection.read_message(), timeout)
+        finally:
+            connection.close()
+        return message.decode(errors="replace").strip() if isinstance(message, bytes) else str(message)
+
+    return asyncio.run(greet())
 
 
 def wait_for_http(url: str, token: str, timeout: float, container: tuple[Tools, str] | None = None) -> None:

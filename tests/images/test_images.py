@@ -47,6 +47,8 @@ def test_session_image_runs_as_any_uid_on_a_read_only_root(
     }
     assert "started" in observed["jupyter"]  # type: ignore[operator]
     assert observed["desktop_page"] == 200
+    # /desktop-websockify/ made jupyter-remote-desktop-proxy start TigerVNC with the desktop start script.
+    assert observed["desktop_vnc"] == "RFB 003.008"
 
 
 def test_casa_image_kernel_runs_casatools_with_mounted_measures(
