@@ -41,6 +41,29 @@ appdirs() {
     find "$1" -type d -name '*.AppDir' -prune
 }
 
+# dedupe DIR: hard-link identical files under DIR (casaplotms and casaviewer each bundle the same Qt).
+dedupe() {
+    python3 - "$1" <<'PY'
+import hashlib, os, stat, sys
+seen = {}
+saved = 0
+for root, _dirs, files in os.walk(sys.argv[1]):
+    for name in files:
+        path = os.path.join(root, name)
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size < 65536:
+            continue
+        with open(path, "rb") as f:
+            key = (info.st_size, info.st_mode, hashlib.sha256(f.read()).hexdigest())
+        first = seen.setdefault(key, path)
+        if first != path and not os.path.samefile(first, path):
+            os.unlink(path)
+            os.link(first, path)
+            saved += info.st_size
+print("dedupe: %d MB hard-linked" % (saved >> 20))
+PY
+}
+
 # open_tree DIR: readable by every uid, writable by none but root (AppImage trees unpack as 0700).
 open_tree() {
     chmod -R u+rwX,go+rX,go-w "$1"
