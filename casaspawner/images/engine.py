@@ -387,7 +387,8 @@ def build_command(tools: Tools, recipe: Recipe, context: Path, digest: str) -> l
     labels = {**recipe.labels, INPUT_HASH_LABEL: digest}
     containerfile = str(context / recipe.containerfile)
     if tools.builder == "buildah":
-        argv = ["buildah", "bud", "--layers", "--network", "host", "-f", containerfile, "-t", recipe.image]
+        argv = ["buildah", "bud", "--layers", "--force-rm", "--network", "host", "-f", containerfile]
+        argv += ["-t", recipe.image]
         if tools.isolation:
             argv += ["--isolation", tools.isolation]
         if tools.ca_bundle:

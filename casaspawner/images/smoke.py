@@ -5,9 +5,11 @@ data mounted read-only. Each check returns what it observed; callers (CLI, pytes
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -300,6 +302,7 @@ def home_dir(root: Path | None = None, uid: int = 54321, gid: int = 54321) -> Pa
     """A fresh HOME directory on the host owned by the session uid."""
     path = Path(tempfile.mkdtemp(prefix="casaspawner-home-", dir=root))
     chown(path, uid, gid)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 
