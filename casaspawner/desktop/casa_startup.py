@@ -21,4 +21,4 @@ if os.environ.get("CASASPAWNER_REASON"):
     print(f"Why this build: {os.environ['CASASPAWNER_REASON']}")
 if os.environ.get("CASASPAWNER_APPROXIMATE") == "true":
     print(f"APPROXIMATE SESSION: {os.environ.get('CASASPAWNER_REASON', '')}")
-print("GUIs: right-click the desktop, or plotms() / casa-app viewer from a shell.")
+print("GUIs: the tools window, the desktop's right-click menu, or plotms() here.")

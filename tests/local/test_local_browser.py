@@ -74,6 +74,7 @@ def test_lab_session_runs_casa_on_the_demo_ms(hub: Hub, browser: Any) -> None:
             "(document.querySelector('#progress-log') || {textContent: ''}).textContent.includes('manifest')",
             timeout=30_000,
         )
+        page.locator("summary", has_text="Event log").click()
         shot(page, "local-progress")
     except Exception:  # already redirected to JupyterLab: the record below still has the events
         pass

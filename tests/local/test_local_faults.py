@@ -44,10 +44,11 @@ def spawn_and_watch(
     thread.start()
     events: list[dict[str, object]] = []
     while thread.is_alive() and not events:
-        try:
+        if ((hub.server() or {}).get("pending")) != "spawn":
+            time.sleep(0.05)  # not pending yet (a stream now would replay the previous spawn's end)
+            continue
+        with contextlib.suppress(urllib.error.HTTPError):
             events = hub.progress()
-        except urllib.error.HTTPError:
-            time.sleep(0.2)  # not pending yet
     thread.join()
     if "failed" in outcome and not any(e.get("failed") for e in events):
         events.append({"failed": True, "message": outcome["failed"]})
