@@ -25,7 +25,7 @@ from casaspawner.errors import CasaspawnerError
 from casaspawner.plan import PlanConfig, image_for
 
 #: Modules adding subcommands: each has ``register(subparsers) -> None``.
-PLUGINS: tuple[str, ...] = ("casaspawner.podcli", "casaspawner.images")
+PLUGINS: tuple[str, ...] = ("casaspawner.podcli", "casaspawner.images", "casaspawner.environments.cli")
 
 
 class _Parser(argparse.ArgumentParser):

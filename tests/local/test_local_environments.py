@@ -272,3 +272,27 @@ def test_demo_dataset_is_a_real_ms_in_an_alma_tree(
         env={**os.environ, "CASASITECONFIG": str(demo_env.site_config), **OFFLINE}, timeout=300,
     )  # fmt: skip
     assert out.stdout.strip().splitlines()[-1] == "300 5 [16]", out.stderr[-2000:]
+
+
+def test_envs_command_lists_what_this_machine_can_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from casaspawner.cli import main
+
+    options = [
+        "--cache-dir",
+        str(tmp_path),
+        "--tarball-mirror",
+        "http://127.0.0.1:9/",
+        "--probe-timeout",
+        "1",
+    ]
+    assert main(["envs", "list", "--json", *options]) == 0
+    rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["casa-6.6.5-31"]["status"] == "buildable" and rows["casa-6.6.5-31"]["reason"] is None
+    assert rows["pl-2023.1.0.124"]["status"] == "unavailable"
+    assert "tarball http://127.0.0.1:9/" in rows["pl-2023.1.0.124"]["reason"]
+    assert main(["envs", "build", "no-such-release", *options]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "casaspawner: 'no-such-release' is not a release in the catalog; `casaspawner catalog` lists them."
+    )
