@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import html
 import os
 import pwd
 import re
@@ -87,6 +88,10 @@ def _signal(pid: int, sig: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+async def _render_local_options_form(spawner: LocalCASASpawner) -> str:
+    return spawner.render_options_form() + await spawner.resolution_preview()
 
 
 class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[misc]
@@ -344,6 +349,30 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             "CASASPAWNER_REASON": plan.reason,
             "CASASPAWNER_DESKTOP_DIR": str(DESKTOP_DIR),
         }
+
+    @default("options_form")
+    def _local_options_form_default(self) -> Callable[[Any], Any]:
+        return _render_local_options_form
+
+    async def resolution_preview(self) -> str:
+        """For a returning user: the last dataset, the build it resolves to and why, and whether this machine
+        can install that build (or will run an approximation). Empty when there is nothing to show."""
+        dataset = (self.user_options or {}).get("dataset")
+        if not isinstance(dataset, str) or not dataset.strip():
+            return ""
+        try:
+            resolution = await self.resolve_dataset(dataset, await self.session_identity())
+        except CasaspawnerError:
+            return ""  # the form's own validation will say what is wrong when it is submitted
+        exactness = "the exact build" if resolution.exact else "not the exact build"
+        text = f"{dataset}: {resolution.release.label}, {exactness}. {resolution.reason}"
+        manager = self.environment_manager()
+        problem = await asyncio.to_thread(manager.unavailable_reason, resolution.release)
+        if problem and self.allow_approximate:
+            text += f" {problem} The session will run the nearest installable release, marked approximate."
+        elif problem:
+            text += f" {problem}"
+        return f'<p class="casa-help" id="casa-resolved" role="status">{html.escape(text)}</p>\n'
 
     def render_options_form(self, error: str = "") -> str:
         form = super().render_options_form(error)

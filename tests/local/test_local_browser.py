@@ -109,6 +109,13 @@ def test_lab_session_runs_casa_on_the_demo_ms(hub: Hub, browser: Any) -> None:
 def test_desktop_session_shows_a_casa_window(hub: Hub, browser: Any) -> None:
     hub.stop_server()
     page = login(browser, hub)
+    # A returning user: the form resolves the last dataset and shows the build and the reason.
+    page.goto(f"{hub.url}/hub/spawn")
+    preview = page.locator("#casa-resolved").inner_text()
+    assert preview == (
+        f"{DATASET}: CASA 6.6.5-31, the exact build. The pipeline manifest names CASA 6.6.5-31; "
+        "CASA 6.6.5-31 is that build."
+    ), preview
     submit_form(page, hub, "desktop")
     page.wait_for_url("**/desktop/**", timeout=900_000)
     page.wait_for_function(

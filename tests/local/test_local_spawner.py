@@ -87,3 +87,17 @@ def test_plan_paths_are_local_paths_and_identity_is_never_root(storage: Path) ->
         assert (plan.identity.uid, plan.identity.gid) == (account.pw_uid, account.pw_gid)
     else:
         assert plan.identity.uid == os.getuid()
+
+
+def test_form_previews_the_last_dataset_and_says_it_will_be_approximate(storage: Path) -> None:
+    local = spawner(storage, allow_approximate=True)
+    assert asyncio.run(local.resolution_preview()) == ""  # nothing to preview on a first visit
+    local.user_options = {"dataset": "~/2023.1.00026.S"}
+    preview = asyncio.run(local.resolution_preview())
+    assert preview.startswith(
+        '<p class="casa-help" id="casa-resolved" role="status">~/2023.1.00026.S: CASA 6.5.4-9'
+    )
+    assert "cannot be installed on this hub" in preview
+    assert preview.rstrip().endswith(
+        "The session will run the nearest installable release, marked approximate.</p>"
+    )
