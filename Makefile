@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # Debian packages every target needs; mk/*.mk files append their own.
 APT_PACKAGES := python3-venv python3-dev git
 # Extras installed into the venv; mk/*.mk files may append.
-PIP_EXTRAS := test
+PIP_EXTRAS := test docs
 PYTEST_ARGS ?=
 comma := ,
 empty :=
@@ -46,12 +46,13 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest -m "not integration and not images and not k8s" $(PYTEST_ARGS)
 
-# Everything CI runs: lint, types, and every test tier except `k8s` (real cluster only).
+# Everything CI runs: lint, types, every test tier except `k8s` (real cluster only), and the docs (warnings fail).
 test: venv $(TEST_PREREQS)
 	$(BIN)/ruff check casaspawner tests benchmarks images
 	$(BIN)/ruff format --check casaspawner tests benchmarks images
 	$(BIN)/mypy casaspawner
 	$(BIN)/pytest -m "not k8s" $(PYTEST_ARGS)
+	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
 
 # The main job on the embedded default. mk/local.mk sets DEMO_COMMAND to the embedded hub; without it, the
 # demo resolves a generated example dataset and prints what a session would run.
@@ -61,7 +62,6 @@ demo: venv $(DEMO_PREREQS)
 	$(DEMO_COMMAND)
 
 docs: venv
-	$(BIN)/python -m pip install --quiet -e ".[docs]"
 	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
 
 clean:
