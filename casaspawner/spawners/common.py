@@ -189,6 +189,34 @@ class LocalDirectoryReader:
         yield path
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but sends the user's token (``Authorization``) only to the origin it was meant for:
+    a redirect to another scheme, host or port gets the request without it."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        token = req.unredirected_hdrs.get("Authorization")
+        if new is not None and token and _origin(new.full_url) == _origin(req.full_url):
+            new.add_unredirected_header("Authorization", token)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects())
+
 _VOS = "{http://www.ivoa.net/xml/VOSpace/v2.0}"
 _XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 _VOS_LENGTH = "ivo://ivoa.net/vospace/core#length"
@@ -200,7 +228,8 @@ class VOSpaceReader:
     The dataset's directory tree is walked with ``GET {url}/nodes/{path}``; only the small files the resolver
     reads (pipeline manifests, AQUA reports, weblog ``t1-1.html`` pages or packed weblogs, calibration scripts,
     CASA logs) are fetched from ``GET {url}/files/{path}`` into a private temporary directory. Link nodes are
-    never followed, so a dataset cannot lead out of the user's own directories.
+    never followed, so a dataset cannot lead out of the user's own directories. HTTP redirects are followed,
+    but the token is only sent again to the same origin (scheme, host and port).
     """
 
     #: file names worth fetching → the largest size fetched
@@ -224,10 +253,10 @@ class VOSpaceReader:
 
     def _get(self, kind: str, path: str, limit: int) -> bytes | None:
         request = urllib.request.Request(f"{self.url}/{kind}/{urllib.parse.quote(path)}")  # noqa: S310
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+        if self.token:  # "unredirected": urllib never copies it into a redirect; _SameOriginRedirects may
+            request.add_unredirected_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - configured URL
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 data: bytes = response.read(limit + 1)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
