@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from typing import Any
 
+import aiohttp
 from jupyterhub.utils import exponential_backoff, maybe_future
 from kubernetes_asyncio.client.rest import ApiException
 from kubespawner import KubeSpawner
@@ -25,6 +26,15 @@ from casaspawner.spawners.common import CASASessionMixin, spawn_error
 
 #: Placeholder owner uid in dry-run Secrets (the real one exists only once the pod does).
 DRY_RUN_OWNER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+def _reflector_broken(reflector: Any) -> bool:
+    """Whether a shared reflector can never deliver: its first list failed, or its watch task ended."""
+    loaded = reflector.first_load_future
+    if loaded.done() and (loaded.cancelled() or loaded.exception() is not None):
+        return True
+    task = reflector.watch_task
+    return bool(loaded.done() and task is not None and task.done())
 
 
 class _AfterPodCreated:
@@ -239,6 +249,48 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             raise spawn_error(
                 "The session's access token could not be stored; try again.", "secret"
             ) from None
+
+    # ----------------------------------------------------------------------------------------- reflectors
+    async def _start_reflector(
+        self, kind: str, reflector_class: Any, replace: bool = False, **kwargs: Any
+    ) -> Any:
+        """KubeSpawner's shared pod/event reflector, surviving a failed first list.
+
+        KubeSpawner 7.1 fails the spawn when the reflector's first list gets a server error (500, 503 from a
+        proxy …), and keeps the broken reflector, so the next spawn waits until it times out. Here the list is
+        retried for up to ``k8s_api_request_retry_timeout`` seconds, and a reflector whose first list failed (or
+        whose watch gave up) is replaced.
+        """
+        previous = type(self).reflectors.get(self._get_reflector_key(kind))
+        if previous is not None and not replace and _reflector_broken(previous):
+            self.log.warning("Replacing the %s reflector: its first list failed or its watch gave up", kind)
+            replace = True
+        retry = replace
+
+        async def attempt() -> Any:
+            nonlocal retry
+            try:
+                return await super(CASASpawner, self)._start_reflector(
+                    kind, reflector_class, replace=retry, **kwargs
+                )
+            except ApiException as exc:
+                if exc.status < 500 and exc.status != 429:
+                    raise
+                self.log.warning("Listing %s failed (%s %s); trying again", kind, exc.status, exc.reason)
+            except (
+                aiohttp.ClientError,
+                asyncio.TimeoutError,
+                ValueError,
+            ) as exc:  # e.g. a proxy's error page
+                self.log.warning("Listing %s failed (%s); trying again", kind, type(exc).__name__)
+            retry = True  # the failed reflector stays registered: replace it
+            return None
+
+        return await exponential_backoff(
+            attempt,
+            f"Could not list {kind} from the Kubernetes API",
+            timeout=self.k8s_api_request_retry_timeout,
+        )
 
     # ------------------------------------------------------------------------------------------- progress
     def is_pod_running(self, pod: dict[str, Any] | None) -> bool:
