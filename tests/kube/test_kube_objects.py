@@ -126,9 +126,11 @@ async def test_inline_storage_refused_at_restricted_level(make_spawner, storage)
                 level="restricted",
             )
         assert info.value.jupyterhub_message == (
-            f"The storage volume is an inline {kind} volume, which the restricted Pod Security Standard forbids; "
-            "use a PersistentVolumeClaim or a CSI driver, or lower CASASpawner.pod_security_level."
+            f"The hub's configuration is invalid: the storage volume is an inline {kind} volume, which the "
+            "restricted Pod Security Standard forbids; use a PersistentVolumeClaim or a CSI driver, or lower "
+            "CASASpawner.pod_security_level."
         )
+        assert info.value.status_code == 500  # the hub's fault, not the user's
     with pytest.raises(SpawnException, match="baseline Pod Security Standard forbids"):
         await manifests_for(
             make_spawner,
@@ -151,7 +153,7 @@ def test_volume_source_shapes():
     ):
         with pytest.raises(InvalidInput):
             kube_objects.volume_source(bad, "storage")
-    with pytest.raises(InvalidInput, match="not a Pod Security Standard level"):
+    with pytest.raises(InvalidInput, match="pod_security_level is 'lax', not a Pod Security Standard level"):
         kube_objects.volume_source({"csi": {}}, "storage", "lax")
 
 
@@ -299,3 +301,160 @@ async def test_checker_catches_weakened_pods(make_spawner, storage):
     assert set(weakened(lambda p: p["spec"]["containers"][0]["ports"][0].update(hostPort=80))) == {
         "host-ports"
     }
+
+
+# ------------------------------------------------------------------------------- the final pod's security
+#: z2jh's default ``singleuser.cloudMetadata.blockWithIptables: true`` init container (its chart's hub config).
+Z2JH_BLOCK_CLOUD_METADATA = {
+    "name": "block-cloud-metadata",
+    "image": "quay.io/jupyterhub/k8s-network-tools:4.4.0",
+    "command": ["iptables", "--append", "OUTPUT", "--protocol", "tcp", "--destination", "169.254.169.254",
+                "--destination-port", "80", "--jump", "DROP"],
+    "securityContext": {"privileged": True, "runAsUser": 0, "capabilities": {"add": ["NET_ADMIN"]}},
+}  # fmt: skip
+
+WEAKENINGS = {
+    "privileged": lambda p: csc(p).update(privileged=True),
+    "escalation": lambda p: csc(p).update(allowPrivilegeEscalation=True),
+    "cap-sys-admin": lambda p: csc(p).update(capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+    "cap-chown": lambda p: csc(p).update(capabilities={"drop": ["ALL"], "add": ["CHOWN"]}),
+    "cap-bind": lambda p: csc(p).update(capabilities={"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}),
+    "root-user": lambda p: csc(p).update(runAsUser=0),
+    "non-root-off": lambda p: [csc(p).pop("runAsNonRoot"), p["spec"]["securityContext"].pop("runAsNonRoot")],
+    "seccomp-unconfined": lambda p: csc(p).update(seccompProfile={"type": "Unconfined"}),
+    "no-seccomp": lambda p: [csc(p).pop("seccompProfile"), p["spec"]["securityContext"].pop("seccompProfile")],
+    "host-network": lambda p: p["spec"].update(hostNetwork=True),
+    "host-pid": lambda p: p["spec"].update(hostPID=True),
+    "host-path": lambda p: p["spec"]["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+    "nfs": lambda p: p["spec"]["volumes"].append({"name": "n", "nfs": {"server": "x", "path": "/"}}),
+    "host-port": lambda p: p["spec"]["containers"][0]["ports"][0].update(hostPort=80),
+    "proc-mount": lambda p: csc(p).update(procMount="Unmasked"),
+    "selinux": lambda p: csc(p).update(seLinuxOptions={"type": "spc_t"}),
+    "sysctl": lambda p: p["spec"]["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}]),
+    "apparmor": lambda p: csc(p).update(appArmorProfile={"type": "Unconfined"}),
+    "z2jh-init": lambda p: p["spec"].setdefault("initContainers", []).append(copy.deepcopy(Z2JH_BLOCK_CLOUD_METADATA)),
+}  # fmt: skip
+
+
+def csc(pod: dict) -> dict:
+    return pod["spec"]["containers"][0]["securityContext"]
+
+
+@pytest.fixture(scope="module")
+def clean_pod(tmp_path_factory):
+    """A generated session pod, as plain JSON (built once, from the synthetic Cycle 10 dataset)."""
+    import asyncio
+
+    from casaspawner.datasets.synth import write_dataset
+    from casaspawner.podcli import _offline_kubernetes
+    from casaspawner.spawners.kube import CASASpawner
+
+    root = tmp_path_factory.mktemp("pss")
+    member = write_dataset(root / "home" / "alice" / "d", "cycle10")
+
+    async def build() -> dict:
+        spawner = CASASpawner(_mock=True, user=FakeUser(auth_state=auth_state()), storage_hub_path=str(root))
+        spawner.user_options = {"dataset": str(member.relative_to(root / "home" / "alice"))}
+        pod, _ = await spawner.session_manifests()
+        return pod
+
+    with _offline_kubernetes():
+        return asyncio.run(build())
+
+
+@pytest.mark.parametrize("weakening", sorted(WEAKENINGS))
+def test_pod_security_check_agrees_with_the_independent_checker(clean_pod, weakening):
+    """Our checker (which refuses pods) finds a problem exactly when tests/kube/pss.py does, at each level."""
+    from pss import BASELINE_RULES
+
+    assert kube_objects.pod_security_violations(clean_pod, "restricted") == []
+    pod = copy.deepcopy(clean_pod)
+    WEAKENINGS[weakening](pod)
+    independent = restricted_violations(pod)
+    ours = kube_objects.pod_security_violations(pod, "restricted")
+    assert bool(ours) == bool(independent), (ours, independent)
+    baseline = kube_objects.pod_security_violations(pod, "baseline")
+    assert bool(baseline) == bool(set(independent) & set(BASELINE_RULES)), (baseline, independent)
+    assert kube_objects.pod_security_violations(pod, "privileged") == []
+
+
+async def test_final_pod_is_checked_after_every_operator_setting(make_spawner, storage):
+    """Operator volumes, init containers, extra_*_config and modify_pod_hook all reach the check."""
+    dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
+
+    async def refusal(**config) -> str:
+        spawner = make_spawner(**config)
+        await spawner._run_apply_user_options(dict(dataset))
+        with pytest.raises(SpawnException) as info:
+            await spawner.session_manifests()
+        assert info.value.status_code == 500
+        return info.value.jupyterhub_message
+
+    message = await refusal(init_containers=[Z2JH_BLOCK_CLOUD_METADATA])
+    assert message.startswith(
+        "The session pod breaks the restricted Pod Security Standard: init container block-cloud-metadata is "
+        "privileged (and "
+    )
+    assert message.endswith("or CASASpawner.pod_security_level.") and "\n" not in message
+    assert "host port" in await refusal(
+        extra_container_config={"ports": [{"containerPort": 8888, "hostPort": 80}]}
+    )
+    assert "sets hostNetwork" in await refusal(extra_pod_config={"hostNetwork": True})
+    assert "the volume docker is a hostPath volume" in await refusal(
+        volumes=[{"name": "docker", "hostPath": {"path": "/var/run/docker.sock"}}]
+    )
+
+    def privileged_sidecar(spawner, pod):
+        pod.spec.containers.append({"name": "sidecar", "image": "x", "securityContext": {"privileged": True}})
+        return pod
+
+    assert "container sidecar is privileged" in await refusal(modify_pod_hook=privileged_sidecar)
+
+    # a lower level lets the operator's choice through, and says nothing about it
+    spawner = make_spawner(init_containers=[Z2JH_BLOCK_CLOUD_METADATA], pod_security_level="privileged")
+    await spawner._run_apply_user_options(dict(dataset))
+    pod, _ = await spawner.session_manifests()
+    assert pod["spec"]["initContainers"][0]["name"] == "block-cloud-metadata"
+
+
+async def test_pod_security_refusal_before_the_pod_exists(cluster, make_spawner, storage):
+    emulator, _server = cluster
+    spawner = make_spawner(init_containers=[Z2JH_BLOCK_CLOUD_METADATA], start_timeout=10)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    await spawner._run_apply_user_options(spawner.user_options)
+    with pytest.raises(SpawnException, match="init container block-cloud-metadata is privileged"):
+        await spawner.start()
+    assert not [r for r in emulator if r.method.value == "POST"]  # nothing was created
+
+
+def test_quantities():
+    assert kube_objects.quantity_bytes("20Gi") == 20 * 1024**3
+    assert kube_objects.quantity_bytes("1.5Gi") == 1536 * 1024**2
+    assert kube_objects.quantity_bytes("500M") == 500_000_000
+    assert kube_objects.quantity_bytes("1e9") == 10**9
+    assert kube_objects.quantity_bytes("1500m") == 2  # milli-bytes round up
+    assert kube_objects.quantity_bytes("  64Mi ") == 64 * 1024**2
+    for bad in ("20 gigs", "20GB", "-1Gi", "", "Gi", "1.2.3Gi", "0x10"):
+        assert kube_objects.quantity_bytes(bad) is None, bad
+    assert kube_objects.format_bytes(21 * 1024**3) == "21Gi"
+    assert kube_objects.format_bytes(1536 * 1024**2) == "1536Mi"
+    assert kube_objects.format_bytes(1_000_000_001) == "1000000001"
+
+
+async def test_container_reserves_scratch_and_tmp_as_ephemeral_storage(make_spawner, storage):
+    dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    spawner = make_spawner(scratch_size_limit="50Gi", tmp_size_limit="512Mi")
+    await spawner._run_apply_user_options(dict(dataset))
+    pod, _ = await spawner.session_manifests()
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["ephemeral-storage"] == "51712Mi"  # 50Gi + 512Mi
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["casa-scratch"]["emptyDir"]["sizeLimit"] == "50Gi"
+    assert volumes["casa-tmp"]["emptyDir"]["sizeLimit"] == "512Mi"
+    validate(pod)
+    # an operator's own limit stays
+    own = make_spawner(extra_resource_limits={"ephemeral-storage": "100Gi", "nvidia.com/gpu": "1"})
+    await own._run_apply_user_options(dict(dataset))
+    pod, _ = await own.session_manifests()
+    limits = pod["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["ephemeral-storage"] == "100Gi" and limits["nvidia.com/gpu"] == "1"
