@@ -842,6 +842,13 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
                 f"CASASpawner.default_size is {self.default_size!r}, which is not one of CASASpawner.session_sizes "
                 f"({', '.join(sizes)})"
             )
+        try:
+            self.casa_catalog()
+            self.plan_config()
+        except ConfigurationError:
+            raise
+        except CasaspawnerError as exc:  # catalog_path, label_prefix: the operator's, not the user's
+            raise ConfigurationError(str(exc)) from None
 
     def plan_config(self) -> PlanConfig:
         """The operator's choices as the plan sees them."""
@@ -866,16 +873,19 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         Blocked releases are left out of the override list: ``blocked_releases`` when it is a list, or what
         its callable last answered (the async form renderer asks it first).
         """
-        catalog = self.casa_catalog()
-        previous = self.user_options or {}
-        resolved: Release | None = None
-        last = self.last_resolution
-        if last and last.get("release") in catalog:
-            resolved = catalog.get(last["release"])
         try:  # the form still renders, saying what is wrong
             self.check_config()
         except ConfigurationError as exc:
             error = error or str(exc)
+        try:
+            available = self.casa_catalog().available()
+        except CasaspawnerError:
+            available = []
+        previous = self.user_options or {}
+        resolved: Release | None = None
+        last = self.last_resolution
+        if last:
+            resolved = next((r for r in available if r.id == last.get("release")), None)
         try:
             sizes = self.size_resources()
         except ConfigurationError:
@@ -883,9 +893,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         size = previous.get("size") if previous.get("size") in sizes else self.default_size
         interface = previous.get("interface") if previous.get("interface") in INTERFACES else "lab"
         blocked = self._blocked_for_form if callable(self.blocked_releases) else list(self.blocked_releases)
-        releases = (
-            [r for r in catalog.available() if r.id not in blocked] if self.allow_release_override else []
-        )
+        releases = [r for r in available if r.id not in blocked] if self.allow_release_override else []
         chosen = previous.get("release") if previous.get("release") in {r.id for r in releases} else None
         return _TEMPLATES.get_template("spawn_form.html").render(
             dataset=previous.get("dataset", "") if isinstance(previous.get("dataset"), str) else "",

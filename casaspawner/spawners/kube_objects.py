@@ -104,6 +104,16 @@ class PodSettings:
     security_level: str = "restricted"
 
 
+#: What each storage kind needs to be a valid volume source (the Kubernetes API refuses it otherwise).
+_REQUIRED_SETTINGS: dict[str, tuple[str, ...]] = {
+    "persistentVolumeClaim": ("claimName",),
+    "csi": ("driver",),
+    "cephfs": ("monitors",),
+    "nfs": ("server", "path"),
+    "hostPath": ("path",),
+}
+
+
 def _check_level(level: str) -> None:
     if level not in LEVEL_KINDS:
         raise InvalidInput(
@@ -127,6 +137,9 @@ def volume_source(raw: Mapping[str, Any], what: str, level: str = "restricted") 
         )
     if not isinstance(spec, Mapping):
         raise InvalidInput(f"The {what} volume's {kind} settings must be a mapping.")
+    missing = [key for key in _REQUIRED_SETTINGS[kind] if not spec.get(key)]
+    if missing:
+        raise InvalidInput(f"The {what} volume's {kind} settings need {' and '.join(missing)}.")
     return {kind: copy.deepcopy(dict(spec))}
 
 

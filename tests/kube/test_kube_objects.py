@@ -150,11 +150,19 @@ def test_volume_source_shapes():
         {"emptyDir": {}},
         {"persistentVolumeClaim": {}, "csi": {}},
         {"persistentVolumeClaim": "cavern"},
+        {"persistentVolumeClaim": {}},
+        {"nfs": {"server": "nfs.example.org"}},
     ):
         with pytest.raises(InvalidInput):
             kube_objects.volume_source(bad, "storage")
     with pytest.raises(InvalidInput, match="pod_security_level is 'lax', not a Pod Security Standard level"):
         kube_objects.volume_source({"csi": {}}, "storage", "lax")
+
+
+def test_volume_source_names_missing_settings():
+    with pytest.raises(InvalidInput) as info:
+        kube_objects.volume_source({"nfs": {"server": "nfs.example.org"}}, "storage", "baseline")
+    assert str(info.value) == "The storage volume's nfs settings need path."
 
 
 def test_labels_merge_never_replaces_existing():

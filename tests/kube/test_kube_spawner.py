@@ -637,6 +637,10 @@ async def test_links_out_of_the_users_storage_are_refused(make_spawner, linked_s
         ({"scratch_size_limit": "20 gigs"},
          "CASASpawner.scratch_size_limit is '20 gigs', not a Kubernetes quantity of bytes such as '20Gi'."),
         ({"tmp_size_limit": "0"}, "CASASpawner.tmp_size_limit is '0', not a Kubernetes quantity"),
+        ({"storage_volume": {"persistentVolumeClaim": {}}},
+         "the storage volume's persistentVolumeClaim settings need claimName."),
+        ({"label_prefix": "Bad Prefix"}, "'Bad Prefix' is not a Kubernetes label prefix (a DNS subdomain)."),
+        ({"catalog_path": "/nonexistent.yaml"}, "the catalog /nonexistent.yaml cannot be read"),
         ({"pod_security_level": "lax"}, "CASASpawner.pod_security_level is 'lax', not a Pod Security Standard "
                                         "level (restricted, baseline or privileged)."),
     ],
