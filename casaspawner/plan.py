@@ -28,6 +28,11 @@ _LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._\-]{0,61}[A-Za-z0-9])?)
 _LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9.\-]{0,251}[a-z0-9])?")
 
 
+def usable_group_name(name: str) -> bool:
+    """Whether a group name can be a project directory (and so be in an ``Identity``)."""
+    return bool(_GROUP.fullmatch(name))
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who the session runs as: never root."""
@@ -41,9 +46,11 @@ class Identity:
     def __post_init__(self) -> None:
         if not _USERNAME.fullmatch(self.username):
             raise InvalidInput(f"{self.username!r} is not a usable user name.")
-        if self.uid <= 0 or self.gid < 0:
+        if self.uid == 0:
+            raise InvalidInput(f"User {self.username} would run as uid 0; sessions never run as root.")
+        if self.uid < 0 or self.gid < 0:
             raise InvalidInput(
-                f"User {self.username} would run as uid {self.uid}; sessions never run as root."
+                f"User {self.username} would run as uid {self.uid} and gid {self.gid}; ids cannot be negative."
             )
         for group in self.groups:
             if not _GROUP.fullmatch(group):
@@ -262,7 +269,7 @@ def make_plan(
     annotations = {
         f"{prefix}/dataset": resolution.dataset,
         f"{prefix}/processed-with": _processed_with(resolution),
-        f"{prefix}/evidence": f"{resolution.evidence.kind}: {resolution.evidence.path}",
+        f"{prefix}/evidence": f"{resolution.evidence.kind}: {resolution.evidence.path}".rstrip(": "),
         f"{prefix}/reason": reason,
         f"{prefix}/summary": summary,
     }

@@ -1,9 +1,12 @@
 """``casaspawner pod``: print the pod (and token Secret, without data) CASASpawner would submit — no cluster.
 
-The dry run builds a real ``CASASpawner`` from the hub's config file and runs the same steps as a spawn
-(options → identity → resolution → plan → ``load_user_options`` → ``get_pod_manifest`` → ``modify_pod_hook``);
-only the dataset is read directly from this machine and the login is replaced by ``--uid/--gid/--group``.
-Values JupyterHub itself supplies at spawn time (API URL and tokens) are placeholders.
+The dry run builds a real ``CASASpawner`` from the hub's config file and runs what a spawn runs, in JupyterHub's
+order: ``auth_state_hook`` → ``group_overrides`` → ``apply_user_options`` (options → identity → resolution →
+plan) → ``pre_spawn_hook`` → ``load_user_options`` (profile, then plan) → ``get_pod_manifest`` →
+``modify_pod_hook`` (then the Pod Security check). Only the dataset is read directly from this machine, and the
+login is replaced by ``--uid/--gid/--group`` (the groups are also the user's JupyterHub groups, for
+``group_overrides``). Not run: ``Authenticator.pre_spawn_start`` (there is no authenticator) and everything after
+the pod exists. Values JupyterHub itself supplies at spawn time (API URL and tokens) are placeholders.
 """
 
 from __future__ import annotations
@@ -120,14 +123,19 @@ def _offline_kubernetes() -> Iterator[None]:
             load_config.cache_clear()
 
 
+class _DryRunGroup:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
 class _DryRunUser:
     """The parts of a JupyterHub user a spawner reads."""
 
-    def __init__(self, name: str, auth_state: dict[str, Any]) -> None:
+    def __init__(self, name: str, auth_state: dict[str, Any], groups: list[str] | None = None) -> None:
         self.name = name
         self.id = 0
         self.url = f"/user/{name}/"
-        self.groups: list[Any] = []
+        self.groups: list[Any] = [_DryRunGroup(g) for g in groups or []]
         self._auth_state = auth_state
 
     async def get_auth_state(self) -> dict[str, Any]:
@@ -153,7 +161,7 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
     config = _load_config(args.config)
     with _offline_kubernetes():
         try:
-            spawner = CASASpawner(_mock=True, user=_DryRunUser(args.user, {}), config=config)
+            spawner = CASASpawner(_mock=True, user=_DryRunUser(args.user, {}, args.group), config=config)
         except CasaspawnerError:
             raise
         except Exception as exc:
@@ -178,11 +186,15 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
             options["release"] = args.release
         spawner.user_options = options
         try:
-            await spawner.prepare_session()
-            pod, secret = await spawner.session_manifests()
+            pod, secret = await spawner.dry_run_manifests()
         except web.HTTPError as exc:  # SpawnException: one sentence for the user
             raise InvalidInput(
                 getattr(exc, "jupyterhub_message", None) or exc.log_message or str(exc)
+            ) from None
+        except Exception as exc:  # e.g. a trait a hook set to a value it does not take
+            detail = " ".join(str(exc).split())[:200]
+            raise InvalidInput(
+                f"The pod could not be built with this configuration ({type(exc).__name__}: {detail})."
             ) from None
     text = json.dumps(pod)
     assert PLACEHOLDER_TOKEN not in text, "the token must never appear in the pod"

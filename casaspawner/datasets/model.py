@@ -7,7 +7,8 @@ from typing import Literal
 
 from casaspawner.catalog.model import Release
 
-EvidenceKind = Literal["manifest", "aquareport", "weblog", "script", "casalog", "archive-manifest"]
+#: ``none``: nothing in the dataset tells a version, and the user chose the release (spawners only).
+EvidenceKind = Literal["manifest", "aquareport", "weblog", "script", "casalog", "archive-manifest", "none"]
 
 #: ALMA's order of trust for the evidence kinds found in a dataset.
 EVIDENCE_ORDER: tuple[EvidenceKind, ...] = ("manifest", "aquareport", "weblog", "script", "casalog")

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import fnmatch
+import os
 import re
 import tempfile
 import urllib.error
@@ -32,17 +33,19 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from defusedxml.ElementTree import fromstring as defused_fromstring
 from jinja2 import Environment, PackageLoader, select_autoescape
 from jupyterhub.spawner import Spawner
+from jupyterhub.traitlets import ByteSpecification
 from jupyterhub.utils import maybe_future
 from tornado import web
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Dict, Integer, List, Unicode, Union, default
+from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, Union, default
 from traitlets import Callable as CallableTrait
 
 from casaspawner.catalog.model import Catalog, Release, load_catalog
 from casaspawner.datasets.ids import looks_like_identifier
-from casaspawner.datasets.model import Resolution
+from casaspawner.datasets.layout import find_mous
+from casaspawner.datasets.model import Evidence, Resolution
 from casaspawner.datasets.resolve import resolve_path, resolve_target
-from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.errors import CasaspawnerError, InvalidInput, ResolutionError
 from casaspawner.plan import (
     DEFAULT_SIZES,
     INTERFACES,
@@ -53,6 +56,7 @@ from casaspawner.plan import (
     SessionPlan,
     StorageLayout,
     make_plan,
+    usable_group_name,
 )
 
 try:  # JupyterHub ≥ 6.0
@@ -76,11 +80,34 @@ OPTION_KEYS = frozenset({"dataset", "interface", "size", "release", "profile", "
 FORM_FIELDS = ("dataset", "interface", "size", "release")
 
 
-def spawn_error(message: str, reason: str = "invalid-options") -> web.HTTPError:
-    """A ``SpawnException`` whose text is ``message`` on the form, the progress page and in the logs."""
-    exc: web.HTTPError = SpawnException(message, reason=reason)
+def spawn_error(message: str, reason: str = "invalid-options", status_code: int = 400) -> web.HTTPError:
+    """A ``SpawnException`` whose text is ``message`` on the form, the progress page and in the logs.
+
+    ``status_code`` 400 means the user's choices; 500 means the hub (its configuration or a hook).
+    """
+    exc: web.HTTPError = SpawnException(message, reason=reason, status_code=status_code)
     exc.jupyterhub_message = message  # type: ignore[attr-defined]  # the progress page shows this text
     return exc
+
+
+class ConfigurationError(CasaspawnerError):
+    """An operator's setting (not anything the user chose) cannot work; the sentence names the option."""
+
+    def __init__(self, detail: str) -> None:
+        detail = detail.rstrip(".")
+        if detail[:2].istitle():  # a sentence of its own ("The storage volume …"), not "CASASpawner.x …"
+            detail = detail[0].lower() + detail[1:]
+        super().__init__(f"The hub's configuration is invalid: {detail}.")
+
+
+def hook_failure(hook: str, exc: BaseException) -> web.HTTPError:
+    """One sentence for an operator's hook that raised (the traceback goes to the hub's log)."""
+    detail = " ".join(str(exc).split())[:160]
+    return spawn_error(
+        f"The hub's configured {hook} failed ({type(exc).__name__}{': ' + detail if detail else ''}).",
+        reason="hook",
+        status_code=500,
+    )
 
 
 # ------------------------------------------------------------------------------------------ dataset readers
@@ -144,18 +171,38 @@ def locate_in_storage(
         mount = PurePosixPath(root.mount)
         if path == mount or mount in path.parents:
             return root, path.relative_to(mount)
+    project = _project_named(path, layout)
+    if project is not None:
+        yours = ", ".join(identity.groups) or "none"
+        raise InvalidInput(
+            f"The dataset path {text.strip()!r} is outside your storage: {project[:80]!r} is not one of your "
+            f"project directories (yours: {yours})."
+        )
     raise InvalidInput(
         f"The dataset path {text.strip()!r} is outside your storage; give a path under {home.mount}"
         + (" or one of your project directories." if identity.groups else ".")
     )
 
 
+def _project_named(path: PurePosixPath, layout: StorageLayout) -> str | None:
+    """The project a session path points into (``/arc/projects/<project>/…``), whoever's it is; else None."""
+    prefix, found, _ = layout.project_mount.partition("{group}")
+    if not found or not prefix.endswith("/") or not str(path).startswith(prefix):
+        return None
+    return str(path)[len(prefix) :].split("/", 1)[0] or None
+
+
 class StorageMountReader:
     """Reads datasets through a read-only mount of the whole storage (Cavern) on the hub.
 
-    ``root`` is the hub-side directory holding ``home/<user>`` and ``projects/<group>``. Symbolic links that
-    lead out of the user's own directories are refused.
+    ``root`` is the hub-side directory holding ``home/<user>`` and ``projects/<group>``. Symbolic links are
+    followed as the session would follow them, as long as every step stays inside the user's own storage
+    areas (home and projects): a link from the home into one of the user's projects is fine, one into another
+    user's home is refused. Absolute link targets may name session paths (``/arc/projects/<group>/…``, as links
+    made inside a session do) or hub paths under ``root``.
     """
+
+    MAX_LINKS = 40  # like the kernel's limit on links followed while resolving one path
 
     def __init__(self, root: str | Path, layout: StorageLayout) -> None:
         self.root = Path(root)
@@ -163,15 +210,64 @@ class StorageMountReader:
 
     def locate(self, text: str, identity: Identity) -> Path:
         root, relative = locate_in_storage(text, identity, self.layout)
-        base = (self.root / root.sub_path).resolve()
-        target = (base / relative).resolve()
-        if target != base and base not in target.parents:
-            raise InvalidInput(
-                f"The dataset path {text.strip()!r} leads outside your storage through a link."
-            )
-        if not target.is_dir():
-            raise InvalidInput(f"There is no dataset directory at {text.strip()!r} in your storage.")
-        return target
+        shown = text.strip()
+        roots = [
+            (PurePosixPath(r.mount), self.root / r.sub_path) for r in storage_roots(identity, self.layout)
+        ]
+
+        def on_hub(path: PurePosixPath) -> Path | None:
+            for mount, hub in roots:
+                if path == mount or mount in path.parents:
+                    return hub / path.relative_to(mount)
+            return None
+
+        def in_session(target: PurePosixPath) -> PurePosixPath:
+            """An absolute link target as a session path (hub paths under ``root`` are mapped back)."""
+            hub_root = PurePosixPath(self.root)
+            if hub_root in target.parents:
+                below = target.relative_to(hub_root)
+                for mount, hub in roots:
+                    sub = PurePosixPath(hub).relative_to(hub_root)
+                    if below == sub or sub in below.parents:
+                        return mount / below.relative_to(sub)
+            return target
+
+        mounts = {mount for mount, _ in roots}  # mounted as they are, like a pod's sub-path mounts
+        ancestors = {parent for mount in mounts for parent in mount.parents}
+        pending = list((PurePosixPath(root.mount) / relative).parts[1:])
+        current, links = PurePosixPath("/"), 0
+        while pending:
+            part = pending.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                current = current.parent
+                continue
+            candidate = current / part
+            hub = on_hub(candidate)
+            if hub is None:
+                if candidate in ancestors:  # /arc, /arc/home: directories every session has
+                    current = candidate
+                    continue
+                raise InvalidInput(f"The dataset path {shown!r} leads outside your storage through a link.")
+            if candidate not in mounts and hub.is_symlink():
+                links += 1
+                if links > self.MAX_LINKS:
+                    raise InvalidInput(f"The dataset path {shown!r} goes through too many links.")
+                target = PurePosixPath(os.readlink(hub))
+                if target.is_absolute():
+                    pending = list(in_session(target).parts[1:]) + pending
+                    current = PurePosixPath("/")
+                else:
+                    pending = list(target.parts) + pending
+                continue
+            current = candidate
+        located = on_hub(current)
+        if located is None:
+            raise InvalidInput(f"The dataset path {shown!r} leads outside your storage through a link.")
+        if not located.is_dir():
+            raise InvalidInput(f"There is no dataset directory at {shown!r} in your storage.")
+        return located
 
     @contextlib.asynccontextmanager
     async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
@@ -189,6 +285,34 @@ class LocalDirectoryReader:
         yield path
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but sends the user's token (``Authorization``) only to the origin it was meant for:
+    a redirect to another scheme, host or port gets the request without it."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        token = req.unredirected_hdrs.get("Authorization")
+        if new is not None and token and _origin(new.full_url) == _origin(req.full_url):
+            new.add_unredirected_header("Authorization", token)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects())
+
 _VOS = "{http://www.ivoa.net/xml/VOSpace/v2.0}"
 _XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 _VOS_LENGTH = "ivo://ivoa.net/vospace/core#length"
@@ -200,7 +324,8 @@ class VOSpaceReader:
     The dataset's directory tree is walked with ``GET {url}/nodes/{path}``; only the small files the resolver
     reads (pipeline manifests, AQUA reports, weblog ``t1-1.html`` pages or packed weblogs, calibration scripts,
     CASA logs) are fetched from ``GET {url}/files/{path}`` into a private temporary directory. Link nodes are
-    never followed, so a dataset cannot lead out of the user's own directories.
+    never followed, so a dataset cannot lead out of the user's own directories. HTTP redirects are followed,
+    but the token is only sent again to the same origin (scheme, host and port).
     """
 
     #: file names worth fetching → the largest size fetched
@@ -224,10 +349,10 @@ class VOSpaceReader:
 
     def _get(self, kind: str, path: str, limit: int) -> bytes | None:
         request = urllib.request.Request(f"{self.url}/{kind}/{urllib.parse.quote(path)}")  # noqa: S310
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+        if self.token:  # "unredirected": urllib never copies it into a redirect; _SameOriginRedirects may
+            request.add_unredirected_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - configured URL
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 data: bytes = response.read(limit + 1)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
@@ -312,6 +437,36 @@ _SIZE_KEYS = {"cpu_guarantee", "cpu_limit", "mem_guarantee", "mem_limit", "descr
 _DATASET_MAX = 1024
 
 
+def _cores(value: Any, where: str) -> float:
+    """A CPU amount from ``session_sizes``: a number of cores (or text holding one), 0 when unset."""
+    if value is None or value == "":
+        return 0.0
+    try:
+        cores = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        cores = float("nan")
+    if not cores >= 0 or cores == float("inf"):
+        raise ConfigurationError(f"{where} is {value!r}, not a number of CPU cores (such as 0.5 or 4)")
+    return cores
+
+
+def _memory(value: Any, where: str) -> tuple[str, int]:
+    """A memory amount from ``session_sizes`` as JupyterHub reads it (``8G``): (text, bytes); ("", 0) when unset."""
+    if value is None or value == "":
+        return "", 0
+    try:
+        if not isinstance(value, str):
+            raise TraitError("not text")
+        count = ByteSpecification().validate(None, value.strip())
+    except (TraitError, TypeError, IndexError):
+        raise ConfigurationError(
+            f"{where} is {value!r}, not an amount of memory (a number with K, M, G or T, such as '8G')"
+        ) from None
+    if count < 0:
+        raise ConfigurationError(f"{where} is {value!r}, a negative amount of memory")
+    return value.strip(), int(count)
+
+
 def _dotted(mapping: Mapping[str, Any] | None, key: str) -> Any:
     """``mapping["a"]["b"]`` for ``key="a.b"``; None when any step is missing."""
     value: Any = mapping
@@ -323,14 +478,42 @@ def _dotted(mapping: Mapping[str, Any] | None, key: str) -> Any:
 
 
 def _as_int(value: Any, what: str, username: str) -> int | None:
+    """A numeric id from the login data: an int, or a float or text holding a whole number; never truncated."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
+    number: float | int | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = (
+                float(value.strip()) if value.strip().lstrip("+-").replace(".", "", 1).isdigit() else None
+            )
+    if number is None or number != number or number in (float("inf"), float("-inf")):
         raise InvalidInput(f"The {what} of {username} in the login data is not a number.")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"The {what} of {username} in the login data is not a number.") from None
+    if int(number) != number:
+        raise InvalidInput(f"The {what} of {username} in the login data is {value}, not a whole number.")
+    if number < 0:
+        raise InvalidInput(f"The {what} of {username} in the login data is {value}, which is not a valid id.")
+    return int(number)
+
+
+#: The resolver's advice at the end of its sentence, dropped once the user has followed it.
+_CHOOSE_YOURSELF = re.compile(r"[;,]\s*choose a (?:CASA )?release yourself\.?$")
+
+
+class _FetchWatch:
+    """Wraps the archive client to tell whether it found the dataset's manifest before resolution failed."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.name = getattr(client, "name", "archive")
+        self.fetched = False
+
+    def fetch_manifest(self, identifier: Any) -> Path:
+        path: Path = self.client.fetch_manifest(identifier)
+        self.fetched = True
+        return path
 
 
 # The mixin always sits in front of a Spawner, but JupyterHub refuses Spawner subclasses without start/stop/poll.
@@ -441,7 +624,9 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         r".*",
         help="""
         Regular expression a group name must match in full for its project directory to be mounted. Use it to
-        keep authorization-only groups out of the session, e.g. ``proj-.*``.
+        keep authorization-only groups out of the session, e.g. ``proj-.*``. Groups whose names cannot be
+        directory names (a letter or digit, then up to 63 letters, digits, ``.``, ``_`` or ``-``; e.g. not
+        ``org/sub`` or ``ivo://cadc.nrc.ca/gms?alma``) are skipped and logged, never an error.
         """,
     ).tag(config=True)
 
@@ -556,6 +741,15 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         help="gid to run as when ``auth_state`` has none (default: the uid).",
     ).tag(config=True)
 
+    allow_root_group = Bool(
+        False,
+        help="""
+        Whether a session may run with gid 0 (the root group) as its primary or a supplemental group. Off by
+        default: files owned by the root group are often writable by it, so a login giving gid 0 is refused
+        with a sentence. uid 0 is refused whatever this says.
+        """,
+    ).tag(config=True)
+
     access_token_claim = Unicode(
         "access_token",
         help="""
@@ -588,6 +782,8 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         self.session_plan = None
         self._plan_for: dict[str, Any] | None = None
         self._access_token: str | None = None
+        self._blocked_for_form: list[str] = []
+        self._casa_baseline: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------ catalog + config
@@ -611,21 +807,48 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         )
 
     def size_resources(self) -> dict[str, Resources]:
+        """``session_sizes`` checked and typed; a bad entry is a ``ConfigurationError`` naming it."""
         sizes: dict[str, Resources] = {}
+        if not self.session_sizes:
+            raise ConfigurationError("CASASpawner.session_sizes is empty; give at least one session size")
         for name, raw in self.session_sizes.items():
+            where = f"CASASpawner.session_sizes[{name!r}]"
             if not isinstance(raw, Mapping) or set(raw) - _SIZE_KEYS:
-                raise InvalidInput(
-                    f"Session size {name!r} must be a mapping of {', '.join(sorted(_SIZE_KEYS))}."
-                )
+                raise ConfigurationError(f"{where} must be a mapping of {', '.join(sorted(_SIZE_KEYS))}")
             spec = cast(Mapping[str, Any], raw)
-            sizes[name] = Resources(
-                float(spec.get("cpu_guarantee", 0)),
-                float(spec.get("cpu_limit", 0)),
-                str(spec.get("mem_guarantee", "")),
-                str(spec.get("mem_limit", "")),
-                str(spec.get("description", "")),
+            cpu = {key: _cores(spec.get(key), f"{where}[{key!r}]") for key in ("cpu_guarantee", "cpu_limit")}
+            mem = {key: _memory(spec.get(key), f"{where}[{key!r}]") for key in ("mem_guarantee", "mem_limit")}
+            if cpu["cpu_limit"] and cpu["cpu_guarantee"] > cpu["cpu_limit"]:
+                raise ConfigurationError(f"{where} guarantees more CPU than its cpu_limit")
+            if mem["mem_limit"][1] and mem["mem_guarantee"][1] > mem["mem_limit"][1]:
+                raise ConfigurationError(f"{where} guarantees more memory than its mem_limit")
+            sizes[str(name)] = Resources(
+                cpu["cpu_guarantee"],
+                cpu["cpu_limit"],
+                mem["mem_guarantee"][0],
+                mem["mem_limit"][0],
+                str(spec.get("description") or ""),
             )
         return sizes
+
+    def check_config(self) -> None:
+        """Check the operator's settings before anything else, so that a bad one is named as the hub's fault.
+
+        Raises ``ConfigurationError`` (one sentence naming the option); subclasses add their own checks.
+        """
+        sizes = self.size_resources()
+        if self.default_size not in sizes:
+            raise ConfigurationError(
+                f"CASASpawner.default_size is {self.default_size!r}, which is not one of CASASpawner.session_sizes "
+                f"({', '.join(sizes)})"
+            )
+        try:
+            self.casa_catalog()
+            self.plan_config()
+        except ConfigurationError:
+            raise
+        except CasaspawnerError as exc:  # catalog_path, label_prefix: the operator's, not the user's
+            raise ConfigurationError(str(exc)) from None
 
     def plan_config(self) -> PlanConfig:
         """The operator's choices as the plan sees them."""
@@ -645,16 +868,33 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         return _render_options_form
 
     def render_options_form(self, error: str = "") -> str:
-        """The spawn form's HTML fragment (JupyterHub wraps it in its own ``<form>`` and Start button)."""
-        catalog = self.casa_catalog()
+        """The spawn form's HTML fragment (JupyterHub wraps it in its own ``<form>`` and Start button).
+
+        Blocked releases are left out of the override list: ``blocked_releases`` when it is a list, or what
+        its callable last answered (the async form renderer asks it first).
+        """
+        try:  # the form still renders, saying what is wrong
+            self.check_config()
+        except ConfigurationError as exc:
+            error = error or str(exc)
+        try:
+            available = self.casa_catalog().available()
+        except CasaspawnerError:
+            available = []
         previous = self.user_options or {}
         resolved: Release | None = None
         last = self.last_resolution
-        if last and last.get("release") in catalog:
-            resolved = catalog.get(last["release"])
-        sizes = self.size_resources()
+        if last:
+            resolved = next((r for r in available if r.id == last.get("release")), None)
+        try:
+            sizes = self.size_resources()
+        except ConfigurationError:
+            sizes = {}
         size = previous.get("size") if previous.get("size") in sizes else self.default_size
         interface = previous.get("interface") if previous.get("interface") in INTERFACES else "lab"
+        blocked = self._blocked_for_form if callable(self.blocked_releases) else list(self.blocked_releases)
+        releases = [r for r in available if r.id not in blocked] if self.allow_release_override else []
+        chosen = previous.get("release") if previous.get("release") in {r.id for r in releases} else None
         return _TEMPLATES.get_template("spawn_form.html").render(
             dataset=previous.get("dataset", "") if isinstance(previous.get("dataset"), str) else "",
             recent=self.recent_datasets,
@@ -662,7 +902,8 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             interface=interface,
             sizes=sizes,
             size=size,
-            releases=catalog.available() if self.allow_release_override else [],
+            releases=releases,
+            chosen=chosen,
             resolved=resolved,
             resolved_dataset=(last or {}).get("dataset", ""),
             can_read_paths=bool(self.storage_hub_path or self.vospace_url or self.dataset_reader),
@@ -673,6 +914,27 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
     @default("options_from_form")
     def _casa_options_from_form_default(self) -> Callable[[dict[str, list[str]]], dict[str, Any]]:
         return options_from_form
+
+    # ------------------------------------------------------------------------------------- operator hooks
+    async def run_auth_state_hook(self, auth_state: Any) -> None:
+        """JupyterHub's ``auth_state_hook``; a hook that raises is one sentence naming it (traceback logged)."""
+        try:
+            await super().run_auth_state_hook(auth_state)
+        except web.HTTPError:
+            raise
+        except Exception as exc:
+            self.log.exception("auth_state_hook failed for %s", self.user.name)
+            raise hook_failure("auth_state_hook", exc) from None
+
+    async def run_pre_spawn_hook(self) -> None:
+        """JupyterHub's ``pre_spawn_hook`` (may be async); a hook that raises is one sentence naming it."""
+        try:
+            await maybe_future(super().run_pre_spawn_hook())
+        except web.HTTPError:
+            raise
+        except Exception as exc:
+            self.log.exception("pre_spawn_hook failed for %s", self.user.name)
+            raise hook_failure("pre_spawn_hook", exc) from None
 
     # --------------------------------------------------------------------------------------- validation
     @default("apply_user_options")
@@ -736,36 +998,50 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         uid_n = _as_int(uid, "uid", name)
         gid_n = _as_int(gid, "gid", name)
         if uid_n is None:
-            if self.fallback_uid is None:
+            uid_n = _as_int(self.fallback_uid, "fallback uid", name)
+            if uid_n is None:
                 raise InvalidInput(
                     f"The login of {name} carries no numeric user id, so no session can run as {name}; ask the hub's "
                     "administrators."
                 )
-            uid_n = self.fallback_uid
-            gid_n = self.fallback_gid if gid_n is None and self.fallback_gid is not None else gid_n
+            if gid_n is None:
+                gid_n = _as_int(self.fallback_gid, "fallback gid", name)
         if uid_n == 0:
             raise InvalidInput(f"User {name} would run as uid 0; sessions never run as root.")
-        if gid_n is None:
-            gid_n = uid_n
+        gid_n = uid_n if gid_n is None else gid_n
         if groups is None:
             groups = [group.name for group in getattr(self.user, "groups", [])]
         if not isinstance(groups, list | tuple):
             raise InvalidInput(f"The groups of {name} in the login data are not a list.")
         pattern = re.compile(self.project_group_pattern)
-        names = []
+        names: list[str] = []
+        skipped: list[str] = []
         for group in groups:
             group_name = str(group).lstrip("/")
-            if pattern.fullmatch(group_name) and group_name not in names:
-                names.append(group_name)
+            if not pattern.fullmatch(group_name) or group_name in names:
+                continue
+            (names if usable_group_name(group_name) else skipped).append(group_name)
+        if skipped:
+            self.log.info(
+                "No project directories for %d of %s's groups, whose names cannot be directory names: %s",
+                len(skipped),
+                name,
+                ", ".join(repr(g[:80]) for g in skipped[:10]),
+            )
         if not isinstance(gids or [], list | tuple):
             raise InvalidInput(f"The group ids of {name} in the login data are not a list.")
-        supplemental = [_as_int(g, "group id", name) for g in (gids or [])]
+        supplemental = [g for g in (_as_int(g, "group id", name) for g in (gids or [])) if g is not None]
+        if not self.allow_root_group and 0 in (gid_n, *supplemental):
+            raise InvalidInput(
+                f"User {name} would run with gid 0 (the root group), which this hub does not allow; ask the hub's "
+                "administrators."
+            )
         return Identity(
             username=name,
             uid=uid_n,
             gid=gid_n,
             groups=tuple(names),
-            supplemental_gids=tuple(g for g in supplemental if g is not None),
+            supplemental_gids=tuple(supplemental),
         )
 
     @property
@@ -790,15 +1066,31 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             client = client(self)
         return client
 
-    async def resolve_dataset(self, text: str, identity: Identity) -> Resolution:
-        """Resolve an ALMA identifier (through the archive) or a path in the user's storage."""
+    async def resolve_dataset(
+        self, text: str, identity: Identity, *, release: str | None = None
+    ) -> Resolution:
+        """Resolve an ALMA identifier (through the archive) or a path in the user's storage.
+
+        ``release``: the catalog id the user chose instead. A dataset that was found but tells no usable CASA
+        version then runs that release, marked as the user's choice (not exact); an identifier or path that does
+        not lead to one dataset is still refused.
+        """
         catalog = self.casa_catalog()
         if looks_like_identifier(text):
-            archive = self.get_archive_client()
+            archive = _FetchWatch(self.get_archive_client())
             with tempfile.TemporaryDirectory() as empty:  # never read a hub path named like an identifier
-                return await asyncio.to_thread(
-                    resolve_target, text, catalog, archive=archive, base=Path(empty)
-                )
+                try:
+                    return await asyncio.to_thread(
+                        resolve_target,
+                        text,
+                        catalog,
+                        archive=archive if archive.client is not None else None,
+                        base=Path(empty),
+                    )
+                except ResolutionError as exc:
+                    if release is None or not archive.fetched:  # no manifest yet: not a dataset found
+                        raise
+                    return self.chosen_release_resolution(text, release, str(exc))
         reader = self.get_dataset_reader()
         if reader is None:
             raise InvalidInput(
@@ -807,18 +1099,43 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             )
         async with reader.open(text, identity) as path:
             try:
-                return await asyncio.to_thread(resolve_path, path, catalog, label=text)
+                try:
+                    return await asyncio.to_thread(resolve_path, path, catalog, label=text)
+                except ResolutionError as exc:
+                    if release is None:
+                        raise
+                    await asyncio.to_thread(
+                        find_mous, path
+                    )  # still no single dataset there: refused as it is
+                    return self.chosen_release_resolution(text, release, str(exc).replace(str(path), text))
             except CasaspawnerError as exc:  # name the dataset as the user did, never by the hub's path
                 raise type(exc)(str(exc).replace(str(path), text)) from None
 
-    async def release_block_message(self, release: Release) -> str | None:
-        """The operators' message if ``release`` may not be started now, else None."""
+    def chosen_release_resolution(self, dataset: str, release_id: str, finding: str) -> Resolution:
+        """The user's own release for a dataset whose version could not be told (``finding`` says why)."""
+        chosen = self.casa_catalog().get(release_id)
+        if not chosen.available:
+            raise InvalidInput(f"{chosen.label} has no public build to run; choose another release.")
+        finding = _CHOOSE_YOURSELF.sub("", " ".join(finding.split())).rstrip(" .;")
+        return Resolution(
+            dataset,
+            Evidence("none", "", None, None),
+            chosen,
+            False,
+            f"{finding}; you chose {chosen.label}.",
+        )
+
+    async def blocked_release_messages(self) -> dict[str, str]:
+        """Release id → the operators' message (may be empty) for every release that may not start now."""
         blocked = self.blocked_releases
         if callable(blocked):
             found = await maybe_future(blocked(self))
-            messages = dict(found or {})
-        else:
-            messages = {rid: "" for rid in blocked}
+            return {str(k): str(v or "") for k, v in dict(found or {}).items()}
+        return {rid: "" for rid in blocked}
+
+    async def release_block_message(self, release: Release) -> str | None:
+        """The operators' message if ``release`` may not be started now, else None."""
+        messages = await self.blocked_release_messages()
         if release.id not in messages:
             return None
         message = str(messages[release.id] or "").strip()
@@ -838,16 +1155,33 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         if self.session_plan is not None and self._plan_for == options:
             return self.session_plan
         try:
+            self.check_config()
             session_options = self.parse_session_options(options)
             identity = await self.session_identity()
-            resolution = await self.resolve_dataset(session_options.dataset, identity)
+            resolution = await self.resolve_dataset(
+                session_options.dataset, identity, release=session_options.release
+            )
             plan = make_plan(identity, session_options, self.casa_catalog(), resolution, self.plan_config())
             blocked = await self.release_block_message(plan.release)
             if blocked:
                 raise spawn_error(blocked, reason="release-blocked")
             self.apply_plan(plan)
-        except CasaspawnerError as exc:
-            raise spawn_error(str(exc), reason=type(exc).__name__) from None
+        except Exception as exc:
+            self.restore_configured_traits()  # nothing of a half-applied plan stays for the next attempt
+            self.session_plan = None
+            if isinstance(exc, web.HTTPError):
+                raise
+            if isinstance(exc, ConfigurationError):
+                raise spawn_error(str(exc), reason="config", status_code=500) from None
+            if isinstance(exc, CasaspawnerError):
+                raise spawn_error(str(exc), reason=type(exc).__name__) from None
+            self.log.exception("Preparing the CASA session of %s failed", self.user.name)
+            detail = " ".join(str(exc).split())[:160]
+            raise spawn_error(
+                f"The session could not be prepared because of a fault in the hub ({type(exc).__name__}: {detail}).",
+                reason="error",
+                status_code=500,
+            ) from None
         self.session_plan = plan
         self.user_options = {**options, **self.options_summary(plan)}
         self._plan_for = dict(self.user_options)
@@ -855,7 +1189,8 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         if orm_spawner is not None:  # the admin page and the next spawn see the summary too
             orm_spawner.user_options = dict(self.user_options)
         self.remember_dataset(plan.options.dataset)
-        self.last_resolution = {"dataset": plan.resolution.dataset, "release": plan.resolution.release.id}
+        if plan.resolution.evidence.kind != "none":  # the form preselects what the dataset resolved to
+            self.last_resolution = {"dataset": plan.resolution.dataset, "release": plan.resolution.release.id}
         self.log.info("CASA session for %s: %s (%s)", self.user.name, plan.summary, plan.reason)
         return plan
 
@@ -870,22 +1205,23 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         }
         return summary
 
-    #: Traits :meth:`apply_plan` sets. Spawner objects live across sessions, so their configured values are
-    #: remembered at the first plan and restored before each later one (no leftovers from the last session).
+    #: Traits :meth:`apply_plan` sets. Spawner objects live across sessions, so the values these had before a
+    #: plan was applied (configuration, plus whatever this spawn's hooks set) are remembered and put back when
+    #: the plan is replaced or the session ends (no leftovers from the last session; the next spawn's
+    #: ``auth_state_hook`` and group overrides apply to the configured values again).
     plan_traits: tuple[str, ...] = ("default_url", "environment")
 
     def restore_configured_traits(self) -> None:
-        """Put every trait in ``plan_traits`` back to its value before the first plan was applied."""
-        baseline: dict[str, Any] | None = getattr(self, "_casa_baseline", None)
-        if baseline is None:
-            self._casa_baseline = {name: copy.deepcopy(getattr(self, name)) for name in self.plan_traits}
-            return
-        for name, value in baseline.items():
+        """Put every trait in ``plan_traits`` back to its value before the current plan was applied."""
+        baseline = self._casa_baseline
+        self._casa_baseline = None
+        for name, value in (baseline or {}).items():
             setattr(self, name, copy.deepcopy(value))
 
     def apply_plan(self, plan: SessionPlan) -> None:
         """Translate the plan into this spawner's traits; subclasses extend ``plan_traits`` and call ``super()``."""
         self.restore_configured_traits()
+        self._casa_baseline = {name: copy.deepcopy(getattr(self, name)) for name in self.plan_traits}
         self.default_url = plan.default_url
         self.environment = {**self.environment, **plan.environment}
 
@@ -903,7 +1239,15 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             },
             {"progress": 4, "message": plan.reason},
         ]
-        if plan.options.release is not None and plan.options.release != plan.resolution.release.id:
+        if plan.resolution.evidence.kind == "none":
+            events.append(
+                {
+                    "progress": 5,
+                    "message": f"Warning: you chose {plan.release.label}; nothing in the dataset tells which CASA "
+                    "version processed it.",
+                }
+            )
+        elif plan.options.release is not None and plan.options.release != plan.resolution.release.id:
             events.append(
                 {
                     "progress": 5,
@@ -943,6 +1287,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
     def clear_state(self) -> None:
         """Forget the last session's plan; recently used datasets and the last resolution outlive sessions."""
         super().clear_state()
+        self.restore_configured_traits()
         self.session_plan = None
         self._plan_for = None
         self._access_token = None
@@ -964,6 +1309,10 @@ def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, Any]:
 
 
 async def _render_options_form(spawner: CASASessionMixin) -> str:
+    try:
+        spawner._blocked_for_form = list(await spawner.blocked_release_messages())
+    except Exception:  # a failing drain service must not take the form down; starting checks again
+        spawner.log.exception("blocked_releases failed while rendering the form")
     return spawner.render_options_form()
 
 

@@ -14,17 +14,29 @@ from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from typing import Any
 
+import aiohttp
 from jupyterhub.utils import exponential_backoff, maybe_future
 from kubernetes_asyncio.client.rest import ApiException
 from kubespawner import KubeSpawner
+from tornado import web
 from traitlets import Bool, Dict, Unicode, default, validate
 
+from casaspawner.errors import InvalidInput
 from casaspawner.plan import SessionPlan
 from casaspawner.spawners import kube_objects
-from casaspawner.spawners.common import CASASessionMixin, spawn_error
+from casaspawner.spawners.common import CASASessionMixin, ConfigurationError, hook_failure, spawn_error
 
 #: Placeholder owner uid in dry-run Secrets (the real one exists only once the pod does).
 DRY_RUN_OWNER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+def _reflector_broken(reflector: Any) -> bool:
+    """Whether a shared reflector can never deliver: its first list failed, or its watch task ended."""
+    loaded = reflector.first_load_future
+    if loaded.done() and (loaded.cancelled() or loaded.exception() is not None):
+        return True
+    task = reflector.watch_task
+    return bool(loaded.done() and task is not None and task.done())
 
 
 class _AfterPodCreated:
@@ -39,6 +51,30 @@ class _AfterPodCreated:
             await maybe_future(self.user_hook(spawner, pod))
 
 
+class _ModifyPod:
+    """``modify_pod_hook`` that runs the operator's own hook, then checks the final pod against
+    ``pod_security_level`` — what KubeSpawner submits is exactly what was checked."""
+
+    def __init__(self, user_hook: Any = None) -> None:
+        self.user_hook = user_hook
+
+    async def __call__(self, spawner: CASASpawner, pod: Any) -> Any:
+        if self.user_hook is not None:
+            try:
+                pod = await maybe_future(self.user_hook(spawner, pod))
+            except web.HTTPError:
+                raise
+            except Exception as exc:
+                spawner.log.exception("modify_pod_hook failed for %s", spawner.user.name)
+                raise hook_failure("modify_pod_hook", exc) from None
+            if pod is None:
+                raise spawn_error(
+                    "The hub's configured modify_pod_hook returned nothing instead of the pod.", "hook", 500
+                )
+        spawner.check_pod_security(spawner.api.api_client.sanitize_for_serialization(pod))
+        return pod
+
+
 class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeSpawner ships no type hints
     """Start one CASA session pod per server: image, storage, identity and labels from the session plan."""
 
@@ -47,9 +83,9 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         help="""
         Kubernetes volume source of the shared storage (Cavern) holding ``home/<user>`` and
         ``projects/<group>``: exactly one of ``persistentVolumeClaim`` (default: the claim ``cavern``), ``csi``,
-        ``cephfs``, ``nfs`` or ``hostPath``, written as in a pod spec. Inline ``cephfs``, ``nfs`` and
-        ``hostPath`` are refused by namespaces enforcing the restricted Pod Security Standard; bind such storage
-        to a PersistentVolume and claim instead.
+        ``cephfs``, ``nfs`` or ``hostPath``, written as in a pod spec. Inline ``cephfs`` and ``nfs`` need
+        ``pod_security_level = "baseline"`` and ``hostPath`` needs ``"privileged"`` (namespaces enforcing the
+        restricted Pod Security Standard refuse them); bind such storage to a PersistentVolume and claim instead.
         """,
     ).tag(config=True)
 
@@ -57,13 +93,19 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         {"persistentVolumeClaim": {"claimName": "casa-measures", "readOnly": True}},
         help="""
         Kubernetes volume source of the CASA measures data (mounted read-only at ``measures_mount_path``):
-        one of ``persistentVolumeClaim``, ``csi``, ``cephfs``, ``nfs`` or ``hostPath``.
+        one of ``persistentVolumeClaim`` (default: the claim ``casa-measures``), ``csi``, ``cephfs``, ``nfs`` or
+        ``hostPath``. As for ``storage_volume``, inline ``cephfs`` and ``nfs`` need ``pod_security_level =
+        "baseline"`` and ``hostPath`` needs ``"privileged"``.
         """,
     ).tag(config=True)
 
     tmp_size_limit = Unicode(
         "1Gi",
-        help="Size limit of the session's writable ``/tmp`` (an emptyDir; the image's root file system is read-only).",
+        help="""
+        Size limit of the session's writable ``/tmp`` (an emptyDir; the image's root file system is read-only),
+        as a Kubernetes quantity such as ``1Gi``. The container's ``ephemeral-storage`` limit is this plus
+        ``scratch_size_limit``.
+        """,
     ).tag(config=True)
 
     token_mount_dir = Unicode(
@@ -79,7 +121,10 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         help="""
         Pod Security Standard level session pods must meet: ``restricted`` (default; storage and measures
         volumes may only be ``persistentVolumeClaim`` or ``csi``), ``baseline`` (also inline ``cephfs`` and
-        ``nfs``) or ``privileged`` (also ``hostPath``). The pod itself is always hardened to *restricted*.
+        ``nfs``) or ``privileged`` (also ``hostPath``). The session's own container is always hardened to
+        *restricted*; the whole final pod — with the operator's volumes, init and extra containers,
+        ``extra_*_config`` and ``modify_pod_hook`` applied — is checked against this level before it is
+        submitted, and a pod that breaks it is refused with a sentence naming the first problem.
         """,
     ).tag(config=True)
 
@@ -115,6 +160,7 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         "cpu_limit",
         "mem_guarantee",
         "mem_limit",
+        "extra_resource_limits",
     )
 
     @default("cmd")
@@ -129,6 +175,40 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
     def _keep_token_secret_hook(self, proposal: Any) -> _AfterPodCreated:
         value = proposal["value"]
         return value if isinstance(value, _AfterPodCreated) else _AfterPodCreated(value)
+
+    @default("modify_pod_hook")
+    def _modify_pod_default(self) -> _ModifyPod:
+        return _ModifyPod()
+
+    @validate("modify_pod_hook")
+    def _keep_pod_security_check(self, proposal: Any) -> _ModifyPod:
+        value = proposal["value"]
+        return value if isinstance(value, _ModifyPod) else _ModifyPod(value)
+
+    # ------------------------------------------------------------------------------------ configuration
+    def check_config(self) -> None:
+        """The shared checks, plus this spawner's quantities, volume sources and Pod Security level."""
+        super().check_config()
+        for name in ("scratch_size_limit", "tmp_size_limit"):
+            value = getattr(self, name)
+            if not kube_objects.quantity_bytes(value):
+                raise ConfigurationError(
+                    f"CASASpawner.{name} is {value!r}, not a Kubernetes quantity of bytes such as '20Gi'"
+                )
+        try:
+            for what, source in (("storage", self.storage_volume), ("measures data", self.measures_volume)):
+                kube_objects.volume_source(source, what, self.pod_security_level)
+        except InvalidInput as exc:
+            raise ConfigurationError(str(exc)) from None
+
+    def check_pod_security(self, pod: dict[str, Any]) -> None:
+        """Refuse (one sentence) a final pod manifest that breaks ``pod_security_level``."""
+        problem = kube_objects.pod_security_sentence(
+            kube_objects.pod_security_violations(pod, self.pod_security_level), self.pod_security_level
+        )
+        if problem:
+            self.log.error("Refusing the pod of %s: %s", self.user.name, problem)
+            raise spawn_error(problem, reason="pod-security", status_code=500)
 
     # ------------------------------------------------------------------------------------------- the plan
     @property
@@ -161,12 +241,17 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             volume_mounts=self.volume_mounts,
             extra_labels=self.extra_labels,
             extra_annotations=self.extra_annotations,
+            extra_resource_limits=self.extra_resource_limits,
         )
         for name, value in fields.items():
             setattr(self, name, value)
 
     async def load_user_options(self) -> None:
-        """Profiles first (KubeSpawner), then the session plan, so the plan's decisions always win."""
+        """Profiles first (KubeSpawner), then the session plan, so the plan's decisions always win.
+
+        The form offers no profiles and ``user_options["profile"]`` holds the plan's summary, so KubeSpawner
+        applies its default profile (the one marked ``default``, else the first) of ``profile_list``.
+        """
         plan = await self.prepare_session()
         options = self.user_options
         # ``profile`` holds the plan summary for the admin page, not a KubeSpawner profile slug.
@@ -177,10 +262,26 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             self.user_options = options
         self._set_session_fields(plan)
 
-    async def session_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The pod (and token Secret, without data) this spawner would submit now; no API calls.
+    async def dry_run_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """What a spawn of ``user_options`` would submit, with no cluster: the steps JupyterHub runs before
+        ``start`` in its order (``auth_state_hook``, ``group_overrides``, ``apply_user_options``,
+        ``pre_spawn_hook``), then :meth:`session_manifests`. ``Authenticator.pre_spawn_start`` is not run (there
+        is no authenticator), nor anything after the pod exists (``after_pod_created_hook`` beyond the token
+        Secret, internal SSL)."""
+        await self.run_auth_state_hook(await self.user.get_auth_state())
+        try:
+            await self.apply_group_overrides()
+        except Exception as exc:
+            raise hook_failure("group_overrides", exc) from None
+        await self._run_apply_user_options(self.user_options)
+        await self.run_pre_spawn_hook()
+        return await self.session_manifests()
 
-        Same path as ``start``: plan, ``load_user_options``, ``get_pod_manifest``, ``modify_pod_hook``.
+    async def session_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The pod (and token Secret, without data) ``start`` would submit from here; no API calls.
+
+        Same path as KubeSpawner's ``_start``: ``load_user_options`` (profile, then plan), ``get_pod_manifest``,
+        ``modify_pod_hook`` (the operator's hook, then the Pod Security check).
         """
         await self.load_user_options()
         pod = await self.get_pod_manifest()
@@ -239,6 +340,48 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             raise spawn_error(
                 "The session's access token could not be stored; try again.", "secret"
             ) from None
+
+    # ----------------------------------------------------------------------------------------- reflectors
+    async def _start_reflector(
+        self, kind: str, reflector_class: Any, replace: bool = False, **kwargs: Any
+    ) -> Any:
+        """KubeSpawner's shared pod/event reflector, surviving a failed first list.
+
+        KubeSpawner 7.1 fails the spawn when the reflector's first list gets a server error (500, 503 from a
+        proxy …), and keeps the broken reflector, so the next spawn waits until it times out. Here the list is
+        retried for up to ``k8s_api_request_retry_timeout`` seconds, and a reflector whose first list failed (or
+        whose watch gave up) is replaced.
+        """
+        previous = type(self).reflectors.get(self._get_reflector_key(kind))
+        if previous is not None and not replace and _reflector_broken(previous):
+            self.log.warning("Replacing the %s reflector: its first list failed or its watch gave up", kind)
+            replace = True
+        retry = replace
+
+        async def attempt() -> Any:
+            nonlocal retry
+            try:
+                return await super(CASASpawner, self)._start_reflector(
+                    kind, reflector_class, replace=retry, **kwargs
+                )
+            except ApiException as exc:
+                if exc.status < 500 and exc.status != 429:
+                    raise
+                self.log.warning("Listing %s failed (%s %s); trying again", kind, exc.status, exc.reason)
+            except (
+                aiohttp.ClientError,
+                asyncio.TimeoutError,
+                ValueError,
+            ) as exc:  # e.g. a proxy's error page
+                self.log.warning("Listing %s failed (%s); trying again", kind, type(exc).__name__)
+            retry = True  # the failed reflector stays registered: replace it
+            return None
+
+        return await exponential_backoff(
+            attempt,
+            f"Could not list {kind} from the Kubernetes API",
+            timeout=self.k8s_api_request_retry_timeout,
+        )
 
     # ------------------------------------------------------------------------------------------- progress
     def is_pod_running(self, pod: dict[str, Any] | None) -> bool:

@@ -94,8 +94,10 @@ class Emulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
-def _now() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(age: float = 0) -> str:
+    """An API timestamp, ``age`` seconds ago."""
+    when = datetime.datetime.now(tz=datetime.UTC) - datetime.timedelta(seconds=age)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def kubeconfig_for(path: Path, url: str) -> Path:
@@ -104,7 +106,12 @@ def kubeconfig_for(path: Path, url: str) -> Path:
 
 
 class FakeKubelet:
-    """Plays scheduler and kubelet for every new pod: events, then Running — or an image/scheduling failure."""
+    """Plays scheduler and kubelet for every new pod: events, then Running — or an image/scheduling failure.
+
+    Modes: ``ok``; ``errimagepull`` (the pull fails, then the kubelet backs off: ``ImagePullBackOff``);
+    ``pull-recovers`` (the first pull fails with ``ErrImagePull``, the next one works); ``unschedulable``;
+    ``scheduled-late`` (a ``FailedScheduling`` from two seconds before the ``Scheduled`` event, then Running).
+    """
 
     def __init__(
         self, server: kmock.Server, namespace: str = "test", mode: str = "ok", pull_seconds: float = 0
@@ -117,7 +124,9 @@ class FakeKubelet:
         self.pods: list[dict[str, Any]] = []
         self.errors: list[Exception] = []
 
-    async def _event(self, pod: Mapping[str, Any], reason: str, message: str, kind: str = "Normal") -> None:
+    async def _event(
+        self, pod: Mapping[str, Any], reason: str, message: str, kind: str = "Normal", age: float = 0
+    ) -> None:
         name = pod["metadata"]["name"]
         event = {
             "apiVersion": "v1",
@@ -132,7 +141,7 @@ class FakeKubelet:
             "reason": reason,
             "message": message,
             "type": kind,
-            "lastTimestamp": _now(),
+            "lastTimestamp": _now(age),
             "eventTime": None,
         }
         async with self.server.client.post(
@@ -146,37 +155,39 @@ class FakeKubelet:
         async with self.server.client.patch(path, json={"status": status}, headers=headers) as response:
             assert response.status < 300, await response.text()
 
+    async def _waiting(self, pod: Mapping[str, Any], reason: str, message: str) -> None:
+        image = pod["spec"]["containers"][0]["image"]
+        waiting = {"reason": reason, "message": message}
+        container = {"name": "notebook", "image": image, "imageID": "", "ready": False, "restartCount": 0}
+        await self._patch(
+            pod, {"phase": "Pending", "containerStatuses": [{**container, "state": {"waiting": waiting}}]}
+        )
+
+    async def _failed_pull(self, pod: Mapping[str, Any], image: str) -> None:
+        await self._event(pod, "Failed", f'Failed to pull image "{image}": {image} not found', "Warning")
+        await self._event(pod, "Failed", "Error: ErrImagePull", "Warning")
+        await self._waiting(pod, "ErrImagePull", f"{image} not found")
+
     async def _run_pod(self, pod: Mapping[str, Any]) -> None:
         image = pod["spec"]["containers"][0]["image"]
+        unschedulable = "0/3 nodes are available: 3 Insufficient memory."
         if self.mode == "unschedulable":
-            await self._event(
-                pod, "FailedScheduling", "0/3 nodes are available: 3 Insufficient memory.", "Warning"
-            )
+            await self._event(pod, "FailedScheduling", unschedulable, "Warning")
             return
-        await self._event(
-            pod, "Scheduled", f"Successfully assigned {self.namespace}/{pod['metadata']['name']} to node-1"
-        )
+        assigned = f"Successfully assigned {self.namespace}/{pod['metadata']['name']} to node-1"
+        await self._event(pod, "Scheduled", assigned)
+        if self.mode == "scheduled-late":  # reported late: it happened before the pod was scheduled
+            await self._event(pod, "FailedScheduling", unschedulable, "Warning", age=2)
         await self._event(pod, "Pulling", f'Pulling image "{image}"')
-        if self.mode == "errimagepull":
-            await self._event(pod, "Failed", f'Failed to pull image "{image}": {image} not found', "Warning")
-            await self._event(pod, "Failed", "Error: ErrImagePull", "Warning")
-            await self._patch(
-                pod,
-                {
-                    "phase": "Pending",
-                    "containerStatuses": [
-                        {
-                            "name": "notebook",
-                            "image": image,
-                            "imageID": "",
-                            "ready": False,
-                            "restartCount": 0,
-                            "state": {"waiting": {"reason": "ErrImagePull", "message": f"{image} not found"}},
-                        }
-                    ],
-                },
-            )
-            return
+        if self.mode in ("errimagepull", "pull-recovers"):
+            await self._failed_pull(pod, image)
+            await asyncio.sleep(0.5)  # the kubelet's next pod sync
+            if self.mode == "errimagepull":
+                await self._event(pod, "BackOff", f'Back-off pulling image "{image}"')
+                await self._event(pod, "Failed", "Error: ImagePullBackOff", "Warning")
+                await self._waiting(pod, "ImagePullBackOff", f'Back-off pulling image "{image}"')
+                return
+            await self._event(pod, "Pulling", f'Pulling image "{image}"')
         await asyncio.sleep(self.pull_seconds)
         await self._event(pod, "Pulled", f'Successfully pulled image "{image}"')
         await self._event(pod, "Started", "Started container notebook")

@@ -1,4 +1,5 @@
-"""A real JupyterHub process with ``spawner_class = "casa"`` against kmock: form → pod → progress → admin → stop.
+"""A real JupyterHub process with ``spawner_class = "casa"`` against kmock: form → pod → progress → admin →
+hub restart (a new process on the same database keeps and polls the running server) → stop.
 
 The hub runs as a subprocess (its own configurable-http-proxy, SQLite, an authenticator that puts a uid and a
 token in ``auth_state``); the test process runs the Kubernetes emulator, the fake kubelet, and a stand-in for the
@@ -60,6 +61,7 @@ c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = {hub_port}
 c.JupyterHub.db_url = "sqlite:///{tmp}/hub.sqlite"
 c.JupyterHub.cookie_secret_file = "{tmp}/cookie_secret"
+c.JupyterHub.cleanup_servers = False  # a hub restart leaves sessions running, as in z2jh
 c.ConfigurableHTTPProxy.command = ["{chp}"]
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_api_port}"
 c.JupyterHub.services = [{{"name": "test", "api_token": "{token}"}}]
@@ -91,6 +93,17 @@ async def session_stand_in():
     await site.start()
     yield port
     await runner.cleanup()
+
+
+def hub_pod_lists(emulator) -> list:
+    """Lists of session pods by a hub's pod reflector (not by the fake kubelet)."""
+    return [
+        r
+        for r in emulator
+        if r.url.path == "/api/v1/namespaces/test/pods"
+        and r.params.get("labelSelector") == "component=singleuser-server"
+        and "watch" not in r.params
+    ]
 
 
 async def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
@@ -133,14 +146,18 @@ async def test_real_hub_spawns_casa_pod(cluster, storage, session_stand_in, tmp_
         "JUPYTERHUB_CRYPT_KEY": secrets.token_hex(32),
     }
     log = tmp_path / "hub.log"
-    with log.open("wb") as out:
-        hub = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(config)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
+
+    def start_hub() -> subprocess.Popen:
+        with log.open("ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "jupyterhub", "-f", str(config)],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=out,
+            )
+
+    hub = start_hub()
     base = f"http://127.0.0.1:{port}"
     api = {"Authorization": f"token {token}"}
     try:
@@ -216,6 +233,24 @@ async def test_real_hub_spawns_casa_pod(cluster, storage, session_stand_in, tmp_
             assert pod["spec"]["securityContext"]["runAsUser"] == 1001
             assert "tok-HUB-77" not in json.dumps(pod)
             assert "jupyter-alice-token" in stored(emulator, "secrets")
+
+            # the hub restarts: a new process, the same database; the session pod keeps running
+            hub.terminate()
+            hub.wait(30)
+            pod_lists = len(hub_pod_lists(emulator))
+            hub = start_hub()
+            await wait_for(f"{base}/hub/api/", hub, log)
+            assert len(hub_pod_lists(emulator)) > pod_lists  # the new hub asked Kubernetes about the pod
+            async with client.get(f"{base}/hub/api/users/alice", headers=api) as response:
+                server = (await response.json())["servers"][""]
+            assert server["ready"] and server["user_options"]["casa_version"] == "6.5.4-9"
+            assert [p["metadata"]["uid"] for p in stored(emulator, "pods").values()] == [
+                pod["metadata"]["uid"]
+            ]
+            async with client.get(
+                f"{base}/user/alice/api/status"
+            ) as response:  # routed again by the new proxy
+                assert (response.status, (await response.json())["version"]) == (200, "stand-in")
 
             async with client.delete(f"{base}/hub/api/users/alice/server", headers=api) as response:
                 assert response.status in (202, 204)

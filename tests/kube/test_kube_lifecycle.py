@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 
+import kmock
 import pytest
 from conftest import dataset_in
-from kube_support import FakeKubelet, stored
+from kube_support import FakeKubelet, FakeUser, stored
 from kubernetes_asyncio.client.rest import ApiException
 
 from casaspawner.spawners.common import SpawnException
@@ -79,6 +81,31 @@ async def test_image_pull_failure_ends_spawn_with_one_sentence(cluster, make_spa
         assert await spawner.poll() == 1
 
 
+async def test_image_pull_that_recovers_is_not_fatal(cluster, make_spawner, storage):
+    """ErrImagePull, then a successful pull on the kubelet's next try: the spawn goes on."""
+    _emulator, server = cluster
+    spawner = make_spawner(**TIMEOUTS)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    async with FakeKubelet(server, mode="pull-recovers").running():
+        url, messages = await start_collecting_progress(spawner)
+        assert url == "http://127.0.0.1:8888"
+        assert any("Error: ErrImagePull" in m for m in messages), messages
+        assert any(m.startswith("The session image") and m.endswith("is ready.") for m in messages), messages
+        await spawner.stop(now=True)
+
+
+async def test_scheduling_failure_followed_by_scheduled_is_not_fatal(cluster, make_spawner, storage):
+    """A FailedScheduling older than the Scheduled event (e.g. a claim being bound) does not end the spawn."""
+    _emulator, server = cluster
+    spawner = make_spawner(**TIMEOUTS)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    async with FakeKubelet(server, mode="scheduled-late").running():
+        url, messages = await start_collecting_progress(spawner)
+        assert url == "http://127.0.0.1:8888"
+        assert any("Insufficient memory" in m for m in messages), messages  # it was seen, and outlived
+        await spawner.stop(now=True)
+
+
 async def test_unschedulable_pod_ends_spawn(cluster, make_spawner, storage):
     _emulator, server = cluster
     spawner = make_spawner(start_timeout=30, k8s_api_request_retry_timeout=5)
@@ -92,16 +119,86 @@ async def test_unschedulable_pod_ends_spawn(cluster, make_spawner, storage):
         await spawner.stop(now=True)
 
 
-async def test_api_500s_are_retried(cluster, make_spawner, storage):
+#: What a real API server sends with a 500 (a Status), and what a proxy in front of it may send instead.
+API_500 = {
+    "kind": "Status",
+    "apiVersion": "v1",
+    "status": "Failure",
+    "message": "etcdserver: request timed out",
+}
+REFLECTOR_LISTS = {
+    "pods": ("/api/v1/namespaces/test/pods", {"labelSelector": "component=singleuser-server"}),
+    "events": ("/api/v1/namespaces/test/events", {"fieldSelector": "involvedObject.kind=Pod"}),
+}
+
+
+def reflector_requests(emulator, kind: str) -> list[dict[str, str]]:
+    """The query of every request KubeSpawner's reflector of ``kind`` made (never the fake kubelet's)."""
+    path, selector = REFLECTOR_LISTS[kind]
+    key, value = next(iter(selector.items()))
+    return [dict(r.params) for r in emulator if r.url.path == path and r.params.get(key) == value]
+
+
+PROXY_503 = kmock.text("<html><body>503 Service Unavailable</body></html>")
+
+
+@pytest.mark.parametrize("failure", [(500, API_500), (503, PROXY_503)], ids=["api-500", "proxy-503"])
+async def test_failed_first_reflector_list_is_retried(cluster, make_spawner, storage, failure):
+    """KubeSpawner alone fails the spawn and keeps a broken reflector (see the next test); CASASpawner lists
+    again, so the spawn goes on, and the next spawn finds a working reflector."""
     emulator, server = cluster
-    emulator["list /api/v1/namespaces/test/pods"][:1] << 500
-    emulator["list /api/v1/namespaces/test/events"][:1] << 500
-    emulator["post /api/v1/namespaces/test/secrets"][:1] << 500
+    status, body = failure
+    for path, selector in REFLECTOR_LISTS.values():
+        reaction = emulator[f"get {path}"][kmock.params(**selector)][:1] << status << body
+        if status == 503:  # an HTML page from a proxy in front of the API server
+            reaction << kmock.headers({"Content-Type": "text/html"})
     spawner = make_spawner(**TIMEOUTS)
     spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
     async with FakeKubelet(server).running():
         url, _ = await start_collecting_progress(spawner)
         assert url == "http://127.0.0.1:8888"
+        for kind in REFLECTOR_LISTS:
+            first, second, *_ = reflector_requests(emulator, kind)
+            assert "watch" not in first and "watch" not in second  # the failed first list, listed again
+        await spawner.stop(now=True)
+        began = time.perf_counter()
+        again = make_spawner(**TIMEOUTS)
+        again.user_options = spawner.user_options
+        url, _ = await start_collecting_progress(again)
+        assert url == "http://127.0.0.1:8888" and time.perf_counter() - began < 5
+        await again.stop(now=True)
+
+
+async def test_kubespawner_alone_fails_on_first_list_500(cluster):
+    """What the override above is for (KubeSpawner 7.1): the spawn fails, and the broken reflector is kept."""
+    from kubespawner import KubeSpawner
+
+    from casaspawner.spawners.kube import _reflector_broken
+
+    emulator, _server = cluster
+    path, selector = REFLECTOR_LISTS["pods"]
+    emulator[f"get {path}"][kmock.params(**selector)][:1] << 500 << API_500
+    plain = KubeSpawner(_mock=True, user=FakeUser(), namespace="test", **TIMEOUTS)
+    with pytest.raises(ApiException) as info:
+        await plain.start()
+    assert info.value.status == 500
+    assert _reflector_broken(KubeSpawner.reflectors[("pods", "test")])
+
+
+async def test_500_on_the_reflectors_watch_reconnects(cluster, make_spawner, storage):
+    """KubeSpawner's reflector takes a failed watch as a dropped one: it lists again and watches again."""
+    emulator, server = cluster
+    path, selector = REFLECTOR_LISTS["pods"]
+    emulator[f"get {path}"][kmock.params(watch="True", **selector)][:1] << 500 << API_500
+    emulator["post /api/v1/namespaces/test/secrets"][:1] << 500 << API_500
+    spawner = make_spawner(**TIMEOUTS)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    async with FakeKubelet(server).running():
+        url, _ = await start_collecting_progress(spawner)
+        assert url == "http://127.0.0.1:8888"
+        calls = ["watch" if "watch" in q else "list" for q in reflector_requests(emulator, "pods")]
+        first_watch = calls.index("watch")
+        assert calls[first_watch + 1 : first_watch + 3] == ["list", "watch"], calls
         # the failed create had stored the Secret (as a real API server may): 409, delete, create again
         secret_calls = [(r.method.value, r.url.path) for r in emulator if "/secrets" in r.url.path]
         assert [method for method, _ in secret_calls] == ["POST", "POST", "DELETE", "POST"]
@@ -122,21 +219,34 @@ async def test_pod_creation_500_fails_the_spawn(cluster, make_spawner, storage):
     assert "jupyter-alice-token" not in stored(emulator, "secrets")
 
 
-async def test_hub_restart_restores_state(cluster, make_spawner, storage):
+async def test_saved_state_restores_into_a_fresh_spawner(cluster, make_spawner, storage):
+    """A new spawner with no reflectors left (a real hub restart: tests/kube/test_kube_hub.py) finds the pod."""
+    from kubespawner import KubeSpawner
+
     emulator, server = cluster
     spawner = make_spawner(**TIMEOUTS, pod_name_template="casa-{username}")
     dataset = dataset_in(storage, "alice", "cycle10")
     spawner.user_options = {"dataset": dataset}
     async with FakeKubelet(server).running():
         await start_collecting_progress(spawner)
-        state = spawner.get_state()
+        state = json.loads(json.dumps(spawner.get_state()))  # as the hub's database keeps it
         assert state["pod_name"] == "casa-alice" and state["casa_recent_datasets"] == [dataset]
+        await KubeSpawner._stop_all_reflectors()
+        lists_before = len(reflector_requests(emulator, "pods"))
 
         # the hub restarts with a changed template: the saved state still finds the running pod
         restored = make_spawner(**TIMEOUTS, pod_name_template="other-{username}")
         restored.load_state(state)
         assert restored.pod_name == "casa-alice" and restored.recent_datasets == [dataset]
         assert await restored.poll() is None
+        assert len(reflector_requests(emulator, "pods")) > lists_before  # asked Kubernetes, not a stale cache
+        # kmock's watch ignores resourceVersion: a deletion between the new reflector's list and its watch
+        # would be lost (a real API server replays it), so let the watch start before stopping
+        for _ in range(100):
+            if any("watch" in q for q in reflector_requests(emulator, "pods")[lists_before:]):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
         await restored.stop(now=True)
         assert await restored.poll() == 1
         assert "casa-alice" not in stored(emulator, "pods")

@@ -24,7 +24,15 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("datasets")
     return {
         era: write_dataset(root / era, era)
-        for era in ("cycle2-manual", "cycle3-pipeline", "cycle5", "cycle7", "cycle10", "cycle11")
+        for era in (
+            "cycle2-manual",
+            "cycle3-pipeline",
+            "cycle5",
+            "cycle7",
+            "cycle10",
+            "cycle11",
+            "no-evidence",
+        )
     }
 
 
@@ -140,7 +148,12 @@ def test_dry_run_with_hub_config(capsys, trees, tmp_path):
         (["--dataset", "/nonexistent/dataset"], "There is no dataset directory at '/nonexistent/dataset'."),
         (["--release", "casa-99"], "'casa-99' is not a CASA release this hub knows."),
         (["--size", "huge"], "'huge' is not a session size; choose one of small, medium, large."),
-        (["--group", "bad group"], "'bad group' is not a usable group name."),
+        (
+            ["--gid", "0"],
+            "User alice would run with gid 0 (the root group), which this hub does not allow; "
+            "ask the hub's administrators.",
+        ),
+        (["--gid", "-5"], "The gid of alice in the login data is -5, which is not a valid id."),
     ],
 )
 def test_bad_input_exit_2_one_line(capsys, trees, args, message):
@@ -189,3 +202,98 @@ def test_command_line_entry_point(trees):
         timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice: 'vnc'" in bad.stderr
+
+
+def test_release_override_starts_a_dataset_without_version(capsys, trees):
+    """The issue's example: the resolver says to choose a release; choosing one works."""
+    code, _, err = run(capsys, *base_args(trees["no-evidence"]))
+    assert code == 2 and err.endswith("; choose a CASA release yourself.\n")
+    code, out, err = run(capsys, *base_args(trees["no-evidence"], "--release", "pl-2020.1.0.40", "--json"))
+    assert (code, err) == (0, "")
+    pod, _ = check_items(json.loads(out))
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert (env["CASASPAWNER_RELEASE"], env["CASASPAWNER_EXACT"]) == ("pl-2020.1.0.40", "false")
+    reason = pod["metadata"]["annotations"]["casaspawner.io/reason"]
+    assert reason.startswith("Nothing in ") and reason.endswith(
+        "; you chose CASA 6.1.1-15 (pipeline 2020.1.0.40)."
+    )
+
+
+def test_unusable_groups_are_skipped(capsys, trees):
+    code, out, err = run(
+        capsys,
+        *base_args(
+            trees["cycle10"], "--group", "proja", "--group", "/org/sub", "--group", "bad group", "--json"
+        ),
+    )
+    assert (code, err) == (0, "")
+    pod, _ = check_items(json.loads(out))
+    projects = [
+        m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"] if "projects" in m["mountPath"]
+    ]
+    assert projects == ["/arc/projects/proja"]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('c.CASASpawner.session_sizes = {"s": {"cpu_limit": "two"}}\nc.CASASpawner.default_size = "s"',
+         "The hub's configuration is invalid: CASASpawner.session_sizes['s']['cpu_limit'] is 'two', not a number "
+         "of CPU cores (such as 0.5 or 4)."),
+        ('c.CASASpawner.session_sizes = {"s": {"mem_limit": "lots"}}\nc.CASASpawner.default_size = "s"',
+         "The hub's configuration is invalid: CASASpawner.session_sizes['s']['mem_limit'] is 'lots', not an "
+         "amount of memory (a number with K, M, G or T, such as '8G')."),
+        ('c.CASASpawner.default_size = "nope"',
+         "The hub's configuration is invalid: CASASpawner.default_size is 'nope', which is not one of "
+         "CASASpawner.session_sizes (small, medium, large)."),
+        ('c.CASASpawner.scratch_size_limit = "20 gigs"',
+         "The hub's configuration is invalid: CASASpawner.scratch_size_limit is '20 gigs', not a Kubernetes "
+         "quantity of bytes such as '20Gi'."),
+        ("c.KubeSpawner.modify_pod_hook = lambda s, pod: 1/0",
+         "The hub's configured modify_pod_hook failed (ZeroDivisionError: division by zero)."),
+        ("def hook(spawner):\n    raise KeyError('pool')\nc.Spawner.pre_spawn_hook = hook",
+         "The hub's configured pre_spawn_hook failed (KeyError: 'pool')."),
+        ("c.Spawner.auth_state_hook = lambda spawner, state: state['missing']",
+         "The hub's configured auth_state_hook failed (KeyError: 'missing')."),
+        ("c.KubeSpawner.init_containers = [{'name': 'block-cloud-metadata', 'image': 'x', "
+         "'securityContext': {'privileged': True, 'runAsUser': 0, 'capabilities': {'add': ['NET_ADMIN']}}}]",
+         "The session pod breaks the restricted Pod Security Standard: init container block-cloud-metadata is "
+         "privileged (and 4 more); change the hub's configuration (init containers, extra containers, volumes, "
+         "extra_*_config, modify_pod_hook) or CASASpawner.pod_security_level."),
+    ],
+)  # fmt: skip
+def test_config_and_hook_errors_exit_2_one_line(capsys, trees, tmp_path, config, message):
+    path = tmp_path / "jupyterhub_config.py"
+    path.write_text(config + "\n")
+    code, out, err = run(capsys, *base_args(trees["cycle10"], "--config", str(path)))
+    assert (code, out, err) == (2, "", f"casaspawner: {message}\n")
+
+
+def test_dry_run_shows_what_the_hooks_set(capsys, trees, tmp_path):
+    """The audit's cfg6: a pre_spawn_hook's nodeSelector and an auth_state_hook's annotation are in the pod."""
+    path = tmp_path / "jupyterhub_config.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            def hook(spawner):
+                spawner.node_selector = {"pool": "casa"}
+            c.KubeSpawner.pre_spawn_hook = hook
+            c.Spawner.auth_state_hook = lambda spawner, auth_state: setattr(
+                spawner, "extra_annotations", {"from": "auth_state_hook", "uid": str(auth_state["oauth_user"]["uid"])}
+            )
+            c.KubeSpawner.group_overrides = {
+                "proja": {"groups": ["proja"], "spawner_override": {"extra_labels": {"project": "proja"}}}
+            }
+            """
+        )
+    )
+    code, out, err = run(
+        capsys, *base_args(trees["cycle10"], "--group", "proja", "--config", str(path), "--json")
+    )
+    assert (code, err) == (0, "")
+    pod, _ = check_items(json.loads(out))
+    assert pod["spec"]["nodeSelector"] == {"pool": "casa"}
+    annotations = pod["metadata"]["annotations"]
+    assert (annotations["from"], annotations["uid"]) == ("auth_state_hook", "1001")
+    assert "casaspawner.io/reason" in annotations  # the plan's annotations are added to the hook's
+    assert pod["metadata"]["labels"]["project"] == "proja"

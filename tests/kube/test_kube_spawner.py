@@ -6,10 +6,12 @@ import json
 import logging
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from conftest import dataset_in
 from kube_support import FakeUser, auth_state
+from pss import restricted_violations
 
 from casaspawner.plan import Identity, StorageLayout
 from casaspawner.spawners.common import (
@@ -435,3 +437,324 @@ async def test_operator_volumes_as_list_are_kept(make_spawner, storage):
     assert pod["spec"]["volumes"][0] == {"name": "shared-config", "configMap": {"name": "site"}}
     mounts = pod["spec"]["containers"][0]["volumeMounts"]
     assert mounts[0]["mountPath"] == "/etc/site" and "/arc/home/alice" in {m["mountPath"] for m in mounts}
+
+
+# ------------------------------------------------------------------------------------------ release override
+async def test_release_override_starts_a_dataset_that_names_no_version(make_spawner, storage, catalog):
+    """The resolver's advice ("choose a CASA release yourself") works, on the form and through REST."""
+    dataset = dataset_in(storage, "alice", "no-evidence")
+    chosen = catalog.get("pl-2020.1.0.40")
+    for options in (
+        options_from_form({"dataset": [dataset], "release": [chosen.id], "_xsrf": ["x"]}),  # the form
+        {"dataset": dataset, "release": chosen.id},  # REST
+    ):
+        spawner = make_spawner()
+        await spawner._run_apply_user_options(options)
+        plan = spawner.session_plan
+        assert (plan.release, plan.exact, plan.approximate) == (chosen, False, False)
+        assert plan.reason.startswith(f"Nothing in {dataset} tells which CASA version processed it (")
+        assert plan.reason.endswith(f"; you chose {chosen.label}.") and "yourself" not in plan.reason
+        assert plan.environment["CASASPAWNER_EXACT"] == "false"
+        assert plan.annotations["casaspawner.io/evidence"] == "none"
+        assert plan.annotations["casaspawner.io/processed-with"] == "CASA unknown"
+        assert spawner.user_options["profile"].endswith(" · not exact")
+        messages = [event["message"] for event in spawner.plan_progress_events()]
+        assert messages[0] == f"Dataset {dataset}: {chosen.label}, not the exact build."
+        assert messages[2] == (
+            f"Warning: you chose {chosen.label}; nothing in the dataset tells which CASA version processed it."
+        )
+        assert spawner.last_resolution is None  # nothing was resolved, so the form preselects nothing
+        html = spawner.render_options_form()
+        assert f'<option value="{chosen.id}" selected>' in html and "<details open>" in html
+
+
+async def test_release_override_does_not_rescue_bad_paths_or_ids(make_spawner, storage, catalog, tmp_path):
+    from casaspawner.errors import ResolutionError
+
+    release = {"release": "pl-2020.1.0.40"}
+    spawner = make_spawner()
+    assert "choose a CASA release yourself" in await refused(
+        spawner, {"dataset": dataset_in(storage, "alice", "no-evidence")}
+    )
+    for dataset, expected in (
+        ("data/nothing-here", "There is no dataset directory"),
+        ("data", "MOUS directories"),  # several datasets: still give one of them
+        ("escape", "leads outside your storage through a link"),
+        ("uid://A001/X1/Xzz", "not an ALMA dataset identifier"),
+    ):
+        assert expected in await refused(make_spawner(), {"dataset": dataset, **release}), dataset
+    no_override = make_spawner(allow_release_override=False)
+    assert "does not allow choosing" in await refused(
+        no_override, {"dataset": dataset_in(storage, "alice", "no-evidence"), **release}
+    )
+
+    class Archive:
+        name = "test-archive"
+
+        def __init__(self, manifest: str | None):
+            self.manifest = manifest
+
+        def fetch_manifest(self, identifier):
+            if self.manifest is None:
+                raise ResolutionError(f"The ALMA archive has no data for project {identifier}.")
+            path = tmp_path / "member.uid___A001_X1_X1.pipeline_manifest.xml"
+            path.write_text(self.manifest)
+            return path
+
+    unknown = make_spawner(archive_client=Archive(None))
+    assert "has no data for project" in await refused(unknown, {"dataset": "2019.1.00001.S", **release})
+    versionless = '<?xml version="1.0"?><piperesults name="x"><ouss><ous name="y"/></ouss></piperesults>'
+    found = make_spawner(archive_client=Archive(versionless))
+    plan = await found.prepare_session({"dataset": "2019.1.00001.S", **release})
+    assert plan.release.id == "pl-2020.1.0.40" and not plan.exact
+
+
+# ------------------------------------------------------------------------------------------ identity (more)
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ({"gid": -1}, "The gid of alice in the login data is -1, which is not a valid id."),
+        ({"uid": -5}, "The uid of alice in the login data is -5, which is not a valid id."),
+        ({"uid": 1.9}, "The uid of alice in the login data is 1.9, not a whole number."),
+        ({"uid": "1001.5"}, "The uid of alice in the login data is 1001.5, not a whole number."),
+        ({"gid": 0}, "User alice would run with gid 0 (the root group), which this hub does not allow; ask "
+                     "the hub's administrators."),
+        ({"gids": [100, 0]}, "User alice would run with gid 0 (the root group), which this hub does not "
+                             "allow; ask the hub's administrators."),
+        ({"uid": True}, "The uid of alice in the login data is not a number."),
+    ],
+)  # fmt: skip
+async def test_identity_sentences(make_spawner, storage, state, expected):
+    spawner = make_spawner(FakeUser(auth_state=auth_state(**state)))
+    assert await refused(spawner, {"dataset": dataset_in(storage, "alice", "cycle10")}) == expected
+
+
+async def test_identity_whole_numbers_and_root_group_when_allowed(make_spawner, storage):
+    dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    plan = await make_spawner(FakeUser(auth_state=auth_state(uid=1001.0, gid="1002"))).prepare_session(
+        dataset
+    )
+    assert (plan.identity.uid, plan.identity.gid) == (1001, 1002)
+    allowed = make_spawner(FakeUser(auth_state=auth_state(gid=0, gids=[0])), allow_root_group=True)
+    plan = await allowed.prepare_session(dataset)
+    assert (plan.identity.gid, plan.identity.supplemental_gids) == (0, (0,))
+    pod, _ = await allowed.session_manifests()
+    assert pod["spec"]["securityContext"]["runAsGroup"] == 0 and restricted_violations(pod) == {}
+    fallback = make_spawner(FakeUser(auth_state=None), fallback_uid=4000, fallback_gid=0)
+    assert "gid 0 (the root group)" in await refused(fallback, dataset)
+
+
+async def test_unusable_group_names_are_skipped_not_refused(make_spawner, storage, caplog):
+    long_name = "g" * 70
+    groups = ("proja", "/org/sub", "ivo://cadc.nrc.ca/gms?alma", long_name, "My Group", "/proja")
+    spawner = make_spawner(FakeUser(auth_state=auth_state(groups=groups)))
+    with caplog.at_level(logging.INFO):
+        plan = await spawner.prepare_session({"dataset": dataset_in(storage, "alice", "cycle10")})
+    assert plan.identity.groups == ("proja",)
+    assert "No project directories for 4 of alice's groups" in caplog.text and "'org/sub'" in caplog.text
+    pod, _ = await spawner.session_manifests()
+    paths = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert "/arc/projects/proja" in paths and not any("org" in p or "gms" in p for p in paths)
+    # a dataset in a project the user has no (usable) directory of is still a clear error
+    assert await refused(make_spawner(FakeUser(auth_state=auth_state(groups=groups))), {
+        "dataset": "/arc/projects/org/sub/data"
+    }) == (
+        "The dataset path '/arc/projects/org/sub/data' is outside your storage: 'org' is not one of your project "
+        "directories (yours: proja)."
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ links in storage
+@pytest.fixture
+def linked_storage(tmp_path):
+    """alice's home with links into her project (hub-absolute, relative, session-absolute) and out of it."""
+    from casaspawner.datasets.synth import write_dataset
+
+    root = tmp_path / "cavern"
+    member = write_dataset(root / "projects" / "proja" / "shared", "cycle10")
+    inside = member.relative_to(root / "projects" / "proja")
+    write_dataset(root / "projects" / "projz" / "theirs", "cycle9")
+    write_dataset(root / "home" / "bob" / "data", "cycle8")
+    home = root / "home" / "alice"
+    home.mkdir(parents=True)
+    (home / "hub-link").symlink_to(root / "projects" / "proja" / "shared")
+    (home / "relative-link").symlink_to(Path("..") / ".." / "projects" / "proja" / "shared")
+    (home / "session-link").symlink_to("/arc/projects/proja/shared")  # made inside a session
+    (home / "chain").symlink_to("session-link")
+    (home / "to-projz").symlink_to("/arc/projects/projz/theirs")
+    (home / "to-bob").symlink_to(Path("..") / "bob" / "data")
+    (home / "through-bob").symlink_to("/arc/home/bob/../alice/hub-link")
+    (home / "loop-a").symlink_to("loop-b")
+    (home / "loop-b").symlink_to("loop-a")
+    (home / "etc").symlink_to("/etc")
+    return root, str(inside.relative_to("shared"))
+
+
+@pytest.mark.parametrize("link", ["hub-link", "relative-link", "session-link", "chain"])
+async def test_links_within_the_users_own_storage_are_followed(make_spawner, linked_storage, link):
+    root, member = linked_storage
+    spawner = make_spawner(FakeUser(auth_state=auth_state(groups=("proja",))), storage_hub_path=str(root))
+    plan = await spawner.prepare_session({"dataset": f"~/{link}/{member}"})
+    assert plan.release.id == "pl-2023.1.0.124" and plan.exact
+    assert plan.resolution.dataset == f"~/{link}/{member}"
+
+
+@pytest.mark.parametrize(
+    ("link", "expected"),
+    [
+        ("to-projz", "leads outside your storage through a link"),
+        ("to-bob", "leads outside your storage through a link"),
+        ("through-bob", "leads outside your storage through a link"),
+        ("etc", "leads outside your storage through a link"),
+        ("loop-a", "goes through too many links"),
+    ],
+)
+async def test_links_out_of_the_users_storage_are_refused(make_spawner, linked_storage, link, expected):
+    root, _member = linked_storage
+    spawner = make_spawner(FakeUser(auth_state=auth_state(groups=("proja",))), storage_hub_path=str(root))
+    assert expected in await refused(spawner, {"dataset": link})
+    # without the project, even the link into it leads out
+    no_project = make_spawner(FakeUser(auth_state=auth_state(groups=())), storage_hub_path=str(root))
+    assert "leads outside your storage" in await refused(no_project, {"dataset": "hub-link"})
+
+
+# ------------------------------------------------------------------------------------------ operator errors
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"session_sizes": {"s": {"cpu_limit": "two"}}, "default_size": "s"},
+         "CASASpawner.session_sizes['s']['cpu_limit'] is 'two', not a number of CPU cores (such as 0.5 or 4)."),
+        ({"session_sizes": {"s": {"mem_limit": "lots"}}, "default_size": "s"},
+         "CASASpawner.session_sizes['s']['mem_limit'] is 'lots', not an amount of memory (a number with K, M, G "
+         "or T, such as '8G')."),
+        ({"session_sizes": {"s": {"mem_limit": "8Gi"}}, "default_size": "s"}, "is '8Gi', not an amount of memory"),
+        ({"session_sizes": {"s": {"cpu_guarantee": 4, "cpu_limit": 2}}, "default_size": "s"},
+         "CASASpawner.session_sizes['s'] guarantees more CPU than its cpu_limit."),
+        ({"session_sizes": {"s": {"cpus": 2}}, "default_size": "s"}, "CASASpawner.session_sizes['s'] must be a"),
+        ({"session_sizes": {}}, "CASASpawner.session_sizes is empty"),
+        ({"default_size": "nope"},
+         "CASASpawner.default_size is 'nope', which is not one of CASASpawner.session_sizes (small, medium, large)."),
+        ({"scratch_size_limit": "20 gigs"},
+         "CASASpawner.scratch_size_limit is '20 gigs', not a Kubernetes quantity of bytes such as '20Gi'."),
+        ({"tmp_size_limit": "0"}, "CASASpawner.tmp_size_limit is '0', not a Kubernetes quantity"),
+        ({"storage_volume": {"persistentVolumeClaim": {}}},
+         "the storage volume's persistentVolumeClaim settings need claimName."),
+        ({"label_prefix": "Bad Prefix"}, "'Bad Prefix' is not a Kubernetes label prefix (a DNS subdomain)."),
+        ({"catalog_path": "/nonexistent.yaml"}, "the catalog /nonexistent.yaml cannot be read"),
+        ({"pod_security_level": "lax"}, "CASASpawner.pod_security_level is 'lax', not a Pod Security Standard "
+                                        "level (restricted, baseline or privileged)."),
+    ],
+)  # fmt: skip
+async def test_operator_config_errors_name_the_option(make_spawner, storage, config, expected):
+    """One sentence naming the option, marked as the hub's fault (500), never "Invalid user options"."""
+    spawner = make_spawner(**config)
+    with pytest.raises(SpawnException) as info:
+        await spawner._run_apply_user_options(
+            {"dataset": dataset_in(storage, "alice", "cycle10"), "size": "s"}
+        )
+    message = info.value.jupyterhub_message
+    assert message.startswith("The hub's configuration is invalid: ") and expected in message, message
+    assert info.value.status_code == 500 and "\n" not in message
+    # the form still renders, saying the same
+    assert expected.split(" (")[0].replace("'", "&#39;") in spawner.render_options_form()
+
+
+async def test_operator_hooks_that_raise_are_one_sentence(make_spawner, storage):
+    def broken(*args):
+        return 1 / 0
+
+    dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    spawner = make_spawner(auth_state_hook=broken)
+    with pytest.raises(SpawnException) as info:
+        await spawner.run_auth_state_hook({})
+    assert info.value.jupyterhub_message == (
+        "The hub's configured auth_state_hook failed (ZeroDivisionError: division by zero)."
+    )
+    spawner = make_spawner(pre_spawn_hook=broken)
+    with pytest.raises(SpawnException, match=r"configured pre_spawn_hook failed \(ZeroDivisionError"):
+        await spawner.run_pre_spawn_hook()
+    spawner = make_spawner(modify_pod_hook=broken)
+    await spawner._run_apply_user_options(dict(dataset))
+    with pytest.raises(SpawnException, match=r"configured modify_pod_hook failed \(ZeroDivisionError"):
+        await spawner.session_manifests()
+    spawner = make_spawner(modify_pod_hook=lambda spawner, pod: None)
+    await spawner._run_apply_user_options(dict(dataset))
+    with pytest.raises(SpawnException, match="modify_pod_hook returned nothing"):
+        await spawner.session_manifests()
+
+
+async def test_a_hub_fault_while_planning_is_one_sentence(make_spawner, storage, caplog):
+    def broken_reader(spawner):
+        raise RuntimeError("storage mount went away")
+
+    spawner = make_spawner(dataset_reader=broken_reader)
+    with pytest.raises(SpawnException) as info:
+        await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
+    assert info.value.jupyterhub_message == (
+        "The session could not be prepared because of a fault in the hub (RuntimeError: storage mount went away)."
+    )
+    assert info.value.status_code == 500 and "Traceback" in caplog.text  # the details are in the hub's log
+
+
+# ------------------------------------------------------------------------------------------ the spawn's steps
+async def test_dry_run_runs_the_hubs_steps_in_the_hubs_order(make_spawner, storage):
+    calls = []
+
+    async def auth_state_hook(spawner, auth_state):
+        calls.append("auth_state_hook")
+        spawner.extra_annotations = {**spawner.extra_annotations, "team": auth_state["oauth_user"]["team"]}
+
+    def group_overrides(spawner):
+        calls.append("group_overrides")
+        return {
+            "gpu": {
+                "groups": ["proja"],
+                "spawner_override": {"tolerations": [{"key": "gpu", "operator": "Exists"}]},
+            }
+        }
+
+    def pre_spawn_hook(spawner):
+        calls.append(
+            "pre_spawn_hook" if spawner.session_plan is not None else "pre_spawn_hook before the plan"
+        )
+        spawner.node_selector = {"pool": "casa"}
+
+    def modify_pod_hook(spawner, pod):
+        calls.append("modify_pod_hook")
+        return pod
+
+    user = FakeUser(auth_state=auth_state(groups=("proja",), team="alma"), groups=("proja",))
+    spawner = make_spawner(
+        user,
+        auth_state_hook=auth_state_hook,
+        group_overrides=group_overrides,
+        pre_spawn_hook=pre_spawn_hook,
+        modify_pod_hook=modify_pod_hook,
+    )
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    pod, _ = await spawner.dry_run_manifests()
+    assert calls == ["auth_state_hook", "group_overrides", "pre_spawn_hook", "modify_pod_hook"]
+    assert pod["metadata"]["annotations"]["team"] == "alma"
+    assert pod["metadata"]["annotations"]["casaspawner.io/dataset"] == spawner.user_options["dataset"]
+    assert pod["spec"]["nodeSelector"] == {"pool": "casa"}
+    assert pod["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+
+    # the next session of the same spawner starts from the configuration again, plus its own hooks' values
+    spawner.clear_state()
+    user.auth_state = auth_state(groups=("proja",), team="vla")
+    calls.clear()
+    pod, _ = await spawner.dry_run_manifests()
+    assert pod["metadata"]["annotations"]["team"] == "vla"
+
+
+async def test_blocked_releases_are_not_offered(make_spawner, storage, catalog):
+    spawner = make_spawner(blocked_releases=["pl-2022.2.0.64"])
+    html = await spawner.options_form(spawner)
+    assert 'value="pl-2022.2.0.64"' not in html and 'value="pl-2020.1.0.40"' in html
+
+    async def drain(spawner):
+        return {"pl-2020.1.0.40": "being replaced"}
+
+    drained = make_spawner(blocked_releases=drain)
+    html = await drained.options_form(drained)
+    assert 'value="pl-2020.1.0.40"' not in html and 'value="pl-2022.2.0.64"' in html

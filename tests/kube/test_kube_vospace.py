@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -124,3 +125,83 @@ async def test_vospace_needs_the_users_token(make_spawner, storage, vospace):
     with pytest.raises(SpawnException) as info:
         await spawner.prepare_session({"dataset": dataset_in(storage, "alice", "cycle10")})
     assert info.value.jupyterhub_message.endswith("(HTTP 401).")
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def redirecting():
+    """A front on 127.0.0.1 redirecting (303) every request to a collector on 127.0.0.2, which records the
+    Authorization header it was sent."""
+    seen: list[str | None] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        raise web.HTTPNotFound()
+
+    runners = []
+
+    async def serve(app: web.Application, host: str) -> str:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        await web.TCPSite(runner, host, port).start()
+        return f"http://{host}:{port}"
+
+    collector = web.Application()
+    collector.router.add_get("/{tail:.*}", collect)
+    elsewhere = await serve(collector, "127.0.0.2")
+
+    def front_to(target: str) -> web.Application:
+        async def front(request: web.Request) -> web.Response:
+            raise web.HTTPSeeOther(f"{target}/{request.match_info['tail']}")
+
+        app = web.Application()
+        app.router.add_get("/arc/{tail:.*}", front)
+        return app
+
+    to_other_host = await serve(front_to(f"{elsewhere}/arc"), "127.0.0.1")
+    yield f"{to_other_host}/arc", seen
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_token_never_follows_a_redirect_to_another_origin(make_spawner, storage, redirecting):
+    url, seen = redirecting
+    spawner = make_spawner(storage_hub_path=None, vospace_url=url)
+    with pytest.raises(SpawnException) as info:
+        await spawner.prepare_session({"dataset": dataset_in(storage, "alice", "cycle10")})
+    assert "There is no dataset directory" in info.value.jupyterhub_message
+    assert seen == [None]  # the redirect was followed, without the token
+
+
+async def test_token_follows_a_redirect_within_the_same_origin():
+    """A redirect to another path of the same scheme, host and port keeps the token; any other origin not."""
+    from casaspawner.plan import StorageLayout
+    from casaspawner.spawners.common import VOSpaceReader
+
+    seen: dict[str, str | None] = {}
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPSeeOther(f"/new/{request.match_info['tail']}")
+
+    async def new(request: web.Request) -> web.Response:
+        seen[request.match_info["tail"]] = request.headers.get("Authorization")
+        return web.Response(body=b"data")
+
+    app = web.Application()
+    app.router.add_get("/old/{tail:.*}", moved)
+    app.router.add_get("/new/{tail:.*}", new)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        reader = VOSpaceReader(f"http://127.0.0.1:{port}/old", StorageLayout(), token="tok-SECRET-42")
+        assert await asyncio.to_thread(reader._get, "files", "home/alice/x.xml", 100) == b"data"
+        assert seen == {"files/home/alice/x.xml": "Bearer tok-SECRET-42"}
+    finally:
+        await runner.cleanup()
