@@ -575,6 +575,17 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         """,
     ).tag(config=True)
 
+    notices_url = Unicode(
+        "",
+        help="""
+        Where sessions ask the casa-sessions service for their notices (their release is drained, their idle
+        session is about to be stopped), e.g. ``http://hub:10101/services/casa-sessions/api/notices``. Sessions
+        get it as ``CASASPAWNER_NOTICES_URL``, with ``CASASPAWNER_NOTICES_FILE``: the file in the home
+        directory that shows the notices (``CASA-NOTICES.md``; ``CASA-NOTICES-<server>.md`` for a named
+        server). Empty (the default): no notices. ``casaspawner.services.hubconfig`` sets it.
+        """,
+    ).tag(config=True)
+
     # ------------------------------------------------------------------------------------------- state
     session_plan: SessionPlan | None = None
     recent_datasets: list[str]
@@ -887,7 +898,18 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         """Translate the plan into this spawner's traits; subclasses extend ``plan_traits`` and call ``super()``."""
         self.restore_configured_traits()
         self.default_url = plan.default_url
-        self.environment = {**self.environment, **plan.environment}
+        self.environment = {**self.environment, **plan.environment, **self.notices_environment(plan)}
+
+    def notices_environment(self, plan: SessionPlan) -> dict[str, str]:
+        """The session's notice source and notice file (nothing when ``notices_url`` is empty)."""
+        if not self.notices_url:
+            return {}
+        server = re.sub(r"[^A-Za-z0-9._-]", "-", self.name or "")
+        file = f"CASA-NOTICES-{server}.md" if server else "CASA-NOTICES.md"
+        return {
+            "CASASPAWNER_NOTICES_URL": self.notices_url,
+            "CASASPAWNER_NOTICES_FILE": f"{plan.home.rstrip('/')}/{file}",
+        }
 
     # -------------------------------------------------------------------------------------------- progress
     def plan_progress_events(self) -> list[dict[str, Any]]:
