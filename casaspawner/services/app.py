@@ -5,14 +5,16 @@
 * ``POST /releases/<id>``      drain / undrain / retire / unretire a release (operators only).
 * ``GET  /api/sessions``       the same grouping as JSON (operators only).
 * ``GET  /api/notices``        notices for the caller's own sessions (any valid token of that user, e.g. a
-                               session's ``$JUPYTERHUB_API_TOKEN``): drained releases and idle-cull warnings.
+                               session's ``$JUPYTERHUB_API_TOKEN``): drained releases and idle-cull warnings,
+                               and how many seconds the session should wait before asking again.
 
 Operators are whoever holds ``access:services!service=casa-sessions`` (admins, and the ``casa-operators``
 role in the shipped hub configuration). The service's own token needs only ``list:users``,
 ``read:users:activity`` and ``read:servers``. Drains are written to the release state file, which the CASA
 spawners read through :func:`casaspawner.services.state.drain_blocker`.
 
-Run it as a hub-managed service: ``python -m casaspawner.services --state-file ... --cull-timeout 3600``.
+Run it as a hub-managed service (:func:`casaspawner.services.hubconfig.casa_sessions_service` writes the entry):
+``python -m casaspawner.services --state-file ... --cull-timeout 3600``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class ServiceConfig:
         api_url: str,
         api_token: str,
         prefix: str,
+        notices_interval: int = 60,
     ) -> None:
         self.catalog = catalog
         self.store = store
@@ -80,6 +83,7 @@ class ServiceConfig:
         self.api_url = api_url.rstrip("/")
         self.api_token = api_token
         self.prefix = prefix
+        self.notices_interval = notices_interval
 
     async def running_sessions(self) -> list[Session]:
         """Every started or pending server on the hub, read with the service's own token."""
@@ -248,7 +252,8 @@ class NoticesAPI(web.RequestHandler):
         notices = notices_for(model["name"], sessions, self.config.states(), self.config.policy, now)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps({"user": model["name"], "notices": notices}))
+        body = {"user": model["name"], "notices": notices, "interval": self.config.notices_interval}
+        self.finish(json.dumps(body))
 
 
 def _seconds(delta: Any) -> int | None:
@@ -257,7 +262,7 @@ def _seconds(delta: Any) -> int | None:
 
 def make_app(config: ServiceConfig, hub_auth: HubOAuth | None = None) -> web.Application:
     """The tornado application under ``config.prefix`` (``$JUPYTERHUB_SERVICE_PREFIX``)."""
-    hub_auth = hub_auth or HubOAuth(api_token=config.api_token, cache_max_age=30)
+    hub_auth = hub_auth or HubOAuth(api_token=config.api_token, api_url=config.api_url, cache_max_age=30)
     prefix = config.prefix
     handler_args = {"config": config}
     return web.Application(
@@ -295,7 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="warn users this many seconds before their session is culled",
     )
     parser.add_argument(
+        "--notices-interval",
+        type=int,
+        default=60,
+        help="seconds sessions wait between two requests for their notices",
+    )
+    parser.add_argument(
         "--ip", default=None, help="address to listen on (default: from $JUPYTERHUB_SERVICE_URL)"
+    )
+    parser.add_argument(
+        "--hub-api-url",
+        default=None,
+        help="the hub's API, e.g. http://localhost:8081/hub/api inside the z2jh hub pod (default: "
+        "$JUPYTERHUB_API_URL)",
     )
     return parser
 
@@ -311,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cull_timeout < 0 or args.warn_before < 0:
         print("--cull-timeout and --warn-before must not be negative.", file=sys.stderr)
         return 2
+    if args.notices_interval < 1:
+        print("--notices-interval must be at least 1 second.", file=sys.stderr)
+        return 2
     try:
         catalog = load_catalog(args.catalog)
     except CasaspawnerError as exc:
@@ -320,9 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         catalog=catalog,
         store=ReleaseStateStore(args.state_file or default_state_path()),
         policy=CullPolicy(args.cull_timeout, args.warn_before),
-        api_url=os.environ["JUPYTERHUB_API_URL"],
+        api_url=args.hub_api_url or os.environ["JUPYTERHUB_API_URL"],
         api_token=token,
         prefix=os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/casa-sessions/"),
+        notices_interval=args.notices_interval,
     )
     url = urlparse(service_url)
     ip = args.ip if args.ip is not None else (url.hostname or "127.0.0.1")

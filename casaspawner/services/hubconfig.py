@@ -1,19 +1,30 @@
 """Building blocks of a casaspawner hub's configuration, shared by ``hub-config/jupyterhub_config.py`` (a hub
 outside Kubernetes) and the Zero to JupyterHub values' ``hub.extraConfig`` (``hub-config/z2jh/values.yaml``).
 
-Each function returns plain data (service and role dicts) or applies a few traits to a traitlets
-config object ``c``, so the same rules hold in both deployments and tests can check what they produce.
+Both deployments describe themselves with a :class:`HubSettings` (from environment variables,
+:func:`settings_from_environment`, or from Helm values, :func:`settings_from_z2jh`) and hand it to
+:func:`configure_hub`, which sets everything that is the same in both: login rules, the spawner's settings,
+the casa-sessions service, the roles and jupyterhub-idle-culler. What differs is only what the settings say
+(where the service listens, which Python runs it, the hub API address). ``tests/hub`` loads both files and
+compares what they produce.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from casaspawner.services.state import STATE_FILE_ENV, drain_blocker
+from jupyterhub.utils import url_path_join
+
+from casaspawner.services.state import DEFAULT_STATE_FILE, drain_blocker
 
 SERVICE_NAME = "casa-sessions"
+CULLER_NAME = "jupyterhub-idle-culler"
 OPERATORS_ROLE = "casa-operators"
+ADMINS_ROLE = "casa-admins"
 #: What the casa-sessions service itself may do through the hub API: read who runs what, nothing more.
 SERVICE_SCOPES = ["list:users", "read:users:activity", "read:servers"]
 #: What operators get: the casa-sessions pages, and JupyterHub's admin page read-only.
@@ -24,38 +35,112 @@ OPERATOR_SCOPES = [
     "read:users",
     "read:servers",
 ]
-#: jupyterhub-idle-culler's least-privilege scopes (it stops servers; it never deletes users here).
+#: The hub's administrators: JupyterHub's ``admin`` role without what would let them into users' sessions or
+#: their credentials — ``access:servers`` (enter a session), ``admin:auth_state`` (the OIDC tokens, part of
+#: ``admin:users``), ``tokens`` (act as a user) and ``shares`` (share a user's server with themselves).
+ADMIN_SCOPES = [
+    "admin-ui",
+    "users",
+    "delete:users",
+    "read:roles",
+    "admin:servers",
+    "admin:groups",
+    "list:services",
+    "read:services",
+    "read:hub",
+    "access:services",
+    "proxy",
+    "read:metrics",
+]
+#: jupyterhub-idle-culler's least-privilege scopes (``admin:users`` is added only when it culls users).
 CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
-NOTICES_EXTENSION = "casaspawner.services.session_notices"
+#: Where auth_state keeps the OIDC user info (OAuthenticator's ``oauth_user``) and what the spawner reads.
+CLAIMS = {
+    "uid_claim": "oauth_user.uid",
+    "gid_claim": "oauth_user.gid",
+    "groups_claim": "oauth_user.groups",
+    "supplemental_gids_claim": "oauth_user.gids",
+    "access_token_claim": "access_token",
+}
 
 
-def casa_sessions_service(
-    *,
-    url: str,
-    state_file: str,
-    cull_timeout: int = 0,
-    warn_before: int = 600,
-    listen_ip: str | None = None,
-    python: str = sys.executable,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CullSettings:
+    """jupyterhub-idle-culler's options (z2jh's ``cull:`` values, same defaults)."""
+
+    timeout: int = 3600
+    every: int = 600
+    concurrency: int = 10
+    max_age: int = 0
+    users: bool = False
+    admin_users: bool = True
+    remove_named_servers: bool = False
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """Everything a casaspawner hub's configuration depends on."""
+
+    #: the drain/retire state file the service writes and the spawners read
+    state_file: str
+    #: where the proxy and the sessions reach casa-sessions (scheme, host and port)
+    sessions_url: str
+    #: address casa-sessions listens on; None: the host of ``sessions_url``
+    sessions_listen_ip: str | None = None
+    #: the hub API as the hub's own services reach it; None: ``$JUPYTERHUB_API_URL`` from the hub
+    hub_api_url: str | None = None
+    #: ``JupyterHub.base_url``
+    base_url: str = "/"
+    #: Python that runs the hub's services (casa-sessions, the culler)
+    python: str = sys.executable
+    spawner_class: str = "casa"
+    #: group given the casa-operators role; None: nobody
+    operators_group: str | None = "casa-operators"
+    #: group given the casa-admins role (admins who cannot enter sessions); None: nobody
+    admins_group: str | None = "hub-admins"
+    #: groups whose project directories are mounted (a regular expression matching whole names)
+    project_group_pattern: str = "proj-.*"
+    #: the hub's read-only mount of Cavern (``CASASpawner.storage_hub_path``); None: datasets by identifier only
+    storage_hub_path: str | None = "/cavern"
+    #: ``CASASpawner.start_timeout``: first pulls of multi-GB CASA images on a node take minutes
+    start_timeout: int = 600
+    #: seconds between a session's requests for its notices
+    notices_interval: int = 60
+    #: how long before an idle cull users are warned in their session (seconds)
+    warn_before: int = 600
+    #: the idle culler; None: no culling (and no cull warnings)
+    cull: CullSettings | None = field(default_factory=CullSettings)
+
+    @property
+    def notices_url(self) -> str:
+        """Where sessions ask casa-sessions for their notices (directly, not through the proxy)."""
+        return str(
+            url_path_join(self.sessions_url, self.base_url, "services", SERVICE_NAME, "api", "notices")
+        )
+
+
+def casa_sessions_service(settings: HubSettings) -> dict[str, Any]:
     """The hub-managed casa-sessions service entry (``c.JupyterHub.services`` item)."""
-    command = [python, "-m", "casaspawner.services", "--state-file", state_file]
-    command += ["--cull-timeout", str(cull_timeout), "--warn-before", str(warn_before)]
-    if listen_ip is not None:
-        command += ["--ip", listen_ip]
+    cull_timeout = settings.cull.timeout if settings.cull is not None else 0
+    command = [settings.python, "-m", "casaspawner.services", "--state-file", settings.state_file]
+    command += ["--cull-timeout", str(cull_timeout), "--warn-before", str(settings.warn_before)]
+    command += ["--notices-interval", str(settings.notices_interval)]
+    if settings.sessions_listen_ip is not None:
+        command += ["--ip", settings.sessions_listen_ip]
+    if settings.hub_api_url is not None:
+        command += ["--hub-api-url", settings.hub_api_url]
     return {
         "name": SERVICE_NAME,
-        "url": url,
+        "url": settings.sessions_url,
         "command": command,
-        "environment": {STATE_FILE_ENV: state_file},
         "oauth_no_confirm": True,
         "display": True,
         "info": {"description": "CASA sessions by release and dataset; drain or retire releases"},
     }
 
 
-def casa_roles(operators_group: str | None = "casa-operators") -> list[dict[str, Any]]:
-    """The service's own role and the operators' role (given to ``operators_group``)."""
+def casa_roles(settings: HubSettings) -> list[dict[str, Any]]:
+    """The service's own role, the operators' role and the administrators' role."""
     roles: list[dict[str, Any]] = [
         {
             "name": f"{SERVICE_NAME}-service",
@@ -64,67 +149,193 @@ def casa_roles(operators_group: str | None = "casa-operators") -> list[dict[str,
             "services": [SERVICE_NAME],
         }
     ]
-    operators: dict[str, Any] = {
-        "name": OPERATORS_ROLE,
-        "description": "CASA operators: the casa-sessions page (drain, retire) and a read-only admin page",
-        "scopes": list(OPERATOR_SCOPES),
-    }
-    if operators_group:
-        operators["groups"] = [operators_group]
-    roles.append(operators)
+    for name, description, scopes, group in (
+        (
+            OPERATORS_ROLE,
+            "CASA operators: the casa-sessions page (drain, retire) and a read-only admin page",
+            OPERATOR_SCOPES,
+            settings.operators_group,
+        ),
+        (
+            ADMINS_ROLE,
+            "Hub administrators: users, groups, servers and services, but not users' sessions or tokens",
+            ADMIN_SCOPES,
+            settings.admins_group,
+        ),
+    ):
+        role: dict[str, Any] = {"name": name, "description": description, "scopes": list(scopes)}
+        if group:
+            role["groups"] = [group]
+        roles.append(role)
     return roles
 
 
-def idle_culler_service(
-    *,
-    timeout: int = 3600,
-    every: int = 600,
-    concurrency: int = 10,
-    max_age: int = 0,
-    python: str = sys.executable,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """jupyterhub-idle-culler as a hub-managed service, with its least-privilege role (outside z2jh, whose
-    ``cull:`` values do the same)."""
-    service = {
-        "name": "jupyterhub-idle-culler",
-        "command": [
-            python,
-            "-m",
-            "jupyterhub_idle_culler",
-            f"--timeout={timeout}",
-            f"--cull-every={every}",
-            f"--concurrency={concurrency}",
-            f"--max-age={max_age}",
-        ],
-    }
+def idle_culler_service(settings: HubSettings) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """jupyterhub-idle-culler as a hub-managed service with its least-privilege role (None: no culling).
+
+    The same command and role z2jh builds from its ``cull:`` values.
+    """
+    cull = settings.cull
+    if cull is None:
+        return None
+    command = [settings.python, "-m", "jupyterhub_idle_culler"]
+    if settings.hub_api_url is not None:
+        command.append(f"--url={settings.hub_api_url}")
+    command += [
+        f"--timeout={cull.timeout}",
+        f"--cull-every={cull.every}",
+        f"--concurrency={cull.concurrency}",
+    ]
+    scopes = list(CULLER_SCOPES)
+    if cull.users:
+        command.append("--cull-users")
+        scopes.append("admin:users")
+    if not cull.admin_users:
+        command.append("--cull-admin-users=false")
+    if cull.remove_named_servers:
+        command.append("--remove-named-servers")
+    if cull.max_age:
+        command.append(f"--max-age={cull.max_age}")
+    service = {"name": CULLER_NAME, "command": command}
     role = {
-        "name": "jupyterhub-idle-culler",
+        "name": CULLER_NAME,
         "description": "Stop idle servers",
-        "scopes": list(CULLER_SCOPES),
-        "services": ["jupyterhub-idle-culler"],
+        "scopes": scopes,
+        "services": [CULLER_NAME],
     }
     return service, role
 
 
-def configure_sessions(
-    c: Any,
-    *,
-    state_file: str,
-    notices_url: str,
-    notices_interval: int = 60,
-    spawner_class: str = "casa",
-) -> None:
-    """Select the CASA spawner, make it honour drains, and turn on in-session notices."""
-    c.JupyterHub.spawner_class = spawner_class
-    # The mixin is a Configurable: this reaches CASASpawner and LocalCASASpawner alike.
-    c.CASASessionMixin.blocked_releases = drain_blocker(state_file)
-    args = list(c.Spawner.args) if "args" in c.Spawner else []
-    flag = f"--ServerApp.jpserver_extensions={NOTICES_EXTENSION}=True"
-    if flag not in args:
-        args.append(flag)
-    c.Spawner.args = args
-    environment = dict(c.Spawner.environment) if "environment" in c.Spawner else {}
-    environment.update(
-        {"CASASPAWNER_NOTICES_URL": notices_url, "CASASPAWNER_NOTICES_INTERVAL": str(notices_interval)}
+def _replace(entries: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``entries`` without those named like one in ``new``, then ``new``."""
+    names = {entry["name"] for entry in new}
+    return [entry for entry in entries if entry.get("name") not in names] + new
+
+
+def _listed(c: Any, section: str, trait: str) -> list[dict[str, Any]]:
+    return list(c[section][trait]) if trait in c[section] else []
+
+
+def configure_login(c: Any) -> None:
+    """OIDC login through GenericOAuthenticator with auth_state and the provider's groups.
+
+    The site's part (endpoints, client, ``allowed_groups``, ``login_service``) is set before this.
+    """
+    c.JupyterHub.authenticator_class = "generic-oauth"
+    # auth_state keeps the tokens and the user info (uid, gid, groups) for the spawner, encrypted with
+    # JUPYTERHUB_CRYPT_KEY (z2jh: hub.config.CryptKeeper.keys, generated into the chart's Secret).
+    c.Authenticator.enable_auth_state = True
+    oauth = c.GenericOAuthenticator
+    oauth.scope = ["openid", "profile", "email"]
+    oauth.username_claim = "preferred_username"
+    # The provider's groups become JupyterHub groups: they decide who may log in and who gets which role.
+    oauth.manage_groups = True
+    oauth.auth_state_groups_key = "oauth_user.groups"
+    if "custom_403_message" not in oauth:
+        allowed = ", ".join(sorted(oauth.allowed_groups)) if "allowed_groups" in oauth else ""
+        oauth.custom_403_message = (
+            f"Your account is not in a group allowed to use this CASA hub ({allowed}). Ask your observatory's "
+            "helpdesk to add you to one of them, then sign in again."
+        )
+    for trait, key in CLAIMS.items():
+        c.CASASessionMixin[trait] = key
+
+
+def configure_spawner(c: Any, settings: HubSettings) -> None:
+    """The CASA spawner, honouring drains, with in-session notices."""
+    c.JupyterHub.spawner_class = settings.spawner_class
+    # The mixin is a Configurable: this reaches CASASpawner and LocalCASASpawner alike, and it outranks the
+    # KubeSpawner and Spawner sections (z2jh writes singleuser.* into KubeSpawner).
+    c.CASASessionMixin.blocked_releases = drain_blocker(settings.state_file)
+    c.CASASessionMixin.notices_url = settings.notices_url
+    c.CASASessionMixin.project_group_pattern = settings.project_group_pattern
+    # Kubernetes sessions only (LocalCASASpawner has its own defaults for both).
+    c.CASASpawner.storage_hub_path = settings.storage_hub_path
+    c.CASASpawner.start_timeout = settings.start_timeout
+
+
+def configure_services(c: Any, settings: HubSettings) -> None:
+    """casa-sessions and jupyterhub-idle-culler with their roles (replacing entries of the same names)."""
+    services = [casa_sessions_service(settings)]
+    roles = casa_roles(settings)
+    culler = idle_culler_service(settings)
+    if culler is not None:
+        services.append(culler[0])
+        roles.append(culler[1])
+    c.JupyterHub.services = _replace(_listed(c, "JupyterHub", "services"), services)
+    c.JupyterHub.load_roles = _replace(_listed(c, "JupyterHub", "load_roles"), roles)
+
+
+def configure_hub(c: Any, settings: HubSettings) -> None:
+    """Everything both deployments share: login, spawner, services and roles."""
+    configure_login(c)
+    configure_spawner(c, settings)
+    configure_services(c, settings)
+
+
+def settings_from_environment(env: Mapping[str, str], *, cwd: str = ".") -> HubSettings:
+    """A hub outside z2jh (``hub-config/jupyterhub_config.py``): settings from environment variables."""
+    timeout = int(env.get("CASA_CULL_TIMEOUT", "3600"))
+    storage = env.get("CASA_STORAGE_HUB_PATH", "/cavern")
+    return HubSettings(
+        state_file=env.get("CASASPAWNER_RELEASE_STATE")
+        or os.path.abspath(os.path.join(cwd, DEFAULT_STATE_FILE)),
+        sessions_url=env.get("CASA_SESSIONS_URL", "http://127.0.0.1:10101"),
+        base_url=env.get("CASA_BASE_URL", "/"),
+        spawner_class=env.get("CASASPAWNER_SPAWNER", "casa"),
+        operators_group=env.get("CASA_OPERATORS_GROUP", "casa-operators") or None,
+        admins_group=env.get("CASA_ADMINS_GROUP", "hub-admins") or None,
+        project_group_pattern=env.get("CASA_PROJECT_GROUPS", "proj-.*"),
+        storage_hub_path=storage or None,
+        start_timeout=int(env.get("CASA_START_TIMEOUT", "600")),
+        notices_interval=int(env.get("CASA_NOTICES_INTERVAL", "60")),
+        warn_before=int(env.get("CASA_CULL_WARN_BEFORE", "600")),
+        cull=CullSettings(timeout=timeout, every=int(env.get("CASA_CULL_EVERY", str(CullSettings.every))))
+        if timeout > 0
+        else None,
     )
-    c.Spawner.environment = environment
+
+
+#: z2jh: the hub API as seen from inside the hub pod (what the chart's own culler uses). Going through the
+#: ``hub`` Service from the hub pod would need the hub's NetworkPolicy to admit the hub itself.
+Z2JH_HUB_API = "http://localhost:8081"
+#: z2jh: casa-sessions on the hub pod, through the hub Service's extra port (``hub.service.extraPorts``).
+Z2JH_SESSIONS_URL = "http://hub:10101"
+
+
+def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
+    """The Zero to JupyterHub values (``custom.casaspawner``, ``cull``, ``hub.baseUrl``) as settings.
+
+    ``get_config`` is z2jh's ``z2jh.get_config(key, default)``; the chart's own defaults apply to ``cull``.
+    """
+    casa: Mapping[str, Any] = get_config("custom.casaspawner", {}) or {}
+    base_url = str(get_config("hub.baseUrl", "/") or "/")
+    defaults = HubSettings(state_file="", sessions_url="")
+    culled = defaults.cull or CullSettings()
+    cull = None
+    if get_config("cull.enabled", False):
+        cull = CullSettings(
+            timeout=int(get_config("cull.timeout", culled.timeout)),
+            every=int(get_config("cull.every", culled.every)),
+            concurrency=int(get_config("cull.concurrency", culled.concurrency)),
+            max_age=int(get_config("cull.maxAge", culled.max_age) or 0),
+            users=bool(get_config("cull.users", culled.users)),
+            admin_users=bool(get_config("cull.adminUsers", culled.admin_users)),
+            remove_named_servers=bool(get_config("cull.removeNamedServers", culled.remove_named_servers)),
+        )
+    return HubSettings(
+        state_file=str(casa.get("stateFile", "/srv/jupyterhub/casa-release-state.json")),
+        sessions_url=str(casa.get("sessionsUrl", Z2JH_SESSIONS_URL)),
+        sessions_listen_ip="0.0.0.0",  # noqa: S104 - the proxy and the sessions reach it through the hub Service
+        hub_api_url=Z2JH_HUB_API + url_path_join(base_url, "hub", "api"),
+        base_url=base_url,
+        python="python3",
+        operators_group=casa.get("operatorsGroup", defaults.operators_group) or None,
+        admins_group=casa.get("adminsGroup", defaults.admins_group) or None,
+        project_group_pattern=str(casa.get("projectGroupPattern", defaults.project_group_pattern)),
+        storage_hub_path=casa.get("storageHubPath", defaults.storage_hub_path) or None,
+        start_timeout=int(casa.get("startTimeout", defaults.start_timeout)),
+        notices_interval=int(casa.get("noticesInterval", defaults.notices_interval)),
+        warn_before=int(casa.get("warnBefore", defaults.warn_before)),
+        cull=cull,
+    )

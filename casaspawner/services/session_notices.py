@@ -1,16 +1,26 @@
 """In-session notices: a Jupyter server extension that shows the operators' notices inside a CASA session.
 
-Every ``CASASPAWNER_NOTICES_INTERVAL`` seconds (default 60) the session asks the casa-sessions service
-(``CASASPAWNER_NOTICES_URL``, e.g. ``http://hub:10101/services/casa-sessions/api/notices``) for its notices,
-authenticating with its own ``$JUPYTERHUB_API_TOKEN``, and keeps ``CASA-NOTICES.md`` in the session's root
-directory in step: written when there are notices (a drained release, an upcoming idle cull), removed when
-there are none. The file shows up in JupyterLab's file browser and on the CASA desktop alike.
+The session asks the casa-sessions service (``CASASPAWNER_NOTICES_URL``, e.g.
+``http://hub:10101/services/casa-sessions/api/notices``) for its notices, authenticating with its own
+``$JUPYTERHUB_API_TOKEN``, as often as the service says (its ``interval``; 60 s until the first answer). What
+the session has to say (a drained release, an upcoming idle cull) then appears in three places:
 
-The session pulls rather than the hub pushing: requests *to* a session count as activity and would keep
-idle sessions alive, and the hub needs no access to the session's storage or servers.
+* **JupyterLab notifications**: the ``casaspawner-notices`` JupyterLab extension (shipped prebuilt with
+  casaspawner) shows each notice's title as a warning, with a button opening the notice file for the full
+  text. It reads the current notices once from
+  ``<base_url>casa-notices/api`` when JupyterLab opens, then gets every change pushed as a Jupyter server event
+  (schema :data:`EVENT_SCHEMA_ID`) over the event websocket JupyterLab keeps open anyway;
+* **the notice file** ``$CASASPAWNER_NOTICES_FILE`` (the CASA spawners set it; default ``CASA-NOTICES.md`` in
+  the server's root directory; named servers have one each), written when there are notices and removed when
+  there are none. The CASA desktop pops it up;
+* the server's log.
 
-Enable it with ``--ServerApp.jpserver_extensions=casaspawner.services.session_notices=True`` (the shipped hub
-configuration adds this to ``Spawner.args``).
+Nothing here counts as user activity, so notices never keep an idle session alive: the session pulls from the
+service (requests *to* a session count as activity), the API handler does not track activity, and pushed
+events travel server → browser, which neither the proxy nor the server counts.
+
+Enabled by ``jupyter_server_config.d/casaspawner.json``, which casaspawner installs; without
+``CASASPAWNER_NOTICES_URL`` it does nothing.
 """
 
 from __future__ import annotations
@@ -18,23 +28,77 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+
 NOTICE_FILE = "CASA-NOTICES.md"
+URL_ENV = "CASASPAWNER_NOTICES_URL"
+FILE_ENV = "CASASPAWNER_NOTICES_FILE"
+#: How often a session asks until the service has said otherwise (seconds).
+DEFAULT_INTERVAL = 60.0
+EVENT_SCHEMA_ID = "https://casaspawner.io/events/session-notices"
+EVENT_SCHEMA: dict[str, Any] = {
+    "$id": EVENT_SCHEMA_ID,
+    "version": "1",
+    "title": "CASA session notices",
+    "description": "The operators' notices for this session, sent whenever they change (empty: none left).",
+    "type": "object",
+    "required": ["notices"],
+    "properties": {
+        "notices": {
+            "title": "Notices",
+            "description": "Each notice's kind (drain, cull), a title of at most 140 characters and the text.",
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["kind", "title", "text"],
+                "properties": {
+                    "kind": {"type": "string"},
+                    "title": {"type": "string"},
+                    "text": {"type": "string"},
+                },
+            },
+        },
+        "file": {
+            "title": "Notice file",
+            "description": "The notice file's path relative to the server's root directory (null: outside it).",
+            "type": ["string", "null"],
+        },
+    },
+}
+#: JupyterLab cuts notifications longer than this.
+TITLE_MAX = 140
 _MARKER = "<!-- written by casaspawner: removed when there is nothing to say -->"
+
+Notice = dict[str, str]
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "casaspawner.services.session_notices"}]
 
 
-def render_notices(notices: Iterable[Mapping[str, Any]], server_name: str) -> str | None:
-    """The notice file's Markdown for this server's notices, or None when there are none."""
-    texts = [
-        str(n.get("text", "")) for n in notices if str(n.get("server", "")) == server_name and n.get("text")
+def _title(notice: Mapping[str, Any]) -> str:
+    title = str(notice.get("title") or notice["text"])
+    return title if len(title) <= TITLE_MAX else title[: TITLE_MAX - 1] + "…"
+
+
+def session_notices(notices: Iterable[Mapping[str, Any]], server_name: str) -> list[Notice]:
+    """This server's notices (the service answers for all of the user's servers), as ``{kind, title, text}``."""
+    return [
+        {"kind": str(n.get("kind", "")), "title": _title(n), "text": str(n["text"])}
+        for n in notices
+        if str(n.get("server", "")) == server_name and n.get("text")
     ]
+
+
+def render_notices(notices: Iterable[Mapping[str, str]]) -> str | None:
+    """The notice file's Markdown, or None when there is nothing to say."""
+    texts = [n["text"] for n in notices]
     if not texts:
         return None
     lines = ["# Notices from the CASA operators", "", _MARKER, ""]
@@ -42,12 +106,11 @@ def render_notices(notices: Iterable[Mapping[str, Any]], server_name: str) -> st
     return "\n".join(lines) + "\n"
 
 
-def sync_notice_file(root: Path, content: str | None) -> bool:
-    """Write or remove ``root/CASA-NOTICES.md``; returns whether the file changed.
+def sync_notice_file(path: Path, content: str | None) -> bool:
+    """Write or remove the notice file at ``path``; returns whether it changed.
 
-    A file of the same name that casaspawner did not write is never overwritten or removed.
+    A file of that name that casaspawner did not write is never overwritten or removed.
     """
-    path = root / NOTICE_FILE
     existing = path.read_text(encoding="utf-8") if path.is_file() else None
     if existing is not None and _MARKER not in existing:
         return False
@@ -58,49 +121,108 @@ def sync_notice_file(root: Path, content: str | None) -> bool:
         return True
     if existing == content:
         return False
-    tmp = path.with_name(f".{NOTICE_FILE}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(content, encoding="utf-8")
     os.replace(tmp, path)
     return True
 
 
-async def fetch_notices(url: str, token: str) -> list[dict[str, Any]]:
-    """The caller's notices from the casa-sessions service."""
+class NoticeBoard:
+    """What this session currently has to say: kept in memory, in the notice file, and sent as events.
+
+    ``file`` is the notice file's path relative to the server's root directory (what JupyterLab opens), or
+    None when it lies outside.
+    """
+
+    def __init__(
+        self, path: Path, emit: Callable[[dict[str, Any]], None] | None = None, file: str | None = None
+    ) -> None:
+        self.path = path
+        self.emit = emit
+        self.file = file
+        self.notices: list[Notice] = []
+
+    def state(self) -> dict[str, Any]:
+        return {"notices": self.notices, "file": self.file}
+
+    def update(self, notices: list[Notice]) -> bool:
+        """Show ``notices`` instead of the current ones; returns whether anything changed."""
+        sync_notice_file(self.path, render_notices(notices))  # also restores a file the user deleted
+        if notices == self.notices:
+            return False
+        self.notices = notices
+        if self.emit is not None:
+            self.emit(self.state())
+        return True
+
+
+async def fetch_notices(url: str, token: str) -> tuple[list[dict[str, Any]], float | None]:
+    """The caller's notices from the casa-sessions service, and how often the service wants to be asked."""
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
     response = await AsyncHTTPClient().fetch(
         HTTPRequest(url, headers={"Authorization": f"token {token}"}, request_timeout=20)
     )
     body = json.loads(response.body)
-    notices = body.get("notices") if isinstance(body, dict) else None
-    return [n for n in notices or [] if isinstance(n, dict)]
+    if not isinstance(body, dict):
+        return [], None
+    notices = [n for n in body.get("notices") or [] if isinstance(n, dict)]
+    interval = body.get("interval")
+    return notices, float(interval) if isinstance(interval, int | float) and interval >= 1 else None
 
 
-async def poll_forever(root: Path, url: str, token: str, server_name: str, interval: float, log: Any) -> None:
+async def poll_forever(board: NoticeBoard, url: str, token: str, server_name: str, log: Any) -> None:
+    interval = DEFAULT_INTERVAL
     while True:
         try:
-            notices = await fetch_notices(url, token)
-            if sync_notice_file(root, render_notices(notices, server_name)):
-                log.info("CASA notices updated in %s (%d notice(s))", root / NOTICE_FILE, len(notices))
+            notices, asked = await fetch_notices(url, token)
+            interval = asked or interval
+            if board.update(session_notices(notices, server_name)):
+                log.info("CASA notices: %d for this session (%s)", len(board.notices), board.path)
         except Exception as exc:  # the session must keep running whatever the service does
             log.warning("Could not fetch CASA notices from %s: %s", url, exc)
         await asyncio.sleep(interval)
 
 
+class NoticesHandler(APIHandler):
+    """``GET <base_url>casa-notices/api``: this session's current notices (what JupyterLab shows on opening)."""
+
+    _track_activity = False  # reading notices is not using the session
+
+    def initialize(self, board: NoticeBoard) -> None:
+        self.board = board
+
+    @web.authenticated
+    def get(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(self.board.state()))
+
+
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    url = os.environ.get("CASASPAWNER_NOTICES_URL", "")
+    root = Path(getattr(serverapp, "root_dir", None) or os.getcwd()).expanduser()
+    path = Path(os.environ.get(FILE_ENV) or root / NOTICE_FILE)
+    events = getattr(serverapp, "event_logger", None)
+    emit = None
+    if events is not None:
+        events.register_event_schema(EVENT_SCHEMA)
+
+        def emit(state: dict[str, Any]) -> None:
+            events.emit(schema_id=EVENT_SCHEMA_ID, data=state)
+
+    try:
+        file: str | None = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        file = None
+    board = NoticeBoard(path, emit, file)
+    web_app = serverapp.web_app
+    route = url_path_join(web_app.settings["base_url"], "casa-notices", "api")
+    web_app.add_handlers(".*$", [(route, NoticesHandler, {"board": board})])  # JupyterLab asks even when off
+    url = os.environ.get(URL_ENV, "")
     token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
     if not url or not token:
-        serverapp.log.info("CASA notices off: CASASPAWNER_NOTICES_URL or JUPYTERHUB_API_TOKEN is not set")
+        serverapp.log.info("CASA notices off: %s or JUPYTERHUB_API_TOKEN is not set", URL_ENV)
         return
-    try:
-        interval = max(float(os.environ.get("CASASPAWNER_NOTICES_INTERVAL", "60")), 1.0)
-    except ValueError:
-        interval = 60.0
-    root = Path(getattr(serverapp, "root_dir", None) or os.getcwd()).expanduser()
     server_name = os.environ.get("JUPYTERHUB_SERVER_NAME", "")
-    task = asyncio.get_event_loop().create_task(
-        poll_forever(root, url, token, server_name, interval, serverapp.log)
-    )
+    task = asyncio.get_event_loop().create_task(poll_forever(board, url, token, server_name, serverapp.log))
     serverapp._casa_notices_task = task  # keep a reference so the task is not collected
-    serverapp.log.info("CASA notices from %s every %.0f s into %s", url, interval, root / NOTICE_FILE)
+    serverapp.log.info("CASA notices from %s into JupyterLab notifications and %s", url, path)

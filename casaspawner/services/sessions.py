@@ -168,14 +168,20 @@ class CullPolicy:
     timeout: int = 0
     warn_before: int = 600
 
-    def warning(self, session: Session, now: datetime) -> str | None:
-        """The in-session warning for an idle session close to its cull time, else None."""
+    def cull_time(self, session: Session, now: datetime) -> datetime | None:
+        """When the culler will stop this idle session, if that is close enough to warn about; else None."""
         idle = session.idle(now)
         if self.timeout <= 0 or idle is None or session.last_activity is None:
             return None
         if idle.total_seconds() < max(self.timeout - self.warn_before, 0):
             return None
-        cull_at = session.last_activity + timedelta(seconds=self.timeout)
+        return session.last_activity + timedelta(seconds=self.timeout)
+
+    def warning(self, session: Session, now: datetime) -> str | None:
+        """The in-session warning for an idle session close to its cull time, else None."""
+        cull_at = self.cull_time(session, now)
+        if cull_at is None or session.last_activity is None:
+            return None
         return (
             f"This session has been idle since {session.last_activity:%H:%M} UTC and will be stopped at about "
             f"{cull_at:%H:%M} UTC (after {format_duration(timedelta(seconds=self.timeout))} without activity) "
@@ -195,7 +201,11 @@ def notices_for(
     policy: CullPolicy,
     now: datetime,
 ) -> list[dict[str, str]]:
-    """Notices for one user's running sessions: drained releases and upcoming idle culls."""
+    """Notices for one user's running sessions: drained releases and upcoming idle culls.
+
+    Each notice has the ``server`` it is for, its ``kind`` (``drain``, ``cull``), a ``title`` short enough for
+    a notification (at most 140 characters) and the full ``text``.
+    """
     notices: list[dict[str, str]] = []
     for session in sessions:
         if session.user != username:
@@ -208,8 +218,11 @@ def notices_for(
                 + " This session keeps running; new sessions of this release cannot be started, so save your"
                 " work and start your next session with another release."
             )
-            notices.append({"server": session.server, "kind": "drain", "text": text})
+            title = f"{session.release_label} is being drained: save your work; new sessions need another release."
+            notices.append({"server": session.server, "kind": "drain", "title": title, "text": text})
         warning = policy.warning(session, now)
-        if warning:
-            notices.append({"server": session.server, "kind": "cull", "text": warning})
+        cull_at = policy.cull_time(session, now)
+        if warning and cull_at is not None:
+            title = f"This idle session will be stopped at about {cull_at:%H:%M} UTC unless you use it."
+            notices.append({"server": session.server, "kind": "cull", "title": title, "text": warning})
     return notices

@@ -769,6 +769,17 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         """,
     ).tag(config=True)
 
+    notices_url = Unicode(
+        "",
+        help="""
+        Where sessions ask the casa-sessions service for their notices (their release is drained, their idle
+        session is about to be stopped), e.g. ``http://hub:10101/services/casa-sessions/api/notices``. Sessions
+        get it as ``CASASPAWNER_NOTICES_URL``, with ``CASASPAWNER_NOTICES_FILE``: the file in the home
+        directory that shows the notices (``CASA-NOTICES.md``; ``CASA-NOTICES-<server>.md`` for a named
+        server). Empty (the default): no notices. ``casaspawner.services.hubconfig`` sets it.
+        """,
+    ).tag(config=True)
+
     # ------------------------------------------------------------------------------------------- state
     session_plan: SessionPlan | None = None
     recent_datasets: list[str]
@@ -1223,7 +1234,18 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         self.restore_configured_traits()
         self._casa_baseline = {name: copy.deepcopy(getattr(self, name)) for name in self.plan_traits}
         self.default_url = plan.default_url
-        self.environment = {**self.environment, **plan.environment}
+        self.environment = {**self.environment, **plan.environment, **self.notices_environment(plan)}
+
+    def notices_environment(self, plan: SessionPlan) -> dict[str, str]:
+        """The session's notice source and notice file (nothing when ``notices_url`` is empty)."""
+        if not self.notices_url:
+            return {}
+        server = re.sub(r"[^A-Za-z0-9._-]", "-", self.name or "")
+        file = f"CASA-NOTICES-{server}.md" if server else "CASA-NOTICES.md"
+        return {
+            "CASASPAWNER_NOTICES_URL": self.notices_url,
+            "CASASPAWNER_NOTICES_FILE": f"{plan.home.rstrip('/')}/{file}",
+        }
 
     # -------------------------------------------------------------------------------------------- progress
     def plan_progress_events(self) -> list[dict[str, Any]]:

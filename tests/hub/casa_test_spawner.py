@@ -10,6 +10,7 @@ installed), which is all the hub-side tests need; the token path of the real spa
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from jupyterhub.spawner import SimpleLocalProcessSpawner
@@ -24,7 +25,13 @@ class HubTestSpawner(CASASessionMixin, SimpleLocalProcessSpawner):  # type: igno
 
     async def start(self) -> Any:
         await self.prepare_session()
-        self.default_url = "/tree"  # the plan's /lab or /desktop/ need JupyterLab or a desktop
+        self.default_url = "/tree"  # the tests open /lab or /desktop/ themselves
+        xstartup = os.environ.get("CASA_TEST_XSTARTUP")
+        if xstartup and "JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP" in self.environment:  # a desktop session
+            self.environment["JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP"] = xstartup
+        notices = self.environment.get("CASASPAWNER_NOTICES_FILE")
+        if notices:  # the plan's home (/arc/home/<user>) is home_dir here
+            self.environment["CASASPAWNER_NOTICES_FILE"] = str(Path(self.home_dir) / Path(notices).name)
         if os.geteuid() == 0:
             self.args = [*self.args, "--allow-root"]
         return await super().start()

@@ -37,13 +37,13 @@ c.JupyterHub.load_roles.append(
 
 if os.environ.get("CASA_TEST_SPAWNER") == "casa":
     # The real CASASpawner (selected by hub-config/jupyterhub_config.py) against the test's kmock cluster.
-    c.KubeSpawner.namespace = "test"
-    c.KubeSpawner.port = int(os.environ["CASA_TEST_SESSION_PORT"])
-    c.KubeSpawner.start_timeout = 30
-    c.KubeSpawner.http_timeout = 30
-    c.KubeSpawner.k8s_api_request_retry_timeout = 10
-    c.KubeSpawner.extra_labels = {"hub.jupyter.org/network-access-hub": "true"}
-    c.CASASessionMixin.storage_hub_path = os.environ["CASA_TEST_STORAGE"]
+    c.CASASpawner.namespace = "test"
+    c.CASASpawner.port = int(os.environ["CASA_TEST_SESSION_PORT"])
+    c.CASASpawner.start_timeout = 30
+    c.CASASpawner.http_timeout = 30
+    c.CASASpawner.k8s_api_request_retry_timeout = 10
+    c.CASASpawner.extra_labels = {"hub.jupyter.org/network-access-hub": "true"}
+    c.CASASpawner.storage_hub_path = os.environ["CASA_TEST_STORAGE"]
 else:
     sys.path.insert(0, str(here))
     from casa_test_spawner import HubTestSpawner
@@ -53,3 +53,8 @@ else:
     c.Spawner.start_timeout = 60
     c.Spawner.http_timeout = 60
     c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+
+# Activity reaches the hub within seconds (z2jh: the proxy's every 60 s, the sessions' every 300 s).
+if os.environ.get("CASA_TEST_FAST_ACTIVITY"):
+    c.JupyterHub.last_activity_interval = 2
+    c.Spawner.environment = {"JUPYTERHUB_ACTIVITY_INTERVAL": "2"}

@@ -7,18 +7,15 @@ import asyncio
 import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from hub_helpers import login
+from z2jh_chart import chart_config, chart_data, load_values, merge
 
 from casaspawner.datasets.synth import write_dataset
-from casaspawner.services.hubconfig import configure_sessions
 
 pytestmark = pytest.mark.integration
-VALUES = Path(__file__).resolve().parents[2] / "hub-config" / "z2jh" / "values.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +63,7 @@ def test_user_outside_allowed_groups_is_refused(hub, browser):
     page = login(browser, hub, "eve")
     text = page.locator("body").inner_text()
     assert "403" in text
-    assert "not in a group allowed to use this CASA hub (alma-users)" in text
+    assert "not in a group allowed to use this CASA hub (alma-users, hub-admins)" in text
     page.context.close()
     with pytest.raises(Exception, match="404"):
         hub.admin("/users/eve")
@@ -76,21 +73,16 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     """alice's real auth_state through CASASpawner configured by the z2jh values: identity from the OIDC claims
     in the pod, the access token only in the Secret — never in the pod spec, its environment or the hub log."""
     kube = pytest.importorskip("casaspawner.spawners.kube")
-    from traitlets.config import Config
 
     from casaspawner.podcli import _DryRunUser, _offline_kubernetes
     from casaspawner.spawners.common import LocalDirectoryReader
 
     token = alice["auth_state"]["access_token"]
-    values = yaml.safe_load(VALUES.read_text())
-    config = Config()
-    for section in ("CASASessionMixin", "CASASpawner"):
-        for trait, value in values["hub"]["config"][section].items():
-            config[section][trait] = value
-    config.CASASessionMixin.storage_hub_path = None
-    config.KubeSpawner.extra_labels = values["singleuser"]["extraLabels"]  # as the chart maps it
-    custom = values["custom"]["casaspawner"]
-    configure_sessions(config, state_file=str(tmp_path / "state.json"), notices_url=custom["noticesUrl"])
+    _, defaults = chart_data()
+    config = chart_config(
+        merge(load_values(), {"custom": {"casaspawner": {"stateFile": str(tmp_path / "s.json")}}}), defaults
+    )
+    config.CASASpawner.storage_hub_path = None
     dataset = write_dataset(tmp_path / "data", era="cycle10")
 
     async def build() -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
@@ -119,8 +111,7 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     token_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == spawner.token_mount_dir)
     assert token_mount["readOnly"] is True
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["CASASPAWNER_NOTICES_URL"] == custom["noticesUrl"]
-    assert "--ServerApp.jpserver_extensions=casaspawner.services.session_notices=True" in container["args"]
+    assert env["CASASPAWNER_NOTICES_URL"] == "http://hub:10101/services/casa-sessions/api/notices"
     assert token not in json.dumps(pod)  # not in the spec, the environment or the annotations
     assert all(token not in json.dumps(env) for env in container.get("env", []))
     assert secret is not None and token not in json.dumps(secret)  # the dry-run Secret carries no data
@@ -128,3 +119,29 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     assert full_secret["metadata"]["ownerReferences"][0]["name"] == pod["metadata"]["name"]
     assert token not in hub.log()
     assert alice["auth_state"]["refresh_token"] not in hub.log()
+
+
+def test_admins_manage_the_hub_but_cannot_enter_sessions(hub, browser, tmp_path):
+    """hub-admins get the casa-admins role: the admin page and servers, but not users' sessions or tokens."""
+    dataset = write_dataset(tmp_path / "data", era="cycle9")
+    page = login(browser, hub, "bob")  # bob's session, started through the form
+    page.goto(f"{hub.url}/hub/spawn")
+    page.locator("input[name=dataset]").fill(str(dataset))
+    page.locator("form#spawn_form input[type=submit], form#spawn_form button[type=submit]").first.click()
+    page.wait_for_url("**/user/bob/**", timeout=60_000)
+    page.context.close()
+
+    admin = login(browser, hub, "ada")
+    model = hub.admin("/users/ada")
+    assert model["admin"] is False and model["groups"] == ["hub-admins"]
+    assert hub.admin("/groups/hub-admins")["roles"] == ["casa-admins"]
+    admin.goto(f"{hub.url}/hub/admin")
+    admin.locator("tr", has_text="bob").first.wait_for()  # the admin page lists users and servers
+    # But bob's session stays closed to admins: its API, and its pages through the hub's OAuth.
+    response = admin.goto(f"{hub.url}/user/bob/api/contents")
+    assert response is not None and response.status == 403
+    response = admin.goto(f"{hub.url}/user/bob/lab")
+    assert response is not None and response.status == 403
+    assert "jp-LabShell" not in admin.content()
+    hub.admin("/users/bob/server", method="DELETE")
+    admin.context.close()

@@ -4,6 +4,7 @@ are refused at spawn with the operator's message; running users and idle users g
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.error
@@ -20,6 +21,7 @@ from casaspawner.services.session_notices import NOTICE_FILE
 
 pytestmark = pytest.mark.integration
 JUPYTERHUB_MAJOR = int(jupyterhub.__version__.split(".")[0])
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "_static" / "screenshots"
 DRAINED = "pl-2023.1.0.124"
 DRAINED_LABEL = "CASA 6.5.4-9 (pipeline 2023.1.0.124)"
 OTHER_LABEL = "CASA 6.4.1-12 (pipeline 2022.2.0.64)"
@@ -113,13 +115,31 @@ def wait_for_file(path: Path, text: str, timeout: float = 30) -> str:
     raise AssertionError(f"{text!r} never appeared in {path}: {content!r}")
 
 
+def open_lab(page: Any, hub: Any, user: str) -> None:
+    page.goto(f"{hub.url}/user/{user}/lab")
+    page.locator("#jp-main-dock-panel").wait_for(timeout=60_000)
+
+
+def toast(page: Any, text: str) -> Any:
+    """The JupyterLab notification (toast) that says ``text``."""
+    found = page.locator(".jp-toastContainer .Toastify__toast", has_text=text).first
+    found.wait_for(timeout=30_000)
+    return found
+
+
 def test_idle_users_are_warned_in_their_session(hub, sessions):
     content = wait_for_file(hub.workdir / "home" / "bob" / NOTICE_FILE, "will be stopped at about")
     assert "This session has been idle since" in content
     assert "after 1 h 00 min without activity" in content
+    # JupyterLab opened after the warning: it shows it as a notification straight away.
+    open_lab(sessions["bob"], hub, "bob")
+    text = toast(sessions["bob"], "will be stopped at about").inner_text()
+    assert re.search(r"This idle session will be stopped at about \d\d:\d\d UTC unless you use it\.", text)
 
 
 def test_drain_notifies_running_users_and_refuses_new_spawns(hub, operator, sessions, datasets):
+    alice = sessions["alice"]
+    open_lab(alice, hub, "alice")  # JupyterLab is open when the operator drains alice's release
     operator.goto(f"{hub.url}/services/casa-sessions/")
     row = operator.locator(f"tr.release[data-release='{DRAINED}']")
     row.locator("input[name=message]").fill(MESSAGE)
@@ -131,10 +151,19 @@ def test_drain_notifies_running_users_and_refuses_new_spawns(hub, operator, sess
     assert "olga" in row.locator("td.state").inner_text()
     assert operator.locator(f"section.release-group[data-release='{DRAINED}'] .badge.drained").count() == 1
 
-    # alice's running session tells her, in a file her JupyterLab shows; bob's release is not drained.
+    # alice's open JupyterLab pops the notice up, and it is in the notice file (which the desktop shows);
+    # bob's release is not drained.
+    notification = toast(alice, "is being drained")
+    assert f"{DRAINED_LABEL} is being drained: save your work" in notification.inner_text()
+    if os.environ.get("CASASPAWNER_SCREENSHOTS"):  # docs/operators.md shows it
+        alice.wait_for_timeout(1000)  # the notification has slid in
+        alice.screenshot(path=str(SCREENSHOTS / "hub-notices.png"))
+    notification.get_by_role("button", name="Details").click()  # the notice file, with the full text
+    expected = f"{DRAINED_LABEL}, which this session runs, is being drained by the operators: {MESSAGE}"
+    alice.locator(".jp-RenderedMarkdown", has_text=MESSAGE).first.wait_for()
+    assert expected in alice.locator(".jp-RenderedMarkdown", has_text=MESSAGE).first.inner_text()
     notice = wait_for_file(hub.workdir / "home" / "alice" / NOTICE_FILE, "is being drained")
-    assert f"{DRAINED_LABEL}, which this session runs, is being drained by the operators: {MESSAGE}" in notice
-    alice = sessions["alice"]
+    assert expected in notice
     alice.goto(f"{hub.url}/user/alice/files/{NOTICE_FILE}")
     assert MESSAGE in alice.locator("body").inner_text()
     assert "drained" not in (hub.workdir / "home" / "bob" / NOTICE_FILE).read_text()

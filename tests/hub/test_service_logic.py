@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from casaspawner.errors import InvalidInput
-from casaspawner.services.session_notices import NOTICE_FILE, render_notices, sync_notice_file
+from casaspawner.services.session_notices import (
+    NOTICE_FILE,
+    NoticeBoard,
+    render_notices,
+    session_notices,
+    sync_notice_file,
+)
 from casaspawner.services.sessions import (
     CullPolicy,
     format_duration,
@@ -150,6 +156,8 @@ def test_notices_for_drains_and_upcoming_culls(users, catalog):
     policy = CullPolicy(timeout=3600, warn_before=600)
     alice = notices_for("alice", sessions, states, policy, NOW)
     assert [n["kind"] for n in alice] == ["drain", "cull"]
+    assert all(len(n["title"]) <= 140 for n in alice)
+    assert alice[1]["title"] == "This idle session will be stopped at about 20:05 UTC unless you use it."
     assert "is being drained by the operators: image rebuild." in alice[0]["text"]
     assert "idle since 19:05 UTC and will be stopped at about 20:05 UTC" in alice[1]["text"]
     assert [n["kind"] for n in notices_for("bob", sessions, states, policy, NOW)] == ["drain"]  # active
@@ -157,20 +165,64 @@ def test_notices_for_drains_and_upcoming_culls(users, catalog):
     assert notices_for("alice", sessions, {}, CullPolicy(timeout=0), NOW) == []  # culling off
 
 
-def test_notice_file_is_written_updated_and_removed(tmp_path):
+def test_only_this_servers_notices_are_shown():
     notices = [{"server": "", "kind": "drain", "text": "A"}, {"server": "m87", "kind": "cull", "text": "B"}]
-    content = render_notices(notices, "")
-    assert content is not None and "- A" in content and "- B" not in content
-    assert sync_notice_file(tmp_path, content) is True
-    assert sync_notice_file(tmp_path, content) is False
-    assert (tmp_path / NOTICE_FILE).read_text() == content
-    assert sync_notice_file(tmp_path, render_notices([], "")) is True
-    assert not (tmp_path / NOTICE_FILE).exists()
+    assert session_notices(notices, "") == [{"kind": "drain", "title": "A", "text": "A"}]
+    assert session_notices(notices, "m87") == [{"kind": "cull", "title": "B", "text": "B"}]
+    assert session_notices([{"server": "", "kind": "drain"}], "") == []  # nothing to say
+    (long,) = session_notices([{"server": "", "kind": "drain", "text": "x" * 300}], "")
+    assert len(long["title"]) == 140 and long["title"].endswith("…") and long["text"] == "x" * 300
+
+
+def test_notice_file_is_written_updated_and_removed(tmp_path):
+    path = tmp_path / NOTICE_FILE
+    content = render_notices([{"kind": "drain", "text": "A"}])
+    assert content is not None and "- A" in content
+    assert sync_notice_file(path, content) is True
+    assert sync_notice_file(path, content) is False
+    assert path.read_text() == content
+    assert sync_notice_file(path, render_notices([])) is True
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 
 def test_notice_file_never_touches_a_users_own_file(tmp_path: Path):
     own = tmp_path / NOTICE_FILE
     own.write_text("my notes")
-    assert sync_notice_file(tmp_path, "# notices\n") is False
-    assert sync_notice_file(tmp_path, None) is False
+    assert sync_notice_file(own, "# notices\n") is False
+    assert sync_notice_file(own, None) is False
     assert own.read_text() == "my notes"
+
+
+def test_notice_board_sends_each_change_once(tmp_path):
+    sent: list[dict[str, object]] = []
+    board = NoticeBoard(tmp_path / "CASA-NOTICES-m87.md", sent.append, "CASA-NOTICES-m87.md")
+    drain = [{"kind": "drain", "title": "A", "text": "A"}]
+    assert board.update(drain) is True
+    assert board.update(list(drain)) is False  # the same notices again: no new event
+    assert "- A" in board.path.read_text()
+    assert board.update([]) is True
+    assert sent == [
+        {"notices": drain, "file": "CASA-NOTICES-m87.md"},
+        {"notices": [], "file": "CASA-NOTICES-m87.md"},
+    ]
+    assert not board.path.exists()
+
+
+def test_the_committed_labextension_is_built_from_its_source():
+    """`make hub-labextension` records what it built from; a changed source needs a rebuild (and a commit)."""
+    import hashlib
+
+    services = Path(__file__).resolve().parents[2] / "casaspawner" / "services"
+    recorded = dict(
+        reversed(line.split())
+        for line in (services / "labextension" / "built-from.sha256").read_text().splitlines()
+    )
+    for name in ("package.json", "index.js"):
+        digest = hashlib.sha256((services / "notices-lab" / name).read_bytes()).hexdigest()
+        assert recorded[name] == digest, (
+            f"notices-lab/{name} changed since the build: run make hub-labextension"
+        )
+    built = json.loads((services / "labextension" / "package.json").read_text())
+    assert built["name"] == "casaspawner-notices"
+    assert (services / "labextension" / built["jupyterlab"]["_build"]["load"]).is_file()

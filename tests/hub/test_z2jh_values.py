@@ -1,10 +1,14 @@
-"""hub-config/z2jh/values.yaml: valid for the chart (merged values vs. its schema), and its extraConfig does
-what it claims when executed the way z2jh executes it."""
+"""hub-config/z2jh/values.yaml: valid for the chart (merged values vs. its schema); run through the chart's own
+configuration steps and hub.extraConfig, it configures real spawners and services the way it claims, and the
+same way as hub-config/jupyterhub_config.py."""
 
 from __future__ import annotations
 
-import copy
-import sys
+import asyncio
+import contextlib
+import io
+import os
+import re
 import types
 from pathlib import Path
 from typing import Any
@@ -12,42 +16,47 @@ from typing import Any
 import pytest
 import yaml
 from traitlets.config import Config
+from traitlets.config.loader import PyFileConfigLoader
+from z2jh_chart import (
+    REPO,
+    VALUES,
+    chart_config,
+    chart_culler,
+    chart_data,
+    getter,
+    load_values,
+    merge,
+    prepuller_command,
+)
 
 from casaspawner.catalog import load_catalog
+from casaspawner.cli import main as cli_main
+from casaspawner.datasets.synth import write_dataset
 from casaspawner.images import prepuller_values
-from casaspawner.plan import PlanConfig, image_for
+from casaspawner.images.matrix import select_releases
+from casaspawner.plan import PlanConfig
 from casaspawner.services import hubconfig
 from casaspawner.services.state import ReleaseStateStore
 
-REPO = Path(__file__).resolve().parents[2]
-VALUES = REPO / "hub-config" / "z2jh" / "values.yaml"
-SHARED = REPO.parent / "shared" / "data"
-SCHEMA = SHARED / "z2jh-values.schema.yaml"
-DEFAULTS = SHARED / "z2jh-values.defaults.yaml"
-
-
-def merge(base: Any, override: Any) -> Any:
-    """Helm's rule: maps merge recursively, everything else (lists included) is replaced."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = dict(base)
-        for key, value in override.items():
-            merged[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
-        return merged
-    return copy.deepcopy(override)
+AUTH_STATE = {"oauth_user": {"uid": 41001, "gid": 41001, "groups": ["alma-users", "proj-m87"], "gids": []}}
 
 
 @pytest.fixture(scope="module")
 def values() -> dict[str, Any]:
-    return yaml.safe_load(VALUES.read_text())
+    return load_values()
 
 
 @pytest.fixture(scope="module")
 def chart() -> tuple[dict[str, Any], dict[str, Any]]:
-    if not SCHEMA.is_file() or not DEFAULTS.is_file():
-        pytest.skip(
-            f"the chart's values schema and defaults are not in {SHARED} (they are not shipped in the repo)"
-        )
-    return yaml.safe_load(SCHEMA.read_text()), yaml.safe_load(DEFAULTS.read_text())
+    return chart_data()
+
+
+@pytest.fixture
+def hub(values, chart, tmp_path) -> Config:
+    """The hub's config in z2jh, with the drain state in a temporary file."""
+    return chart_config(
+        merge(values, {"custom": {"casaspawner": {"stateFile": str(tmp_path / "s.json")}}}), chart[1]
+    )
 
 
 def test_merge_follows_helm_rules():
@@ -59,9 +68,7 @@ def test_merged_values_match_the_chart_schema(values, chart):
     import jsonschema
 
     schema, defaults = chart
-    merged = merge(defaults, values)
-    # The chart fills these in from chartpress at release time; a real install has real tags there.
-    jsonschema.validate(merged, schema, cls=jsonschema.Draft7Validator)
+    jsonschema.validate(merge(defaults, values), schema, cls=jsonschema.Draft7Validator)
 
 
 def test_schema_rejects_a_broken_values_file(values, chart):
@@ -75,97 +82,236 @@ def test_schema_rejects_a_broken_values_file(values, chart):
 
 
 def test_network_policy_label_is_merged_with_ours(values, chart):
-    _, defaults = chart
-    labels = merge(defaults, values)["singleuser"]["extraLabels"]
+    labels = merge(chart[1], values)["singleuser"]["extraLabels"]
     assert labels["hub.jupyter.org/network-access-hub"] == "true"
     assert labels["casaspawner.io/session"] == "true"
 
 
-def test_prepuller_images_are_the_catalog_images(values):
-    """Every runnable release's image, as `casaspawner images prepuller` names them (plan.image_for)."""
-    catalog = load_catalog()
-    expected = prepuller_values(catalog.available(), PlanConfig())["prePuller"]["extraImages"]
-    assert values["prePuller"]["extraImages"] == expected
-    assert len(expected) == len(catalog.available())
-    assert {f"{i['name']}:{i['tag']}" for i in expected.values()} == {
-        image_for(r, PlanConfig()) for r in catalog.available()
+def test_prepuller_images_are_what_the_documented_command_prints(values):
+    """The values name the command that made prePuller.extraImages; it uses the values' registry and prints them."""
+    command = prepuller_command(VALUES.read_text())
+    registry = command[command.index("--registry") + 1]
+    assert registry == values["hub"]["config"]["CASASessionMixin"]["image_registry"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(command) == 0
+    assert yaml.safe_load(out.getvalue()) == {
+        "prePuller": {"extraImages": values["prePuller"]["extraImages"]}
     }
+    releases = select_releases(load_catalog(), command[command.index("--releases") + 1 :])
+    expected = prepuller_values(releases, PlanConfig(image_registry=registry))["prePuller"]["extraImages"]
+    assert values["prePuller"]["extraImages"] == expected
+    assert {r.role for r in releases} == {"pipeline", "modular"}
+    assert all(12 in r.cycles for r in releases if r.role == "pipeline")  # the current ALMA Cycle's builds
 
 
-def test_roles_are_least_privilege_and_match_the_standalone_config(values):
-    roles = {role["name"]: role for role in hubconfig.casa_roles()}
-    for name, role in values["hub"]["loadRoles"].items():
-        assert role["scopes"] == roles[name]["scopes"]
-    service_scopes = set(values["hub"]["loadRoles"]["casa-sessions-service"]["scopes"])
-    assert service_scopes == {"list:users", "read:users:activity", "read:servers"}
-    assert not any(s.startswith(("admin", "servers", "delete", "users")) for s in service_scopes)
-
-
-def run_extra_config(values: dict[str, Any], defaults: dict[str, Any]) -> Config:
-    """Execute hub.extraConfig as z2jh does: after hub.config and hub.services, with z2jh.get_config."""
-    merged = merge(defaults, values)
-
-    def get_config(key: str, default: Any = None) -> Any:
-        value: Any = merged
-        for part in key.split("."):
-            if not isinstance(value, dict) or part not in value:
-                return default
-            value = value[part]
-        return value
-
-    c = Config()
-    c.JupyterHub.spawner_class = "kubespawner.KubeSpawner"
-    for section, traits in merged["hub"]["config"].items():
-        for trait, value in traits.items():
-            c[section][trait] = value
-    c.JupyterHub.services = [{**service, "name": name} for name, service in merged["hub"]["services"].items()]
-    z2jh = types.ModuleType("z2jh")
-    z2jh.get_config = get_config  # type: ignore[attr-defined]
-    sys.modules["z2jh"] = z2jh
-    try:
-        for _, code in sorted(merged["hub"]["extraConfig"].items()):
-            exec(compile(code, "hub.extraConfig", "exec"), {"c": c})
-    finally:
-        del sys.modules["z2jh"]
-    return c
-
-
-def test_extra_config_configures_the_casa_spawner(values, chart, tmp_path):
-    _, defaults = chart
-    state = tmp_path / "state.json"
-    values = merge(values, {"custom": {"casaspawner": {"stateFile": str(state)}}})
-    c = run_extra_config(values, defaults)
-
+def test_extra_config_configures_the_casa_hub(values, hub, tmp_path):
+    c = hub
     assert c.JupyterHub.spawner_class == "casa"
-    assert "--ServerApp.jpserver_extensions=casaspawner.services.session_notices=True" in c.Spawner.args
-    assert c.Spawner.environment["CASASPAWNER_NOTICES_URL"] == (
-        "http://hub:10101/services/casa-sessions/api/notices"
-    )
-    service = next(s for s in c.JupyterHub.services if s["name"] == "casa-sessions")
-    assert service["command"][-2:] == ["--cull-timeout", str(values["cull"]["timeout"])]
+    assert c.CASASessionMixin.notices_url == "http://hub:10101/services/casa-sessions/api/notices"
+    assert c.CASASpawner.start_timeout == 600 and c.CASASpawner.storage_hub_path == "/cavern"
+    assert c.CASASessionMixin.project_group_pattern == "proj-.*"
+    services = {s["name"]: s for s in c.JupyterHub.services}
+    assert set(services) == {"casa-sessions", "jupyterhub-idle-culler"}  # the chart's culler, replaced once
+    command = services["casa-sessions"]["command"]
+    assert command[:3] == ["python3", "-m", "casaspawner.services"]
+    assert command[command.index("--state-file") + 1] == str(tmp_path / "s.json")
+    assert command[command.index("--cull-timeout") + 1] == str(values["cull"]["timeout"])
+    # From inside the hub pod, the hub API is on localhost, as the chart's own culler uses it.
+    assert command[command.index("--hub-api-url") + 1] == "http://localhost:8081/hub/api"
+    assert services["casa-sessions"]["url"] == "http://hub:10101"
+    roles = {r["name"]: r for r in c.JupyterHub.load_roles}
+    assert set(roles) == {"casa-sessions-service", "casa-operators", "casa-admins", "jupyterhub-idle-culler"}
+    assert roles["casa-operators"]["groups"] == ["casa-operators"]
+    assert roles["casa-admins"]["groups"] == ["hub-admins"]
+    # No JupyterHub admins (their admin role includes access:servers); admin_access is left to the chart's
+    # default, which JupyterHub ignores since 2.0.
+    assert "admin_groups" not in c.GenericOAuthenticator and "admin_users" not in c.Authenticator
+    assert "JupyterHub" not in values["hub"]["config"]
+    assert c.JupyterHub.authenticator_class == "generic-oauth"
 
-    # The blocked_releases callable reads the drain state the service writes.
-    blocked = c.CASASessionMixin.blocked_releases
+
+def test_the_culler_is_the_charts_own(values, chart, hub):
+    """hub.extraConfig builds the culler with the shared building block: the same command and role."""
+    service, role = chart_culler(getter(merge(chart[1], values)))
+    assert next(s for s in hub.JupyterHub.services if s["name"] == service["name"]) == service
+    ours = next(r for r in hub.JupyterHub.load_roles if r["name"] == role["name"])
+    assert {k: ours[k] for k in role} == role
+
+
+def test_extra_config_follows_the_hub_base_url(values, chart):
+    c = chart_config(merge(values, {"hub": {"baseUrl": "/casa/"}}), chart[1])
+    assert c.CASASessionMixin.notices_url == "http://hub:10101/casa/services/casa-sessions/api/notices"
+    services = {s["name"]: s for s in c.JupyterHub.services}
+    command = services["casa-sessions"]["command"]
+    assert command[command.index("--hub-api-url") + 1] == "http://localhost:8081/casa/hub/api"
+    assert "--url=http://localhost:8081/casa/hub/api" in services["jupyterhub-idle-culler"]["command"]
+
+
+def test_without_culling_there_is_no_culler_and_no_warning(values, chart):
+    c = chart_config(merge(values, {"cull": {"enabled": False}}), chart[1])
+    services = {s["name"]: s for s in c.JupyterHub.services}
+    assert "jupyterhub-idle-culler" not in services
+    command = services["casa-sessions"]["command"]
+    assert command[command.index("--cull-timeout") + 1] == "0"
+
+
+def test_drains_reach_the_spawner(hub, tmp_path):
+    blocked = hub.CASASessionMixin.blocked_releases
     fake_spawner = types.SimpleNamespace(casa_catalog=load_catalog, log=None)
     assert blocked(fake_spawner) == {}
-    ReleaseStateStore(state).update("pl-2023.1.0.124", by="olga", drained=True, message="image rebuild")
+    ReleaseStateStore(tmp_path / "s.json").update(
+        "pl-2023.1.0.124", by="olga", drained=True, message="image rebuild"
+    )
     message = blocked(fake_spawner)["pl-2023.1.0.124"]
     assert "CASA 6.5.4-9 (pipeline 2023.1.0.124) is being drained" in message
     assert message.endswith(": image rebuild.")
 
 
-def test_extra_config_turns_warnings_off_without_culling(values, chart):
-    _, defaults = chart
-    c = run_extra_config(merge(values, {"cull": {"enabled": False}}), defaults)
-    service = next(s for s in c.JupyterHub.services if s["name"] == "casa-sessions")
-    assert service["command"][-2:] == ["--cull-timeout", "0"]
+async def session_pod(config: Config, dataset: Any, server_name: str = "") -> dict[str, Any]:
+    """The pod a real CASASpawner built from ``config`` would submit (no cluster: dry run)."""
+    from jupyterhub import orm
+
+    from casaspawner.podcli import _DryRunUser
+    from casaspawner.spawners.common import LocalDirectoryReader
+    from casaspawner.spawners.kube import CASASpawner
+
+    user = _DryRunUser("alice", AUTH_STATE)
+    spawner = CASASpawner(_mock=True, user=user, orm_spawner=orm.Spawner(name=server_name), config=config)
+    spawner.dataset_reader = LocalDirectoryReader()
+    spawner.user_options = {"dataset": str(dataset), "interface": "lab"}
+    await spawner.prepare_session()
+    pod, _ = await spawner.session_manifests()
+    assert spawner.start_timeout == 600  # CASASpawner's, over the chart's KubeSpawner.start_timeout
+    return pod
+
+
+@pytest.mark.parametrize(("server", "file"), [("", "CASA-NOTICES.md"), ("m87", "CASA-NOTICES-m87.md")])
+def test_session_pods_get_the_notices_url_and_file(hub, tmp_path, server, file):
+    """The chart writes singleuser.extraEnv into KubeSpawner.environment; the notices must survive it."""
+    pytest.importorskip("kubespawner")
+    from casaspawner.podcli import _offline_kubernetes
+
+    assert hub.KubeSpawner.environment == {}  # what the chart sets from the default extraEnv
+    dataset = write_dataset(tmp_path / "data", era="cycle10")
+    with _offline_kubernetes():
+        pod = asyncio.run(session_pod(hub, dataset, server))
+    container = next(c for c in pod["spec"]["containers"] if c["name"] == "notebook")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CASASPAWNER_NOTICES_URL"] == "http://hub:10101/services/casa-sessions/api/notices"
+    assert env["CASASPAWNER_NOTICES_FILE"] == f"/arc/home/alice/{file}"
+    assert pod["metadata"]["labels"]["hub.jupyter.org/network-access-hub"] == "true"
 
 
 def test_casa_spawner_accepts_the_values_config(values):
     """Every trait the values set on CASASpawner / the mixin is a configurable trait of CASASpawner."""
     kube = pytest.importorskip("casaspawner.spawners.kube")
     configurable = kube.CASASpawner.class_traits(config=True)
-    config = values["hub"]["config"]
     for section in ("CASASessionMixin", "CASASpawner"):
-        for trait in config[section]:
+        for trait in values["hub"]["config"][section]:
             assert trait in configurable, f"{section}.{trait} is not a CASASpawner option"
+
+
+# --------------------------------------------------------------------- the same hub outside z2jh
+
+
+def standalone_config(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Config:
+    """hub-config/jupyterhub_config.py loaded as JupyterHub loads it, with ``env`` as its environment."""
+    for name in list(os.environ):
+        if name.startswith(("CASA", "OIDC_", "OAUTH")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return PyFileConfigLoader("jupyterhub_config.py", path=str(REPO / "hub-config")).load_config()
+
+
+def comparable(c: Config) -> dict[str, Any]:
+    """What both deployments must agree on; deployment-specific values (addresses, Python, files) removed."""
+    services = []
+    for service in c.JupyterHub.services:
+        service = dict(service)
+        command = [a for a in service.pop("command") if not a.startswith("--url=")]
+        for option in ("--state-file", "--ip", "--hub-api-url"):
+            if option in command:
+                del command[command.index(option) : command.index(option) + 2]
+        service.pop("url", None)
+        services.append({**service, "command": command[1:]})
+    spawner = {k: v for k, v in c.CASASessionMixin.items() if k != "blocked_releases"}
+    spawner["notices_url"] = spawner["notices_url"].split("/services/", 1)[1]
+    login = {
+        k: v
+        for k, v in c.GenericOAuthenticator.items()
+        if k not in ("login_service",) and not k.endswith("_url")
+    }
+    login = {k: v for k, v in login.items() if k not in ("client_id", "client_secret")}
+    login["allowed_groups"] = sorted(login["allowed_groups"])
+    return {
+        "spawner_class": c.JupyterHub.spawner_class,
+        "authenticator_class": c.JupyterHub.authenticator_class,
+        "auth_state": c.Authenticator.enable_auth_state,
+        "login": login,
+        "mixin": spawner,
+        "kube": dict(c.CASASpawner.items()) | {"storage_volume": None, "measures_volume": None},
+        "services": sorted(services, key=lambda s: s["name"]),
+        "roles": sorted(c.JupyterHub.load_roles, key=lambda r: r["name"]),
+    }
+
+
+def test_both_deployments_configure_the_same_hub(values, hub, monkeypatch, tmp_path):
+    """jupyterhub_config.py with the environment equivalent of the values = the z2jh hub, but for addresses."""
+    oauth = values["hub"]["config"]["GenericOAuthenticator"]
+    casa = values["custom"]["casaspawner"]
+    standalone = standalone_config(
+        monkeypatch,
+        {
+            "CASA_ALLOWED_GROUPS": ",".join(oauth["allowed_groups"]),
+            "CASA_OPERATORS_GROUP": casa["operatorsGroup"],
+            "CASA_ADMINS_GROUP": casa["adminsGroup"],
+            "CASA_PROJECT_GROUPS": casa["projectGroupPattern"],
+            "CASA_STORAGE_HUB_PATH": casa["storageHubPath"],
+            "CASA_START_TIMEOUT": str(casa["startTimeout"]),
+            "CASA_NOTICES_INTERVAL": str(casa["noticesInterval"]),
+            "CASA_CULL_WARN_BEFORE": str(casa["warnBefore"]),
+            "CASA_CULL_TIMEOUT": str(values["cull"]["timeout"]),
+            "CASA_CULL_EVERY": str(values["cull"]["every"]),
+            "CASASPAWNER_RELEASE_STATE": str(tmp_path / "state.json"),
+        },
+    )
+    z2jh, outside = comparable(hub), comparable(standalone)
+    assert outside["kube"] == {
+        "start_timeout": 600,
+        "storage_hub_path": "/cavern",
+        "storage_volume": None,
+        "measures_volume": None,
+    }
+    assert z2jh == outside
+    assert standalone.JupyterHub.base_url == "/"
+    service = next(s for s in standalone.JupyterHub.services if s["name"] == "casa-sessions")
+    assert service["url"] == "http://127.0.0.1:10101"
+    assert (
+        standalone.CASASessionMixin.notices_url == "http://127.0.0.1:10101/services/casa-sessions/api/notices"
+    )
+
+
+def test_the_standalone_config_reads_its_documented_variables(monkeypatch):
+    """Every environment variable jupyterhub_config.py reads is listed in its header, and the other way round."""
+    text = (REPO / "hub-config" / "jupyterhub_config.py").read_text()
+    header = text.split("\nimport os", 1)[0]
+    read = set(re.findall(r"environ\.get\(\s*\"([A-Z0-9_]+)\"", text))
+    read |= set(re.findall(r"env\.get\(\"([A-Z0-9_]+)\"", Path(hubconfig.__file__).read_text()))
+    assert {"OIDC_LOGIN_SERVICE", "CASA_CULL_TIMEOUT", "CASASPAWNER_IMAGE_REGISTRY"} <= read
+    documented = set(re.findall(r"\b([A-Z][A-Z0-9]*_[A-Z0-9_]+)\b", header))
+    assert read <= documented, sorted(read - documented)
+    culling_off = standalone_config(monkeypatch, {"CASA_CULL_TIMEOUT": "0"})
+    assert [s["name"] for s in culling_off.JupyterHub.services] == ["casa-sessions"]
+
+
+def test_roles_are_least_privilege():
+    settings = hubconfig.HubSettings(state_file="s", sessions_url="http://127.0.0.1:1")
+    roles = {role["name"]: role for role in hubconfig.casa_roles(settings)}
+    service_scopes = set(roles["casa-sessions-service"]["scopes"])
+    assert service_scopes == {"list:users", "read:users:activity", "read:servers"}
+    admin = set(roles["casa-admins"]["scopes"])
+    # Admins manage the hub but cannot enter sessions, read the OIDC tokens, mint tokens or share servers.
+    assert not admin & {"access:servers", "admin:users", "admin:auth_state", "tokens", "shares", "admin"}
+    assert {"admin-ui", "admin:servers", "users", "admin:groups"} <= admin
