@@ -84,27 +84,25 @@ def _catalog(args: argparse.Namespace) -> Catalog:
 
 def cmd_catalog(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
-    rows = [release.summary_row() for release in catalog.releases]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([release.summary_row() for release in catalog.releases], indent=2))
         return 0
-    header = ("ID", "CASA", "PIPELINE", "CYCLES", "ALMA OPERATIONS", "PACKAGING", "CONFIDENCE")
+    header = ("ID", "CASA", "PIPELINE", "USE (CYCLES)", "ALMA OPERATIONS", "PACKAGING", "CONFIDENCE")
     table = [header] + [
         (
-            row["id"],
-            row["casa"],
-            row["pipeline"] or "-",
-            ",".join(str(c) for c in row["cycles"]) or "-",
-            f"{row['ops_start'] or ''} → {row['ops_end'] or ('now' if row['ops_start'] else '')}".strip(" →")
-            or "-",
-            row["packaging"] + (f" → {row['restore_with']}" if row["restore_with"] else ""),
-            row["confidence"],
+            release.id,
+            release.casa,
+            release.pipeline or "-",
+            release.uses,
+            release.ops_period or "-",
+            release.packaging + (f" → {release.restore_with}" if release.restore_with else ""),
+            release.confidence,
         )
-        for row in rows
+        for release in catalog.releases
     ]
-    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
     return 0
 
 

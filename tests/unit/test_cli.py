@@ -28,7 +28,20 @@ def test_catalog_table_and_json() -> None:
     )
     rows = json.loads(run("catalog", "--json").stdout)
     assert {row["id"] for row in rows} >= {"pl-r42254", "pl-2025.1.0.36", "casa-4.2.2"}
-    assert next(r for r in rows if r["id"] == "pl-r42030")["restore_with"] == "pl-r42254"
+    internal = next(r for r in rows if r["id"] == "pl-r42030")
+    assert (internal["restore_with"], internal["ops_end"], internal["os"]) == ("pl-r42254", "unknown", "el7")
+    assert all({"os", "casa_internal", "pipeline_branch", "manual", "sources"} <= set(row) for row in rows)
+
+
+def test_catalog_table_says_what_is_current() -> None:
+    lines = run("catalog").stdout.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert [release_id for release_id, line in rows.items() if "→ now" in line] == ["pl-2025.1.0.37"]
+    for superseded in ("pl-r42030", "pl-2020.1.0.36"):
+        assert "→ superseded" in rows[superseded]
+    assert "planned from 2026-10" in rows["pl-2026.2.0"]
+    assert "pipeline (4), manual (4)" in rows["pl-r39732"] and "manual (0)" in rows["casa-3.4.0"]
+    assert all(len(line) < 160 for line in lines)
 
 
 @pytest.mark.parametrize(
