@@ -21,7 +21,7 @@ import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from casaspawner.catalog.versions import normalize_pipeline, parse_casa
-from casaspawner.datasets.model import Evidence
+from casaspawner.datasets.model import Evidence, EvidenceKind
 from casaspawner.errors import CasaspawnerError
 
 MiB = 1024 * 1024
@@ -112,15 +112,25 @@ def _casa(text: str | None, name: str, *, partial: bool = False) -> str | None:
         ) from None
 
 
-def _pipeline(text: str | None, name: str) -> str | None:
-    if text is None or not text.strip():
+def _stated(
+    kind: EvidenceKind, path: str, casa_text: str | None, pipeline_text: str | None, name: str
+) -> Evidence | None:
+    """Evidence from a file that names a CASA and a pipeline version (manifest, AQUA report, weblog).
+
+    No CASA version: None (the next file or kind decides). A CASA version that is not one: the file is
+    unreadable. A pipeline version that is not one does not throw the CASA version away: it is kept, as
+    written (shortened), in ``pipeline_unreadable`` so the resolver can say so.
+    """
+    casa = _casa(casa_text, name)
+    if casa is None:
         return None
-    try:
-        return normalize_pipeline(text)
-    except CasaspawnerError:
-        raise UnreadableEvidence(
-            f"{name} gives the pipeline version as {text.strip()[:40]!r}, which is not one."
-        ) from None
+    pipeline = unreadable = None
+    if pipeline_text is not None and pipeline_text.strip():
+        try:
+            pipeline = normalize_pipeline(pipeline_text)
+        except CasaspawnerError:
+            unreadable = pipeline_text.strip()[:40]
+    return Evidence(kind, path, casa, pipeline, unreadable)
 
 
 # -------------------------------------------------------------------------------------------- the readers
@@ -144,11 +154,15 @@ def read_manifest(mous: Path, root: Path) -> Evidence | None:
         pipe_el = tree.find(".//ous/pipeline_version")
         if pipe_el is None:
             pipe_el = tree.find(".//pipeline_version")
-        casa = _casa(casa_el.get("name") if casa_el is not None else None, path.name)
-        if casa is None:
-            continue
-        pipeline = _pipeline(pipe_el.get("name") if pipe_el is not None else None, path.name)
-        return Evidence("manifest", _rel(path, root), casa, pipeline)
+        evidence = _stated(
+            "manifest",
+            _rel(path, root),
+            casa_el.get("name") if casa_el is not None else None,
+            pipe_el.get("name") if pipe_el is not None else None,
+            path.name,
+        )
+        if evidence is not None:
+            return evidence
     return None
 
 
@@ -156,12 +170,15 @@ def read_aquareport(mous: Path, root: Path) -> Evidence | None:
     """``*pipeline_aquareport.xml``: ``QaSummary/CasaVersion`` and ``QaSummary/PipelineVersion``."""
     for path in _candidates(mous, root, ("*pipeline_aquareport.xml",)):
         tree = _parse_xml(_read(path, LIMITS["aquareport"]), path.name)
-        casa = _casa(tree.findtext(".//QaSummary/CasaVersion") or tree.findtext(".//CasaVersion"), path.name)
-        if casa is None:
-            continue
-        pipeline_text = tree.findtext(".//QaSummary/PipelineVersion") or tree.findtext(".//PipelineVersion")
-        pipeline = _pipeline(pipeline_text, path.name)
-        return Evidence("aquareport", _rel(path, root), casa, pipeline)
+        evidence = _stated(
+            "aquareport",
+            _rel(path, root),
+            tree.findtext(".//QaSummary/CasaVersion") or tree.findtext(".//CasaVersion"),
+            tree.findtext(".//QaSummary/PipelineVersion") or tree.findtext(".//PipelineVersion"),
+            path.name,
+        )
+        if evidence is not None:
+            return evidence
     return None
 
 
@@ -194,8 +211,8 @@ class _RowParser(HTMLParser):
         self._cell = None
 
 
-def weblog_versions(html: bytes, name: str) -> tuple[str | None, str | None]:
-    """CASA and pipeline versions from a weblog home page (``t1-1.html``)."""
+def weblog_versions(html: bytes) -> tuple[str | None, str | None]:
+    """The CASA and pipeline version texts of a weblog home page (``t1-1.html``), links stripped."""
     parser = _RowParser()
     parser.feed(html.decode("utf-8", errors="replace"))
     parser.close()
@@ -208,8 +225,8 @@ def weblog_versions(html: bytes, name: str) -> tuple[str | None, str | None]:
     casa = _WEBLOG_CASA.match(values.get("casa version", ""))
     pipeline = _WEBLOG_PIPELINE.match(values.get("pipeline version", ""))
     return (
-        _casa(casa.group(0) if casa else values.get("casa version"), name),
-        _pipeline(pipeline.group(0) if pipeline else values.get("pipeline version"), name),
+        casa.group(0) if casa else values.get("casa version"),
+        pipeline.group(0) if pipeline else values.get("pipeline version"),
     )
 
 
@@ -229,16 +246,19 @@ def read_weblog(mous: Path, root: Path) -> Evidence | None:
         if page.parent.name == "html" and _inside(page, root)
     ]
     for page in sorted(pages):
-        casa, pipeline = weblog_versions(_read(page, LIMITS["weblog"]), page.name)
-        if casa:
-            return Evidence("weblog", _rel(page, root), casa, pipeline)
+        evidence = _stated(
+            "weblog", _rel(page, root), *weblog_versions(_read(page, LIMITS["weblog"])), page.name
+        )
+        if evidence is not None:
+            return evidence
     for archive in _candidates(mous, root, ("*weblog.tgz", "*weblog.tar.gz"), ("qa", ".")):
         for member_name, data in _tar_members(
             archive, lambda n: n.endswith("html/t1-1.html"), LIMITS["weblog"]
         ):
-            casa, pipeline = weblog_versions(data, f"{archive.name}!{member_name}")
-            if casa:
-                return Evidence("weblog", f"{_rel(archive, root)}!{member_name}", casa, pipeline)
+            where = f"{_rel(archive, root)}!{member_name}"
+            evidence = _stated("weblog", where, *weblog_versions(data), f"{archive.name}!{member_name}")
+            if evidence is not None:
+                return evidence
     return None
 
 
