@@ -1,6 +1,7 @@
 """The ``casaspawner`` command line.
 
-Bad input never shows a traceback: every user-caused problem prints one line on stderr and exits 2.
+Bad input never shows a traceback: every user-caused problem (including a path the system refuses) prints
+one line on stderr and exits 2.
 Subcommands owned by other layers (``pod``, ``images``, ``demo``) live in their own modules, listed in
 ``PLUGINS``; each provides ``register(subparsers)`` and sets ``func`` on its parser.
 """
@@ -21,7 +22,7 @@ from casaspawner.catalog.model import Catalog, load_catalog
 from casaspawner.datasets.archive import AlmaDataLinkClient
 from casaspawner.datasets.resolve import resolve_target
 from casaspawner.datasets.synth import ERAS, write_dataset
-from casaspawner.errors import CasaspawnerError
+from casaspawner.errors import CasaspawnerError, shown
 from casaspawner.plan import PlanConfig, image_for
 
 #: Modules adding subcommands: each has ``register(subparsers) -> None``.
@@ -149,6 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (
+        OSError
+    ) as exc:  # a path given on the command line that cannot be used: still one line, no traceback
+        where = f"{shown(str(exc.filename))}: " if exc.filename else ""
+        print(f"casaspawner: {where}{exc.strerror or exc}.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ from casaspawner.catalog.versions import CasaVersion, parse_casa, pipeline_sort_
 from casaspawner.datasets.archive import ArchiveClient
 from casaspawner.datasets.evidence import READERS, UnreadableEvidence
 from casaspawner.datasets.ids import looks_like_identifier, parse_identifier
-from casaspawner.datasets.layout import find_mous
+from casaspawner.datasets.layout import find_mous, path_kind
 from casaspawner.datasets.model import Evidence, Resolution
-from casaspawner.errors import ArchiveUnavailable, InvalidInput, ResolutionError
+from casaspawner.errors import ArchiveUnavailable, InvalidInput, ResolutionError, shown
 
 
-def read_evidence(path: Path) -> Evidence:
-    """The first evidence, in ALMA's order, found in the dataset at ``path``."""
-    mous = find_mous(path)
+def read_evidence(path: Path, label: str | None = None) -> Evidence:
+    """The first evidence, in ALMA's order, found in the dataset at ``path`` (named ``label`` in errors)."""
+    mous = find_mous(path, label)
+    name = shown(str(path) if label is None else label)
     problems: list[str] = []
     for _kind, reader in READERS:
         try:
@@ -43,10 +44,10 @@ def read_evidence(path: Path) -> Evidence:
             return evidence
     if problems:
         raise ResolutionError(
-            f"Nothing readable in {path} tells its CASA version: {problems[0].rstrip('.')}."
+            f"Nothing readable in {name} tells its CASA version: {problems[0].rstrip('.')}."
         )
     raise ResolutionError(
-        f"Nothing in {path} tells which CASA version processed it (no pipeline manifest, AQUA report, weblog, "
+        f"Nothing in {name} tells which CASA version processed it (no pipeline manifest, AQUA report, weblog, "
         "calibration script or CASA log); choose a CASA release yourself."
     )
 
@@ -54,7 +55,7 @@ def read_evidence(path: Path) -> Evidence:
 def resolve_path(path: str | Path, catalog: Catalog, *, label: str | None = None) -> Resolution:
     """Resolve a dataset directory; ``label`` is how the dataset is named in the result (default: the path)."""
     path = Path(path)
-    evidence = read_evidence(path)
+    evidence = read_evidence(path, label)
     release, exact, reason = choose_release(catalog, evidence)
     return Resolution(label or str(path), evidence, release, exact, reason)
 
@@ -67,10 +68,14 @@ def resolve_target(
     if not text:
         raise InvalidInput("No dataset given; give an ALMA dataset directory or an ALMA identifier.")
     path = (base / text) if base is not None else Path(text)
-    if path.is_dir():
+    try:
+        kind = path_kind(path)
+    except OSError:  # too long, not permitted …: a path-shaped target gets find_mous's sentence
+        kind = None
+    if kind == "dir":
         return resolve_path(path, catalog, label=text)
-    if not looks_like_identifier(text) and ("/" in text or text.startswith(".") or path.exists()):
-        return resolve_path(path, catalog, label=text)  # find_mous words the missing-path error
+    if not looks_like_identifier(text) and ("/" in text or text.startswith(".") or kind == "file"):
+        return resolve_path(path, catalog, label=text)  # find_mous words the error
     identifier = parse_identifier(text)
     if archive is None:
         raise ArchiveUnavailable(

@@ -95,6 +95,47 @@ def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+LONG = "a" * 300
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (LONG, "is not an ALMA dataset identifier"),
+        ("./" + LONG, "(302 characters) cannot be opened (File name too long)"),
+        ("/tmp/" + LONG + "/member.uid___A001_X1_X2", "cannot be opened (File name too long)"),
+        ("/".join(["abcdefgh"] * 600), "cannot be opened (File name too long)"),
+        ("./a\x00b", "./a\\x00b does not exist"),
+    ],
+)
+def test_unusable_paths_exit_2_with_one_line(target: str, message: str) -> None:
+    result = run_in_process("resolve", target) if "\x00" in target else run("resolve", target)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert len(lines[0]) < 400
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """argv cannot carry a NUL; such text reaches the resolver through main() in a fresh interpreter."""
+    code = f"import sys; from casaspawner.cli import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_a_loop_of_links_and_an_unwritable_output_exit_2(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    result = run("resolve", str(loop))
+    assert result.returncode == 2 and "cannot be opened (Too many levels of symbolic links)" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("demo-data", str(blocker / "trees"), "--era", "cycle8")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "Not a directory." in result.stderr and "Traceback" not in result.stderr
+
+
 def test_no_evidence_exits_2(tmp_path: Path) -> None:
     write_dataset(tmp_path, "no-evidence")
     result = run("resolve", str(tmp_path), "--json")

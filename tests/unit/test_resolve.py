@@ -275,3 +275,11 @@ def test_aquareport_versions_outside_qasummary(tmp_path: Path, catalog: Catalog)
         "<PipelineAquaReport><CasaVersion>5.4.0-70</CasaVersion><PipelineVersion>42254M</PipelineVersion></PipelineAquaReport>"
     )
     assert resolve_path(member, catalog).release.id == "pl-r42254"
+
+
+def test_errors_name_the_dataset_as_the_user_gave_it(tmp_path: Path, catalog: Catalog) -> None:
+    write_dataset(tmp_path / "hub" / "alice", "no-evidence")
+    for path, label in ((tmp_path / "hub" / "alice", "my/project"), (tmp_path / "hub" / "nope", "my/nope")):
+        with pytest.raises(ResolutionError) as info:
+            resolve_path(path, catalog, label=label)
+        assert label in str(info.value) and str(tmp_path) not in str(info.value)
