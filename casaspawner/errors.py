@@ -7,7 +7,7 @@ Every message is a single sentence meant for a person: spawners turn these into 
 from __future__ import annotations
 
 #: Longest user-given text an error sentence repeats in full.
-SHOWN_LIMIT = 160
+SHOWN_LIMIT = 240
 
 
 class CasaspawnerError(Exception):

@@ -9,12 +9,18 @@ files reached through a symbolic link that leaves the dataset are ignored.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
+import os
 import re
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import BinaryIO, cast
 from xml.etree.ElementTree import Element, ParseError
 
 import defusedxml.ElementTree as SafeET
@@ -32,7 +38,15 @@ LIMITS = {
     "script": MiB // 4,
     "casalog": 2 * MiB,
 }
+GiB = 1024 * MiB
 _MAX_TAR_MEMBERS = 200_000
+#: Packed archives: the largest read at all, and how much they may unpack to while being scanned —
+#: ``_TAR_RATIO`` times their size (at least ``_TAR_FLOOR``, at most ``_TAR_EXPANDED``). Weblogs are mostly
+#: PNG plots and HTML (ratios of 1-10); a decompression bomb is refused long before it fills memory or time.
+_TAR_COMPRESSED = 4 * GiB
+_TAR_EXPANDED = 4 * GiB
+_TAR_RATIO = 50
+_TAR_FLOOR = 64 * MiB
 _SEARCH_DIRS = (".", "script", "qa", "log", "calibration", "product")
 
 
@@ -363,18 +377,73 @@ def _walk_for(top: Path, filename: str, depth: int) -> Iterator[Path]:
 def _tar_members(
     archive: Path, wanted: Callable[[str], bool], limit: int, truncate: bool = False
 ) -> Iterator[tuple[str, bytes]]:
-    """Contents of the wanted regular members of a tar archive, read in memory (never extracted)."""
+    """Contents of the wanted regular members of a tar archive, read in memory (never extracted).
+
+    Only members with safe names (relative, no ``..``, printable) are considered, so no other name is ever
+    reported. The archive's size and how much it unpacks to while being scanned are capped (see
+    ``_TAR_EXPANDED``); going over either makes it unreadable evidence.
+    """
     try:
-        with tarfile.open(archive, mode="r|*") as tar:
-            for index, member in enumerate(tar):
-                if index > _MAX_TAR_MEMBERS:
-                    return
-                if not member.isreg() or not wanted(member.name):
-                    continue
-                if member.size > limit and not truncate:
-                    raise UnreadableEvidence(f"{archive.name}!{member.name} is too large to be evidence.")
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    yield member.name, handle.read(limit)
-    except (tarfile.TarError, EOFError, OSError, ValueError):
+        with archive.open("rb") as raw:
+            size = os.fstat(raw.fileno()).st_size
+            if size > _TAR_COMPRESSED:
+                raise UnreadableEvidence(
+                    f"{archive.name} is larger than {_TAR_COMPRESSED // GiB} GiB, too large to read as evidence."
+                )
+            budget = min(_TAR_EXPANDED, max(_TAR_FLOOR, _TAR_RATIO * size))
+            stream = cast(BinaryIO, _Budget(_decompressed(raw), budget, archive.name))
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=64 * 1024) as tar:
+                for index, member in enumerate(tar):
+                    if index > _MAX_TAR_MEMBERS:
+                        return
+                    if not member.isreg() or not _safe_member(member.name) or not wanted(member.name):
+                        continue
+                    if member.size > limit and not truncate:
+                        raise UnreadableEvidence(f"{archive.name}!{member.name} is too large to be evidence.")
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        yield member.name, handle.read(limit)
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError):
         raise UnreadableEvidence(f"{archive.name} is not a readable tar archive.") from None
+
+
+def _safe_member(name: str) -> bool:
+    """A member name that stays inside the archive's tree and prints as itself."""
+    parts = name.split("/")
+    return (
+        bool(name)
+        and name.isprintable()
+        and not name.startswith("/")
+        and "\\" not in name
+        and ".." not in parts
+    )
+
+
+def _decompressed(raw: BinaryIO) -> BinaryIO:
+    """The archive's tar stream: gzip, bzip2 and xz are recognised by their magic bytes, else plain tar."""
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
+    if magic.startswith(b"BZh"):
+        return cast(BinaryIO, bz2.BZ2File(raw))
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return cast(BinaryIO, lzma.LZMAFile(raw))
+    return raw
+
+
+class _Budget:
+    """A read-only stream that refuses to deliver more than ``budget`` bytes in total."""
+
+    def __init__(self, stream: BinaryIO, budget: int, name: str) -> None:
+        self.stream, self.left, self.name, self.budget = stream, budget, name, budget
+
+    def read(self, size: int = -1) -> bytes:
+        wanted = self.left + 1 if size < 0 or size > self.left else size
+        data = self.stream.read(wanted)
+        self.left -= len(data)
+        if self.left < 0:
+            raise UnreadableEvidence(
+                f"{self.name} unpacks to more than {self.budget // MiB} MiB, too much to read as evidence."
+            )
+        return data

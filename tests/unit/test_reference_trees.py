@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +220,69 @@ def test_a_cycle0_build_without_a_tarball_is_refused_in_one_sentence(tmp_path: P
     code, _, stderr = resolve(tmp_path / PROJECT)
     assert code == 2 and len(stderr.strip().splitlines()) == 1
     assert "CASA 3.3.0 has no public distribution" in stderr and "yet" not in stderr
+
+
+class Zeros:
+    """``size`` zero bytes, read in pieces (so a bomb never sits in the test's memory)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+def test_a_decompression_bomb_is_refused_quickly_and_the_next_evidence_decides(tmp_path: Path) -> None:
+    member = member_dir(tmp_path)
+    archive = member / "qa" / f"{OUS}.hifa_calimage.weblog.tgz"
+    page = home_page("6.5.4.9", "2023.1.0.124").encode()
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("pipeline-20231015T120000/html/stage1/big.bin")
+        info.size = 256 * 1024 * 1024  # 256 MiB of zeros: about 256 KiB packed
+        tar.addfile(info, Zeros(info.size))  # type: ignore[arg-type]
+        info = tarfile.TarInfo("pipeline-20231015T120000/html/t1-1.html")
+        info.size = len(page)
+        tar.addfile(info, io.BytesIO(page))
+    assert archive.stat().st_size < 8 * 1024 * 1024
+    started = time.monotonic()
+    code, _, stderr = resolve(tmp_path / PROJECT)
+    assert code == 2 and "unpacks to more than 64 MiB, too much to read as evidence" in stderr
+    assert time.monotonic() - started < 20
+    (member / "log" / "casa-20231015-120000.log").write_text(
+        "CASA Version 6.5.4.9 -- Common Astronomy Software\n"
+    )
+    code, data, _ = resolve(tmp_path / PROJECT)
+    assert code == 0 and data is not None
+    evidence = data["evidence"]
+    assert isinstance(evidence, dict) and evidence["kind"] == "casalog"
+    assert evidence["path"].endswith(f"/member.{OUS}/log/casa-20231015-120000.log")
+
+
+def test_an_oversized_archive_is_not_opened(tmp_path: Path) -> None:
+    member = member_dir(tmp_path)
+    with (member / "qa" / f"{OUS}.weblog.tgz").open("wb") as handle:
+        handle.truncate(5 * 1024**3)  # sparse: takes no disk space
+    code, _, stderr = resolve(member)
+    assert code == 2 and "is larger than 4 GiB, too large to read as evidence" in stderr
+
+
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz", ""])
+def test_a_weblog_of_plots_with_its_home_page_last_is_read(tmp_path: Path, compression: str) -> None:
+    member = member_dir(tmp_path)
+    archive = member / "qa" / f"{OUS}.hifa_calimage.weblog.tgz"  # the reader goes by content, not by name
+    page = home_page("6.6.1.17", "2024.1.0.8").encode()
+    with tarfile.open(archive, f"w:{compression}" if compression else "w") as tar:
+        for index in range(3):  # incompressible plots, as most of a weblog is
+            data = os.urandom(1024 * 1024)
+            info = tarfile.TarInfo(f"pipeline-20241101T000000/html/stage{index}/plot.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("pipeline-20241101T000000/html/t1-1.html")
+        info.size = len(page)
+        tar.addfile(info, io.BytesIO(page))
+    code, data, stderr = resolve(member)
+    assert code == 0, stderr
+    assert data is not None and (data["casa"], data["exact"]) == ("6.6.1-17", True)
+    assert str(data["evidence"]["path"]).endswith("!pipeline-20241101T000000/html/t1-1.html")  # type: ignore[index]

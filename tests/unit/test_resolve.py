@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from pathlib import Path
@@ -216,19 +217,37 @@ def test_packed_weblog_is_read_without_extracting(tmp_path: Path, catalog: Catal
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
-def test_hostile_tar_members_are_not_written(tmp_path: Path, catalog: Catalog) -> None:
+def test_hostile_tar_members_are_neither_written_nor_reported(tmp_path: Path, catalog: Catalog) -> None:
     member = write_dataset(tmp_path / "ds", spec=DatasetSpec(evidence=()))
     archive = member / "qa" / "x.weblog.tgz"
-    page = tmp_path / "page.html"
-    page.write_text("<table><tr><th>CASA Version</th><td>6.5.4.9</td></tr></table>")
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(page, arcname="../../../../escape/html/t1-1.html")
-        info = tarfile.TarInfo("pipeline-1/html/t1-1.html")
-        info.type = tarfile.SYMTYPE
-        info.linkname = "/etc/passwd"
-        tar.addfile(info)
+    page = b"<table><tr><th>CASA Version</th><td>6.5.4.9</td></tr></table>"
+    hostile = [
+        "../../../../escape/html/t1-1.html",
+        "/tmp/escape/html/t1-1.html",
+        "p/../../html/t1-1.html",
+        "pipeline-1/\x1b[2Jhtml/t1-1.html",
+    ]
+
+    def pack(names: list[str]) -> None:
+        with tarfile.open(archive, "w:gz") as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)  # as written, unlike tar.add(), which strips a leading /
+                info.size = len(page)
+                tar.addfile(info, io.BytesIO(page))
+            link = tarfile.TarInfo("pipeline-1/html/t1-1.html")
+            link.type = tarfile.SYMTYPE
+            link.linkname = "/etc/passwd"
+            tar.addfile(link)
+
+    pack(hostile)
+    with tarfile.open(archive) as tar:
+        assert tar.getnames()[:4] == hostile
+    with pytest.raises(ResolutionError, match="Nothing in .* tells which CASA version"):
+        resolve_path(member, catalog)  # no member it would accept names a version
+    pack([*hostile, "pipeline-2/html/t1-1.html"])
     resolution = resolve_path(member, catalog)
     assert resolution.release.casa == "6.5.4-9"
+    assert resolution.evidence.path.endswith("x.weblog.tgz!pipeline-2/html/t1-1.html")
     assert not (tmp_path / "escape").exists()
     (member / "qa" / "y.weblog.tgz").write_bytes(b"\x1f\x8b not really gzip")
     archive.unlink()
