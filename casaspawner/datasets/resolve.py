@@ -3,12 +3,20 @@
 Evidence is read in ALMA's order (pipeline manifest → AQUA report → weblog → manual script guard → CASA log);
 the first file that states a version decides. The release is then chosen from the catalog:
 
-1. pipeline data: the catalog's release of that pipeline build, when its CASA build agrees — exact;
-2. an ALMA operations build that was never published: the public release ALMA restores it with — not exact;
-3. a VLA/VLASS build number, or a pipeline build the catalog lacks: the ALMA release of the same CASA build;
+1. pipeline data: the catalog's release of that pipeline build, when its CASA build agrees — exact; when the
+   CASA build differs, that release anyway — not exact;
+2. an ALMA operations build that was never published (r42030, r42833, r30594, 2020.1.0.36, 2025.1.0.37): the
+   public release ALMA restores it with — not exact;
+3. a VLA/VLASS build number, a pipeline build the catalog lacks, or a pipeline version that cannot be read:
+   the ALMA release of the same CASA build, found as in 4 — not exact;
 4. manual data (or CASA-only evidence): the release of exactly that CASA build (a guard's series such as
-   ``4.2`` is satisfied by the catalog's newest 4.2.x), then known restore builds, then the nearest newer
-   public build of the same CASA series — not exact.
+   ``4.2`` is satisfied by the catalog's newest 4.2.x; manual releases, then pipeline builds also used for
+   manual calibration, are preferred), then known restore builds, then — not exact — the nearest newer
+   public build of the same CASA X.Y series, else its newest older one (alma-casa.md §8.6, "unknown →
+   latest"). A series the catalog has no public build of is an error: another series would not run the
+   dataset's scripts.
+
+Every reason is one sentence saying what the evidence names, what the session runs and why.
 """
 
 from __future__ import annotations
