@@ -1,6 +1,7 @@
 """The ``casaspawner`` command line.
 
-Bad input never shows a traceback: every user-caused problem prints one line on stderr and exits 2.
+Bad input never shows a traceback: every user-caused problem (including a path the system refuses) prints
+one line on stderr and exits 2.
 Subcommands owned by other layers (``pod``, ``images``, ``demo``) live in their own modules, listed in
 ``PLUGINS``; each provides ``register(subparsers)`` and sets ``func`` on its parser.
 """
@@ -21,7 +22,7 @@ from casaspawner.catalog.model import Catalog, load_catalog
 from casaspawner.datasets.archive import AlmaDataLinkClient
 from casaspawner.datasets.resolve import resolve_target
 from casaspawner.datasets.synth import ERAS, write_dataset
-from casaspawner.errors import CasaspawnerError
+from casaspawner.errors import CasaspawnerError, shown
 from casaspawner.plan import PlanConfig, image_for
 
 #: Modules adding subcommands: each has ``register(subparsers) -> None``.
@@ -84,27 +85,25 @@ def _catalog(args: argparse.Namespace) -> Catalog:
 
 def cmd_catalog(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
-    rows = [release.summary_row() for release in catalog.releases]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([release.summary_row() for release in catalog.releases], indent=2))
         return 0
-    header = ("ID", "CASA", "PIPELINE", "CYCLES", "ALMA OPERATIONS", "PACKAGING", "CONFIDENCE")
+    header = ("ID", "CASA", "PIPELINE", "USE (CYCLES)", "ALMA OPERATIONS", "PACKAGING", "CONFIDENCE")
     table = [header] + [
         (
-            row["id"],
-            row["casa"],
-            row["pipeline"] or "-",
-            ",".join(str(c) for c in row["cycles"]) or "-",
-            f"{row['ops_start'] or ''} → {row['ops_end'] or ('now' if row['ops_start'] else '')}".strip(" →")
-            or "-",
-            row["packaging"] + (f" → {row['restore_with']}" if row["restore_with"] else ""),
-            row["confidence"],
+            release.id,
+            release.casa,
+            release.pipeline or "-",
+            release.uses,
+            release.ops_period or "-",
+            release.packaging + (f" → {release.restore_with}" if release.restore_with else ""),
+            release.confidence,
         )
-        for row in rows
+        for release in catalog.releases
     ]
-    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
     return 0
 
 
@@ -151,6 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (
+        OSError
+    ) as exc:  # a path given on the command line that cannot be used: still one line, no traceback
+        where = f"{shown(str(exc.filename))}: " if exc.filename else ""
+        print(f"casaspawner: {where}{exc.strerror or exc}.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ Every message is a single sentence meant for a person: spawners turn these into 
 
 from __future__ import annotations
 
+#: Longest user-given text an error sentence repeats in full.
+SHOWN_LIMIT = 240
+
 
 class CasaspawnerError(Exception):
     """Base class: ``str(error)`` is one user-facing sentence."""
@@ -25,3 +28,14 @@ class ResolutionError(CasaspawnerError):
 
 class ArchiveUnavailable(CasaspawnerError):
     """The ALMA archive could not be reached or did not have what was asked for."""
+
+
+def shown(text: str) -> str:
+    """User-given text (a path, a name) for an error sentence: as given when short and printable, else
+    with control characters escaped and the middle left out, so a sentence stays one readable line."""
+    if text.isprintable() and len(text) <= SHOWN_LIMIT:
+        return text
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(escaped) <= SHOWN_LIMIT:
+        return escaped
+    return f"{escaped[: SHOWN_LIMIT // 2]}…{escaped[-SHOWN_LIMIT // 4 :]} ({len(text)} characters)"

@@ -26,16 +26,15 @@ def _write_catalog_page() -> None:
     out = Path(__file__).parent / "_generated"
     out.mkdir(exist_ok=True)
     lines = [
-        "| id | CASA | pipeline | cycles | ALMA operations | packaging | confidence |",
+        "| id | CASA | pipeline | use (cycles) | ALMA operations | packaging | confidence |",
         "|---|---|---|---|---|---|---|",
     ]
     for release in load_catalog().releases:
-        ops = f"{release.ops_start or ''} → {release.ops_end or 'now'}" if release.ops_start else ""
         packaging = release.packaging + (f" → `{release.restore_with}`" if release.restore_with else "")
         source = f"[{release.confidence}]({release.source_url})" if release.source_url else release.confidence
-        cycles = ", ".join(str(c) for c in release.cycles)
         lines.append(
-            f"| `{release.id}` | {release.casa} | {release.pipeline or ''} | {cycles} | {ops} | {packaging} | {source} |"
+            f"| `{release.id}` | {release.casa} | {release.pipeline or ''} | {release.uses} | {release.ops_period} "
+            f"| {packaging} | {source} |"
         )
     (out / "catalog-table.md").write_text("\n".join(lines) + "\n")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,11 +27,13 @@ from casaspawner.errors import CasaspawnerError, CatalogError
 Role = Literal["pipeline", "manual", "modular"]
 ROLES: tuple[Role, ...] = ("pipeline", "manual", "modular")
 CONFIDENCE = ("confirmed", "secondary", "unconfirmed", "planned")
+#: ``ops.end`` of a build that was replaced in operations on a date no source records.
+OPS_END_UNKNOWN = "unknown"
 _ID = re.compile(r"[a-z0-9][a-z0-9.\-]{1,62}")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}(?:-[0-9]{2})?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RELEASE_KEYS = {
-    "id", "role", "casa", "casa_internal", "pipeline", "pipeline_branch", "pipeline_aliases", "cycles", "ops",
+    "id", "role", "casa", "casa_internal", "pipeline", "pipeline_branch", "cycles", "manual", "ops",
     "python", "os", "tarball", "wheels", "restore_with", "data", "confidence", "source_url", "sources", "note",
 }  # fmt: skip
 
@@ -69,8 +72,22 @@ class Wheels:
 
 
 @dataclass(frozen=True)
+class ManualUse:
+    """The ALMA cycles whose manual (non-pipeline) calibration also used a pipeline release's CASA build."""
+
+    cycles: tuple[int, ...]
+    confidence: str
+    sources: tuple[str, ...] = ()
+    note: str | None = None
+
+
+@dataclass(frozen=True)
 class Release:
-    """One CASA build in the catalog (see the field notes at the top of ``releases.yaml``)."""
+    """One CASA build in the catalog (see the field notes at the top of ``releases.yaml``).
+
+    ``ops_end`` is a date, ``OPS_END_UNKNOWN`` for a build replaced on an unrecorded date, or None while
+    the build is in operations (or, for a planned release, not yet).
+    """
 
     id: str
     role: Role
@@ -80,7 +97,7 @@ class Release:
     casa_internal: str | None = None
     pipeline: str | None = None
     pipeline_branch: str | None = None
-    pipeline_aliases: tuple[str, ...] = ()
+    manual: ManualUse | None = None
     ops_start: str | None = None
     ops_end: str | None = None
     python: str | None = None
@@ -110,6 +127,43 @@ class Release:
         return "modular" if self.wheels is not None else "unpublished"
 
     @property
+    def manual_cycles(self) -> tuple[int, ...]:
+        """Cycles whose manual calibration used this CASA build (a manual release's own cycles)."""
+        if self.role == "manual":
+            return self.cycles
+        return self.manual.cycles if self.manual else ()
+
+    @property
+    def uses(self) -> str:
+        """What ALMA used the build for, and in which cycles: ``pipeline (2,3), manual (3)``, ``manual (0)``."""
+        if self.role == "modular":
+            return "modular"
+        uses = [] if self.role == "manual" else [("pipeline", self.cycles)]
+        if self.manual_cycles:
+            uses.append(("manual", self.manual_cycles))
+        return ", ".join(f"{use} ({','.join(map(str, cycles))})" if cycles else use for use, cycles in uses)
+
+    @property
+    def is_current(self) -> bool:
+        """Whether ALMA operations use this build now (started, not ended, not merely planned)."""
+        return self.ops_start is not None and self.ops_end is None and self.confidence != "planned"
+
+    @property
+    def ops_period(self) -> str:
+        """The operations period for people: ``2016-10-25 → 2017-04-17``, ``2026-05-01 → now``,
+        ``2018-10 → superseded`` (end date unknown), ``planned from 2026-10``; empty when ALMA operations
+        never ran the build.
+        """
+        if self.ops_start is None:
+            return ""
+        if self.confidence == "planned":
+            return f"planned from {self.ops_start}"
+        if self.ops_end is None:
+            return f"{self.ops_start} → now"
+        end = "superseded" if self.ops_end == OPS_END_UNKNOWN else self.ops_end
+        return f"{self.ops_start} → {end}"
+
+    @property
     def tag(self) -> str:
         """Image tag and stable short name: ``6.5.4-9-pipeline-2023.1.0.124``, ``4.2.2``, ``6.6.5-31``."""
         return f"{self.casa}-pipeline-{self.pipeline}" if self.pipeline else self.casa
@@ -128,29 +182,47 @@ class Release:
         """Whether a normalised pipeline version is this release's build (or, for a planned series, in it)."""
         if self.pipeline is None:
             return False
-        if version == self.pipeline or version in self.pipeline_aliases:
+        if version == self.pipeline:
             return True
         return is_pipeline_series(self.pipeline) and version.startswith(self.pipeline + ".")
 
     def summary_row(self) -> dict[str, Any]:
-        """The release as a flat JSON-able mapping (CLI ``catalog --json``, docs, admin pages)."""
+        """The release as a flat JSON-able mapping with every catalog field (CLI ``catalog --json``, docs)."""
+        manual = self.manual
         return {
             "id": self.id,
             "role": self.role,
             "casa": self.casa,
+            "casa_internal": self.casa_internal,
             "pipeline": self.pipeline,
+            "pipeline_branch": self.pipeline_branch,
             "cycles": list(self.cycles),
+            "manual": (
+                {
+                    "cycles": list(manual.cycles),
+                    "confidence": manual.confidence,
+                    "sources": list(manual.sources),
+                    "note": manual.note,
+                }
+                if manual
+                else None
+            ),
             "ops_start": self.ops_start,
             "ops_end": self.ops_end,
+            "ops_period": self.ops_period,
             "python": self.python,
+            "os": self.os,
             "packaging": self.packaging,
             "tarball": self.tarball.url if self.tarball else None,
             "sha256": self.tarball.sha256 if self.tarball else None,
             "wheels": self.wheels.requirements() if self.wheels else None,
+            "wheels_python": list(self.wheels.python) if self.wheels else None,
             "restore_with": self.restore_with,
+            "data": self.data,
             "tag": self.tag,
             "confidence": self.confidence,
             "source_url": self.source_url,
+            "sources": list(self.sources),
             "note": self.note,
         }
 
@@ -263,6 +335,14 @@ class _Entry:
             raise self.fail(key, "must be a list of text")
         return tuple(value)
 
+    def cycles(self, key: str) -> tuple[int, ...]:
+        value = self.raw.get(key) or []
+        if not isinstance(value, list) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value
+        ):
+            raise self.fail(key, "must be a list of cycle numbers")
+        return tuple(value)
+
 
 def _parse_release(raw: object, index: int) -> Release:
     entry = _Entry(raw, f"release #{index + 1}")
@@ -300,30 +380,28 @@ def _parse_release(raw: object, index: int) -> Release:
     confidence = entry.text("confidence", required=True)
     if confidence not in CONFIDENCE:
         raise entry.fail("confidence", f"must be one of {', '.join(CONFIDENCE)}")
-    cycles = entry.raw.get("cycles") or []
-    if not isinstance(cycles, list) or not all(
-        isinstance(c, int) and not isinstance(c, bool) for c in cycles
-    ):
-        raise entry.fail("cycles", "must be a list of cycle numbers")
+    cycles = entry.cycles("cycles")
     ops = entry.raw.get("ops") or {}
     if not isinstance(ops, dict) or set(ops) - {"start", "end"}:
         raise entry.fail("ops", "must be a mapping with start and end")
-    for key in ("start", "end"):
-        value = ops.get(key)
-        if value is not None and not (isinstance(value, str) and _DATE.fullmatch(value)):
-            raise entry.fail("ops", f"{key} must be a date written YYYY-MM-DD or YYYY-MM")
+    ops_start, ops_end = _ops_date(entry, ops, "start"), _ops_date(entry, ops, "end")
+    if ops_end is not None and ops_start is None:
+        raise entry.fail("ops", "has an end but no start")
+    if entry.raw.get("manual") is not None and role != "pipeline":
+        raise entry.fail("manual", "belongs on pipeline releases; a manual release's cycles already say it")
+    manual = _parse_manual(entry)
     return Release(
         id=release_id,
         role=role,
         casa=casa,
         confidence=confidence,
-        cycles=tuple(cycles),
+        cycles=cycles,
         casa_internal=entry.text("casa_internal"),
         pipeline=pipeline,
         pipeline_branch=entry.text("pipeline_branch"),
-        pipeline_aliases=tuple(normalize_pipeline(a) for a in entry.texts("pipeline_aliases")),
-        ops_start=ops.get("start"),
-        ops_end=ops.get("end"),
+        manual=manual,
+        ops_start=ops_start,
+        ops_end=ops_end,
         python=entry.text("python"),
         os=entry.text("os"),
         tarball=_parse_tarball(entry),
@@ -334,6 +412,39 @@ def _parse_release(raw: object, index: int) -> Release:
         sources=entry.texts("sources"),
         note=entry.text("note"),
     )
+
+
+def _ops_date(entry: _Entry, ops: dict[str, Any], key: str) -> str | None:
+    """``ops.start``/``ops.end`` as text: quoted or unquoted YAML dates, YYYY-MM, or (end only) ``unknown``."""
+    value = ops.get(key)
+    if value is None:
+        return None
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, str) and (_DATE.fullmatch(value) or (key == "end" and value == OPS_END_UNKNOWN)):
+        return value
+    extra = f", or {OPS_END_UNKNOWN} for a build replaced on an unrecorded date" if key == "end" else ""
+    raise entry.fail("ops", f"{key} must be a date written YYYY-MM-DD or YYYY-MM{extra}")
+
+
+def _parse_manual(entry: _Entry) -> ManualUse | None:
+    raw = entry.raw.get("manual")
+    if raw is None:
+        return None
+    sub = _Entry(raw, f"{entry.where}, manual")
+    if set(sub.raw) - {"cycles", "confidence", "sources", "note"}:
+        raise entry.fail("manual", "may only have cycles, confidence, sources and note")
+    cycles = sub.cycles("cycles")
+    if not cycles:
+        raise entry.fail("manual", "cycles must list the cycles whose manual calibration used this build")
+    confidence = sub.text("confidence", required=True)
+    if confidence not in CONFIDENCE:
+        raise entry.fail("manual", f"confidence must be one of {', '.join(CONFIDENCE)}")
+    sources = sub.texts("sources")
+    if not sources:
+        raise entry.fail("manual", "sources must say where the manual use is recorded")
+    assert confidence is not None
+    return ManualUse(cycles, confidence, sources, sub.text("note"))
 
 
 def _parse_tarball(entry: _Entry) -> Tarball | None:
@@ -387,20 +498,20 @@ def parse_catalog(data: object, source: str = "releases.yaml") -> Catalog:
 def _parse_catalog(data: object, source: str) -> Catalog:
     top = _Entry(data, "the catalog")
     if top.raw.get("schema") != 1:
-        raise CatalogError("the catalog must declare `schema: 1`")
+        raise CatalogError("the catalog must declare `schema: 1`.")
     raw_releases = top.raw.get("releases")
     if not isinstance(raw_releases, list) or not raw_releases:
-        raise CatalogError("the catalog has no `releases:` list")
+        raise CatalogError("the catalog has no `releases:` list.")
     releases = tuple(_parse_release(raw, index) for index, raw in enumerate(raw_releases))
     seen_ids: set[str] = set()
     seen_tags: dict[str, str] = {}
     for release in releases:
         if release.id in seen_ids:
-            raise CatalogError(f"release {release.id!r} appears twice")
+            raise CatalogError(f"release {release.id!r} appears twice.")
         seen_ids.add(release.id)
         if release.tag in seen_tags:
             raise CatalogError(
-                f"releases {seen_tags[release.tag]!r} and {release.id!r} share image tag {release.tag!r}"
+                f"releases {seen_tags[release.tag]!r} and {release.id!r} share image tag {release.tag!r}."
             )
         seen_tags[release.tag] = release.id
     by_id = {release.id: release for release in releases}
@@ -410,27 +521,33 @@ def _parse_catalog(data: object, source: str) -> Catalog:
         target = by_id.get(release.restore_with)
         if target is None:
             raise CatalogError(
-                f"release {release.id!r}, field 'restore_with': {release.restore_with!r} is not a release"
+                f"release {release.id!r}, field 'restore_with': {release.restore_with!r} is not a release."
             )
         if not target.available:
             raise CatalogError(
-                f"release {release.id!r}, field 'restore_with': {target.id!r} has no public tarball or wheels"
+                f"release {release.id!r}, field 'restore_with': {target.id!r} has no public tarball or wheels."
             )
     non_alma = _Entry(top.raw.get("non_alma_pipelines") or {"versions": []}, "non_alma_pipelines").texts(
         "versions"
     )
+    raw_restore = top.raw.get("restore_builds") or []
+    if not isinstance(raw_restore, list):
+        raise CatalogError("`restore_builds:` must be a list.")
     restore_builds = []
-    for index, raw in enumerate(top.raw.get("restore_builds") or []):
+    for index, raw in enumerate(raw_restore):
         entry = _Entry(raw, f"restore_builds #{index + 1}")
         casa, target_id, reason = (entry.text(k, required=True) for k in ("casa", "restore_with", "reason"))
         assert casa is not None and target_id is not None and reason is not None
         if target_id not in by_id or not by_id[target_id].available:
             raise entry.fail("restore_with", f"{target_id!r} is not a release with a public distribution")
-        restore_builds.append(RestoreBuild(normalize_casa(casa), target_id, reason))
+        try:
+            restore_builds.append(RestoreBuild(normalize_casa(casa), target_id, reason))
+        except CasaspawnerError as exc:
+            raise entry.fail("casa", str(exc).rstrip(".")) from None
     for release in releases:
         if release.pipeline and any(fnmatch.fnmatchcase(release.pipeline, p) for p in non_alma):
             raise CatalogError(
-                f"release {release.id!r} uses pipeline {release.pipeline}, listed as a non-ALMA build"
+                f"release {release.id!r} uses pipeline {release.pipeline}, listed as a non-ALMA build."
             )
     return Catalog(releases, tuple(non_alma), tuple(restore_builds), source)
 
@@ -443,7 +560,9 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise CatalogError(f"The catalog {path} cannot be read ({exc.strerror}).") from None
+        raise CatalogError(f"The catalog {path} cannot be read ({exc.strerror or exc}).") from None
+    except UnicodeDecodeError:
+        raise CatalogError(f"The catalog {path} is not UTF-8 text.") from None
     return _parse_text(text, str(path))
 
 
@@ -454,6 +573,8 @@ def _parse_text(text: str, source: str) -> Catalog:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise CatalogError(f"{source} is not valid YAML{where}.") from None
+    except RecursionError:
+        raise CatalogError(f"{source} is nested too deeply to be a catalog.") from None
     return parse_catalog(data, source)
 
 

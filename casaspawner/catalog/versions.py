@@ -13,15 +13,17 @@ from functools import total_ordering
 
 from casaspawner.errors import InvalidInput
 
-# ASCII digits only: ``\d`` would accept other scripts' digits.
-_CASA_CORE = re.compile(r"([1-9])\.([0-9]{1,2})(?:\.([0-9]{1,2}))?(?:[-.]([0-9]{1,4}))?")
+# The reference patterns (shared/reference/alma-casa-catalog.yaml, ``identifier_regex``) with ASCII digits
+# (``\d`` would accept other scripts' digits). Text longer than _MAX_TEXT is never a version.
+_MAX_TEXT = 200
+_CASA_CORE = re.compile(r"([0-9]+)\.([0-9]+)(?:\.([0-9]+))?(?:[-.]([0-9]+))?")
 # What may follow the core in strings CASA printed itself.
 _CASA_SUFFIX = re.compile(
     r"(?:\s*(?:-?REL[0-9]*|\(?r[0-9]+(?:/r[0-9]+)*\)?|\.el[0-9]+|-py[0-9]\.[0-9]+))*\s*"
 )
-_PIPELINE_GIT = re.compile(r"([0-9]{4})\.([0-9]{1,2})\.([0-9]{1,2})\.([0-9]{1,5})(?:\+[A-Za-z0-9_.\-]+)?")
-_PIPELINE_SERIES = re.compile(r"([0-9]{4})\.([0-9]{1,2})\.([0-9]{1,2})")
-_PIPELINE_SVN = re.compile(r"r?([0-9]{5})M?(?:\s*\([^()]*\))?")
+_PIPELINE_GIT = re.compile(r"([0-9]{4})\.([0-9]+)\.([0-9]+)\.([0-9]+)(?:\+[A-Za-z0-9_.\-]+)?")
+_PIPELINE_SERIES = re.compile(r"([0-9]{4})\.([0-9]+)\.([0-9]+)")
+_PIPELINE_SVN = re.compile(r"r?([0-9]{5})M?(?:[ \t\n\r\f\v]*\(.*\))?")
 
 
 @total_ordering
@@ -71,7 +73,7 @@ def parse_casa(text: str, *, allow_partial: bool = False) -> CasaVersion:
     ('6.5.4-9', '4.7.2')
     """
     stripped = text.strip()
-    match = _CASA_CORE.match(stripped)
+    match = _CASA_CORE.match(stripped) if len(stripped) <= _MAX_TEXT else None
     if match is None or _CASA_SUFFIX.fullmatch(stripped[match.end() :]) is None:
         raise InvalidInput(f"{text!r} is not a CASA version; expected a build such as 6.5.4-9 or 6.5.4.9.")
     major, minor, patch, build = match.groups()
@@ -93,7 +95,7 @@ def normalize_pipeline(text: str) -> str:
     >>> normalize_pipeline("2023.1.0.124+dirty"), normalize_pipeline("42254M (Pipeline-CASA54-P1-B)")
     ('2023.1.0.124', 'r42254')
     """
-    stripped = text.strip()
+    stripped = text.strip() if len(text) <= _MAX_TEXT else ""
     git = _PIPELINE_GIT.fullmatch(stripped)
     if git is not None:
         return ".".join(str(int(part)) for part in git.groups())

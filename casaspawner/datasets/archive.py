@@ -13,14 +13,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 from xml.etree.ElementTree import Element, ParseError
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from casaspawner.datasets.ids import ProjectCode, Uid, parse_uid
-from casaspawner.errors import ArchiveUnavailable, ResolutionError
+from casaspawner.errors import ArchiveUnavailable, ResolutionError, shown
 
 MANIFEST_LIMIT = 32 * 1024 * 1024
 LISTING_LIMIT = 16 * 1024 * 1024
@@ -57,7 +57,22 @@ class AlmaDataLinkClient:
 
     # -- public -----------------------------------------------------------------------------------------
     def fetch_manifest(self, identifier: ProjectCode | Uid) -> Path:
-        mous = self.mous_for(identifier) if isinstance(identifier, ProjectCode) else identifier
+        """The MOUS's pipeline manifest, from the cache or the archive.
+
+        Every failure is one sentence that reads the same on the command line and on a spawn page; when the
+        archive cannot help, it ends with the directory to give instead, named after what was asked for.
+        """
+        mous = identifier if isinstance(identifier, Uid) else None
+        try:
+            if mous is None:
+                mous = self.mous_for(cast(ProjectCode, identifier))
+            return self._fetch(mous)
+        except ArchiveUnavailable as exc:
+            raise ArchiveUnavailable(
+                f"{str(exc).rstrip('.')}; {_give_directory(mous or identifier)}."
+            ) from None
+
+    def _fetch(self, mous: Uid) -> Path:
         cached = self._cached(mous)
         if cached is not None:
             return cached
@@ -65,17 +80,23 @@ class AlmaDataLinkClient:
         if url is None:
             raise ResolutionError(
                 f"The ALMA archive lists no pipeline manifest for {mous} (manually calibrated or Cycle 0-4 data); "
-                f"download it and give its directory, e.g. casaspawner resolve ./member.{mous.sanitized}."
+                f"{_give_directory(mous)}."
             )
         name = Path(urllib.parse.urlsplit(url).path).name
         if not _MANIFEST_NAME.fullmatch(name):
             name = f"member.{mous.sanitized}.pipeline_manifest.xml"
         data = self._get(url, MANIFEST_LIMIT)
         directory = self.cache_dir / mous.sanitized
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = directory / (name + ".part")
-        partial.write_bytes(data)
-        partial.replace(directory / name)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            partial = directory / (name + ".part")
+            partial.write_bytes(data)
+            partial.replace(directory / name)
+        except OSError as exc:
+            raise ArchiveUnavailable(
+                f"The manifest of {mous} could not be stored in the archive cache {shown(str(self.cache_dir))} "
+                f"({exc.strerror or exc})"
+            ) from None
         return directory / name
 
     def mous_for(self, code: ProjectCode) -> Uid:
@@ -98,12 +119,13 @@ class AlmaDataLinkClient:
 
     # -- internals --------------------------------------------------------------------------------------
     def _cached(self, mous: Uid) -> Path | None:
-        directory = self.cache_dir / mous.sanitized
-        if directory.is_dir():
-            found = sorted(p for p in directory.iterdir() if _MANIFEST_NAME.fullmatch(p.name))
-            if found:
-                return found[0]
-        return None
+        try:
+            found = sorted(
+                p for p in (self.cache_dir / mous.sanitized).iterdir() if _MANIFEST_NAME.fullmatch(p.name)
+            )
+        except OSError:  # not cached yet (or the cache cannot be read: fetch again)
+            return None
+        return found[0] if found else None
 
     def _find_manifest_url(self, mous: Uid, depth: int = 0, url: str | None = None) -> str | None:
         url = url or f"{self.base_url}/datalink/sync?{urllib.parse.urlencode({'ID': str(mous)})}"
@@ -140,32 +162,42 @@ class AlmaDataLinkClient:
             )
         except (DefusedXmlException, ParseError):
             raise ArchiveUnavailable(
-                f"The ALMA archive at {self.name} sent a reply that is not a VOTable."
+                f"The ALMA archive at {self.name} sent a reply that is not a VOTable"
             ) from None
         return tree
 
     def _get(self, url: str, limit: int) -> bytes:
         if not url.startswith(("https://", "http://")):
-            raise ArchiveUnavailable(f"The ALMA archive at {self.name} pointed to a non-HTTP location.")
+            raise ArchiveUnavailable(f"The ALMA archive at {self.name} pointed to a non-HTTP location")
         request = urllib.request.Request(url, headers={"User-Agent": "casaspawner"})  # noqa: S310
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
                 data: bytes = response.read(limit + 1)
         except urllib.error.HTTPError as exc:
             raise ArchiveUnavailable(
-                f"The ALMA archive at {self.name} answered {exc.code} {exc.reason}; give the dataset's directory instead."
+                f"The ALMA archive at {self.name} answered {exc.code} {exc.reason}"
             ) from None
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        except (
+            urllib.error.URLError,
+            TimeoutError,
+            OSError,
+            ValueError,
+        ) as exc:  # ValueError: a malformed URL
             reason = getattr(exc, "reason", exc)
             raise ArchiveUnavailable(
-                f"The ALMA archive at {self.name} could not be reached ({reason}); download the dataset and give its "
-                "directory instead, e.g. casaspawner resolve ./member.uid___A001_X1467_X29e."
+                f"The ALMA archive at {self.name} could not be reached ({reason})"
             ) from None
         if len(data) > limit:
             raise ArchiveUnavailable(
-                f"The ALMA archive at {self.name} sent more than {limit // 2**20} MiB; refused."
+                f"The ALMA archive at {self.name} sent more than {limit // 2**20} MiB, so the reply was refused"
             )
         return data
+
+
+def _give_directory(asked: ProjectCode | Uid) -> str:
+    """The end of every archive error: the directory to give instead, named after what was asked for."""
+    directory = f"member.{asked.sanitized}" if isinstance(asked, Uid) else str(asked)
+    return f"download the dataset and give its directory ({directory}) instead"
 
 
 def _local(tag: str) -> str:

@@ -9,19 +9,25 @@ files reached through a symbolic link that leaves the dataset are ignored.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
+import os
 import re
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import BinaryIO, cast
 from xml.etree.ElementTree import Element, ParseError
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from casaspawner.catalog.versions import normalize_pipeline, parse_casa
-from casaspawner.datasets.model import Evidence
+from casaspawner.datasets.model import Evidence, EvidenceKind
 from casaspawner.errors import CasaspawnerError
 
 MiB = 1024 * 1024
@@ -32,7 +38,15 @@ LIMITS = {
     "script": MiB // 4,
     "casalog": 2 * MiB,
 }
+GiB = 1024 * MiB
 _MAX_TAR_MEMBERS = 200_000
+#: Packed archives: the largest read at all, and how much they may unpack to while being scanned —
+#: ``_TAR_RATIO`` times their size (at least ``_TAR_FLOOR``, at most ``_TAR_EXPANDED``). Weblogs are mostly
+#: PNG plots and HTML (ratios of 1-10); a decompression bomb is refused long before it fills memory or time.
+_TAR_COMPRESSED = 4 * GiB
+_TAR_EXPANDED = 4 * GiB
+_TAR_RATIO = 50
+_TAR_FLOOR = 64 * MiB
 _SEARCH_DIRS = (".", "script", "qa", "log", "calibration", "product")
 
 
@@ -112,15 +126,25 @@ def _casa(text: str | None, name: str, *, partial: bool = False) -> str | None:
         ) from None
 
 
-def _pipeline(text: str | None, name: str) -> str | None:
-    if text is None or not text.strip():
+def _stated(
+    kind: EvidenceKind, path: str, casa_text: str | None, pipeline_text: str | None, name: str
+) -> Evidence | None:
+    """Evidence from a file that names a CASA and a pipeline version (manifest, AQUA report, weblog).
+
+    No CASA version: None (the next file or kind decides). A CASA version that is not one: the file is
+    unreadable. A pipeline version that is not one does not throw the CASA version away: it is kept, as
+    written (shortened), in ``pipeline_unreadable`` so the resolver can say so.
+    """
+    casa = _casa(casa_text, name)
+    if casa is None:
         return None
-    try:
-        return normalize_pipeline(text)
-    except CasaspawnerError:
-        raise UnreadableEvidence(
-            f"{name} gives the pipeline version as {text.strip()[:40]!r}, which is not one."
-        ) from None
+    pipeline = unreadable = None
+    if pipeline_text is not None and pipeline_text.strip():
+        try:
+            pipeline = normalize_pipeline(pipeline_text)
+        except CasaspawnerError:
+            unreadable = pipeline_text.strip()[:40]
+    return Evidence(kind, path, casa, pipeline, unreadable)
 
 
 # -------------------------------------------------------------------------------------------- the readers
@@ -144,11 +168,15 @@ def read_manifest(mous: Path, root: Path) -> Evidence | None:
         pipe_el = tree.find(".//ous/pipeline_version")
         if pipe_el is None:
             pipe_el = tree.find(".//pipeline_version")
-        casa = _casa(casa_el.get("name") if casa_el is not None else None, path.name)
-        if casa is None:
-            continue
-        pipeline = _pipeline(pipe_el.get("name") if pipe_el is not None else None, path.name)
-        return Evidence("manifest", _rel(path, root), casa, pipeline)
+        evidence = _stated(
+            "manifest",
+            _rel(path, root),
+            casa_el.get("name") if casa_el is not None else None,
+            pipe_el.get("name") if pipe_el is not None else None,
+            path.name,
+        )
+        if evidence is not None:
+            return evidence
     return None
 
 
@@ -156,12 +184,15 @@ def read_aquareport(mous: Path, root: Path) -> Evidence | None:
     """``*pipeline_aquareport.xml``: ``QaSummary/CasaVersion`` and ``QaSummary/PipelineVersion``."""
     for path in _candidates(mous, root, ("*pipeline_aquareport.xml",)):
         tree = _parse_xml(_read(path, LIMITS["aquareport"]), path.name)
-        casa = _casa(tree.findtext(".//QaSummary/CasaVersion") or tree.findtext(".//CasaVersion"), path.name)
-        if casa is None:
-            continue
-        pipeline_text = tree.findtext(".//QaSummary/PipelineVersion") or tree.findtext(".//PipelineVersion")
-        pipeline = _pipeline(pipeline_text, path.name)
-        return Evidence("aquareport", _rel(path, root), casa, pipeline)
+        evidence = _stated(
+            "aquareport",
+            _rel(path, root),
+            tree.findtext(".//QaSummary/CasaVersion") or tree.findtext(".//CasaVersion"),
+            tree.findtext(".//QaSummary/PipelineVersion") or tree.findtext(".//PipelineVersion"),
+            path.name,
+        )
+        if evidence is not None:
+            return evidence
     return None
 
 
@@ -194,8 +225,8 @@ class _RowParser(HTMLParser):
         self._cell = None
 
 
-def weblog_versions(html: bytes, name: str) -> tuple[str | None, str | None]:
-    """CASA and pipeline versions from a weblog home page (``t1-1.html``)."""
+def weblog_versions(html: bytes) -> tuple[str | None, str | None]:
+    """The CASA and pipeline version texts of a weblog home page (``t1-1.html``), links stripped."""
     parser = _RowParser()
     parser.feed(html.decode("utf-8", errors="replace"))
     parser.close()
@@ -208,8 +239,8 @@ def weblog_versions(html: bytes, name: str) -> tuple[str | None, str | None]:
     casa = _WEBLOG_CASA.match(values.get("casa version", ""))
     pipeline = _WEBLOG_PIPELINE.match(values.get("pipeline version", ""))
     return (
-        _casa(casa.group(0) if casa else values.get("casa version"), name),
-        _pipeline(pipeline.group(0) if pipeline else values.get("pipeline version"), name),
+        casa.group(0) if casa else values.get("casa version"),
+        pipeline.group(0) if pipeline else values.get("pipeline version"),
     )
 
 
@@ -229,16 +260,19 @@ def read_weblog(mous: Path, root: Path) -> Evidence | None:
         if page.parent.name == "html" and _inside(page, root)
     ]
     for page in sorted(pages):
-        casa, pipeline = weblog_versions(_read(page, LIMITS["weblog"]), page.name)
-        if casa:
-            return Evidence("weblog", _rel(page, root), casa, pipeline)
+        evidence = _stated(
+            "weblog", _rel(page, root), *weblog_versions(_read(page, LIMITS["weblog"])), page.name
+        )
+        if evidence is not None:
+            return evidence
     for archive in _candidates(mous, root, ("*weblog.tgz", "*weblog.tar.gz"), ("qa", ".")):
         for member_name, data in _tar_members(
             archive, lambda n: n.endswith("html/t1-1.html"), LIMITS["weblog"]
         ):
-            casa, pipeline = weblog_versions(data, f"{archive.name}!{member_name}")
-            if casa:
-                return Evidence("weblog", f"{_rel(archive, root)}!{member_name}", casa, pipeline)
+            where = f"{_rel(archive, root)}!{member_name}"
+            evidence = _stated("weblog", where, *weblog_versions(data), f"{archive.name}!{member_name}")
+            if evidence is not None:
+                return evidence
     return None
 
 
@@ -343,18 +377,73 @@ def _walk_for(top: Path, filename: str, depth: int) -> Iterator[Path]:
 def _tar_members(
     archive: Path, wanted: Callable[[str], bool], limit: int, truncate: bool = False
 ) -> Iterator[tuple[str, bytes]]:
-    """Contents of the wanted regular members of a tar archive, read in memory (never extracted)."""
+    """Contents of the wanted regular members of a tar archive, read in memory (never extracted).
+
+    Only members with safe names (relative, no ``..``, printable) are considered, so no other name is ever
+    reported. The archive's size and how much it unpacks to while being scanned are capped (see
+    ``_TAR_EXPANDED``); going over either makes it unreadable evidence.
+    """
     try:
-        with tarfile.open(archive, mode="r|*") as tar:
-            for index, member in enumerate(tar):
-                if index > _MAX_TAR_MEMBERS:
-                    return
-                if not member.isreg() or not wanted(member.name):
-                    continue
-                if member.size > limit and not truncate:
-                    raise UnreadableEvidence(f"{archive.name}!{member.name} is too large to be evidence.")
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    yield member.name, handle.read(limit)
-    except (tarfile.TarError, EOFError, OSError, ValueError):
+        with archive.open("rb") as raw:
+            size = os.fstat(raw.fileno()).st_size
+            if size > _TAR_COMPRESSED:
+                raise UnreadableEvidence(
+                    f"{archive.name} is larger than {_TAR_COMPRESSED // GiB} GiB, too large to read as evidence."
+                )
+            budget = min(_TAR_EXPANDED, max(_TAR_FLOOR, _TAR_RATIO * size))
+            stream = cast(BinaryIO, _Budget(_decompressed(raw), budget, archive.name))
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=64 * 1024) as tar:
+                for index, member in enumerate(tar):
+                    if index > _MAX_TAR_MEMBERS:
+                        return
+                    if not member.isreg() or not _safe_member(member.name) or not wanted(member.name):
+                        continue
+                    if member.size > limit and not truncate:
+                        raise UnreadableEvidence(f"{archive.name}!{member.name} is too large to be evidence.")
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        yield member.name, handle.read(limit)
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError):
         raise UnreadableEvidence(f"{archive.name} is not a readable tar archive.") from None
+
+
+def _safe_member(name: str) -> bool:
+    """A member name that stays inside the archive's tree and prints as itself."""
+    parts = name.split("/")
+    return (
+        bool(name)
+        and name.isprintable()
+        and not name.startswith("/")
+        and "\\" not in name
+        and ".." not in parts
+    )
+
+
+def _decompressed(raw: BinaryIO) -> BinaryIO:
+    """The archive's tar stream: gzip, bzip2 and xz are recognised by their magic bytes, else plain tar."""
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
+    if magic.startswith(b"BZh"):
+        return cast(BinaryIO, bz2.BZ2File(raw))
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return cast(BinaryIO, lzma.LZMAFile(raw))
+    return raw
+
+
+class _Budget:
+    """A read-only stream that refuses to deliver more than ``budget`` bytes in total."""
+
+    def __init__(self, stream: BinaryIO, budget: int, name: str) -> None:
+        self.stream, self.left, self.name, self.budget = stream, budget, name, budget
+
+    def read(self, size: int = -1) -> bytes:
+        wanted = self.left + 1 if size < 0 or size > self.left else size
+        data = self.stream.read(wanted)
+        self.left -= len(data)
+        if self.left < 0:
+            raise UnreadableEvidence(
+                f"{self.name} unpacks to more than {self.budget // MiB} MiB, too much to read as evidence."
+            )
+        return data

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
+from typing import Literal
 
-from casaspawner.errors import ResolutionError
+from casaspawner.errors import ResolutionError, shown
 
 MEMBER_DIR = re.compile(r"member\.uid___A[0-9]{3}_X[0-9a-fA-F]+_X[0-9a-fA-F]+")
 #: Subdirectories of an unpacked MOUS; a directory holding two of them is a MOUS under another name.
@@ -20,14 +22,32 @@ _MAX_DEPTH = 5
 _MAX_DIRS = 20000
 
 
-def find_mous(path: Path) -> Path:
-    """The single MOUS directory at or below ``path``; zero or several is a ``ResolutionError``."""
-    if not path.is_dir():
-        if path.exists():
-            raise ResolutionError(
-                f"{path} is a file; give the dataset's directory (a member.uid___… directory)."
-            )
-        raise ResolutionError(f"{path} does not exist; give an ALMA dataset directory or an ALMA identifier.")
+def path_kind(path: Path) -> Literal["dir", "file", "missing"]:
+    """What ``path`` names, following symbolic links. Raises the ``OSError`` of a path that cannot be
+    looked at (too long, no permission, a loop of links) so the caller can word it."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the path
+        return "missing"
+    return "dir" if stat.S_ISDIR(mode) else "file"
+
+
+def find_mous(path: Path, label: str | None = None) -> Path:
+    """The single MOUS directory at or below ``path``; zero or several is a ``ResolutionError``.
+
+    Errors name the dataset as ``label`` (how the user gave it; default: the path).
+    """
+    name = shown(str(path) if label is None else label)
+    try:
+        kind = path_kind(path)
+    except OSError as exc:
+        raise ResolutionError(
+            f"{name} cannot be opened ({exc.strerror or exc}); give an ALMA dataset directory or an ALMA identifier."
+        ) from None
+    if kind == "file":
+        raise ResolutionError(f"{name} is a file; give the dataset's directory (a member.uid___… directory).")
+    if kind == "missing":
+        raise ResolutionError(f"{name} does not exist; give an ALMA dataset directory or an ALMA identifier.")
     if MEMBER_DIR.fullmatch(path.name) or _looks_like_mous(path):
         return path
     found: list[Path] = []
@@ -48,16 +68,23 @@ def find_mous(path: Path) -> Path:
         ]
     if not found:
         raise ResolutionError(
-            f"{path} holds no ALMA member.uid___… (MOUS) directory; give the directory of one ALMA dataset."
+            f"{name} holds no ALMA member.uid___… (MOUS) directory; give the directory of one ALMA dataset."
         )
     if len(found) > 1:
         names = ", ".join(sorted(p.name for p in found)[:10])
         more = f" and {len(found) - 10} more" if len(found) > 10 else ""
         raise ResolutionError(
-            f"{path} holds {len(found)} MOUS directories ({names}{more}); give one of them."
+            f"{name} holds {len(found)} MOUS directories ({names}{more}); give one of them."
         )
     return found[0]
 
 
 def _looks_like_mous(path: Path) -> bool:
-    return sum((path / name).is_dir() for name in MOUS_SUBDIRS) >= 2
+    return sum(_is_dir(path / name) for name in MOUS_SUBDIRS) >= 2
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path_kind(path) == "dir"
+    except OSError:
+        return False

@@ -21,12 +21,15 @@ class Evidence:
     ``casa`` and ``pipeline`` are normalised (``pipeline`` is None for manual data). ``casa`` may be a
     series such as ``4.2`` when a manual script's guard accepts any 4.2.x. ``path`` is the file, relative to
     the dataset directory given by the user; for a packed weblog it is ``archive.tgz!member``.
+    ``pipeline_unreadable`` is the pipeline version as written (shortened) when the file names one that is
+    not a pipeline version; ``pipeline`` is then None.
     """
 
     kind: EvidenceKind
     path: str
     casa: str | None
     pipeline: str | None
+    pipeline_unreadable: str | None = None
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,25 @@
 Evidence is read in ALMA's order (pipeline manifest → AQUA report → weblog → manual script guard → CASA log);
 the first file that states a version decides. The release is then chosen from the catalog:
 
-1. pipeline data: the catalog's release of that pipeline build, when its CASA build agrees — exact;
-2. an ALMA operations build that was never published: the public release ALMA restores it with — not exact;
-3. a VLA/VLASS build number, or a pipeline build the catalog lacks: the ALMA release of the same CASA build;
+1. pipeline data: the catalog's release of that pipeline build, when its CASA build agrees — exact; when the
+   CASA build differs, that release anyway — not exact;
+2. an ALMA operations build that was never published (r42030, r42833, r30594, 2020.1.0.36, 2025.1.0.37): the
+   public release ALMA restores it with — not exact;
+3. a VLA/VLASS build number, a pipeline build the catalog lacks, or a pipeline version that cannot be read:
+   the ALMA release of the same CASA build, found as in 4 — not exact;
 4. manual data (or CASA-only evidence): the release of exactly that CASA build (a guard's series such as
-   ``4.2`` is satisfied by the catalog's newest 4.2.x), then known restore builds, then the nearest newer
-   public build of the same CASA series — not exact.
+   ``4.2`` is satisfied by the catalog's newest 4.2.x; manual releases, then pipeline builds also used for
+   manual calibration, are preferred), then known restore builds, then — not exact — the nearest newer
+   public build of the same CASA X.Y series, else its newest older one (alma-casa.md §8.6, "unknown →
+   latest"). A series the catalog has no public build of is an error: another series would not run the
+   dataset's scripts.
+
+Every reason is one sentence saying what the evidence names, what the session runs and why.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from casaspawner.catalog.model import Catalog, Release
@@ -20,14 +29,15 @@ from casaspawner.catalog.versions import CasaVersion, parse_casa, pipeline_sort_
 from casaspawner.datasets.archive import ArchiveClient
 from casaspawner.datasets.evidence import READERS, UnreadableEvidence
 from casaspawner.datasets.ids import looks_like_identifier, parse_identifier
-from casaspawner.datasets.layout import find_mous
+from casaspawner.datasets.layout import find_mous, path_kind
 from casaspawner.datasets.model import Evidence, Resolution
-from casaspawner.errors import ArchiveUnavailable, InvalidInput, ResolutionError
+from casaspawner.errors import ArchiveUnavailable, InvalidInput, ResolutionError, shown
 
 
-def read_evidence(path: Path) -> Evidence:
-    """The first evidence, in ALMA's order, found in the dataset at ``path``."""
-    mous = find_mous(path)
+def read_evidence(path: Path, label: str | None = None) -> Evidence:
+    """The first evidence, in ALMA's order, found in the dataset at ``path`` (named ``label`` in errors)."""
+    mous = find_mous(path, label)
+    name = shown(str(path) if label is None else label)
     problems: list[str] = []
     for _kind, reader in READERS:
         try:
@@ -42,10 +52,10 @@ def read_evidence(path: Path) -> Evidence:
             return evidence
     if problems:
         raise ResolutionError(
-            f"Nothing readable in {path} tells its CASA version: {problems[0].rstrip('.')}."
+            f"Nothing readable in {name} tells its CASA version: {problems[0].rstrip('.')}."
         )
     raise ResolutionError(
-        f"Nothing in {path} tells which CASA version processed it (no pipeline manifest, AQUA report, weblog, "
+        f"Nothing in {name} tells which CASA version processed it (no pipeline manifest, AQUA report, weblog, "
         "calibration script or CASA log); choose a CASA release yourself."
     )
 
@@ -53,7 +63,7 @@ def read_evidence(path: Path) -> Evidence:
 def resolve_path(path: str | Path, catalog: Catalog, *, label: str | None = None) -> Resolution:
     """Resolve a dataset directory; ``label`` is how the dataset is named in the result (default: the path)."""
     path = Path(path)
-    evidence = read_evidence(path)
+    evidence = read_evidence(path, label)
     release, exact, reason = choose_release(catalog, evidence)
     return Resolution(label or str(path), evidence, release, exact, reason)
 
@@ -66,10 +76,14 @@ def resolve_target(
     if not text:
         raise InvalidInput("No dataset given; give an ALMA dataset directory or an ALMA identifier.")
     path = (base / text) if base is not None else Path(text)
-    if path.is_dir():
+    try:
+        kind = path_kind(path)
+    except OSError:  # too long, not permitted …: a path-shaped target gets find_mous's sentence
+        kind = None
+    if kind == "dir":
         return resolve_path(path, catalog, label=text)
-    if not looks_like_identifier(text) and ("/" in text or text.startswith(".") or path.exists()):
-        return resolve_path(path, catalog, label=text)  # find_mous words the missing-path error
+    if not looks_like_identifier(text) and ("/" in text or text.startswith(".") or kind == "file"):
+        return resolve_path(path, catalog, label=text)  # find_mous words the error
     identifier = parse_identifier(text)
     if archive is None:
         raise ArchiveUnavailable(
@@ -82,9 +96,7 @@ def resolve_target(
             f"The archive's pipeline manifest for {identifier} does not name a CASA version (data of Cycles 2-4 "
             "or manually calibrated); download the dataset and give its directory instead."
         )
-    evidence = Evidence(
-        "archive-manifest", f"{archive.name}:{manifest.name}", evidence.casa, evidence.pipeline
-    )
+    evidence = replace(evidence, kind="archive-manifest", path=f"{archive.name}:{manifest.name}")
     release, exact, reason = choose_release(catalog, evidence)
     return Resolution(str(identifier), evidence, release, exact, reason)
 
@@ -96,73 +108,122 @@ def choose_release(catalog: Catalog, evidence: Evidence) -> tuple[Release, bool,
         raise ResolutionError(f"{where} names no CASA version.")
     casa = parse_casa(evidence.casa, allow_partial=True)
     pipeline = evidence.pipeline
-    if pipeline is not None:
-        by_pipeline = [r for r in catalog.with_pipeline(pipeline) if r.role == "pipeline"]
-        if by_pipeline and not catalog.is_non_alma_pipeline(pipeline):
-            release = by_pipeline[0]
-            if casa.satisfied_by(release.casa_version):
-                return _public(
-                    catalog, release, f"{where} names pipeline {pipeline} with CASA {evidence.casa}"
-                )
-            chosen, _, why = _public(catalog, release, f"{where} names pipeline {pipeline}")
-            return (
-                chosen,
-                False,
-                f"{why.rstrip('.')}, but CASA {evidence.casa} where the catalog has {release.casa} for that build.",
+    if pipeline is None:
+        if evidence.pipeline_unreadable is not None:
+            said = (
+                f"{where} names CASA {casa} and a pipeline version that cannot be read "
+                f"({evidence.pipeline_unreadable!r})"
             )
-        if catalog.is_non_alma_pipeline(pipeline):
-            note = f"pipeline {pipeline} is a VLA/VLASS build that never processed ALMA data"
-        else:
-            note = f"pipeline {pipeline} is not in the catalog"
-        release, _, why = _by_casa(catalog, casa, where, manual=False)
-        return release, False, f"{why.rstrip('.')}; {note}."
-    return _by_casa(catalog, casa, where, manual=evidence.kind == "script")
+            return _by_casa(catalog, casa, said, manual=False, exact_possible=False)
+        return _by_casa(catalog, casa, f"{where} names CASA {casa}", manual=evidence.kind == "script")
+    if catalog.is_non_alma_pipeline(pipeline):
+        said = f"{where} names pipeline {pipeline}, a VLA/VLASS build that never processed ALMA data, with CASA {casa}"
+        return _by_casa(catalog, casa, said, manual=False, exact_possible=False)
+    by_pipeline = [r for r in catalog.with_pipeline(pipeline) if r.role == "pipeline"]
+    if not by_pipeline:
+        said = f"{where} names pipeline {pipeline}, which is not in the catalog, with CASA {casa}"
+        return _by_casa(catalog, casa, said, manual=False, exact_possible=False)
+    release, said = by_pipeline[0], f"{where} names pipeline {pipeline} with CASA {casa}"
+    if casa.satisfied_by(release.casa_version):
+        return _public(catalog, release, said)
+    differs = f"{said}, but the catalog has that pipeline build with CASA {release.casa}"
+    chosen, _, why = _public(catalog, release, differs)
+    if chosen is release:
+        return release, False, f"{differs}, so the session runs {release.label}, not the exact build."
+    return chosen, False, why
 
 
-def _by_casa(catalog: Catalog, casa: CasaVersion, where: str, *, manual: bool) -> tuple[Release, bool, str]:
-    said = f"{where} names CASA {casa}"
+def _by_casa(
+    catalog: Catalog, casa: CasaVersion, said: str, *, manual: bool, exact_possible: bool = True
+) -> tuple[Release, bool, str]:
+    """The release of the CASA build ``said`` names, or the nearest public build of its series.
+
+    ``exact_possible`` is False when the evidence's pipeline build is not one the catalog can run, so even
+    the same CASA build is not the exact build.
+    """
     matches = catalog.with_casa(casa)
     public = [r for r in matches if r.available]
     if public:
-        release = max(public, key=lambda r: _preference(r, manual))
-        series = "" if casa.is_complete else f" (its newest {casa}.x build)"
-        return release, True, f"{said}; {release.label} is that build{series}."
+        release = _best(public, manual)
+        newest = "" if casa.is_complete else f" (its newest {casa}.x build)"
+        if exact_possible:
+            return release, True, f"{said}; {release.label} is that build{newest}."
+        return (
+            release,
+            False,
+            f"{said}; the session runs the ALMA release of that CASA build{newest}, {release.label}, "
+            "not the exact build.",
+        )
     if matches:
-        return _public(catalog, max(matches, key=lambda r: _preference(r, manual)), said)
+        chosen, _, why = _public(catalog, _best(matches, manual), said)
+        return chosen, False, why
     restore = catalog.restore_build(casa)
     if restore is not None:
         return catalog.get(restore.restore_with), False, f"{said}; {restore.reason}."
-    newer = [
+    name = f"CASA {casa.major}.{casa.minor}"
+    series = [
         r
         for r in catalog.available(("pipeline", "manual"))
-        if (r.casa_version.major, r.casa_version.minor) == (casa.major, casa.minor) and r.casa_version > casa
+        if (r.casa_version.major, r.casa_version.minor) == (casa.major, casa.minor)
     ]
+    newer = [r for r in series if r.casa_version > casa]
     if newer:
-        release = min(newer, key=lambda r: r.casa_version)
-        return release, False, f"{said}, which the catalog lacks; {release.label} is the nearest newer build."
+        nearest = min(r.casa_version for r in newer)
+        release = _best([r for r in newer if r.casa_version == nearest], manual)
+        return (
+            release,
+            False,
+            f"{said}; the catalog lacks that CASA build, so the session runs the nearest newer build of {name}, "
+            f"{release.label}.",
+        )
+    if series:
+        top = max(r.casa_version for r in series)
+        release = _best([r for r in series if r.casa_version == top], manual)
+        return (
+            release,
+            False,
+            f"{said}; the catalog lacks that CASA build and has only older builds of {name}, so the session runs "
+            f"the newest of them, {release.label}.",
+        )
     raise ResolutionError(
-        f"{said}, but no public build of CASA {casa.major}.{casa.minor} is in the catalog; choose a release yourself."
+        f"{said}, but the catalog has no public build of {name}; choose a release yourself."
     )
 
 
 def _public(catalog: Catalog, release: Release, said: str) -> tuple[Release, bool, str]:
+    """``release`` when it can run (exact), else the public release ALMA restores it with (not exact)."""
     if release.available:
         return release, True, f"{said}; {release.label} is that exact build."
     public = catalog.public_release_for(release)
     if public.available:
+        build = "that operations build" if release.role == "pipeline" else "that build"
         return (
             public,
             False,
-            f"{said}; that operations build was never published, and ALMA restores it with {public.label}.",
+            f"{said}; {build} was never published, and ALMA restores it with {public.label}.",
         )
-    raise ResolutionError(f"{said}; that build has no public distribution yet; choose a release yourself.")
+    if release.confidence == "planned":
+        raise ResolutionError(
+            f"{said}; {release.label} is a planned release with no public build yet; choose a release yourself."
+        )
+    raise ResolutionError(
+        f"{said}; {release.label} has no public distribution, so no session can run it; choose a release yourself."
+    )
+
+
+def _best(releases: list[Release], manual: bool) -> Release:
+    """The preferred release among builds of the same CASA version (manual data: manual releases first)."""
+    return max(releases, key=lambda r: _preference(r, manual))
 
 
 def _preference(release: Release, manual: bool) -> tuple[int, CasaVersion, tuple[int, ...]]:
-    role_rank = (
-        {"manual": 2, "pipeline": 1, "modular": 0} if manual else {"pipeline": 2, "manual": 1, "modular": 0}
-    )
-    return (role_rank[release.role], release.casa_version, pipeline_sort_key(release.pipeline or "r0"))
+    if manual:  # a manual release, then a pipeline build also used for manual calibration
+        rank = (
+            3 if release.role == "manual" else 2 if release.manual_cycles else int(release.role == "pipeline")
+        )
+    else:
+        rank = {"pipeline": 2, "manual": 1, "modular": 0}[release.role]
+    return (rank, release.casa_version, pipeline_sort_key(release.pipeline or "r0"))
 
 
 def _where(evidence: Evidence) -> str:

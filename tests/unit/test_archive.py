@@ -148,14 +148,26 @@ def test_dataset_without_manifest(archive: str, tmp_path: Path, catalog: Catalog
         f"/datalink/sync?ID={uid}": votable(fields(), [[uid, f"{archive}/x.tar", "", "#this", "", ""]])
     }
     client = AlmaDataLinkClient(archive, timeout=5, cache_dir=tmp_path)
-    with pytest.raises(ResolutionError, match="lists no pipeline manifest .* give its directory"):
+    with pytest.raises(
+        ResolutionError,
+        match=r"lists no pipeline manifest .* give its directory \(member.uid___A001_X12a3_Xe9\)",
+    ):
         client.fetch_manifest(parse_identifier(uid))
 
 
 def test_unreachable_slow_and_broken_archives(archive: str, tmp_path: Path, catalog: Catalog) -> None:
     closed = AlmaDataLinkClient("http://127.0.0.1:9", timeout=2, cache_dir=tmp_path)
-    with pytest.raises(ArchiveUnavailable, match="could not be reached .* give its directory instead"):
-        resolve_target("uid://A001/X1/X2", catalog, archive=closed)
+    # the suggestion is built from what was asked, and reads well on a spawn page too (no CLI command in it)
+    for asked, directory in (
+        ("uid://A001/X1/X2", "member.uid___A001_X1_X2"),
+        ("uid___A001_X3621_X3d68", "member.uid___A001_X3621_X3d68"),
+        ("2017.1.01355.L", "2017.1.01355.L"),
+    ):
+        with pytest.raises(ArchiveUnavailable) as info:
+            resolve_target(asked, catalog, archive=closed)
+        message = str(info.value)
+        assert "could not be reached" in message and f"give its directory ({directory}) instead." in message
+        assert "casaspawner" not in message and "\n" not in message
     Archive.delay = 1.5
     slow = AlmaDataLinkClient(archive, timeout=0.5, cache_dir=tmp_path)
     started = time.monotonic()
@@ -173,3 +185,25 @@ def test_unreachable_slow_and_broken_archives(archive: str, tmp_path: Path, cata
 def test_no_archive_configured(catalog: Catalog) -> None:
     with pytest.raises(ArchiveUnavailable, match="No ALMA archive is configured"):
         resolve_target("uid://A001/X1/X2", catalog)
+
+
+def test_an_unwritable_cache_is_one_sentence(archive: str, tmp_path: Path, catalog: Catalog) -> None:
+    spec = ERAS["cycle10"]
+    uid = "uid://A001/X3621/X3d68"
+    manifest_url = f"{archive}/dataPortal/member.{spec.mous}.pipeline_manifest.xml"
+    Archive.routes = {
+        f"/datalink/sync?ID={uid}": votable(
+            fields(), [[uid, manifest_url, "", "#auxiliary", "text/xml", "1"]]
+        ),
+        urllib.parse.urlsplit(manifest_url).path: manifest_xml(spec).encode(),
+    }
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory should be")
+    client = AlmaDataLinkClient(archive, timeout=5, cache_dir=blocker)
+    with pytest.raises(ArchiveUnavailable) as info:
+        resolve_target(uid, catalog, archive=client)
+    message = str(info.value)
+    assert (
+        "could not be stored in the archive cache" in message and "(member.uid___A001_X3621_X3d68)" in message
+    )
+    assert message.endswith(" instead.") and "\n" not in message

@@ -28,7 +28,20 @@ def test_catalog_table_and_json() -> None:
     )
     rows = json.loads(run("catalog", "--json").stdout)
     assert {row["id"] for row in rows} >= {"pl-r42254", "pl-2025.1.0.36", "casa-4.2.2"}
-    assert next(r for r in rows if r["id"] == "pl-r42030")["restore_with"] == "pl-r42254"
+    internal = next(r for r in rows if r["id"] == "pl-r42030")
+    assert (internal["restore_with"], internal["ops_end"], internal["os"]) == ("pl-r42254", "unknown", "el7")
+    assert all({"os", "casa_internal", "pipeline_branch", "manual", "sources"} <= set(row) for row in rows)
+
+
+def test_catalog_table_says_what_is_current() -> None:
+    lines = run("catalog").stdout.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert [release_id for release_id, line in rows.items() if "→ now" in line] == ["pl-2025.1.0.37"]
+    for superseded in ("pl-r42030", "pl-2020.1.0.36"):
+        assert "→ superseded" in rows[superseded]
+    assert "planned from 2026-10" in rows["pl-2026.2.0"]
+    assert "pipeline (4), manual (4)" in rows["pl-r39732"] and "manual (0)" in rows["casa-3.4.0"]
+    assert all(len(line) < 160 for line in lines)
 
 
 @pytest.mark.parametrize(
@@ -80,6 +93,47 @@ def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+LONG = "a" * 300
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (LONG, "is not an ALMA dataset identifier"),
+        ("./" + LONG, "(302 characters) cannot be opened (File name too long)"),
+        ("/tmp/" + LONG + "/member.uid___A001_X1_X2", "cannot be opened (File name too long)"),
+        ("/".join(["abcdefgh"] * 600), "cannot be opened (File name too long)"),
+        ("./a\x00b", "./a\\x00b does not exist"),
+    ],
+)
+def test_unusable_paths_exit_2_with_one_line(target: str, message: str) -> None:
+    result = run_in_process("resolve", target) if "\x00" in target else run("resolve", target)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert len(lines[0]) < 400
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """argv cannot carry a NUL; such text reaches the resolver through main() in a fresh interpreter."""
+    code = f"import sys; from casaspawner.cli import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_a_loop_of_links_and_an_unwritable_output_exit_2(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    result = run("resolve", str(loop))
+    assert result.returncode == 2 and "cannot be opened (Too many levels of symbolic links)" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("demo-data", str(blocker / "trees"), "--era", "cycle8")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "Not a directory." in result.stderr and "Traceback" not in result.stderr
 
 
 def test_no_evidence_exits_2(tmp_path: Path) -> None:

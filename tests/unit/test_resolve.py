@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from casaspawner.catalog import Catalog
+from casaspawner.catalog import Catalog, normalize_casa, normalize_pipeline
 from casaspawner.datasets.evidence import read_weblog
 from casaspawner.datasets.resolve import read_evidence, resolve_path, resolve_target
 from casaspawner.datasets.synth import ERAS, DatasetSpec, write_dataset
@@ -144,7 +145,7 @@ def test_unknown_builds_take_the_nearest_newer_public_build(tmp_path: Path, cata
 
 def test_planned_release_without_a_build_is_refused(tmp_path: Path, catalog: Catalog) -> None:
     member = write_dataset(tmp_path, spec=DatasetSpec(casa="6.7.4.4", pipeline="2026.2.0.12"))
-    with pytest.raises(ResolutionError, match="no public distribution yet"):
+    with pytest.raises(ResolutionError, match="is a planned release with no public build yet"):
         resolve_path(member, catalog)
 
 
@@ -216,19 +217,37 @@ def test_packed_weblog_is_read_without_extracting(tmp_path: Path, catalog: Catal
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
-def test_hostile_tar_members_are_not_written(tmp_path: Path, catalog: Catalog) -> None:
+def test_hostile_tar_members_are_neither_written_nor_reported(tmp_path: Path, catalog: Catalog) -> None:
     member = write_dataset(tmp_path / "ds", spec=DatasetSpec(evidence=()))
     archive = member / "qa" / "x.weblog.tgz"
-    page = tmp_path / "page.html"
-    page.write_text("<table><tr><th>CASA Version</th><td>6.5.4.9</td></tr></table>")
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(page, arcname="../../../../escape/html/t1-1.html")
-        info = tarfile.TarInfo("pipeline-1/html/t1-1.html")
-        info.type = tarfile.SYMTYPE
-        info.linkname = "/etc/passwd"
-        tar.addfile(info)
+    page = b"<table><tr><th>CASA Version</th><td>6.5.4.9</td></tr></table>"
+    hostile = [
+        "../../../../escape/html/t1-1.html",
+        "/tmp/escape/html/t1-1.html",
+        "p/../../html/t1-1.html",
+        "pipeline-1/\x1b[2Jhtml/t1-1.html",
+    ]
+
+    def pack(names: list[str]) -> None:
+        with tarfile.open(archive, "w:gz") as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)  # as written, unlike tar.add(), which strips a leading /
+                info.size = len(page)
+                tar.addfile(info, io.BytesIO(page))
+            link = tarfile.TarInfo("pipeline-1/html/t1-1.html")
+            link.type = tarfile.SYMTYPE
+            link.linkname = "/etc/passwd"
+            tar.addfile(link)
+
+    pack(hostile)
+    with tarfile.open(archive) as tar:
+        assert tar.getnames()[:4] == hostile
+    with pytest.raises(ResolutionError, match="Nothing in .* tells which CASA version"):
+        resolve_path(member, catalog)  # no member it would accept names a version
+    pack([*hostile, "pipeline-2/html/t1-1.html"])
     resolution = resolve_path(member, catalog)
     assert resolution.release.casa == "6.5.4-9"
+    assert resolution.evidence.path.endswith("x.weblog.tgz!pipeline-2/html/t1-1.html")
     assert not (tmp_path / "escape").exists()
     (member / "qa" / "y.weblog.tgz").write_bytes(b"\x1f\x8b not really gzip")
     archive.unlink()
@@ -264,7 +283,9 @@ def test_weblog_cells_of_every_template_generation(
         f"<tr><th>Pipeline Version</th><td>{pipeline_cell}</td><td></td></tr>"
         f"<tr><th>CASA Version</th><td>{casa_cell}</td><td></td></tr></tbody></table>"
     )
-    assert weblog_versions(html.encode(), "t1-1.html") == expected
+    casa, pipeline = weblog_versions(html.encode())
+    assert casa is not None and pipeline is not None
+    assert (normalize_casa(casa), normalize_pipeline(pipeline)) == expected
 
 
 def test_aquareport_versions_outside_qasummary(tmp_path: Path, catalog: Catalog) -> None:
@@ -273,3 +294,11 @@ def test_aquareport_versions_outside_qasummary(tmp_path: Path, catalog: Catalog)
         "<PipelineAquaReport><CasaVersion>5.4.0-70</CasaVersion><PipelineVersion>42254M</PipelineVersion></PipelineAquaReport>"
     )
     assert resolve_path(member, catalog).release.id == "pl-r42254"
+
+
+def test_errors_name_the_dataset_as_the_user_gave_it(tmp_path: Path, catalog: Catalog) -> None:
+    write_dataset(tmp_path / "hub" / "alice", "no-evidence")
+    for path, label in ((tmp_path / "hub" / "alice", "my/project"), (tmp_path / "hub" / "nope", "my/nope")):
+        with pytest.raises(ResolutionError) as info:
+            resolve_path(path, catalog, label=label)
+        assert label in str(info.value) and str(tmp_path) not in str(info.value)

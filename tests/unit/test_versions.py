@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,6 +28,8 @@ from casaspawner.errors import InvalidInput
         ("4.7.2", "4.7.2"),
         ("5.1.1-5.el7", "5.1.1-5"),
         ("6.4.1-12-py3.6", "6.4.1-12"),
+        ("10.0.1.3", "10.0.1-3"),
+        ("6.12.100-12345", "6.12.100-12345"),
     ],
 )
 def test_casa_versions_normalise(raw: str, expected: str) -> None:
@@ -33,7 +37,7 @@ def test_casa_versions_normalise(raw: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "6", "6.5", "42.2.30986", "6.5.4.9.1", "v6.5.4", "6.5.4-", "6.5.4 junk", "٦.٥.٤"]
+    "raw", ["", "6", "6.5", "6.5.4.9.1", "v6.5.4", "6.5.4-", "6.5.4 junk", "٦.٥.٤", "6.5.4." + "9" * 300]
 )
 def test_casa_versions_reject(raw: str) -> None:
     with pytest.raises(InvalidInput, match="CASA version"):
@@ -64,6 +68,8 @@ def test_casa_ordering() -> None:
         ("42030M", "r42030"),
         ("r42866", "r42866"),
         ("31667", "r31667"),
+        ("2023.10.100.123456", "2023.10.100.123456"),
+        ("42866M (Pipeline-CASA56-P1-B (patched))", "r42866"),
     ],
 )
 def test_pipeline_versions_normalise(raw: str, expected: str) -> None:
@@ -90,7 +96,7 @@ def test_pipeline_order_puts_svn_first() -> None:
 
 
 casa_parts = st.tuples(
-    st.integers(1, 9), st.integers(0, 99), st.integers(0, 99), st.one_of(st.none(), st.integers(0, 9999))
+    st.integers(0, 99), st.integers(0, 999), st.integers(0, 999), st.one_of(st.none(), st.integers(0, 10**6))
 )
 
 
@@ -133,3 +139,30 @@ def test_pipeline_parser_never_crashes(text: str) -> None:
 def test_git_pipeline_roundtrip(year: int, cycle: int, minor: int, build: int, label: str) -> None:
     raw = f"{year}.{cycle}.{minor}.{build}" + (f"+{label}" if label else "")
     assert normalize_pipeline(raw) == f"{year}.{cycle}.{minor}.{build}"
+
+
+# The reference patterns (shared/reference/alma-casa-catalog.yaml, identifier_regex), ASCII digits: every
+# string they accept is a version here, with the same numbers.
+REFERENCE_CASA = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:[-.](\d+))?", re.ASCII)
+REFERENCE_GIT = re.compile(r"(\d{4})\.(\d+)\.(\d+)\.(\d+)(\+[\w.\-]+)?", re.ASCII)
+REFERENCE_SVN = re.compile(r"r?(\d{5})M?(\s*\(.*\))?", re.ASCII)
+
+
+@given(st.from_regex(REFERENCE_CASA, fullmatch=True).filter(lambda t: len(t) <= 200))
+def test_every_reference_casa_version_parses(text: str) -> None:
+    match = REFERENCE_CASA.fullmatch(text)
+    assert match is not None
+    version = parse_casa(text)
+    major, minor, patch, build = match.groups()
+    assert (version.major, version.minor, version.patch) == (int(major), int(minor), int(patch))
+    assert version.build == (int(build) if build is not None else None)
+
+
+@given(st.from_regex(REFERENCE_GIT, fullmatch=True) | st.from_regex(REFERENCE_SVN, fullmatch=True))
+def test_every_reference_pipeline_version_normalises(text: str) -> None:
+    git = REFERENCE_GIT.fullmatch(text)
+    if git is not None:
+        assert normalize_pipeline(text) == ".".join(str(int(part)) for part in git.groups()[:4])
+    else:
+        svn = REFERENCE_SVN.fullmatch(text)
+        assert svn is not None and normalize_pipeline(text) == "r" + svn.group(1)
