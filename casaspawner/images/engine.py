@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from casaspawner import tarballs
+from casaspawner import __version__, tarballs
 from casaspawner.images.matrix import (
     INPUT_HASH_LABEL,
     ImageBuildError,
@@ -376,8 +376,8 @@ def casaspawner_wheel(into: Path, given: Path | None = None, checkout: Path | No
     if not ((root / "setup.cfg").is_file() and (root / "pyproject.toml").is_file()):
         raise ImageBuildError(
             "casaspawner runs from an installed package, not a source checkout, so it cannot build the wheel "
-            "the session image installs; give --casaspawner-wheel FILE (e.g. from `pip download "
-            "casaspawner --no-deps`)."
+            f"the session image installs; give --casaspawner-wheel FILE (e.g. from `pip download "
+            f"casaspawner=={__version__} --no-deps`)."
         )
     source = into / "source"
     source.mkdir()
@@ -386,7 +386,7 @@ def casaspawner_wheel(into: Path, given: Path | None = None, checkout: Path | No
         if entry.name.startswith(".") or entry.name in skip or entry.name.endswith(".egg-info"):
             continue
         if entry.is_dir():
-            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.log", "_build")
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.log", "_build", "node_modules")
             shutil.copytree(entry, source / entry.name, ignore=ignore)
         else:
             shutil.copy2(entry, source / entry.name)

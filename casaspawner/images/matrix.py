@@ -69,7 +69,7 @@ class Recipe:
 
     name: str  # "session-base", "session" or the release id
     kind: RecipeKind
-    context: str  # recipe directory under images/: "session" or "casa"
+    context: str  # recipe directory under casaspawner/images/recipes: "session" or "casa"
     containerfile: str  # file name inside the context
     image: str
     build_args: Mapping[str, str]
