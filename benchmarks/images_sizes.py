@@ -1,8 +1,10 @@
 """Image sizes of the session image and CASA images (``make bench-images`` → benchmarks/results/images.json).
 
 Sizes are uncompressed, as stored locally (``podman image inspect``). Layer sizes are differences: the
-session layer is the session image minus its base, a CASA layer is the CASA image minus the session image.
-Goals (issue 5): session layer + base ≤ 1.5 GB, each modular CASA layer ≤ 1 GB.
+session layer is the session image minus the base it was built on (the ``io.casaspawner.base`` label of the
+session base), a CASA layer is the CASA image minus the session image (CASA images and the session image
+share the session base and the casaspawner layer). Goals (issue 5): session layer + base ≤ 1.5 GB, each
+modular CASA layer ≤ 1 GB.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ def main() -> None:
     args = parser.parse_args()
     tools = engine.detect_tools()
     recipes = build_matrix(load_catalog(), MatrixOptions(registry=args.registry), args.releases)
-    base = engine.local_base(tools, log=False)
+    session_base, session = recipes[:2]
+    base = tools.image_labels(session_base.image).get("io.casaspawner.base", "")
+    if not tools.image_id(base):
+        raise SystemExit(f"the base {base!r} that {session_base.image} was built on is not in local storage")
     base_size = tools.image_size(base)
-    session = recipes[0]
     session_size = tools.image_size(session.image)
     rows = [
         {
@@ -46,7 +50,7 @@ def main() -> None:
             "meets_goal": session_size <= GOALS["session"],
         }
     ]
-    for recipe in recipes[1:]:
+    for recipe in recipes[2:]:
         size = tools.image_size(recipe.image)
         goal = GOALS.get(recipe.kind)
         rows.append(

@@ -5,7 +5,7 @@ APT_PACKAGES += podman buildah mmdebstrap runc uidmap slirp4netns fuse-overlayfs
 
 # What `make images` / `make bench-images` build: registry prefix, releases, extra `images build` flags.
 IMAGES_REGISTRY ?= localhost/casaspawner
-IMAGES_RELEASES ?= casa-6.6.5-31
+IMAGES_RELEASES ?= casa-6.6.5-31 casa-6.7.0-31
 IMAGES_ARGS ?= --base local
 
 .PHONY: images images-test bench-images

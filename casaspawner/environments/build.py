@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from casaspawner import tarballs
 from casaspawner.catalog.model import Catalog, Release
 from casaspawner.environments.pythons import find_python
 from casaspawner.errors import CasaspawnerError
@@ -640,28 +641,11 @@ async def _download(url: str, target: Path, label: str) -> AsyncIterator[str]:
 
 
 def _verify(archive: Path, url: str, sha256: str | None, timeout: float) -> None:
-    """Check the catalog's SHA-256, else the ``.md5`` published next to the tarball."""
-    if sha256:
-        algorithm, expected = "sha256", sha256.lower()
-    else:
-        try:
-            with urllib.request.urlopen(url + ".md5", timeout=timeout) as response:  # noqa: S310
-                text = response.read(4096).decode(errors="replace")
-        except (urllib.error.URLError, OSError) as error:
-            raise EnvironmentBuildError(
-                f"{archive.name} cannot be verified: the catalog has no SHA-256 and {url}.md5 is unreachable "
-                f"({getattr(error, 'reason', error)})."
-            ) from None
-        match = re.search(r"\b[0-9a-fA-F]{32}\b", text)
-        if not match:
-            raise EnvironmentBuildError(f"{url}.md5 does not contain an MD5 checksum.")
-        algorithm, expected = "md5", match.group(0).lower()
-    digest = hashlib.new(algorithm)
-    with open(archive, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise EnvironmentBuildError(f"{archive.name} does not match its {algorithm.upper()} checksum.")
+    """Check the catalog's SHA-256, else the ``.md5`` published next to the tarball (``casaspawner.tarballs``)."""
+    try:
+        tarballs.verify_file(archive, *tarballs.expected_checksum(url, sha256, timeout))
+    except tarballs.ChecksumError as error:
+        raise EnvironmentBuildError(str(error)) from None
 
 
 async def _extract_appimage(appimage: Path, target: Path) -> None:

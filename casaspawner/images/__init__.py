@@ -1,8 +1,8 @@
-"""The casaspawner image set: a session image and one CASA image per catalog release.
+"""The casaspawner image set: a session base, the session image and one CASA image per catalog release.
 
 ``matrix`` (pure) maps releases to recipes, build arguments and the tags the spawner uses; ``engine`` drives
 buildah/podman (or docker) and mmdebstrap; ``smoke`` runs built images the way a pod does; ``cli`` is the
-``casaspawner images`` command. The recipes themselves are in the repository's ``images/`` directory.
+``casaspawner images`` command. The recipes themselves are package data, in ``recipes/``.
 """
 
 from casaspawner.images.matrix import ImageBuildError, MatrixOptions, Recipe, build_matrix, prepuller_values

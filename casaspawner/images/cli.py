@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from casaspawner.images import engine, smoke
 from casaspawner.images.matrix import (
     DEFAULT_BASE_IMAGE,
     DEFAULT_PYTHON,
+    LABEL_PREFIX,
     ImageBuildError,
     MatrixOptions,
     Recipe,
     build_matrix,
+    casa_home,
     parse_checksums,
     prepuller_values,
     select_releases,
@@ -31,7 +34,7 @@ LOCAL_BASE = "local"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``images`` (with list, build, test, prepuller) to the ``casaspawner`` command line."""
+    """Add ``images`` (list, build, test, constraints, prepuller) to the ``casaspawner`` command line."""
     images = subparsers.add_parser("images", help="list, build and smoke-test the session and CASA images")
     sub = images.add_subparsers(
         dest="images_command", required=True, metavar="ACTION", parser_class=type(images)
@@ -51,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--all", action="store_true", help="build every buildable release in the catalog")
     p.add_argument("--force", action="store_true", help="rebuild even when the input hash is unchanged")
     p.add_argument("--sha256", metavar="HEX", help="SHA-256 of the tarball of the one --release given")
+    p.add_argument(
+        "--casaspawner-wheel",
+        type=Path,
+        metavar="FILE",
+        help="the casaspawner wheel to install in the images (default: built from the source checkout this "
+        "command runs from; needed when casaspawner is an installed package)",
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("test", help="smoke-test built images as a pod runs them (uid 54321, read-only root)")
@@ -63,6 +73,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--json", action="store_true", help="print the observations as JSON")
     p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser(
+        "constraints",
+        help="write the pip constraints of built images (every installed package, pinned) for later builds",
+    )
+    _matrix_options(p)
+    _tool_options(p)
+    p.add_argument("--release", action="append", metavar="ID", help="this release's image (repeatable)")
+    p.add_argument("--session", action="store_true", help="the session image")
+    p.set_defaults(func=cmd_constraints)
 
     p = sub.add_parser("prepuller", help="print a z2jh prePuller.extraImages snippet for the given releases")
     _matrix_options(p)
@@ -194,13 +214,14 @@ def _tools(args: argparse.Namespace, probe_image: str | None = None) -> engine.T
     )
 
 
-def _selected(args: argparse.Namespace, recipes: list[Recipe]) -> list[Recipe]:
-    if getattr(args, "all", False):
-        return recipes
+def _selected(args: argparse.Namespace, recipes: list[Recipe], base: bool = False) -> list[Recipe]:
+    """The recipes named by --session/--release/--all, the session first (and the session base before
+    it when ``base``: everything else is built on it)."""
+    first = 2  # recipes = [session base, session, releases...]
     wanted = set(args.release or [])
-    chosen = [r for r in recipes[1:] if r.name in wanted]
-    if args.session or chosen:
-        chosen.insert(0, recipes[0])
+    chosen = [r for r in recipes[first:] if getattr(args, "all", False) or r.name in wanted]
+    if args.session or chosen or getattr(args, "all", False):
+        chosen = [*recipes[:first], *chosen] if base else [recipes[1], *chosen]
     if not chosen:
         raise ImageBuildError("name what to build or test: --session, --release ID or --all.")
     return chosen
@@ -222,27 +243,82 @@ def cmd_build(args: argparse.Namespace) -> int:
         options = MatrixOptions(
             **{**options.__dict__, "checksums": {release.tarball.name: args.sha256.lower()}}
         )
-    recipes = build_matrix(catalog, options, None if args.all else args.release)
-    selected = _selected(args, recipes)
+    selected = _selected(args, build_matrix(catalog, options, None if args.all else args.release), base=True)
     if args.all:
-        selected = [r for r in selected if r.buildable]
-    for recipe in selected:
-        print(f"building {recipe.image} ({recipe.kind}) ...", flush=True)
-        result = engine.build(tools, recipe, force=args.force)
-        verb = "up to date" if result.reused else f"built in {result.seconds:.0f} s"
-        print(f"{recipe.image}: {verb} [input {result.input_hash[:12]}]", flush=True)
+        selected = buildable(selected)
+    with tempfile.TemporaryDirectory(prefix="casaspawner-wheel-") as tmp:
+        wheel = engine.casaspawner_wheel(Path(tmp), args.casaspawner_wheel)
+        for recipe in selected:
+            print(f"building {recipe.image} ({recipe.kind}) ...", flush=True)
+            result = engine.build(tools, recipe, wheel, force=args.force)
+            verb = "up to date" if result.reused else f"built in {result.seconds:.0f} s"
+            print(f"{recipe.image}: {verb} [input {result.input_hash[:12]}]", flush=True)
+    return 0
+
+
+def _built_tools(args: argparse.Namespace, recipes: list[Recipe]) -> engine.Tools:
+    """The tools, probed with the first of ``recipes`` once every one of them is known to be built."""
+    tools = _tools(args)
+    for recipe in recipes:
+        if tools.image_id(recipe.image) is None:
+            raise ImageBuildError(f"{recipe.image} is not built; run `casaspawner images build` first.")
+    return _tools(args, probe_image=recipes[0].image)
+
+
+def buildable(recipes: list[Recipe]) -> list[Recipe]:
+    """The buildable recipes; says which others are skipped, and why."""
+    for recipe in recipes:
+        if not recipe.buildable:
+            print(f"skipping {recipe.name}: {recipe.problem}", flush=True)
+    return [r for r in recipes if r.buildable]
+
+
+def cmd_constraints(args: argparse.Namespace) -> int:
+    recipes = build_matrix(_catalog(args), _options(args), args.release)
+    named = [r for r in _selected(args, recipes) if r.release is not None or args.session]
+    # The session's venv is made in the session base; casaspawner's layer adds nothing to it.
+    sources = []
+    for recipe in (recipes[0] if r.kind == "session" else r for r in named):
+        if recipe.kind == "monolithic" and not recipe.build_args.get("CASA_PYTHON"):
+            casa = recipe.labels[f"{LABEL_PREFIX}.casa"]
+            print(f"{recipe.name}: nothing to pin (CASA {casa} has no Python 3, so pip installs nothing)")
+        else:
+            sources.append(recipe)
+    if not sources:
+        return 0
+    tools = _built_tools(args, sources)
+    for recipe in sources:
+        home = "/opt/session" if recipe.release is None else casa_home(recipe.release)
+        freeze = f"{home}/casaspawner-freeze.txt"
+        result = tools.run(
+            tools.container("run", "--rm", "--network", "none", "--entrypoint", "cat", recipe.image, freeze),
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ImageBuildError(f"{recipe.image} has no {freeze}; rebuild it with this casaspawner.")
+        pins = sorted({line.strip() for line in result.stdout.splitlines() if "==" in line}, key=str.lower)
+        target = engine.constraints_path(recipe)
+        command = "--session" if recipe.release is None else f"--release {recipe.name}"
+        text = (
+            f"# pip constraints of {recipe.name}: what its image installed; used by the next builds.\n"
+            f"# Regenerate after a build with `casaspawner images constraints {command}`.\n"
+        )
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text + "".join(f"{pin}\n" for pin in pins))
+        except OSError as exc:
+            raise ImageBuildError(f"cannot write {target}: {exc.strerror}.") from None
+        print(f"{target}: {len(pins)} pins from {recipe.image}")
     return 0
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     options = _options(args)
     recipes = _selected(args, build_matrix(_catalog(args), options, args.release))
-    tools = _tools(args, probe_image=recipes[0].image)
+    tools = _built_tools(args, recipes)
     report: dict[str, dict[str, object]] = {}
     failed = False
     for recipe in recipes:
-        if tools.image_id(recipe.image) is None:
-            raise ImageBuildError(f"{recipe.image} is not built; run `casaspawner images build` first.")
         observed, problems = check_image(tools, recipe, args.measures)
         report[recipe.image] = {"observed": observed, "problems": problems}
         failed = failed or bool(problems)
@@ -274,6 +350,12 @@ def check_image(
         problems.append("vncserver is missing")
     if not desk["xstartup"]:
         problems.append(f"the desktop start script {xstartup} is missing")
+    observed["server_extensions"] = ext = smoke.server_extensions(tools, recipe.image, session)
+    notices = smoke.NOTICES_EXTENSION
+    if ext.get(f"{notices} (import)") != "ok":
+        problems.append(f"{notices} does not import in the session environment")
+    if ext.get(f"{notices} (config)") and ext.get(notices) != "enabled":
+        problems.append(f"{notices} has a jupyter_server_config.d file but is not enabled: {ext}")
     observed["vnc"] = greeting = smoke.vnc_greeting(tools, recipe.image, session)
     if not greeting.startswith("RFB "):
         problems.append(f"TigerVNC did not answer on its Unix socket: {greeting[-300:]}")

@@ -2,8 +2,9 @@
 options this host needs, make a local Debian base with mmdebstrap, and build recipes with input-hash reuse.
 
 Every host-specific workaround (a containers.conf without default ulimits, ``--runtime runc
---cgroup-manager cgroupfs``, chroot isolation, a CA bundle mount) is detected by trying the plain way first,
-and each can be forced from the command line.
+--cgroup-manager cgroupfs``, chroot isolation, host networking when bridge networking fails) is detected by
+trying the plain way first, and each can be forced from the command line. The build host's CA bundle reaches
+build steps as a build secret (buildah and docker BuildKit alike), so nothing of it is left in an image.
 """
 
 from __future__ import annotations
@@ -15,28 +16,33 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from casaspawner.images.matrix import INPUT_HASH_LABEL, ImageBuildError, Recipe, input_hash
+from casaspawner import __version__, tarballs
+from casaspawner.images.matrix import (
+    INPUT_HASH_LABEL,
+    ImageBuildError,
+    Recipe,
+    input_hash,
+    parent_reference,
+    with_tarball_checksum,
+)
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "casaspawner" / "images"
-CA_TARGET = "/etc/casaspawner-build-ca.pem"
+CA_SECRET = "casaspawner-ca"  # noqa: S105 (the build secret id: /run/secrets/casaspawner-ca)
 RUNTIME_FLAGS = ("--runtime", "runc", "--cgroup-manager", "cgroupfs")  # global podman flags
+WHEEL_EPOCH = "315532800"  # SOURCE_DATE_EPOCH of the casaspawner wheel (1980-01-01): same tree, same bytes
 Builder = Literal["buildah", "docker"]
 
 
 def recipes_dir() -> Path:
-    """The ``images/`` directory of the checkout this package runs from."""
-    return Path(__file__).resolve().parents[2] / "images"
-
-
-def desktop_dir() -> Path:
-    """``casaspawner/desktop``: the desktop start script and menu entries installed in the session image."""
-    return Path(__file__).resolve().parents[1] / "desktop"
+    """The recipes (``casaspawner/images/recipes``), shipped with the package."""
+    return Path(__file__).resolve().parent / "recipes"
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Tools:
     runner: str  # "podman" or "docker"
     env: dict[str, str] = field(default_factory=dict)  # e.g. CONTAINERS_CONF
     run_flags: tuple[str, ...] = ()  # global flags for `podman run`
+    network: str = "bridge"  # what smoke tests publish ports from; "host" where bridge networking fails
     isolation: str | None = None  # buildah --isolation
     ca_bundle: Path | None = None
     log_dir: Path = CACHE_DIR / "logs"
@@ -115,6 +122,8 @@ def detect_tools(
     if not shutil.which(runner):
         raise ImageBuildError(f"{runner} is needed next to {builder} to run and inspect images.")
     tools = Tools(builder=builder, runner=runner)  # type: ignore[arg-type]
+    if builder == "docker":
+        tools.env["DOCKER_BUILDKIT"] = "1"  # build secrets and RUN --mount need BuildKit
     tools.ca_bundle = _ca_bundle(ca_bundle)
     if containers_conf not in ("auto", "none"):
         tools.env["CONTAINERS_CONF"] = str(Path(containers_conf).resolve())
@@ -124,6 +133,7 @@ def detect_tools(
         tools.isolation = None if isolation in ("auto", "default") else isolation
     if probe_image and runner == "podman":
         _probe_runtime(tools, probe_image, runtime_flags == "auto", containers_conf == "auto")
+        tools.network = _probe_network(tools, probe_image)
         if isolation == "auto":
             tools.isolation = _probe_isolation(tools, probe_image)
     elif isolation == "auto" and builder == "buildah":
@@ -176,6 +186,12 @@ def _probe_runtime(tools: Tools, image: str, try_flags: bool, try_conf: bool) ->
             return
         error = _last_line(result.stderr)
     raise ImageBuildError(f"podman cannot run containers on this host ({error}).")
+
+
+def _probe_network(tools: Tools, image: str) -> str:
+    """``bridge`` when a container gets its own network (as a pod does), else ``host``."""
+    result = tools.run(tools.container("run", "--rm", "--network", "bridge", image, "true"), check=False)
+    return "bridge" if result.returncode == 0 else "host"
 
 
 def _probe_isolation(tools: Tools, image: str) -> str:
@@ -258,7 +274,17 @@ def read_host_apt_sources(root: Path = Path("/etc/apt")) -> list[AptSource]:
 
 
 def mirror_lines(sources: Iterable[AptSource], suite: str) -> list[str]:
-    """mmdebstrap mirror lines for ``suite`` (+ ``-updates`` and ``-security``) from the host's sources."""
+    """mmdebstrap mirror lines for ``suite`` (+ ``-updates`` and ``-security``) from the host's sources.
+
+    ``file:/`` mirrors are left out: they become the base image's apt sources, and a container build
+    cannot reach the host's files."""
+    given = list(sources)
+    sources = [s for s in given if not s.uri.startswith("file:")]
+    if given and not sources:
+        raise ImageBuildError(
+            "the host's apt mirror is a file:/ directory, which container builds cannot reach; configure an "
+            "http(s) mirror in /etc/apt/sources.list.d or give --base IMAGE."
+        )
     lines: list[str] = []
     for source in sources:
         for wanted in (suite, f"{suite}-updates", f"{suite}-security"):
@@ -274,13 +300,36 @@ def mirror_lines(sources: Iterable[AptSource], suite: str) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
-def local_base(tools: Tools, suite: str = "bookworm", max_age_days: int = 7, log: bool = True) -> str:
+def mmdebstrap_command(suite: str, target: Path, lines: Sequence[str], ca_bundle: Path | None) -> list[str]:
+    """The mmdebstrap call for a minbase ``suite``: https mirrors get ca-certificates in the base (so the
+    image's apt can reach them later), and apt trusts ``ca_bundle`` while bootstrapping, without keeping it."""
+    argv = ["mmdebstrap", "--variant=minbase", "--quiet"]
+    if any(line.split()[1].startswith("https://") for line in lines):
+        argv.append("--include=ca-certificates")
+    if ca_bundle is not None:
+        # --aptopt lands in the base's /etc/apt/apt.conf.d/99mmdebstrap; the customize hook removes it again.
+        argv += [
+            f'--aptopt=Acquire::https::CAInfo "{ca_bundle}"',
+            '--aptopt=APT::Sandbox::User "root"',  # the CA file need not be readable by _apt
+            '--customize-hook=rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap"',
+        ]
+    return [*argv, suite, str(target), *lines]
+
+
+def local_base(
+    tools: Tools,
+    suite: str = "bookworm",
+    max_age_days: int = 7,
+    log: bool = True,
+    sources: Sequence[AptSource] | None = None,
+    cache: Path = CACHE_DIR,
+) -> str:
     """A minbase Debian image made with mmdebstrap from the host's mirror, cached by mirror and date."""
     if not shutil.which("mmdebstrap"):
         raise ImageBuildError("mmdebstrap is not installed; `make deps` installs it, or give --base IMAGE.")
-    lines = mirror_lines(read_host_apt_sources(), suite)
+    lines = mirror_lines(read_host_apt_sources() if sources is None else sources, suite)
     key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
-    base_dir = CACHE_DIR / "base"
+    base_dir = cache / "base"
     base_dir.mkdir(parents=True, exist_ok=True)
     today = dt.datetime.now(dt.timezone.utc).date()
     fresh = [
@@ -298,9 +347,7 @@ def local_base(tools: Tools, suite: str = "bookworm", max_age_days: int = 7, log
                 flush=True,
             )
         partial = tarball.with_suffix(".partial.tar")
-        result = tools.run(
-            ["mmdebstrap", "--variant=minbase", "--quiet", suite, str(partial), *lines], check=False
-        )
+        result = tools.run(mmdebstrap_command(suite, partial, lines, tools.ca_bundle), check=False)
         if result.returncode != 0:
             partial.unlink(missing_ok=True)
             raise ImageBuildError(f"mmdebstrap could not make a {suite} base: {_last_line(result.stderr)}.")
@@ -317,6 +364,92 @@ def local_base(tools: Tools, suite: str = "bookworm", max_age_days: int = 7, log
 # ------------------------------------------------------------------------------------------------- build
 
 
+def casaspawner_wheel(into: Path, given: Path | None = None, checkout: Path | None = None) -> Path:
+    """The casaspawner wheel the session layer installs: ``given``, else one built from the source checkout
+    this package runs from (or ``checkout``), with fixed timestamps (an unchanged checkout gives the same
+    bytes, so images are not rebuilt for nothing)."""
+    if given is not None:
+        if not given.is_file() or not given.name.startswith("casaspawner-") or given.suffix != ".whl":
+            raise ImageBuildError(f"{given} is not a casaspawner wheel (casaspawner-<version>-….whl).")
+        return Path(shutil.copy2(given, into / given.name))
+    root = checkout or Path(__file__).resolve().parents[2]
+    if not ((root / "setup.cfg").is_file() and (root / "pyproject.toml").is_file()):
+        raise ImageBuildError(
+            "casaspawner runs from an installed package, not a source checkout, so it cannot build the wheel "
+            f"the session image installs; give --casaspawner-wheel FILE (e.g. from `pip download "
+            f"casaspawner=={__version__} --no-deps`)."
+        )
+    source = into / "source"
+    source.mkdir()
+    skip = {"build", "dist", "docs", "tests", "benchmarks", "demo", "node_modules"}
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or entry.name in skip or entry.name.endswith(".egg-info"):
+            continue
+        if entry.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.log", "_build", "node_modules")
+            shutil.copytree(entry, source / entry.name, ignore=ignore)
+        else:
+            shutil.copy2(entry, source / entry.name)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(into), str(source)],
+        env={**os.environ, "SOURCE_DATE_EPOCH": WHEEL_EPOCH},
+        capture_output=True,
+        text=True,
+    )
+    shutil.rmtree(source, ignore_errors=True)
+    wheels = sorted(into.glob("casaspawner-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise ImageBuildError(f"building the casaspawner wheel failed: {_last_line(result.stderr)}.")
+    return wheels[-1]
+
+
+def assemble_context(
+    recipe: Recipe, recipes: Path, into: Path, wheel: Path | None = None
+) -> dict[str, bytes]:
+    """Fill the build context ``into``: the recipe directory, the shared ``common.sh``, the release's pip
+    constraints (``constraints.txt``), ``tarballs.py`` for monolithic builds and the casaspawner wheel (in
+    ``wheels/``) for everything built on the session base. Returns the context's files."""
+    source = recipes / recipe.context
+    if not (source / recipe.containerfile).is_file():
+        raise ImageBuildError(f"the recipe {source / recipe.containerfile} does not exist.")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "constraints")
+    shutil.copytree(source, into, dirs_exist_ok=True, ignore=ignore)
+    shutil.copy2(recipes / "common.sh", into / "common.sh")
+    if recipe.kind != "session":  # the recipes that run pip
+        constraints = constraints_path(recipe, recipes)
+        text = constraints.read_text() if constraints.is_file() else "# none yet: dependencies float\n"
+        (into / "constraints.txt").write_text(text)
+    if recipe.kind == "monolithic":
+        shutil.copy2(Path(tarballs.__file__), into / "tarballs.py")
+    if recipe.kind != "session-base":
+        if wheel is None:
+            raise ImageBuildError(f"{recipe.name} installs casaspawner, but no casaspawner wheel was given.")
+        (into / "wheels").mkdir(exist_ok=True)
+        shutil.copy2(wheel, into / "wheels" / wheel.name)
+    return {str(p.relative_to(into)): p.read_bytes() for p in sorted(into.rglob("*")) if p.is_file()}
+
+
+def constraints_path(recipe: Recipe, recipes: Path | None = None) -> Path:
+    """Where the pip constraints of ``recipe`` are kept (written by ``casaspawner images constraints``)."""
+    recipes = recipes or recipes_dir()
+    if recipe.release is None:
+        return recipes / "session" / "constraints.txt"
+    return recipes / "casa" / "constraints" / f"{recipe.name}.txt"
+
+
+def resolve_checksum(recipe: Recipe, timeout: float = 30) -> Recipe:
+    """A monolithic recipe without a pinned SHA-256 verifies against the MD5 published next to its tarball."""
+    if recipe.kind != "monolithic" or recipe.build_args.get("CASA_TARBALL_CHECKSUM"):
+        return recipe
+    try:
+        algorithm, value = tarballs.expected_checksum(recipe.build_args["CASA_TARBALL_URL"], None, timeout)
+    except tarballs.ChecksumError as error:
+        raise ImageBuildError(
+            str(error).rstrip(".") + "; pin a SHA-256 with --checksums or --sha256."
+        ) from None
+    return with_tarball_checksum(recipe, f"{algorithm}:{value}")
+
+
 @dataclass(frozen=True)
 class BuildResult:
     recipe: Recipe
@@ -327,40 +460,24 @@ class BuildResult:
     log: Path | None
 
 
-def assemble_context(recipe: Recipe, recipes: Path, into: Path) -> dict[str, bytes]:
-    """Copy the recipe directory (plus the desktop files for the session) into ``into``; return its files."""
-    source = recipes / recipe.context
-    if not (source / recipe.containerfile).is_file():
-        raise ImageBuildError(f"the recipe {source / recipe.containerfile} does not exist.")
-    shutil.copytree(source, into, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    if recipe.kind == "session":
-        desktop = into / "desktop"
-        desktop.mkdir(exist_ok=True)
-        if desktop_dir().is_dir():
-            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.log")  # CASA drops logs in the cwd
-            shutil.copytree(desktop_dir(), desktop, dirs_exist_ok=True, ignore=ignore)
-    return {str(p.relative_to(into)): p.read_bytes() for p in sorted(into.rglob("*")) if p.is_file()}
-
-
-def parent_reference(recipe: Recipe) -> str:
-    return recipe.build_args.get("SESSION_IMAGE") or recipe.build_args["BASE_IMAGE"]
-
-
-def build(tools: Tools, recipe: Recipe, recipes: Path | None = None, force: bool = False) -> BuildResult:
+def build(
+    tools: Tools, recipe: Recipe, wheel: Path | None = None, recipes: Path | None = None, force: bool = False
+) -> BuildResult:
     """Build one recipe, or reuse the existing image when its input hash is unchanged."""
     import time
 
     if recipe.problem:
         raise ImageBuildError(f"{recipe.name} cannot be built: {recipe.problem}.")
     recipes = recipes or recipes_dir()
+    recipe = resolve_checksum(recipe)
     parent = parent_reference(recipe)
     parent_id = tools.image_id(parent)
-    if parent_id is None and recipe.kind != "session":
-        raise ImageBuildError(f"the session image {parent} is not built yet; build it first (--session).")
+    if parent_id is None and recipe.kind != "session-base":
+        raise ImageBuildError(f"the session base {parent} is not built yet; build it first (--session).")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"casaspawner-{recipe.name}-") as tmp:
         context = Path(tmp)
-        files = assemble_context(recipe, recipes, context)
+        files = assemble_context(recipe, recipes, context, wheel)
         digest = input_hash(recipe, files, parent_id or parent)
         if not force and tools.image_labels(recipe.image).get(INPUT_HASH_LABEL) == digest:
             image_id = tools.image_id(recipe.image) or ""
@@ -383,7 +500,7 @@ def build(tools: Tools, recipe: Recipe, recipes: Path | None = None, force: bool
 
 
 def build_command(tools: Tools, recipe: Recipe, context: Path, digest: str) -> list[str]:
-    args = dict(recipe.build_args)
+    """buildah bud or docker build (BuildKit) of ``recipe``; the CA bundle, if any, is a build secret."""
     labels = {**recipe.labels, INPUT_HASH_LABEL: digest}
     containerfile = str(context / recipe.containerfile)
     if tools.builder == "buildah":
@@ -391,14 +508,11 @@ def build_command(tools: Tools, recipe: Recipe, context: Path, digest: str) -> l
         argv += ["-t", recipe.image]
         if tools.isolation:
             argv += ["--isolation", tools.isolation]
-        if tools.ca_bundle:
-            argv += ["-v", f"{tools.ca_bundle}:{CA_TARGET}:ro"]
-            args |= {"PIP_CERT": CA_TARGET, "SSL_CERT_FILE": CA_TARGET}
     else:
-        if tools.ca_bundle:
-            raise ImageBuildError("docker build cannot mount a CA bundle; use buildah or --ca-bundle none.")
         argv = ["docker", "build", "--network", "host", "-f", containerfile, "-t", recipe.image]
-    for key, value in args.items():
+    if tools.ca_bundle:
+        argv += ["--secret", f"id={CA_SECRET},src={tools.ca_bundle}"]
+    for key, value in recipe.build_args.items():
         argv += ["--build-arg", f"{key}={value}"]
     for key, value in labels.items():
         argv += ["--label", f"{key}={value}"]

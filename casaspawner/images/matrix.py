@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from casaspawner import __version__
@@ -17,14 +17,19 @@ from casaspawner.catalog.model import Catalog, Release
 from casaspawner.errors import CasaspawnerError
 from casaspawner.plan import PlanConfig, image_for
 
-RecipeKind = Literal["session", "modular", "monolithic"]
+RecipeKind = Literal["session-base", "session", "modular", "monolithic"]
 LABEL_PREFIX = "io.casaspawner"
 INPUT_HASH_LABEL = f"{LABEL_PREFIX}.input-hash"
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
 DEFAULT_PYTHON = "3.11"  # Debian bookworm's python3
 MEASURES_MOUNT = "/opt/casa/measures"
-#: Build arguments that only carry the build host's CA bundle; they never change what is built.
-TRANSIENT_ARGS = frozenset({"PIP_CERT", "SSL_CERT_FILE"})
+#: What the ``io.casaspawner.measures`` label says, by the catalog's ``data`` field of a release.
+MEASURES_POLICIES = {
+    "casaconfig": f"read from {MEASURES_MOUNT} (mounted read-only): CASASITECONFIG points casaconfig's "
+    "measurespath at $CASA_MEASURES_PATH, auto-updates off",
+    "bundled": f"geodetic and ephemerides are links into {MEASURES_MOUNT} (mounted read-only); the release's "
+    "other bundled data stays in the image",
+}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -52,14 +57,19 @@ class MatrixOptions:
     def session_image(self) -> str:
         return f"{self.registry.rstrip('/')}/session:{self.session_tag}"
 
+    @property
+    def session_base_image(self) -> str:
+        """The session image without casaspawner: the parent of the session and every CASA image."""
+        return f"{self.registry.rstrip('/')}/session-base:{self.session_tag}"
+
 
 @dataclass(frozen=True)
 class Recipe:
     """One image to build: recipe files, build arguments, labels and the reference it is tagged with."""
 
-    name: str  # "session" or the release id
+    name: str  # "session-base", "session" or the release id
     kind: RecipeKind
-    context: str  # recipe directory under images/: "session" or "casa"
+    context: str  # recipe directory under casaspawner/images/recipes: "session" or "casa"
     containerfile: str  # file name inside the context
     image: str
     build_args: Mapping[str, str]
@@ -76,7 +86,7 @@ class Recipe:
             "name": self.name,
             "kind": self.kind,
             "image": self.image,
-            "recipe": f"images/{self.context}/{self.containerfile}",
+            "recipe": f"casaspawner/images/recipes/{self.context}/{self.containerfile}",
             "build_args": dict(self.build_args),
             "labels": dict(self.labels),
             "buildable": self.buildable,
@@ -93,28 +103,47 @@ def casa_home(release: Release) -> str:
     return f"/opt/casa/{release.tag}"
 
 
-def session_recipe(options: MatrixOptions) -> Recipe:
+def measures_policy(release: Release) -> str:
+    """``casaconfig`` (CASA >= 6.6.4 reads its site config) or ``bundled`` (older CASA reads its own data)."""
+    return "casaconfig" if release.data == "casaconfig" else "bundled"
+
+
+def session_recipes(options: MatrixOptions) -> tuple[Recipe, Recipe]:
+    """The session base (Jupyter, desktop, nss_wrapper: no casaspawner) and the session image on top of it
+    (the casaspawner package). CASA images build on the base too, so a change to casaspawner's Python
+    replaces only the small casaspawner layer of each image."""
     labels = {
         "org.opencontainers.image.title": "casaspawner session",
         "org.opencontainers.image.version": options.session_tag,
         f"{LABEL_PREFIX}.role": "session",
     }
-    return Recipe(
+    base = Recipe(
+        name="session-base",
+        kind="session-base",
+        context="session",
+        containerfile="Containerfile",
+        image=options.session_base_image,
+        build_args={"BASE_IMAGE": options.base_image},
+        labels={**labels, f"{LABEL_PREFIX}.base": options.base_image},
+    )
+    session = Recipe(
         name="session",
         kind="session",
         context="session",
-        containerfile="Containerfile",
+        containerfile="casaspawner.Containerfile",
         image=options.session_image,
-        build_args={"BASE_IMAGE": options.base_image},
+        build_args={"SESSION_BASE": options.session_base_image},
         labels=labels,
     )
+    return base, session
 
 
 def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
-    """The recipe for one release; ``problem`` says why it cannot be built (unpublished, no pin, ...)."""
+    """The recipe for one release; ``problem`` says why it cannot be built (unpublished, no wheel, ...)."""
     image = image_for(release, options.plan_config)
+    policy = measures_policy(release)
     args = {
-        "SESSION_IMAGE": options.session_image,
+        "SESSION_BASE": options.session_base_image,
         "BASE_IMAGE": options.base_image,
         "CASA_RELEASE": release.id,
         "CASA_TAG": release.tag,
@@ -130,7 +159,7 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
         f"{LABEL_PREFIX}.pipeline": release.pipeline or "",
         f"{LABEL_PREFIX}.packaging": release.packaging,
         f"{LABEL_PREFIX}.kernel-name": release.kernel_name,
-        f"{LABEL_PREFIX}.measures": f"mounted read-only at {MEASURES_MOUNT} (CASA_MEASURES_PATH)",
+        f"{LABEL_PREFIX}.measures": MEASURES_POLICIES[policy],
     }
     common = {"name": release.id, "context": "casa", "image": image, "release": release}
     if release.packaging == "monolithic":
@@ -143,16 +172,21 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
         )
         sha256 = (tarball.sha256 or options.checksums.get(tarball.name) or "").lower()
         python = f"{casa_home(release)}/lib/py/bin/python3" if release.casa_version.major >= 6 else ""
-        args |= {"CASA_TARBALL_URL": url, "CASA_TARBALL_SHA256": sha256, "CASA_PYTHON": python}
-        labels |= {f"{LABEL_PREFIX}.tarball": tarball.name, f"{LABEL_PREFIX}.tarball-sha256": sha256}
+        args |= {
+            "CASA_TARBALL_URL": url,
+            # Empty: the MD5 published next to the tarball (<url>.md5), fetched when the build starts.
+            "CASA_TARBALL_CHECKSUM": f"sha256:{sha256}" if sha256 else "",
+            "CASA_PYTHON": python,
+            "CASA_DATA": policy,
+            "CASA_MEASURES_MOUNT": MEASURES_MOUNT,
+        }
+        labels |= {f"{LABEL_PREFIX}.tarball": tarball.name}
         problem = None
-        if not _SHA256.fullmatch(sha256):
-            problem = (
-                f"no SHA-256 is pinned for {tarball.name}; give one with --checksums FILE (sha256sum format) "
-                "or --sha256"
-            )
-        return Recipe(kind="monolithic", containerfile="monolithic.Containerfile", build_args=args,
-                      labels=labels, problem=problem, **common)  # type: ignore[arg-type]  # fmt: skip
+        if sha256 and not _SHA256.fullmatch(sha256):
+            problem = f"the SHA-256 given for {tarball.name} is not 64 hexadecimal digits"
+        recipe = Recipe(kind="monolithic", containerfile="monolithic.Containerfile", build_args=args,
+                        labels=labels, problem=problem, **common)  # type: ignore[arg-type]  # fmt: skip
+        return with_tarball_checksum(recipe, args["CASA_TARBALL_CHECKSUM"])
     if release.packaging == "modular":
         assert release.wheels is not None
         requirements = " ".join(release.wheels.requirements())
@@ -164,11 +198,24 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
                 f"casatools {release.wheels.casatools} has no wheel for Python {options.python} "
                 f"(only {', '.join(release.wheels.python)}); use a base image with one of those and --python"
             )
+        elif policy != "casaconfig":
+            problem = f"{release.label} predates casaconfig, which modular images use to read the measures"
         return Recipe(kind="modular", containerfile="modular.Containerfile", build_args=args,
                       labels=labels, problem=problem, **common)  # type: ignore[arg-type]  # fmt: skip
     return Recipe(kind="monolithic", containerfile="monolithic.Containerfile", build_args=args, labels=labels,
                   problem=f"{release.label} was never published; ALMA restores it with another release",
                   **common)  # type: ignore[arg-type]  # fmt: skip
+
+
+def with_tarball_checksum(recipe: Recipe, checksum: str) -> Recipe:
+    """``recipe`` verifying its tarball against ``checksum`` (``sha256:<hex>``/``md5:<hex>``; empty: the
+    published ``.md5``, looked up when the build starts). The label records it, so it is in the input hash."""
+    url = recipe.build_args["CASA_TARBALL_URL"]
+    return replace(
+        recipe,
+        build_args={**recipe.build_args, "CASA_TARBALL_CHECKSUM": checksum},
+        labels={**recipe.labels, f"{LABEL_PREFIX}.tarball-checksum": checksum or f"md5 of {url}.md5"},
+    )
 
 
 def select_releases(catalog: Catalog, ids: Sequence[str] | None) -> list[Release]:
@@ -187,8 +234,13 @@ def select_releases(catalog: Catalog, ids: Sequence[str] | None) -> list[Release
 
 
 def build_matrix(catalog: Catalog, options: MatrixOptions, ids: Sequence[str] | None = None) -> list[Recipe]:
-    """Session recipe first, then one recipe per selected release (catalog order)."""
-    return [session_recipe(options), *(release_recipe(r, options) for r in select_releases(catalog, ids))]
+    """The session base and session recipes first, then one recipe per selected release (catalog order)."""
+    return [*session_recipes(options), *(release_recipe(r, options) for r in select_releases(catalog, ids))]
+
+
+def parent_reference(recipe: Recipe) -> str:
+    """The image a recipe builds on: the base image for the session base, else the session base."""
+    return recipe.build_args.get("SESSION_BASE") or recipe.build_args["BASE_IMAGE"]
 
 
 def parse_checksums(text: str) -> dict[str, str]:
@@ -246,8 +298,7 @@ def input_hash(recipe: Recipe, files: Mapping[str, bytes], parent_id: str) -> st
     for path in sorted(files):
         feed(path, files[path])
     for key in sorted(recipe.build_args):
-        if key not in TRANSIENT_ARGS:
-            feed(key, recipe.build_args[key])
+        feed(key, recipe.build_args[key])
     for key in sorted(recipe.labels):
         feed(key, recipe.labels[key])
     return digest.hexdigest()

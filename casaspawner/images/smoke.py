@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -29,6 +30,7 @@ from casaspawner.images.matrix import MEASURES_MOUNT, ImageBuildError
 from casaspawner.plan import PlanConfig
 
 HOME = "/arc/home/smoke"
+NOTICES_EXTENSION = "casaspawner.services.session_notices"
 DESKTOP_XSTARTUP = PlanConfig().desktop_xstartup
 CASA_CODE = """
 import casatools, casatasks, numpy, scipy.linalg
@@ -114,20 +116,22 @@ def run_in(
 
 
 def world_writable(tools: Tools, image: str) -> list[str]:
-    """Paths in the image (outside /proc, /sys, /dev, /tmp; symlinks aside) that any user may write."""
+    """Paths of the image's own filesystem (outside /proc, /sys, /dev, /tmp; symlinks aside) that any user
+    may write. The container runs without ``--read-only``, which would lay tmpfs mounts over /run and
+    /var/tmp and hide what the image has there."""
     result = tools.run(
-        [*tools.container("run", "--rm", "--network", "none", "--user", "0", "--read-only"),
-         image, "sh", "-c", WORLD_WRITABLE],
+        [
+            *tools.container("run", "--rm", "--network", "none", "--user", "0"),
+            image,
+            "sh",
+            "-c",
+            WORLD_WRITABLE,
+        ],
         check=False,
-    )  # fmt: skip
+    )
     if result.returncode != 0:
         raise ImageBuildError(f"could not list world-writable files in {image}: {result.stderr.strip()}.")
-    runtime = {
-        "/etc/hosts",
-        "/etc/hostname",
-        "/etc/resolv.conf",
-        "/run/.containerenv",
-    }  # added by the runtime
+    runtime = {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv"}  # the runtime's
     return [line for line in result.stdout.split() if line and line not in runtime]
 
 
@@ -163,6 +167,25 @@ def vnc_greeting(tools: Tools, image: str, session: Session) -> str:
         "print(s.recv(12).decode().strip())' || cat /tmp/vnc.log"
     )
     return run_in(tools, image, session, script, timeout=120).stdout.strip()
+
+
+def x11_window(tools: Tools, image: str, session: Session, app: str, title: str, timeout: int = 60) -> str:
+    """Start ``app`` (a path in the image, e.g. an extracted AppImage) on a TigerVNC X server (Xvnc, Unix
+    socket only) in a session container, and return the X window line whose name contains ``title`` (as
+    ``xwininfo -tree`` prints it), or the app's last output lines if no such window appears."""
+    script = (
+        "Xvnc :7 -SecurityTypes None -rfbport -1 -rfbunixpath /tmp/vnc.sock -ac >/tmp/xvnc.log 2>&1 & "
+        "for i in $(seq 50); do [ -S /tmp/.X11-unix/X7 ] && break; sleep 0.2; done; "
+        f"DISPLAY=:7 {_quote(app)} >/tmp/app.log 2>&1 & "
+        f"for i in $(seq {timeout * 2}); do "
+        f"  w=$(xwininfo -display :7 -root -tree 2>/dev/null | grep -F {_quote(title)}) && break; sleep 0.5; "
+        'done; if [ -n "$w" ]; then echo "WINDOW $w"; else tail -n 5 /tmp/app.log /tmp/xvnc.log; fi'
+    )
+    output = run_in(tools, image, session, script, timeout=timeout + 60).stdout
+    windows = [
+        line.removeprefix("WINDOW").strip() for line in output.splitlines() if line.startswith("WINDOW")
+    ]
+    return windows[0] if windows else output.strip()[-500:]
 
 
 def kernelspecs(tools: Tools, image: str, session: Session) -> dict[str, Any]:
@@ -203,23 +226,51 @@ def casa_environment(tools: Tools, image: str, session: Session) -> dict[str, st
     return {"python": lines[0], "home": lines[1], "siteconfig": lines[2], "version": lines[3]}
 
 
+def server_extensions(tools: Tools, image: str, session: Session) -> dict[str, str]:
+    """What ``jupyter server extension list`` says of each extension ("enabled"/"disabled"), plus two
+    entries on casaspawner's notices extension: ``<module> (import)`` ("ok"/"failed") and ``<module>
+    (config)``: the jupyter_server_config.d files of the session environment that name it."""
+    result = run_in(
+        tools, image, session,
+        f"jupyter server extension list 2>&1; python -c 'import {NOTICES_EXTENSION}' >/dev/null 2>&1 "
+        "&& echo 'IMPORT ok' || echo 'IMPORT failed'; "
+        f"echo CONFIG $(grep -l '{NOTICES_EXTENSION}' /opt/session/etc/jupyter/jupyter_server_config.d/*.json)",
+    )  # fmt: skip
+    found: dict[str, str] = {}
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", result.stdout).splitlines():  # it colours "enabled"
+        words = line.split()
+        if line.startswith("IMPORT "):
+            found[f"{NOTICES_EXTENSION} (import)"] = words[1]
+        elif line.startswith("CONFIG"):
+            found[f"{NOTICES_EXTENSION} (config)"] = " ".join(words[1:])
+        elif len(words) >= 2 and words[1] in ("enabled", "disabled"):
+            found[words[0]] = words[1]
+    return found
+
+
 @contextmanager
 def jupyter_server(
     tools: Tools, image: str, session: Session, command: Sequence[str] | None = None, timeout: float = 120
 ) -> Iterator[tuple[str, str]]:
-    """A Jupyter server from ``image`` in its own network namespace, published on 127.0.0.1 only; yields
-    (base URL, token) once it answers. The desktop's environment is set as the plan sets it."""
+    """A Jupyter server from ``image``, reachable on 127.0.0.1 only; yields (base URL, token) once it
+    answers. The desktop's environment is set as the plan sets it."""
     port, token = free_port(), secrets.token_hex(16)
     name = f"casaspawner-smoke-{port}"
+    # Its own network namespace with the port published on 127.0.0.1, as a pod; where this host has no
+    # bridge networking, the host's network with the server on 127.0.0.1 only.
+    bridge = tools.network == "bridge"
     command = command or [
-        "jupyter", "lab", "--no-browser", "--ip=0.0.0.0", "--port=8888",
-        f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+        "jupyter", "lab", "--no-browser", f"--ip={'0.0.0.0' if bridge else '127.0.0.1'}",  # noqa: S104
+        f"--port={8888 if bridge else port}", f"--IdentityProvider.token={token}",
+        "--ServerApp.open_browser=False",
     ]  # fmt: skip
     session = Session(
         session.home, session.measures, session.uid, session.gid,
         {"JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP": DESKTOP_XSTARTUP, **session.env},
     )  # fmt: skip
-    argv = run_argv(tools, image, session, detach=True, name=name, network="bridge", publish=port)
+    argv = run_argv(
+        tools, image, session, detach=True, name=name, network=tools.network, publish=port if bridge else None
+    )
     tools.run([*argv, *command])
     url = f"http://127.0.0.1:{port}"
     try:
@@ -311,7 +362,8 @@ def kube_play(tools: Tools, manifest: Path, timeout: float = 120) -> Iterator[st
     """Run a pod manifest with ``podman kube play`` (its own network namespace); yields the pod name."""
     pod = yaml.safe_load(manifest.read_text())
     name = str(pod["metadata"]["name"])
-    tools.run(tools.container("kube", "play", "--replace", str(manifest)), timeout=timeout)
+    network = ["--network", "host"] if tools.network == "host" else []
+    tools.run(tools.container("kube", "play", "--replace", *network, str(manifest)), timeout=timeout)
     try:
         yield name
     finally:

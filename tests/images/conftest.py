@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from images_support import CASADATA, MODULAR, REGISTRY, build
+from images_support import CASADATA, MODULAR, PLOTMS, REGISTRY, build
 
 from casaspawner.catalog import Catalog
 from casaspawner.images import engine
@@ -30,21 +30,20 @@ def tools() -> engine.Tools:
 
 @pytest.fixture(scope="session")
 def built(tools: engine.Tools, catalog: Catalog) -> dict[str, Recipe]:
-    """The session image and one modular CASA image, built (or reused) with the real CLI."""
+    """The session base, the session image and one modular CASA image, built (or reused) with the real CLI."""
     result, seconds = build("--registry", REGISTRY, "--release", MODULAR)
     assert result.returncode == 0, result.stderr + result.stdout
     print(f"\n[images] session + {MODULAR}: {seconds:.0f} s\n{result.stdout}")
     recipes = build_matrix(catalog, MatrixOptions(registry=REGISTRY), [MODULAR])
     probe = engine.detect_tools(probe_image=recipes[0].image)
-    tools.env, tools.run_flags = probe.env, probe.run_flags
+    tools.env, tools.run_flags, tools.network = probe.env, probe.run_flags, probe.network
     return {r.name: r for r in recipes}
 
 
-@pytest.fixture(scope="session")
-def measures() -> Path:
-    """The ``casadata`` package's data directory (installed once into the cache), as a measures tree."""
-    target = engine.CACHE_DIR / "casadata" / CASADATA.replace("==", "-")
-    if not (target / "casadata").is_dir():
+def pip_target(requirement: str, kind: str) -> Path:
+    """``requirement`` installed once (no dependencies) into its own directory of the images cache."""
+    target = engine.CACHE_DIR / kind / requirement.replace("==", "-")
+    if not target.is_dir():
         partial = target.with_suffix(".partial")
         shutil.rmtree(partial, ignore_errors=True)
         pip: Sequence[str] = [
@@ -57,8 +56,15 @@ def measures() -> Path:
             "--target",
             str(partial),
         ]
-        subprocess.run([*pip, CASADATA], check=True, timeout=900)
+        subprocess.run([*pip, requirement], check=True, timeout=900)
         partial.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def measures() -> Path:
+    """The ``casadata`` package's data directory (installed once into the cache), as a measures tree."""
+    target = pip_target(CASADATA, "casadata")
     found = subprocess.run(
         [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import casadata; print(casadata.datapath)",
          str(target)],
@@ -67,3 +73,10 @@ def measures() -> Path:
     path = Path(found)
     assert (path / "geodetic").is_dir(), f"casadata has no geodetic tables at {path}"
     return path
+
+
+@pytest.fixture(scope="session")
+def plotms_appimage() -> Path:
+    """A real CASA GUI AppImage: casaplotms's, from its PyPI wheel (installed once into the cache)."""
+    (appimage,) = (pip_target(PLOTMS, "casaplotms") / "casaplotms" / "__bin__").glob("*.AppImage")
+    return appimage

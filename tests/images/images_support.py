@@ -9,6 +9,7 @@ import time
 REGISTRY = "localhost/casaspawner"
 MODULAR = "casa-6.6.5-31"
 CASADATA = "casadata==2025.9.22"  # measures data for the tests, mounted read-only like the shared volume
+PLOTMS = "casaplotms==2.5.2"  # its AppImage goes into the stand-in monolithic tarball
 
 
 def images_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:

@@ -1,21 +1,27 @@
 """Build the session image and a modular CASA image on an mmdebstrap base and run them as a pod would.
 
 Marked ``images``: real buildah builds and podman runs (uid 54321 without a passwd entry, read-only root,
-tmpfs /tmp, HOME on a mounted directory, measures mounted read-only). Only 127.0.0.1 is contacted.
+tmpfs /tmp, HOME on a mounted directory, measures mounted read-only). Only 127.0.0.1 is contacted (plus the
+package indexes and apt mirror the builds themselves use).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import threading
+import urllib.request
+import zipfile
 from collections.abc import Iterator
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,7 +31,7 @@ from casaspawner.catalog import Catalog
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.images import engine, smoke
 from casaspawner.images.cli import check_image
-from casaspawner.images.matrix import INPUT_HASH_LABEL, MatrixOptions, Recipe, build_matrix
+from casaspawner.images.matrix import INPUT_HASH_LABEL, MEASURES_POLICIES, MatrixOptions, Recipe, build_matrix
 from casaspawner.plan import PlanConfig
 
 pytestmark = [pytest.mark.images, pytest.mark.timeout(2400)]
@@ -49,6 +55,57 @@ def test_session_image_runs_as_any_uid_on_a_read_only_root(
     assert observed["desktop_page"] == 200
     # /desktop-websockify/ made jupyter-remote-desktop-proxy start TigerVNC with the desktop start script.
     assert observed["desktop_vnc"] == "RFB 003.008"
+
+
+def test_session_image_carries_the_casaspawner_package(
+    tools: engine.Tools, built: dict[str, Recipe], tmp_path: Path
+) -> None:
+    session = smoke.Session(home=smoke.home_dir())
+    extensions = smoke.server_extensions(tools, built["session"].image, session)
+    notices = smoke.NOTICES_EXTENSION
+    assert extensions[f"{notices} (import)"] == "ok"
+    # The package's own Jupyter config (data files of the wheel) decides whether the extension is enabled
+    # by default; hubs enable it with --ServerApp.jpserver_extensions otherwise.
+    wheel = engine.casaspawner_wheel(tmp_path)
+    configs = [
+        name for name in zipfile.ZipFile(wheel).namelist()
+        if "/data/etc/jupyter/jupyter_server_config.d/" in name
+        and notices.encode() in zipfile.ZipFile(wheel).read(name)
+    ]  # fmt: skip
+    if configs:
+        assert extensions[notices] == "enabled", extensions
+        assert extensions[f"{notices} (config)"]
+    else:
+        assert extensions[f"{notices} (config)"] == ""
+    # The desktop files come from the package; nothing of the build's CA bundle or secret mounts is left.
+    result = smoke.run_in(
+        tools, built["session"].image, session,
+        "readlink /opt/casaspawner/desktop; ls /etc/casaspawner-build-ca.pem /run/secrets 2>&1 | wc -l; "
+        "ls /etc/casaspawner-build-ca.pem /run/secrets 2>/dev/null | wc -l",
+    )  # fmt: skip
+    target, _, found = result.stdout.split()
+    assert target == "/opt/session/lib/python3.11/site-packages/casaspawner/desktop"
+    assert found == "0"
+
+
+def test_smoke_server_falls_back_to_host_networking(tools: engine.Tools, built: dict[str, Recipe]) -> None:
+    # What the smoke checks do on a host where containers get no bridge network: the server runs in the
+    # host's network namespace, listening on 127.0.0.1 only.
+    host = dataclasses.replace(tools, network="host")
+    session = smoke.Session(home=smoke.home_dir())
+    with smoke.jupyter_server(host, built["session"].image, session) as (url, token):
+        assert "started" in smoke.get_json(f"{url}/api/status", token)
+
+
+def test_world_writable_check_sees_the_images_own_run_and_var_tmp(
+    tools: engine.Tools, built: dict[str, Recipe]
+) -> None:
+    # The mmdebstrap base has world-writable /run/lock and /var/tmp; a --read-only run would hide both
+    # under tmpfs mounts. The session layer fixes them, and the check sees both states.
+    base = tools.image_labels(built["session-base"].image)["io.casaspawner.base"]  # the mmdebstrap base used
+    assert base.startswith("localhost/casaspawner-base:")
+    assert {"/run/lock", "/var/tmp"} <= set(smoke.world_writable(tools, base))
+    assert smoke.world_writable(tools, built["session-base"].image) == []
 
 
 def test_casa_image_kernel_runs_casatools_with_mounted_measures(
@@ -96,6 +153,24 @@ def test_gui_appimages_are_extracted_and_usable_by_any_uid(
         "ok casaplotms-x86_64.AppImage",
         "ok casaviewer-x86_64.AppImage",
     ]
+    # ... and plotms (with its symbol tables stripped) starts and opens its window.
+    app = f"{built[MODULAR].build_args['CASA_TAG']}/lib/python3.11/site-packages/casaplotms/__bin__"
+    window = smoke.x11_window(
+        tools, built[MODULAR].image, session, f"/opt/casa/{app}/casaplotms-x86_64.AppImage", '"PlotMS"'
+    )
+    assert '"PlotMS": ("casa.qtapp"' in window, window
+
+
+def test_test_suites_of_third_party_packages_are_not_in_the_casa_image(
+    tools: engine.Tools, built: dict[str, Recipe]
+) -> None:
+    session = smoke.Session(home=smoke.home_dir())
+    result = smoke.run_in(
+        tools, built[MODULAR].image, session,
+        'cd "$CASASPAWNER_CASA_HOME"/lib/python3.11/site-packages && ls -d numpy/_core/tests scipy/linalg/tests '
+        'matplotlib/tests 2>/dev/null | wc -l; ls -d numpy/testing casatasks >/dev/null && echo kept',
+    )  # fmt: skip
+    assert result.stdout.split() == ["0", "kept"]
 
 
 def test_images_carry_catalog_labels_and_are_reused_when_unchanged(
@@ -104,11 +179,53 @@ def test_images_carry_catalog_labels_and_are_reused_when_unchanged(
     labels = tools.image_labels(built[MODULAR].image)
     assert labels["io.casaspawner.release"] == MODULAR
     assert labels["io.casaspawner.kernel-name"] == "CASA 6.6.5-31"
+    assert labels["io.casaspawner.measures"] == MEASURES_POLICIES["casaconfig"]
     assert len(labels[INPUT_HASH_LABEL]) == 64
     result, seconds = build("--registry", REGISTRY, "--release", MODULAR)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("up to date") == 2, result.stdout
+    assert result.stdout.count("up to date") == 3, result.stdout
     assert seconds < 120
+
+
+def test_a_casaspawner_change_leaves_the_casa_layers_alone(
+    tools: engine.Tools, built: dict[str, Recipe], catalog: Catalog, tmp_path: Path
+) -> None:
+    # A checkout whose casaspawner differs in one file gives another wheel; rebuilt with it, the CASA image
+    # keeps every layer but the last two (casaspawner's wheel and its installation), so nodes and
+    # registries keep the CASA layers too.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    root = Path(engine.__file__).resolve().parents[2]
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(root / name, checkout / name)
+    shutil.copytree(
+        root / "casaspawner", checkout / "casaspawner", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    with (checkout / "casaspawner" / "desktop" / "casa_startup.py").open("a") as f:
+        f.write("# a change to casaspawner only\n")
+    wheel = engine.casaspawner_wheel(tmp_path, checkout=checkout)
+    registry = f"{REGISTRY}-rewheel"
+    result, _ = build("--registry", registry, "--release", MODULAR, "--casaspawner-wheel", str(wheel))
+    assert result.returncode == 0, result.stderr
+    rebuilt = build_matrix(catalog, MatrixOptions(registry=registry), [MODULAR])
+    try:
+        before, after = (layers(tools, built[MODULAR].image), layers(tools, rebuilt[2].image))
+        assert after[:-2] == before[:-2]
+        assert after[-2] != before[-2] and after[-1] != before[-1]
+        changed = smoke.run_in(
+            tools, rebuilt[2].image, smoke.Session(home=smoke.home_dir()),
+            "tail -n 1 /opt/casaspawner/desktop/casa_startup.py",
+        )  # fmt: skip
+        assert changed.stdout == "# a change to casaspawner only\n"
+        assert layers(tools, rebuilt[0].image) == layers(tools, built["session-base"].image)
+    finally:
+        for recipe in rebuilt:
+            tools.run([tools.runner, "rmi", recipe.image], check=False)
+
+
+def layers(tools: engine.Tools, image: str) -> list[str]:
+    result = tools.run([tools.runner, "image", "inspect", "--format", "{{json .RootFS.Layers}}", image])
+    return list(json.loads(result.stdout))
 
 
 def test_pod_manifest_from_casaspawner_pod_runs_under_kube_play(
@@ -195,93 +312,232 @@ HTTPServer(("127.0.0.1", 8081), Hub).serve_forever()
 
 # ----------------------------------------------------------------------------------------- monolithic recipe
 
-STANDIN = "pl-2024.1.0.8"
+STANDIN = "pl-2024.1.0.8"  # CASA 6.6.1-17: a pipeline build with bundled data (pre-casaconfig)
+STANDIN_PORT = 47911  # preferred, so the build arguments (and buildah's layer cache) stay the same per run
+SITE = "lib/py/lib/python3.8/site-packages"
 
 
-def standin_tarball(directory: Path, catalog: Catalog) -> tuple[Path, str]:
-    """A tarball with the layout of the release's real one: ``casa-<ver>-pipeline-<pl>/`` with ``bin/casa`` and
-    ``lib/py/bin/python3`` (here a link to the image's Python), plus a world-writable file to be fixed."""
+def standin_tarball(directory: Path, catalog: Catalog, appimage: Path) -> Path:
+    """A tarball with the layout of the release's real one: ``casa-<ver>-pipeline-<pl>/`` with ``bin/casa``,
+    ``lib/py/bin/python3`` (here a link to the image's Python), the bundled ``casadata/__data__`` (geodetic,
+    ephemerides, alma) and casaplotms's real AppImage under ``casaplotms/__bin__``, plus a world-writable file
+    to be fixed. Written deterministically (fixed times and owners, uncompressed: GNU tar reads it as it
+    reads .tar.xz), so its checksum is the same on every run."""
     release = catalog.get(STANDIN)
     assert release.tarball is not None
     top = f"casa-{release.casa}-pipeline-{release.pipeline}"
     path = directory / release.tarball.name
+    data = f"{top}/{SITE}/casadata/__data__"
     members = {
         f"{top}/bin/casa": (b'#!/bin/sh\nexec "$(dirname "$0")/../lib/py/bin/python3" "$@"\n', 0o755),
         f"{top}/VERSION": (f"{release.casa}\n".encode(), 0o644),
         f"{top}/lib/py/share/notes.txt": (b"stand-in\n", 0o666),
+        f"{data}/geodetic/TAI_UTC/table.dat": (b"bundled, stale\n", 0o644),
+        f"{data}/ephemerides/DE405/table.dat": (b"bundled, stale\n", 0o644),
+        f"{data}/alma/responses/README": (b"release data that stays\n", 0o644),
     }
-    with tarfile.open(path, "w:xz") as tar:
-        for name in (
-            top,
-            f"{top}/bin",
-            f"{top}/lib",
-            f"{top}/lib/py",
-            f"{top}/lib/py/bin",
-            f"{top}/lib/py/share",
-        ):
+    dirs = sorted({str(Path(name).parent) for name in members} | {f"{top}/lib/py/bin"})
+    appdir = f"{top}/{SITE}/casaplotms/__bin__"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name in sorted({str(p) for d in [*dirs, appdir] for p in [Path(d), *Path(d).parents]} - {"."}):
             info = tarfile.TarInfo(name)
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             tar.addfile(info)
-        for name, (data, mode) in members.items():
+        for name, (content, mode) in members.items():
             info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), mode
-            tar.addfile(info, io.BytesIO(data))
+            info.size, info.mode = len(content), mode
+            tar.addfile(info, io.BytesIO(content))
+        info = tarfile.TarInfo(f"{appdir}/{appimage.name}")
+        info.size, info.mode = appimage.stat().st_size, 0o755
+        with appimage.open("rb") as f:
+            tar.addfile(info, f)
         link = tarfile.TarInfo(f"{top}/lib/py/bin/python3")
         link.type, link.linkname = tarfile.SYMTYPE, "/usr/bin/python3"
         tar.addfile(link)
-    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+    return path
 
 
 @pytest.fixture(scope="module")
-def tarball_server(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Iterator[tuple[str, str]]:
-    directory = tmp_path_factory.mktemp("mirror")
-    _, sha256 = standin_tarball(directory, catalog)
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(directory))
-    )
+def tarball_server(
+    tmp_path_factory: pytest.TempPathFactory, catalog: Catalog, plotms_appimage: Path
+) -> Iterator[tuple[str, Path]]:
+    """The stand-in served on 127.0.0.1: ``good/`` with its right .md5, ``wrong/`` with a wrong .md5 and
+    ``none/`` with no .md5; yields (base URL, tarball)."""
+    root = tmp_path_factory.mktemp("mirror")
+    tarball = standin_tarball(root, catalog, plotms_appimage)
+    md5 = hashlib.md5(tarball.read_bytes()).hexdigest()
+    for kind, sum_ in (("good", md5), ("wrong", "0" * 32), ("none", None)):
+        (root / kind).mkdir()
+        (root / kind / tarball.name).symlink_to(tarball)
+        if sum_:
+            (root / kind / f"{tarball.name}.md5").write_text(f"{sum_}  {tarball.name}\n")
+    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", STANDIN_PORT), handler)
+    except OSError:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", sha256
+        yield f"http://127.0.0.1:{server.server_address[1]}", tarball
     finally:
         server.shutdown()
 
 
-def test_monolithic_recipe_refuses_a_wrong_checksum(
-    built: dict[str, Recipe], tarball_server: tuple[str, str]
-) -> None:
-    url, sha256 = tarball_server
-    wrong = hashlib.sha256(b"not the tarball").hexdigest()
-    result, _ = build("--registry", f"{REGISTRY}-standin", "--release", STANDIN, "--tarball-mirror", url,
-                      "--sha256", wrong)  # fmt: skip
-    assert result.returncode == 2
-    assert "checksum mismatch" in result.stderr
-    assert f"expected {wrong}, got {sha256}" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def standin_build(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    result, _ = build(
+        "--registry", f"{REGISTRY}-standin", "--release", STANDIN, "--tarball-mirror", url, *args
+    )
+    return result
 
 
-def test_monolithic_recipe_installs_a_verified_tarball(
-    tools: engine.Tools, built: dict[str, Recipe], tarball_server: tuple[str, str], catalog: Catalog
+def test_monolithic_recipe_refuses_a_wrong_or_missing_checksum(
+    built: dict[str, Recipe], tarball_server: tuple[str, Path]
 ) -> None:
-    url, sha256 = tarball_server
-    result, _ = build("--registry", f"{REGISTRY}-standin", "--release", STANDIN, "--tarball-mirror", url,
-                      "--sha256", sha256)  # fmt: skip
+    url, tarball = tarball_server
+    wrong_md5 = standin_build(f"{url}/wrong/")
+    assert wrong_md5.returncode == 2
+    assert wrong_md5.stderr.strip().endswith(f"{tarball.name} does not match its MD5 checksum (log: "
+                                             f"{wrong_md5.stderr.split('(log: ')[-1].strip()}")  # fmt: skip
+    assert len(wrong_md5.stderr.strip().splitlines()) == 1
+    wrong_sha = standin_build(f"{url}/good/", "--sha256", hashlib.sha256(b"not the tarball").hexdigest())
+    assert wrong_sha.returncode == 2
+    assert f"{tarball.name} does not match its SHA256 checksum" in wrong_sha.stderr
+    no_md5 = standin_build(f"{url}/none/")
+    assert no_md5.returncode == 2
+    assert f"{tarball.name} cannot be verified: the catalog has no SHA-256 and {url}/none/{tarball.name}.md5 " \
+        "is unreachable" in no_md5.stderr  # fmt: skip
+    assert len(no_md5.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def standin(
+    tools: engine.Tools, built: dict[str, Recipe], tarball_server: tuple[str, Path], catalog: Catalog
+) -> Recipe:
+    """The stand-in release built from ``good/``: no SHA-256 anywhere, so the published .md5 verifies it."""
+    url, _ = tarball_server
+    result = standin_build(f"{url}/good/")
     assert result.returncode == 0, result.stderr
+    options = MatrixOptions(registry=f"{REGISTRY}-standin", tarball_mirror=f"{url}/good/")
+    return build_matrix(catalog, options, [STANDIN])[2]
+
+
+def test_monolithic_recipe_installs_a_tarball_verified_by_its_published_md5(
+    tools: engine.Tools, standin: Recipe, tarball_server: tuple[str, Path], catalog: Catalog
+) -> None:
+    _, tarball = tarball_server
     release = catalog.get(STANDIN)
-    options = MatrixOptions(registry=f"{REGISTRY}-standin", checksums={release.tarball.name: sha256})  # type: ignore[union-attr]
-    recipe = build_matrix(catalog, options, [STANDIN])[1]
-    labels = tools.image_labels(recipe.image)
-    assert labels["io.casaspawner.tarball-sha256"] == sha256
-    assert smoke.world_writable(tools, recipe.image) == []  # the 0666 file in the tarball was fixed
+    labels = tools.image_labels(standin.image)
+    assert labels["io.casaspawner.tarball-checksum"] == f"md5:{hashlib.md5(tarball.read_bytes()).hexdigest()}"
+    assert labels["io.casaspawner.measures"] == MEASURES_POLICIES["bundled"]
+    assert smoke.world_writable(tools, standin.image) == []  # the 0666 file in the tarball was fixed
     session = smoke.Session(home=smoke.home_dir())
-    env = smoke.casa_environment(tools, recipe.image, session)
+    env = smoke.casa_environment(tools, standin.image, session)
     assert env["python"] == f"/opt/casa/{release.tag}/lib/py/bin/python3"
     assert env["home"] == f"/opt/casa/{release.tag}"
     version = smoke.run_in(
-        tools, recipe.image, session, 'cat "$CASASPAWNER_CASA_HOME/VERSION"'
+        tools, standin.image, session, 'cat "$CASASPAWNER_CASA_HOME/VERSION"'
     ).stdout.strip()
     assert version == release.casa
-    specs = smoke.kernelspecs(tools, recipe.image, session)
+    specs = smoke.kernelspecs(tools, standin.image, session)
     kernel = next(k for k, v in specs.items() if v["spec"]["display_name"] == release.kernel_name)
-    reply = smoke.run_kernel(tools, recipe.image, session, kernel, "import sys; print(sys.executable)")
+    reply = smoke.run_kernel(tools, standin.image, session, kernel, "import sys; print(sys.executable)")
     assert reply == {"status": "ok", "output": f"/opt/casa/{release.tag}/lib/py/bin/python3\n"}
+    assert (
+        smoke.server_extensions(tools, standin.image, session)[f"{smoke.NOTICES_EXTENSION} (import)"] == "ok"
+    )
+
+
+def test_bundled_data_reads_its_measures_from_the_mount(
+    tools: engine.Tools, standin: Recipe, measures: Path
+) -> None:
+    # CASA 6.6.1 ignores casaconfig: its bundled geodetic and ephemerides directories lead to the mount.
+    session = smoke.Session(home=smoke.home_dir(), measures=measures)
+    data = f"$CASASPAWNER_CASA_HOME/{SITE}/casadata/__data__"
+    result = smoke.run_in(
+        tools, standin.image, session,
+        f"readlink {data}/geodetic {data}/ephemerides; ls {data}/geodetic/; cat {data}/alma/responses/README",
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["/opt/casa/measures/geodetic", "/opt/casa/measures/ephemerides"]
+    assert set(lines[2:-1]) == {p.name for p in (measures / "geodetic").iterdir()}  # the mounted tables
+    assert lines[-1] == "release data that stays"
+
+
+def test_monolithic_appimage_is_extracted_and_starts_as_any_uid(
+    tools: engine.Tools, standin: Recipe, catalog: Catalog
+) -> None:
+    release = catalog.get(STANDIN)
+    app = f"/opt/casa/{release.tag}/{SITE}/casaplotms/__bin__/casaplotms-x86_64.AppImage"
+    session = smoke.Session(home=smoke.home_dir())
+    result = smoke.run_in(
+        tools, standin.image, session, f"readlink {app}; test -d /dev/fuse && echo fuse || echo no-fuse"
+    )
+    assert result.stdout.split() == ["casaplotms-x86_64.AppDir/AppRun", "no-fuse"]
+    # uid 54321, read-only root, no FUSE: the extracted plotms opens its window on TigerVNC's X server.
+    window = smoke.x11_window(tools, standin.image, session, app, '"PlotMS"')
+    assert '"PlotMS": ("casa.qtapp"' in window, window
+
+
+# ------------------------------------------------------------------------------ local base over https
+
+
+class _MirrorProxy(BaseHTTPRequestHandler):
+    """HTTPS on 127.0.0.1 in front of the host's (http) Debian mirror: an https mirror with a private CA."""
+
+    upstream = ""
+
+    def do_GET(self) -> None:
+        try:
+            response = urllib.request.urlopen(self.upstream + self.path, timeout=60)
+        except urllib.error.HTTPError as error:
+            response = error
+        with response:
+            body = response.read()
+            self.send_response(response.status)
+            for key in ("Content-Type", "Last-Modified"):
+                if response.headers.get(key):
+                    self.send_header(key, response.headers[key])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_local_base_from_an_https_mirror_with_a_private_ca(tools: engine.Tools, tmp_path: Path) -> None:
+    host = [s for s in engine.read_host_apt_sources() if "bookworm" in s.suites and s.uri.startswith("http:")]
+    if not host:
+        pytest.skip("the host has no http bookworm mirror to put behind the https stand-in")
+    key, cert = tmp_path / "key.pem", tmp_path / "ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    _MirrorProxy.upstream = host[0].uri.rstrip("/")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _MirrorProxy)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    mirror = engine.AptSource(f"https://127.0.0.1:{server.server_address[1]}", ("bookworm",), ("main",))
+    with_ca = engine.Tools(
+        tools.builder, tools.runner, env=tools.env, run_flags=tools.run_flags, ca_bundle=cert
+    )
+    reference = None
+    try:
+        reference = engine.local_base(with_ca, sources=[mirror], cache=tmp_path, log=False)
+        (tarball,) = (tmp_path / "base").glob("bookworm-*.tar")
+        with tarfile.open(tarball) as tar:
+            names = set(tar.getnames())
+            sources = tar.extractfile("./etc/apt/sources.list").read().decode()  # type: ignore[union-attr]
+        assert "./etc/ssl/certs/ca-certificates.crt" in names  # the base's apt can use https mirrors later
+        assert "./etc/apt/apt.conf.d/99mmdebstrap" not in names  # the bootstrap's CA setting is not kept
+        assert mirror.uri in sources
+        assert tools.image_id(reference)
+    finally:
+        server.shutdown()
+        if reference:
+            tools.run([tools.runner, "rmi", reference], check=False)

@@ -1,4 +1,5 @@
-"""The image build matrix, tags, checksums, prepuller snippet and apt-mirror parsing (pure; no containers)."""
+"""The image build matrix, tags, checksums, measures policy, prepuller snippet and apt-mirror parsing (pure;
+no containers)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ import pytest
 import yaml
 
 from casaspawner.catalog import Catalog
+from casaspawner.catalog.model import Release, Wheels
 from casaspawner.cli import main
 from casaspawner.errors import CatalogError
 from casaspawner.images.engine import AptSource, mirror_lines, parse_apt_sources
 from casaspawner.images.matrix import (
     INPUT_HASH_LABEL,
+    MEASURES_POLICIES,
     ImageBuildError,
     MatrixOptions,
     build_matrix,
     input_hash,
+    parent_reference,
     parse_checksums,
     prepuller_name,
     prepuller_values,
     release_recipe,
-    session_recipe,
+    session_recipes,
     split_reference,
 )
 from casaspawner.plan import PlanConfig, image_for
@@ -33,15 +37,20 @@ SHA = "a" * 64
 def test_every_available_release_gets_the_spawners_image_reference(catalog: Catalog) -> None:
     options = MatrixOptions(registry="registry.example.org/casa-team")
     recipes = build_matrix(catalog, options)
-    assert recipes[0].kind == "session"
-    assert recipes[0].image == "registry.example.org/casa-team/session:" + options.session_tag
-    by_name = {r.name: r for r in recipes[1:]}
+    base, session = recipes[:2]
+    assert (base.kind, session.kind) == ("session-base", "session")
+    assert session.image == "registry.example.org/casa-team/session:" + options.session_tag
+    assert base.image == "registry.example.org/casa-team/session-base:" + options.session_tag
+    assert parent_reference(base) == options.base_image
+    assert parent_reference(session) == base.image
+    by_name = {r.name: r for r in recipes[2:]}
     assert set(by_name) == {r.id for r in catalog.available()}
     config = PlanConfig(image_registry="registry.example.org/casa-team")
     for release in catalog.available():
         recipe = by_name[release.id]
         assert recipe.image == image_for(release, config)
-        assert recipe.build_args["SESSION_IMAGE"] == recipes[0].image
+        # CASA images build on the session base (not the session image): casaspawner is their last layer.
+        assert parent_reference(recipe) == base.image
         assert recipe.build_args["CASA_KERNEL_NAME"] == release.kernel_name
         assert recipe.labels["io.casaspawner.release"] == release.id
         assert recipe.kind == release.packaging
@@ -74,16 +83,47 @@ def test_modular_recipe_refuses_a_python_without_wheels(catalog: Catalog) -> Non
     assert new.buildable and new.build_args["PYTHON"] == "python3.12"
 
 
-def test_monolithic_recipe_needs_a_pinned_checksum(catalog: Catalog) -> None:
+def test_monolithic_recipe_uses_a_pinned_sha256_else_the_published_md5(catalog: Catalog) -> None:
     release = catalog.get("pl-2024.1.0.8")
     assert release.tarball is not None and release.tarball.sha256 is None
     unpinned = release_recipe(release, MatrixOptions())
-    assert not unpinned.buildable and "--checksums" in (unpinned.problem or "")
+    assert unpinned.buildable
+    assert unpinned.build_args["CASA_TARBALL_CHECKSUM"] == ""  # looked up in <url>.md5 when the build starts
+    assert unpinned.labels["io.casaspawner.tarball-checksum"] == f"md5 of {release.tarball.url}.md5"
     pinned = release_recipe(release, MatrixOptions(checksums={release.tarball.name: SHA}))
     assert pinned.buildable
-    assert pinned.build_args["CASA_TARBALL_SHA256"] == SHA
+    assert pinned.build_args["CASA_TARBALL_CHECKSUM"] == f"sha256:{SHA}"
+    assert pinned.labels["io.casaspawner.tarball-checksum"] == f"sha256:{SHA}"
     assert pinned.build_args["CASA_TARBALL_URL"] == release.tarball.url
     assert pinned.build_args["CASA_PYTHON"] == f"/opt/casa/{release.tag}/lib/py/bin/python3"
+    bad = release_recipe(release, MatrixOptions(checksums={release.tarball.name: "abc"}))
+    assert not bad.buildable and "64 hexadecimal digits" in (bad.problem or "")
+
+
+def test_every_published_tarball_release_is_buildable(catalog: Catalog) -> None:
+    recipes = build_matrix(catalog, MatrixOptions())[2:]
+    monolithic = [r for r in recipes if r.kind == "monolithic"]
+    assert len(monolithic) == 25
+    assert [r.name for r in recipes if not r.buildable] == []
+
+
+def test_measures_policy_follows_the_catalogs_data_field(catalog: Catalog) -> None:
+    bundled = release_recipe(catalog.get("pl-2024.1.0.8"), MatrixOptions())  # CASA 6.6.1: data bundled
+    casaconfig = release_recipe(catalog.get("pl-2025.1.0.35"), MatrixOptions())  # CASA 6.6.6
+    modular = release_recipe(catalog.get("casa-6.6.5-31"), MatrixOptions())
+    assert bundled.build_args["CASA_DATA"] == "bundled"
+    assert casaconfig.build_args["CASA_DATA"] == "casaconfig"
+    assert bundled.labels["io.casaspawner.measures"] == MEASURES_POLICIES["bundled"]
+    assert "geodetic and ephemerides are links into /opt/casa/measures" in MEASURES_POLICIES["bundled"]
+    for recipe in (casaconfig, modular):
+        assert recipe.labels["io.casaspawner.measures"] == MEASURES_POLICIES["casaconfig"]
+    assert "CASASITECONFIG" in MEASURES_POLICIES["casaconfig"]
+    old_wheels = Release(
+        id="casa-6.2.1-7", role="modular", casa="6.2.1-7", confidence="confirmed", data="bundled",
+        wheels=Wheels(python=("3.11",), casatools="6.2.1.7", casatasks="6.2.1.7"),
+    )  # fmt: skip
+    refused = release_recipe(old_wheels, MatrixOptions())
+    assert not refused.buildable and "predates casaconfig" in (refused.problem or "")
 
 
 def test_tarball_mirror_keeps_the_file_name(catalog: Catalog) -> None:
@@ -147,17 +187,15 @@ def test_prepuller_values_recombine_to_the_spawners_images(catalog: Catalog) -> 
     )
 
 
-def test_input_hash_tracks_inputs_but_not_the_ca_bundle(catalog: Catalog) -> None:
-    recipe = session_recipe(MatrixOptions())
+def test_input_hash_tracks_inputs(catalog: Catalog) -> None:
+    recipe = session_recipes(MatrixOptions())[0]
     files = {"Containerfile": b"FROM x\n", "entrypoint.sh": b"#!/bin/sh\n"}
     base = input_hash(recipe, files, "sha256:parent")
     assert base == input_hash(recipe, dict(files), "sha256:parent")
     assert base != input_hash(recipe, {**files, "entrypoint.sh": b"#!/bin/sh -e\n"}, "sha256:parent")
     assert base != input_hash(recipe, files, "sha256:other-parent")
-    other_base = session_recipe(MatrixOptions(base_image="localhost/other:1"))
+    other_base = session_recipes(MatrixOptions(base_image="localhost/other:1"))[0]
     assert base != input_hash(other_base, files, "sha256:parent")
-    with_ca = type(recipe)(**{**recipe.__dict__, "build_args": {**recipe.build_args, "PIP_CERT": "/x.pem"}})
-    assert base == input_hash(with_ca, files, "sha256:parent")
     assert INPUT_HASH_LABEL.startswith("io.casaspawner.")
 
 
@@ -201,12 +239,24 @@ def test_apt_sources_and_mirror_lines() -> None:
         mirror_lines([], "bookworm")
 
 
+def test_file_mirrors_are_left_out_or_refused_in_one_sentence() -> None:
+    local = AptSource("file:/srv/mirror/debian", ("bookworm",), ("main",))
+    remote = AptSource("https://mirror.example/debian", ("bookworm",), ("main",))
+    assert parse_apt_sources({"local.list": "deb file:/srv/mirror/debian bookworm main\n"}) == [local]
+    assert mirror_lines([local, remote], "bookworm") == ["deb https://mirror.example/debian bookworm main"]
+    with pytest.raises(ImageBuildError) as refused:
+        mirror_lines([local], "bookworm")
+    message = str(refused.value)
+    assert "file:/ directory, which container builds cannot reach" in message and "--base IMAGE" in message
+    assert len(message.splitlines()) == 1
+
+
 def test_cli_list_json_and_prepuller(catalog: Catalog, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["images", "list", "--json", "--registry", "r.example", "--releases", "casa-6.7.0-31"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [row["name"] for row in rows] == ["session", "casa-6.7.0-31"]
-    assert rows[1]["image"] == image_for(catalog.get("casa-6.7.0-31"), PlanConfig(image_registry="r.example"))
-    assert rows[1]["recipe"] == "images/casa/modular.Containerfile"
+    assert [row["name"] for row in rows] == ["session-base", "session", "casa-6.7.0-31"]
+    assert rows[2]["image"] == image_for(catalog.get("casa-6.7.0-31"), PlanConfig(image_registry="r.example"))
+    assert rows[2]["recipe"] == "casaspawner/images/recipes/casa/modular.Containerfile"
     assert main(["images", "prepuller", "--releases", "casa-6.6.5-31"]) == 0
     values = yaml.safe_load(capsys.readouterr().out)
     assert values == {
