@@ -7,6 +7,7 @@ Layout under the cache directory (``~/.cache/casaspawner`` by default)::
         apps/<package>/AppRun      CASA GUIs extracted from their AppImages (no FUSE needed)
         kernel-site/               ipykernel for a tarball's Python, when the tarball lacks it
         casasiteconfig.py          measures at the shared read-only copy, auto-updates off
+        casarc                     the same for the GUI apps (casacore's measures.directory)
         casaspawner-env.json       what was built, from what, with which Python
         jupyter/<variant>/kernels/ kernel specs, written when a session starts
     envs/<release tag>.lock        held while one hub process builds it
@@ -45,8 +46,9 @@ from casaspawner.errors import CasaspawnerError
 #: protobuf 3.21: with a newer one ``import casaplotms`` fails with "Descriptors cannot be created directly").
 EXTRA_PACKAGES: tuple[str, ...] = ("ipykernel", "six", "casalogger", "protobuf<3.21")
 _META = "casaspawner-env.json"
-#: Environments written by an older casaspawner (format 1: GUI tasks not import-checked) are rebuilt.
-_FORMAT = 2
+#: Environments written by an older casaspawner are rebuilt (format 1: GUI tasks not import-checked; 2: no
+#: casarc for the GUI apps).
+_FORMAT = 3
 #: Seconds a probe result (tarball reachable? which Python?) is reused.
 PROBE_TTL = 600.0
 #: ``casaspawner/desktop``: the desktop start script, the CASA launcher and the notices watcher.
@@ -109,8 +111,18 @@ class CasaEnvironment:
         """The kernel's directory name (``casa-6.6.5-31``); the display name is per session."""
         return "casa-" + re.sub(r"[^a-z0-9.\-]", "-", self.tag.lower())
 
+    @property
+    def casarc(self) -> Path:
+        """casacore's resource file pointing ``measures.directory`` at the shared measures (``CASARCFILES``):
+        the GUI apps (plotms, the viewer) ignore casaconfig and otherwise find no Observatories table."""
+        return self.root / "casarc"
+
     def kernel_environment(self) -> dict[str, str]:
-        env = {"CASASITECONFIG": str(self.site_config), "PYTHONNOUSERSITE": "1"}
+        env = {
+            "CASASITECONFIG": str(self.site_config),
+            "CASARCFILES": str(self.casarc),
+            "PYTHONNOUSERSITE": "1",
+        }
         if self.kernel_site is not None:
             env["PYTHONPATH"] = str(self.kernel_site)
         return env
@@ -143,6 +155,7 @@ class CasaEnvironment:
         env = {
             "CASASPAWNER_CASA_HOME": str(self.casa_home),
             "CASASITECONFIG": str(self.site_config),
+            "CASARCFILES": str(self.casarc),
             "CASA_MEASURES_PATH": str(self.measures),
         }
         if self.python is not None:
@@ -441,6 +454,7 @@ class EnvironmentManager:
         """Shared tail: kernel support, GUIs, site config, an offline start check, metadata."""
         measures = self.measures_dir()
         (staging / "casasiteconfig.py").write_text(site_config_text(measures))
+        (staging / "casarc").write_text(f"measures.directory: {measures}\n")
         kernel_site: Path | None = None
         if python is not None:
             interpreter = str(staging / python)
