@@ -145,9 +145,14 @@ class CasaEnvironment:
         }
         text = json.dumps(spec, indent=1)
         target = spec_dir / "kernel.json"
-        if not target.is_file() or target.read_text() != text:
-            spec_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target, text)
+        try:
+            if not target.is_file() or target.read_text() != text:
+                spec_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_write(target, text)
+        except OSError as error:
+            raise EnvironmentBuildError(
+                f"The {display_name} kernel could not be registered: {error.strerror or error} ({spec_dir})."
+            ) from None
         return jupyter
 
     def session_environment(self) -> dict[str, str]:
@@ -360,8 +365,12 @@ class EnvironmentManager:
         """Build ``release``'s environment unless it exists, yielding progress sentences.
 
         Two hub processes (or spawns) asking at once: one builds, the other waits for the lock and then
-        finds the finished environment.
+        finds the finished environment. A cache that cannot be written is one sentence too.
         """
+        async for message in _one_sentence(self._ensure(release), f"Preparing {release.label}"):
+            yield message
+
+    async def _ensure(self, release: Release) -> AsyncIterator[str]:
         if self.ready(release) is not None:
             return
         self.envs_dir.mkdir(parents=True, exist_ok=True)
@@ -508,6 +517,12 @@ class EnvironmentManager:
 
     async def ensure_ui(self, requirements: Sequence[str]) -> AsyncIterator[str]:
         """A venv with the Jupyter server side (``requirements``) every user can run; see :meth:`ui_prefix`."""
+        async for message in _one_sentence(
+            self._ensure_ui(requirements), "Preparing the sessions' Jupyter environment"
+        ):
+            yield message
+
+    async def _ensure_ui(self, requirements: Sequence[str]) -> AsyncIterator[str]:
         target = self.ui_prefix(requirements)
         if (target / "bin" / "jupyterhub-singleuser").exists():
             return
@@ -607,6 +622,16 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.rename(target, old / "env")
         shutil.rmtree(old, ignore_errors=True)
     os.rename(new, target)
+
+
+async def _one_sentence(steps: AsyncIterator[str], what: str) -> AsyncIterator[str]:
+    """``steps``, with a file-system error (an unwritable cache, a full disk) as one sentence."""
+    try:
+        async for message in steps:
+            yield message
+    except OSError as error:
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        raise EnvironmentBuildError(f"{what} failed: {error.strerror or error}{where}.") from None
 
 
 def _executable(path: Path) -> bool:

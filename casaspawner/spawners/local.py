@@ -72,13 +72,20 @@ def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
 
     Never through a link: a link there is refused, not followed.
     """
-    path.mkdir(parents=True, exist_ok=True)
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode):
-        raise InvalidInput(f"{path} is not a directory (a link?); the session's storage cannot be prepared.")
-    if _running_as_root() and (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) != (uid, gid, mode):
-        os.chown(path, uid, gid, follow_symlinks=False)
-        os.chmod(path, mode)  # a directory, not a link (checked above; its parent is the hub's)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise InvalidInput(
+                f"{path} is not a directory (a link?); the session's storage cannot be prepared."
+            )
+        if _running_as_root() and (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) != (uid, gid, mode):
+            os.chown(path, uid, gid, follow_symlinks=False)
+            os.chmod(path, mode)  # a directory, not a link (checked above; its parent is the hub's)
+    except OSError as error:
+        raise InvalidInput(
+            f"The session's directory {path} cannot be prepared: {error.strerror or error}."
+        ) from None
 
 
 def as_owner_of(home: Path, work: Callable[..., object], *args: Any) -> None:
