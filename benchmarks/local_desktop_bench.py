@@ -4,7 +4,8 @@ Both hubs run on this machine in the same run, with the same browser (Debian's C
 the same TigerVNC and openbox. Per repetition a person's path is timed from opening the login page:
 
 * casaspawner (``hub-config/local``, LocalCASASpawner): log in, type the demo dataset on the form, choose the
-  CASA desktop, Start → noVNC "Connected" → the CASA terminal window exists on the session's X server;
+  CASA desktop, Start → noVNC "Connected" → the CASA terminal is ready on the session's X server (its window
+  takes the build's name only once casatools and casatasks are loaded and the CASA prompt is up);
 * plain: log in (the hub spawns at once, ``default_url=/desktop/``, SimpleLocalProcessSpawner) → "Connected"
   → the first window (an xterm started by a minimal openbox start script) exists.
 
@@ -185,7 +186,7 @@ def one_login(
     if form:
         page.wait_for_selector("#casa-dataset")
         t_form = time.perf_counter() - t0
-        page.fill("#casa-dataset", f"~/{demo.DEMO_SPEC.project}")
+        page.fill("#casa-dataset", f"~/{demo.DEMO_PROJECT}")
         page.check("input[name=interface][value=desktop]")
         page.locator("form#spawn_form [type=submit]").click()
     else:
@@ -203,7 +204,7 @@ def one_login(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "local-desktop.json")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
@@ -214,13 +215,13 @@ def main() -> int:
     hubs: list[Hub] = []
     try:
         t = time.perf_counter()
-        demo.prepare(root, cache)
+        release, _dataset = demo.prepare(root / "arc", cache)
         prepare_s = time.perf_counter() - t
         token, password = secrets.token_hex(16), secrets.token_urlsafe(12)
         casa_port, plain_port = free_port_block(), 0
         casa_config = root / "casa_bench_config.py"
         casa_config.write_text(CASA_CONFIG.format(example=str(demo.HUB_CONFIG)))
-        env = demo.hub_environment(root, casa_port, password, cache)
+        env = demo.hub_environment(root, casa_port, password, cache, root / "arc")
         casa = Hub("casaspawner", casa_config, {**env, "BENCH_TOKEN": token}, root / "hub", casa_port, token)
         casa.start()
         hubs.append(casa)
@@ -241,7 +242,7 @@ def main() -> int:
             for _ in range(args.repeat):  # interleaved, so drift affects both alike
                 casa.stop_server(demo.DEMO_USER)
                 runs["casaspawner"].append(one_login(browser, casa, demo.DEMO_USER, password, True,
-                                                     str(root / "arc"), "CASA 6.6.5-31"))  # fmt: skip
+                                                     str(root / "arc"), release.label))  # fmt: skip
                 casa.stop_server(demo.DEMO_USER)
                 plain.stop_server("bench")
                 runs["plain"].append(one_login(browser, plain, "bench", password, False,
@@ -263,6 +264,7 @@ def main() -> int:
                 "platform": platform.platform(),
             },
             "prepare_warm_s": round(prepare_s, 3),
+            "casa": release.label,
             "repeat": args.repeat,
             "runs": runs,
             "median": summary,

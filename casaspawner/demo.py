@@ -2,18 +2,24 @@
 
 ``python -m casaspawner.demo`` (what ``make demo`` runs):
 
-1. builds the CASA environment of the demo release (modular CASA 6.6.5-31 from its wheels) if needed;
+1. chooses the demo's CASA release: the newest modular release of the catalog that this machine can install
+   (its wheels support a Python found here), and builds its environment if needed;
 2. simulates a small MeasurementSet with casatools' simulator (five 12 m antennas at ALMA, one spectral window,
    five minutes; cached under the environments cache) and writes it into an ALMA product tree whose pipeline
-   manifest names that CASA build (``casaspawner.datasets.synth``), in the demo user's home;
+   manifest names that CASA build (``casaspawner.datasets.synth``), in the demo user's home, as that user;
 3. starts JupyterHub on http://127.0.0.1:8000 with ``hub-config/local/jupyterhub_config.py`` (LocalCASASpawner,
    one demo user with a shared password) and prints the URL, the login and the dataset to type.
+
+Run as root, the demo keeps its state in ``/var/lib/casaspawner/demo`` and its storage at ``/arc`` (the
+sessions' local account ``jupyter-demo`` cannot read a checkout under ``/root``); otherwise both live in
+``<repo>/demo``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hashlib
 import os
 import secrets
@@ -23,23 +29,49 @@ import subprocess
 import sys
 from pathlib import Path
 
-from casaspawner.catalog.model import load_catalog
+from casaspawner.catalog.model import Catalog, Release, load_catalog
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
 from casaspawner.errors import CasaspawnerError
 
-DEMO_RELEASE = "casa-6.6.5-31"
 DEMO_USER = "demo"
-DEMO_SPEC = DatasetSpec(
-    project="2023.1.01234.S",
-    mous="uid___A001_X3621_X4d1b",
-    casa="6.6.5.31",
-    pipeline=None,
-    evidence=("manifest",),
-    eb="uid___A002_X10d5a8a_X3c21",
-)
+DEMO_PROJECT = "2023.1.01234.S"
 REPO = Path(__file__).resolve().parent.parent
 HUB_CONFIG = REPO / "hub-config" / "local" / "jupyterhub_config.py"
+#: The hub also binds the next two ports (proxy API, hub API).
+MAX_PORT = 65533
+
+
+def demo_spec(release: Release) -> DatasetSpec:
+    """The demo dataset: a pipeline manifest naming ``release``'s CASA build, as ALMA writes it (dotted)."""
+    return DatasetSpec(
+        project=DEMO_PROJECT,
+        mous="uid___A001_X3621_X4d1b",
+        casa=release.casa.replace("-", "."),
+        pipeline=None,
+        evidence=("manifest",),
+        eb="uid___A002_X10d5a8a_X3c21",
+    )
+
+
+def demo_release(manager: EnvironmentManager, catalog: Catalog | None = None) -> Release:
+    """The newest modular release this machine can install, or one sentence saying how to get a Python."""
+    catalog = catalog or load_catalog()
+    release = manager.newest_installable(catalog)
+    if release is None:
+        wanted = sorted(
+            {v for r in catalog.available(("modular",)) if r.wheels for v in r.wheels.python},
+            key=lambda v: tuple(int(p) for p in v.split(".")),
+        )
+        who = " that every user can run" if manager.shared else ""
+        raise CasaspawnerError(
+            f"No CASA release can be installed here: its wheels need Python {', '.join(wanted)}, and no such "
+            f"Python{who} was found on PATH, in pyenv or through uv; install one (e.g. `apt install "
+            f"python{wanted[-1]}` where the distribution has it, or `uv python install {wanted[-1]}`) and run "
+            "`make demo` again."
+        )
+    return release
+
 
 #: Run by the CASA environment's Python: argv = [target MS]; prints the row count.
 SIMULATE_MS = """
@@ -80,16 +112,24 @@ tb.close()
 
 
 def demo_dir() -> Path:
-    """Where the demo keeps its storage root and hub state (``<repo>/demo`` unless ``CASASPAWNER_DEMO_DIR``)."""
-    return Path(os.environ.get("CASASPAWNER_DEMO_DIR") or REPO / "demo").resolve()
+    """Where the demo keeps its hub state: ``CASASPAWNER_DEMO_DIR``, else ``/var/lib/casaspawner/demo`` as root
+    (a checkout may be private), else ``<repo>/demo``."""
+    default = Path("/var/lib/casaspawner/demo") if os.geteuid() == 0 else REPO / "demo"
+    return Path(os.environ.get("CASASPAWNER_DEMO_DIR") or default).resolve()
+
+
+def storage_root(state: Path) -> Path:
+    """The sessions' storage: ``CASASPAWNER_STORAGE_ROOT``, else ``/arc`` as root (the pods' paths, and the
+    spawner's default), else ``<state>/arc``."""
+    default = Path("/arc") if os.geteuid() == 0 else state / "arc"
+    return Path(os.environ.get("CASASPAWNER_STORAGE_ROOT") or default).resolve()
 
 
 def say(message: str) -> None:
     print(f"[casaspawner demo] {message}", flush=True)
 
 
-async def ensure_environment(manager: EnvironmentManager, release_id: str = DEMO_RELEASE) -> CasaEnvironment:
-    release = load_catalog().get(release_id)
+async def ensure_environment(manager: EnvironmentManager, release: Release) -> CasaEnvironment:
     async for message in manager.ensure(release):
         say(message)
     env = manager.ready(release)
@@ -101,7 +141,7 @@ async def ensure_environment(manager: EnvironmentManager, release_id: str = DEMO
 def simulate_ms(env: CasaEnvironment, cache_dir: Path) -> Path:
     """The demo MeasurementSet, simulated once per CASA build and script (cached under ``cache_dir``)."""
     key = hashlib.sha256(f"{env.casa}\n{SIMULATE_MS}".encode()).hexdigest()[:16]
-    target = cache_dir / "demo" / key / f"{DEMO_SPEC.eb}.ms"
+    target = cache_dir / "demo" / key / "uid___A002_X10d5a8a_X3c21.ms"
     if target.is_dir():
         return target
     assert env.python is not None
@@ -127,22 +167,39 @@ def simulate_ms(env: CasaEnvironment, cache_dir: Path) -> Path:
 
 
 def _readable(root: Path) -> None:
+    """``chmod -R a+rX`` of a tree of the cache (the hub's own directory, so no link is a user's)."""
     for dirpath, _dirs, files in os.walk(root):
         os.chmod(dirpath, 0o755)  # noqa: S103 - the demo user's session reads it
         for name in files:
-            os.chmod(os.path.join(dirpath, name), 0o644)
+            if not os.path.islink(os.path.join(dirpath, name)):
+                os.chmod(os.path.join(dirpath, name), 0o644)
 
 
-def write_demo_dataset(home: Path, ms: Path) -> Path:
-    """An ALMA product tree in ``home`` with the MS under ``calibrated/``; returns the project directory."""
-    member = write_dataset(home, spec=DEMO_SPEC)
+def write_demo_dataset(home: Path, ms: Path, spec: DatasetSpec) -> None:
+    """An ALMA product tree in ``home`` with the MS under ``calibrated/`` (run as ``home``'s owner)."""
+    member = write_dataset(home, spec=spec)
     calibrated = member / "calibrated"
     calibrated.mkdir(exist_ok=True)
     target = calibrated / ms.name
     if not target.is_dir():
-        shutil.copytree(ms, target)
-    _readable(home / DEMO_SPEC.project)
-    return home / DEMO_SPEC.project
+        shutil.copytree(ms, target, copy_function=shutil.copyfile)  # the user's own files, with their umask
+
+
+def prepare_home(storage: Path, username: str = DEMO_USER) -> Path:
+    """The hub user's home in ``storage``, owned as a session will own it (as root: its local account,
+    created now as the spawner would create it on first login)."""
+    from casaspawner.spawners.local import LocalCASASpawner, ensure_account, prepare_owned_dir
+
+    home = storage / "home" / username
+    if os.geteuid() == 0:
+        template = LocalCASASpawner.class_traits()["system_username_template"].default_value
+        account = ensure_account(
+            template.format(username=username), str(home), f"casaspawner session user {username}"
+        )
+        prepare_owned_dir(home, account.pw_uid, account.pw_gid, 0o750)
+    else:
+        prepare_owned_dir(home, os.getuid(), os.getgid(), 0o750)
+    return home
 
 
 def find_proxy() -> str | None:
@@ -151,28 +208,49 @@ def find_proxy() -> str | None:
     return shutil.which("configurable-http-proxy") or (str(local) if local.exists() else None)
 
 
+def parse_port(text: str) -> int:
+    """A port the demo can use (it and the next two); one sentence otherwise."""
+    try:
+        port = int(text.strip())
+    except ValueError:
+        raise CasaspawnerError(
+            f"The port {text.strip()[:20]!r} is not a number; give one from 1 to {MAX_PORT} with --port "
+            "(the hub also uses the next two)."
+        ) from None
+    if not 1 <= port <= MAX_PORT:
+        raise CasaspawnerError(
+            f"Port {port} is out of range; give one from 1 to {MAX_PORT} with --port (the hub also uses the next two)."
+        )
+    return port
+
+
 def port_problem(port: int) -> str | None:
     """None if 127.0.0.1:``port`` can be bound, else one sentence naming the clash."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the hub and proxy bind
         try:
             sock.bind(("127.0.0.1", port))
-        except OSError:
+        except OSError as error:
+            if error.errno == errno.EACCES:
+                return f"Port {port} on 127.0.0.1 needs root (ports below 1024 do); choose another port with --port."
             return f"Port {port} on 127.0.0.1 is already in use; stop what uses it or choose another port with --port."
     return None
 
 
-def prepare(root: Path, cache_dir: Path) -> Path:
-    """Environment, MS and dataset tree; returns the dataset directory in the demo user's home."""
+def prepare(storage: Path, cache_dir: Path) -> tuple[Release, Path]:
+    """Environment, MS and dataset tree; returns the release and the dataset directory in the demo home."""
+    from casaspawner.spawners.local import as_owner_of
+
     manager = EnvironmentManager(cache_dir)
-    env = asyncio.run(ensure_environment(manager))
+    release = demo_release(manager)
+    env = asyncio.run(ensure_environment(manager, release))
     ms = simulate_ms(env, cache_dir)
-    home = root / "arc" / "home" / DEMO_USER
-    home.mkdir(parents=True, exist_ok=True)
-    return write_demo_dataset(home, ms)
+    home = prepare_home(storage)
+    as_owner_of(home, write_demo_dataset, home, ms, demo_spec(release))
+    return release, home / DEMO_PROJECT
 
 
-def hub_environment(root: Path, port: int, password: str, cache_dir: Path) -> dict[str, str]:
+def hub_environment(root: Path, port: int, password: str, cache_dir: Path, storage: Path) -> dict[str, str]:
     proxy = find_proxy()
     if proxy is None:
         raise CasaspawnerError(
@@ -185,6 +263,7 @@ def hub_environment(root: Path, port: int, password: str, cache_dir: Path) -> di
         **os.environ,
         "PATH": path,
         "CASASPAWNER_DEMO_DIR": str(root),
+        "CASASPAWNER_STORAGE_ROOT": str(storage),
         "CASASPAWNER_DEMO_PORT": str(port),
         "CASASPAWNER_DEMO_PASSWORD": password,
         "CASASPAWNER_ENVIRONMENTS_DIR": str(cache_dir),
@@ -194,33 +273,45 @@ def hub_environment(root: Path, port: int, password: str, cache_dir: Path) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m casaspawner.demo", description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=("run", "prepare"), default="run")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("CASASPAWNER_DEMO_PORT", "8000")))
-    parser.add_argument("--dir", type=Path, default=None, help="demo state directory (default: <repo>/demo)")
+    parser.add_argument(
+        "--port", default=None, help="the hub's port (default 8000, or CASASPAWNER_DEMO_PORT)"
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="demo state directory (see demo_dir)")
+    parser.add_argument(
+        "--storage", type=Path, default=None, help="the sessions' storage root (see storage_root)"
+    )
     args = parser.parse_args(argv)
     root = (args.dir or demo_dir()).resolve()
+    storage = (args.storage or storage_root(root)).resolve()
     cache_dir = Path(os.environ.get("CASASPAWNER_ENVIRONMENTS_DIR") or default_cache_dir())
     try:
-        for port in (args.port, args.port + 1, args.port + 2):
-            problem = port_problem(port)
+        port = parse_port(
+            args.port if args.port is not None else os.environ.get("CASASPAWNER_DEMO_PORT", "8000")
+        )
+        for candidate in (port, port + 1, port + 2) if args.command == "run" else ():
+            problem = port_problem(candidate)
             if problem:
                 raise CasaspawnerError(problem)
-        dataset = prepare(root, cache_dir)
+        release, dataset = prepare(storage, cache_dir)
         if args.command == "prepare":
-            say(f"Demo dataset ready at {dataset}.")
+            say(f"Demo dataset ready at {dataset} ({release.label}).")
             return 0
         state = root / "hub"
         state.mkdir(parents=True, exist_ok=True)
+        state.chmod(0o700)
         password_file = state / "password"
         if not password_file.exists():
             password_file.write_text(os.environ.get("CASASPAWNER_DEMO_PASSWORD") or secrets.token_urlsafe(9))
             password_file.chmod(0o600)
         password = os.environ.get("CASASPAWNER_DEMO_PASSWORD") or password_file.read_text().strip()
-        env = hub_environment(root, args.port, password, cache_dir)
+        env = hub_environment(root, port, password, cache_dir, storage)
     except CasaspawnerError as exc:
         print(f"casaspawner demo: {exc}", file=sys.stderr)
         return 2
-    say(f"Open http://127.0.0.1:{args.port}/ and log in as {DEMO_USER!r} with password {password!r}.")
-    say(f"Dataset to type on the form: ~/{DEMO_SPEC.project}  (an ALMA product tree with a simulated MS)")
+    say(f"Open http://127.0.0.1:{port}/ and log in as {DEMO_USER!r} with password {password!r}.")
+    say(
+        f"Dataset to type on the form: ~/{DEMO_PROJECT}  (an ALMA product tree with a simulated MS, {release.label})"
+    )
     say("Stop the hub with Ctrl-C; sessions keep running and are found again when it restarts.")
     jupyterhub = str(Path(sys.prefix) / "bin" / "jupyterhub")
     os.chdir(state)

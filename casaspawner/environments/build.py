@@ -7,6 +7,7 @@ Layout under the cache directory (``~/.cache/casaspawner`` by default)::
         apps/<package>/AppRun      CASA GUIs extracted from their AppImages (no FUSE needed)
         kernel-site/               ipykernel for a tarball's Python, when the tarball lacks it
         casasiteconfig.py          measures at the shared read-only copy, auto-updates off
+        casarc                     the same for the GUI apps (casacore's measures.directory)
         casaspawner-env.json       what was built, from what, with which Python
         jupyter/<variant>/kernels/ kernel specs, written when a session starts
     envs/<release tag>.lock        held while one hub process builds it
@@ -41,8 +42,22 @@ from casaspawner.catalog.model import Catalog, Release
 from casaspawner.environments.pythons import find_python
 from casaspawner.errors import CasaspawnerError
 
-EXTRA_PACKAGES: tuple[str, ...] = ("ipykernel", "six", "casalogger")
+#: Added to every wheels environment: the kernel, what casatasks imports without declaring it, the logger GUI,
+#: and a protobuf the GUI tasks' generated code still loads (casaplotms/casaviewer ``*_pb2.py`` predate
+#: protobuf 3.21: with a newer one ``import casaplotms`` fails with "Descriptors cannot be created directly").
+EXTRA_PACKAGES: tuple[str, ...] = ("ipykernel", "six", "casalogger", "protobuf<3.21")
 _META = "casaspawner-env.json"
+#: Environments written by an older casaspawner are rebuilt (format 1: GUI tasks not import-checked; 2: no
+#: casarc for the GUI apps).
+_FORMAT = 3
+#: Seconds a probe result (tarball reachable? which Python?) is reused.
+PROBE_TTL = 600.0
+#: ``casaspawner/desktop``: the desktop start script, the CASA launcher and the notices watcher.
+DESKTOP_SOURCE = Path(__file__).resolve().parent.parent / "desktop"
+#: JupyterLab settings every session starts with: no news feed (notifications themselves stay on).
+LAB_OVERRIDES: dict[str, dict[str, object]] = {
+    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}
+}
 
 
 class EnvironmentBuildError(CasaspawnerError):
@@ -73,6 +88,8 @@ class CasaEnvironment:
     site_config: Path
     measures: Path
     kernel_site: Path | None = None
+    #: Whether the build was seen to start here (casatools offline, or a CASA 4/5 ``bin/casa --nogui``).
+    run_checked: bool = True
 
     @classmethod
     def load(cls, root: Path) -> CasaEnvironment:
@@ -87,6 +104,7 @@ class CasaEnvironment:
             site_config=root / "casasiteconfig.py",
             measures=Path(meta["measures"]),
             kernel_site=root / meta["kernel_site"] if meta.get("kernel_site") else None,
+            run_checked=bool(meta.get("run_checked", meta.get("python") is not None)),
         )
 
     @property
@@ -94,8 +112,18 @@ class CasaEnvironment:
         """The kernel's directory name (``casa-6.6.5-31``); the display name is per session."""
         return "casa-" + re.sub(r"[^a-z0-9.\-]", "-", self.tag.lower())
 
+    @property
+    def casarc(self) -> Path:
+        """casacore's resource file pointing ``measures.directory`` at the shared measures (``CASARCFILES``):
+        the GUI apps (plotms, the viewer) ignore casaconfig and otherwise find no Observatories table."""
+        return self.root / "casarc"
+
     def kernel_environment(self) -> dict[str, str]:
-        env = {"CASASITECONFIG": str(self.site_config), "PYTHONNOUSERSITE": "1"}
+        env = {
+            "CASASITECONFIG": str(self.site_config),
+            "CASARCFILES": str(self.casarc),
+            "PYTHONNOUSERSITE": "1",
+        }
         if self.kernel_site is not None:
             env["PYTHONPATH"] = str(self.kernel_site)
         return env
@@ -118,9 +146,14 @@ class CasaEnvironment:
         }
         text = json.dumps(spec, indent=1)
         target = spec_dir / "kernel.json"
-        if not target.is_file() or target.read_text() != text:
-            spec_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target, text)
+        try:
+            if not target.is_file() or target.read_text() != text:
+                spec_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_write(target, text)
+        except OSError as error:
+            raise EnvironmentBuildError(
+                f"The {display_name} kernel could not be registered: {error.strerror or error} ({spec_dir})."
+            ) from None
         return jupyter
 
     def session_environment(self) -> dict[str, str]:
@@ -128,6 +161,7 @@ class CasaEnvironment:
         env = {
             "CASASPAWNER_CASA_HOME": str(self.casa_home),
             "CASASITECONFIG": str(self.site_config),
+            "CASARCFILES": str(self.casarc),
             "CASA_MEASURES_PATH": str(self.measures),
         }
         if self.python is not None:
@@ -168,7 +202,10 @@ class EnvironmentManager:
         self.probe_timeout = probe_timeout
         # A hub running as root serves sessions of other users: everything must be usable by them.
         self.shared = os.geteuid() == 0 if shared is None else shared
+        # What probing found (tarball HEAD requests, Python discovery), kept for ``PROBE_TTL`` seconds: forms,
+        # option checks and starts ask again and again, and each probe may wait seconds for the network.
         self._reachable: dict[str, tuple[float, str | None]] = {}
+        self._pythons: dict[tuple[tuple[str, ...], bool], tuple[float, tuple[Path, str] | None]] = {}
 
     # ------------------------------------------------------------------ lookups
 
@@ -184,8 +221,11 @@ class EnvironmentManager:
         root = self.path_for(release)
         if not (root / _META).is_file():
             return None
-        if self.shared and not json.loads((root / _META).read_text()).get("shared"):
+        meta = json.loads((root / _META).read_text())
+        if self.shared and not meta.get("shared"):
             return None  # built from a private interpreter: rebuilt for other users
+        if meta.get("format", 1) < _FORMAT:
+            return None  # built before its GUI tasks were checked: rebuilt
         return CasaEnvironment.load(root)
 
     def tarball_url(self, release: Release) -> str | None:
@@ -197,7 +237,7 @@ class EnvironmentManager:
         """None if the tarball answers a HEAD request, else why not (cached for ten minutes)."""
         now = time.monotonic()
         cached = self._reachable.get(url)
-        if cached and now - cached[0] < 600:
+        if cached and now - cached[0] < PROBE_TTL:
             return cached[1]
         problem: str | None = None
         try:
@@ -212,6 +252,17 @@ class EnvironmentManager:
         self._reachable[url] = (now, problem)
         return problem
 
+    def find_python(self, versions: Sequence[str], *, shared: bool | None = None) -> tuple[Path, str] | None:
+        """:func:`~casaspawner.environments.pythons.find_python` on this manager's search path, remembered."""
+        key = (tuple(versions), self.shared if shared is None else shared)
+        now = time.monotonic()
+        cached = self._pythons.get(key)
+        if cached and now - cached[0] < PROBE_TTL:
+            return cached[1]
+        found = find_python(versions, self.search_path, shared=key[1])
+        self._pythons[key] = (now, found)
+        return found
+
     def _method(self, release: Release) -> _Method:
         """How ``release`` can be built here, or an ``EnvironmentBuildError`` saying why it cannot."""
         problems: list[str] = []
@@ -222,11 +273,11 @@ class EnvironmentManager:
                 return _Method("tarball")
             problems.append(f"its tarball {url} is unreachable ({problem})")
         if release.wheels is not None:
-            found = find_python(release.wheels.python, self.search_path, shared=self.shared)
+            found = self.find_python(release.wheels.python)
             if found is not None:
                 return _Method("wheels", found[0], found[1])
             wanted = f"its wheels need Python {' or '.join(release.wheels.python)}"
-            private = find_python(release.wheels.python, self.search_path) if self.shared else None
+            private = self.find_python(release.wheels.python, shared=False) if self.shared else None
             if private is not None:
                 problems.append(
                     f"{wanted}, and the only one here ({private[0]}) cannot be run by other users"
@@ -260,14 +311,67 @@ class EnvironmentManager:
 
         return min(options, key=distance, default=None)
 
+    def newest_installable(self, catalog: Catalog) -> Release | None:
+        """The newest modular release this machine can run (already built, or its wheels fit a Python here)."""
+        options = sorted(catalog.available(("modular",)), key=lambda r: r.casa_version._key(), reverse=True)
+        return next((r for r in options if self.unavailable_reason(r) is None), None)
+
+    # ------------------------------------------------------------------ session files
+
+    def session_files(self) -> Path:
+        """The desktop scripts and JupyterLab setting overrides sessions read, installed under the cache.
+
+        ``session/<hash>/desktop/`` is a copy of ``casaspawner/desktop`` and ``session/<hash>/lab-settings/``
+        holds ``overrides.json`` (:data:`LAB_OVERRIDES`); ``<hash>`` covers their content, so a changed checkout
+        gets a new copy. Sessions never read the checkout itself, which may be private (a clone in ``/root``).
+        """
+        overrides = json.dumps(LAB_OVERRIDES, indent=1, sort_keys=True) + "\n"
+        files = sorted(p for p in DESKTOP_SOURCE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        digest = hashlib.sha256(overrides.encode())
+        for path in files:
+            digest.update(f"\0{path.relative_to(DESKTOP_SOURCE)}\0{_executable(path)}\0".encode())
+            digest.update(path.read_bytes())
+        target = self.cache_dir / "session" / digest.hexdigest()[:12]
+        if (target / "desktop" / "xstartup").is_file():
+            return target
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            try:
+                for path in files:
+                    copy = staging / "desktop" / path.relative_to(DESKTOP_SOURCE)
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    copy.write_bytes(path.read_bytes())
+                    copy.chmod(0o755 if _executable(path) else 0o644)
+                (staging / "lab-settings").mkdir()
+                (staging / "lab-settings" / "overrides.json").write_text(overrides)
+                for dirpath, _dirs, _files in os.walk(staging):
+                    os.chmod(dirpath, 0o755)  # noqa: S103 - every session reads it
+                try:
+                    os.rename(staging, target)
+                except OSError:
+                    if not (target / "desktop" / "xstartup").is_file():  # not another process's finished copy
+                        raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError as error:
+            raise EnvironmentBuildError(
+                f"The session files could not be installed under {target.parent}: {error.strerror or error}."
+            ) from None
+        return target
+
     # ------------------------------------------------------------------ building
 
     async def ensure(self, release: Release) -> AsyncIterator[str]:
         """Build ``release``'s environment unless it exists, yielding progress sentences.
 
         Two hub processes (or spawns) asking at once: one builds, the other waits for the lock and then
-        finds the finished environment.
+        finds the finished environment. A cache that cannot be written is one sentence too.
         """
+        async for message in _one_sentence(self._ensure(release), f"Preparing {release.label}"):
+            yield message
+
+    async def _ensure(self, release: Release) -> AsyncIterator[str]:
         if self.ready(release) is not None:
             return
         self.envs_dir.mkdir(parents=True, exist_ok=True)
@@ -360,6 +464,7 @@ class EnvironmentManager:
         """Shared tail: kernel support, GUIs, site config, an offline start check, metadata."""
         measures = self.measures_dir()
         (staging / "casasiteconfig.py").write_text(site_config_text(measures))
+        (staging / "casarc").write_text(f"measures.directory: {measures}\n")
         kernel_site: Path | None = None
         if python is not None:
             interpreter = str(staging / python)
@@ -375,6 +480,7 @@ class EnvironmentManager:
             name = appimage.parent.parent.name
             yield f"Unpacking the {name} GUI (no FUSE needed)."
             await _extract_appimage(appimage, staging / "apps" / name)
+        run_checked = True
         if python is not None:
             yield f"Checking that {release.label} starts offline with the shared measures data."
             version = await _casa_version(staging / python, staging / "casasiteconfig.py", staging / kernel_site
@@ -383,6 +489,16 @@ class EnvironmentManager:
                 raise EnvironmentBuildError(
                     f"The environment built for {release.label} reports CASA {version}, not {release.casa}."
                 )
+        else:
+            launcher = next(
+                (p for p in (Path("bin/casa"), Path("casapy")) if (staging / casa_home / p).is_file()), None
+            )
+            if launcher is None:
+                run_checked = False
+                yield f"{release.label} has no Python 3 and no bin/casa to try: desktop only, not run-checked."
+            else:
+                yield f"Checking that {release.label} starts (desktop only: it has no Python 3)."
+                await _casa_starts(staging / casa_home / launcher, release.label)
         meta = {
             "release": release.id,
             "tag": release.tag,
@@ -392,6 +508,8 @@ class EnvironmentManager:
             "measures": str(measures),
             "kernel_site": str(kernel_site) if kernel_site else None,
             "shared": self.shared,
+            "format": _FORMAT,
+            "run_checked": run_checked,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / _META).write_text(json.dumps(meta, indent=1))
@@ -400,6 +518,12 @@ class EnvironmentManager:
 
     async def ensure_ui(self, requirements: Sequence[str]) -> AsyncIterator[str]:
         """A venv with the Jupyter server side (``requirements``) every user can run; see :meth:`ui_prefix`."""
+        async for message in _one_sentence(
+            self._ensure_ui(requirements), "Preparing the sessions' Jupyter environment"
+        ):
+            yield message
+
+    async def _ensure_ui(self, requirements: Sequence[str]) -> AsyncIterator[str]:
         target = self.ui_prefix(requirements)
         if (target / "bin" / "jupyterhub-singleuser").exists():
             return
@@ -408,7 +532,7 @@ class EnvironmentManager:
         async with _locked(base / f"{target.name}.lock"):
             if (target / "bin" / "jupyterhub-singleuser").exists():
                 return
-            found = find_python(["3.13", "3.12", "3.11", "3.10"], self.search_path, shared=self.shared)
+            found = self.find_python(["3.13", "3.12", "3.11", "3.10"])
             if found is None:
                 raise EnvironmentBuildError(
                     "No Python 3.10 or newer that every user can run was found for the sessions' Jupyter server."
@@ -501,6 +625,20 @@ def _replace_dir(new: Path, target: Path) -> None:
     os.rename(new, target)
 
 
+async def _one_sentence(steps: AsyncIterator[str], what: str) -> AsyncIterator[str]:
+    """``steps``, with a file-system error (an unwritable cache, a full disk) as one sentence."""
+    try:
+        async for message in steps:
+            yield message
+    except OSError as error:
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        raise EnvironmentBuildError(f"{what} failed: {error.strerror or error}{where}.") from None
+
+
+def _executable(path: Path) -> bool:
+    return bool(path.stat().st_mode & 0o100)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as handle:
@@ -585,6 +723,19 @@ async def _succeeds(cmd: list[str]) -> bool:
     return await proc.wait() == 0
 
 
+#: The offline start check of a Python-3 CASA: casatools' version, and the GUI task packages it has import.
+_START_CHECK_PY3 = """
+import importlib.util, casatools
+print('CASA-VERSION', casatools.version_string())
+for name in ('casaplotms', 'casaviewer'):
+    if importlib.util.find_spec(name) is not None:
+        try:
+            importlib.import_module(name)
+        except Exception as error:
+            raise SystemExit('%s cannot be imported (%s: %s)' % (name, type(error).__name__, str(error).splitlines()[0]))
+"""
+
+
 async def _casa_version(python: Path, site_config: Path, kernel_site: Path | None) -> str:
     """Start casatools offline with the site config (a throwaway HOME, proxies pointing nowhere)."""
     with tempfile.TemporaryDirectory(prefix="casaspawner-check-") as home:
@@ -600,11 +751,43 @@ async def _casa_version(python: Path, site_config: Path, kernel_site: Path | Non
         }
         if kernel_site is not None:
             env["PYTHONPATH"] = str(kernel_site)
-        code = "import casatools; print('CASA-VERSION', casatools.version_string())"
+        code = _START_CHECK_PY3
         check = _stream([str(python), "-c", code], "Starting casatools offline", env, Path(home))
         lines = [line async for line in check]
     version = next((line.split()[-1] for line in lines if line.startswith("CASA-VERSION ")), "unknown")
     return version
+
+
+#: What ``_casa_starts`` runs inside CASA 4/5 (Python 2 and 3 alike), then leaves without a prompt.
+_START_CHECK = "import os, sys\nsys.stdout.write('CASA-STARTED\\n')\nsys.stdout.flush()\nos._exit(0)\n"
+
+
+async def _casa_starts(launcher: Path, label: str, timeout: float = 600) -> None:
+    """Run a Python-2 CASA's ``bin/casa --nogui --nologger -c <script>`` offline (a throwaway HOME)."""
+    with tempfile.TemporaryDirectory(prefix="casaspawner-check-") as home:
+        script = Path(home) / "casaspawner_check.py"
+        script.write_text(_START_CHECK)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": home,
+            **{
+                key: "http://127.0.0.1:9"
+                for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+            },
+        }
+        cmd = [str(launcher), "--nogui", "--nologger", "--log2term", "-c", str(script)]
+
+        async def lines() -> list[str]:
+            return [line async for line in _stream(cmd, f"Starting {label}", env, Path(home))]
+
+        try:
+            output = await asyncio.wait_for(lines(), timeout)
+        except TimeoutError:
+            raise EnvironmentBuildError(f"{label} did not start within {int(timeout)} seconds.") from None
+    if "CASA-STARTED" not in output:
+        raise EnvironmentBuildError(
+            f"{label} started but did not run a script: {(output or ['no output'])[-1][:300]}."
+        )
 
 
 async def _download(url: str, target: Path, label: str) -> AsyncIterator[str]:

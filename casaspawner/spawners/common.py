@@ -918,9 +918,13 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             resolved=resolved,
             resolved_dataset=(last or {}).get("dataset", ""),
             can_read_paths=bool(self.storage_hub_path or self.vospace_url or self.dataset_reader),
-            home=self.home_mount_template.format(username=self.user.name),
+            home=self.form_home_hint(),
             error=error,
         )
+
+    def form_home_hint(self) -> str:
+        """How the form's examples name the user's home (the session's home path)."""
+        return self.home_mount_template.format(username=self.user.name)
 
     @default("options_from_form")
     def _casa_options_from_form_default(self) -> Callable[[dict[str, list[str]]], dict[str, Any]]:

@@ -6,8 +6,8 @@ becomes a process instead of a pod:
 * the Jupyter server is ``jupyterhub-singleuser`` from casaspawner's own environment (``ui_prefix``), never
   from the CASA environment; CASA runs as a kernel and as desktop applications from the release's
   environment (:mod:`casaspawner.environments`), built on demand with progress on the spawn page;
-* storage: ``storage_root`` stands in for Cavern (``home/<user>``, ``projects/<group>``), and the session sees
-  it at the paths the plan gives;
+* storage: ``storage_root`` stands in for Cavern (``home/<user>``, ``projects/<group>``); with the default
+  ``/arc`` (a hub running as root) sessions see the pods' very paths, elsewhere ``~/arc`` links to the root;
 * identity: sessions never run as root. A hub running as root gives each user a local account on first
   login (``useradd``, as The Littlest JupyterHub does); otherwise sessions run as the hub's own user.
 """
@@ -15,16 +15,18 @@ becomes a process instead of a pod:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import html
 import os
 import pwd
 import re
+import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from importlib.metadata import version
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
@@ -33,20 +35,92 @@ from traitlets import Bool, Integer, List, Unicode, default
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
 from casaspawner.environments.pythons import world_usable
 from casaspawner.errors import CasaspawnerError, InvalidInput
-from casaspawner.plan import INTERFACES, Identity, SessionPlan, Substitution, make_plan
+from casaspawner.plan import INTERFACES, Identity, SessionPlan, StorageLayout, Substitution, make_plan
 from casaspawner.spawners.common import CASASessionMixin, spawn_error
 
 #: What the sessions' Jupyter environment needs (pinned to the hub's own versions when it is built).
 UI_PACKAGES = ("jupyterhub", "jupyterlab", "jupyter-remote-desktop-proxy", "jupyter-server-proxy")
-DESKTOP_DIR = Path(__file__).resolve().parent.parent / "desktop"
 _SYSTEM_NAME = re.compile(r"[a-z_][a-z0-9_.\-]{0,31}")
+#: Where pods see the storage (``/arc``): sessions elsewhere get ``~/arc`` linking to ``storage_root``.
+POD_STORAGE_ROOT = str(PurePosixPath(StorageLayout.home_mount).parent.parent)
+#: One environment manager per configuration and hub process, so what it probed is remembered.
+_MANAGERS: dict[tuple[Any, ...], EnvironmentManager] = {}
 
 
 def _running_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def _descendants(pid: int) -> list[int]:
+def ensure_account(name: str, home: str, comment: str) -> pwd.struct_passwd:
+    """The local account ``name``, created (``useradd``, home ``home``, not created) if missing; root only."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    if not _SYSTEM_NAME.fullmatch(name):
+        raise InvalidInput(f"{name!r} cannot be a local account name.")
+    cmd = ["useradd", "--home-dir", home, "--no-create-home", "--shell", "/bin/bash", "--user-group"]
+    result = subprocess.run([*cmd, "--comment", comment, name], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        why = (result.stderr.strip().splitlines() or ["useradd failed"])[-1]
+        raise InvalidInput(f"The local account {name} could not be created: {why}.")
+    return pwd.getpwnam(name)
+
+
+def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
+    """Create ``path`` (its parents are the hub's) and, as root, give it to ``uid:gid`` with ``mode``.
+
+    Never through a link: a link there is refused, not followed.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise InvalidInput(
+                f"{path} is not a directory (a link?); the session's storage cannot be prepared."
+            )
+        if _running_as_root() and (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) != (uid, gid, mode):
+            os.chown(path, uid, gid, follow_symlinks=False)
+            os.chmod(path, mode)  # a directory, not a link (checked above; its parent is the hub's)
+    except OSError as error:
+        raise InvalidInput(
+            f"The session's directory {path} cannot be prepared: {error.strerror or error}."
+        ) from None
+
+
+def as_owner_of(home: Path, work: Callable[..., object], *args: Any) -> None:
+    """Run ``work(*args)`` with the rights of ``home``'s owner: as root, in a child process that has dropped
+    to that uid and gid (no supplemental groups), so nothing a user placed in their home (links) can make
+    root write elsewhere; otherwise (not root, or root's own directory) right here. Errors come back as a
+    ``CasaspawnerError`` with the child's sentence."""
+    info = os.lstat(home)
+    if not _running_as_root() or info.st_uid == 0:
+        work(*args)
+        return
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root for good, do the work, report, leave without cleanup handlers
+        code = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(info.st_gid)
+            os.setuid(info.st_uid)
+            work(*args)
+            code = 0
+        except BaseException as exc:  # everything goes back to the parent as one sentence
+            os.write(write, (str(exc) or type(exc).__name__).encode(errors="replace")[:2000])
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise CasaspawnerError(f"Writing in {home} as its owner failed: {message or 'no reason given'}.")
+
+
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` now (from /proc), children first."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -126,7 +200,16 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
 
     @default("desktop_xstartup")
     def _local_xstartup(self) -> str:
-        return str(DESKTOP_DIR / "xstartup")
+        return str(self.desktop_dir() / "xstartup")
+
+    @default("session_sizes")
+    def _local_session_sizes(self) -> dict[str, dict[str, Any]]:
+        # LocalProcessSpawner enforces no CPU or memory limits, so none are offered (the form hides a lone size).
+        return {"machine": {"description": "no limits: sessions share this machine's CPUs and memory"}}
+
+    @default("default_size")
+    def _local_default_size(self) -> str:
+        return next(iter(self.session_sizes), "machine")
 
     # ------------------------------------------------------------------------------------- environments
     environments_dir = Unicode(
@@ -211,7 +294,10 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
 
     session_log_name = Unicode(
         ".casaspawner-session.log",
-        help="File in the user's home receiving the session server's output (it outlives hub restarts).",
+        help="""
+        File in the user's home receiving the session server's output (it outlives hub restarts). The session
+        opens it itself, as the user, after the hub has dropped root; a link there is refused.
+        """,
     ).tag(config=True)
 
     @default("start_timeout")
@@ -237,16 +323,28 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         self._events: list[dict[str, Any]] = []
         self._starting = False
         self.casa_environment: CasaEnvironment | None = None
+        self._session_log: str | None = None
         super().__init__(*args, **kwargs)
 
     def environment_manager(self) -> EnvironmentManager:
-        return EnvironmentManager(
-            Path(self.environments_dir),
-            measures_path=Path(self.measures_path) if self.measures_path else None,
-            tarball_mirror=self.tarball_mirror,
-            pip_args=self.pip_args,
-            probe_timeout=self.probe_timeout,
-        )
+        """The manager for this configuration, shared by every spawner of this hub process (it remembers
+        which tarballs answer and which Pythons exist, so forms and starts do not probe again)."""
+        key = (self.environments_dir, self.measures_path, self.tarball_mirror, tuple(self.pip_args),
+               self.probe_timeout, os.geteuid())  # fmt: skip
+        manager = _MANAGERS.get(key)
+        if manager is None:
+            manager = _MANAGERS[key] = EnvironmentManager(
+                Path(self.environments_dir),
+                measures_path=Path(self.measures_path) if self.measures_path else None,
+                tarball_mirror=self.tarball_mirror,
+                pip_args=self.pip_args,
+                probe_timeout=self.probe_timeout,
+            )
+        return manager
+
+    def desktop_dir(self) -> Path:
+        """The desktop scripts as sessions run them: installed under ``environments_dir``, not the checkout."""
+        return self.environment_manager().session_files() / "desktop"
 
     # ------------------------------------------------------------------------------------- identity
     def system_username(self) -> str:
@@ -263,14 +361,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             raise InvalidInput(f"There is no local account {name} for {self.user.name} on this machine.")
         if not _SYSTEM_NAME.fullmatch(name):
             raise InvalidInput(f"{self.user.name!r} cannot be made into a local account name ({name!r}).")
-        cmd = ["useradd", "--home-dir", home, "--no-create-home", "--shell", "/bin/bash", "--user-group"]
-        cmd += ["--comment", f"casaspawner session user {self.user.name}", name]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            why = (result.stderr.strip().splitlines() or ["useradd failed"])[-1]
-            raise InvalidInput(f"No local account could be created for {self.user.name}: {why}.")
-        self.log.info("Created local account %s for %s", name, self.user.name)
-        return pwd.getpwnam(name)
+        account = ensure_account(name, home, f"casaspawner session user {self.user.name}")
+        self.log.info("Local account %s for %s", name, self.user.name)
+        return account
 
     def _ensure_project_group(self, group: str, account: str) -> int:
         """The local group of a project, created if needed, with ``account`` as a member (root only)."""
@@ -300,6 +393,19 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 gids.append(await asyncio.to_thread(self._ensure_project_group, group, account.pw_name))
             return Identity(self.user.name, account.pw_uid, account.pw_gid, groups, tuple(gids))
         return Identity(self.user.name, os.getuid(), os.getgid(), groups)
+
+    def parse_session_options(self, user_options: Mapping[str, Any]) -> Any:
+        """As for pods, except that with a single size (nothing to choose: the default here) any size named
+        by a saved or REST request is ignored rather than refused."""
+        if isinstance(user_options, Mapping) and len(self.session_sizes) == 1:
+            user_options = {k: v for k, v in user_options.items() if k != "size"}
+        return super().parse_session_options(user_options)
+
+    def form_home_hint(self) -> str:
+        """``~`` unless the home is at the pods' path (``/arc/home/<user>``), which the form may then show."""
+        if os.path.normpath(self.storage_root) == POD_STORAGE_ROOT:
+            return super().form_home_hint()
+        return "~"
 
     # ----------------------------------------------------------------------------------------- plan
     async def prepare_session(self, user_options: Mapping[str, Any] | None = None) -> SessionPlan:
@@ -347,7 +453,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             **self.environment,
             "SCRATCH": str(scratch),
             "CASASPAWNER_REASON": plan.reason,
-            "CASASPAWNER_DESKTOP_DIR": str(DESKTOP_DIR),
+            "CASASPAWNER_DESKTOP_DIR": str(self.desktop_dir()),
         }
 
     @default("options_form")
@@ -396,38 +502,34 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         self._events.append({"progress": value, "message": message})
 
     def _prepare_directories(self, plan: SessionPlan, uid: int, gid: int) -> None:
-        """Home, project and scratch directories, owned by the session's user (or project group)."""
-        root = _running_as_root()
-        scratch = Path(self.environment["SCRATCH"])
-        for path, mode in ((Path(plan.home), 0o750), (scratch, 0o700)):
-            path.mkdir(parents=True, exist_ok=True)
-            if root and path.stat().st_uid != uid:
-                os.chown(path, uid, gid)
-                os.chmod(path, mode)
+        """Home, project and scratch directories, owned by the session's user (or, as root, the project's
+        local group, setgid ``2770``); never through a link."""
+        prepare_owned_dir(Path(plan.home), uid, gid, 0o750)
+        prepare_owned_dir(Path(self.environment["SCRATCH"]), uid, gid, 0o700)
         groups = dict(zip(plan.identity.groups, plan.identity.supplemental_gids, strict=False))
         for mount in plan.mounts:
             if not mount.name.startswith("project-"):
                 continue
-            path = Path(mount.path)
-            path.mkdir(parents=True, exist_ok=True)
             group = next((g for g in groups if f"project-{g.lower()}" == mount.name), None)
-            if root and group is not None and path.stat().st_gid != groups[group]:
-                os.chown(path, 0, groups[group])
-                os.chmod(path, 0o2770)  # noqa: S103 - the project's group shares it
+            if _running_as_root() and group is not None:
+                prepare_owned_dir(Path(mount.path), 0, groups[group], 0o2770)
+            else:
+                prepare_owned_dir(Path(mount.path), uid, gid, 0o770)
 
     async def start(self) -> Any:
         self._events = []
         self._starting = True
         try:
             plan = await self.prepare_session()
-            for event in self.plan_progress_events():
-                if not event["message"].startswith("Starting "):
-                    self._events.append(event)
-            if plan.approximate:
-                self._event(f"Approximate session: {plan.reason}")
+            events = [e for e in self.plan_progress_events() if not e["message"].startswith("Starting ")]
+            if plan.approximate:  # said first, then the resolution (whose reason it repeats)
+                events = [{"progress": 1, "message": f"Approximate session: {plan.reason}"},
+                          *(e for e in events if e["message"] != plan.reason)]  # fmt: skip
+            self._events.extend(events)
             env = await self._ensure_environment(plan)
+            prefix = await self._ui_environment()
             self._event(f"Starting {INTERFACES[plan.interface]} with {plan.kernel_name}.", 92)
-            return await self._launch(plan, env)
+            return await self._launch(plan, env, prefix)
         finally:
             self._starting = False
 
@@ -448,6 +550,10 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 )
         else:
             self._event(f"Using the prepared {plan.release.label} environment.", 50)
+        if not env.run_checked:
+            self._event(
+                f"{plan.release.label} could not be test-started on this machine when it was prepared."
+            )
         self.casa_environment = env
         return env
 
@@ -469,11 +575,17 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             raise spawn_error(str(exc), reason="environment-build") from None
         return manager.ui_prefix(requirements)
 
-    async def _launch(self, plan: SessionPlan, env: CasaEnvironment) -> Any:
+    async def _launch(self, plan: SessionPlan, env: CasaEnvironment, prefix: Path) -> Any:
         uid, gid = plan.identity.uid, plan.identity.gid
-        await asyncio.to_thread(self._prepare_directories, plan, uid, gid)
-        prefix = await self._ui_environment()
+        try:
+            await asyncio.to_thread(self._prepare_directories, plan, uid, gid)
+        except CasaspawnerError as exc:
+            raise spawn_error(str(exc), reason="storage") from None
         self.cmd = [str(prefix / "bin" / "jupyterhub-singleuser")]
+        # No news feed in JupyterLab (JupyterLab's own notifications stay on: the hub may use them).
+        lab_settings = (
+            f"--LabApp.app_settings_dir={self.environment_manager().session_files() / 'lab-settings'}"
+        )
         extra = dict(env.session_environment())
         if env.python is not None:
             try:
@@ -481,39 +593,71 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             except CasaspawnerError as exc:
                 if plan.interface == "lab":
                     raise spawn_error(str(exc), reason="no-kernel") from None
-            args: list[str] = list(self.args)
-            self.args = [
-                *[a for a in args if "default_kernel_name" not in a],
-                f"--MappingKernelManager.default_kernel_name={env.kernel_id}",
-            ]
-        elif plan.interface == "lab":
+            kernel = f"--MappingKernelManager.default_kernel_name={env.kernel_id}"
+        else:
+            kernel = ""
+        if plan.interface == "lab" and env.python is None:
             raise spawn_error(
                 f"{plan.release.label} has no Python 3 for a notebook kernel; choose the CASA desktop.",
                 "no-kernel",
             )
+        ours = ("default_kernel_name", "LabApp.app_settings_dir")
+        self.args = [
+            *(a for a in self.args if not any(k in a for k in ours)),
+            *filter(None, [kernel, lab_settings]),
+        ]
         # The desktop's vncserver wrapper picks an X display no other X server (or container) uses.
-        extra["PATH"] = os.pathsep.join([str(DESKTOP_DIR / "bin"), os.environ.get("PATH", "/usr/bin:/bin")])
+        desktop_bin = str(self.desktop_dir() / "bin")
+        extra["PATH"] = os.pathsep.join([desktop_bin, os.environ.get("PATH", "/usr/bin:/bin")])
         self.environment = {**self.environment, **extra}
         log_path = Path(plan.home) / self.session_log_name
-        log = open(log_path, "ab")  # noqa: SIM115 - handed to the session process, closed below
         try:
-            if _running_as_root():
-                os.fchown(log.fileno(), uid, gid)
-            self.popen_kwargs = {
-                **self.popen_kwargs,
-                "stdout": log,
-                "stderr": subprocess.STDOUT,
-                "cwd": plan.home,
-            }
+            existing = os.lstat(log_path)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not (stat.S_ISREG(existing.st_mode) and existing.st_uid == uid):
+            raise spawn_error(
+                f"~/{self.session_log_name} in your home is not a regular file of yours (a link?); remove it "
+                "and start again.",
+                reason="session-log",
+            )
+        self._session_log = str(log_path)
+        self.popen_kwargs = {**self.popen_kwargs, "cwd": plan.home}
+        try:
             return await super().start()
-        finally:
-            log.close()
+        except subprocess.SubprocessError:  # the child could not open its log (see make_preexec_fn)
+            raise spawn_error(
+                f"The session could not open ~/{self.session_log_name} in your home; remove it and start again.",
+                reason="session-log",
+            ) from None
 
-    def make_preexec_fn(self, name: str) -> Callable[[], None] | None:
-        """Become the session's local account (hub as root); otherwise stay the hub's own user."""
-        if _running_as_root():
-            return set_user_setuid(self.system_username(), chdir=False)  # type: ignore[no-any-return]
-        return None
+    def make_preexec_fn(self, name: str) -> Callable[[], None]:
+        """In the session's process before it runs: become the session's local account (hub as root), then,
+        as that user, open the session log (no links followed) as stdout and stderr and add ``~/arc``."""
+        become = set_user_setuid(self.system_username(), chdir=False) if _running_as_root() else None
+        log_path = self._session_log
+        plan = self.session_plan
+        link = None
+        if plan is not None and os.path.normpath(self.storage_root) != POD_STORAGE_ROOT:
+            link = (os.path.join(plan.home, "arc"), self.storage_root)
+
+        def preexec() -> None:
+            if become is not None:
+                become()
+            if log_path is not None:
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+                fd = os.open(log_path, flags, 0o600)
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                    raise OSError(f"{log_path} is not a regular file of the session's user")
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.close(fd)
+            if link is not None and not os.path.lexists(link[0]):
+                with contextlib.suppress(OSError):  # the session works without it
+                    os.symlink(link[1], link[0])
+
+        return preexec
 
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
         plan = self.session_plan
@@ -528,7 +672,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         jupyter-server-proxy's VNC server and the X programs start sessions of their own, so stopping the
         server's process group alone would leave the desktop running.
         """
-        tree = _descendants(self.pid) if self.pid else []
+        tree = descendants(self.pid) if self.pid else []
         await super().stop(now=now)
         await asyncio.to_thread(_terminate, tree)
 

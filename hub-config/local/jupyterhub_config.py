@@ -1,6 +1,6 @@
 # casaspawner on one machine: JupyterHub + LocalCASASpawner, no cluster.
 #
-# `make demo` (python -m casaspawner.demo) starts the hub with this file and the CASASPAWNER_DEMO_* variables
+# `make demo` (python -m casaspawner.demo) starts the hub with this file and the CASASPAWNER_* variables
 # below. To run a hub of your own, copy this file and replace the demo parts: the authenticator (e.g. PAM or
 # OAuthenticator), the storage root and the port.
 import os
@@ -30,8 +30,11 @@ c.Authenticator.allowed_users = {"demo"}
 
 # --- sessions: LocalCASASpawner ------------------------------------------------------------------------------
 c.JupyterHub.spawner_class = "casa-local"
-# Stands in for Cavern: homes are <demo>/arc/home/<user>, projects <demo>/arc/projects/<group>.
-c.LocalCASASpawner.storage_root = str(demo / "arc")
+# Stands in for Cavern: homes are <storage root>/home/<user>, projects <storage root>/projects/<group>. The
+# demo gives /arc as root (the paths sessions in the cluster see; also the spawner's default for a root hub)
+# and <repo>/demo/arc otherwise (sessions then find the root at ~/arc too).
+if os.environ.get("CASASPAWNER_STORAGE_ROOT"):
+    c.LocalCASASpawner.storage_root = os.environ["CASASPAWNER_STORAGE_ROOT"]
 if os.environ.get("CASASPAWNER_ENVIRONMENTS_DIR"):
     # per-release CASA environments, shared measures data, downloaded tarballs
     c.LocalCASASpawner.environments_dir = os.environ["CASASPAWNER_ENVIRONMENTS_DIR"]

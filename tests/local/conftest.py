@@ -1,5 +1,8 @@
 """Fixtures for the local-mode tests: the demo's CASA environment and dataset, a real hub, a real browser.
 
+The demo is prepared and the hub runs from a copy of this checkout in a directory only its owner can enter
+(as a clone in ``/root`` would be), so whatever a session's user needs must come from somewhere they can read.
+
 The expensive parts are cached outside the clone (``~/.cache/casaspawner``, or ``/var/cache/casaspawner`` as
 root): the CASA environment per release, the measures data, the sessions' Jupyter environment and the demo
 MeasurementSet. A warm run reuses them all.
@@ -10,18 +13,21 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from local_support import CHROMIUM_ARGS, Hub, free_port_block
+from local_support import CHROMIUM_ARGS, REPO, TEST_CONFIG, Hub, free_port_block
 
 from casaspawner import demo
-from casaspawner.catalog.model import load_catalog
+from casaspawner.catalog.model import Release
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
+from casaspawner.spawners.local import as_owner_of
 
 #: Releases only the test hub knows: one whose wheels do not exist (the build fails), one whose wheels need a
 #: Python this machine lacks.
@@ -62,8 +68,34 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_root(cache_dir: Path) -> Iterator[Path]:
-    """The demo's state directory, prepared exactly as ``make demo`` prepares it (environment, MS, tree).
+def demo_release(cache_dir: Path) -> Release:
+    """The release the demo runs on this machine (the newest modular one it can install)."""
+    return demo.demo_release(EnvironmentManager(cache_dir))
+
+
+@pytest.fixture(scope="session")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the demo and the test hub need of this checkout, copied into a directory only its owner enters."""
+    base = tmp_path_factory.mktemp("private")
+    base.chmod(0o700)
+    copy = base / "casaspawner-checkout"
+    copy.mkdir(mode=0o700)
+    for name in ("casaspawner", "hub-config"):
+        shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (copy / TEST_CONFIG).parent.mkdir(parents=True)
+    shutil.copy(REPO / TEST_CONFIG, copy / TEST_CONFIG)
+    return copy
+
+
+def from_checkout(checkout: Path, cache_dir: Path) -> dict[str, str]:
+    """The environment to run casaspawner from ``checkout`` (not from this repository)."""
+    return {**os.environ, "PYTHONPATH": str(checkout), "CASASPAWNER_ENVIRONMENTS_DIR": str(cache_dir)}
+
+
+@pytest.fixture(scope="session")
+def demo_root(cache_dir: Path, checkout: Path) -> Iterator[Path]:
+    """The demo's state directory, prepared by ``python -m casaspawner.demo prepare`` (what ``make demo`` runs)
+    from the private checkout; the storage root is ``<root>/arc``.
 
     It lives in a directory every user can search (pytest's own temporary directories are private to root),
     because sessions of the demo's local account read the storage under it.
@@ -71,25 +103,29 @@ def demo_root(cache_dir: Path) -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="casaspawner-local-tests-", dir="/tmp"))
     os.chmod(root, 0o755)
     try:
-        demo.prepare(root, cache_dir)
-        home = root / "arc" / "home" / demo.DEMO_USER
-        for name, spec in DATASETS.items():
-            write_dataset(home / "tests" / name, spec=spec)
-        for dirpath, dirs, files in os.walk(home / "tests"):
-            os.chmod(dirpath, 0o755)
-            for d in dirs:
-                os.chmod(os.path.join(dirpath, d), 0o755)
-            for f in files:
-                os.chmod(os.path.join(dirpath, f), 0o644)
+        storage = root / "arc"
+        prepared = subprocess.run(
+            [sys.executable, "-m", "casaspawner.demo", "prepare", "--dir", str(root), "--storage", str(storage)],
+            cwd=checkout, env=from_checkout(checkout, cache_dir), capture_output=True, text=True, timeout=3600,
+        )  # fmt: skip
+        assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
+        home = storage / "home" / demo.DEMO_USER
+        assert f"Demo dataset ready at {home / demo.DEMO_PROJECT}" in prepared.stdout, prepared.stdout
+        as_owner_of(home, write_test_datasets, home / ".tests")  # hidden: not in the screenshots
         yield root
     finally:
         if not os.environ.get("CASASPAWNER_KEEP_TEST_ROOT"):  # keep it to read session logs after a failure
             shutil.rmtree(root, ignore_errors=True)
 
 
+def write_test_datasets(base: Path) -> None:
+    for name, spec in DATASETS.items():
+        write_dataset(base / name, spec=spec)
+
+
 @pytest.fixture(scope="session")
-def demo_env(cache_dir: Path, demo_root: Path) -> CasaEnvironment:
-    env = EnvironmentManager(cache_dir).ready(load_catalog().get(demo.DEMO_RELEASE))
+def demo_env(cache_dir: Path, demo_root: Path, demo_release: Release) -> CasaEnvironment:
+    env = EnvironmentManager(cache_dir).ready(demo_release)
     assert env is not None
     return env
 
@@ -107,14 +143,16 @@ def test_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hub(demo_root: Path, cache_dir: Path, test_catalog: Path) -> Iterator[Hub]:
-    """A real JupyterHub (LocalCASASpawner, the demo's config) on free loopback ports."""
+def hub(demo_root: Path, cache_dir: Path, test_catalog: Path, checkout: Path) -> Iterator[Hub]:
+    """A real JupyterHub (LocalCASASpawner, the demo's config) on free loopback ports, run from the private
+    checkout."""
     token = secrets.token_hex(16)
     password = secrets.token_urlsafe(12)
     root = demo_root
-    env = demo.hub_environment(root, 0, password, cache_dir)
+    env = demo.hub_environment(root, 0, password, cache_dir, root / "arc")
     env.update({"CASASPAWNER_TEST_CATALOG": str(test_catalog), "CASASPAWNER_TEST_TOKEN": token})
-    hub = Hub(root=root, env=env, token=token, password=password, port=free_port_block())
+    env["PYTHONPATH"] = str(checkout)
+    hub = Hub(root=root, env=env, token=token, password=password, port=free_port_block(), checkout=checkout)
     hub.start()
     try:
         yield hub

@@ -11,6 +11,9 @@ c.LocalCASASpawner.catalog_path = os.environ["CASASPAWNER_TEST_CATALOG"]
 c.LocalCASASpawner.tarball_mirror = "http://127.0.0.1:9/"
 c.LocalCASASpawner.probe_timeout = 2
 c.LocalCASASpawner.allow_approximate = True
+c.LocalCASASpawner.environment = {
+    "CASASPAWNER_NOTICES_INTERVAL": "1"
+}  # the desktop's notices watcher, faster
 c.JupyterHub.log_level = "DEBUG"
 c.JupyterHub.services = [{"name": "local-tests", "api_token": os.environ["CASASPAWNER_TEST_TOKEN"]}]
 c.JupyterHub.load_roles = [

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from casaspawner.spawners.local import descendants
+
 REPO = Path(__file__).resolve().parents[2]
-TEST_CONFIG = Path(__file__).resolve().parent / "hub_config.py"
+#: The test hub's configuration, relative to a checkout (it loads ``hub-config/local`` of the same checkout).
+TEST_CONFIG = Path("tests") / "local" / "hub_config.py"
 SCREENSHOTS = REPO / "docs" / "_static" / "screenshots"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -58,6 +61,7 @@ class Hub:
     token: str
     password: str = ""
     port: int = 0
+    checkout: Path = REPO
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
 
@@ -74,7 +78,7 @@ class Hub:
         jupyterhub = str(Path(sys.prefix) / "bin" / "jupyterhub")
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [jupyterhub, "-f", str(TEST_CONFIG)],
+                [jupyterhub, "-f", str(self.checkout / TEST_CONFIG)],
                 cwd=state,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -117,6 +121,10 @@ class Hub:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read().decode()
         return json.loads(text) if text.strip() else None
+
+    def session_pid(self, user: str = "demo") -> int:
+        """The pid of the user's session server (from the hub's saved state)."""
+        return int(self.api("GET", f"/hub/api/users/{user}")["servers"][""]["state"]["pid"])
 
     def server(self, user: str = "demo") -> dict[str, Any] | None:
         model = self.api("GET", f"/hub/api/users/{user}")
@@ -166,24 +174,75 @@ class Hub:
         return events
 
 
-def session_display(uid_or_name: str) -> tuple[str, str]:
-    """DISPLAY and XAUTHORITY of the TigerVNC server the session of a local account runs."""
-    out = subprocess.run(["pgrep", "-a", "-u", uid_or_name, "Xtigervnc"], capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        display = next((p for p in parts if p.startswith(":")), None)
-        auth = parts[parts.index("-auth") + 1] if "-auth" in parts else ""
-        if display:
-            return display, auth
-    raise AssertionError(f"no Xtigervnc runs as {uid_or_name}: {out.stdout!r}")
+def session_display(pid: int) -> tuple[str, str]:
+    """DISPLAY and XAUTHORITY of the TigerVNC server the session with server pid ``pid`` runs — found among
+    that process's descendants, whoever the session runs as (a local account, or the hub's own user)."""
+    seen = []
+    for child in descendants(pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parts = [a.decode(errors="replace") for a in argv if a]
+        seen.append(" ".join(parts[:2]))
+        if parts and Path(parts[0]).name == "Xtigervnc":
+            display = next((p for p in parts[1:] if p.startswith(":")), None)
+            auth = parts[parts.index("-auth") + 1] if "-auth" in parts else ""
+            if display:
+                return display, auth
+    raise AssertionError(f"no Xtigervnc runs below the session process {pid}: {seen}")
+
+
+def wait_for_display(pid: int, timeout: float = 60) -> tuple[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return session_display(pid)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def wait_for_title(display: str, xauthority: str, title: str, timeout: float = 90) -> list[str]:
+    """Wait until a window titled exactly ``title`` is listed; returns the titles (the last ones on timeout)."""
+    deadline = time.monotonic() + timeout
+    titles = window_titles(display, xauthority)
+    while title not in titles and time.monotonic() < deadline:
+        time.sleep(0.5)
+        titles = window_titles(display, xauthority)
+    return titles
+
+
+def window_geometry(display: str, xauthority: str, title: str) -> tuple[int, int, int, int]:
+    """(x, y, width, height) of the window titled ``title``, on the root window, from ``xwininfo``."""
+    env = {**os.environ, "DISPLAY": display, "XAUTHORITY": xauthority}
+    out = subprocess.run(
+        ["xwininfo", "-name", title], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    field = {
+        k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)
+    }
+    return (
+        int(field["Absolute upper-left X"]),
+        int(field["Absolute upper-left Y"]),
+        int(field["Width"]),
+        int(field["Height"]),
+    )
 
 
 def window_titles(display: str, xauthority: str) -> list[str]:
+    """Titles of the windows the window manager lists (``wmctrl -l``), each also in ``xwininfo``'s tree."""
     env = {**os.environ, "DISPLAY": display, "XAUTHORITY": xauthority}
-    wm = subprocess.run(["wmctrl", "-l"], capture_output=True, text=True, env=env)
-    if wm.returncode != 0:  # the window manager has not published its client list yet
-        return []
-    tree = subprocess.run(["xwininfo", "-root", "-tree"], capture_output=True, text=True, env=env, check=True)
-    titles = [line.split(None, 3)[3] for line in wm.stdout.splitlines() if len(line.split(None, 3)) == 4]
-    assert all(title in tree.stdout for title in titles), "wmctrl and xwininfo disagree"
-    return titles
+    for _ in range(10):  # a window may open, close or be renamed between the two looks
+        wm = subprocess.run(["wmctrl", "-l"], capture_output=True, text=True, env=env)
+        if wm.returncode != 0:  # the window manager has not published its client list yet
+            return []
+        tree = subprocess.run(
+            ["xwininfo", "-root", "-tree"], capture_output=True, text=True, env=env, check=True
+        )
+        titles = [line.split(None, 3)[3] for line in wm.stdout.splitlines() if len(line.split(None, 3)) == 4]
+        if all(f'"{title}"' in tree.stdout for title in titles):
+            return titles
+        time.sleep(0.2)
+    raise AssertionError(f"wmctrl and xwininfo disagree: {titles} / {tree.stdout[-2000:]}")

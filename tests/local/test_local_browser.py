@@ -1,8 +1,9 @@
 """The whole user path on the embedded hub, in a real browser: log in, name the demo dataset, get CASA.
 
 JupyterLab: a notebook in the CASA kernel opens the demo MeasurementSet with casatools. Desktop: the noVNC
-canvas shows the CASA terminal, checked on the session's X server and on the canvas pixels. Screenshots go
-to docs/_static/screenshots/ for the docs.
+canvas shows the CASA terminal once its CASA prompt is ready, checked on the session's X server and on the
+canvas pixels inside that window; operator notices pop up; plotms starts from the launcher. Screenshots go to
+docs/_static/screenshots/ for the docs.
 """
 
 from __future__ import annotations
@@ -11,16 +12,28 @@ import os
 import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
-from local_support import SCREENSHOTS, Hub, session_display, window_titles
+from local_support import (
+    SCREENSHOTS,
+    Hub,
+    wait_for_display,
+    wait_for_title,
+    window_geometry,
+    window_titles,
+)
 
 from casaspawner import demo
+from casaspawner.catalog.model import Release
+from casaspawner.spawners.local import as_owner_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-DATASET = f"~/{demo.DEMO_SPEC.project}"
+DATASET = f"~/{demo.DEMO_PROJECT}"
+DESKTOP_BACKGROUND = (0x24, 0x36, 0x4B)  # xstartup's xsetroot colour
 
 
 #: Keeps what the spawn-progress page showed (it reloads into the session when ready).
@@ -30,6 +43,25 @@ window.addEventListener('beforeunload', () => {
   if (log) sessionStorage.setItem('casa-progress', (sessionStorage.getItem('casa-progress') || '') + log.textContent);
 });
 """
+
+#: What the user types into the notebook: short lines, so the screenshot shows whole lines.
+NOTEBOOK_CELL = (
+    "import casatools, glob, os\n"
+    f"pattern = os.path.expanduser('~/{demo.DEMO_PROJECT}/**/*.ms')\n"
+    "ms = glob.glob(pattern, recursive=True)[0]\n"
+    "tb = casatools.table()\n"
+    "tb.open(ms)\n"
+    "rows = tb.nrows()\n"
+    "tb.open(ms + '/ANTENNA')\n"
+    "print('CASA', casatools.version_string(), 'rows', rows, 'antennas', tb.nrows())"
+)
+
+
+#: Typed at the desktop's CASA prompt: amplitude against uv distance of the demo MS, coloured by antenna.
+PLOTMS_COMMAND = (
+    f"import glob; ms = glob.glob(os.path.expanduser('~/{demo.DEMO_PROJECT}/**/*.ms'), recursive=True)[0]; "
+    "plotms(vis=ms, xaxis='uvdist', yaxis='amp', coloraxis='antenna1')"
+)
 
 
 def login(browser: Any, hub: Hub) -> Any:
@@ -42,6 +74,22 @@ def login(browser: Any, hub: Hub) -> Any:
     page.click("#login_submit")
     page.wait_for_load_state()
     return page
+
+
+def wait_for_session(page: Any, path: str, timeout: float = 900) -> None:
+    """Wait until the browser is in the session at ``path``; a failed spawn fails at once, with its message."""
+    deadline = time.monotonic() + timeout
+    while path not in urlparse(page.url).path:
+        try:
+            message = page.evaluate(
+                "() => (document.querySelector('#progress-message') || {}).textContent || ''"
+            )
+        except Exception:  # navigating into the session
+            message = ""
+        assert "Spawn failed" not in message, message
+        assert time.monotonic() < deadline, f"no session after {timeout} s: {page.url}"
+        page.wait_for_timeout(500)
+    page.wait_for_load_state()
 
 
 def shot(page: Any, name: str) -> None:
@@ -60,12 +108,14 @@ def submit_form(
     page.locator("form#spawn_form [type=submit]").click()
 
 
-def test_lab_session_runs_casa_on_the_demo_ms(hub: Hub, browser: Any) -> None:
+def test_lab_session_runs_casa_on_the_demo_ms(hub: Hub, browser: Any, demo_release: Release) -> None:
+    label = demo_release.label
     hub.stop_server()
     page = login(browser, hub)
     assert "/hub/spawn" in page.url, "after login the user gets the spawn form"
     assert page.locator("#casa-local-note").is_visible()
-    submit_form(page, hub, "lab", screenshot="local-spawn-form")
+    assert page.locator("#casa-size").count() == 0, "no session sizes: nothing limits a local session"
+    submit_form(page, hub, "lab")
 
     # The progress page names the dataset, the build and the reason (from the pipeline manifest). With a
     # prepared environment it shows for a few seconds only; what it showed is kept when it navigates away.
@@ -78,88 +128,126 @@ def test_lab_session_runs_casa_on_the_demo_ms(hub: Hub, browser: Any) -> None:
         shot(page, "local-progress")
     except Exception:  # already redirected to JupyterLab: the record below still has the events
         pass
-    page.wait_for_url("**/lab**", timeout=900_000)
+    wait_for_session(page, "/lab")
     events = page.evaluate("() => sessionStorage.getItem('casa-progress') || ''")
-    assert f"Dataset {DATASET}: CASA 6.6.5-31, the exact build." in events, events
-    assert "The pipeline manifest names CASA 6.6.5-31; CASA 6.6.5-31 is that build." in events, events
-    page.locator(".jp-LauncherCard[title*='CASA 6.6.5-31']").first.click()
+    assert f"Dataset {DATASET}: {label}, the exact build." in events, events
+    assert f"The pipeline manifest names {label}; {label} is that build." in events, events
+    page.locator(f".jp-LauncherCard[title*='{label}']").first.click()
     page.wait_for_function(
         "(document.querySelector('.jp-Toolbar-kernelName') || {textContent: ''}).textContent.includes('CASA')",
         timeout=120_000,
     )
-    assert page.locator(".jp-Toolbar-kernelName").first.inner_text().strip() == "CASA 6.6.5-31"
+    assert page.locator(".jp-Toolbar-kernelName").first.inner_text().strip() == label
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
     page.locator(".jp-Cell .cm-content").first.click()
-    page.keyboard.type(
-        "import casatools, glob, os\n"
-        "ms = glob.glob(os.path.expanduser('~/2023.1.01234.S/**/*.ms'), recursive=True)[0]\n"
-        "tb = casatools.table(); tb.open(ms)\n"
-        "print('CASA', casatools.version_string(), 'rows', tb.nrows(), 'antennas', "
-        "len(casatools.table(ms + '/ANTENNA').getcol('NAME')))"
-    )
+    page.keyboard.type(NOTEBOOK_CELL)
     page.keyboard.press("Shift+Enter")
     output = page.locator(".jp-OutputArea-output").first
     output.wait_for(timeout=120_000)
     text = output.inner_text().strip()
-    assert text == "CASA 6.6.5-31 rows 300 antennas 5", text
+    assert text == f"CASA {demo_release.casa} rows 300 antennas 5", text
+    # JupyterLab asks whether to fetch Jupyter news a few seconds after it starts; sessions answer "never".
+    page.wait_for_timeout(3000)
+    assert page.get_by_text("official Jupyter news").count() == 0, "the Jupyter news question is shown"
+    names = page.locator(".jp-DirListing-itemName").all_inner_texts()
+    assert demo.DEMO_PROJECT in names and "arc" in names, names  # ~/arc: the storage root, as in a pod
+    page.locator(".jp-Cell .cm-content").first.click()  # the cursor in the cell, not the new empty one
     shot(page, "local-lab-notebook")
     page.close()
 
 
-def test_desktop_session_shows_a_casa_window(hub: Hub, browser: Any) -> None:
+def test_desktop_session_shows_a_ready_casa_window(
+    hub: Hub, browser: Any, demo_release: Release, demo_root: Path
+) -> None:
+    label = demo_release.label
     hub.stop_server()
     page = login(browser, hub)
     # A returning user: the form resolves the last dataset and shows the build and the reason.
     page.goto(f"{hub.url}/hub/spawn")
     preview = page.locator("#casa-resolved").inner_text()
     assert preview == (
-        f"{DATASET}: CASA 6.6.5-31, the exact build. The pipeline manifest names CASA 6.6.5-31; "
-        "CASA 6.6.5-31 is that build."
+        f"{DATASET}: {label}, the exact build. The pipeline manifest names {label}; {label} is that build."
     ), preview
-    submit_form(page, hub, "desktop")
-    page.wait_for_url("**/desktop/**", timeout=900_000)
+    submit_form(page, hub, "desktop", screenshot="local-spawn-form")
+    wait_for_session(page, "/desktop/")
     page.wait_for_function(
         "(document.querySelector('#status') || {}).textContent === 'Connected'", timeout=60_000
     )
+    display, xauthority = wait_for_display(hub.session_pid())
 
-    display, xauthority = session_display("jupyter-demo")
-    deadline = time.monotonic() + 60
-    titles: list[str] = []
-    while time.monotonic() < deadline:
-        titles = window_titles(display, xauthority)
-        if "CASA 6.6.5-31" in titles and "CASA 6.6.5-31 tools" in titles:
-            break
-        time.sleep(1)
-    assert "CASA 6.6.5-31" in titles, titles  # the CASA terminal (IPython with casatools/casatasks)
-    assert "CASA 6.6.5-31 tools" in titles, titles  # the launcher for plotms, viewer and logger
-
-    page.wait_for_timeout(6000)  # the terminal's CASA prompt comes up
-    colours = page.evaluate(
-        """() => {
-          const c = document.querySelector('canvas');
-          const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-          const seen = new Set();
-          for (let i = 0; i < d.length; i += 4 * 97) seen.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
-          return seen.size;
-        }"""
+    # The CASA terminal takes the build's name as its title only once casatools/casatasks are loaded.
+    titles = wait_for_title(display, xauthority, label)
+    assert label in titles, titles
+    assert f"{label} tools" in titles, titles  # the launcher for plotms, viewer and logger
+    assert f"{label}: start-up failed" not in titles
+    x, y, width, height = window_geometry(display, xauthority, label)
+    page.wait_for_timeout(1500)  # the canvas catches up with the X server
+    pixels = canvas_region(page, x, y, width, height)
+    assert pixels["background"] < 0.02, f"the CASA terminal's area shows the desktop background: {pixels}"
+    assert pixels["colours"] >= 2 and 0.005 < pixels["minority"] < 0.5, (
+        f"no text in the CASA terminal: {pixels}"
     )
-    assert colours > 8, f"the desktop canvas looks uniform ({colours} colours)"
-    # The user starts plotms from the launcher: a click on its button on the noVNC canvas.
-    _click_launcher_button(page, display, xauthority, "plotms")
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and "PlotMS" not in window_titles(display, xauthority):
-        time.sleep(1)
-    assert "PlotMS" in window_titles(display, xauthority)
-    page.wait_for_timeout(3000)
+
+    # Operator notices: the file the hub keeps in the session's home pops up a window, and closing follows.
+    home = demo_root / "arc" / "home" / demo.DEMO_USER
+    notices = home / "CASA-NOTICES.md"
+    as_owner_of(home, notices.write_text, "CASA 6.5.4-9 is being replaced; save your work by 18:00.\n")
+    assert "CASA notices" in wait_for_title(display, xauthority, "CASA notices", timeout=20)
+    as_owner_of(home, notices.unlink)
+    deadline = time.monotonic() + 20
+    while "CASA notices" in window_titles(display, xauthority) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "CASA notices" not in window_titles(display, xauthority)
+
+    # The user types at the CASA prompt (through noVNC): plotms shows the demo MS.
+    scale = page.evaluate(
+        "() => { const c = document.querySelector('canvas'); return c.clientWidth / c.width; }"
+    )
+    box = page.locator("canvas").first.bounding_box()
+    page.mouse.click(box["x"] + (x + width / 2) * scale, box["y"] + (y + height / 2) * scale)
+    page.keyboard.type(PLOTMS_COMMAND + "\n", delay=5)
+    assert "PlotMS" in wait_for_title(display, xauthority, "PlotMS", timeout=120)
+    env = {**os.environ, "DISPLAY": display, "XAUTHORITY": xauthority}
+    subprocess.run(["wmctrl", "-r", "PlotMS", "-e", "0,575,40,700,490"], env=env, check=True)
+    page.wait_for_timeout(8000)  # plotms reads the MS and draws
     shot(page, "local-desktop")
+
+    # The launcher starts plotms too: a click on its button on the noVNC canvas.
+    _click_launcher_button(page, display, xauthority, label, "plotms")
+    deadline = time.monotonic() + 90
+    while window_titles(display, xauthority).count("PlotMS") < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert window_titles(display, xauthority).count("PlotMS") == 2
     page.close()
 
 
-def _click_launcher_button(page: Any, display: str, xauthority: str, label: str) -> None:
+def canvas_region(page: Any, x: int, y: int, width: int, height: int) -> dict[str, float]:
+    """Of the noVNC canvas pixels inside an X window: the share showing the desktop background, the number
+    of distinct colours, and the share of all but the most common colour (text on the terminal)."""
+    return page.evaluate(  # type: ignore[no-any-return]
+        """([x, y, w, h, bg]) => {
+          const c = document.querySelector('canvas');
+          const d = c.getContext('2d').getImageData(x, y, w, h).data;
+          const counts = new Map();
+          let n = 0, background = 0;
+          for (let i = 0; i < d.length; i += 4 * 3) {
+            const rgb = (d[i] << 16) | (d[i + 1] << 8) | d[i + 2];
+            counts.set(rgb, (counts.get(rgb) || 0) + 1);
+            if (rgb === ((bg[0] << 16) | (bg[1] << 8) | bg[2])) background++;
+            n++;
+          }
+          const top = Math.max(...counts.values());
+          return {background: background / n, colours: counts.size, minority: (n - top) / n};
+        }""",
+        [x, y, width, height, list(DESKTOP_BACKGROUND)],
+    )
+
+
+def _click_launcher_button(page: Any, display: str, xauthority: str, label: str, button: str) -> None:
     """Click a button of the "CASA … tools" window through the browser, where the X server says it is."""
     env = {**os.environ, "DISPLAY": display, "XAUTHORITY": xauthority}
     tree = subprocess.run(
-        ["xwininfo", "-tree", "-name", "CASA 6.6.5-31 tools"],
+        ["xwininfo", "-tree", "-name", f"{label} tools"],
         capture_output=True,
         text=True,
         env=env,
@@ -174,7 +262,7 @@ def _click_launcher_button(page: Any, display: str, xauthority: str, label: str)
     buttons = sorted((b for b in boxes if b[3] == row), key=lambda b: b[2])
     order = ["CASA terminal", "plotms", "viewer", "logger"]
     assert len(buttons) == len(order), tree
-    width, height, x, y = buttons[order.index(label)]
+    width, height, x, y = buttons[order.index(button)]
     scale = page.evaluate(
         "() => { const c = document.querySelector('canvas'); return c.clientWidth / c.width; }"
     )

@@ -9,17 +9,20 @@ import hashlib
 import http.server
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from casaspawner import demo
-from casaspawner.catalog.model import Release, Tarball, Wheels, load_catalog
+from casaspawner.catalog.model import Catalog, Release, Tarball, Wheels, load_catalog
 from casaspawner.datasets.resolve import resolve_path
 from casaspawner.environments import (
     CasaEnvironment,
@@ -28,6 +31,7 @@ from casaspawner.environments import (
     site_config_text,
 )
 from casaspawner.environments.pythons import find_python, world_usable
+from casaspawner.errors import CasaspawnerError
 
 OFFLINE = {key: "http://127.0.0.1:9" for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
 
@@ -87,6 +91,47 @@ def test_missing_python_and_unreachable_tarball_are_one_sentence_each(tmp_path: 
     )
 
 
+def test_python_discovery_is_probed_once_per_manager(tmp_path: Path) -> None:
+    """Python discovery runs interpreters (seconds each); a manager asks once and remembers the answer."""
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3.4").write_text(f"#!/bin/sh\necho probed >> {calls}\nexit 1\n")
+    (bin_dir / "python3.4").chmod(0o755)
+    manager = EnvironmentManager(tmp_path / "cache", search_path=str(bin_dir))
+    wheels_only = release(casa="6.6.6-1", role="modular", wheels=Wheels(("3.4",), "6.6.6.1", "6.6.6.1"))
+    first = manager.unavailable_reason(wheels_only)
+    probes = calls.read_text().count("probed")
+    assert probes >= 1
+    assert manager.unavailable_reason(wheels_only) == first
+    assert calls.read_text().count("probed") == probes, "the second question probed again"
+    EnvironmentManager(tmp_path / "cache", search_path=str(bin_dir)).unavailable_reason(wheels_only)
+    assert calls.read_text().count("probed") > probes, "another manager probes for itself"
+
+
+def test_the_demo_runs_the_newest_release_this_machine_can_install(tmp_path: Path) -> None:
+    manager = EnvironmentManager(tmp_path, tarball_mirror="http://127.0.0.1:9/", probe_timeout=1)
+    here = next((v for v in ("3.13", "3.12", "3.11", "3.10", "3.9", "3.8") if manager.find_python([v])), None)
+    if here is None:
+        pytest.skip("no Python 3.8 or newer that sessions could run was found here")
+    old = release(
+        id="casa-6.6.0-1", casa="6.6.0-1", role="modular", wheels=Wheels((here,), "6.6.0.1", "6.6.0.1")
+    )
+    new = release(
+        id="casa-6.9.0-1", casa="6.9.0-1", role="modular", wheels=Wheels(("3.4",), "6.9.0.1", "6.9.0.1")
+    )
+    pipeline = release(id="pl", casa="6.9.9-1", tarball=Tarball("casa-x.tar.xz", "https://example.invalid/"))
+    assert demo.demo_release(manager, Catalog((old, new, pipeline))) == old
+    with pytest.raises(CasaspawnerError) as caught:
+        demo.demo_release(manager, Catalog((new, pipeline)))
+    assert str(caught.value).startswith(
+        "No CASA release can be installed here: its wheels need Python 3.4, and no such Python"
+    ), caught.value
+    assert "`uv python install 3.4`" in str(caught.value) and "\n" not in str(caught.value)
+    spec = demo.demo_spec(old)
+    assert spec.casa == "6.6.0.1" and spec.project == demo.DEMO_PROJECT
+
+
 def test_site_config_points_at_the_shared_measures_with_updates_off(tmp_path: Path) -> None:
     namespace: dict[str, object] = {}
     exec(site_config_text(tmp_path / "measures"), namespace)
@@ -94,42 +139,70 @@ def test_site_config_points_at_the_shared_measures_with_updates_off(tmp_path: Pa
     assert namespace["measures_auto_update"] is False and namespace["data_auto_update"] is False
 
 
-# ------------------------------------------------------------------- monolithic stand-in on 127.0.0.1
+# ------------------------------------------------------------------- monolithic stand-ins on 127.0.0.1
 
 STANDIN_TOP = "casa-6.6.1-17-pipeline-2024.1.0.8"
 WRAPPER = """#!/bin/sh
 # like CASA 6's bin/python3: its own site-packages first, then the bundled interpreter
 here=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$here/lib/py/lib/python3.11/site-packages${PYTHONPATH:+:$PYTHONPATH}"
-exec /usr/bin/python3.11 "$@"
+export PYTHONPATH="$here/lib/py/lib/python{version}/site-packages${{PYTHONPATH:+:$PYTHONPATH}}"
+exec {python} "$@"
+"""
+#: CASA 4/5 have no Python 3: their bin/casa runs ``-c <script>`` with their own (here: any) interpreter.
+CASA5_LAUNCHER = """#!/bin/sh
+while [ $# -gt 0 ]; do
+    [ "$1" = -c ] && exec {python} "$2"
+    shift
+done
+echo "casa: no script given" >&2
+exit 1
+"""
+CASA5_BROKEN = """#!/bin/sh
+echo "casa: error while loading shared libraries: libgfortran.so.3: cannot open shared object file" >&2
+exit 127
 """
 
 
+@pytest.fixture(scope="module")
+def standin_python() -> tuple[Path, str]:
+    """Any Python here stands in for a tarball's bundled interpreter."""
+    found = find_python(["3.13", "3.12", "3.11", "3.10", "3.9", "3.8"])
+    if found is None:
+        pytest.skip(
+            "no Python 3.8 or newer was found on PATH, in pyenv or through uv for the stand-in tarballs"
+        )
+    return found
+
+
+def standin_tree(base: Path, kind: str, python: tuple[Path, str]) -> Path:
+    """A CASA tree: ``python`` (CASA 6: bin/python3 + casatools), ``casa5`` (bin/casa only), ``casa5-broken``
+    (a bin/casa that cannot start) or ``bare`` (neither)."""
+    tree = base / STANDIN_TOP
+    (tree / "bin").mkdir(parents=True)
+    if kind == "python":
+        site = tree / "lib" / "py" / "lib" / f"python{python[1]}" / "site-packages" / "casatools"
+        site.mkdir(parents=True)
+        (site / "__init__.py").write_text("def version_string():\n    return '6.6.1-17'\n")
+        (tree / "bin" / "python3").write_text(WRAPPER.format(version=python[1], python=python[0]))
+        (tree / "bin" / "python3").chmod(0o755)
+    elif kind in ("casa5", "casa5-broken"):
+        text = CASA5_LAUNCHER.format(python=python[0]) if kind == "casa5" else CASA5_BROKEN
+        (tree / "bin" / "casa").write_text(text)
+        (tree / "bin" / "casa").chmod(0o755)
+    (tree / "data").mkdir()
+    return tree
+
+
 @pytest.fixture
-def tarball_server(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
-    """A stand-in monolithic tarball (+ .md5) served on 127.0.0.1; yields (base URL, file, request log)."""
-    if not Path("/usr/bin/python3.11").exists():
-        pytest.skip("the stand-in tarball wraps /usr/bin/python3.11")
-    tree = tmp_path / "src" / STANDIN_TOP
-    site = tree / "lib" / "py" / "lib" / "python3.11" / "site-packages" / "casatools"
-    site.mkdir(parents=True)
-    (site / "__init__.py").write_text("def version_string():\n    return '6.6.1-17'\n")
-    (tree / "bin").mkdir()
-    (tree / "bin" / "python3").write_text(WRAPPER)
-    (tree / "bin" / "python3").chmod(0o755)
-    served = tmp_path / "www"
-    served.mkdir()
-    archive = served / f"{STANDIN_TOP}-py3.11.el8.tar.xz"
-    with tarfile.open(archive, "w:xz") as tar:
-        tar.add(tree, arcname=STANDIN_TOP)
-    (served / (archive.name + ".md5")).write_text(
-        f"{hashlib.md5(archive.read_bytes()).hexdigest()}  {archive.name}\n"
-    )
+def served(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
+    """A directory served on 127.0.0.1; yields (base URL, directory, request log)."""
+    www = tmp_path / "www"
+    www.mkdir()
     requests: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, directory=str(served), **kwargs)  # type: ignore[arg-type]
+            super().__init__(*args, directory=str(www), **kwargs)  # type: ignore[arg-type]
 
         def log_message(self, format: str, *args: object) -> None:
             requests.append(f"{self.command} {self.path}")
@@ -138,9 +211,30 @@ def tarball_server(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", archive, requests
+        yield f"http://127.0.0.1:{server.server_address[1]}/", www, requests
     finally:
         server.shutdown()
+
+
+def pack(tree: Path, www: Path, name: str) -> Path:
+    archive = www / name
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tree, arcname=tree.name)
+    return archive
+
+
+@pytest.fixture
+def tarball_server(
+    tmp_path: Path, served: tuple[str, Path, list[str]], standin_python: tuple[Path, str]
+) -> tuple[str, Path, list[str]]:
+    """A stand-in CASA 6 tarball (+ .md5) served on 127.0.0.1; (base URL, file, request log)."""
+    url, www, requests = served
+    tree = standin_tree(tmp_path / "src", "python", standin_python)
+    archive = pack(tree, www, f"{STANDIN_TOP}-py{standin_python[1]}.el8.tar.xz")
+    (www / (archive.name + ".md5")).write_text(
+        f"{hashlib.md5(archive.read_bytes()).hexdigest()}  {archive.name}\n"
+    )
+    return url, archive, requests
 
 
 async def _collect(manager: EnvironmentManager, rel: Release) -> list[str]:
@@ -195,6 +289,42 @@ def test_monolithic_tarball_is_verified_unpacked_built_once_and_registered(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("kind", ["casa5", "casa5-broken", "bare"])
+def test_a_casa_without_python3_is_run_checked_with_bin_casa_or_says_it_was_not(
+    kind: str, tmp_path: Path, served: tuple[str, Path, list[str]], standin_python: tuple[Path, str]
+) -> None:
+    url, www, _requests = served
+    archive = pack(
+        standin_tree(tmp_path / "src", kind, standin_python), www, "casa-release-5.6.1-8.el7.tar.gz"
+    )
+    sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
+    measures = tmp_path / "measures"
+    (measures / "geodetic").mkdir(parents=True)
+    rel = release(casa="5.6.1-8", pipeline=None, tarball=Tarball(archive.name, url, sha256=sha256))
+    manager = EnvironmentManager(tmp_path / "cache", measures_path=measures)
+    if kind == "casa5-broken":
+        with pytest.raises(EnvironmentBuildError) as caught:
+            asyncio.run(_collect(manager, rel))
+        assert str(caught.value) == (
+            "Starting CASA 5.6.1-8 failed: casa: error while loading shared libraries: libgfortran.so.3: cannot "
+            "open shared object file."
+        )
+        assert manager.ready(rel) is None
+        return
+    messages = asyncio.run(_collect(manager, rel))
+    env = manager.ready(rel)
+    assert env is not None and env.python is None
+    if kind == "casa5":
+        assert "Checking that CASA 5.6.1-8 starts (desktop only: it has no Python 3)." in messages
+        assert env.run_checked
+    else:
+        assert (
+            "CASA 5.6.1-8 has no Python 3 and no bin/casa to try: desktop only, not run-checked." in messages
+        )
+        assert not env.run_checked
+
+
+@pytest.mark.integration
 def test_tarball_with_a_wrong_checksum_is_refused(
     tmp_path: Path, tarball_server: tuple[str, Path, list[str]]
 ) -> None:
@@ -225,7 +355,7 @@ def test_casatools_starts_offline_with_the_site_config_and_not_without(
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert good.returncode == 0, good.stderr[-2000:]
-    assert good.stdout.splitlines()[0] == "6.6.5-31"
+    assert good.stdout.splitlines()[0] == demo_env.casa
     bad = subprocess.run(
         [str(demo_env.python), "-c", code],
         env=base,
@@ -251,14 +381,17 @@ def test_gui_appimages_are_extracted_once_for_every_user(demo_env: CasaEnvironme
 
 
 @pytest.mark.integration
-def test_demo_dataset_is_a_real_ms_in_an_alma_tree(
-    demo_root: Path, demo_env: CasaEnvironment, tmp_path: Path
+def test_demo_dataset_is_a_real_ms_in_an_alma_tree_owned_by_the_user(
+    demo_root: Path, demo_env: CasaEnvironment, demo_release: Release, tmp_path: Path
 ) -> None:
-    project = demo_root / "arc" / "home" / demo.DEMO_USER / demo.DEMO_SPEC.project
+    home = demo_root / "arc" / "home" / demo.DEMO_USER
+    project = home / demo.DEMO_PROJECT
     resolution = resolve_path(project, load_catalog())
-    assert (resolution.release.id, resolution.exact) == (demo.DEMO_RELEASE, True)
+    assert (resolution.release.id, resolution.exact) == (demo_release.id, True)
     ms = next(project.rglob("*.ms"))
     assert ms.parent.name == "calibrated"
+    owner = os.lstat(home).st_uid
+    assert owner != 0 and {os.lstat(p).st_uid for p in [project, *project.rglob("*")]} == {owner}
     code = (
         "import sys, casatools; tb = casatools.table(); ms = sys.argv[1]\n"
         "tb.open(ms); rows = tb.nrows(); tb.close()\n"
@@ -275,7 +408,7 @@ def test_demo_dataset_is_a_real_ms_in_an_alma_tree(
 
 
 def test_envs_command_lists_what_this_machine_can_run(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], demo_release: Release
 ) -> None:
     from casaspawner.cli import main
 
@@ -289,10 +422,144 @@ def test_envs_command_lists_what_this_machine_can_run(
     ]
     assert main(["envs", "list", "--json", *options]) == 0
     rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
-    assert rows["casa-6.6.5-31"]["status"] == "buildable" and rows["casa-6.6.5-31"]["reason"] is None
+    assert rows[demo_release.id]["status"] == "buildable" and rows[demo_release.id]["reason"] is None
     assert rows["pl-2023.1.0.124"]["status"] == "unavailable"
     assert "tarball http://127.0.0.1:9/" in rows["pl-2023.1.0.124"]["reason"]
     assert main(["envs", "build", "no-such-release", *options]) == 2
     assert capsys.readouterr().err.strip() == (
         "casaspawner: 'no-such-release' is not a release in the catalog; `casaspawner catalog` lists them."
     )
+
+
+# ------------------------------------------------------------------------------------ the desktop's scripts
+
+DESKTOP = Path(demo.__file__).parent / "desktop"
+
+
+def _title_sequences(output: bytes) -> list[str]:
+    return [m.decode() for m in re.findall(rb"\x1b\]2;([^\x07]*)\x07", output)]
+
+
+@pytest.mark.integration
+def test_the_casa_terminal_is_named_after_the_build_only_once_casa_is_loaded(
+    demo_env: CasaEnvironment, tmp_path: Path
+) -> None:
+    assert demo_env.python is not None
+    env = {**os.environ, **OFFLINE, "HOME": str(tmp_path), "CASASITECONFIG": str(demo_env.site_config),
+           "CASASPAWNER_KERNEL_NAME": "CASA test-build"}  # fmt: skip
+    ready = subprocess.run(
+        [str(demo_env.python), str(DESKTOP / "casa_startup.py")], env=env, capture_output=True, cwd=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    assert _title_sequences(ready.stdout) == ["CASA test-build"], ready.stdout[-2000:]
+    assert f"CASA {demo_env.casa} (casatools and casatasks loaded".encode() in ready.stdout
+    # plotms and the viewer tasks load too (they need the old protobuf the environment pins).
+    assert b"or plotms(), imview(), msview() here." in ready.stdout, ready.stdout[-2000:]
+    # A Python without CASA (a broken environment): the title says so, and never the build's name alone.
+    broken = subprocess.run(
+        [sys.executable, "-I", str(DESKTOP / "casa_startup.py")], env=env, capture_output=True, cwd=tmp_path
+    )
+    assert _title_sequences(broken.stdout) == ["CASA test-build: start-up failed"], broken.stdout
+    assert b"CASA could not be loaded: ModuleNotFoundError" in broken.stdout
+
+
+def test_the_desktop_makes_a_fresh_private_runtime_directory(tmp_path: Path) -> None:
+    """Another local user could pre-create a predictable /tmp name; xstartup's directory is always new."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o755)
+    planted = runtime / f"casaspawner-desktop-{os.getuid()}-_1"  # the name it used to have for DISPLAY=:1
+    planted.mkdir()
+    (planted / "rc.xml").write_text("<planted/>")
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    record = tmp_path / "openbox-args"
+    # Stand-ins for the X programs (no X server here): openbox records where its configuration is.
+    (tools / "openbox").write_text(
+        f'#!/bin/sh\necho "$@" > {record}\nstat -c "%a %u" "$(dirname "$2")" >> {record}\ncat "$2" >> {record}\n'
+    )
+    (tools / "xprop").write_text("#!/bin/sh\necho 'window id # 0x1'\n")
+    for tool in ("openbox", "xprop"):
+        (tools / tool).chmod(0o755)
+    env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(runtime),
+           "DISPLAY": ":1", "CASASPAWNER_NOTICES_INTERVAL": "0.2"}  # fmt: skip
+    subprocess.run(["sh", str(DESKTOP / "xstartup")], env=env, timeout=60, check=True, capture_output=True)
+    args, owner, rc = record.read_text().split("\n", 2)
+    config = Path(args.split()[1])
+    assert owner == f"700 {os.getuid()}", owner
+    assert config.parent.parent == runtime and config.parent != planted, args
+    assert config.parent.name.startswith("casaspawner-desktop.") and "<planted/>" not in rc
+    assert f"<file>{config.parent}/menu.xml</file>" in rc
+    assert not config.parent.exists(), "the runtime directory is removed when the desktop ends"
+    assert (planted / "rc.xml").read_text() == "<planted/>"
+
+
+@pytest.fixture
+def x_display(tmp_path: Path) -> Iterator[str]:
+    """A private X server (TigerVNC's, no network port) for GUI apps; yields its DISPLAY."""
+    xserver = shutil.which("Xtigervnc")
+    if xserver is None:
+        pytest.skip("Xtigervnc is not installed (make deps installs tigervnc-standalone-server)")
+    unix = Path("/proc/net/unix").read_text()
+    number = next(
+        n for n in range(150, 400)
+        if not Path(f"/tmp/.X{n}-lock").exists() and f"/tmp/.X11-unix/X{n}" not in unix
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [xserver, f":{number}", "-SecurityTypes", "None", "-rfbport", "-1", "-geometry", "1024x768"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if Path(f"/tmp/.X11-unix/X{number}").exists():
+                break
+            time.sleep(0.1)
+        yield f":{number}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_plotms_plots_the_demo_ms_with_the_shared_measures(
+    demo_env: CasaEnvironment, demo_root: Path, x_display: str, tmp_path: Path
+) -> None:
+    """The GUI apps ignore casaconfig: without the environment's casarc plotms finds no Observatories table."""
+    assert demo_env.python is not None
+    ms = next((demo_root / "arc" / "home" / demo.DEMO_USER / demo.DEMO_PROJECT).rglob("*.ms"))
+    code = (
+        "import sys\nfrom casaplotms import plotms\n"
+        "plotms(vis=sys.argv[1], xaxis='uvdist', yaxis='amp', plotfile=sys.argv[2], showgui=False, overwrite=True)\n"
+    )
+    # As in a session: no proxy variables (gRPC would send plotms' own 127.0.0.1 connection through them).
+    plain = {
+        k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    session = {**plain, **demo_env.session_environment(), "HOME": str(tmp_path), "DISPLAY": x_display}
+
+    def plot(env: dict[str, str], name: str) -> tuple[Path, str]:
+        png, log = tmp_path / name, tmp_path / f"{name}.log"
+        with open(log, "wb") as out:  # a file, not a pipe: the plotms app it starts may outlive it
+            subprocess.run(
+                [str(demo_env.python), "-c", code, str(ms), str(png)], env=env, stdout=out,
+                stderr=subprocess.STDOUT, cwd=tmp_path, timeout=120,
+            )  # fmt: skip
+        return png, log.read_text(errors="replace")
+
+    png, output = plot(session, "amp-uvdist.png")
+    assert png.is_file() and png.stat().st_size > 5000, output[-3000:]
+    assert "Cannot read table of Observatories" not in output
+    without = {k: v for k, v in session.items() if k != "CASARCFILES"}
+    png, output = plot(without, "without-casarc.png")
+    assert not png.exists() and "Cannot read table of Observatories" in output, output[-3000:]
+
+
+def test_a_cache_that_cannot_be_written_is_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "not-a-directory").write_text("")
+    cache = tmp_path / "not-a-directory" / "cache"
+    manager = EnvironmentManager(cache, tarball_mirror="http://127.0.0.1:9/", probe_timeout=1)
+    here = next((v for v in ("3.13", "3.12", "3.11", "3.10", "3.8") if manager.find_python([v])), "3.11")
+    rel = release(casa="6.6.5-31", role="modular", wheels=Wheels((here,), "6.6.5.31", "6.6.5.31"))
+    with pytest.raises(EnvironmentBuildError) as caught:
+        asyncio.run(_collect(manager, rel))
+    assert str(caught.value) == f"Preparing CASA 6.6.5-31 failed: Not a directory ({cache / 'envs'})."

@@ -13,14 +13,34 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
+from pathlib import Path
 
 import pytest
-from local_support import Hub, session_display, window_titles
+from local_support import Hub, wait_for_display, wait_for_title
+
+from casaspawner import demo
+from casaspawner.catalog.model import Release, load_catalog
+from casaspawner.environments import EnvironmentManager
+from casaspawner.spawners.local import as_owner_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def nearest(cache_dir: Path, test_catalog: Path) -> dict[str, Release]:
+    """What the test hub substitutes for each test release this machine cannot install (as the hub decides)."""
+    catalog = load_catalog(str(test_catalog))
+    manager = EnvironmentManager(cache_dir, tarball_mirror="http://127.0.0.1:9/", probe_timeout=2)
+    found = {
+        rid: manager.nearest_installable(catalog.get(rid), catalog)
+        for rid in ("casa-6.6.6-1", "pl-2023.1.0.124")
+    }
+    assert all(found.values()), found
+    return found  # type: ignore[return-value]
 
 
 def spawn_and_watch(
@@ -59,11 +79,17 @@ def messages(events: list[dict[str, object]]) -> list[str]:
     return [str(e.get("message", "")) for e in events]
 
 
+def assert_progress_never_drops(events: list[dict[str, object]]) -> None:
+    values = [int(e["progress"]) for e in events if isinstance(e.get("progress"), int)]  # type: ignore[call-overload]
+    assert values == sorted(values), values
+
+
 def test_failing_environment_build_gives_one_sentence(hub: Hub) -> None:
     events, server = spawn_and_watch(
-        hub, {"dataset": "~/tests/broken-build/2030.1.00001.S", "interface": "lab"}
+        hub, {"dataset": "~/.tests/broken-build/2030.1.00001.S", "interface": "lab"}
     )
     assert server is None, "a failed build leaves no server behind"
+    assert_progress_never_drops(events)
     assert events[-1].get("failed") is True
     final = str(events[-1]["message"])
     assert "Installing CASA 1.0.0-1 failed:" in final, final
@@ -71,27 +97,35 @@ def test_failing_environment_build_gives_one_sentence(hub: Hub) -> None:
     assert "Traceback" not in final and final.count("\n") == 0
 
 
-def test_missing_python_runs_the_nearest_release_marked_approximate(hub: Hub) -> None:
+def test_missing_python_runs_the_nearest_release_marked_approximate(
+    hub: Hub, nearest: dict[str, Release]
+) -> None:
     events, server = spawn_and_watch(
-        hub, {"dataset": "~/tests/missing-python/2030.1.00002.S", "interface": "lab"}
+        hub, {"dataset": "~/.tests/missing-python/2030.1.00002.S", "interface": "lab"}
     )
     assert server is not None and server["ready"], messages(events)
+    substitute = nearest["casa-6.6.6-1"].label
     expected = (
         "CASA 6.6.6-1 cannot be installed on this hub: its wheels need Python 3.4, which this machine does not "
-        "have; the session runs CASA 6.6.5-31 instead (the dataset calls for CASA 6.6.6-1)."
+        f"have; the session runs {substitute} instead (the dataset calls for CASA 6.6.6-1)."
     )
-    assert f"Approximate session: {expected}" in messages(events)
+    ours = [m for m in messages(events) if m != "Server requested"]
+    assert ours[0] == f"Approximate session: {expected}", ours  # said first, before anything else
+    assert ours.count(expected) == 0, "the reason is not repeated on its own line"
+    assert_progress_never_drops(events)
     profile = server["user_options"]["profile"]  # type: ignore[index]
     assert profile.endswith("approximate"), profile
     specs = hub.api("GET", "/user/demo/api/kernelspecs")
     names = {spec["spec"]["display_name"] for spec in specs["kernelspecs"].values()}
-    assert "CASA 6.6.5-31 (approximate)" in names, names
+    assert f"{substitute} (approximate)" in names, names
     hub.stop_server()
 
 
-def test_unreachable_pipeline_tarball_gives_an_approximate_desktop_with_a_banner(hub: Hub) -> None:
+def test_unreachable_pipeline_tarball_gives_an_approximate_desktop_with_a_banner(
+    hub: Hub, nearest: dict[str, Release]
+) -> None:
     events, server = spawn_and_watch(
-        hub, {"dataset": "~/tests/cycle10/2023.1.00026.S", "interface": "desktop"}
+        hub, {"dataset": "~/.tests/cycle10/2023.1.00026.S", "interface": "desktop"}
     )
     assert server is not None and server["ready"], messages(events)
     notes = [m for m in messages(events) if m.startswith("Approximate session:")]
@@ -100,25 +134,48 @@ def test_unreachable_pipeline_tarball_gives_an_approximate_desktop_with_a_banner
     # Desktops start with the first visit of /desktop/ (jupyter-server-proxy starts TigerVNC on demand).
     with contextlib.suppress(urllib.error.HTTPError):  # not a websocket, but it starts the VNC server
         hub.api("GET", "/user/demo/desktop-websockify/", timeout=60)
-    deadline = time.monotonic() + 60
-    titles: list[str] = []
-    while time.monotonic() < deadline:
-        try:
-            titles = window_titles(*session_display("jupyter-demo"))
-        except AssertionError:
-            titles = []
-        if any("approximate session" in t for t in titles):
-            break
-        time.sleep(1)
-    assert "CASA 6.6.5-31 (approximate): approximate session" in titles, titles
-    assert "CASA 6.6.5-31 (approximate)" in titles, titles
+    display, xauthority = wait_for_display(hub.session_pid())
+    name = f"{nearest['pl-2023.1.0.124'].label} (approximate)"
+    titles = wait_for_title(display, xauthority, f"{name}: approximate session")
+    assert f"{name}: approximate session" in titles, titles  # the banner
+    titles = wait_for_title(display, xauthority, name)
+    assert name in titles, titles  # the CASA terminal, ready
     hub.stop_server()
 
 
+def test_a_session_log_that_is_a_link_is_refused_and_nothing_outside_is_touched(
+    hub: Hub, demo_root: Path
+) -> None:
+    """A user who links ~/.casaspawner-session.log to a file they may not write (``/etc/shadow`` on a hub
+    running as root) gets a sentence, and the file keeps its content, owner and mode."""
+    home = demo_root / "arc" / "home" / demo.DEMO_USER
+    fd, name = tempfile.mkstemp(prefix="casaspawner-victim-", dir=demo_root)
+    victim = Path(name)
+    os.write(fd, b"secret\n")
+    os.close(fd)
+    victim.chmod(0o600)
+    before = victim.stat()
+    log = home / ".casaspawner-session.log"
+    as_owner_of(home, lambda: (log.unlink(missing_ok=True), log.symlink_to(victim)))
+    try:
+        events, server = spawn_and_watch(hub, {"dataset": f"~/{demo.DEMO_PROJECT}", "interface": "lab"})
+        assert server is None, messages(events)
+        assert events[-1]["message"] == (  # "Spawn failed: " is the hub's own
+            "Spawn failed: ~/.casaspawner-session.log in your home is not a regular file of yours (a link?); "
+            "remove it and start again."
+        ), events[-1]
+        after = victim.stat()
+        assert victim.read_bytes() == b"secret\n"
+        assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+    finally:
+        as_owner_of(home, log.unlink)
+        victim.unlink()
+
+
 def test_session_survives_a_hub_restart(hub: Hub) -> None:
-    events, server = spawn_and_watch(hub, {"dataset": "~/2023.1.01234.S", "interface": "lab"})
+    events, server = spawn_and_watch(hub, {"dataset": f"~/{demo.DEMO_PROJECT}", "interface": "lab"})
     assert server is not None and server["ready"], messages(events)
-    pid = hub.api("GET", "/hub/api/users/demo")["servers"][""]["state"]["pid"]
+    pid = hub.session_pid()
     hub.stop()
     os.kill(pid, 0)  # still running without the hub
     hub.start()
@@ -128,8 +185,42 @@ def test_session_survives_a_hub_restart(hub: Hub) -> None:
     assert (hub.server() or {}).get("ready"), "the restarted hub found the running session"
     status = hub.api("GET", "/user/demo/api/status")  # through the restarted proxy
     assert "started" in status
-    assert hub.api("GET", "/hub/api/users/demo")["servers"][""]["state"]["pid"] == pid
+    assert hub.session_pid() == pid
     hub.stop_server()
+
+
+@pytest.mark.parametrize(
+    ("port", "sentence"),
+    [
+        (
+            "70000",
+            "Port 70000 is out of range; give one from 1 to 65533 with --port (the hub also uses the next two).",
+        ),
+        (
+            "-5",
+            "Port -5 is out of range; give one from 1 to 65533 with --port (the hub also uses the next two).",
+        ),
+        (
+            "65535",
+            "Port 65535 is out of range; give one from 1 to 65533 with --port (the hub also uses the next two).",
+        ),
+        (
+            "abc",
+            "The port 'abc' is not a number; give one from 1 to 65533 with --port (the hub also uses the next two).",
+        ),
+    ],
+)
+@pytest.mark.parametrize("given", ["option", "environment"])
+def test_demo_refuses_a_bad_port_with_one_sentence(
+    port: str, sentence: str, given: str, tmp_path: Path
+) -> None:
+    args = ["--port", port] if given == "option" else []
+    result = subprocess.run(
+        [sys.executable, "-m", "casaspawner.demo", "prepare", *args, "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "CASASPAWNER_DEMO_PORT": port if given == "environment" else "8000"},
+    )  # fmt: skip
+    assert (result.returncode, result.stderr, result.stdout) == (2, f"casaspawner demo: {sentence}\n", "")
 
 
 def test_demo_refuses_a_port_in_use_with_one_sentence(tmp_path: object) -> None:

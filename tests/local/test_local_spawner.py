@@ -1,21 +1,39 @@
-"""LocalCASASpawner's own decisions, without a hub: the plan's paths, identity, and refusing or approximating
-a release this machine cannot install (the operator's ``allow_approximate``)."""
+"""LocalCASASpawner's own decisions, without a hub: the plan's paths, identity, storage ownership, the
+session process's first steps (its log, ~/arc), and refusing or approximating a release this machine cannot
+install (the operator's ``allow_approximate``)."""
 
 from __future__ import annotations
 
 import asyncio
+import grp
+import http.server
 import os
 import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from casaspawner import demo
+from casaspawner.catalog.model import Release
 from casaspawner.datasets.synth import write_dataset
-from casaspawner.spawners.local import DESKTOP_DIR, LocalCASASpawner
+from casaspawner.errors import CasaspawnerError
+from casaspawner.spawners.local import LocalCASASpawner, as_owner_of
 
 pytestmark = pytest.mark.integration  # as root, the first use creates the local account jupyter-demo
+ROOT = os.geteuid() == 0
+
+
+@dataclass
+class Group:
+    name: str
 
 
 class User:
@@ -41,10 +59,17 @@ def spawner(storage: Path, **traits: Any) -> LocalCASASpawner:
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> Path:
-    home = tmp_path / "arc" / "home" / "demo"
+def storage() -> Iterator[Path]:
+    """``/tmp/…/arc``: in a directory every user can search (pytest's own are private to root), because
+    processes of the session's local account enter it."""
+    base = Path(tempfile.mkdtemp(prefix="casaspawner-spawner-tests-", dir="/tmp"))
+    base.chmod(0o755)
+    home = base / "arc" / "home" / "demo"
     write_dataset(home, era="cycle10")  # CASA 6.5.4-9, pipeline 2023.1.0.124: a tarball-only build
-    return tmp_path / "arc"
+    try:
+        yield base / "arc"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_unreachable_exact_build_is_refused_with_the_reason(storage: Path) -> None:
@@ -69,15 +94,44 @@ def test_approximation_when_allowed_is_marked_everywhere(storage: Path) -> None:
     assert local.user_options["profile"].endswith("approximate")
     assert local.environment["CASASPAWNER_APPROXIMATE"] == "true"
     assert local.environment["CASASPAWNER_REASON"] == plan.reason
-    assert local.environment["JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP"] == str(DESKTOP_DIR / "xstartup")
+    xstartup = Path(local.environment["JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP"])
+    assert xstartup == local.desktop_dir() / "xstartup"
     assert local.default_url == "/desktop/"
-    assert "approximate" in local.render_options_form()
 
 
-def test_plan_paths_are_local_paths_and_identity_is_never_root(storage: Path) -> None:
+def test_the_form_says_what_happens_to_a_build_that_cannot_be_installed(storage: Path) -> None:
+    allowed = spawner(storage, allow_approximate=True).render_options_form()
+    refused = spawner(storage, allow_approximate=False).render_options_form()
+    assert (
+        "the session runs the nearest installable release and is marked <strong>approximate</strong>."
+        in allowed
+    )
+    assert "a dataset whose exact build cannot be installed here is refused with the reason." in refused
+    assert "approximate" not in refused
+
+
+def test_no_sizes_are_offered_because_none_are_enforced(storage: Path, demo_release: Release) -> None:
     local = spawner(storage)
-    write_dataset(storage / "home" / "demo", spec=demo.DEMO_SPEC)  # modular CASA 6.6.5-31: installable here
-    plan = asyncio.run(local.prepare_session({"dataset": f"{storage}/home/demo/{demo.DEMO_SPEC.project}"}))
+    form = local.render_options_form()
+    assert 'id="casa-size"' not in form and "Session size" not in form
+    write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
+    plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}", "size": "medium"}))
+    assert plan.options.size == "machine", "a size saved by an earlier hub is ignored, not refused"
+    several = spawner(storage, session_sizes={"a": {"cpu_limit": 1}, "b": {"cpu_limit": 2}}, default_size="a")
+    assert 'id="casa-size"' in several.render_options_form()
+
+
+def test_the_form_names_the_home_as_the_session_sees_it(storage: Path) -> None:
+    form = spawner(storage).render_options_form()
+    assert "<code>~/data/2019.1.00001.S</code>" in form and str(storage) not in form
+    at_arc = spawner(Path("/arc")).render_options_form()
+    assert "<code>/arc/home/demo/data/2019.1.00001.S</code>" in at_arc
+
+
+def test_plan_paths_are_local_paths_and_identity_is_never_root(storage: Path, demo_release: Release) -> None:
+    local = spawner(storage)
+    write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))  # installable here
+    plan = asyncio.run(local.prepare_session({"dataset": f"{storage}/home/demo/{demo.DEMO_PROJECT}"}))
     assert plan.exact and not plan.approximate
     assert plan.home == str(storage / "home" / "demo")
     assert local.environment["HOME"] == plan.home and local.notebook_dir == plan.home
@@ -101,3 +155,156 @@ def test_form_previews_the_last_dataset_and_says_it_will_be_approximate(storage:
     assert preview.rstrip().endswith(
         "The session will run the nearest installable release, marked approximate.</p>"
     )
+
+
+def test_sessions_read_the_desktop_files_from_the_cache_not_the_checkout(storage: Path) -> None:
+    from casaspawner.environments.build import DESKTOP_SOURCE
+    from casaspawner.environments.pythons import world_usable
+
+    local = spawner(storage)
+    desktop = local.desktop_dir()
+    assert desktop.is_relative_to(Path(local.environments_dir)) and not desktop.is_relative_to(DESKTOP_SOURCE)
+    for name in ("xstartup", "casa-app", "casa-notices", "bin/vncserver"):
+        assert (desktop / name).read_bytes() == (DESKTOP_SOURCE / name).read_bytes(), name
+        assert (desktop / name).stat().st_mode & 0o777 == 0o755, name
+        if ROOT:  # sessions of other users run them
+            assert world_usable(desktop / name), name
+    overrides = (desktop.parent / "lab-settings" / "overrides.json").read_text()
+    assert '"fetchNews": "false"' in overrides and "doNotDisturbMode" not in overrides
+    assert spawner(storage).desktop_dir() == desktop, "installed once per content"
+
+
+def test_project_directories_belong_to_the_project_group(storage: Path, demo_release: Release) -> None:
+    write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
+
+    class ProjectUser(User):
+        groups = [Group("alma-team")]
+
+    local = LocalCASASpawner(
+        user=ProjectUser(), storage_root=str(storage), tarball_mirror="http://127.0.0.1:9/"
+    )
+    try:
+        plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}"}))
+        assert plan.identity.groups == ("alma-team",)
+        local._prepare_directories(plan, plan.identity.uid, plan.identity.gid)
+        project = os.lstat(storage / "projects" / "alma-team")
+        assert stat.S_ISDIR(project.st_mode)
+        if ROOT:
+            group = grp.getgrnam("casa-alma-team")
+            assert plan.identity.supplemental_gids == (group.gr_gid,)
+            assert "jupyter-demo" in group.gr_mem
+            assert (project.st_uid, project.st_gid, stat.S_IMODE(project.st_mode)) == (
+                0,
+                group.gr_gid,
+                0o2770,
+            )
+        else:
+            assert project.st_uid == os.getuid()
+        home = os.lstat(plan.home)
+        assert home.st_uid == plan.identity.uid
+        if ROOT:
+            assert stat.S_IMODE(home.st_mode) == 0o750
+    finally:
+        if ROOT:
+            subprocess.run(["groupdel", "casa-alma-team"], capture_output=True)
+
+
+def test_the_session_opens_its_log_itself_never_through_a_link(
+    storage: Path, tmp_path: Path, demo_release: Release
+) -> None:
+    """The hub (root) only starts the session process; that process, already the user, opens the log with
+    O_NOFOLLOW, so a link planted after the hub's check (a race) cannot lead root anywhere; it also adds
+    ~/arc, the storage root at the pods' relative paths."""
+    write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
+    local = spawner(storage)
+    plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}"}))
+    uid = plan.identity.uid
+    local._prepare_directories(plan, uid, plan.identity.gid)
+    home = Path(plan.home)
+    log = home / local.session_log_name
+    local._session_log = str(log)
+    run = ["sh", "-c", "id -u; echo on-stderr >&2"]
+    subprocess.run(run, preexec_fn=local.make_preexec_fn("demo"), cwd=home, check=True)
+    info = os.lstat(log)
+    assert stat.S_ISREG(info.st_mode) and info.st_uid == uid and stat.S_IMODE(info.st_mode) == 0o600
+    assert log.read_text() == f"{uid}\non-stderr\n"
+    assert os.readlink(home / "arc") == str(storage) and os.lstat(home / "arc").st_uid == uid
+
+    victim = tmp_path / "victim"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    before = victim.stat()
+    as_owner_of(home, lambda: (log.unlink(), log.symlink_to(victim)))
+    with pytest.raises(subprocess.SubprocessError):
+        subprocess.run(run, preexec_fn=local.make_preexec_fn("demo"), cwd=home)
+    assert victim.read_text() == "secret\n"
+    after = victim.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root can be made to write for a user")
+def test_the_demo_writes_the_dataset_as_the_user_and_never_through_their_links(
+    storage: Path, demo_release: Release
+) -> None:
+    outside = storage.parent  # readable by the user, like the environments cache holding the real MS
+    home = demo.prepare_home(storage)
+    account = pwd.getpwnam("jupyter-demo")
+    assert os.lstat(home).st_uid == account.pw_uid
+    ms = outside / "stand-in.ms"
+    ms.mkdir()
+    (ms / "table.dat").write_bytes(b"rows")
+    spec = demo.demo_spec(demo_release)
+
+    victim = outside / "elsewhere"
+    victim.mkdir(mode=0o700)
+    (victim / "keep").write_text("root's\n")
+    project = home / demo.DEMO_PROJECT
+    as_owner_of(home, project.symlink_to, victim)  # the user points ~/2023.1.01234.S elsewhere
+    with pytest.raises(CasaspawnerError) as caught:
+        as_owner_of(home, demo.write_demo_dataset, home, ms, spec)
+    assert "Permission denied" in str(caught.value)
+    assert os.listdir(victim) == ["keep"] and stat.S_IMODE(victim.stat().st_mode) == 0o700
+    assert victim.stat().st_uid == 0
+
+    as_owner_of(home, project.unlink)
+    as_owner_of(home, demo.write_demo_dataset, home, ms, spec)
+    owners = {os.lstat(p).st_uid for p in [project, *project.rglob("*")]}
+    assert owners == {account.pw_uid}, "the demo dataset is the user's own"
+
+
+@pytest.fixture
+def tarball_heads() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on 127.0.0.1 that has no tarballs; yields (base URL, the requests it got)."""
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            requests.append(f"HEAD {self.path}")
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", requests
+    finally:
+        server.shutdown()
+
+
+def test_what_the_hub_probed_is_remembered_across_spawners(
+    storage: Path, tarball_heads: tuple[str, list[str]]
+) -> None:
+    url, requests = tarball_heads
+    first, second = spawner(storage, tarball_mirror=url), spawner(storage, tarball_mirror=url)
+    assert first.environment_manager() is second.environment_manager()
+    assert (
+        spawner(storage, tarball_mirror=url, probe_timeout=3).environment_manager()
+        is not first.environment_manager()
+    )
+    for local in (first, second, first):
+        local.user_options = {"dataset": "~/2023.1.00026.S"}
+        assert "is unreachable (HTTP 404)" in asyncio.run(local.resolution_preview())
+    assert requests == ["HEAD /casa-6.5.4-9-pipeline-2023.1.0.124-py3.8.tar.xz"], requests
