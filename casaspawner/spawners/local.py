@@ -35,7 +35,15 @@ from traitlets import Bool, Integer, List, Unicode, default
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
 from casaspawner.environments.pythons import world_usable
 from casaspawner.errors import CasaspawnerError, InvalidInput
-from casaspawner.plan import INTERFACES, Identity, SessionPlan, StorageLayout, Substitution, make_plan
+from casaspawner.plan import (
+    INTERFACES,
+    Identity,
+    SessionPlan,
+    StorageLayout,
+    Substitution,
+    make_plan,
+    usable_group_name,
+)
 from casaspawner.spawners.common import CASASessionMixin, spawn_error
 
 #: What the sessions' Jupyter environment needs (pinned to the hub's own versions when it is built).
@@ -384,7 +392,14 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
     async def session_identity(self) -> Identity:
         """A local account when the hub is root, else the hub's own user; groups are the hub groups."""
         pattern = re.compile(self.project_group_pattern)
-        groups = tuple(g.name for g in getattr(self.user, "groups", []) if pattern.fullmatch(g.name))
+        names = [g.name for g in getattr(self.user, "groups", []) if pattern.fullmatch(g.name)]
+        groups = tuple(n for n in names if usable_group_name(n))
+        if len(groups) < len(names):
+            self.log.info(
+                "No project directories for %s's groups whose names cannot be directory names: %s",
+                self.user.name,
+                ", ".join(repr(n[:80]) for n in names if n not in groups),
+            )
         home = self.home_mount_template.format(username=self.user.name)
         if _running_as_root():
             account = await asyncio.to_thread(self._ensure_account, home)
