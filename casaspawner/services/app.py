@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -347,10 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     url = urlparse(service_url)
     ip = args.ip if args.ip is not None else (url.hostname or "127.0.0.1")
-    try:
-        asyncio.run(_serve(config, ip, url.port or 80))
-    except KeyboardInterrupt:  # the hub stops its services with SIGINT
-        log.info("casa-sessions stopped")
+    asyncio.run(_serve(config, ip, url.port or 80))
+    log.info("casa-sessions stopped")
     return 0
 
 
@@ -358,7 +357,14 @@ async def _serve(config: ServiceConfig, ip: str, port: int) -> None:
     server = HTTPServer(make_app(config), xheaders=True)
     server.listen(port, ip)
     log.info("casa-sessions on %s:%s (release state %s)", ip, port, config.store.path)
-    await asyncio.Event().wait()
+    # The hub stops its services with SIGINT (then SIGTERM). Handle both here: a SIGINT that was ignored when
+    # the hub started (a hub launched in the background by a shell) would otherwise never stop the service.
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopped.set)
+    await stopped.wait()
+    server.stop()
 
 
 if __name__ == "__main__":

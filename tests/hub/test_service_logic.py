@@ -1,12 +1,20 @@
-"""The casa-sessions service's pure parts: release state file, grouping, notices, the in-session notice file."""
+"""The casa-sessions service: its pure parts (release state file, grouping, notices, the in-session notice
+file) and how it stops."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hub_helpers import free_port
 
 from casaspawner.errors import InvalidInput
 from casaspawner.services.session_notices import (
@@ -226,3 +234,40 @@ def test_the_committed_labextension_is_built_from_its_source():
     built = json.loads((services / "labextension" / "package.json").read_text())
     assert built["name"] == "casaspawner-notices"
     assert (services / "labextension" / built["jupyterlab"]["_build"]["load"]).is_file()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_service_stops_when_the_hub_stops_it_even_with_sigint_ignored(tmp_path, signum):
+    """The hub stops services with SIGINT, then SIGTERM. A hub launched in the background by a shell passes
+    SIGINT on ignored; the service must stop promptly all the same (else the hub waits, then kills it)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
+        "JUPYTERHUB_API_TOKEN": "not-used-here",
+        "JUPYTERHUB_API_URL": f"http://127.0.0.1:{free_port()}/hub/api",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "casaspawner.services", "--state-file", str(tmp_path / "state.json")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "casa-sessions did not listen"
+            time.sleep(0.1)
+        process.send_signal(signum)
+        assert process.wait(5) == 0
+        assert "casa-sessions stopped" in (process.stdout.read().decode() if process.stdout else "")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
