@@ -69,7 +69,7 @@ class Recipe:
 
     name: str  # "session-base", "session" or the release id
     kind: RecipeKind
-    context: str  # recipe directory under casaspawner/images/recipes: "session" or "casa"
+    context: str  # recipe directory under images/: "session" or "casa"
     containerfile: str  # file name inside the context
     image: str
     build_args: Mapping[str, str]
@@ -86,7 +86,7 @@ class Recipe:
             "name": self.name,
             "kind": self.kind,
             "image": self.image,
-            "recipe": f"casaspawner/images/recipes/{self.context}/{self.containerfile}",
+            "recipe": f"images/{self.context}/{self.containerfile}",
             "build_args": dict(self.build_args),
             "labels": dict(self.labels),
             "buildable": self.buildable,

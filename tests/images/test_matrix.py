@@ -256,7 +256,7 @@ def test_cli_list_json_and_prepuller(catalog: Catalog, capsys: pytest.CaptureFix
     rows = json.loads(capsys.readouterr().out)
     assert [row["name"] for row in rows] == ["session-base", "session", "casa-6.7.0-31"]
     assert rows[2]["image"] == image_for(catalog.get("casa-6.7.0-31"), PlanConfig(image_registry="r.example"))
-    assert rows[2]["recipe"] == "casaspawner/images/recipes/casa/modular.Containerfile"
+    assert rows[2]["recipe"] == "images/casa/modular.Containerfile"
     assert main(["images", "prepuller", "--releases", "casa-6.6.5-31"]) == 0
     values = yaml.safe_load(capsys.readouterr().out)
     assert values == {
