@@ -2,7 +2,8 @@
 
 ``matrix`` (pure) maps releases to recipes, build arguments and the tags the spawner uses; ``engine`` drives
 buildah/podman (or docker) and mmdebstrap; ``smoke`` runs built images the way a pod does; ``cli`` is the
-``casaspawner images`` command. The recipes themselves are package data, in ``recipes/``.
+``casaspawner images`` command. The recipes themselves are the checkout's ``images/`` (installed with the
+wheel as ``<prefix>/share/casaspawner/images``; see ``engine.recipes_dir``).
 """
 
 from casaspawner.images.matrix import ImageBuildError, MatrixOptions, Recipe, build_matrix, prepuller_values

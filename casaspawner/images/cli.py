@@ -376,12 +376,20 @@ def check_image(
         if kernel is None:
             problems.append(f"no kernel named {release.kernel_name!r} (found {sorted(names)})")
         elif measures is None:
-            problems.append("no --measures given, so the CASA kernel was not run")
+            problems.append("no --measures given, so the CASA kernel and plotms were not run")
         else:
             reply = smoke.run_kernel(tools, recipe.image, session, kernel, smoke.CASA_CODE)
             observed["kernel_run"] = reply
             if reply["status"] != "ok" or f"casatools {release.casa}" not in reply["output"]:
                 problems.append(f"the CASA kernel failed: {reply['output'][-300:]}")
+        if measures is not None and release.casa_version.major >= 6:  # CASA 6: the GUI tasks are Python's
+            observed["plotms"] = plot = smoke.plotms_plot(tools, recipe.image, session)
+            if plot["png"] is None:
+                problems.append(f"plotms wrote no PNG of a simulated MS: {plot['log'][-400:]}")
+            elif plot["png"]["blue"] < 1000:
+                problems.append(f"plotms drew no data points: {plot['png']}")
+            if plot["viewer"] != "ok":
+                problems.append(f"casaviewer's tasks do not import: {plot['viewer']}")
         observed["casa_env"] = env = smoke.casa_environment(tools, recipe.image, session)
         if not env["version"]:
             problems.append(f"CASASPAWNER_CASA_PYTHON {env['python']!r} does not run")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -40,9 +41,38 @@ WHEEL_EPOCH = "315532800"  # SOURCE_DATE_EPOCH of the casaspawner wheel (1980-01
 Builder = Literal["buildah", "docker"]
 
 
+#: Where a wheel installs the recipes, relative to the installation prefix (``[options.data_files]``).
+INSTALLED_RECIPES = Path("share", "casaspawner", "images")
+
+
+def source_checkout() -> Path | None:
+    """The source checkout this casaspawner runs from (an editable install or ``PYTHONPATH``), if any."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "setup.cfg").is_file() and (root / "pyproject.toml").is_file() else None
+
+
 def recipes_dir() -> Path:
-    """The recipes (``casaspawner/images/recipes``), shipped with the package."""
-    return Path(__file__).resolve().parent / "recipes"
+    """The recipes: the checkout's ``images/`` when casaspawner runs from one, else the copy its wheel
+    installed, ``share/casaspawner/images`` under the installation's prefix (found through the record of
+    installed files, else beside the package as ``pip install --target`` leaves it, else under
+    ``sys.prefix``)."""
+    checkout = source_checkout()
+    candidates = [checkout / "images"] if checkout is not None else []
+    try:
+        files = importlib.metadata.distribution("casaspawner").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    marker = (INSTALLED_RECIPES / "common.sh").as_posix()
+    candidates += [Path(f.locate()).parent for f in files if f.as_posix().endswith(marker)]
+    prefix = Path(sys.prefix) / INSTALLED_RECIPES
+    candidates += [Path(__file__).resolve().parents[2] / INSTALLED_RECIPES, prefix]
+    for candidate in candidates:
+        if (candidate / "common.sh").is_file():
+            return candidate.resolve()
+    raise ImageBuildError(
+        f"the image recipes are missing: neither a source checkout's images/ nor {prefix} has them "
+        "(reinstall casaspawner from its wheel)."
+    )
 
 
 @dataclass
@@ -372,8 +402,8 @@ def casaspawner_wheel(into: Path, given: Path | None = None, checkout: Path | No
         if not given.is_file() or not given.name.startswith("casaspawner-") or given.suffix != ".whl":
             raise ImageBuildError(f"{given} is not a casaspawner wheel (casaspawner-<version>-….whl).")
         return Path(shutil.copy2(given, into / given.name))
-    root = checkout or Path(__file__).resolve().parents[2]
-    if not ((root / "setup.cfg").is_file() and (root / "pyproject.toml").is_file()):
+    root = checkout or source_checkout()
+    if root is None:
         raise ImageBuildError(
             "casaspawner runs from an installed package, not a source checkout, so it cannot build the wheel "
             f"the session image installs; give --casaspawner-wheel FILE (e.g. from `pip download "

@@ -14,6 +14,7 @@ from typing import Literal
 
 from casaspawner import __version__
 from casaspawner.catalog.model import Catalog, Release
+from casaspawner.environments.build import EXTRA_PACKAGES
 from casaspawner.errors import CasaspawnerError
 from casaspawner.plan import PlanConfig, image_for
 
@@ -26,11 +27,21 @@ MEASURES_MOUNT = "/opt/casa/measures"
 #: What the ``io.casaspawner.measures`` label says, by the catalog's ``data`` field of a release.
 MEASURES_POLICIES = {
     "casaconfig": f"read from {MEASURES_MOUNT} (mounted read-only): CASASITECONFIG points casaconfig's "
-    "measurespath at $CASA_MEASURES_PATH, auto-updates off",
+    "measurespath at $CASA_MEASURES_PATH, auto-updates off; the GUIs' casarc (CASARCFILES) names it too",
     "bundled": f"geodetic and ephemerides are links into {MEASURES_MOUNT} (mounted read-only); the release's "
-    "other bundled data stays in the image",
+    "other bundled data stays in the image; the GUIs' casarc (CASARCFILES) names the mount too",
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Extra packages of local environments that CASA images leave out: casalogger's AppImage unpacks to ~470 MB
+#: (a whole Qt 6, WebEngine included), which would take a CASA layer past its 1 GB goal (measured: 6.6.5-31
+#: 1.29 GB, 6.7.0-31 1.43 GB with it). The desktop's logger button says it is not part of the image.
+IMAGE_OMITS = frozenset({"casalogger"})
+
+
+def image_extra_packages() -> list[str]:
+    """What modular images install besides the release's wheels: local environments' ``EXTRA_PACKAGES`` (the
+    one list: ipykernel, the GUI tasks' ``protobuf<3.21``, ...) without ``IMAGE_OMITS``."""
+    return [p for p in EXTRA_PACKAGES if re.split(r"[<>=!~;\[ ]", p, maxsplit=1)[0] not in IMAGE_OMITS]
 
 
 class ImageBuildError(CasaspawnerError):
@@ -69,7 +80,7 @@ class Recipe:
 
     name: str  # "session-base", "session" or the release id
     kind: RecipeKind
-    context: str  # recipe directory under casaspawner/images/recipes: "session" or "casa"
+    context: str  # recipe directory under images/: "session" or "casa"
     containerfile: str  # file name inside the context
     image: str
     build_args: Mapping[str, str]
@@ -86,7 +97,7 @@ class Recipe:
             "name": self.name,
             "kind": self.kind,
             "image": self.image,
-            "recipe": f"casaspawner/images/recipes/{self.context}/{self.containerfile}",
+            "recipe": f"images/{self.context}/{self.containerfile}",
             "build_args": dict(self.build_args),
             "labels": dict(self.labels),
             "buildable": self.buildable,
@@ -190,7 +201,11 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
     if release.packaging == "modular":
         assert release.wheels is not None
         requirements = " ".join(release.wheels.requirements())
-        args |= {"CASA_REQUIREMENTS": requirements, "PYTHON": f"python{options.python}"}
+        args |= {
+            "CASA_REQUIREMENTS": requirements,
+            "CASA_EXTRA_PACKAGES": " ".join(image_extra_packages()),
+            "PYTHON": f"python{options.python}",
+        }
         labels |= {f"{LABEL_PREFIX}.python": options.python, f"{LABEL_PREFIX}.wheels": requirements}
         problem = None
         if options.python not in release.wheels.python:

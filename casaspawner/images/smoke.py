@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,26 @@ finally:
     km.shutdown_kernel(now=True)
 print(json.dumps({"status": reply["content"]["status"], "output": "".join(out)}))
 """
+#: Run by the CASA Python: plotms (the casaplotms task) plots amplitude against uv distance of the MS argv[1]
+#: into the PNG argv[2] without opening its window, then says what the PNG holds (Pillow comes with
+#: matplotlib): plotms draws its points pure blue.
+PLOTMS_CODE = """
+import json, os, sys
+from casaplotms import plotms
+plotms(vis=sys.argv[1], xaxis="uvdist", yaxis="amp", plotfile=sys.argv[2], showgui=False, overwrite=True)
+if os.path.isfile(sys.argv[2]):
+    from PIL import Image
+    image = Image.open(sys.argv[2]).convert("RGB")
+    colours = image.getcolors(image.width * image.height)
+    print("PNG", json.dumps({"width": image.width, "height": image.height, "colours": len(colours),
+                             "blue": sum(n for n, rgb in colours if rgb == (0, 0, 255))}))
+"""
+VIEWER_CODE = "from casaviewer import imview, msview"
+#: An X server of the container's own (TigerVNC's Xvnc, display :7, Unix socket only), as the desktop has.
+XVNC = (
+    "Xvnc :7 -SecurityTypes None -rfbport -1 -rfbunixpath /tmp/vnc.sock -ac >/tmp/xvnc.log 2>&1 & "
+    "for i in $(seq 50); do [ -S /tmp/.X11-unix/X7 ] && break; sleep 0.2; done; "
+)
 WORLD_WRITABLE = (
     "find / -xdev \\( -path /proc -o -path /sys -o -path /dev -o -path /tmp \\) -prune "
     "-o ! -type l -perm -o+w -print"
@@ -65,13 +85,15 @@ WORLD_WRITABLE = (
 
 @dataclass
 class Session:
-    """How a smoke-test container runs: uid/gid, a host HOME directory and the measures directory."""
+    """How a smoke-test container runs: uid/gid, a host HOME directory and the measures directory (mounted
+    read-only at ``measures_mount``, the spawner's ``measures_mount_path``)."""
 
     home: Path
     measures: Path | None = None
     uid: int = 54321
     gid: int = 54321
     env: dict[str, str] = field(default_factory=dict)
+    measures_mount: str = MEASURES_MOUNT
 
 
 def free_port() -> int:
@@ -101,7 +123,7 @@ def run_argv(
     argv += ["--user", f"{session.uid}:{session.gid}", "--read-only", "--tmpfs", "/tmp:rw,mode=1777,exec"]  # noqa: S108 (the container's /tmp)
     argv += ["-v", f"{session.home}:{HOME}", "-e", f"HOME={HOME}", "-e", "JUPYTERHUB_USER=smoke"]
     if session.measures:
-        argv += ["-v", f"{session.measures}:{MEASURES_MOUNT}:ro"]
+        argv += ["-v", f"{session.measures}:{session.measures_mount}:ro"]
     for key, value in session.env.items():
         argv += ["-e", f"{key}={value}"]
     if publish is not None:
@@ -173,9 +195,7 @@ def x11_window(tools: Tools, image: str, session: Session, app: str, title: str,
     """Start ``app`` (a path in the image, e.g. an extracted AppImage) on a TigerVNC X server (Xvnc, Unix
     socket only) in a session container, and return the X window line whose name contains ``title`` (as
     ``xwininfo -tree`` prints it), or the app's last output lines if no such window appears."""
-    script = (
-        "Xvnc :7 -SecurityTypes None -rfbport -1 -rfbunixpath /tmp/vnc.sock -ac >/tmp/xvnc.log 2>&1 & "
-        "for i in $(seq 50); do [ -S /tmp/.X11-unix/X7 ] && break; sleep 0.2; done; "
+    script = XVNC + (
         f"DISPLAY=:7 {_quote(app)} >/tmp/app.log 2>&1 & "
         f"for i in $(seq {timeout * 2}); do "
         f"  w=$(xwininfo -display :7 -root -tree 2>/dev/null | grep -F {_quote(title)}) && break; sleep 0.5; "
@@ -186,6 +206,36 @@ def x11_window(tools: Tools, image: str, session: Session, app: str, title: str,
         line.removeprefix("WINDOW").strip() for line in output.splitlines() if line.startswith("WINDOW")
     ]
     return windows[0] if windows else output.strip()[-500:]
+
+
+def plotms_plot(tools: Tools, image: str, session: Session) -> dict[str, Any]:
+    """On the container's own X server, as a session runs: simulate the demo's small MS with casatools
+    (``casaspawner.demo.SIMULATE_MS``), plot it with plotms into ``$HOME/plotms.png``, and import casaviewer's
+    tasks, all with the CASA Python and with proxy variables pointing nowhere (as in a pod behind a proxy:
+    casatools and the GUI apps talk gRPC on this host only). Needs the measures mounted.
+
+    Returns ``rows`` (of the simulated MS; 0 when it failed), ``png`` (width, height, colours and blue data
+    pixels; None when plotms wrote none), ``viewer`` ("ok" or the import's last error line) and ``log`` (the
+    last lines of what failed)."""
+    from casaspawner.demo import SIMULATE_MS
+
+    python = '"$CASASPAWNER_CASA_PYTHON"'
+    script = XVNC + (
+        "export DISPLAY=:7 http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9; cd /tmp; "
+        f"{python} -c {_quote(SIMULATE_MS)} /tmp/smoke.ms >/tmp/simulate.log 2>&1; grep '^ROWS' /tmp/simulate.log; "
+        f'{python} -c {_quote(PLOTMS_CODE)} /tmp/smoke.ms "$HOME/plotms.png" >/tmp/plotms.log 2>&1; '
+        "grep '^PNG' /tmp/plotms.log; "
+        f"{python} -c {_quote(VIEWER_CODE)} >/tmp/viewer.log 2>&1 && echo VIEWER ok || echo VIEWER $(tail -n 1 /tmp/viewer.log); "
+        "echo LOG; tail -n 40 /tmp/simulate.log /tmp/plotms.log"
+    )  # fmt: skip
+    output, _, log = run_in(tools, image, session, script, timeout=600).stdout.partition("\nLOG\n")
+    found = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in output.splitlines() if " " in line}
+    return {
+        "rows": int(found.get("ROWS", "0")),
+        "png": json.loads(found["PNG"]) if "PNG" in found else None,
+        "viewer": found.get("VIEWER", "no output"),
+        "log": log.strip(),
+    }
 
 
 def kernelspecs(tools: Tools, image: str, session: Session) -> dict[str, Any]:
@@ -264,10 +314,7 @@ def jupyter_server(
         f"--port={8888 if bridge else port}", f"--IdentityProvider.token={token}",
         "--ServerApp.open_browser=False",
     ]  # fmt: skip
-    session = Session(
-        session.home, session.measures, session.uid, session.gid,
-        {"JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP": DESKTOP_XSTARTUP, **session.env},
-    )  # fmt: skip
+    session = replace(session, env={"JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP": DESKTOP_XSTARTUP, **session.env})
     argv = run_argv(
         tools, image, session, detach=True, name=name, network=tools.network, publish=port if bridge else None
     )

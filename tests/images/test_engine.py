@@ -5,20 +5,24 @@ docker's CLI may exist here but no docker engine does, so its command line is ch
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import zipfile
 from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from casaspawner import tarballs
+from casaspawner import __version__, tarballs
 from casaspawner.catalog import Catalog
 from casaspawner.images import engine
 from casaspawner.images.cli import buildable
@@ -98,8 +102,10 @@ def test_casaspawner_wheel_is_reproducible_and_carries_the_recipes(wheel: Path, 
     assert again.name == wheel.name and again.read_bytes() == wheel.read_bytes()
     names = set(zipfile.ZipFile(wheel).namelist())
     recipes = engine.recipes_dir()
+    assert recipes == Path(engine.__file__).resolve().parents[2] / "images"  # the checkout's own
+    data = f"casaspawner-{__version__}.data/data/{engine.INSTALLED_RECIPES.as_posix()}/"
     shipped = {
-        "casaspawner/" + str(p.relative_to(recipes.parent.parent))
+        data + p.relative_to(recipes).as_posix()
         for p in recipes.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
     }
@@ -109,6 +115,82 @@ def test_casaspawner_wheel_is_reproducible_and_carries_the_recipes(wheel: Path, 
         "casaspawner/desktop/xstartup",
         "casaspawner/services/session_notices.py",
     } <= names
+
+
+#: Run by an installed casaspawner: where its recipes are, and every build context it assembles from them.
+INSTALLED_CONTEXTS = """
+import hashlib, json, sys, tempfile
+from pathlib import Path
+from casaspawner.catalog import load_catalog
+from casaspawner.images import engine
+from casaspawner.images.matrix import ImageBuildError, MatrixOptions, build_matrix
+try:
+    recipes = engine.recipes_dir()
+except ImageBuildError as error:
+    print(json.dumps({"error": str(error)}))
+    raise SystemExit(0)
+contexts = {}
+for recipe in build_matrix(load_catalog(), MatrixOptions(), sys.argv[2:]):
+    with tempfile.TemporaryDirectory() as into:
+        files = engine.assemble_context(recipe, recipes, Path(into), Path(sys.argv[1]))
+    contexts[recipe.name] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+print(json.dumps({"package": engine.__file__, "recipes": str(recipes), "contexts": contexts}))
+"""
+
+
+def _installed(python: Path, wheel: Path, cwd: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    result = subprocess.run(
+        [str(python), "-c", INSTALLED_CONTEXTS, str(wheel), "casa-6.6.5-31", STANDIN],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found: dict[str, Any] = json.loads(result.stdout)
+    return found
+
+
+def test_an_installed_wheel_builds_from_the_recipes_it_installed(
+    wheel: Path, catalog: Catalog, tmp_path: Path
+) -> None:
+    # What the checkout assembles: every build context, byte for byte.
+    expected = {}
+    for recipe in build_matrix(catalog, MatrixOptions(), ["casa-6.6.5-31", STANDIN]):
+        files = engine.assemble_context(recipe, engine.recipes_dir(), tmp_path / recipe.name, wheel)
+        expected[recipe.name] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    outside = tmp_path / "elsewhere"  # no checkout on sys.path: `python -c` puts the working directory first
+    outside.mkdir()
+    pip = [sys.executable, "-m", "pip"]
+    install = ["install", "--quiet", "--no-deps", "--no-index"]
+
+    # A venv with a non-editable install (casaspawner's dependencies come from this test's environment).
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    subprocess.run([*pip, "--python", str(python), *install, str(wheel)], check=True, timeout=300)
+    installed = _installed(python, wheel, outside)
+    assert Path(installed["package"]).is_relative_to(site)
+    assert installed["recipes"] == str(venv / "share" / "casaspawner" / "images")
+    assert installed["contexts"] == expected
+    # Without the record of installed files (as distributions' packages ship it), sys.prefix's copy.
+    (record,) = site.glob("casaspawner-*.dist-info/RECORD")
+    record.unlink()
+    assert _installed(python, wheel, outside)["recipes"] == installed["recipes"]
+    # Without the recipes: one sentence.
+    shutil.rmtree(venv / "share" / "casaspawner")
+    assert _installed(python, wheel, outside) == {
+        "error": "the image recipes are missing: neither a source checkout's images/ nor "
+        f"{venv / 'share' / 'casaspawner' / 'images'} has them (reinstall casaspawner from its wheel)."
+    }
+
+    # `pip install --target`: the recipes land beside the package, found through the record.
+    target = tmp_path / "target"
+    subprocess.run([*pip, *install, "--target", str(target), str(wheel)], check=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    installed = _installed(Path(sys.executable), wheel, outside, env)
+    assert Path(installed["package"]).is_relative_to(target)
+    assert installed["recipes"] == str(target / "share" / "casaspawner" / "images")
+    assert installed["contexts"] == expected
 
 
 def test_a_given_wheel_must_be_a_casaspawner_wheel(tmp_path: Path) -> None:

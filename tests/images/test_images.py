@@ -124,6 +124,35 @@ def test_casa_image_kernel_runs_casatools_with_mounted_measures(
         "siteconfig": "/opt/casa/casasiteconfig.py",
         "version": "3.11.2",
     }
+    # plotms plotted a simulated MS (check_image's plotms check: the PNG has data points), and the viewer's
+    # tasks import: neither does with the protobuf pip picks by itself, or without the casarc.
+    plot = observed["plotms"]
+    assert plot["rows"] == 300 and plot["viewer"] == "ok", plot  # type: ignore[index]
+
+
+def test_plotms_reads_the_mounted_measures_through_the_casarc(
+    tools: engine.Tools, built: dict[str, Recipe], measures: Path
+) -> None:
+    # As a pod runs it (uid 54321, read-only root, Xvnc, proxy variables set): a PNG with the data drawn.
+    session = smoke.Session(home=smoke.home_dir(), measures=measures)
+    plot = smoke.plotms_plot(tools, built[MODULAR].image, session)
+    assert plot["rows"] == 300, plot["log"]
+    png = session.home / "plotms.png"
+    assert png.read_bytes().startswith(b"\x89PNG"), plot
+    assert plot["png"]["blue"] > 1000, plot  # the data points, not only axes and labels
+    assert plot["png"]["colours"] > 10 and plot["png"]["width"] > 300
+    # The casarc names $CASA_MEASURES_PATH: measures mounted elsewhere (the spawner's measures_mount_path,
+    # exported as CASA_MEASURES_PATH) are found too.
+    moved = smoke.Session(
+        home=smoke.home_dir(), measures=measures, measures_mount="/srv/measures",
+        env={"CASA_MEASURES_PATH": "/srv/measures"},
+    )  # fmt: skip
+    assert (smoke.plotms_plot(tools, built[MODULAR].image, moved)["png"] or {}).get("blue", 0) > 1000
+    # Without it, plotms finds no Observatories table (it ignores casaconfig) and writes nothing.
+    without = dataclasses.replace(session, home=smoke.home_dir(), env={"CASARCFILES": ""})
+    failed = smoke.plotms_plot(tools, built[MODULAR].image, without)
+    assert failed["rows"] == 300 and failed["png"] is None
+    assert "Cannot read table of Observatories" in failed["log"], failed["log"]
 
 
 def test_measures_are_not_baked_into_the_casa_image(tools: engine.Tools, built: dict[str, Recipe]) -> None:
@@ -198,9 +227,8 @@ def test_a_casaspawner_change_leaves_the_casa_layers_alone(
     root = Path(engine.__file__).resolve().parents[2]
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy2(root / name, checkout / name)
-    shutil.copytree(
-        root / "casaspawner", checkout / "casaspawner", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for name in ("casaspawner", "images"):
+        shutil.copytree(root / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
     with (checkout / "casaspawner" / "desktop" / "casa_startup.py").open("a") as f:
         f.write("# a change to casaspawner only\n")
     wheel = engine.casaspawner_wheel(tmp_path, checkout=checkout)

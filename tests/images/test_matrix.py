@@ -12,6 +12,7 @@ import yaml
 from casaspawner.catalog import Catalog
 from casaspawner.catalog.model import Release, Wheels
 from casaspawner.cli import main
+from casaspawner.environments.build import EXTRA_PACKAGES
 from casaspawner.errors import CatalogError
 from casaspawner.images.engine import AptSource, mirror_lines, parse_apt_sources
 from casaspawner.images.matrix import (
@@ -69,6 +70,10 @@ def test_modular_recipe_pins_the_builds_wheels(catalog: Catalog) -> None:
     assert recipe.containerfile == "modular.Containerfile"
     assert recipe.build_args["CASA_REQUIREMENTS"].split() == release.wheels.requirements()  # type: ignore[union-attr]
     assert "casatools==6.6.5.31" in recipe.build_args["CASA_REQUIREMENTS"]
+    # Besides the wheels, what local environments add, from the same list (ipykernel, protobuf<3.21, ...),
+    # but not the logger's 470 MB AppImage.
+    extra = recipe.build_args["CASA_EXTRA_PACKAGES"].split()
+    assert extra == [p for p in EXTRA_PACKAGES if p != "casalogger"] and "protobuf<3.21" in extra
     assert recipe.build_args["PYTHON"] == "python3.11"
     assert recipe.build_args["CASA_KERNEL_ID"] == "casa-6.6.5-31"
 
@@ -256,7 +261,7 @@ def test_cli_list_json_and_prepuller(catalog: Catalog, capsys: pytest.CaptureFix
     rows = json.loads(capsys.readouterr().out)
     assert [row["name"] for row in rows] == ["session-base", "session", "casa-6.7.0-31"]
     assert rows[2]["image"] == image_for(catalog.get("casa-6.7.0-31"), PlanConfig(image_registry="r.example"))
-    assert rows[2]["recipe"] == "casaspawner/images/recipes/casa/modular.Containerfile"
+    assert rows[2]["recipe"] == "images/casa/modular.Containerfile"
     assert main(["images", "prepuller", "--releases", "casa-6.6.5-31"]) == 0
     values = yaml.safe_load(capsys.readouterr().out)
     assert values == {
