@@ -37,7 +37,9 @@ OPERATOR_SCOPES = [
 ]
 #: The hub's administrators: JupyterHub's ``admin`` role without what would let them into users' sessions or
 #: their credentials — ``access:servers`` (enter a session), ``admin:auth_state`` (the OIDC tokens, part of
-#: ``admin:users``), ``tokens`` (act as a user) and ``shares`` (share a user's server with themselves).
+#: ``admin:users``), ``tokens`` (act as a user) and ``shares`` (share a user's server with themselves) — nor
+#: ``proxy``, which the admin page never uses: it reads the routing table (every session's pod address) and
+#: repoints the hub's proxy API URL and token (``PATCH /hub/api/proxy``), breaking every session's route.
 ADMIN_SCOPES = [
     "admin-ui",
     "users",
@@ -49,7 +51,6 @@ ADMIN_SCOPES = [
     "read:services",
     "read:hub",
     "access:services",
-    "proxy",
     "read:metrics",
 ]
 #: jupyterhub-idle-culler's least-privilege scopes (``admin:users`` is added only when it culls users).

@@ -312,6 +312,8 @@ def test_roles_are_least_privilege():
     service_scopes = set(roles["casa-sessions-service"]["scopes"])
     assert service_scopes == {"list:users", "read:users:activity", "read:servers"}
     admin = set(roles["casa-admins"]["scopes"])
-    # Admins manage the hub but cannot enter sessions, read the OIDC tokens, mint tokens or share servers.
-    assert not admin & {"access:servers", "admin:users", "admin:auth_state", "tokens", "shares", "admin"}
+    # Admins manage the hub but cannot enter sessions, read the OIDC tokens, mint tokens, share servers or
+    # repoint the hub's proxy.
+    forbidden = {"access:servers", "admin:users", "admin:auth_state", "tokens", "shares", "admin", "proxy"}
+    assert not admin & forbidden
     assert {"admin-ui", "admin:servers", "users", "admin:groups"} <= admin
