@@ -20,7 +20,10 @@ import yaml
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 from z2jh_chart import (
+    CHART_APP_VERSION,
+    CHART_COMMIT,
     REPO,
+    SHARED,
     VALUES,
     chart_config,
     chart_culler,
@@ -59,6 +62,13 @@ def hub(values, chart, tmp_path) -> Config:
     return chart_config(
         merge(values, {"custom": {"casaspawner": {"stateFile": str(tmp_path / "s.json")}}}), chart[1]
     )
+
+
+def test_the_chart_data_is_of_the_replayed_chart(chart):
+    """The schema and defaults on this machine come from the z2jh commit chart_config replays."""
+    readme = (SHARED / "README.md").read_text()
+    assert re.search(rf"\bcommit {CHART_COMMIT}\b", readme), f"{SHARED}/README.md names another z2jh commit"
+    assert re.search(rf"\bappVersion {re.escape(CHART_APP_VERSION)}\b", readme)
 
 
 def test_merge_follows_helm_rules():
