@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import pytest_asyncio
-from hub_helpers import free_port
+from hub_helpers import LAB_OVERRIDES, SESSION_DATA_FILES, free_port
 
 from casaspawner.errors import InvalidInput
 from casaspawner.services.session_notices import (
@@ -304,6 +304,32 @@ def test_the_committed_labextension_is_built_from_its_source():
     built = json.loads((services / "labextension" / "package.json").read_text())
     assert built["name"] == "casaspawner-notices"
     assert (services / "labextension" / built["jupyterlab"]["_build"]["load"]).is_file()
+
+
+@pytest.mark.integration
+def test_the_wheel_installs_what_sessions_need(tmp_path):
+    """The data files the hub tests link into the venv are the ones a wheel of this checkout installs (what the
+    session image gets): the notices' Lab extension, the server config enabling their server extension, and
+    JupyterLab's setting defaults without the news feed, in overrides.d (one file per package)."""
+    import sys
+    import sysconfig
+    import zipfile
+
+    from casaspawner.images.engine import casaspawner_wheel
+
+    wheel = zipfile.ZipFile(casaspawner_wheel(tmp_path))
+    data = {
+        PurePosixPath(name.split(".data/data/", 1)[1]): name
+        for name in wheel.namelist()
+        if ".data/data/" in name
+    }
+    assert set(SESSION_DATA_FILES) <= set(data)
+    for path in SESSION_DATA_FILES:  # linked, not copied, by make hub-dev-install
+        installed = Path(sys.prefix) / path
+        assert installed.read_bytes() == wheel.read(data[path]), f"{installed} is not the wheel's {path}"
+    overrides = json.loads(wheel.read(data[LAB_OVERRIDES]))
+    assert overrides == {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}
+    assert sysconfig.get_paths()["data"] == sys.prefix  # where pip puts a wheel's data files
 
 
 @pytest.mark.integration
