@@ -30,6 +30,8 @@
 #   CASA_CULL_TIMEOUT, CASA_CULL_EVERY, CASA_CULL_WARN_BEFORE      idle culling, seconds (3600, 600, 600);
 #                                CASA_CULL_TIMEOUT=0 turns culling and its warnings off
 #
+# A number that is not a whole number (CASA_CULL_TIMEOUT=1h) stops the hub at start with one sentence naming it.
+#
 # Run: jupyterhub -f hub-config/jupyterhub_config.py
 import os
 

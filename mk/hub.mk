@@ -12,6 +12,7 @@ HUB_LAB_WORK := .cache/npm-lab
 # What a wheel installs from setup.cfg's data_files; an editable install (`make venv`) skips them.
 HUB_VENV_LAB := $(VENV)/share/jupyter/labextensions/casaspawner-notices
 HUB_VENV_SERVER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.d/casaspawner.json
+HUB_VENV_LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.d/casaspawner.json
 
 .PHONY: hub-test hub-prepuller hub-labextension hub-dev-install
 # Only the hub tests (values schema, both deployments' configuration, login, admin page, drain, notices, culling).
@@ -33,9 +34,11 @@ hub-labextension: venv
 	cp -r $(HUB_LAB_WORK)/labextension $(HUB_LAB_OUT)
 	cd $(HUB_LAB_SRC) && sha256sum package.json index.js > $(abspath $(HUB_LAB_OUT))/built-from.sha256
 
-# The data files of a wheel install, linked into the development venv (JupyterLab extension, server config).
+# The data files of a wheel install, linked into the development venv (JupyterLab extension, server config,
+# JupyterLab setting defaults).
 hub-dev-install: venv
-	mkdir -p $(dir $(HUB_VENV_LAB)) $(dir $(HUB_VENV_SERVER_CONFIG))
+	mkdir -p $(dir $(HUB_VENV_LAB)) $(dir $(HUB_VENV_SERVER_CONFIG)) $(dir $(HUB_VENV_LAB_OVERRIDES))
 	ln -sfn $(abspath $(HUB_LAB_OUT)) $(HUB_VENV_LAB)
 	ln -sfn $(abspath casaspawner/services/jupyter-config/casaspawner.json) $(HUB_VENV_SERVER_CONFIG)
+	ln -sfn $(abspath casaspawner/services/lab-overrides/casaspawner.json) $(HUB_VENV_LAB_OVERRIDES)
 TEST_PREREQS += hub-dev-install

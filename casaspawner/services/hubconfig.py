@@ -12,6 +12,7 @@ compares what they produce.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 from jupyterhub.utils import url_path_join
 
+from casaspawner.errors import shown
 from casaspawner.services.state import DEFAULT_STATE_FILE, drain_blocker
 
 SERVICE_NAME = "casa-sessions"
@@ -37,7 +39,9 @@ OPERATOR_SCOPES = [
 ]
 #: The hub's administrators: JupyterHub's ``admin`` role without what would let them into users' sessions or
 #: their credentials — ``access:servers`` (enter a session), ``admin:auth_state`` (the OIDC tokens, part of
-#: ``admin:users``), ``tokens`` (act as a user) and ``shares`` (share a user's server with themselves).
+#: ``admin:users``), ``tokens`` (act as a user) and ``shares`` (share a user's server with themselves) — nor
+#: ``proxy``, which the admin page never uses: it reads the routing table (every session's pod address) and
+#: repoints the hub's proxy API URL and token (``PATCH /hub/api/proxy``), breaking every session's route.
 ADMIN_SCOPES = [
     "admin-ui",
     "users",
@@ -49,7 +53,6 @@ ADMIN_SCOPES = [
     "read:services",
     "read:hub",
     "access:services",
-    "proxy",
     "read:metrics",
 ]
 #: jupyterhub-idle-culler's least-privilege scopes (``admin:users`` is added only when it culls users).
@@ -273,9 +276,42 @@ def configure_hub(c: Any, settings: HubSettings) -> None:
     configure_services(c, settings)
 
 
+class HubConfigError(SystemExit):
+    """A hub setting cannot be used; ``str(error)`` is one sentence naming it.
+
+    A :class:`SystemExit`, raised while JupyterHub loads its configuration file: JupyterHub reports any other
+    exception there with a traceback, but stops on this one with just the sentence (on stderr, exit status 1).
+    """
+
+
+_WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
+def _whole(value: object, name: str, minimum: int, unit: str | None = "seconds") -> int:
+    """``value`` (text from the environment, or a Helm value) as a whole number of at least ``minimum``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number: int | None = value
+    elif isinstance(value, str) and _WHOLE.fullmatch(value):
+        number = int(value)
+    else:
+        number = None
+    if number is None or number < minimum:
+        given = repr(shown(value)) if isinstance(value, str) else repr(value)
+        of_unit = f" of {unit}" if unit else ""
+        raise HubConfigError(f"{name} must be a whole number{of_unit}, {minimum} or more, not {given}.")
+    return number
+
+
 def settings_from_environment(env: Mapping[str, str], *, cwd: str = ".") -> HubSettings:
-    """A hub outside z2jh (``hub-config/jupyterhub_config.py``): settings from environment variables."""
-    timeout = int(env.get("CASA_CULL_TIMEOUT", "3600"))
+    """A hub outside z2jh (``hub-config/jupyterhub_config.py``): settings from environment variables.
+
+    A number that is not one (``CASA_CULL_TIMEOUT=1h``) raises :class:`HubConfigError` naming the variable.
+    """
+
+    def seconds(variable: str, default: int, minimum: int = 1) -> int:
+        return _whole(env.get(variable, str(default)), f"The environment variable {variable}", minimum)
+
+    timeout = seconds("CASA_CULL_TIMEOUT", CullSettings.timeout, minimum=0)
     storage = env.get("CASA_STORAGE_HUB_PATH", "/cavern")
     return HubSettings(
         state_file=env.get("CASASPAWNER_RELEASE_STATE")
@@ -287,10 +323,10 @@ def settings_from_environment(env: Mapping[str, str], *, cwd: str = ".") -> HubS
         admins_group=env.get("CASA_ADMINS_GROUP", "hub-admins") or None,
         project_group_pattern=env.get("CASA_PROJECT_GROUPS", "proj-.*"),
         storage_hub_path=storage or None,
-        start_timeout=int(env.get("CASA_START_TIMEOUT", "600")),
-        notices_interval=int(env.get("CASA_NOTICES_INTERVAL", "60")),
-        warn_before=int(env.get("CASA_CULL_WARN_BEFORE", "600")),
-        cull=CullSettings(timeout=timeout, every=int(env.get("CASA_CULL_EVERY", str(CullSettings.every))))
+        start_timeout=seconds("CASA_START_TIMEOUT", HubSettings.start_timeout),
+        notices_interval=seconds("CASA_NOTICES_INTERVAL", HubSettings.notices_interval),
+        warn_before=seconds("CASA_CULL_WARN_BEFORE", HubSettings.warn_before, minimum=0),
+        cull=CullSettings(timeout=timeout, every=seconds("CASA_CULL_EVERY", CullSettings.every))
         if timeout > 0
         else None,
     )
@@ -307,18 +343,31 @@ def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
     """The Zero to JupyterHub values (``custom.casaspawner``, ``cull``, ``hub.baseUrl``) as settings.
 
     ``get_config`` is z2jh's ``z2jh.get_config(key, default)``; the chart's own defaults apply to ``cull``.
+    A number that is not one raises :class:`HubConfigError` naming the value.
     """
     casa: Mapping[str, Any] = get_config("custom.casaspawner", {}) or {}
+    if not isinstance(casa, Mapping):
+        raise HubConfigError(
+            f"custom.casaspawner in the Helm values must be a map of settings, not {type(casa).__name__}."
+        )
     base_url = str(get_config("hub.baseUrl", "/") or "/")
     defaults = HubSettings(state_file="", sessions_url="")
     culled = defaults.cull or CullSettings()
+
+    def chart(key: str, default: int, minimum: int = 1, unit: str | None = "seconds") -> int:
+        value = get_config(key, default)
+        return _whole(default if value is None else value, f"{key} in the Helm values", minimum, unit)
+
+    def ours(key: str, default: int, minimum: int = 1) -> int:
+        return _whole(casa.get(key, default), f"custom.casaspawner.{key} in the Helm values", minimum)
+
     cull = None
     if get_config("cull.enabled", False):
         cull = CullSettings(
-            timeout=int(get_config("cull.timeout", culled.timeout)),
-            every=int(get_config("cull.every", culled.every)),
-            concurrency=int(get_config("cull.concurrency", culled.concurrency)),
-            max_age=int(get_config("cull.maxAge", culled.max_age) or 0),
+            timeout=chart("cull.timeout", culled.timeout),
+            every=chart("cull.every", culled.every),
+            concurrency=chart("cull.concurrency", culled.concurrency, unit=None),
+            max_age=chart("cull.maxAge", culled.max_age, minimum=0),
             users=bool(get_config("cull.users", culled.users)),
             admin_users=bool(get_config("cull.adminUsers", culled.admin_users)),
             remove_named_servers=bool(get_config("cull.removeNamedServers", culled.remove_named_servers)),
@@ -334,8 +383,8 @@ def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
         admins_group=casa.get("adminsGroup", defaults.admins_group) or None,
         project_group_pattern=str(casa.get("projectGroupPattern", defaults.project_group_pattern)),
         storage_hub_path=casa.get("storageHubPath", defaults.storage_hub_path) or None,
-        start_timeout=int(casa.get("startTimeout", defaults.start_timeout)),
-        notices_interval=int(casa.get("noticesInterval", defaults.notices_interval)),
-        warn_before=int(casa.get("warnBefore", defaults.warn_before)),
+        start_timeout=ours("startTimeout", defaults.start_timeout),
+        notices_interval=ours("noticesInterval", defaults.notices_interval),
+        warn_before=ours("warnBefore", defaults.warn_before, minimum=0),
         cull=cull,
     )

@@ -156,13 +156,29 @@ class NoticeBoard:
         return True
 
 
+class NoticesUnavailable(Exception):
+    """The casa-sessions service did not answer with notices (the poll failed; the session carries on)."""
+
+
 async def fetch_notices(url: str, token: str) -> tuple[list[dict[str, Any]], float | None]:
-    """The caller's notices from the casa-sessions service, and how often the service wants to be asked."""
+    """The caller's notices from the casa-sessions service, and how often the service wants to be asked.
+
+    Redirects are never followed: the request carries the session's ``$JUPYTERHUB_API_TOKEN``, which would go
+    along to wherever the redirect points. A redirect is a failed poll (:class:`NoticesUnavailable`).
+    """
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-    response = await AsyncHTTPClient().fetch(
-        HTTPRequest(url, headers={"Authorization": f"token {token}"}, request_timeout=20)
+    request = HTTPRequest(
+        url, headers={"Authorization": f"token {token}"}, request_timeout=20, follow_redirects=False
     )
+    response = await AsyncHTTPClient().fetch(request, raise_error=False)
+    if 300 <= response.code < 400:
+        location = response.headers.get("Location", "nowhere")
+        raise NoticesUnavailable(
+            f"the service answered HTTP {response.code}, a redirect to {location}, which a session never "
+            "follows (its token would go along)"
+        )
+    response.rethrow()
     body = json.loads(response.body)
     if not isinstance(body, dict):
         return [], None

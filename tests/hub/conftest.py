@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hub_helpers import CHROMIUM, CHROMIUM_ARGS, free_port
+from hub_helpers import CHROMIUM, CHROMIUM_ARGS, SESSION_DATA_FILES, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -54,11 +54,6 @@ USERS: dict[str, dict[str, Any]] = {
     "eve": {"preferred_username": "eve", "uid": 41004, "gid": 41004, "groups": ["visitors"], "gids": []},
     "ada": {"preferred_username": "ada", "uid": 41005, "gid": 41005, "groups": ["hub-admins"], "gids": []},
 }
-#: What a wheel install of casaspawner puts beside the package (setup.cfg data_files) and the sessions need.
-SESSION_DATA_FILES = (
-    Path(sys.prefix) / "share" / "jupyter" / "labextensions" / "casaspawner-notices" / "package.json",
-    Path(sys.prefix) / "etc" / "jupyter" / "jupyter_server_config.d" / "casaspawner.json",
-)
 
 
 @dataclass
@@ -199,7 +194,9 @@ def require_tools() -> None:
         pytest.skip(f"{CHROMIUM} is not installed (`make deps` installs Debian's chromium)")
     pytest.importorskip("playwright")
     pytest.importorskip("oauthenticator")
-    missing = [str(path) for path in SESSION_DATA_FILES if not path.exists()]
+    missing = [
+        str(Path(sys.prefix) / path) for path in SESSION_DATA_FILES if not (Path(sys.prefix) / path).exists()
+    ]
     if missing:
         pytest.skip(f"{missing[0]} is not installed (`make hub-dev-install` links it into the venv)")
 

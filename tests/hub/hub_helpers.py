@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import socket
+from pathlib import PurePosixPath
 from typing import Any
 
+#: What a wheel install of casaspawner puts beside the package (setup.cfg data_files, relative to the
+#: environment's prefix) and the sessions need; ``make hub-dev-install`` links them into the development venv.
+LAB_OVERRIDES = PurePosixPath("share/jupyter/lab/settings/overrides.d/casaspawner.json")
+SESSION_DATA_FILES = (
+    PurePosixPath("share/jupyter/labextensions/casaspawner-notices/package.json"),
+    PurePosixPath("etc/jupyter/jupyter_server_config.d/casaspawner.json"),
+    LAB_OVERRIDES,
+)
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright never downloads a browser here
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -145,3 +145,28 @@ def test_admins_manage_the_hub_but_cannot_enter_sessions(hub, browser, tmp_path)
     assert "jp-LabShell" not in admin.content()
     hub.admin("/users/bob/server", method="DELETE")
     admin.context.close()
+
+
+def test_admins_cannot_touch_the_proxy(hub, browser):
+    """JupyterHub's admin page never calls /hub/api/proxy, so casa-admins lack the ``proxy`` scope: it would let
+    them read the routing table (every session's address) and repoint the hub's proxy API (PATCH), which breaks
+    every session's route. Called from the admin page as its own requests are (session cookie, XSRF token)."""
+    admin = login(browser, hub, "ada")
+    admin.goto(f"{hub.url}/hub/admin")
+    admin.locator("tr", has_text="ada").first.wait_for()
+
+    def status(method: str, path: str) -> int:
+        return int(
+            admin.evaluate(
+                """async ([method, url]) => (await fetch(url, {
+                    method, headers: {"X-XSRFToken": window.jhdata.xsrf_token},
+                })).status""",
+                [method, f"{hub.url}/hub/api{path}"],
+            )
+        )
+
+    assert status("GET", "/users") == 200  # what the admin page itself asks works from here
+    assert status("GET", "/proxy") == 403
+    assert status("POST", "/proxy") == 403
+    assert status("PATCH", "/proxy") == 403  # with the scope: 400, for the empty body (nothing repointed)
+    admin.context.close()

@@ -137,6 +137,22 @@ def test_idle_users_are_warned_in_their_session(hub, sessions):
     assert re.search(r"This idle session will be stopped at about \d\d:\d\d UTC unless you use it\.", text)
 
 
+def test_sessions_never_ask_about_jupyter_news(hub, sessions):
+    """casaspawner's JupyterLab setting defaults (overrides.d, a data file of the wheel) turn the news feed off, so
+    JupyterLab does not ask "Would you like to get notified about official Jupyter news?" beside the notices."""
+    page = sessions["bob"]  # JupyterLab open, showing the cull warning (the test above)
+    response = page.request.get(
+        f"{hub.url}/user/bob/lab/api/settings/@jupyterlab/apputils-extension:notification"
+    )
+    assert response.ok
+    assert response.json()["schema"]["properties"]["fetchNews"]["default"] == "false"
+    open_lab(page, hub, "bob")
+    toast(page, "will be stopped at about")
+    page.wait_for_timeout(3000)  # JupyterLab asks once its settings are loaded, by when the notices show
+    assert page.locator(".jp-toastContainer .Toastify__toast", has_text="Jupyter news").count() == 0
+    assert "Jupyter news" not in page.locator("body").inner_text()
+
+
 def test_drain_notifies_running_users_and_refuses_new_spawns(hub, operator, sessions, datasets):
     alice = sessions["alice"]
     open_lab(alice, hub, "alice")  # JupyterLab is open when the operator drains alice's release

@@ -11,15 +11,19 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
-from hub_helpers import free_port
+import pytest_asyncio
+from hub_helpers import LAB_OVERRIDES, SESSION_DATA_FILES, free_port
 
 from casaspawner.errors import InvalidInput
 from casaspawner.services.session_notices import (
     NOTICE_FILE,
     NoticeBoard,
+    NoticesUnavailable,
+    fetch_notices,
+    poll_forever,
     render_notices,
     session_notices,
     sync_notice_file,
@@ -217,6 +221,72 @@ def test_notice_board_sends_each_change_once(tmp_path):
     assert not board.path.exists()
 
 
+@pytest_asyncio.fixture(loop_scope="function")
+async def redirecting_service():
+    """A casa-sessions stand-in on 127.0.0.1 answering every poll with a 302 to a collector on 127.0.0.2,
+    which records the Authorization header of each request it gets (real Tornado servers)."""
+    from tornado.httpserver import HTTPServer
+    from tornado.netutil import bind_sockets
+    from tornado.web import Application, RequestHandler
+
+    seen: list[str | None] = []
+    servers = []
+
+    def serve(handler: type[RequestHandler], host: str) -> str:
+        sockets = bind_sockets(0, host)
+        server = HTTPServer(Application([(r"/.*", handler)]))
+        server.add_sockets(sockets)
+        servers.append(server)
+        return f"http://{host}:{sockets[0].getsockname()[1]}"
+
+    class Collector(RequestHandler):
+        def get(self) -> None:
+            seen.append(self.request.headers.get("Authorization"))
+            self.finish({"notices": [{"server": "", "kind": "drain", "text": "from elsewhere"}]})
+
+    elsewhere = serve(Collector, "127.0.0.2")
+
+    class Front(RequestHandler):
+        def get(self) -> None:
+            self.redirect(f"{elsewhere}{self.request.path}")
+
+    yield serve(Front, "127.0.0.1") + "/services/casa-sessions/api/notices", seen
+    for server in servers:
+        server.stop()
+        await server.close_all_connections()
+
+
+async def test_a_redirected_poll_fails_and_the_token_stays_home(redirecting_service, tmp_path, caplog):
+    """The session's token is for the hub's service only: a redirect is not followed (the other host never
+    hears from the session, whatever Tornado would do with the header), the poll counts as failed, is logged,
+    and shows nothing."""
+    import asyncio
+    import logging
+
+    url, seen = redirecting_service
+    with pytest.raises(NoticesUnavailable, match=r"HTTP 302, a redirect to http://127\.0\.0\.2:\d+/"):
+        await fetch_notices(url, "tok-SECRET-42")
+    board = NoticeBoard(tmp_path / NOTICE_FILE)
+    log = logging.getLogger("casa-notices-test")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        poll = asyncio.ensure_future(poll_forever(board, url, "tok-SECRET-42", "", log))
+        try:
+            for _ in range(100):
+                if caplog.records:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            poll.cancel()
+    # Followed, the redirect reached 127.0.0.2: with the token before Tornado 6.5.6 (CVE-2026-49853), and
+    # either way that host's answer became the session's notices.
+    assert seen == []
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        f"Could not fetch CASA notices from {url}: the service answered HTTP 302"
+    )
+    assert board.notices == [] and not board.path.exists()
+
+
 def test_the_committed_labextension_is_built_from_its_source():
     """`make hub-labextension` records what it built from; a changed source needs a rebuild (and a commit)."""
     import hashlib
@@ -234,6 +304,32 @@ def test_the_committed_labextension_is_built_from_its_source():
     built = json.loads((services / "labextension" / "package.json").read_text())
     assert built["name"] == "casaspawner-notices"
     assert (services / "labextension" / built["jupyterlab"]["_build"]["load"]).is_file()
+
+
+@pytest.mark.integration
+def test_the_wheel_installs_what_sessions_need(tmp_path):
+    """The data files the hub tests link into the venv are the ones a wheel of this checkout installs (what the
+    session image gets): the notices' Lab extension, the server config enabling their server extension, and
+    JupyterLab's setting defaults without the news feed, in overrides.d (one file per package)."""
+    import sys
+    import sysconfig
+    import zipfile
+
+    from casaspawner.images.engine import casaspawner_wheel
+
+    wheel = zipfile.ZipFile(casaspawner_wheel(tmp_path))
+    data = {
+        PurePosixPath(name.split(".data/data/", 1)[1]): name
+        for name in wheel.namelist()
+        if ".data/data/" in name
+    }
+    assert set(SESSION_DATA_FILES) <= set(data)
+    for path in SESSION_DATA_FILES:  # linked, not copied, by make hub-dev-install
+        installed = Path(sys.prefix) / path
+        assert installed.read_bytes() == wheel.read(data[path]), f"{installed} is not the wheel's {path}"
+    overrides = json.loads(wheel.read(data[LAB_OVERRIDES]))
+    assert overrides == {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}
+    assert sysconfig.get_paths()["data"] == sys.prefix  # where pip puts a wheel's data files
 
 
 @pytest.mark.integration

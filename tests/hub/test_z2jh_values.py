@@ -9,6 +9,8 @@ import contextlib
 import io
 import os
 import re
+import subprocess
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,10 @@ import yaml
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 from z2jh_chart import (
+    CHART_APP_VERSION,
+    CHART_COMMIT,
     REPO,
+    SHARED,
     VALUES,
     chart_config,
     chart_culler,
@@ -57,6 +62,13 @@ def hub(values, chart, tmp_path) -> Config:
     return chart_config(
         merge(values, {"custom": {"casaspawner": {"stateFile": str(tmp_path / "s.json")}}}), chart[1]
     )
+
+
+def test_the_chart_data_is_of_the_replayed_chart(chart):
+    """The schema and defaults on this machine come from the z2jh commit chart_config replays."""
+    readme = (SHARED / "README.md").read_text()
+    assert re.search(rf"\bcommit {CHART_COMMIT}\b", readme), f"{SHARED}/README.md names another z2jh commit"
+    assert re.search(rf"\bappVersion {re.escape(CHART_APP_VERSION)}\b", readme)
 
 
 def test_merge_follows_helm_rules():
@@ -298,12 +310,92 @@ def test_the_standalone_config_reads_its_documented_variables(monkeypatch):
     text = (REPO / "hub-config" / "jupyterhub_config.py").read_text()
     header = text.split("\nimport os", 1)[0]
     read = set(re.findall(r"environ\.get\(\s*\"([A-Z0-9_]+)\"", text))
-    read |= set(re.findall(r"env\.get\(\"([A-Z0-9_]+)\"", Path(hubconfig.__file__).read_text()))
+    read |= set(re.findall(r"(?:env\.get|seconds)\(\"([A-Z0-9_]+)\"", Path(hubconfig.__file__).read_text()))
     assert {"OIDC_LOGIN_SERVICE", "CASA_CULL_TIMEOUT", "CASASPAWNER_IMAGE_REGISTRY"} <= read
     documented = set(re.findall(r"\b([A-Z][A-Z0-9]*_[A-Z0-9_]+)\b", header))
     assert read <= documented, sorted(read - documented)
     culling_off = standalone_config(monkeypatch, {"CASA_CULL_TIMEOUT": "0"})
     assert [s["name"] for s in culling_off.JupyterHub.services] == ["casa-sessions"]
+
+
+@pytest.mark.integration
+def test_a_hub_started_with_a_bad_number_stops_with_one_sentence(tmp_path):
+    """``jupyterhub -f hub-config/jupyterhub_config.py`` with ``CASA_CULL_TIMEOUT=1h``: the hub stops while loading
+    its configuration with one sentence naming the variable, no traceback, nothing created."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CASA", "OIDC_", "OAUTH"))}
+    env["CASA_CULL_TIMEOUT"] = "1h"
+    config = REPO / "hub-config" / "jupyterhub_config.py"
+    hub = subprocess.run(
+        [sys.executable, "-m", "jupyterhub", "-f", str(config)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert hub.returncode == 1
+    sentence = (
+        "The environment variable CASA_CULL_TIMEOUT must be a whole number of seconds, 0 or more, not '1h'."
+    )
+    assert hub.stderr.strip() == sentence and hub.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # stopped before any database, cookie secret or proxy
+
+
+@pytest.mark.parametrize(
+    ("env", "sentence"),
+    [
+        ({"CASA_START_TIMEOUT": "10 min"}, "CASA_START_TIMEOUT must be a whole number of seconds, 1 or more"),
+        (
+            {"CASA_NOTICES_INTERVAL": "0"},
+            "CASA_NOTICES_INTERVAL must be a whole number of seconds, 1 or more",
+        ),
+        (
+            {"CASA_CULL_WARN_BEFORE": "-1"},
+            "CASA_CULL_WARN_BEFORE must be a whole number of seconds, 0 or more",
+        ),
+        (
+            {"CASA_CULL_EVERY": "2.5"},
+            "CASA_CULL_EVERY must be a whole number of seconds, 1 or more, not '2.5'.",
+        ),
+    ],
+)
+def test_every_number_in_the_environment_is_checked(env, sentence):
+    with pytest.raises(hubconfig.HubConfigError) as error:
+        hubconfig.settings_from_environment(env)
+    assert sentence in str(error.value) and str(error.value).count(". ") == 0
+    # Whole numbers, spaces around them included, are taken as they are.
+    settings = hubconfig.settings_from_environment({"CASA_CULL_EVERY": " 30 ", "CASA_CULL_WARN_BEFORE": "0"})
+    assert settings.cull is not None and settings.cull.every == 30 and settings.warn_before == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "sentence"),
+    [
+        (
+            {"custom": {"casaspawner": {"startTimeout": "10m"}}},
+            "custom.casaspawner.startTimeout in the Helm values must be a whole number of seconds, 1 or more, "
+            "not '10m'.",
+        ),
+        (
+            {"custom": {"casaspawner": {"warnBefore": True}}},
+            "custom.casaspawner.warnBefore in the Helm values must be a whole number of seconds, 0 or more, "
+            "not True.",
+        ),
+        (
+            {"cull": {"every": 0}},
+            "cull.every in the Helm values must be a whole number of seconds, 1 or more, not 0.",
+        ),
+        (
+            {"custom": {"casaspawner": ["startTimeout", 600]}},
+            "custom.casaspawner in the Helm values must be a map of settings, not list.",
+        ),
+    ],
+)
+def test_bad_numbers_in_the_values_stop_the_hub_with_one_sentence(values, chart, override, sentence):
+    """hub.extraConfig runs inside the chart's jupyterhub_config.py: the same HubConfigError stops the hub."""
+    with pytest.raises(hubconfig.HubConfigError) as error:
+        chart_config(merge(values, override), chart[1])
+    assert str(error.value) == sentence
 
 
 def test_roles_are_least_privilege():
@@ -312,6 +404,8 @@ def test_roles_are_least_privilege():
     service_scopes = set(roles["casa-sessions-service"]["scopes"])
     assert service_scopes == {"list:users", "read:users:activity", "read:servers"}
     admin = set(roles["casa-admins"]["scopes"])
-    # Admins manage the hub but cannot enter sessions, read the OIDC tokens, mint tokens or share servers.
-    assert not admin & {"access:servers", "admin:users", "admin:auth_state", "tokens", "shares", "admin"}
+    # Admins manage the hub but cannot enter sessions, read the OIDC tokens, mint tokens, share servers or
+    # repoint the hub's proxy.
+    forbidden = {"access:servers", "admin:users", "admin:auth_state", "tokens", "shares", "admin", "proxy"}
+    assert not admin & forbidden
     assert {"admin-ui", "admin:servers", "users", "admin:groups"} <= admin

@@ -1,15 +1,19 @@
 """The Zero to JupyterHub chart's hub configuration, replayed offline for the values tests.
 
-The chart's values schema and defaults are not part of the repository: they are read from
-``$CASASPAWNER_SHARED_DATA`` when set, else from ``../shared/data/`` beside the clone; tests that need them skip
-with that reason otherwise.
+Pinned to one chart source: ``jupyterhub/zero-to-jupyterhub-k8s`` at commit :data:`CHART_COMMIT` (48ea50e, on
+main just after chart 4.4.0, appVersion :data:`CHART_APP_VERSION` 5.5.0, the JupyterHub its hub image runs).
+The chart's values schema and defaults the tests validate against come from that commit too; they are not part
+of the repository: they are read from ``$CASASPAWNER_SHARED_DATA`` when set, else from ``../shared/data/``
+beside the clone (``.ci/run`` exports the variable when it finds them on the machine); tests that need them
+skip with that reason otherwise, and one checks that the data's README names the same commit and appVersion.
 
-:func:`chart_config` does what the chart's ``jupyterhub_config.py`` (z2jh 4.x,
-``jupyterhub/files/hub/jupyterhub_config.py``) does with the merged values, for the parts a casaspawner hub
-depends on: ``singleuser.*`` into ``KubeSpawner`` traits (``extraEnv`` → ``environment``,
-``startTimeout`` → ``start_timeout``, …), the culler from ``cull.*``, ``hub.services`` and ``hub.loadRoles``
-into lists, ``hub.config`` sections, then ``hub.extraConfig`` in key order with a ``z2jh`` module whose
-``get_config`` reads the merged values.
+:func:`chart_config` is a hand-written replay of what that commit's ``jupyterhub/files/hub/jupyterhub_config.py``
+does with the merged values, for the parts a casaspawner hub depends on: ``singleuser.*`` into ``KubeSpawner``
+traits (``extraEnv`` → ``environment``, ``startTimeout`` → ``start_timeout``, …), the culler from ``cull.*``,
+``hub.services`` and ``hub.loadRoles`` into lists, ``hub.config`` sections, then ``hub.extraConfig`` in key
+order with a ``z2jh`` module whose ``get_config`` reads the merged values. It does not run the chart's file
+(which needs the hub pod's environment and the Kubernetes client): moving to another chart version means
+re-reading that file, updating the replay and these constants, and the shared data with them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ SHARED_ENV = "CASASPAWNER_SHARED_DATA"
 SHARED = Path(os.environ.get(SHARED_ENV) or REPO.parent / "shared" / "data")
 SCHEMA = SHARED / "z2jh-values.schema.yaml"
 DEFAULTS = SHARED / "z2jh-values.defaults.yaml"
+#: The z2jh commit the replay, the schema and the defaults follow, and the chart's appVersion there.
+CHART_COMMIT = "48ea50e"
+CHART_APP_VERSION = "5.5.0"
 
 #: ``singleuser.<key>`` → ``KubeSpawner.<trait>``, as the chart maps them (set only when not null).
 SINGLEUSER_TRAITS = {
