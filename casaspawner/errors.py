@@ -26,6 +26,19 @@ class ResolutionError(CasaspawnerError):
     """Nothing in a dataset tells which CASA build processed it, or no build can be chosen."""
 
 
+class VersionUnknown(ResolutionError):
+    """One dataset was found, but it tells no CASA version a session can run (no evidence, unreadable evidence,
+    or a version with no public build): the user's own choice of release is the way on.
+
+    ``finding`` says what was found, ``advice`` what to do; ``str()`` is the one sentence made of both.
+    """
+
+    def __init__(self, finding: str, advice: str = "choose a CASA release yourself") -> None:
+        self.finding = finding.rstrip(" .;")
+        self.advice = advice
+        super().__init__(f"{self.finding}; {advice}." if advice else f"{self.finding}.")
+
+
 class ArchiveUnavailable(CasaspawnerError):
     """The ALMA archive could not be reached or did not have what was asked for."""
 

@@ -8,6 +8,7 @@ does no I/O. ``spawners/kube.py`` translates a plan into a pod, ``spawners/local
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@\-]{0,63}")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 _LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._\-]{0,61}[A-Za-z0-9])?)?")
 _LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9.\-]{0,251}[a-z0-9])?")
+#: The largest uid or gid a session can have (4294967295 is ``(uid_t) -1``, "no id", to the kernel).
+MAX_ID = 2**32 - 2
 
 
 def usable_group_name(name: str) -> bool:
@@ -48,10 +51,15 @@ class Identity:
             raise InvalidInput(f"{self.username!r} is not a usable user name.")
         if self.uid == 0:
             raise InvalidInput(f"User {self.username} would run as uid 0; sessions never run as root.")
-        if self.uid < 0 or self.gid < 0:
-            raise InvalidInput(
-                f"User {self.username} would run as uid {self.uid} and gid {self.gid}; ids cannot be negative."
-            )
+        for what, value in (
+            ("uid", self.uid),
+            ("gid", self.gid),
+            *(("gid", g) for g in self.supplemental_gids),
+        ):
+            if not 0 <= value <= MAX_ID:
+                raise InvalidInput(
+                    f"User {self.username} would run with {what} {value}, which is not an id (0 to {MAX_ID})."
+                )
         for group in self.groups:
             if not _GROUP.fullmatch(group):
                 raise InvalidInput(f"{group!r} is not a usable group name.")
@@ -124,13 +132,17 @@ class PlanConfig:
 
 @dataclass(frozen=True)
 class Mount:
-    """A volume in the session: ``storage`` (Cavern sub-path), ``scratch`` or ``measures`` (read-only)."""
+    """A volume in the session: ``storage`` (Cavern sub-path), ``scratch`` or ``measures`` (read-only).
+
+    ``name`` is unique in a plan; ``group`` is the group of a project directory.
+    """
 
     name: str
     kind: MountKind
     path: str
     sub_path: str | None = None
     read_only: bool = False
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,12 +240,13 @@ def make_plan(
         Mount("home", "storage", home, layout.home_subpath.format(username=identity.username)),
         *(
             Mount(
-                f"project-{group.lower()}",
+                name,
                 "storage",
                 layout.project_mount.format(group=group),
                 layout.project_subpath.format(group=group),
+                group=group,
             )
-            for group in identity.groups
+            for name, group in _project_mount_names(identity.groups)
         ),
         Mount("scratch", "scratch", layout.scratch_mount),
         Mount("measures", "measures", layout.measures_mount, read_only=True),
@@ -248,6 +261,7 @@ def make_plan(
         "CASASPAWNER_EXACT": "true" if exact else "false",
         "CASASPAWNER_APPROXIMATE": "true" if approximate else "false",
         "CASASPAWNER_KERNEL_NAME": release.kernel_name + (" (approximate)" if approximate else ""),
+        "CASASPAWNER_REASON": reason,
         "CASA_MEASURES_PATH": layout.measures_mount,
         "SCRATCH": layout.scratch_mount,
     }
@@ -292,6 +306,18 @@ def make_plan(
         annotations=annotations,
         summary=summary,
     )
+
+
+def _project_mount_names(groups: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(mount name, group): ``project-<group in lower case>``, plus a short hash of the group for a group
+    that differs from an earlier one only in case (``Proj`` and ``proj`` are two directories)."""
+    names: list[tuple[str, str]] = []
+    for group in groups:
+        name = f"project-{group.lower()}"
+        if any(taken == name for taken, _ in names):
+            name += "-" + hashlib.sha256(group.encode()).hexdigest()[:8]
+        names.append((name, group))
+    return names
 
 
 def _processed_with(resolution: Resolution) -> str:

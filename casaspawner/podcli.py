@@ -153,8 +153,8 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
     from tornado import web
 
     from casaspawner.datasets.archive import AlmaDataLinkClient
-    from casaspawner.spawners.common import LocalDirectoryReader
     from casaspawner.spawners.kube import CASASpawner
+    from casaspawner.spawners.storage import LocalDirectoryReader
 
     if args.uid == 0:
         raise InvalidInput("Sessions never run as root; give a --uid other than 0.")

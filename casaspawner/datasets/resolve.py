@@ -31,7 +31,7 @@ from casaspawner.datasets.evidence import READERS, UnreadableEvidence
 from casaspawner.datasets.ids import looks_like_identifier, parse_identifier
 from casaspawner.datasets.layout import find_mous, path_kind
 from casaspawner.datasets.model import Evidence, Resolution
-from casaspawner.errors import ArchiveUnavailable, InvalidInput, ResolutionError, shown
+from casaspawner.errors import ArchiveUnavailable, InvalidInput, VersionUnknown, shown
 
 
 def read_evidence(path: Path, label: str | None = None) -> Evidence:
@@ -51,12 +51,10 @@ def read_evidence(path: Path, label: str | None = None) -> Evidence:
         if evidence is not None:
             return evidence
     if problems:
-        raise ResolutionError(
-            f"Nothing readable in {name} tells its CASA version: {problems[0].rstrip('.')}."
-        )
-    raise ResolutionError(
+        raise VersionUnknown(f"Nothing readable in {name} tells its CASA version: {problems[0]}", advice="")
+    raise VersionUnknown(
         f"Nothing in {name} tells which CASA version processed it (no pipeline manifest, AQUA report, weblog, "
-        "calibration script or CASA log); choose a CASA release yourself."
+        "calibration script or CASA log)"
     )
 
 
@@ -92,9 +90,10 @@ def resolve_target(
     manifest = archive.fetch_manifest(identifier)
     evidence = READERS[0][1](manifest.parent, manifest.parent)
     if evidence is None:
-        raise ResolutionError(
+        raise VersionUnknown(
             f"The archive's pipeline manifest for {identifier} does not name a CASA version (data of Cycles 2-4 "
-            "or manually calibrated); download the dataset and give its directory instead."
+            "or manually calibrated)",
+            advice="download the dataset and give its directory instead",
         )
     evidence = replace(evidence, kind="archive-manifest", path=f"{archive.name}:{manifest.name}")
     release, exact, reason = choose_release(catalog, evidence)
@@ -105,7 +104,7 @@ def choose_release(catalog: Catalog, evidence: Evidence) -> tuple[Release, bool,
     """Apply ALMA's rule to one piece of evidence: (release to run, exact?, one-sentence reason)."""
     where = _where(evidence)
     if evidence.casa is None:
-        raise ResolutionError(f"{where} names no CASA version.")
+        raise VersionUnknown(f"{where} names no CASA version", advice="")
     casa = parse_casa(evidence.casa, allow_partial=True)
     pipeline = evidence.pipeline
     if pipeline is None:
@@ -185,8 +184,8 @@ def _by_casa(
             f"{said}; the catalog lacks that CASA build and has only older builds of {name}, so the session runs "
             f"the newest of them, {release.label}.",
         )
-    raise ResolutionError(
-        f"{said}, but the catalog has no public build of {name}; choose a release yourself."
+    raise VersionUnknown(
+        f"{said}, but the catalog has no public build of {name}", "choose a release yourself"
     )
 
 
@@ -203,11 +202,13 @@ def _public(catalog: Catalog, release: Release, said: str) -> tuple[Release, boo
             f"{said}; {build} was never published, and ALMA restores it with {public.label}.",
         )
     if release.confidence == "planned":
-        raise ResolutionError(
-            f"{said}; {release.label} is a planned release with no public build yet; choose a release yourself."
+        raise VersionUnknown(
+            f"{said}; {release.label} is a planned release with no public build yet",
+            "choose a release yourself",
         )
-    raise ResolutionError(
-        f"{said}; {release.label} has no public distribution, so no session can run it; choose a release yourself."
+    raise VersionUnknown(
+        f"{said}; {release.label} has no public distribution, so no session can run it",
+        "choose a release yourself",
     )
 
 

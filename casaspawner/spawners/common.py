@@ -11,26 +11,23 @@ identity from ``auth_state`` → dataset resolution (storage path or ALMA identi
 in :meth:`prepare_session`, which JupyterHub ≥ 5.3 calls through ``apply_user_options`` (before
 ``pre_spawn_hook`` and before any process, pod or other object exists) and which subclasses call again from
 ``start`` for older hubs; it is idempotent for one set of options. Nothing here knows about Kubernetes.
+
+The pure parts live beside it: :mod:`casaspawner.spawners.storage` (mapping paths to storage, the dataset
+readers) and :mod:`casaspawner.spawners.identity` (ids and project groups from the login data).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
-import dataclasses
-import fnmatch
-import os
+import hashlib
 import re
+import string
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
-from defusedxml.ElementTree import fromstring as defused_fromstring
 from jinja2 import Environment, PackageLoader, select_autoescape
 from jupyterhub.spawner import Spawner
 from jupyterhub.traitlets import ByteSpecification
@@ -42,13 +39,13 @@ from traitlets import Callable as CallableTrait
 
 from casaspawner.catalog.model import Catalog, Release, load_catalog
 from casaspawner.datasets.ids import looks_like_identifier
-from casaspawner.datasets.layout import find_mous
 from casaspawner.datasets.model import Evidence, Resolution
 from casaspawner.datasets.resolve import resolve_path, resolve_target
-from casaspawner.errors import CasaspawnerError, InvalidInput, ResolutionError
+from casaspawner.errors import CasaspawnerError, InvalidInput, VersionUnknown
 from casaspawner.plan import (
     DEFAULT_SIZES,
     INTERFACES,
+    MAX_ID,
     Identity,
     PlanConfig,
     Resources,
@@ -56,8 +53,28 @@ from casaspawner.plan import (
     SessionPlan,
     StorageLayout,
     make_plan,
-    usable_group_name,
 )
+from casaspawner.spawners.identity import identity_from_login, login_value, project_groups
+from casaspawner.spawners.storage import (  # the readers' documented import path is this module's too
+    DatasetReader,
+    LocalDirectoryReader,
+    StorageMountReader,
+    VOSpaceReader,
+)
+
+__all__ = [
+    "CASASessionMixin",
+    "ConfigurationError",
+    "DatasetReader",
+    "LocalDirectoryReader",
+    "SpawnException",
+    "StorageMountReader",
+    "VOSpaceReader",
+    "hook_failure",
+    "options_from_form",
+    "render_spawn_form",
+    "spawn_error",
+]
 
 try:  # JupyterHub ≥ 6.0
     from jupyterhub.spawner import SpawnException
@@ -95,7 +112,9 @@ class ConfigurationError(CasaspawnerError):
 
     def __init__(self, detail: str) -> None:
         detail = detail.rstrip(".")
-        if detail[:2].istitle():  # a sentence of its own ("The storage volume …"), not "CASASpawner.x …"
+        first = detail.split(" ", 1)[0]
+        # A sentence of its own ("The storage volume …") continues this one; an option ("X.option …") stays.
+        if first.istitle() and "." not in first:
             detail = detail[0].lower() + detail[1:]
         super().__init__(f"The hub's configuration is invalid: {detail}.")
 
@@ -108,321 +127,6 @@ def hook_failure(hook: str, exc: BaseException) -> web.HTTPError:
         reason="hook",
         status_code=500,
     )
-
-
-# ------------------------------------------------------------------------------------------ dataset readers
-
-
-class DatasetReader(Protocol):
-    """Gives the hub read access to a dataset the user named by a path in their session's storage.
-
-    ``open`` is an async context manager yielding a local directory the resolver may read; it raises
-    ``InvalidInput`` (one sentence) for paths outside the user's storage.
-    """
-
-    def open(self, text: str, identity: Identity) -> contextlib.AbstractAsyncContextManager[Path]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class StorageRoot:
-    """One place a session sees storage: ``mount`` in the session is ``sub_path`` of the storage root."""
-
-    mount: str
-    sub_path: str
-
-
-def storage_roots(identity: Identity, layout: StorageLayout) -> list[StorageRoot]:
-    """The user's home and project directories as the session sees them, and where they live in storage."""
-    roots = [
-        StorageRoot(
-            layout.home_mount.format(username=identity.username),
-            layout.home_subpath.format(username=identity.username),
-        )
-    ]
-    roots += [
-        StorageRoot(layout.project_mount.format(group=g), layout.project_subpath.format(group=g))
-        for g in identity.groups
-    ]
-    return roots
-
-
-def locate_in_storage(
-    text: str, identity: Identity, layout: StorageLayout
-) -> tuple[StorageRoot, PurePosixPath]:
-    """Map a path the user typed to (storage root, relative path); pure, never touches the file system.
-
-    Accepted: an absolute path under the session's home or project mounts, ``~/…``, or a path relative to
-    the home directory. Refused with one sentence: ``..`` components and absolute paths elsewhere.
-    """
-    raw = text.strip()
-    if "\x00" in raw:
-        raise InvalidInput("A dataset path cannot contain NUL characters.")
-    home = storage_roots(identity, layout)[0]
-    if raw == "~" or raw.startswith("~/"):
-        raw = home.mount + raw[1:]
-    path = PurePosixPath(raw)
-    if ".." in path.parts:
-        raise InvalidInput(
-            f"The dataset path {text.strip()!r} may not contain '..'; give a path inside your storage."
-        )
-    if not path.is_absolute():
-        return home, path
-    for root in storage_roots(identity, layout):
-        mount = PurePosixPath(root.mount)
-        if path == mount or mount in path.parents:
-            return root, path.relative_to(mount)
-    project = _project_named(path, layout)
-    if project is not None:
-        yours = ", ".join(identity.groups) or "none"
-        raise InvalidInput(
-            f"The dataset path {text.strip()!r} is outside your storage: {project[:80]!r} is not one of your "
-            f"project directories (yours: {yours})."
-        )
-    raise InvalidInput(
-        f"The dataset path {text.strip()!r} is outside your storage; give a path under {home.mount}"
-        + (" or one of your project directories." if identity.groups else ".")
-    )
-
-
-def _project_named(path: PurePosixPath, layout: StorageLayout) -> str | None:
-    """The project a session path points into (``/arc/projects/<project>/…``), whoever's it is; else None."""
-    prefix, found, _ = layout.project_mount.partition("{group}")
-    if not found or not prefix.endswith("/") or not str(path).startswith(prefix):
-        return None
-    return str(path)[len(prefix) :].split("/", 1)[0] or None
-
-
-class StorageMountReader:
-    """Reads datasets through a read-only mount of the whole storage (Cavern) on the hub.
-
-    ``root`` is the hub-side directory holding ``home/<user>`` and ``projects/<group>``. Symbolic links are
-    followed as the session would follow them, as long as every step stays inside the user's own storage
-    areas (home and projects): a link from the home into one of the user's projects is fine, one into another
-    user's home is refused. Absolute link targets may name session paths (``/arc/projects/<group>/…``, as links
-    made inside a session do) or hub paths under ``root``.
-    """
-
-    MAX_LINKS = 40  # like the kernel's limit on links followed while resolving one path
-
-    def __init__(self, root: str | Path, layout: StorageLayout) -> None:
-        self.root = Path(root)
-        self.layout = layout
-
-    def locate(self, text: str, identity: Identity) -> Path:
-        root, relative = locate_in_storage(text, identity, self.layout)
-        shown = text.strip()
-        roots = [
-            (PurePosixPath(r.mount), self.root / r.sub_path) for r in storage_roots(identity, self.layout)
-        ]
-
-        def on_hub(path: PurePosixPath) -> Path | None:
-            for mount, hub in roots:
-                if path == mount or mount in path.parents:
-                    return hub / path.relative_to(mount)
-            return None
-
-        def in_session(target: PurePosixPath) -> PurePosixPath:
-            """An absolute link target as a session path (hub paths under ``root`` are mapped back)."""
-            hub_root = PurePosixPath(self.root)
-            if hub_root in target.parents:
-                below = target.relative_to(hub_root)
-                for mount, hub in roots:
-                    sub = PurePosixPath(hub).relative_to(hub_root)
-                    if below == sub or sub in below.parents:
-                        return mount / below.relative_to(sub)
-            return target
-
-        mounts = {mount for mount, _ in roots}  # mounted as they are, like a pod's sub-path mounts
-        ancestors = {parent for mount in mounts for parent in mount.parents}
-        pending = list((PurePosixPath(root.mount) / relative).parts[1:])
-        current, links = PurePosixPath("/"), 0
-        while pending:
-            part = pending.pop(0)
-            if part in ("", "."):
-                continue
-            if part == "..":
-                current = current.parent
-                continue
-            candidate = current / part
-            hub = on_hub(candidate)
-            if hub is None:
-                if candidate in ancestors:  # /arc, /arc/home: directories every session has
-                    current = candidate
-                    continue
-                raise InvalidInput(f"The dataset path {shown!r} leads outside your storage through a link.")
-            if candidate not in mounts and hub.is_symlink():
-                links += 1
-                if links > self.MAX_LINKS:
-                    raise InvalidInput(f"The dataset path {shown!r} goes through too many links.")
-                target = PurePosixPath(os.readlink(hub))
-                if target.is_absolute():
-                    pending = list(in_session(target).parts[1:]) + pending
-                    current = PurePosixPath("/")
-                else:
-                    pending = list(target.parts) + pending
-                continue
-            current = candidate
-        located = on_hub(current)
-        if located is None:
-            raise InvalidInput(f"The dataset path {shown!r} leads outside your storage through a link.")
-        if not located.is_dir():
-            raise InvalidInput(f"There is no dataset directory at {shown!r} in your storage.")
-        return located
-
-    @contextlib.asynccontextmanager
-    async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
-        yield await asyncio.to_thread(self.locate, text, identity)
-
-
-class LocalDirectoryReader:
-    """Reads any directory on this machine as given (the ``casaspawner pod`` dry run and tests; not a hub)."""
-
-    @contextlib.asynccontextmanager
-    async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
-        path = Path(text).expanduser()
-        if not path.is_dir():
-            raise InvalidInput(f"There is no dataset directory at {text!r}.")
-        yield path
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port
-
-
-class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, but sends the user's token (``Authorization``) only to the origin it was meant for:
-    a redirect to another scheme, host or port gets the request without it."""
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: Any,
-        code: int,
-        msg: str,
-        headers: Any,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        token = req.unredirected_hdrs.get("Authorization")
-        if new is not None and token and _origin(new.full_url) == _origin(req.full_url):
-            new.add_unredirected_header("Authorization", token)
-        return new
-
-
-_OPENER = urllib.request.build_opener(_SameOriginRedirects())
-
-_VOS = "{http://www.ivoa.net/xml/VOSpace/v2.0}"
-_XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
-_VOS_LENGTH = "ivo://ivoa.net/vospace/core#length"
-
-
-class VOSpaceReader:
-    """Reads datasets through a VOSpace 2 service (e.g. CANFAR's Cavern ``…/arc``) with the user's token.
-
-    The dataset's directory tree is walked with ``GET {url}/nodes/{path}``; only the small files the resolver
-    reads (pipeline manifests, AQUA reports, weblog ``t1-1.html`` pages or packed weblogs, calibration scripts,
-    CASA logs) are fetched from ``GET {url}/files/{path}`` into a private temporary directory. Link nodes are
-    never followed, so a dataset cannot lead out of the user's own directories. HTTP redirects are followed,
-    but the token is only sent again to the same origin (scheme, host and port).
-    """
-
-    #: file names worth fetching → the largest size fetched
-    WANTED: tuple[tuple[str, int], ...] = (
-        ("*.xml", 32 << 20),
-        ("t1-1.html", 4 << 20),
-        ("*.weblog.tgz", 64 << 20),
-        ("*.py", 1 << 20),
-        ("*.log", 16 << 20),
-    )
-    MAX_DEPTH = 8
-    MAX_NODES = 5000
-
-    def __init__(
-        self, url: str, layout: StorageLayout, token: str | None = None, *, timeout: float = 10
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.layout = layout
-        self.token = token
-        self.timeout = timeout
-
-    def _get(self, kind: str, path: str, limit: int) -> bytes | None:
-        request = urllib.request.Request(f"{self.url}/{kind}/{urllib.parse.quote(path)}")  # noqa: S310
-        if self.token:  # "unredirected": urllib never copies it into a redirect; _SameOriginRedirects may
-            request.add_unredirected_header("Authorization", f"Bearer {self.token}")
-        try:
-            with _OPENER.open(request, timeout=self.timeout) as response:
-                data: bytes = response.read(limit + 1)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise InvalidInput(
-                f"Your storage service refused to list or read {path!r} (HTTP {exc.code})."
-            ) from None
-        except (OSError, urllib.error.URLError):
-            raise InvalidInput("Your storage service could not be reached; try again in a moment.") from None
-        return data if len(data) <= limit else None
-
-    def _children(self, path: str) -> list[tuple[str, str, int | None]]:
-        """(name, kind ContainerNode|DataNode|LinkNode, length) of the nodes in a container."""
-        data = self._get("nodes", path, 16 << 20)
-        if data is None:
-            raise InvalidInput(f"There is no dataset directory at {path!r} in your storage.")
-        try:
-            root = defused_fromstring(data)
-        except Exception:  # defusedxml raises several unrelated types for hostile or broken XML
-            raise InvalidInput(
-                "Your storage service answered with something that is not a VOSpace node."
-            ) from None
-        if not (root.get(_XSI_TYPE) or "").endswith("ContainerNode"):
-            raise InvalidInput(f"{path!r} in your storage is not a directory.")
-        children = []
-        for node in root.iter(f"{_VOS}node"):
-            if node is root:
-                continue
-            name = (node.get("uri") or "").rstrip("/").rsplit("/", 1)[-1]
-            kind = (node.get(_XSI_TYPE) or "").split(":")[-1]
-            length = None
-            for prop in node.iter(f"{_VOS}property"):
-                if prop.get("uri") == _VOS_LENGTH and (prop.text or "").isdigit():
-                    length = int(prop.text or "0")
-            if name and name not in (".", "..") and "/" not in name:
-                children.append((name, kind, length))
-        return children
-
-    def mirror(self, text: str, identity: Identity, into: Path) -> Path:
-        """Copy the resolver's files of the dataset at ``text`` into ``into``; returns the local dataset path."""
-        root, relative = locate_in_storage(text, identity, self.layout)
-        top = str(PurePosixPath(root.sub_path) / relative)
-        local_top = into / (PurePosixPath(top).name or "dataset")
-        local_top.mkdir()
-        pending = [(top, local_top, 0)]
-        seen = 0
-        while pending:
-            path, local, depth = pending.pop()
-            for name, kind, length in self._children(path):
-                seen += 1
-                if seen > self.MAX_NODES:
-                    raise InvalidInput(
-                        f"{text!r} holds too many files to be one ALMA dataset; give its member directory."
-                    )
-                child = f"{path}/{name}"
-                if kind == "ContainerNode" and depth < self.MAX_DEPTH and local.name != "html":
-                    (local / name).mkdir()
-                    pending.append((child, local / name, depth + 1))
-                elif kind == "DataNode":
-                    limit = next((size for pattern, size in self.WANTED if fnmatch.fnmatch(name, pattern)), 0)
-                    if limit and (length is None or length <= limit):
-                        data = self._get("files", child, limit)
-                        if data is not None:
-                            (local / name).write_bytes(data)
-        return local_top
-
-    @contextlib.asynccontextmanager
-    async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="casaspawner-vospace-") as tmp:
-            yield await asyncio.to_thread(self.mirror, text, identity, Path(tmp))
 
 
 # ------------------------------------------------------------------------------------------------ the mixin
@@ -451,14 +155,29 @@ def _cores(value: Any, where: str) -> float:
 
 
 def _memory(value: Any, where: str) -> tuple[str, int]:
-    """A memory amount from ``session_sizes`` as JupyterHub reads it (``8G``): (text, bytes); ("", 0) when unset."""
+    """A memory amount from ``session_sizes`` as KubeSpawner's ``mem_limit`` reads it: text with K, M, G or T
+    (``8G``), or a number of bytes (written back as text: ``8589934592`` → ``8G``). (text, bytes); ("", 0) unset."""
     if value is None or value == "":
         return "", 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        units = ByteSpecification.UNIT_SUFFIXES
+        suffix = next((s for s in reversed(units) if value > 0 and value % units[s] == 0), None)
+        if suffix is None:
+            raise ConfigurationError(
+                f"{where} is {value!r}, not a positive number of bytes that is a multiple of 1024 (or text such as "
+                "'8G')"
+            )
+        return f"{value // units[suffix]}{suffix}", value
     try:
         if not isinstance(value, str):
             raise TraitError("not text")
         count = ByteSpecification().validate(None, value.strip())
     except (TraitError, TypeError, IndexError):
+        if isinstance(value, str) and value.strip()[-2:] in ("Ki", "Mi", "Gi", "Ti"):
+            raise ConfigurationError(
+                f"{where} is {value!r}, the Kubernetes spelling; session memory is written as JupyterHub "
+                f"writes it, {value.strip()[:-1]!r} (its units are of 1024)"
+            ) from None
         raise ConfigurationError(
             f"{where} is {value!r}, not an amount of memory (a number with K, M, G or T, such as '8G')"
         ) from None
@@ -467,53 +186,22 @@ def _memory(value: Any, where: str) -> tuple[str, int]:
     return value.strip(), int(count)
 
 
-def _dotted(mapping: Mapping[str, Any] | None, key: str) -> Any:
-    """``mapping["a"]["b"]`` for ``key="a.b"``; None when any step is missing."""
-    value: Any = mapping
-    for part in key.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def _as_int(value: Any, what: str, username: str) -> int | None:
-    """A numeric id from the login data: an int, or a float or text holding a whole number; never truncated."""
-    if value is None or value == "":
-        return None
-    number: float | int | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            number = (
-                float(value.strip()) if value.strip().lstrip("+-").replace(".", "", 1).isdigit() else None
-            )
-    if number is None or number != number or number in (float("inf"), float("-inf")):
-        raise InvalidInput(f"The {what} of {username} in the login data is not a number.")
-    if int(number) != number:
-        raise InvalidInput(f"The {what} of {username} in the login data is {value}, not a whole number.")
-    if number < 0:
-        raise InvalidInput(f"The {what} of {username} in the login data is {value}, which is not a valid id.")
-    return int(number)
-
-
-#: The resolver's advice at the end of its sentence, dropped once the user has followed it.
-_CHOOSE_YOURSELF = re.compile(r"[;,]\s*choose a (?:CASA )?release yourself\.?$")
-
-
-class _FetchWatch:
-    """Wraps the archive client to tell whether it found the dataset's manifest before resolution failed."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.name = getattr(client, "name", "archive")
-        self.fetched = False
-
-    def fetch_manifest(self, identifier: Any) -> Path:
-        path: Path = self.client.fetch_manifest(identifier)
-        self.fetched = True
-        return path
+def _check_template(where: str, template: str, fields: tuple[str, ...]) -> None:
+    """A ``ConfigurationError`` naming ``where`` unless ``template`` formats with exactly ``fields``."""
+    allowed = ", ".join("{" + field + "}" for field in fields)
+    try:
+        used = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        unknown = next((field for field in used if field not in fields), None)
+        if unknown is None:
+            template.format(**{field: "x" for field in fields})
+    except (ValueError, KeyError, IndexError, AttributeError):
+        raise ConfigurationError(
+            f"{where} is {template!r}, not a template (write {{{{ and }}}} for braces); its fields are {allowed}"
+        ) from None
+    if unknown is not None:
+        raise ConfigurationError(
+            f"{where} is {template!r}, which uses {{{unknown}}}; its fields are {allowed}"
+        )
 
 
 # The mixin always sits in front of a Spawner, but JupyterHub refuses Spawner subclasses without start/stop/poll.
@@ -573,8 +261,11 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         },
         help="""
         Session sizes offered on the form, in order: name → ``{cpu_guarantee, cpu_limit, mem_guarantee,
-        mem_limit, description}`` (CPU in cores, memory as a quantity such as ``8G``). The description is
-        what users see next to the name.
+        mem_limit, description}``. CPU is a number of cores (``0.5``, ``4``). Memory is what KubeSpawner's
+        ``mem_limit`` takes: JupyterHub's units of 1024, text with ``K``, ``M``, ``G`` or ``T`` (``8G`` is 8 GiB),
+        or a whole number of bytes that is a multiple of 1024 (``8589934592``); the Kubernetes spelling ``8Gi``
+        (which ``scratch_size_limit`` uses) is refused with a sentence. The description is what users see next
+        to the name.
         """,
     ).tag(config=True)
 
@@ -652,7 +343,9 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         help="""
         Hub-side path of a read-only mount of the storage root (Cavern), e.g. ``/cavern``: the hub reads datasets
         named by path from ``<storage_hub_path>/home/<user>/…`` and ``…/projects/<group>/…`` to resolve their CASA
-        version. Unset: datasets can only be named by ALMA identifier, unless ``dataset_reader`` is configured.
+        version. ``CASASpawner``'s default is unset: datasets can then only be named by ALMA identifier, unless
+        ``vospace_url`` or ``dataset_reader`` is configured. ``LocalCASASpawner``'s default is its
+        ``storage_root``.
         """,
     ).tag(config=True)
 
@@ -670,7 +363,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         None,
         allow_none=True,
         help="""
-        Object giving the hub read access to datasets named by path (``casaspawner.spawners.common.DatasetReader``:
+        Object giving the hub read access to datasets named by path (``casaspawner.spawners.storage.DatasetReader``:
         an async context manager ``open(path, identity)`` yielding a local directory), or a callable
         ``(spawner) -> reader``. Use it for storage reached through an API such as VOSpace. Default: a reader over
         ``storage_hub_path``.
@@ -776,7 +469,8 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         session is about to be stopped), e.g. ``http://hub:10101/services/casa-sessions/api/notices``. Sessions
         get it as ``CASASPAWNER_NOTICES_URL``, with ``CASASPAWNER_NOTICES_FILE``: the file in the home
         directory that shows the notices (``CASA-NOTICES.md``; ``CASA-NOTICES-<server>.md`` for a named
-        server). Empty (the default): no notices. ``casaspawner.services.hubconfig`` sets it.
+        server, with a short hash appended when the name has characters other than letters, digits, ``.``,
+        ``_`` and ``-``). Empty (the default): no notices. ``casaspawner.services.hubconfig`` sets it.
         """,
     ).tag(config=True)
 
@@ -793,7 +487,6 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         self.session_plan = None
         self._plan_for: dict[str, Any] | None = None
         self._access_token: str | None = None
-        self._blocked_for_form: list[str] = []
         self._casa_baseline: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)
 
@@ -821,9 +514,11 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         """``session_sizes`` checked and typed; a bad entry is a ``ConfigurationError`` naming it."""
         sizes: dict[str, Resources] = {}
         if not self.session_sizes:
-            raise ConfigurationError("CASASpawner.session_sizes is empty; give at least one session size")
+            raise ConfigurationError(
+                f"{self.option('session_sizes')} is empty; give at least one session size"
+            )
         for name, raw in self.session_sizes.items():
-            where = f"CASASpawner.session_sizes[{name!r}]"
+            where = f"{self.option('session_sizes')}[{name!r}]"
             if not isinstance(raw, Mapping) or set(raw) - _SIZE_KEYS:
                 raise ConfigurationError(f"{where} must be a mapping of {', '.join(sorted(_SIZE_KEYS))}")
             spec = cast(Mapping[str, Any], raw)
@@ -850,9 +545,34 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         sizes = self.size_resources()
         if self.default_size not in sizes:
             raise ConfigurationError(
-                f"CASASpawner.default_size is {self.default_size!r}, which is not one of CASASpawner.session_sizes "
-                f"({', '.join(sizes)})"
+                f"{self.option('default_size')} is {self.default_size!r}, which is not one of "
+                f"{self.option('session_sizes')} ({', '.join(sizes)})"
             )
+        for name, fields in self.template_fields.items():
+            _check_template(self.option(name), getattr(self, name), fields)
+        for name in (
+            "home_mount_template",
+            "project_mount_template",
+            "scratch_mount_path",
+            "measures_mount_path",
+        ):
+            if not getattr(self, name).startswith("/"):
+                raise ConfigurationError(
+                    f"{self.option(name)} is {getattr(self, name)!r}; a place in the session is an absolute path"
+                )
+        try:
+            re.compile(self.project_group_pattern)
+        except re.error as exc:
+            raise ConfigurationError(
+                f"{self.option('project_group_pattern')} is {self.project_group_pattern!r}, not a regular "
+                f"expression ({exc.msg})"
+            ) from None
+        for name, lowest in (("fallback_uid", 1), ("fallback_gid", 0)):
+            value = getattr(self, name)
+            if value is not None and not lowest <= value <= MAX_ID:
+                raise ConfigurationError(
+                    f"{self.option(name)} is {value}, not an id from {lowest} to {MAX_ID}"
+                )
         try:
             self.casa_catalog()
             self.plan_config()
@@ -860,6 +580,19 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             raise
         except CasaspawnerError as exc:  # catalog_path, label_prefix: the operator's, not the user's
             raise ConfigurationError(str(exc)) from None
+
+    #: The operator's templates → the fields each may use (``check_config`` formats every one).
+    template_fields: dict[str, tuple[str, ...]] = {
+        "image_template": ("registry", "tag", "casa", "pipeline", "id"),
+        "home_subpath_template": ("username",),
+        "home_mount_template": ("username",),
+        "project_subpath_template": ("group",),
+        "project_mount_template": ("group",),
+    }
+
+    def option(self, name: str) -> str:
+        """How error sentences name one of this spawner's options: ``LocalCASASpawner.session_sizes``."""
+        return f"{type(self).__name__}.{name}"
 
     def plan_config(self) -> PlanConfig:
         """The operator's choices as the plan sees them."""
@@ -876,18 +609,20 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
     # ------------------------------------------------------------------------------------------- the form
     @default("options_form")
     def _casa_options_form_default(self) -> Callable[[Spawner], Any]:
-        return _render_options_form
+        return render_spawn_form
 
-    def render_options_form(self, error: str = "") -> str:
+    def render_options_form(self, error: str = "", blocked: Collection[str] = ()) -> str:
         """The spawn form's HTML fragment (JupyterHub wraps it in its own ``<form>`` and Start button).
 
-        Blocked releases are left out of the override list: ``blocked_releases`` when it is a list, or what
-        its callable last answered (the async form renderer asks it first).
+        ``blocked``: release ids left out of the override list (:func:`render_spawn_form` asks
+        ``blocked_releases`` for them). A configuration problem is shown as the form's error.
         """
+        configured = True
         try:  # the form still renders, saying what is wrong
             self.check_config()
         except ConfigurationError as exc:
             error = error or str(exc)
+            configured = False
         try:
             available = self.casa_catalog().available()
         except CasaspawnerError:
@@ -903,7 +638,6 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             sizes = {}
         size = previous.get("size") if previous.get("size") in sizes else self.default_size
         interface = previous.get("interface") if previous.get("interface") in INTERFACES else "lab"
-        blocked = self._blocked_for_form if callable(self.blocked_releases) else list(self.blocked_releases)
         releases = [r for r in available if r.id not in blocked] if self.allow_release_override else []
         chosen = previous.get("release") if previous.get("release") in {r.id for r in releases} else None
         return _TEMPLATES.get_template("spawn_form.html").render(
@@ -918,7 +652,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             resolved=resolved,
             resolved_dataset=(last or {}).get("dataset", ""),
             can_read_paths=bool(self.storage_hub_path or self.vospace_url or self.dataset_reader),
-            home=self.form_home_hint(),
+            home=self.form_home_hint() if configured else "~",
             error=error,
         )
 
@@ -931,25 +665,25 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         return options_from_form
 
     # ------------------------------------------------------------------------------------- operator hooks
-    async def run_auth_state_hook(self, auth_state: Any) -> None:
-        """JupyterHub's ``auth_state_hook``; a hook that raises is one sentence naming it (traceback logged)."""
+    async def call_hook(self, name: str, hook: Callable[..., Any], *args: Any) -> Any:
+        """``hook(*args)`` (may be async), the operator's ``name``; if it raises, one sentence naming it, marked
+        as the hub's fault (the traceback goes to the hub's log). A ``SpawnException`` it raises stays as is."""
         try:
-            await super().run_auth_state_hook(auth_state)
+            return await maybe_future(hook(*args))
         except web.HTTPError:
             raise
         except Exception as exc:
-            self.log.exception("auth_state_hook failed for %s", self.user.name)
-            raise hook_failure("auth_state_hook", exc) from None
+            self.log.exception("%s failed for %s", name, self.user.name)
+            raise hook_failure(name, exc) from None
+
+    async def run_auth_state_hook(self, auth_state: Any) -> None:
+        await self.call_hook("auth_state_hook", super().run_auth_state_hook, auth_state)
+
+    async def apply_group_overrides(self) -> None:
+        await self.call_hook("group_overrides", super().apply_group_overrides)
 
     async def run_pre_spawn_hook(self) -> None:
-        """JupyterHub's ``pre_spawn_hook`` (may be async); a hook that raises is one sentence naming it."""
-        try:
-            await maybe_future(super().run_pre_spawn_hook())
-        except web.HTTPError:
-            raise
-        except Exception as exc:
-            self.log.exception("pre_spawn_hook failed for %s", self.user.name)
-            raise hook_failure("pre_spawn_hook", exc) from None
+        await self.call_hook("pre_spawn_hook", super().run_pre_spawn_hook)
 
     # --------------------------------------------------------------------------------------- validation
     @default("apply_user_options")
@@ -998,66 +732,51 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         auth_state = await self.user.get_auth_state() if self.user is not None else None
         name = self.user.name
         if self.identity_hook is not None:
-            found = await maybe_future(self.identity_hook(self, auth_state))
+            found = await self.call_hook("identity_hook", self.identity_hook, self, auth_state)
             if not isinstance(found, Mapping):
                 raise InvalidInput(f"The identity of {name} could not be determined.")
             uid, gid = found.get("uid"), found.get("gid")
             groups, gids = found.get("groups"), found.get("supplemental_gids")
         else:
-            uid = _dotted(auth_state, self.uid_claim)
-            gid = _dotted(auth_state, self.gid_claim)
-            groups = _dotted(auth_state, self.groups_claim)
-            gids = _dotted(auth_state, self.supplemental_gids_claim)
-        token = _dotted(auth_state, self.access_token_claim) if auth_state else None
+            uid = login_value(auth_state, self.uid_claim)
+            gid = login_value(auth_state, self.gid_claim)
+            groups = login_value(auth_state, self.groups_claim)
+            gids = login_value(auth_state, self.supplemental_gids_claim)
+        token = login_value(auth_state, self.access_token_claim) if auth_state else None
         self._access_token = token if isinstance(token, str) and token else None
-        uid_n = _as_int(uid, "uid", name)
-        gid_n = _as_int(gid, "gid", name)
-        if uid_n is None:
-            uid_n = _as_int(self.fallback_uid, "fallback uid", name)
-            if uid_n is None:
-                raise InvalidInput(
-                    f"The login of {name} carries no numeric user id, so no session can run as {name}; ask the hub's "
-                    "administrators."
-                )
-            if gid_n is None:
-                gid_n = _as_int(self.fallback_gid, "fallback gid", name)
-        if uid_n == 0:
-            raise InvalidInput(f"User {name} would run as uid 0; sessions never run as root.")
-        gid_n = uid_n if gid_n is None else gid_n
-        if groups is None:
-            groups = [group.name for group in getattr(self.user, "groups", [])]
-        if not isinstance(groups, list | tuple):
-            raise InvalidInput(f"The groups of {name} in the login data are not a list.")
-        pattern = re.compile(self.project_group_pattern)
-        names: list[str] = []
-        skipped: list[str] = []
-        for group in groups:
-            group_name = str(group).lstrip("/")
-            if not pattern.fullmatch(group_name) or group_name in names:
-                continue
-            (names if usable_group_name(group_name) else skipped).append(group_name)
+        identity, skipped = identity_from_login(
+            name,
+            uid=uid,
+            gid=gid,
+            groups=self.hub_group_names() if groups is None else groups,
+            supplemental_gids=gids,
+            group_pattern=self.project_group_pattern,
+            fallback_uid=self.fallback_uid,
+            fallback_gid=self.fallback_gid,
+            allow_root_group=self.allow_root_group,
+        )
+        self.log_skipped_groups(skipped)
+        return identity
+
+    def hub_group_names(self) -> list[str]:
+        """The names of the user's JupyterHub groups."""
+        return [group.name for group in getattr(self.user, "groups", [])]
+
+    def project_groups(self, names: list[str]) -> list[str]:
+        """The groups among ``names`` that get a project directory (``project_group_pattern``); the others
+        whose names cannot be directories are logged."""
+        usable, skipped = project_groups(names, self.project_group_pattern)
+        self.log_skipped_groups(skipped)
+        return usable
+
+    def log_skipped_groups(self, skipped: list[str]) -> None:
         if skipped:
             self.log.info(
                 "No project directories for %d of %s's groups, whose names cannot be directory names: %s",
                 len(skipped),
-                name,
+                self.user.name,
                 ", ".join(repr(g[:80]) for g in skipped[:10]),
             )
-        if not isinstance(gids or [], list | tuple):
-            raise InvalidInput(f"The group ids of {name} in the login data are not a list.")
-        supplemental = [g for g in (_as_int(g, "group id", name) for g in (gids or [])) if g is not None]
-        if not self.allow_root_group and 0 in (gid_n, *supplemental):
-            raise InvalidInput(
-                f"User {name} would run with gid 0 (the root group), which this hub does not allow; ask the hub's "
-                "administrators."
-            )
-        return Identity(
-            username=name,
-            uid=uid_n,
-            gid=gid_n,
-            groups=tuple(names),
-            supplemental_gids=tuple(supplemental),
-        )
 
     @property
     def access_token(self) -> str | None:
@@ -1090,48 +809,34 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         version then runs that release, marked as the user's choice (not exact); an identifier or path that does
         not lead to one dataset is still refused.
         """
+        try:
+            return await self._resolve(text, identity)
+        except VersionUnknown as exc:
+            if release is None:
+                raise
+            return self.chosen_release_resolution(text, release, exc.finding)
+
+    async def _resolve(self, text: str, identity: Identity) -> Resolution:
         catalog = self.casa_catalog()
         if looks_like_identifier(text):
-            archive = _FetchWatch(self.get_archive_client())
             with tempfile.TemporaryDirectory() as empty:  # never read a hub path named like an identifier
-                try:
-                    return await asyncio.to_thread(
-                        resolve_target,
-                        text,
-                        catalog,
-                        archive=archive if archive.client is not None else None,
-                        base=Path(empty),
-                    )
-                except ResolutionError as exc:
-                    if release is None or not archive.fetched:  # no manifest yet: not a dataset found
-                        raise
-                    return self.chosen_release_resolution(text, release, str(exc))
+                return await asyncio.to_thread(
+                    resolve_target, text, catalog, archive=self.get_archive_client(), base=Path(empty)
+                )
         reader = self.get_dataset_reader()
         if reader is None:
             raise InvalidInput(
                 f"{text[:80]!r} is not an ALMA identifier, and this hub cannot read datasets from your storage; "
                 "give the dataset's ALMA identifier."
             )
-        async with reader.open(text, identity) as path:
-            try:
-                try:
-                    return await asyncio.to_thread(resolve_path, path, catalog, label=text)
-                except ResolutionError as exc:
-                    if release is None:
-                        raise
-                    await asyncio.to_thread(
-                        find_mous, path
-                    )  # still no single dataset there: refused as it is
-                    return self.chosen_release_resolution(text, release, str(exc).replace(str(path), text))
-            except CasaspawnerError as exc:  # name the dataset as the user did, never by the hub's path
-                raise type(exc)(str(exc).replace(str(path), text)) from None
+        async with reader.open(text, identity) as path:  # errors name the dataset as the user did (label)
+            return await asyncio.to_thread(resolve_path, path, catalog, label=text)
 
     def chosen_release_resolution(self, dataset: str, release_id: str, finding: str) -> Resolution:
         """The user's own release for a dataset whose version could not be told (``finding`` says why)."""
         chosen = self.casa_catalog().get(release_id)
         if not chosen.available:
             raise InvalidInput(f"{chosen.label} has no public build to run; choose another release.")
-        finding = _CHOOSE_YOURSELF.sub("", " ".join(finding.split())).rstrip(" .;")
         return Resolution(
             dataset,
             Evidence("none", "", None, None),
@@ -1180,34 +885,46 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             blocked = await self.release_block_message(plan.release)
             if blocked:
                 raise spawn_error(blocked, reason="release-blocked")
-            self.apply_plan(plan)
+            self.adopt_plan(plan, options)
         except Exception as exc:
-            self.restore_configured_traits()  # nothing of a half-applied plan stays for the next attempt
-            self.session_plan = None
-            if isinstance(exc, web.HTTPError):
-                raise
-            if isinstance(exc, ConfigurationError):
-                raise spawn_error(str(exc), reason="config", status_code=500) from None
-            if isinstance(exc, CasaspawnerError):
-                raise spawn_error(str(exc), reason=type(exc).__name__) from None
-            self.log.exception("Preparing the CASA session of %s failed", self.user.name)
-            detail = " ".join(str(exc).split())[:160]
-            raise spawn_error(
-                f"The session could not be prepared because of a fault in the hub ({type(exc).__name__}: {detail}).",
-                reason="error",
-                status_code=500,
-            ) from None
+            raise self.refusal(exc) from None
+        self.log.info("CASA session for %s: %s (%s)", self.user.name, plan.summary, plan.reason)
+        return plan
+
+    def adopt_plan(self, plan: SessionPlan, options: Mapping[str, Any]) -> None:
+        """Make ``plan`` this spawner's session: its traits, ``user_options`` (the request's ``options`` with
+        the plan's summary; the admin page and the next spawn see them too), the recent datasets and the
+        resolution the form preselects."""
+        self.apply_plan(plan)
         self.session_plan = plan
         self.user_options = {**options, **self.options_summary(plan)}
         self._plan_for = dict(self.user_options)
         orm_spawner = getattr(self, "orm_spawner", None)
-        if orm_spawner is not None:  # the admin page and the next spawn see the summary too
+        if orm_spawner is not None:
             orm_spawner.user_options = dict(self.user_options)
         self.remember_dataset(plan.options.dataset)
-        if plan.resolution.evidence.kind != "none":  # the form preselects what the dataset resolved to
+        if plan.resolution.evidence.kind != "none":
             self.last_resolution = {"dataset": plan.resolution.dataset, "release": plan.resolution.release.id}
-        self.log.info("CASA session for %s: %s (%s)", self.user.name, plan.summary, plan.reason)
-        return plan
+
+    def refusal(self, exc: Exception) -> web.HTTPError:
+        """What preparing a session that raised ``exc`` ends with: one sentence (400 for the user's choices,
+        500 for the hub's configuration or a fault, whose traceback is logged); nothing of the plan stays."""
+        self.restore_configured_traits()
+        self.session_plan = None
+        if isinstance(exc, web.HTTPError):
+            return exc
+        if isinstance(exc, ConfigurationError):
+            return spawn_error(str(exc), reason="config", status_code=500)
+        if isinstance(exc, CasaspawnerError):
+            return spawn_error(str(exc), reason=type(exc).__name__)
+        self.log.error("Preparing the CASA session of %s failed", self.user.name, exc_info=exc)
+        said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # no hub paths
+        detail = " ".join(said.split())[:160]
+        return spawn_error(
+            f"The session could not be prepared because of a fault in the hub ({type(exc).__name__}: {detail}).",
+            reason="error",
+            status_code=500,
+        )
 
     def options_summary(self, plan: SessionPlan) -> dict[str, str]:
         """Small, readable ``user_options`` entries; ``profile`` is the admin page's Profile column."""
@@ -1238,13 +955,24 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
         self.restore_configured_traits()
         self._casa_baseline = {name: copy.deepcopy(getattr(self, name)) for name in self.plan_traits}
         self.default_url = plan.default_url
+        self.merge_session_environment(plan)
+
+    def merge_session_environment(self, plan: SessionPlan) -> None:
+        """The session's variables (the plan's and the notices') into ``environment``, over what is there."""
         self.environment = {**self.environment, **plan.environment, **self.notices_environment(plan)}
 
     def notices_environment(self, plan: SessionPlan) -> dict[str, str]:
-        """The session's notice source and notice file (nothing when ``notices_url`` is empty)."""
+        """The session's notice source and notice file (nothing when ``notices_url`` is empty).
+
+        Each server name has its own file: a name with characters other than letters, digits, ``.``, ``_``
+        and ``-`` has them replaced by ``-`` and a short hash of the name appended (``a b`` is not ``a-b``).
+        """
         if not self.notices_url:
             return {}
-        server = re.sub(r"[^A-Za-z0-9._-]", "-", self.name or "")
+        name = self.name or ""
+        server = re.sub(r"[^A-Za-z0-9._-]", "-", name)
+        if server != name:
+            server += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
         file = f"CASA-NOTICES-{server}.md" if server else "CASA-NOTICES.md"
         return {
             "CASASPAWNER_NOTICES_URL": self.notices_url,
@@ -1334,12 +1062,14 @@ def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, Any]:
     return options
 
 
-async def _render_options_form(spawner: CASASessionMixin) -> str:
+async def render_spawn_form(spawner: CASASessionMixin) -> str:
+    """``options_form`` of both spawners: the form, without the releases ``blocked_releases`` blocks now."""
+    blocked: list[str] = []
     try:
-        spawner._blocked_for_form = list(await spawner.blocked_release_messages())
+        blocked = list(await spawner.blocked_release_messages())
     except Exception:  # a failing drain service must not take the form down; starting checks again
         spawner.log.exception("blocked_releases failed while rendering the form")
-    return spawner.render_options_form()
+    return spawner.render_options_form(blocked=blocked)
 
 
 async def _apply_user_options(spawner: CASASessionMixin, user_options: dict[str, Any]) -> None:

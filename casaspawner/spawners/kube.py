@@ -18,13 +18,12 @@ import aiohttp
 from jupyterhub.utils import exponential_backoff, maybe_future
 from kubernetes_asyncio.client.rest import ApiException
 from kubespawner import KubeSpawner
-from tornado import web
 from traitlets import Bool, Dict, Unicode, default, validate
 
 from casaspawner.errors import InvalidInput
 from casaspawner.plan import SessionPlan
 from casaspawner.spawners import kube_objects
-from casaspawner.spawners.common import CASASessionMixin, ConfigurationError, hook_failure, spawn_error
+from casaspawner.spawners.common import CASASessionMixin, ConfigurationError, spawn_error
 
 #: Placeholder owner uid in dry-run Secrets (the real one exists only once the pod does).
 DRY_RUN_OWNER_UID = "00000000-0000-0000-0000-000000000000"
@@ -48,7 +47,7 @@ class _AfterPodCreated:
     async def __call__(self, spawner: CASASpawner, pod: dict[str, Any]) -> None:
         await spawner.create_token_secret(pod)
         if self.user_hook is not None:
-            await maybe_future(self.user_hook(spawner, pod))
+            await spawner.call_hook("after_pod_created_hook", self.user_hook, spawner, pod)
 
 
 class _ModifyPod:
@@ -60,13 +59,7 @@ class _ModifyPod:
 
     async def __call__(self, spawner: CASASpawner, pod: Any) -> Any:
         if self.user_hook is not None:
-            try:
-                pod = await maybe_future(self.user_hook(spawner, pod))
-            except web.HTTPError:
-                raise
-            except Exception as exc:
-                spawner.log.exception("modify_pod_hook failed for %s", spawner.user.name)
-                raise hook_failure("modify_pod_hook", exc) from None
+            pod = await spawner.call_hook("modify_pod_hook", self.user_hook, spawner, pod)
             if pod is None:
                 raise spawn_error(
                     "The hub's configured modify_pod_hook returned nothing instead of the pod.", "hook", 500
@@ -193,7 +186,7 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             value = getattr(self, name)
             if not kube_objects.quantity_bytes(value):
                 raise ConfigurationError(
-                    f"CASASpawner.{name} is {value!r}, not a Kubernetes quantity of bytes such as '20Gi'"
+                    f"{self.option(name)} is {value!r}, not a Kubernetes quantity of bytes such as '20Gi'"
                 )
         try:
             for what, source in (("storage", self.storage_volume), ("measures data", self.measures_volume)):
@@ -236,7 +229,7 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         fields = kube_objects.session_fields(
             plan,
             self.pod_settings(),
-            environment=self.environment,
+            environment=self.environment,  # the session's variables already merged in (merge_session_environment)
             volumes=self.volumes,
             volume_mounts=self.volume_mounts,
             extra_labels=self.extra_labels,
@@ -260,6 +253,7 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             await super().load_user_options()
         finally:
             self.user_options = options
+        self.merge_session_environment(plan)  # over a profile's environment
         self._set_session_fields(plan)
 
     async def dry_run_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -269,10 +263,7 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         is no authenticator), nor anything after the pod exists (``after_pod_created_hook`` beyond the token
         Secret, internal SSL)."""
         await self.run_auth_state_hook(await self.user.get_auth_state())
-        try:
-            await self.apply_group_overrides()
-        except Exception as exc:
-            raise hook_failure("group_overrides", exc) from None
+        await self.apply_group_overrides()
         await self._run_apply_user_options(self.user_options)
         await self.run_pre_spawn_hook()
         return await self.session_manifests()

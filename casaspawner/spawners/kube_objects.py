@@ -245,12 +245,15 @@ def session_fields(
 ) -> dict[str, Any]:
     """The KubeSpawner trait values for ``plan``; dict traits are merged into the given current values.
 
+    ``environment`` is the spawner's, with the session's variables already in it (the spawner merges
+    ``plan.environment`` in one place); only the token file's variable is added here.
+
     The container's ``ephemeral-storage`` limit is scratch + ``/tmp`` (Kubernetes then requests as much, so the
     scheduler only picks a node with that much local disk free), unless the operator set one already.
     """
     pod_sc, container_sc = security_contexts(plan.identity)
     vols, mnts = session_volumes(plan, settings)
-    env = {**(environment or {}), **plan.environment}
+    env = dict(environment or {})
     if settings.token_secret_name:
         env["CASASPAWNER_TOKEN_FILE"] = f"{settings.token_mount_dir.rstrip('/')}/{TOKEN_FILE}"
     resources = plan.resources

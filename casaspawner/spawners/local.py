@@ -24,12 +24,13 @@ import re
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from importlib.metadata import version
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from tornado import web
 from traitlets import Bool, Integer, List, Unicode, default
 
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
@@ -42,9 +43,8 @@ from casaspawner.plan import (
     StorageLayout,
     Substitution,
     make_plan,
-    usable_group_name,
 )
-from casaspawner.spawners.common import CASASessionMixin, spawn_error
+from casaspawner.spawners.common import CASASessionMixin, render_spawn_form, spawn_error
 
 #: What the sessions' Jupyter environment needs (pinned to the hub's own versions when it is built).
 UI_PACKAGES = ("jupyterhub", "jupyterlab", "jupyter-remote-desktop-proxy", "jupyter-server-proxy")
@@ -173,7 +173,7 @@ def _signal(pid: int, sig: int) -> bool:
 
 
 async def _render_local_options_form(spawner: LocalCASASpawner) -> str:
-    return spawner.render_options_form() + await spawner.resolution_preview()
+    return await render_spawn_form(spawner) + await spawner.resolution_preview()
 
 
 class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[misc]
@@ -391,15 +391,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
 
     async def session_identity(self) -> Identity:
         """A local account when the hub is root, else the hub's own user; groups are the hub groups."""
-        pattern = re.compile(self.project_group_pattern)
-        names = [g.name for g in getattr(self.user, "groups", []) if pattern.fullmatch(g.name)]
-        groups = tuple(n for n in names if usable_group_name(n))
-        if len(groups) < len(names):
-            self.log.info(
-                "No project directories for %s's groups whose names cannot be directory names: %s",
-                self.user.name,
-                ", ".join(repr(n[:80]) for n in names if n not in groups),
-            )
+        groups = tuple(self.project_groups(self.hub_group_names()))
         home = self.home_mount_template.format(username=self.user.name)
         if _running_as_root():
             account = await asyncio.to_thread(self._ensure_account, home)
@@ -448,15 +440,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 self.plan_config(),
                 Substitution(nearest, why),
             )
-        except CasaspawnerError as exc:
-            raise spawn_error(str(exc)) from None
-        self.session_plan = plan
-        self.apply_plan(plan)
-        self.user_options = {**self.user_options, **self.options_summary(plan)}
-        self._plan_for = dict(self.user_options)
-        orm_spawner = getattr(self, "orm_spawner", None)
-        if orm_spawner is not None:
-            orm_spawner.user_options = dict(self.user_options)
+            self.adopt_plan(plan, self.user_options)
+        except Exception as exc:
+            raise self.refusal(exc) from None
         self.log.warning("Approximate CASA session for %s: %s", self.user.name, plan.reason)
         return plan
 
@@ -467,7 +453,6 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         self.environment = {
             **self.environment,
             "SCRATCH": str(scratch),
-            "CASASPAWNER_REASON": plan.reason,
             "CASASPAWNER_DESKTOP_DIR": str(self.desktop_dir()),
         }
 
@@ -477,26 +462,31 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
 
     async def resolution_preview(self) -> str:
         """For a returning user: the last dataset, the build it resolves to and why, and whether this machine
-        can install that build (or will run an approximation). Empty when there is nothing to show."""
+        can install that build (or will run an approximation). Empty when there is nothing to show; never raises
+        (the hub keeps a failed spawn's options, and the form must still render)."""
         dataset = (self.user_options or {}).get("dataset")
         if not isinstance(dataset, str) or not dataset.strip():
             return ""
         try:
             resolution = await self.resolve_dataset(dataset, await self.session_identity())
-        except CasaspawnerError:
+            problem = await asyncio.to_thread(
+                self.environment_manager().unavailable_reason, resolution.release
+            )
+        except (CasaspawnerError, web.HTTPError):
             return ""  # the form's own validation will say what is wrong when it is submitted
+        except Exception:
+            self.log.exception("Previewing the resolution of %r for %s failed", dataset[:80], self.user.name)
+            return ""
         exactness = "the exact build" if resolution.exact else "not the exact build"
         text = f"{dataset}: {resolution.release.label}, {exactness}. {resolution.reason}"
-        manager = self.environment_manager()
-        problem = await asyncio.to_thread(manager.unavailable_reason, resolution.release)
         if problem and self.allow_approximate:
             text += f" {problem} The session will run the nearest installable release, marked approximate."
         elif problem:
             text += f" {problem}"
         return f'<p class="casa-help" id="casa-resolved" role="status">{html.escape(text)}</p>\n'
 
-    def render_options_form(self, error: str = "") -> str:
-        form = super().render_options_form(error)
+    def render_options_form(self, error: str = "", blocked: Collection[str] = ()) -> str:
+        form = super().render_options_form(error, blocked)
         if self.allow_approximate:
             note = (
                 "This hub installs CASA from public wheels and tarballs. When the exact build for your dataset "
@@ -521,13 +511,12 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         local group, setgid ``2770``); never through a link."""
         prepare_owned_dir(Path(plan.home), uid, gid, 0o750)
         prepare_owned_dir(Path(self.environment["SCRATCH"]), uid, gid, 0o700)
-        groups = dict(zip(plan.identity.groups, plan.identity.supplemental_gids, strict=False))
+        gids = dict(zip(plan.identity.groups, plan.identity.supplemental_gids, strict=False))
         for mount in plan.mounts:
-            if not mount.name.startswith("project-"):
+            if mount.group is None:
                 continue
-            group = next((g for g in groups if f"project-{g.lower()}" == mount.name), None)
-            if _running_as_root() and group is not None:
-                prepare_owned_dir(Path(mount.path), 0, groups[group], 0o2770)
+            if _running_as_root() and mount.group in gids:
+                prepare_owned_dir(Path(mount.path), 0, gids[mount.group], 0o2770)
             else:
                 prepare_owned_dir(Path(mount.path), uid, gid, 0o770)
 

@@ -14,12 +14,8 @@ from kube_support import FakeUser, auth_state
 from pss import restricted_violations
 
 from casaspawner.plan import Identity, StorageLayout
-from casaspawner.spawners.common import (
-    SpawnException,
-    StorageRoot,
-    locate_in_storage,
-    options_from_form,
-)
+from casaspawner.spawners.common import SpawnException, options_from_form
+from casaspawner.spawners.storage import StorageRoot, locate_in_storage
 
 
 def sentence(exc: pytest.ExceptionInfo) -> str:
@@ -66,6 +62,15 @@ async def test_bad_options_are_one_sentence(make_spawner, options, expected):
     assert spawner.session_plan is None
 
 
+async def test_a_path_the_hub_cannot_open_is_the_users_one_sentence(make_spawner, storage):
+    message = await refused(make_spawner(), {"dataset": "a" * 300})
+    assert message.endswith(
+        "(300 characters)' cannot be opened (File name too long); give an ALMA dataset directory or an ALMA "
+        "identifier."
+    )
+    assert str(storage) not in message
+
+
 async def test_resolution_failure_is_one_sentence(make_spawner, storage):
     dataset = dataset_in(storage, "alice", "no-evidence")
     message = await refused(make_spawner(), {"dataset": dataset})
@@ -100,8 +105,12 @@ async def test_identity_rules(make_spawner, storage):
     assert (plan.identity.uid, plan.identity.gid, plan.identity.groups) == (4242, 4242, ("proja",))
     assert fallback.access_token is None and fallback.token_secret_name is None
 
-    zero_fallback = make_spawner(FakeUser(auth_state=None), fallback_uid=0)
-    assert "never run as root" in await refused(zero_fallback, dataset)
+    zero_fallback = make_spawner(FakeUser(auth_state=None), fallback_uid=0)  # the operator's: the hub's fault
+    with pytest.raises(SpawnException) as info:
+        await zero_fallback._run_apply_user_options(dataset)
+    assert info.value.status_code == 500 and info.value.jupyterhub_message == (
+        "The hub's configuration is invalid: CASASpawner.fallback_uid is 0, not an id from 1 to 4294967294."
+    )
 
 
 async def test_identity_claims_and_hook(make_spawner, storage):
@@ -293,6 +302,73 @@ async def test_no_leftovers_between_sessions(make_spawner, storage):
     assert env["CASASPAWNER_PIPELINE"] == "2020.1.0.40" and "CASASPAWNER_TOKEN_FILE" not in env
     assert secret is None and "casa-token" not in {v["name"] for v in pod["spec"]["volumes"]}
     assert spawner.default_url == "/lab"
+
+
+async def test_groups_differing_only_in_case_are_both_mounted(make_spawner, storage):
+    """'Proj' and 'proj' are two project directories: both reach the pod (and the plan names them apart)."""
+    spawner = make_spawner(FakeUser(auth_state=auth_state(groups=("Proj", "proj"))))
+    plan = await spawner.prepare_session({"dataset": dataset_in(storage, "alice", "cycle10")})
+    projects = [m for m in plan.mounts if m.group is not None]
+    assert [(m.group, m.path) for m in projects] == [
+        ("Proj", "/arc/projects/Proj"),
+        ("proj", "/arc/projects/proj"),
+    ]
+    assert len({m.name for m in plan.mounts}) == len(plan.mounts)
+    pod, _ = await spawner.session_manifests()
+    mounts = {m["mountPath"]: m.get("subPath") for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["/arc/projects/Proj"] == "projects/Proj" and mounts["/arc/projects/proj"] == "projects/proj"
+
+
+async def test_session_environment(make_spawner, storage):
+    """The reason reaches pods as it reaches local sessions; a profile's variables stay, the plan's win."""
+    profile_list = [
+        {"display_name": "Default", "slug": "default",
+         "kubespawner_override": {"environment": {"SITE": "east", "CASASPAWNER_RELEASE": "from-profile"}}}
+    ]  # fmt: skip
+    spawner = make_spawner(profile_list=profile_list, environment={"OPERATOR": "1"})
+    await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
+    pod, _ = await spawner.session_manifests()
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["CASASPAWNER_REASON"] == spawner.session_plan.reason and env["CASASPAWNER_REASON"].endswith(
+        "."
+    )
+    assert (env["SITE"], env["OPERATOR"], env["CASASPAWNER_RELEASE"]) == ("east", "1", "pl-2023.1.0.124")
+
+
+async def test_every_server_has_its_own_notice_file(make_spawner, storage):
+    from jupyterhub import orm
+
+    files = {}
+    for server in ("", "m87", "a-b", "a b", "a_b", "a/b", "a.b", "a+b"):
+        spawner = make_spawner(
+            notices_url="http://127.0.0.1:10101/services/casa-sessions/api/notices",
+            orm_spawner=orm.Spawner(name=server),
+        )
+        await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
+        path = spawner.environment["CASASPAWNER_NOTICES_FILE"]
+        assert path.startswith("/arc/home/alice/CASA-NOTICES") and "/" not in path[len("/arc/home/alice/") :]
+        files[server] = path[len("/arc/home/alice/") :]
+    assert len(set(files.values())) == len(files), files  # no two servers share a file
+    assert (files[""], files["m87"], files["a-b"], files["a_b"], files["a.b"]) == (
+        "CASA-NOTICES.md", "CASA-NOTICES-m87.md", "CASA-NOTICES-a-b.md", "CASA-NOTICES-a_b.md", "CASA-NOTICES-a.b.md"
+    )  # fmt: skip
+    for server in ("a b", "a/b", "a+b"):  # changed names say so with a hash of the real one
+        assert re.fullmatch(r"CASA-NOTICES-a-b-[0-9a-f]{8}\.md", files[server]), files[server]
+
+
+async def test_memory_as_kubespawner_takes_it(make_spawner, storage):
+    sizes = {"s": {"mem_guarantee": 2 * 2**30, "mem_limit": 8 * 2**30, "description": "bytes"},
+             "t": {"mem_limit": "1.5G"}, "u": {"mem_limit": 3 * 2**20 + 2**10}}  # fmt: skip
+    spawner = make_spawner(session_sizes=sizes, default_size="s")
+    assert {n: (r.mem_guarantee, r.mem_limit) for n, r in spawner.size_resources().items()} == {
+        "s": ("2G", "8G"),
+        "t": ("", "1.5G"),
+        "u": ("", "3073K"),
+    }
+    await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
+    pod, _ = await spawner.session_manifests()
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert (resources["limits"]["memory"], resources["requests"]["memory"]) == (8 * 2**30, 2 * 2**30)
 
 
 async def test_release_override_is_marked(make_spawner, storage, catalog):
@@ -627,7 +703,30 @@ async def test_links_out_of_the_users_storage_are_refused(make_spawner, linked_s
         ({"session_sizes": {"s": {"mem_limit": "lots"}}, "default_size": "s"},
          "CASASpawner.session_sizes['s']['mem_limit'] is 'lots', not an amount of memory (a number with K, M, G "
          "or T, such as '8G')."),
-        ({"session_sizes": {"s": {"mem_limit": "8Gi"}}, "default_size": "s"}, "is '8Gi', not an amount of memory"),
+        ({"session_sizes": {"s": {"mem_limit": "8Gi"}}, "default_size": "s"},
+         "CASASpawner.session_sizes['s']['mem_limit'] is '8Gi', the Kubernetes spelling; session memory is written "
+         "as JupyterHub writes it, '8G' (its units are of 1024)."),
+        ({"session_sizes": {"s": {"mem_limit": 10**9}}, "default_size": "s"},
+         "CASASpawner.session_sizes['s']['mem_limit'] is 1000000000, not a positive number of bytes that is a "
+         "multiple of 1024"),
+        ({"image_template": "{registry}/{nope}"},
+         "CASASpawner.image_template is '{registry}/{nope}', which uses {nope}; its fields are {registry}, {tag}, "
+         "{casa}, {pipeline}, {id}."),
+        ({"home_subpath_template": "home/{user}"},
+         "CASASpawner.home_subpath_template is 'home/{user}', which uses {user}; its fields are {username}."),
+        ({"home_mount_template": "/arc/home/{user}"},
+         "CASASpawner.home_mount_template is '/arc/home/{user}', which uses {user}; its fields are {username}."),
+        ({"project_mount_template": "/arc/projects/{group"},
+         "CASASpawner.project_mount_template is '/arc/projects/{group', not a template (write {{ and }} for "
+         "braces); its fields are {group}."),
+        ({"project_subpath_template": "projects/{0}"},
+         "CASASpawner.project_subpath_template is 'projects/{0}', which uses {0}; its fields are {group}."),
+        ({"project_group_pattern": "proj-("},
+         "CASASpawner.project_group_pattern is 'proj-(', not a regular expression (missing ), unterminated "
+         "subpattern)."),
+        ({"scratch_mount_path": "scratch"},
+         "CASASpawner.scratch_mount_path is 'scratch'; a place in the session is an absolute path."),
+        ({"fallback_gid": 2**32}, "CASASpawner.fallback_gid is 4294967296, not an id from 0 to 4294967294."),
         ({"session_sizes": {"s": {"cpu_guarantee": 4, "cpu_limit": 2}}, "default_size": "s"},
          "CASASpawner.session_sizes['s'] guarantees more CPU than its cpu_limit."),
         ({"session_sizes": {"s": {"cpus": 2}}, "default_size": "s"}, "CASASpawner.session_sizes['s'] must be a"),
@@ -681,6 +780,28 @@ async def test_operator_hooks_that_raise_are_one_sentence(make_spawner, storage)
     await spawner._run_apply_user_options(dict(dataset))
     with pytest.raises(SpawnException, match="modify_pod_hook returned nothing"):
         await spawner.session_manifests()
+
+    def no_uid(spawner, auth_state):
+        return {"gid": auth_state["oauth_user"]["uidNumber"]}
+
+    spawner = make_spawner(identity_hook=no_uid)
+    with pytest.raises(SpawnException) as info:
+        await spawner._run_apply_user_options(dict(dataset))
+    assert info.value.status_code == 500
+    assert (
+        info.value.jupyterhub_message == "The hub's configured identity_hook failed (KeyError: 'uidNumber')."
+    )
+    spawner = make_spawner(group_overrides=broken)
+    with pytest.raises(SpawnException) as info:
+        await spawner.apply_group_overrides()  # as JupyterHub calls it before apply_user_options
+    assert info.value.status_code == 500 and info.value.jupyterhub_message == (
+        "The hub's configured group_overrides failed (ZeroDivisionError: division by zero)."
+    )
+    spawner = make_spawner(after_pod_created_hook=broken)
+    pod = {"metadata": {"name": "jupyter-alice", "uid": "u-1"}}
+    spawner._access_token = None  # no token Secret to create: the operator's hook runs at once
+    with pytest.raises(SpawnException, match=r"configured after_pod_created_hook failed \(ZeroDivisionError"):
+        await spawner.after_pod_created_hook(spawner, pod)
 
 
 async def test_a_hub_fault_while_planning_is_one_sentence(make_spawner, storage, caplog):

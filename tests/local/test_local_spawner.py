@@ -121,6 +121,37 @@ def test_no_sizes_are_offered_because_none_are_enforced(storage: Path, demo_rele
     assert 'id="casa-size"' in several.render_options_form()
 
 
+def test_the_local_form_leaves_out_drained_releases(storage: Path) -> None:
+    """The same form renderer as for pods: what the drain service blocks now is not offered."""
+
+    async def drain(spawner: Any) -> dict[str, str]:
+        return {"casa-6.7.0-31": "being replaced"}
+
+    for blocked in (drain, ["casa-6.7.0-31"]):
+        local = spawner(storage, blocked_releases=blocked)
+        form = asyncio.run(local.options_form(local))
+        assert 'value="casa-6.7.0-31"' not in form and 'value="casa-6.6.5-31"' in form, blocked
+
+
+def test_the_form_renders_after_any_failed_spawn(storage: Path) -> None:
+    """JupyterHub keeps a failed spawn's options; a later form shows no preview for them, never a traceback."""
+    local = spawner(storage)
+    for dataset in ("a" * 300, "~/nothing-here", "/etc"):
+        local.user_options = {"dataset": dataset}
+        form = asyncio.run(local.options_form(local))
+        assert 'name="dataset"' in form and 'id="casa-resolved"' not in form, dataset
+
+
+def test_configuration_errors_name_this_spawner(storage: Path) -> None:
+    local = spawner(storage, default_size="huge")
+    with pytest.raises(Exception) as caught:
+        asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S"}))
+    assert caught.value.jupyterhub_message == (  # type: ignore[attr-defined]
+        "The hub's configuration is invalid: LocalCASASpawner.default_size is 'huge', which is not one of "
+        "LocalCASASpawner.session_sizes (machine)."
+    )
+
+
 def test_the_form_names_the_home_as_the_session_sees_it(storage: Path) -> None:
     form = spawner(storage).render_options_form()
     assert "<code>~/data/2019.1.00001.S</code>" in form and str(storage) not in form

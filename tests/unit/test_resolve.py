@@ -13,7 +13,7 @@ from casaspawner.catalog import Catalog, normalize_casa, normalize_pipeline
 from casaspawner.datasets.evidence import read_weblog
 from casaspawner.datasets.resolve import read_evidence, resolve_path, resolve_target
 from casaspawner.datasets.synth import ERAS, DatasetSpec, write_dataset
-from casaspawner.errors import InvalidInput, ResolutionError
+from casaspawner.errors import InvalidInput, ResolutionError, VersionUnknown
 
 # era -> (release id the session runs, exact?, evidence kind, processed_with casa, processed_with pipeline)
 EXPECTED = {
@@ -68,6 +68,32 @@ def test_no_evidence_is_a_clear_error(tmp_path: Path, catalog: Catalog) -> None:
     write_dataset(tmp_path, "no-evidence")
     with pytest.raises(ResolutionError, match="Nothing in .* tells which CASA version processed it"):
         resolve_path(tmp_path, catalog)
+
+
+def test_a_dataset_without_a_usable_version_says_so_apart_from_the_advice(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    """VersionUnknown: one dataset was found; the finding and what to do are separate (a spawner replaces the
+    advice with the user's own choice). Datasets that are not one dataset are plain ResolutionErrors."""
+    write_dataset(tmp_path / "none", "no-evidence")
+    planned = write_dataset(tmp_path / "planned", spec=DatasetSpec(casa="6.7.4.4", pipeline="2026.2.0.12"))
+    old = write_dataset(
+        tmp_path / "old", spec=DatasetSpec(casa="2.9.0", pipeline=None, evidence=("casalog",))
+    )
+    for path, finding, advice in (
+        (tmp_path / "none", "Nothing in none tells which CASA version processed it (no pipeline manifest, AQUA "
+         "report, weblog, calibration script or CASA log)", "choose a CASA release yourself"),
+        (planned, "is a planned release with no public build yet", "choose a release yourself"),
+        (old, "but the catalog has no public build of CASA 2.9", "choose a release yourself"),
+    ):  # fmt: skip
+        with pytest.raises(VersionUnknown) as info:
+            resolve_path(path, catalog, label=path.name)
+        assert info.value.finding.endswith(finding) and info.value.advice == advice
+        assert str(info.value) == f"{info.value.finding}; {advice}."
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResolutionError) as not_one:
+        resolve_path(tmp_path / "empty", catalog)
+    assert not isinstance(not_one.value, VersionUnknown)
 
 
 def test_evidence_order_manifest_beats_weblog_and_log(tmp_path: Path, catalog: Catalog) -> None:
