@@ -4,6 +4,7 @@ docker's CLI may exist here but no docker engine does, so its command line is ch
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,7 @@ from casaspawner import __version__, tarballs
 from casaspawner.catalog import Catalog
 from casaspawner.environments.build import EnvironmentManager
 from casaspawner.images import engine
-from casaspawner.images.cli import buildable
+from casaspawner.images.cli import buildable, constraint_sources, selected_recipes
 from casaspawner.images.matrix import ImageBuildError, MatrixOptions, build_matrix, release_recipe
 
 STANDIN = "pl-2024.1.0.8"
@@ -230,6 +231,27 @@ def test_build_all_says_what_it_skips(catalog: Catalog, capsys: pytest.CaptureFi
     assert [r.name for r in kept] == ["session-base", "session", "casa-6.7.0-31"]
     out = capsys.readouterr().out
     assert out.startswith("skipping casa-6.6.5-31: casatools 6.6.5.31 has no wheel for Python 3.12")
+
+
+def test_the_cli_picks_recipes_by_kind_not_by_position(
+    catalog: Catalog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = ["casa-6.6.5-31", "pl-r42866", "pl-2024.1.0.8"]
+    shuffled = build_matrix(catalog, MatrixOptions(), ids)[::-1]  # the releases first, the session base last
+    one = argparse.Namespace(session=False, release=["pl-2024.1.0.8"], all=False)
+    names = [r.name for r in selected_recipes(one, shuffled, base=True)]
+    assert names == ["session-base", "session", "pl-2024.1.0.8"]
+    assert [r.name for r in selected_recipes(one, shuffled)] == ["session", "pl-2024.1.0.8"]
+    every = argparse.Namespace(session=False, release=None, all=True)
+    assert [r.name for r in selected_recipes(every, shuffled)] == ["session", *ids[::-1]]
+    # The session's pins are read from the session base (its venv is made there), each release's from its own
+    # image; CASA 5 (no Python 3) has nothing to pin.
+    both = argparse.Namespace(session=True, release=ids[:2], all=False)
+    assert [r.name for r in constraint_sources(both, shuffled)] == ["session-base", "casa-6.6.5-31"]
+    assert (
+        capsys.readouterr().out
+        == "pl-r42866: nothing to pin (CASA 5.6.1-8 has no Python 3, so pip installs nothing)\n"
+    )
 
 
 # ---------------------------------------------------------------------------- tarball checksums on 127.0.0.1
