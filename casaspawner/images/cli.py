@@ -346,6 +346,26 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def notices_problems(ext: dict[str, str]) -> list[str]:
+    """What is wrong with casaspawner's notices in an image, from :func:`smoke.server_extensions`: the
+    extension must import, the wheel's jupyter_server_config.d file (the only thing that enables it) must be
+    there and in effect, and the JupyterLab extension must be installed and valid."""
+    notices, lab = smoke.NOTICES_EXTENSION, smoke.NOTICES_LABEXTENSION
+    problems = []
+    if ext.get(f"{notices} (import)") != "ok":
+        problems.append(f"{notices} does not import in the session environment")
+    if not ext.get(f"{notices} (config)"):
+        problems.append(f"no jupyter_server_config.d file of the session environment enables {notices}")
+    if ext.get(notices) != "enabled":
+        problems.append(f"jupyter server extension list does not show {notices} enabled")
+    if not ext.get(f"{lab} (path)"):
+        problems.append(f"the JupyterLab extension {lab} is not in /opt/session/share/jupyter/labextensions")
+    if ext.get(f"{lab} (labextension)") != "enabled OK":
+        state = ext.get(f"{lab} (labextension)") or "not listed"
+        problems.append(f"jupyter labextension list does not show {lab} enabled and OK ({state})")
+    return problems
+
+
 def check_image(
     tools: engine.Tools, recipe: Recipe, measures: Path | None
 ) -> tuple[dict[str, object], list[str]]:
@@ -366,11 +386,7 @@ def check_image(
     if not desk["xstartup"]:
         problems.append(f"the desktop start script {xstartup} is missing")
     observed["server_extensions"] = ext = smoke.server_extensions(tools, recipe.image, session)
-    notices = smoke.NOTICES_EXTENSION
-    if ext.get(f"{notices} (import)") != "ok":
-        problems.append(f"{notices} does not import in the session environment")
-    if ext.get(f"{notices} (config)") and ext.get(notices) != "enabled":
-        problems.append(f"{notices} has a jupyter_server_config.d file but is not enabled: {ext}")
+    problems += notices_problems(ext)
     observed["vnc"] = greeting = smoke.vnc_greeting(tools, recipe.image, session)
     if not greeting.startswith("RFB "):
         problems.append(f"TigerVNC did not answer on its Unix socket: {greeting[-300:]}")
