@@ -393,6 +393,7 @@ def check_image(
     specs = smoke.kernelspecs(tools, recipe.image, session)
     with smoke.jupyter_server(tools, recipe.image, session) as (url, token):
         observed["jupyter"] = smoke.get_json(f"{url}/api/status", token)
+        observed["default_kernel"] = smoke.get_json(f"{url}/api/kernelspecs", token).get("default")
         observed["desktop_page"] = smoke.get_status(f"{url}/desktop/", token)
         observed["desktop_vnc"] = smoke.desktop_greeting(url, token)
     if observed["desktop_page"] != 200:
@@ -406,13 +407,16 @@ def check_image(
         kernel = names.get(release.kernel_name)
         if kernel is None:
             problems.append(f"no kernel named {release.kernel_name!r} (found {sorted(names)})")
-        elif measures is None:
-            problems.append("no --measures given, so the CASA kernel and plotms were not run")
         else:
-            reply = smoke.run_kernel(tools, recipe.image, session, kernel, smoke.CASA_CODE)
-            observed["kernel_run"] = reply
-            if reply["status"] != "ok" or f"casatools {release.casa}" not in reply["output"]:
-                problems.append(f"the CASA kernel failed: {reply['output'][-300:]}")
+            if observed["default_kernel"] != kernel:
+                problems.append(f"the default kernel is {observed['default_kernel']!r}, not {kernel!r}")
+            if measures is None:
+                problems.append("no --measures given, so the CASA kernel and plotms were not run")
+            else:
+                reply = smoke.run_kernel(tools, recipe.image, session, kernel, smoke.CASA_CODE)
+                observed["kernel_run"] = reply
+                if reply["status"] != "ok" or f"casatools {release.casa}" not in reply["output"]:
+                    problems.append(f"the CASA kernel failed: {reply['output'][-300:]}")
         if measures is not None and release.casa_version.major >= 6:  # CASA 6: the GUI tasks are Python's
             observed["plotms"] = plot = smoke.plotms_plot(tools, recipe.image, session)
             if plot["png"] is None:
