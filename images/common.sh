@@ -140,7 +140,9 @@ link_measures() {
 }
 
 # register_kernel PYTHON KERNEL_ID DISPLAY_NAME [PYTHONPATH]: a kernelspec in the session environment, so
-# JupyterLab (from /opt/session) offers CASA's interpreter as a kernel, and makes it the default kernel.
+# JupyterLab (from /opt/session) offers CASA's interpreter as a kernel, and makes it the default kernel. That
+# setting goes into the environment's jupyter_server_config.json: from jupyter_server_config.d the server
+# reads only which extensions are enabled.
 register_kernel() {
     /opt/session/bin/python - "$1" "$2" "$3" "${4:-}" /opt/session <<'PY'
 import json, os, sys
@@ -153,11 +155,13 @@ spec = {
 }
 if pythonpath:
     spec["env"] = {"PYTHONPATH": pythonpath}
-config = {"MultiKernelManager": {"default_kernel_name": kernel_id}}
-for path, content in (
-    (f"{env}/share/jupyter/kernels/{kernel_id}/kernel.json", spec),
-    (f"{env}/etc/jupyter/jupyter_server_config.d/casaspawner-kernel.json", config),
-):
+server_config = f"{env}/etc/jupyter/jupyter_server_config.json"
+config = {}
+if os.path.exists(server_config):
+    with open(server_config) as f:
+        config = json.load(f)
+config.setdefault("MappingKernelManager", {})["default_kernel_name"] = kernel_id
+for path, content in ((f"{env}/share/jupyter/kernels/{kernel_id}/kernel.json", spec), (server_config, config)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(content, f, indent=1)

@@ -118,7 +118,7 @@ def test_casa_image_kernel_runs_casatools_with_mounted_measures(
     observed, problems = check_image(tools, built[MODULAR], measures)
     assert problems == []
     assert release.kernel_name in observed["kernels"]  # type: ignore[operator]
-    assert observed["default_kernel"] == "casa-6.6.5-31"  # register_kernel's jupyter_server_config.d file
+    assert observed["default_kernel"] == "casa-6.6.5-31"  # register_kernel's jupyter_server_config.json
     output = observed["kernel_run"]["output"]  # type: ignore[index]
     assert f"casatools {release.casa}" in output
     assert "ALMA WGS84 5057" in output  # the observatory table comes from the mounted measures data
@@ -473,6 +473,8 @@ def test_monolithic_recipe_installs_a_tarball_verified_by_its_published_md5(
     assert version == release.casa
     specs = smoke.kernelspecs(tools, standin.image, session)
     kernel = next(k for k, v in specs.items() if v["spec"]["display_name"] == release.kernel_name)
+    with smoke.jupyter_server(tools, standin.image, session) as (url, token):
+        assert smoke.get_json(f"{url}/api/kernelspecs", token)["default"] == kernel
     reply = smoke.run_kernel(tools, standin.image, session, kernel, "import sys; print(sys.executable)")
     assert reply == {"status": "ok", "output": f"/opt/casa/{release.tag}/lib/py/bin/python3\n"}
     # What the build installed is recorded, the pip that installed it too, so the constraints pin both.
