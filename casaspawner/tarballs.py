@@ -1,8 +1,13 @@
 """CASA release tarballs: which checksum proves a download, checking it, and (in image builds) fetch + unpack.
 
-One policy for local environments and images alike: the catalog's SHA-256 when it pins one, else the MD5
-that NRAO publishes next to every tarball (``<tarball URL>.md5``); a tarball with neither is refused, and
-so is one that does not match.
+One policy for local environments and images alike: the catalog's SHA-256 when it pins one (it always
+wins), else the MD5 that NRAO publishes next to every tarball (``<tarball URL>.md5``, from the tarball's own
+origin, so through a mirror it is the mirror's). That fallback is taken only where the ``.md5`` cannot be
+replaced on the way: over https, or over plain http from this machine (a loopback mirror); its request may
+not be redirected to another origin. A tarball that cannot be verified is refused, and so is one that does
+not match. The fallback proves a download is the file its origin publishes (no corruption, no tampering in
+transit); it does not protect against the origin itself (a compromised server or mirror can publish a
+matching pair) or an MD5 collision: only a pinned SHA-256 does.
 
 Standard library only: image builds copy this file into the build context and run it inside the build
 container as ``python3 tarballs.py URL ALGORITHM:HEX DEST`` (download, verify, unpack the tarball's single
@@ -12,6 +17,7 @@ top-level directory to ``DEST``; exit status 1 with one sentence on stderr for a
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import re
 import shutil
@@ -19,8 +25,11 @@ import subprocess
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
+from ipaddress import ip_address
 from pathlib import Path
+from typing import IO, Any
 
 ALGORITHMS = {"sha256": 64, "md5": 32}
 _CHUNK = 1 << 20
@@ -30,15 +39,65 @@ class ChecksumError(ValueError):
     """A tarball cannot be verified, or does not match; ``str()`` is one sentence."""
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # not a number: no origin to trust; fetching it fails with its own sentence
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _on_this_machine(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def unverifiable(url: str, sha256: str | None) -> str | None:
+    """Why a download of ``url`` could not be verified, decided without fetching anything; None if it can.
+
+    A pinned ``sha256`` always verifies (any scheme: the checksum itself is trusted). Without one, the
+    published ``url.md5`` is trusted only over https, or over http from a loopback address."""
+    scheme, host, _ = _origin(url)
+    if sha256 or scheme == "https" or (scheme == "http" and _on_this_machine(host)):
+        return None
+    return (
+        f"the catalog has no SHA-256, and an MD5 counts only over https or from this machine, not {url}.md5"
+    )
+
+
+class _SameOrigin(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect of the ``.md5`` request only within the tarball's origin."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        if _origin(newurl) != _origin(req.full_url):
+            raise ChecksumError(f"{req.full_url} redirects to another origin ({newurl})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def expected_checksum(url: str, sha256: str | None, timeout: float = 30) -> tuple[str, str]:
-    """``(algorithm, hex)`` that ``url`` must match: ``sha256`` when given, else the published ``url.md5``."""
+    """``(algorithm, hex)`` that ``url`` must match: ``sha256`` when given, else the published ``url.md5``
+    (see :func:`unverifiable` for where that is trusted)."""
     if sha256:
         return "sha256", sha256.lower()
     name = url.rstrip("/").rsplit("/", 1)[-1]
+    problem = unverifiable(url, sha256)
+    if problem:
+        raise ChecksumError(f"{name} cannot be verified: {problem}.")
+    opener = urllib.request.build_opener(_SameOrigin)
     try:
-        with urllib.request.urlopen(url + ".md5", timeout=timeout) as response:  # noqa: S310 (http(s) only)
+        with opener.open(url + ".md5", timeout=timeout) as response:
             text = response.read(4096).decode(errors="replace")
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except ChecksumError as error:
+        raise ChecksumError(f"{name} cannot be verified: {error}.") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
         raise ChecksumError(
             f"{name} cannot be verified: the catalog has no SHA-256 and {url}.md5 is unreachable "
             f"({getattr(error, 'reason', error)})."
@@ -76,6 +135,9 @@ def fetch_verify_unpack(url: str, checksum: str, dest: Path) -> None:
     algorithm, expected = parse_checksum(checksum)
     if not url.startswith(("https://", "http://")):
         raise ChecksumError(f"{url} is not an http(s) URL.")
+    problem = unverifiable(url, expected if algorithm == "sha256" else None)
+    if problem:  # an MD5 is only worth what the .md5 it came from was, and that is decided by the URL
+        raise ChecksumError(f"{url.rstrip('/').rsplit('/', 1)[-1]} cannot be verified: {problem}.")
     work = Path(tempfile.mkdtemp(prefix="casa-tarball-", dir=os.environ.get("TMPDIR", "/tmp")))  # noqa: S108
     try:
         tarball = work / url.rstrip("/").rsplit("/", 1)[-1]

@@ -42,7 +42,7 @@ install_casa_runtime() {
 # extract_appimages DIR: replace every AppImage under DIR by its extracted tree (no FUSE in containers);
 # the AppImage path becomes a link to the tree's AppRun, so callers that run the AppImage keep working.
 extract_appimages() {
-    find "$1" -type f -name '*.AppImage' | while read -r app; do
+    find "$1" -type f -name '*.AppImage' | while IFS= read -r app; do
         dir=$(dirname "$app")
         base=$(basename "$app" .AppImage)
         chmod 0755 "$app"
@@ -67,7 +67,7 @@ appdirs() {
 # pip wheels (scipy's bundled OpenBLAS: "ELF load command address/offset not page-aligned"). As a guard, a
 # stripped copy replaces its file only if the dynamic loader still accepts it.
 strip_symbols() {
-    find "$@" -type f -size +1M | while read -r f; do
+    find "$@" -type f -size +1M | while IFS= read -r f; do
         [ "$(head -c4 "$f" | tail -c3)" = ELF ] || continue
         strip --strip-unneeded -o "$f.stripped" "$f" 2>/dev/null || { rm -f "$f.stripped"; continue; }
         if ldd "$f.stripped" 2>&1 | grep -q 'page-aligned'; then
@@ -130,7 +130,7 @@ link_measures() {
         echo "casaspawner: $1 bundles no measures data (no data/ or casadata/__data__ directory)" >&2
         exit 1
     fi
-    for root in $roots; do
+    printf '%s\n' "$roots" | while IFS= read -r root; do
         for part in geodetic ephemerides; do
             rm -rf "${root:?}/$part"
             ln -s "$2/$part" "$root/$part"
@@ -140,13 +140,13 @@ link_measures() {
 }
 
 # register_kernel PYTHON KERNEL_ID DISPLAY_NAME [PYTHONPATH]: a kernelspec in the session environment, so
-# JupyterLab (from /opt/session) offers CASA's interpreter as a kernel, and makes it the default kernel.
+# JupyterLab (from /opt/session) offers CASA's interpreter as a kernel, and makes it the default kernel. That
+# setting goes into the environment's jupyter_server_config.json: from jupyter_server_config.d the server
+# reads only which extensions are enabled.
 register_kernel() {
-    spec=/opt/session/share/jupyter/kernels/$2
-    mkdir -p "$spec"
-    /opt/session/bin/python - "$1" "$2" "$3" "${4:-}" "$spec/kernel.json" <<'PY'
-import json, sys
-python, kernel_id, display, pythonpath, out = sys.argv[1:]
+    /opt/session/bin/python - "$1" "$2" "$3" "${4:-}" /opt/session <<'PY'
+import json, os, sys
+python, kernel_id, display, pythonpath, env = sys.argv[1:]
 spec = {
     "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
     "display_name": display,
@@ -155,12 +155,18 @@ spec = {
 }
 if pythonpath:
     spec["env"] = {"PYTHONPATH": pythonpath}
-with open(out, "w") as f:
-    json.dump(spec, f, indent=1)
+server_config = f"{env}/etc/jupyter/jupyter_server_config.json"
+config = {}
+if os.path.exists(server_config):
+    with open(server_config) as f:
+        config = json.load(f)
+config.setdefault("MappingKernelManager", {})["default_kernel_name"] = kernel_id
+for path, content in ((f"{env}/share/jupyter/kernels/{kernel_id}/kernel.json", spec), (server_config, config)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(content, f, indent=1)
+        f.write("\n")
 PY
-    mkdir -p /opt/session/etc/jupyter/jupyter_server_config.d
-    printf '{"MultiKernelManager": {"default_kernel_name": "%s"}}\n' "$2" \
-        >/opt/session/etc/jupyter/jupyter_server_config.d/casaspawner-kernel.json
 }
 
 # install_casaspawner WHEEL_DIR: the casaspawner wheel (built from the checkout by the build tool) into the

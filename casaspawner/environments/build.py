@@ -268,10 +268,13 @@ class EnvironmentManager:
         problems: list[str] = []
         url = self.tarball_url(release)
         if url is not None:
-            problem = self._tarball_problem(url)
-            if problem is None:
+            assert release.tarball is not None
+            if unverifiable := tarballs.unverifiable(url, release.tarball.sha256):
+                problems.append(f"its tarball {url} cannot be verified ({unverifiable})")
+            elif (problem := self._tarball_problem(url)) is None:
                 return _Method("tarball")
-            problems.append(f"its tarball {url} is unreachable ({problem})")
+            else:
+                problems.append(f"its tarball {url} is unreachable ({problem})")
         if release.wheels is not None:
             found = self.find_python(release.wheels.python)
             if found is not None:

@@ -22,6 +22,7 @@ from casaspawner.images.matrix import (
     ImageBuildError,
     MatrixOptions,
     Recipe,
+    RecipeKind,
     build_matrix,
     casa_home,
     parse_checksums,
@@ -214,14 +215,20 @@ def _tools(args: argparse.Namespace, probe_image: str | None = None) -> engine.T
     )
 
 
-def _selected(args: argparse.Namespace, recipes: list[Recipe], base: bool = False) -> list[Recipe]:
+def _of_kind(recipes: list[Recipe], kind: RecipeKind) -> Recipe:
+    """The one recipe of ``kind`` (``session-base`` or ``session``) in ``recipes``."""
+    return next(r for r in recipes if r.kind == kind)
+
+
+def selected_recipes(args: argparse.Namespace, recipes: list[Recipe], base: bool = False) -> list[Recipe]:
     """The recipes named by --session/--release/--all, the session first (and the session base before
     it when ``base``: everything else is built on it)."""
-    first = 2  # recipes = [session base, session, releases...]
+    every = getattr(args, "all", False)
     wanted = set(args.release or [])
-    chosen = [r for r in recipes[first:] if getattr(args, "all", False) or r.name in wanted]
-    if args.session or chosen or getattr(args, "all", False):
-        chosen = [*recipes[:first], *chosen] if base else [recipes[1], *chosen]
+    chosen = [r for r in recipes if r.release is not None and (every or r.name in wanted)]
+    if args.session or chosen or every:
+        kinds: tuple[RecipeKind, ...] = ("session-base", "session") if base else ("session",)
+        chosen = [*(_of_kind(recipes, kind) for kind in kinds), *chosen]
     if not chosen:
         raise ImageBuildError("name what to build or test: --session, --release ID or --all.")
     return chosen
@@ -243,7 +250,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         options = MatrixOptions(
             **{**options.__dict__, "checksums": {release.tarball.name: args.sha256.lower()}}
         )
-    selected = _selected(args, build_matrix(catalog, options, None if args.all else args.release), base=True)
+    selected = selected_recipes(
+        args, build_matrix(catalog, options, None if args.all else args.release), base=True
+    )
     if args.all:
         selected = buildable(selected)
     with tempfile.TemporaryDirectory(prefix="casaspawner-wheel-") as tmp:
@@ -273,17 +282,23 @@ def buildable(recipes: list[Recipe]) -> list[Recipe]:
     return [r for r in recipes if r.buildable]
 
 
-def cmd_constraints(args: argparse.Namespace) -> int:
-    recipes = build_matrix(_catalog(args), _options(args), args.release)
-    named = [r for r in _selected(args, recipes) if r.release is not None or args.session]
-    # The session's venv is made in the session base; casaspawner's layer adds nothing to it.
+def constraint_sources(args: argparse.Namespace, recipes: list[Recipe]) -> list[Recipe]:
+    """The images whose install records pin what --session/--release name: the session base for the session
+    (its venv is made there; casaspawner's layer adds nothing to it), else the release's own image. Says
+    which releases have nothing to pin."""
+    named = [r for r in selected_recipes(args, recipes) if r.release is not None or args.session]
     sources = []
-    for recipe in (recipes[0] if r.kind == "session" else r for r in named):
+    for recipe in (_of_kind(recipes, "session-base") if r.kind == "session" else r for r in named):
         if recipe.kind == "monolithic" and not recipe.build_args.get("CASA_PYTHON"):
             casa = recipe.labels[f"{LABEL_PREFIX}.casa"]
             print(f"{recipe.name}: nothing to pin (CASA {casa} has no Python 3, so pip installs nothing)")
         else:
             sources.append(recipe)
+    return sources
+
+
+def cmd_constraints(args: argparse.Namespace) -> int:
+    sources = constraint_sources(args, build_matrix(_catalog(args), _options(args), args.release))
     if not sources:
         return 0
     tools = _built_tools(args, sources)
@@ -314,7 +329,7 @@ def cmd_constraints(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     options = _options(args)
-    recipes = _selected(args, build_matrix(_catalog(args), options, args.release))
+    recipes = selected_recipes(args, build_matrix(_catalog(args), options, args.release))
     tools = _built_tools(args, recipes)
     report: dict[str, dict[str, object]] = {}
     failed = False
@@ -329,6 +344,26 @@ def cmd_test(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     return 1 if failed else 0
+
+
+def notices_problems(ext: dict[str, str]) -> list[str]:
+    """What is wrong with casaspawner's notices in an image, from :func:`smoke.server_extensions`: the
+    extension must import, the wheel's jupyter_server_config.d file (the only thing that enables it) must be
+    there and in effect, and the JupyterLab extension must be installed and valid."""
+    notices, lab = smoke.NOTICES_EXTENSION, smoke.NOTICES_LABEXTENSION
+    problems = []
+    if ext.get(f"{notices} (import)") != "ok":
+        problems.append(f"{notices} does not import in the session environment")
+    if not ext.get(f"{notices} (config)"):
+        problems.append(f"no jupyter_server_config.d file of the session environment enables {notices}")
+    if ext.get(notices) != "enabled":
+        problems.append(f"jupyter server extension list does not show {notices} enabled")
+    if not ext.get(f"{lab} (path)"):
+        problems.append(f"the JupyterLab extension {lab} is not in /opt/session/share/jupyter/labextensions")
+    if ext.get(f"{lab} (labextension)") != "enabled OK":
+        state = ext.get(f"{lab} (labextension)") or "not listed"
+        problems.append(f"jupyter labextension list does not show {lab} enabled and OK ({state})")
+    return problems
 
 
 def check_image(
@@ -351,17 +386,14 @@ def check_image(
     if not desk["xstartup"]:
         problems.append(f"the desktop start script {xstartup} is missing")
     observed["server_extensions"] = ext = smoke.server_extensions(tools, recipe.image, session)
-    notices = smoke.NOTICES_EXTENSION
-    if ext.get(f"{notices} (import)") != "ok":
-        problems.append(f"{notices} does not import in the session environment")
-    if ext.get(f"{notices} (config)") and ext.get(notices) != "enabled":
-        problems.append(f"{notices} has a jupyter_server_config.d file but is not enabled: {ext}")
+    problems += notices_problems(ext)
     observed["vnc"] = greeting = smoke.vnc_greeting(tools, recipe.image, session)
     if not greeting.startswith("RFB "):
         problems.append(f"TigerVNC did not answer on its Unix socket: {greeting[-300:]}")
     specs = smoke.kernelspecs(tools, recipe.image, session)
     with smoke.jupyter_server(tools, recipe.image, session) as (url, token):
         observed["jupyter"] = smoke.get_json(f"{url}/api/status", token)
+        observed["default_kernel"] = smoke.get_json(f"{url}/api/kernelspecs", token).get("default")
         observed["desktop_page"] = smoke.get_status(f"{url}/desktop/", token)
         observed["desktop_vnc"] = smoke.desktop_greeting(url, token)
     if observed["desktop_page"] != 200:
@@ -375,13 +407,16 @@ def check_image(
         kernel = names.get(release.kernel_name)
         if kernel is None:
             problems.append(f"no kernel named {release.kernel_name!r} (found {sorted(names)})")
-        elif measures is None:
-            problems.append("no --measures given, so the CASA kernel and plotms were not run")
         else:
-            reply = smoke.run_kernel(tools, recipe.image, session, kernel, smoke.CASA_CODE)
-            observed["kernel_run"] = reply
-            if reply["status"] != "ok" or f"casatools {release.casa}" not in reply["output"]:
-                problems.append(f"the CASA kernel failed: {reply['output'][-300:]}")
+            if observed["default_kernel"] != kernel:
+                problems.append(f"the default kernel is {observed['default_kernel']!r}, not {kernel!r}")
+            if measures is None:
+                problems.append("no --measures given, so the CASA kernel and plotms were not run")
+            else:
+                reply = smoke.run_kernel(tools, recipe.image, session, kernel, smoke.CASA_CODE)
+                observed["kernel_run"] = reply
+                if reply["status"] != "ok" or f"casatools {release.casa}" not in reply["output"]:
+                    problems.append(f"the CASA kernel failed: {reply['output'][-300:]}")
         if measures is not None and release.casa_version.major >= 6:  # CASA 6: the GUI tasks are Python's
             observed["plotms"] = plot = smoke.plotms_plot(tools, recipe.image, session)
             if plot["png"] is None:

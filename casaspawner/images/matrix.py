@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from casaspawner import __version__
+from casaspawner import __version__, tarballs
 from casaspawner.catalog.model import Catalog, Release
 from casaspawner.environments.build import EXTRA_PACKAGES
 from casaspawner.errors import CasaspawnerError
@@ -181,7 +181,8 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
             if not options.tarball_mirror
             else options.tarball_mirror.rstrip("/") + "/" + tarball.name
         )
-        sha256 = (tarball.sha256 or options.checksums.get(tarball.name) or "").lower()
+        given = (options.checksums.get(tarball.name) or "").lower()
+        sha256 = tarball.sha256 or given  # the catalog's pin always wins
         python = f"{casa_home(release)}/lib/py/bin/python3" if release.casa_version.major >= 6 else ""
         args |= {
             "CASA_TARBALL_URL": url,
@@ -195,6 +196,15 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
         problem = None
         if sha256 and not _SHA256.fullmatch(sha256):
             problem = f"the SHA-256 given for {tarball.name} is not 64 hexadecimal digits"
+        elif tarball.sha256 and given and given != tarball.sha256:
+            problem = (
+                f"the catalog pins SHA-256 {tarball.sha256} for {tarball.name}, and --checksums/--sha256 "
+                "gives another"
+            )
+        elif unverifiable := tarballs.unverifiable(url, sha256):
+            problem = (
+                f"its tarball cannot be verified ({unverifiable}); pin a SHA-256 with --checksums or --sha256"
+            )
         recipe = Recipe(kind="monolithic", containerfile="monolithic.Containerfile", build_args=args,
                         labels=labels, problem=problem, **common)  # type: ignore[arg-type]  # fmt: skip
         return with_tarball_checksum(recipe, args["CASA_TARBALL_CHECKSUM"])

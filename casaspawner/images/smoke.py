@@ -31,6 +31,7 @@ from casaspawner.plan import PlanConfig
 
 HOME = "/arc/home/smoke"
 NOTICES_EXTENSION = "casaspawner.services.session_notices"
+NOTICES_LABEXTENSION = "casaspawner-notices"  # the notices' JupyterLab side
 DESKTOP_XSTARTUP = PlanConfig().desktop_xstartup
 CASA_CODE = """
 import casatools, casatasks, numpy, scipy.linalg
@@ -277,14 +278,18 @@ def casa_environment(tools: Tools, image: str, session: Session) -> dict[str, st
 
 
 def server_extensions(tools: Tools, image: str, session: Session) -> dict[str, str]:
-    """What ``jupyter server extension list`` says of each extension ("enabled"/"disabled"), plus two
-    entries on casaspawner's notices extension: ``<module> (import)`` ("ok"/"failed") and ``<module>
-    (config)``: the jupyter_server_config.d files of the session environment that name it."""
+    """What ``jupyter server extension list`` says of each extension ("enabled"/"disabled"), plus what the
+    session environment holds of casaspawner's notices: ``<module> (import)`` ("ok"/"failed"), ``<module>
+    (config)`` (the jupyter_server_config.d files that name it), ``<labextension> (labextension)`` (what
+    ``jupyter labextension list`` says of it, e.g. "enabled OK"; missing if it does not list it) and
+    ``<labextension> (path)`` (its directory under the environment's share/jupyter/labextensions, if there)."""
+    labextension = f"/opt/session/share/jupyter/labextensions/{NOTICES_LABEXTENSION}"
     result = run_in(
         tools, image, session,
         f"jupyter server extension list 2>&1; python -c 'import {NOTICES_EXTENSION}' >/dev/null 2>&1 "
         "&& echo 'IMPORT ok' || echo 'IMPORT failed'; "
-        f"echo CONFIG $(grep -l '{NOTICES_EXTENSION}' /opt/session/etc/jupyter/jupyter_server_config.d/*.json)",
+        f"echo CONFIG $(grep -l '{NOTICES_EXTENSION}' /opt/session/etc/jupyter/jupyter_server_config.d/*.json); "
+        f"jupyter labextension list 2>&1; echo LABPATH $(ls -d {labextension} 2>/dev/null)",
     )  # fmt: skip
     found: dict[str, str] = {}
     for line in re.sub(r"\x1b\[[0-9;]*m", "", result.stdout).splitlines():  # it colours "enabled"
@@ -293,8 +298,12 @@ def server_extensions(tools: Tools, image: str, session: Session) -> dict[str, s
             found[f"{NOTICES_EXTENSION} (import)"] = words[1]
         elif line.startswith("CONFIG"):
             found[f"{NOTICES_EXTENSION} (config)"] = " ".join(words[1:])
+        elif line.startswith("LABPATH"):
+            found[f"{NOTICES_LABEXTENSION} (path)"] = " ".join(words[1:])
         elif len(words) >= 2 and words[1] in ("enabled", "disabled"):
             found[words[0]] = words[1]
+        elif words[:1] == [NOTICES_LABEXTENSION] and len(words) >= 3:  # name, version, state, validity
+            found[f"{NOTICES_LABEXTENSION} (labextension)"] = " ".join(words[2:4])
     return found
 
 

@@ -247,7 +247,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         allow_none=True,
         help="""
         Base URL to download monolithic CASA tarballs from instead of NRAO's directories (the tarball's file
-        name is appended), e.g. a site mirror for hubs without internet access. Checksums are still verified.
+        name is appended), e.g. a site mirror for hubs without internet access. Checksums are still verified:
+        the catalog's SHA-256, else the mirror's own ``<tarball>.md5``, which counts only over https or from
+        a mirror on this machine (``http://127.0.0.1…``).
         """,
     ).tag(config=True)
 

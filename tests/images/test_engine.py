@@ -4,6 +4,8 @@ docker's CLI may exist here but no docker engine does, so its command line is ch
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,8 +26,9 @@ import pytest
 
 from casaspawner import __version__, tarballs
 from casaspawner.catalog import Catalog
+from casaspawner.environments.build import EnvironmentManager
 from casaspawner.images import engine
-from casaspawner.images.cli import buildable
+from casaspawner.images.cli import buildable, constraint_sources, selected_recipes
 from casaspawner.images.matrix import ImageBuildError, MatrixOptions, build_matrix, release_recipe
 
 STANDIN = "pl-2024.1.0.8"
@@ -230,12 +233,52 @@ def test_build_all_says_what_it_skips(catalog: Catalog, capsys: pytest.CaptureFi
     assert out.startswith("skipping casa-6.6.5-31: casatools 6.6.5.31 has no wheel for Python 3.12")
 
 
+def test_the_cli_picks_recipes_by_kind_not_by_position(
+    catalog: Catalog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = ["casa-6.6.5-31", "pl-r42866", "pl-2024.1.0.8"]
+    shuffled = build_matrix(catalog, MatrixOptions(), ids)[::-1]  # the releases first, the session base last
+    one = argparse.Namespace(session=False, release=["pl-2024.1.0.8"], all=False)
+    names = [r.name for r in selected_recipes(one, shuffled, base=True)]
+    assert names == ["session-base", "session", "pl-2024.1.0.8"]
+    assert [r.name for r in selected_recipes(one, shuffled)] == ["session", "pl-2024.1.0.8"]
+    every = argparse.Namespace(session=False, release=None, all=True)
+    assert [r.name for r in selected_recipes(every, shuffled)] == ["session", *ids[::-1]]
+    # The session's pins are read from the session base (its venv is made there), each release's from its own
+    # image; CASA 5 (no Python 3) has nothing to pin.
+    both = argparse.Namespace(session=True, release=ids[:2], all=False)
+    assert [r.name for r in constraint_sources(both, shuffled)] == ["session-base", "casa-6.6.5-31"]
+    assert (
+        capsys.readouterr().out
+        == "pl-r42866: nothing to pin (CASA 5.6.1-8 has no Python 3, so pip installs nothing)\n"
+    )
+
+
 # ---------------------------------------------------------------------------- tarball checksums on 127.0.0.1
+
+
+class _Mirror(SimpleHTTPRequestHandler):
+    """Serves the mirror's directory; ``/moved/X`` redirects to ``/good/X`` on the same origin and ``/away/X``
+    to ``/good/X`` on another (``localhost`` instead of ``127.0.0.1``: the same server, another origin)."""
+
+    def do_GET(self) -> None:
+        kind, _, rest = self.path.lstrip("/").partition("/")
+        if kind in ("moved", "away"):
+            origin = "" if kind == "moved" else f"http://localhost:{self.server.server_address[1]}"
+            self.send_response(302)
+            self.send_header("Location", f"{origin}/good/{rest}")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """``good/`` has a tarball and its right .md5, ``wrong/`` a wrong .md5, ``none/`` no .md5."""
+    """``good/`` has a tarball and its right .md5, ``wrong/`` a wrong .md5, ``none/`` no .md5 (and ``moved/``
+    and ``away/`` redirect to ``good/``, see :class:`_Mirror`)."""
     root = tmp_path_factory.mktemp("mirror")
     data = b"not really a tarball\n" * 100
     for kind, md5 in (("good", hashlib.md5(data).hexdigest()), ("wrong", "0" * 32), ("none", None)):
@@ -243,7 +286,7 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         (root / kind / "casa.tar.xz").write_bytes(data)
         if md5:
             (root / kind / "casa.tar.xz.md5").write_text(f"{md5}  casa.tar.xz\n")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Mirror, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", root
@@ -264,6 +307,66 @@ def test_published_md5_is_the_fallback_and_a_wrong_one_refuses(mirror: tuple[str
         tarballs.expected_checksum(f"{url}/none/casa.tar.xz", None)
     pinned = hashlib.sha256(data).hexdigest()
     assert tarballs.expected_checksum(f"{url}/none/casa.tar.xz", pinned.upper()) == ("sha256", pinned)
+
+
+@pytest.mark.parametrize(
+    ("url", "trusted"),
+    [
+        ("https://casa.nrao.edu/download/distro/casa-pipeline/release/linux/casa.tar.xz", True),
+        ("https://mirror.example.org/casa/casa.tar.xz", True),
+        ("http://127.0.0.1:8000/casa.tar.xz", True),
+        ("http://127.3.2.1/casa.tar.xz", True),
+        ("http://localhost:8000/casa.tar.xz", True),
+        ("http://[::1]:8000/casa.tar.xz", True),
+        ("http://casa.nrao.edu/download/distro/casa.tar.xz", False),
+        ("http://mirror.example.org/casa/casa.tar.xz", False),
+        ("http://10.0.0.5/casa.tar.xz", False),
+        ("http://127.0.0.1.example.org/casa.tar.xz", False),
+        ("ftp://127.0.0.1/casa.tar.xz", False),
+    ],
+)
+def test_the_md5_fallback_is_taken_only_over_https_or_from_this_machine(url: str, trusted: bool) -> None:
+    problem = tarballs.unverifiable(url, None)
+    assert (problem is None) == trusted, problem
+    if not trusted:
+        assert problem == (
+            f"the catalog has no SHA-256, and an MD5 counts only over https or from this machine, not {url}.md5"
+        )
+        # Refused before any request (the host does not resolve here: a request would say "unreachable").
+        with pytest.raises(tarballs.ChecksumError) as refused:
+            tarballs.expected_checksum(url, None, timeout=2)
+        assert str(refused.value) == f"casa.tar.xz cannot be verified: {problem}."
+    # A pinned SHA-256 always wins: no .md5 is asked for, whatever the scheme.
+    assert tarballs.unverifiable(url, "a" * 64) is None
+    assert tarballs.expected_checksum(url, "A" * 64) == ("sha256", "a" * 64)
+
+
+def test_the_md5_request_stays_on_the_tarballs_origin(mirror: tuple[str, Path]) -> None:
+    url, root = mirror
+    md5 = hashlib.md5((root / "good" / "casa.tar.xz").read_bytes()).hexdigest()
+    assert tarballs.expected_checksum(f"{url}/moved/casa.tar.xz", None) == ("md5", md5)
+    port = url.rsplit(":", 1)[1]
+    with pytest.raises(tarballs.ChecksumError) as refused:
+        tarballs.expected_checksum(f"{url}/away/casa.tar.xz", None)
+    assert str(refused.value) == (
+        f"casa.tar.xz cannot be verified: {url}/away/casa.tar.xz.md5 redirects to another origin "
+        f"(http://localhost:{port}/good/casa.tar.xz.md5)."
+    )
+
+
+def test_local_environments_refuse_an_unverifiable_tarball_before_downloading(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    release = catalog.get(STANDIN)
+    assert release.tarball is not None and release.tarball.sha256 is None and release.wheels is None
+    manager = EnvironmentManager(tmp_path, tarball_mirror="http://mirror.example.org/casa/", probe_timeout=1)
+    url = f"http://mirror.example.org/casa/{release.tarball.name}"
+    assert manager.unavailable_reason(release) == (
+        f"{release.label} cannot be installed on this hub: its tarball {url} cannot be verified "
+        f"({tarballs.unverifiable(url, None)})."
+    )  # not "unreachable": the mirror was not asked (this host cannot resolve it)
+    pinned = dataclasses.replace(release, tarball=dataclasses.replace(release.tarball, sha256="a" * 64))
+    assert "is unreachable" in (manager.unavailable_reason(pinned) or "")  # pinned: it is tried
 
 
 def test_image_builds_resolve_the_md5_before_building(catalog: Catalog, mirror: tuple[str, Path]) -> None:
@@ -306,6 +409,12 @@ def test_the_build_time_script_verifies_then_unpacks(mirror: tuple[str, Path], t
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 1 and not (tmp_path / "bad").exists()
     assert bad.stderr == "casaspawner: t.tar does not match its SHA256 checksum.\n"
+    # An MD5 is refused for a URL its .md5 could not have been trusted from, before anything is downloaded.
+    remote = "http://mirror.example.org/t.tar"
+    plain = subprocess.run([*script, remote, f"md5:{'0' * 32}", str(tmp_path / "bad")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert plain.returncode == 1 and not (tmp_path / "bad").exists()
+    assert plain.stderr == f"casaspawner: t.tar cannot be verified: {tarballs.unverifiable(remote, None)}.\n"
     empty = subprocess.run(
         [*script, f"{url}/good/t.tar", "", str(tmp_path / "bad")], capture_output=True, text=True
     )

@@ -18,7 +18,6 @@ import sys
 import tarfile
 import threading
 import urllib.request
-import zipfile
 from collections.abc import Iterator
 from functools import partial
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +29,7 @@ from images_support import MODULAR, REGISTRY, build
 from casaspawner.catalog import Catalog
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.images import engine, smoke
-from casaspawner.images.cli import check_image
+from casaspawner.images.cli import check_image, notices_problems
 from casaspawner.images.matrix import INPUT_HASH_LABEL, MEASURES_POLICIES, MatrixOptions, Recipe, build_matrix
 from casaspawner.plan import PlanConfig
 
@@ -57,26 +56,30 @@ def test_session_image_runs_as_any_uid_on_a_read_only_root(
     assert observed["desktop_vnc"] == "RFB 003.008"
 
 
-def test_session_image_carries_the_casaspawner_package(
-    tools: engine.Tools, built: dict[str, Recipe], tmp_path: Path
-) -> None:
+def test_session_image_carries_the_casaspawner_package(tools: engine.Tools, built: dict[str, Recipe]) -> None:
     session = smoke.Session(home=smoke.home_dir())
     extensions = smoke.server_extensions(tools, built["session"].image, session)
-    notices = smoke.NOTICES_EXTENSION
+    notices, lab = smoke.NOTICES_EXTENSION, smoke.NOTICES_LABEXTENSION
+    # The wheel's data files: its jupyter_server_config.d/casaspawner.json is what enables the notices
+    # extension (no hub passes --ServerApp.jpserver_extensions), and JupyterLab finds the lab extension.
     assert extensions[f"{notices} (import)"] == "ok"
-    # The package's own Jupyter config (data files of the wheel) decides whether the extension is enabled
-    # by default; hubs enable it with --ServerApp.jpserver_extensions otherwise.
-    wheel = engine.casaspawner_wheel(tmp_path)
-    configs = [
-        name for name in zipfile.ZipFile(wheel).namelist()
-        if "/data/etc/jupyter/jupyter_server_config.d/" in name
-        and notices.encode() in zipfile.ZipFile(wheel).read(name)
-    ]  # fmt: skip
-    if configs:
-        assert extensions[notices] == "enabled", extensions
-        assert extensions[f"{notices} (config)"]
-    else:
-        assert extensions[f"{notices} (config)"] == ""
+    assert (
+        extensions[f"{notices} (config)"]
+        == "/opt/session/etc/jupyter/jupyter_server_config.d/casaspawner.json"
+    )
+    assert extensions[notices] == "enabled", extensions
+    assert extensions[f"{lab} (path)"] == f"/opt/session/share/jupyter/labextensions/{lab}"
+    assert extensions[f"{lab} (labextension)"] == "enabled OK", extensions
+    assert notices_problems(extensions) == []
+    # The session base has no casaspawner: the same check names every missing piece.
+    base = smoke.server_extensions(tools, built["session-base"].image, session)
+    assert notices_problems(base) == [
+        f"{notices} does not import in the session environment",
+        f"no jupyter_server_config.d file of the session environment enables {notices}",
+        f"jupyter server extension list does not show {notices} enabled",
+        f"the JupyterLab extension {lab} is not in /opt/session/share/jupyter/labextensions",
+        f"jupyter labextension list does not show {lab} enabled and OK (not listed)",
+    ]
     # The desktop files come from the package; nothing of the build's CA bundle or secret mounts is left.
     result = smoke.run_in(
         tools, built["session"].image, session,
@@ -115,6 +118,7 @@ def test_casa_image_kernel_runs_casatools_with_mounted_measures(
     observed, problems = check_image(tools, built[MODULAR], measures)
     assert problems == []
     assert release.kernel_name in observed["kernels"]  # type: ignore[operator]
+    assert observed["default_kernel"] == "casa-6.6.5-31"  # register_kernel's jupyter_server_config.json
     output = observed["kernel_run"]["output"]  # type: ignore[index]
     assert f"casatools {release.casa}" in output
     assert "ALMA WGS84 5057" in output  # the observatory table comes from the mounted measures data
@@ -469,11 +473,17 @@ def test_monolithic_recipe_installs_a_tarball_verified_by_its_published_md5(
     assert version == release.casa
     specs = smoke.kernelspecs(tools, standin.image, session)
     kernel = next(k for k, v in specs.items() if v["spec"]["display_name"] == release.kernel_name)
+    with smoke.jupyter_server(tools, standin.image, session) as (url, token):
+        assert smoke.get_json(f"{url}/api/kernelspecs", token)["default"] == kernel
     reply = smoke.run_kernel(tools, standin.image, session, kernel, "import sys; print(sys.executable)")
     assert reply == {"status": "ok", "output": f"/opt/casa/{release.tag}/lib/py/bin/python3\n"}
-    assert (
-        smoke.server_extensions(tools, standin.image, session)[f"{smoke.NOTICES_EXTENSION} (import)"] == "ok"
+    # What the build installed is recorded, the pip that installed it too, so the constraints pin both.
+    freeze = smoke.run_in(
+        tools, standin.image, session, 'cat "$CASASPAWNER_CASA_HOME/casaspawner-freeze.txt"'
     )
+    pins = {line.split("==")[0].lower() for line in freeze.stdout.splitlines() if "==" in line}
+    assert {"ipykernel", "pip"} <= pins, freeze.stdout
+    assert notices_problems(smoke.server_extensions(tools, standin.image, session)) == []
 
 
 def test_bundled_data_reads_its_measures_from_the_mount(

@@ -3,6 +3,7 @@ no containers)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -103,6 +104,41 @@ def test_monolithic_recipe_uses_a_pinned_sha256_else_the_published_md5(catalog: 
     assert pinned.build_args["CASA_PYTHON"] == f"/opt/casa/{release.tag}/lib/py/bin/python3"
     bad = release_recipe(release, MatrixOptions(checksums={release.tarball.name: "abc"}))
     assert not bad.buildable and "64 hexadecimal digits" in (bad.problem or "")
+
+
+def test_a_catalog_sha256_always_wins(catalog: Catalog) -> None:
+    release = catalog.get("pl-2024.1.0.8")
+    assert release.tarball is not None
+    pinned = dataclasses.replace(release, tarball=dataclasses.replace(release.tarball, sha256=SHA))
+    # Pinned, the tarball verifies against it from any mirror, plain http too: no .md5 is consulted.
+    recipe = release_recipe(pinned, MatrixOptions(tarball_mirror="http://mirror.example.org/casa/"))
+    assert recipe.buildable and recipe.build_args["CASA_TARBALL_CHECKSUM"] == f"sha256:{SHA}"
+    same = release_recipe(pinned, MatrixOptions(checksums={release.tarball.name: SHA.upper()}))
+    assert same.buildable and same.build_args["CASA_TARBALL_CHECKSUM"] == f"sha256:{SHA}"
+    # An operator's other checksum does not replace it: the recipe says they disagree.
+    other = release_recipe(pinned, MatrixOptions(checksums={release.tarball.name: "b" * 64}))
+    assert not other.buildable
+    assert other.problem == (
+        f"the catalog pins SHA-256 {SHA} for {release.tarball.name}, and --checksums/--sha256 gives another"
+    )
+
+
+def test_the_md5_fallback_needs_https_or_a_mirror_on_this_machine(catalog: Catalog) -> None:
+    release = catalog.get("pl-2024.1.0.8")
+    assert release.tarball is not None and release.tarball.sha256 is None
+    plain = release_recipe(release, MatrixOptions(tarball_mirror="http://mirror.example.org/casa"))
+    url = f"http://mirror.example.org/casa/{release.tarball.name}"
+    assert not plain.buildable
+    assert plain.problem == (
+        f"its tarball cannot be verified (the catalog has no SHA-256, and an MD5 counts only over https or "
+        f"from this machine, not {url}.md5); pin a SHA-256 with --checksums or --sha256"
+    )
+    for mirror in ("https://mirror.example.org/casa/", "http://127.0.0.1:8000/casa/", None):
+        assert release_recipe(release, MatrixOptions(tarball_mirror=mirror)).buildable, mirror
+    given = MatrixOptions(
+        tarball_mirror="http://mirror.example.org/casa", checksums={release.tarball.name: SHA}
+    )
+    assert release_recipe(release, given).buildable
 
 
 def test_every_published_tarball_release_is_buildable(catalog: Catalog) -> None:
