@@ -1,15 +1,17 @@
 """One small reader per kind of evidence of a dataset's processing version.
 
-Every reader takes the MOUS directory and the dataset root the user gave (paths in evidence are relative to
-it) and returns the Evidence it finds, None when its kind of file is absent or says nothing about versions,
-or raises ``UnreadableEvidence`` for a file that is there but cannot be read safely. Files are read with size
-limits; XML goes through defusedxml with DTDs forbidden; archives are read in memory, never extracted;
-files reached through a symbolic link that leaves the dataset are ignored.
+Every reader takes the open MOUS directory (its path relative to the dataset directory the user gave is how
+evidence paths are reported) and returns the Evidence it finds, None when its kind of file is absent or says
+nothing about versions, or raises ``UnreadableEvidence`` for a file that is there but cannot be read safely.
+Files are read with size limits; XML goes through defusedxml with DTDs forbidden; archives are read in memory,
+never extracted. Everything is opened relative to the MOUS directory's descriptor without following a link
+(``tree``): a symbolic link, there all along or swapped in while the dataset is read, is passed over.
 """
 
 from __future__ import annotations
 
 import bz2
+import fnmatch
 import gzip
 import lzma
 import os
@@ -19,7 +21,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import BinaryIO, cast
 from xml.etree.ElementTree import Element, ParseError
 
@@ -28,6 +30,7 @@ from defusedxml import DefusedXmlException
 
 from casaspawner.catalog.versions import normalize_pipeline, parse_casa
 from casaspawner.datasets.model import Evidence, EvidenceKind
+from casaspawner.datasets.tree import Directory, listing, open_file, subdirectory, walk
 from casaspawner.errors import CasaspawnerError
 
 MiB = 1024 * 1024
@@ -54,40 +57,36 @@ class UnreadableEvidence(CasaspawnerError):
     """A candidate evidence file exists but cannot be read safely; the message says which and why."""
 
 
-Reader = Callable[[Path, Path], "Evidence | None"]
+Reader = Callable[[Directory], "Evidence | None"]
 
 
 # ------------------------------------------------------------------------------------------- file access
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except (ValueError, OSError):
-        return False
-    return True
-
-
 def _candidates(
-    mous: Path, root: Path, patterns: tuple[str, ...], dirs: tuple[str, ...] = _SEARCH_DIRS
-) -> list[Path]:
-    """Regular files matching ``patterns`` in the MOUS's usual subdirectories, sorted, staying in ``root``."""
-    found: set[Path] = set()
+    mous: Directory, patterns: tuple[str, ...], dirs: tuple[str, ...] = _SEARCH_DIRS
+) -> list[PurePosixPath]:
+    """Regular files (not links) matching ``patterns`` in the MOUS's usual subdirectories, relative to it, sorted."""
+    found: set[PurePosixPath] = set()
+    wanted = re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns))  # case-sensitive
     for sub in dirs:
-        directory = mous / sub
-        if not directory.is_dir() or not _inside(directory, root):
-            continue
-        for pattern in patterns:
-            for path in directory.glob(pattern):
-                if path.is_file() and _inside(path, root):
-                    found.add(path)
+        with subdirectory(mous, PurePosixPath(sub)) as directory:
+            if directory is None:
+                continue
+            matching = listing(directory, wanted.match)
+            found.update(PurePosixPath(sub, name) for name, kind in matching if kind == "file")
     return sorted(found)
 
 
-def _read(path: Path, limit: int, *, truncate: bool = False) -> bytes:
-    with path.open("rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
+def _read(mous: Directory, path: PurePosixPath, limit: int, *, truncate: bool = False) -> bytes | None:
+    """At most ``limit`` bytes of the file ``path`` below the MOUS (``truncate``: the first ``limit`` bytes
+    of a larger one; else a larger one is unreadable evidence); None when it is not a regular file (any more)."""
+    with open_file(mous, path) as handle:
+        if handle is None:
+            return None
+        too_large = not truncate and os.fstat(handle.fileno()).st_size > limit
+        data = b"" if too_large else handle.read(limit + 1)
+    if too_large or len(data) > limit:
         if truncate:
             return data[:limit]
         raise UnreadableEvidence(
@@ -96,11 +95,19 @@ def _read(path: Path, limit: int, *, truncate: bool = False) -> bytes:
     return data
 
 
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
+def _contents(
+    mous: Directory, paths: list[PurePosixPath], limit: int, *, truncate: bool = False
+) -> Iterator[tuple[PurePosixPath, bytes]]:
+    """Each of ``paths`` with its contents (see ``_read``), in order; one no longer a regular file is passed over."""
+    for path in paths:
+        data = _read(mous, path, limit, truncate=truncate)
+        if data is not None:
+            yield path, data
+
+
+def _rel(mous: Directory, path: PurePosixPath) -> str:
+    """A path below the MOUS as evidence reports it: relative to the dataset directory the user gave."""
+    return str(mous.path / path)
 
 
 def _parse_xml(data: bytes, name: str) -> Element:
@@ -150,18 +157,18 @@ def _stated(
 # -------------------------------------------------------------------------------------------- the readers
 
 
-def read_manifest(mous: Path, root: Path) -> Evidence | None:
+def read_manifest(mous: Directory) -> Evidence | None:
     """``*.pipeline_manifest.xml``: ``ous/casaversion@name`` and ``ous/pipeline_version@name`` (Cycle 5 on).
 
     Several manifests (one per recipe) are read calibration-first; manifests of Cycles 2-4 carry no versions
     and yield None so the next kind of evidence is consulted.
     """
     paths = sorted(
-        _candidates(mous, root, ("*pipeline_manifest.xml",)),
+        _candidates(mous, ("*pipeline_manifest.xml",)),
         key=lambda p: (0 if "cal" in p.name else 1, p.name),
     )
-    for path in paths:
-        tree = _parse_xml(_read(path, LIMITS["manifest"]), path.name)
+    for path, data in _contents(mous, paths, LIMITS["manifest"]):
+        tree = _parse_xml(data, path.name)
         casa_el = tree.find(".//ous/casaversion")
         if casa_el is None:
             casa_el = tree.find(".//casaversion")
@@ -170,7 +177,7 @@ def read_manifest(mous: Path, root: Path) -> Evidence | None:
             pipe_el = tree.find(".//pipeline_version")
         evidence = _stated(
             "manifest",
-            _rel(path, root),
+            _rel(mous, path),
             casa_el.get("name") if casa_el is not None else None,
             pipe_el.get("name") if pipe_el is not None else None,
             path.name,
@@ -180,13 +187,14 @@ def read_manifest(mous: Path, root: Path) -> Evidence | None:
     return None
 
 
-def read_aquareport(mous: Path, root: Path) -> Evidence | None:
+def read_aquareport(mous: Directory) -> Evidence | None:
     """``*pipeline_aquareport.xml``: ``QaSummary/CasaVersion`` and ``QaSummary/PipelineVersion``."""
-    for path in _candidates(mous, root, ("*pipeline_aquareport.xml",)):
-        tree = _parse_xml(_read(path, LIMITS["aquareport"]), path.name)
+    paths = _candidates(mous, ("*pipeline_aquareport.xml",))
+    for path, data in _contents(mous, paths, LIMITS["aquareport"]):
+        tree = _parse_xml(data, path.name)
         evidence = _stated(
             "aquareport",
-            _rel(path, root),
+            _rel(mous, path),
             tree.findtext(".//QaSummary/CasaVersion") or tree.findtext(".//CasaVersion"),
             tree.findtext(".//QaSummary/PipelineVersion") or tree.findtext(".//PipelineVersion"),
             path.name,
@@ -250,26 +258,18 @@ _WEBLOG_PIPELINE = re.compile(
 )
 
 
-def read_weblog(mous: Path, root: Path) -> Evidence | None:
+def read_weblog(mous: Directory) -> Evidence | None:
     """Weblog home page ``html/t1-1.html``: unpacked, or inside ``qa/*.weblog.tgz`` (read in memory)."""
-    pages = [
-        page
-        for qa in (mous / "qa", mous)
-        if qa.is_dir() and _inside(qa, root)
-        for page in _walk_for(qa, "t1-1.html", depth=5)
-        if page.parent.name == "html" and _inside(page, root)
-    ]
-    for page in sorted(pages):
-        evidence = _stated(
-            "weblog", _rel(page, root), *weblog_versions(_read(page, LIMITS["weblog"])), page.name
-        )
+    pages = _pages(mous, "t1-1.html", ("qa", "."), depth=5)
+    for page, data in _contents(mous, pages, LIMITS["weblog"]):
+        evidence = _stated("weblog", _rel(mous, page), *weblog_versions(data), page.name)
         if evidence is not None:
             return evidence
-    for archive in _candidates(mous, root, ("*weblog.tgz", "*weblog.tar.gz"), ("qa", ".")):
+    for archive in _candidates(mous, ("*weblog.tgz", "*weblog.tar.gz"), ("qa", ".")):
         for member_name, data in _tar_members(
-            archive, lambda n: n.endswith("html/t1-1.html"), LIMITS["weblog"]
+            mous, archive, lambda n: n.endswith("html/t1-1.html"), LIMITS["weblog"]
         ):
-            where = f"{_rel(archive, root)}!{member_name}"
+            where = f"{_rel(mous, archive)}!{member_name}"
             evidence = _stated("weblog", where, *weblog_versions(data), f"{archive.name}!{member_name}")
             if evidence is not None:
                 return evidence
@@ -294,23 +294,23 @@ def script_version(text: str, name: str) -> str | None:
     return None
 
 
-def read_script(mous: Path, root: Path) -> Evidence | None:
+def read_script(mous: Directory) -> Evidence | None:
     """The version guard at the top of manual ``*.scriptForCalibration.py`` files (one per EB).
 
     When the scripts disagree, the version most of them demand wins (ties: the newest).
     """
-    versions: dict[str, Path] = {}
+    versions: dict[str, PurePosixPath] = {}
     counts: Counter[str] = Counter()
-    for path in _candidates(mous, root, ("*scriptForCalibration.py",), ("script", ".")):
-        text = _read(path, LIMITS["script"], truncate=True).decode("utf-8", errors="replace")
-        version = script_version(text, path.name)
+    paths = _candidates(mous, ("*scriptForCalibration.py",), ("script", "."))
+    for path, data in _contents(mous, paths, LIMITS["script"], truncate=True):
+        version = script_version(data.decode("utf-8", errors="replace"), path.name)
         if version:
             counts[version] += 1
             versions.setdefault(version, path)
     if not counts:
         return None
     best = max(counts, key=lambda v: (counts[v], parse_casa(v, allow_partial=True)))
-    return Evidence("script", _rel(versions[best], root), best, None)
+    return Evidence("script", _rel(mous, versions[best]), best, None)
 
 
 _LOG_LINE = re.compile(
@@ -323,17 +323,18 @@ def log_version(data: bytes, name: str) -> str | None:
     return _casa(match.group(1).decode("ascii"), name) if match else None
 
 
-def read_casalog(mous: Path, root: Path) -> Evidence | None:
+def read_casalog(mous: Directory) -> Evidence | None:
     """A ``CASA Version`` line in ``log/casa*.log`` (``casapy-*.log`` for CASA ≤ 4), or in a ``log/*.tgz``."""
-    for path in _candidates(mous, root, ("casa*.log",), ("log",)):
-        version = log_version(_read(path, LIMITS["casalog"], truncate=True), path.name)
+    paths = _candidates(mous, ("casa*.log",), ("log",))
+    for path, data in _contents(mous, paths, LIMITS["casalog"], truncate=True):
+        version = log_version(data, path.name)
         if version:
-            return Evidence("casalog", _rel(path, root), version, None)
-    for archive in _candidates(mous, root, ("*.tgz", "*.tar.gz"), ("log",)):
-        for member_name, data in _tar_members(archive, _is_casa_log, LIMITS["casalog"], True):
+            return Evidence("casalog", _rel(mous, path), version, None)
+    for archive in _candidates(mous, ("*.tgz", "*.tar.gz"), ("log",)):
+        for member_name, data in _tar_members(mous, archive, _is_casa_log, LIMITS["casalog"], True):
             version = log_version(data, member_name)
             if version:
-                return Evidence("casalog", f"{_rel(archive, root)}!{member_name}", version, None)
+                return Evidence("casalog", f"{_rel(mous, archive)}!{member_name}", version, None)
     return None
 
 
@@ -356,26 +357,26 @@ READERS: tuple[tuple[str, Reader], ...] = (
 # --------------------------------------------------------------------------------------------- utilities
 
 
-def _walk_for(top: Path, filename: str, depth: int) -> Iterator[Path]:
-    """Files named ``filename`` under ``top`` within ``depth`` levels, without following symbolic links."""
-    stack = [(top, 0)]
-    while stack:
-        directory, level = stack.pop()
-        try:
-            entries = list(directory.iterdir())
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.is_symlink():
+def _pages(mous: Directory, filename: str, tops: tuple[str, ...], depth: int) -> list[PurePosixPath]:
+    """Regular files named ``filename`` in ``html`` directories under each of ``tops`` (below the MOUS) within
+    ``depth`` levels, relative to the MOUS, sorted; links are neither followed nor reported."""
+    found: set[PurePosixPath] = set()
+    for top in tops:
+        with subdirectory(mous, PurePosixPath(top)) as start:
+            if start is None:
                 continue
-            if entry.is_dir() and level < depth:
-                stack.append((entry, level + 1))
-            elif entry.name == filename and entry.is_file():
-                yield entry
+            for directory, entries in walk(start, depth):
+                if directory.name == "html" and (filename, "file") in entries:
+                    found.add(directory.path.relative_to(mous.path) / filename)
+    return sorted(found)
 
 
 def _tar_members(
-    archive: Path, wanted: Callable[[str], bool], limit: int, truncate: bool = False
+    mous: Directory,
+    archive: PurePosixPath,
+    wanted: Callable[[str], bool],
+    limit: int,
+    truncate: bool = False,
 ) -> Iterator[tuple[str, bytes]]:
     """Contents of the wanted regular members of a tar archive, read in memory (never extracted).
 
@@ -384,7 +385,9 @@ def _tar_members(
     ``_TAR_EXPANDED``); going over either makes it unreadable evidence.
     """
     try:
-        with archive.open("rb") as raw:
+        with open_file(mous, archive) as raw:
+            if raw is None:  # not a regular file (any more): passed over
+                return
             size = os.fstat(raw.fileno()).st_size
             if size > _TAR_COMPRESSED:
                 raise UnreadableEvidence(

@@ -1,18 +1,20 @@
 """Find the MOUS (``member.uid___…``) directory of an ALMA product tree.
 
 A dataset is given as the member directory itself, or as a group / science-goal / project directory (or any
-directory) that holds exactly one member directory within four levels. Symbolic links are not followed
-while searching.
+directory) that holds exactly one member directory within five levels. The directory given is opened once
+(links on the way to it followed); below it, symbolic links are never followed (see ``tree``).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 import stat
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from casaspawner.datasets.tree import Directory, listing, open_directory, subdirectory, walk
 from casaspawner.errors import ResolutionError, shown
 
 MEMBER_DIR = re.compile(r"member\.uid___A[0-9]{3}_X[0-9a-fA-F]+_X[0-9a-fA-F]+")
@@ -32,59 +34,79 @@ def path_kind(path: Path) -> Literal["dir", "file", "missing"]:
     return "dir" if stat.S_ISDIR(mode) else "file"
 
 
-def find_mous(path: Path, label: str | None = None) -> Path:
-    """The single MOUS directory at or below ``path``; zero or several is a ``ResolutionError``.
+@contextlib.contextmanager
+def open_mous(path: Path, label: str | None = None) -> Iterator[Directory]:
+    """The single MOUS directory at or below ``path``, open; zero or several is a ``ResolutionError``.
 
     Errors name the dataset as ``label`` (how the user gave it; default: the path).
     """
     name = shown(str(path) if label is None else label)
-    try:
-        kind = path_kind(path)
-    except OSError as exc:
-        raise ResolutionError(
-            f"{name} cannot be opened ({exc.strerror or exc}); give an ALMA dataset directory or an ALMA identifier."
-        ) from None
-    if kind == "file":
-        raise ResolutionError(f"{name} is a file; give the dataset's directory (a member.uid___… directory).")
-    if kind == "missing":
-        raise ResolutionError(f"{name} does not exist; give an ALMA dataset directory or an ALMA identifier.")
-    if MEMBER_DIR.fullmatch(path.name) or _looks_like_mous(path):
-        return path
-    found: list[Path] = []
-    base_depth = len(path.parts)
-    for visited, (dirpath, dirnames, _) in enumerate(os.walk(path, followlinks=False)):
-        if visited > _MAX_DIRS:
-            break
-        here = Path(dirpath)
-        members = [name for name in dirnames if MEMBER_DIR.fullmatch(name)]
-        found.extend(here / name for name in members)
-        # do not descend into member directories or beyond the product-tree depth
-        dirnames[:] = [
-            name
-            for name in dirnames
-            if name not in members
-            and not name.startswith(".")
-            and len(here.parts) - base_depth < _MAX_DEPTH - 1
-        ]
-    if not found:
-        raise ResolutionError(
-            f"{name} holds no ALMA member.uid___… (MOUS) directory; give the directory of one ALMA dataset."
+    with contextlib.ExitStack() as stack:
+        try:
+            root = stack.enter_context(open_directory(path))
+        except (OSError, ValueError) as exc:
+            raise _not_a_directory(path, name, exc) from None
+        if MEMBER_DIR.fullmatch(path.name) or _looks_like_mous(root):
+            yield root
+        else:
+            yield stack.enter_context(_find_member(root, name))
+
+
+def _not_a_directory(path: Path, name: str, exc: OSError | ValueError) -> ResolutionError:
+    """The sentence for a dataset path that could not be opened as a directory."""
+    if isinstance(exc, NotADirectoryError):
+        try:
+            is_file = path_kind(path) == "file"
+        except OSError:
+            is_file = False
+        if is_file:
+            return ResolutionError(
+                f"{name} is a file; give the dataset's directory (a member.uid___… directory)."
+            )
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, ValueError)):  # ValueError: a NUL in the path
+        return ResolutionError(
+            f"{name} does not exist; give an ALMA dataset directory or an ALMA identifier."
         )
-    if len(found) > 1:
-        names = ", ".join(sorted(p.name for p in found)[:10])
-        more = f" and {len(found) - 10} more" if len(found) > 10 else ""
-        raise ResolutionError(
-            f"{name} holds {len(found)} MOUS directories ({names}{more}); give one of them."
+    return ResolutionError(
+        f"{name} cannot be opened ({exc.strerror or exc}); give an ALMA dataset directory or an ALMA identifier."
+    )
+
+
+@contextlib.contextmanager
+def _find_member(root: Directory, name: str) -> Iterator[Directory]:
+    """The one member directory within ``_MAX_DEPTH`` levels below ``root``, open."""
+    found: list[str] = []
+    with contextlib.ExitStack() as stack:
+        first: Directory | None = None
+        dirs = stack.enter_context(
+            contextlib.closing(
+                walk(root, _MAX_DEPTH - 1, lambda n: not MEMBER_DIR.fullmatch(n) and not n.startswith("."))
+            )
         )
-    return found[0]
+        for visited, (directory, entries) in enumerate(dirs):
+            if visited > _MAX_DIRS:
+                break
+            for entry, kind in entries:
+                if kind != "dir" or not MEMBER_DIR.fullmatch(entry):
+                    continue
+                if first is None:  # kept open: the directory listed is the one read
+                    first = stack.enter_context(subdirectory(directory, PurePosixPath(entry)))
+                    if first is None:  # no longer a directory: passed over like any link
+                        continue
+                found.append(entry)
+        if first is None:  # a member is counted only once one could be opened
+            raise ResolutionError(
+                f"{name} holds no ALMA member.uid___… (MOUS) directory; give the directory of one ALMA dataset."
+            )
+        if len(found) > 1:
+            names = ", ".join(sorted(found)[:10])
+            more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+            raise ResolutionError(
+                f"{name} holds {len(found)} MOUS directories ({names}{more}); give one of them."
+            )
+        dirs.close()  # the walk's directories; the member stays open
+        yield first
 
 
-def _looks_like_mous(path: Path) -> bool:
-    return sum(_is_dir(path / name) for name in MOUS_SUBDIRS) >= 2
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path_kind(path) == "dir"
-    except OSError:
-        return False
+def _looks_like_mous(directory: Directory) -> bool:
+    return sum(kind == "dir" and entry in MOUS_SUBDIRS for entry, kind in listing(directory)) >= 2

@@ -27,29 +27,33 @@ from pathlib import Path
 from casaspawner.catalog.model import Catalog, Release
 from casaspawner.catalog.versions import CasaVersion, parse_casa, pipeline_sort_key
 from casaspawner.datasets.archive import ArchiveClient
-from casaspawner.datasets.evidence import READERS, UnreadableEvidence
+from casaspawner.datasets.evidence import READERS, UnreadableEvidence, read_manifest
 from casaspawner.datasets.ids import looks_like_identifier, parse_identifier
-from casaspawner.datasets.layout import find_mous, path_kind
+from casaspawner.datasets.layout import open_mous, path_kind
 from casaspawner.datasets.model import Evidence, Resolution
+from casaspawner.datasets.tree import open_directory
 from casaspawner.errors import ArchiveUnavailable, InvalidInput, VersionUnknown, shown
 
 
 def read_evidence(path: Path, label: str | None = None) -> Evidence:
-    """The first evidence, in ALMA's order, found in the dataset at ``path`` (named ``label`` in errors)."""
-    mous = find_mous(path, label)
+    """The first evidence, in ALMA's order, found in the dataset at ``path`` (named ``label`` in errors).
+
+    The directory at ``path`` is opened once; everything below it is read through that descriptor.
+    """
     name = shown(str(path) if label is None else label)
     problems: list[str] = []
-    for _kind, reader in READERS:
-        try:
-            evidence = reader(mous, path)
-        except UnreadableEvidence as exc:
-            problems.append(str(exc))
-            continue
-        except OSError as exc:
-            problems.append(f"a file could not be read ({exc.strerror})")
-            continue
-        if evidence is not None:
-            return evidence
+    with open_mous(path, label) as mous:
+        for _kind, reader in READERS:
+            try:
+                evidence = reader(mous)
+            except UnreadableEvidence as exc:
+                problems.append(str(exc))
+                continue
+            except OSError as exc:
+                problems.append(f"a file could not be read ({exc.strerror})")
+                continue
+            if evidence is not None:
+                return evidence
     if problems:
         raise VersionUnknown(f"Nothing readable in {name} tells its CASA version: {problems[0]}", advice="")
     raise VersionUnknown(
@@ -88,7 +92,15 @@ def resolve_target(
             f"No ALMA archive is configured to look up {identifier}; give the dataset's directory instead."
         )
     manifest = archive.fetch_manifest(identifier)
-    evidence = READERS[0][1](manifest.parent, manifest.parent)
+    try:
+        with open_directory(manifest.parent) as cached:
+            evidence = read_manifest(cached)
+    except OSError as exc:
+        raise ArchiveUnavailable(
+            f"The archive's pipeline manifest for {identifier} could not be read from "
+            f"{shown(str(manifest.parent))} ({exc.strerror or exc}); download the dataset and give its "
+            "directory instead."
+        ) from None
     if evidence is None:
         raise VersionUnknown(
             f"The archive's pipeline manifest for {identifier} does not name a CASA version (data of Cycles 2-4 "

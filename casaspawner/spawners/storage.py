@@ -124,7 +124,7 @@ class StorageMountReader:
     The walk opens one directory at a time, relative to the last one and never through a link (``O_NOFOLLOW``;
     links are read and their targets walked the same way), and :meth:`open` gives the resolver the very
     directory it ended on (through ``/proc/self/fd``), so a link swapped in after a step was checked cannot
-    redirect it. What stays looked up by name is below that directory (see docs/kube.md).
+    redirect it; below that directory the resolver opens everything the same way (``datasets.tree``).
     """
 
     MAX_LINKS = 40  # like the kernel's limit on links followed while resolving one path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import urllib.parse
@@ -13,7 +14,7 @@ import pytest
 
 from casaspawner.catalog import Catalog
 from casaspawner.datasets.archive import AlmaDataLinkClient
-from casaspawner.datasets.ids import parse_identifier
+from casaspawner.datasets.ids import ProjectCode, Uid, parse_identifier
 from casaspawner.datasets.resolve import resolve_target
 from casaspawner.datasets.synth import ERAS, manifest_xml
 from casaspawner.errors import ArchiveUnavailable, ResolutionError
@@ -99,6 +100,20 @@ def test_uid_manifest_is_fetched_cached_and_resolved(archive: str, tmp_path: Pat
     again = resolve_target("uid___A001_X3621_X3d68", catalog, archive=client)
     assert again.release.id == "pl-2023.1.0.124"
     assert len(Archive.hits) == hits, "the cached manifest was fetched again"
+
+    class Cleared(AlmaDataLinkClient):
+        """The cache is cleared by someone else between the fetch and the read."""
+
+        def fetch_manifest(self, identifier: ProjectCode | Uid) -> Path:
+            manifest = super().fetch_manifest(identifier)
+            shutil.rmtree(manifest.parent)
+            return manifest
+
+    with pytest.raises(ArchiveUnavailable) as info:
+        resolve_target(uid, catalog, archive=Cleared(archive, timeout=5, cache_dir=tmp_path))
+    assert str(info.value).endswith(
+        "(No such file or directory); download the dataset and give its directory instead."
+    )
 
 
 def test_recursive_datalink_and_project_codes(archive: str, tmp_path: Path, catalog: Catalog) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from pathlib import Path
+import threading
+from pathlib import Path, PurePosixPath
 
 import pytest
 
 from casaspawner.catalog import Catalog, normalize_casa, normalize_pipeline
 from casaspawner.datasets.evidence import read_weblog
+from casaspawner.datasets.layout import open_mous
 from casaspawner.datasets.resolve import read_evidence, resolve_path, resolve_target
 from casaspawner.datasets.synth import ERAS, DatasetSpec, write_dataset
+from casaspawner.datasets.tree import Directory, open_directory, open_file
 from casaspawner.errors import InvalidInput, ResolutionError, VersionUnknown
 
 # era -> (release id the session runs, exact?, evidence kind, processed_with casa, processed_with pipeline)
@@ -225,6 +228,102 @@ def test_symlinks_out_of_the_dataset_are_ignored(tmp_path: Path, catalog: Catalo
     assert resolve_path(member, catalog).evidence.kind == "casalog"
 
 
+def test_links_within_the_dataset_are_passed_over_too(tmp_path: Path, catalog: Catalog) -> None:
+    """Below the directory given, no link is followed, even one that stays inside the dataset: evidence files,
+    directories the resolver looks in, weblog pages, packed archives and member directories alike."""
+    member = write_dataset(
+        tmp_path / "ds", spec=DatasetSpec(evidence=("casalog",), casa="4.7.2", pipeline=None)
+    )
+    # evidence of another version kept in the dataset, too deep to be searched, linked where it is looked for
+    kept = write_dataset(
+        member / "calibration" / "kept",
+        spec=DatasetSpec(evidence=("manifest", "aquareport", "weblog", "weblog-tgz")),
+    )
+    manifest = next(kept.glob("script/*manifest.xml"))
+    (member / "script" / manifest.name).symlink_to(manifest)
+    (member / "qa").rmdir()
+    (member / "qa").symlink_to(kept / "qa")  # an AQUA report, a weblog and a packed weblog behind a link
+    html = member / "product" / "weblog" / "html"
+    html.mkdir(parents=True)
+    (html / "t1-1.html").symlink_to(next(kept.glob("qa/*/*/html/t1-1.html")))
+    (member / "weblog.tgz").symlink_to(next(kept.glob("qa/*.weblog.tgz")))
+    (member / "log" / "casa-1.tgz").symlink_to(next(kept.glob("qa/*.weblog.tgz")))
+    assert resolve_path(member, catalog).evidence.kind == "casalog"
+    # the dataset directory itself may be given through a link: that is the directory the user named
+    (tmp_path / "given").symlink_to(member)
+    assert resolve_path(tmp_path / "given", catalog).evidence.path == "log/casapy-20161102-101201.log"
+    # a member directory that is a link is not a MOUS of the directory given
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / member.name).symlink_to(member)
+    with pytest.raises(ResolutionError, match="project holds no ALMA member"):
+        resolve_path(project, catalog)
+
+
+def test_names_that_are_not_regular_files_are_passed_over_without_blocking(tmp_path: Path) -> None:
+    """A name swapped for a FIFO, a directory or a link after it was listed opens as nothing: the open
+    never waits for a FIFO's writer and never follows a link at any step."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"evidence")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to("d")
+    (tmp_path / "d" / "f-link").symlink_to("f")
+    results: dict[str, bool] = {}
+
+    def opens(top: Directory, name: str) -> None:
+        with open_file(top, PurePosixPath(name)) as handle:
+            results[name] = handle is not None and handle.read() == b"evidence"
+
+    with open_directory(tmp_path) as top:
+        reader = threading.Thread(target=opens, args=(top, "fifo"), daemon=True)
+        reader.start()
+        reader.join(10)
+        if reader.is_alive():  # it blocked: let it go, then fail
+            os.close(os.open(tmp_path / "fifo", os.O_WRONLY | os.O_NONBLOCK))
+        assert not reader.is_alive()
+        for name in ("d/f", "d", "link/f", "d/f-link", "missing", "d/f/x", "d/../d/f"):
+            opens(top, name)
+    assert results == {
+        "fifo": False,
+        "d/f": True,
+        "d": False,
+        "link/f": False,
+        "d/f-link": False,
+        "missing": False,
+        "d/f/x": False,
+        "d/../d/f": False,
+    }
+
+
+def test_no_descriptor_is_left_open(tmp_path: Path, catalog: Catalog) -> None:
+    """Every way out of a resolution (evidence found, each kind of error) closes what it opened."""
+    for era in ERAS:
+        write_dataset(tmp_path / era, era)
+    write_dataset(tmp_path / "two", spec=DatasetSpec(mous="uid___A001_X1_X2"))
+    write_dataset(tmp_path / "two", spec=DatasetSpec(mous="uid___A001_X1_X3"))
+    (tmp_path / "empty").mkdir()
+    bad = write_dataset(tmp_path / "bad", spec=DatasetSpec(evidence=()))
+    (bad / "qa" / "x.weblog.tgz").write_bytes(b"\x1f\x8b not gzip")
+    before = sorted(os.listdir("/proc/self/fd"))
+    outcomes: list[str] = []
+    for path in sorted(tmp_path.iterdir()):
+        try:
+            outcomes.append(resolve_path(path, catalog, label=path.name).evidence.kind)
+        except ResolutionError as exc:
+            outcomes.append(str(exc).split(";")[0].split(" ", 1)[1])
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert {
+        "holds 2 MOUS directories (member.uid___A001_X1_X2, member.uid___A001_X1_X3)",
+        "holds no ALMA member.uid___… (MOUS) directory",
+        "readable in bad tells its CASA version: x.weblog.tgz is not a readable tar archive.",
+        "in no-evidence tells which CASA version processed it (no pipeline manifest, AQUA report, weblog, "
+        "calibration script or CASA log)",
+        "manifest",
+        "weblog",
+        "script",
+    } <= set(outcomes), outcomes
+
+
 def test_oversized_evidence_is_refused_not_read(tmp_path: Path, catalog: Catalog) -> None:
     member = write_dataset(tmp_path, spec=DatasetSpec(evidence=()))
     with (member / "qa" / "big.pipeline_aquareport.xml").open("wb") as handle:
@@ -236,9 +335,13 @@ def test_oversized_evidence_is_refused_not_read(tmp_path: Path, catalog: Catalog
 def test_packed_weblog_is_read_without_extracting(tmp_path: Path, catalog: Catalog) -> None:
     member = write_dataset(tmp_path, "cycle3-pipeline")
     before = sorted(p for p in tmp_path.rglob("*"))
-    evidence = read_weblog(member, tmp_path)
-    assert evidence is not None and evidence.path.endswith(
-        "weblog.tgz!pipeline-20231015T120000/html/t1-1.html"
+    with open_mous(tmp_path) as mous:
+        evidence = read_weblog(mous)
+    assert evidence is not None
+    assert (
+        evidence.path
+        == str(member.relative_to(tmp_path) / "qa" / f"{member.name}.hifa_calimage.weblog.tgz")
+        + "!pipeline-20231015T120000/html/t1-1.html"
     )
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
