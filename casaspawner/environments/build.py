@@ -778,11 +778,13 @@ async def _casa_starts(launcher: Path, label: str, timeout: float = 600) -> None
         cmd = [str(launcher), "--nogui", "--nologger", "--log2term", "-c", str(script)]
 
         async def lines() -> list[str]:
-            return [line async for line in _stream(cmd, f"Starting {label}", env, Path(home))]
+            # Closed on a timeout too, which kills the hung CASA (``_stream``'s ``finally``).
+            async with contextlib.aclosing(_stream(cmd, f"Starting {label}", env, Path(home))) as stream:
+                return [line async for line in stream]
 
         try:
             output = await asyncio.wait_for(lines(), timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on, not on 3.10
             raise EnvironmentBuildError(f"{label} did not start within {int(timeout)} seconds.") from None
     if "CASA-STARTED" not in output:
         raise EnvironmentBuildError(

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import threading
 import time
@@ -322,6 +323,49 @@ def test_a_casa_without_python3_is_run_checked_with_bin_casa_or_says_it_was_not(
             "CASA 5.6.1-8 has no Python 3 and no bin/casa to try: desktop only, not run-checked." in messages
         )
         assert not env.run_checked
+
+
+HUNG_CASA = """#!/bin/sh
+exec sleep {marker}
+"""
+
+
+@pytest.mark.parametrize("version", ["3.10", f"{sys.version_info[0]}.{sys.version_info[1]}"])
+def test_a_hung_casa_start_check_is_one_sentence_on_every_supported_python(
+    version: str, tmp_path: Path
+) -> None:
+    """``asyncio.wait_for`` raises ``asyncio.TimeoutError`` on Python 3.10 (``TimeoutError`` only from 3.11):
+    a CASA 4/5 start check that hangs is one sentence on both, and the hung CASA is not left running."""
+    found = find_python([version])
+    if found is None:
+        pytest.skip(f"no Python {version} here (pyenv, PATH or uv)")
+    marker = f"119.{os.getpid()}{version.replace('.', '')}"  # how long it sleeps: a number only it uses
+    launcher = tmp_path / "casa"
+    launcher.write_text(HUNG_CASA.format(marker=marker))
+    launcher.chmod(0o755)
+    code = (
+        "import asyncio, sys\nfrom pathlib import Path\n"
+        "from casaspawner.environments.build import EnvironmentBuildError, _casa_starts\n"
+        "try:\n    asyncio.run(_casa_starts(Path(sys.argv[1]), 'CASA 5.6.1-8', timeout=1))\n"
+        "except EnvironmentBuildError as error:\n    print('SENTENCE', error)\n"
+    )
+    # casaspawner from this checkout; its (pure-Python) dependencies from the venv running the tests.
+    path = os.pathsep.join([str(Path(demo.__file__).parent.parent), sysconfig.get_paths()["purelib"]])
+    result = subprocess.run(
+        [str(found[0]), "-c", code, str(launcher)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    assert result.stdout == "SENTENCE CASA 5.6.1-8 did not start within 1 seconds.\n", result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(int(p), marker)]
+    assert left == [], "the hung CASA start check is still running"
+
+
+def _cmdline_has(pid: int, text: str) -> bool:
+    try:
+        return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 @pytest.mark.integration
