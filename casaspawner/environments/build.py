@@ -54,10 +54,10 @@ _FORMAT = 3
 PROBE_TTL = 600.0
 #: ``casaspawner/desktop``: the desktop start script, the CASA launcher and the notices watcher.
 DESKTOP_SOURCE = Path(__file__).resolve().parent.parent / "desktop"
-#: JupyterLab settings every session starts with: no news feed (notifications themselves stay on).
-LAB_OVERRIDES: dict[str, dict[str, object]] = {
-    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}
-}
+#: JupyterLab settings every session starts with (no news feed; notifications themselves stay on): the file a
+#: wheel installs in ``share/jupyter/lab/settings/overrides.d``, which local sessions (with an
+#: ``app_settings_dir`` of their own) do not read.
+LAB_OVERRIDES = DESKTOP_SOURCE.parent / "services" / "lab-overrides" / "casaspawner.json"
 
 
 class EnvironmentBuildError(CasaspawnerError):
@@ -322,10 +322,11 @@ class EnvironmentManager:
         """The desktop scripts and JupyterLab setting overrides sessions read, installed under the cache.
 
         ``session/<hash>/desktop/`` is a copy of ``casaspawner/desktop`` and ``session/<hash>/lab-settings/``
-        holds ``overrides.json`` (:data:`LAB_OVERRIDES`); ``<hash>`` covers their content, so a changed checkout
-        gets a new copy. Sessions never read the checkout itself, which may be private (a clone in ``/root``).
+        holds ``overrides.json`` (a copy of :data:`LAB_OVERRIDES`); ``<hash>`` covers their content, so a changed
+        checkout gets a new copy. Sessions never read the checkout itself, which may be private (a clone in
+        ``/root``).
         """
-        overrides = json.dumps(LAB_OVERRIDES, indent=1, sort_keys=True) + "\n"
+        overrides = LAB_OVERRIDES.read_text()
         files = sorted(p for p in DESKTOP_SOURCE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
         digest = hashlib.sha256(overrides.encode())
         for path in files:

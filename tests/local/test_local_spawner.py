@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import http.server
+import json
 import os
 import pwd
 import shutil
@@ -189,7 +190,7 @@ def test_form_previews_the_last_dataset_and_says_it_will_be_approximate(storage:
 
 
 def test_sessions_read_the_desktop_files_from_the_cache_not_the_checkout(storage: Path) -> None:
-    from casaspawner.environments.build import DESKTOP_SOURCE
+    from casaspawner.environments.build import DESKTOP_SOURCE, LAB_OVERRIDES
     from casaspawner.environments.pythons import world_usable
 
     local = spawner(storage)
@@ -201,7 +202,8 @@ def test_sessions_read_the_desktop_files_from_the_cache_not_the_checkout(storage
         if ROOT:  # sessions of other users run them
             assert world_usable(desktop / name), name
     overrides = (desktop.parent / "lab-settings" / "overrides.json").read_text()
-    assert '"fetchNews": "false"' in overrides and "doNotDisturbMode" not in overrides
+    assert overrides == LAB_OVERRIDES.read_text(), "the wheel's overrides.d file, not a second copy"
+    assert json.loads(overrides) == {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}
     assert spawner(storage).desktop_dir() == desktop, "installed once per content"
 
 
