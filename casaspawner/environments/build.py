@@ -33,7 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -689,7 +689,7 @@ async def _locked(path: Path) -> AsyncIterator[bool]:
 
 async def _stream(
     cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Run ``cmd``, yielding its output lines; a failure raises one sentence ending in the last line."""
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd
