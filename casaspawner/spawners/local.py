@@ -96,38 +96,6 @@ def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
         ) from None
 
 
-def as_owner_of(home: Path, work: Callable[..., object], *args: Any) -> None:
-    """Run ``work(*args)`` with the rights of ``home``'s owner: as root, in a child process that has dropped
-    to that uid and gid (no supplemental groups), so nothing a user placed in their home (links) can make
-    root write elsewhere; otherwise (not root, or root's own directory) right here. Errors come back as a
-    ``CasaspawnerError`` with the child's sentence."""
-    info = os.lstat(home)
-    if not _running_as_root() or info.st_uid == 0:
-        work(*args)
-        return
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop root for good, do the work, report, leave without cleanup handlers
-        code = 1
-        try:
-            os.close(read)
-            os.setgroups([])
-            os.setgid(info.st_gid)
-            os.setuid(info.st_uid)
-            work(*args)
-            code = 0
-        except BaseException as exc:  # everything goes back to the parent as one sentence
-            os.write(write, (str(exc) or type(exc).__name__).encode(errors="replace")[:2000])
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
-    _, status = os.waitpid(pid, 0)
-    if status != 0:
-        raise CasaspawnerError(f"Writing in {home} as its owner failed: {message or 'no reason given'}.")
-
-
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` now (from /proc), children first."""
     children: dict[int, list[int]] = {}

@@ -4,6 +4,7 @@ install (the operator's ``allow_approximate``)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import grp
 import http.server
@@ -25,8 +26,9 @@ import pytest
 from casaspawner import demo
 from casaspawner.catalog.model import Release
 from casaspawner.datasets.synth import write_dataset
+from casaspawner.demo import as_owner_of
 from casaspawner.errors import CasaspawnerError
-from casaspawner.spawners.local import LocalCASASpawner, as_owner_of
+from casaspawner.spawners.local import LocalCASASpawner
 
 pytestmark = pytest.mark.integration  # as root, the first use creates the local account jupyter-demo
 ROOT = os.geteuid() == 0
@@ -274,6 +276,22 @@ def test_the_session_opens_its_log_itself_never_through_a_link(
     assert victim.read_text() == "secret\n"
     after = victim.stat()
     assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+
+
+def test_the_hub_never_forks_python() -> None:
+    """``fork()`` followed by Python code in the child is unsafe in a multi-threaded process such as the hub
+    (``asyncio.to_thread`` workers may hold locks): only the single-threaded demo does it (``as_owner_of``)."""
+    import casaspawner.spawners
+
+    forking = ("fork", "forkpty")
+    for module in sorted(Path(casaspawner.spawners.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in forking:
+                raise AssertionError(f"{module.name}:{node.lineno} calls os.{node.attr}")
+    assert any(
+        isinstance(node, ast.Attribute) and node.attr == "fork"
+        for node in ast.walk(ast.parse(Path(demo.__file__).read_text()))
+    ), "the check looks for what as_owner_of does"
 
 
 @pytest.mark.skipif(not ROOT, reason="only a hub running as root can be made to write for a user")
