@@ -76,19 +76,27 @@ def ensure_account(name: str, home: str, comment: str) -> pwd.struct_passwd:
 
 
 def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
-    """Create ``path`` (its parents are the hub's) and, as root, give it to ``uid:gid`` with ``mode``.
+    """Create ``path`` (its parents are the hub's) and, as root, give it to ``uid:gid``.
 
-    Never through a link: a link there is refused, not followed.
+    ``mode`` is set only on a directory the hub creates or, as root, takes over (one that was not ``uid:gid``'s):
+    a user's own ``chmod`` of their directory stays. Never through a link: a link there is refused, not followed.
     """
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)  # private until it has its owner and mode
+            created = True
+        except FileExistsError:
+            created = False
         info = os.lstat(path)
         if not stat.S_ISDIR(info.st_mode):
             raise InvalidInput(
                 f"{path} is not a directory (a link?); the session's storage cannot be prepared."
             )
-        if _running_as_root() and (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) != (uid, gid, mode):
+        taken_over = _running_as_root() and (info.st_uid, info.st_gid) != (uid, gid)
+        if taken_over:
             os.chown(path, uid, gid, follow_symlinks=False)
+        if created or taken_over:
             os.chmod(path, mode)  # a directory, not a link (checked above; its parent is the hub's)
     except OSError as error:
         raise InvalidInput(

@@ -245,6 +245,25 @@ def test_project_directories_belong_to_the_project_group(storage: Path, demo_rel
             subprocess.run(["groupdel", "casa-alma-team"], capture_output=True)
 
 
+def test_a_users_own_mode_of_their_home_is_kept(storage: Path, demo_release: Release) -> None:
+    """The hub gives the home its mode when it creates or takes it over; a user who then makes it private
+    (``chmod 700``) keeps that on every later spawn."""
+    write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
+    local = spawner(storage)
+    plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}"}))
+    home = Path(plan.home)
+    local._prepare_directories(plan, plan.identity.uid, plan.identity.gid)
+    if ROOT:  # written by root above: taken over by the user's account
+        assert (home.stat().st_uid, stat.S_IMODE(home.stat().st_mode)) == (plan.identity.uid, 0o750)
+    scratch = Path(local.environment["SCRATCH"])
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o700, "created by the hub: its mode"
+    as_owner_of(home, os.chmod, home, 0o700)
+    as_owner_of(home, os.chmod, scratch, 0o750)
+    local._prepare_directories(plan, plan.identity.uid, plan.identity.gid)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o750
+
+
 def test_the_session_opens_its_log_itself_never_through_a_link(
     storage: Path, tmp_path: Path, demo_release: Release
 ) -> None:
