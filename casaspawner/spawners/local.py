@@ -24,6 +24,8 @@ import re
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from importlib.metadata import version
 from pathlib import Path, PurePosixPath
@@ -59,20 +61,84 @@ def _running_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def ensure_account(name: str, home: str, comment: str) -> pwd.struct_passwd:
-    """The local account ``name``, created (``useradd``, home ``home``, not created) if missing; root only."""
+#: Held while this hub process creates or changes local accounts and groups: hub requests run that in worker
+#: threads (``asyncio.to_thread``), and useradd/groupadd/usermod of two at once fail on each other's locks.
+_ACCOUNTS_LOCK = threading.Lock()
+
+
+class AccountError(CasaspawnerError):
+    """A local account or group could not be created or joined (a hub running as root)."""
+
+
+def _passwd(name: str) -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(name)
     except KeyError:
-        pass
+        return None
+
+
+def _group(name: str) -> grp.struct_group | None:
+    try:
+        return grp.getgrnam(name)
+    except KeyError:
+        return None
+
+
+def _administer(cmd: list[str], done: Callable[[], bool], failure: str) -> None:
+    """Run ``cmd`` (useradd, groupadd, usermod) unless or until ``done()``, a few times: another program may
+    hold the lock of ``/etc/passwd`` or ``/etc/group`` for a moment, or have made the same change meanwhile
+    ("already exists"). A failure is an ``AccountError``: ``failure`` and the tool's last line."""
+    why = "no reason given"
+    for attempt in range(4):
+        if done():
+            return
+        if attempt:
+            time.sleep(0.25 * attempt)
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            lines = result.stderr.strip().splitlines() or [f"{cmd[0]} exited with status {result.returncode}"]
+            why = lines[-1]
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = f"{cmd[0]}: {getattr(exc, 'strerror', None) or exc}"
+    if not done():
+        raise AccountError(f"{failure}: {why.rstrip('.')}.")
+
+
+def ensure_account(name: str, home: str, comment: str) -> pwd.struct_passwd:
+    """The local account ``name``, created (``useradd``, home ``home``, not created) if missing; root only."""
+    account = _passwd(name)
+    if account is not None:
+        return account
     if not _SYSTEM_NAME.fullmatch(name):
         raise InvalidInput(f"{name!r} cannot be a local account name.")
     cmd = ["useradd", "--home-dir", home, "--no-create-home", "--shell", "/bin/bash", "--user-group"]
-    result = subprocess.run([*cmd, "--comment", comment, name], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        why = (result.stderr.strip().splitlines() or ["useradd failed"])[-1]
-        raise InvalidInput(f"The local account {name} could not be created: {why}.")
+    with _ACCOUNTS_LOCK:
+        _administer(
+            [*cmd, "--comment", comment, name],
+            lambda: _passwd(name) is not None,
+            f"The local account {name} could not be created",
+        )
     return pwd.getpwnam(name)
+
+
+def ensure_group(name: str, member: str) -> int:
+    """The gid of the local group ``name``, created (``groupadd``) if missing, with the account ``member`` in it
+    (``usermod -a -G``); root only."""
+    entry = _group(name)
+    if entry is not None and member in entry.gr_mem:
+        return entry.gr_gid
+    with _ACCOUNTS_LOCK:
+        _administer(
+            ["groupadd", name],
+            lambda: _group(name) is not None,
+            f"The local group {name} could not be created",
+        )
+        _administer(
+            ["usermod", "-a", "-G", name, member],
+            lambda: member in (_group(name) or grp.struct_group(("", "", 0, []))).gr_mem,
+            f"{member} could not be added to the local group {name}",
+        )
+    return grp.getgrnam(name).gr_gid
 
 
 def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
@@ -354,16 +420,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         name = self.system_group_template.format(group=group).lower()
         if not _SYSTEM_NAME.fullmatch(name):
             raise InvalidInput(f"The project {group!r} cannot be made into a local group name ({name!r}).")
-        try:
-            entry = grp.getgrnam(name)
-        except KeyError:
-            subprocess.run(["groupadd", name], check=True, capture_output=True, timeout=60)
-            entry = grp.getgrnam(name)
-        if account not in entry.gr_mem:
-            subprocess.run(
-                ["usermod", "-a", "-G", name, account], check=True, capture_output=True, timeout=60
-            )
-        return entry.gr_gid
+        return ensure_group(name, account)
 
     async def session_identity(self) -> Identity:
         """A local account when the hub is root, else the hub's own user; groups are the hub groups."""

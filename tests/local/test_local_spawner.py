@@ -28,7 +28,7 @@ from casaspawner.catalog.model import Release
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.demo import as_owner_of
 from casaspawner.errors import CasaspawnerError
-from casaspawner.spawners.local import LocalCASASpawner
+from casaspawner.spawners.local import LocalCASASpawner, ensure_group
 
 pytestmark = pytest.mark.integration  # as root, the first use creates the local account jupyter-demo
 ROOT = os.geteuid() == 0
@@ -243,6 +243,53 @@ def test_project_directories_belong_to_the_project_group(storage: Path, demo_rel
     finally:
         if ROOT:
             subprocess.run(["groupdel", "casa-alma-team"], capture_output=True)
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root creates local accounts and groups")
+def test_users_of_a_new_project_spawning_together_get_one_group(storage: Path) -> None:
+    """First spawns of several users of a project nobody used yet, at once (each hub request creates accounts
+    and groups from a worker thread): one local group, every account in it, no useradd/groupadd/usermod
+    failure ("groupadd: group … already exists", "cannot lock /etc/group")."""
+    tag = os.urandom(3).hex()
+    project = f"race-{tag}"
+
+    def racer(n: int) -> LocalCASASpawner:
+        class RaceUser(User):
+            name = f"race-{tag}-{n}"
+            groups = [Group(project)]
+            url = f"/user/race-{tag}-{n}/"
+
+        return LocalCASASpawner(user=RaceUser(), storage_root=str(storage))
+
+    spawners = [racer(n) for n in range(6)]
+
+    async def together() -> list[Any]:
+        return list(await asyncio.gather(*(s.session_identity() for s in spawners)))
+
+    try:
+        identities = asyncio.run(together())
+        group = grp.getgrnam(f"casa-{project}")
+        assert {identity.supplemental_gids for identity in identities} == {(group.gr_gid,)}
+        assert sorted(group.gr_mem) == sorted(s.system_username() for s in spawners)
+        assert len({identity.uid for identity in identities}) == len(spawners)
+    finally:
+        for local in spawners:
+            subprocess.run(["userdel", local.system_username()], capture_output=True)
+        subprocess.run(["groupdel", f"casa-{project}"], capture_output=True)
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root creates local accounts and groups")
+def test_a_group_that_cannot_be_joined_is_one_sentence() -> None:
+    name = f"casa-nobody-{os.urandom(3).hex()}"
+    try:
+        with pytest.raises(CasaspawnerError) as caught:
+            ensure_group(name, "jupyter-no-such-account")
+        assert str(caught.value) == (
+            f"jupyter-no-such-account could not be added to the local group {name}: usermod: user "
+            "'jupyter-no-such-account' does not exist."
+        )
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True)
 
 
 def test_a_users_own_mode_of_their_home_is_kept(storage: Path, demo_release: Release) -> None:
