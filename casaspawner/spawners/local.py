@@ -21,6 +21,7 @@ import html
 import os
 import pwd
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -170,19 +171,29 @@ def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
         ) from None
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` now (from /proc), children first."""
-    children: dict[int, list[int]] = {}
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, start time in clock ticks after boot) of every process now, from /proc."""
+    table: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (found := _stat(int(entry))) is not None:
+            table[int(entry)] = found
+    return table
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of process ``pid`` (``/proc/<pid>/stat`` fields 4 and 22); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _below(pid: int, table: dict[int, tuple[int, int]]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _start) in table.items():
+        children.setdefault(ppid, []).append(child)
     found: list[int] = []
     todo = [pid]
     while todo:
@@ -192,26 +203,73 @@ def descendants(pid: int) -> list[int]:
     return found[::-1]
 
 
-def _terminate(pids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM, then after ``grace`` seconds SIGKILL, each of ``pids`` still alive."""
-    import signal
-    import time
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now (from /proc), children first."""
+    return _below(pid, _process_table())
 
-    alive = [p for p in pids if _signal(p, signal.SIGTERM)]
+
+class ProcessHandle:
+    """One process, held so that a signal sent later never reaches another process that got its pid since:
+    a pidfd (``os.pidfd_open``, Linux 5.3), else the process's start time, compared before each signal."""
+
+    def __init__(self, pid: int, start: int, fd: int | None) -> None:
+        self.pid, self.start, self.fd = pid, start, fd
+
+    @classmethod
+    def open(cls, pid: int, start: int | None = None, *, pidfd: bool = True) -> ProcessHandle | None:
+        """A handle on process ``pid`` — with ``start``, only if it is still the process that started then;
+        None if it is gone. ``pidfd=False``: the start-time comparison only."""
+        fd = None
+        if pidfd and hasattr(os, "pidfd_open"):
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return None
+            except OSError:  # ENOSYS (Linux < 5.3) or refused by a seccomp filter: start times only
+                fd = None
+        found = _stat(pid)  # after pidfd_open: the pidfd is of the process whose start time this is
+        if found is None or (start is not None and found[1] != start):
+            if fd is not None:
+                os.close(fd)
+            return None
+        return cls(pid, found[1], fd)
+
+    def signal(self, sig: int) -> bool:
+        """Send ``sig`` (0: only check that it lives); False when the process is gone (or not ours to signal)."""
+        try:
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, sig)
+            else:
+                found = _stat(self.pid)
+                if found is None or found[1] != self.start:
+                    return False
+                os.kill(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def session_processes(pid: int) -> list[ProcessHandle]:
+    """Handles on every process below ``pid`` now, children first."""
+    table = _process_table()
+    handles = (ProcessHandle.open(child, table[child][1]) for child in _below(pid, table))
+    return [handle for handle in handles if handle is not None]
+
+
+def _terminate(processes: list[ProcessHandle], grace: float = 5.0) -> None:
+    """SIGTERM, then after ``grace`` seconds SIGKILL, each of ``processes`` still alive."""
+    alive = [p for p in processes if p.signal(signal.SIGTERM)]
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [p for p in alive if _signal(p, 0)]
-    for pid in alive:
-        _signal(pid, signal.SIGKILL)
-
-
-def _signal(pid: int, sig: int) -> bool:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+        alive = [p for p in alive if p.signal(0)]
+    for process in alive:
+        process.signal(signal.SIGKILL)
 
 
 async def _render_local_options_form(spawner: LocalCASASpawner) -> str:
@@ -707,11 +765,17 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         """Stop the Jupyter server, then whatever it left behind (the desktop's VNC server, X clients, CASA).
 
         jupyter-server-proxy's VNC server and the X programs start sessions of their own, so stopping the
-        server's process group alone would leave the desktop running.
+        server's process group alone would leave the desktop running. They are listed before the server is
+        stopped and held (:class:`ProcessHandle`), so the signals sent seconds later never reach a process
+        that got one of their pids meanwhile.
         """
-        tree = descendants(self.pid) if self.pid else []
-        await super().stop(now=now)
-        await asyncio.to_thread(_terminate, tree)
+        tree = await asyncio.to_thread(session_processes, self.pid) if self.pid else []
+        try:
+            await super().stop(now=now)
+            await asyncio.to_thread(_terminate, tree)
+        finally:
+            for process in tree:
+                process.close()
 
     def clear_state(self) -> None:
         super().clear_state()

@@ -14,6 +14,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -388,6 +389,43 @@ def test_the_demo_writes_the_dataset_as_the_user_and_never_through_their_links(
     as_owner_of(home, demo.write_demo_dataset, home, ms, spec)
     owners = {os.lstat(p).st_uid for p in [project, *project.rglob("*")]}
     assert owners == {account.pw_uid}, "the demo dataset is the user's own"
+
+
+#: Run in a new PID namespace: a process is held, exits, and its pid is given to a newcomer (``ns_last_pid``),
+#: as a busy machine may do during the seconds stop() waits; then the held process is signalled.
+RECYCLED_PID = """
+import signal, subprocess, sys, time
+from casaspawner.spawners.local import ProcessHandle
+
+victim = subprocess.Popen(["sleep", "60"])
+held = ProcessHandle.open(victim.pid, pidfd=sys.argv[1] == "pidfd")
+assert held is not None and held.signal(0) and (held.fd is not None) == (sys.argv[1] == "pidfd")
+time.sleep(0.1)  # start times count clock ticks (10 ms): the newcomer starts in a later one, as it would
+victim.kill()
+victim.wait()
+with open("/proc/sys/kernel/ns_last_pid", "w") as last:
+    last.write(str(victim.pid - 1))
+newcomer = subprocess.Popen(["sleep", "60"])
+sent = held.signal(signal.SIGTERM)
+time.sleep(0.3)
+print(newcomer.pid == victim.pid, sent, newcomer.poll() is None)
+newcomer.kill()
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="a PID namespace of its own (unshare) needs root")
+@pytest.mark.parametrize("kind", ["pidfd", "start-time"])
+def test_stopping_never_signals_a_process_that_got_a_held_pid(kind: str) -> None:
+    """stop() lists the session's processes, waits for the server to stop, then signals them: a pid freed and
+    reused meanwhile is not signalled (a pidfd, or the start time compared before each signal)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", RECYCLED_PID, kind],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "False", "True"], "the pid's newcomer was signalled"
 
 
 @pytest.fixture
