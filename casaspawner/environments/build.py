@@ -64,6 +64,10 @@ class EnvironmentBuildError(CasaspawnerError):
     """A CASA environment could not be built or cannot be built on this machine."""
 
 
+class _NotProbed(Exception):
+    """What a question needs was not probed yet, and the caller asked not to probe (``probe=False``)."""
+
+
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/casaspawner`` (``~/.cache/casaspawner``), or ``/var/cache/casaspawner`` for root.
 
@@ -233,12 +237,14 @@ class EnvironmentManager:
             return None
         return (self.tarball_mirror + release.tarball.name) if self.tarball_mirror else release.tarball.url
 
-    def _tarball_problem(self, url: str) -> str | None:
+    def _tarball_problem(self, url: str, probe: bool = True) -> str | None:
         """None if the tarball answers a HEAD request, else why not (cached for ten minutes)."""
         now = time.monotonic()
         cached = self._reachable.get(url)
         if cached and now - cached[0] < PROBE_TTL:
             return cached[1]
+        if not probe:
+            raise _NotProbed(url)
         problem: str | None = None
         try:
             request = urllib.request.Request(url, method="HEAD")  # noqa: S310 - catalog or operator URL
@@ -252,32 +258,38 @@ class EnvironmentManager:
         self._reachable[url] = (now, problem)
         return problem
 
-    def find_python(self, versions: Sequence[str], *, shared: bool | None = None) -> tuple[Path, str] | None:
+    def find_python(
+        self, versions: Sequence[str], *, shared: bool | None = None, probe: bool = True
+    ) -> tuple[Path, str] | None:
         """:func:`~casaspawner.environments.pythons.find_python` on this manager's search path, remembered."""
         key = (tuple(versions), self.shared if shared is None else shared)
         now = time.monotonic()
         cached = self._pythons.get(key)
         if cached and now - cached[0] < PROBE_TTL:
             return cached[1]
+        if not probe:
+            raise _NotProbed(str(versions))
         found = find_python(versions, self.search_path, shared=key[1])
         self._pythons[key] = (now, found)
         return found
 
-    def _method(self, release: Release) -> _Method:
+    def _method(self, release: Release, probe: bool = True) -> _Method:
         """How ``release`` can be built here, or an ``EnvironmentBuildError`` saying why it cannot."""
         problems: list[str] = []
         url = self.tarball_url(release)
         if url is not None:
-            problem = self._tarball_problem(url)
+            problem = self._tarball_problem(url, probe)
             if problem is None:
                 return _Method("tarball")
             problems.append(f"its tarball {url} is unreachable ({problem})")
         if release.wheels is not None:
-            found = self.find_python(release.wheels.python)
+            found = self.find_python(release.wheels.python, probe=probe)
             if found is not None:
                 return _Method("wheels", found[0], found[1])
             wanted = f"its wheels need Python {' or '.join(release.wheels.python)}"
-            private = self.find_python(release.wheels.python, shared=False) if self.shared else None
+            private = (
+                self.find_python(release.wheels.python, shared=False, probe=probe) if self.shared else None
+            )
             if private is not None:
                 problems.append(
                     f"{wanted}, and the only one here ({private[0]}) cannot be run by other users"
@@ -290,14 +302,20 @@ class EnvironmentManager:
             f"{release.label} cannot be installed on this hub: {'; '.join(problems)}."
         )
 
-    def unavailable_reason(self, release: Release) -> str | None:
-        """None if ``release`` is built or can be built here, else one sentence saying why not."""
+    def unavailable_reason(self, release: Release, *, probe: bool = True) -> str | None:
+        """None if ``release`` is built or can be built here, else one sentence saying why not.
+
+        ``probe=False``: only from what this manager found out already (a page must not wait on the network
+        or on running Pythons); None also when that is not known yet.
+        """
         if self.ready(release) is not None:
             return None
         try:
-            self._method(release)
+            self._method(release, probe)
         except EnvironmentBuildError as error:
             return str(error)
+        except _NotProbed:
+            return None
         return None
 
     def nearest_installable(self, release: Release, catalog: Catalog) -> Release | None:

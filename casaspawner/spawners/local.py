@@ -33,7 +33,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
-from tornado import web
 from traitlets import Bool, Integer, List, Unicode, default
 
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
@@ -432,6 +431,8 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         self._starting = False
         self.casa_environment: CasaEnvironment | None = None
         self._session_log: str | None = None
+        #: The last resolution found in a dataset, for the form (kept in the server's state).
+        self.last_resolved: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)
 
     def environment_manager(self) -> EnvironmentManager:
@@ -552,29 +553,51 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         return _render_local_options_form
 
     async def resolution_preview(self) -> str:
-        """For a returning user: the last dataset, the build it resolves to and why, and whether this machine
-        can install that build (or will run an approximation). Empty when there is nothing to show; never raises
-        (the hub keeps a failed spawn's options, and the form must still render)."""
-        dataset = (self.user_options or {}).get("dataset")
-        if not isinstance(dataset, str) or not dataset.strip():
+        """For a returning user: the build the dataset in the form (the last one) resolved to and why, and
+        whether this machine can install that build (or will run an approximation). From the server's state
+        and what the environment manager already knows only: rendering the form never resolves, reads storage,
+        creates an account or waits on the network. Empty when there is nothing to show."""
+        last = self.last_resolved
+        if not last or last.get("dataset") != (self.user_options or {}).get("dataset"):
             return ""
         try:
-            resolution = await self.resolve_dataset(dataset, await self.session_identity())
-            problem = await asyncio.to_thread(
-                self.environment_manager().unavailable_reason, resolution.release
-            )
-        except (CasaspawnerError, web.HTTPError):
-            return ""  # the form's own validation will say what is wrong when it is submitted
-        except Exception:
-            self.log.exception("Previewing the resolution of %r for %s failed", dataset[:80], self.user.name)
-            return ""
-        exactness = "the exact build" if resolution.exact else "not the exact build"
-        text = f"{dataset}: {resolution.release.label}, {exactness}. {resolution.reason}"
+            release = self.casa_catalog().get(str(last["release"]))
+        except CasaspawnerError:
+            return ""  # a release the catalog no longer has
+        problem = self.environment_manager().unavailable_reason(release, probe=False)
+        exactness = "the exact build" if last.get("exact") else "not the exact build"
+        text = f"{last['dataset']}: {release.label}, {exactness}. {last.get('reason', '')}".rstrip()
         if problem and self.allow_approximate:
             text += f" {problem} The session will run the nearest installable release, marked approximate."
         elif problem:
             text += f" {problem}"
         return f'<p class="casa-help" id="casa-resolved" role="status">{html.escape(text)}</p>\n'
+
+    def adopt_plan(self, plan: SessionPlan, options: Mapping[str, Any]) -> None:
+        super().adopt_plan(plan, options)
+        resolution = plan.resolution
+        if resolution.evidence.kind != "none":  # found in the dataset (not the user's own choice)
+            self.last_resolved = {
+                "dataset": resolution.dataset,
+                "release": resolution.release.id,
+                "exact": resolution.exact,
+                "reason": resolution.reason,
+            }
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.last_resolved:
+            state["casa_local_resolved"] = dict(self.last_resolved)
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        last = state.get("casa_local_resolved")
+        if isinstance(last, dict) and all(
+            isinstance(last.get(k), str) for k in ("dataset", "release", "reason")
+        ):
+            self.last_resolved = {k: last[k] for k in ("dataset", "release", "reason")}
+            self.last_resolved["exact"] = last.get("exact") is True
 
     def render_options_form(self, error: str = "", blocked: Collection[str] = ()) -> str:
         form = super().render_options_form(error, blocked)

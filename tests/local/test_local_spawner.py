@@ -182,6 +182,8 @@ def test_form_previews_the_last_dataset_and_says_it_will_be_approximate(storage:
     local = spawner(storage, allow_approximate=True)
     assert asyncio.run(local.resolution_preview()) == ""  # nothing to preview on a first visit
     local.user_options = {"dataset": "~/2023.1.00026.S"}
+    assert asyncio.run(local.resolution_preview()) == "", "a dataset never resolved is not previewed"
+    asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S", "interface": "desktop"}))
     preview = asyncio.run(local.resolution_preview())
     assert preview.startswith(
         '<p class="casa-help" id="casa-resolved" role="status">~/2023.1.00026.S: CASA 6.5.4-9'
@@ -461,6 +463,42 @@ def test_what_the_hub_probed_is_remembered_across_spawners(
         is not first.environment_manager()
     )
     for local in (first, second, first):
-        local.user_options = {"dataset": "~/2023.1.00026.S"}
+        with pytest.raises(Exception, match="cannot be installed on this hub"):
+            asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S"}))
         assert "is unreachable (HTTP 404)" in asyncio.run(local.resolution_preview())
     assert requests == ["HEAD /casa-6.5.4-9-pipeline-2023.1.0.124-py3.8.tar.xz"], requests
+
+
+def test_the_form_of_a_returning_user_resolves_nothing_and_creates_nothing(
+    storage: Path, tarball_heads: tuple[str, list[str]]
+) -> None:
+    """A page view of the form shows the last resolution from the server's state and what the hub already
+    knows about installing it: the dataset is not read again (it is gone here), no tarball is probed, and a
+    user without a local account yet (hub as root) does not get one from looking at the form."""
+    url, requests = tarball_heads
+    first = spawner(storage, tarball_mirror=url)
+    with pytest.raises(Exception, match="cannot be installed on this hub"):
+        asyncio.run(first.prepare_session({"dataset": "~/2023.1.00026.S"}))
+    state = first.get_state()
+    probed = list(requests)
+    shutil.rmtree(storage / "home" / "demo" / "2023.1.00026.S")
+
+    class Newcomer(User):
+        name = f"form-{os.urandom(3).hex()}"
+
+    local = LocalCASASpawner(user=Newcomer(), storage_root=str(storage), tarball_mirror=url, probe_timeout=2)
+    local.load_state(state)
+    local.user_options = dict(first.user_options)
+    form = asyncio.run(local.options_form(local))
+    assert (
+        "~/2023.1.00026.S: CASA 6.5.4-9 (pipeline 2023.1.0.124), the exact build. The pipeline manifest names "
+        "pipeline 2023.1.0.124 with CASA 6.5.4-9;"
+    ) in form
+    assert "cannot be installed on this hub: its tarball" in form, "what the hub probed before is said"
+    assert requests == probed, "the form probed a tarball"
+    with pytest.raises(KeyError):
+        pwd.getpwnam(local.system_username())
+    fresh = spawner(storage, tarball_mirror="http://127.0.0.1:9/", probe_timeout=1)
+    fresh.load_state(state)
+    fresh.user_options = dict(first.user_options)
+    assert "cannot be installed" not in asyncio.run(fresh.resolution_preview()), "not probed: not said"
