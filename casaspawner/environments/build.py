@@ -337,18 +337,23 @@ class EnvironmentManager:
     # ------------------------------------------------------------------ session files
 
     def session_files(self) -> Path:
-        """The desktop scripts and JupyterLab setting overrides sessions read, installed under the cache.
+        """The files sessions (and, on a hub running as root, the resolver run as the user) read, installed
+        under the cache: sessions never read the checkout itself, which may be private (a clone in ``/root``).
 
-        ``session/<hash>/desktop/`` is a copy of ``casaspawner/desktop`` and ``session/<hash>/lab-settings/``
-        holds ``overrides.json`` (a copy of :data:`LAB_OVERRIDES`); ``<hash>`` covers their content, so a changed
-        checkout gets a new copy. Sessions never read the checkout itself, which may be private (a clone in
-        ``/root``).
+        ``session/<hash>/desktop/`` is a copy of ``casaspawner/desktop``, ``session/<hash>/lab-settings/``
+        holds ``overrides.json`` (a copy of :data:`LAB_OVERRIDES`) and ``session/<hash>/python/casaspawner/`` is
+        the whole package (for ``python -m casaspawner``); ``<hash>`` covers the package's content, so a changed
+        checkout gets a new copy.
         """
-        overrides = LAB_OVERRIDES.read_text()
-        files = sorted(p for p in DESKTOP_SOURCE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-        digest = hashlib.sha256(overrides.encode())
+        package = DESKTOP_SOURCE.parent
+        files = sorted(
+            p
+            for p in package.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        )
+        digest = hashlib.sha256()
         for path in files:
-            digest.update(f"\0{path.relative_to(DESKTOP_SOURCE)}\0{_executable(path)}\0".encode())
+            digest.update(f"\0{path.relative_to(package)}\0{_executable(path)}\0".encode())
             digest.update(path.read_bytes())
         target = self.cache_dir / "session" / digest.hexdigest()[:12]
         if (target / "desktop" / "xstartup").is_file():
@@ -358,12 +363,16 @@ class EnvironmentManager:
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
             try:
                 for path in files:
-                    copy = staging / "desktop" / path.relative_to(DESKTOP_SOURCE)
-                    copy.parent.mkdir(parents=True, exist_ok=True)
-                    copy.write_bytes(path.read_bytes())
-                    copy.chmod(0o755 if _executable(path) else 0o644)
-                (staging / "lab-settings").mkdir()
-                (staging / "lab-settings" / "overrides.json").write_text(overrides)
+                    relative = path.relative_to(package)
+                    copies = [staging / "python" / "casaspawner" / relative]
+                    if relative.parts[0] == DESKTOP_SOURCE.name:
+                        copies.append(staging / relative)
+                    if path == LAB_OVERRIDES:
+                        copies.append(staging / "lab-settings" / "overrides.json")
+                    for copy in copies:
+                        copy.parent.mkdir(parents=True, exist_ok=True)
+                        copy.write_bytes(path.read_bytes())
+                        copy.chmod(0o755 if _executable(path) else 0o644)
                 for dirpath, _dirs, _files in os.walk(staging):
                     os.chmod(dirpath, 0o755)  # noqa: S103 - every session reads it
                 try:

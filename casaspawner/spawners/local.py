@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import grp
 import html
+import json
 import os
 import pwd
 import re
@@ -25,6 +26,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
@@ -35,15 +37,19 @@ from typing import Any
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from traitlets import Bool, Integer, List, Unicode, default
 
+from casaspawner.datasets.layout import MEMBER_DIR
+from casaspawner.datasets.model import Evidence, Resolution
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
 from casaspawner.environments.pythons import world_usable
-from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.errors import CasaspawnerError, InvalidInput, ResolutionError, VersionUnknown, shown
 from casaspawner.plan import (
     INTERFACES,
     Identity,
+    PlanConfig,
     SessionPlan,
     StorageLayout,
     Substitution,
+    image_for,
     make_plan,
 )
 from casaspawner.spawners.common import CASASessionMixin, render_spawn_form, spawn_error
@@ -420,6 +426,14 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         help="Seconds to wait when checking that a release's tarball can be downloaded.",
     ).tag(config=True)
 
+    resolve_timeout = Integer(
+        60,
+        help="""
+        Seconds a hub running as root gives ``casaspawner resolve``, run as the session's user, to read a
+        dataset named by path; a dataset that takes longer is refused with a sentence.
+        """,
+    ).tag(config=True)
+
     # ---------------------------------------------------------------------------------------- state
     args: list[str]
     cmd: list[str]
@@ -492,6 +506,95 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 gids.append(await asyncio.to_thread(self._ensure_project_group, group, account.pw_name))
             return Identity(self.user.name, account.pw_uid, account.pw_gid, groups, tuple(gids))
         return Identity(self.user.name, os.getuid(), os.getgid(), groups)
+
+    # -------------------------------------------------------------------------------------- datasets
+    async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
+        """As root, the dataset is read by ``casaspawner resolve DIR --json`` run as the session's user (with
+        their groups): links the user swaps in after the storage reader's checks, or files they could not
+        read themselves, can never make root read anything. Otherwise (the hub is the user) here."""
+        if not _running_as_root():
+            return await super().read_dataset(path, label, identity)
+        python = await self._resolver_python()
+        return await asyncio.to_thread(self._resolve_as_user, path, label, identity, python)
+
+    async def _resolver_python(self) -> str:
+        """An interpreter the session's user can run, with casaspawner's few dependencies (PyYAML, defusedxml):
+        the hub's own, else the one of the sessions' Jupyter environment (which has them)."""
+        prefix = await self._ui_environment()
+        if prefix == Path(sys.prefix):
+            return sys.executable
+        return str(next((p for p in (prefix / "bin" / "python3", prefix / "bin" / "python") if p.exists()),
+                        prefix / "bin" / "python3"))  # fmt: skip
+
+    def _resolve_as_user(self, path: Path, label: str, identity: Identity, python: str) -> Resolution:
+        name = shown(label)
+        files = self.environment_manager().session_files()
+        # The directory the reader checked, held open and handed to the child (the child's /proc/self/fd), under
+        # its own name when that matters to the resolver (a member.uid___… directory).
+        fd = os.open(path, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with tempfile.TemporaryDirectory(prefix="casaspawner-resolve-") as scratch:
+                os.chmod(scratch, 0o755)  # noqa: S103 - the user reads it; only the hub writes it
+                link = Path(scratch) / (path.name if MEMBER_DIR.fullmatch(path.name) else "dataset")
+                link.symlink_to(f"/proc/self/fd/{fd}")
+                cmd = [python, "-s", "-m", "casaspawner", "resolve", str(link), "--json",
+                       "--registry", PlanConfig.image_registry]  # fmt: skip
+                if self.catalog_path:  # the operator's catalog may be private: a copy the user can read
+                    copy = Path(scratch) / "releases.yaml"
+                    copy.write_bytes(Path(self.catalog_path).read_bytes())
+                    copy.chmod(0o644)
+                    cmd += ["--catalog", str(copy)]
+                env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(files / "python"), "PYTHONNOUSERSITE": "1",
+                       "PYTHONDONTWRITEBYTECODE": "1", "LC_ALL": "C.UTF-8", "HOME": "/"}  # fmt: skip
+                try:
+                    result = subprocess.run(
+                        cmd, env=env, cwd="/", stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                        timeout=self.resolve_timeout, user=identity.uid, group=identity.gid,
+                        extra_groups=list(identity.supplemental_gids), pass_fds=(fd,),
+                    )  # fmt: skip
+                except subprocess.TimeoutExpired:
+                    raise InvalidInput(
+                        f"Reading {name} took longer than {self.resolve_timeout} seconds; give the directory of "
+                        "one ALMA dataset (a member.uid___… directory)."
+                    ) from None
+        finally:
+            os.close(fd)
+
+        def named(text: str) -> str:  # the sentences name the dataset as the user did, as in the hub
+            return text.replace(str(link), name)
+
+        try:
+            found = json.loads(result.stdout) if result.stdout.strip() else {}
+        except ValueError:
+            found = {}
+        if result.returncode == 2:
+            sentence = str(found.get("error") or result.stderr.strip().removeprefix("casaspawner: "))
+            if found.get("kind") == "VersionUnknown":
+                raise VersionUnknown(named(str(found.get("finding"))), str(found.get("advice")))
+            if found.get("kind") == "ResolutionError":
+                raise ResolutionError(named(sentence))
+            raise InvalidInput(named(sentence) or f"{name} could not be read as a dataset.")
+        try:
+            if result.returncode != 0:
+                raise ValueError(f"exit status {result.returncode}")
+            images = {image_for(r, PlanConfig()): r for r in self.casa_catalog().releases}
+            evidence = Evidence(
+                found["evidence"]["kind"],
+                found["evidence"]["path"],
+                found["processed_with"]["casa"],
+                found["processed_with"]["pipeline"],
+            )
+            return Resolution(
+                label, evidence, images[found["image"]], found["exact"] is True, str(found["reason"])
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            self.log.error(
+                "casaspawner resolve as %s failed (%s): %s",
+                self.system_username(),
+                exc,
+                result.stderr[-2000:],
+            )
+            raise RuntimeError(f"reading the dataset as {self.system_username()} failed ({exc})") from None
 
     def parse_session_options(self, user_options: Mapping[str, Any]) -> Any:
         """As for pods, except that with a single size (nothing to choose: the default here) any size named

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from casaspawner import demo
-from casaspawner.catalog.model import Release
+from casaspawner.catalog.model import Release, load_catalog
+from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.demo import as_owner_of
 from casaspawner.errors import CasaspawnerError
@@ -246,6 +247,72 @@ def test_project_directories_belong_to_the_project_group(storage: Path, demo_rel
     finally:
         if ROOT:
             subprocess.run(["groupdel", "casa-alma-team"], capture_output=True)
+
+
+def message(caught: pytest.ExceptionInfo[BaseException]) -> str:
+    return str(getattr(caught.value, "jupyterhub_message", caught.value))
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
+def test_a_root_hub_reads_datasets_as_the_user_and_nothing_the_user_cannot(storage: Path) -> None:
+    """The dataset's pipeline manifest is a link (inside the dataset, so it passes the resolver's checks)
+    into a directory only root may read, as a link swapped in after the checks could be: the hub, resolving
+    as the user, reads nothing there and resolves by what the user can read (its CASA log)."""
+    home = storage / "home" / "demo"
+    member = write_dataset(home / "linked", era="cycle10")
+    manifest = next(member.rglob("*pipeline_manifest.xml"))
+    private = member / "private"
+    private.mkdir(mode=0o700)
+    manifest.rename(private / manifest.name)
+    manifest.symlink_to(private / manifest.name)
+    (member / "log").mkdir(exist_ok=True)
+    (member / "log" / "casa-20250101-000000.log").write_text("INFO CASA Version CASA 6.6.5-31\n")
+    assert resolve_path(member, load_catalog()).release.id == "pl-2023.1.0.124", "root alone reads it"
+
+    plan = asyncio.run(spawner(storage).prepare_session({"dataset": "~/linked", "interface": "desktop"}))
+    assert plan.resolution.release.id == "casa-6.6.5-31", plan.resolution
+    assert plan.resolution.evidence.kind == "casalog" and plan.resolution.dataset == "~/linked"
+    assert plan.resolution.evidence.path == str(
+        (member / "log" / "casa-20250101-000000.log").relative_to(home / "linked")
+    )
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
+def test_a_root_hub_words_a_bad_dataset_as_the_resolver_in_the_hub_does(storage: Path) -> None:
+    """Read as the user, a dataset that is not one gets the very sentence the hub's own resolver gives; one
+    that tells no version still runs the release the user chose."""
+    home = storage / "home" / "demo"
+    (home / "empty").mkdir()
+    write_dataset(home / "two" / "a", era="cycle10")
+    write_dataset(home / "two" / "b", era="cycle7")
+    silent = write_dataset(home / "silent", era="no-evidence")
+    catalog = load_catalog()
+    for name in (
+        "empty",
+        "two",
+        "silent",
+    ):  # (what is no directory at all the storage reader words, in the hub)
+        with pytest.raises(CasaspawnerError) as expected:
+            resolve_path(home / name, catalog, label=f"~/{name}")
+        with pytest.raises(Exception) as caught:
+            asyncio.run(spawner(storage).prepare_session({"dataset": f"~/{name}"}))
+        assert message(caught) == str(expected.value), name
+    chosen = asyncio.run(
+        spawner(storage).prepare_session({"dataset": f"~/silent/{silent.relative_to(home / 'silent')}",
+                                          "release": "casa-6.6.5-31"})
+    )  # fmt: skip
+    assert chosen.release.id == "casa-6.6.5-31" and chosen.resolution.evidence.kind == "none"
+    assert chosen.reason.startswith("Nothing in ~/silent/") and "you chose CASA 6.6.5-31" in chosen.reason
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
+def test_a_root_hub_gives_reading_a_dataset_a_time_limit(storage: Path) -> None:
+    with pytest.raises(Exception) as caught:
+        asyncio.run(spawner(storage, resolve_timeout=0).prepare_session({"dataset": "~/2023.1.00026.S"}))
+    assert message(caught) == (
+        "Reading ~/2023.1.00026.S took longer than 0 seconds; give the directory of one ALMA dataset (a "
+        "member.uid___… directory)."
+    )
 
 
 @pytest.mark.skipif(not ROOT, reason="only a hub running as root creates local accounts and groups")
