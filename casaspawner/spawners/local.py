@@ -378,7 +378,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         Environment holding ``jupyterhub-singleuser``, JupyterLab and jupyter-remote-desktop-proxy; sessions run
         their Jupyter server from it, never from a CASA environment. Default: the hub's own environment when the
         session's user can run it; otherwise (a hub running as root from a Python under a private home) a venv
-        with the hub's versions of these packages, built once under ``environments_dir``.
+        with the hub's versions of these packages, built once under ``environments_dir``. A hub running as root
+        also reads datasets as the user with its Python (which then needs PyYAML and defusedxml, as JupyterLab's
+        dependencies bring), unless the hub's own Python is usable by every user.
         """,
     ).tag(config=True)
 
@@ -520,9 +522,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
     async def _resolver_python(self) -> str:
         """An interpreter the session's user can run, with casaspawner's few dependencies (PyYAML, defusedxml):
         the hub's own, else the one of the sessions' Jupyter environment (which has them)."""
-        prefix = await self._ui_environment()
-        if prefix == Path(sys.prefix):
+        if all(world_usable(p) for p in (sys.executable, sys.prefix, sys.base_prefix)):
             return sys.executable
+        prefix = await self._ui_environment()
         return str(next((p for p in (prefix / "bin" / "python3", prefix / "bin" / "python") if p.exists()),
                         prefix / "bin" / "python3"))  # fmt: skip
 
