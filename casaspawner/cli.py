@@ -22,7 +22,7 @@ from casaspawner.catalog.model import Catalog, load_catalog
 from casaspawner.datasets.archive import AlmaDataLinkClient
 from casaspawner.datasets.resolve import resolve_target
 from casaspawner.datasets.synth import ERAS, write_dataset
-from casaspawner.errors import CasaspawnerError, shown
+from casaspawner.errors import CasaspawnerError, VersionUnknown, shown
 from casaspawner.plan import PlanConfig, image_for
 
 #: Modules adding subcommands: each has ``register(subparsers) -> None``.
@@ -110,7 +110,12 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
     archive = AlmaDataLinkClient(args.archive_url, timeout=args.timeout)
-    resolution = resolve_target(args.target, catalog, archive=archive)
+    try:
+        resolution = resolve_target(args.target, catalog, archive=archive)
+    except CasaspawnerError as exc:
+        if args.json:  # the sentence on stderr as always; a script (or a hub) also learns what kind it is
+            print(json.dumps(error_json(exc), indent=2))
+        raise
     image = image_for(resolution.release, PlanConfig(image_registry=args.registry))
     if args.json:
         print(json.dumps(resolution.to_json(image), indent=2))
@@ -129,6 +134,15 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     print(f"image:          {image}")
     print(f"reason:         {resolution.reason}")
     return 0
+
+
+def error_json(exc: CasaspawnerError) -> dict[str, str]:
+    """What ``resolve --json`` prints on stdout when it fails (exit status 2): the sentence, the kind of
+    failure and, when the dataset tells no usable CASA version (``VersionUnknown``), the finding apart."""
+    found: dict[str, str] = {"error": str(exc), "kind": type(exc).__name__}
+    if isinstance(exc, VersionUnknown):
+        found.update(finding=exc.finding, advice=exc.advice)
+    return found
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:

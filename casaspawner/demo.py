@@ -27,7 +27,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from casaspawner.catalog.model import Catalog, Release, load_catalog
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
@@ -175,6 +177,42 @@ def _readable(root: Path) -> None:
                 os.chmod(os.path.join(dirpath, name), 0o644)
 
 
+def as_owner_of(home: Path, work: Callable[..., object], *args: Any) -> None:
+    """Run ``work(*args)`` with the rights of ``home``'s owner: as root, in a child process that has dropped
+    to that uid and gid (no supplemental groups), so nothing a user placed in their home (links) can make
+    root write elsewhere; otherwise (not root, or root's own directory) right here. Errors come back as a
+    ``CasaspawnerError`` with the child's sentence.
+
+    **Single-threaded callers only** (the demo's ``prepare``, tests): the child is a ``fork()`` that runs
+    Python, which is unsafe while other threads may hold locks (a hub never calls this).
+    """
+    info = os.lstat(home)
+    if os.geteuid() != 0 or info.st_uid == 0:
+        work(*args)
+        return
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root for good, do the work, report, leave without cleanup handlers
+        code = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(info.st_gid)
+            os.setuid(info.st_uid)
+            work(*args)
+            code = 0
+        except BaseException as exc:  # everything goes back to the parent as one sentence
+            os.write(write, (str(exc) or type(exc).__name__).encode(errors="replace")[:2000])
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise CasaspawnerError(f"Writing in {home} as its owner failed: {message or 'no reason given'}.")
+
+
 def write_demo_dataset(home: Path, ms: Path, spec: DatasetSpec) -> None:
     """An ALMA product tree in ``home`` with the MS under ``calibrated/`` (run as ``home``'s owner)."""
     member = write_dataset(home, spec=spec)
@@ -239,8 +277,6 @@ def port_problem(port: int) -> str | None:
 
 def prepare(storage: Path, cache_dir: Path) -> tuple[Release, Path]:
     """Environment, MS and dataset tree; returns the release and the dataset directory in the demo home."""
-    from casaspawner.spawners.local import as_owner_of
-
     manager = EnvironmentManager(cache_dir)
     release = demo_release(manager)
     env = asyncio.run(ensure_environment(manager, release))

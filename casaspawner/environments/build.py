@@ -33,7 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,14 +54,18 @@ _FORMAT = 3
 PROBE_TTL = 600.0
 #: ``casaspawner/desktop``: the desktop start script, the CASA launcher and the notices watcher.
 DESKTOP_SOURCE = Path(__file__).resolve().parent.parent / "desktop"
-#: JupyterLab settings every session starts with: no news feed (notifications themselves stay on).
-LAB_OVERRIDES: dict[str, dict[str, object]] = {
-    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}
-}
+#: JupyterLab settings every session starts with (no news feed; notifications themselves stay on): the file a
+#: wheel installs in ``share/jupyter/lab/settings/overrides.d``, which local sessions (with an
+#: ``app_settings_dir`` of their own) do not read.
+LAB_OVERRIDES = DESKTOP_SOURCE.parent / "services" / "lab-overrides" / "casaspawner.json"
 
 
 class EnvironmentBuildError(CasaspawnerError):
     """A CASA environment could not be built or cannot be built on this machine."""
+
+
+class _NotProbed(Exception):
+    """What a question needs was not probed yet, and the caller asked not to probe (``probe=False``)."""
 
 
 def default_cache_dir() -> Path:
@@ -233,12 +237,14 @@ class EnvironmentManager:
             return None
         return (self.tarball_mirror + release.tarball.name) if self.tarball_mirror else release.tarball.url
 
-    def _tarball_problem(self, url: str) -> str | None:
+    def _tarball_problem(self, url: str, probe: bool = True) -> str | None:
         """None if the tarball answers a HEAD request, else why not (cached for ten minutes)."""
         now = time.monotonic()
         cached = self._reachable.get(url)
         if cached and now - cached[0] < PROBE_TTL:
             return cached[1]
+        if not probe:
+            raise _NotProbed(url)
         problem: str | None = None
         try:
             request = urllib.request.Request(url, method="HEAD")  # noqa: S310 - catalog or operator URL
@@ -252,18 +258,22 @@ class EnvironmentManager:
         self._reachable[url] = (now, problem)
         return problem
 
-    def find_python(self, versions: Sequence[str], *, shared: bool | None = None) -> tuple[Path, str] | None:
+    def find_python(
+        self, versions: Sequence[str], *, shared: bool | None = None, probe: bool = True
+    ) -> tuple[Path, str] | None:
         """:func:`~casaspawner.environments.pythons.find_python` on this manager's search path, remembered."""
         key = (tuple(versions), self.shared if shared is None else shared)
         now = time.monotonic()
         cached = self._pythons.get(key)
         if cached and now - cached[0] < PROBE_TTL:
             return cached[1]
+        if not probe:
+            raise _NotProbed(str(versions))
         found = find_python(versions, self.search_path, shared=key[1])
         self._pythons[key] = (now, found)
         return found
 
-    def _method(self, release: Release) -> _Method:
+    def _method(self, release: Release, probe: bool = True) -> _Method:
         """How ``release`` can be built here, or an ``EnvironmentBuildError`` saying why it cannot."""
         problems: list[str] = []
         url = self.tarball_url(release)
@@ -271,16 +281,18 @@ class EnvironmentManager:
             assert release.tarball is not None
             if unverifiable := tarballs.unverifiable(url, release.tarball.sha256):
                 problems.append(f"its tarball {url} cannot be verified ({unverifiable})")
-            elif (problem := self._tarball_problem(url)) is None:
+            elif (problem := self._tarball_problem(url, probe)) is None:
                 return _Method("tarball")
             else:
                 problems.append(f"its tarball {url} is unreachable ({problem})")
         if release.wheels is not None:
-            found = self.find_python(release.wheels.python)
+            found = self.find_python(release.wheels.python, probe=probe)
             if found is not None:
                 return _Method("wheels", found[0], found[1])
             wanted = f"its wheels need Python {' or '.join(release.wheels.python)}"
-            private = self.find_python(release.wheels.python, shared=False) if self.shared else None
+            private = (
+                self.find_python(release.wheels.python, shared=False, probe=probe) if self.shared else None
+            )
             if private is not None:
                 problems.append(
                     f"{wanted}, and the only one here ({private[0]}) cannot be run by other users"
@@ -293,14 +305,20 @@ class EnvironmentManager:
             f"{release.label} cannot be installed on this hub: {'; '.join(problems)}."
         )
 
-    def unavailable_reason(self, release: Release) -> str | None:
-        """None if ``release`` is built or can be built here, else one sentence saying why not."""
+    def unavailable_reason(self, release: Release, *, probe: bool = True) -> str | None:
+        """None if ``release`` is built or can be built here, else one sentence saying why not.
+
+        ``probe=False``: only from what this manager found out already (a page must not wait on the network
+        or on running Pythons); None also when that is not known yet.
+        """
         if self.ready(release) is not None:
             return None
         try:
-            self._method(release)
+            self._method(release, probe)
         except EnvironmentBuildError as error:
             return str(error)
+        except _NotProbed:
+            return None
         return None
 
     def nearest_installable(self, release: Release, catalog: Catalog) -> Release | None:
@@ -322,17 +340,23 @@ class EnvironmentManager:
     # ------------------------------------------------------------------ session files
 
     def session_files(self) -> Path:
-        """The desktop scripts and JupyterLab setting overrides sessions read, installed under the cache.
+        """The files sessions (and, on a hub running as root, the resolver run as the user) read, installed
+        under the cache: sessions never read the checkout itself, which may be private (a clone in ``/root``).
 
-        ``session/<hash>/desktop/`` is a copy of ``casaspawner/desktop`` and ``session/<hash>/lab-settings/``
-        holds ``overrides.json`` (:data:`LAB_OVERRIDES`); ``<hash>`` covers their content, so a changed checkout
-        gets a new copy. Sessions never read the checkout itself, which may be private (a clone in ``/root``).
+        ``session/<hash>/desktop/`` is a copy of ``casaspawner/desktop``, ``session/<hash>/lab-settings/``
+        holds ``overrides.json`` (a copy of :data:`LAB_OVERRIDES`) and ``session/<hash>/python/casaspawner/`` is
+        the whole package (for ``python -m casaspawner``); ``<hash>`` covers the package's content, so a changed
+        checkout gets a new copy.
         """
-        overrides = json.dumps(LAB_OVERRIDES, indent=1, sort_keys=True) + "\n"
-        files = sorted(p for p in DESKTOP_SOURCE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-        digest = hashlib.sha256(overrides.encode())
+        package = DESKTOP_SOURCE.parent
+        files = sorted(
+            p
+            for p in package.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        )
+        digest = hashlib.sha256()
         for path in files:
-            digest.update(f"\0{path.relative_to(DESKTOP_SOURCE)}\0{_executable(path)}\0".encode())
+            digest.update(f"\0{path.relative_to(package)}\0{_executable(path)}\0".encode())
             digest.update(path.read_bytes())
         target = self.cache_dir / "session" / digest.hexdigest()[:12]
         if (target / "desktop" / "xstartup").is_file():
@@ -342,12 +366,16 @@ class EnvironmentManager:
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
             try:
                 for path in files:
-                    copy = staging / "desktop" / path.relative_to(DESKTOP_SOURCE)
-                    copy.parent.mkdir(parents=True, exist_ok=True)
-                    copy.write_bytes(path.read_bytes())
-                    copy.chmod(0o755 if _executable(path) else 0o644)
-                (staging / "lab-settings").mkdir()
-                (staging / "lab-settings" / "overrides.json").write_text(overrides)
+                    relative = path.relative_to(package)
+                    copies = [staging / "python" / "casaspawner" / relative]
+                    if relative.parts[0] == DESKTOP_SOURCE.name:
+                        copies.append(staging / relative)
+                    if path == LAB_OVERRIDES:
+                        copies.append(staging / "lab-settings" / "overrides.json")
+                    for copy in copies:
+                        copy.parent.mkdir(parents=True, exist_ok=True)
+                        copy.write_bytes(path.read_bytes())
+                        copy.chmod(0o755 if _executable(path) else 0o644)
                 for dirpath, _dirs, _files in os.walk(staging):
                     os.chmod(dirpath, 0o755)  # noqa: S103 - every session reads it
                 try:
@@ -691,7 +719,7 @@ async def _locked(path: Path) -> AsyncIterator[bool]:
 
 async def _stream(
     cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Run ``cmd``, yielding its output lines; a failure raises one sentence ending in the last line."""
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd
@@ -781,11 +809,13 @@ async def _casa_starts(launcher: Path, label: str, timeout: float = 600) -> None
         cmd = [str(launcher), "--nogui", "--nologger", "--log2term", "-c", str(script)]
 
         async def lines() -> list[str]:
-            return [line async for line in _stream(cmd, f"Starting {label}", env, Path(home))]
+            # Closed on a timeout too, which kills the hung CASA (``_stream``'s ``finally``).
+            async with contextlib.aclosing(_stream(cmd, f"Starting {label}", env, Path(home))) as stream:
+                return [line async for line in stream]
 
         try:
             output = await asyncio.wait_for(lines(), timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on, not on 3.10
             raise EnvironmentBuildError(f"{label} did not start within {int(timeout)} seconds.") from None
     if "CASA-STARTED" not in output:
         raise EnvironmentBuildError(

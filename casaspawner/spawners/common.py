@@ -829,8 +829,14 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
                 f"{text[:80]!r} is not an ALMA identifier, and this hub cannot read datasets from your storage; "
                 "give the dataset's ALMA identifier."
             )
-        async with reader.open(text, identity) as path:  # errors name the dataset as the user did (label)
-            return await asyncio.to_thread(resolve_path, path, catalog, label=text)
+        async with reader.open(text, identity) as path:
+            return await self.read_dataset(path, text, identity)
+
+    async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
+        """Resolve the dataset directory ``path`` a reader gave for what the user typed (``label``, how errors
+        and the resolution name it); here, in the hub process. ``LocalCASASpawner`` reads as the user when the
+        hub runs as root."""
+        return await asyncio.to_thread(resolve_path, path, self.casa_catalog(), label=label)
 
     def chosen_release_resolution(self, dataset: str, release_id: str, finding: str) -> Resolution:
         """The user's own release for a dataset whose version could not be told (``finding`` says why)."""

@@ -18,30 +18,38 @@ import asyncio
 import contextlib
 import grp
 import html
+import json
 import os
 import pwd
 import re
+import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from importlib.metadata import version
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
-from tornado import web
 from traitlets import Bool, Integer, List, Unicode, default
 
+from casaspawner.datasets.layout import MEMBER_DIR
+from casaspawner.datasets.model import Evidence, Resolution
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
 from casaspawner.environments.pythons import world_usable
-from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.errors import CasaspawnerError, InvalidInput, ResolutionError, VersionUnknown, shown
 from casaspawner.plan import (
     INTERFACES,
     Identity,
+    PlanConfig,
     SessionPlan,
     StorageLayout,
     Substitution,
+    image_for,
     make_plan,
 )
 from casaspawner.spawners.common import CASASessionMixin, render_spawn_form, spawn_error
@@ -59,36 +67,108 @@ def _running_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def ensure_account(name: str, home: str, comment: str) -> pwd.struct_passwd:
-    """The local account ``name``, created (``useradd``, home ``home``, not created) if missing; root only."""
+#: Held while this hub process creates or changes local accounts and groups: hub requests run that in worker
+#: threads (``asyncio.to_thread``), and useradd/groupadd/usermod of two at once fail on each other's locks.
+_ACCOUNTS_LOCK = threading.Lock()
+
+
+class AccountError(CasaspawnerError):
+    """A local account or group could not be created or joined (a hub running as root)."""
+
+
+def _passwd(name: str) -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(name)
     except KeyError:
-        pass
+        return None
+
+
+def _group(name: str) -> grp.struct_group | None:
+    try:
+        return grp.getgrnam(name)
+    except KeyError:
+        return None
+
+
+def _administer(cmd: list[str], done: Callable[[], bool], failure: str) -> None:
+    """Run ``cmd`` (useradd, groupadd, usermod) unless or until ``done()``, a few times: another program may
+    hold the lock of ``/etc/passwd`` or ``/etc/group`` for a moment, or have made the same change meanwhile
+    ("already exists"). A failure is an ``AccountError``: ``failure`` and the tool's last line."""
+    why = "no reason given"
+    for attempt in range(4):
+        if done():
+            return
+        if attempt:
+            time.sleep(0.25 * attempt)
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            lines = result.stderr.strip().splitlines() or [f"{cmd[0]} exited with status {result.returncode}"]
+            why = lines[-1]
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = f"{cmd[0]}: {getattr(exc, 'strerror', None) or exc}"
+    if not done():
+        raise AccountError(f"{failure}: {why.rstrip('.')}.")
+
+
+def ensure_account(name: str, home: str, comment: str) -> pwd.struct_passwd:
+    """The local account ``name``, created (``useradd``, home ``home``, not created) if missing; root only."""
+    account = _passwd(name)
+    if account is not None:
+        return account
     if not _SYSTEM_NAME.fullmatch(name):
         raise InvalidInput(f"{name!r} cannot be a local account name.")
     cmd = ["useradd", "--home-dir", home, "--no-create-home", "--shell", "/bin/bash", "--user-group"]
-    result = subprocess.run([*cmd, "--comment", comment, name], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        why = (result.stderr.strip().splitlines() or ["useradd failed"])[-1]
-        raise InvalidInput(f"The local account {name} could not be created: {why}.")
+    with _ACCOUNTS_LOCK:
+        _administer(
+            [*cmd, "--comment", comment, name],
+            lambda: _passwd(name) is not None,
+            f"The local account {name} could not be created",
+        )
     return pwd.getpwnam(name)
 
 
-def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
-    """Create ``path`` (its parents are the hub's) and, as root, give it to ``uid:gid`` with ``mode``.
+def ensure_group(name: str, member: str) -> int:
+    """The gid of the local group ``name``, created (``groupadd``) if missing, with the account ``member`` in it
+    (``usermod -a -G``); root only."""
+    entry = _group(name)
+    if entry is not None and member in entry.gr_mem:
+        return entry.gr_gid
+    with _ACCOUNTS_LOCK:
+        _administer(
+            ["groupadd", name],
+            lambda: _group(name) is not None,
+            f"The local group {name} could not be created",
+        )
+        _administer(
+            ["usermod", "-a", "-G", name, member],
+            lambda: member in (_group(name) or grp.struct_group(("", "", 0, []))).gr_mem,
+            f"{member} could not be added to the local group {name}",
+        )
+    return grp.getgrnam(name).gr_gid
 
-    Never through a link: a link there is refused, not followed.
+
+def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
+    """Create ``path`` (its parents are the hub's) and, as root, give it to ``uid:gid``.
+
+    ``mode`` is set only on a directory the hub creates or, as root, takes over (one that was not ``uid:gid``'s):
+    a user's own ``chmod`` of their directory stays. Never through a link: a link there is refused, not followed.
     """
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)  # private until it has its owner and mode
+            created = True
+        except FileExistsError:
+            created = False
         info = os.lstat(path)
         if not stat.S_ISDIR(info.st_mode):
             raise InvalidInput(
                 f"{path} is not a directory (a link?); the session's storage cannot be prepared."
             )
-        if _running_as_root() and (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) != (uid, gid, mode):
+        taken_over = _running_as_root() and (info.st_uid, info.st_gid) != (uid, gid)
+        if taken_over:
             os.chown(path, uid, gid, follow_symlinks=False)
+        if created or taken_over:
             os.chmod(path, mode)  # a directory, not a link (checked above; its parent is the hub's)
     except OSError as error:
         raise InvalidInput(
@@ -96,51 +176,29 @@ def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
         ) from None
 
 
-def as_owner_of(home: Path, work: Callable[..., object], *args: Any) -> None:
-    """Run ``work(*args)`` with the rights of ``home``'s owner: as root, in a child process that has dropped
-    to that uid and gid (no supplemental groups), so nothing a user placed in their home (links) can make
-    root write elsewhere; otherwise (not root, or root's own directory) right here. Errors come back as a
-    ``CasaspawnerError`` with the child's sentence."""
-    info = os.lstat(home)
-    if not _running_as_root() or info.st_uid == 0:
-        work(*args)
-        return
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop root for good, do the work, report, leave without cleanup handlers
-        code = 1
-        try:
-            os.close(read)
-            os.setgroups([])
-            os.setgid(info.st_gid)
-            os.setuid(info.st_uid)
-            work(*args)
-            code = 0
-        except BaseException as exc:  # everything goes back to the parent as one sentence
-            os.write(write, (str(exc) or type(exc).__name__).encode(errors="replace")[:2000])
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
-    _, status = os.waitpid(pid, 0)
-    if status != 0:
-        raise CasaspawnerError(f"Writing in {home} as its owner failed: {message or 'no reason given'}.")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` now (from /proc), children first."""
-    children: dict[int, list[int]] = {}
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, start time in clock ticks after boot) of every process now, from /proc."""
+    table: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (found := _stat(int(entry))) is not None:
+            table[int(entry)] = found
+    return table
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of process ``pid`` (``/proc/<pid>/stat`` fields 4 and 22); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _below(pid: int, table: dict[int, tuple[int, int]]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _start) in table.items():
+        children.setdefault(ppid, []).append(child)
     found: list[int] = []
     todo = [pid]
     while todo:
@@ -150,26 +208,73 @@ def descendants(pid: int) -> list[int]:
     return found[::-1]
 
 
-def _terminate(pids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM, then after ``grace`` seconds SIGKILL, each of ``pids`` still alive."""
-    import signal
-    import time
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now (from /proc), children first."""
+    return _below(pid, _process_table())
 
-    alive = [p for p in pids if _signal(p, signal.SIGTERM)]
+
+class ProcessHandle:
+    """One process, held so that a signal sent later never reaches another process that got its pid since:
+    a pidfd (``os.pidfd_open``, Linux 5.3), else the process's start time, compared before each signal."""
+
+    def __init__(self, pid: int, start: int, fd: int | None) -> None:
+        self.pid, self.start, self.fd = pid, start, fd
+
+    @classmethod
+    def open(cls, pid: int, start: int | None = None, *, pidfd: bool = True) -> ProcessHandle | None:
+        """A handle on process ``pid`` — with ``start``, only if it is still the process that started then;
+        None if it is gone. ``pidfd=False``: the start-time comparison only."""
+        fd = None
+        if pidfd and hasattr(os, "pidfd_open"):
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return None
+            except OSError:  # ENOSYS (Linux < 5.3) or refused by a seccomp filter: start times only
+                fd = None
+        found = _stat(pid)  # after pidfd_open: the pidfd is of the process whose start time this is
+        if found is None or (start is not None and found[1] != start):
+            if fd is not None:
+                os.close(fd)
+            return None
+        return cls(pid, found[1], fd)
+
+    def signal(self, sig: int) -> bool:
+        """Send ``sig`` (0: only check that it lives); False when the process is gone (or not ours to signal)."""
+        try:
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, sig)
+            else:
+                found = _stat(self.pid)
+                if found is None or found[1] != self.start:
+                    return False
+                os.kill(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def session_processes(pid: int) -> list[ProcessHandle]:
+    """Handles on every process below ``pid`` now, children first."""
+    table = _process_table()
+    handles = (ProcessHandle.open(child, table[child][1]) for child in _below(pid, table))
+    return [handle for handle in handles if handle is not None]
+
+
+def _terminate(processes: list[ProcessHandle], grace: float = 5.0) -> None:
+    """SIGTERM, then after ``grace`` seconds SIGKILL, each of ``processes`` still alive."""
+    alive = [p for p in processes if p.signal(signal.SIGTERM)]
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [p for p in alive if _signal(p, 0)]
-    for pid in alive:
-        _signal(pid, signal.SIGKILL)
-
-
-def _signal(pid: int, sig: int) -> bool:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+        alive = [p for p in alive if p.signal(0)]
+    for process in alive:
+        process.signal(signal.SIGKILL)
 
 
 async def _render_local_options_form(spawner: LocalCASASpawner) -> str:
@@ -275,7 +380,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         Environment holding ``jupyterhub-singleuser``, JupyterLab and jupyter-remote-desktop-proxy; sessions run
         their Jupyter server from it, never from a CASA environment. Default: the hub's own environment when the
         session's user can run it; otherwise (a hub running as root from a Python under a private home) a venv
-        with the hub's versions of these packages, built once under ``environments_dir``.
+        with the hub's versions of these packages, built once under ``environments_dir``. A hub running as root
+        also reads datasets as the user with its Python (which then needs PyYAML and defusedxml, as JupyterLab's
+        dependencies bring), unless the hub's own Python is usable by every user.
         """,
     ).tag(config=True)
 
@@ -323,6 +430,14 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         help="Seconds to wait when checking that a release's tarball can be downloaded.",
     ).tag(config=True)
 
+    resolve_timeout = Integer(
+        60,
+        help="""
+        Seconds a hub running as root gives ``casaspawner resolve``, run as the session's user, to read a
+        dataset named by path; a dataset that takes longer is refused with a sentence.
+        """,
+    ).tag(config=True)
+
     # ---------------------------------------------------------------------------------------- state
     args: list[str]
     cmd: list[str]
@@ -334,6 +449,8 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         self._starting = False
         self.casa_environment: CasaEnvironment | None = None
         self._session_log: str | None = None
+        #: The last resolution found in a dataset, for the form (kept in the server's state).
+        self.last_resolved: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)
 
     def environment_manager(self) -> EnvironmentManager:
@@ -380,16 +497,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         name = self.system_group_template.format(group=group).lower()
         if not _SYSTEM_NAME.fullmatch(name):
             raise InvalidInput(f"The project {group!r} cannot be made into a local group name ({name!r}).")
-        try:
-            entry = grp.getgrnam(name)
-        except KeyError:
-            subprocess.run(["groupadd", name], check=True, capture_output=True, timeout=60)
-            entry = grp.getgrnam(name)
-        if account not in entry.gr_mem:
-            subprocess.run(
-                ["usermod", "-a", "-G", name, account], check=True, capture_output=True, timeout=60
-            )
-        return entry.gr_gid
+        return ensure_group(name, account)
 
     async def session_identity(self) -> Identity:
         """A local account when the hub is root, else the hub's own user; groups are the hub groups."""
@@ -402,6 +510,95 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 gids.append(await asyncio.to_thread(self._ensure_project_group, group, account.pw_name))
             return Identity(self.user.name, account.pw_uid, account.pw_gid, groups, tuple(gids))
         return Identity(self.user.name, os.getuid(), os.getgid(), groups)
+
+    # -------------------------------------------------------------------------------------- datasets
+    async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
+        """As root, the dataset is read by ``casaspawner resolve DIR --json`` run as the session's user (with
+        their groups): links the user swaps in after the storage reader's checks, or files they could not
+        read themselves, can never make root read anything. Otherwise (the hub is the user) here."""
+        if not _running_as_root():
+            return await super().read_dataset(path, label, identity)
+        python = await self._resolver_python()
+        return await asyncio.to_thread(self._resolve_as_user, path, label, identity, python)
+
+    async def _resolver_python(self) -> str:
+        """An interpreter the session's user can run, with casaspawner's few dependencies (PyYAML, defusedxml):
+        the hub's own, else the one of the sessions' Jupyter environment (which has them)."""
+        if all(world_usable(p) for p in (sys.executable, sys.prefix, sys.base_prefix)):
+            return sys.executable
+        prefix = await self._ui_environment()
+        return str(next((p for p in (prefix / "bin" / "python3", prefix / "bin" / "python") if p.exists()),
+                        prefix / "bin" / "python3"))  # fmt: skip
+
+    def _resolve_as_user(self, path: Path, label: str, identity: Identity, python: str) -> Resolution:
+        name = shown(label)
+        files = self.environment_manager().session_files()
+        # The directory the reader checked, held open and handed to the child (the child's /proc/self/fd), under
+        # its own name when that matters to the resolver (a member.uid___… directory).
+        fd = os.open(path, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with tempfile.TemporaryDirectory(prefix="casaspawner-resolve-") as scratch:
+                os.chmod(scratch, 0o755)  # noqa: S103 - the user reads it; only the hub writes it
+                link = Path(scratch) / (path.name if MEMBER_DIR.fullmatch(path.name) else "dataset")
+                link.symlink_to(f"/proc/self/fd/{fd}")
+                cmd = [python, "-s", "-m", "casaspawner", "resolve", str(link), "--json",
+                       "--registry", PlanConfig.image_registry]  # fmt: skip
+                if self.catalog_path:  # the operator's catalog may be private: a copy the user can read
+                    copy = Path(scratch) / "releases.yaml"
+                    copy.write_bytes(Path(self.catalog_path).read_bytes())
+                    copy.chmod(0o644)
+                    cmd += ["--catalog", str(copy)]
+                env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(files / "python"), "PYTHONNOUSERSITE": "1",
+                       "PYTHONDONTWRITEBYTECODE": "1", "LC_ALL": "C.UTF-8", "HOME": "/"}  # fmt: skip
+                try:
+                    result = subprocess.run(
+                        cmd, env=env, cwd="/", stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                        timeout=self.resolve_timeout, user=identity.uid, group=identity.gid,
+                        extra_groups=list(identity.supplemental_gids), pass_fds=(fd,),
+                    )  # fmt: skip
+                except subprocess.TimeoutExpired:
+                    raise InvalidInput(
+                        f"Reading {name} took longer than {self.resolve_timeout} seconds; give the directory of "
+                        "one ALMA dataset (a member.uid___… directory)."
+                    ) from None
+        finally:
+            os.close(fd)
+
+        def named(text: str) -> str:  # the sentences name the dataset as the user did, as in the hub
+            return text.replace(str(link), name)
+
+        try:
+            found = json.loads(result.stdout) if result.stdout.strip() else {}
+        except ValueError:
+            found = {}
+        if result.returncode == 2:
+            sentence = str(found.get("error") or result.stderr.strip().removeprefix("casaspawner: "))
+            if found.get("kind") == "VersionUnknown":
+                raise VersionUnknown(named(str(found.get("finding"))), str(found.get("advice")))
+            if found.get("kind") == "ResolutionError":
+                raise ResolutionError(named(sentence))
+            raise InvalidInput(named(sentence) or f"{name} could not be read as a dataset.")
+        try:
+            if result.returncode != 0:
+                raise ValueError(f"exit status {result.returncode}")
+            images = {image_for(r, PlanConfig()): r for r in self.casa_catalog().releases}
+            evidence = Evidence(
+                found["evidence"]["kind"],
+                found["evidence"]["path"],
+                found["processed_with"]["casa"],
+                found["processed_with"]["pipeline"],
+            )
+            return Resolution(
+                label, evidence, images[found["image"]], found["exact"] is True, str(found["reason"])
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            self.log.error(
+                "casaspawner resolve as %s failed (%s): %s",
+                self.system_username(),
+                exc,
+                result.stderr[-2000:],
+            )
+            raise RuntimeError(f"reading the dataset as {self.system_username()} failed ({exc})") from None
 
     def parse_session_options(self, user_options: Mapping[str, Any]) -> Any:
         """As for pods, except that with a single size (nothing to choose: the default here) any size named
@@ -463,29 +660,51 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         return _render_local_options_form
 
     async def resolution_preview(self) -> str:
-        """For a returning user: the last dataset, the build it resolves to and why, and whether this machine
-        can install that build (or will run an approximation). Empty when there is nothing to show; never raises
-        (the hub keeps a failed spawn's options, and the form must still render)."""
-        dataset = (self.user_options or {}).get("dataset")
-        if not isinstance(dataset, str) or not dataset.strip():
+        """For a returning user: the build the dataset in the form (the last one) resolved to and why, and
+        whether this machine can install that build (or will run an approximation). From the server's state
+        and what the environment manager already knows only: rendering the form never resolves, reads storage,
+        creates an account or waits on the network. Empty when there is nothing to show."""
+        last = self.last_resolved
+        if not last or last.get("dataset") != (self.user_options or {}).get("dataset"):
             return ""
         try:
-            resolution = await self.resolve_dataset(dataset, await self.session_identity())
-            problem = await asyncio.to_thread(
-                self.environment_manager().unavailable_reason, resolution.release
-            )
-        except (CasaspawnerError, web.HTTPError):
-            return ""  # the form's own validation will say what is wrong when it is submitted
-        except Exception:
-            self.log.exception("Previewing the resolution of %r for %s failed", dataset[:80], self.user.name)
-            return ""
-        exactness = "the exact build" if resolution.exact else "not the exact build"
-        text = f"{dataset}: {resolution.release.label}, {exactness}. {resolution.reason}"
+            release = self.casa_catalog().get(str(last["release"]))
+        except CasaspawnerError:
+            return ""  # a release the catalog no longer has
+        problem = self.environment_manager().unavailable_reason(release, probe=False)
+        exactness = "the exact build" if last.get("exact") else "not the exact build"
+        text = f"{last['dataset']}: {release.label}, {exactness}. {last.get('reason', '')}".rstrip()
         if problem and self.allow_approximate:
             text += f" {problem} The session will run the nearest installable release, marked approximate."
         elif problem:
             text += f" {problem}"
         return f'<p class="casa-help" id="casa-resolved" role="status">{html.escape(text)}</p>\n'
+
+    def adopt_plan(self, plan: SessionPlan, options: Mapping[str, Any]) -> None:
+        super().adopt_plan(plan, options)
+        resolution = plan.resolution
+        if resolution.evidence.kind != "none":  # found in the dataset (not the user's own choice)
+            self.last_resolved = {
+                "dataset": resolution.dataset,
+                "release": resolution.release.id,
+                "exact": resolution.exact,
+                "reason": resolution.reason,
+            }
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.last_resolved:
+            state["casa_local_resolved"] = dict(self.last_resolved)
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        last = state.get("casa_local_resolved")
+        if isinstance(last, dict) and all(
+            isinstance(last.get(k), str) for k in ("dataset", "release", "reason")
+        ):
+            self.last_resolved = {k: last[k] for k in ("dataset", "release", "reason")}
+            self.last_resolved["exact"] = last.get("exact") is True
 
     def render_options_form(self, error: str = "", blocked: Collection[str] = ()) -> str:
         form = super().render_options_form(error, blocked)
@@ -676,11 +895,17 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         """Stop the Jupyter server, then whatever it left behind (the desktop's VNC server, X clients, CASA).
 
         jupyter-server-proxy's VNC server and the X programs start sessions of their own, so stopping the
-        server's process group alone would leave the desktop running.
+        server's process group alone would leave the desktop running. They are listed before the server is
+        stopped and held (:class:`ProcessHandle`), so the signals sent seconds later never reach a process
+        that got one of their pids meanwhile.
         """
-        tree = descendants(self.pid) if self.pid else []
-        await super().stop(now=now)
-        await asyncio.to_thread(_terminate, tree)
+        tree = await asyncio.to_thread(session_processes, self.pid) if self.pid else []
+        try:
+            await super().stop(now=now)
+            await asyncio.to_thread(_terminate, tree)
+        finally:
+            for process in tree:
+                process.close()
 
     def clear_state(self) -> None:
         super().clear_state()

@@ -26,8 +26,8 @@ from local_support import CHROMIUM_ARGS, REPO, TEST_CONFIG, Hub, free_port_block
 from casaspawner import demo
 from casaspawner.catalog.model import Release
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
+from casaspawner.demo import as_owner_of
 from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
-from casaspawner.spawners.local import as_owner_of
 
 #: Releases only the test hub knows: one whose wheels do not exist (the build fails), one whose wheels need a
 #: Python this machine lacks.

@@ -28,7 +28,7 @@ from local_support import (
 
 from casaspawner import demo
 from casaspawner.catalog.model import Release
-from casaspawner.spawners.local import as_owner_of
+from casaspawner.demo import as_owner_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

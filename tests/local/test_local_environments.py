@@ -13,7 +13,9 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -324,6 +326,49 @@ def test_a_casa_without_python3_is_run_checked_with_bin_casa_or_says_it_was_not(
         assert not env.run_checked
 
 
+HUNG_CASA = """#!/bin/sh
+exec sleep {marker}
+"""
+
+
+@pytest.mark.parametrize("version", ["3.10", f"{sys.version_info[0]}.{sys.version_info[1]}"])
+def test_a_hung_casa_start_check_is_one_sentence_on_every_supported_python(
+    version: str, tmp_path: Path
+) -> None:
+    """``asyncio.wait_for`` raises ``asyncio.TimeoutError`` on Python 3.10 (``TimeoutError`` only from 3.11):
+    a CASA 4/5 start check that hangs is one sentence on both, and the hung CASA is not left running."""
+    found = find_python([version])
+    if found is None:
+        pytest.skip(f"no Python {version} here (pyenv, PATH or uv)")
+    marker = f"119.{os.getpid()}{version.replace('.', '')}"  # how long it sleeps: a number only it uses
+    launcher = tmp_path / "casa"
+    launcher.write_text(HUNG_CASA.format(marker=marker))
+    launcher.chmod(0o755)
+    code = (
+        "import asyncio, sys\nfrom pathlib import Path\n"
+        "from casaspawner.environments.build import EnvironmentBuildError, _casa_starts\n"
+        "try:\n    asyncio.run(_casa_starts(Path(sys.argv[1]), 'CASA 5.6.1-8', timeout=1))\n"
+        "except EnvironmentBuildError as error:\n    print('SENTENCE', error)\n"
+    )
+    # casaspawner from this checkout; its (pure-Python) dependencies from the venv running the tests.
+    path = os.pathsep.join([str(Path(demo.__file__).parent.parent), sysconfig.get_paths()["purelib"]])
+    result = subprocess.run(
+        [str(found[0]), "-c", code, str(launcher)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    assert result.stdout == "SENTENCE CASA 5.6.1-8 did not start within 1 seconds.\n", result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(int(p), marker)]
+    assert left == [], "the hung CASA start check is still running"
+
+
+def _cmdline_has(pid: int, text: str) -> bool:
+    try:
+        return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 @pytest.mark.integration
 def test_tarball_with_a_wrong_checksum_is_refused(
     tmp_path: Path, tarball_server: tuple[str, Path, list[str]]
@@ -491,6 +536,77 @@ def test_the_desktop_makes_a_fresh_private_runtime_directory(tmp_path: Path) -> 
     assert f"<file>{config.parent}/menu.xml</file>" in rc
     assert not config.parent.exists(), "the runtime directory is removed when the desktop ends"
     assert (planted / "rc.xml").read_text() == "<planted/>"
+
+
+#: Directories with what breaks a sed expression (``|``, ``&``, ``\\``), XML (``&``, ``<``) or a command split
+#: like a shell (spaces, quotes).
+AWKWARD = "desk top & co's |x| <casa> \\n"
+
+
+def awkward_desktop(tmp_path: Path) -> tuple[Path, Path, dict[str, str], Path]:
+    """The session's desktop files copied to a directory with an awkward name, a runtime directory as
+    awkward, and a stand-in openbox that keeps its configuration files; (desktop, runtime, env, kept)."""
+    desktop = tmp_path / AWKWARD / "desktop"
+    shutil.copytree(DESKTOP, desktop)
+    runtime = tmp_path / f"run {AWKWARD}"
+    runtime.mkdir()
+    kept, tools = tmp_path / "kept", tmp_path / "tools"
+    kept.mkdir()
+    tools.mkdir()
+    (tools / "openbox").write_text(
+        f'#!/bin/sh\ncp "$2" "{kept}/rc.xml"\n'
+        f"""cp "$(sed -n 's|.*<file>\\(.*menu.xml\\)</file>.*|\\1|p' "$2" | sed 's/&lt;/</g; s/&gt;/>/g; s/&amp;/\\&/g')" "{kept}/menu.xml"\n"""
+    )
+    (tools / "xprop").write_text("#!/bin/sh\necho 'window id # 0x1'\n")
+    for tool in ("openbox", "xprop"):
+        (tools / tool).chmod(0o755)
+    env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(runtime),
+           "DISPLAY": ":1", "CASASPAWNER_NOTICES_INTERVAL": "0.2"}  # fmt: skip
+    return desktop, runtime, env, kept
+
+
+def test_the_desktop_menu_works_from_a_directory_with_any_name(tmp_path: Path) -> None:
+    """xstartup writes its directories into openbox's XML: escaped for sed, for XML and for the shell-like
+    splitting of menu commands, each menu entry runs casa-app from the directory it is in."""
+    import shlex
+    import xml.etree.ElementTree as ET
+
+    desktop, runtime, env, kept = awkward_desktop(tmp_path)
+    subprocess.run(["sh", str(desktop / "xstartup")], env=env, timeout=60, check=True, capture_output=True)
+    namespace = {"ob": "http://openbox.org/3.4/rc", "m": "http://openbox.org/3.4/menu"}
+    files = [f.text for f in ET.parse(kept / "rc.xml").getroot().iterfind("ob:menu/ob:file", namespace)]
+    assert len(files) == 1 and Path(files[0] or "").parent.parent == runtime, files
+    commands = [
+        c.text or "" for c in ET.parse(kept / "menu.xml").getroot().iterfind(".//m:command", namespace)
+    ]
+    casa = [shlex.split(c) for c in commands if "casa-app" in c]  # openbox splits as a POSIX shell does
+    assert [argv[1:] for argv in casa] == [["terminal"], ["plotms"], ["viewer"], ["logger"]], commands
+    assert {argv[0] for argv in casa} == {str(desktop / "casa-app")}, commands
+    assert os.access(casa[0][0], os.X_OK)
+
+
+@pytest.mark.integration
+def test_openbox_reads_the_desktop_menu_from_a_directory_with_any_name(
+    tmp_path: Path, x_display: str
+) -> None:
+    """The real openbox, on a private X server, parses what xstartup wrote for awkward directories (an
+    unescaped ``&`` or ``<`` is a libxml2 "parser error" on its stderr, and the menu is lost)."""
+    desktop, _runtime, env, kept = awkward_desktop(tmp_path)
+    subprocess.run(["sh", str(desktop / "xstartup")], env=env, timeout=60, check=True, capture_output=True)
+    rc = kept / "rc.xml"
+    menu = Path(re.findall(r"<file>(.*menu\.xml)</file>", rc.read_text())[0].replace("&lt;", "<")
+                .replace("&gt;", ">").replace("&amp;", "&"))  # fmt: skip
+    menu.parent.mkdir()  # xstartup removed its runtime directory when it ended: put the menu back there
+    shutil.copy(kept / "menu.xml", menu)
+    with tempfile.TemporaryDirectory() as home:
+        wm = subprocess.Popen(
+            ["openbox", "--config-file", str(rc)], env={**os.environ, "DISPLAY": x_display, "HOME": home},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        time.sleep(3)
+        wm.terminate()
+        output = wm.communicate(timeout=10)[0].decode(errors="replace")
+    assert "error" not in output.lower() and "unable" not in output.lower(), output
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from local_support import Hub, wait_for_display, wait_for_title
 
 from casaspawner import demo
 from casaspawner.catalog.model import Release, load_catalog
+from casaspawner.demo import as_owner_of
 from casaspawner.environments import EnvironmentManager
-from casaspawner.spawners.local import as_owner_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

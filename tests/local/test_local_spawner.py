@@ -4,14 +4,17 @@ install (the operator's ``allow_approximate``)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import grp
 import http.server
+import json
 import os
 import pwd
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -22,10 +25,12 @@ from typing import Any
 import pytest
 
 from casaspawner import demo
-from casaspawner.catalog.model import Release
+from casaspawner.catalog.model import Release, load_catalog
+from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
+from casaspawner.demo import as_owner_of
 from casaspawner.errors import CasaspawnerError
-from casaspawner.spawners.local import LocalCASASpawner, as_owner_of
+from casaspawner.spawners.local import LocalCASASpawner, ensure_group
 
 pytestmark = pytest.mark.integration  # as root, the first use creates the local account jupyter-demo
 ROOT = os.geteuid() == 0
@@ -178,6 +183,8 @@ def test_form_previews_the_last_dataset_and_says_it_will_be_approximate(storage:
     local = spawner(storage, allow_approximate=True)
     assert asyncio.run(local.resolution_preview()) == ""  # nothing to preview on a first visit
     local.user_options = {"dataset": "~/2023.1.00026.S"}
+    assert asyncio.run(local.resolution_preview()) == "", "a dataset never resolved is not previewed"
+    asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S", "interface": "desktop"}))
     preview = asyncio.run(local.resolution_preview())
     assert preview.startswith(
         '<p class="casa-help" id="casa-resolved" role="status">~/2023.1.00026.S: CASA 6.5.4-9'
@@ -189,7 +196,7 @@ def test_form_previews_the_last_dataset_and_says_it_will_be_approximate(storage:
 
 
 def test_sessions_read_the_desktop_files_from_the_cache_not_the_checkout(storage: Path) -> None:
-    from casaspawner.environments.build import DESKTOP_SOURCE
+    from casaspawner.environments.build import DESKTOP_SOURCE, LAB_OVERRIDES
     from casaspawner.environments.pythons import world_usable
 
     local = spawner(storage)
@@ -201,7 +208,8 @@ def test_sessions_read_the_desktop_files_from_the_cache_not_the_checkout(storage
         if ROOT:  # sessions of other users run them
             assert world_usable(desktop / name), name
     overrides = (desktop.parent / "lab-settings" / "overrides.json").read_text()
-    assert '"fetchNews": "false"' in overrides and "doNotDisturbMode" not in overrides
+    assert overrides == LAB_OVERRIDES.read_text(), "the wheel's overrides.d file, not a second copy"
+    assert json.loads(overrides) == {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}
     assert spawner(storage).desktop_dir() == desktop, "installed once per content"
 
 
@@ -241,6 +249,138 @@ def test_project_directories_belong_to_the_project_group(storage: Path, demo_rel
             subprocess.run(["groupdel", "casa-alma-team"], capture_output=True)
 
 
+def message(caught: pytest.ExceptionInfo[BaseException]) -> str:
+    return str(getattr(caught.value, "jupyterhub_message", caught.value))
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
+def test_a_root_hub_reads_datasets_as_the_user_and_nothing_the_user_cannot(storage: Path) -> None:
+    """The dataset's pipeline manifest is a link (inside the dataset, so it passes the resolver's checks)
+    into a directory only root may read, as a link swapped in after the checks could be: the hub, resolving
+    as the user, reads nothing there and resolves by what the user can read (its CASA log)."""
+    home = storage / "home" / "demo"
+    member = write_dataset(home / "linked", era="cycle10")
+    manifest = next(member.rglob("*pipeline_manifest.xml"))
+    private = member / "private"
+    private.mkdir(mode=0o700)
+    manifest.rename(private / manifest.name)
+    manifest.symlink_to(private / manifest.name)
+    (member / "log").mkdir(exist_ok=True)
+    (member / "log" / "casa-20250101-000000.log").write_text("INFO CASA Version CASA 6.6.5-31\n")
+    assert resolve_path(member, load_catalog()).release.id == "pl-2023.1.0.124", "root alone reads it"
+
+    plan = asyncio.run(spawner(storage).prepare_session({"dataset": "~/linked", "interface": "desktop"}))
+    assert plan.resolution.release.id == "casa-6.6.5-31", plan.resolution
+    assert plan.resolution.evidence.kind == "casalog" and plan.resolution.dataset == "~/linked"
+    assert plan.resolution.evidence.path == str(
+        (member / "log" / "casa-20250101-000000.log").relative_to(home / "linked")
+    )
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
+def test_a_root_hub_words_a_bad_dataset_as_the_resolver_in_the_hub_does(storage: Path) -> None:
+    """Read as the user, a dataset that is not one gets the very sentence the hub's own resolver gives; one
+    that tells no version still runs the release the user chose."""
+    home = storage / "home" / "demo"
+    (home / "empty").mkdir()
+    write_dataset(home / "two" / "a", era="cycle10")
+    write_dataset(home / "two" / "b", era="cycle7")
+    silent = write_dataset(home / "silent", era="no-evidence")
+    catalog = load_catalog()
+    for name in (
+        "empty",
+        "two",
+        "silent",
+    ):  # (what is no directory at all the storage reader words, in the hub)
+        with pytest.raises(CasaspawnerError) as expected:
+            resolve_path(home / name, catalog, label=f"~/{name}")
+        with pytest.raises(Exception) as caught:
+            asyncio.run(spawner(storage).prepare_session({"dataset": f"~/{name}"}))
+        assert message(caught) == str(expected.value), name
+    chosen = asyncio.run(
+        spawner(storage).prepare_session({"dataset": f"~/silent/{silent.relative_to(home / 'silent')}",
+                                          "release": "casa-6.6.5-31"})
+    )  # fmt: skip
+    assert chosen.release.id == "casa-6.6.5-31" and chosen.resolution.evidence.kind == "none"
+    assert chosen.reason.startswith("Nothing in ~/silent/") and "you chose CASA 6.6.5-31" in chosen.reason
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
+def test_a_root_hub_gives_reading_a_dataset_a_time_limit(storage: Path) -> None:
+    with pytest.raises(Exception) as caught:
+        asyncio.run(spawner(storage, resolve_timeout=0).prepare_session({"dataset": "~/2023.1.00026.S"}))
+    assert message(caught) == (
+        "Reading ~/2023.1.00026.S took longer than 0 seconds; give the directory of one ALMA dataset (a "
+        "member.uid___… directory)."
+    )
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root creates local accounts and groups")
+def test_users_of_a_new_project_spawning_together_get_one_group(storage: Path) -> None:
+    """First spawns of several users of a project nobody used yet, at once (each hub request creates accounts
+    and groups from a worker thread): one local group, every account in it, no useradd/groupadd/usermod
+    failure ("groupadd: group … already exists", "cannot lock /etc/group")."""
+    tag = os.urandom(3).hex()
+    project = f"race-{tag}"
+
+    def racer(n: int) -> LocalCASASpawner:
+        class RaceUser(User):
+            name = f"race-{tag}-{n}"
+            groups = [Group(project)]
+            url = f"/user/race-{tag}-{n}/"
+
+        return LocalCASASpawner(user=RaceUser(), storage_root=str(storage))
+
+    spawners = [racer(n) for n in range(6)]
+
+    async def together() -> list[Any]:
+        return list(await asyncio.gather(*(s.session_identity() for s in spawners)))
+
+    try:
+        identities = asyncio.run(together())
+        group = grp.getgrnam(f"casa-{project}")
+        assert {identity.supplemental_gids for identity in identities} == {(group.gr_gid,)}
+        assert sorted(group.gr_mem) == sorted(s.system_username() for s in spawners)
+        assert len({identity.uid for identity in identities}) == len(spawners)
+    finally:
+        for local in spawners:
+            subprocess.run(["userdel", local.system_username()], capture_output=True)
+        subprocess.run(["groupdel", f"casa-{project}"], capture_output=True)
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root creates local accounts and groups")
+def test_a_group_that_cannot_be_joined_is_one_sentence() -> None:
+    name = f"casa-nobody-{os.urandom(3).hex()}"
+    try:
+        with pytest.raises(CasaspawnerError) as caught:
+            ensure_group(name, "jupyter-no-such-account")
+        assert str(caught.value) == (
+            f"jupyter-no-such-account could not be added to the local group {name}: usermod: user "
+            "'jupyter-no-such-account' does not exist."
+        )
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True)
+
+
+def test_a_users_own_mode_of_their_home_is_kept(storage: Path, demo_release: Release) -> None:
+    """The hub gives the home its mode when it creates or takes it over; a user who then makes it private
+    (``chmod 700``) keeps that on every later spawn."""
+    write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
+    local = spawner(storage)
+    plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}"}))
+    home = Path(plan.home)
+    local._prepare_directories(plan, plan.identity.uid, plan.identity.gid)
+    if ROOT:  # written by root above: taken over by the user's account
+        assert (home.stat().st_uid, stat.S_IMODE(home.stat().st_mode)) == (plan.identity.uid, 0o750)
+    scratch = Path(local.environment["SCRATCH"])
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o700, "created by the hub: its mode"
+    as_owner_of(home, os.chmod, home, 0o700)
+    as_owner_of(home, os.chmod, scratch, 0o750)
+    local._prepare_directories(plan, plan.identity.uid, plan.identity.gid)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o750
+
+
 def test_the_session_opens_its_log_itself_never_through_a_link(
     storage: Path, tmp_path: Path, demo_release: Release
 ) -> None:
@@ -274,6 +414,22 @@ def test_the_session_opens_its_log_itself_never_through_a_link(
     assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
 
 
+def test_the_hub_never_forks_python() -> None:
+    """``fork()`` followed by Python code in the child is unsafe in a multi-threaded process such as the hub
+    (``asyncio.to_thread`` workers may hold locks): only the single-threaded demo does it (``as_owner_of``)."""
+    import casaspawner.spawners
+
+    forking = ("fork", "forkpty")
+    for module in sorted(Path(casaspawner.spawners.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in forking:
+                raise AssertionError(f"{module.name}:{node.lineno} calls os.{node.attr}")
+    assert any(
+        isinstance(node, ast.Attribute) and node.attr == "fork"
+        for node in ast.walk(ast.parse(Path(demo.__file__).read_text()))
+    ), "the check looks for what as_owner_of does"
+
+
 @pytest.mark.skipif(not ROOT, reason="only a hub running as root can be made to write for a user")
 def test_the_demo_writes_the_dataset_as_the_user_and_never_through_their_links(
     storage: Path, demo_release: Release
@@ -302,6 +458,43 @@ def test_the_demo_writes_the_dataset_as_the_user_and_never_through_their_links(
     as_owner_of(home, demo.write_demo_dataset, home, ms, spec)
     owners = {os.lstat(p).st_uid for p in [project, *project.rglob("*")]}
     assert owners == {account.pw_uid}, "the demo dataset is the user's own"
+
+
+#: Run in a new PID namespace: a process is held, exits, and its pid is given to a newcomer (``ns_last_pid``),
+#: as a busy machine may do during the seconds stop() waits; then the held process is signalled.
+RECYCLED_PID = """
+import signal, subprocess, sys, time
+from casaspawner.spawners.local import ProcessHandle
+
+victim = subprocess.Popen(["sleep", "60"])
+held = ProcessHandle.open(victim.pid, pidfd=sys.argv[1] == "pidfd")
+assert held is not None and held.signal(0) and (held.fd is not None) == (sys.argv[1] == "pidfd")
+time.sleep(0.1)  # start times count clock ticks (10 ms): the newcomer starts in a later one, as it would
+victim.kill()
+victim.wait()
+with open("/proc/sys/kernel/ns_last_pid", "w") as last:
+    last.write(str(victim.pid - 1))
+newcomer = subprocess.Popen(["sleep", "60"])
+sent = held.signal(signal.SIGTERM)
+time.sleep(0.3)
+print(newcomer.pid == victim.pid, sent, newcomer.poll() is None)
+newcomer.kill()
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="a PID namespace of its own (unshare) needs root")
+@pytest.mark.parametrize("kind", ["pidfd", "start-time"])
+def test_stopping_never_signals_a_process_that_got_a_held_pid(kind: str) -> None:
+    """stop() lists the session's processes, waits for the server to stop, then signals them: a pid freed and
+    reused meanwhile is not signalled (a pidfd, or the start time compared before each signal)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", RECYCLED_PID, kind],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "False", "True"], "the pid's newcomer was signalled"
 
 
 @pytest.fixture
@@ -337,6 +530,42 @@ def test_what_the_hub_probed_is_remembered_across_spawners(
         is not first.environment_manager()
     )
     for local in (first, second, first):
-        local.user_options = {"dataset": "~/2023.1.00026.S"}
+        with pytest.raises(Exception, match="cannot be installed on this hub"):
+            asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S"}))
         assert "is unreachable (HTTP 404)" in asyncio.run(local.resolution_preview())
     assert requests == ["HEAD /casa-6.5.4-9-pipeline-2023.1.0.124-py3.8.tar.xz"], requests
+
+
+def test_the_form_of_a_returning_user_resolves_nothing_and_creates_nothing(
+    storage: Path, tarball_heads: tuple[str, list[str]]
+) -> None:
+    """A page view of the form shows the last resolution from the server's state and what the hub already
+    knows about installing it: the dataset is not read again (it is gone here), no tarball is probed, and a
+    user without a local account yet (hub as root) does not get one from looking at the form."""
+    url, requests = tarball_heads
+    first = spawner(storage, tarball_mirror=url)
+    with pytest.raises(Exception, match="cannot be installed on this hub"):
+        asyncio.run(first.prepare_session({"dataset": "~/2023.1.00026.S"}))
+    state = first.get_state()
+    probed = list(requests)
+    shutil.rmtree(storage / "home" / "demo" / "2023.1.00026.S")
+
+    class Newcomer(User):
+        name = f"form-{os.urandom(3).hex()}"
+
+    local = LocalCASASpawner(user=Newcomer(), storage_root=str(storage), tarball_mirror=url, probe_timeout=2)
+    local.load_state(state)
+    local.user_options = dict(first.user_options)
+    form = asyncio.run(local.options_form(local))
+    assert (
+        "~/2023.1.00026.S: CASA 6.5.4-9 (pipeline 2023.1.0.124), the exact build. The pipeline manifest names "
+        "pipeline 2023.1.0.124 with CASA 6.5.4-9;"
+    ) in form
+    assert "cannot be installed on this hub: its tarball" in form, "what the hub probed before is said"
+    assert requests == probed, "the form probed a tarball"
+    with pytest.raises(KeyError):
+        pwd.getpwnam(local.system_username())
+    fresh = spawner(storage, tarball_mirror="http://127.0.0.1:9/", probe_timeout=1)
+    fresh.load_state(state)
+    fresh.user_options = dict(first.user_options)
+    assert "cannot be installed" not in asyncio.run(fresh.resolution_preview()), "not probed: not said"
