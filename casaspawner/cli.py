@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resolve", help="tell which CASA build a dataset (directory or ALMA id) runs with")
     p.add_argument("target", metavar="TARGET", help="a dataset directory, an ALMA uid or a project code")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--error-json",
+        action="store_true",
+        help="on failure, also print {error, kind} on stdout (for programs; the sentence stays on stderr)",
+    )
     p.add_argument("--catalog", metavar="FILE", help="use this catalog file instead of the bundled one")
     p.add_argument(
         "--archive-url",
@@ -113,7 +118,9 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     try:
         resolution = resolve_target(args.target, catalog, archive=archive)
     except CasaspawnerError as exc:
-        if args.json:  # the sentence on stderr as always; a script (or a hub) also learns what kind it is
+        if (
+            args.error_json
+        ):  # the sentence on stderr as always; a program (or a hub) also learns what kind it is
             print(json.dumps(error_json(exc), indent=2))
         raise
     image = image_for(resolution.release, PlanConfig(image_registry=args.registry))
@@ -137,7 +144,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def error_json(exc: CasaspawnerError) -> dict[str, str]:
-    """What ``resolve --json`` prints on stdout when it fails (exit status 2): the sentence, the kind of
+    """What ``resolve --error-json`` prints on stdout when it fails (exit status 2): the sentence, the kind of
     failure and, when the dataset tells no usable CASA version (``VersionUnknown``), the finding apart."""
     found: dict[str, str] = {"error": str(exc), "kind": type(exc).__name__}
     if isinstance(exc, VersionUnknown):

@@ -541,7 +541,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 os.chmod(scratch, 0o755)  # noqa: S103 - the user reads it; only the hub writes it
                 link = Path(scratch) / (path.name if MEMBER_DIR.fullmatch(path.name) else "dataset")
                 link.symlink_to(f"/proc/self/fd/{fd}")
-                cmd = [python, "-s", "-m", "casaspawner", "resolve", str(link), "--json",
+                cmd = [python, "-s", "-m", "casaspawner", "resolve", str(link), "--json", "--error-json",
                        "--registry", PlanConfig.image_registry]  # fmt: skip
                 if self.catalog_path:  # the operator's catalog may be private: a copy the user can read
                     copy = Path(scratch) / "releases.yaml"

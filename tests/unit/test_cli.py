@@ -66,19 +66,22 @@ def test_resolve_json_has_exactly_the_documented_keys(
     assert isinstance(data["reason"], str) and data["reason"].endswith(".")
 
 
-def test_resolve_json_says_what_kind_of_failure_it_is(tmp_path: Path) -> None:
-    """With --json a failure is still one sentence on stderr and exit 2; stdout says which kind it is, and a
-    dataset that tells no version gives its finding apart (what a hub needs to run the user's own choice)."""
+def test_resolve_error_json_says_what_kind_of_failure_it_is(tmp_path: Path) -> None:
+    """With --error-json a failure is still one sentence on stderr and exit 2; stdout says which kind it is,
+    and a dataset that tells no version gives its finding apart (what a hub needs to run the user's own
+    choice). Plain --json prints nothing on stdout when it fails."""
     (tmp_path / "member.uid___A001_X1_X2").mkdir()
-    result = run("resolve", str(tmp_path / "member.uid___A001_X1_X2"), "--json")
+    result = run("resolve", str(tmp_path / "member.uid___A001_X1_X2"), "--json", "--error-json")
     assert result.returncode == 2
     data = json.loads(result.stdout)
     assert result.stderr == f"casaspawner: {data['error']}\n"
     assert data["kind"] == "VersionUnknown" and data["error"] == f"{data['finding']}; {data['advice']}."
     assert data["finding"].startswith(f"Nothing in {tmp_path / 'member.uid___A001_X1_X2'} tells which CASA")
-    result = run("resolve", str(tmp_path / "nothing"), "--json")
+    result = run("resolve", str(tmp_path / "nothing"), "--json", "--error-json")
     assert result.returncode == 2 and json.loads(result.stdout)["kind"] == "ResolutionError"
-    assert run("resolve", str(tmp_path / "nothing")).stdout == "", "without --json: stderr only"
+    for plain in (["--json"], []):
+        result = run("resolve", str(tmp_path / "nothing"), *plain)
+        assert result.returncode == 2 and result.stdout == "", "without --error-json: stderr only"
 
 
 def test_resolve_text_output(tmp_path: Path) -> None:
@@ -154,7 +157,7 @@ def test_a_loop_of_links_and_an_unwritable_output_exit_2(tmp_path: Path) -> None
 def test_no_evidence_exits_2(tmp_path: Path) -> None:
     write_dataset(tmp_path, "no-evidence")
     result = run("resolve", str(tmp_path), "--json")
-    assert result.returncode == 2 and json.loads(result.stdout)["kind"] == "VersionUnknown"  # no result
+    assert result.returncode == 2 and result.stdout == ""  # no result, and nothing but the sentence
     assert "tells which CASA version" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
