@@ -255,25 +255,23 @@ def message(caught: pytest.ExceptionInfo[BaseException]) -> str:
 
 @pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
 def test_a_root_hub_reads_datasets_as_the_user_and_nothing_the_user_cannot(storage: Path) -> None:
-    """The dataset's pipeline manifest is a link (inside the dataset, so it passes the resolver's checks)
-    into a directory only root may read, as a link swapped in after the checks could be: the hub, resolving
-    as the user, reads nothing there and resolves by what the user can read (its CASA log)."""
+    """The dataset's pipeline manifest is a file only root may read (as one in another user's tree would
+    be): the hub, resolving as the user, reads nothing there and resolves by what the user can read (its CASA
+    log)."""
     home = storage / "home" / "demo"
-    member = write_dataset(home / "linked", era="cycle10")
+    member = write_dataset(home / "guarded", era="cycle10")
     manifest = next(member.rglob("*pipeline_manifest.xml"))
-    private = member / "private"
-    private.mkdir(mode=0o700)
-    manifest.rename(private / manifest.name)
-    manifest.symlink_to(private / manifest.name)
+    os.chown(manifest, 0, 0)
+    manifest.chmod(0o600)
     (member / "log").mkdir(exist_ok=True)
     (member / "log" / "casa-20250101-000000.log").write_text("INFO CASA Version CASA 6.6.5-31\n")
     assert resolve_path(member, load_catalog()).release.id == "pl-2023.1.0.124", "root alone reads it"
 
-    plan = asyncio.run(spawner(storage).prepare_session({"dataset": "~/linked", "interface": "desktop"}))
+    plan = asyncio.run(spawner(storage).prepare_session({"dataset": "~/guarded", "interface": "desktop"}))
     assert plan.resolution.release.id == "casa-6.6.5-31", plan.resolution
-    assert plan.resolution.evidence.kind == "casalog" and plan.resolution.dataset == "~/linked"
+    assert plan.resolution.evidence.kind == "casalog" and plan.resolution.dataset == "~/guarded"
     assert plan.resolution.evidence.path == str(
-        (member / "log" / "casa-20250101-000000.log").relative_to(home / "linked")
+        (member / "log" / "casa-20250101-000000.log").relative_to(home / "guarded")
     )
 
 
