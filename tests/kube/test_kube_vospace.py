@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -17,6 +19,21 @@ from casaspawner.spawners.common import SpawnException
 
 VOS = "http://www.ivoa.net/xml/VOSpace/v2.0"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve `app` on a free port of `host`; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    await web.TCPSite(runner, host, port).start()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
 
 
 def node_xml(root: Path, path: str) -> str | None:
@@ -72,14 +89,8 @@ async def vospace(storage):
     app = web.Application()
     app.router.add_get("/arc/nodes/{path:.*}", nodes)
     app.router.add_get("/arc/files/{path:.*}", files)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/arc", requests
-    await runner.cleanup()
+    async with served(app) as url:
+        yield f"{url}/arc", requests
 
 
 @pytest.mark.parametrize("era", ["cycle10", "cycle3-pipeline", "cycle2-manual"])
@@ -137,21 +148,8 @@ async def redirecting():
         seen.append(request.headers.get("Authorization"))
         raise web.HTTPNotFound()
 
-    runners = []
-
-    async def serve(app: web.Application, host: str) -> str:
-        runner = web.AppRunner(app)
-        await runner.setup()
-        runners.append(runner)
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        await web.TCPSite(runner, host, port).start()
-        return f"http://{host}:{port}"
-
     collector = web.Application()
     collector.router.add_get("/{tail:.*}", collect)
-    elsewhere = await serve(collector, "127.0.0.2")
 
     def front_to(target: str) -> web.Application:
         async def front(request: web.Request) -> web.Response:
@@ -161,10 +159,8 @@ async def redirecting():
         app.router.add_get("/arc/{tail:.*}", front)
         return app
 
-    to_other_host = await serve(front_to(f"{elsewhere}/arc"), "127.0.0.1")
-    yield f"{to_other_host}/arc", seen
-    for runner in runners:
-        await runner.cleanup()
+    async with served(collector, "127.0.0.2") as elsewhere, served(front_to(f"{elsewhere}/arc")) as front:
+        yield f"{front}/arc", seen
 
 
 async def test_token_never_follows_a_redirect_to_another_origin(make_spawner, storage, redirecting):
@@ -193,15 +189,7 @@ async def test_token_follows_a_redirect_within_the_same_origin():
     app = web.Application()
     app.router.add_get("/old/{tail:.*}", moved)
     app.router.add_get("/new/{tail:.*}", new)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        reader = VOSpaceReader(f"http://127.0.0.1:{port}/old", StorageLayout(), token="tok-SECRET-42")
+    async with served(app) as url:
+        reader = VOSpaceReader(f"{url}/old", StorageLayout(), token="tok-SECRET-42")
         assert await asyncio.to_thread(reader._get, "files", "home/alice/x.xml", 100) == b"data"
         assert seen == {"files/home/alice/x.xml": "Bearer tok-SECRET-42"}
-    finally:
-        await runner.cleanup()
