@@ -22,7 +22,7 @@ from casaspawner.catalog.model import Catalog, load_catalog
 from casaspawner.datasets.archive import AlmaDataLinkClient
 from casaspawner.datasets.resolve import resolve_target
 from casaspawner.datasets.synth import ERAS, write_dataset
-from casaspawner.errors import CasaspawnerError, VersionUnknown, shown
+from casaspawner.errors import CasaspawnerError, VersionUnknown, printable, shown
 from casaspawner.plan import PlanConfig, image_for
 
 #: Modules adding subcommands: each has ``register(subparsers) -> None``.
@@ -128,12 +128,12 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         print(json.dumps(resolution.to_json(image), indent=2))
         return 0
     evidence = resolution.evidence
-    print(f"dataset:        {resolution.dataset}")
+    print(f"dataset:        {printable(resolution.dataset)}")
     print(
         f"processed with: CASA {evidence.casa}"
         + (f", pipeline {evidence.pipeline}" if evidence.pipeline else "")
     )
-    print(f"evidence:       {evidence.kind} ({evidence.path})")
+    print(f"evidence:       {evidence.kind} ({printable(evidence.path)})")
     print(
         f"session runs:   {resolution.release.label} [{resolution.release.id}]"
         + ("" if resolution.exact else " (not exact)")

@@ -43,12 +43,15 @@ class ArchiveUnavailable(CasaspawnerError):
     """The ALMA archive could not be reached or did not have what was asked for."""
 
 
+def printable(text: str) -> str:
+    """``text`` with its control (and other unprintable) characters escaped, so it prints on one line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def shown(text: str) -> str:
     """User-given text (a path, a name) for an error sentence: as given when short and printable, else
     with control characters escaped and the middle left out, so a sentence stays one readable line."""
-    if text.isprintable() and len(text) <= SHOWN_LIMIT:
-        return text
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    escaped = printable(text)
     if len(escaped) <= SHOWN_LIMIT:
         return escaped
     return f"{escaped[: SHOWN_LIMIT // 2]}…{escaped[-SHOWN_LIMIT // 4 :]} ({len(text)} characters)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bz2
 import fnmatch
 import gzip
+import io
 import lzma
 import os
 import re
@@ -31,7 +32,7 @@ from defusedxml import DefusedXmlException
 from casaspawner.catalog.versions import normalize_pipeline, parse_casa
 from casaspawner.datasets.model import Evidence, EvidenceKind
 from casaspawner.datasets.tree import Directory, listing, open_file, subdirectory, walk
-from casaspawner.errors import CasaspawnerError
+from casaspawner.errors import CasaspawnerError, shown
 
 MiB = 1024 * 1024
 LIMITS = {
@@ -51,6 +52,12 @@ _TAR_EXPANDED = 4 * GiB
 _TAR_RATIO = 50
 _TAR_FLOOR = 64 * MiB
 _SEARCH_DIRS = (".", "script", "qa", "log", "calibration", "product")
+#: XML evidence is streamed: at most this many elements, nested at most this deep (real manifests and AQUA
+#: reports have thousands of elements, ten levels deep), so a file within its size limit costs little.
+_XML_ELEMENTS = 1_000_000
+_XML_DEPTH = 100
+#: How far into a manual calibration script its version guard is looked for (after the step list).
+_SCRIPT_HEAD_LINES = 400
 
 
 class UnreadableEvidence(CasaspawnerError):
@@ -90,7 +97,7 @@ def _read(mous: Directory, path: PurePosixPath, limit: int, *, truncate: bool = 
         if truncate:
             return data[:limit]
         raise UnreadableEvidence(
-            f"{path.name} is larger than {limit // MiB or 1} MiB, too large to be evidence."
+            f"{shown(path.name)} is larger than {limit // MiB or 1} MiB, too large to be evidence."
         )
     return data
 
@@ -110,16 +117,57 @@ def _rel(mous: Directory, path: PurePosixPath) -> str:
     return str(mous.path / path)
 
 
-def _parse_xml(data: bytes, name: str) -> Element:
+def xml_values(data: bytes, name: str, wanted: dict[str, tuple[str, str | None]]) -> dict[str, str | None]:
+    """The values of the ``wanted`` elements of the XML document ``data`` (``name``: the file, for messages).
+
+    ``wanted`` maps an element's tag (namespaces ignored) to its preferred parent's tag and the attribute
+    holding the value (None: the element's text). Each value comes from the first such element under its
+    preferred parent, else from the first one anywhere; None when there is none. The document is streamed
+    through defusedxml (no DTD, no entities), every element is dropped once read, and reading stops as soon
+    as every value was found under its preferred parent.
+    """
+    preferred: dict[str, str] = {}
+    anywhere: dict[str, str] = {}
+    open_elements: list[Element] = []
     try:
-        tree: Element = SafeET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
-        return tree
+        events = SafeET.iterparse(
+            io.BytesIO(data), ("start", "end"), forbid_dtd=True, forbid_entities=True, forbid_external=True
+        )
+        for count, (event, element) in enumerate(events):
+            if event == "start":
+                open_elements.append(element)
+                if len(open_elements) > _XML_DEPTH or count > 2 * _XML_ELEMENTS:
+                    raise UnreadableEvidence(
+                        f"{shown(name)} holds more or deeper-nested XML elements than evidence files do."
+                    )
+                continue
+            open_elements.pop()
+            tag = element.tag.rsplit("}", 1)[-1]
+            if tag in wanted:
+                parent, attribute = wanted[tag]
+                value = element.get(attribute) if attribute else element.text
+                if value and value.strip():
+                    anywhere.setdefault(tag, value)
+                    if open_elements and open_elements[-1].tag.rsplit("}", 1)[-1] == parent:
+                        preferred.setdefault(tag, value)
+                        if len(preferred) == len(wanted):
+                            break
+            if open_elements:
+                open_elements[-1].remove(element)  # read: dropped, so memory stays small
     except DefusedXmlException:
         raise UnreadableEvidence(
-            f"{name} declares a DTD or entities, which evidence files never do; ignored."
+            f"{shown(name)} declares a DTD or entities, which evidence files never do; ignored."
         ) from None
     except ParseError:
-        raise UnreadableEvidence(f"{name} is not well-formed XML.") from None
+        raise UnreadableEvidence(f"{shown(name)} is not well-formed XML.") from None
+    return {tag: preferred.get(tag, anywhere.get(tag)) for tag in wanted}
+
+
+#: What a pipeline manifest says: ``ous/casaversion@name`` and ``ous/pipeline_version@name``.
+MANIFEST_VALUES: dict[str, tuple[str, str | None]] = {
+    "casaversion": ("ous", "name"),
+    "pipeline_version": ("ous", "name"),
+}
 
 
 def _casa(text: str | None, name: str, *, partial: bool = False) -> str | None:
@@ -129,7 +177,7 @@ def _casa(text: str | None, name: str, *, partial: bool = False) -> str | None:
         return str(parse_casa(text, allow_partial=partial))
     except CasaspawnerError:
         raise UnreadableEvidence(
-            f"{name} gives the CASA version as {text.strip()[:40]!r}, which is not one."
+            f"{shown(name)} gives the CASA version as {text.strip()[:40]!r}, which is not one."
         ) from None
 
 
@@ -168,19 +216,9 @@ def read_manifest(mous: Directory) -> Evidence | None:
         key=lambda p: (0 if "cal" in p.name else 1, p.name),
     )
     for path, data in _contents(mous, paths, LIMITS["manifest"]):
-        tree = _parse_xml(data, path.name)
-        casa_el = tree.find(".//ous/casaversion")
-        if casa_el is None:
-            casa_el = tree.find(".//casaversion")
-        pipe_el = tree.find(".//ous/pipeline_version")
-        if pipe_el is None:
-            pipe_el = tree.find(".//pipeline_version")
+        values = xml_values(data, path.name, MANIFEST_VALUES)
         evidence = _stated(
-            "manifest",
-            _rel(mous, path),
-            casa_el.get("name") if casa_el is not None else None,
-            pipe_el.get("name") if pipe_el is not None else None,
-            path.name,
+            "manifest", _rel(mous, path), values["casaversion"], values["pipeline_version"], path.name
         )
         if evidence is not None:
             return evidence
@@ -191,13 +229,11 @@ def read_aquareport(mous: Directory) -> Evidence | None:
     """``*pipeline_aquareport.xml``: ``QaSummary/CasaVersion`` and ``QaSummary/PipelineVersion``."""
     paths = _candidates(mous, ("*pipeline_aquareport.xml",))
     for path, data in _contents(mous, paths, LIMITS["aquareport"]):
-        tree = _parse_xml(data, path.name)
+        values = xml_values(
+            data, path.name, {"CasaVersion": ("QaSummary", None), "PipelineVersion": ("QaSummary", None)}
+        )
         evidence = _stated(
-            "aquareport",
-            _rel(mous, path),
-            tree.findtext(".//QaSummary/CasaVersion") or tree.findtext(".//CasaVersion"),
-            tree.findtext(".//QaSummary/PipelineVersion") or tree.findtext(".//PipelineVersion"),
-            path.name,
+            "aquareport", _rel(mous, path), values["CasaVersion"], values["PipelineVersion"], path.name
         )
         if evidence is not None:
             return evidence
@@ -286,7 +322,7 @@ _GUARD_PATTERNS = (
 
 def script_version(text: str, name: str) -> str | None:
     """The CASA version a manual calibration script's guard demands (series such as ``4.2`` allowed)."""
-    head = "\n".join(text.splitlines()[:80])
+    head = "\n".join(text.splitlines()[:_SCRIPT_HEAD_LINES])
     for pattern in _GUARD_PATTERNS:
         match = pattern.search(head)
         if match:
@@ -391,10 +427,11 @@ def _tar_members(
             size = os.fstat(raw.fileno()).st_size
             if size > _TAR_COMPRESSED:
                 raise UnreadableEvidence(
-                    f"{archive.name} is larger than {_TAR_COMPRESSED // GiB} GiB, too large to read as evidence."
+                    f"{shown(archive.name)} is larger than {_TAR_COMPRESSED // GiB} GiB, too large to read as "
+                    "evidence."
                 )
             budget = min(_TAR_EXPANDED, max(_TAR_FLOOR, _TAR_RATIO * size))
-            stream = cast(BinaryIO, _Budget(_decompressed(raw), budget, archive.name))
+            stream = cast(BinaryIO, _Budget(_decompressed(raw), budget, shown(archive.name)))
             with tarfile.open(fileobj=stream, mode="r|", bufsize=64 * 1024) as tar:
                 for index, member in enumerate(tar):
                     if index > _MAX_TAR_MEMBERS:
@@ -402,12 +439,14 @@ def _tar_members(
                     if not member.isreg() or not _safe_member(member.name) or not wanted(member.name):
                         continue
                     if member.size > limit and not truncate:
-                        raise UnreadableEvidence(f"{archive.name}!{member.name} is too large to be evidence.")
+                        raise UnreadableEvidence(
+                            f"{shown(f'{archive.name}!{member.name}')} is too large to be evidence."
+                        )
                     handle = tar.extractfile(member)
                     if handle is not None:
                         yield member.name, handle.read(limit)
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError):
-        raise UnreadableEvidence(f"{archive.name} is not a readable tar archive.") from None
+        raise UnreadableEvidence(f"{shown(archive.name)} is not a readable tar archive.") from None
 
 
 def _safe_member(name: str) -> bool:

@@ -57,8 +57,8 @@ def read_evidence(path: Path, label: str | None = None) -> Evidence:
     if problems:
         raise VersionUnknown(f"Nothing readable in {name} tells its CASA version: {problems[0]}", advice="")
     raise VersionUnknown(
-        f"Nothing in {name} tells which CASA version processed it (no pipeline manifest, AQUA report, weblog, "
-        "calibration script or CASA log)"
+        f"Nothing in {name} tells which CASA version processed it (it has no pipeline manifest, AQUA report, "
+        "weblog, calibration script or CASA log that names one)"
     )
 
 

@@ -88,6 +88,12 @@ def test_resolve_text_output(tmp_path: Path) -> None:
     write_dataset(tmp_path, "cycle7")
     out = run("resolve", str(tmp_path)).stdout
     assert "session runs:   CASA 6.1.1-15 (pipeline 2020.1.0.40) [pl-2020.1.0.40]" in out
+    # names from the dataset print escaped: a line stays a line, and the terminal gets no escape sequence
+    (manifest,) = tmp_path.rglob("*.pipeline_manifest.xml")
+    manifest.rename(manifest.with_name("member.\x1b[2J\x1b[31mX\nY.pipeline_manifest.xml"))
+    lines = run("resolve", str(tmp_path)).stdout.splitlines()
+    assert len(lines) == len(out.splitlines()) and "\x1b" not in "".join(lines)
+    assert any(line.startswith("evidence:") and "\\x1b[2J" in line and "X\\nY" in line for line in lines)
 
 
 @pytest.mark.parametrize(

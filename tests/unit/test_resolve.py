@@ -84,8 +84,8 @@ def test_a_dataset_without_a_usable_version_says_so_apart_from_the_advice(
         tmp_path / "old", spec=DatasetSpec(casa="2.9.0", pipeline=None, evidence=("casalog",))
     )
     for path, finding, advice in (
-        (tmp_path / "none", "Nothing in none tells which CASA version processed it (no pipeline manifest, AQUA "
-         "report, weblog, calibration script or CASA log)", "choose a CASA release yourself"),
+        (tmp_path / "none", "Nothing in none tells which CASA version processed it (it has no pipeline manifest, "
+         "AQUA report, weblog, calibration script or CASA log that names one)", "choose a CASA release yourself"),
         (planned, "is a planned release with no public build yet", "choose a release yourself"),
         (old, "but the catalog has no public build of CASA 2.9", "choose a release yourself"),
     ):  # fmt: skip
@@ -316,8 +316,8 @@ def test_no_descriptor_is_left_open(tmp_path: Path, catalog: Catalog) -> None:
         "holds 2 MOUS directories (member.uid___A001_X1_X2, member.uid___A001_X1_X3)",
         "holds no ALMA member.uid___… (MOUS) directory",
         "readable in bad tells its CASA version: x.weblog.tgz is not a readable tar archive.",
-        "in no-evidence tells which CASA version processed it (no pipeline manifest, AQUA report, weblog, "
-        "calibration script or CASA log)",
+        "in no-evidence tells which CASA version processed it (it has no pipeline manifest, AQUA report, weblog, "
+        "calibration script or CASA log that names one)",
         "manifest",
         "weblog",
         "script",
@@ -431,3 +431,53 @@ def test_errors_name_the_dataset_as_the_user_gave_it(tmp_path: Path, catalog: Ca
         with pytest.raises(ResolutionError) as info:
             resolve_path(path, catalog, label=label)
         assert label in str(info.value) and str(tmp_path) not in str(info.value)
+
+
+def test_a_guard_after_a_long_step_list_is_found(tmp_path: Path, catalog: Catalog) -> None:
+    member = write_dataset(tmp_path, spec=DatasetSpec(casa="4.5.3", pipeline=None, evidence=("script",)))
+    (script,) = (member / "script").glob("*.scriptForCalibration.py")
+    steps = "".join(f"              {n}: 'Step {n}',\n" for n in range(1, 81))
+    text = script.read_text().replace(
+        "{0: 'Import of the ASDM'}", "{0: 'Import of the ASDM',\n" + steps + "}"
+    )
+    script.write_text(text)
+    assert text.splitlines().index("import casadef") > 80
+    assert resolve_path(member, catalog).release.casa == "4.5.3"
+
+
+def test_evidence_file_names_stay_inside_one_sentence(tmp_path: Path, catalog: Catalog) -> None:
+    member = write_dataset(tmp_path, spec=DatasetSpec(evidence=()))
+    (member / "script" / "x\nTraceback (most recent call last):\n\x1b[31m.pipeline_manifest.xml").write_text(
+        "<no"
+    )
+    with pytest.raises(ResolutionError) as info:
+        resolve_path(member, catalog)
+    message = str(info.value)
+    assert "is not well-formed XML" in message and message.isprintable(), message
+
+
+def test_xml_evidence_is_streamed_within_element_and_depth_bounds(tmp_path: Path, catalog: Catalog) -> None:
+    spec = ERAS["cycle10"]
+    versions = f'<casaversion name="{spec.casa}"/><pipeline_version name="{spec.pipeline}"/>'
+    cases = {
+        # the versions come first: reading stops there, whatever follows
+        "first": f"<ousstatus><ous>{versions}</ous>" + "<x/>" * 3_000_000 + "<unclosed>",
+        # the versions come last, after many (read and dropped) elements
+        "last": "<ousstatus>" + "<x/>" * 300_000 + f"<ous>{versions}</ous></ousstatus>",
+        "deep": "<a>" * 200 + "</a>" * 200,
+        "many": "<m>" + "<x/>" * 1_100_000 + "</m>",
+    }
+    outcomes = {}
+    for name, xml in cases.items():
+        member = write_dataset(tmp_path / name, spec=DatasetSpec(evidence=()))
+        (member / "script" / f"{name}.pipeline_manifest.xml").write_text(xml)
+        try:
+            outcomes[name] = resolve_path(member, catalog).release.id
+        except ResolutionError as exc:
+            outcomes[name] = str(exc).split(": ", 1)[1]
+    assert outcomes == {
+        "first": "pl-2023.1.0.124",
+        "last": "pl-2023.1.0.124",
+        "deep": "deep.pipeline_manifest.xml holds more or deeper-nested XML elements than evidence files do.",
+        "many": "many.pipeline_manifest.xml holds more or deeper-nested XML elements than evidence files do.",
+    }
