@@ -2,7 +2,8 @@
 
 ``ArchiveClient`` is the pluggable interface; ``AlmaDataLinkClient`` asks an ALMA archive mirror's TAP
 service for the MOUS of a project code and its DataLink service for the MOUS's files, downloads only the
-``*.pipeline_manifest.xml`` (size-limited, with timeouts) and caches it on disk (manifests never change).
+``*.pipeline_manifest.xml`` (size-limited, with timeouts) and caches it on disk, per mirror (manifests never
+change); a reply that is not a readable manifest is refused and never cached.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
+from casaspawner.datasets.evidence import MANIFEST_VALUES, UnreadableEvidence, xml_values
 from casaspawner.datasets.ids import ProjectCode, Uid, parse_uid
 from casaspawner.errors import ArchiveUnavailable, ResolutionError, shown
 
@@ -54,6 +56,8 @@ class AlmaDataLinkClient:
         self.timeout = timeout
         self.cache_dir = cache_dir or default_cache_dir()
         self.name = urllib.parse.urlsplit(self.base_url).netloc or self.base_url
+        #: this mirror's part of the cache: what one mirror sent is never reported as another's
+        self.mirror_cache = self.cache_dir / re.sub(r"[^A-Za-z0-9.\-]", "_", self.name)
 
     # -- public -----------------------------------------------------------------------------------------
     def fetch_manifest(self, identifier: ProjectCode | Uid) -> Path:
@@ -86,7 +90,14 @@ class AlmaDataLinkClient:
         if not _MANIFEST_NAME.fullmatch(name):
             name = f"member.{mous.sanitized}.pipeline_manifest.xml"
         data = self._get(url, MANIFEST_LIMIT)
-        directory = self.cache_dir / mous.sanitized
+        try:
+            xml_values(data, name, MANIFEST_VALUES)
+        except UnreadableEvidence as exc:
+            raise ArchiveUnavailable(
+                f"The ALMA archive at {self.name} sent a pipeline manifest for {mous} that cannot be read "
+                f"({str(exc).rstrip('.')})"
+            ) from None
+        directory = self.mirror_cache / mous.sanitized
         try:
             directory.mkdir(parents=True, exist_ok=True)
             partial = directory / (name + ".part")
@@ -121,7 +132,7 @@ class AlmaDataLinkClient:
     def _cached(self, mous: Uid) -> Path | None:
         try:
             found = sorted(
-                p for p in (self.cache_dir / mous.sanitized).iterdir() if _MANIFEST_NAME.fullmatch(p.name)
+                p for p in (self.mirror_cache / mous.sanitized).iterdir() if _MANIFEST_NAME.fullmatch(p.name)
             )
         except OSError:  # not cached yet (or the cache cannot be read: fetch again)
             return None

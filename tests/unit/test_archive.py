@@ -222,3 +222,32 @@ def test_an_unwritable_cache_is_one_sentence(archive: str, tmp_path: Path, catal
         "could not be stored in the archive cache" in message and "(member.uid___A001_X3621_X3d68)" in message
     )
     assert message.endswith(" instead.") and "\n" not in message
+
+
+def test_a_bad_manifest_is_refused_not_cached_and_each_mirror_has_its_own_cache(
+    archive: str, tmp_path: Path, catalog: Catalog
+) -> None:
+    spec = ERAS["cycle10"]
+    uid = "uid://A001/X3621/X3d68"
+    path = f"/dataPortal/member.{spec.mous}.pipeline_manifest.xml"
+    listing = votable(fields(), [[uid, f"{archive}{path}", "", "#auxiliary", "text/xml", "1"]])
+    Archive.routes = {
+        f"/datalink/sync?ID={uid}": listing,
+        path: b'<!DOCTYPE m [<!ENTITY x SYSTEM "file:///etc/passwd">]><m>&x;</m>',
+    }
+    client = AlmaDataLinkClient(archive, timeout=5, cache_dir=tmp_path)
+    with pytest.raises(ArchiveUnavailable) as info:
+        resolve_target(uid, catalog, archive=client)
+    assert "sent a pipeline manifest for uid://A001/X3621/X3d68 that cannot be read" in str(info.value)
+    assert str(info.value).endswith("give its directory (member.uid___A001_X3621_X3d68) instead.")
+    assert not list(tmp_path.rglob("*.xml")), "a refused reply was cached"
+    Archive.routes[path] = manifest_xml(spec).encode()  # the archive is fixed: the next request succeeds
+    assert resolve_target(uid, catalog, archive=client).release.id == "pl-2023.1.0.124"
+    # the same uid through another mirror is fetched from it, and reported as coming from it
+    other = archive.replace("127.0.0.1", "localhost")
+    hits = len(Archive.hits)
+    through_other = resolve_target(
+        uid, catalog, archive=AlmaDataLinkClient(other, timeout=5, cache_dir=tmp_path)
+    )
+    assert len(Archive.hits) > hits
+    assert through_other.evidence.path.startswith(urllib.parse.urlsplit(other).netloc + ":")
