@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from typing import Any
@@ -52,7 +53,7 @@ class _AfterPodCreated:
 
 class _ModifyPod:
     """``modify_pod_hook`` that runs the operator's own hook, then checks the final pod against
-    ``pod_security_level`` — what KubeSpawner submits is exactly what was checked."""
+    ``pod_security_level`` and for the access token — what KubeSpawner submits is exactly what was checked."""
 
     def __init__(self, user_hook: Any = None) -> None:
         self.user_hook = user_hook
@@ -195,10 +196,17 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             raise ConfigurationError(str(exc)) from None
 
     def check_pod_security(self, pod: dict[str, Any]) -> None:
-        """Refuse (one sentence) a final pod manifest that breaks ``pod_security_level``."""
+        """Refuse (one sentence) a final pod manifest that breaks ``pod_security_level``, or that carries the
+        user's access token itself (put there by an operator's hook or setting) instead of only the token file."""
         problem = kube_objects.pod_security_sentence(
             kube_objects.pod_security_violations(pod, self.pod_security_level), self.pod_security_level
         )
+        token = self.access_token
+        if not problem and token and token in json.dumps(pod, ensure_ascii=False):
+            problem = (
+                "The hub's configuration put the user's access token into the pod itself; it may reach the "
+                "session only as the token file."
+            )
         if problem:
             self.log.error("Refusing the pod of %s: %s", self.user.name, problem)
             raise spawn_error(problem, reason="pod-security", status_code=500)

@@ -418,6 +418,12 @@ async def test_final_pod_is_checked_after_every_operator_setting(make_spawner, s
 
     assert "container sidecar is privileged" in await refusal(modify_pod_hook=privileged_sidecar)
 
+    def token_in_env(spawner, pod):
+        pod.spec.containers[0].env.append({"name": "TOKEN", "value": f"Bearer {spawner.access_token}"})
+        return pod
+
+    assert "put the user's access token into the pod itself" in await refusal(modify_pod_hook=token_in_env)
+
     # a lower level lets the operator's choice through, and says nothing about it
     spawner = make_spawner(init_containers=[Z2JH_BLOCK_CLOUD_METADATA], pod_security_level="privileged")
     await spawner._run_apply_user_options(dict(dataset))
