@@ -18,6 +18,10 @@ class InvalidInput(CasaspawnerError):
     """A value given by a user (identifier, option, path) is not acceptable."""
 
 
+class NoSuchDataset(InvalidInput):
+    """A dataset path names no directory (where a reader looked)."""
+
+
 class CatalogError(CasaspawnerError):
     """The release catalog is malformed, or a release asked for does not exist."""
 

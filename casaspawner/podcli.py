@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.errors import CasaspawnerError, InvalidInput, shown
+from casaspawner.spawners.identity import project_groups
 
 #: Stands in for the user's access token so the Secret volume appears; it is never printed.
 PLACEHOLDER_TOKEN = "dry-run-placeholder"  # noqa: S105 - not a credential
@@ -196,6 +197,12 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise InvalidInput(
                 f"The pod could not be built with this configuration ({type(exc).__name__}: {detail})."
             ) from None
-    text = json.dumps(pod)
-    assert PLACEHOLDER_TOKEN not in text, "the token must never appear in the pod"
+    usable, _ = project_groups(args.group, spawner.project_group_pattern)
+    unused = [group for group in args.group if group.lstrip("/") not in usable]
+    if unused:  # a login with these groups gets no project directory for them either: say so, go on
+        print(
+            f"casaspawner: note: no project directory for --group {', '.join(repr(shown(g)) for g in unused)}: "
+            "a project group's name matches CASASpawner.project_group_pattern and can be a directory name.",
+            file=sys.stderr,
+        )
     return [pod] + ([secret] if secret is not None else [])

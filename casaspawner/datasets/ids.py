@@ -87,7 +87,9 @@ def parse_identifier(text: str) -> ProjectCode | Uid:
 def looks_like_identifier(text: str) -> bool:
     """Whether ``text`` is shaped like an identifier rather than a path (used to pick the resolver)."""
     stripped = text.strip()
-    return stripped.startswith("uid:") or bool(re.fullmatch(r"20[0-9]{2}\.[0-9A-Z]\..*", stripped))
+    return stripped.startswith(("uid:", "uid___")) or bool(
+        re.fullmatch(r"20[0-9]{2}\.[0-9A-Z]\..*", stripped)
+    )
 
 
 def _shown(text: str) -> str:

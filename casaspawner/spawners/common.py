@@ -19,6 +19,7 @@ readers) and :mod:`casaspawner.spawners.identity` (ids and project groups from t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import re
@@ -41,7 +42,7 @@ from casaspawner.catalog.model import Catalog, Release, load_catalog
 from casaspawner.datasets.ids import looks_like_identifier
 from casaspawner.datasets.model import Evidence, Resolution
 from casaspawner.datasets.resolve import resolve_path, resolve_target
-from casaspawner.errors import CasaspawnerError, InvalidInput, VersionUnknown
+from casaspawner.errors import CasaspawnerError, InvalidInput, NoSuchDataset, VersionUnknown
 from casaspawner.plan import (
     DEFAULT_SIZES,
     INTERFACES,
@@ -818,12 +819,18 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
 
     async def _resolve(self, text: str, identity: Identity) -> Resolution:
         catalog = self.casa_catalog()
+        reader = self.get_dataset_reader()
         if looks_like_identifier(text):
+            # a directory of the user's named like an identifier (a project code, as ALMA's downloads unpack)
+            # is that dataset, read without asking the archive; else the archive is asked
+            if reader is not None and "/" not in text:
+                with contextlib.suppress(NoSuchDataset):
+                    async with reader.open(text, identity) as path:
+                        return await self.read_dataset(path, text, identity)
             with tempfile.TemporaryDirectory() as empty:  # never read a hub path named like an identifier
                 return await asyncio.to_thread(
                     resolve_target, text, catalog, archive=self.get_archive_client(), base=Path(empty)
                 )
-        reader = self.get_dataset_reader()
         if reader is None:
             raise InvalidInput(
                 f"{text[:80]!r} is not an ALMA identifier, and this hub cannot read datasets from your storage; "

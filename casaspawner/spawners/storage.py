@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from defusedxml.ElementTree import fromstring as defused_fromstring
 
-from casaspawner.errors import InvalidInput, shown
+from casaspawner.errors import InvalidInput, NoSuchDataset, shown
 from casaspawner.plan import Identity, StorageLayout
 
 
@@ -153,7 +153,7 @@ class StorageMountReader:
             return self._walk_descriptors(text, identity, name)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise InvalidInput(f"There is no dataset directory at {name!r} in your storage.") from None
+                raise NoSuchDataset(f"There is no dataset directory at {name!r} in your storage.") from None
             raise InvalidInput(
                 f"The dataset path {name!r} cannot be opened ({exc.strerror or type(exc).__name__}); give an "
                 "ALMA dataset directory or an ALMA identifier."
@@ -248,7 +248,7 @@ class LocalDirectoryReader:
     async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
         path = Path(text).expanduser()
         if not path.is_dir():
-            raise InvalidInput(f"There is no dataset directory at {text!r}.")
+            raise NoSuchDataset(f"There is no dataset directory at {text!r}.")
         yield path
 
 
@@ -335,7 +335,7 @@ class VOSpaceReader:
         """(name, kind ContainerNode|DataNode|LinkNode, length) of the nodes in a container."""
         data = self._get("nodes", path, 16 << 20)
         if data is None:
-            raise InvalidInput(f"There is no dataset directory at {path!r} in your storage.")
+            raise NoSuchDataset(f"There is no dataset directory at {path!r} in your storage.")
         try:
             root = defused_fromstring(data)
         except Exception:  # defusedxml raises several unrelated types for hostile or broken XML

@@ -100,7 +100,7 @@ def test_dry_run_yaml_and_no_token(capsys, trees):
     assert secret is None and "casa-token" not in {v["name"] for v in pod["spec"]["volumes"]}
 
 
-def test_dry_run_with_hub_config(capsys, trees, tmp_path):
+def test_dry_run_with_hub_config(capsys, trees, tmp_path, monkeypatch):
     config = tmp_path / "jupyterhub_config.py"
     config.write_text(
         textwrap.dedent(
@@ -139,6 +139,13 @@ def test_dry_run_with_hub_config(capsys, trees, tmp_path):
         "name": "casa-storage",
         "csi": {"driver": "nfs.csi.k8s.io", "volumeAttributes": {"share": "/"}},
     } in pod["spec"]["volumes"]
+    # the uid___ spelling is an identifier too; a directory here named after a project code is read directly
+    code, out, err = run(capsys, *base_args("uid___A001_X2d20_X3ee5", "--config", str(config), "--json"))
+    assert (code, err) == (0, "") and "6.4.1-12" in out
+    write_dataset(tmp_path / "2023.1.00545.S", "cycle10")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *base_args("2023.1.00545.S", "--config", str(config), "--json"))
+    assert (code, err) == (0, "") and "casa:6.5.4-9-pipeline-2023.1.0.124" in out
 
 
 @pytest.mark.parametrize(
@@ -226,7 +233,11 @@ def test_unusable_groups_are_skipped(capsys, trees):
             trees["cycle10"], "--group", "proja", "--group", "/org/sub", "--group", "bad group", "--json"
         ),
     )
-    assert (code, err) == (0, "")
+    assert (code, err) == (
+        0,
+        "casaspawner: note: no project directory for --group '/org/sub', 'bad group': a project group's name "
+        "matches CASASpawner.project_group_pattern and can be a directory name.\n",
+    )
     pod, _ = check_items(json.loads(out))
     projects = [
         m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"] if "projects" in m["mountPath"]
@@ -255,6 +266,13 @@ def test_unusable_groups_are_skipped(capsys, trees):
          "The hub's configured pre_spawn_hook failed (KeyError: 'pool')."),
         ("c.Spawner.auth_state_hook = lambda spawner, state: state['missing']",
          "The hub's configured auth_state_hook failed (KeyError: 'missing')."),
+        ("def hook(spawner, state):\n    spawner.environment['LEAK'] = state['access_token']\n"
+         "c.Spawner.auth_state_hook = hook",
+         "The hub's configuration put the user's access token into the pod itself; it may reach the session "
+         "only as the token file."),
+        ("c.KubeSpawner.modify_pod_hook = lambda s, pod: pod.spec.containers[0].args.append(s.access_token) or pod",
+         "The hub's configuration put the user's access token into the pod itself; it may reach the session "
+         "only as the token file."),
         ("c.KubeSpawner.init_containers = [{'name': 'block-cloud-metadata', 'image': 'x', "
          "'securityContext': {'privileged': True, 'runAsUser': 0, 'capabilities': {'add': ['NET_ADMIN']}}}]",
          "The session pod breaks the restricted Pod Security Standard: init container block-cloud-metadata is "
@@ -297,3 +315,4 @@ def test_dry_run_shows_what_the_hooks_set(capsys, trees, tmp_path):
     assert (annotations["from"], annotations["uid"]) == ("auth_state_hook", "1001")
     assert "casaspawner.io/reason" in annotations  # the plan's annotations are added to the hook's
     assert pod["metadata"]["labels"]["project"] == "proja"
+

@@ -13,6 +13,7 @@ from conftest import dataset_in
 from kube_support import FakeUser, auth_state
 from pss import restricted_violations
 
+from casaspawner.datasets.synth import write_dataset
 from casaspawner.plan import Identity, StorageLayout
 from casaspawner.spawners.common import SpawnException, options_from_form
 from casaspawner.spawners.storage import StorageRoot, locate_in_storage
@@ -223,11 +224,23 @@ async def test_identifier_resolved_through_archive_client(make_spawner, tmp_path
             return path
 
     archive = Archive()
-    spawner = make_spawner(archive_client=lambda spawner: archive)
-    plan = await spawner.prepare_session({"dataset": "uid://A001/X2d20/X3ee5"})
-    assert archive.asked == ["uid://A001/X2d20/X3ee5"]
-    assert plan.release.pipeline == "2022.2.0.64"
-    assert plan.resolution.evidence.kind == "archive-manifest"
+    storage = tmp_path / "cavern"
+    write_dataset(storage / "home" / "alice" / "2023.1.00545.S", "cycle10")
+    spawner = make_spawner(storage_hub_path=str(storage), archive_client=lambda spawner: archive)
+    for spelling in ("uid://A001/X2d20/X3ee5", "uid___A001_X2d20_X3ee5"):
+        plan = await spawner.prepare_session({"dataset": spelling})
+        assert archive.asked.pop() == "uid://A001/X2d20/X3ee5"
+        assert plan.release.pipeline == "2022.2.0.64"
+        assert plan.resolution.evidence.kind == "archive-manifest"
+    # a directory named after its project code (as ALMA's downloads unpack) is read from storage, not looked up
+    plan = await spawner.prepare_session({"dataset": "2023.1.00545.S"})
+    assert (plan.release.pipeline, plan.resolution.evidence.kind, archive.asked) == (
+        "2023.1.0.124",
+        "manifest",
+        [],
+    )
+    await spawner.prepare_session({"dataset": "2019.1.00994.S"})  # not in storage: the archive is asked
+    assert archive.asked == ["2019.1.00994.S"]
 
 
 # ------------------------------------------------------------------------------------------ the plan on the pod
