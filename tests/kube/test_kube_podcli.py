@@ -315,4 +315,3 @@ def test_dry_run_shows_what_the_hooks_set(capsys, trees, tmp_path):
     assert (annotations["from"], annotations["uid"]) == ("auth_state_hook", "1001")
     assert "casaspawner.io/reason" in annotations  # the plan's annotations are added to the hook's
     assert pod["metadata"]["labels"]["project"] == "proja"
-
