@@ -262,6 +262,10 @@ def parse_port(text: str) -> int:
     return port
 
 
+#: how a port is chosen, run directly or through make
+ANOTHER_PORT = "choose another port with --port (make demo DEMO_PORT=8100)"
+
+
 def port_problem(port: int) -> str | None:
     """None if 127.0.0.1:``port`` can be bound, else one sentence naming the clash."""
     with socket.socket() as sock:
@@ -270,8 +274,8 @@ def port_problem(port: int) -> str | None:
             sock.bind(("127.0.0.1", port))
         except OSError as error:
             if error.errno == errno.EACCES:
-                return f"Port {port} on 127.0.0.1 needs root (ports below 1024 do); choose another port with --port."
-            return f"Port {port} on 127.0.0.1 is already in use; stop what uses it or choose another port with --port."
+                return f"Port {port} on 127.0.0.1 needs root (ports below 1024 do); {ANOTHER_PORT}."
+            return f"Port {port} on 127.0.0.1 is already in use; stop what uses it or {ANOTHER_PORT}."
     return None
 
 

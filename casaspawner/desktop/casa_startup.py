@@ -41,7 +41,7 @@ else:
     if os.environ.get("CASASPAWNER_REASON"):
         print(f"Why this build: {os.environ['CASASPAWNER_REASON']}")
     if os.environ.get("CASASPAWNER_APPROXIMATE") == "true":
-        print(f"APPROXIMATE SESSION: {os.environ.get('CASASPAWNER_REASON', '')}")
+        print("APPROXIMATE SESSION: this is not the CASA build that processed the dataset (why: above).")
     # The GUI tasks live in their own packages (modular CASA); a monolithic CASA may lack some of them.
     _gui_tasks = []
     for _package, _names in (("casaplotms", ("plotms",)), ("casaviewer", ("imview", "msview"))):

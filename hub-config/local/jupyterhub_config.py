@@ -18,8 +18,6 @@ c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{port + 2}"
 c.JupyterHub.db_url = f"sqlite:///{demo / 'hub' / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(demo / "hub" / "jupyterhub_cookie_secret")
 c.ConfigurableHTTPProxy.pid_file = str(demo / "hub" / "proxy.pid")
-# Always show the spawn-progress page: it says which CASA build the dataset gets and why.
-c.JupyterHub.slow_spawn_timeout = 0
 # Sessions outlive hub restarts: the hub finds them again through their saved pid.
 c.JupyterHub.cleanup_servers = False
 

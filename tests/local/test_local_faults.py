@@ -237,5 +237,5 @@ def test_demo_refuses_a_port_in_use_with_one_sentence(tmp_path: object) -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"casaspawner demo: Port {port} on 127.0.0.1 is already in use; stop what uses it or choose another "
-        "port with --port."
+        "port with --port (make demo DEMO_PORT=8100)."
     )
