@@ -1,7 +1,7 @@
 # Image set: session + CASA images from the release catalog (images/, casaspawner/images/, tests/images/).
 # Built with buildah on a local mmdebstrap Debian base (no registry pulls needed), run with podman.
 APT_PACKAGES += podman buildah mmdebstrap runc uidmap slirp4netns fuse-overlayfs catatonit containers-storage \
-	netavark aardvark-dns containernetworking-plugins iptables
+	netavark aardvark-dns containernetworking-plugins iptables binutils
 
 # What `make images` / `make bench-images` build: registry prefix, releases, extra `images build` flags.
 IMAGES_REGISTRY ?= localhost/casaspawner

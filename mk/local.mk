@@ -3,7 +3,7 @@
 # Debian packages: TigerVNC + openbox + xterm for the CASA desktop, X utilities the desktop and the tests use
 # (xmessage, xsetroot, xwininfo, wmctrl), Debian's Chromium for the Playwright tests (never `playwright install`).
 APT_PACKAGES += tigervnc-standalone-server tigervnc-tools openbox xterm x11-utils x11-xserver-utils wmctrl \
-	dbus-x11 xauth fonts-dejavu-core chromium perl xz-utils
+	dbus-x11 xauth fonts-dejavu-core chromium perl xz-utils util-linux
 # Node for configurable-http-proxy, unless some Node (e.g. NodeSource's, which bundles npm) is already there.
 ifeq ($(shell command -v npm 2>/dev/null),)
 APT_PACKAGES += nodejs npm

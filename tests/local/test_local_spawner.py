@@ -485,8 +485,7 @@ newcomer.kill()
 def test_stopping_never_signals_a_process_that_got_a_held_pid(kind: str) -> None:
     """stop() lists the session's processes, waits for the server to stop, then signals them: a pid freed and
     reused meanwhile is not signalled (a pidfd, or the start time compared before each signal)."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is not installed")
+    assert shutil.which("unshare"), "unshare is not installed (make test installs util-linux)"
     result = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", RECYCLED_PID, kind],
         capture_output=True, text=True, timeout=60,
