@@ -478,7 +478,8 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
     # ------------------------------------------------------------------------------------------- state
     session_plan: SessionPlan | None = None
     recent_datasets: list[str]
-    last_resolution: dict[str, str] | None
+    #: what the last dataset resolved to (dataset, release id, exact, reason): the form's preselection/preview
+    last_resolution: dict[str, Any] | None
     user_options: dict[str, Any]
     environment: dict[str, Any]
 
@@ -917,7 +918,13 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             orm_spawner.user_options = dict(self.user_options)
         self.remember_dataset(plan.options.dataset)
         if plan.resolution.evidence.kind != "none":
-            self.last_resolution = {"dataset": plan.resolution.dataset, "release": plan.resolution.release.id}
+            resolution = plan.resolution
+            self.last_resolution = {
+                "dataset": resolution.dataset,
+                "release": resolution.release.id,
+                "exact": resolution.exact,
+                "reason": resolution.reason,
+            }
 
     def refusal(self, exc: Exception) -> web.HTTPError:
         """What preparing a session that raised ``exc`` ends with: one sentence (400 for the user's choices,
@@ -1049,7 +1056,13 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]  # JupyterHub ships no
             ]
         last = state.get("casa_last_resolution")
         if isinstance(last, dict) and all(isinstance(last.get(k), str) for k in ("dataset", "release")):
-            self.last_resolution = {"dataset": last["dataset"], "release": last["release"]}
+            reason = last.get("reason")
+            self.last_resolution = {
+                "dataset": last["dataset"],
+                "release": last["release"],
+                "exact": last.get("exact") is True,
+                "reason": reason if isinstance(reason, str) else "",
+            }
 
     def clear_state(self) -> None:
         """Forget the last session's plan; recently used datasets and the last resolution outlive sessions."""

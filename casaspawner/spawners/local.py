@@ -449,8 +449,6 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         self._starting = False
         self.casa_environment: CasaEnvironment | None = None
         self._session_log: str | None = None
-        #: The last resolution found in a dataset, for the form (kept in the server's state).
-        self.last_resolved: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)
 
     def environment_manager(self) -> EnvironmentManager:
@@ -664,7 +662,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         whether this machine can install that build (or will run an approximation). From the server's state
         and what the environment manager already knows only: rendering the form never resolves, reads storage,
         creates an account or waits on the network. Empty when there is nothing to show."""
-        last = self.last_resolved
+        last = self.last_resolution
         if not last or last.get("dataset") != (self.user_options or {}).get("dataset"):
             return ""
         try:
@@ -679,32 +677,6 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         elif problem:
             text += f" {problem}"
         return f'<p class="casa-help" id="casa-resolved" role="status">{html.escape(text)}</p>\n'
-
-    def adopt_plan(self, plan: SessionPlan, options: Mapping[str, Any]) -> None:
-        super().adopt_plan(plan, options)
-        resolution = plan.resolution
-        if resolution.evidence.kind != "none":  # found in the dataset (not the user's own choice)
-            self.last_resolved = {
-                "dataset": resolution.dataset,
-                "release": resolution.release.id,
-                "exact": resolution.exact,
-                "reason": resolution.reason,
-            }
-
-    def get_state(self) -> dict[str, Any]:
-        state = super().get_state()
-        if self.last_resolved:
-            state["casa_local_resolved"] = dict(self.last_resolved)
-        return state
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        super().load_state(state)
-        last = state.get("casa_local_resolved")
-        if isinstance(last, dict) and all(
-            isinstance(last.get(k), str) for k in ("dataset", "release", "reason")
-        ):
-            self.last_resolved = {k: last[k] for k in ("dataset", "release", "reason")}
-            self.last_resolved["exact"] = last.get("exact") is True
 
     def render_options_form(self, error: str = "", blocked: Collection[str] = ()) -> str:
         form = super().render_options_form(error, blocked)

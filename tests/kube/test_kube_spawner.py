@@ -489,11 +489,14 @@ async def test_recent_datasets_survive_restart_and_clear_state(make_spawner, sto
     fresh = make_spawner()
     fresh.load_state(json.loads(json.dumps(state)))
     assert fresh.recent_datasets == expected
-    assert (
-        fresh.last_resolution
-        == {"dataset": expected[0], "release": "pl-r36660"}
-        == state["casa_last_resolution"]
-    )
+    assert fresh.last_resolution == state["casa_last_resolution"]
+    assert fresh.last_resolution == {
+        "dataset": expected[0],
+        "release": "pl-r36660",
+        "exact": True,
+        "reason": spawner.last_resolution["reason"],
+    }
+    assert "r36660" in fresh.last_resolution["reason"]
     # after a hub restart the form still preselects what the last dataset resolved to
     html = fresh.render_options_form()
     assert re.search(r'<option value="" selected>CASA 4\.5\.3 \(pipeline r36660\) — resolved for ', html)

@@ -193,6 +193,11 @@ def test_form_previews_the_last_dataset_and_says_it_will_be_approximate(storage:
     assert preview.rstrip().endswith(
         "The session will run the nearest installable release, marked approximate.</p>"
     )
+    # the preview comes from the server's state, so it survives a hub restart
+    restarted = spawner(storage, allow_approximate=True)
+    restarted.load_state(json.loads(json.dumps(local.get_state())))
+    restarted.user_options = {"dataset": "~/2023.1.00026.S"}
+    assert asyncio.run(restarted.resolution_preview()) == preview
 
 
 def test_sessions_read_the_desktop_files_from_the_cache_not_the_checkout(storage: Path) -> None:
