@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 from hub_helpers import CHROMIUM, CHROMIUM_ARGS, SESSION_DATA_FILES, free_port
 
+from casaspawner.spawners.local import descendants
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 NPM_BIN = REPO / ".cache" / "npm" / "node_modules" / ".bin"  # mk/local.mk's `chp` installs the proxy here
@@ -132,24 +134,6 @@ class Hub:
                 self.process.kill()
                 self.process.wait(5)
         terminate(started)
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (read from /proc), children first."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def terminate(pids: list[int], timeout: float = 10) -> None:
