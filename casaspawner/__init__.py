@@ -1,3 +1,3 @@
-"""casaspawner: start the exact CASA build ALMA's pipeline used on a dataset, in JupyterHub."""
+"""JupyterHub sessions with the exact CASA build ALMA used on a dataset."""
 
 __version__ = "0.1.0"

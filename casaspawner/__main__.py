@@ -1,4 +1,4 @@
-"""``python -m casaspawner``: the same as the ``casaspawner`` console script."""
+"""``python -m casaspawner`` is the same as the ``casaspawner`` console script."""
 
 import sys
 

@@ -1,9 +1,10 @@
 """The ``casaspawner`` command line.
 
-Bad input never shows a traceback: every user-caused problem (including a path the system refuses) prints
-one line on stderr and exits 2.
-Subcommands owned by other layers (``pod``, ``images``, ``demo``) live in their own modules, listed in
-``PLUGINS``; each provides ``register(subparsers)`` and sets ``func`` on its parser.
+Bad input never shows a traceback. Every user-caused problem prints one line on stderr and exits
+2, including a path the system refuses.
+
+Subcommands owned by other wings (``pod``, ``images``, ``envs``) live in their own modules, listed
+in ``PLUGINS``. Each provides ``register(subparsers)`` and sets ``func`` on its parser.
 """
 
 from __future__ import annotations
@@ -25,54 +26,82 @@ from casaspawner.datasets.synth import ERAS, write_dataset
 from casaspawner.errors import CasaspawnerError, VersionUnknown, printable, shown
 from casaspawner.plan import PlanConfig, image_for
 
-#: Modules adding subcommands: each has ``register(subparsers) -> None``.
-PLUGINS: tuple[str, ...] = ("casaspawner.podcli", "casaspawner.images", "casaspawner.environments.cli")
+#: Modules adding subcommands. Each has ``register(subparsers) -> None``.
+PLUGINS: tuple[str, ...] = (
+    "casaspawner.kube.dryrun",
+    "casaspawner.images",
+    "casaspawner.local.environments.cli",
+)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line on stderr with exit 2."""
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line on stderr, exit 2."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="casaspawner", description="Start the CASA build ALMA's pipeline used on a dataset."
     )
     parser.add_argument("--version", action="version", version=f"casaspawner {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=Parser, metavar="COMMAND"
+    )
 
     p = sub.add_parser("catalog", help="print the ALMA pipeline / CASA release catalog")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--catalog", metavar="FILE", help="use this catalog file instead of the bundled one")
+    p.add_argument(
+        "--catalog", metavar="FILE", help="use this catalog file instead of the bundled one"
+    )
     p.set_defaults(func=cmd_catalog)
 
-    p = sub.add_parser("resolve", help="tell which CASA build a dataset (directory or ALMA id) runs with")
-    p.add_argument("target", metavar="TARGET", help="a dataset directory, an ALMA uid or a project code")
+    p = sub.add_parser(
+        "resolve", help="tell which CASA build a dataset (directory or ALMA id) runs with"
+    )
+    p.add_argument(
+        "target", metavar="TARGET", help="a dataset directory, an ALMA uid or a project code"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "--error-json",
         action="store_true",
-        help="on failure, also print {error, kind} on stdout (for programs; the sentence stays on stderr)",
+        help=(
+            "on failure, also print {error, kind} on stdout "
+            "(for programs; the sentence stays on stderr)"
+        ),
     )
-    p.add_argument("--catalog", metavar="FILE", help="use this catalog file instead of the bundled one")
+    p.add_argument(
+        "--catalog", metavar="FILE", help="use this catalog file instead of the bundled one"
+    )
     p.add_argument(
         "--archive-url",
         default=os.environ.get("CASASPAWNER_ARCHIVE_URL", "https://almascience.org"),
-        help="ALMA archive mirror used for identifiers (default: %(default)s; env CASASPAWNER_ARCHIVE_URL)",
+        help=(
+            "ALMA archive mirror used for identifiers "
+            "(default: %(default)s; env CASASPAWNER_ARCHIVE_URL)"
+        ),
     )
     p.add_argument(
-        "--timeout", type=float, default=10.0, help="archive timeout in seconds (default: %(default)s)"
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="archive timeout in seconds (default: %(default)s)",
     )
     p.add_argument(
         "--registry",
         default=os.environ.get("CASASPAWNER_IMAGE_REGISTRY", PlanConfig().image_registry),
-        help="image registry used to name the image (default: %(default)s; env CASASPAWNER_IMAGE_REGISTRY)",
+        help=(
+            "image registry used to name the image "
+            "(default: %(default)s; env CASASPAWNER_IMAGE_REGISTRY)"
+        ),
     )
     p.set_defaults(func=cmd_resolve)
 
-    p = sub.add_parser("demo-data", help="write synthetic ALMA product trees (for trying things out)")
+    p = sub.add_parser(
+        "demo-data", help="write synthetic ALMA product trees (for trying things out)"
+    )
     p.add_argument("directory", type=Path, help="where to write the trees")
     p.add_argument(
         "--era", action="append", choices=sorted(ERAS), help="which era (repeatable; default: all)"
@@ -93,7 +122,15 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([release.summary_row() for release in catalog.releases], indent=2))
         return 0
-    header = ("ID", "CASA", "PIPELINE", "USE (CYCLES)", "ALMA OPERATIONS", "PACKAGING", "CONFIDENCE")
+    header = (
+        "ID",
+        "CASA",
+        "PIPELINE",
+        "USE (CYCLES)",
+        "ALMA OPERATIONS",
+        "PACKAGING",
+        "CONFIDENCE",
+    )
     table = [header] + [
         (
             release.id,
@@ -108,7 +145,9 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
     return 0
 
 
@@ -118,9 +157,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     try:
         resolution = resolve_target(args.target, catalog, archive=archive)
     except CasaspawnerError as exc:
-        if (
-            args.error_json
-        ):  # the sentence on stderr as always; a program (or a hub) also learns what kind it is
+        # The sentence goes on stderr as always. A program, or a hub, also learns what kind it is.
+        if args.error_json:
             print(json.dumps(error_json(exc), indent=2))
         raise
     image = image_for(resolution.release, PlanConfig(image_registry=args.registry))
@@ -144,8 +182,12 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def error_json(exc: CasaspawnerError) -> dict[str, str]:
-    """What ``resolve --error-json`` prints on stdout when it fails (exit status 2): the sentence, the kind of
-    failure and, when the dataset tells no usable CASA version (``VersionUnknown``), the finding apart."""
+    """Return what ``resolve --error-json`` prints on stdout when it fails.
+
+    The command then exits with status 2. The JSON holds the sentence and the kind of failure.
+    When the dataset tells no usable CASA version (``VersionUnknown``), it also holds the finding
+    and the advice apart.
+    """
     found: dict[str, str] = {"error": str(exc), "kind": type(exc).__name__}
     if isinstance(exc, VersionUnknown):
         found.update(finding=exc.finding, advice=exc.advice)
@@ -171,9 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (
-        OSError
-    ) as exc:  # a path given on the command line that cannot be used: still one line, no traceback
+    except OSError as exc:
+        # A path given on the command line that cannot be used: still one line, no traceback.
         where = f"{shown(str(exc.filename))}: " if exc.filename else ""
         print(f"casaspawner: {where}{exc.strerror or exc}.", file=sys.stderr)
         return 2

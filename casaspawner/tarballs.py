@@ -1,17 +1,23 @@
-"""CASA release tarballs: which checksum proves a download, checking it, and (in image builds) fetch + unpack.
+"""Verifying CASA release tarballs, and fetching and unpacking them in image builds.
 
-One policy for local environments and images alike: the catalog's SHA-256 when it pins one (it always
-wins), else the MD5 that NRAO publishes next to every tarball (``<tarball URL>.md5``, from the tarball's own
-origin, so through a mirror it is the mirror's). That fallback is taken only where the ``.md5`` cannot be
-replaced on the way: over https, or over plain http from this machine (a loopback mirror); its request may
-not be redirected to another origin. A tarball that cannot be verified is refused, and so is one that does
-not match. The fallback proves a download is the file its origin publishes (no corruption, no tampering in
-transit); it does not protect against the origin itself (a compromised server or mirror can publish a
-matching pair) or an MD5 collision: only a pinned SHA-256 does.
+One policy serves local environments and images alike. When the catalog pins a SHA-256, that
+checksum always wins. Otherwise the MD5 that NRAO publishes next to every tarball is used:
+``<tarball URL>.md5``, from the tarball's own origin, so through a mirror it is the mirror's.
 
-Standard library only: image builds copy this file into the build context and run it inside the build
-container as ``python3 tarballs.py URL ALGORITHM:HEX DEST`` (download, verify, unpack the tarball's single
-top-level directory to ``DEST``; exit status 1 with one sentence on stderr for any problem).
+That fallback is taken only where the ``.md5`` cannot be replaced on the way: over https, or over
+plain http from this machine (a loopback mirror). Its request may not be redirected to another
+origin. A tarball that cannot be verified is refused, and so is one that does not match.
+
+The fallback proves a download is the file its origin publishes, with no corruption and no
+tampering in transit. It does not protect against the origin itself, since a compromised server or
+mirror can publish a matching pair. Nor does it protect against an MD5 collision. Only a pinned
+SHA-256 does.
+
+This module and :mod:`casaspawner.net` use the standard library only. Image builds copy both into
+the build context and run this one inside the build container as
+``python3 tarballs.py URL ALGORITHM:HEX DEST``. It downloads
+and verifies the tarball, then unpacks the tarball's single top-level directory to ``DEST``. Any
+problem gives exit status 1 with one sentence on stderr.
 """
 
 from __future__ import annotations
@@ -27,47 +33,41 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from ipaddress import ip_address
 from pathlib import Path
 from typing import IO, Any
+
+# An image build stage runs this file alone, with net.py beside it.
+try:
+    from casaspawner.net import on_this_machine, origin
+except ImportError:
+    from net import on_this_machine, origin  # type: ignore[no-redef]
 
 ALGORITHMS = {"sha256": 64, "md5": 32}
 _CHUNK = 1 << 20
 
 
 class ChecksumError(ValueError):
-    """A tarball cannot be verified, or does not match; ``str()`` is one sentence."""
+    """A tarball cannot be verified, or does not match its checksum.
 
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:  # not a number: no origin to trust; fetching it fails with its own sentence
-        port = -1
-    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
-
-
-def _on_this_machine(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
+    ``str()`` is one sentence.
+    """
 
 
 def unverifiable(url: str, sha256: str | None) -> str | None:
-    """Why a download of ``url`` could not be verified, decided without fetching anything; None if it can.
+    """Return why a download of ``url`` could not be verified.
 
-    A pinned ``sha256`` always verifies (any scheme: the checksum itself is trusted). Without one, the
-    published ``url.md5`` is trusted only over https, or over http from a loopback address."""
-    scheme, host, _ = _origin(url)
-    if sha256 or scheme == "https" or (scheme == "http" and _on_this_machine(host)):
+    None means it can be verified.
+
+    This is decided without fetching anything. A pinned ``sha256`` always verifies, over any
+    scheme, because the checksum itself is trusted. Without one, the published ``url.md5`` is
+    trusted only over https, or over http from a loopback address.
+    """
+    scheme, host, _ = origin(url)
+    if sha256 or scheme == "https" or (scheme == "http" and on_this_machine(host)):
         return None
     return (
-        f"the catalog has no SHA-256, and an MD5 counts only over https or from this machine, not {url}.md5"
+        "the catalog has no SHA-256, and an MD5 counts only over https or from this machine, "
+        f"not {url}.md5"
     )
 
 
@@ -75,16 +75,25 @@ class _SameOrigin(urllib.request.HTTPRedirectHandler):
     """Follows a redirect of the ``.md5`` request only within the tarball's origin."""
 
     def redirect_request(
-        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Any, newurl: str
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
     ) -> urllib.request.Request | None:
-        if _origin(newurl) != _origin(req.full_url):
+        if origin(newurl) != origin(req.full_url):
             raise ChecksumError(f"{req.full_url} redirects to another origin ({newurl})")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def expected_checksum(url: str, sha256: str | None, timeout: float = 30) -> tuple[str, str]:
-    """``(algorithm, hex)`` that ``url`` must match: ``sha256`` when given, else the published ``url.md5``
-    (see :func:`unverifiable` for where that is trusted)."""
+    """Return the ``(algorithm, hex)`` checksum that ``url`` must match.
+
+    That is ``sha256`` when given, else the published ``url.md5``. See :func:`unverifiable` for
+    where the published checksum is trusted.
+    """
     if sha256:
         return "sha256", sha256.lower()
     name = url.rstrip("/").rsplit("/", 1)[-1]
@@ -109,11 +118,13 @@ def expected_checksum(url: str, sha256: str | None, timeout: float = 30) -> tupl
 
 
 def parse_checksum(text: str) -> tuple[str, str]:
-    """``"sha256:<hex>"`` or ``"md5:<hex>"`` → ``(algorithm, hex)``."""
+    """Split ``"sha256:<hex>"`` or ``"md5:<hex>"`` into ``(algorithm, hex)``."""
     algorithm, _, value = text.strip().partition(":")
     value = value.lower()
     if ALGORITHMS.get(algorithm) != len(value) or any(c not in "0123456789abcdef" for c in value):
-        raise ChecksumError(f"{text!r} is not a SHA-256 or MD5 checksum (sha256:<hex> or md5:<hex>).")
+        raise ChecksumError(
+            f"{text!r} is not a SHA-256 or MD5 checksum (sha256:<hex> or md5:<hex>)."
+        )
     return algorithm, value
 
 
@@ -127,39 +138,60 @@ def verify_file(path: Path, algorithm: str, expected: str) -> None:
         raise ChecksumError(f"{path.name} does not match its {algorithm.upper()} checksum.")
 
 
-# ------------------------------------------------------------------------- image builds (run as a script)
+# Image builds, which run this module as a script.
 
 
 def fetch_verify_unpack(url: str, checksum: str, dest: Path) -> None:
-    """Download ``url``, verify it against ``checksum`` (``algorithm:hex``) and unpack its top directory."""
+    """Download ``url``, verify it against ``checksum`` and unpack its top directory.
+
+    ``checksum`` is ``algorithm:hex``.
+    """
     algorithm, expected = parse_checksum(checksum)
     if not url.startswith(("https://", "http://")):
         raise ChecksumError(f"{url} is not an http(s) URL.")
     problem = unverifiable(url, expected if algorithm == "sha256" else None)
-    if problem:  # an MD5 is only worth what the .md5 it came from was, and that is decided by the URL
+    # An MD5 is only worth what the .md5 it came from was, and the URL decides that.
+    if problem:
         raise ChecksumError(f"{url.rstrip('/').rsplit('/', 1)[-1]} cannot be verified: {problem}.")
-    work = Path(tempfile.mkdtemp(prefix="casa-tarball-", dir=os.environ.get("TMPDIR", "/tmp")))  # noqa: S108
+    temporary = os.environ.get("TMPDIR", "/tmp")  # noqa: S108
+    work = Path(tempfile.mkdtemp(prefix="casa-tarball-", dir=temporary))
     try:
         tarball = work / url.rstrip("/").rsplit("/", 1)[-1]
         try:
-            with urllib.request.urlopen(url, timeout=120) as response, tarball.open("wb") as out:  # noqa: S310
+            response = urllib.request.urlopen(url, timeout=120)  # noqa: S310
+            with response, tarball.open("wb") as out:
                 shutil.copyfileobj(response, out, _CHUNK)
         except (urllib.error.URLError, OSError) as error:
-            raise ChecksumError(f"could not download {url}: {getattr(error, 'reason', error)}.") from None
+            raise ChecksumError(
+                f"could not download {url}: {getattr(error, 'reason', error)}."
+            ) from None
         verify_file(tarball, algorithm, expected)
         print(f"verified {tarball.name} ({algorithm} {expected})")
         staging = work / "unpacked"
         staging.mkdir()
         result = subprocess.run(
-            ["tar", "-x", "-f", str(tarball), "-C", str(staging), "--no-same-owner", "--no-same-permissions"],
+            [
+                "tar",
+                "-x",
+                "-f",
+                str(tarball),
+                "-C",
+                str(staging),
+                "--no-same-owner",
+                "--no-same-permissions",
+            ],
             capture_output=True,
             text=True,
         )
         if result.returncode != 0:
-            raise ChecksumError(f"{tarball.name} is not a readable tarball: {result.stderr.strip()}.")
+            raise ChecksumError(
+                f"{tarball.name} is not a readable tarball: {result.stderr.strip()}."
+            )
         tops = list(staging.iterdir())
         if len(tops) != 1 or not tops[0].is_dir():
-            raise ChecksumError(f"{tarball.name} must hold exactly one top-level directory, not {len(tops)}.")
+            raise ChecksumError(
+                f"{tarball.name} must hold exactly one top-level directory, not {len(tops)}."
+            )
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tops[0]), str(dest))
         print(f"unpacked {tops[0].name} to {dest}")

@@ -179,10 +179,10 @@ install_casaspawner() {
         exit 1
     fi
     package=$(/opt/session/bin/python -c 'import casaspawner, os; print(os.path.dirname(casaspawner.__file__))')
-    /opt/session/bin/python -c 'import casaspawner.services.session_notices'
+    /opt/session/bin/python -c 'import casaspawner.insession.notices'
     mkdir -p /opt/casaspawner
     rm -rf /opt/casaspawner/desktop
-    ln -s "$package/desktop" /opt/casaspawner/desktop
+    ln -s "$package/insession/desktop" /opt/casaspawner/desktop
     rm -rf "$1"
 }
 

@@ -1,7 +1,22 @@
-"""The ALMA pipeline ↔ CASA release catalog (``releases.yaml``) and version normalisation."""
+"""The catalog of ALMA pipeline and CASA releases, and version normalisation.
 
-from casaspawner.catalog.model import Catalog, Release, Tarball, Wheels, load_catalog, parse_catalog
-from casaspawner.catalog.versions import CasaVersion, normalize_casa, normalize_pipeline, parse_casa
+The catalog itself is ``releases.yaml``. It pairs each ALMA pipeline with its CASA release.
+"""
+
+from casaspawner.catalog.model import (
+    Catalog,
+    Release,
+    Tarball,
+    Wheels,
+    load_catalog,
+    parse_catalog,
+)
+from casaspawner.catalog.versions import (
+    CasaVersion,
+    normalize_casa,
+    normalize_pipeline,
+    parse_casa,
+)
 
 __all__ = [
     "CasaVersion",

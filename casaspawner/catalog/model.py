@@ -1,4 +1,7 @@
-"""Typed, validated view of ``releases.yaml``: the ALMA pipeline ↔ CASA release catalog."""
+"""Typed, validated view of the release catalog ``releases.yaml``.
+
+The catalog pairs ALMA pipeline releases with CASA releases.
+"""
 
 from __future__ import annotations
 
@@ -33,14 +36,34 @@ _ID = re.compile(r"[a-z0-9][a-z0-9.\-]{1,62}")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}(?:-[0-9]{2})?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RELEASE_KEYS = {
-    "id", "role", "casa", "casa_internal", "pipeline", "pipeline_branch", "cycles", "manual", "ops",
-    "python", "os", "tarball", "wheels", "restore_with", "data", "confidence", "source_url", "sources", "note",
-}  # fmt: skip
+    "id",
+    "role",
+    "casa",
+    "casa_internal",
+    "pipeline",
+    "pipeline_branch",
+    "cycles",
+    "manual",
+    "ops",
+    "python",
+    "os",
+    "tarball",
+    "wheels",
+    "restore_with",
+    "data",
+    "confidence",
+    "source_url",
+    "sources",
+    "note",
+}
 
 
 @dataclass(frozen=True)
 class Tarball:
-    """A monolithic CASA distribution: ``url_dir + name``, optionally with a known SHA-256."""
+    """A monolithic CASA distribution, optionally with a known SHA-256.
+
+    Its URL is ``url_dir + name``.
+    """
 
     name: str
     url_dir: str
@@ -53,7 +76,10 @@ class Tarball:
 
 @dataclass(frozen=True)
 class Wheels:
-    """Modular CASA: the PyPI wheels of exactly this CASA build and the Pythons they exist for."""
+    """Modular CASA, as the PyPI wheels of exactly one CASA build.
+
+    ``python`` lists the Python versions the wheels exist for.
+    """
 
     python: tuple[str, ...]
     casatools: str
@@ -62,7 +88,7 @@ class Wheels:
     casaviewer: str | None = None
 
     def requirements(self) -> list[str]:
-        """pip requirement strings pinning every wheel of the build."""
+        """Return pip requirement strings pinning every wheel of the build."""
         pins = {"casatools": self.casatools, "casatasks": self.casatasks}
         if self.casaplotms:
             pins["casaplotms"] = self.casaplotms
@@ -73,7 +99,10 @@ class Wheels:
 
 @dataclass(frozen=True)
 class ManualUse:
-    """The ALMA cycles whose manual (non-pipeline) calibration also used a pipeline release's CASA build."""
+    """ALMA cycles whose manual calibration also used a pipeline release's CASA build.
+
+    Manual calibration is calibration done without the pipeline.
+    """
 
     cycles: tuple[int, ...]
     confidence: str
@@ -83,10 +112,11 @@ class ManualUse:
 
 @dataclass(frozen=True)
 class Release:
-    """One CASA build in the catalog (see the field notes at the top of ``releases.yaml``).
+    """One CASA build in the catalog.
 
-    ``ops_end`` is a date, ``OPS_END_UNKNOWN`` for a build replaced on an unrecorded date, or None while
-    the build is in operations (or, for a planned release, not yet).
+    See the field notes at the top of ``releases.yaml``. ``ops_end`` is a date, or
+    ``OPS_END_UNKNOWN`` for a build replaced on an unrecorded date. It is None while the build is
+    in operations, or for a planned release, not yet.
     """
 
     id: str
@@ -116,43 +146,59 @@ class Release:
 
     @property
     def available(self) -> bool:
-        """Whether a public distribution (tarball or wheels) exists, so a session can run it."""
+        """Tell whether a public tarball or wheels let a session run it."""
         return self.tarball is not None or self.wheels is not None
 
     @property
     def packaging(self) -> str:
-        """``monolithic`` (tarball), ``modular`` (wheels only) or ``unpublished``."""
+        """How the build is published: ``monolithic``, ``modular`` or ``unpublished``.
+
+        ``monolithic`` means a tarball, ``modular`` means wheels only.
+        """
         if self.tarball is not None:
             return "monolithic"
         return "modular" if self.wheels is not None else "unpublished"
 
     @property
     def manual_cycles(self) -> tuple[int, ...]:
-        """Cycles whose manual calibration used this CASA build (a manual release's own cycles)."""
+        """Cycles whose manual calibration used this CASA build.
+
+        For a manual release these are its own cycles.
+        """
         if self.role == "manual":
             return self.cycles
         return self.manual.cycles if self.manual else ()
 
     @property
     def uses(self) -> str:
-        """What ALMA used the build for, and in which cycles: ``pipeline (2,3), manual (3)``, ``manual (0)``."""
+        """What ALMA used the build for, and in which cycles.
+
+        For example ``pipeline (2,3), manual (3)`` or ``manual (0)``.
+        """
         if self.role == "modular":
             return "modular"
         uses = [] if self.role == "manual" else [("pipeline", self.cycles)]
         if self.manual_cycles:
             uses.append(("manual", self.manual_cycles))
-        return ", ".join(f"{use} ({','.join(map(str, cycles))})" if cycles else use for use, cycles in uses)
+        return ", ".join(
+            f"{use} ({','.join(map(str, cycles))})" if cycles else use for use, cycles in uses
+        )
 
     @property
     def is_current(self) -> bool:
-        """Whether ALMA operations use this build now (started, not ended, not merely planned)."""
+        """Tell whether ALMA operations use this build now.
+
+        That is, operations started and have not ended, and the release is not merely planned.
+        """
         return self.ops_start is not None and self.ops_end is None and self.confidence != "planned"
 
     @property
     def ops_period(self) -> str:
-        """The operations period for people: ``2016-10-25 → 2017-04-17``, ``2026-05-01 → now``,
-        ``2018-10 → superseded`` (end date unknown), ``planned from 2026-10``; empty when ALMA operations
-        never ran the build.
+        """The operations period, written for people.
+
+        For example ``2016-10-25 → 2017-04-17``, ``2026-05-01 → now``,
+        ``2018-10 → superseded`` when the end date is unknown, or ``planned from 2026-10``. It is
+        empty when ALMA operations never ran the build.
         """
         if self.ops_start is None:
             return ""
@@ -165,13 +211,20 @@ class Release:
 
     @property
     def tag(self) -> str:
-        """Image tag and stable short name: ``6.5.4-9-pipeline-2023.1.0.124``, ``4.2.2``, ``6.6.5-31``."""
+        """Image tag and stable short name of the build.
+
+        For example ``6.5.4-9-pipeline-2023.1.0.124``, ``4.2.2`` or ``6.6.5-31``.
+        """
         return f"{self.casa}-pipeline-{self.pipeline}" if self.pipeline else self.casa
 
     @property
     def label(self) -> str:
-        """Human name: ``CASA 6.5.4-9 (pipeline 2023.1.0.124)``."""
-        return f"CASA {self.casa} (pipeline {self.pipeline})" if self.pipeline else f"CASA {self.casa}"
+        """Name for people, e.g. ``CASA 6.5.4-9 (pipeline 2023.1.0.124)``."""
+        return (
+            f"CASA {self.casa} (pipeline {self.pipeline})"
+            if self.pipeline
+            else f"CASA {self.casa}"
+        )
 
     @property
     def kernel_name(self) -> str:
@@ -179,7 +232,10 @@ class Release:
         return f"CASA {self.casa}"
 
     def matches_pipeline(self, version: str) -> bool:
-        """Whether a normalised pipeline version is this release's build (or, for a planned series, in it)."""
+        """Tell whether a normalised pipeline version is this release's build.
+
+        For a planned series, any version in the series matches.
+        """
         if self.pipeline is None:
             return False
         if version == self.pipeline:
@@ -187,7 +243,10 @@ class Release:
         return is_pipeline_series(self.pipeline) and version.startswith(self.pipeline + ".")
 
     def summary_row(self) -> dict[str, Any]:
-        """The release as a flat JSON-able mapping with every catalog field (CLI ``catalog --json``, docs)."""
+        """The release as a flat JSON-able mapping with every catalog field.
+
+        The CLI's ``catalog --json`` and the docs use it.
+        """
         manual = self.manual
         return {
             "id": self.id,
@@ -229,7 +288,10 @@ class Release:
 
 @dataclass(frozen=True)
 class RestoreBuild:
-    """A CASA build ALMA ran but never published, and the release ALMA restores it with."""
+    """An unpublished CASA build ALMA ran, and the release restoring it.
+
+    ``restore_with`` is the release ALMA restores the build with.
+    """
 
     casa: str
     restore_with: str
@@ -238,7 +300,10 @@ class RestoreBuild:
 
 @dataclass(frozen=True)
 class Catalog:
-    """All releases plus the rules that keep ALMA builds apart from same-numbered VLA/VLASS builds."""
+    """All releases, and the rules that tell ALMA builds from VLA/VLASS builds.
+
+    The VLA/VLASS builds may carry the same numbers as ALMA's.
+    """
 
     releases: tuple[Release, ...]
     non_alma_pipelines: tuple[str, ...] = ()
@@ -256,12 +321,16 @@ class Catalog:
         return len(self.releases)
 
     def get(self, release_id: str) -> Release:
-        """The release with this id; an unknown id is a one-sentence ``CatalogError``."""
+        """Return the release with this id.
+
+        An unknown id raises a one-sentence ``CatalogError``.
+        """
         try:
             return self._by_id[release_id]
         except KeyError:
             raise CatalogError(
-                f"{release_id!r} is not a release in the catalog; `casaspawner catalog` lists them."
+                f"{release_id!r} is not a release in the catalog; "
+                "`casaspawner catalog` lists them."
             ) from None
 
     def __contains__(self, release_id: object) -> bool:
@@ -271,7 +340,10 @@ class Catalog:
         return next((release for release in self.releases if release.tag == tag), None)
 
     def with_casa(self, casa: CasaVersion) -> list[Release]:
-        """Releases whose CASA build is exactly ``casa`` (a build number, if given, must match)."""
+        """Releases whose CASA build is exactly ``casa``.
+
+        A build number, if ``casa`` gives one, must match.
+        """
         return [release for release in self.releases if casa.satisfied_by(release.casa_version)]
 
     def with_pipeline(self, pipeline: str) -> list[Release]:
@@ -284,9 +356,14 @@ class Catalog:
         return next((rb for rb in self.restore_builds if parse_casa(rb.casa) == casa), None)
 
     def available(self, roles: Iterable[Role] = ROLES) -> list[Release]:
-        """Releases a session can run (public tarball or wheels), in catalog order."""
+        """Releases a session can run, in catalog order.
+
+        Those are the releases with a public tarball or wheels.
+        """
         wanted = set(roles)
-        return [release for release in self.releases if release.available and release.role in wanted]
+        return [
+            release for release in self.releases if release.available and release.role in wanted
+        ]
 
     def latest_pipeline(self) -> Release:
         """The newest ALMA pipeline release with a public distribution."""
@@ -294,21 +371,28 @@ class Catalog:
         return max(candidates, key=lambda r: pipeline_sort_key(cast(str, r.pipeline)))
 
     def public_release_for(self, release: Release) -> Release:
-        """Follow ``restore_with`` from an unpublished build to the public release ALMA restores it with."""
+        """Return the public release ALMA restores an unpublished build with.
+
+        This follows ``restore_with`` from the unpublished build.
+        """
         seen = {release.id}
         while not release.available and release.restore_with:
             release = self.get(release.restore_with)
-            if release.id in seen:  # validated at load; kept as a guard
+            # Validated at load; kept as a guard.
+            if release.id in seen:
                 raise CatalogError(f"restore_with forms a cycle at {release.id!r}.")
             seen.add(release.id)
         return release
 
 
-# ------------------------------------------------------------------------------------------------ loading
+# Loading
 
 
 class _Entry:
-    """Reads one YAML mapping, turning every problem into a CatalogError naming the entry and field."""
+    """Reads one YAML mapping, turning every problem into a CatalogError.
+
+    The error names the entry and the field.
+    """
 
     def __init__(self, raw: object, where: str) -> None:
         if not isinstance(raw, dict):
@@ -388,7 +472,9 @@ def _parse_release(raw: object, index: int) -> Release:
     if ops_end is not None and ops_start is None:
         raise entry.fail("ops", "has an end but no start")
     if entry.raw.get("manual") is not None and role != "pipeline":
-        raise entry.fail("manual", "belongs on pipeline releases; a manual release's cycles already say it")
+        raise entry.fail(
+            "manual", "belongs on pipeline releases; a manual release's cycles already say it"
+        )
     manual = _parse_manual(entry)
     return Release(
         id=release_id,
@@ -415,15 +501,24 @@ def _parse_release(raw: object, index: int) -> Release:
 
 
 def _ops_date(entry: _Entry, ops: dict[str, Any], key: str) -> str | None:
-    """``ops.start``/``ops.end`` as text: quoted or unquoted YAML dates, YYYY-MM, or (end only) ``unknown``."""
+    """Return ``ops.start`` or ``ops.end`` as text.
+
+    The value may be a quoted or unquoted YAML date, YYYY-MM, or, for the end only, ``unknown``.
+    """
     value = ops.get(key)
     if value is None:
         return None
     if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
         return value.isoformat()
-    if isinstance(value, str) and (_DATE.fullmatch(value) or (key == "end" and value == OPS_END_UNKNOWN)):
+    if isinstance(value, str) and (
+        _DATE.fullmatch(value) or (key == "end" and value == OPS_END_UNKNOWN)
+    ):
         return value
-    extra = f", or {OPS_END_UNKNOWN} for a build replaced on an unrecorded date" if key == "end" else ""
+    extra = (
+        f", or {OPS_END_UNKNOWN} for a build replaced on an unrecorded date"
+        if key == "end"
+        else ""
+    )
     raise entry.fail("ops", f"{key} must be a date written YYYY-MM-DD or YYYY-MM{extra}")
 
 
@@ -436,7 +531,9 @@ def _parse_manual(entry: _Entry) -> ManualUse | None:
         raise entry.fail("manual", "may only have cycles, confidence, sources and note")
     cycles = sub.cycles("cycles")
     if not cycles:
-        raise entry.fail("manual", "cycles must list the cycles whose manual calibration used this build")
+        raise entry.fail(
+            "manual", "cycles must list the cycles whose manual calibration used this build"
+        )
     confidence = sub.text("confidence", required=True)
     if confidence not in CONFIDENCE:
         raise entry.fail("manual", f"confidence must be one of {', '.join(CONFIDENCE)}")
@@ -475,11 +572,16 @@ def _parse_wheels(entry: _Entry) -> Wheels | None:
         return None
     sub = _Entry(raw, f"{entry.where}, wheels")
     if set(sub.raw) - {"python", "casatools", "casatasks", "casaplotms", "casaviewer"}:
-        raise entry.fail("wheels", "may only have python, casatools, casatasks, casaplotms and casaviewer")
+        raise entry.fail(
+            "wheels", "may only have python, casatools, casatasks, casaplotms and casaviewer"
+        )
     pythons = sub.texts("python")
     if not pythons:
         raise entry.fail("wheels", "python must list the Python versions the wheels exist for")
-    casatools, casatasks = sub.text("casatools", required=True), sub.text("casatasks", required=True)
+    casatools, casatasks = (
+        sub.text("casatools", required=True),
+        sub.text("casatasks", required=True),
+    )
     assert casatools is not None and casatasks is not None
     casa = entry.raw.get("casa")
     if isinstance(casa, str) and normalize_casa(casatools) != casa:
@@ -488,7 +590,10 @@ def _parse_wheels(entry: _Entry) -> Wheels | None:
 
 
 def parse_catalog(data: object, source: str = "releases.yaml") -> Catalog:
-    """Validate a parsed catalog document; every problem is a ``CatalogError`` naming entry and field."""
+    """Validate a parsed catalog document.
+
+    Every problem raises a ``CatalogError`` naming the entry and the field.
+    """
     try:
         return _parse_catalog(data, source)
     except CatalogError as exc:
@@ -511,7 +616,8 @@ def _parse_catalog(data: object, source: str) -> Catalog:
         seen_ids.add(release.id)
         if release.tag in seen_tags:
             raise CatalogError(
-                f"releases {seen_tags[release.tag]!r} and {release.id!r} share image tag {release.tag!r}."
+                f"releases {seen_tags[release.tag]!r} and {release.id!r} "
+                f"share image tag {release.tag!r}."
             )
         seen_tags[release.tag] = release.id
     by_id = {release.id: release for release in releases}
@@ -521,25 +627,31 @@ def _parse_catalog(data: object, source: str) -> Catalog:
         target = by_id.get(release.restore_with)
         if target is None:
             raise CatalogError(
-                f"release {release.id!r}, field 'restore_with': {release.restore_with!r} is not a release."
+                f"release {release.id!r}, field 'restore_with': "
+                f"{release.restore_with!r} is not a release."
             )
         if not target.available:
             raise CatalogError(
-                f"release {release.id!r}, field 'restore_with': {target.id!r} has no public tarball or wheels."
+                f"release {release.id!r}, field 'restore_with': "
+                f"{target.id!r} has no public tarball or wheels."
             )
-    non_alma = _Entry(top.raw.get("non_alma_pipelines") or {"versions": []}, "non_alma_pipelines").texts(
-        "versions"
-    )
+    non_alma = _Entry(
+        top.raw.get("non_alma_pipelines") or {"versions": []}, "non_alma_pipelines"
+    ).texts("versions")
     raw_restore = top.raw.get("restore_builds") or []
     if not isinstance(raw_restore, list):
         raise CatalogError("`restore_builds:` must be a list.")
     restore_builds = []
     for index, raw in enumerate(raw_restore):
         entry = _Entry(raw, f"restore_builds #{index + 1}")
-        casa, target_id, reason = (entry.text(k, required=True) for k in ("casa", "restore_with", "reason"))
+        casa, target_id, reason = (
+            entry.text(k, required=True) for k in ("casa", "restore_with", "reason")
+        )
         assert casa is not None and target_id is not None and reason is not None
         if target_id not in by_id or not by_id[target_id].available:
-            raise entry.fail("restore_with", f"{target_id!r} is not a release with a public distribution")
+            raise entry.fail(
+                "restore_with", f"{target_id!r} is not a release with a public distribution"
+            )
         try:
             restore_builds.append(RestoreBuild(normalize_casa(casa), target_id, reason))
         except CasaspawnerError as exc:
@@ -547,13 +659,17 @@ def _parse_catalog(data: object, source: str) -> Catalog:
     for release in releases:
         if release.pipeline and any(fnmatch.fnmatchcase(release.pipeline, p) for p in non_alma):
             raise CatalogError(
-                f"release {release.id!r} uses pipeline {release.pipeline}, listed as a non-ALMA build."
+                f"release {release.id!r} uses pipeline {release.pipeline}, "
+                "listed as a non-ALMA build."
             )
     return Catalog(releases, tuple(non_alma), tuple(restore_builds), source)
 
 
 def load_catalog(path: str | Path | None = None) -> Catalog:
-    """Load and validate a catalog file; without a path, the catalog shipped in the package (cached)."""
+    """Load and validate a catalog file.
+
+    Without a path, this loads the catalog shipped in the package, and caches it.
+    """
     if path is None:
         return _bundled_catalog()
     path = Path(path)
@@ -580,5 +696,9 @@ def _parse_text(text: str, source: str) -> Catalog:
 
 @lru_cache(maxsize=1)
 def _bundled_catalog() -> Catalog:
-    text = resources.files("casaspawner.catalog").joinpath("releases.yaml").read_text(encoding="utf-8")
+    text = (
+        resources.files("casaspawner.catalog")
+        .joinpath("releases.yaml")
+        .read_text(encoding="utf-8")
+    )
     return _parse_text(text, "casaspawner/catalog/releases.yaml")

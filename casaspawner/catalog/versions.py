@@ -1,8 +1,12 @@
-"""Normalise CASA and ALMA pipeline version strings, as the evidence in datasets writes them.
+"""Normalise CASA and ALMA pipeline version strings found in datasets.
 
-CASA builds are written ``X.Y.Z-B`` (``6.5.4.9`` and ``6.5.4-9`` are the same build; ``4.7.2-REL (r39762)``
-is ``4.7.2``). Pipeline versions are ``YYYY.N.N.N`` for git-era builds (PEP 440 local labels such as
-``+dirty`` dropped) or ``rNNNNN`` for SVN-era builds (``42254M (Pipeline-CASA54-P1-B)`` is ``r42254``).
+The strings are as the evidence in datasets writes them.
+
+CASA builds are written ``X.Y.Z-B``. ``6.5.4.9`` and ``6.5.4-9`` are the same build, and
+``4.7.2-REL (r39762)`` is ``4.7.2``.
+
+Pipeline versions are ``YYYY.N.N.N`` for git-era builds, with PEP 440 local labels such as
+``+dirty`` dropped. SVN-era builds are ``rNNNNN``: ``42254M (Pipeline-CASA54-P1-B)`` is ``r42254``.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from functools import total_ordering
 
 from casaspawner.errors import InvalidInput
 
-# The reference patterns (shared/reference/alma-casa-catalog.yaml, ``identifier_regex``) with ASCII digits
-# (``\d`` would accept other scripts' digits). Text longer than _MAX_TEXT is never a version.
+# The reference patterns (shared/reference/alma-casa-catalog.yaml, ``identifier_regex``), with
+# ASCII digits, since ``\d`` would accept other scripts' digits. Text longer than _MAX_TEXT is
+# never a version.
 _MAX_TEXT = 200
 _CASA_CORE = re.compile(r"([0-9]+)\.([0-9]+)(?:\.([0-9]+))?(?:[-.]([0-9]+))?")
 # What may follow the core in strings CASA printed itself.
@@ -29,7 +34,10 @@ _PIPELINE_SVN = re.compile(r"r?([0-9]{5})M?(?:[ \t\n\r\f\v]*\(.*\))?")
 @total_ordering
 @dataclass(frozen=True)
 class CasaVersion:
-    """A CASA build number. ``patch`` is None for a series such as ``4.2`` (as a script guard may name)."""
+    """A CASA build number.
+
+    ``patch`` is None for a series such as ``4.2``, as a script guard may name.
+    """
 
     major: int
     minor: int
@@ -46,7 +54,7 @@ class CasaVersion:
 
     @property
     def is_complete(self) -> bool:
-        """True for an X.Y.Z version (with or without a build number)."""
+        """True for an X.Y.Z version, with or without a build number."""
         return self.patch is not None
 
     def _key(self) -> tuple[int, int, int, int]:
@@ -58,7 +66,10 @@ class CasaVersion:
         return self._key() < other._key()
 
     def satisfied_by(self, build: CasaVersion) -> bool:
-        """Whether ``build`` is this version or, for a partial version, one of its series."""
+        """Tell whether ``build`` is this version.
+
+        For a partial version, any build of its series satisfies it.
+        """
         if (build.major, build.minor) != (self.major, self.minor):
             return False
         if self.patch is not None and build.patch != self.patch:
@@ -67,7 +78,9 @@ class CasaVersion:
 
 
 def parse_casa(text: str, *, allow_partial: bool = False) -> CasaVersion:
-    """Parse a CASA version as printed by CASA, a manifest, a weblog or a script guard.
+    """Parse a CASA version string as found in dataset evidence.
+
+    The string is as printed by CASA, a manifest, a weblog or a script guard.
 
     >>> str(parse_casa("6.5.4.9")), str(parse_casa("4.7.2-REL (r39762)"))
     ('6.5.4-9', '4.7.2')
@@ -75,13 +88,19 @@ def parse_casa(text: str, *, allow_partial: bool = False) -> CasaVersion:
     stripped = text.strip()
     match = _CASA_CORE.match(stripped) if len(stripped) <= _MAX_TEXT else None
     if match is None or _CASA_SUFFIX.fullmatch(stripped[match.end() :]) is None:
-        raise InvalidInput(f"{text!r} is not a CASA version; expected a build such as 6.5.4-9 or 6.5.4.9.")
+        raise InvalidInput(
+            f"{text!r} is not a CASA version; expected a build such as 6.5.4-9 or 6.5.4.9."
+        )
     major, minor, patch, build = match.groups()
     if patch is None:
         if build is not None or not allow_partial:
-            raise InvalidInput(f"{text!r} is not a complete CASA version; expected a build such as 6.5.4-9.")
+            raise InvalidInput(
+                f"{text!r} is not a complete CASA version; expected a build such as 6.5.4-9."
+            )
         return CasaVersion(int(major), int(minor))
-    return CasaVersion(int(major), int(minor), int(patch), int(build) if build is not None else None)
+    return CasaVersion(
+        int(major), int(minor), int(patch), int(build) if build is not None else None
+    )
 
 
 def normalize_casa(text: str) -> str:
@@ -92,8 +111,10 @@ def normalize_casa(text: str) -> str:
 def normalize_pipeline(text: str) -> str:
     """Return the canonical pipeline version: ``2023.1.0.124`` or ``r42254``.
 
-    >>> normalize_pipeline("2023.1.0.124+dirty"), normalize_pipeline("42254M (Pipeline-CASA54-P1-B)")
-    ('2023.1.0.124', 'r42254')
+    >>> normalize_pipeline("2023.1.0.124+dirty")
+    '2023.1.0.124'
+    >>> normalize_pipeline("42254M (Pipeline-CASA54-P1-B)")
+    'r42254'
     """
     stripped = text.strip() if len(text) <= _MAX_TEXT else ""
     git = _PIPELINE_GIT.fullmatch(stripped)
@@ -103,17 +124,24 @@ def normalize_pipeline(text: str) -> str:
     if svn is not None:
         return f"r{svn.group(1)}"
     raise InvalidInput(
-        f"{text!r} is not an ALMA pipeline version; expected a build such as 2023.1.0.124 or r42254."
+        f"{text!r} is not an ALMA pipeline version; "
+        "expected a build such as 2023.1.0.124 or r42254."
     )
 
 
 def is_pipeline_series(text: str) -> bool:
-    """Whether ``text`` names a pipeline series without a build number (``2026.2.0``), as planned releases do."""
+    """Tell whether ``text`` names a pipeline series without a build number.
+
+    Planned releases name such a series, e.g. ``2026.2.0``.
+    """
     return _PIPELINE_SERIES.fullmatch(text) is not None
 
 
 def pipeline_sort_key(version: str) -> tuple[int, ...]:
-    """Order normalised pipeline versions: SVN builds before git builds, each numerically."""
+    """Sort key ordering normalised pipeline versions.
+
+    SVN builds come before git builds, each ordered numerically.
+    """
     if version.startswith("r"):
         return (0, int(version[1:]))
     return (1, *(int(part) for part in version.split(".")))

@@ -1,14 +1,16 @@
-"""Look up a dataset's pipeline manifest in the ALMA archive without downloading the dataset.
+"""Look up a dataset's pipeline manifest in the ALMA archive.
 
-``ArchiveClient`` is the pluggable interface; ``AlmaDataLinkClient`` asks an ALMA archive mirror's TAP
-service for the MOUS of a project code and its DataLink service for the MOUS's files, downloads only the
-``*.pipeline_manifest.xml`` (size-limited, with timeouts) and caches it on disk, per mirror (manifests never
-change); a reply that is not a readable manifest is refused and never cached.
+The dataset itself is not downloaded.
+
+``ArchiveClient`` is the pluggable interface. ``AlmaDataLinkClient`` asks an ALMA archive mirror's
+TAP service for the MOUS of a project code, and its DataLink service for the MOUS's files. It
+downloads only the ``*.pipeline_manifest.xml``, size-limited and with timeouts. It caches the
+manifest on disk, per mirror, since manifests never change. A reply that is not a readable
+manifest is refused and never cached.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import urllib.error
 import urllib.parse
@@ -20,6 +22,7 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
+from casaspawner import runtime
 from casaspawner.datasets.evidence import MANIFEST_VALUES, UnreadableEvidence, xml_values
 from casaspawner.datasets.ids import ProjectCode, Uid, parse_uid
 from casaspawner.errors import ArchiveUnavailable, ResolutionError, shown
@@ -30,20 +33,21 @@ _MANIFEST_NAME = re.compile(r"[A-Za-z0-9_.\-]*pipeline_manifest\.xml")
 
 
 class ArchiveClient(Protocol):
-    """Fetches the pipeline manifest of an ALMA dataset into a local file (one manifest per directory)."""
+    """Fetches the pipeline manifest of an ALMA dataset into a local file.
+
+    Each manifest gets a directory of its own.
+    """
 
     name: str
 
     def fetch_manifest(self, identifier: ProjectCode | Uid) -> Path: ...
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "casaspawner" / "archive"
-
-
 class AlmaDataLinkClient:
-    """ALMA archive client: TAP (project code → MOUS) and DataLink (MOUS → manifest file)."""
+    """ALMA archive client using the TAP and DataLink services.
+
+    TAP maps a project code to its MOUS. DataLink maps a MOUS to its manifest file.
+    """
 
     def __init__(
         self,
@@ -54,17 +58,19 @@ class AlmaDataLinkClient:
     ):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self.cache_dir = cache_dir or default_cache_dir()
+        self.cache_dir = cache_dir or runtime.cache_dir() / "archive"
         self.name = urllib.parse.urlsplit(self.base_url).netloc or self.base_url
-        #: this mirror's part of the cache: what one mirror sent is never reported as another's
+        #: This mirror's part of the cache.
+        #: What one mirror sent is never reported as another's.
         self.mirror_cache = self.cache_dir / re.sub(r"[^A-Za-z0-9.\-]", "_", self.name)
 
-    # -- public -----------------------------------------------------------------------------------------
+    # Public
     def fetch_manifest(self, identifier: ProjectCode | Uid) -> Path:
-        """The MOUS's pipeline manifest, from the cache or the archive.
+        """Return the MOUS's pipeline manifest, from the cache or the archive.
 
-        Every failure is one sentence that reads the same on the command line and on a spawn page; when the
-        archive cannot help, it ends with the directory to give instead, named after what was asked for.
+        Every failure is one sentence that reads the same on the command line and on a spawn page.
+        When the archive cannot help, the sentence ends with the directory to give instead, named
+        after what was asked for.
         """
         mous = identifier if isinstance(identifier, Uid) else None
         try:
@@ -83,7 +89,8 @@ class AlmaDataLinkClient:
         url = self._find_manifest_url(mous)
         if url is None:
             raise ResolutionError(
-                f"The ALMA archive lists no pipeline manifest for {mous} (manually calibrated or Cycle 0-4 data); "
+                f"The ALMA archive lists no pipeline manifest for {mous} "
+                "(manually calibrated or Cycle 0-4 data); "
                 f"{_give_directory(mous)}."
             )
         name = Path(urllib.parse.urlsplit(url).path).name
@@ -94,8 +101,8 @@ class AlmaDataLinkClient:
             xml_values(data, name, MANIFEST_VALUES)
         except UnreadableEvidence as exc:
             raise ArchiveUnavailable(
-                f"The ALMA archive at {self.name} sent a pipeline manifest for {mous} that cannot be read "
-                f"({str(exc).rstrip('.')})"
+                f"The ALMA archive at {self.name} sent a pipeline manifest for {mous} "
+                f"that cannot be read ({str(exc).rstrip('.')})"
             ) from None
         directory = self.mirror_cache / mous.sanitized
         try:
@@ -105,15 +112,22 @@ class AlmaDataLinkClient:
             partial.replace(directory / name)
         except OSError as exc:
             raise ArchiveUnavailable(
-                f"The manifest of {mous} could not be stored in the archive cache {shown(str(self.cache_dir))} "
+                f"The manifest of {mous} could not be stored "
+                f"in the archive cache {shown(str(self.cache_dir))} "
                 f"({exc.strerror or exc})"
             ) from None
         return directory / name
 
     def mous_for(self, code: ProjectCode) -> Uid:
-        """The single MOUS of a project code (several: a ResolutionError listing some of them)."""
-        # str(code) is built from the strict project-code pattern: digits, dots and capitals only
-        query = f"SELECT DISTINCT member_ous_uid FROM ivoa.obscore WHERE proposal_id = '{code}'"  # noqa: S608
+        """Return the single MOUS of a project code.
+
+        A project with several raises a ResolutionError listing some of them.
+        """
+        # str(code) is built from the strict project-code pattern: digits, dots and capitals only.
+        query = (
+            "SELECT DISTINCT member_ous_uid FROM ivoa.obscore "  # noqa: S608
+            f"WHERE proposal_id = '{code}'"
+        )
         params = urllib.parse.urlencode(
             {"REQUEST": "doQuery", "LANG": "ADQL", "FORMAT": "votable", "QUERY": query}
         )
@@ -122,19 +136,22 @@ class AlmaDataLinkClient:
         if not uids:
             raise ResolutionError(f"The ALMA archive has no data for project {code}.")
         if len(uids) > 1:
-            shown = ", ".join(uids[:5]) + (f" and {len(uids) - 5} more" if len(uids) > 5 else "")
+            listed = ", ".join(uids[:5]) + (f" and {len(uids) - 5} more" if len(uids) > 5 else "")
             raise ResolutionError(
-                f"Project {code} has {len(uids)} datasets (MOUS {shown}); give one uid instead."
+                f"Project {code} has {len(uids)} datasets (MOUS {listed}); give one uid instead."
             )
         return parse_uid(uids[0])
 
-    # -- internals --------------------------------------------------------------------------------------
+    # Internals
     def _cached(self, mous: Uid) -> Path | None:
         try:
             found = sorted(
-                p for p in (self.mirror_cache / mous.sanitized).iterdir() if _MANIFEST_NAME.fullmatch(p.name)
+                p
+                for p in (self.mirror_cache / mous.sanitized).iterdir()
+                if _MANIFEST_NAME.fullmatch(p.name)
             )
-        except OSError:  # not cached yet (or the cache cannot be read: fetch again)
+        except OSError:
+            # Not cached yet, or the cache cannot be read: fetch again.
             return None
         return found[0] if found else None
 
@@ -179,34 +196,37 @@ class AlmaDataLinkClient:
 
     def _get(self, url: str, limit: int) -> bytes:
         if not url.startswith(("https://", "http://")):
-            raise ArchiveUnavailable(f"The ALMA archive at {self.name} pointed to a non-HTTP location")
+            raise ArchiveUnavailable(
+                f"The ALMA archive at {self.name} pointed to a non-HTTP location"
+            )
         request = urllib.request.Request(url, headers={"User-Agent": "casaspawner"})  # noqa: S310
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+            response = urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310
+            with response:
                 data: bytes = response.read(limit + 1)
         except urllib.error.HTTPError as exc:
             raise ArchiveUnavailable(
                 f"The ALMA archive at {self.name} answered {exc.code} {exc.reason}"
             ) from None
-        except (
-            urllib.error.URLError,
-            TimeoutError,
-            OSError,
-            ValueError,
-        ) as exc:  # ValueError: a malformed URL
+        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+            # ValueError means a malformed URL.
             reason = getattr(exc, "reason", exc)
             raise ArchiveUnavailable(
                 f"The ALMA archive at {self.name} could not be reached ({reason})"
             ) from None
         if len(data) > limit:
             raise ArchiveUnavailable(
-                f"The ALMA archive at {self.name} sent more than {limit // 2**20} MiB, so the reply was refused"
+                f"The ALMA archive at {self.name} sent more than {limit // 2**20} MiB, "
+                "so the reply was refused"
             )
         return data
 
 
 def _give_directory(asked: ProjectCode | Uid) -> str:
-    """The end of every archive error: the directory to give instead, named after what was asked for."""
+    """The end of every archive error: the directory to give instead.
+
+    The directory is named after what was asked for.
+    """
     directory = f"member.{asked.sanitized}" if isinstance(asked, Uid) else str(asked)
     return f"download the dataset and give its directory ({directory}) instead"
 
@@ -216,7 +236,10 @@ def _local(tag: str) -> str:
 
 
 def _votable_rows(tree: Element) -> list[dict[str, str]]:
-    """Rows of the first TABLE of a VOTable, keyed by FIELD name (namespace-agnostic)."""
+    """Rows of the first TABLE of a VOTable, keyed by FIELD name.
+
+    XML namespaces are ignored.
+    """
     for table in tree.iter():
         if _local(table.tag) != "TABLE":
             continue
@@ -231,11 +254,19 @@ def _votable_rows(tree: Element) -> list[dict[str, str]]:
 
 
 def _service_urls(tree: Element) -> dict[str, str]:
-    """DataLink service descriptors: RESOURCE ID → its ``accessURL`` PARAM."""
+    """Map DataLink service descriptors' RESOURCE IDs to their ``accessURL`` PARAM."""
     services = {}
     for resource in tree.iter():
-        if _local(resource.tag) == "RESOURCE" and resource.get("type") == "meta" and resource.get("ID"):
+        if (
+            _local(resource.tag) == "RESOURCE"
+            and resource.get("type") == "meta"
+            and resource.get("ID")
+        ):
             for param in resource.iter():
-                if _local(param.tag) == "PARAM" and param.get("name") == "accessURL" and param.get("value"):
+                if (
+                    _local(param.tag) == "PARAM"
+                    and param.get("name") == "accessURL"
+                    and param.get("value")
+                ):
                     services[resource.get("ID", "")] = param.get("value", "")
     return services

@@ -1,11 +1,14 @@
 """One small reader per kind of evidence of a dataset's processing version.
 
-Every reader takes the open MOUS directory (its path relative to the dataset directory the user gave is how
-evidence paths are reported) and returns the Evidence it finds, None when its kind of file is absent or says
-nothing about versions, or raises ``UnreadableEvidence`` for a file that is there but cannot be read safely.
-Files are read with size limits; XML goes through defusedxml with DTDs forbidden; archives are read in memory,
-never extracted. Everything is opened relative to the MOUS directory's descriptor without following a link
-(``tree``): a symbolic link, there all along or swapped in while the dataset is read, is passed over.
+Every reader takes the open MOUS directory, whose path is relative to the dataset directory the
+user gave. Evidence paths are reported the same way. A reader returns the Evidence it finds, or
+None when its kind of file is absent or says nothing about versions. It raises
+``UnreadableEvidence`` for a file that is there but cannot be read safely.
+
+Files are read with size limits. XML goes through defusedxml with DTDs forbidden. Archives are
+read in memory, never extracted. Everything is opened relative to the MOUS directory's descriptor
+without following a link (see ``tree``). A symbolic link, there all along or swapped in while the
+dataset is read, is passed over.
 """
 
 from __future__ import annotations
@@ -44,38 +47,51 @@ LIMITS = {
 }
 GiB = 1024 * MiB
 _MAX_TAR_MEMBERS = 200_000
-#: Packed archives: the largest read at all, and how much they may unpack to while being scanned —
-#: ``_TAR_RATIO`` times their size (at least ``_TAR_FLOOR``, at most ``_TAR_EXPANDED``). Weblogs are mostly
-#: PNG plots and HTML (ratios of 1-10); a decompression bomb is refused long before it fills memory or time.
+#: Packed archives: the largest read at all, and how much they may unpack to.
+#:
+#: While being scanned, an archive may unpack to ``_TAR_RATIO`` times its size, at least
+#: ``_TAR_FLOOR`` and at most ``_TAR_EXPANDED``. Weblogs are mostly PNG plots and HTML, with ratios
+#: of 1-10. A decompression bomb is refused long before it fills memory or time.
 _TAR_COMPRESSED = 4 * GiB
 _TAR_EXPANDED = 4 * GiB
 _TAR_RATIO = 50
 _TAR_FLOOR = 64 * MiB
 _SEARCH_DIRS = (".", "script", "qa", "log", "calibration", "product")
-#: XML evidence is streamed: at most this many elements, nested at most this deep (real manifests and AQUA
-#: reports have thousands of elements, ten levels deep), so a file within its size limit costs little.
+#: XML evidence is streamed: at most this many elements, nested at most this deep.
+#:
+#: Real manifests and AQUA reports have thousands of elements, ten levels deep. So a file within
+#: its size limit costs little.
 _XML_ELEMENTS = 1_000_000
 _XML_DEPTH = 100
-#: How far into a manual calibration script its version guard is looked for (after the step list).
+#: How far into a manual calibration script its version guard is looked for.
+#:
+#: The guard comes after the step list.
 _SCRIPT_HEAD_LINES = 400
 
 
 class UnreadableEvidence(CasaspawnerError):
-    """A candidate evidence file exists but cannot be read safely; the message says which and why."""
+    """A candidate evidence file exists but cannot be read safely.
+
+    The message says which file and why.
+    """
 
 
 Reader = Callable[[Directory], "Evidence | None"]
 
 
-# ------------------------------------------------------------------------------------------- file access
+# File access
 
 
 def _candidates(
     mous: Directory, patterns: tuple[str, ...], dirs: tuple[str, ...] = _SEARCH_DIRS
 ) -> list[PurePosixPath]:
-    """Regular files (not links) matching ``patterns`` in the MOUS's usual subdirectories, relative to it, sorted."""
+    """Regular files matching ``patterns`` in the MOUS's usual subdirectories.
+
+    Links are left out. The paths are relative to the MOUS, and sorted.
+    """
     found: set[PurePosixPath] = set()
-    wanted = re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns))  # case-sensitive
+    # Case-sensitive.
+    wanted = re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns))
     for sub in dirs:
         with subdirectory(mous, PurePosixPath(sub)) as directory:
             if directory is None:
@@ -85,9 +101,14 @@ def _candidates(
     return sorted(found)
 
 
-def _read(mous: Directory, path: PurePosixPath, limit: int, *, truncate: bool = False) -> bytes | None:
-    """At most ``limit`` bytes of the file ``path`` below the MOUS (``truncate``: the first ``limit`` bytes
-    of a larger one; else a larger one is unreadable evidence); None when it is not a regular file (any more)."""
+def _read(
+    mous: Directory, path: PurePosixPath, limit: int, *, truncate: bool = False
+) -> bytes | None:
+    """Read at most ``limit`` bytes of the file ``path`` below the MOUS.
+
+    With ``truncate``, a larger file gives its first ``limit`` bytes. Without it, a larger file is
+    unreadable evidence. Returns None when the path is not, or no longer, a regular file.
+    """
     with open_file(mous, path) as handle:
         if handle is None:
             return None
@@ -105,7 +126,10 @@ def _read(mous: Directory, path: PurePosixPath, limit: int, *, truncate: bool = 
 def _contents(
     mous: Directory, paths: list[PurePosixPath], limit: int, *, truncate: bool = False
 ) -> Iterator[tuple[PurePosixPath, bytes]]:
-    """Each of ``paths`` with its contents (see ``_read``), in order; one no longer a regular file is passed over."""
+    """Yield each of ``paths`` with its contents, in order.
+
+    See ``_read``. A path that is no longer a regular file is passed over.
+    """
     for path in paths:
         data = _read(mous, path, limit, truncate=truncate)
         if data is not None:
@@ -113,32 +137,46 @@ def _contents(
 
 
 def _rel(mous: Directory, path: PurePosixPath) -> str:
-    """A path below the MOUS as evidence reports it: relative to the dataset directory the user gave."""
+    """A path below the MOUS as evidence reports it.
+
+    That is relative to the dataset directory the user gave.
+    """
     return str(mous.path / path)
 
 
-def xml_values(data: bytes, name: str, wanted: dict[str, tuple[str, str | None]]) -> dict[str, str | None]:
-    """The values of the ``wanted`` elements of the XML document ``data`` (``name``: the file, for messages).
+def xml_values(
+    data: bytes, name: str, wanted: dict[str, tuple[str, str | None]]
+) -> dict[str, str | None]:
+    """Read the values of the ``wanted`` elements of the XML document ``data``.
 
-    ``wanted`` maps an element's tag (namespaces ignored) to its preferred parent's tag and the attribute
-    holding the value (None: the element's text). Each value comes from the first such element under its
-    preferred parent, else from the first one anywhere; None when there is none. The document is streamed
-    through defusedxml (no DTD, no entities), every element is dropped once read, and reading stops as soon
-    as every value was found under its preferred parent.
+    ``name`` is the file, for messages. ``wanted`` maps an element's tag, namespaces ignored, to
+    its preferred parent's tag and the attribute holding the value. An attribute of None means the
+    element's text.
+
+    Each value comes from the first such element under its preferred parent, else from the first
+    one anywhere. It is None when there is none.
+
+    The document is streamed through defusedxml, with no DTD and no entities. Every element is
+    dropped once read. Reading stops as soon as every value was found under its preferred parent.
     """
     preferred: dict[str, str] = {}
     anywhere: dict[str, str] = {}
     open_elements: list[Element] = []
     try:
         events = SafeET.iterparse(
-            io.BytesIO(data), ("start", "end"), forbid_dtd=True, forbid_entities=True, forbid_external=True
+            io.BytesIO(data),
+            ("start", "end"),
+            forbid_dtd=True,
+            forbid_entities=True,
+            forbid_external=True,
         )
         for count, (event, element) in enumerate(events):
             if event == "start":
                 open_elements.append(element)
                 if len(open_elements) > _XML_DEPTH or count > 2 * _XML_ELEMENTS:
                     raise UnreadableEvidence(
-                        f"{shown(name)} holds more or deeper-nested XML elements than evidence files do."
+                        f"{shown(name)} holds more or deeper-nested XML elements "
+                        "than evidence files do."
                     )
                 continue
             open_elements.pop()
@@ -153,7 +191,8 @@ def xml_values(data: bytes, name: str, wanted: dict[str, tuple[str, str | None]]
                         if len(preferred) == len(wanted):
                             break
             if open_elements:
-                open_elements[-1].remove(element)  # read: dropped, so memory stays small
+                # Once read, an element is dropped, so memory stays small.
+                open_elements[-1].remove(element)
     except DefusedXmlException:
         raise UnreadableEvidence(
             f"{shown(name)} declares a DTD or entities, which evidence files never do; ignored."
@@ -184,11 +223,14 @@ def _casa(text: str | None, name: str, *, partial: bool = False) -> str | None:
 def _stated(
     kind: EvidenceKind, path: str, casa_text: str | None, pipeline_text: str | None, name: str
 ) -> Evidence | None:
-    """Evidence from a file that names a CASA and a pipeline version (manifest, AQUA report, weblog).
+    """Evidence from a file that names a CASA and a pipeline version.
 
-    No CASA version: None (the next file or kind decides). A CASA version that is not one: the file is
-    unreadable. A pipeline version that is not one does not throw the CASA version away: it is kept, as
-    written (shortened), in ``pipeline_unreadable`` so the resolver can say so.
+    Such files are the manifest, the AQUA report and the weblog. With no CASA version this returns
+    None, and the next file or kind decides. A CASA version that is not one makes the file
+    unreadable.
+
+    A pipeline version that is not one does not throw the CASA version away. It is kept as written,
+    shortened, in ``pipeline_unreadable``, so the resolver can say so.
     """
     casa = _casa(casa_text, name)
     if casa is None:
@@ -202,14 +244,15 @@ def _stated(
     return Evidence(kind, path, casa, pipeline, unreadable)
 
 
-# -------------------------------------------------------------------------------------------- the readers
+# The readers
 
 
 def read_manifest(mous: Directory) -> Evidence | None:
-    """``*.pipeline_manifest.xml``: ``ous/casaversion@name`` and ``ous/pipeline_version@name`` (Cycle 5 on).
+    """Read the versions in ``*.pipeline_manifest.xml``, from Cycle 5 on.
 
-    Several manifests (one per recipe) are read calibration-first; manifests of Cycles 2-4 carry no versions
-    and yield None so the next kind of evidence is consulted.
+    They are ``ous/casaversion@name`` and ``ous/pipeline_version@name``. Several manifests, one per
+    recipe, are read calibration-first. Manifests of Cycles 2-4 carry no versions and yield None,
+    so the next kind of evidence is consulted.
     """
     paths = sorted(
         _candidates(mous, ("*pipeline_manifest.xml",)),
@@ -218,7 +261,11 @@ def read_manifest(mous: Directory) -> Evidence | None:
     for path, data in _contents(mous, paths, LIMITS["manifest"]):
         values = xml_values(data, path.name, MANIFEST_VALUES)
         evidence = _stated(
-            "manifest", _rel(mous, path), values["casaversion"], values["pipeline_version"], path.name
+            "manifest",
+            _rel(mous, path),
+            values["casaversion"],
+            values["pipeline_version"],
+            path.name,
         )
         if evidence is not None:
             return evidence
@@ -226,14 +273,23 @@ def read_manifest(mous: Directory) -> Evidence | None:
 
 
 def read_aquareport(mous: Directory) -> Evidence | None:
-    """``*pipeline_aquareport.xml``: ``QaSummary/CasaVersion`` and ``QaSummary/PipelineVersion``."""
+    """Read the versions in ``*pipeline_aquareport.xml``.
+
+    They are ``QaSummary/CasaVersion`` and ``QaSummary/PipelineVersion``.
+    """
     paths = _candidates(mous, ("*pipeline_aquareport.xml",))
     for path, data in _contents(mous, paths, LIMITS["aquareport"]):
         values = xml_values(
-            data, path.name, {"CasaVersion": ("QaSummary", None), "PipelineVersion": ("QaSummary", None)}
+            data,
+            path.name,
+            {"CasaVersion": ("QaSummary", None), "PipelineVersion": ("QaSummary", None)},
         )
         evidence = _stated(
-            "aquareport", _rel(mous, path), values["CasaVersion"], values["PipelineVersion"], path.name
+            "aquareport",
+            _rel(mous, path),
+            values["CasaVersion"],
+            values["PipelineVersion"],
+            path.name,
         )
         if evidence is not None:
             return evidence
@@ -241,7 +297,7 @@ def read_aquareport(mous: Directory) -> Evidence | None:
 
 
 class _RowParser(HTMLParser):
-    """Collects the text of each table row's cells (``th`` and ``td``)."""
+    """Collects the text of each table row's ``th`` and ``td`` cells."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -270,7 +326,10 @@ class _RowParser(HTMLParser):
 
 
 def weblog_versions(html: bytes) -> tuple[str | None, str | None]:
-    """The CASA and pipeline version texts of a weblog home page (``t1-1.html``), links stripped."""
+    """Return the CASA and pipeline version texts of a weblog home page.
+
+    The home page is ``t1-1.html``. Links are stripped from the texts.
+    """
     parser = _RowParser()
     parser.feed(html.decode("utf-8", errors="replace"))
     parser.close()
@@ -295,7 +354,10 @@ _WEBLOG_PIPELINE = re.compile(
 
 
 def read_weblog(mous: Directory) -> Evidence | None:
-    """Weblog home page ``html/t1-1.html``: unpacked, or inside ``qa/*.weblog.tgz`` (read in memory)."""
+    """Read the versions on the weblog home page ``html/t1-1.html``.
+
+    The page is unpacked, or inside ``qa/*.weblog.tgz`` and read in memory.
+    """
     pages = _pages(mous, "t1-1.html", ("qa", "."), depth=5)
     for page, data in _contents(mous, pages, LIMITS["weblog"]):
         evidence = _stated("weblog", _rel(mous, page), *weblog_versions(data), page.name)
@@ -306,7 +368,9 @@ def read_weblog(mous: Directory) -> Evidence | None:
             mous, archive, lambda n: n.endswith("html/t1-1.html"), LIMITS["weblog"]
         ):
             where = f"{_rel(mous, archive)}!{member_name}"
-            evidence = _stated("weblog", where, *weblog_versions(data), f"{archive.name}!{member_name}")
+            evidence = _stated(
+                "weblog", where, *weblog_versions(data), f"{archive.name}!{member_name}"
+            )
             if evidence is not None:
                 return evidence
     return None
@@ -321,7 +385,10 @@ _GUARD_PATTERNS = (
 
 
 def script_version(text: str, name: str) -> str | None:
-    """The CASA version a manual calibration script's guard demands (series such as ``4.2`` allowed)."""
+    """Return the CASA version a manual calibration script's guard demands.
+
+    A series such as ``4.2`` is allowed.
+    """
     head = "\n".join(text.splitlines()[:_SCRIPT_HEAD_LINES])
     for pattern in _GUARD_PATTERNS:
         match = pattern.search(head)
@@ -331,9 +398,10 @@ def script_version(text: str, name: str) -> str | None:
 
 
 def read_script(mous: Directory) -> Evidence | None:
-    """The version guard at the top of manual ``*.scriptForCalibration.py`` files (one per EB).
+    """Read the version guard at the top of manual ``*.scriptForCalibration.py`` files.
 
-    When the scripts disagree, the version most of them demand wins (ties: the newest).
+    There is one script per EB. When the scripts disagree, the version most of them demand wins.
+    A tie goes to the newest.
     """
     versions: dict[str, PurePosixPath] = {}
     counts: Counter[str] = Counter()
@@ -350,7 +418,8 @@ def read_script(mous: Directory) -> Evidence | None:
 
 
 _LOG_LINE = re.compile(
-    rb"CASA Version:?\s+(?:CASA\s+)?([0-9]+\.[0-9]+\.[0-9]+(?:[-.][0-9]+)?(?:-REL)?(?:\s*\(r[0-9]+\))?)"
+    rb"CASA Version:?\s+(?:CASA\s+)?"
+    rb"([0-9]+\.[0-9]+\.[0-9]+(?:[-.][0-9]+)?(?:-REL)?(?:\s*\(r[0-9]+\))?)"
 )
 
 
@@ -360,14 +429,19 @@ def log_version(data: bytes, name: str) -> str | None:
 
 
 def read_casalog(mous: Directory) -> Evidence | None:
-    """A ``CASA Version`` line in ``log/casa*.log`` (``casapy-*.log`` for CASA ≤ 4), or in a ``log/*.tgz``."""
+    """Read a ``CASA Version`` line in ``log/casa*.log``, or in a ``log/*.tgz``.
+
+    For CASA ≤ 4 the logs are ``casapy-*.log``.
+    """
     paths = _candidates(mous, ("casa*.log",), ("log",))
     for path, data in _contents(mous, paths, LIMITS["casalog"], truncate=True):
         version = log_version(data, path.name)
         if version:
             return Evidence("casalog", _rel(mous, path), version, None)
     for archive in _candidates(mous, ("*.tgz", "*.tar.gz"), ("log",)):
-        for member_name, data in _tar_members(mous, archive, _is_casa_log, LIMITS["casalog"], True):
+        for member_name, data in _tar_members(
+            mous, archive, _is_casa_log, LIMITS["casalog"], True
+        ):
             version = log_version(data, member_name)
             if version:
                 return Evidence("casalog", f"{_rel(mous, archive)}!{member_name}", version, None)
@@ -390,12 +464,17 @@ READERS: tuple[tuple[str, Reader], ...] = (
 )
 
 
-# --------------------------------------------------------------------------------------------- utilities
+# Utilities
 
 
-def _pages(mous: Directory, filename: str, tops: tuple[str, ...], depth: int) -> list[PurePosixPath]:
-    """Regular files named ``filename`` in ``html`` directories under each of ``tops`` (below the MOUS) within
-    ``depth`` levels, relative to the MOUS, sorted; links are neither followed nor reported."""
+def _pages(
+    mous: Directory, filename: str, tops: tuple[str, ...], depth: int
+) -> list[PurePosixPath]:
+    """Regular files named ``filename`` in ``html`` directories under each of ``tops``.
+
+    ``tops`` are below the MOUS, and the search goes ``depth`` levels down. The paths are relative
+    to the MOUS, and sorted. Links are neither followed nor reported.
+    """
     found: set[PurePosixPath] = set()
     for top in tops:
         with subdirectory(mous, PurePosixPath(top)) as start:
@@ -414,21 +493,24 @@ def _tar_members(
     limit: int,
     truncate: bool = False,
 ) -> Iterator[tuple[str, bytes]]:
-    """Contents of the wanted regular members of a tar archive, read in memory (never extracted).
+    """Yield the contents of the wanted regular members of a tar archive.
 
-    Only members with safe names (relative, no ``..``, printable) are considered, so no other name is ever
-    reported. The archive's size and how much it unpacks to while being scanned are capped (see
-    ``_TAR_EXPANDED``); going over either makes it unreadable evidence.
+    They are read in memory, never extracted. Only members with safe names are considered:
+    relative, without ``..`` and printable. So no other name is ever reported.
+
+    The archive's size, and how much it unpacks to while being scanned, are capped; see
+    ``_TAR_EXPANDED``. Going over either makes it unreadable evidence.
     """
     try:
         with open_file(mous, archive) as raw:
-            if raw is None:  # not a regular file (any more): passed over
+            # Not a regular file, or no longer one: passed over.
+            if raw is None:
                 return
             size = os.fstat(raw.fileno()).st_size
             if size > _TAR_COMPRESSED:
                 raise UnreadableEvidence(
-                    f"{shown(archive.name)} is larger than {_TAR_COMPRESSED // GiB} GiB, too large to read as "
-                    "evidence."
+                    f"{shown(archive.name)} is larger than {_TAR_COMPRESSED // GiB} GiB, "
+                    "too large to read as evidence."
                 )
             budget = min(_TAR_EXPANDED, max(_TAR_FLOOR, _TAR_RATIO * size))
             stream = cast(BinaryIO, _Budget(_decompressed(raw), budget, shown(archive.name)))
@@ -436,11 +518,16 @@ def _tar_members(
                 for index, member in enumerate(tar):
                     if index > _MAX_TAR_MEMBERS:
                         return
-                    if not member.isreg() or not _safe_member(member.name) or not wanted(member.name):
+                    if (
+                        not member.isreg()
+                        or not _safe_member(member.name)
+                        or not wanted(member.name)
+                    ):
                         continue
                     if member.size > limit and not truncate:
                         raise UnreadableEvidence(
-                            f"{shown(f'{archive.name}!{member.name}')} is too large to be evidence."
+                            f"{shown(f'{archive.name}!{member.name}')} "
+                            "is too large to be evidence."
                         )
                     handle = tar.extractfile(member)
                     if handle is not None:
@@ -462,7 +549,10 @@ def _safe_member(name: str) -> bool:
 
 
 def _decompressed(raw: BinaryIO) -> BinaryIO:
-    """The archive's tar stream: gzip, bzip2 and xz are recognised by their magic bytes, else plain tar."""
+    """Return the archive's tar stream, decompressed.
+
+    gzip, bzip2 and xz are recognised by their magic bytes. Anything else is read as plain tar.
+    """
     magic = raw.read(6)
     raw.seek(0)
     if magic.startswith(b"\x1f\x8b"):
@@ -486,6 +576,7 @@ class _Budget:
         self.left -= len(data)
         if self.left < 0:
             raise UnreadableEvidence(
-                f"{self.name} unpacks to more than {self.budget // MiB} MiB, too much to read as evidence."
+                f"{self.name} unpacks to more than {self.budget // MiB} MiB, "
+                "too much to read as evidence."
             )
         return data

@@ -1,7 +1,9 @@
-"""ALMA identifiers: project codes and archive uids (``uid://A001/X1467/X29e`` or ``uid___A001_X1467_X29e``).
+"""ALMA identifiers: project codes and archive uids.
 
-Parsers follow the reference patterns (shared/reference/alma-casa-catalog.yaml, ``identifier_regex``) with
-ASCII digits, match the whole string, and reject anything else with one sentence saying what was expected.
+A uid is written ``uid://A001/X1467/X29e`` or ``uid___A001_X1467_X29e``. Parsers follow the
+reference patterns (shared/reference/alma-casa-catalog.yaml, ``identifier_regex``) with ASCII
+digits. They match the whole string, and reject anything else with one sentence saying what was
+expected.
 """
 
 from __future__ import annotations
@@ -15,14 +17,19 @@ _PROJECT = re.compile(r"(20[0-9]{2})\.([0-9]|[A-Z])\.([0-9]{5})\.([A-Z]{1,3})")
 _UID = re.compile(r"uid://(A[0-9]{3})/X([0-9a-fA-F]+)/X([0-9a-fA-F]+)")
 _UID_SANITIZED = re.compile(r"uid___(A[0-9]{3})_X([0-9a-fA-F]+)_X([0-9a-fA-F]+)")
 EXPECTED = (
-    "expected an ALMA project code such as 2019.1.00994.S or an ALMA uid such as uid://A001/X1467/X29e "
+    "expected an ALMA project code such as 2019.1.00994.S "
+    "or an ALMA uid such as uid://A001/X1467/X29e "
     "(or uid___A001_X1467_X29e)"
 )
 
 
 @dataclass(frozen=True)
 class ProjectCode:
-    """``2019.1.00994.S``: year, period (digit, or a letter for DDT), number, type (S, L, T, V, P, SV …)."""
+    """An ALMA project code such as ``2019.1.00994.S``.
+
+    Its parts are the year, the period, the number and the type. The period is a digit, or a letter
+    for DDT. The type is S, L, T, V, P, SV and so on.
+    """
 
     year: int
     period: str
@@ -39,7 +46,10 @@ class ProjectCode:
 
 @dataclass(frozen=True)
 class Uid:
-    """An ALMA archive uid; ``str()`` gives the ``uid://`` form, ``sanitized`` the file-name form."""
+    """An ALMA archive uid.
+
+    ``str()`` gives the ``uid://`` form, and ``sanitized`` the file-name form.
+    """
 
     archive: str
     first: str
@@ -75,7 +85,10 @@ def parse_uid(text: str) -> Uid:
 
 
 def parse_identifier(text: str) -> ProjectCode | Uid:
-    """A project code or a uid (either spelling); anything else is ``InvalidInput``."""
+    """Parse a project code or a uid in either spelling.
+
+    Anything else raises ``InvalidInput``.
+    """
     stripped = text.strip()
     if _PROJECT.fullmatch(stripped):
         return parse_project_code(stripped)
@@ -85,7 +98,10 @@ def parse_identifier(text: str) -> ProjectCode | Uid:
 
 
 def looks_like_identifier(text: str) -> bool:
-    """Whether ``text`` is shaped like an identifier rather than a path (used to pick the resolver)."""
+    """Tell whether ``text`` is shaped like an identifier rather than a path.
+
+    This picks the resolver.
+    """
     stripped = text.strip()
     return stripped.startswith(("uid:", "uid___")) or bool(
         re.fullmatch(r"20[0-9]{2}\.[0-9A-Z]\..*", stripped)
@@ -93,6 +109,9 @@ def looks_like_identifier(text: str) -> bool:
 
 
 def _shown(text: str) -> str:
-    """Quote user input for an error sentence, shortened and with control characters made visible."""
+    """Quote user input for an error sentence.
+
+    Long input is shortened, and control characters are made visible.
+    """
     shortened = text if len(text) <= 80 else text[:77] + "..."
     return repr(shortened)

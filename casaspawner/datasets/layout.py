@@ -1,8 +1,13 @@
-"""Find the MOUS (``member.uid___…``) directory of an ALMA product tree.
+"""Find the MOUS directory of an ALMA product tree.
 
-A dataset is given as the member directory itself, or as a group / science-goal / project directory (or any
-directory) that holds exactly one member directory within five levels. The directory given is opened once
-(links on the way to it followed); below it, symbolic links are never followed (see ``tree``).
+A MOUS directory is named ``member.uid___…``.
+
+A dataset is given as the member directory itself, or as a directory that holds exactly one
+member directory within five levels. That is usually a group, science-goal or project directory,
+but any directory will do.
+
+The directory given is opened once, following links on the way to it. Below it, symbolic links
+are never followed; see ``tree``.
 """
 
 from __future__ import annotations
@@ -18,27 +23,34 @@ from casaspawner.datasets.tree import Directory, listing, open_directory, subdir
 from casaspawner.errors import ResolutionError, shown
 
 MEMBER_DIR = re.compile(r"member\.uid___A[0-9]{3}_X[0-9a-fA-F]+_X[0-9a-fA-F]+")
-#: Subdirectories of an unpacked MOUS; a directory holding two of them is a MOUS under another name.
+#: Subdirectories of an unpacked MOUS.
+#:
+#: A directory holding two of them is a MOUS under another name.
 MOUS_SUBDIRS = ("script", "qa", "log", "calibration", "product")
 _MAX_DEPTH = 5
 _MAX_DIRS = 20000
 
 
 def path_kind(path: Path) -> Literal["dir", "file", "missing"]:
-    """What ``path`` names, following symbolic links. Raises the ``OSError`` of a path that cannot be
-    looked at (too long, no permission, a loop of links) so the caller can word it."""
+    """Tell what ``path`` names, following symbolic links.
+
+    Raises the ``OSError`` of a path that cannot be looked at, so the caller can word it. For
+    example the path is too long, permission is denied, or links form a loop.
+    """
     try:
         mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the path
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        # ValueError means a NUL in the path.
         return "missing"
     return "dir" if stat.S_ISDIR(mode) else "file"
 
 
 @contextlib.contextmanager
 def open_mous(path: Path, label: str | None = None) -> Iterator[Directory]:
-    """The single MOUS directory at or below ``path``, open; zero or several is a ``ResolutionError``.
+    """Open the single MOUS directory at or below ``path``.
 
-    Errors name the dataset as ``label`` (how the user gave it; default: the path).
+    Zero or several raise a ``ResolutionError``. Errors name the dataset as ``label``, how the user
+    gave it. The default label is the path.
     """
     name = shown(str(path) if label is None else label)
     with contextlib.ExitStack() as stack:
@@ -53,7 +65,10 @@ def open_mous(path: Path, label: str | None = None) -> Iterator[Directory]:
 
 
 def _not_a_directory(path: Path, name: str, exc: OSError | ValueError) -> ResolutionError:
-    """The sentence for a dataset path that could not be opened as a directory."""
+    """Word the error for a dataset path that cannot be opened.
+
+    The path could not be opened as a directory.
+    """
     if isinstance(exc, NotADirectoryError):
         try:
             is_file = path_kind(path) == "file"
@@ -63,24 +78,30 @@ def _not_a_directory(path: Path, name: str, exc: OSError | ValueError) -> Resolu
             return ResolutionError(
                 f"{name} is a file; give the dataset's directory (a member.uid___… directory)."
             )
-    if isinstance(exc, (FileNotFoundError, NotADirectoryError, ValueError)):  # ValueError: a NUL in the path
+    # ValueError means a NUL in the path.
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, ValueError)):
         return ResolutionError(
             f"{name} does not exist; give an ALMA dataset directory or an ALMA identifier."
         )
     return ResolutionError(
-        f"{name} cannot be opened ({exc.strerror or exc}); give an ALMA dataset directory or an ALMA identifier."
+        f"{name} cannot be opened ({exc.strerror or exc}); "
+        "give an ALMA dataset directory or an ALMA identifier."
     )
 
 
 @contextlib.contextmanager
 def _find_member(root: Directory, name: str) -> Iterator[Directory]:
-    """The one member directory within ``_MAX_DEPTH`` levels below ``root``, open."""
+    """Open the one member directory within ``_MAX_DEPTH`` levels below ``root``."""
     found: list[str] = []
     with contextlib.ExitStack() as stack:
         first: Directory | None = None
         dirs = stack.enter_context(
             contextlib.closing(
-                walk(root, _MAX_DEPTH - 1, lambda n: not MEMBER_DIR.fullmatch(n) and not n.startswith("."))
+                walk(
+                    root,
+                    _MAX_DEPTH - 1,
+                    lambda n: not MEMBER_DIR.fullmatch(n) and not n.startswith("."),
+                )
             )
         )
         for visited, (directory, entries) in enumerate(dirs):
@@ -89,14 +110,18 @@ def _find_member(root: Directory, name: str) -> Iterator[Directory]:
             for entry, kind in entries:
                 if kind != "dir" or not MEMBER_DIR.fullmatch(entry):
                     continue
-                if first is None:  # kept open: the directory listed is the one read
+                # Kept open, so the directory listed is the one read.
+                if first is None:
                     first = stack.enter_context(subdirectory(directory, PurePosixPath(entry)))
-                    if first is None:  # no longer a directory: passed over like any link
+                    # No longer a directory: passed over like any link.
+                    if first is None:
                         continue
                 found.append(entry)
-        if first is None:  # a member is counted only once one could be opened
+        # A member is counted only once one could be opened.
+        if first is None:
             raise ResolutionError(
-                f"{name} holds no ALMA member.uid___… (MOUS) directory; give the directory of one ALMA dataset."
+                f"{name} holds no ALMA member.uid___… (MOUS) directory; "
+                "give the directory of one ALMA dataset."
             )
         if len(found) > 1:
             names = ", ".join(sorted(found)[:10])
@@ -104,7 +129,8 @@ def _find_member(root: Directory, name: str) -> Iterator[Directory]:
             raise ResolutionError(
                 f"{name} holds {len(found)} MOUS directories ({names}{more}); give one of them."
             )
-        dirs.close()  # the walk's directories; the member stays open
+        # Close the walk's directories. The member stays open.
+        dirs.close()
         yield first
 
 

@@ -7,22 +7,36 @@ from typing import Literal
 
 from casaspawner.catalog.model import Release
 
-#: ``none``: nothing in the dataset tells a version, and the user chose the release (spawners only).
-EvidenceKind = Literal["manifest", "aquareport", "weblog", "script", "casalog", "archive-manifest", "none"]
+#: Kinds of evidence.
+#:
+#: ``none`` means nothing in the dataset tells a version, and the user chose the release. Only
+#: spawners use it.
+EvidenceKind = Literal[
+    "manifest", "aquareport", "weblog", "script", "casalog", "archive-manifest", "none"
+]
 
 #: ALMA's order of trust for the evidence kinds found in a dataset.
-EVIDENCE_ORDER: tuple[EvidenceKind, ...] = ("manifest", "aquareport", "weblog", "script", "casalog")
+EVIDENCE_ORDER: tuple[EvidenceKind, ...] = (
+    "manifest",
+    "aquareport",
+    "weblog",
+    "script",
+    "casalog",
+)
 
 
 @dataclass(frozen=True)
 class Evidence:
     """One statement of a processing version, found in one file.
 
-    ``casa`` and ``pipeline`` are normalised (``pipeline`` is None for manual data). ``casa`` may be a
-    series such as ``4.2`` when a manual script's guard accepts any 4.2.x. ``path`` is the file, relative to
-    the dataset directory given by the user; for a packed weblog it is ``archive.tgz!member``.
-    ``pipeline_unreadable`` is the pipeline version as written (shortened) when the file names one that is
-    not a pipeline version; ``pipeline`` is then None.
+    ``casa`` and ``pipeline`` are normalised. ``pipeline`` is None for manual data. ``casa`` may be
+    a series such as ``4.2`` when a manual script's guard accepts any 4.2.x.
+
+    ``path`` is the file, relative to the dataset directory given by the user. For a packed weblog
+    it is ``archive.tgz!member``.
+
+    ``pipeline_unreadable`` is the pipeline version as written, shortened, when the file names one
+    that is not a pipeline version. ``pipeline`` is then None.
     """
 
     kind: EvidenceKind
@@ -50,6 +64,7 @@ class Resolution:
         """Exactly the keys ``casaspawner resolve --json`` prints."""
         return {
             "processed_with": self.processed_with,
+            "release": self.release.id,
             "casa": self.release.casa,
             "pipeline": self.release.pipeline,
             "image": image,

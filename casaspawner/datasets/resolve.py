@@ -1,20 +1,21 @@
 """ALMA's rule: which release a dataset runs with, and why.
 
-Evidence is read in ALMA's order (pipeline manifest → AQUA report → weblog → manual script guard → CASA log);
-the first file that states a version decides. The release is then chosen from the catalog:
+Evidence is read in ALMA's order: pipeline manifest → AQUA report → weblog → manual script
+guard → CASA log. The first file that states a version decides. The release is then chosen from
+the catalog:
 
-1. pipeline data: the catalog's release of that pipeline build, when its CASA build agrees — exact; when the
-   CASA build differs, that release anyway — not exact;
-2. an ALMA operations build that was never published (r42030, r42833, r30594, 2020.1.0.36, 2025.1.0.37): the
-   public release ALMA restores it with — not exact;
-3. a VLA/VLASS build number, a pipeline build the catalog lacks, or a pipeline version that cannot be read:
-   the ALMA release of the same CASA build, found as in 4 — not exact;
-4. manual data (or CASA-only evidence): the release of exactly that CASA build (a guard's series such as
-   ``4.2`` is satisfied by the catalog's newest 4.2.x; manual releases, then pipeline builds also used for
-   manual calibration, are preferred), then known restore builds, then — not exact — the nearest newer
-   public build of the same CASA X.Y series, else its newest older one (alma-casa.md §8.6, "unknown →
-   latest"). A series the catalog has no public build of is an error: another series would not run the
-   dataset's scripts.
+1. Pipeline data: the catalog's release of that pipeline build, when its CASA build agrees. This
+   is exact. When the CASA build differs, that release anyway, not exact.
+2. An ALMA operations build that was never published (r42030, r42833, r30594, 2020.1.0.36,
+   2025.1.0.37): the public release ALMA restores it with, not exact.
+3. A VLA/VLASS build number, a pipeline build the catalog lacks, or a pipeline version that
+   cannot be read: the ALMA release of the same CASA build, found as in 4, not exact.
+4. Manual data, or CASA-only evidence: the release of exactly that CASA build. A guard's series
+   such as ``4.2`` is satisfied by the catalog's newest 4.2.x. Manual releases are preferred,
+   then pipeline builds also used for manual calibration. Next come known restore builds. Then,
+   not exact, the nearest newer public build of the same CASA X.Y series, else its newest older
+   one (alma-casa.md §8.6, "unknown → latest"). A series the catalog has no public build of is
+   an error, since another series would not run the dataset's scripts.
 
 Every reason is one sentence saying what the evidence names, what the session runs and why.
 """
@@ -36,9 +37,10 @@ from casaspawner.errors import ArchiveUnavailable, InvalidInput, VersionUnknown,
 
 
 def read_evidence(path: Path, label: str | None = None) -> Evidence:
-    """The first evidence, in ALMA's order, found in the dataset at ``path`` (named ``label`` in errors).
+    """Return the first evidence, in ALMA's order, found in the dataset at ``path``.
 
-    The directory at ``path`` is opened once; everything below it is read through that descriptor.
+    Errors name the dataset ``label``. The directory at ``path`` is opened once, and everything
+    below it is read through that descriptor.
     """
     name = shown(str(path) if label is None else label)
     problems: list[str] = []
@@ -55,15 +57,21 @@ def read_evidence(path: Path, label: str | None = None) -> Evidence:
             if evidence is not None:
                 return evidence
     if problems:
-        raise VersionUnknown(f"Nothing readable in {name} tells its CASA version: {problems[0]}", advice="")
+        raise VersionUnknown(
+            f"Nothing readable in {name} tells its CASA version: {problems[0]}", advice=""
+        )
     raise VersionUnknown(
-        f"Nothing in {name} tells which CASA version processed it (it has no pipeline manifest, AQUA report, "
+        f"Nothing in {name} tells which CASA version processed it "
+        "(it has no pipeline manifest, AQUA report, "
         "weblog, calibration script or CASA log that names one)"
     )
 
 
 def resolve_path(path: str | Path, catalog: Catalog, *, label: str | None = None) -> Resolution:
-    """Resolve a dataset directory; ``label`` is how the dataset is named in the result (default: the path)."""
+    """Resolve a dataset directory.
+
+    ``label`` is how the dataset is named in the result. It defaults to the path.
+    """
     path = Path(path)
     evidence = read_evidence(path, label)
     release, exact, reason = choose_release(catalog, evidence)
@@ -71,25 +79,34 @@ def resolve_path(path: str | Path, catalog: Catalog, *, label: str | None = None
 
 
 def resolve_target(
-    target: str, catalog: Catalog, *, archive: ArchiveClient | None = None, base: Path | None = None
+    target: str,
+    catalog: Catalog,
+    *,
+    archive: ArchiveClient | None = None,
+    base: Path | None = None,
 ) -> Resolution:
-    """Resolve a dataset directory or an ALMA identifier (through ``archive``)."""
+    """Resolve a dataset directory, or an ALMA identifier through ``archive``."""
     text = target.strip()
     if not text:
-        raise InvalidInput("No dataset given; give an ALMA dataset directory or an ALMA identifier.")
+        raise InvalidInput(
+            "No dataset given; give an ALMA dataset directory or an ALMA identifier."
+        )
     path = (base / text) if base is not None else Path(text)
     try:
         kind = path_kind(path)
-    except OSError:  # too long, not permitted …: a path-shaped target gets find_mous's sentence
+    except OSError:
+        # Too long, not permitted …: a path-shaped target gets find_mous's sentence.
         kind = None
     if kind == "dir":
         return resolve_path(path, catalog, label=text)
     if not looks_like_identifier(text) and ("/" in text or text.startswith(".") or kind == "file"):
-        return resolve_path(path, catalog, label=text)  # find_mous words the error
+        # find_mous words the error.
+        return resolve_path(path, catalog, label=text)
     identifier = parse_identifier(text)
     if archive is None:
         raise ArchiveUnavailable(
-            f"No ALMA archive is configured to look up {identifier}; give the dataset's directory instead."
+            f"No ALMA archive is configured to look up {identifier}; "
+            "give the dataset's directory instead."
         )
     manifest = archive.fetch_manifest(identifier)
     try:
@@ -98,13 +115,13 @@ def resolve_target(
     except OSError as exc:
         raise ArchiveUnavailable(
             f"The archive's pipeline manifest for {identifier} could not be read from "
-            f"{shown(str(manifest.parent))} ({exc.strerror or exc}); download the dataset and give its "
-            "directory instead."
+            f"{shown(str(manifest.parent))} ({exc.strerror or exc}); "
+            "download the dataset and give its directory instead."
         ) from None
     if evidence is None:
         raise VersionUnknown(
-            f"The archive's pipeline manifest for {identifier} does not name a CASA version (data of Cycles 2-4 "
-            "or manually calibrated)",
+            f"The archive's pipeline manifest for {identifier} does not name a CASA version "
+            "(data of Cycles 2-4 or manually calibrated)",
             advice="download the dataset and give its directory instead",
         )
     evidence = replace(evidence, kind="archive-manifest", path=f"{archive.name}:{manifest.name}")
@@ -113,7 +130,10 @@ def resolve_target(
 
 
 def choose_release(catalog: Catalog, evidence: Evidence) -> tuple[Release, bool, str]:
-    """Apply ALMA's rule to one piece of evidence: (release to run, exact?, one-sentence reason)."""
+    """Apply ALMA's rule to one piece of evidence.
+
+    Returns the release to run, whether it is exact, and a one-sentence reason.
+    """
     where = _where(evidence)
     if evidence.casa is None:
         raise VersionUnknown(f"{where} names no CASA version", advice="")
@@ -126,9 +146,14 @@ def choose_release(catalog: Catalog, evidence: Evidence) -> tuple[Release, bool,
                 f"({evidence.pipeline_unreadable!r})"
             )
             return _by_casa(catalog, casa, said, manual=False, exact_possible=False)
-        return _by_casa(catalog, casa, f"{where} names CASA {casa}", manual=evidence.kind == "script")
+        return _by_casa(
+            catalog, casa, f"{where} names CASA {casa}", manual=evidence.kind == "script"
+        )
     if catalog.is_non_alma_pipeline(pipeline):
-        said = f"{where} names pipeline {pipeline}, a VLA/VLASS build that never processed ALMA data, with CASA {casa}"
+        said = (
+            f"{where} names pipeline {pipeline}, "
+            f"a VLA/VLASS build that never processed ALMA data, with CASA {casa}"
+        )
         return _by_casa(catalog, casa, said, manual=False, exact_possible=False)
     by_pipeline = [r for r in catalog.with_pipeline(pipeline) if r.role == "pipeline"]
     if not by_pipeline:
@@ -140,17 +165,23 @@ def choose_release(catalog: Catalog, evidence: Evidence) -> tuple[Release, bool,
     differs = f"{said}, but the catalog has that pipeline build with CASA {release.casa}"
     chosen, _, why = _public(catalog, release, differs)
     if chosen is release:
-        return release, False, f"{differs}, so the session runs {release.label}, not the exact build."
+        return (
+            release,
+            False,
+            f"{differs}, so the session runs {release.label}, not the exact build.",
+        )
     return chosen, False, why
 
 
 def _by_casa(
     catalog: Catalog, casa: CasaVersion, said: str, *, manual: bool, exact_possible: bool = True
 ) -> tuple[Release, bool, str]:
-    """The release of the CASA build ``said`` names, or the nearest public build of its series.
+    """Choose the release of a CASA build, or the nearest in its series.
 
-    ``exact_possible`` is False when the evidence's pipeline build is not one the catalog can run, so even
-    the same CASA build is not the exact build.
+    The build is the one ``said`` names. The nearest is a public build of the same CASA X.Y series.
+
+    ``exact_possible`` is False when the evidence's pipeline build is not one the catalog can run.
+    Then even the same CASA build is not the exact build.
     """
     matches = catalog.with_casa(casa)
     public = [r for r in matches if r.available]
@@ -162,8 +193,8 @@ def _by_casa(
         return (
             release,
             False,
-            f"{said}; the session runs the ALMA release of that CASA build{newest}, {release.label}, "
-            "not the exact build.",
+            f"{said}; the session runs the ALMA release of that CASA build{newest}, "
+            f"{release.label}, not the exact build.",
         )
     if matches:
         chosen, _, why = _public(catalog, _best(matches, manual), said)
@@ -184,8 +215,8 @@ def _by_casa(
         return (
             release,
             False,
-            f"{said}; the catalog lacks that CASA build, so the session runs the nearest newer build of {name}, "
-            f"{release.label}.",
+            f"{said}; the catalog lacks that CASA build, "
+            f"so the session runs the nearest newer build of {name}, {release.label}.",
         )
     if series:
         top = max(r.casa_version for r in series)
@@ -193,8 +224,8 @@ def _by_casa(
         return (
             release,
             False,
-            f"{said}; the catalog lacks that CASA build and has only older builds of {name}, so the session runs "
-            f"the newest of them, {release.label}.",
+            f"{said}; the catalog lacks that CASA build and has only older builds of {name}, "
+            f"so the session runs the newest of them, {release.label}.",
         )
     raise VersionUnknown(
         f"{said}, but the catalog has no public build of {name}", "choose a release yourself"
@@ -202,7 +233,10 @@ def _by_casa(
 
 
 def _public(catalog: Catalog, release: Release, said: str) -> tuple[Release, bool, str]:
-    """``release`` when it can run (exact), else the public release ALMA restores it with (not exact)."""
+    """Choose ``release`` when it can run, else its public restore release.
+
+    That is the public release ALMA restores it with. Only ``release`` itself is exact.
+    """
     if release.available:
         return release, True, f"{said}; {release.label} is that exact build."
     public = catalog.public_release_for(release)
@@ -225,15 +259,22 @@ def _public(catalog: Catalog, release: Release, said: str) -> tuple[Release, boo
 
 
 def _best(releases: list[Release], manual: bool) -> Release:
-    """The preferred release among builds of the same CASA version (manual data: manual releases first)."""
+    """The preferred release among builds of the same CASA version.
+
+    For manual data, manual releases come first.
+    """
     return max(releases, key=lambda r: _preference(r, manual))
 
 
 def _preference(release: Release, manual: bool) -> tuple[int, CasaVersion, tuple[int, ...]]:
-    if manual:  # a manual release, then a pipeline build also used for manual calibration
-        rank = (
-            3 if release.role == "manual" else 2 if release.manual_cycles else int(release.role == "pipeline")
-        )
+    if manual:
+        # A manual release first, then a pipeline build also used for manual calibration.
+        if release.role == "manual":
+            rank = 3
+        elif release.manual_cycles:
+            rank = 2
+        else:
+            rank = int(release.role == "pipeline")
     else:
         rank = {"pipeline": 2, "manual": 1, "modular": 0}[release.role]
     return (rank, release.casa_version, pipeline_sort_key(release.pipeline or "r0"))

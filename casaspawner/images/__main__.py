@@ -1,7 +1,7 @@
-"""``python -m casaspawner.images ACTION ...`` = ``casaspawner images ACTION ...``."""
+"""``python -m casaspawner.images ACTION ...`` is ``casaspawner images ACTION ...``."""
 
 import sys
 
-from casaspawner.images.cli import main
+from casaspawner.cli import main
 
-sys.exit(main())
+sys.exit(main(["images", *sys.argv[1:]]))

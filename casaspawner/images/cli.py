@@ -1,19 +1,19 @@
-"""``casaspawner images list|build|test|prepuller``: the image set, generated from the release catalog."""
+"""The ``casaspawner images`` command, for the image set made from the release catalog.
+
+Its actions are ``list``, ``build``, ``test``, ``constraints`` and ``prepuller``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from casaspawner.catalog.model import Catalog, load_catalog
-from casaspawner.errors import CasaspawnerError
 from casaspawner.images import engine, smoke
 from casaspawner.images.matrix import (
     DEFAULT_BASE_IMAGE,
@@ -35,8 +35,13 @@ LOCAL_BASE = "local"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``images`` (list, build, test, constraints, prepuller) to the ``casaspawner`` command line."""
-    images = subparsers.add_parser("images", help="list, build and smoke-test the session and CASA images")
+    """Add ``images`` to the ``casaspawner`` command line.
+
+    Its actions are list, build, test, constraints and prepuller.
+    """
+    images = subparsers.add_parser(
+        "images", help="list, build and smoke-test the session and CASA images"
+    )
     sub = images.add_subparsers(
         dest="images_command", required=True, metavar="ACTION", parser_class=type(images)
     )
@@ -47,48 +52,80 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("build", help="build the session image and CASA images (reusing unchanged ones)")
+    p = sub.add_parser(
+        "build", help="build the session image and CASA images (reusing unchanged ones)"
+    )
     _matrix_options(p)
     _tool_options(p)
-    p.add_argument("--release", action="append", metavar="ID", help="build this release's image (repeatable)")
-    p.add_argument("--session", action="store_true", help="build the session image (implied by --release)")
-    p.add_argument("--all", action="store_true", help="build every buildable release in the catalog")
-    p.add_argument("--force", action="store_true", help="rebuild even when the input hash is unchanged")
-    p.add_argument("--sha256", metavar="HEX", help="SHA-256 of the tarball of the one --release given")
+    p.add_argument(
+        "--release", action="append", metavar="ID", help="build this release's image (repeatable)"
+    )
+    p.add_argument(
+        "--session", action="store_true", help="build the session image (implied by --release)"
+    )
+    p.add_argument(
+        "--all", action="store_true", help="build every buildable release in the catalog"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="rebuild even when the input hash is unchanged"
+    )
+    p.add_argument(
+        "--sha256", metavar="HEX", help="SHA-256 of the tarball of the one --release given"
+    )
     p.add_argument(
         "--casaspawner-wheel",
         type=Path,
         metavar="FILE",
-        help="the casaspawner wheel to install in the images (default: built from the source checkout this "
-        "command runs from; needed when casaspawner is an installed package)",
+        help=(
+            "the casaspawner wheel to install in the images "
+            "(default: built from the source checkout this command runs from; "
+            "needed when casaspawner is an installed package)"
+        ),
     )
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("test", help="smoke-test built images as a pod runs them (uid 54321, read-only root)")
+    p = sub.add_parser(
+        "test", help="smoke-test built images as a pod runs them (uid 54321, read-only root)"
+    )
     _matrix_options(p)
     _tool_options(p)
-    p.add_argument("--release", action="append", metavar="ID", help="test this release's image (repeatable)")
+    p.add_argument(
+        "--release", action="append", metavar="ID", help="test this release's image (repeatable)"
+    )
     p.add_argument("--session", action="store_true", help="test the session image")
     p.add_argument(
-        "--measures", type=Path, metavar="DIR", help="casarundata (or casadata __data__) to mount read-only"
+        "--measures",
+        type=Path,
+        metavar="DIR",
+        help="casarundata (or casadata __data__) to mount read-only",
     )
     p.add_argument("--json", action="store_true", help="print the observations as JSON")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser(
         "constraints",
-        help="write the pip constraints of built images (every installed package, pinned) for later builds",
+        help=(
+            "write the pip constraints of built images "
+            "(every installed package, pinned) for later builds"
+        ),
     )
     _matrix_options(p)
     _tool_options(p)
-    p.add_argument("--release", action="append", metavar="ID", help="this release's image (repeatable)")
+    p.add_argument(
+        "--release", action="append", metavar="ID", help="this release's image (repeatable)"
+    )
     p.add_argument("--session", action="store_true", help="the session image")
     p.set_defaults(func=cmd_constraints)
 
-    p = sub.add_parser("prepuller", help="print a z2jh prePuller.extraImages snippet for the given releases")
+    p = sub.add_parser(
+        "prepuller", help="print a z2jh prePuller.extraImages snippet for the given releases"
+    )
     _matrix_options(p)
     p.add_argument(
-        "--releases", nargs="+", metavar="ID", help="releases the hub offers (default: all available)"
+        "--releases",
+        nargs="+",
+        metavar="ID",
+        help="releases the hub offers (default: all available)",
     )
     p.set_defaults(func=cmd_prepuller)
 
@@ -106,15 +143,22 @@ def _matrix_options(p: argparse.ArgumentParser) -> None:
         help="image reference template (default: %(default)s)",
     )
     p.add_argument(
-        "--session-tag", default=MatrixOptions().session_tag, help="session image tag (default: %(default)s)"
+        "--session-tag",
+        default=MatrixOptions().session_tag,
+        help="session image tag (default: %(default)s)",
     )
     p.add_argument(
         "--base",
         default=DEFAULT_BASE_IMAGE,
-        help=f"base image of the session layer, or '{LOCAL_BASE}' to make a Debian base with mmdebstrap from "
-        "this host's apt mirror (default: %(default)s)",
+        help=(
+            f"base image of the session layer, or '{LOCAL_BASE}' "
+            "to make a Debian base with mmdebstrap from this host's apt mirror "
+            "(default: %(default)s)"
+        ),
     )
-    p.add_argument("--suite", default="bookworm", help="Debian suite of a local base (default: %(default)s)")
+    p.add_argument(
+        "--suite", default="bookworm", help="Debian suite of a local base (default: %(default)s)"
+    )
     p.add_argument(
         "--python",
         default=DEFAULT_PYTHON,
@@ -124,19 +168,28 @@ def _matrix_options(p: argparse.ArgumentParser) -> None:
         "--tarball-mirror", metavar="URL", help="fetch monolithic tarballs from this directory URL"
     )
     p.add_argument(
-        "--checksums", type=Path, metavar="FILE", help="SHA-256 sums of tarballs (sha256sum format)"
+        "--checksums",
+        type=Path,
+        metavar="FILE",
+        help="SHA-256 sums of tarballs (sha256sum format)",
     )
-    p.add_argument("--catalog", metavar="FILE", help="use this catalog file instead of the bundled one")
+    p.add_argument(
+        "--catalog", metavar="FILE", help="use this catalog file instead of the bundled one"
+    )
 
 
 def _tool_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", default="auto", choices=("auto", "buildah", "docker"), help="image builder")
+    p.add_argument(
+        "--engine", default="auto", choices=("auto", "buildah", "docker"), help="image builder"
+    )
     p.add_argument(
         "--ca-bundle",
         default="auto",
         metavar="PATH",
-        help="CA bundle mounted into builds for pip/downloads: a file, 'auto' ($SSL_CERT_FILE or the system "
-        "bundle) or 'none' (default: %(default)s)",
+        help=(
+            "CA bundle mounted into builds for pip/downloads: a file, "
+            "'auto' ($SSL_CERT_FILE or the system bundle) or 'none' (default: %(default)s)"
+        ),
     )
     p.add_argument(
         "--isolation",
@@ -146,15 +199,20 @@ def _tool_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtime-flags",
         default="auto",
-        help="extra `podman run` flags, e.g. '--runtime runc --cgroup-manager cgroupfs'; auto tries without "
-        "first; none never adds any (default: %(default)s)",
+        help=(
+            "extra `podman run` flags, e.g. '--runtime runc --cgroup-manager cgroupfs'; "
+            "auto tries without first; none never adds any (default: %(default)s)"
+        ),
     )
     p.add_argument(
         "--containers-conf",
         default="auto",
         metavar="PATH",
-        help="containers.conf for podman/buildah; auto writes one without default ulimits only when the host "
-        "refuses them (default: %(default)s)",
+        help=(
+            "containers.conf for podman/buildah; "
+            "auto writes one without default ulimits only when the host refuses them "
+            "(default: %(default)s)"
+        ),
     )
 
 
@@ -216,13 +274,20 @@ def _tools(args: argparse.Namespace, probe_image: str | None = None) -> engine.T
 
 
 def _of_kind(recipes: list[Recipe], kind: RecipeKind) -> Recipe:
-    """The one recipe of ``kind`` (``session-base`` or ``session``) in ``recipes``."""
+    """Return the one recipe of ``kind`` in ``recipes``.
+
+    ``kind`` is ``session-base`` or ``session``.
+    """
     return next(r for r in recipes if r.kind == kind)
 
 
-def selected_recipes(args: argparse.Namespace, recipes: list[Recipe], base: bool = False) -> list[Recipe]:
-    """The recipes named by --session/--release/--all, the session first (and the session base before
-    it when ``base``: everything else is built on it)."""
+def selected_recipes(
+    args: argparse.Namespace, recipes: list[Recipe], base: bool = False
+) -> list[Recipe]:
+    """Return the recipes named by --session, --release or --all, the session first.
+
+    With ``base``, the session base comes before the session, since everything else is built on it.
+    """
     every = getattr(args, "all", False)
     wanted = set(args.release or [])
     chosen = [r for r in recipes if r.release is not None and (every or r.name in wanted)]
@@ -266,16 +331,21 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _built_tools(args: argparse.Namespace, recipes: list[Recipe]) -> engine.Tools:
-    """The tools, probed with the first of ``recipes`` once every one of them is known to be built."""
+    """Return the tools, probed with the first of ``recipes``.
+
+    The probe runs once every one of ``recipes`` is known to be built.
+    """
     tools = _tools(args)
     for recipe in recipes:
         if tools.image_id(recipe.image) is None:
-            raise ImageBuildError(f"{recipe.image} is not built; run `casaspawner images build` first.")
+            raise ImageBuildError(
+                f"{recipe.image} is not built; run `casaspawner images build` first."
+            )
     return _tools(args, probe_image=recipes[0].image)
 
 
 def buildable(recipes: list[Recipe]) -> list[Recipe]:
-    """The buildable recipes; says which others are skipped, and why."""
+    """Return the buildable recipes, and say which others are skipped, and why."""
     for recipe in recipes:
         if not recipe.buildable:
             print(f"skipping {recipe.name}: {recipe.problem}", flush=True)
@@ -283,15 +353,21 @@ def buildable(recipes: list[Recipe]) -> list[Recipe]:
 
 
 def constraint_sources(args: argparse.Namespace, recipes: list[Recipe]) -> list[Recipe]:
-    """The images whose install records pin what --session/--release name: the session base for the session
-    (its venv is made there; casaspawner's layer adds nothing to it), else the release's own image. Says
-    which releases have nothing to pin."""
+    """Return the images whose install records pin what --session or --release name.
+
+    For the session that is the session base: its venv is made there, and casaspawner's layer adds
+    nothing to it. For a release it is the release's own image. Says which releases have nothing to
+    pin.
+    """
     named = [r for r in selected_recipes(args, recipes) if r.release is not None or args.session]
     sources = []
     for recipe in (_of_kind(recipes, "session-base") if r.kind == "session" else r for r in named):
         if recipe.kind == "monolithic" and not recipe.build_args.get("CASA_PYTHON"):
             casa = recipe.labels[f"{LABEL_PREFIX}.casa"]
-            print(f"{recipe.name}: nothing to pin (CASA {casa} has no Python 3, so pip installs nothing)")
+            print(
+                f"{recipe.name}: nothing to pin "
+                f"(CASA {casa} has no Python 3, so pip installs nothing)"
+            )
         else:
             sources.append(recipe)
     return sources
@@ -306,16 +382,23 @@ def cmd_constraints(args: argparse.Namespace) -> int:
         home = "/opt/session" if recipe.release is None else casa_home(recipe.release)
         freeze = f"{home}/casaspawner-freeze.txt"
         result = tools.run(
-            tools.container("run", "--rm", "--network", "none", "--entrypoint", "cat", recipe.image, freeze),
+            tools.container(
+                "run", "--rm", "--network", "none", "--entrypoint", "cat", recipe.image, freeze
+            ),
             check=False,
         )
         if result.returncode != 0:
-            raise ImageBuildError(f"{recipe.image} has no {freeze}; rebuild it with this casaspawner.")
-        pins = sorted({line.strip() for line in result.stdout.splitlines() if "==" in line}, key=str.lower)
+            raise ImageBuildError(
+                f"{recipe.image} has no {freeze}; rebuild it with this casaspawner."
+            )
+        pins = sorted(
+            {line.strip() for line in result.stdout.splitlines() if "==" in line}, key=str.lower
+        )
         target = engine.constraints_path(recipe)
         command = "--session" if recipe.release is None else f"--release {recipe.name}"
         text = (
-            f"# pip constraints of {recipe.name}: what its image installed; used by the next builds.\n"
+            f"# pip constraints of {recipe.name}: "
+            "what its image installed; used by the next builds.\n"
             f"# Regenerate after a build with `casaspawner images constraints {command}`.\n"
         )
         try:
@@ -347,19 +430,26 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def notices_problems(ext: dict[str, str]) -> list[str]:
-    """What is wrong with casaspawner's notices in an image, from :func:`smoke.server_extensions`: the
-    extension must import, the wheel's jupyter_server_config.d file (the only thing that enables it) must be
-    there and in effect, and the JupyterLab extension must be installed and valid."""
+    """Say what is wrong with casaspawner's notices in an image.
+
+    ``ext`` comes from :func:`smoke.server_extensions`. The extension must import. The wheel's
+    jupyter_server_config.d file, the only thing that enables it, must be there and in effect. The
+    JupyterLab extension must be installed and valid.
+    """
     notices, lab = smoke.NOTICES_EXTENSION, smoke.NOTICES_LABEXTENSION
     problems = []
     if ext.get(f"{notices} (import)") != "ok":
         problems.append(f"{notices} does not import in the session environment")
     if not ext.get(f"{notices} (config)"):
-        problems.append(f"no jupyter_server_config.d file of the session environment enables {notices}")
+        problems.append(
+            f"no jupyter_server_config.d file of the session environment enables {notices}"
+        )
     if ext.get(notices) != "enabled":
         problems.append(f"jupyter server extension list does not show {notices} enabled")
     if not ext.get(f"{lab} (path)"):
-        problems.append(f"the JupyterLab extension {lab} is not in /opt/session/share/jupyter/labextensions")
+        problems.append(
+            f"the JupyterLab extension {lab} is not in /opt/session/share/jupyter/labextensions"
+        )
     if ext.get(f"{lab} (labextension)") != "enabled OK":
         state = ext.get(f"{lab} (labextension)") or "not listed"
         problems.append(f"jupyter labextension list does not show {lab} enabled and OK ({state})")
@@ -369,7 +459,10 @@ def notices_problems(ext: dict[str, str]) -> list[str]:
 def check_image(
     tools: engine.Tools, recipe: Recipe, measures: Path | None
 ) -> tuple[dict[str, object], list[str]]:
-    """Run every smoke check that applies to ``recipe``; return observations and problems found."""
+    """Run every smoke check that applies to ``recipe``.
+
+    Returns the observations and the problems found.
+    """
     session = smoke.Session(home=smoke.home_dir(), measures=measures)
     observed: dict[str, object] = {}
     problems: list[str] = []
@@ -399,7 +492,9 @@ def check_image(
     if observed["desktop_page"] != 200:
         problems.append(f"/desktop/ answered {observed['desktop_page']}")
     if observed["desktop_vnc"] != "RFB 003.008":
-        problems.append(f"the desktop websocket did not reach TigerVNC: {observed['desktop_vnc']!r}")
+        problems.append(
+            f"the desktop websocket did not reach TigerVNC: {observed['desktop_vnc']!r}"
+        )
     if recipe.release is not None:
         release = recipe.release
         names = {spec["spec"]["display_name"]: name for name, spec in specs.items()}
@@ -409,7 +504,9 @@ def check_image(
             problems.append(f"no kernel named {release.kernel_name!r} (found {sorted(names)})")
         else:
             if observed["default_kernel"] != kernel:
-                problems.append(f"the default kernel is {observed['default_kernel']!r}, not {kernel!r}")
+                problems.append(
+                    f"the default kernel is {observed['default_kernel']!r}, not {kernel!r}"
+                )
             if measures is None:
                 problems.append("no --measures given, so the CASA kernel and plotms were not run")
             else:
@@ -417,7 +514,8 @@ def check_image(
                 observed["kernel_run"] = reply
                 if reply["status"] != "ok" or f"casatools {release.casa}" not in reply["output"]:
                     problems.append(f"the CASA kernel failed: {reply['output'][-300:]}")
-        if measures is not None and release.casa_version.major >= 6:  # CASA 6: the GUI tasks are Python's
+        # CASA 6: the GUI tasks are Python's.
+        if measures is not None and release.casa_version.major >= 6:
             observed["plotms"] = plot = smoke.plotms_plot(tools, recipe.image, session)
             if plot["png"] is None:
                 problems.append(f"plotms wrote no PNG of a simulated MS: {plot['log'][-400:]}")
@@ -429,19 +527,3 @@ def check_image(
         if not env["version"]:
             problems.append(f"CASASPAWNER_CASA_PYTHON {env['python']!r} does not run")
     return observed, problems
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from casaspawner.cli import _Parser
-
-    parser = _Parser(prog="casaspawner")
-    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    register(subparsers)
-    args = parser.parse_args(["images", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except CasaspawnerError as exc:
-        print(f"casaspawner: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130

@@ -1,7 +1,8 @@
-"""The image build matrix: which image each catalog release becomes, with which recipe and build arguments.
+"""The image build matrix: which image each catalog release becomes, and how.
 
-Pure: no I/O. Tags come from ``casaspawner.plan.image_for``, the same function the spawner uses, so the
-image a session asks for is the image this matrix builds.
+Each image comes with its recipe and build arguments. This module is pure, with no I/O. Tags come
+from ``casaspawner.plan.image_for``, the same function the spawner uses, so the image a session
+asks for is the image this matrix builds.
 """
 
 from __future__ import annotations
@@ -14,43 +15,63 @@ from typing import Literal
 
 from casaspawner import __version__, tarballs
 from casaspawner.catalog.model import Catalog, Release
-from casaspawner.environments.build import EXTRA_PACKAGES
 from casaspawner.errors import CasaspawnerError
 from casaspawner.plan import PlanConfig, image_for
+from casaspawner.runtime import EXTRA_PACKAGES, kernel_id
 
 RecipeKind = Literal["session-base", "session", "modular", "monolithic"]
 LABEL_PREFIX = "io.casaspawner"
 INPUT_HASH_LABEL = f"{LABEL_PREFIX}.input-hash"
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
-DEFAULT_PYTHON = "3.11"  # Debian bookworm's python3
+# Debian bookworm's python3.
+DEFAULT_PYTHON = "3.11"
 MEASURES_MOUNT = "/opt/casa/measures"
 #: What the ``io.casaspawner.measures`` label says, by the catalog's ``data`` field of a release.
 MEASURES_POLICIES = {
-    "casaconfig": f"read from {MEASURES_MOUNT} (mounted read-only): CASASITECONFIG points casaconfig's "
-    "measurespath at $CASA_MEASURES_PATH, auto-updates off; the GUIs' casarc (CASARCFILES) names it too",
-    "bundled": f"geodetic and ephemerides are links into {MEASURES_MOUNT} (mounted read-only); the release's "
-    "other bundled data stays in the image; the GUIs' casarc (CASARCFILES) names the mount too",
+    "casaconfig": (
+        f"read from {MEASURES_MOUNT} (mounted read-only): "
+        "CASASITECONFIG points casaconfig's measurespath at $CASA_MEASURES_PATH, "
+        "auto-updates off; the GUIs' casarc (CASARCFILES) names it too"
+    ),
+    "bundled": (
+        f"geodetic and ephemerides are links into {MEASURES_MOUNT} (mounted read-only); "
+        "the release's other bundled data stays in the image; "
+        "the GUIs' casarc (CASARCFILES) names the mount too"
+    ),
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-#: Extra packages of local environments that CASA images leave out: casalogger's AppImage unpacks to ~470 MB
-#: (a whole Qt 6, WebEngine included), which would take a CASA layer past its 1 GB goal (measured: 6.6.5-31
-#: 1.29 GB, 6.7.0-31 1.43 GB with it). The desktop's logger button says it is not part of the image.
+#: Extra packages of local environments that CASA images leave out.
+#:
+#: casalogger's AppImage unpacks to ~470 MB, a whole Qt 6 with WebEngine included. That would take
+#: a CASA layer past its 1 GB goal. Measured with it: 6.6.5-31 1.29 GB, 6.7.0-31 1.43 GB. The
+#: desktop's logger button says it is not part of the image.
 IMAGE_OMITS = frozenset({"casalogger"})
 
 
 def image_extra_packages() -> list[str]:
-    """What modular images install besides the release's wheels: local environments' ``EXTRA_PACKAGES`` (the
-    one list: ipykernel, the GUI tasks' ``protobuf<3.21``, ...) without ``IMAGE_OMITS``."""
-    return [p for p in EXTRA_PACKAGES if re.split(r"[<>=!~;\[ ]", p, maxsplit=1)[0] not in IMAGE_OMITS]
+    """Return what modular images install besides the release's wheels.
+
+    That is local environments' ``EXTRA_PACKAGES`` without ``IMAGE_OMITS``. ``EXTRA_PACKAGES`` is
+    the one list, with ipykernel, the GUI tasks' ``protobuf<3.21`` and so on.
+    """
+    return [
+        p for p in EXTRA_PACKAGES if re.split(r"[<>=!~;\[ ]", p, maxsplit=1)[0] not in IMAGE_OMITS
+    ]
 
 
 class ImageBuildError(CasaspawnerError):
-    """An image cannot be planned, built or tested; the message is one sentence for the operator."""
+    """An image cannot be planned, built or tested.
+
+    The message is one sentence for the operator.
+    """
 
 
 @dataclass(frozen=True)
 class MatrixOptions:
-    """Operator choices that shape the matrix (CLI flags of ``casaspawner images``)."""
+    """Operator choices that shape the matrix.
+
+    They are the CLI flags of ``casaspawner images``.
+    """
 
     registry: str = PlanConfig().image_registry
     image_template: str = PlanConfig().image_template
@@ -70,23 +91,33 @@ class MatrixOptions:
 
     @property
     def session_base_image(self) -> str:
-        """The session image without casaspawner: the parent of the session and every CASA image."""
+        """The session image without casaspawner.
+
+        It is the parent of the session image and of every CASA image.
+        """
         return f"{self.registry.rstrip('/')}/session-base:{self.session_tag}"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One image to build: recipe files, build arguments, labels and the reference it is tagged with."""
+    """One image to build.
 
-    name: str  # "session-base", "session" or the release id
+    It has recipe files, build arguments, labels and the reference it is tagged with.
+    """
+
+    #: "session-base", "session" or the release id.
+    name: str
     kind: RecipeKind
-    context: str  # recipe directory under images/: "session" or "casa"
-    containerfile: str  # file name inside the context
+    #: Recipe directory under images/: "session" or "casa".
+    context: str
+    #: File name inside the context.
+    containerfile: str
     image: str
     build_args: Mapping[str, str]
     labels: Mapping[str, str]
     release: Release | None = None
-    problem: str | None = None  # why it cannot be built as configured (None: buildable)
+    #: Why it cannot be built as configured. None means buildable.
+    problem: str | None = None
 
     @property
     def buildable(self) -> bool:
@@ -105,24 +136,26 @@ class Recipe:
         }
 
 
-def kernel_id(release: Release) -> str:
-    """Directory name of the release's kernelspec (``casa-6.6.5-31``)."""
-    return "casa-" + re.sub(r"[^a-z0-9._-]", "-", release.tag.lower())
-
-
 def casa_home(release: Release) -> str:
     return f"/opt/casa/{release.tag}"
 
 
 def measures_policy(release: Release) -> str:
-    """``casaconfig`` (CASA >= 6.6.4 reads its site config) or ``bundled`` (older CASA reads its own data)."""
+    """Return how a release reads the measures: ``casaconfig`` or ``bundled``.
+
+    With ``casaconfig``, CASA >= 6.6.4 reads its site config. With ``bundled``, older CASA reads
+    its own data.
+    """
     return "casaconfig" if release.data == "casaconfig" else "bundled"
 
 
 def session_recipes(options: MatrixOptions) -> tuple[Recipe, Recipe]:
-    """The session base (Jupyter, desktop, nss_wrapper: no casaspawner) and the session image on top of it
-    (the casaspawner package). CASA images build on the base too, so a change to casaspawner's Python
-    replaces only the small casaspawner layer of each image."""
+    """The session base recipe, and the session image recipe on top of it.
+
+    The session base has Jupyter, the desktop and nss_wrapper, but no casaspawner. The session
+    image adds the casaspawner package. CASA images build on the base too, so a change to
+    casaspawner's Python replaces only the small casaspawner layer of each image.
+    """
     labels = {
         "org.opencontainers.image.title": "casaspawner session",
         "org.opencontainers.image.version": options.session_tag,
@@ -150,7 +183,10 @@ def session_recipes(options: MatrixOptions) -> tuple[Recipe, Recipe]:
 
 
 def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
-    """The recipe for one release; ``problem`` says why it cannot be built (unpublished, no wheel, ...)."""
+    """The recipe for one release.
+
+    ``problem`` says why it cannot be built, e.g. unpublished or no wheel.
+    """
     image = image_for(release, options.plan_config)
     policy = measures_policy(release)
     args = {
@@ -158,7 +194,7 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
         "BASE_IMAGE": options.base_image,
         "CASA_RELEASE": release.id,
         "CASA_TAG": release.tag,
-        "CASA_KERNEL_ID": kernel_id(release),
+        "CASA_KERNEL_ID": kernel_id(release.tag),
         "CASA_KERNEL_NAME": release.kernel_name,
     }
     labels = {
@@ -182,11 +218,15 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
             else options.tarball_mirror.rstrip("/") + "/" + tarball.name
         )
         given = (options.checksums.get(tarball.name) or "").lower()
-        sha256 = tarball.sha256 or given  # the catalog's pin always wins
-        python = f"{casa_home(release)}/lib/py/bin/python3" if release.casa_version.major >= 6 else ""
+        # The catalog's pin always wins.
+        sha256 = tarball.sha256 or given
+        python = (
+            f"{casa_home(release)}/lib/py/bin/python3" if release.casa_version.major >= 6 else ""
+        )
         args |= {
             "CASA_TARBALL_URL": url,
-            # Empty: the MD5 published next to the tarball (<url>.md5), fetched when the build starts.
+            # Empty means the MD5 published next to the tarball (<url>.md5), fetched when the
+            # build starts.
             "CASA_TARBALL_CHECKSUM": f"sha256:{sha256}" if sha256 else "",
             "CASA_PYTHON": python,
             "CASA_DATA": policy,
@@ -198,15 +238,22 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
             problem = f"the SHA-256 given for {tarball.name} is not 64 hexadecimal digits"
         elif tarball.sha256 and given and given != tarball.sha256:
             problem = (
-                f"the catalog pins SHA-256 {tarball.sha256} for {tarball.name}, and --checksums/--sha256 "
-                "gives another"
+                f"the catalog pins SHA-256 {tarball.sha256} for {tarball.name}, "
+                "and --checksums/--sha256 gives another"
             )
         elif unverifiable := tarballs.unverifiable(url, sha256):
             problem = (
-                f"its tarball cannot be verified ({unverifiable}); pin a SHA-256 with --checksums or --sha256"
+                f"its tarball cannot be verified ({unverifiable}); "
+                "pin a SHA-256 with --checksums or --sha256"
             )
-        recipe = Recipe(kind="monolithic", containerfile="monolithic.Containerfile", build_args=args,
-                        labels=labels, problem=problem, **common)  # type: ignore[arg-type]  # fmt: skip
+        recipe = Recipe(
+            kind="monolithic",
+            containerfile="monolithic.Containerfile",
+            build_args=args,
+            labels=labels,
+            problem=problem,
+            **common,  # type: ignore[arg-type]
+        )
         return with_tarball_checksum(recipe, args["CASA_TARBALL_CHECKSUM"])
     if release.packaging == "modular":
         assert release.wheels is not None
@@ -216,35 +263,62 @@ def release_recipe(release: Release, options: MatrixOptions) -> Recipe:
             "CASA_EXTRA_PACKAGES": " ".join(image_extra_packages()),
             "PYTHON": f"python{options.python}",
         }
-        labels |= {f"{LABEL_PREFIX}.python": options.python, f"{LABEL_PREFIX}.wheels": requirements}
+        labels |= {
+            f"{LABEL_PREFIX}.python": options.python,
+            f"{LABEL_PREFIX}.wheels": requirements,
+        }
         problem = None
         if options.python not in release.wheels.python:
             problem = (
                 f"casatools {release.wheels.casatools} has no wheel for Python {options.python} "
-                f"(only {', '.join(release.wheels.python)}); use a base image with one of those and --python"
+                f"(only {', '.join(release.wheels.python)}); "
+                "use a base image with one of those and --python"
             )
         elif policy != "casaconfig":
-            problem = f"{release.label} predates casaconfig, which modular images use to read the measures"
-        return Recipe(kind="modular", containerfile="modular.Containerfile", build_args=args,
-                      labels=labels, problem=problem, **common)  # type: ignore[arg-type]  # fmt: skip
-    return Recipe(kind="monolithic", containerfile="monolithic.Containerfile", build_args=args, labels=labels,
-                  problem=f"{release.label} was never published; ALMA restores it with another release",
-                  **common)  # type: ignore[arg-type]  # fmt: skip
+            problem = (
+                f"{release.label} predates casaconfig, "
+                "which modular images use to read the measures"
+            )
+        return Recipe(
+            kind="modular",
+            containerfile="modular.Containerfile",
+            build_args=args,
+            labels=labels,
+            problem=problem,
+            **common,  # type: ignore[arg-type]
+        )
+    return Recipe(
+        kind="monolithic",
+        containerfile="monolithic.Containerfile",
+        build_args=args,
+        labels=labels,
+        problem=f"{release.label} was never published; ALMA restores it with another release",
+        **common,  # type: ignore[arg-type]
+    )
 
 
 def with_tarball_checksum(recipe: Recipe, checksum: str) -> Recipe:
-    """``recipe`` verifying its tarball against ``checksum`` (``sha256:<hex>``/``md5:<hex>``; empty: the
-    published ``.md5``, looked up when the build starts). The label records it, so it is in the input hash."""
+    """Return ``recipe`` verifying its tarball against ``checksum``.
+
+    ``checksum`` is ``sha256:<hex>`` or ``md5:<hex>``. Empty means the published ``.md5``, looked
+    up when the build starts. The label records it, so it is in the input hash.
+    """
     url = recipe.build_args["CASA_TARBALL_URL"]
     return replace(
         recipe,
         build_args={**recipe.build_args, "CASA_TARBALL_CHECKSUM": checksum},
-        labels={**recipe.labels, f"{LABEL_PREFIX}.tarball-checksum": checksum or f"md5 of {url}.md5"},
+        labels={
+            **recipe.labels,
+            f"{LABEL_PREFIX}.tarball-checksum": checksum or f"md5 of {url}.md5",
+        },
     )
 
 
 def select_releases(catalog: Catalog, ids: Sequence[str] | None) -> list[Release]:
-    """The releases named (each must exist and have a public build), else every available one."""
+    """Return the releases named, else every available one.
+
+    Each release named must exist and have a public build.
+    """
     if not ids:
         return catalog.available()
     chosen = []
@@ -258,18 +332,32 @@ def select_releases(catalog: Catalog, ids: Sequence[str] | None) -> list[Release
     return chosen
 
 
-def build_matrix(catalog: Catalog, options: MatrixOptions, ids: Sequence[str] | None = None) -> list[Recipe]:
-    """The session base and session recipes first, then one recipe per selected release (catalog order)."""
-    return [*session_recipes(options), *(release_recipe(r, options) for r in select_releases(catalog, ids))]
+def build_matrix(
+    catalog: Catalog, options: MatrixOptions, ids: Sequence[str] | None = None
+) -> list[Recipe]:
+    """All recipes: session base and session first, then one per selected release.
+
+    The releases come in catalog order.
+    """
+    return [
+        *session_recipes(options),
+        *(release_recipe(r, options) for r in select_releases(catalog, ids)),
+    ]
 
 
 def parent_reference(recipe: Recipe) -> str:
-    """The image a recipe builds on: the base image for the session base, else the session base."""
+    """Return the image a recipe builds on.
+
+    That is the base image for the session base, else the session base.
+    """
     return recipe.build_args.get("SESSION_BASE") or recipe.build_args["BASE_IMAGE"]
 
 
 def parse_checksums(text: str) -> dict[str, str]:
-    """Read ``sha256sum`` output (``<hex>  <file name>`` per line) into {file name: hex}."""
+    """Read ``sha256sum`` output into ``{file name: hex}``.
+
+    Each line is ``<hex>  <file name>``.
+    """
     sums: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -277,15 +365,22 @@ def parse_checksums(text: str) -> dict[str, str]:
             continue
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or not _SHA256.fullmatch(parts[0].lower()):
-            raise ImageBuildError(f"line {number} of the checksum file is not '<sha256>  <file name>'.")
+            raise ImageBuildError(
+                f"line {number} of the checksum file is not '<sha256>  <file name>'."
+            )
         sums[parts[1].lstrip("*").rsplit("/", 1)[-1]] = parts[0].lower()
     return sums
 
 
 def split_reference(reference: str) -> tuple[str, str]:
-    """``registry/repo:tag`` → (``registry/repo``, ``tag``); a port in the registry is not a tag."""
+    """Split ``registry/repo:tag`` into ``registry/repo`` and ``tag``.
+
+    A port in the registry is not a tag.
+    """
     if "@" in reference:
-        raise ImageBuildError(f"{reference!r} is pinned by digest; z2jh prePuller needs a name and a tag.")
+        raise ImageBuildError(
+            f"{reference!r} is pinned by digest; z2jh prePuller needs a name and a tag."
+        )
     slash = reference.rfind("/")
     colon = reference.rfind(":")
     if colon <= slash:
@@ -294,14 +389,19 @@ def split_reference(reference: str) -> tuple[str, str]:
 
 
 def prepuller_name(release: Release) -> str:
-    """A DNS-1123 label for the puller init container of this release (``casa-6-6-5-31``)."""
+    """A DNS-1123 label for the puller init container of this release.
+
+    For example ``casa-6-6-5-31``.
+    """
     slug = re.sub(r"[^a-z0-9]+", "-", release.tag.lower()).strip("-")
     return f"casa-{slug}"[:63].rstrip("-")
 
 
 def prepuller_values(releases: Iterable[Release], config: PlanConfig) -> dict[str, object]:
-    """z2jh values: ``prePuller.extraImages`` for the given releases (images picked by a callable profile
-    list are invisible to the chart, so they are listed here)."""
+    """z2jh values: ``prePuller.extraImages`` for the given releases.
+
+    Images picked by a callable profile list are invisible to the chart, so they are listed here.
+    """
     images: dict[str, dict[str, str]] = {}
     for release in releases:
         name, tag = split_reference(image_for(release, config))
@@ -310,7 +410,10 @@ def prepuller_values(releases: Iterable[Release], config: PlanConfig) -> dict[st
 
 
 def input_hash(recipe: Recipe, files: Mapping[str, bytes], parent_id: str) -> str:
-    """Hash of everything that determines an image: recipe files, build arguments, labels, parent image."""
+    """Hash everything that determines an image.
+
+    That is the recipe files, build arguments, labels and parent image.
+    """
     digest = hashlib.sha256()
 
     def feed(*parts: str | bytes) -> None:

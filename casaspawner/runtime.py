@@ -1,0 +1,51 @@
+"""What images, local environments and sessions agree on at run time.
+
+The image build tool (``casaspawner.images``) and the local environments (``casaspawner.local``)
+install CASA differently, but a session must look the same in both: the same extra packages, the
+same kernel directory, the same site configuration. This module holds those shared facts, and the
+cache directory every part of casaspawner on one machine uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+#: Packages added to every CASA environment built from wheels.
+#:
+#: The kernel, what casatasks imports without declaring it, the logger GUI, and a protobuf that
+#: the GUI tasks' generated code still loads: casaplotms and casaviewer ``*_pb2.py`` predate
+#: protobuf 3.21, and with a newer one ``import casaplotms`` fails.
+EXTRA_PACKAGES: tuple[str, ...] = ("ipykernel", "six", "casalogger", "protobuf<3.21")
+
+
+def kernel_id(tag: str) -> str:
+    """Return the directory name of a release's kernelspec, from its image tag.
+
+    For example ``casa-6.6.5-31``.
+    """
+    return "casa-" + re.sub(r"[^a-z0-9._-]", "-", tag.lower())
+
+
+def site_config_text(measures: Path | str) -> str:
+    """A ``casasiteconfig.py`` reading measures from one shared, read-only tree."""
+    return (
+        "# Written by casaspawner: CASA reads measures from one shared, read-only tree.\n"
+        f"measurespath = {str(measures)!r}\n"
+        f"datapath = [{str(measures)!r}]\n"
+        "measures_auto_update = False\n"
+        "data_auto_update = False\n"
+    )
+
+
+def cache_dir() -> Path:
+    """Where casaspawner caches files on this machine.
+
+    ``$XDG_CACHE_HOME/casaspawner`` (``~/.cache/casaspawner``), or ``/var/cache/casaspawner`` for
+    root: root's home is private, and sessions run as other users who must read the cache.
+    """
+    if os.geteuid() == 0:
+        return Path("/var/cache/casaspawner")
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "casaspawner"
