@@ -31,6 +31,15 @@ _LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9.\-]{0,251}[a-z0-9])?")
 MAX_ID = 2**32 - 2
 
 
+#: What a hub that allows no release override says to a user who chose one.
+OVERRIDE_REFUSED = "This hub does not allow choosing a CASA release other than the resolved one."
+
+
+def root_refusal(username: str, uid: int) -> InvalidInput:
+    """The one sentence refusing a session that would run as root."""
+    return InvalidInput(f"User {username} would run as uid {uid}; sessions never run as root.")
+
+
 def usable_group_name(name: str) -> bool:
     """Whether a group name can be a project directory (and so be in an ``Identity``)."""
     return bool(_GROUP.fullmatch(name))
@@ -50,7 +59,7 @@ class Identity:
         if not _USERNAME.fullmatch(self.username):
             raise InvalidInput(f"{self.username!r} is not a usable user name.")
         if self.uid == 0:
-            raise InvalidInput(f"User {self.username} would run as uid 0; sessions never run as root.")
+            raise root_refusal(self.username, self.uid)
         for what, value in (
             ("uid", self.uid),
             ("gid", self.gid),
@@ -123,7 +132,6 @@ class PlanConfig:
     sizes: Mapping[str, Resources] = field(default_factory=lambda: dict(DEFAULT_SIZES))
     storage: StorageLayout = field(default_factory=StorageLayout)
     desktop_xstartup: str = "/opt/casaspawner/desktop/xstartup"
-    allow_override: bool = True
 
     def __post_init__(self) -> None:
         if not _LABEL_PREFIX.fullmatch(self.label_prefix):
@@ -202,6 +210,32 @@ def label_value(text: str) -> str | None:
     return text if len(text) <= 63 and _LABEL_VALUE.fullmatch(text) else None
 
 
+def chosen_release(catalog: Catalog, release_id: str) -> Release:
+    """The catalog release a user chose, if it can run at all."""
+    if release_id not in catalog:
+        raise InvalidInput(f"{release_id[:60]!r} is not a release in the catalog; choose one from the list.")
+    chosen = catalog.get(release_id)
+    if not chosen.available:
+        raise InvalidInput(f"{chosen.label} has no public build to run; choose another release.")
+    return chosen
+
+
+def release_for(
+    options: SessionOptions, resolution: Resolution, catalog: Catalog
+) -> tuple[Release, bool, str]:
+    """The release a session runs, before any backend substitution.
+
+    Returns (release, exact, reason): the resolved release, or the user's own choice, which is
+    then never exact. Whether a hub allows a choice is decided when options are parsed.
+    """
+    release, exact, reason = resolution.release, resolution.exact, resolution.reason
+    if options.release is None or options.release == release.id:
+        return release, exact, reason
+    chosen = chosen_release(catalog, options.release)
+    reason = f"You chose {chosen.label}; the dataset calls for {release.label} ({reason.rstrip('.')})."
+    return chosen, False, reason
+
+
 def make_plan(
     identity: Identity,
     options: SessionOptions,
@@ -210,21 +244,12 @@ def make_plan(
     config: PlanConfig | None = None,
     substitution: Substitution | None = None,
 ) -> SessionPlan:
-    """Decide one session. Pure: same inputs, same plan; raises ``InvalidInput`` with one sentence."""
+    """Decide one session from its inputs, without any I/O.
+
+    The same inputs give the same plan. Raises ``InvalidInput`` with one sentence.
+    """
     config = config or PlanConfig()
-    release, exact, reason = resolution.release, resolution.exact, resolution.reason
-    if options.release is not None and options.release != release.id:
-        if not config.allow_override:
-            raise InvalidInput("This hub does not allow choosing a CASA release other than the resolved one.")
-        if options.release not in catalog:
-            raise InvalidInput(
-                f"{options.release!r} is not a release in the catalog; choose one from the list."
-            )
-        chosen = catalog.get(options.release)
-        if not chosen.available:
-            raise InvalidInput(f"{chosen.label} has no public build to run; choose another release.")
-        reason = f"You chose {chosen.label}; the dataset calls for {release.label} ({reason.rstrip('.')})."
-        release, exact = chosen, False
+    release, exact, reason = release_for(options, resolution, catalog)
     approximate = substitution is not None
     if substitution is not None:
         reason = f"{substitution.reason} (the dataset calls for {release.label})."
@@ -233,53 +258,16 @@ def make_plan(
         raise InvalidInput(
             f"{options.size!r} is not a session size; choose one of {', '.join(config.sizes)}."
         )
-
-    layout = config.storage
-    home = layout.home_mount.format(username=identity.username)
-    mounts = [
-        Mount("home", "storage", home, layout.home_subpath.format(username=identity.username)),
-        *(
-            Mount(
-                name,
-                "storage",
-                layout.project_mount.format(group=group),
-                layout.project_subpath.format(group=group),
-                group=group,
-            )
-            for name, group in _project_mount_names(identity.groups)
-        ),
-        Mount("scratch", "scratch", layout.scratch_mount),
-        Mount("measures", "measures", layout.measures_mount, read_only=True),
-    ]
-    interface = options.interface
-    environment = {
-        "HOME": home,
-        "CASASPAWNER_RELEASE": release.id,
-        "CASASPAWNER_CASA": release.casa,
-        "CASASPAWNER_PIPELINE": release.pipeline or "",
-        "CASASPAWNER_DATASET": resolution.dataset,
-        "CASASPAWNER_EXACT": "true" if exact else "false",
-        "CASASPAWNER_APPROXIMATE": "true" if approximate else "false",
-        "CASASPAWNER_KERNEL_NAME": release.kernel_name + (" (approximate)" if approximate else ""),
-        "CASASPAWNER_REASON": reason,
-        "CASA_MEASURES_PATH": layout.measures_mount,
-        "SCRATCH": layout.scratch_mount,
-    }
-    if interface == "desktop":
-        environment["JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP"] = config.desktop_xstartup
-
-    prefix = config.label_prefix
-    labels = {f"{prefix}/release": release.id, f"{prefix}/interface": interface}
-    for key, value in (
-        ("casa", release.casa),
-        ("pipeline", release.pipeline or ""),
-        ("dataset", resolution.dataset),
-    ):
-        safe = label_value(value.replace("://", "___").replace("/", "_"))
-        if value and safe:
-            labels[f"{prefix}/{key}"] = safe
+    home = config.storage.home_mount.format(username=identity.username)
     exactness = "exact" if exact else ("approximate" if approximate else "not exact")
-    summary = f"{release.label} · {INTERFACES[interface]} · {resolution.dataset} · {exactness}"
+    summary = f"{release.label} · {INTERFACES[options.interface]} · {resolution.dataset} · {exactness}"
+    environment = _environment(release, resolution, config, options.interface, home)
+    environment["CASASPAWNER_EXACT"] = "true" if exact else "false"
+    environment["CASASPAWNER_APPROXIMATE"] = "true" if approximate else "false"
+    environment["CASASPAWNER_REASON"] = reason
+    if approximate:
+        environment["CASASPAWNER_KERNEL_NAME"] += " (approximate)"
+    prefix = config.label_prefix
     annotations = {
         f"{prefix}/dataset": resolution.dataset,
         f"{prefix}/processed-with": _processed_with(resolution),
@@ -296,16 +284,74 @@ def make_plan(
         approximate=approximate,
         reason=reason,
         image=image_for(release, config),
-        interface=interface,
-        default_url=DEFAULT_URLS[interface],
+        interface=options.interface,
+        default_url=DEFAULT_URLS[options.interface],
         home=home,
         environment=environment,
-        mounts=tuple(mounts),
+        mounts=_mounts(identity, config.storage),
         resources=config.sizes[options.size],
-        labels=labels,
+        labels=_labels(release, resolution, options.interface, prefix),
         annotations=annotations,
         summary=summary,
     )
+
+
+def _mounts(identity: Identity, layout: StorageLayout) -> tuple[Mount, ...]:
+    """Home, one directory per project group, scratch and the read-only measures."""
+    home = layout.home_mount.format(username=identity.username)
+    projects = (
+        Mount(
+            name,
+            "storage",
+            layout.project_mount.format(group=group),
+            layout.project_subpath.format(group=group),
+            group=group,
+        )
+        for name, group in _project_mount_names(identity.groups)
+    )
+    return (
+        Mount("home", "storage", home, layout.home_subpath.format(username=identity.username)),
+        *projects,
+        Mount("scratch", "scratch", layout.scratch_mount),
+        Mount("measures", "measures", layout.measures_mount, read_only=True),
+    )
+
+
+def _environment(
+    release: Release,
+    resolution: Resolution,
+    config: PlanConfig,
+    interface: Interface,
+    home: str,
+) -> dict[str, str]:
+    """The variables every session gets: which CASA, which dataset, where things are."""
+    environment = {
+        "HOME": home,
+        "CASASPAWNER_RELEASE": release.id,
+        "CASASPAWNER_CASA": release.casa,
+        "CASASPAWNER_PIPELINE": release.pipeline or "",
+        "CASASPAWNER_DATASET": resolution.dataset,
+        "CASASPAWNER_KERNEL_NAME": release.kernel_name,
+        "CASA_MEASURES_PATH": config.storage.measures_mount,
+        "SCRATCH": config.storage.scratch_mount,
+    }
+    if interface == "desktop":
+        environment["JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP"] = config.desktop_xstartup
+    return environment
+
+
+def _labels(release: Release, resolution: Resolution, interface: Interface, prefix: str) -> dict[str, str]:
+    """Labels to select sessions by; values that are not valid labels stay in annotations."""
+    labels = {f"{prefix}/release": release.id, f"{prefix}/interface": interface}
+    for key, value in (
+        ("casa", release.casa),
+        ("pipeline", release.pipeline or ""),
+        ("dataset", resolution.dataset),
+    ):
+        safe = label_value(value.replace("://", "___").replace("/", "_"))
+        if value and safe:
+            labels[f"{prefix}/{key}"] = safe
+    return labels
 
 
 def _project_mount_names(groups: tuple[str, ...]) -> list[tuple[str, str]]:

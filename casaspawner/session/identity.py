@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from casaspawner.errors import InvalidInput, shown
-from casaspawner.plan import MAX_ID, Identity, usable_group_name
+from casaspawner.plan import MAX_ID, Identity, root_refusal, usable_group_name
 
 #: An id written as text: ASCII digits, optionally signed, optionally with a fraction (which must be zero).
 _ID_TEXT = re.compile(r"([+-]?)([0-9]+)(?:\.([0-9]*))?", re.ASCII)
@@ -44,7 +44,9 @@ def parse_id(value: Any, what: str, username: str) -> int | None:
         if value != value or value in (float("inf"), float("-inf")):
             number = None
         elif not value.is_integer():
-            raise InvalidInput(f"The {what} of {username} in the login data is {said}, not a whole number.")
+            raise InvalidInput(
+                f"The {what} of {username} in the login data is {said}, not a whole number."
+            )
         else:
             number = int(value)
     elif isinstance(value, str):
@@ -59,7 +61,9 @@ def parse_id(value: Any, what: str, username: str) -> int | None:
     if number is None:
         raise InvalidInput(f"The {what} of {username} in the login data is not a number.")
     if number < 0:
-        raise InvalidInput(f"The {what} of {username} in the login data is {said}, which is not a valid id.")
+        raise InvalidInput(
+            f"The {what} of {username} in the login data is {said}, which is not a valid id."
+        )
     if number > MAX_ID:
         raise InvalidInput(
             f"The {what} of {username} in the login data is {said}, larger than the largest id ({MAX_ID})."
@@ -67,7 +71,9 @@ def parse_id(value: Any, what: str, username: str) -> int | None:
     return number
 
 
-def project_groups(names: Iterable[object], pattern: str | re.Pattern[str]) -> tuple[list[str], list[str]]:
+def project_groups(
+    names: Iterable[object], pattern: str | re.Pattern[str]
+) -> tuple[list[str], list[str]]:
     """(project groups, skipped groups) of a user's group names, each once, in order.
 
     A leading ``/`` is dropped (Keycloak-style paths); names that do not match ``pattern`` in full are left out
@@ -115,7 +121,7 @@ def identity_from_login(
         if gid_n is None:
             gid_n = fallback_gid
     if uid_n == 0:
-        raise InvalidInput(f"User {username} would run as uid 0; sessions never run as root.")
+        raise root_refusal(username, 0)
     gid_n = uid_n if gid_n is None else gid_n
     if not isinstance(groups, list | tuple):
         raise InvalidInput(f"The groups of {username} in the login data are not a list.")
@@ -123,7 +129,9 @@ def identity_from_login(
     if not isinstance(supplemental_gids or [], list | tuple):
         raise InvalidInput(f"The group ids of {username} in the login data are not a list.")
     supplemental = [
-        g for g in (parse_id(g, "group id", username) for g in (supplemental_gids or [])) if g is not None
+        g
+        for g in (parse_id(g, "group id", username) for g in (supplemental_gids or []))
+        if g is not None
     ]
     if not allow_root_group and 0 in (gid_n, *supplemental):
         raise InvalidInput(

@@ -5,7 +5,8 @@ with the same templates the session's mounts use (:func:`locate_in_storage`); a 
 resolver a local directory to read:
 
 * :class:`StorageMountReader` — a read-only mount of the whole storage on the hub (``storage_hub_path``);
-* :class:`VOSpaceReader` — a VOSpace 2 service, with the user's token (``vospace_url``);
+* :class:`~casaspawner.session.vospace.VOSpaceReader` — a VOSpace 2 service, with the user's token
+  (``vospace_url``);
 * :class:`LocalDirectoryReader` — any directory on this machine (the ``casaspawner pod`` dry run).
 
 Anything with the same ``open`` (:class:`DatasetReader`) plugs in as ``dataset_reader``.
@@ -17,18 +18,13 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import fnmatch
 import os
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Protocol
 
-from defusedxml.ElementTree import fromstring as defused_fromstring
-
+from casaspawner.datasets.tree import close as _close
 from casaspawner.errors import InvalidInput, NoSuchDataset, shown
 from casaspawner.plan import Identity, StorageLayout
 
@@ -40,7 +36,9 @@ class DatasetReader(Protocol):
     ``InvalidInput`` (one sentence) for paths outside the user's storage.
     """
 
-    def open(self, text: str, identity: Identity) -> contextlib.AbstractAsyncContextManager[Path]: ...
+    def open(
+        self, text: str, identity: Identity
+    ) -> contextlib.AbstractAsyncContextManager[Path]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +151,9 @@ class StorageMountReader:
             return self._walk_descriptors(text, identity, name)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise NoSuchDataset(f"There is no dataset directory at {name!r} in your storage.") from None
+                raise NoSuchDataset(
+                    f"There is no dataset directory at {name!r} in your storage."
+                ) from None
             raise InvalidInput(
                 f"The dataset path {name!r} cannot be opened ({exc.strerror or type(exc).__name__}); give an "
                 "ALMA dataset directory or an ALMA identifier."
@@ -161,11 +161,16 @@ class StorageMountReader:
 
     def _walk_descriptors(self, text: str, identity: Identity, name: str) -> tuple[int, Path]:
         root, relative = locate_in_storage(text, identity, self.layout)
-        roots = {PurePosixPath(r.mount): self.root / r.sub_path for r in storage_roots(identity, self.layout)}
+        roots = {
+            PurePosixPath(r.mount): self.root / r.sub_path
+            for r in storage_roots(identity, self.layout)
+        }
         ancestors = {
             parent for mount in roots for parent in mount.parents
         }  # /arc, /arc/home: in every session
-        outside = InvalidInput(f"The dataset path {name!r} leads outside your storage through a link.")
+        outside = InvalidInput(
+            f"The dataset path {name!r} leads outside your storage through a link."
+        )
 
         def in_session(target: PurePosixPath) -> PurePosixPath:
             """An absolute link target as a session path (hub paths under ``root`` are mapped back)."""
@@ -179,7 +184,9 @@ class StorageMountReader:
             return target
 
         def hub_path(path: PurePosixPath) -> Path:
-            mount = max((m for m in roots if m == path or m in path.parents), key=lambda m: len(m.parts))
+            mount = max(
+                (m for m in roots if m == path or m in path.parents), key=lambda m: len(m.parts)
+            )
             return roots[mount] / path.relative_to(mount)
 
         # O_PATH: a directory the hub may only search (mode 0711, say) can be walked through, as by name.
@@ -236,11 +243,6 @@ class StorageMountReader:
                 _close(descriptor)
 
 
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)
-
-
 class LocalDirectoryReader:
     """Reads any directory on this machine as given (the ``casaspawner pod`` dry run and tests; not a hub)."""
 
@@ -250,143 +252,3 @@ class LocalDirectoryReader:
         if not path.is_dir():
             raise NoSuchDataset(f"There is no dataset directory at {text!r}.")
         yield path
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port
-
-
-class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, but sends the user's token (``Authorization``) only to the origin it was meant for:
-    a redirect to another scheme, host or port gets the request without it."""
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: Any,
-        code: int,
-        msg: str,
-        headers: Any,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        token = req.unredirected_hdrs.get("Authorization")
-        if new is not None and token and _origin(new.full_url) == _origin(req.full_url):
-            new.add_unredirected_header("Authorization", token)
-        return new
-
-
-_OPENER = urllib.request.build_opener(_SameOriginRedirects())
-
-_VOS = "{http://www.ivoa.net/xml/VOSpace/v2.0}"
-_XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
-_VOS_LENGTH = "ivo://ivoa.net/vospace/core#length"
-
-
-class VOSpaceReader:
-    """Reads datasets through a VOSpace 2 service (e.g. CANFAR's Cavern ``…/arc``) with the user's token.
-
-    The dataset's directory tree is walked with ``GET {url}/nodes/{path}``; only the small files the resolver
-    reads (pipeline manifests, AQUA reports, weblog ``t1-1.html`` pages or packed weblogs, calibration scripts,
-    CASA logs) are fetched from ``GET {url}/files/{path}`` into a private temporary directory. Link nodes are
-    never followed, so a dataset cannot lead out of the user's own directories. HTTP redirects are followed,
-    but the token is only sent again to the same origin (scheme, host and port).
-    """
-
-    #: file names worth fetching → the largest size fetched
-    WANTED: tuple[tuple[str, int], ...] = (
-        ("*.xml", 32 << 20),
-        ("t1-1.html", 4 << 20),
-        ("*.weblog.tgz", 64 << 20),
-        ("*.py", 1 << 20),
-        ("*.log", 16 << 20),
-    )
-    MAX_DEPTH = 8
-    MAX_NODES = 5000
-
-    def __init__(
-        self, url: str, layout: StorageLayout, token: str | None = None, *, timeout: float = 10
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.layout = layout
-        self.token = token
-        self.timeout = timeout
-
-    def _get(self, kind: str, path: str, limit: int) -> bytes | None:
-        request = urllib.request.Request(f"{self.url}/{kind}/{urllib.parse.quote(path)}")  # noqa: S310
-        if self.token:  # "unredirected": urllib never copies it into a redirect; _SameOriginRedirects may
-            request.add_unredirected_header("Authorization", f"Bearer {self.token}")
-        try:
-            with _OPENER.open(request, timeout=self.timeout) as response:
-                data: bytes = response.read(limit + 1)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise InvalidInput(
-                f"Your storage service refused to list or read {path!r} (HTTP {exc.code})."
-            ) from None
-        except (OSError, urllib.error.URLError):
-            raise InvalidInput("Your storage service could not be reached; try again in a moment.") from None
-        return data if len(data) <= limit else None
-
-    def _children(self, path: str) -> list[tuple[str, str, int | None]]:
-        """(name, kind ContainerNode|DataNode|LinkNode, length) of the nodes in a container."""
-        data = self._get("nodes", path, 16 << 20)
-        if data is None:
-            raise NoSuchDataset(f"There is no dataset directory at {path!r} in your storage.")
-        try:
-            root = defused_fromstring(data)
-        except Exception:  # defusedxml raises several unrelated types for hostile or broken XML
-            raise InvalidInput(
-                "Your storage service answered with something that is not a VOSpace node."
-            ) from None
-        if not (root.get(_XSI_TYPE) or "").endswith("ContainerNode"):
-            raise InvalidInput(f"{path!r} in your storage is not a directory.")
-        children = []
-        for node in root.iter(f"{_VOS}node"):
-            if node is root:
-                continue
-            name = (node.get("uri") or "").rstrip("/").rsplit("/", 1)[-1]
-            kind = (node.get(_XSI_TYPE) or "").split(":")[-1]
-            length = None
-            for prop in node.iter(f"{_VOS}property"):
-                if prop.get("uri") == _VOS_LENGTH and (prop.text or "").isdigit():
-                    length = int(prop.text or "0")
-            if name and name not in (".", "..") and "/" not in name:
-                children.append((name, kind, length))
-        return children
-
-    def mirror(self, text: str, identity: Identity, into: Path) -> Path:
-        """Copy the resolver's files of the dataset at ``text`` into ``into``; returns the local dataset path."""
-        root, relative = locate_in_storage(text, identity, self.layout)
-        top = str(PurePosixPath(root.sub_path) / relative)
-        local_top = into / (PurePosixPath(top).name or "dataset")
-        local_top.mkdir()
-        pending = [(top, local_top, 0)]
-        seen = 0
-        while pending:
-            path, local, depth = pending.pop()
-            for name, kind, length in self._children(path):
-                seen += 1
-                if seen > self.MAX_NODES:
-                    raise InvalidInput(
-                        f"{text!r} holds too many files to be one ALMA dataset; give its member directory."
-                    )
-                child = f"{path}/{name}"
-                if kind == "ContainerNode" and depth < self.MAX_DEPTH and local.name != "html":
-                    (local / name).mkdir()
-                    pending.append((child, local / name, depth + 1))
-                elif kind == "DataNode":
-                    limit = next((size for pattern, size in self.WANTED if fnmatch.fnmatch(name, pattern)), 0)
-                    if limit and (length is None or length <= limit):
-                        data = self._get("files", child, limit)
-                        if data is not None:
-                            (local / name).write_bytes(data)
-        return local_top
-
-    @contextlib.asynccontextmanager
-    async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="casaspawner-vospace-") as tmp:
-            yield await asyncio.to_thread(self.mirror, text, identity, Path(tmp))

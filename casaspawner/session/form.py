@@ -1,0 +1,65 @@
+"""The spawn form: an HTML fragment JupyterHub wraps in its own form."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from casaspawner.catalog.model import Release
+from casaspawner.plan import INTERFACES, Resources
+
+_TEMPLATES = Environment(
+    loader=PackageLoader("casaspawner.session", "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def render_form(
+    *,
+    releases: Sequence[Release],
+    sizes: Mapping[str, Resources],
+    default_size: str,
+    previous: Mapping[str, Any],
+    recent: Sequence[str],
+    last: Mapping[str, Any] | None,
+    blocked: Collection[str] = (),
+    allow_override: bool = True,
+    can_read_paths: bool = False,
+    home: str = "~",
+    error: str = "",
+) -> str:
+    """Render the form, preselecting what the user chose last time.
+
+    ``releases`` are the catalog's runnable releases; those in ``blocked`` (drained now) are
+    left out of the override list. ``last`` is the last resolution the form names as the
+    recommended release.
+    """
+    resolved = None
+    if last:
+        resolved = next((r for r in releases if r.id == last.get("release")), None)
+    size = previous.get("size") if previous.get("size") in sizes else default_size
+    interface = previous.get("interface") if previous.get("interface") in INTERFACES else "lab"
+    offered = [r for r in releases if r.id not in blocked] if allow_override else []
+    chosen = (
+        previous.get("release") if previous.get("release") in {r.id for r in offered} else None
+    )
+    dataset = previous.get("dataset")
+    return _TEMPLATES.get_template("spawn_form.html").render(
+        dataset=dataset if isinstance(dataset, str) else "",
+        recent=recent,
+        interfaces=INTERFACES,
+        interface=interface,
+        sizes=sizes,
+        size=size,
+        releases=offered,
+        chosen=chosen,
+        resolved=resolved,
+        resolved_dataset=(last or {}).get("dataset", ""),
+        can_read_paths=can_read_paths,
+        home=home,
+        error=error,
+    )

@@ -1,0 +1,143 @@
+"""The session pipeline: from a spawn request to a plan, in one pass.
+
+:func:`prepare` runs the same steps for both spawners, in this order::
+
+    options → identity → resolution → substitution → plan → drain check
+
+A backend (the spawner) supplies the steps that need the hub or the machine as the methods of
+:class:`SessionSteps`, the way batchspawner's ``start`` calls ``submit_batch_script``. Nothing here
+imports JupyterHub: the pipeline is tested on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from casaspawner.catalog.model import Catalog, Release
+from casaspawner.datasets.ids import looks_like_identifier
+from casaspawner.datasets.model import Evidence, Resolution
+from casaspawner.datasets.resolve import resolve_path, resolve_target
+from casaspawner.errors import InvalidInput, NoSuchDataset, ReleaseBlocked, VersionUnknown
+from casaspawner.plan import (
+    Identity,
+    SessionPlan,
+    Substitution,
+    chosen_release,
+    make_plan,
+    release_for,
+)
+from casaspawner.session.options import parse_options
+from casaspawner.session.readers import DatasetReader
+from casaspawner.session.settings import SessionSettings
+
+
+class SessionSteps(Protocol):
+    """The steps a backend supplies to :func:`prepare`."""
+
+    async def session_identity(self) -> Identity:
+        """Who the session runs as."""
+
+    def get_dataset_reader(self) -> DatasetReader | None:
+        """What reads datasets named by path, once the identity is known."""
+
+    async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
+        """Resolve the dataset directory ``path`` a reader gave for what the user typed."""
+
+    def resolved(self, resolution: Resolution) -> None:
+        """Note what the dataset resolved to, even if the spawn is refused after this."""
+
+    async def substitute(self, release: Release) -> Substitution | None:
+        """Another release to run when the backend cannot run ``release``; None runs it."""
+
+    async def blocked_release_messages(self) -> Mapping[str, str]:
+        """Release id → the operators' message, for every release that may not start now."""
+
+
+async def prepare(
+    user_options: Mapping[str, Any], settings: SessionSettings, steps: SessionSteps
+) -> SessionPlan:
+    """Turn a spawn request into a session plan, or refuse it with one sentence.
+
+    Nothing is created here but what the steps create (a local account, say), and only after
+    the request's options were found sound.
+    """
+    options = parse_options(user_options, settings)
+    identity = await steps.session_identity()
+    resolution = await resolve(options.dataset, identity, settings, steps, release=options.release)
+    steps.resolved(resolution)
+    release, _, _ = release_for(options, resolution, settings.catalog)
+    substitution = await steps.substitute(release)
+    plan = make_plan(identity, options, settings.catalog, resolution, settings.plan, substitution)
+    blocked = await steps.blocked_release_messages()
+    if plan.release.id in blocked:
+        message = str(blocked[plan.release.id] or "").strip()
+        raise ReleaseBlocked(
+            message
+            or f"{plan.release.label} cannot be started right now; try again later or choose "
+            "another release."
+        )
+    return plan
+
+
+async def resolve(
+    text: str,
+    identity: Identity,
+    settings: SessionSettings,
+    steps: SessionSteps,
+    *,
+    release: str | None = None,
+) -> Resolution:
+    """Resolve an ALMA identifier (through the archive) or a path in the user's storage.
+
+    ``release`` is the catalog id the user chose instead. A dataset that was found but tells no
+    usable CASA version then runs that release, marked as the user's choice; an identifier or
+    path that does not lead to one dataset is still refused.
+    """
+    try:
+        return await _resolve(text, identity, settings, steps)
+    except VersionUnknown as exc:
+        if release is None:
+            raise
+        chosen = chosen_release(settings.catalog, release)
+        return Resolution(
+            text,
+            Evidence("none", "", None, None),
+            chosen,
+            False,
+            f"{exc.finding}; you chose {chosen.label}.",
+        )
+
+
+async def _resolve(
+    text: str, identity: Identity, settings: SessionSettings, steps: SessionSteps
+) -> Resolution:
+    reader = steps.get_dataset_reader()
+    if looks_like_identifier(text):
+        # A directory of the user's named like an identifier (a project code, as ALMA's
+        # downloads unpack) is that dataset, read without asking the archive.
+        if reader is not None and "/" not in text:
+            with contextlib.suppress(NoSuchDataset):
+                async with reader.open(text, identity) as path:
+                    return await steps.read_dataset(path, text, identity)
+        # Never read a hub directory named like an identifier: resolve in an empty one.
+        with tempfile.TemporaryDirectory() as empty:
+            return await asyncio.to_thread(
+                resolve_target, text, settings.catalog, archive=settings.archive, base=Path(empty)
+            )
+    if reader is None:
+        raise InvalidInput(
+            f"{text[:80]!r} is not an ALMA identifier, and this hub cannot read datasets from "
+            "your storage; give the dataset's ALMA identifier."
+        )
+    async with reader.open(text, identity) as path:
+        return await steps.read_dataset(path, text, identity)
+
+
+async def read_in_hub(path: Path, label: str, catalog: Catalog) -> Resolution:
+    """Resolve a dataset directory in the hub process, off its event loop."""
+    return await asyncio.to_thread(resolve_path, path, catalog, label=label)
