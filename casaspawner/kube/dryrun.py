@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from casaspawner.errors import CasaspawnerError, InvalidInput, shown
-from casaspawner.spawners.identity import project_groups
+from casaspawner.session.identity import project_groups
 
 #: Stands in for the user's access token so the Secret volume appears; it is never printed.
 PLACEHOLDER_TOKEN = "dry-run-placeholder"  # noqa: S105 - not a credential
@@ -154,8 +154,8 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
     from tornado import web
 
     from casaspawner.datasets.archive import AlmaDataLinkClient
-    from casaspawner.spawners.kube import CASASpawner
-    from casaspawner.spawners.storage import LocalDirectoryReader
+    from casaspawner.kube.spawner import CASASpawner
+    from casaspawner.session.readers import LocalDirectoryReader
 
     if args.uid == 0:
         raise InvalidInput("Sessions never run as root; give a --uid other than 0.")

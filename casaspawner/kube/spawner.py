@@ -1,8 +1,8 @@
-"""``CASASpawner``: KubeSpawner that starts, for a named ALMA dataset, the exact CASA build that processed it.
+"""``CASASpawner``: a KubeSpawner running the CASA build that processed a dataset.
 
-Thin by design: :class:`~casaspawner.spawners.common.CASASessionMixin` validates options and makes the
-session plan, :mod:`casaspawner.spawners.kube_objects` turns the plan into KubeSpawner fields and the token
-Secret, and KubeSpawner does all Kubernetes API work. Registered as the ``casa`` spawner
+Thin by design: :class:`~casaspawner.spawners.mixin.CASASessionMixin` runs the session pipeline,
+:mod:`casaspawner.kube.objects` turns the plan into KubeSpawner fields and the token Secret, and
+KubeSpawner does all Kubernetes API work. Registered as the ``casa`` spawner
 (``c.JupyterHub.spawner_class = "casa"``).
 """
 
@@ -21,10 +21,12 @@ from kubernetes_asyncio.client.rest import ApiException
 from kubespawner import KubeSpawner
 from traitlets import Bool, Dict, Unicode, default, validate
 
-from casaspawner.errors import InvalidInput
+from casaspawner.errors import ConfigurationError, InvalidInput
+from casaspawner.kube import events, objects, podsecurity
+from casaspawner.kube.quantities import quantity_bytes
 from casaspawner.plan import SessionPlan
-from casaspawner.spawners import kube_objects
-from casaspawner.spawners.common import CASASessionMixin, ConfigurationError, spawn_error
+from casaspawner.spawners.errors import spawn_error
+from casaspawner.spawners.mixin import CASASessionMixin
 
 #: Placeholder owner uid in dry-run Secrets (the real one exists only once the pod does).
 DRY_RUN_OWNER_UID = "00000000-0000-0000-0000-000000000000"
@@ -185,21 +187,22 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         super().check_config()
         for name in ("scratch_size_limit", "tmp_size_limit"):
             value = getattr(self, name)
-            if not kube_objects.quantity_bytes(value):
+            if not quantity_bytes(value):
                 raise ConfigurationError(
                     f"{self.option(name)} is {value!r}, not a Kubernetes quantity of bytes such as '20Gi'"
                 )
         try:
             for what, source in (("storage", self.storage_volume), ("measures data", self.measures_volume)):
-                kube_objects.volume_source(source, what, self.pod_security_level)
+                objects.volume_source(source, what, self.pod_security_level)
         except InvalidInput as exc:
             raise ConfigurationError(str(exc)) from None
 
     def check_pod_security(self, pod: dict[str, Any]) -> None:
         """Refuse (one sentence) a final pod manifest that breaks ``pod_security_level``, or that carries the
         user's access token itself (put there by an operator's hook or setting) instead of only the token file."""
-        problem = kube_objects.pod_security_sentence(
-            kube_objects.pod_security_violations(pod, self.pod_security_level), self.pod_security_level
+        level = self.pod_security_level
+        problem = podsecurity.pod_security_sentence(
+            podsecurity.pod_security_violations(pod, level), level
         )
         token = self.access_token
         if not problem and token and token in json.dumps(pod, ensure_ascii=False):
@@ -217,8 +220,8 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         """Name of this session's token Secret, or None when the user has no token."""
         return f"{self.pod_name}-token" if self.access_token else None
 
-    def pod_settings(self) -> kube_objects.PodSettings:
-        return kube_objects.PodSettings(
+    def pod_settings(self) -> objects.PodSettings:
+        return objects.PodSettings(
             storage_volume=self.storage_volume,
             measures_volume=self.measures_volume,
             scratch_size_limit=self.scratch_size_limit,
@@ -231,13 +234,10 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
 
     def apply_plan(self, plan: SessionPlan) -> None:
         super().apply_plan(plan)
-        self._set_session_fields(plan)
-
-    def _set_session_fields(self, plan: SessionPlan) -> None:
-        fields = kube_objects.session_fields(
+        fields = objects.session_fields(
             plan,
             self.pod_settings(),
-            environment=self.environment,  # the session's variables already merged in (merge_session_environment)
+            environment=self.environment,
             volumes=self.volumes,
             volume_mounts=self.volume_mounts,
             extra_labels=self.extra_labels,
@@ -248,21 +248,24 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             setattr(self, name, value)
 
     async def load_user_options(self) -> None:
-        """Profiles first (KubeSpawner), then the session plan, so the plan's decisions always win.
+        """Profiles first (KubeSpawner), then the session plan, so the plan always wins.
 
-        The form offers no profiles and ``user_options["profile"]`` holds the plan's summary, so KubeSpawner
-        applies its default profile (the one marked ``default``, else the first) of ``profile_list``.
+        The form offers no profiles, so KubeSpawner applies its default profile (the one marked
+        ``default``, else the first) of ``profile_list``.
         """
         plan = await self.prepare_session()
-        options = self.user_options
-        # ``profile`` holds the plan summary for the admin page, not a KubeSpawner profile slug.
-        self.user_options = {k: v for k, v in options.items() if k != "profile"}
-        try:
-            await super().load_user_options()
-        finally:
-            self.user_options = options
-        self.merge_session_environment(plan)  # over a profile's environment
-        self._set_session_fields(plan)
+        await super().load_user_options()
+        self.apply_plan(plan)
+
+    def start(self) -> asyncio.Future[Any]:
+        """Start the pod as KubeSpawner does; once it answers, record the session."""
+        future: asyncio.Future[Any] = super().start()
+        future.add_done_callback(self._record_started)
+        return future
+
+    def _record_started(self, future: asyncio.Future[Any]) -> None:
+        if self.session_plan is not None and not future.cancelled() and not future.exception():
+            self.record_session(self.session_plan)
 
     async def dry_run_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """What a spawn of ``user_options`` would submit, with no cluster: the steps JupyterHub runs before
@@ -296,7 +299,7 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
     # ------------------------------------------------------------------------------------------- secrets
     def token_secret_manifest(self, pod_name: str, pod_uid: str, token: str | None) -> dict[str, Any]:
         assert self.token_secret_name is not None
-        return kube_objects.token_secret(
+        return objects.token_secret(
             self.token_secret_name,
             token,
             owner_name=pod_name,
@@ -392,7 +395,7 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         if not starting:
             return bool(super().is_pod_running(pod))
         plan = self.session_plan
-        failure = kube_objects.spawn_failure(
+        failure = events.spawn_failure(
             pod,
             list(self.events) if self.events_enabled else [],
             plan.image if plan else self.image,
@@ -411,7 +414,7 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         image = self.session_plan.image if self.session_plan else self.image
         async for event in super().progress():
             raw = event.get("raw_event")
-            text = kube_objects.describe_event(raw, image) if raw else None
+            text = events.describe_event(raw, image) if raw else None
             if text:
                 event = {**event, "message": text}
             event.pop("raw_event", None)

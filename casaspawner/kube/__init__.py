@@ -1,0 +1,6 @@
+"""Running sessions on Kubernetes: ``CASASpawner``, a KubeSpawner subclass.
+
+``spawner`` is the hub glue; ``objects`` builds the pod's fields and the token Secret from a plan,
+purely; ``podsecurity`` checks a pod against the Pod Security Standards; ``events`` turns kubelet
+events into progress lines and failures; ``dryrun`` is ``casaspawner pod``.
+"""
