@@ -1,6 +1,6 @@
 """The embedded demo: one machine, a real JupyterHub, a real CASA, a real (small) ALMA dataset.
 
-``python -m casaspawner.demo`` (what ``make demo`` runs):
+``python -m casaspawner.local.demo`` (what ``make demo`` runs):
 
 1. chooses the demo's CASA release: the newest modular release of the catalog that this machine can install
    (its wheels support a Python found here), and builds its environment if needed;
@@ -31,10 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from casaspawner import runtime
 from casaspawner.catalog.model import Catalog, Release, load_catalog
-from casaspawner.datasets.synth import DatasetSpec, write_dataset
-from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
+from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
 from casaspawner.errors import CasaspawnerError
+from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
 
 DEMO_USER = "demo"
 DEMO_PROJECT = "2023.1.01234.S"
@@ -75,42 +76,6 @@ def demo_release(manager: EnvironmentManager, catalog: Catalog | None = None) ->
     return release
 
 
-#: Run by the CASA environment's Python: argv = [target MS]; prints the row count.
-SIMULATE_MS = """
-import sys
-import casatools
-
-target = sys.argv[1]
-me, sm, tb = casatools.measures(), casatools.simulator(), casatools.table()
-alma = me.observatory("ALMA")
-east = [0.0, 48.0, -36.0, 25.0, -61.0]
-north = [0.0, 17.0, 44.0, -52.0, -23.0]
-sm.open(target)
-sm.setconfig(
-    telescopename="ALMA", x=east, y=north, z=[0.0] * 5, dishdiameter=[12.0] * 5, mount=["alt-az"] * 5,
-    antname=["DA41", "DA42", "DV03", "DV07", "PM02"], padname=["A001", "A002", "A003", "A004", "A005"],
-    coordsystem="local", referencelocation=alma,
-)
-sm.setspwindow(spwname="SPW0", freq="230GHz", deltafreq="15.625MHz", freqresolution="15.625MHz",
-               nchannels=16, stokes="XX YY")
-sm.setfeed(mode="perfect X Y")
-sm.setfield(sourcename="DemoQuasar", sourcedirection=me.direction("J2000", "12h30m49.4s", "-23d23m28s"))
-sm.setlimits(shadowlimit=0.001, elevationlimit="8deg")
-sm.setauto(autocorrwt=0.0)
-sm.settimes(integrationtime="10s", usehourangle=True, referencetime=me.epoch("UTC", "2024/03/21/00:00:00"))
-sm.observe("DemoQuasar", "SPW0", starttime="-150s", stoptime="150s")
-cl = casatools.componentlist()
-cl.addcomponent(dir="J2000 12h30m49.4s -23d23m28s", flux=1.5, fluxunit="Jy", freq="230GHz", shape="point")
-cl.rename(target + ".cl")
-cl.close()
-sm.predict(complist=target + ".cl")
-sm.setnoise(mode="simplenoise", simplenoise="0.05Jy")
-sm.corrupt()
-sm.close()
-tb.open(target)
-print("ROWS", tb.nrows())
-tb.close()
-"""
 
 
 def demo_dir() -> Path:
@@ -226,7 +191,8 @@ def write_demo_dataset(home: Path, ms: Path, spec: DatasetSpec) -> None:
 def prepare_home(storage: Path, username: str = DEMO_USER) -> Path:
     """The hub user's home in ``storage``, owned as a session will own it (as root: its local account,
     created now as the spawner would create it on first login)."""
-    from casaspawner.spawners.local import LocalCASASpawner, ensure_account, prepare_owned_dir
+    from casaspawner.local.accounts import ensure_account, prepare_owned_dir
+    from casaspawner.local.spawner import LocalCASASpawner
 
     home = storage / "home" / username
     if os.geteuid() == 0:
@@ -311,7 +277,7 @@ def hub_environment(root: Path, port: int, password: str, cache_dir: Path, stora
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m casaspawner.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m casaspawner.local.demo", description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=("run", "prepare"), default="run")
     parser.add_argument(
         "--port", default=None, help="the hub's port (default 8000, or CASASPAWNER_DEMO_PORT)"
@@ -323,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = (args.dir or demo_dir()).resolve()
     storage = (args.storage or storage_root(root)).resolve()
-    cache_dir = Path(os.environ.get("CASASPAWNER_ENVIRONMENTS_DIR") or default_cache_dir())
+    cache_dir = Path(os.environ.get("CASASPAWNER_ENVIRONMENTS_DIR") or runtime.cache_dir())
     try:
         port = parse_port(
             args.port if args.port is not None else os.environ.get("CASASPAWNER_DEMO_PORT", "8000")

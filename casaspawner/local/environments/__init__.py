@@ -1,19 +1,12 @@
-"""Per-release CASA environments for sessions on one machine (venvs from wheels, unpacked tarballs)."""
+"""Per-release CASA environments for sessions on one machine: wheels venvs, unpacked tarballs.
 
-from casaspawner.environments.build import (
-    CasaEnvironment,
-    EnvironmentBuildError,
-    EnvironmentManager,
-    default_cache_dir,
-    site_config_text,
-)
-from casaspawner.environments.pythons import find_python
+``model`` is what a finished environment offers a session, ``manager`` finds and builds them,
+``steps`` are the build's commands and checks, ``session_files`` installs the desktop and package
+copies sessions read, ``pythons`` finds interpreters and ``cli`` is ``casaspawner envs``.
+"""
 
-__all__ = [
-    "CasaEnvironment",
-    "EnvironmentBuildError",
-    "EnvironmentManager",
-    "default_cache_dir",
-    "find_python",
-    "site_config_text",
-]
+from casaspawner.local.environments.manager import EnvironmentManager
+from casaspawner.local.environments.model import CasaEnvironment
+from casaspawner.local.environments.steps import EnvironmentBuildError
+
+__all__ = ["CasaEnvironment", "EnvironmentBuildError", "EnvironmentManager"]

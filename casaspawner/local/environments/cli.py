@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from casaspawner.catalog.model import load_catalog
-from casaspawner.environments.build import EnvironmentManager, default_cache_dir
+from casaspawner.local.environments.manager import EnvironmentManager
+from casaspawner.runtime import cache_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--cache-dir", type=Path, default=None, help=f"environments cache (default {default_cache_dir()})"
+        "--cache-dir", type=Path, default=None, help=f"environments cache (default {cache_dir()})"
     )
     p.add_argument("--tarball-mirror", default=None, help="base URL to fetch monolithic tarballs from")
     p.add_argument("--probe-timeout", type=float, default=5.0, help="seconds to wait for a tarball to answer")

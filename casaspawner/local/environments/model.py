@@ -1,0 +1,116 @@
+"""A finished CASA environment for one release, as sessions use it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from casaspawner import runtime
+from casaspawner.local.environments.steps import EnvironmentBuildError, atomic_write
+
+#: The metadata file of a finished environment.
+META = "casaspawner-env.json"
+#: Environments written by an older casaspawner are rebuilt.
+#:
+#: Format 1: GUI tasks not import-checked; 2: no casarc for the GUI apps.
+FORMAT = 3
+
+
+@dataclass(frozen=True)
+class CasaEnvironment:
+    """A finished environment for one release."""
+
+    release_id: str
+    tag: str
+    casa: str
+    root: Path
+    python: Path | None  # None: a CASA without Python 3 (4.x/5.x), desktop only
+    casa_home: Path
+    site_config: Path
+    measures: Path
+    kernel_site: Path | None = None
+    #: Whether the build was seen to start here (casatools offline, or a CASA 4/5 ``bin/casa --nogui``).
+    run_checked: bool = True
+
+    @classmethod
+    def load(cls, root: Path) -> CasaEnvironment:
+        meta = json.loads((root / META).read_text())
+        return cls(
+            release_id=meta["release"],
+            tag=meta["tag"],
+            casa=meta["casa"],
+            root=root,
+            python=root / meta["python"] if meta.get("python") else None,
+            casa_home=root / meta["casa_home"],
+            site_config=root / "casasiteconfig.py",
+            measures=Path(meta["measures"]),
+            kernel_site=root / meta["kernel_site"] if meta.get("kernel_site") else None,
+            run_checked=bool(meta.get("run_checked", meta.get("python") is not None)),
+        )
+
+    @property
+    def kernel_id(self) -> str:
+        """The kernel's directory name (``casa-6.6.5-31``); the display name is per session."""
+        return runtime.kernel_id(self.tag)
+
+    @property
+    def casarc(self) -> Path:
+        """casacore's resource file pointing ``measures.directory`` at the shared measures (``CASARCFILES``):
+        the GUI apps (plotms, the viewer) ignore casaconfig and otherwise find no Observatories table."""
+        return self.root / "casarc"
+
+    def kernel_environment(self) -> dict[str, str]:
+        env = {
+            "CASASITECONFIG": str(self.site_config),
+            "CASARCFILES": str(self.casarc),
+            "PYTHONNOUSERSITE": "1",
+        }
+        if self.kernel_site is not None:
+            env["PYTHONPATH"] = str(self.kernel_site)
+        return env
+
+    def write_kernelspec(self, display_name: str) -> Path:
+        """Write (idempotently) a kernel spec named ``display_name``; return the dir for ``JUPYTER_PATH``."""
+        if self.python is None:
+            raise EnvironmentBuildError(
+                f"CASA {self.casa} has no Python 3 to run a notebook kernel; choose the desktop interface."
+            )
+        variant = hashlib.sha256(display_name.encode()).hexdigest()[:12]
+        jupyter = self.root / "jupyter" / variant
+        spec_dir = jupyter / "kernels" / self.kernel_id
+        spec = {
+            "argv": [str(self.python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": display_name,
+            "language": "python",
+            "env": self.kernel_environment(),
+            "metadata": {"casaspawner": {"release": self.release_id, "casa": self.casa}},
+        }
+        text = json.dumps(spec, indent=1)
+        target = spec_dir / "kernel.json"
+        try:
+            if not target.is_file() or target.read_text() != text:
+                spec_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, text)
+        except OSError as error:
+            raise EnvironmentBuildError(
+                f"The {display_name} kernel could not be registered: {error.strerror or error} ({spec_dir})."
+            ) from None
+        return jupyter
+
+    def session_environment(self) -> dict[str, str]:
+        """Variables the session (desktop start script, terminals) uses to find this CASA."""
+        env = {
+            "CASASPAWNER_CASA_HOME": str(self.casa_home),
+            "CASASITECONFIG": str(self.site_config),
+            "CASARCFILES": str(self.casarc),
+            "CASA_MEASURES_PATH": str(self.measures),
+        }
+        if self.python is not None:
+            env["CASASPAWNER_CASA_PYTHON"] = str(self.python)
+        if self.kernel_site is not None:
+            env["CASASPAWNER_CASA_PYTHONPATH"] = str(self.kernel_site)
+        return env
+
+
