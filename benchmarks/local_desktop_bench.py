@@ -36,8 +36,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from casaspawner import demo  # noqa: E402
-from casaspawner.environments import default_cache_dir  # noqa: E402
+from casaspawner.local import demo  # noqa: E402
+from casaspawner.runtime import cache_dir as default_cache_dir  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]  # fmt: skip

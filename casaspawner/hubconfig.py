@@ -1,12 +1,15 @@
-"""Building blocks of a casaspawner hub's configuration, shared by ``hub-config/jupyterhub_config.py`` (a hub
-outside Kubernetes) and the Zero to JupyterHub values' ``hub.extraConfig`` (``hub-config/z2jh/values.yaml``).
+"""Building blocks of a casaspawner hub's configuration, shared by both deployments.
 
-Both deployments describe themselves with a :class:`HubSettings` (from environment variables,
-:func:`settings_from_environment`, or from Helm values, :func:`settings_from_z2jh`) and hand it to
-:func:`configure_hub`, which sets everything that is the same in both: login rules, the spawner's settings,
-the casa-sessions service, the roles and jupyterhub-idle-culler. What differs is only what the settings say
-(where the service listens, which Python runs it, the hub API address). ``tests/hub`` loads both files and
-compares what they produce.
+One deployment is ``hub-config/jupyterhub_config.py``, a hub outside Kubernetes. The other is the
+Zero to JupyterHub values' ``hub.extraConfig``, in ``hub-config/z2jh/values.yaml``.
+
+Both deployments describe themselves with a :class:`HubSettings`. It comes from environment
+variables (:func:`settings_from_environment`) or from Helm values (:func:`settings_from_z2jh`).
+They hand it to :func:`configure_hub`, which sets everything that is the same in both: login
+rules, the spawner's settings, the casa-sessions service, the roles and jupyterhub-idle-culler.
+
+What differs is only what the settings say: where the service listens, which Python runs it and
+the hub API address. ``tests/hub`` loads both files and compares what they produce.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ SERVICE_NAME = "casa-sessions"
 CULLER_NAME = "jupyterhub-idle-culler"
 OPERATORS_ROLE = "casa-operators"
 ADMINS_ROLE = "casa-admins"
-#: What the casa-sessions service itself may do through the hub API: read who runs what, nothing more.
+#: What the casa-sessions service itself may do through the hub API.
+#:
+#: It reads who runs what, nothing more.
 SERVICE_SCOPES = ["list:users", "read:users:activity", "read:servers"]
 #: What operators get: the casa-sessions pages, and JupyterHub's admin page read-only.
 OPERATOR_SCOPES = [
@@ -37,11 +42,16 @@ OPERATOR_SCOPES = [
     "read:users",
     "read:servers",
 ]
-#: The hub's administrators: JupyterHub's ``admin`` role without what would let them into users' sessions or
-#: their credentials — ``access:servers`` (enter a session), ``admin:auth_state`` (the OIDC tokens, part of
-#: ``admin:users``), ``tokens`` (act as a user) and ``shares`` (share a user's server with themselves) — nor
-#: ``proxy``, which the admin page never uses: it reads the routing table (every session's pod address) and
-#: repoints the hub's proxy API URL and token (``PATCH /hub/api/proxy``), breaking every session's route.
+#: The hub's administrators' scopes: JupyterHub's ``admin`` role, minus some.
+#:
+#: Left out is what would let them into users' sessions or their credentials:
+#: ``access:servers`` (enter a session), ``admin:auth_state`` (the OIDC tokens, part of
+#: ``admin:users``), ``tokens`` (act as a user) and ``shares`` (share a user's server with
+#: themselves).
+#:
+#: Also left out is ``proxy``, which the admin page never uses. It reads the routing table, with
+#: every session's pod address. It also repoints the hub's proxy API URL and token
+#: (``PATCH /hub/api/proxy``), breaking every session's route.
 ADMIN_SCOPES = [
     "admin-ui",
     "users",
@@ -55,9 +65,13 @@ ADMIN_SCOPES = [
     "access:services",
     "read:metrics",
 ]
-#: jupyterhub-idle-culler's least-privilege scopes (``admin:users`` is added only when it culls users).
+#: jupyterhub-idle-culler's least-privilege scopes.
+#:
+#: ``admin:users`` is added only when it culls users.
 CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
-#: Where auth_state keeps the OIDC user info (OAuthenticator's ``oauth_user``) and what the spawner reads.
+#: Where auth_state keeps what the spawner reads of the OIDC user info.
+#:
+#: The user info is OAuthenticator's ``oauth_user``.
 CLAIMS = {
     "uid_claim": "oauth_user.uid",
     "gid_claim": "oauth_user.gid",
@@ -69,7 +83,10 @@ CLAIMS = {
 
 @dataclass(frozen=True)
 class CullSettings:
-    """jupyterhub-idle-culler's options (z2jh's ``cull:`` values, same defaults)."""
+    """jupyterhub-idle-culler's options.
+
+    They are z2jh's ``cull:`` values, with the same defaults.
+    """
 
     timeout: int = 3600
     every: int = 600
@@ -84,46 +101,58 @@ class CullSettings:
 class HubSettings:
     """Everything a casaspawner hub's configuration depends on."""
 
-    #: the drain/retire state file the service writes and the spawners read
+    #: The drain/retire state file the service writes and the spawners read.
     state_file: str
-    #: where the proxy and the sessions reach casa-sessions (scheme, host and port)
+    #: Where the proxy and the sessions reach casa-sessions: scheme, host and port.
     sessions_url: str
-    #: address casa-sessions listens on; None: the host of ``sessions_url``
+    #: Address casa-sessions listens on. None means the host of ``sessions_url``.
     sessions_listen_ip: str | None = None
-    #: the hub API as the hub's own services reach it; None: ``$JUPYTERHUB_API_URL`` from the hub
+    #: The hub API as the hub's own services reach it.
+    #: None means ``$JUPYTERHUB_API_URL`` from the hub.
     hub_api_url: str | None = None
-    #: ``JupyterHub.base_url``
+    #: ``JupyterHub.base_url``.
     base_url: str = "/"
-    #: Python that runs the hub's services (casa-sessions, the culler)
+    #: Python that runs the hub's services: casa-sessions and the culler.
     python: str = sys.executable
     spawner_class: str = "casa"
-    #: group given the casa-operators role; None: nobody
+    #: Group given the casa-operators role. None means nobody.
     operators_group: str | None = "casa-operators"
-    #: group given the casa-admins role (admins who cannot enter sessions); None: nobody
+    #: Group given the casa-admins role, admins who cannot enter sessions. None means nobody.
     admins_group: str | None = "hub-admins"
-    #: groups whose project directories are mounted (a regular expression matching whole names)
+    #: Groups whose project directories are mounted.
+    #: A regular expression matching whole names.
     project_group_pattern: str = "proj-.*"
-    #: the hub's read-only mount of Cavern (``CASASpawner.storage_hub_path``); None: datasets by identifier only
+    #: The hub's read-only mount of Cavern, ``CASASpawner.storage_hub_path``.
+    #: None means datasets by identifier only.
     storage_hub_path: str | None = "/cavern"
-    #: ``CASASpawner.start_timeout``: first pulls of multi-GB CASA images on a node take minutes
+    #: ``CASASpawner.start_timeout``, in seconds.
+    #: First pulls of multi-GB CASA images on a node take minutes.
     start_timeout: int = 600
-    #: seconds between a session's requests for its notices
+    #: Seconds between a session's requests for its notices.
     notices_interval: int = 60
-    #: how long before an idle cull users are warned in their session (seconds)
+    #: How long before an idle cull users are warned in their session, in seconds.
     warn_before: int = 600
-    #: the idle culler; None: no culling (and no cull warnings)
+    #: The idle culler. None means no culling and no cull warnings.
     cull: CullSettings | None = field(default_factory=CullSettings)
 
     @property
     def notices_url(self) -> str:
-        """Where sessions ask casa-sessions for their notices (directly, not through the proxy)."""
+        """Where sessions ask casa-sessions for their notices.
+
+        They ask directly, not through the proxy.
+        """
         return str(
-            url_path_join(self.sessions_url, self.base_url, "services", SERVICE_NAME, "api", "notices")
+            url_path_join(
+                self.sessions_url, self.base_url, "services", SERVICE_NAME, "api", "notices"
+            )
         )
 
 
 def casa_sessions_service(settings: HubSettings) -> dict[str, Any]:
-    """The hub-managed casa-sessions service entry (``c.JupyterHub.services`` item)."""
+    """The hub-managed casa-sessions service entry.
+
+    It is an item of ``c.JupyterHub.services``.
+    """
     cull_timeout = settings.cull.timeout if settings.cull is not None else 0
     command = [settings.python, "-m", "casaspawner.services", "--state-file", settings.state_file]
     command += ["--cull-timeout", str(cull_timeout), "--warn-before", str(settings.warn_before)]
@@ -161,7 +190,10 @@ def casa_roles(settings: HubSettings) -> list[dict[str, Any]]:
         ),
         (
             ADMINS_ROLE,
-            "Hub administrators: users, groups, servers and services, but not users' sessions or tokens",
+            (
+                "Hub administrators: users, groups, servers and services, "
+                "but not users' sessions or tokens"
+            ),
             ADMIN_SCOPES,
             settings.admins_group,
         ),
@@ -174,9 +206,9 @@ def casa_roles(settings: HubSettings) -> list[dict[str, Any]]:
 
 
 def idle_culler_service(settings: HubSettings) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """jupyterhub-idle-culler as a hub-managed service with its least-privilege role (None: no culling).
+    """jupyterhub-idle-culler as a hub-managed service with its least-privilege role.
 
-    The same command and role z2jh builds from its ``cull:`` values.
+    None means no culling. The command and role are the same z2jh builds from its ``cull:`` values.
     """
     cull = settings.cull
     if cull is None:
@@ -210,7 +242,7 @@ def idle_culler_service(settings: HubSettings) -> tuple[dict[str, Any], dict[str
 
 
 def _replace(entries: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``entries`` without those named like one in ``new``, then ``new``."""
+    """Return ``entries`` without those named like one in ``new``, then ``new``."""
     names = {entry["name"] for entry in new}
     return [entry for entry in entries if entry.get("name") not in names] + new
 
@@ -225,40 +257,45 @@ def configure_login(c: Any) -> None:
     The site's part (endpoints, client, ``allowed_groups``, ``login_service``) is set before this.
     """
     c.JupyterHub.authenticator_class = "generic-oauth"
-    # auth_state keeps the tokens and the user info (uid, gid, groups) for the spawner, encrypted with
-    # JUPYTERHUB_CRYPT_KEY (z2jh: hub.config.CryptKeeper.keys, generated into the chart's Secret).
+    # auth_state keeps the tokens and the user info (uid, gid, groups) for the spawner. It is
+    # encrypted with JUPYTERHUB_CRYPT_KEY. In z2jh that is hub.config.CryptKeeper.keys, generated
+    # into the chart's Secret.
     c.Authenticator.enable_auth_state = True
     oauth = c.GenericOAuthenticator
     oauth.scope = ["openid", "profile", "email"]
     oauth.username_claim = "preferred_username"
-    # The provider's groups become JupyterHub groups: they decide who may log in and who gets which role.
+    # The provider's groups become JupyterHub groups. They decide who may log in and who gets which
+    # role.
     oauth.manage_groups = True
     oauth.auth_state_groups_key = "oauth_user.groups"
     if "custom_403_message" not in oauth:
         allowed = ", ".join(sorted(oauth.allowed_groups)) if "allowed_groups" in oauth else ""
         oauth.custom_403_message = (
-            f"Your account is not in a group allowed to use this CASA hub ({allowed}). Ask your observatory's "
-            "helpdesk to add you to one of them, then sign in again."
+            f"Your account is not in a group allowed to use this CASA hub ({allowed}). "
+            "Ask your observatory's helpdesk to add you to one of them, then sign in again."
         )
     for trait, key in CLAIMS.items():
         c.CASASessionMixin[trait] = key
 
 
 def configure_spawner(c: Any, settings: HubSettings) -> None:
-    """The CASA spawner, honouring drains, with in-session notices."""
+    """Configure the CASA spawner, honouring drains, with in-session notices."""
     c.JupyterHub.spawner_class = settings.spawner_class
-    # The mixin is a Configurable: this reaches CASASpawner and LocalCASASpawner alike, and it outranks the
-    # KubeSpawner and Spawner sections (z2jh writes singleuser.* into KubeSpawner).
+    # The mixin is a Configurable, so this reaches CASASpawner and LocalCASASpawner alike. It also
+    # outranks the KubeSpawner and Spawner sections, and z2jh writes singleuser.* into KubeSpawner.
     c.CASASessionMixin.blocked_releases = drain_blocker(settings.state_file)
     c.CASASessionMixin.notices_url = settings.notices_url
     c.CASASessionMixin.project_group_pattern = settings.project_group_pattern
-    # Kubernetes sessions only (LocalCASASpawner has its own defaults for both).
+    # Kubernetes sessions only. LocalCASASpawner has its own defaults for both.
     c.CASASpawner.storage_hub_path = settings.storage_hub_path
     c.CASASpawner.start_timeout = settings.start_timeout
 
 
 def configure_services(c: Any, settings: HubSettings) -> None:
-    """casa-sessions and jupyterhub-idle-culler with their roles (replacing entries of the same names)."""
+    """Configure casa-sessions and jupyterhub-idle-culler with their roles.
+
+    They replace existing entries of the same names.
+    """
     services = [casa_sessions_service(settings)]
     roles = casa_roles(settings)
     culler = idle_culler_service(settings)
@@ -270,17 +307,18 @@ def configure_services(c: Any, settings: HubSettings) -> None:
 
 
 def configure_hub(c: Any, settings: HubSettings) -> None:
-    """Everything both deployments share: login, spawner, services and roles."""
+    """Configure everything both deployments share: login, spawner, services and roles."""
     configure_login(c)
     configure_spawner(c, settings)
     configure_services(c, settings)
 
 
 class HubConfigError(SystemExit):
-    """A hub setting cannot be used; ``str(error)`` is one sentence naming it.
+    """A hub setting cannot be used.
 
-    A :class:`SystemExit`, raised while JupyterHub loads its configuration file: JupyterHub reports any other
-    exception there with a traceback, but stops on this one with just the sentence (on stderr, exit status 1).
+    ``str(error)`` is one sentence naming it. It is a :class:`SystemExit`, raised while JupyterHub
+    loads its configuration file. JupyterHub reports any other exception there with a traceback,
+    but stops on this one with just the sentence, on stderr with exit status 1.
     """
 
 
@@ -288,7 +326,10 @@ _WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 
 def _whole(value: object, name: str, minimum: int, unit: str | None = "seconds") -> int:
-    """``value`` (text from the environment, or a Helm value) as a whole number of at least ``minimum``."""
+    """Return ``value`` as a whole number of at least ``minimum``.
+
+    ``value`` is text from the environment, or a Helm value.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         number: int | None = value
     elif isinstance(value, str) and _WHOLE.fullmatch(value):
@@ -298,24 +339,31 @@ def _whole(value: object, name: str, minimum: int, unit: str | None = "seconds")
     if number is None or number < minimum:
         given = repr(shown(value)) if isinstance(value, str) else repr(value)
         of_unit = f" of {unit}" if unit else ""
-        raise HubConfigError(f"{name} must be a whole number{of_unit}, {minimum} or more, not {given}.")
+        raise HubConfigError(
+            f"{name} must be a whole number{of_unit}, {minimum} or more, not {given}."
+        )
     return number
 
 
 def settings_from_environment(env: Mapping[str, str], *, cwd: str = ".") -> HubSettings:
-    """A hub outside z2jh (``hub-config/jupyterhub_config.py``): settings from environment variables.
+    """Settings from environment variables, for a hub outside z2jh.
 
-    A number that is not one (``CASA_CULL_TIMEOUT=1h``) raises :class:`HubConfigError` naming the variable.
+    That hub is ``hub-config/jupyterhub_config.py``. A number that is not one, such as
+    ``CASA_CULL_TIMEOUT=1h``, raises :class:`HubConfigError` naming the variable.
     """
 
     def seconds(variable: str, default: int, minimum: int = 1) -> int:
-        return _whole(env.get(variable, str(default)), f"The environment variable {variable}", minimum)
+        return _whole(
+            env.get(variable, str(default)), f"The environment variable {variable}", minimum
+        )
 
     timeout = seconds("CASA_CULL_TIMEOUT", CullSettings.timeout, minimum=0)
     storage = env.get("CASA_STORAGE_HUB_PATH", "/cavern")
     return HubSettings(
-        state_file=env.get("CASASPAWNER_RELEASE_STATE")
-        or os.path.abspath(os.path.join(cwd, DEFAULT_STATE_FILE)),
+        state_file=(
+            env.get("CASASPAWNER_RELEASE_STATE")
+            or os.path.abspath(os.path.join(cwd, DEFAULT_STATE_FILE))
+        ),
         sessions_url=env.get("CASA_SESSIONS_URL", "http://127.0.0.1:10101"),
         base_url=env.get("CASA_BASE_URL", "/"),
         spawner_class=env.get("CASASPAWNER_SPAWNER", "casa"),
@@ -326,29 +374,37 @@ def settings_from_environment(env: Mapping[str, str], *, cwd: str = ".") -> HubS
         start_timeout=seconds("CASA_START_TIMEOUT", HubSettings.start_timeout),
         notices_interval=seconds("CASA_NOTICES_INTERVAL", HubSettings.notices_interval),
         warn_before=seconds("CASA_CULL_WARN_BEFORE", HubSettings.warn_before, minimum=0),
-        cull=CullSettings(timeout=timeout, every=seconds("CASA_CULL_EVERY", CullSettings.every))
-        if timeout > 0
-        else None,
+        cull=(
+            CullSettings(timeout=timeout, every=seconds("CASA_CULL_EVERY", CullSettings.every))
+            if timeout > 0
+            else None
+        ),
     )
 
 
-#: z2jh: the hub API as seen from inside the hub pod (what the chart's own culler uses). Going through the
-#: ``hub`` Service from the hub pod would need the hub's NetworkPolicy to admit the hub itself.
+#: z2jh: the hub API as seen from inside the hub pod.
+#:
+#: The chart's own culler uses it too. Going through the ``hub`` Service from the hub pod would
+#: need the hub's NetworkPolicy to admit the hub itself.
 Z2JH_HUB_API = "http://localhost:8081"
-#: z2jh: casa-sessions on the hub pod, through the hub Service's extra port (``hub.service.extraPorts``).
+#: z2jh: casa-sessions on the hub pod, through the hub Service's extra port.
+#:
+#: That port is one of ``hub.service.extraPorts``.
 Z2JH_SESSIONS_URL = "http://hub:10101"
 
 
 def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
-    """The Zero to JupyterHub values (``custom.casaspawner``, ``cull``, ``hub.baseUrl``) as settings.
+    """Settings from the Zero to JupyterHub values.
 
-    ``get_config`` is z2jh's ``z2jh.get_config(key, default)``; the chart's own defaults apply to ``cull``.
-    A number that is not one raises :class:`HubConfigError` naming the value.
+    The values read are ``custom.casaspawner``, ``cull`` and ``hub.baseUrl``. ``get_config`` is
+    z2jh's ``z2jh.get_config(key, default)``. The chart's own defaults apply to ``cull``. A number
+    that is not one raises :class:`HubConfigError` naming the value.
     """
     casa: Mapping[str, Any] = get_config("custom.casaspawner", {}) or {}
     if not isinstance(casa, Mapping):
         raise HubConfigError(
-            f"custom.casaspawner in the Helm values must be a map of settings, not {type(casa).__name__}."
+            "custom.casaspawner in the Helm values must be a map of settings, "
+            f"not {type(casa).__name__}."
         )
     base_url = str(get_config("hub.baseUrl", "/") or "/")
     defaults = HubSettings(state_file="", sessions_url="")
@@ -356,10 +412,14 @@ def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
 
     def chart(key: str, default: int, minimum: int = 1, unit: str | None = "seconds") -> int:
         value = get_config(key, default)
-        return _whole(default if value is None else value, f"{key} in the Helm values", minimum, unit)
+        return _whole(
+            default if value is None else value, f"{key} in the Helm values", minimum, unit
+        )
 
     def ours(key: str, default: int, minimum: int = 1) -> int:
-        return _whole(casa.get(key, default), f"custom.casaspawner.{key} in the Helm values", minimum)
+        return _whole(
+            casa.get(key, default), f"custom.casaspawner.{key} in the Helm values", minimum
+        )
 
     cull = None
     if get_config("cull.enabled", False):
@@ -370,12 +430,15 @@ def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
             max_age=chart("cull.maxAge", culled.max_age, minimum=0),
             users=bool(get_config("cull.users", culled.users)),
             admin_users=bool(get_config("cull.adminUsers", culled.admin_users)),
-            remove_named_servers=bool(get_config("cull.removeNamedServers", culled.remove_named_servers)),
+            remove_named_servers=bool(
+                get_config("cull.removeNamedServers", culled.remove_named_servers)
+            ),
         )
     return HubSettings(
         state_file=str(casa.get("stateFile", "/srv/jupyterhub/casa-release-state.json")),
         sessions_url=str(casa.get("sessionsUrl", Z2JH_SESSIONS_URL)),
-        sessions_listen_ip="0.0.0.0",  # noqa: S104 - the proxy and the sessions reach it through the hub Service
+        # The proxy and the sessions reach casa-sessions through the hub Service.
+        sessions_listen_ip="0.0.0.0",  # noqa: S104
         hub_api_url=Z2JH_HUB_API + url_path_join(base_url, "hub", "api"),
         base_url=base_url,
         python="python3",

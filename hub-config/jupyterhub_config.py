@@ -1,7 +1,7 @@
 # casaspawner hub configuration for a JupyterHub outside Zero to JupyterHub (a VM, a laptop, CI).
 #
 # The same configuration as hub-config/z2jh/values.yaml: both hand their settings to
-# casaspawner.services.hubconfig.configure_hub (CASA spawner, OIDC login through GenericOAuthenticator with
+# casaspawner.hubconfig.configure_hub (CASA spawner, OIDC login through GenericOAuthenticator with
 # auth_state and managed groups, the casa-sessions operators' service with release drains and in-session
 # notices, the operators' and administrators' roles, jupyterhub-idle-culler with least-privilege scopes).
 # Settings come from the environment:
@@ -35,7 +35,7 @@
 # Run: jupyterhub -f hub-config/jupyterhub_config.py
 import os
 
-from casaspawner.services.hubconfig import configure_hub, settings_from_environment
+from casaspawner.hubconfig import configure_hub, settings_from_environment
 
 c = get_config()  # noqa: F821 - provided by JupyterHub when it loads this file
 

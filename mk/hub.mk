@@ -6,8 +6,8 @@ PIP_EXTRAS += hub hubtest
 
 # The sessions' notices in JupyterLab: a prebuilt JupyterLab extension, built from HUB_LAB_SRC into HUB_LAB_OUT
 # (committed: pip installs it as is, no Node needed) with @jupyter/builder from npm, in .cache/.
-HUB_LAB_SRC := casaspawner/services/notices-lab
-HUB_LAB_OUT := casaspawner/services/labextension
+HUB_LAB_SRC := casaspawner/insession/notices-lab
+HUB_LAB_OUT := casaspawner/insession/labextension
 HUB_LAB_WORK := .cache/npm-lab
 # What a wheel installs from setup.cfg's data_files; an editable install (`make venv`) skips them.
 HUB_VENV_LAB := $(VENV)/share/jupyter/labextensions/casaspawner-notices
@@ -39,6 +39,6 @@ hub-labextension: venv
 hub-dev-install: venv
 	mkdir -p $(dir $(HUB_VENV_LAB)) $(dir $(HUB_VENV_SERVER_CONFIG)) $(dir $(HUB_VENV_LAB_OVERRIDES))
 	ln -sfn $(abspath $(HUB_LAB_OUT)) $(HUB_VENV_LAB)
-	ln -sfn $(abspath casaspawner/services/jupyter-config/casaspawner.json) $(HUB_VENV_SERVER_CONFIG)
-	ln -sfn $(abspath casaspawner/services/lab-overrides/casaspawner.json) $(HUB_VENV_LAB_OVERRIDES)
+	ln -sfn $(abspath casaspawner/insession/jupyter-config/casaspawner.json) $(HUB_VENV_SERVER_CONFIG)
+	ln -sfn $(abspath casaspawner/insession/lab-overrides/casaspawner.json) $(HUB_VENV_LAB_OVERRIDES)
 TEST_PREREQS += hub-dev-install

@@ -25,7 +25,7 @@ TEST_PREREQS += chp
 # /var/cache/casaspawner as root), then the hub on http://127.0.0.1:$(DEMO_PORT).
 DEMO_PORT ?= 8000
 DEMO_PREREQS += chp
-DEMO_COMMAND := $(BIN)/python -m casaspawner.demo run --port $(DEMO_PORT)
+DEMO_COMMAND := $(BIN)/python -m casaspawner.local.demo run --port $(DEMO_PORT)
 demo-local: venv chp
 	$(DEMO_COMMAND)
 

@@ -1,26 +1,28 @@
-"""In-session notices: a Jupyter server extension that shows the operators' notices inside a CASA session.
+"""A Jupyter server extension showing the operators' notices inside a CASA session.
 
-The session asks the casa-sessions service (``CASASPAWNER_NOTICES_URL``, e.g.
-``http://hub:10101/services/casa-sessions/api/notices``) for its notices, authenticating with its own
-``$JUPYTERHUB_API_TOKEN``, as often as the service says (its ``interval``; 60 s until the first answer). What
-the session has to say (a drained release, an upcoming idle cull) then appears in three places:
+The session asks the casa-sessions service for its notices at ``CASASPAWNER_NOTICES_URL``, e.g.
+``http://hub:10101/services/casa-sessions/api/notices``. It authenticates with its own
+``$JUPYTERHUB_API_TOKEN``. It asks as often as the service says in its ``interval``, and every
+60 s until the first answer. What the session has to say, such as a drained release or an
+upcoming idle cull, then appears in three places:
 
-* **JupyterLab notifications**: the ``casaspawner-notices`` JupyterLab extension (shipped prebuilt with
-  casaspawner) shows each notice's title as a warning, with a button opening the notice file for the full
-  text. It reads the current notices once from
-  ``<base_url>casa-notices/api`` when JupyterLab opens, then gets every change pushed as a Jupyter server event
-  (schema :data:`EVENT_SCHEMA_ID`) over the event websocket JupyterLab keeps open anyway;
-* **the notice file** ``$CASASPAWNER_NOTICES_FILE`` (the CASA spawners set it; default ``CASA-NOTICES.md`` in
-  the server's root directory; named servers have one each), written when there are notices and removed when
-  there are none. The CASA desktop pops it up;
+* **JupyterLab notifications**: the ``casaspawner-notices`` JupyterLab extension, shipped prebuilt
+  with casaspawner, shows each notice's title as a warning. A button opens the notice file for the
+  full text. The extension reads the current notices once from ``<base_url>casa-notices/api``
+  when JupyterLab opens. It then gets every change pushed as a Jupyter server event, with schema
+  :data:`EVENT_SCHEMA_ID`, over the event websocket JupyterLab keeps open anyway.
+* **the notice file** ``$CASASPAWNER_NOTICES_FILE``, written when there are notices and removed
+  when there are none. The CASA spawners set the variable. The default is ``CASA-NOTICES.md`` in
+  the server's root directory, and named servers have one each. The CASA desktop pops it up.
 * the server's log.
 
-Nothing here counts as user activity, so notices never keep an idle session alive: the session pulls from the
-service (requests *to* a session count as activity), the API handler does not track activity, and pushed
-events travel server → browser, which neither the proxy nor the server counts.
+Nothing here counts as user activity, so notices never keep an idle session alive. The session
+pulls from the service, since requests *to* a session count as activity. The API handler does not
+track activity. Pushed events travel server → browser, which neither the proxy nor the server
+counts.
 
-Enabled by ``jupyter_server_config.d/casaspawner.json``, which casaspawner installs; without
-``CASASPAWNER_NOTICES_URL`` it does nothing.
+``jupyter_server_config.d/casaspawner.json``, which casaspawner installs, enables the extension.
+Without ``CASASPAWNER_NOTICES_URL`` it does nothing.
 """
 
 from __future__ import annotations
@@ -39,20 +41,24 @@ from tornado import web
 NOTICE_FILE = "CASA-NOTICES.md"
 URL_ENV = "CASASPAWNER_NOTICES_URL"
 FILE_ENV = "CASASPAWNER_NOTICES_FILE"
-#: How often a session asks until the service has said otherwise (seconds).
+#: How often a session asks until the service has said otherwise, in seconds.
 DEFAULT_INTERVAL = 60.0
 EVENT_SCHEMA_ID = "https://casaspawner.io/events/session-notices"
 EVENT_SCHEMA: dict[str, Any] = {
     "$id": EVENT_SCHEMA_ID,
     "version": "1",
     "title": "CASA session notices",
-    "description": "The operators' notices for this session, sent whenever they change (empty: none left).",
+    "description": (
+        "The operators' notices for this session, sent whenever they change (empty: none left)."
+    ),
     "type": "object",
     "required": ["notices"],
     "properties": {
         "notices": {
             "title": "Notices",
-            "description": "Each notice's kind (drain, cull), a title of at most 140 characters and the text.",
+            "description": (
+                "Each notice's kind (drain, cull), a title of at most 140 characters and the text."
+            ),
             "type": "array",
             "items": {
                 "type": "object",
@@ -66,7 +72,10 @@ EVENT_SCHEMA: dict[str, Any] = {
         },
         "file": {
             "title": "Notice file",
-            "description": "The notice file's path relative to the server's root directory (null: outside it).",
+            "description": (
+                "The notice file's path relative to the server's root directory "
+                "(null: outside it)."
+            ),
             "type": ["string", "null"],
         },
     },
@@ -79,7 +88,7 @@ Notice = dict[str, str]
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
-    return [{"module": "casaspawner.services.session_notices"}]
+    return [{"module": "casaspawner.insession.notices"}]
 
 
 def _title(notice: Mapping[str, Any]) -> str:
@@ -88,7 +97,10 @@ def _title(notice: Mapping[str, Any]) -> str:
 
 
 def session_notices(notices: Iterable[Mapping[str, Any]], server_name: str) -> list[Notice]:
-    """This server's notices (the service answers for all of the user's servers), as ``{kind, title, text}``."""
+    """This server's notices, as ``{kind, title, text}``.
+
+    The service answers for all of the user's servers, so the others' notices are left out.
+    """
     return [
         {"kind": str(n.get("kind", "")), "title": _title(n), "text": str(n["text"])}
         for n in notices
@@ -107,7 +119,7 @@ def render_notices(notices: Iterable[Mapping[str, str]]) -> str | None:
 
 
 def sync_notice_file(path: Path, content: str | None) -> bool:
-    """Write or remove the notice file at ``path``; returns whether it changed.
+    """Write or remove the notice file at ``path``, and return whether it changed.
 
     A file of that name that casaspawner did not write is never overwritten or removed.
     """
@@ -128,14 +140,18 @@ def sync_notice_file(path: Path, content: str | None) -> bool:
 
 
 class NoticeBoard:
-    """What this session currently has to say: kept in memory, in the notice file, and sent as events.
+    """What this session currently has to say.
 
-    ``file`` is the notice file's path relative to the server's root directory (what JupyterLab opens), or
-    None when it lies outside.
+    The notices are kept in memory and in the notice file, and sent as events. ``file`` is the
+    notice file's path relative to the server's root directory, which is what JupyterLab opens. It
+    is None when the file lies outside.
     """
 
     def __init__(
-        self, path: Path, emit: Callable[[dict[str, Any]], None] | None = None, file: str | None = None
+        self,
+        path: Path,
+        emit: Callable[[dict[str, Any]], None] | None = None,
+        file: str | None = None,
     ) -> None:
         self.path = path
         self.emit = emit
@@ -146,8 +162,9 @@ class NoticeBoard:
         return {"notices": self.notices, "file": self.file}
 
     def update(self, notices: list[Notice]) -> bool:
-        """Show ``notices`` instead of the current ones; returns whether anything changed."""
-        sync_notice_file(self.path, render_notices(notices))  # also restores a file the user deleted
+        """Show ``notices`` instead of the current ones, and return whether anything changed."""
+        # This also restores a file the user deleted.
+        sync_notice_file(self.path, render_notices(notices))
         if notices == self.notices:
             return False
         self.notices = notices
@@ -157,26 +174,33 @@ class NoticeBoard:
 
 
 class NoticesUnavailable(Exception):
-    """The casa-sessions service did not answer with notices (the poll failed; the session carries on)."""
+    """The casa-sessions service did not answer with notices.
+
+    The poll failed, and the session carries on.
+    """
 
 
 async def fetch_notices(url: str, token: str) -> tuple[list[dict[str, Any]], float | None]:
-    """The caller's notices from the casa-sessions service, and how often the service wants to be asked.
+    """Fetch the caller's notices, and how often the service wants to be asked.
 
-    Redirects are never followed: the request carries the session's ``$JUPYTERHUB_API_TOKEN``, which would go
-    along to wherever the redirect points. A redirect is a failed poll (:class:`NoticesUnavailable`).
+    The notices come from the casa-sessions service. Redirects are never followed, because the
+    request carries the session's ``$JUPYTERHUB_API_TOKEN``, which would go along to wherever the
+    redirect points. A redirect is a failed poll and raises :class:`NoticesUnavailable`.
     """
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
     request = HTTPRequest(
-        url, headers={"Authorization": f"token {token}"}, request_timeout=20, follow_redirects=False
+        url,
+        headers={"Authorization": f"token {token}"},
+        request_timeout=20,
+        follow_redirects=False,
     )
     response = await AsyncHTTPClient().fetch(request, raise_error=False)
     if 300 <= response.code < 400:
         location = response.headers.get("Location", "nowhere")
         raise NoticesUnavailable(
-            f"the service answered HTTP {response.code}, a redirect to {location}, which a session never "
-            "follows (its token would go along)"
+            f"the service answered HTTP {response.code}, a redirect to {location}, "
+            "which a session never follows (its token would go along)"
         )
     response.rethrow()
     body = json.loads(response.body)
@@ -184,10 +208,13 @@ async def fetch_notices(url: str, token: str) -> tuple[list[dict[str, Any]], flo
         return [], None
     notices = [n for n in body.get("notices") or [] if isinstance(n, dict)]
     interval = body.get("interval")
-    return notices, float(interval) if isinstance(interval, int | float) and interval >= 1 else None
+    asked = float(interval) if isinstance(interval, int | float) and interval >= 1 else None
+    return notices, asked
 
 
-async def poll_forever(board: NoticeBoard, url: str, token: str, server_name: str, log: Any) -> None:
+async def poll_forever(
+    board: NoticeBoard, url: str, token: str, server_name: str, log: Any
+) -> None:
     interval = DEFAULT_INTERVAL
     while True:
         try:
@@ -195,15 +222,20 @@ async def poll_forever(board: NoticeBoard, url: str, token: str, server_name: st
             interval = asked or interval
             if board.update(session_notices(notices, server_name)):
                 log.info("CASA notices: %d for this session (%s)", len(board.notices), board.path)
-        except Exception as exc:  # the session must keep running whatever the service does
+        except Exception as exc:
+            # The session must keep running whatever the service does.
             log.warning("Could not fetch CASA notices from %s: %s", url, exc)
         await asyncio.sleep(interval)
 
 
 class NoticesHandler(APIHandler):
-    """``GET <base_url>casa-notices/api``: this session's current notices (what JupyterLab shows on opening)."""
+    """``GET <base_url>casa-notices/api`` returns this session's current notices.
 
-    _track_activity = False  # reading notices is not using the session
+    They are what JupyterLab shows on opening.
+    """
+
+    # Reading notices is not using the session.
+    _track_activity = False
 
     def initialize(self, board: NoticeBoard) -> None:
         self.board = board
@@ -232,13 +264,17 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     board = NoticeBoard(path, emit, file)
     web_app = serverapp.web_app
     route = url_path_join(web_app.settings["base_url"], "casa-notices", "api")
-    web_app.add_handlers(".*$", [(route, NoticesHandler, {"board": board})])  # JupyterLab asks even when off
+    # JupyterLab asks even when notices are off.
+    web_app.add_handlers(".*$", [(route, NoticesHandler, {"board": board})])
     url = os.environ.get(URL_ENV, "")
     token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
     if not url or not token:
         serverapp.log.info("CASA notices off: %s or JUPYTERHUB_API_TOKEN is not set", URL_ENV)
         return
     server_name = os.environ.get("JUPYTERHUB_SERVER_NAME", "")
-    task = asyncio.get_event_loop().create_task(poll_forever(board, url, token, server_name, serverapp.log))
-    serverapp._casa_notices_task = task  # keep a reference so the task is not collected
+    task = asyncio.get_event_loop().create_task(
+        poll_forever(board, url, token, server_name, serverapp.log)
+    )
+    # Keep a reference so the task is not collected.
+    serverapp._casa_notices_task = task
     serverapp.log.info("CASA notices from %s into JupyterLab notifications and %s", url, path)

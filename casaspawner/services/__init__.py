@@ -1,1 +1,4 @@
-"""Hub services for CASA operators: the casa-sessions page, release drains, in-session notices."""
+"""Hub services for CASA operators.
+
+They are the casa-sessions page, release drains and in-session notices.
+"""

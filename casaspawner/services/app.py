@@ -1,20 +1,23 @@
-"""casa-sessions: a JupyterHub service for CASA operators, served at ``/services/casa-sessions/``.
+"""casa-sessions, a JupyterHub service for CASA operators.
 
-* ``GET  /``                   running sessions grouped by CASA release and dataset (age, last activity), and
-                               the catalog with each release's drain/retire state (operators only).
-* ``POST /releases/<id>``      drain / undrain / retire / unretire a release (operators only).
-* ``GET  /api/sessions``       the same grouping as JSON (operators only).
-* ``GET  /api/notices``        notices for the caller's own sessions (any valid token of that user, e.g. a
-                               session's ``$JUPYTERHUB_API_TOKEN``): drained releases and idle-cull warnings,
-                               and how many seconds the session should wait before asking again.
+It is served at ``/services/casa-sessions/``.
 
-Operators are whoever holds ``access:services!service=casa-sessions`` (admins, and the ``casa-operators``
-role in the shipped hub configuration). The service's own token needs only ``list:users``,
-``read:users:activity`` and ``read:servers``. Drains are written to the release state file, which the CASA
-spawners read through :func:`casaspawner.services.state.drain_blocker`.
+* ``GET /``: running sessions grouped by CASA release and dataset, with age and last activity,
+  and the catalog with each release's drain/retire state. Operators only.
+* ``POST /releases/<id>``: drain, undrain, retire or unretire a release. Operators only.
+* ``GET /api/sessions``: the same grouping as JSON. Operators only.
+* ``GET /api/notices``: notices for the caller's own sessions, for any valid token of that user,
+  e.g. a session's ``$JUPYTERHUB_API_TOKEN``. The notices are drained releases and idle-cull
+  warnings. The answer also says how many seconds the session should wait before asking again.
 
-Run it as a hub-managed service (:func:`casaspawner.services.hubconfig.casa_sessions_service` writes the entry):
-``python -m casaspawner.services --state-file ... --cull-timeout 3600``.
+Operators are whoever holds ``access:services!service=casa-sessions``: admins, and the
+``casa-operators`` role in the shipped hub configuration. The service's own token needs only
+``list:users``, ``read:users:activity`` and ``read:servers``. Drains are written to the release
+state file, which the CASA spawners read through
+:func:`casaspawner.services.state.drain_blocker`.
+
+Run it as a hub-managed service, whose entry :func:`casaspawner.hubconfig.casa_sessions_service`
+writes: ``python -m casaspawner.services --state-file ... --cull-timeout 3600``.
 """
 
 from __future__ import annotations
@@ -87,7 +90,10 @@ class ServiceConfig:
         self.notices_interval = notices_interval
 
     async def running_sessions(self) -> list[Session]:
-        """Every started or pending server on the hub, read with the service's own token."""
+        """Every started or pending server on the hub.
+
+        They are read with the service's own token.
+        """
         client = AsyncHTTPClient()
         users: list[dict[str, Any]] = []
         url = f"{self.api_url}/users?state=active&limit=200"
@@ -112,7 +118,10 @@ class ServiceConfig:
         return sessions_from_users(users, self.catalog)
 
     async def user_sessions(self, name: str) -> list[Session]:
-        """One user's started or pending servers (one small API call, for the sessions' frequent polls)."""
+        """One user's started or pending servers.
+
+        This is one small API call, for the sessions' frequent polls.
+        """
         response = await AsyncHTTPClient().fetch(
             HTTPRequest(
                 url_path_join(self.api_url, "users", quote(name, safe="")),
@@ -122,7 +131,10 @@ class ServiceConfig:
         return sessions_from_users([json.loads(response.body)], self.catalog)
 
     def states(self) -> dict[str, ReleaseState]:
-        """The release state file; a broken file is a one-sentence 500, not a traceback."""
+        """Read the release state file.
+
+        A broken file is a one-sentence 500, not a traceback.
+        """
         try:
             return self.store.load()
         except CasaspawnerError as exc:
@@ -130,19 +142,26 @@ class ServiceConfig:
 
 
 class OperatorHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
-    """Pages and API for operators: HubOAuth, access scope ``access:services!service=<this service>``."""
+    """Pages and API for operators.
+
+    They use HubOAuth, with the access scope ``access:services!service=<this service>``.
+    """
 
     def initialize(self, config: ServiceConfig) -> None:
         self.config = config
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        reason = getattr(exc, "log_message", None) or self._reason  # our HTTPErrors carry one sentence
+        # Our HTTPErrors carry one sentence.
+        reason = getattr(exc, "log_message", None) or self._reason
         if status_code == 403:
             reason = (
-                "This page is for the hub's CASA operators; ask an administrator for the casa-operators role."
+                "This page is for the hub's CASA operators; "
+                "ask an administrator for the casa-operators role."
             )
-        self.finish(_TEMPLATES.get_template("error.html").render(status=status_code, reason=reason))
+        self.finish(
+            _TEMPLATES.get_template("error.html").render(status=status_code, reason=reason)
+        )
 
 
 class SessionsPage(OperatorHandler):
@@ -165,9 +184,11 @@ class SessionsPage(OperatorHandler):
             duration=format_duration,
             prefix=self.config.prefix,
             xsrf_form_html=self.xsrf_form_html(),
-            cull_after=format_duration(timedelta(seconds=self.config.policy.timeout))
-            if self.config.policy.timeout
-            else "",
+            cull_after=(
+                format_duration(timedelta(seconds=self.config.policy.timeout))
+                if self.config.policy.timeout
+                else ""
+            ),
             flash=self.get_argument("done", ""),
         )
         self.finish(html)
@@ -180,7 +201,9 @@ class ReleaseAction(OperatorHandler):
             raise web.HTTPError(404, f"{release_id} is not a release in the catalog.")
         action = self.get_body_argument("action", "")
         if action not in ACTIONS:
-            raise web.HTTPError(400, f"{action!r} is not an action; use drain, undrain, retire or unretire.")
+            raise web.HTTPError(
+                400, f"{action!r} is not an action; use drain, undrain, retire or unretire."
+            )
         changes: dict[str, Any] = dict(ACTIONS[action])
         if action == "drain":
             changes["message"] = self.get_body_argument("message", "")
@@ -233,27 +256,39 @@ class SessionsAPI(OperatorHandler):
 
 
 class NoticesAPI(web.RequestHandler):
-    """Notices for the token owner's own sessions; identity comes from the hub, no scope is required."""
+    """Notices for the token owner's own sessions.
+
+    The identity comes from the hub. No scope is required.
+    """
 
     def initialize(self, config: ServiceConfig, hub_auth: HubOAuth) -> None:
         self.config = config
         self.hub_auth = hub_auth
 
-    def check_xsrf_cookie(self) -> None:  # token-authenticated GET only
+    def check_xsrf_cookie(self) -> None:
+        # This handler serves only token-authenticated GETs.
         return None
 
     async def get(self) -> None:
         header = self.request.headers.get("Authorization", "")
-        token = header.split(None, 1)[1] if header.lower().startswith(("token ", "bearer ")) else ""
+        token = (
+            header.split(None, 1)[1] if header.lower().startswith(("token ", "bearer ")) else ""
+        )
         model = await self.hub_auth.user_for_token(token, sync=False) if token else None
         if not model or model.get("kind") != "user":
             raise web.HTTPError(403, "A user's token is required.")
         now = datetime.now(timezone.utc)
         sessions = await self.config.user_sessions(model["name"])
-        notices = notices_for(model["name"], sessions, self.config.states(), self.config.policy, now)
+        notices = notices_for(
+            model["name"], sessions, self.config.states(), self.config.policy, now
+        )
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        body = {"user": model["name"], "notices": notices, "interval": self.config.notices_interval}
+        body = {
+            "user": model["name"],
+            "notices": notices,
+            "interval": self.config.notices_interval,
+        }
         self.finish(json.dumps(body))
 
 
@@ -262,16 +297,29 @@ def _seconds(delta: Any) -> int | None:
 
 
 def make_app(config: ServiceConfig, hub_auth: HubOAuth | None = None) -> web.Application:
-    """The tornado application under ``config.prefix`` (``$JUPYTERHUB_SERVICE_PREFIX``)."""
-    hub_auth = hub_auth or HubOAuth(api_token=config.api_token, api_url=config.api_url, cache_max_age=30)
+    """The tornado application under ``config.prefix``.
+
+    The prefix is ``$JUPYTERHUB_SERVICE_PREFIX``.
+    """
+    hub_auth = hub_auth or HubOAuth(
+        api_token=config.api_token, api_url=config.api_url, cache_max_age=30
+    )
     prefix = config.prefix
     handler_args = {"config": config}
     return web.Application(
         [
             (prefix, SessionsPage, handler_args),
-            (url_path_join(prefix, "releases/([a-z0-9][a-z0-9.\\-]*)"), ReleaseAction, handler_args),
+            (
+                url_path_join(prefix, "releases/([a-z0-9][a-z0-9.\\-]*)"),
+                ReleaseAction,
+                handler_args,
+            ),
             (url_path_join(prefix, "api/sessions"), SessionsAPI, handler_args),
-            (url_path_join(prefix, "api/notices"), NoticesAPI, {**handler_args, "hub_auth": hub_auth}),
+            (
+                url_path_join(prefix, "api/notices"),
+                NoticesAPI,
+                {**handler_args, "hub_auth": hub_auth},
+            ),
             (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
         ],
         cookie_secret=os.urandom(32),
@@ -288,11 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--state-file",
         default=None,
-        help=f"release drain/retire state (JSON); default ${'CASASPAWNER_RELEASE_STATE'} or ./{default_state_path()}",
+        help=(
+            "release drain/retire state (JSON); "
+            f"default ${'CASASPAWNER_RELEASE_STATE'} or ./{default_state_path()}"
+        ),
     )
-    parser.add_argument("--catalog", default=None, help="release catalog YAML (default: the bundled one)")
     parser.add_argument(
-        "--cull-timeout", type=int, default=0, help="the idle culler's --timeout in seconds (0: off)"
+        "--catalog", default=None, help="release catalog YAML (default: the bundled one)"
+    )
+    parser.add_argument(
+        "--cull-timeout",
+        type=int,
+        default=0,
+        help="the idle culler's --timeout in seconds (0: off)",
     )
     parser.add_argument(
         "--warn-before",
@@ -312,19 +368,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--hub-api-url",
         default=None,
-        help="the hub's API, e.g. http://localhost:8081/hub/api inside the z2jh hub pod (default: "
-        "$JUPYTERHUB_API_URL)",
+        help=(
+            "the hub's API, e.g. http://localhost:8081/hub/api inside the z2jh hub pod "
+            "(default: $JUPYTERHUB_API_URL)"
+        ),
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)1.1s %(asctime)s casa-sessions] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="[%(levelname)1.1s %(asctime)s casa-sessions] %(message)s"
+    )
     service_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
     token = os.environ.get("JUPYTERHUB_API_TOKEN")
     if not service_url or not token:
-        print("casa-sessions must be started by JupyterHub as a managed service with a url.", file=sys.stderr)
+        print(
+            "casa-sessions must be started by JupyterHub as a managed service with a url.",
+            file=sys.stderr,
+        )
         return 2
     if args.cull_timeout < 0 or args.warn_before < 0:
         print("--cull-timeout and --warn-before must not be negative.", file=sys.stderr)
@@ -357,8 +420,9 @@ async def _serve(config: ServiceConfig, ip: str, port: int) -> None:
     server = HTTPServer(make_app(config), xheaders=True)
     server.listen(port, ip)
     log.info("casa-sessions on %s:%s (release state %s)", ip, port, config.store.path)
-    # The hub stops its services with SIGINT (then SIGTERM). Handle both here: a SIGINT that was ignored when
-    # the hub started (a hub launched in the background by a shell) would otherwise never stop the service.
+    # The hub stops its services with SIGINT, then SIGTERM. Handle both here. A SIGINT that was
+    # ignored when the hub started, as for a hub launched in the background by a shell, would
+    # otherwise never stop the service.
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -1,8 +1,9 @@
-"""Pure logic of the casa-sessions service: running sessions grouped by release and dataset, and notices.
+"""Pure logic of the casa-sessions service: grouped running sessions, and notices.
 
-Input is what the hub's REST API returns (``GET /hub/api/users?state=active``: user models whose
-``servers`` hold ``user_options``, ``started`` and ``last_activity``); nothing here does I/O, so the page,
-the JSON API and the tests share one implementation.
+Running sessions are grouped by release and dataset. Input is what the hub's REST API returns for
+``GET /hub/api/users?state=active``: user models whose ``servers`` hold ``user_options``,
+``started`` and ``last_activity``. Nothing here does I/O, so the page, the JSON API and the tests
+share one implementation.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 
 from casaspawner.catalog.model import Catalog, Release
 from casaspawner.services.state import ReleaseState
+from casaspawner.session.options import OUTPUT_KEY
 
 UNKNOWN_RELEASE = "unknown"
 
 
 @dataclass(frozen=True)
 class Session:
-    """One running (or starting) server as the operators see it."""
+    """One running or starting server as the operators see it."""
 
     user: str
     server: str
@@ -59,7 +61,10 @@ class ReleaseGroup:
 
 
 def parse_time(value: Any) -> datetime | None:
-    """An ISO 8601 timestamp from the hub API (``...Z`` or with an offset) as an aware datetime."""
+    """Parse an ISO 8601 timestamp from the hub API as an aware datetime.
+
+    The timestamp ends in ``Z`` or has an offset. Anything else gives None.
+    """
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -69,66 +74,74 @@ def parse_time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def release_of(options: Mapping[str, Any], catalog: Catalog) -> Release | None:
-    """The release a server runs, from its ``user_options``.
+def session_output(options: Mapping[str, Any]) -> Mapping[str, Any]:
+    """What a CASA spawner recorded for a running server in its ``user_options``."""
+    output = options.get(OUTPUT_KEY)
+    return output if isinstance(output, Mapping) else {}
 
-    Uses ``casa_release`` when the spawner records it, else the release whose label starts the ``profile``
-    summary (the plan's summary begins with ``Release.label``, which includes the pipeline version), else the
-    only release with that ``casa_version``.
-    """
-    release_id = options.get("casa_release")
+
+def release_of(options: Mapping[str, Any], catalog: Catalog) -> Release | None:
+    """The catalog release a server runs, from what its spawner recorded."""
+    release_id = session_output(options).get("release")
     if isinstance(release_id, str) and release_id in catalog:
         return catalog.get(release_id)
-    profile = options.get("profile")
-    if isinstance(profile, str):
-        matches = [r for r in catalog.releases if profile.startswith(r.label + " ·")]
-        if matches:
-            return max(matches, key=lambda r: len(r.label))
-    casa = options.get("casa_version")
-    if isinstance(casa, str):
-        same = [r for r in catalog.releases if r.casa == casa]
-        if len(same) == 1:
-            return same[0]
     return None
 
 
 def sessions_from_users(users: Iterable[Mapping[str, Any]], catalog: Catalog) -> list[Session]:
-    """Every server with ``started`` or ``pending`` set, from hub user models."""
+    """Every server with ``started`` or ``pending`` set, from hub user models.
+
+    A server still starting has recorded nothing yet: its release shows as unknown.
+    """
     sessions: list[Session] = []
     for user in users:
         for server_name, server in (user.get("servers") or {}).items():
-            if not isinstance(server, Mapping) or not (server.get("started") or server.get("pending")):
+            if not isinstance(server, Mapping) or not (
+                server.get("started") or server.get("pending")
+            ):
                 continue
             options = server.get("user_options") or {}
+            output = session_output(options)
             release = release_of(options, catalog)
-            casa = options.get("casa_version")
+            casa = output.get("casa_version")
+            if release is not None:
+                label = release.label
+            else:
+                label = f"CASA {casa}" if casa else "Not a CASA session"
             sessions.append(
                 Session(
                     user=str(user.get("name")),
                     server=str(server_name or ""),
                     release_id=release.id if release else UNKNOWN_RELEASE,
-                    release_label=(
-                        release.label if release else (f"CASA {casa}" if casa else "Not a CASA session")
-                    ),
-                    dataset=str(options.get("dataset") or "—"),
-                    interface=str(options.get("interface") or "—"),
-                    profile=str(options.get("profile") or ""),
+                    release_label=label,
+                    dataset=str(output.get("dataset") or options.get("dataset") or "—"),
+                    interface=str(output.get("interface") or options.get("interface") or "—"),
+                    profile=str(output.get("summary") or ""),
                     started=parse_time(server.get("started")),
-                    last_activity=parse_time(server.get("last_activity") or user.get("last_activity")),
+                    last_activity=parse_time(
+                        server.get("last_activity") or user.get("last_activity")
+                    ),
                     ready=bool(server.get("ready")),
                 )
             )
     return sessions
 
 
-def group_sessions(sessions: Iterable[Session], states: Mapping[str, ReleaseState]) -> list[ReleaseGroup]:
-    """Sessions grouped by release (largest group first), then by dataset; oldest session first."""
+def group_sessions(
+    sessions: Iterable[Session], states: Mapping[str, ReleaseState]
+) -> list[ReleaseGroup]:
+    """Group sessions by release, then by dataset.
+
+    The largest release group comes first. Within a dataset the oldest session comes first.
+    """
     by_release: dict[str, ReleaseGroup] = {}
     for session in sessions:
         group = by_release.setdefault(
             session.release_id,
             ReleaseGroup(
-                session.release_id, session.release_label, states.get(session.release_id, ReleaseState())
+                session.release_id,
+                session.release_label,
+                states.get(session.release_id, ReleaseState()),
             ),
         )
         dataset = next((d for d in group.datasets if d.dataset == session.dataset), None)
@@ -145,7 +158,10 @@ def group_sessions(sessions: Iterable[Session], states: Mapping[str, ReleaseStat
 
 
 def format_duration(delta: timedelta | None) -> str:
-    """``3 d 4 h``, ``2 h 05 min``, ``7 min``, ``40 s``; ``—`` when unknown."""
+    """Format a duration as ``3 d 4 h``, ``2 h 05 min``, ``7 min`` or ``40 s``.
+
+    An unknown duration is ``—``.
+    """
     if delta is None:
         return "—"
     seconds = max(int(delta.total_seconds()), 0)
@@ -163,13 +179,19 @@ def format_duration(delta: timedelta | None) -> str:
 
 @dataclass(frozen=True)
 class CullPolicy:
-    """The idle culler's timeout and how long before it users are warned (seconds; 0 timeout = no culling)."""
+    """The idle culler's timeout and how long before it users are warned.
+
+    Both are in seconds. A timeout of 0 means no culling.
+    """
 
     timeout: int = 0
     warn_before: int = 600
 
     def cull_time(self, session: Session, now: datetime) -> datetime | None:
-        """When the culler will stop this idle session, if that is close enough to warn about; else None."""
+        """Return when the culler will stop this idle session.
+
+        None unless that time is close enough to warn about.
+        """
         idle = session.idle(now)
         if self.timeout <= 0 or idle is None or session.last_activity is None:
             return None
@@ -178,14 +200,19 @@ class CullPolicy:
         return session.last_activity + timedelta(seconds=self.timeout)
 
     def warning(self, session: Session, now: datetime) -> str | None:
-        """The in-session warning for an idle session close to its cull time, else None."""
+        """Return the in-session warning for an idle session close to its cull.
+
+        None when the session is not close to its cull time.
+        """
         cull_at = self.cull_time(session, now)
         if cull_at is None or session.last_activity is None:
             return None
         return (
-            f"This session has been idle since {session.last_activity:%H:%M} UTC and will be stopped at about "
-            f"{cull_at:%H:%M} UTC (after {format_duration(timedelta(seconds=self.timeout))} without activity) "
-            "unless you use it. Save your work; files in your home and project directories are kept."
+            f"This session has been idle since {session.last_activity:%H:%M} UTC "
+            f"and will be stopped at about {cull_at:%H:%M} UTC "
+            f"(after {format_duration(timedelta(seconds=self.timeout))} without activity) "
+            "unless you use it. "
+            "Save your work; files in your home and project directories are kept."
         )
 
 
@@ -203,8 +230,8 @@ def notices_for(
 ) -> list[dict[str, str]]:
     """Notices for one user's running sessions: drained releases and upcoming idle culls.
 
-    Each notice has the ``server`` it is for, its ``kind`` (``drain``, ``cull``), a ``title`` short enough for
-    a notification (at most 140 characters) and the full ``text``.
+    Each notice has the ``server`` it is for and its ``kind``, ``drain`` or ``cull``. It also has a
+    ``title`` short enough for a notification, at most 140 characters, and the full ``text``.
     """
     notices: list[dict[str, str]] = []
     for session in sessions:
@@ -213,16 +240,28 @@ def notices_for(
         state = states.get(session.release_id)
         if state is not None and state.drained:
             text = (
-                f"{session.release_label}, which this session runs, is being drained by the operators"
+                f"{session.release_label}, which this session runs, "
+                "is being drained by the operators"
                 + (f": {_sentence(state.message)}" if state.message else ".")
-                + " This session keeps running; new sessions of this release cannot be started, so save your"
-                " work and start your next session with another release."
+                + " This session keeps running; "
+                "new sessions of this release cannot be started, "
+                "so save your work and start your next session with another release."
             )
-            title = f"{session.release_label} is being drained: save your work; new sessions need another release."
-            notices.append({"server": session.server, "kind": "drain", "title": title, "text": text})
+            title = (
+                f"{session.release_label} is being drained: "
+                "save your work; new sessions need another release."
+            )
+            notices.append(
+                {"server": session.server, "kind": "drain", "title": title, "text": text}
+            )
         warning = policy.warning(session, now)
         cull_at = policy.cull_time(session, now)
         if warning and cull_at is not None:
-            title = f"This idle session will be stopped at about {cull_at:%H:%M} UTC unless you use it."
-            notices.append({"server": session.server, "kind": "cull", "title": title, "text": warning})
+            title = (
+                f"This idle session will be stopped at about {cull_at:%H:%M} UTC "
+                "unless you use it."
+            )
+            notices.append(
+                {"server": session.server, "kind": "cull", "title": title, "text": warning}
+            )
     return notices

@@ -1,9 +1,12 @@
-"""The operators' release state: which CASA releases are drained or retired, kept in one small JSON file.
+"""The operators' release state: which CASA releases are drained or retired.
 
-The casa-sessions service writes the file (atomically: write a temporary file, then rename); the spawner
-reads it through :func:`drain_blocker`, which is what ``CASASessionMixin.blocked_releases`` takes. A file
-keeps the two processes decoupled: the spawner needs no network call to the service to refuse a spawn, and
-the state survives restarts of either (in z2jh it lives on the hub's database volume).
+The state is kept in one small JSON file. The casa-sessions service writes the file atomically: it
+writes a temporary file, then renames it. The spawner reads it through :func:`drain_blocker`,
+which is what ``CASASessionMixin.blocked_releases`` takes.
+
+A file keeps the two processes decoupled. The spawner needs no network call to the service to
+refuse a spawn, and the state survives restarts of either. In z2jh it lives on the hub's database
+volume.
 
 File format (``schema: 1``)::
 
@@ -43,7 +46,11 @@ class ReleaseState:
 
 
 def default_state_path() -> Path:
-    """``$CASASPAWNER_RELEASE_STATE``, else ``casa-release-state.json`` in the working directory."""
+    """Return the state file's path from the environment, or the default.
+
+    That is ``$CASASPAWNER_RELEASE_STATE``, else ``casa-release-state.json`` in the working
+    directory.
+    """
     return Path(os.environ.get(STATE_FILE_ENV) or DEFAULT_STATE_FILE)
 
 
@@ -57,21 +64,35 @@ def drain_message(label: str, message: str) -> str:
 
 
 class ReleaseStateStore:
-    """Reads and writes the state file; every read sees the latest write (no caching)."""
+    """Reads and writes the state file.
+
+    Nothing is cached, so every read sees the latest write.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
     def load(self) -> dict[str, ReleaseState]:
-        """All recorded releases; a missing file is an empty state, an unreadable one an ``InvalidInput``."""
+        """Return all recorded releases.
+
+        A missing file is an empty state. An unreadable one raises ``InvalidInput``.
+        """
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            raise InvalidInput(f"The release state file {self.path} cannot be read ({exc}).") from None
-        if not isinstance(raw, dict) or raw.get("schema") != 1 or not isinstance(raw.get("releases"), dict):
-            raise InvalidInput(f"The release state file {self.path} is not a casaspawner state file.")
+            raise InvalidInput(
+                f"The release state file {self.path} cannot be read ({exc})."
+            ) from None
+        if (
+            not isinstance(raw, dict)
+            or raw.get("schema") != 1
+            or not isinstance(raw.get("releases"), dict)
+        ):
+            raise InvalidInput(
+                f"The release state file {self.path} is not a casaspawner state file."
+            )
         states: dict[str, ReleaseState] = {}
         for release_id, entry in raw["releases"].items():
             if isinstance(entry, dict):
@@ -83,7 +104,9 @@ class ReleaseStateStore:
         document = {
             "schema": 1,
             "releases": {
-                rid: asdict(state) for rid, state in sorted(states.items()) if state != ReleaseState()
+                rid: asdict(state)
+                for rid, state in sorted(states.items())
+                if state != ReleaseState()
             },
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +122,10 @@ class ReleaseStateStore:
             raise
 
     def update(self, release_id: str, *, by: str, **changes: Any) -> ReleaseState:
-        """Change one release's state (``drained``, ``retired``, ``message``) and record who did it."""
+        """Change one release's state and record who did it.
+
+        ``changes`` may set ``drained``, ``retired`` and ``message``.
+        """
         if "message" in changes:
             message = str(changes["message"]).strip()
             if len(message) > _MESSAGE_MAX or any(ord(c) < 32 for c in message):
@@ -109,7 +135,12 @@ class ReleaseStateStore:
             changes["message"] = message
         states = self.load()
         current = states.get(release_id, ReleaseState())
-        merged = {**asdict(current), **changes, "by": by, "at": datetime.now(timezone.utc).isoformat()}
+        merged = {
+            **asdict(current),
+            **changes,
+            "by": by,
+            "at": datetime.now(timezone.utc).isoformat(),
+        }
         states[release_id] = ReleaseState(**merged)
         if not states[release_id].drained and not states[release_id].retired:
             states[release_id] = ReleaseState()
@@ -123,11 +154,11 @@ class ReleaseStateStore:
 def drain_blocker(
     path: str | os.PathLike[str] | None = None,
 ) -> Callable[[Any], dict[str, str]]:
-    """A ``blocked_releases`` callable for the CASA spawners: ``(spawner) -> {release id: message}``.
+    """Return a ``blocked_releases`` callable for the CASA spawners.
 
-    It reads the state file at every spawn, so a drain takes effect for the very next spawn. An unreadable
-    file blocks nothing (and is logged by the spawner's logger): a broken state file must not stop every
-    session on the hub.
+    The callable is ``(spawner) -> {release id: message}``. It reads the state file at every spawn,
+    so a drain takes effect for the very next spawn. An unreadable file blocks nothing, and the
+    spawner's logger logs it. A broken state file must not stop every session on the hub.
     """
 
     def blocked(spawner: Any) -> dict[str, str]:

@@ -1,6 +1,6 @@
 # casaspawner on one machine: JupyterHub + LocalCASASpawner, no cluster.
 #
-# `make demo` (python -m casaspawner.demo) starts the hub with this file and the CASASPAWNER_* variables
+# `make demo` (python -m casaspawner.local.demo) starts the hub with this file and the CASASPAWNER_* variables
 # below. To run a hub of your own, copy this file and replace the demo parts: the authenticator (e.g. PAM or
 # OAuthenticator), the storage root and the port.
 import os

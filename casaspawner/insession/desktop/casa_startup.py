@@ -1,9 +1,10 @@
-"""Start-up file of the desktop's CASA terminal (IPython with this build's casatools and casatasks).
+"""Start-up file of the desktop's CASA terminal.
 
-The terminal window is titled ``<build> (starting)`` until casatools and casatasks are imported and the
-version is printed; only then does its title become the build's name (``CASA 6.6.5-31``), so a CASA prompt
-that is ready can be seen from outside. If they cannot be imported the title says ``<build>: start-up failed``
-and the terminal shows why.
+The terminal runs IPython with this build's casatools and casatasks. Its window is titled
+``<build> (starting)`` until casatools and casatasks are imported and the version is printed. Only
+then does its title become the build's name, e.g. ``CASA 6.6.5-31``, so a CASA prompt that is
+ready can be seen from outside. If they cannot be imported, the title says
+``<build>: start-up failed`` and the terminal shows why.
 """
 
 import os
@@ -13,20 +14,24 @@ _title = os.environ.get("CASASPAWNER_KERNEL_NAME") or "CASA"
 
 
 def _set_title(text: str) -> None:
-    sys.stdout.write(f"\033]2;{text}\007")  # xterm's "set window title"
+    # The xterm escape sequence "set window title".
+    sys.stdout.write(f"\033]2;{text}\007")
     sys.stdout.flush()
 
 
 try:
     import casatasks
     import casatools
-    from casatasks import *  # noqa: F403 - the CASA prompt offers every task, as ``casa`` does
 
-    # Every tool as well (``casatools.__all__`` names some that do not exist, so no star import).
+    # The CASA prompt offers every task, as ``casa`` does.
+    from casatasks import *  # noqa: F403
+
+    # Every tool as well. ``casatools.__all__`` names some that do not exist, so no star import.
     globals().update(
         {name: getattr(casatools, name) for name in casatools.__all__ if hasattr(casatools, name)}
     )
-except Exception as _error:  # whatever it is, the user reads it here
+except Exception as _error:
+    # Whatever it is, the user reads it here.
     _set_title(f"{_title}: start-up failed")
     print(f"CASA could not be loaded: {type(_error).__name__}: {_error}")
 else:
@@ -35,19 +40,27 @@ else:
     if _logfile:
         casalog.setlogfile(_logfile)
 
-    print(f"CASA {casatools.version_string()} (casatools and casatasks loaded; tasks and tools are ready)")
+    print(
+        f"CASA {casatools.version_string()} "
+        "(casatools and casatasks loaded; tasks and tools are ready)"
+    )
     if os.environ.get("CASASPAWNER_DATASET"):
         print(f"Dataset: {os.environ['CASASPAWNER_DATASET']}")
     if os.environ.get("CASASPAWNER_REASON"):
         print(f"Why this build: {os.environ['CASASPAWNER_REASON']}")
     if os.environ.get("CASASPAWNER_APPROXIMATE") == "true":
-        print("APPROXIMATE SESSION: this is not the CASA build that processed the dataset (why: above).")
-    # The GUI tasks live in their own packages (modular CASA); a monolithic CASA may lack some of them.
+        print(
+            "APPROXIMATE SESSION: "
+            "this is not the CASA build that processed the dataset (why: above)."
+        )
+    # The GUI tasks live in their own packages in modular CASA.
+    # A monolithic CASA may lack some of them.
     _gui_tasks = []
     for _package, _names in (("casaplotms", ("plotms",)), ("casaviewer", ("imview", "msview"))):
         try:
             _module = __import__(_package)
-        except Exception:  # noqa: S112 - this build has no such GUI
+        except Exception:  # noqa: S112
+            # This build has no such GUI.
             continue
         for _name in _names:
             if callable(getattr(_module, _name, None)):

@@ -1,6 +1,6 @@
 // casaspawner-notices: the CASA operators' notices as JupyterLab notifications.
 //
-// casaspawner's Jupyter server extension (casaspawner.services.session_notices) fetches this session's
+// casaspawner's Jupyter server extension (casaspawner.insession.notices) fetches this session's
 // notices from the hub's casa-sessions service. This plugin reads the current ones when JupyterLab opens
 // (GET <base_url>casa-notices/api) and then listens to the server's event stream, on which the extension
 // sends every change. Each notice's title stays on screen as a warning until it is dismissed or goes away;
