@@ -1,8 +1,8 @@
 """The spawner of the hub browser tests: the real CASA session logic on a plain local Jupyter server.
 
 ``CASASessionMixin`` does everything a CASA spawner decides — the form, option validation, identity from the
-OIDC ``auth_state``, dataset resolution, drained-release refusal, the plan and the ``profile`` summary the
-admin page shows. The session itself is ``jupyterhub-singleuser`` as the hub's own user (no CASA build is
+OIDC ``auth_state``, dataset resolution, drained-release refusal, the plan and the summary the admin pages
+show. The session itself is ``jupyterhub-singleuser`` as the hub's own user (no CASA build is
 installed), which is all the hub-side tests need; the token path of the real spawners is checked with
 ``CASASpawner``'s own pod and Secret builders in ``test_login.py``.
 """
@@ -15,7 +15,8 @@ from typing import Any
 
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 
-from casaspawner.spawners.common import CASASessionMixin, LocalDirectoryReader
+from casaspawner.session.readers import LocalDirectoryReader
+from casaspawner.spawners.mixin import CASASessionMixin
 
 
 class HubTestSpawner(CASASessionMixin, SimpleLocalProcessSpawner):  # type: ignore[misc]
@@ -24,7 +25,8 @@ class HubTestSpawner(CASASessionMixin, SimpleLocalProcessSpawner):  # type: igno
         self.dataset_reader = LocalDirectoryReader()
 
     async def start(self) -> Any:
-        await self.prepare_session()
+        plan = await self.prepare_session()
+        self.apply_plan(plan)
         self.default_url = "/tree"  # the tests open /lab or /desktop/ themselves
         xstartup = os.environ.get("CASA_TEST_XSTARTUP")
         if xstartup and "JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP" in self.environment:  # a desktop session
@@ -34,4 +36,6 @@ class HubTestSpawner(CASASessionMixin, SimpleLocalProcessSpawner):  # type: igno
             self.environment["CASASPAWNER_NOTICES_FILE"] = str(Path(self.home_dir) / Path(notices).name)
         if os.geteuid() == 0:
             self.args = [*self.args, "--allow-root"]
-        return await super().start()
+        url = await super().start()
+        self.record_session(plan)
+        return url

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from hub_helpers import CHROMIUM, CHROMIUM_ARGS, SESSION_DATA_FILES, free_port
 
-from casaspawner.spawners.local import descendants
+from casaspawner.local.processes import descendants
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

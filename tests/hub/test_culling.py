@@ -17,7 +17,7 @@ import pytest
 from hub_helpers import login
 
 from casaspawner.datasets.synth import write_dataset
-from casaspawner.services.session_notices import NOTICE_FILE
+from casaspawner.insession.notices import NOTICE_FILE
 
 pytestmark = pytest.mark.integration
 

@@ -72,10 +72,10 @@ def test_user_outside_allowed_groups_is_refused(hub, browser):
 def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     """alice's real auth_state through CASASpawner configured by the z2jh values: identity from the OIDC claims
     in the pod, the access token only in the Secret — never in the pod spec, its environment or the hub log."""
-    kube = pytest.importorskip("casaspawner.spawners.kube")
+    kube = pytest.importorskip("casaspawner.kube.spawner")
 
-    from casaspawner.podcli import _DryRunUser, _offline_kubernetes
-    from casaspawner.spawners.common import LocalDirectoryReader
+    from casaspawner.kube.dryrun import _DryRunUser, _offline_kubernetes
+    from casaspawner.session.readers import LocalDirectoryReader
 
     token = alice["auth_state"]["access_token"]
     _, defaults = chart_data()

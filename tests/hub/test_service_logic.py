@@ -18,7 +18,7 @@ import pytest_asyncio
 from hub_helpers import LAB_OVERRIDES, SESSION_DATA_FILES, free_port
 
 from casaspawner.errors import InvalidInput
-from casaspawner.services.session_notices import (
+from casaspawner.insession.notices import (
     NOTICE_FILE,
     NoticeBoard,
     NoticesUnavailable,

@@ -34,13 +34,13 @@ from z2jh_chart import (
     prepuller_command,
 )
 
+from casaspawner import hubconfig
 from casaspawner.catalog import load_catalog
 from casaspawner.cli import main as cli_main
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.images import prepuller_values
 from casaspawner.images.matrix import select_releases
 from casaspawner.plan import PlanConfig
-from casaspawner.services import hubconfig
 from casaspawner.services.state import ReleaseStateStore
 
 AUTH_STATE = {"oauth_user": {"uid": 41001, "gid": 41001, "groups": ["alma-users", "proj-m87"], "gids": []}}
@@ -184,9 +184,9 @@ async def session_pod(config: Config, dataset: Any, server_name: str = "") -> di
     """The pod a real CASASpawner built from ``config`` would submit (no cluster: dry run)."""
     from jupyterhub import orm
 
-    from casaspawner.podcli import _DryRunUser
-    from casaspawner.spawners.common import LocalDirectoryReader
-    from casaspawner.spawners.kube import CASASpawner
+    from casaspawner.kube.dryrun import _DryRunUser
+    from casaspawner.kube.spawner import CASASpawner
+    from casaspawner.session.readers import LocalDirectoryReader
 
     user = _DryRunUser("alice", AUTH_STATE)
     spawner = CASASpawner(_mock=True, user=user, orm_spawner=orm.Spawner(name=server_name), config=config)
@@ -202,7 +202,7 @@ async def session_pod(config: Config, dataset: Any, server_name: str = "") -> di
 def test_session_pods_get_the_notices_url_and_file(hub, tmp_path, server, file):
     """The chart writes singleuser.extraEnv into KubeSpawner.environment; the notices must survive it."""
     pytest.importorskip("kubespawner")
-    from casaspawner.podcli import _offline_kubernetes
+    from casaspawner.kube.dryrun import _offline_kubernetes
 
     assert hub.KubeSpawner.environment == {}  # what the chart sets from the default extraEnv
     dataset = write_dataset(tmp_path / "data", era="cycle10")
@@ -217,7 +217,7 @@ def test_session_pods_get_the_notices_url_and_file(hub, tmp_path, server, file):
 
 def test_casa_spawner_accepts_the_values_config(values):
     """Every trait the values set on CASASpawner / the mixin is a configurable trait of CASASpawner."""
-    kube = pytest.importorskip("casaspawner.spawners.kube")
+    kube = pytest.importorskip("casaspawner.kube.spawner")
     configurable = kube.CASASpawner.class_traits(config=True)
     for section in ("CASASessionMixin", "CASASpawner"):
         for trait in values["hub"]["config"][section]:

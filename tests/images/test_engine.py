@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 
-from casaspawner import __version__, tarballs
+from casaspawner import __version__, net, tarballs
 from casaspawner.catalog import Catalog
-from casaspawner.environments.build import EnvironmentManager
 from casaspawner.images import engine
 from casaspawner.images.cli import buildable, constraint_sources, selected_recipes
 from casaspawner.images.matrix import ImageBuildError, MatrixOptions, build_matrix, release_recipe
+from casaspawner.local.environments import EnvironmentManager
 
 STANDIN = "pl-2024.1.0.8"
 
@@ -115,8 +115,8 @@ def test_casaspawner_wheel_is_reproducible_and_carries_the_recipes(wheel: Path, 
     assert shipped and shipped <= names, f"not packaged: {sorted(shipped - names)}"
     assert {
         "casaspawner/tarballs.py",
-        "casaspawner/desktop/xstartup",
-        "casaspawner/services/session_notices.py",
+        "casaspawner/insession/desktop/xstartup",
+        "casaspawner/insession/notices.py",
     } <= names
 
 
@@ -215,7 +215,8 @@ def test_build_contexts(catalog: Catalog, wheel: Path, tmp_path: Path) -> None:
     assert not any(name.startswith("wheels/") for name in contexts["session-base"])
     for name in ("session", "casa-6.6.5-31", STANDIN):
         assert f"wheels/{wheel.name}" in contexts[name]
-    assert "tarballs.py" in contexts[STANDIN] and "tarballs.py" not in contexts["casa-6.6.5-31"]
+    assert {"tarballs.py", "net.py"} <= contexts[STANDIN]
+    assert "tarballs.py" not in contexts["casa-6.6.5-31"]
     assert not any(n.startswith("constraints/") for n in contexts["casa-6.6.5-31"])
     own = engine.constraints_path(recipes[2])
     assert own.name == "casa-6.6.5-31.txt"
@@ -400,7 +401,12 @@ def test_the_build_time_script_verifies_then_unpacks(mirror: tuple[str, Path], t
         ["tar", "-C", str(tmp_path / "src"), "-cf", str(root / "good" / "t.tar"), "casa-x"], check=True
     )
     digest = hashlib.sha256((root / "good" / "t.tar").read_bytes()).hexdigest()
-    script = [sys.executable, str(Path(tarballs.__file__))]
+    # As an image build runs it: the file alone beside net.py, without casaspawner installed.
+    build = tmp_path / "build"
+    build.mkdir()
+    for module in (tarballs, net):
+        shutil.copy2(Path(str(module.__file__)), build)
+    script = [sys.executable, "-S", "-E", str(build / "tarballs.py")]
     ok = subprocess.run([*script, f"{url}/good/t.tar", f"sha256:{digest}", str(tmp_path / "dest")],
                         capture_output=True, text=True)  # fmt: skip
     assert ok.returncode == 0, ok.stderr

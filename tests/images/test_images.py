@@ -30,7 +30,13 @@ from casaspawner.catalog import Catalog
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.images import engine, smoke
 from casaspawner.images.cli import check_image, notices_problems
-from casaspawner.images.matrix import INPUT_HASH_LABEL, MEASURES_POLICIES, MatrixOptions, Recipe, build_matrix
+from casaspawner.images.matrix import (
+    INPUT_HASH_LABEL,
+    MEASURES_POLICIES,
+    MatrixOptions,
+    Recipe,
+    build_matrix,
+)
 from casaspawner.plan import PlanConfig
 
 pytestmark = [pytest.mark.images, pytest.mark.timeout(2400)]
@@ -87,7 +93,7 @@ def test_session_image_carries_the_casaspawner_package(tools: engine.Tools, buil
         "ls /etc/casaspawner-build-ca.pem /run/secrets 2>/dev/null | wc -l",
     )  # fmt: skip
     target, _, found = result.stdout.split()
-    assert target == "/opt/session/lib/python3.11/site-packages/casaspawner/desktop"
+    assert target == "/opt/session/lib/python3.11/site-packages/casaspawner/insession/desktop"
     assert found == "0"
 
 

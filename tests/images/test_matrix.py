@@ -13,7 +13,6 @@ import yaml
 from casaspawner.catalog import Catalog
 from casaspawner.catalog.model import Release, Wheels
 from casaspawner.cli import main
-from casaspawner.environments.build import EXTRA_PACKAGES
 from casaspawner.errors import CatalogError
 from casaspawner.images.engine import AptSource, mirror_lines, parse_apt_sources
 from casaspawner.images.matrix import (
@@ -32,6 +31,7 @@ from casaspawner.images.matrix import (
     split_reference,
 )
 from casaspawner.plan import PlanConfig, image_for
+from casaspawner.runtime import EXTRA_PACKAGES
 
 SHA = "a" * 64
 

@@ -75,7 +75,7 @@ def dataset_in(storage: Path, user: str, era: str) -> str:
 @pytest.fixture
 def make_spawner(storage: Path) -> Callable[..., Any]:
     """Build a CASASpawner the way the hub does (config traits + user); needs a running loop."""
-    from casaspawner.spawners.kube import CASASpawner
+    from casaspawner.kube.spawner import CASASpawner
 
     def build(user: FakeUser | None = None, **config: Any) -> CASASpawner:
         config.setdefault("storage_hub_path", str(storage))

@@ -222,7 +222,8 @@ async def test_real_hub_spawns_casa_pod(cluster, storage, session_stand_in, tmp_
                 model = await response.json()
             options = model["servers"][""]["user_options"]
             assert options["profile"].startswith("CASA 6.5.4-9 (pipeline 2023.1.0.124) · CASA desktop · ")
-            assert (options["casa_version"], options["interface"], options["size"]) == (
+            output = options["casaspawner"]
+            assert (output["casa_version"], output["interface"], output["size"]) == (
                 "6.5.4-9",
                 "desktop",
                 "small",
@@ -243,7 +244,7 @@ async def test_real_hub_spawns_casa_pod(cluster, storage, session_stand_in, tmp_
             assert len(hub_pod_lists(emulator)) > pod_lists  # the new hub asked Kubernetes about the pod
             async with client.get(f"{base}/hub/api/users/alice", headers=api) as response:
                 server = (await response.json())["servers"][""]
-            assert server["ready"] and server["user_options"]["casa_version"] == "6.5.4-9"
+            assert server["ready"] and server["user_options"]["casaspawner"]["casa_version"] == "6.5.4-9"
             assert [p["metadata"]["uid"] for p in stored(emulator, "pods").values()] == [
                 pod["metadata"]["uid"]
             ]

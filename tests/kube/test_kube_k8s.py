@@ -16,7 +16,7 @@ import pytest
 from conftest import dataset_in
 from kubernetes_asyncio.client.rest import ApiException
 
-from casaspawner.spawners.common import SpawnException
+from casaspawner.spawners.errors import SpawnException
 
 pytestmark = [
     pytest.mark.k8s,

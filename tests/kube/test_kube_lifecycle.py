@@ -13,7 +13,7 @@ from conftest import dataset_in
 from kube_support import FakeKubelet, FakeUser, stored
 from kubernetes_asyncio.client.rest import ApiException
 
-from casaspawner.spawners.common import SpawnException
+from casaspawner.spawners.errors import SpawnException
 
 TIMEOUTS = {"start_timeout": 15, "k8s_api_request_retry_timeout": 5}
 
@@ -173,7 +173,7 @@ async def test_kubespawner_alone_fails_on_first_list_500(cluster):
     """What the override above is for (KubeSpawner 7.1): the spawn fails, and the broken reflector is kept."""
     from kubespawner import KubeSpawner
 
-    from casaspawner.spawners.kube import _reflector_broken
+    from casaspawner.kube.spawner import _reflector_broken
 
     emulator, _server = cluster
     path, selector = REFLECTOR_LISTS["pods"]
@@ -264,5 +264,5 @@ async def test_older_hub_plans_inside_start(cluster, make_spawner, storage):
         assert messages[0].endswith("CASA 6.1.1-15 (pipeline 2020.1.0.40), the exact build.")
         env = {e["name"]: e.get("value") for e in kubelet.pods[0]["spec"]["containers"][0]["env"]}
         assert env["JUPYTERHUB_DEFAULT_URL"] == "/desktop/"
-        assert spawner.user_options["casa_version"] == "6.1.1-15"
+        assert spawner.user_options["casaspawner"]["casa_version"] == "6.1.1-15"
         await spawner.stop(now=True)

@@ -13,8 +13,9 @@ from kube_support import FakeUser, auth_state
 from pss import restricted_violations
 
 from casaspawner.errors import InvalidInput
-from casaspawner.spawners import kube_objects
-from casaspawner.spawners.common import SpawnException
+from casaspawner.kube import objects, podsecurity, quantities
+from casaspawner.kube.events import spawn_failure
+from casaspawner.spawners.errors import SpawnException
 
 K8S_VERSION = kubernetes_validate.latest_version()
 
@@ -144,7 +145,7 @@ async def test_inline_storage_refused_at_restricted_level(make_spawner, storage)
 
 
 def test_volume_source_shapes():
-    assert kube_objects.volume_source({"csi": {"driver": "x"}}, "storage") == {"csi": {"driver": "x"}}
+    assert objects.volume_source({"csi": {"driver": "x"}}, "storage") == {"csi": {"driver": "x"}}
     for bad in (
         {},
         {"emptyDir": {}},
@@ -154,26 +155,26 @@ def test_volume_source_shapes():
         {"nfs": {"server": "nfs.example.org"}},
     ):
         with pytest.raises(InvalidInput):
-            kube_objects.volume_source(bad, "storage")
+            objects.volume_source(bad, "storage")
     with pytest.raises(InvalidInput, match="pod_security_level is 'lax', not a Pod Security Standard level"):
-        kube_objects.volume_source({"csi": {}}, "storage", "lax")
+        objects.volume_source({"csi": {}}, "storage", "lax")
 
 
 def test_volume_source_names_missing_settings():
     with pytest.raises(InvalidInput) as info:
-        kube_objects.volume_source({"nfs": {"server": "nfs.example.org"}}, "storage", "baseline")
+        objects.volume_source({"nfs": {"server": "nfs.example.org"}}, "storage", "baseline")
     assert str(info.value) == "The storage volume's nfs settings need path."
 
 
 def test_labels_merge_never_replaces_existing():
-    merged = kube_objects.merge_keeping(
+    merged = objects.merge_keeping(
         {"hub.jupyter.org/network-access-hub": "true", "a/b": "theirs"}, {"a/b": "ours", "c/d": "x"}
     )
     assert merged == {"hub.jupyter.org/network-access-hub": "true", "a/b": "theirs", "c/d": "x"}
 
 
 def test_token_secret_manifest():
-    secret = kube_objects.token_secret(
+    secret = objects.token_secret(
         "pod-token", "s3cr3t", owner_name="pod", owner_uid="u-1", labels={"a": "b"}
     )
     validate(secret)
@@ -188,7 +189,7 @@ def test_token_secret_manifest():
             "controller": False,
         }
     ]
-    assert "data" not in kube_objects.token_secret("pod-token", None, owner_name="pod", owner_uid="u-1")
+    assert "data" not in objects.token_secret("pod-token", None, owner_name="pod", owner_uid="u-1")
 
 
 IMAGE = "registry/casa:6.6.5-31"
@@ -257,13 +258,13 @@ def waiting(reason: str, message: str = "") -> dict:
     ],
 )
 def test_spawn_failure_decides_each_cause_on_its_latest_state(pod, events, expected):
-    assert kube_objects.spawn_failure(pod, events, IMAGE) == expected
+    assert spawn_failure(pod, events, IMAGE) == expected
 
 
 def test_unschedulable_not_fatal_when_turned_off():
-    assert kube_objects.spawn_failure(None, [FAILED_SCHEDULING], IMAGE, unschedulable_is_fatal=False) is None
+    assert spawn_failure(None, [FAILED_SCHEDULING], IMAGE, unschedulable_is_fatal=False) is None
     backed_off = [PULL_FAILED, BACK_OFF]
-    assert kube_objects.spawn_failure(None, backed_off, IMAGE, unschedulable_is_fatal=False) == NOT_PULLED
+    assert spawn_failure(None, backed_off, IMAGE, unschedulable_is_fatal=False) == NOT_PULLED
 
 
 def test_security_contexts_refuse_root():
@@ -272,7 +273,7 @@ def test_security_contexts_refuse_root():
     identity = Identity("alice", 1001, 1001)
     object.__setattr__(identity, "uid", 0)  # Identity itself refuses 0; the builder checks again
     with pytest.raises(InvalidInput, match="never run as root"):
-        kube_objects.security_contexts(identity)
+        objects.security_contexts(identity)
 
 
 async def test_checker_catches_weakened_pods(make_spawner, storage):
@@ -354,8 +355,8 @@ def clean_pod(tmp_path_factory):
     import asyncio
 
     from casaspawner.datasets.synth import write_dataset
-    from casaspawner.podcli import _offline_kubernetes
-    from casaspawner.spawners.kube import CASASpawner
+    from casaspawner.kube.dryrun import _offline_kubernetes
+    from casaspawner.kube.spawner import CASASpawner
 
     root = tmp_path_factory.mktemp("pss")
     member = write_dataset(root / "home" / "alice" / "d", "cycle10")
@@ -375,15 +376,15 @@ def test_pod_security_check_agrees_with_the_independent_checker(clean_pod, weake
     """Our checker (which refuses pods) finds a problem exactly when tests/kube/pss.py does, at each level."""
     from pss import BASELINE_RULES
 
-    assert kube_objects.pod_security_violations(clean_pod, "restricted") == []
+    assert podsecurity.pod_security_violations(clean_pod, "restricted") == []
     pod = copy.deepcopy(clean_pod)
     WEAKENINGS[weakening](pod)
     independent = restricted_violations(pod)
-    ours = kube_objects.pod_security_violations(pod, "restricted")
+    ours = podsecurity.pod_security_violations(pod, "restricted")
     assert bool(ours) == bool(independent), (ours, independent)
-    baseline = kube_objects.pod_security_violations(pod, "baseline")
+    baseline = podsecurity.pod_security_violations(pod, "baseline")
     assert bool(baseline) == bool(set(independent) & set(BASELINE_RULES)), (baseline, independent)
-    assert kube_objects.pod_security_violations(pod, "privileged") == []
+    assert podsecurity.pod_security_violations(pod, "privileged") == []
 
 
 async def test_final_pod_is_checked_after_every_operator_setting(make_spawner, storage):
@@ -442,17 +443,17 @@ async def test_pod_security_refusal_before_the_pod_exists(cluster, make_spawner,
 
 
 def test_quantities():
-    assert kube_objects.quantity_bytes("20Gi") == 20 * 1024**3
-    assert kube_objects.quantity_bytes("1.5Gi") == 1536 * 1024**2
-    assert kube_objects.quantity_bytes("500M") == 500_000_000
-    assert kube_objects.quantity_bytes("1e9") == 10**9
-    assert kube_objects.quantity_bytes("1500m") == 2  # milli-bytes round up
-    assert kube_objects.quantity_bytes("  64Mi ") == 64 * 1024**2
+    assert quantities.quantity_bytes("20Gi") == 20 * 1024**3
+    assert quantities.quantity_bytes("1.5Gi") == 1536 * 1024**2
+    assert quantities.quantity_bytes("500M") == 500_000_000
+    assert quantities.quantity_bytes("1e9") == 10**9
+    assert quantities.quantity_bytes("1500m") == 2  # milli-bytes round up
+    assert quantities.quantity_bytes("  64Mi ") == 64 * 1024**2
     for bad in ("20 gigs", "20GB", "-1Gi", "", "Gi", "1.2.3Gi", "0x10"):
-        assert kube_objects.quantity_bytes(bad) is None, bad
-    assert kube_objects.format_bytes(21 * 1024**3) == "21Gi"
-    assert kube_objects.format_bytes(1536 * 1024**2) == "1536Mi"
-    assert kube_objects.format_bytes(1_000_000_001) == "1000000001"
+        assert quantities.quantity_bytes(bad) is None, bad
+    assert quantities.format_bytes(21 * 1024**3) == "21Gi"
+    assert quantities.format_bytes(1536 * 1024**2) == "1536Mi"
+    assert quantities.format_bytes(1_000_000_001) == "1000000001"
 
 
 async def test_container_reserves_scratch_and_tmp_as_ephemeral_storage(make_spawner, storage):

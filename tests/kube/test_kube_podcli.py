@@ -153,7 +153,7 @@ def test_dry_run_with_hub_config(capsys, trees, tmp_path, monkeypatch):
     [
         (["--uid", "0"], "Sessions never run as root; give a --uid other than 0."),
         (["--dataset", "/nonexistent/dataset"], "There is no dataset directory at '/nonexistent/dataset'."),
-        (["--release", "casa-99"], "'casa-99' is not a CASA release this hub knows."),
+        (["--release", "casa-99"], "'casa-99' is not a release in the catalog; choose one from the list."),
         (["--size", "huge"], "'huge' is not a session size; choose one of small, medium, large."),
         (
             ["--gid", "0"],

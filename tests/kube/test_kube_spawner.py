@@ -15,8 +15,9 @@ from pss import restricted_violations
 
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.plan import Identity, StorageLayout
-from casaspawner.spawners.common import SpawnException, options_from_form
-from casaspawner.spawners.storage import StorageRoot, locate_in_storage
+from casaspawner.session.options import options_from_form
+from casaspawner.session.readers import StorageRoot, locate_in_storage
+from casaspawner.spawners.errors import SpawnException
 
 
 def sentence(exc: pytest.ExceptionInfo) -> str:
@@ -44,7 +45,7 @@ async def refused(spawner, options) -> str:
         ({"dataset": "x\ny"}, "one line"),
         ({"dataset": "data", "interface": "vnc"}, "'vnc' is not an interface"),
         ({"dataset": "data", "size": "huge"}, "'huge' is not a session size"),
-        ({"dataset": "data", "release": "casa-99"}, "'casa-99' is not a CASA release this hub knows"),
+        ({"dataset": "data", "release": "casa-99"}, "'casa-99' is not a release in the catalog; choose one from the list."),
         ({"dataset": "uid://A001/X1/Xzz"}, "not an ALMA dataset identifier"),
         ({"dataset": "2019.1.00001"}, "not an ALMA dataset identifier"),
         ({"dataset": "2019.1.00001.S"}, "No ALMA archive is configured"),
@@ -250,13 +251,19 @@ async def test_user_options_summary_and_labels_merge(make_spawner, storage):
     await spawner._run_apply_user_options(
         {"dataset": dataset_in(storage, "alice", "cycle10"), "interface": "desktop"}
     )
+    assert spawner.user_options == {"dataset": dataset_in(storage, "alice", "cycle10"), "interface": "desktop"}
+    pod, _ = await spawner.session_manifests()
+    spawner.record_session(spawner.session_plan)
     assert spawner.user_options["profile"] == spawner.session_plan.summary
     assert spawner.user_options["profile"].startswith(
         "CASA 6.5.4-9 (pipeline 2023.1.0.124) · CASA desktop · "
     )
-    assert spawner.user_options["casa_version"] == "6.5.4-9"
-    assert spawner.user_options["interface"] == "desktop"
-    pod, _ = await spawner.session_manifests()
+    output = spawner.user_options["casaspawner"]
+    assert (output["casa_version"], output["interface"], output["release"]) == (
+        "6.5.4-9",
+        "desktop",
+        "pl-2023.1.0.124",
+    )
     labels = pod["metadata"]["labels"]
     assert labels["hub.jupyter.org/network-access-hub"] == "true"
     assert labels["casaspawner.io/interface"] == "set-by-operator"  # never replaced
@@ -301,7 +308,8 @@ async def test_no_leftovers_between_sessions(make_spawner, storage):
     await spawner._run_apply_user_options(
         {"dataset": dataset_in(storage, "alice", "cycle10"), "interface": "desktop"}
     )
-    assert "/arc/projects/proja" in {m["mountPath"] for m in spawner.volume_mounts.values()}
+    first, _ = await spawner.session_manifests()
+    assert "/arc/projects/proja" in {m["mountPath"] for m in first["spec"]["containers"][0]["volumeMounts"]}
     spawner.clear_state()
     user.auth_state = auth_state(groups=(), token=None)
     await spawner._run_apply_user_options(
@@ -358,7 +366,7 @@ async def test_every_server_has_its_own_notice_file(make_spawner, storage):
             orm_spawner=orm.Spawner(name=server),
         )
         await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
-        path = spawner.environment["CASASPAWNER_NOTICES_FILE"]
+        path = spawner.notices_environment(spawner.session_plan)["CASASPAWNER_NOTICES_FILE"]
         assert path.startswith("/arc/home/alice/CASA-NOTICES") and "/" not in path[len("/arc/home/alice/") :]
         files[server] = path[len("/arc/home/alice/") :]
     assert len(set(files.values())) == len(files), files  # no two servers share a file
@@ -394,7 +402,7 @@ async def test_release_override_is_marked(make_spawner, storage, catalog):
     assert plan.release.id == chosen.id and not plan.exact
     messages = [event["message"] for event in spawner.plan_progress_events()]
     assert any(m.startswith(f"Warning: you chose {chosen.label}") for m in messages)
-    assert spawner.user_options["profile"].endswith("not exact")
+    assert plan.summary.endswith("not exact")
 
 
 async def test_token_never_in_pod_or_logs(make_spawner, storage, caplog):
@@ -507,7 +515,7 @@ async def test_recent_datasets_survive_restart_and_clear_state(make_spawner, sto
 async def test_entry_point_and_defaults(make_spawner):
     from importlib.metadata import entry_points
 
-    from casaspawner.spawners.kube import CASASpawner
+    from casaspawner.kube.spawner import CASASpawner
 
     names = {ep.name: ep for ep in entry_points(group="jupyterhub.spawners")}
     assert names["casa"].load() is CASASpawner
@@ -549,7 +557,7 @@ async def test_release_override_starts_a_dataset_that_names_no_version(make_spaw
         assert plan.environment["CASASPAWNER_EXACT"] == "false"
         assert plan.annotations["casaspawner.io/evidence"] == "none"
         assert plan.annotations["casaspawner.io/processed-with"] == "CASA unknown"
-        assert spawner.user_options["profile"].endswith(" · not exact")
+        assert plan.summary.endswith(" · not exact")
         messages = [event["message"] for event in spawner.plan_progress_events()]
         assert messages[0] == f"Dataset {dataset}: {chosen.label}, not the exact build."
         assert messages[2] == (

@@ -15,8 +15,8 @@ from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.errors import InvalidInput
 from casaspawner.plan import MAX_ID, Identity, StorageLayout
-from casaspawner.spawners.identity import identity_from_login, parse_id, project_groups
-from casaspawner.spawners.storage import StorageMountReader
+from casaspawner.session.identity import identity_from_login, parse_id, project_groups
+from casaspawner.session.readers import StorageMountReader
 
 
 # ------------------------------------------------------------------------------------------ ids

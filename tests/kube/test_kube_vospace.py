@@ -15,7 +15,7 @@ from aiohttp import web
 from conftest import dataset_in
 from kube_support import FakeUser, auth_state
 
-from casaspawner.spawners.common import SpawnException
+from casaspawner.spawners.errors import SpawnException
 
 VOS = "http://www.ivoa.net/xml/VOSpace/v2.0"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
@@ -175,7 +175,7 @@ async def test_token_never_follows_a_redirect_to_another_origin(make_spawner, st
 async def test_token_follows_a_redirect_within_the_same_origin():
     """A redirect to another path of the same scheme, host and port keeps the token; any other origin not."""
     from casaspawner.plan import StorageLayout
-    from casaspawner.spawners.common import VOSpaceReader
+    from casaspawner.session.vospace import VOSpaceReader
 
     seen: dict[str, str | None] = {}
 

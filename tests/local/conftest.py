@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 from local_support import CHROMIUM_ARGS, REPO, TEST_CONFIG, Hub, free_port_block
 
-from casaspawner import demo
 from casaspawner.catalog.model import Release
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
-from casaspawner.demo import as_owner_of
-from casaspawner.environments import CasaEnvironment, EnvironmentManager, default_cache_dir
+from casaspawner.local import demo
+from casaspawner.local.demo import as_owner_of
+from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
+from casaspawner.runtime import cache_dir as default_cache_dir
 
 #: Releases only the test hub knows: one whose wheels do not exist (the build fails), one whose wheels need a
 #: Python this machine lacks.
@@ -94,7 +95,7 @@ def from_checkout(checkout: Path, cache_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def demo_root(cache_dir: Path, checkout: Path) -> Iterator[Path]:
-    """The demo's state directory, prepared by ``python -m casaspawner.demo prepare`` (what ``make demo`` runs)
+    """The demo's state directory, prepared by ``python -m casaspawner.local.demo prepare`` (what ``make demo`` runs)
     from the private checkout; the storage root is ``<root>/arc``.
 
     It lives in a directory every user can search (pytest's own temporary directories are private to root),
@@ -105,7 +106,7 @@ def demo_root(cache_dir: Path, checkout: Path) -> Iterator[Path]:
     try:
         storage = root / "arc"
         prepared = subprocess.run(
-            [sys.executable, "-m", "casaspawner.demo", "prepare", "--dir", str(root), "--storage", str(storage)],
+            [sys.executable, "-m", "casaspawner.local.demo", "prepare", "--dir", str(root), "--storage", str(storage)],
             cwd=checkout, env=from_checkout(checkout, cache_dir), capture_output=True, text=True, timeout=3600,
         )  # fmt: skip
         assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]

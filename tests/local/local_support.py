@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from casaspawner.spawners.local import descendants
+from casaspawner.local.processes import descendants
 
 REPO = Path(__file__).resolve().parents[2]
 #: The test hub's configuration, relative to a checkout (it loads ``hub-config/local`` of the same checkout).

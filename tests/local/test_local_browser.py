@@ -26,9 +26,9 @@ from local_support import (
     window_titles,
 )
 
-from casaspawner import demo
 from casaspawner.catalog.model import Release
-from casaspawner.demo import as_owner_of
+from casaspawner.local import demo
+from casaspawner.local.demo import as_owner_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -23,17 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from casaspawner import demo
 from casaspawner.catalog.model import Catalog, Release, Tarball, Wheels, load_catalog
 from casaspawner.datasets.resolve import resolve_path
-from casaspawner.environments import (
-    CasaEnvironment,
-    EnvironmentBuildError,
-    EnvironmentManager,
-    site_config_text,
-)
-from casaspawner.environments.pythons import find_python, world_usable
 from casaspawner.errors import CasaspawnerError
+from casaspawner.local import demo
+from casaspawner.local.environments import CasaEnvironment, EnvironmentBuildError, EnvironmentManager
+from casaspawner.local.environments.pythons import find_python, world_usable
+from casaspawner.runtime import site_config_text
 
 OFFLINE = {key: "http://127.0.0.1:9" for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
 
@@ -346,8 +342,8 @@ def test_a_hung_casa_start_check_is_one_sentence_on_every_supported_python(
     launcher.chmod(0o755)
     code = (
         "import asyncio, sys\nfrom pathlib import Path\n"
-        "from casaspawner.environments.build import EnvironmentBuildError, _casa_starts\n"
-        "try:\n    asyncio.run(_casa_starts(Path(sys.argv[1]), 'CASA 5.6.1-8', timeout=1))\n"
+        "from casaspawner.local.environments.steps import EnvironmentBuildError, casa_starts\n"
+        "try:\n    asyncio.run(casa_starts(Path(sys.argv[1]), 'CASA 5.6.1-8', timeout=1))\n"
         "except EnvironmentBuildError as error:\n    print('SENTENCE', error)\n"
     )
     # casaspawner from this checkout; its (pure-Python) dependencies from the venv running the tests.

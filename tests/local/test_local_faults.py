@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from local_support import Hub, wait_for_display, wait_for_title
 
-from casaspawner import demo
 from casaspawner.catalog.model import Release, load_catalog
-from casaspawner.demo import as_owner_of
-from casaspawner.environments import EnvironmentManager
+from casaspawner.local import demo
+from casaspawner.local.demo import as_owner_of
+from casaspawner.local.environments import EnvironmentManager
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -216,7 +216,7 @@ def test_demo_refuses_a_bad_port_with_one_sentence(
 ) -> None:
     args = ["--port", port] if given == "option" else []
     result = subprocess.run(
-        [sys.executable, "-m", "casaspawner.demo", "prepare", *args, "--dir", str(tmp_path)],
+        [sys.executable, "-m", "casaspawner.local.demo", "prepare", *args, "--dir", str(tmp_path)],
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "CASASPAWNER_DEMO_PORT": port if given == "environment" else "8000"},
     )  # fmt: skip
@@ -229,7 +229,7 @@ def test_demo_refuses_a_port_in_use_with_one_sentence(tmp_path: object) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "casaspawner.demo", "run", "--port", str(port), "--dir", str(tmp_path)],
+            [sys.executable, "-m", "casaspawner.local.demo", "run", "--port", str(port), "--dir", str(tmp_path)],
             capture_output=True,
             text=True,
             timeout=60,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import dataclasses
 import grp
 import http.server
 import json
@@ -24,13 +25,15 @@ from typing import Any
 
 import pytest
 
-from casaspawner import demo
 from casaspawner.catalog.model import Release, load_catalog
 from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
-from casaspawner.demo import as_owner_of
 from casaspawner.errors import CasaspawnerError
-from casaspawner.spawners.local import LocalCASASpawner, ensure_group
+from casaspawner.local import demo
+from casaspawner.local.accounts import ensure_group
+from casaspawner.local.demo import as_owner_of
+from casaspawner.local.spawner import LocalCASASpawner
+from casaspawner.plan import Identity
 
 pytestmark = pytest.mark.integration  # as root, the first use creates the local account jupyter-demo
 ROOT = os.geteuid() == 0
@@ -96,12 +99,52 @@ def test_approximation_when_allowed_is_marked_everywhere(storage: Path) -> None:
     assert plan.release.role == "modular"
     assert plan.kernel_name.endswith(" (approximate)")
     assert plan.reason.endswith("(the dataset calls for CASA 6.5.4-9 (pipeline 2023.1.0.124)).")
+    local.apply_plan(plan)
+    local.record_session(plan)
     assert local.user_options["profile"].endswith("approximate")
+    assert local.user_options["casaspawner"]["approximate"] is True
     assert local.environment["CASASPAWNER_APPROXIMATE"] == "true"
     assert local.environment["CASASPAWNER_REASON"] == plan.reason
     xstartup = Path(local.environment["JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP"])
     assert xstartup == local.desktop_dir() / "xstartup"
     assert local.default_url == "/desktop/"
+
+
+def test_an_approximation_is_checked_against_drained_releases(storage: Path) -> None:
+    options = {"dataset": "~/2023.1.00026.S", "interface": "desktop"}
+    nearest = asyncio.run(spawner(storage, allow_approximate=True).prepare_session(options)).release
+    drained = spawner(storage, allow_approximate=True, blocked_releases=[nearest.id])
+    with pytest.raises(Exception) as caught:
+        asyncio.run(drained.prepare_session(options))
+    message = getattr(caught.value, "jupyterhub_message", str(caught.value))
+    assert message == (
+        f"{nearest.label} cannot be started right now; try again later or choose another release."
+    )
+
+
+@pytest.mark.skipif(not ROOT, reason="only a hub running as root changes the session's identity")
+def test_the_session_process_runs_as_the_plans_uid_gid_and_groups(storage: Path) -> None:
+    local = spawner(storage, allow_approximate=True)
+    plan = asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S"}))
+    # Ids no account has: the process gets them from the plan, not from a look-up by name.
+    identity = Identity("demo", 54321, 54322, ("proj",), (54323,))
+    local.session_plan = dataclasses.replace(plan, identity=identity)
+    preexec = local.make_preexec_fn("demo")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            preexec()
+            ids = [os.getuid(), os.geteuid(), os.getgid(), os.getegid(), sorted(os.getgroups())]
+            os.write(write, json.dumps(ids).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        seen = json.loads(answer.read())
+    os.waitpid(pid, 0)
+    assert seen == [54321, 54321, 54322, 54322, [54323]]
+    assert local.user_env({})["USER"] == "demo"
 
 
 def test_the_form_says_what_happens_to_a_build_that_cannot_be_installed(storage: Path) -> None:
@@ -168,6 +211,7 @@ def test_plan_paths_are_local_paths_and_identity_is_never_root(storage: Path, de
     local = spawner(storage)
     write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))  # installable here
     plan = asyncio.run(local.prepare_session({"dataset": f"{storage}/home/demo/{demo.DEMO_PROJECT}"}))
+    local.apply_plan(plan)
     assert plan.exact and not plan.approximate
     assert plan.home == str(storage / "home" / "demo")
     assert local.environment["HOME"] == plan.home and local.notebook_dir == plan.home
@@ -201,8 +245,8 @@ def test_form_previews_the_last_dataset_and_says_it_will_be_approximate(storage:
 
 
 def test_sessions_read_the_desktop_files_from_the_cache_not_the_checkout(storage: Path) -> None:
-    from casaspawner.environments.build import DESKTOP_SOURCE, LAB_OVERRIDES
-    from casaspawner.environments.pythons import world_usable
+    from casaspawner.local.environments.pythons import world_usable
+    from casaspawner.local.environments.session_files import DESKTOP_SOURCE, LAB_OVERRIDES
 
     local = spawner(storage)
     desktop = local.desktop_dir()
@@ -371,6 +415,7 @@ def test_a_users_own_mode_of_their_home_is_kept(storage: Path, demo_release: Rel
     write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
     local = spawner(storage)
     plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}"}))
+    local.apply_plan(plan)
     home = Path(plan.home)
     local._prepare_directories(plan, plan.identity.uid, plan.identity.gid)
     if ROOT:  # written by root above: taken over by the user's account
@@ -393,6 +438,7 @@ def test_the_session_opens_its_log_itself_never_through_a_link(
     write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
     local = spawner(storage)
     plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}"}))
+    local.apply_plan(plan)
     uid = plan.identity.uid
     local._prepare_directories(plan, uid, plan.identity.gid)
     home = Path(plan.home)
@@ -467,7 +513,7 @@ def test_the_demo_writes_the_dataset_as_the_user_and_never_through_their_links(
 #: as a busy machine may do during the seconds stop() waits; then the held process is signalled.
 RECYCLED_PID = """
 import signal, subprocess, sys, time
-from casaspawner.spawners.local import ProcessHandle
+from casaspawner.local.processes import ProcessHandle
 
 victim = subprocess.Popen(["sleep", "60"])
 held = ProcessHandle.open(victim.pid, pidfd=sys.argv[1] == "pidfd")

@@ -12,7 +12,7 @@ import pytest
 from casaspawner.datasets.synth import write_dataset
 
 CLI = [sys.executable, "-m", "casaspawner"]
-RESOLVE_KEYS = {"processed_with", "casa", "pipeline", "image", "exact", "evidence", "reason"}
+RESOLVE_KEYS = {"processed_with", "release", "casa", "pipeline", "image", "exact", "evidence", "reason"}
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from casaspawner.datasets.ids import ProjectCode, Uid, parse_identifier, parse_project_code, parse_uid
+from casaspawner.datasets.ids import (
+    ProjectCode,
+    Uid,
+    parse_identifier,
+    parse_project_code,
+    parse_uid,
+)
 from casaspawner.errors import InvalidInput
 
 # The identifier patterns of the reference catalog (shared/reference/alma-casa-catalog.yaml), ASCII digits.

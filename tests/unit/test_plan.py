@@ -114,12 +114,6 @@ def test_override_and_substitution_are_never_exact(resolution, catalog: Catalog)
             "not a release in the catalog",
         ),
         (lambda c, r: make_plan(alice(), SessionOptions("x", release="pl-r42030"), c, r), "no public build"),
-        (
-            lambda c, r: make_plan(
-                alice(), SessionOptions("x", release="casa-4.2.2"), c, r, PlanConfig(allow_override=False)
-            ),
-            "does not allow choosing",
-        ),
         (lambda c, r: PlanConfig(label_prefix="Not A Prefix"), "label prefix"),
     ],
 )

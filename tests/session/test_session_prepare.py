@@ -1,0 +1,163 @@
+"""The session pipeline on its own: one pass from a request to a plan, no JupyterHub."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from casaspawner.catalog.model import Catalog, Release
+from casaspawner.datasets.model import Resolution
+from casaspawner.datasets.synth import DatasetSpec, write_dataset
+from casaspawner.errors import InvalidInput, ReleaseBlocked, VersionUnknown
+from casaspawner.plan import Identity, PlanConfig, Resources, Substitution
+from casaspawner.session.prepare import prepare, read_in_hub
+from casaspawner.session.readers import DatasetReader, LocalDirectoryReader
+from casaspawner.session.settings import SessionSettings
+
+
+@dataclass
+class Backend:
+    """The steps a spawner supplies, as a plain object: runs as uid 1000, reads local paths."""
+
+    catalog: Catalog
+    substitute_with: str | None = None
+    blocked: dict[str, str] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    async def session_identity(self) -> Identity:
+        self.calls.append("identity")
+        return Identity("alice", 1000, 1000)
+
+    def get_dataset_reader(self) -> DatasetReader | None:
+        return LocalDirectoryReader()
+
+    async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
+        self.calls.append("read")
+        return await read_in_hub(path, label, self.catalog)
+
+    def resolved(self, resolution: Resolution) -> None:
+        self.calls.append(f"resolved {resolution.release.id}")
+
+    async def substitute(self, release: Release) -> Substitution | None:
+        self.calls.append(f"substitute {release.id}")
+        if self.substitute_with is None:
+            return None
+        return Substitution(self.catalog.get(self.substitute_with), "This machine cannot run it")
+
+    async def blocked_release_messages(self) -> Mapping[str, str]:
+        self.calls.append("blocked")
+        return self.blocked
+
+
+def settings(catalog: Catalog, **changes: object) -> SessionSettings:
+    values: dict[str, object] = {
+        "catalog": catalog,
+        "plan": PlanConfig(),
+        "default_size": "medium",
+        "reads_paths": True,
+    }
+    values.update(changes)
+    return SessionSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> str:
+    """A Cycle 10 dataset: CASA 6.5.4-9 with pipeline 2023.1.0.124."""
+    return str(write_dataset(tmp_path, era="cycle10"))
+
+
+def run(options: dict[str, object], catalog: Catalog, backend: Backend, **changes: object):
+    return asyncio.run(prepare(options, settings(catalog, **changes), backend))
+
+
+def test_one_pass_gives_the_exact_build_and_asks_each_step_once(
+    catalog: Catalog, dataset: str
+) -> None:
+    backend = Backend(catalog)
+    plan = run({"dataset": dataset, "interface": "desktop"}, catalog, backend)
+    assert (plan.release.casa, plan.exact, plan.approximate) == ("6.5.4-9", True, False)
+    assert plan.interface == "desktop" and plan.identity.uid == 1000
+    release = plan.release.id
+    assert backend.calls == [
+        "identity",
+        "read",
+        f"resolved {release}",
+        f"substitute {release}",
+        "blocked",
+    ]
+
+
+def test_a_substitute_release_is_checked_against_drains(catalog: Catalog, dataset: str) -> None:
+    backend = Backend(catalog, substitute_with="casa-6.6.5-31", blocked={"casa-6.6.5-31": ""})
+    with pytest.raises(ReleaseBlocked, match="^CASA 6.6.5-31 cannot be started right now"):
+        run({"dataset": dataset}, catalog, backend)
+
+
+def test_a_substitute_plan_is_approximate_and_says_why(catalog: Catalog, dataset: str) -> None:
+    backend = Backend(catalog, substitute_with="casa-6.6.5-31")
+    plan = run({"dataset": dataset}, catalog, backend)
+    assert plan.release.id == "casa-6.6.5-31"
+    assert plan.approximate and not plan.exact
+    assert plan.reason.startswith("This machine cannot run it (the dataset calls for CASA 6.5.4-9")
+
+
+def test_a_drained_release_is_refused_with_the_operators_message(
+    catalog: Catalog, dataset: str
+) -> None:
+    exact = run({"dataset": dataset}, catalog, Backend(catalog)).release.id
+    backend = Backend(catalog, blocked={exact: "Being replaced until 14:00."})
+    with pytest.raises(ReleaseBlocked, match=r"^Being replaced until 14:00\.$"):
+        run({"dataset": dataset}, catalog, backend)
+
+
+def test_bad_options_are_refused_before_anything_is_asked(catalog: Catalog) -> None:
+    backend = Backend(catalog)
+    with pytest.raises(InvalidInput, match="not an interface"):
+        run({"dataset": "x", "interface": "vnc"}, catalog, backend)
+    assert backend.calls == []
+
+
+def test_a_hub_without_overrides_refuses_a_chosen_release(catalog: Catalog, dataset: str) -> None:
+    options = {"dataset": dataset, "release": "casa-6.6.5-31"}
+    with pytest.raises(InvalidInput, match="does not allow choosing"):
+        run(options, catalog, Backend(catalog), allow_override=False)
+
+
+def test_a_chosen_release_runs_a_dataset_that_tells_no_version(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    spec = DatasetSpec(casa=None, pipeline=None, evidence=("none",))
+    path = str(write_dataset(tmp_path, spec=spec))
+    with pytest.raises(VersionUnknown):
+        run({"dataset": path}, catalog, Backend(catalog))
+    plan = run({"dataset": path, "release": "casa-6.6.5-31"}, catalog, Backend(catalog))
+    assert plan.release.id == "casa-6.6.5-31" and not plan.exact
+    assert plan.resolution.evidence.kind == "none"
+
+
+def test_a_hub_with_one_size_ignores_the_size_a_request_names(
+    catalog: Catalog, dataset: str
+) -> None:
+    one = PlanConfig(sizes={"machine": Resources(0, 0, "", "")})
+    options = {"dataset": dataset, "size": "large"}
+    plan = run(options, catalog, Backend(catalog), plan=one, default_size="machine")
+    assert plan.options.size == "machine"
+    with pytest.raises(InvalidInput, match="'huge' is not a session size"):
+        run({"dataset": dataset, "size": "huge"}, catalog, Backend(catalog))
+
+
+def test_the_spawners_own_output_is_dropped_from_saved_options(
+    catalog: Catalog, dataset: str
+) -> None:
+    saved = {
+        "dataset": dataset,
+        "profile": "CASA 6.5.4-9 · JupyterLab · … · exact",
+        "casaspawner": {"release": "casa-4.2.2"},
+    }
+    assert run(saved, catalog, Backend(catalog)).options.release is None
+    with pytest.raises(InvalidInput, match="'casa_version' is not a session option"):
+        run({"dataset": dataset, "casa_version": "6.5.4-9"}, catalog, Backend(catalog))
