@@ -1,5 +1,6 @@
 # Shared settings and helpers of the cluster scripts (sourced by build, up, down, exec, import-image).
 # Every setting can be overridden from the environment; the defaults are what `make cluster-up` uses.
+# shellcheck disable=SC2034  # the settings are for the scripts that source this file
 
 CLUSTER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$CLUSTER_DIR")
@@ -12,6 +13,7 @@ CACHE_ROOT=${CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/casaspawner/k8s}
 BUILD_KEY=$(cd "$CLUSTER_DIR" && cat go.mod go.sum cmd/*/main.go | sha256sum | cut -c1-12)
 BIN_DIR=$CACHE_ROOT/$K8S_VERSION-$BUILD_KEY/bin
 KWOK_BIN=$CACHE_ROOT/kwok-$KWOK_VERSION/bin/kwok
+KWOK_STAGES=$CACHE_ROOT/kwok-$KWOK_VERSION/bin/stages.yaml
 # The Go toolchain: the machine's /usr/local/go when `go` is not on PATH.
 PATH=$PATH:/usr/local/go/bin
 
@@ -33,6 +35,8 @@ API_PORT=${CLUSTER_API_PORT:-16443}
 POD_CIDR=10.244.0.0/16
 NODE_IP=10.244.0.1
 SERVICE_CIDR=10.96.0.0/16
+# Pod addresses kwok gives pods on fake nodes (nothing answers there).
+FAKE_POD_CIDR=10.245.0.0/16
 NODE_NAME=casaspawner-node
 # kubelet's cgroups (cgroupfs driver) sit under this parent in every hierarchy.
 CGROUP_PARENT=casaspawner-k8s
@@ -43,8 +47,19 @@ FAKE_NODES=${CLUSTER_FAKE_NODES:-0}
 
 # The one-line error every script ends with when something fails.
 die() {
+    [ -z "${STEP_OPEN:-}" ] || echo
     echo "error: $*" >&2
     exit 1
+}
+
+# Start a long-running command in its own session (so it outlives make), detached from the
+# terminal: spawn PIDFILE LOG COMMAND... The pid written is the command's own (setsid, and nsenter
+# without --fork, exec it in place).
+spawn() {
+    local pidfile=$1 log=$2
+    shift 2
+    # shellcheck disable=SC2016  # $$ and $@ are the inner shell's
+    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" >"$log" 2>&1 </dev/null &
 }
 
 # Run a command inside the cluster's network namespace (and nothing else: same mounts, same files).
@@ -55,10 +70,12 @@ in_netns() {
 # Print a step; `step_done` prints how long it took.
 step() {
     STEP_T0=$(date +%s%N)
+    STEP_OPEN=1
     printf '%s ... ' "$*"
 }
 step_done() {
     local tenths=$((($(date +%s%N) - STEP_T0) / 100000000))
+    STEP_OPEN=
     printf 'done (%d.%d s)\n' $((tenths / 10)) $((tenths % 10))
 }
 
