@@ -1,5 +1,5 @@
-# Shared settings and helpers of the cluster scripts (sourced by build, up, down, exec, import-image).
-# Every setting can be overridden from the environment; the defaults are what `make cluster-up` uses.
+# Shared settings and helpers of the cluster scripts (sourced by each of them). Every setting can
+# be overridden from the environment; the defaults are what `make cluster-up` uses.
 # shellcheck disable=SC2034  # the settings are for the scripts that source this file
 
 CLUSTER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -14,11 +14,11 @@ export CLUSTER_FAKE_NODES
 
 .PHONY: cluster-build cluster-up cluster-down cluster-test
 
-# Build the binaries: about 7 min the first time on 2 cores, then cached (nothing to do).
+# Build the binaries: about 9 min the first time on 2 cores, then cached (nothing to do).
 cluster-build: deps
 	cluster/build
 
-# Start the cluster (about 15 s), or notice it is up already; admin kubeconfig: .cache/k8s/kubeconfig.
+# Start the cluster (about 10 s), or notice it is up already; admin kubeconfig: .cache/k8s/kubeconfig.
 cluster-up: deps
 	cluster/up
 
@@ -27,6 +27,6 @@ cluster-down: deps
 	cluster/down
 
 # The k8s tier's harness tests (tests/k8s) on the cluster $KUBECONFIG points at, or else on this one
-# (started when needed and left running: make cluster-down).
+# (a running one is reused; one the tests started is stopped at the end unless CLUSTER_KEEP=1).
 cluster-test: venv
 	$(BIN)/pytest -m k8s tests/k8s $(PYTEST_ARGS)
