@@ -1,0 +1,114 @@
+# Shared settings and helpers of the cluster scripts (sourced by each of them). Every setting can
+# be overridden from the environment; the defaults are what `make cluster-up` uses.
+# shellcheck disable=SC2034  # the settings are for the scripts that source this file
+
+CLUSTER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$CLUSTER_DIR")
+
+# What is built: the k8s.io/kubernetes version pinned in go.mod, and kwok for fake nodes.
+K8S_VERSION=$(awk '$1 == "k8s.io/kubernetes" { print $2 }' "$CLUSTER_DIR/go.mod")
+KWOK_VERSION=${CLUSTER_KWOK_VERSION:-v0.8.0}
+# Binaries live outside the clone, keyed by the version and a hash of what decides their contents.
+CACHE_ROOT=${CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/casaspawner/k8s}
+BUILD_KEY=$(cd "$CLUSTER_DIR" && cat go.mod go.sum cmd/*/main.go | sha256sum | cut -c1-12)
+BIN_DIR=$CACHE_ROOT/$K8S_VERSION-$BUILD_KEY/bin
+KWOK_BIN=$CACHE_ROOT/kwok-$KWOK_VERSION/bin/kwok
+KWOK_STAGES=$CACHE_ROOT/kwok-$KWOK_VERSION/bin/stages.yaml
+# The Go toolchain: the machine's /usr/local/go when `go` is not on PATH.
+PATH=$PATH:/usr/local/go/bin
+
+# Where a running cluster keeps everything (gitignored): pki/, run/ (pid files, logs), containerd/,
+# kubelet/, cni/, and the admin kubeconfig.
+STATE=${CLUSTER_STATE:-$REPO/.cache/k8s}
+RUN=$STATE/run
+PKI=$STATE/pki
+KUBECONFIG_OUT=$STATE/kubeconfig
+
+# The network namespace every component runs in; only the API server is forwarded to the host.
+NETNS=${CLUSTER_NETNS:-casaspawner-k8s}
+NETNS_PATH=/run/netns/$NETNS
+# The API server's port: the same number on 127.0.0.1 in the namespace and on the host, so one
+# kubeconfig serves both.
+API_PORT=${CLUSTER_API_PORT:-16443}
+# The pod network inside the namespace: bridge cni0 holds NODE_IP, the node's address and the
+# address pods reach the namespace (a hub started with cluster/exec) at.
+POD_CIDR=10.244.0.0/16
+NODE_IP=10.244.0.1
+SERVICE_CIDR=10.96.0.0/16
+# Pod addresses kwok gives pods on fake nodes (nothing answers there).
+FAKE_POD_CIDR=10.245.0.0/16
+NODE_NAME=casaspawner-node
+# kubelet's cgroups (cgroupfs driver) sit under this parent in every hierarchy.
+CGROUP_PARENT=casaspawner-k8s
+# The sandbox ("pause") image, written by cluster/oci-image, never pulled.
+PAUSE_IMAGE=localhost/casaspawner/pause:catatonit
+# Fake nodes (kwok) to add at cluster-up; 0 starts no kwok.
+FAKE_NODES=${CLUSTER_FAKE_NODES:-0}
+
+# The one-line error every script ends with when something fails.
+die() {
+    [ -z "${STEP_OPEN:-}" ] || echo
+    echo "error: $*" >&2
+    exit 1
+}
+
+# Start a long-running command in its own session (so it outlives make), detached from the
+# terminal: spawn PIDFILE LOG COMMAND... The pid written is the command's own (setsid, and nsenter
+# without --fork, exec it in place).
+spawn() {
+    local pidfile=$1 log=$2
+    shift 2
+    # shellcheck disable=SC2016  # $$ and $@ are the inner shell's
+    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" >"$log" 2>&1 </dev/null &
+}
+
+# Run a command inside the cluster's network namespace (and nothing else: same mounts, same files).
+in_netns() {
+    nsenter --net="$NETNS_PATH" -- "$@"
+}
+
+# Print a step; `step_done` prints how long it took.
+step() {
+    STEP_T0=$(date +%s%N)
+    STEP_OPEN=1
+    printf '%s ... ' "$*"
+}
+step_done() {
+    local tenths=$((($(date +%s%N) - STEP_T0) / 100000000))
+    STEP_OPEN=
+    printf 'done (%d.%d s)\n' $((tenths / 10)) $((tenths % 10))
+}
+
+# Is process $1 running (a zombie, whose parent has not reaped it, is not)?
+running() {
+    local state
+    state=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) && [ -n "$state" ] && [ "$state" != Z ]
+}
+
+# Is the process of pid file $1 running?
+alive() {
+    local pid
+    [ -f "$1" ] && pid=$(cat "$1") && [ -n "$pid" ] && running "$pid"
+}
+
+# Poll `$@` every 0.2 s until it succeeds; after $1 seconds print the tail of log $2 and fail with
+# the sentence $3.
+wait_for() {
+    local timeout=$1 log=$2 what=$3
+    shift 3
+    local deadline=$((SECONDS + timeout))
+    until "$@" >/dev/null 2>&1; do
+        if [ $SECONDS -ge $deadline ]; then
+            echo
+            [ -f "$log" ] && tail -n 20 "$log" >&2
+            die "$what (see $log)"
+        fi
+        sleep 0.2
+    done
+}
+
+# curl against the API server as the admin, from inside the namespace.
+api() {
+    in_netns curl -sf --max-time 5 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" \
+        --key "$PKI/admin.key" "https://127.0.0.1:$API_PORT$1" "${@:2}"
+}
