@@ -39,7 +39,7 @@ from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
 
 DEMO_USER = "demo"
 DEMO_PROJECT = "2023.1.01234.S"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HUB_CONFIG = REPO / "hub-config" / "local" / "jupyterhub_config.py"
 #: The hub also binds the next two ports (proxy API, hub API).
 MAX_PORT = 65533

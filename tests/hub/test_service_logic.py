@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from hub_helpers import LAB_OVERRIDES, SESSION_DATA_FILES, free_port
 
+from casaspawner.catalog.model import Release
 from casaspawner.errors import InvalidInput
 from casaspawner.insession.notices import (
     NOTICE_FILE,
@@ -43,24 +44,28 @@ NOW = datetime(2026, 11, 23, 20, 0, tzinfo=timezone.utc)
 
 
 def server(
-    profile: str, dataset: str, started: datetime, active: datetime, **extra: object
+    release: Release, dataset: str, started: datetime, active: datetime, interface: str = "lab"
 ) -> dict[str, object]:
+    """A server model as the hub's API gives it, with what a CASA spawner recorded."""
+    summary = f"{release.label} · {interface} · {dataset} · exact"
+    output = {"summary": summary, "release": release.id, "casa_version": release.casa,
+              "dataset": dataset, "interface": interface}  # fmt: skip
     return {
         "started": started.isoformat(),
         "last_activity": active.isoformat().replace("+00:00", "Z"),
         "ready": True,
-        "user_options": {"profile": profile, "dataset": dataset, "interface": "lab", **extra},
+        "user_options": {"dataset": dataset, "profile": summary, "casaspawner": output},
     }
 
 
 @pytest.fixture
 def users(catalog) -> list[dict[str, object]]:
-    pl = catalog.get("pl-2023.1.0.124").label
-    other = catalog.get("pl-2022.2.0.64").label
+    pl = catalog.get("pl-2023.1.0.124")
+    other = catalog.get("pl-2022.2.0.64")
     return [
-        {"name": "alice", "servers": {"": server(f"{pl} · JupyterLab · ds1 · exact", "ds1", NOW - timedelta(hours=2), NOW - timedelta(minutes=55))}},
-        {"name": "bob", "servers": {"": server(f"{pl} · JupyterLab · ds1 · exact", "ds1", NOW - timedelta(minutes=5), NOW)}},
-        {"name": "carol", "servers": {"m87": server(f"{other} · CASA desktop · ds2 · exact", "ds2", NOW - timedelta(days=1), NOW)}},
+        {"name": "alice", "servers": {"": server(pl, "ds1", NOW - timedelta(hours=2), NOW - timedelta(minutes=55))}},
+        {"name": "bob", "servers": {"": server(pl, "ds1", NOW - timedelta(minutes=5), NOW)}},
+        {"name": "carol", "servers": {"m87": server(other, "ds2", NOW - timedelta(days=1), NOW, "desktop")}},
         {"name": "dave", "servers": {"": {"started": None, "pending": None, "user_options": {}}}},  # stopped
         {"name": "erin", "servers": {"": {"started": NOW.isoformat(), "user_options": {}}}},  # not a CASA server
     ]  # fmt: skip
@@ -125,12 +130,12 @@ def test_drain_blocker_names_the_release_and_reads_every_time(tmp_path, catalog)
     }
 
 
-def test_release_of_prefers_explicit_id_then_label_then_unique_casa(catalog):
-    assert release_of({"casa_release": "casa-4.2.2"}, catalog).id == "casa-4.2.2"
+def test_release_of_reads_what_the_spawner_recorded(catalog):
+    assert release_of({"casaspawner": {"release": "casa-4.2.2"}}, catalog).id == "casa-4.2.2"
+    assert release_of({"casaspawner": {"release": "casa-99"}}, catalog) is None
     label = catalog.get("pl-2023.1.0.124").label
-    assert release_of({"profile": f"{label} · JupyterLab · x · exact"}, catalog).id == "pl-2023.1.0.124"
-    assert release_of({"casa_version": "6.7.0-31"}, catalog).id == "casa-6.7.0-31"
-    assert release_of({"profile": "something else"}, catalog) is None
+    assert release_of({"profile": f"{label} · JupyterLab · x · exact"}, catalog) is None
+    assert release_of({"dataset": "x"}, catalog) is None
 
 
 def test_sessions_grouped_by_release_then_dataset(users, catalog):
@@ -291,7 +296,7 @@ def test_the_committed_labextension_is_built_from_its_source():
     """`make hub-labextension` records what it built from; a changed source needs a rebuild (and a commit)."""
     import hashlib
 
-    services = Path(__file__).resolve().parents[2] / "casaspawner" / "services"
+    services = Path(__file__).resolve().parents[2] / "casaspawner" / "insession"
     recorded = dict(
         reversed(line.split())
         for line in (services / "labextension" / "built-from.sha256").read_text().splitlines()

@@ -239,7 +239,7 @@ def test_a_casaspawner_change_leaves_the_casa_layers_alone(
         shutil.copy2(root / name, checkout / name)
     for name in ("casaspawner", "images"):
         shutil.copytree(root / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
-    with (checkout / "casaspawner" / "desktop" / "casa_startup.py").open("a") as f:
+    with (checkout / "casaspawner" / "insession" / "desktop" / "casa_startup.py").open("a") as f:
         f.write("# a change to casaspawner only\n")
     wheel = engine.casaspawner_wheel(tmp_path, checkout=checkout)
     registry = f"{REGISTRY}-rewheel"

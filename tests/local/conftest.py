@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from local_support import CHROMIUM_ARGS, REPO, TEST_CONFIG, Hub, free_port_block
 
+import casaspawner
 from casaspawner.catalog.model import Release
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
 from casaspawner.local import demo
@@ -133,7 +134,7 @@ def demo_env(cache_dir: Path, demo_root: Path, demo_release: Release) -> CasaEnv
 
 @pytest.fixture(scope="session")
 def test_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    text = (Path(demo.__file__).parent / "catalog" / "releases.yaml").read_text()
+    text = (Path(casaspawner.__file__).parent / "catalog" / "releases.yaml").read_text()
     marker = "\nnon_alma_pipelines:"
     assert marker in text
     text = text.replace(marker, BROKEN_RELEASES + marker, 1)

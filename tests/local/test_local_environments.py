@@ -23,11 +23,16 @@ from pathlib import Path
 
 import pytest
 
+import casaspawner
 from casaspawner.catalog.model import Catalog, Release, Tarball, Wheels, load_catalog
 from casaspawner.datasets.resolve import resolve_path
 from casaspawner.errors import CasaspawnerError
 from casaspawner.local import demo
-from casaspawner.local.environments import CasaEnvironment, EnvironmentBuildError, EnvironmentManager
+from casaspawner.local.environments import (
+    CasaEnvironment,
+    EnvironmentBuildError,
+    EnvironmentManager,
+)
 from casaspawner.local.environments.pythons import find_python, world_usable
 from casaspawner.runtime import site_config_text
 
@@ -474,7 +479,7 @@ def test_envs_command_lists_what_this_machine_can_run(
 
 # ------------------------------------------------------------------------------------ the desktop's scripts
 
-DESKTOP = Path(demo.__file__).parent / "desktop"
+DESKTOP = Path(casaspawner.__file__).parent / "insession" / "desktop"
 
 
 def _title_sequences(output: bytes) -> list[str]:
