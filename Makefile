@@ -1,6 +1,7 @@
 # casaspawner: `make demo` and `make test` are the two entry points (see README.md).
-# Both are idempotent: they install what is missing (apt packages, the venv, npm tools) and nothing else.
-# Area-specific targets and their system packages live in mk/*.mk (one file per area).
+# Both are idempotent: they install what is missing (Debian packages, the venv, npm tools) and nothing
+# else. Each area adds its Debian packages, venv extras, test prerequisites and targets in
+# mk/<area>.mk: hub (the casa-sessions service and hub configuration), images, kube, local, cluster.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -10,8 +11,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages every target needs; mk/*.mk files append their own.
 APT_PACKAGES := python3-venv python3-dev git
-# Extras installed into the venv; mk/*.mk files may append.
+# Node for configurable-http-proxy, unless some Node (NodeSource's bundles npm) is there already.
+ifeq ($(shell command -v npm 2>/dev/null),)
+APT_PACKAGES += nodejs npm
+endif
+# Extras installed into the venv; mk/*.mk files append theirs.
 PIP_EXTRAS := test docs
+# What the test run needs besides the venv; mk/*.mk files append theirs.
+PYTEST_PREREQS := chp
 PYTEST_ARGS ?=
 comma := ,
 empty :=
@@ -19,11 +26,11 @@ space := $(empty) $(empty)
 
 include $(sort $(wildcard mk/*.mk))
 
-.PHONY: help deps venv lint typecheck unit test demo docs clean
+.PHONY: help deps venv chp lint typecheck pytest docs test demo bench-resolve clean
 
 help:
 	@echo "make demo   install what is missing and run casaspawner on this machine"
-	@echo "make test   install what is missing and run every test (ruff, mypy, pytest)"
+	@echo "make test   install what is missing and run every test (ruff, mypy, pytest, docs)"
 
 deps:
 	@scripts/apt-ensure $(sort $(APT_PACKAGES))
@@ -36,6 +43,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: deps $(VENV)/.installed
 
+# configurable-http-proxy from npm, inside the repository (gitignored .cache/): every hub the demo,
+# the tests and the benchmarks start uses it.
+CHP_VERSION ?= 5.3.0
+CHP := .cache/npm/node_modules/.bin/configurable-http-proxy
+$(CHP):
+	npm install --silent --no-audit --no-fund --prefix .cache/npm configurable-http-proxy@$(CHP_VERSION)
+	@test -x $@
+
+chp: deps $(CHP)
+
 lint: venv
 	$(BIN)/ruff check casaspawner tests benchmarks images
 	$(BIN)/ruff format --check casaspawner tests benchmarks images
@@ -43,26 +60,22 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy casaspawner
 
-unit: venv
-	$(BIN)/pytest -m "not integration and not images and not k8s" $(PYTEST_ARGS)
+# Every pytest tier: unit, integration, images, and k8s on the cluster mk/cluster.mk provides.
+pytest: venv $(PYTEST_PREREQS)
+	$(BIN)/pytest $(PYTEST_ARGS)
 
-# Everything CI runs: lint, types, every test tier except `k8s` (real cluster only), and the docs (warnings fail).
-test: venv $(TEST_PREREQS)
-	$(BIN)/ruff check casaspawner tests benchmarks images
-	$(BIN)/ruff format --check casaspawner tests benchmarks images
-	$(BIN)/mypy casaspawner
-	$(BIN)/pytest -m "not k8s" $(PYTEST_ARGS)
-	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
-
-# The main job on the embedded default. mk/local.mk sets DEMO_COMMAND to the embedded hub; without it, the
-# demo resolves a generated example dataset and prints what a session would run.
-DEMO_COMMAND ?= $(BIN)/casaspawner demo-data demo/datasets --era cycle10 && \
-	$(BIN)/casaspawner resolve demo/datasets/cycle10
-demo: venv $(DEMO_PREREQS)
-	$(DEMO_COMMAND)
-
+# The documentation; a warning fails the build.
 docs: venv
 	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
+
+# What CI (.ci/run) runs, in this order.
+test: lint typecheck pytest kube-test-hub5 docs
+
+# The main job on the embedded default: mk/local.mk's hub on this machine.
+demo: demo-local
+
+bench-resolve: venv
+	$(BIN)/python benchmarks/resolve_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,6 +1,5 @@
-# Hub configuration: z2jh values, the casa-sessions service, OIDC login and admin browser tests (tests/hub).
-# configurable-http-proxy comes from mk/local.mk's `chp` target (already in TEST_PREREQS); the tests find it
-# in .cache/npm/node_modules/.bin. Chromium is Debian's (Playwright never downloads a browser).
+# Hub configuration: z2jh values, the casa-sessions service, OIDC login and admin browser tests
+# (tests/hub). Chromium is Debian's: Playwright never downloads a browser.
 APT_PACKAGES += chromium
 PIP_EXTRAS += hub hubtest
 
@@ -41,4 +40,4 @@ hub-dev-install: venv
 	ln -sfn $(abspath $(HUB_LAB_OUT)) $(HUB_VENV_LAB)
 	ln -sfn $(abspath casaspawner/insession/jupyter-config/casaspawner.json) $(HUB_VENV_SERVER_CONFIG)
 	ln -sfn $(abspath casaspawner/insession/lab-overrides/casaspawner.json) $(HUB_VENV_LAB_OVERRIDES)
-TEST_PREREQS += hub-dev-install
+PYTEST_PREREQS += hub-dev-install

@@ -1,14 +1,12 @@
-# Kubernetes spawner (CASASpawner, casaspawner pod): its tests, a JupyterHub 5.5 compatibility run (what z2jh 4.4
-# ships), the real-cluster tier and a dry-run example. No system packages needed: kmock and kubernetes-validate
-# come with the `test` extra.
+# Kubernetes spawner (CASASpawner, casaspawner pod): its tests, a JupyterHub 5.5 compatibility run
+# (what z2jh 4.4 ships) and a dry-run example. kmock and kubernetes-validate come with the `test`
+# extra; the real cluster is mk/cluster.mk's.
 
 # JupyterHub 5.5 venv, cached outside the clone and keyed by the packaging files.
 KUBE_HUB5_KEY := $(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-12)
 KUBE_HUB5_VENV ?= $(HOME)/.cache/casaspawner/venv-hub5.5-$(KUBE_HUB5_KEY)
-# The JupyterHub 5.5 run is part of `make test` (about 30 s once the venv exists).
-TEST_PREREQS += kube-test-hub5
 
-.PHONY: kube-test kube-test-hub5 k8s-test kube-dry-run
+.PHONY: kube-test kube-test-hub5 kube-dry-run
 
 # CASASpawner tests on this venv's JupyterHub (6.x): manifests, validation, form, kmock lifecycle, dry run.
 kube-test: venv
@@ -22,20 +20,15 @@ $(KUBE_HUB5_VENV)/.installed: setup.cfg pyproject.toml
 	$(KUBE_HUB5_VENV)/bin/python -m pip install --quiet "jupyterhub==5.5.*" ".[test]"
 	@touch $@
 
-# The spawner, lifecycle and real-hub tests under JupyterHub 5.5 (no SpawnException there; see spawners/common.py).
-# These tests use no hypothesis; its plugin would import it only at the end of the run (an ast.parse through
-# pytest's assertion rewriting), which CPython 3.11.7 has failed there once with "SystemError: AST constructor
-# recursion depth mismatch" (a known 3.11 bug, CPython gh-106905) after every test had passed.
+# The spawner, lifecycle and real-hub tests under JupyterHub 5.5, a step of `make test` (about 30 s
+# once the venv exists). JupyterHub 5 has no SpawnException (see spawners/errors.py). These tests use
+# no hypothesis: its plugin would import it at the end of the run, which CPython 3.11.7 failed once
+# with "AST constructor recursion depth mismatch" (CPython gh-106905) after every test had passed.
 kube-test-hub5: deps chp $(KUBE_HUB5_VENV)/.installed
 	$(KUBE_HUB5_VENV)/bin/python -m pip install --quiet --no-deps --force-reinstall .
 	$(KUBE_HUB5_VENV)/bin/python -c "import jupyterhub; assert jupyterhub.__version__.startswith('5.5'), jupyterhub.__version__"
 	$(KUBE_HUB5_VENV)/bin/pytest -q -p no:cacheprovider -p no:hypothesispytest tests/kube/test_kube_spawner.py \
 		tests/kube/test_kube_lifecycle.py tests/kube/test_kube_hub.py $(PYTEST_ARGS)
-
-# A real cluster (KUBECONFIG must point at it); see docs/kube.md for what the tests create.
-k8s-test: venv
-	@test -n "$$KUBECONFIG" || { echo "k8s-test: set KUBECONFIG to a test cluster" >&2; exit 2; }
-	$(BIN)/pytest -m k8s tests/kube $(PYTEST_ARGS)
 
 # Print the pod a desktop session on a synthetic Cycle 10 dataset would get (no cluster needed).
 kube-dry-run: venv
