@@ -16,7 +16,7 @@ from __future__ import annotations
 import bz2
 import fnmatch
 import gzip
-import io
+import html
 import lzma
 import os
 import re
@@ -24,13 +24,12 @@ import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from html.parser import HTMLParser
 from pathlib import PurePosixPath
 from typing import BinaryIO, cast
-from xml.etree.ElementTree import Element, ParseError
+from xml.etree.ElementTree import Element, ParseError, TreeBuilder, XMLPullParser
 
-import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import DefusedXMLParser
 
 from casaspawner.catalog.versions import normalize_pipeline, parse_casa
 from casaspawner.datasets.model import Evidence, EvidenceKind
@@ -63,6 +62,7 @@ _SEARCH_DIRS = (".", "script", "qa", "log", "calibration", "product")
 #: its size limit costs little.
 _XML_ELEMENTS = 1_000_000
 _XML_DEPTH = 100
+_XML_CHUNK = 1 << 20
 #: How far into a manual calibration script its version guard is looked for.
 #:
 #: The guard comes after the step list.
@@ -158,18 +158,14 @@ def xml_values(
 
     The document is streamed through defusedxml, with no DTD and no entities. Every element is
     dropped once read. Reading stops as soon as every value was found under its preferred parent.
+    The parser is fed large chunks: expat before 2.6 parses a token again from its start with
+    every chunk, so a huge attribute fed in small chunks costs time quadratic in its size.
     """
     preferred: dict[str, str] = {}
     anywhere: dict[str, str] = {}
     open_elements: list[Element] = []
     try:
-        events = SafeET.iterparse(
-            io.BytesIO(data),
-            ("start", "end"),
-            forbid_dtd=True,
-            forbid_entities=True,
-            forbid_external=True,
-        )
+        events = _xml_events(data)
         for count, (event, element) in enumerate(events):
             if event == "start":
                 open_elements.append(element)
@@ -200,6 +196,25 @@ def xml_values(
     except ParseError:
         raise UnreadableEvidence(f"{shown(name)} is not well-formed XML.") from None
     return {tag: preferred.get(tag, anywhere.get(tag)) for tag in wanted}
+
+
+def _xml_events(data: bytes) -> Iterator[tuple[str, Element]]:
+    """The start and end events of an XML document, parsed by defusedxml in 1 MiB chunks."""
+    parser = XMLPullParser(
+        ("start", "end"),
+        _parser=DefusedXMLParser(
+            target=TreeBuilder(), forbid_dtd=True, forbid_entities=True, forbid_external=True
+        ),
+    )
+    view = memoryview(data)
+    chunks = [view[start : start + _XML_CHUNK] for start in range(0, len(data), _XML_CHUNK)]
+    for chunk in [*chunks, None]:
+        if chunk is None:
+            parser.close()
+        else:
+            parser.feed(chunk)
+        # Only start and end events were asked for: each is (event, element).
+        yield from cast(Iterator[tuple[str, Element]], parser.read_events())
 
 
 #: What a pipeline manifest says: ``ous/casaversion@name`` and ``ous/pipeline_version@name``.
@@ -296,45 +311,66 @@ def read_aquareport(mous: Directory) -> Evidence | None:
     return None
 
 
-class _RowParser(HTMLParser):
-    """Collects the text of each table row's ``th`` and ``td`` cells."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.rows: list[list[str]] = []
-        self._cell: list[str] | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "tr":
-            self.rows.append([])
-        elif tag in ("td", "th"):
-            self._finish_cell()
-            self._cell = []
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("td", "th", "tr"):
-            self._finish_cell()
-
-    def handle_data(self, data: str) -> None:
-        if self._cell is not None:
-            self._cell.append(data)
-
-    def _finish_cell(self) -> None:
-        if self._cell is not None and self.rows:
-            self.rows[-1].append(" ".join("".join(self._cell).split()))
-        self._cell = None
+#: A start or end tag, in linear time: a candidate never reaches past the next ``<`` or ``>``.
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)(?:[\s/][^<>]*)?>")
 
 
-def weblog_versions(html: bytes) -> tuple[str | None, str | None]:
+def _without_comments(text: str) -> str:
+    """``text`` without ``<!-- … -->`` comments; an unclosed one runs to the end."""
+    kept: list[str] = []
+    start = 0
+    while (opening := text.find("<!--", start)) != -1:
+        kept.append(text[start:opening])
+        closing = text.find("-->", opening + 4)
+        if closing == -1:
+            return "".join(kept)
+        start = closing + 3
+    kept.append(text[start:])
+    return "".join(kept)
+
+
+def table_rows(page: str) -> list[list[str]]:
+    """The text of each table row's ``th`` and ``td`` cells, in time linear in the page.
+
+    Malformed markup never raises: what is not a tag is text, as browsers read it.
+    """
+    rows: list[list[str]] = []
+    cell: list[str] | None = None
+
+    def finish_cell() -> None:
+        nonlocal cell
+        if cell is not None and rows:
+            rows[-1].append(" ".join(html.unescape("".join(cell)).split()))
+        cell = None
+
+    text = _without_comments(page)
+    position = 0
+    for match in _TAG.finditer(text):
+        if cell is not None:
+            cell.append(text[position : match.start()])
+        position = match.end()
+        closing, tag = match.group(1), match.group(2).lower()
+        if tag == "tr" and not closing:
+            finish_cell()
+            rows.append([])
+        elif tag in ("td", "th") and not closing:
+            finish_cell()
+            cell = []
+        elif tag in ("td", "th", "tr"):
+            finish_cell()
+    if cell is not None:
+        cell.append(text[position:])
+    finish_cell()
+    return rows
+
+
+def weblog_versions(page: bytes) -> tuple[str | None, str | None]:
     """Return the CASA and pipeline version texts of a weblog home page.
 
     The home page is ``t1-1.html``. Links are stripped from the texts.
     """
-    parser = _RowParser()
-    parser.feed(html.decode("utf-8", errors="replace"))
-    parser.close()
     values: dict[str, str] = {}
-    for row in parser.rows:
+    for row in table_rows(page.decode("utf-8", errors="replace")):
         if len(row) >= 2:
             values.setdefault(row[0].rstrip(":").strip().lower(), row[1])
     # Cells carry links after the version: "6.5.4.9 (environment)", "2023.1.0.124 (documentation)",
