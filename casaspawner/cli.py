@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,19 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message}\n")
+
+
+def seconds(text: str) -> float:
+    """A command-line duration: a finite number of seconds above zero, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(
+            f"{shown(text)!r} is not a time in seconds: give a number above 0, at most 86400"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=10.0,
-        help="archive timeout in seconds (default: %(default)s)",
+        help="how long the archive may take, in all, in seconds (default: %(default)s)",
     )
     p.add_argument(
         "--registry",

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import os
 import re
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,13 +27,15 @@ from casaspawner.catalog.versions import (
     parse_casa,
     pipeline_sort_key,
 )
-from casaspawner.errors import CasaspawnerError, CatalogError
+from casaspawner.errors import CasaspawnerError, CatalogError, shown
 
 Role = Literal["pipeline", "manual", "modular"]
 ROLES: tuple[Role, ...] = ("pipeline", "manual", "modular")
 CONFIDENCE = ("confirmed", "secondary", "unconfirmed", "planned")
 #: ``ops.end`` of a build that was replaced in operations on a date no source records.
 OPS_END_UNKNOWN = "unknown"
+#: The largest catalog file read: the bundled one is about 40 kB.
+CATALOG_LIMIT = 4 << 20
 _ID = re.compile(r"[a-z0-9][a-z0-9.\-]{1,62}")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}(?:-[0-9]{2})?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -672,14 +676,34 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     """
     if path is None:
         return _bundled_catalog()
-    path = Path(path)
+    name = shown(str(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        data = _read_regular_file(Path(path), CATALOG_LIMIT)
     except OSError as exc:
-        raise CatalogError(f"The catalog {path} cannot be read ({exc.strerror or exc}).") from None
+        raise CatalogError(f"The catalog {name} cannot be read ({exc.strerror or exc}).") from None
+    if data is None:
+        raise CatalogError(
+            f"The catalog {name} is not a regular file of at most {CATALOG_LIMIT >> 20} MiB."
+        )
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise CatalogError(f"The catalog {path} is not UTF-8 text.") from None
-    return _parse_text(text, str(path))
+        raise CatalogError(f"The catalog {name} is not UTF-8 text.") from None
+    return _parse_text(text, name)
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes | None:
+    """The bytes of a regular file of at most ``limit`` bytes; None for anything else.
+
+    Opened without blocking, so a FIFO or a device never hangs or floods the reader.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        data = handle.read(limit + 1)
+    return data if len(data) <= limit else None
 
 
 def _parse_text(text: str, source: str) -> Catalog:

@@ -12,11 +12,12 @@ manifest is refused and never cached.
 from __future__ import annotations
 
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 from xml.etree.ElementTree import Element, ParseError
 
 import defusedxml.ElementTree as SafeET
@@ -72,21 +73,22 @@ class AlmaDataLinkClient:
         When the archive cannot help, the sentence ends with the directory to give instead, named
         after what was asked for.
         """
+        deadline = time.monotonic() + self.timeout
         mous = identifier if isinstance(identifier, Uid) else None
         try:
             if mous is None:
-                mous = self.mous_for(cast(ProjectCode, identifier))
-            return self._fetch(mous)
+                mous = self.mous_for(cast(ProjectCode, identifier), deadline)
+            return self._fetch(mous, deadline)
         except ArchiveUnavailable as exc:
             raise ArchiveUnavailable(
                 f"{str(exc).rstrip('.')}; {_give_directory(mous or identifier)}."
             ) from None
 
-    def _fetch(self, mous: Uid) -> Path:
+    def _fetch(self, mous: Uid, deadline: float) -> Path:
         cached = self._cached(mous)
         if cached is not None:
             return cached
-        url = self._find_manifest_url(mous)
+        url = self._find_manifest_url(mous, deadline)
         if url is None:
             raise ResolutionError(
                 f"The ALMA archive lists no pipeline manifest for {mous} "
@@ -96,7 +98,7 @@ class AlmaDataLinkClient:
         name = Path(urllib.parse.urlsplit(url).path).name
         if not _MANIFEST_NAME.fullmatch(name):
             name = f"member.{mous.sanitized}.pipeline_manifest.xml"
-        data = self._get(url, MANIFEST_LIMIT)
+        data = self._get(url, MANIFEST_LIMIT, deadline)
         try:
             xml_values(data, name, MANIFEST_VALUES)
         except UnreadableEvidence as exc:
@@ -118,11 +120,13 @@ class AlmaDataLinkClient:
             ) from None
         return directory / name
 
-    def mous_for(self, code: ProjectCode) -> Uid:
+    def mous_for(self, code: ProjectCode, deadline: float | None = None) -> Uid:
         """Return the single MOUS of a project code.
 
-        A project with several raises a ResolutionError listing some of them.
+        A project with several raises a ResolutionError listing some of them. ``deadline`` is a
+        ``time.monotonic()`` by which the answer must have come; default: ``timeout`` from now.
         """
+        deadline = deadline or time.monotonic() + self.timeout
         # str(code) is built from the strict project-code pattern: digits, dots and capitals only.
         query = (
             "SELECT DISTINCT member_ous_uid FROM ivoa.obscore "  # noqa: S608
@@ -131,7 +135,7 @@ class AlmaDataLinkClient:
         params = urllib.parse.urlencode(
             {"REQUEST": "doQuery", "LANG": "ADQL", "FORMAT": "votable", "QUERY": query}
         )
-        rows = _votable_rows(self._xml(f"{self.base_url}/tap/sync?{params}"))
+        rows = _votable_rows(self._xml(f"{self.base_url}/tap/sync?{params}", deadline))
         uids = sorted({row.get("member_ous_uid", "") for row in rows} - {""})
         if not uids:
             raise ResolutionError(f"The ALMA archive has no data for project {code}.")
@@ -155,9 +159,11 @@ class AlmaDataLinkClient:
             return None
         return found[0] if found else None
 
-    def _find_manifest_url(self, mous: Uid, depth: int = 0, url: str | None = None) -> str | None:
+    def _find_manifest_url(
+        self, mous: Uid, deadline: float, depth: int = 0, url: str | None = None
+    ) -> str | None:
         url = url or f"{self.base_url}/datalink/sync?{urllib.parse.urlencode({'ID': str(mous)})}"
-        tree = self._xml(url)
+        tree = self._xml(url, deadline)
         rows = _votable_rows(tree)
         manifests = sorted(
             (
@@ -176,14 +182,17 @@ class AlmaDataLinkClient:
             service = services.get(row.get("service_def", ""))
             if service and row.get("ID") and row.get("semantics") in ("#auxiliary", "#this", ""):
                 found = self._find_manifest_url(
-                    mous, depth + 1, f"{service}?{urllib.parse.urlencode({'ID': row['ID']})}"
+                    mous,
+                    deadline,
+                    depth + 1,
+                    f"{service}?{urllib.parse.urlencode({'ID': row['ID']})}",
                 )
                 if found:
                     return found
         return None
 
-    def _xml(self, url: str) -> Element:
-        data = self._get(url, LISTING_LIMIT)
+    def _xml(self, url: str, deadline: float) -> Element:
+        data = self._get(url, LISTING_LIMIT, deadline)
         try:
             tree: Element = SafeET.fromstring(
                 data, forbid_dtd=True, forbid_entities=True, forbid_external=True
@@ -194,21 +203,37 @@ class AlmaDataLinkClient:
             ) from None
         return tree
 
-    def _get(self, url: str, limit: int) -> bytes:
+    def _get(self, url: str, limit: int, deadline: float) -> bytes:
+        """GET ``url`` within ``limit`` bytes, all of it before ``deadline``.
+
+        The deadline bounds the whole exchange: a server sending a byte every few seconds is cut
+        off at it, however many reads that takes.
+        """
         if not url.startswith(("https://", "http://")):
             raise ArchiveUnavailable(
                 f"The ALMA archive at {self.name} pointed to a non-HTTP location"
             )
+        late = ArchiveUnavailable(
+            f"The ALMA archive at {self.name} did not answer within "
+            f"{self.timeout:g} second{'' if self.timeout == 1 else 's'}"
+        )
         request = urllib.request.Request(url, headers={"User-Agent": "casaspawner"})  # noqa: S310
         try:
-            response = urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise late
+            response = urllib.request.urlopen(request, timeout=remaining)  # noqa: S310
             with response:
-                data: bytes = response.read(limit + 1)
+                data = _read_before(response, limit + 1, deadline)
         except urllib.error.HTTPError as exc:
             raise ArchiveUnavailable(
                 f"The ALMA archive at {self.name} answered {exc.code} {exc.reason}"
             ) from None
+        except _Late:
+            raise late from None
         except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise late from None
             # ValueError means a malformed URL.
             reason = getattr(exc, "reason", exc)
             raise ArchiveUnavailable(
@@ -220,6 +245,35 @@ class AlmaDataLinkClient:
                 "so the reply was refused"
             )
         return data
+
+
+class _Late(Exception):
+    """The deadline passed while a reply was read."""
+
+
+def _read_before(response: Any, limit: int, deadline: float) -> bytes:
+    """Up to ``limit`` bytes of ``response``, read before ``deadline``.
+
+    Each read waits at most until the deadline: the socket's timeout is set to what is left.
+    """
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Late
+        if sock is not None:
+            sock.settimeout(remaining)
+        try:
+            chunk = response.read1(min(1 << 16, limit - size))
+        except TimeoutError:
+            raise _Late from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _give_directory(asked: ProjectCode | Uid) -> str:
