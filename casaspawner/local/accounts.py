@@ -1,7 +1,7 @@
 """Local accounts and groups for sessions on a hub running as root.
 
-A hub running as root gives each user a local account on first login (``useradd``, as The
-Littlest JupyterHub does), and each project a local group; session directories are handed to them.
+A hub running as root gives each user a local account on first login, with ``useradd``, as The
+Littlest JupyterHub does. Each project gets a local group. Session directories are handed to them.
 """
 
 from __future__ import annotations
@@ -24,17 +24,22 @@ SYSTEM_NAME = re.compile(r"[a-z_][a-z0-9_.\-]{0,31}")
 
 
 def running_as_root() -> bool:
-    """Whether the hub runs as root (and so manages local accounts)."""
+    """Whether the hub runs as root, and so manages local accounts."""
     return os.geteuid() == 0
 
 
-#: Held while this hub process creates or changes local accounts and groups: hub requests run that in worker
-#: threads (``asyncio.to_thread``), and useradd/groupadd/usermod of two at once fail on each other's locks.
+#: Held while this hub process creates or changes local accounts and groups.
+#:
+#: Hub requests do that in worker threads (``asyncio.to_thread``), and two useradd, groupadd or
+#: usermod runs at once fail on each other's locks.
 _ACCOUNTS_LOCK = threading.Lock()
 
 
 class AccountError(CasaspawnerError):
-    """A local account or group could not be created or joined (a hub running as root)."""
+    """A local account or group could not be created or joined.
+
+    Only a hub running as root creates or joins them.
+    """
 
 
 def _passwd(name: str) -> pwd.struct_passwd | None:
@@ -52,9 +57,12 @@ def _group(name: str) -> grp.struct_group | None:
 
 
 def _administer(cmd: list[str], done: Callable[[], bool], failure: str) -> None:
-    """Run ``cmd`` (useradd, groupadd, usermod) unless or until ``done()``, a few times: another program may
-    hold the lock of ``/etc/passwd`` or ``/etc/group`` for a moment, or have made the same change meanwhile
-    ("already exists"). A failure is an ``AccountError``: ``failure`` and the tool's last line."""
+    """Run ``cmd`` a few times, unless or until ``done()``.
+
+    ``cmd`` is useradd, groupadd or usermod. Another program may hold the lock of ``/etc/passwd``
+    or ``/etc/group`` for a moment, or have made the same change meanwhile ("already exists"). A
+    failure is an ``AccountError``: ``failure`` and the tool's last line.
+    """
     why = "no reason given"
     for attempt in range(4):
         if done():
@@ -63,7 +71,9 @@ def _administer(cmd: list[str], done: Callable[[], bool], failure: str) -> None:
             time.sleep(0.25 * attempt)
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-            lines = result.stderr.strip().splitlines() or [f"{cmd[0]} exited with status {result.returncode}"]
+            lines = result.stderr.strip().splitlines() or [
+                f"{cmd[0]} exited with status {result.returncode}"
+            ]
             why = lines[-1]
         except (OSError, subprocess.SubprocessError) as exc:
             why = f"{cmd[0]}: {getattr(exc, 'strerror', None) or exc}"
@@ -72,13 +82,24 @@ def _administer(cmd: list[str], done: Callable[[], bool], failure: str) -> None:
 
 
 def ensure_account(name: str, home: str, comment: str) -> pwd.struct_passwd:
-    """The local account ``name``, created (``useradd``, home ``home``, not created) if missing; root only."""
+    """Return the local account ``name``, created if missing.
+
+    Root only. ``useradd`` creates the account with the home ``home``, but not the directory.
+    """
     account = _passwd(name)
     if account is not None:
         return account
     if not SYSTEM_NAME.fullmatch(name):
         raise InvalidInput(f"{name!r} cannot be a local account name.")
-    cmd = ["useradd", "--home-dir", home, "--no-create-home", "--shell", "/bin/bash", "--user-group"]
+    cmd = [
+        "useradd",
+        "--home-dir",
+        home,
+        "--no-create-home",
+        "--shell",
+        "/bin/bash",
+        "--user-group",
+    ]
     with _ACCOUNTS_LOCK:
         _administer(
             [*cmd, "--comment", comment, name],
@@ -89,8 +110,11 @@ def ensure_account(name: str, home: str, comment: str) -> pwd.struct_passwd:
 
 
 def ensure_group(name: str, member: str) -> int:
-    """The gid of the local group ``name``, created (``groupadd``) if missing, with the account ``member`` in it
-    (``usermod -a -G``); root only."""
+    """Return the gid of the local group ``name``, with ``member`` in it.
+
+    Root only. ``groupadd`` creates the group if missing, and ``usermod -a -G`` adds the account
+    ``member``.
+    """
     entry = _group(name)
     if entry is not None and member in entry.gr_mem:
         return entry.gr_gid
@@ -109,15 +133,17 @@ def ensure_group(name: str, member: str) -> int:
 
 
 def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
-    """Create ``path`` (its parents are the hub's) and, as root, give it to ``uid:gid``.
+    """Create the directory ``path`` and, as root, give it to ``uid:gid``.
 
-    ``mode`` is set only on a directory the hub creates or, as root, takes over (one that was not ``uid:gid``'s):
-    a user's own ``chmod`` of their directory stays. Never through a link: a link there is refused, not followed.
+    Its parents are the hub's. ``mode`` is set only on a directory the hub creates or, as root,
+    takes over, one that was not ``uid:gid``'s. A user's own ``chmod`` of their directory stays.
+    Never through a link: a link there is refused, not followed.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            path.mkdir(mode=0o700)  # private until it has its owner and mode
+            # Private until it has its owner and mode.
+            path.mkdir(mode=0o700)
             created = True
         except FileExistsError:
             created = False
@@ -130,10 +156,9 @@ def prepare_owned_dir(path: Path, uid: int, gid: int, mode: int) -> None:
         if taken_over:
             os.chown(path, uid, gid, follow_symlinks=False)
         if created or taken_over:
-            os.chmod(path, mode)  # a directory, not a link (checked above; its parent is the hub's)
+            # A directory, not a link: checked above, and its parent is the hub's.
+            os.chmod(path, mode)
     except OSError as error:
         raise InvalidInput(
             f"The session's directory {path} cannot be prepared: {error.strerror or error}."
         ) from None
-
-

@@ -1,18 +1,20 @@
-"""The embedded demo: one machine, a real JupyterHub, a real CASA, a real (small) ALMA dataset.
+"""The embedded demo: a real JupyterHub, CASA and ALMA dataset on one machine.
 
-``python -m casaspawner.local.demo`` (what ``make demo`` runs):
+``python -m casaspawner.local.demo``, what ``make demo`` runs:
 
-1. chooses the demo's CASA release: the newest modular release of the catalog that this machine can install
-   (its wheels support a Python found here), and builds its environment if needed;
-2. simulates a small MeasurementSet with casatools' simulator (five 12 m antennas at ALMA, one spectral window,
-   five minutes; cached under the environments cache) and writes it into an ALMA product tree whose pipeline
-   manifest names that CASA build (``casaspawner.datasets.synth``), in the demo user's home, as that user;
-3. starts JupyterHub on http://127.0.0.1:8000 with ``hub-config/local/jupyterhub_config.py`` (LocalCASASpawner,
-   one demo user with a shared password) and prints the URL, the login and the dataset to type.
+1. Chooses the demo's CASA release: the newest modular release of the catalog that this machine
+   can install, because its wheels support a Python found here. Builds its environment if needed.
+2. Simulates a small MeasurementSet with casatools' simulator: five 12 m antennas at ALMA, one
+   spectral window, five minutes. The MS is cached under the environments cache. Writes it, as
+   the demo user, into an ALMA product tree in that user's home, whose pipeline manifest names
+   that CASA build (``casaspawner.datasets.synth``).
+3. Starts JupyterHub on http://127.0.0.1:8000 with ``hub-config/local/jupyterhub_config.py``:
+   LocalCASASpawner and one demo user with a shared password. Prints the URL, the login and the
+   dataset to type.
 
-Run as root, the demo keeps its state in ``/var/lib/casaspawner/demo`` and its storage at ``/arc`` (the
-sessions' local account ``jupyter-demo`` cannot read a checkout under ``/root``); otherwise both live in
-``<repo>/demo``.
+Run as root, the demo keeps its state in ``/var/lib/casaspawner/demo`` and its storage at
+``/arc``: the sessions' local account ``jupyter-demo`` cannot read a checkout under ``/root``.
+Otherwise both live in ``<repo>/demo``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ MAX_PORT = 65533
 
 
 def demo_spec(release: Release) -> DatasetSpec:
-    """The demo dataset: a pipeline manifest naming ``release``'s CASA build, as ALMA writes it (dotted)."""
+    """The demo dataset: a pipeline manifest naming ``release``'s CASA build.
+
+    The build is written dotted, as ALMA writes it.
+    """
     return DatasetSpec(
         project=DEMO_PROJECT,
         mous="uid___A001_X3621_X4d1b",
@@ -58,7 +63,10 @@ def demo_spec(release: Release) -> DatasetSpec:
 
 
 def demo_release(manager: EnvironmentManager, catalog: Catalog | None = None) -> Release:
-    """The newest modular release this machine can install, or one sentence saying how to get a Python."""
+    """The newest modular release this machine can install.
+
+    If there is none, the error is one sentence saying how to get a Python.
+    """
     catalog = catalog or load_catalog()
     release = manager.newest_installable(catalog)
     if release is None:
@@ -68,26 +76,31 @@ def demo_release(manager: EnvironmentManager, catalog: Catalog | None = None) ->
         )
         who = " that every user can run" if manager.shared else ""
         raise CasaspawnerError(
-            f"No CASA release can be installed here: its wheels need Python {', '.join(wanted)}, and no such "
-            f"Python{who} was found on PATH, in pyenv or through uv; install one (e.g. `apt install "
-            f"python{wanted[-1]}` where the distribution has it, or `uv python install {wanted[-1]}`) and run "
-            "`make demo` again."
+            "No CASA release can be installed here: "
+            f"its wheels need Python {', '.join(wanted)}, and no such "
+            f"Python{who} was found on PATH, in pyenv or through uv; "
+            f"install one (e.g. `apt install python{wanted[-1]}` where the distribution has it, "
+            f"or `uv python install {wanted[-1]}`) and run `make demo` again."
         )
     return release
 
 
-
-
 def demo_dir() -> Path:
-    """Where the demo keeps its hub state: ``CASASPAWNER_DEMO_DIR``, else ``/var/lib/casaspawner/demo`` as root
-    (a checkout may be private), else ``<repo>/demo``."""
+    """Where the demo keeps its hub state.
+
+    That is ``CASASPAWNER_DEMO_DIR``, else ``/var/lib/casaspawner/demo`` as root, because a
+    checkout may be private, else ``<repo>/demo``.
+    """
     default = Path("/var/lib/casaspawner/demo") if os.geteuid() == 0 else REPO / "demo"
     return Path(os.environ.get("CASASPAWNER_DEMO_DIR") or default).resolve()
 
 
 def storage_root(state: Path) -> Path:
-    """The sessions' storage: ``CASASPAWNER_STORAGE_ROOT``, else ``/arc`` as root (the pods' paths, and the
-    spawner's default), else ``<state>/arc``."""
+    """Where the sessions' storage lives.
+
+    That is ``CASASPAWNER_STORAGE_ROOT``, else ``/arc`` as root, the pods' paths and the spawner's
+    default, else ``<state>/arc``.
+    """
     default = Path("/arc") if os.geteuid() == 0 else state / "arc"
     return Path(os.environ.get("CASASPAWNER_STORAGE_ROOT") or default).resolve()
 
@@ -106,7 +119,10 @@ async def ensure_environment(manager: EnvironmentManager, release: Release) -> C
 
 
 def simulate_ms(env: CasaEnvironment, cache_dir: Path) -> Path:
-    """The demo MeasurementSet, simulated once per CASA build and script (cached under ``cache_dir``)."""
+    """The demo MeasurementSet, simulated once per CASA build and script.
+
+    It is cached under ``cache_dir``.
+    """
     key = hashlib.sha256(f"{env.casa}\n{SIMULATE_MS}".encode()).hexdigest()[:16]
     target = cache_dir / "demo" / key / "uid___A002_X10d5a8a_X3c21.ms"
     if target.is_dir():
@@ -134,22 +150,29 @@ def simulate_ms(env: CasaEnvironment, cache_dir: Path) -> Path:
 
 
 def _readable(root: Path) -> None:
-    """``chmod -R a+rX`` of a tree of the cache (the hub's own directory, so no link is a user's)."""
+    """Make a tree of the cache readable by all, like ``chmod -R a+rX``.
+
+    The cache is the hub's own directory, so no link in it is a user's.
+    """
     for dirpath, _dirs, files in os.walk(root):
-        os.chmod(dirpath, 0o755)  # noqa: S103 - the demo user's session reads it
+        # The demo user's session reads it.
+        os.chmod(dirpath, 0o755)  # noqa: S103
         for name in files:
             if not os.path.islink(os.path.join(dirpath, name)):
                 os.chmod(os.path.join(dirpath, name), 0o644)
 
 
 def as_owner_of(home: Path, work: Callable[..., object], *args: Any) -> None:
-    """Run ``work(*args)`` with the rights of ``home``'s owner: as root, in a child process that has dropped
-    to that uid and gid (no supplemental groups), so nothing a user placed in their home (links) can make
-    root write elsewhere; otherwise (not root, or root's own directory) right here. Errors come back as a
-    ``CasaspawnerError`` with the child's sentence.
+    """Run ``work(*args)`` with the rights of ``home``'s owner.
 
-    **Single-threaded callers only** (the demo's ``prepare``, tests): the child is a ``fork()`` that runs
-    Python, which is unsafe while other threads may hold locks (a hub never calls this).
+    As root, the work runs in a child process that has dropped to that uid and gid, with no
+    supplemental groups. So nothing a user placed in their home, such as links, can make root
+    write elsewhere. Otherwise, not root or root's own directory, it runs right here. Errors come
+    back as a ``CasaspawnerError`` with the child's sentence.
+
+    **Single-threaded callers only**, such as the demo's ``prepare`` and tests. The child is a
+    ``fork()`` that runs Python, which is unsafe while other threads may hold locks. A hub never
+    calls this.
     """
     info = os.lstat(home)
     if os.geteuid() != 0 or info.st_uid == 0:
@@ -157,7 +180,8 @@ def as_owner_of(home: Path, work: Callable[..., object], *args: Any) -> None:
         return
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: drop root for good, do the work, report, leave without cleanup handlers
+    # The child drops root for good, does the work, reports, and leaves without cleanup handlers.
+    if pid == 0:
         code = 1
         try:
             os.close(read)
@@ -166,7 +190,8 @@ def as_owner_of(home: Path, work: Callable[..., object], *args: Any) -> None:
             os.setuid(info.st_uid)
             work(*args)
             code = 0
-        except BaseException as exc:  # everything goes back to the parent as one sentence
+        except BaseException as exc:
+            # Everything goes back to the parent as one sentence.
             os.write(write, (str(exc) or type(exc).__name__).encode(errors="replace")[:2000])
         finally:
             os._exit(code)
@@ -175,22 +200,31 @@ def as_owner_of(home: Path, work: Callable[..., object], *args: Any) -> None:
         message = pipe.read().decode(errors="replace").strip()
     _, status = os.waitpid(pid, 0)
     if status != 0:
-        raise CasaspawnerError(f"Writing in {home} as its owner failed: {message or 'no reason given'}.")
+        raise CasaspawnerError(
+            f"Writing in {home} as its owner failed: {message or 'no reason given'}."
+        )
 
 
 def write_demo_dataset(home: Path, ms: Path, spec: DatasetSpec) -> None:
-    """An ALMA product tree in ``home`` with the MS under ``calibrated/`` (run as ``home``'s owner)."""
+    """Write an ALMA product tree in ``home``, with the MS under ``calibrated/``.
+
+    Run as ``home``'s owner.
+    """
     member = write_dataset(home, spec=spec)
     calibrated = member / "calibrated"
     calibrated.mkdir(exist_ok=True)
     target = calibrated / ms.name
     if not target.is_dir():
-        shutil.copytree(ms, target, copy_function=shutil.copyfile)  # the user's own files, with their umask
+        # The user's own files, with their umask.
+        shutil.copytree(ms, target, copy_function=shutil.copyfile)
 
 
 def prepare_home(storage: Path, username: str = DEMO_USER) -> Path:
-    """The hub user's home in ``storage``, owned as a session will own it (as root: its local account,
-    created now as the spawner would create it on first login)."""
+    """Prepare the hub user's home in ``storage`` as a session will own it.
+
+    As root, its owner is the user's local account, created now as the spawner would create it on
+    first login.
+    """
     from casaspawner.local.accounts import ensure_account, prepare_owned_dir
     from casaspawner.local.spawner import LocalCASASpawner
 
@@ -207,46 +241,65 @@ def prepare_home(storage: Path, username: str = DEMO_USER) -> Path:
 
 
 def find_proxy() -> str | None:
-    """configurable-http-proxy on PATH or installed in the repository by ``make`` (``.cache/npm``)."""
+    """Find configurable-http-proxy on PATH or in the repository.
+
+    ``make`` installs it in the repository, under ``.cache/npm``.
+    """
     local = REPO / ".cache" / "npm" / "node_modules" / ".bin" / "configurable-http-proxy"
     return shutil.which("configurable-http-proxy") or (str(local) if local.exists() else None)
 
 
 def parse_port(text: str) -> int:
-    """A port the demo can use (it and the next two); one sentence otherwise."""
+    """Read a port the demo can use, with the next two.
+
+    Anything else is refused with one sentence.
+    """
     try:
         port = int(text.strip())
     except ValueError:
         raise CasaspawnerError(
-            f"The port {text.strip()[:20]!r} is not a number; give one from 1 to {MAX_PORT} with --port "
+            f"The port {text.strip()[:20]!r} is not a number; "
+            f"give one from 1 to {MAX_PORT} with --port "
             "(the hub also uses the next two)."
         ) from None
     if not 1 <= port <= MAX_PORT:
         raise CasaspawnerError(
-            f"Port {port} is out of range; give one from 1 to {MAX_PORT} with --port (the hub also uses the next two)."
+            f"Port {port} is out of range; give one from 1 to {MAX_PORT} with --port "
+            "(the hub also uses the next two)."
         )
     return port
 
 
-#: how a port is chosen, run directly or through make
+#: How a port is chosen, run directly or through make.
 ANOTHER_PORT = "choose another port with --port (make demo DEMO_PORT=8100)"
 
 
 def port_problem(port: int) -> str | None:
-    """None if 127.0.0.1:``port`` can be bound, else one sentence naming the clash."""
+    """Say in one sentence why 127.0.0.1:``port`` cannot be bound.
+
+    None if it can.
+    """
     with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the hub and proxy bind
+        # Bind as the hub and proxy do.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as error:
             if error.errno == errno.EACCES:
-                return f"Port {port} on 127.0.0.1 needs root (ports below 1024 do); {ANOTHER_PORT}."
-            return f"Port {port} on 127.0.0.1 is already in use; stop what uses it or {ANOTHER_PORT}."
+                return (
+                    f"Port {port} on 127.0.0.1 needs root (ports below 1024 do); {ANOTHER_PORT}."
+                )
+            return (
+                f"Port {port} on 127.0.0.1 is already in use; stop what uses it or {ANOTHER_PORT}."
+            )
     return None
 
 
 def prepare(storage: Path, cache_dir: Path) -> tuple[Release, Path]:
-    """Environment, MS and dataset tree; returns the release and the dataset directory in the demo home."""
+    """Prepare the environment, the MS and the dataset tree.
+
+    Returns the release and the dataset directory in the demo home.
+    """
     manager = EnvironmentManager(cache_dir)
     release = demo_release(manager)
     env = asyncio.run(ensure_environment(manager, release))
@@ -256,7 +309,9 @@ def prepare(storage: Path, cache_dir: Path) -> tuple[Release, Path]:
     return release, home / DEMO_PROJECT
 
 
-def hub_environment(root: Path, port: int, password: str, cache_dir: Path, storage: Path) -> dict[str, str]:
+def hub_environment(
+    root: Path, port: int, password: str, cache_dir: Path, storage: Path
+) -> dict[str, str]:
     proxy = find_proxy()
     if proxy is None:
         raise CasaspawnerError(
@@ -277,12 +332,16 @@ def hub_environment(root: Path, port: int, password: str, cache_dir: Path, stora
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m casaspawner.local.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m casaspawner.local.demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("command", nargs="?", choices=("run", "prepare"), default="run")
     parser.add_argument(
         "--port", default=None, help="the hub's port (default 8000, or CASASPAWNER_DEMO_PORT)"
     )
-    parser.add_argument("--dir", type=Path, default=None, help="demo state directory (see demo_dir)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="demo state directory (see demo_dir)"
+    )
     parser.add_argument(
         "--storage", type=Path, default=None, help="the sessions' storage root (see storage_root)"
     )
@@ -307,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         state.chmod(0o700)
         password_file = state / "password"
         if not password_file.exists():
-            password_file.write_text(os.environ.get("CASASPAWNER_DEMO_PASSWORD") or secrets.token_urlsafe(9))
+            password_file.write_text(
+                os.environ.get("CASASPAWNER_DEMO_PASSWORD") or secrets.token_urlsafe(9)
+            )
             password_file.chmod(0o600)
         password = os.environ.get("CASASPAWNER_DEMO_PASSWORD") or password_file.read_text().strip()
         env = hub_environment(root, port, password, cache_dir, storage)
@@ -316,12 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     say(f"Open http://127.0.0.1:{port}/ and log in as {DEMO_USER!r} with password {password!r}.")
     say(
-        f"Dataset to type on the form: ~/{DEMO_PROJECT}  (an ALMA product tree with a simulated MS, {release.label})"
+        f"Dataset to type on the form: ~/{DEMO_PROJECT}  "
+        f"(an ALMA product tree with a simulated MS, {release.label})"
     )
     say("Stop the hub with Ctrl-C; sessions keep running and are found again when it restarts.")
     jupyterhub = str(Path(sys.prefix) / "bin" / "jupyterhub")
     os.chdir(state)
-    os.execve(jupyterhub, [jupyterhub, "-f", str(HUB_CONFIG)], env)  # noqa: S606 - replaces this process
+    # The hub replaces this process.
+    os.execve(jupyterhub, [jupyterhub, "-f", str(HUB_CONFIG)], env)  # noqa: S606
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ import time
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
-    """pid → (parent pid, start time in clock ticks after boot) of every process now, from /proc."""
+    """Read every process now from /proc.
+
+    Maps each pid to its parent pid and its start time, in clock ticks after boot.
+    """
     table: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (found := _stat(int(entry))) is not None:
@@ -17,7 +20,10 @@ def _process_table() -> dict[int, tuple[int, int]]:
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of process ``pid`` (``/proc/<pid>/stat`` fields 4 and 22); None if gone."""
+    """Read the parent pid and start time of process ``pid``.
+
+    These are fields 4 and 22 of ``/proc/<pid>/stat``. None if the process is gone.
+    """
     try:
         with open(f"/proc/{pid}/stat") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
@@ -40,30 +46,44 @@ def _below(pid: int, table: dict[int, tuple[int, int]]) -> list[int]:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` now (from /proc), children first."""
+    """Every process below ``pid`` now, children first.
+
+    Read from /proc.
+    """
     return _below(pid, _process_table())
 
 
 class ProcessHandle:
-    """One process, held so that a signal sent later never reaches another process that got its pid since:
-    a pidfd (``os.pidfd_open``, Linux 5.3), else the process's start time, compared before each signal."""
+    """One process, held so that a later signal never reaches another process.
+
+    Another process may have got its pid since. The handle holds a pidfd, from ``os.pidfd_open``
+    on Linux 5.3 or later. Otherwise it holds the process's start time, compared before each
+    signal.
+    """
 
     def __init__(self, pid: int, start: int, fd: int | None) -> None:
         self.pid, self.start, self.fd = pid, start, fd
 
     @classmethod
-    def open(cls, pid: int, start: int | None = None, *, pidfd: bool = True) -> ProcessHandle | None:
-        """A handle on process ``pid`` — with ``start``, only if it is still the process that started then;
-        None if it is gone. ``pidfd=False``: the start-time comparison only."""
+    def open(
+        cls, pid: int, start: int | None = None, *, pidfd: bool = True
+    ) -> ProcessHandle | None:
+        """Open a handle on process ``pid``.
+
+        With ``start``, only if it is still the process that started then. None if it is gone.
+        ``pidfd=False`` uses the start-time comparison only.
+        """
         fd = None
         if pidfd and hasattr(os, "pidfd_open"):
             try:
                 fd = os.pidfd_open(pid)
             except ProcessLookupError:
                 return None
-            except OSError:  # ENOSYS (Linux < 5.3) or refused by a seccomp filter: start times only
+            except OSError:
+                # ENOSYS before Linux 5.3, or refused by a seccomp filter: start times only.
                 fd = None
-        found = _stat(pid)  # after pidfd_open: the pidfd is of the process whose start time this is
+        # After pidfd_open, so the pidfd is of the process whose start time this is.
+        found = _stat(pid)
         if found is None or (start is not None and found[1] != start):
             if fd is not None:
                 os.close(fd)
@@ -71,7 +91,10 @@ class ProcessHandle:
         return cls(pid, found[1], fd)
 
     def signal(self, sig: int) -> bool:
-        """Send ``sig`` (0: only check that it lives); False when the process is gone (or not ours to signal)."""
+        """Send ``sig``, or with 0 only check that the process lives.
+
+        False when the process is gone, or not ours to signal.
+        """
         try:
             if self.fd is not None:
                 signal.pidfd_send_signal(self.fd, sig)
@@ -98,7 +121,7 @@ def session_processes(pid: int) -> list[ProcessHandle]:
 
 
 def terminate(processes: list[ProcessHandle], grace: float = 5.0) -> None:
-    """SIGTERM, then after ``grace`` seconds SIGKILL, each of ``processes`` still alive."""
+    """Stop ``processes`` with SIGTERM, then SIGKILL those alive after ``grace`` seconds."""
     alive = [p for p in processes if p.signal(signal.SIGTERM)]
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
@@ -106,5 +129,3 @@ def terminate(processes: list[ProcessHandle], grace: float = 5.0) -> None:
         alive = [p for p in alive if p.signal(0)]
     for process in alive:
         process.signal(signal.SIGKILL)
-
-

@@ -45,12 +45,12 @@ def resolve_as_user(
 ) -> Resolution:
     """Resolve the dataset directory ``path`` in a child process running as ``identity``.
 
-    ``package_dir`` holds a copy of casaspawner the user can read; ``catalog_path`` is the
+    ``package_dir`` holds a copy of casaspawner the user can read. ``catalog_path`` is the
     operator's own catalog, copied for the user when set.
     """
     name = shown(label)
-    # The directory the reader checked, held open and handed to the child, under its own name
-    # when that matters to the resolver (a member.uid___… directory).
+    # The directory the reader checked, held open and handed to the child. The child sees it under
+    # its own name when that matters to the resolver, for a member.uid___… directory.
     fd = os.open(path, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with tempfile.TemporaryDirectory(prefix="casaspawner-resolve-") as scratch:
@@ -58,7 +58,16 @@ def resolve_as_user(
             os.chmod(scratch, 0o755)  # noqa: S103
             link = Path(scratch) / (path.name if MEMBER_DIR.fullmatch(path.name) else "dataset")
             link.symlink_to(f"/proc/self/fd/{fd}")
-            cmd = [python, "-s", "-m", "casaspawner", "resolve", str(link), "--json", "--error-json"]
+            cmd = [
+                python,
+                "-s",
+                "-m",
+                "casaspawner",
+                "resolve",
+                str(link),
+                "--json",
+                "--error-json",
+            ]
             # The operator's catalog may be private: a copy the user can read.
             if catalog_path:
                 copy = Path(scratch) / "releases.yaml"
@@ -100,34 +109,39 @@ def resolve_as_user(
 def _resolution(
     result: subprocess.CompletedProcess[str], label: str, link: str, catalog: Catalog
 ) -> Resolution:
-    """The child's answer as a ``Resolution``, or its sentence as the error it was."""
+    """Turn the child's answer into a ``Resolution``, or raise its sentence.
+
+    The sentence is raised as the error it was.
+    """
     name = shown(label)
 
     # The sentences name the dataset as the user did, as they read in the hub.
-    def named(text: str) -> str:
+    def relabel(text: str) -> str:
         return text.replace(link, name)
 
     try:
-        found = json.loads(result.stdout) if result.stdout.strip() else {}
+        answer = json.loads(result.stdout) if result.stdout.strip() else {}
     except ValueError:
-        found = {}
+        answer = {}
     if result.returncode == 2:
-        sentence = str(found.get("error") or result.stderr.strip().removeprefix("casaspawner: "))
-        if found.get("kind") == "VersionUnknown":
-            raise VersionUnknown(named(str(found.get("finding"))), str(found.get("advice")))
-        if found.get("kind") == "ResolutionError":
-            raise ResolutionError(named(sentence))
-        raise InvalidInput(named(sentence) or f"{name} could not be read as a dataset.")
+        sentence = str(answer.get("error") or result.stderr.strip().removeprefix("casaspawner: "))
+        if answer.get("kind") == "VersionUnknown":
+            raise VersionUnknown(relabel(str(answer.get("finding"))), str(answer.get("advice")))
+        if answer.get("kind") == "ResolutionError":
+            raise ResolutionError(relabel(sentence))
+        raise InvalidInput(relabel(sentence) or f"{name} could not be read as a dataset.")
     try:
         if result.returncode != 0:
             raise ValueError(f"exit status {result.returncode}")
         evidence = Evidence(
-            found["evidence"]["kind"],
-            found["evidence"]["path"],
-            found["processed_with"]["casa"],
-            found["processed_with"]["pipeline"],
+            answer["evidence"]["kind"],
+            answer["evidence"]["path"],
+            answer["processed_with"]["casa"],
+            answer["processed_with"]["pipeline"],
         )
-        release = catalog.get(str(found["release"]))
-        return Resolution(label, evidence, release, found["exact"] is True, str(found["reason"]))
+        release = catalog.get(str(answer["release"]))
+        return Resolution(label, evidence, release, answer["exact"] is True, str(answer["reason"]))
     except (ValueError, KeyError, TypeError) as exc:
-        raise ResolverFailed(f"the resolver's answer is unusable ({exc})", result.stderr[-2000:]) from None
+        raise ResolverFailed(
+            f"the resolver's answer is unusable ({exc})", result.stderr[-2000:]
+        ) from None

@@ -65,14 +65,18 @@ async def _render_local_options_form(spawner: LocalCASASpawner) -> str:
 
 
 class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[misc]
-    """Start CASA sessions (JupyterLab or a noVNC CASA desktop) as local processes."""
+    """Start CASA sessions as local processes.
 
-    # ------------------------------------------------------------------------------------------ storage
+    A session is JupyterLab or a noVNC CASA desktop.
+    """
+
+    # Storage
     storage_root = Unicode(
         help="""
-        Local directory standing in for Cavern: users' homes are ``<storage_root>/home/<user>`` and projects
-        ``<storage_root>/projects/<group>``, at these same paths inside sessions. Default: ``/arc`` when the hub
-        runs as root (the paths sessions in the cluster use), else ``~/.local/share/casaspawner/arc``.
+        Local directory standing in for Cavern: users' homes are ``<storage_root>/home/<user>``
+        and projects ``<storage_root>/projects/<group>``, at these same paths inside sessions.
+        Default: ``/arc`` when the hub runs as root (the paths sessions in the cluster use),
+        else ``~/.local/share/casaspawner/arc``.
         """,
     ).tag(config=True)
 
@@ -100,19 +104,22 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
 
     @default("session_sizes")
     def _local_session_sizes(self) -> dict[str, dict[str, Any]]:
-        # LocalProcessSpawner enforces no CPU or memory limits, so none are offered (the form hides a lone size).
-        return {"machine": {"description": "no limits: sessions share this machine's CPUs and memory"}}
+        # LocalProcessSpawner enforces no CPU or memory limits, so none are offered. The form hides
+        # a lone size.
+        return {
+            "machine": {"description": "no limits: sessions share this machine's CPUs and memory"}
+        }
 
     @default("default_size")
     def _local_default_size(self) -> str:
         return next(iter(self.session_sizes), "machine")
 
-    # ------------------------------------------------------------------------------------- environments
+    # Environments
     environments_dir = Unicode(
         help="""
-        Cache of the per-release CASA environments, the shared measures data and downloaded tarballs. Default:
-        ``~/.cache/casaspawner``, or ``/var/cache/casaspawner`` when the hub runs as root (root's home is not
-        readable by the users sessions run as).
+        Cache of the per-release CASA environments, the shared measures data and downloaded
+        tarballs. Default: ``~/.cache/casaspawner``, or ``/var/cache/casaspawner`` when the hub
+        runs as root (root's home is not readable by the users sessions run as).
         """,
     ).tag(config=True)
 
@@ -124,9 +131,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         None,
         allow_none=True,
         help="""
-        A CASA measures tree (casarundata or a legacy data tree) every session reads, read-only. Unset: the
-        ``casadata`` package is installed once under ``environments_dir``. Either way CASA gets a site config
-        with measures and data auto-updates off.
+        A CASA measures tree (casarundata or a legacy data tree) every session reads, read-only.
+        Unset: the ``casadata`` package is installed once under ``environments_dir``. Either way
+        CASA gets a site config with measures and data auto-updates off.
         """,
     ).tag(config=True)
 
@@ -134,25 +141,30 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         None,
         allow_none=True,
         help="""
-        Base URL to download monolithic CASA tarballs from instead of NRAO's directories (the tarball's file
-        name is appended), e.g. a site mirror for hubs without internet access. Checksums are still verified:
-        the catalog's SHA-256, else the mirror's own ``<tarball>.md5``, which counts only over https or from
-        a mirror on this machine (``http://127.0.0.1…``).
+        Base URL to download monolithic CASA tarballs from instead of NRAO's directories (the
+        tarball's file name is appended), e.g. a site mirror for hubs without internet access.
+        Checksums are still verified: the catalog's SHA-256, else the mirror's own
+        ``<tarball>.md5``, which counts only over https or from a mirror on this machine
+        (``http://127.0.0.1…``).
         """,
     ).tag(config=True)
 
     pip_args = List(
         Unicode(),
-        help="Extra arguments for ``pip install`` when building environments from wheels, e.g. ``['--index-url', …]``.",
+        help=(
+            "Extra arguments for ``pip install`` when building environments from wheels, "
+            "e.g. ``['--index-url', …]``."
+        ),
     ).tag(config=True)
 
     allow_approximate = Bool(
         False,
         help="""
-        When the exact CASA build a dataset needs cannot be installed on this machine (most ALMA pipeline builds
-        exist only as tarballs), run the nearest installable modular release instead. Such sessions are marked
-        approximate on the progress page, in the kernel name and on the desktop. Off: the spawn is refused with a
-        sentence saying why the build cannot be installed.
+        When the exact CASA build a dataset needs cannot be installed on this machine (most ALMA
+        pipeline builds exist only as tarballs), run the nearest installable modular release
+        instead. Such sessions are marked approximate on the progress page, in the kernel name
+        and on the desktop. Off: the spawn is refused with a sentence saying why the build
+        cannot be installed.
         """,
     ).tag(config=True)
 
@@ -160,49 +172,57 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         None,
         allow_none=True,
         help="""
-        Environment holding ``jupyterhub-singleuser``, JupyterLab and jupyter-remote-desktop-proxy; sessions run
-        their Jupyter server from it, never from a CASA environment. Default: the hub's own environment when the
-        session's user can run it; otherwise (a hub running as root from a Python under a private home) a venv
-        with the hub's versions of these packages, built once under ``environments_dir``. A hub running as root
-        also reads datasets as the user with its Python (which then needs PyYAML and defusedxml, as JupyterLab's
-        dependencies bring), unless the hub's own Python is usable by every user.
+        Environment holding ``jupyterhub-singleuser``, JupyterLab and
+        jupyter-remote-desktop-proxy; sessions run their Jupyter server from it, never from a
+        CASA environment. Default: the hub's own environment when the session's user can run it;
+        otherwise (a hub running as root from a Python under a private home) a venv with the
+        hub's versions of these packages, built once under ``environments_dir``. A hub running
+        as root also reads datasets as the user with its Python (which then needs PyYAML and
+        defusedxml, as JupyterLab's dependencies bring), unless the hub's own Python is usable
+        by every user.
         """,
     ).tag(config=True)
 
-    # -------------------------------------------------------------------------------------------- users
+    # Users
     create_system_users = Bool(
         True,
         help="""
-        When the hub runs as root: create a local account for each user on first login (``useradd``, home in
-        ``storage_root``), and one local group per project, so sessions run as that account. When the hub does not
-        run as root, sessions always run as the hub's own user and this does nothing.
+        When the hub runs as root: create a local account for each user on first login
+        (``useradd``, home in ``storage_root``), and one local group per project, so sessions
+        run as that account. When the hub does not run as root, sessions always run as the hub's
+        own user and this does nothing.
         """,
     ).tag(config=True)
 
     system_username_template = Unicode(
         "jupyter-{username}",
         help="""
-        Local account name of a hub user (when the hub runs as root); ``{username}`` is replaced. The prefix keeps
-        hub users apart from system accounts such as ``daemon``.
+        Local account name of a hub user (when the hub runs as root); ``{username}`` is
+        replaced. The prefix keeps hub users apart from system accounts such as ``daemon``.
         """,
     ).tag(config=True)
 
     system_group_template = Unicode(
         "casa-{group}",
-        help="Local group of a project directory (when the hub runs as root); ``{group}`` is replaced.",
+        help=(
+            "Local group of a project directory (when the hub runs as root); "
+            "``{group}`` is replaced."
+        ),
     ).tag(config=True)
 
     session_log_name = Unicode(
         ".casaspawner-session.log",
         help="""
-        File in the user's home receiving the session server's output (it outlives hub restarts). The session
-        opens it itself, as the user, after the hub has dropped root; a link there is refused.
+        File in the user's home receiving the session server's output (it outlives hub
+        restarts). The session opens it itself, as the user, after the hub has dropped root; a
+        link there is refused.
         """,
     ).tag(config=True)
 
     @default("start_timeout")
     def _local_start_timeout(self) -> int:
-        return 1800  # the first session of a release builds its environment (a few minutes)
+        # The first session of a release builds its environment, which takes a few minutes.
+        return 1800
 
     @default("http_timeout")
     def _local_http_timeout(self) -> int:
@@ -216,12 +236,12 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
     resolve_timeout = Integer(
         60,
         help="""
-        Seconds a hub running as root gives ``casaspawner resolve``, run as the session's user, to read a
-        dataset named by path; a dataset that takes longer is refused with a sentence.
+        Seconds a hub running as root gives ``casaspawner resolve``, run as the session's user,
+        to read a dataset named by path; a dataset that takes longer is refused with a sentence.
         """,
     ).tag(config=True)
 
-    # ---------------------------------------------------------------------------------------- state
+    # State
     args: list[str]
     cmd: list[str]
     popen_kwargs: dict[str, Any]
@@ -235,10 +255,19 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         super().__init__(*args, **kwargs)
 
     def environment_manager(self) -> EnvironmentManager:
-        """The manager for this configuration, shared by every spawner of this hub process (it remembers
-        which tarballs answer and which Pythons exist, so forms and starts do not probe again)."""
-        key = (self.environments_dir, self.measures_path, self.tarball_mirror, tuple(self.pip_args),
-               self.probe_timeout, os.geteuid())  # fmt: skip
+        """The environment manager for this configuration.
+
+        Every spawner of this hub process shares it. It remembers which tarballs answer and which
+        Pythons exist, so forms and starts do not probe again.
+        """
+        key = (
+            self.environments_dir,
+            self.measures_path,
+            self.tarball_mirror,
+            tuple(self.pip_args),
+            self.probe_timeout,
+            os.geteuid(),
+        )
         manager = _MANAGERS.get(key)
         if manager is None:
             manager = _MANAGERS[key] = EnvironmentManager(
@@ -251,50 +280,73 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         return manager
 
     def desktop_dir(self) -> Path:
-        """The desktop scripts as sessions run them: installed under ``environments_dir``, not the checkout."""
+        """The desktop scripts as sessions run them.
+
+        They are installed under ``environments_dir``, not run from the checkout.
+        """
         return self.environment_manager().session_files() / "desktop"
 
-    # ------------------------------------------------------------------------------------- identity
+    # Identity
     def system_username(self) -> str:
         return self.system_username_template.format(username=self.user.name).lower()
 
     def _ensure_account(self, home: str) -> pwd.struct_passwd:
-        """The local account of this user, created on first login (root only)."""
+        """The local account of this user, created on first login.
+
+        Root only.
+        """
         name = self.system_username()
         try:
             return pwd.getpwnam(name)
         except KeyError:
             pass
         if not self.create_system_users:
-            raise InvalidInput(f"There is no local account {name} for {self.user.name} on this machine.")
+            raise InvalidInput(
+                f"There is no local account {name} for {self.user.name} on this machine."
+            )
         if not SYSTEM_NAME.fullmatch(name):
-            raise InvalidInput(f"{self.user.name!r} cannot be made into a local account name ({name!r}).")
+            raise InvalidInput(
+                f"{self.user.name!r} cannot be made into a local account name ({name!r})."
+            )
         account = ensure_account(name, home, f"casaspawner session user {self.user.name}")
         self.log.info("Local account %s for %s", name, self.user.name)
         return account
 
     def _ensure_project_group(self, group: str, account: str) -> int:
-        """The local group of a project, created if needed, with ``account`` as a member (root only)."""
+        """The local group of a project, with ``account`` as a member.
+
+        Root only. The group is created if needed.
+        """
         name = self.system_group_template.format(group=group).lower()
         if not SYSTEM_NAME.fullmatch(name):
-            raise InvalidInput(f"The project {group!r} cannot be made into a local group name ({name!r}).")
+            raise InvalidInput(
+                f"The project {group!r} cannot be made into a local group name ({name!r})."
+            )
         return ensure_group(name, account)
 
     async def session_identity(self) -> Identity:
-        """A local account when the hub is root, else the hub's own user; groups are the hub groups."""
+        """The session's user: a local account as root, else the hub's own user.
+
+        The groups are the user's hub groups.
+        """
         groups = tuple(self.project_groups(self.hub_group_names()))
         home = self.home_mount_template.format(username=self.user.name)
         if running_as_root():
             account = await asyncio.to_thread(self._ensure_account, home)
             gids = []
             for group in groups:
-                gids.append(await asyncio.to_thread(self._ensure_project_group, group, account.pw_name))
+                gids.append(
+                    await asyncio.to_thread(self._ensure_project_group, group, account.pw_name)
+                )
             return Identity(self.user.name, account.pw_uid, account.pw_gid, groups, tuple(gids))
         return Identity(self.user.name, os.getuid(), os.getgid(), groups)
 
     # The pipeline's steps
     async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
-        """Resolve a dataset directory; as root, in a process running as the session's user."""
+        """Resolve a dataset directory, as the session's user on a root hub.
+
+        A hub running as root resolves it in a process running as the session's user.
+        """
         if not running_as_root():
             return await super().read_dataset(path, label, identity)
         python = await self._resolver_python()
@@ -311,7 +363,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 timeout=self.resolve_timeout,
             )
         except ResolverFailed as exc:
-            self.log.error("casaspawner resolve as uid %d failed (%s): %s", identity.uid, exc, exc.stderr)
+            self.log.error(
+                "casaspawner resolve as uid %d failed (%s): %s", identity.uid, exc, exc.stderr
+            )
             raise RuntimeError(f"reading the dataset as your user failed ({exc})") from None
 
     async def _resolver_python(self) -> str:
@@ -336,16 +390,29 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             return None
         if not self.allow_approximate:
             raise spawn_error(problem, reason="release-unavailable")
-        nearest = await asyncio.to_thread(manager.nearest_installable, release, self.casa_catalog())
+        nearest = await asyncio.to_thread(
+            manager.nearest_installable, release, self.casa_catalog()
+        )
         if nearest is None:
             raise spawn_error(
                 f"{problem.rstrip('.')}, and no other CASA release can be installed here either."
             )
-        self.log.warning("Approximate CASA session for %s: %s instead of %s", self.user.name, nearest.label, release.label)
-        return Substitution(nearest, f"{problem.rstrip('.')}; the session runs {nearest.label} instead")
+        self.log.warning(
+            "Approximate CASA session for %s: %s instead of %s",
+            self.user.name,
+            nearest.label,
+            release.label,
+        )
+        return Substitution(
+            nearest, f"{problem.rstrip('.')}; the session runs {nearest.label} instead"
+        )
 
     def form_home_hint(self) -> str:
-        """``~`` unless the home is at the pods' path (``/arc/home/<user>``), which the form may then show."""
+        """How the form's examples name the user's home.
+
+        ``~``, unless the home is at the pods' path ``/arc/home/<user>``, which the form may then
+        show.
+        """
         if os.path.normpath(self.storage_root) == POD_STORAGE_ROOT:
             return super().form_home_hint()
         return "~"
@@ -368,22 +435,32 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         return _render_local_options_form
 
     async def resolution_preview(self) -> str:
-        """For a returning user: the build the dataset in the form (the last one) resolved to and why, and
-        whether this machine can install that build (or will run an approximation). From the server's state
-        and what the environment manager already knows only: rendering the form never resolves, reads storage,
-        creates an account or waits on the network. Empty when there is nothing to show."""
+        """Preview for a returning user what the form's dataset resolved to.
+
+        The dataset is the last one. The preview says the build it resolved to and why, and
+        whether this machine can install that build or will run an approximation. It comes only
+        from the server's state and what the environment manager already knows: rendering the
+        form never resolves, reads storage, creates an account or waits on the network. Empty
+        when there is nothing to show.
+        """
         last = self.last_resolution
         if not last or last.get("dataset") != (self.user_options or {}).get("dataset"):
             return ""
         try:
             release = self.casa_catalog().get(str(last["release"]))
         except CasaspawnerError:
-            return ""  # a release the catalog no longer has
+            # A release the catalog no longer has.
+            return ""
         problem = self.environment_manager().unavailable_reason(release, probe=False)
         exactness = "the exact build" if last.get("exact") else "not the exact build"
-        text = f"{last['dataset']}: {release.label}, {exactness}. {last.get('reason', '')}".rstrip()
+        text = (
+            f"{last['dataset']}: {release.label}, {exactness}. {last.get('reason', '')}".rstrip()
+        )
         if problem and self.allow_approximate:
-            text += f" {problem} The session will run the nearest installable release, marked approximate."
+            text += (
+                f" {problem} The session will run the nearest installable release, "
+                "marked approximate."
+            )
         elif problem:
             text += f" {problem}"
         return f'<p class="casa-help" id="casa-resolved" role="status">{html.escape(text)}</p>\n'
@@ -392,26 +469,30 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         form = super().render_options_form(error, blocked)
         if self.allow_approximate:
             note = (
-                "This hub installs CASA from public wheels and tarballs. When the exact build for your dataset "
-                "cannot be installed here, the session runs the nearest installable release and is marked "
+                "This hub installs CASA from public wheels and tarballs. "
+                "When the exact build for your dataset cannot be installed here, "
+                "the session runs the nearest installable release and is marked "
                 "<strong>approximate</strong>."
             )
         else:
             note = (
-                "This hub installs CASA from public wheels and tarballs; a dataset whose exact build cannot be "
-                "installed here is refused with the reason."
+                "This hub installs CASA from public wheels and tarballs; "
+                "a dataset whose exact build cannot be installed here is refused with the reason."
             )
         return form + f'\n<p class="casa-help" id="casa-local-note">{note}</p>\n'
 
-    # ----------------------------------------------------------------------------------------- start
+    # Start
     def _event(self, message: str, progress: int | None = None) -> None:
         last = self._events[-1]["progress"] if self._events else 0
         value = progress if progress is not None else min(last + 1, 90)
         self._events.append({"progress": value, "message": message})
 
     def _prepare_directories(self, plan: SessionPlan, uid: int, gid: int) -> None:
-        """Home, project and scratch directories, owned by the session's user (or, as root, the project's
-        local group, setgid ``2770``); never through a link."""
+        """Prepare the home, project and scratch directories for the session.
+
+        They are owned by the session's user. As root, project directories are owned by the
+        project's local group, setgid ``2770``. Never through a link.
+        """
         prepare_owned_dir(Path(plan.home), uid, gid, 0o750)
         prepare_owned_dir(self.scratch_dir(plan), uid, gid, 0o700)
         gids = dict(zip(plan.identity.groups, plan.identity.supplemental_gids, strict=False))
@@ -435,7 +516,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         try:
             plan = await self.prepare_session()
             self.apply_plan(plan)
-            events = [e for e in self.plan_progress_events() if not e["message"].startswith("Starting ")]
+            events = [
+                e for e in self.plan_progress_events() if not e["message"].startswith("Starting ")
+            ]
             # An approximation is said first, then the resolution whose reason it repeats.
             if plan.approximate:
                 said = {"progress": 1, "message": f"Approximate session: {plan.reason}"}
@@ -454,7 +537,10 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         manager = self.environment_manager()
         env = manager.ready(plan.release)
         if env is None:
-            self._event(f"Preparing {plan.release.label} on this machine (only the first session waits).", 8)
+            self._event(
+                f"Preparing {plan.release.label} on this machine (only the first session waits).",
+                8,
+            )
             try:
                 async for message in manager.ensure(plan.release):
                     self._event(message)
@@ -463,19 +549,24 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             env = manager.ready(plan.release)
             if env is None:
                 raise spawn_error(
-                    f"The environment for {plan.release.label} did not appear.", "environment-build"
+                    f"The environment for {plan.release.label} did not appear.",
+                    "environment-build",
                 )
         else:
             self._event(f"Using the prepared {plan.release.label} environment.", 50)
         if not env.run_checked:
             self._event(
-                f"{plan.release.label} could not be test-started on this machine when it was prepared."
+                f"{plan.release.label} could not be test-started on this machine "
+                "when it was prepared."
             )
         self.casa_environment = env
         return env
 
     async def _ui_environment(self) -> Path:
-        """Where the session's Jupyter server comes from (see ``ui_prefix``)."""
+        """Where the session's Jupyter server comes from.
+
+        See ``ui_prefix``.
+        """
         if self.ui_prefix:
             return Path(self.ui_prefix)
         own = Path(sys.prefix)
@@ -499,10 +590,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         except CasaspawnerError as exc:
             raise spawn_error(str(exc), reason="storage") from None
         self.cmd = [str(prefix / "bin" / "jupyterhub-singleuser")]
-        # No news feed in JupyterLab (JupyterLab's own notifications stay on: the hub may use them).
-        lab_settings = (
-            f"--LabApp.app_settings_dir={self.environment_manager().session_files() / 'lab-settings'}"
-        )
+        # No news feed in JupyterLab. JupyterLab's own notifications stay on: the hub may use them.
+        settings_dir = self.environment_manager().session_files() / "lab-settings"
+        lab_settings = f"--LabApp.app_settings_dir={settings_dir}"
         extra = dict(env.session_environment())
         if env.python is not None:
             try:
@@ -515,7 +605,8 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             kernel = ""
         if plan.interface == "lab" and env.python is None:
             raise spawn_error(
-                f"{plan.release.label} has no Python 3 for a notebook kernel; choose the CASA desktop.",
+                f"{plan.release.label} has no Python 3 for a notebook kernel; "
+                "choose the CASA desktop.",
                 "no-kernel",
             )
         ours = ("default_kernel_name", "LabApp.app_settings_dir")
@@ -532,24 +623,30 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             existing = os.lstat(log_path)
         except FileNotFoundError:
             existing = None
-        if existing is not None and not (stat.S_ISREG(existing.st_mode) and existing.st_uid == uid):
+        if existing is not None and not (
+            stat.S_ISREG(existing.st_mode) and existing.st_uid == uid
+        ):
             raise spawn_error(
-                f"~/{self.session_log_name} in your home is not a regular file of yours (a link?); remove it "
-                "and start again.",
+                f"~/{self.session_log_name} in your home is not a regular file of yours "
+                "(a link?); remove it and start again.",
                 reason="session-log",
             )
         self._session_log = str(log_path)
         self.popen_kwargs = {**self.popen_kwargs, "cwd": plan.home}
         try:
             return await super().start()
-        except subprocess.SubprocessError:  # the child could not open its log (see make_preexec_fn)
+        except subprocess.SubprocessError:
+            # The child could not open its log; see make_preexec_fn.
             raise spawn_error(
-                f"The session could not open ~/{self.session_log_name} in your home; remove it and start again.",
+                f"The session could not open ~/{self.session_log_name} in your home; "
+                "remove it and start again.",
                 reason="session-log",
             ) from None
 
     def make_preexec_fn(self, name: str) -> Callable[[], None]:
-        """What the session's process runs before the server: become the plan's user, open the log.
+        """What the session's process runs before the server.
+
+        It becomes the plan's user and opens the log.
 
         On a hub running as root the process takes the plan's uid, gid and supplemental gids.
         Then, as that user, it opens the session log (no links followed) as stdout and stderr and
@@ -599,11 +696,12 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         return env
 
     async def stop(self, now: bool = False) -> None:
-        """Stop the Jupyter server, then whatever it left behind (the desktop's VNC server, X clients, CASA).
+        """Stop the Jupyter server, then whatever it left behind.
 
-        jupyter-server-proxy's VNC server and the X programs start sessions of their own, so stopping the
-        server's process group alone would leave the desktop running. They are listed before the server is
-        stopped and held (:class:`ProcessHandle`), so the signals sent seconds later never reach a process
+        That is the desktop's VNC server, X clients and CASA. jupyter-server-proxy's VNC server and
+        the X programs start sessions of their own, so stopping the server's process group alone
+        would leave the desktop running. They are listed before the server is stopped and held as
+        :class:`ProcessHandle` objects. So the signals sent seconds later never reach a process
         that got one of their pids meanwhile.
         """
         tree = await asyncio.to_thread(session_processes, self.pid) if self.pid else []

@@ -1,6 +1,6 @@
 """Checks of the operator's settings: sizes, CPU, memory and templates.
 
-Each check raises ``ConfigurationError`` with one sentence naming the option (``where``), so a bad
+Each check raises ``ConfigurationError`` with one sentence naming the option, ``where``. So a bad
 setting is reported as the hub's fault before anything is created.
 """
 
@@ -21,7 +21,10 @@ MEMORY_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def cores(value: Any, where: str) -> float:
-    """A CPU amount in cores (or text holding one); 0 when unset."""
+    """Read a CPU amount in cores.
+
+    The value is a number or text holding one. Unset gives 0.
+    """
     if value is None or value == "":
         return 0.0
     try:
@@ -36,10 +39,11 @@ def cores(value: Any, where: str) -> float:
 
 
 def memory(value: Any, where: str) -> tuple[str, int]:
-    """A memory amount as KubeSpawner's ``mem_limit`` reads it, and its bytes.
+    """Read a memory amount as text and bytes, as KubeSpawner's ``mem_limit`` does.
 
-    Text with K, M, G or T (``8G``), or a whole number of bytes that is a multiple of 1024,
-    written back as text (``8589934592`` gives ``8G``). Unset gives ``("", 0)``.
+    The value is text with K, M, G or T, such as ``8G``. It may also be a whole number of bytes
+    that is a multiple of 1024, written back as text: ``8589934592`` gives ``8G``. Unset gives
+    ``("", 0)``.
     """
     if value is None or value == "":
         return "", 0
@@ -63,13 +67,17 @@ def memory(value: Any, where: str) -> tuple[str, int]:
                 f"JupyterHub writes it, {text[:-1]!r} (its units are of 1024)"
             )
         raise ConfigurationError(
-            f"{where} is {value!r}, not an amount of memory (a number with K, M, G or T, such as '8G')"
+            f"{where} is {value!r}, not an amount of memory "
+            "(a number with K, M, G or T, such as '8G')"
         )
     return text, count
 
 
 def _memory_bytes(text: str) -> int | None:
-    """The bytes of ``8G`` or ``1.5T`` as JupyterHub counts them; None for anything else."""
+    """Count the bytes of ``8G`` or ``1.5T`` as JupyterHub does.
+
+    Anything else gives None.
+    """
     unit = MEMORY_UNITS.get(text[-1:])
     try:
         number = float(text[:-1])
@@ -81,7 +89,10 @@ def _memory_bytes(text: str) -> int | None:
 
 
 def sizes(raw: Mapping[Any, Any], where: str) -> dict[str, Resources]:
-    """Session sizes from the operator's mapping of name to resources, checked and typed."""
+    """Check and type the operator's session sizes.
+
+    ``raw`` maps each size's name to its resources.
+    """
     if not raw:
         raise ConfigurationError(f"{where} is empty; give at least one session size")
     checked: dict[str, Resources] = {}

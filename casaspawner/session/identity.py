@@ -1,8 +1,14 @@
-"""Who a session runs as, from the login data (pure, JupyterHub-free).
+"""Who a session runs as, read from the login data.
 
-:func:`identity_from_login` turns the values an identity provider gave (``auth_state`` claims or an operator's
-``identity_hook``) into an :class:`~casaspawner.plan.Identity`; :func:`project_groups` decides which of a user's
-groups get a project directory (both spawners use it). Every refusal is one sentence naming the user.
+The module is pure and free of JupyterHub:
+
+- :func:`identity_from_login` turns the values an identity provider gave into an
+  :class:`~casaspawner.plan.Identity`. The values are ``auth_state`` claims or what an
+  operator's ``identity_hook`` returned.
+- :func:`project_groups` decides which of a user's groups get a project directory. Both
+  spawners use it.
+
+Every refusal is one sentence naming the user.
 """
 
 from __future__ import annotations
@@ -14,12 +20,17 @@ from typing import Any
 from casaspawner.errors import InvalidInput, shown
 from casaspawner.plan import MAX_ID, Identity, root_refusal, usable_group_name
 
-#: An id written as text: ASCII digits, optionally signed, optionally with a fraction (which must be zero).
+#: An id written as text: ASCII digits, optionally signed, optionally with a fraction.
+#:
+#: The fraction must be zero.
 _ID_TEXT = re.compile(r"([+-]?)([0-9]+)(?:\.([0-9]*))?", re.ASCII)
 
 
 def login_value(mapping: Mapping[str, Any] | None, key: str) -> Any:
-    """``mapping["a"]["b"]`` for ``key="a.b"``; None when any step is missing."""
+    """Look up a dotted key: ``key="a.b"`` gives ``mapping["a"]["b"]``.
+
+    None when any step is missing.
+    """
     value: Any = mapping
     for part in key.split("."):
         if not isinstance(value, Mapping) or part not in value:
@@ -29,12 +40,15 @@ def login_value(mapping: Mapping[str, Any] | None, key: str) -> Any:
 
 
 def parse_id(value: Any, what: str, username: str) -> int | None:
-    """A numeric id from the login data, 0 … ``MAX_ID``: an int, or a float or ASCII text holding a whole
-    number (``1001``, ``"1001"``, ``1001.0``), read exactly (never through a float, never truncated); None
-    when missing."""
+    """Read a numeric id from the login data, from 0 to ``MAX_ID``.
+
+    The value is an int, or a float or ASCII text holding a whole number: ``1001``, ``"1001"``
+    or ``1001.0``. It is read exactly, never through a float and never truncated. A missing
+    value gives None.
+    """
     if value is None or value == "":
         return None
-    said = shown(str(value))
+    printed = shown(str(value))
     number: int | None = None
     if isinstance(value, bool):
         pass
@@ -45,7 +59,7 @@ def parse_id(value: Any, what: str, username: str) -> int | None:
             number = None
         elif not value.is_integer():
             raise InvalidInput(
-                f"The {what} of {username} in the login data is {said}, not a whole number."
+                f"The {what} of {username} in the login data is {printed}, not a whole number."
             )
         else:
             number = int(value)
@@ -55,18 +69,19 @@ def parse_id(value: Any, what: str, username: str) -> int | None:
             sign, digits, fraction = match.groups()
             if (fraction or "").strip("0"):
                 raise InvalidInput(
-                    f"The {what} of {username} in the login data is {said}, not a whole number."
+                    f"The {what} of {username} in the login data is {printed}, not a whole number."
                 )
             number = -int(digits) if sign == "-" else int(digits)
     if number is None:
         raise InvalidInput(f"The {what} of {username} in the login data is not a number.")
     if number < 0:
         raise InvalidInput(
-            f"The {what} of {username} in the login data is {said}, which is not a valid id."
+            f"The {what} of {username} in the login data is {printed}, which is not a valid id."
         )
     if number > MAX_ID:
         raise InvalidInput(
-            f"The {what} of {username} in the login data is {said}, larger than the largest id ({MAX_ID})."
+            f"The {what} of {username} in the login data is {printed}, "
+            f"larger than the largest id ({MAX_ID})."
         )
     return number
 
@@ -74,11 +89,12 @@ def parse_id(value: Any, what: str, username: str) -> int | None:
 def project_groups(
     names: Iterable[object], pattern: str | re.Pattern[str]
 ) -> tuple[list[str], list[str]]:
-    """(project groups, skipped groups) of a user's group names, each once, in order.
+    """Sort a user's group names into project groups and skipped groups.
 
-    A leading ``/`` is dropped (Keycloak-style paths); names that do not match ``pattern`` in full are left out
-    silently (authorization-only groups); names that match but cannot be directory names are *skipped*, for the
-    caller to log — one odd group never blocks a user.
+    Returns ``(project groups, skipped groups)``, each name once, in order. A leading ``/`` is
+    dropped, as in Keycloak-style paths. Names that do not match ``pattern`` in full are left out
+    silently: they are authorization-only groups. Names that match but cannot be directory names
+    are *skipped*, for the caller to log. One odd group never blocks a user.
     """
     compiled = re.compile(pattern) if isinstance(pattern, str) else pattern
     usable: list[str] = []
@@ -103,19 +119,21 @@ def identity_from_login(
     fallback_gid: int | None = None,
     allow_root_group: bool = False,
 ) -> tuple[Identity, list[str]]:
-    """(the session's identity, the groups skipped because their names cannot be directories).
+    """Build the session's identity from the login data.
 
-    ``uid``, ``gid``, ``groups`` and ``supplemental_gids`` are as the login gave them (missing: None). Without a
-    uid the operator's ``fallback_uid`` (and ``fallback_gid``) is used, if any; a missing gid is the uid. uid 0
-    is always refused, gid 0 (primary or supplemental) unless ``allow_root_group``.
+    Returns ``(identity, skipped)``: ``skipped`` holds the groups whose names cannot be
+    directories. ``uid``, ``gid``, ``groups`` and ``supplemental_gids`` are as the login gave
+    them, None when missing. Without a uid, the operator's ``fallback_uid`` and ``fallback_gid``
+    are used, if set. A missing gid is the uid. uid 0 is always refused. gid 0, primary or
+    supplemental, is refused unless ``allow_root_group``.
     """
     uid_n = parse_id(uid, "uid", username)
     gid_n = parse_id(gid, "gid", username)
     if uid_n is None:
         if fallback_uid is None:
             raise InvalidInput(
-                f"The login of {username} carries no numeric user id, so no session can run as {username}; ask "
-                "the hub's administrators."
+                f"The login of {username} carries no numeric user id, "
+                f"so no session can run as {username}; ask the hub's administrators."
             )
         uid_n = fallback_uid
         if gid_n is None:
@@ -135,8 +153,8 @@ def identity_from_login(
     ]
     if not allow_root_group and 0 in (gid_n, *supplemental):
         raise InvalidInput(
-            f"User {username} would run with gid 0 (the root group), which this hub does not allow; ask the "
-            "hub's administrators."
+            f"User {username} would run with gid 0 (the root group), "
+            "which this hub does not allow; ask the hub's administrators."
         )
     identity = Identity(
         username=username,

@@ -39,7 +39,7 @@ def input_options(user_options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, Any]:
-    """Turn form fields (lists of strings) into ``user_options``.
+    """Turn form fields, lists of strings, into ``user_options``.
 
     Unknown fields are kept, so that parsing names them; the hub's own fields (``_xsrf``) and
     empty choices are dropped.
@@ -58,10 +58,11 @@ def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, Any]:
 
 
 def parse_options(user_options: Any, settings: SessionSettings) -> SessionOptions:
-    """Check the shape of a spawn request; one sentence for anything wrong.
+    """Check the shape of a spawn request.
 
-    A hub offering a single size ignores the size a request names: there is nothing to choose,
-    and saved options may name a size of an earlier configuration.
+    Anything wrong is refused with one sentence. A hub offering a single size ignores the size
+    a request names: there is nothing to choose, and saved options may name a size of an earlier
+    configuration.
     """
     if not isinstance(user_options, Mapping):
         raise InvalidInput("The spawn options must be a mapping of option names to values.")
@@ -69,7 +70,8 @@ def parse_options(user_options: Any, settings: SessionSettings) -> SessionOption
     unknown = sorted(set(raw) - set(INPUT_KEYS))
     if unknown:
         raise InvalidInput(
-            f"{unknown[0][:40]!r} is not a session option; use dataset, interface, size and release."
+            f"{unknown[0][:40]!r} is not a session option; "
+            "use dataset, interface, size and release."
         )
     for key in INPUT_KEYS:
         if raw.get(key) is not None and not isinstance(raw[key], str):

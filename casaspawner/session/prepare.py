@@ -49,22 +49,28 @@ class SessionSteps(Protocol):
         """Resolve the dataset directory ``path`` a reader gave for what the user typed."""
 
     def resolved(self, resolution: Resolution) -> None:
-        """Note what the dataset resolved to, even if the spawn is refused after this."""
+        """Note the dataset's resolution, even if the spawn is refused after this."""
 
     async def substitute(self, release: Release) -> Substitution | None:
-        """Another release to run when the backend cannot run ``release``; None runs it."""
+        """Choose another release when the backend cannot run ``release``.
+
+        None runs ``release`` itself.
+        """
 
     async def blocked_release_messages(self) -> Mapping[str, str]:
-        """Release id → the operators' message, for every release that may not start now."""
+        """Map each release that may not start now to the operators' message.
+
+        The keys are release ids.
+        """
 
 
 async def prepare(
     user_options: Mapping[str, Any], settings: SessionSettings, steps: SessionSteps
 ) -> SessionPlan:
-    """Turn a spawn request into a session plan, or refuse it with one sentence.
+    """Turn a spawn request into a session plan, or refuse it.
 
-    Nothing is created here but what the steps create (a local account, say), and only after
-    the request's options were found sound.
+    A refusal is one sentence. Nothing is created here but what the steps create (a local
+    account, say), and only after the request's options were found sound.
     """
     options = parse_options(user_options, settings)
     identity = await steps.session_identity()
@@ -92,11 +98,12 @@ async def resolve(
     *,
     release: str | None = None,
 ) -> Resolution:
-    """Resolve an ALMA identifier (through the archive) or a path in the user's storage.
+    """Resolve an ALMA identifier or a path in the user's storage.
 
-    ``release`` is the catalog id the user chose instead. A dataset that was found but tells no
-    usable CASA version then runs that release, marked as the user's choice; an identifier or
-    path that does not lead to one dataset is still refused.
+    Identifiers are looked up in the archive. ``release`` is the catalog id the user chose
+    instead. A dataset that was found but tells no usable CASA version then runs that release,
+    marked as the user's choice. An identifier or path that does not lead to one dataset is
+    still refused.
     """
     try:
         return await _resolve(text, identity, settings, steps)

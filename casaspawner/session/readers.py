@@ -1,15 +1,18 @@
-"""How the hub reads a dataset the user named by a path in their session's storage (pure, JupyterHub-free).
+"""How the hub reads a dataset the user named by a path.
 
-A path the user types (``/arc/home/alice/…``, ``~/…`` or relative to the home) is mapped to the storage root
-with the same templates the session's mounts use (:func:`locate_in_storage`); a *dataset reader* then gives the
-resolver a local directory to read:
+The module is pure and free of JupyterHub. A path the user types is mapped to the storage root
+with the same templates the session's mounts use, by :func:`locate_in_storage`. The path may be
+absolute, such as ``/arc/home/alice/…``, start with ``~/…``, or be relative to the home. A
+*dataset reader* then gives the resolver a local directory to read:
 
-* :class:`StorageMountReader` — a read-only mount of the whole storage on the hub (``storage_hub_path``);
-* :class:`~casaspawner.session.vospace.VOSpaceReader` — a VOSpace 2 service, with the user's token
-  (``vospace_url``);
-* :class:`LocalDirectoryReader` — any directory on this machine (the ``casaspawner pod`` dry run).
+* :class:`StorageMountReader` reads a read-only mount of the whole storage on the hub, set by
+  ``storage_hub_path``.
+* :class:`~casaspawner.session.vospace.VOSpaceReader` reads a VOSpace 2 service with the user's
+  token, set by ``vospace_url``.
+* :class:`LocalDirectoryReader` reads any directory on this machine, for the
+  ``casaspawner pod`` dry run.
 
-Anything with the same ``open`` (:class:`DatasetReader`) plugs in as ``dataset_reader``.
+Anything with the same ``open`` as :class:`DatasetReader` plugs in as ``dataset_reader``.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from casaspawner.plan import Identity, StorageLayout
 
 
 class DatasetReader(Protocol):
-    """Gives the hub read access to a dataset the user named by a path in their session's storage.
+    """Gives the hub read access to a dataset named by path.
 
-    ``open`` is an async context manager yielding a local directory the resolver may read; it raises
-    ``InvalidInput`` (one sentence) for paths outside the user's storage.
+    The user names the dataset by its path in the session's storage. ``open`` is an async
+    context manager yielding a local directory the resolver may read. It raises
+    ``InvalidInput``, one sentence, for paths outside the user's storage.
     """
 
     def open(
@@ -43,14 +47,17 @@ class DatasetReader(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class StorageRoot:
-    """One place a session sees storage: ``mount`` in the session is ``sub_path`` of the storage root."""
+    """One place a session sees storage.
+
+    ``mount`` in the session is ``sub_path`` of the storage root.
+    """
 
     mount: str
     sub_path: str
 
 
 def storage_roots(identity: Identity, layout: StorageLayout) -> list[StorageRoot]:
-    """The user's home and project directories as the session sees them, and where they live in storage."""
+    """List the user's home and project directories, in the session and in storage."""
     roots = [
         StorageRoot(
             layout.home_mount.format(username=identity.username),
@@ -67,10 +74,11 @@ def storage_roots(identity: Identity, layout: StorageLayout) -> list[StorageRoot
 def locate_in_storage(
     text: str, identity: Identity, layout: StorageLayout
 ) -> tuple[StorageRoot, PurePosixPath]:
-    """Map a path the user typed to (storage root, relative path); pure, never touches the file system.
+    """Map a path the user typed to its storage root and relative path.
 
-    Accepted: an absolute path under the session's home or project mounts, ``~/…``, or a path relative to
-    the home directory. Refused with one sentence: ``..`` components and absolute paths elsewhere.
+    Pure: it never touches the file system. Accepted are an absolute path under the session's
+    home or project mounts, ``~/…``, or a path relative to the home directory. ``..`` components
+    and absolute paths elsewhere are refused with one sentence.
     """
     raw = text.strip()
     if "\x00" in raw:
@@ -81,7 +89,8 @@ def locate_in_storage(
     path = PurePosixPath(raw)
     if ".." in path.parts:
         raise InvalidInput(
-            f"The dataset path {text.strip()!r} may not contain '..'; give a path inside your storage."
+            f"The dataset path {text.strip()!r} may not contain '..'; "
+            "give a path inside your storage."
         )
     if not path.is_absolute():
         return home, path
@@ -91,41 +100,48 @@ def locate_in_storage(
             return root, path.relative_to(mount)
     project = _project_named(path, layout)
     if project is not None:
-        yours = ", ".join(identity.groups) or "none"
+        own_projects = ", ".join(identity.groups) or "none"
         raise InvalidInput(
-            f"The dataset path {text.strip()!r} is outside your storage: {project[:80]!r} is not one of your "
-            f"project directories (yours: {yours})."
+            f"The dataset path {text.strip()!r} is outside your storage: "
+            f"{project[:80]!r} is not one of your project directories (yours: {own_projects})."
         )
     raise InvalidInput(
-        f"The dataset path {text.strip()!r} is outside your storage; give a path under {home.mount}"
+        f"The dataset path {text.strip()!r} is outside your storage; "
+        f"give a path under {home.mount}"
         + (" or one of your project directories." if identity.groups else ".")
     )
 
 
 def _project_named(path: PurePosixPath, layout: StorageLayout) -> str | None:
-    """The project a session path points into (``/arc/projects/<project>/…``), whoever's it is; else None."""
-    prefix, found, _ = layout.project_mount.partition("{group}")
-    if not found or not prefix.endswith("/") or not str(path).startswith(prefix):
+    """Name the project a session path points into, whoever's it is.
+
+    The path looks like ``/arc/projects/<project>/…``. Anything else gives None.
+    """
+    prefix, has_group, _ = layout.project_mount.partition("{group}")
+    if not has_group or not prefix.endswith("/") or not str(path).startswith(prefix):
         return None
     return str(path)[len(prefix) :].split("/", 1)[0] or None
 
 
 class StorageMountReader:
-    """Reads datasets through a read-only mount of the whole storage (Cavern) on the hub.
+    """Reads datasets through a read-only mount of the whole storage on the hub.
 
-    ``root`` is the hub-side directory holding ``home/<user>`` and ``projects/<group>``. Symbolic links are
-    followed as the session would follow them, as long as every step stays inside the user's own storage
-    areas (home and projects): a link from the home into one of the user's projects is fine, one into another
-    user's home is refused. Absolute link targets may name session paths (``/arc/projects/<group>/…``, as links
-    made inside a session do) or hub paths under ``root``.
+    The storage is Cavern, for example. ``root`` is the hub-side directory holding
+    ``home/<user>`` and ``projects/<group>``. Symbolic links are followed as the session would
+    follow them, as long as every step stays inside the user's own storage areas, home and
+    projects. A link from the home into one of the user's projects is fine. One into another
+    user's home is refused. Absolute link targets may name session paths, such as
+    ``/arc/projects/<group>/…`` as links made inside a session do, or hub paths under ``root``.
 
-    The walk opens one directory at a time, relative to the last one and never through a link (``O_NOFOLLOW``;
-    links are read and their targets walked the same way), and :meth:`open` gives the resolver the very
-    directory it ended on (through ``/proc/self/fd``), so a link swapped in after a step was checked cannot
-    redirect it; below that directory the resolver opens everything the same way (``datasets.tree``).
+    The walk opens one directory at a time, relative to the last one and never through a link
+    (``O_NOFOLLOW``). Links are read and their targets walked the same way. :meth:`open` gives
+    the resolver the very directory the walk ended on, through ``/proc/self/fd``. So a link
+    swapped in after a step was checked cannot redirect it. Below that directory the resolver
+    opens everything the same way (``datasets.tree``).
     """
 
-    MAX_LINKS = 40  # like the kernel's limit on links followed while resolving one path
+    #: Like the kernel's limit on links followed while resolving one path.
+    MAX_LINKS = 40
 
     def __init__(self, root: str | Path, layout: StorageLayout) -> None:
         self.root = Path(root)
@@ -136,16 +152,22 @@ class StorageMountReader:
         fd, located = await asyncio.to_thread(self._walk, text, identity)
         try:
             with tempfile.TemporaryDirectory(prefix="casaspawner-dataset-") as private:
-                # The resolver reads the directory the walk opened, under the dataset's own name (it matters
-                # to it), through a link in a directory only the hub can write.
+                # The resolver reads the directory the walk opened, under the dataset's own name,
+                # which matters to it. It reads it through a link in a directory only the hub can
+                # write.
                 pinned = Path(private) / (located.name or "dataset")
                 pinned.symlink_to(f"/proc/self/fd/{fd}")
-                yield pinned if pinned.is_dir() else located  # no /proc: by name, as checked
+                # Without /proc the resolver reads the directory by name, as checked.
+                yield pinned if pinned.is_dir() else located
         finally:
             os.close(fd)
 
     def _walk(self, text: str, identity: Identity) -> tuple[int, Path]:
-        """(an open descriptor of the dataset directory, its hub path); every refusal is one sentence."""
+        """Walk to the dataset directory and open it.
+
+        Returns an open descriptor of the directory and its hub path. Every refusal is one
+        sentence.
+        """
         name = shown(text.strip())
         try:
             return self._walk_descriptors(text, identity, name)
@@ -155,8 +177,9 @@ class StorageMountReader:
                     f"There is no dataset directory at {name!r} in your storage."
                 ) from None
             raise InvalidInput(
-                f"The dataset path {name!r} cannot be opened ({exc.strerror or type(exc).__name__}); give an "
-                "ALMA dataset directory or an ALMA identifier."
+                f"The dataset path {name!r} cannot be opened "
+                f"({exc.strerror or type(exc).__name__}); "
+                "give an ALMA dataset directory or an ALMA identifier."
             ) from None
 
     def _walk_descriptors(self, text: str, identity: Identity, name: str) -> tuple[int, Path]:
@@ -165,15 +188,17 @@ class StorageMountReader:
             PurePosixPath(r.mount): self.root / r.sub_path
             for r in storage_roots(identity, self.layout)
         }
-        ancestors = {
-            parent for mount in roots for parent in mount.parents
-        }  # /arc, /arc/home: in every session
+        # The mounts' parents, such as /arc and /arc/home, are in every session.
+        ancestors = {parent for mount in roots for parent in mount.parents}
         outside = InvalidInput(
             f"The dataset path {name!r} leads outside your storage through a link."
         )
 
         def in_session(target: PurePosixPath) -> PurePosixPath:
-            """An absolute link target as a session path (hub paths under ``root`` are mapped back)."""
+            """Turn an absolute link target into a session path.
+
+            Hub paths under ``root`` are mapped back to the session's.
+            """
             hub_root = PurePosixPath(self.root)
             if hub_root in target.parents:
                 below = target.relative_to(hub_root)
@@ -189,9 +214,11 @@ class StorageMountReader:
             )
             return roots[mount] / path.relative_to(mount)
 
-        # O_PATH: a directory the hub may only search (mode 0711, say) can be walked through, as by name.
+        # With O_PATH, a directory the hub may only search, such as one of mode 0711, can be walked
+        # through, as by name.
         directory = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
-        # The session path walked so far, one entry per component: (path, descriptor; None above the mounts).
+        # The session path walked so far, one (path, descriptor) entry per component. The
+        # descriptor is None above the mounts.
         trail: list[tuple[PurePosixPath, int | None]] = [(PurePosixPath("/"), None)]
         pending = list((PurePosixPath(root.mount) / relative).parts[1:])
         links = 0
@@ -206,7 +233,8 @@ class StorageMountReader:
                     continue
                 current, fd = trail[-1]
                 candidate = current / part
-                if candidate in roots:  # mounted as it is, like a pod's sub-path mount
+                # A storage root is mounted as it is, like a pod's sub-path mount.
+                if candidate in roots:
                     trail.append((candidate, os.open(roots[candidate], directory)))
                     continue
                 if fd is None:
@@ -217,7 +245,8 @@ class StorageMountReader:
                 try:
                     trail.append((candidate, os.open(part, directory | os.O_NOFOLLOW, dir_fd=fd)))
                     continue
-                except OSError as exc:  # a link (refused by O_NOFOLLOW), or not a directory at all
+                except OSError as exc:
+                    # A link, refused by O_NOFOLLOW, or not a directory at all.
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
                     try:
@@ -234,9 +263,11 @@ class StorageMountReader:
                 else:
                     pending = list(target.parts) + pending
             current, fd = trail[-1]
-            if fd is None:  # the walk ended above the user's own directories
+            # The walk ended above the user's own directories.
+            if fd is None:
                 raise outside
-            trail[-1] = (current, None)  # handed to the caller, not closed below
+            # The descriptor is handed to the caller, not closed below.
+            trail[-1] = (current, None)
             return fd, hub_path(current)
         finally:
             for _, descriptor in trail:
@@ -244,7 +275,10 @@ class StorageMountReader:
 
 
 class LocalDirectoryReader:
-    """Reads any directory on this machine as given (the ``casaspawner pod`` dry run and tests; not a hub)."""
+    """Reads any directory on this machine as given.
+
+    For the ``casaspawner pod`` dry run and tests, never for a hub.
+    """
 
     @contextlib.asynccontextmanager
     async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:

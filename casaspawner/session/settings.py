@@ -22,5 +22,5 @@ class SessionSettings:
     allow_override: bool = True
     #: Whether datasets can be named by path (a reader is configured).
     reads_paths: bool = False
-    #: Looks identifiers up in the ALMA archive; None: identifiers are refused.
+    #: Looks identifiers up in the ALMA archive. None refuses identifiers.
     archive: ArchiveClient | None = None

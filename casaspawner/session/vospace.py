@@ -22,8 +22,11 @@ from casaspawner.session.readers import locate_in_storage
 
 
 class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, but sends the user's token (``Authorization``) only to the origin it was meant for:
-    a redirect to another scheme, host or port gets the request without it."""
+    """Follows redirects, sending the user's token only to its own origin.
+
+    The token is the ``Authorization`` header. A redirect to another scheme, host or port gets the
+    request without it.
+    """
 
     def redirect_request(
         self,
@@ -49,16 +52,18 @@ _VOS_LENGTH = "ivo://ivoa.net/vospace/core#length"
 
 
 class VOSpaceReader:
-    """Reads datasets through a VOSpace 2 service (e.g. CANFAR's Cavern ``…/arc``) with the user's token.
+    """Reads datasets through a VOSpace 2 service with the user's token.
 
-    The dataset's directory tree is walked with ``GET {url}/nodes/{path}``; only the small files the resolver
-    reads (pipeline manifests, AQUA reports, weblog ``t1-1.html`` pages or packed weblogs, calibration scripts,
-    CASA logs) are fetched from ``GET {url}/files/{path}`` into a private temporary directory. Link nodes are
-    never followed, so a dataset cannot lead out of the user's own directories. HTTP redirects are followed,
-    but the token is only sent again to the same origin (scheme, host and port).
+    The service is CANFAR's Cavern ``…/arc``, for example. The dataset's directory tree is walked
+    with ``GET {url}/nodes/{path}``. Only the small files the resolver reads are fetched, from
+    ``GET {url}/files/{path}`` into a private temporary directory. These are pipeline manifests,
+    AQUA reports, weblog ``t1-1.html`` pages or packed weblogs, calibration scripts and CASA logs.
+    Link nodes are never followed, so a dataset cannot lead out of the user's own directories.
+    HTTP redirects are followed, but the token is only sent again to the same origin: the same
+    scheme, host and port.
     """
 
-    #: file names worth fetching → the largest size fetched
+    #: File names worth fetching, each with the largest size fetched.
     WANTED: tuple[tuple[str, int], ...] = (
         ("*.xml", 32 << 20),
         ("t1-1.html", 4 << 20),
@@ -78,10 +83,11 @@ class VOSpaceReader:
         self.timeout = timeout
 
     def _get(self, kind: str, path: str, limit: int) -> bytes | None:
-        request = urllib.request.Request(f"{self.url}/{kind}/{urllib.parse.quote(path)}")  # noqa: S310
-        if (
-            self.token
-        ):  # "unredirected": urllib never copies it into a redirect; _SameOriginRedirects may
+        request = urllib.request.Request(  # noqa: S310
+            f"{self.url}/{kind}/{urllib.parse.quote(path)}"
+        )
+        # "Unredirected": urllib never copies the header into a redirect. _SameOriginRedirects may.
+        if self.token:
             request.add_unredirected_header("Authorization", f"Bearer {self.token}")
         try:
             with _OPENER.open(request, timeout=self.timeout) as response:
@@ -99,13 +105,17 @@ class VOSpaceReader:
         return data if len(data) <= limit else None
 
     def _children(self, path: str) -> list[tuple[str, str, int | None]]:
-        """(name, kind ContainerNode|DataNode|LinkNode, length) of the nodes in a container."""
+        """List the nodes in a container with their kinds and lengths.
+
+        Each node is ``(name, kind, length)``. The kind is ContainerNode, DataNode or LinkNode.
+        """
         data = self._get("nodes", path, 16 << 20)
         if data is None:
             raise NoSuchDataset(f"There is no dataset directory at {path!r} in your storage.")
         try:
             root = defused_fromstring(data)
-        except Exception:  # defusedxml raises several unrelated types for hostile or broken XML
+        except Exception:
+            # defusedxml raises several unrelated types for hostile or broken XML.
             raise InvalidInput(
                 "Your storage service answered with something that is not a VOSpace node."
             ) from None
@@ -126,7 +136,10 @@ class VOSpaceReader:
         return children
 
     def mirror(self, text: str, identity: Identity, into: Path) -> Path:
-        """Copy the resolver's files of the dataset at ``text`` into ``into``; returns the local dataset path."""
+        """Copy the resolver's files of the dataset at ``text`` into ``into``.
+
+        Returns the local dataset path.
+        """
         root, relative = locate_in_storage(text, identity, self.layout)
         top = str(PurePosixPath(root.sub_path) / relative)
         local_top = into / (PurePosixPath(top).name or "dataset")
@@ -139,7 +152,8 @@ class VOSpaceReader:
                 seen += 1
                 if seen > self.MAX_NODES:
                     raise InvalidInput(
-                        f"{text!r} holds too many files to be one ALMA dataset; give its member directory."
+                        f"{text!r} holds too many files to be one ALMA dataset; "
+                        "give its member directory."
                     )
                 child = f"{path}/{name}"
                 if kind == "ContainerNode" and depth < self.MAX_DEPTH and local.name != "html":

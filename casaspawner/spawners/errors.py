@@ -1,4 +1,7 @@
-"""How the spawners show an error: one sentence on the form or the progress page."""
+"""How the spawners show an error to the user.
+
+An error is one sentence on the form or the progress page.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from casaspawner.errors import CasaspawnerError, ConfigurationError, ReleaseBloc
 
 try:
     from jupyterhub.spawner import SpawnException
-except ImportError:  # pragma: no cover - JupyterHub 5.x
+# JupyterHub 5.x has no SpawnException.
+except ImportError:  # pragma: no cover
 
     class SpawnException(web.HTTPError):  # type: ignore[no-redef,unused-ignore]
         """Stand-in for JupyterHub 6's ``SpawnException`` on JupyterHub 5.
@@ -33,9 +37,10 @@ __all__ = ["SpawnException", "hook_failure", "spawn_error", "spawn_refusal"]
 def spawn_error(
     message: str, reason: str = "invalid-options", status_code: int = 400
 ) -> web.HTTPError:
-    """A ``SpawnException`` showing ``message`` on the form, the progress page and the logs.
+    """Make a ``SpawnException`` that shows ``message`` to the user.
 
-    ``status_code`` 400 means the user's choices; 500 means the hub (its configuration or a hook).
+    The message appears on the form, the progress page and in the logs. ``status_code`` 400
+    means the user's choices. 500 means the hub: its configuration or a hook.
     """
     exc: web.HTTPError = SpawnException(message, reason=reason, status_code=status_code)
     # The progress page shows this text.
@@ -44,10 +49,14 @@ def spawn_error(
 
 
 def hook_failure(hook: str, exc: BaseException) -> web.HTTPError:
-    """One sentence for an operator's hook that raised; the traceback goes to the log."""
+    """Report in one sentence that an operator's hook raised.
+
+    The traceback goes to the log.
+    """
     detail = " ".join(str(exc).split())[:160]
     return spawn_error(
-        f"The hub's configured {hook} failed ({type(exc).__name__}{': ' + detail if detail else ''}).",
+        f"The hub's configured {hook} failed "
+        f"({type(exc).__name__}{': ' + detail if detail else ''}).",
         reason="hook",
         status_code=500,
     )
@@ -56,10 +65,10 @@ def hook_failure(hook: str, exc: BaseException) -> web.HTTPError:
 def spawn_refusal(
     exc: Exception, log: logging.Logger | logging.LoggerAdapter[logging.Logger]
 ) -> web.HTTPError:
-    """What a spawn that raised ``exc`` ends with: one sentence, never a traceback.
+    """Turn what a spawn raised into one sentence, never a traceback.
 
-    400 for the user's choices; 500 for the hub's configuration or a fault, whose traceback is
-    logged.
+    The status is 400 for the user's choices. It is 500 for the hub's configuration or a fault,
+    whose traceback is logged.
     """
     if isinstance(exc, web.HTTPError):
         return exc
@@ -71,8 +80,8 @@ def spawn_refusal(
         return spawn_error(str(exc), reason=type(exc).__name__)
     log.error("Preparing a CASA session failed", exc_info=exc)
     # An OSError's strerror names no hub path.
-    said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    detail = " ".join(said.split())[:160]
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    detail = " ".join(text.split())[:160]
     return spawn_error(
         "The session could not be prepared because of a fault in the hub "
         f"({type(exc).__name__}: {detail}).",

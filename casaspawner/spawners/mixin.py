@@ -67,24 +67,27 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         None,
         allow_none=True,
         help="""
-        Path of the release catalog (``releases.yaml``) to use instead of the one shipped with casaspawner.
-        The catalog decides which CASA builds exist, which dataset runs with which build, and image tags.
+        Path of the release catalog (``releases.yaml``) to use instead of the one shipped with
+        casaspawner. The catalog decides which CASA builds exist, which dataset runs with which
+        build, and image tags.
         """,
     ).tag(config=True)
 
     image_registry = Unicode(
         PlanConfig.image_registry,
         help="""
-        Registry and namespace holding the CASA session images, e.g. ``ghcr.io/casaspawner``. Images are named
-        with ``image_template``; the image build tool tags them with the same rule.
+        Registry and namespace holding the CASA session images, e.g. ``ghcr.io/casaspawner``.
+        Images are named with ``image_template``; the image build tool tags them with the same
+        rule.
         """,
     ).tag(config=True)
 
     image_template = Unicode(
         PlanConfig.image_template,
         help="""
-        Template of a session image reference. Fields: ``{registry}`` (``image_registry``), ``{tag}`` (the
-        release's image tag, e.g. ``6.5.4-9-pipeline-2023.1.0.124``), ``{casa}``, ``{pipeline}`` and ``{id}``.
+        Template of a session image reference. Fields: ``{registry}`` (``image_registry``),
+        ``{tag}`` (the release's image tag, e.g. ``6.5.4-9-pipeline-2023.1.0.124``), ``{casa}``,
+        ``{pipeline}`` and ``{id}``.
         """,
     ).tag(config=True)
 
@@ -108,33 +111,39 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             for name, r in DEFAULT_SIZES.items()
         },
         help="""
-        Session sizes offered on the form, in order: name → ``{cpu_guarantee, cpu_limit, mem_guarantee,
-        mem_limit, description}``. CPU is a number of cores (``0.5``, ``4``). Memory is what KubeSpawner's
-        ``mem_limit`` takes: JupyterHub's units of 1024, text with ``K``, ``M``, ``G`` or ``T`` (``8G`` is 8 GiB),
-        or a whole number of bytes that is a multiple of 1024 (``8589934592``); the Kubernetes spelling ``8Gi``
-        (which ``scratch_size_limit`` uses) is refused with a sentence. The description is what users see next
-        to the name.
+        Session sizes offered on the form, in order: name → ``{cpu_guarantee, cpu_limit,
+        mem_guarantee, mem_limit, description}``. CPU is a number of cores (``0.5``, ``4``).
+        Memory is what KubeSpawner's ``mem_limit`` takes: JupyterHub's units of 1024, text with
+        ``K``, ``M``, ``G`` or ``T`` (``8G`` is 8 GiB), or a whole number of bytes that is a
+        multiple of 1024 (``8589934592``); the Kubernetes spelling ``8Gi`` (which
+        ``scratch_size_limit`` uses) is refused with a sentence. The description is what users
+        see next to the name.
         """,
     ).tag(config=True)
 
     default_size = Unicode(
         "medium",
-        help="Size preselected on the form and used when a spawn request names none (a key of ``session_sizes``).",
+        help=(
+            "Size preselected on the form and used when a spawn request names none "
+            "(a key of ``session_sizes``)."
+        ),
     ).tag(config=True)
 
     allow_release_override = Bool(
         True,
         help="""
-        Whether users may choose a CASA release other than the one resolved for their dataset (the form's
-        advanced section). Such a session is marked as not exact everywhere it is shown.
+        Whether users may choose a CASA release other than the one resolved for their dataset
+        (the form's advanced section). Such a session is marked as not exact everywhere it is
+        shown.
         """,
     ).tag(config=True)
 
     desktop_xstartup = Unicode(
         PlanConfig.desktop_xstartup,
         help="""
-        Start script of the CASA desktop inside the session image, passed to jupyter-remote-desktop-proxy as
-        ``JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP`` for desktop sessions.
+        Start script of the CASA desktop inside the session image, passed to
+        jupyter-remote-desktop-proxy as ``JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP`` for desktop
+        sessions.
         """,
     ).tag(config=True)
 
@@ -146,12 +155,18 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
 
     home_mount_template = Unicode(
         StorageLayout.home_mount,
-        help="Where the user's home appears in a session; ``{username}`` is replaced. It is also ``HOME``.",
+        help=(
+            "Where the user's home appears in a session; ``{username}`` is replaced. "
+            "It is also ``HOME``."
+        ),
     ).tag(config=True)
 
     project_subpath_template = Unicode(
         StorageLayout.project_subpath,
-        help="Directory of a project (one per group of the user) inside the storage root; ``{group}`` is replaced.",
+        help=(
+            "Directory of a project (one per group of the user) inside the storage root; "
+            "``{group}`` is replaced."
+        ),
     ).tag(config=True)
 
     project_mount_template = Unicode(
@@ -162,10 +177,11 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
     project_group_pattern = Unicode(
         r".*",
         help="""
-        Regular expression a group name must match in full for its project directory to be mounted. Use it to
-        keep authorization-only groups out of the session, e.g. ``proj-.*``. Groups whose names cannot be
-        directory names (a letter or digit, then up to 63 letters, digits, ``.``, ``_`` or ``-``; e.g. not
-        ``org/sub`` or ``ivo://cadc.nrc.ca/gms?alma``) are skipped and logged, never an error.
+        Regular expression a group name must match in full for its project directory to be
+        mounted. Use it to keep authorization-only groups out of the session, e.g. ``proj-.*``.
+        Groups whose names cannot be directory names (a letter or digit, then up to 63 letters,
+        digits, ``.``, ``_`` or ``-``; e.g. not ``org/sub`` or ``ivo://cadc.nrc.ca/gms?alma``)
+        are skipped and logged, never an error.
         """,
     ).tag(config=True)
 
@@ -181,7 +197,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
 
     measures_mount_path = Unicode(
         StorageLayout.measures_mount,
-        help="Where the read-only CASA measures data appears in a session (exported as ``CASA_MEASURES_PATH``).",
+        help=(
+            "Where the read-only CASA measures data appears in a session "
+            "(exported as ``CASA_MEASURES_PATH``)."
+        ),
     ).tag(config=True)
 
     # Datasets
@@ -189,10 +208,11 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         None,
         allow_none=True,
         help="""
-        Hub-side path of a read-only mount of the storage root (Cavern), e.g. ``/cavern``: the hub reads datasets
-        named by path from ``<storage_hub_path>/home/<user>/…`` and ``…/projects/<group>/…`` to resolve their CASA
-        version. ``CASASpawner``'s default is unset: datasets can then only be named by ALMA identifier, unless
-        ``vospace_url`` or ``dataset_reader`` is configured. ``LocalCASASpawner``'s default is its
+        Hub-side path of a read-only mount of the storage root (Cavern), e.g. ``/cavern``: the
+        hub reads datasets named by path from ``<storage_hub_path>/home/<user>/…`` and
+        ``…/projects/<group>/…`` to resolve their CASA version. ``CASASpawner``'s default is
+        unset: datasets can then only be named by ALMA identifier, unless ``vospace_url`` or
+        ``dataset_reader`` is configured. ``LocalCASASpawner``'s default is its
         ``storage_root``.
         """,
     ).tag(config=True)
@@ -201,9 +221,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         None,
         allow_none=True,
         help="""
-        Base URL of a VOSpace 2 service holding the users' storage, e.g. ``https://ws-uv.canfar.net/arc``
-        (nodes at ``<url>/nodes/home/<user>/…``, files at ``<url>/files/…``). When set, the hub reads datasets
-        named by path through it with the user's access token instead of a storage mount.
+        Base URL of a VOSpace 2 service holding the users' storage, e.g.
+        ``https://ws-uv.canfar.net/arc`` (nodes at ``<url>/nodes/home/<user>/…``, files at
+        ``<url>/files/…``). When set, the hub reads datasets named by path through it with the
+        user's access token instead of a storage mount.
         """,
     ).tag(config=True)
 
@@ -211,10 +232,11 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         None,
         allow_none=True,
         help="""
-        Object giving the hub read access to datasets named by path (``casaspawner.spawners.storage.DatasetReader``:
-        an async context manager ``open(path, identity)`` yielding a local directory), or a callable
-        ``(spawner) -> reader``. Use it for storage reached through an API such as VOSpace. Default: a reader over
-        ``storage_hub_path``.
+        Object giving the hub read access to datasets named by path
+        (``casaspawner.session.readers.DatasetReader``: an async context manager
+        ``open(path, identity)`` yielding a local directory), or a callable
+        ``(spawner) -> reader``. Use it for storage reached through an API such as VOSpace.
+        Default: a reader over ``storage_hub_path``.
         """,
     ).tag(config=True)
 
@@ -223,8 +245,9 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         allow_none=True,
         help="""
         ALMA archive client used to resolve datasets given by identifier
-        (``casaspawner.datasets.archive.ArchiveClient``, e.g. ``AlmaDataLinkClient()``), or a callable
-        ``(spawner) -> client``. Unset: identifiers are refused with a sentence asking for a path.
+        (``casaspawner.datasets.archive.ArchiveClient``, e.g. ``AlmaDataLinkClient()``), or a
+        callable ``(spawner) -> client``. Unset: identifiers are refused with a sentence asking
+        for a path.
         """,
     ).tag(config=True)
 
@@ -236,20 +259,26 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
     # Identity
     uid_claim = Unicode(
         "oauth_user.uid",
-        help="Dotted key of the numeric user id in ``auth_state`` (OAuthenticator keeps user info in ``oauth_user``).",
+        help=(
+            "Dotted key of the numeric user id in ``auth_state`` "
+            "(OAuthenticator keeps user info in ``oauth_user``)."
+        ),
     ).tag(config=True)
 
     gid_claim = Unicode(
         "oauth_user.gid",
-        help="Dotted key of the numeric primary group id in ``auth_state``; missing means the uid is used.",
+        help=(
+            "Dotted key of the numeric primary group id in ``auth_state``; "
+            "missing means the uid is used."
+        ),
     ).tag(config=True)
 
     groups_claim = Unicode(
         "oauth_user.groups",
         help="""
-        Dotted key of the user's group names in ``auth_state`` (a list; a leading ``/`` is dropped). Missing:
-        the user's JupyterHub groups are used. Each group whose name matches ``project_group_pattern`` gets its
-        project directory mounted.
+        Dotted key of the user's group names in ``auth_state`` (a list; a leading ``/`` is
+        dropped). Missing: the user's JupyterHub groups are used. Each group whose name matches
+        ``project_group_pattern`` gets its project directory mounted.
         """,
     ).tag(config=True)
 
@@ -262,8 +291,9 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         None,
         allow_none=True,
         help="""
-        Callable ``(spawner, auth_state) -> dict`` (may be async) returning ``uid``, ``gid``, ``groups`` and
-        ``supplemental_gids`` for the user, replacing the ``*_claim`` look-ups. uid 0 is refused either way.
+        Callable ``(spawner, auth_state) -> dict`` (may be async) returning ``uid``, ``gid``,
+        ``groups`` and ``supplemental_gids`` for the user, replacing the ``*_claim`` look-ups.
+        uid 0 is refused either way.
         """,
     ).tag(config=True)
 
@@ -271,8 +301,8 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         None,
         allow_none=True,
         help="""
-        uid to run as when ``auth_state`` has none. Unset (the default), a user without a uid cannot start a
-        session. Never 0.
+        uid to run as when ``auth_state`` has none. Unset (the default), a user without a uid
+        cannot start a session. Never 0.
         """,
     ).tag(config=True)
 
@@ -285,17 +315,18 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
     allow_root_group = Bool(
         False,
         help="""
-        Whether a session may run with gid 0 (the root group) as its primary or a supplemental group. Off by
-        default: files owned by the root group are often writable by it, so a login giving gid 0 is refused
-        with a sentence. uid 0 is refused whatever this says.
+        Whether a session may run with gid 0 (the root group) as its primary or a supplemental
+        group. Off by default: files owned by the root group are often writable by it, so a
+        login giving gid 0 is refused with a sentence. uid 0 is refused whatever this says.
         """,
     ).tag(config=True)
 
     access_token_claim = Unicode(
         "access_token",
         help="""
-        Dotted key of the user's access token in ``auth_state``. The token reaches the session only as a file
-        (a Kubernetes Secret, or a private file for local sessions), never in the environment or the logs.
+        Dotted key of the user's access token in ``auth_state``. The token reaches the session
+        only as a file (a Kubernetes Secret, or a private file for local sessions), never in the
+        environment or the logs.
         """,
     ).tag(config=True)
 
@@ -304,21 +335,24 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         [List(Unicode()), CallableTrait()],
         default_value=[],
         help="""
-        Releases that may not be started right now (e.g. while their image is being replaced): a list of
-        release ids, or a callable ``(spawner) -> {release id: message}`` (may be async), which the operators'
-        drain service provides. Spawning a blocked release is refused with the message before any object exists.
+        Releases that may not be started right now (e.g. while their image is being replaced): a
+        list of release ids, or a callable ``(spawner) -> {release id: message}`` (may be
+        async), which the operators' drain service provides. Spawning a blocked release is
+        refused with the message before any object exists.
         """,
     ).tag(config=True)
 
     notices_url = Unicode(
         "",
         help="""
-        Where sessions ask the casa-sessions service for their notices (their release is drained, their idle
-        session is about to be stopped), e.g. ``http://hub:10101/services/casa-sessions/api/notices``. Sessions
-        get it as ``CASASPAWNER_NOTICES_URL``, with ``CASASPAWNER_NOTICES_FILE``: the file in the home
-        directory that shows the notices (``CASA-NOTICES.md``; ``CASA-NOTICES-<server>.md`` for a named
-        server, with a short hash appended when the name has characters other than letters, digits, ``.``,
-        ``_`` and ``-``). Empty (the default): no notices. ``casaspawner.services.hubconfig`` sets it.
+        Where sessions ask the casa-sessions service for their notices (their release is
+        drained, their idle session is about to be stopped), e.g.
+        ``http://hub:10101/services/casa-sessions/api/notices``. Sessions get it as
+        ``CASASPAWNER_NOTICES_URL``, with ``CASASPAWNER_NOTICES_FILE``: the file in the home
+        directory that shows the notices (``CASA-NOTICES.md``; ``CASA-NOTICES-<server>.md`` for
+        a named server, with a short hash appended when the name has characters other than
+        letters, digits, ``.``, ``_`` and ``-``). Empty (the default): no notices.
+        ``casaspawner.hubconfig`` sets it.
         """,
     ).tag(config=True)
 
@@ -385,7 +419,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         return config.sizes(self.session_sizes, self.option("session_sizes"))
 
     def check_config(self) -> None:
-        """Check the operator's settings, so that a bad one is named as the hub's fault.
+        """Check the operator's settings, naming a bad one as the hub's fault.
 
         Raises ``ConfigurationError`` naming the option; subclasses add their own checks.
         """
@@ -471,9 +505,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         return render_spawn_form
 
     def render_options_form(self, error: str = "", blocked: Collection[str] = ()) -> str:
-        """The spawn form's HTML; a configuration problem is shown as its error.
+        """Render the spawn form's HTML.
 
-        ``blocked`` holds the release ids left out of the override list.
+        A configuration problem is shown as the form's error. ``blocked`` holds the release ids
+        left out of the override list.
         """
         configured = True
         try:
@@ -513,9 +548,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
 
     # Operator hooks
     async def call_hook(self, name: str, hook: Callable[..., Any], *args: Any) -> Any:
-        """Run the operator's hook ``name``; if it raises, one sentence marked as the hub's fault.
+        """Run the operator's hook ``name``, reporting a failure as the hub's fault.
 
-        The traceback goes to the hub's log. A ``SpawnException`` the hook raises stays as is.
+        A hook that raises becomes one sentence marked as the hub's fault. The traceback goes to
+        the hub's log. A ``SpawnException`` the hook raises stays as is.
         """
         try:
             return await maybe_future(hook(*args))
@@ -540,10 +576,11 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         return _apply_user_options
 
     async def prepare_session(self, user_options: Mapping[str, Any] | None = None) -> SessionPlan:
-        """Run the session pipeline on ``user_options``; one sentence for any problem.
+        """Run the session pipeline on ``user_options``.
 
-        Runs before any process, pod or other object exists. The plan is kept in
-        ``session_plan``; a second call with the same options returns it.
+        Any problem is refused with one sentence. The pipeline runs before any process, pod or
+        other object exists. The plan is kept in ``session_plan``; a second call with the same
+        options returns it.
         """
         options = input_options(self.user_options if user_options is None else user_options)
         if self.session_plan is not None and self._plan_for == options:
@@ -620,7 +657,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         return None
 
     async def blocked_release_messages(self) -> dict[str, str]:
-        """Release id → the operators' message, for every release that may not start now."""
+        """Map each release that may not start now to the operators' message.
+
+        The keys are release ids.
+        """
         blocked = self.blocked_releases
         if callable(blocked):
             found = await maybe_future(blocked(self))
@@ -650,7 +690,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
 
     @property
     def access_token(self) -> str | None:
-        """The user's access token from ``auth_state``; never log it."""
+        """The user's access token from ``auth_state``.
+
+        Never log it.
+        """
         return self._access_token
 
     # The plan's translation
@@ -677,10 +720,11 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             setattr(self, name, copy.deepcopy(value))
 
     def notices_environment(self, plan: SessionPlan) -> dict[str, str]:
-        """The session's notice source and notice file; nothing when ``notices_url`` is empty.
+        """The session's notice source and notice file, as environment variables.
 
-        Each server name has its own file. A name with characters other than letters, digits,
-        ``.``, ``_`` and ``-`` has them replaced by ``-`` and a short hash appended.
+        Nothing when ``notices_url`` is empty. Each server name has its own file. A name with
+        characters other than letters, digits, ``.``, ``_`` and ``-`` has them replaced by ``-``
+        and a short hash appended.
         """
         if not self.notices_url:
             return {}
@@ -738,7 +782,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             }
 
     def clear_state(self) -> None:
-        """Forget the last session's plan; recent datasets and the last resolution stay."""
+        """Forget the last session's plan.
+
+        Recent datasets and the last resolution stay.
+        """
         super().clear_state()
         self.restore_configured_traits()
         self.session_plan = None

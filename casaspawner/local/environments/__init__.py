@@ -1,8 +1,13 @@
-"""Per-release CASA environments for sessions on one machine: wheels venvs, unpacked tarballs.
+"""Per-release CASA environments for sessions on one machine.
 
-``model`` is what a finished environment offers a session, ``manager`` finds and builds them,
-``steps`` are the build's commands and checks, ``session_files`` installs the desktop and package
-copies sessions read, ``pythons`` finds interpreters and ``cli`` is ``casaspawner envs``.
+An environment is a venv of wheels or an unpacked tarball.
+
+- ``model`` is what a finished environment offers a session.
+- ``manager`` finds and builds environments.
+- ``steps`` are the build's commands and checks.
+- ``session_files`` installs the desktop and package copies sessions read.
+- ``pythons`` finds interpreters.
+- ``cli`` is ``casaspawner envs``.
 """
 
 from casaspawner.local.environments.manager import EnvironmentManager

@@ -1,6 +1,7 @@
-"""Per-release CASA environments on one machine: built on demand, cached, shared by every session.
+"""Per-release CASA environments on one machine, built on demand and cached.
 
-Layout under the cache directory (``~/.cache/casaspawner`` by default)::
+Every session of a release shares its environment. The layout under the cache directory,
+``~/.cache/casaspawner`` by default::
 
     envs/<release tag>/            one finished environment (appears by atomic rename)
         venv/ or casa/             the wheels' virtualenv, or the unpacked monolithic tarball
@@ -11,11 +12,11 @@ Layout under the cache directory (``~/.cache/casaspawner`` by default)::
         casaspawner-env.json       what was built, from what, with which Python
         jupyter/<variant>/kernels/ kernel specs, written when a session starts
     envs/<release tag>.lock        held while one hub process builds it
-    measures/casadata/             the shared measures data (``casadata`` package) unless configured
+    measures/casadata/             the shared measures data (``casadata``) unless configured
     downloads/                     verified tarballs
 
-Everything users can cause (no Python, unreachable tarball, failed pip) is an ``EnvironmentError_`` whose
-``str`` is one sentence.
+Everything users can cause is an ``EnvironmentBuildError`` whose ``str`` is one sentence: no
+Python, an unreachable tarball, a failed pip.
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ PROBE_TTL = 600.0
 
 
 class _NotProbed(Exception):
-    """What a question needs was not probed yet, and the caller asked not to probe."""
+    """A needed answer was not probed yet, and the caller forbade probing."""
 
 
 @dataclass(frozen=True)
 class _Method:
-    kind: str  # "wheels" | "tarball"
+    #: "wheels" or "tarball".
+    kind: str
     python: Path | None = None
     python_version: str | None = None
 
@@ -95,13 +97,15 @@ class EnvironmentManager:
         self.probe_timeout = probe_timeout
         # A hub running as root serves sessions of other users: everything must be usable by them.
         self.shared = os.geteuid() == 0 if shared is None else shared
-        # What probing found (tarball HEAD requests, Python discovery), kept for ``PROBE_TTL`` seconds: forms,
-        # option checks and starts ask again and again, and each probe may wait seconds for the network.
+        # What probing found, from tarball HEAD requests and Python discovery, is kept for
+        # ``PROBE_TTL`` seconds. Forms, option checks and starts ask again and again, and each
+        # probe may wait seconds for the network.
         self._reachable: dict[str, tuple[float, str | None]] = {}
-        self._pythons: dict[tuple[tuple[str, ...], bool], tuple[float, tuple[Path, str] | None]] = {}
+        self._pythons: dict[
+            tuple[tuple[str, ...], bool], tuple[float, tuple[Path, str] | None]
+        ] = {}
 
-    # ------------------------------------------------------------------ lookups
-
+    # Lookups
     @property
     def envs_dir(self) -> Path:
         return self.cache_dir / "envs"
@@ -115,19 +119,28 @@ class EnvironmentManager:
         if not (root / META).is_file():
             return None
         meta = json.loads((root / META).read_text())
+        # Built from a private interpreter: rebuilt for other users.
         if self.shared and not meta.get("shared"):
-            return None  # built from a private interpreter: rebuilt for other users
+            return None
+        # Built before its GUI tasks were checked: rebuilt.
         if meta.get("format", 1) < FORMAT:
-            return None  # built before its GUI tasks were checked: rebuilt
+            return None
         return CasaEnvironment.load(root)
 
     def tarball_url(self, release: Release) -> str | None:
         if release.tarball is None:
             return None
-        return (self.tarball_mirror + release.tarball.name) if self.tarball_mirror else release.tarball.url
+        return (
+            (self.tarball_mirror + release.tarball.name)
+            if self.tarball_mirror
+            else release.tarball.url
+        )
 
     def _tarball_problem(self, url: str, probe: bool = True) -> str | None:
-        """None if the tarball answers a HEAD request, else why not (cached for ten minutes)."""
+        """Say why the tarball at ``url`` does not answer a HEAD request.
+
+        None if it does. The answer is cached for ``PROBE_TTL`` seconds, ten minutes.
+        """
         now = time.monotonic()
         cached = self._reachable.get(url)
         if cached and now - cached[0] < PROBE_TTL:
@@ -136,8 +149,11 @@ class EnvironmentManager:
             raise _NotProbed(url)
         problem: str | None = None
         try:
-            request = urllib.request.Request(url, method="HEAD")  # noqa: S310 - catalog or operator URL
-            with urllib.request.urlopen(request, timeout=self.probe_timeout) as response:  # noqa: S310
+            # The URL is the catalog's or the operator's.
+            request = urllib.request.Request(url, method="HEAD")  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                request, timeout=self.probe_timeout
+            ) as response:
                 if response.status >= 400:
                     problem = f"HTTP {response.status}"
         except urllib.error.HTTPError as error:
@@ -150,7 +166,10 @@ class EnvironmentManager:
     def find_python(
         self, versions: Sequence[str], *, shared: bool | None = None, probe: bool = True
     ) -> tuple[Path, str] | None:
-        """:func:`~casaspawner.local.environments.pythons.find_python` on this manager's search path, remembered."""
+        """Find a Python on this manager's search path, remembering the answer.
+
+        See :func:`~casaspawner.local.environments.pythons.find_python`.
+        """
         key = (tuple(versions), self.shared if shared is None else shared)
         now = time.monotonic()
         cached = self._pythons.get(key)
@@ -163,7 +182,10 @@ class EnvironmentManager:
         return found
 
     def _method(self, release: Release, probe: bool = True) -> _Method:
-        """How ``release`` can be built here, or an ``EnvironmentBuildError`` saying why it cannot."""
+        """Choose how ``release`` can be built here.
+
+        Raises an ``EnvironmentBuildError`` saying why it cannot.
+        """
         problems: list[str] = []
         url = self.tarball_url(release)
         if url is not None:
@@ -180,7 +202,9 @@ class EnvironmentManager:
                 return _Method("wheels", found[0], found[1])
             wanted = f"its wheels need Python {' or '.join(release.wheels.python)}"
             private = (
-                self.find_python(release.wheels.python, shared=False, probe=probe) if self.shared else None
+                self.find_python(release.wheels.python, shared=False, probe=probe)
+                if self.shared
+                else None
             )
             if private is not None:
                 problems.append(
@@ -195,10 +219,11 @@ class EnvironmentManager:
         )
 
     def unavailable_reason(self, release: Release, *, probe: bool = True) -> str | None:
-        """None if ``release`` is built or can be built here, else one sentence saying why not.
+        """Say in one sentence why ``release`` cannot be built here.
 
-        ``probe=False``: only from what this manager found out already (a page must not wait on the network
-        or on running Pythons); None also when that is not known yet.
+        None if it is built or can be built. ``probe=False`` answers only from what this manager
+        found out already: a page must not wait on the network or on running Pythons. None also
+        when that is not known yet.
         """
         if self.ready(release) is not None:
             return None
@@ -211,34 +236,47 @@ class EnvironmentManager:
         return None
 
     def nearest_installable(self, release: Release, catalog: Catalog) -> Release | None:
-        """The modular release closest in CASA version to ``release`` that this machine can run."""
+        """The installable modular release closest in CASA version to ``release``."""
         target = release.casa_version._key()
-        options = [r for r in catalog.available(("modular",)) if self.unavailable_reason(r) is None]
+        options = [
+            r for r in catalog.available(("modular",)) if self.unavailable_reason(r) is None
+        ]
 
         def distance(candidate: Release) -> tuple[int, ...]:
             key = candidate.casa_version._key()
-            return (*(abs(a - b) for a, b in zip(key, target, strict=True)), -key[0], -key[1], -key[2])
+            return (
+                *(abs(a - b) for a, b in zip(key, target, strict=True)),
+                -key[0],
+                -key[1],
+                -key[2],
+            )
 
         return min(options, key=distance, default=None)
 
     def newest_installable(self, catalog: Catalog) -> Release | None:
-        """The newest modular release this machine can run (already built, or its wheels fit a Python here)."""
-        options = sorted(catalog.available(("modular",)), key=lambda r: r.casa_version._key(), reverse=True)
+        """The newest modular release this machine can run.
+
+        It is already built, or its wheels fit a Python here.
+        """
+        options = sorted(
+            catalog.available(("modular",)), key=lambda r: r.casa_version._key(), reverse=True
+        )
         return next((r for r in options if self.unavailable_reason(r) is None), None)
 
-    # ------------------------------------------------------------------ session files
-
+    # Session files
     def session_files(self) -> Path:
-        """The files sessions read, installed under the cache (see :func:`install_session_files`)."""
+        """Install the files sessions read under the cache, and return their directory.
+
+        See :func:`install_session_files`.
+        """
         return install_session_files(self.cache_dir)
 
-    # ------------------------------------------------------------------ building
-
+    # Building
     async def ensure(self, release: Release) -> AsyncIterator[str]:
         """Build ``release``'s environment unless it exists, yielding progress sentences.
 
-        Two hub processes (or spawns) asking at once: one builds, the other waits for the lock and then
-        finds the finished environment. A cache that cannot be written is one sentence too.
+        When two hub processes or spawns ask at once, one builds. The other waits for the lock and
+        then finds the finished environment. A cache that cannot be written is one sentence too.
         """
         async for message in one_sentence(self._ensure(release), f"Preparing {release.label}"):
             yield message
@@ -263,22 +301,29 @@ class EnvironmentManager:
                     steps = self._build_tarball(release, staging)
                 async for message in steps:
                     yield message
-                os.chmod(staging, 0o755)  # noqa: S103 - sessions of every user read it
+                # Sessions of every user read it.
+                os.chmod(staging, 0o755)  # noqa: S103
                 replace_dir(staging, self.path_for(release))
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
         yield f"{release.label} is ready."
 
-    async def _build_wheels(self, release: Release, method: _Method, staging: Path) -> AsyncIterator[str]:
+    async def _build_wheels(
+        self, release: Release, method: _Method, staging: Path
+    ) -> AsyncIterator[str]:
         assert release.wheels is not None and method.python is not None
         yield f"Creating a Python {method.python_version} environment for {release.label}."
         await run(
-            [str(method.python), "-m", "venv", str(staging / "venv")], f"Creating the {release.label} venv"
+            [str(method.python), "-m", "venv", str(staging / "venv")],
+            f"Creating the {release.label} venv",
         )
         python = staging / "venv" / "bin" / "python"
         packages = [*release.wheels.requirements(), *self.extra_packages]
-        yield f"Installing {', '.join(release.wheels.requirements())} (a few minutes, once per release)."
+        yield (
+            f"Installing {', '.join(release.wheels.requirements())} "
+            "(a few minutes, once per release)."
+        )
         pip = [
             str(python),
             "-m",
@@ -306,17 +351,23 @@ class EnvironmentManager:
                 yield message
         yield f"Verifying {release.tarball.name}."
         try:
-            await asyncio.to_thread(verify, archive, url, release.tarball.sha256, self.probe_timeout)
+            await asyncio.to_thread(
+                verify, archive, url, release.tarball.sha256, self.probe_timeout
+            )
         except EnvironmentBuildError:
             archive.unlink(missing_ok=True)
             raise
         yield f"Unpacking {release.tarball.name}."
         unpack = staging / "unpack"
         unpack.mkdir()
-        await run(["tar", "-xf", str(archive), "-C", str(unpack)], f"Unpacking {release.tarball.name}")
+        await run(
+            ["tar", "-xf", str(archive), "-C", str(unpack)], f"Unpacking {release.tarball.name}"
+        )
         tops = [p for p in unpack.iterdir() if p.is_dir()]
         if len(tops) != 1:
-            raise EnvironmentBuildError(f"{release.tarball.name} does not unpack into one CASA directory.")
+            raise EnvironmentBuildError(
+                f"{release.tarball.name} does not unpack into one CASA directory."
+            )
         tops[0].rename(staging / "casa")
         unpack.rmdir()
         python = next(
@@ -333,7 +384,10 @@ class EnvironmentManager:
     async def _finish(
         self, release: Release, staging: Path, python: Path | None, casa_home: Path
     ) -> AsyncIterator[str]:
-        """Shared tail: kernel support, GUIs, site config, an offline start check, metadata."""
+        """Finish a build the same way for wheels and tarballs.
+
+        Adds kernel support, GUIs, the site config, an offline start check and the metadata.
+        """
         measures = self.measures_dir()
         (staging / "casasiteconfig.py").write_text(site_config_text(measures))
         (staging / "casarc").write_text(f"measures.directory: {measures}\n")
@@ -344,10 +398,20 @@ class EnvironmentManager:
                 yield f"Adding a Jupyter kernel to {release.label}."
                 kernel_site = Path("kernel-site")
                 await run(
-                    [interpreter, "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
-                     *self.pip_args, "--target", str(staging / kernel_site), "ipykernel"],
+                    [
+                        interpreter,
+                        "-m",
+                        "pip",
+                        "install",
+                        "--no-input",
+                        "--disable-pip-version-check",
+                        *self.pip_args,
+                        "--target",
+                        str(staging / kernel_site),
+                        "ipykernel",
+                    ],
                     f"Adding ipykernel to {release.label}",
-                )  # fmt: skip
+                )
         for appimage in sorted(staging.glob(f"{casa_home}/**/site-packages/*/__bin__/*.AppImage")):
             name = appimage.parent.parent.name
             yield f"Unpacking the {name} GUI (no FUSE needed)."
@@ -355,19 +419,31 @@ class EnvironmentManager:
         run_checked = True
         if python is not None:
             yield f"Checking that {release.label} starts offline with the shared measures data."
-            version = await casa_version(staging / python, staging / "casasiteconfig.py", staging / kernel_site
-                                          if kernel_site else None)  # fmt: skip
+            version = await casa_version(
+                staging / python,
+                staging / "casasiteconfig.py",
+                staging / kernel_site if kernel_site else None,
+            )
             if version != release.casa:
                 raise EnvironmentBuildError(
-                    f"The environment built for {release.label} reports CASA {version}, not {release.casa}."
+                    f"The environment built for {release.label} reports CASA {version}, "
+                    f"not {release.casa}."
                 )
         else:
             launcher = next(
-                (p for p in (Path("bin/casa"), Path("casapy")) if (staging / casa_home / p).is_file()), None
+                (
+                    p
+                    for p in (Path("bin/casa"), Path("casapy"))
+                    if (staging / casa_home / p).is_file()
+                ),
+                None,
             )
             if launcher is None:
                 run_checked = False
-                yield f"{release.label} has no Python 3 and no bin/casa to try: desktop only, not run-checked."
+                yield (
+                    f"{release.label} has no Python 3 and no bin/casa to try: "
+                    "desktop only, not run-checked."
+                )
             else:
                 yield f"Checking that {release.label} starts (desktop only: it has no Python 3)."
                 await casa_starts(staging / casa_home / launcher, release.label)
@@ -386,10 +462,12 @@ class EnvironmentManager:
         }
         (staging / META).write_text(json.dumps(meta, indent=1))
 
-    # ------------------------------------------------------------------ the UI environment
-
+    # The UI environment
     async def ensure_ui(self, requirements: Sequence[str]) -> AsyncIterator[str]:
-        """A venv with the Jupyter server side (``requirements``) every user can run; see :meth:`ui_prefix`."""
+        """Build a venv with the Jupyter server side that every user can run.
+
+        ``requirements`` are its packages. See :meth:`ui_prefix`.
+        """
         async for message in one_sentence(
             self._ensure_ui(requirements), "Preparing the sessions' Jupyter environment"
         ):
@@ -407,24 +485,39 @@ class EnvironmentManager:
             found = self.find_python(["3.13", "3.12", "3.11", "3.10"])
             if found is None:
                 raise EnvironmentBuildError(
-                    "No Python 3.10 or newer that every user can run was found for the sessions' Jupyter server."
+                    "No Python 3.10 or newer that every user can run "
+                    "was found for the sessions' Jupyter server."
                 )
             yield f"Preparing the sessions' Jupyter environment (Python {found[1]}, once per hub)."
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=base))
             try:
-                await run([str(found[0]), "-m", "venv", str(staging)], "Creating the Jupyter environment")
-                # Scripts' shebangs name the final path: install at the staging path, then fix them on rename.
                 await run(
-                    [str(staging / "bin" / "python"), "-m", "pip", "install", "--no-input",
-                     "--disable-pip-version-check", *self.pip_args, *requirements],
+                    [str(found[0]), "-m", "venv", str(staging)], "Creating the Jupyter environment"
+                )
+                # Scripts' shebangs name the final path. Install at the staging path, then fix the
+                # shebangs on rename.
+                await run(
+                    [
+                        str(staging / "bin" / "python"),
+                        "-m",
+                        "pip",
+                        "install",
+                        "--no-input",
+                        "--disable-pip-version-check",
+                        *self.pip_args,
+                        *requirements,
+                    ],
                     "Installing the Jupyter environment",
-                )  # fmt: skip
+                )
                 for script in (staging / "bin").iterdir():
                     if script.is_file() and not script.is_symlink():
                         data = script.read_bytes()
                         if data.startswith(b"#!" + str(staging).encode()):
-                            script.write_bytes(data.replace(str(staging).encode(), str(target).encode(), 1))
-                os.chmod(staging, 0o755)  # noqa: S103 - every session runs it
+                            script.write_bytes(
+                                data.replace(str(staging).encode(), str(target).encode(), 1)
+                            )
+                # Every session runs it.
+                os.chmod(staging, 0o755)  # noqa: S103
                 replace_dir(staging, target)
             finally:
                 if staging.exists():
@@ -434,16 +527,21 @@ class EnvironmentManager:
         key = hashlib.sha256("\n".join(sorted(requirements)).encode()).hexdigest()[:12]
         return self.cache_dir / "ui" / key
 
-    # ------------------------------------------------------------------ measures
-
+    # Measures
     def measures_dir(self) -> Path:
-        """The shared measures tree sessions read (``casadata``'s ``__data__`` unless configured)."""
+        """The shared measures tree sessions read.
+
+        That is ``casadata``'s ``__data__``, unless an operator configured a tree.
+        """
         if self.configured_measures is not None:
             return self.configured_measures
         return self.cache_dir / "measures" / "casadata" / "casadata" / "__data__"
 
     async def ensure_measures(self) -> AsyncIterator[str]:
-        """Install the ``casadata`` package once, read-only, unless an operator configured a tree."""
+        """Install the ``casadata`` package once, read-only.
+
+        Nothing is installed when an operator configured a measures tree.
+        """
         target = self.measures_dir()
         if self.configured_measures is not None:
             if not (target / "geodetic").is_dir():
@@ -462,15 +560,25 @@ class EnvironmentManager:
             staging = Path(tempfile.mkdtemp(prefix=".casadata.", dir=base))
             try:
                 await run(
-                    [sys.executable, "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
-                     "--no-deps", *self.pip_args, "--target", str(staging), "casadata"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "install",
+                        "--no-input",
+                        "--disable-pip-version-check",
+                        "--no-deps",
+                        *self.pip_args,
+                        "--target",
+                        str(staging),
+                        "casadata",
+                    ],
                     "Installing casadata",
-                )  # fmt: skip
+                )
                 make_read_only(staging)
-                os.chmod(staging, 0o555)  # noqa: S103 - shared read-only data
+                # Shared read-only data.
+                os.chmod(staging, 0o555)  # noqa: S103
                 os.rename(staging, base / "casadata")
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
-
-

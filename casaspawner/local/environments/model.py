@@ -12,9 +12,9 @@ from casaspawner.local.environments.steps import EnvironmentBuildError, atomic_w
 
 #: The metadata file of a finished environment.
 META = "casaspawner-env.json"
-#: Environments written by an older casaspawner are rebuilt.
+#: The environment format. Environments written by an older casaspawner are rebuilt.
 #:
-#: Format 1: GUI tasks not import-checked; 2: no casarc for the GUI apps.
+#: Format 1 did not import-check GUI tasks. Format 2 had no casarc for the GUI apps.
 FORMAT = 3
 
 
@@ -26,12 +26,15 @@ class CasaEnvironment:
     tag: str
     casa: str
     root: Path
-    python: Path | None  # None: a CASA without Python 3 (4.x/5.x), desktop only
+    #: None for CASA 4.x and 5.x, which have no Python 3 and are desktop only.
+    python: Path | None
     casa_home: Path
     site_config: Path
     measures: Path
     kernel_site: Path | None = None
-    #: Whether the build was seen to start here (casatools offline, or a CASA 4/5 ``bin/casa --nogui``).
+    #: Whether the build was seen to start here.
+    #:
+    #: That is casatools offline, or a CASA 4/5 ``bin/casa --nogui``.
     run_checked: bool = True
 
     @classmethod
@@ -52,13 +55,19 @@ class CasaEnvironment:
 
     @property
     def kernel_id(self) -> str:
-        """The kernel's directory name (``casa-6.6.5-31``); the display name is per session."""
+        """The kernel's directory name, such as ``casa-6.6.5-31``.
+
+        The display name is per session.
+        """
         return runtime.kernel_id(self.tag)
 
     @property
     def casarc(self) -> Path:
-        """casacore's resource file pointing ``measures.directory`` at the shared measures (``CASARCFILES``):
-        the GUI apps (plotms, the viewer) ignore casaconfig and otherwise find no Observatories table."""
+        """casacore's resource file, pointing ``measures.directory`` at the shared measures.
+
+        Sessions get it as ``CASARCFILES``. The GUI apps, plotms and the viewer, ignore casaconfig
+        and otherwise find no Observatories table.
+        """
         return self.root / "casarc"
 
     def kernel_environment(self) -> dict[str, str]:
@@ -72,10 +81,14 @@ class CasaEnvironment:
         return env
 
     def write_kernelspec(self, display_name: str) -> Path:
-        """Write (idempotently) a kernel spec named ``display_name``; return the dir for ``JUPYTER_PATH``."""
+        """Write a kernel spec named ``display_name``, idempotently.
+
+        Returns the directory for ``JUPYTER_PATH``.
+        """
         if self.python is None:
             raise EnvironmentBuildError(
-                f"CASA {self.casa} has no Python 3 to run a notebook kernel; choose the desktop interface."
+                f"CASA {self.casa} has no Python 3 to run a notebook kernel; "
+                "choose the desktop interface."
             )
         variant = hashlib.sha256(display_name.encode()).hexdigest()[:12]
         jupyter = self.root / "jupyter" / variant
@@ -95,12 +108,16 @@ class CasaEnvironment:
                 atomic_write(target, text)
         except OSError as error:
             raise EnvironmentBuildError(
-                f"The {display_name} kernel could not be registered: {error.strerror or error} ({spec_dir})."
+                f"The {display_name} kernel could not be registered: "
+                f"{error.strerror or error} ({spec_dir})."
             ) from None
         return jupyter
 
     def session_environment(self) -> dict[str, str]:
-        """Variables the session (desktop start script, terminals) uses to find this CASA."""
+        """Variables the session uses to find this CASA.
+
+        The desktop start script and terminals use them.
+        """
         env = {
             "CASASPAWNER_CASA_HOME": str(self.casa_home),
             "CASASITECONFIG": str(self.site_config),
@@ -112,5 +129,3 @@ class CasaEnvironment:
         if self.kernel_site is not None:
             env["CASASPAWNER_CASA_PYTHONPATH"] = str(self.kernel_site)
         return env
-
-

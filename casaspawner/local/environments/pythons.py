@@ -1,4 +1,7 @@
-"""Find a Python interpreter of a given version: on PATH, in pyenv, or through uv."""
+"""Find a Python interpreter of a given version.
+
+It is looked for on PATH, in pyenv, or through uv.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ def _pyenv_root() -> Path | None:
     pyenv = shutil.which("pyenv")
     if pyenv:
         try:
-            out = subprocess.run([pyenv, "root"], capture_output=True, text=True, timeout=10, check=True)
+            out = subprocess.run(
+                [pyenv, "root"], capture_output=True, text=True, timeout=10, check=True
+            )
             return Path(out.stdout.strip())
         except (OSError, subprocess.SubprocessError):
             return None
@@ -32,7 +37,10 @@ def _uv_python(version: str) -> Path | None:
         return None
     try:
         out = subprocess.run(
-            [uv, "python", "find", "--no-project", version], capture_output=True, text=True, timeout=30
+            [uv, "python", "find", "--no-project", version],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -41,7 +49,10 @@ def _uv_python(version: str) -> Path | None:
 
 
 def world_usable(path: str | os.PathLike[str]) -> bool:
-    """Whether every user can reach and read ``path`` (all parent directories searchable by others)."""
+    """Whether every user can reach and read ``path``.
+
+    All its parent directories must be searchable by others.
+    """
     real = Path(os.path.realpath(path))
     try:
         if not real.stat().st_mode & stat.S_IROTH:
@@ -52,7 +63,10 @@ def world_usable(path: str | os.PathLike[str]) -> bool:
 
 
 def candidates(version: str, path: str | None = None) -> Iterator[Path]:
-    """Interpreters that claim to be Python ``version`` ("3.11"), best first: PATH, pyenv, uv."""
+    """Find interpreters that claim to be Python ``version``, best first.
+
+    ``version`` is like ``"3.11"``. The search order is PATH, pyenv, then uv.
+    """
     search = (path if path is not None else os.environ.get("PATH", "")).split(os.pathsep)
     for directory in [*search, "/usr/local/bin", "/usr/bin"]:
         found = shutil.which(f"python{version}", path=directory) if directory else None
@@ -60,7 +74,9 @@ def candidates(version: str, path: str | None = None) -> Iterator[Path]:
             yield Path(found)
     root = _pyenv_root()
     if root is not None:
-        for match in sorted(glob.glob(str(root / "versions" / f"{version}*" / "bin" / f"python{version}"))):
+        for match in sorted(
+            glob.glob(str(root / "versions" / f"{version}*" / "bin" / f"python{version}"))
+        ):
             yield Path(match)
     uv = _uv_python(version)
     if uv is not None:
@@ -68,14 +84,20 @@ def candidates(version: str, path: str | None = None) -> Iterator[Path]:
 
 
 def _works(python: Path, version: str, shared: bool) -> Path | None:
-    """The real interpreter if it runs, is ``version`` and can make venvs (and, if ``shared``, every user
-    can run it: a pyenv under a private home cannot serve sessions of other users)."""
+    """Check that ``python`` runs, is ``version`` and can make venvs.
+
+    Returns the real interpreter, or None. With ``shared``, every user must be able to run it too:
+    a pyenv under a private home cannot serve sessions of other users.
+    """
     probe = (
         "import os, sys, venv, ensurepip; "
-        "print('%d.%d' % sys.version_info[:2]); print(os.path.realpath(sys.executable)); print(sys.base_prefix)"
+        "print('%d.%d' % sys.version_info[:2]); print(os.path.realpath(sys.executable)); "
+        "print(sys.base_prefix)"
     )
     try:
-        out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [str(python), "-c", probe], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = out.stdout.split("\n")
@@ -89,9 +111,10 @@ def _works(python: Path, version: str, shared: bool) -> Path | None:
 def find_python(
     versions: Iterable[str], path: str | None = None, *, shared: bool = False
 ) -> tuple[Path, str] | None:
-    """The first working interpreter among ``versions`` (newest first), with its version, or None.
+    """Find the first working interpreter among ``versions``, newest first.
 
-    ``shared``: only interpreters every user can run (the hub runs as root, sessions as other users).
+    Returns the interpreter and its version, or None. With ``shared``, only interpreters every
+    user can run count: the hub runs as root, and sessions as other users.
     """
     ordered = sorted(versions, key=lambda v: tuple(int(p) for p in v.split(".")), reverse=True)
     for version in ordered:

@@ -22,13 +22,17 @@ LAB_OVERRIDES = PACKAGE / "insession" / "lab-overrides" / "casaspawner.json"
 
 
 def install_session_files(cache_dir: Path) -> Path:
-    """The files sessions (and, on a hub running as root, the resolver run as the user) read, installed
-    under the cache: sessions never read the checkout itself, which may be private (a clone in ``/root``).
+    """Install the files sessions read under the cache.
 
-    ``session/<hash>/desktop/`` is a copy of ``casaspawner/insession/desktop``, ``session/<hash>/lab-settings/``
-    holds ``overrides.json`` (a copy of :data:`LAB_OVERRIDES`) and ``session/<hash>/python/casaspawner/`` is
-    the whole package (for ``python -m casaspawner``); ``<hash>`` covers the package's content, so a changed
-    checkout gets a new copy.
+    On a hub running as root, the resolver run as the user reads them too. Sessions never read the
+    checkout itself, which may be private, such as a clone in ``/root``.
+
+    - ``session/<hash>/desktop/`` is a copy of ``casaspawner/insession/desktop``.
+    - ``session/<hash>/lab-settings/`` holds ``overrides.json``, a copy of :data:`LAB_OVERRIDES`.
+    - ``session/<hash>/python/casaspawner/`` is the whole package, for ``python -m casaspawner``.
+
+    ``<hash>`` covers the package's content, so a changed checkout gets a new copy. Returns the
+    directory ``session/<hash>``.
     """
     package = PACKAGE
     files = sorted(
@@ -71,6 +75,7 @@ def install_session_files(cache_dir: Path) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
     except OSError as error:
         raise EnvironmentBuildError(
-            f"The session files could not be installed under {target.parent}: {error.strerror or error}."
+            f"The session files could not be installed under {target.parent}: "
+            f"{error.strerror or error}."
         ) from None
     return target

@@ -18,11 +18,14 @@ from casaspawner.errors import CasaspawnerError
 
 
 class EnvironmentBuildError(CasaspawnerError):
-    """A CASA environment could not be built or cannot be built on this machine."""
+    """A CASA environment could not be built, or cannot be built here."""
 
 
 def replace_dir(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target`` by rename; a stale ``target`` is moved aside first, then removed."""
+    """Put ``new`` at ``target`` by rename.
+
+    A stale ``target`` is moved aside first, then removed.
+    """
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.rename(target, old / "env")
@@ -31,7 +34,10 @@ def replace_dir(new: Path, target: Path) -> None:
 
 
 async def one_sentence(steps: AsyncIterator[str], what: str) -> AsyncIterator[str]:
-    """``steps``, with a file-system error (an unwritable cache, a full disk) as one sentence."""
+    """Pass on ``steps``, turning a file-system error into one sentence.
+
+    Such an error is an unwritable cache or a full disk, for example.
+    """
     try:
         async for message in steps:
             yield message
@@ -53,9 +59,13 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def readable_by_all(root: Path) -> None:
-    """``chmod -R a+rX``: AppImages unpack with private directories, but every session user runs them."""
+    """Make a tree readable by all, like ``chmod -R a+rX``.
+
+    AppImages unpack with private directories, but every session user runs them.
+    """
     for dirpath, _dirs, files in os.walk(root):
-        os.chmod(dirpath, os.stat(dirpath).st_mode | 0o555)  # noqa: S103 - every session runs them
+        # Every session runs them.
+        os.chmod(dirpath, os.stat(dirpath).st_mode | 0o555)  # noqa: S103
         for name in files:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path):
@@ -69,13 +79,18 @@ def make_read_only(root: Path) -> None:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path):
                 os.chmod(path, 0o444)
-        os.chmod(dirpath, 0o555)  # noqa: S103 - shared read-only data
+        # Shared read-only data.
+        os.chmod(dirpath, 0o555)  # noqa: S103
 
 
 @contextlib.asynccontextmanager
 async def locked(path: Path) -> AsyncIterator[bool]:
-    """An exclusive ``flock`` on ``path``; yields whether it had to wait for another holder."""
-    handle = open(path, "a")  # noqa: SIM115 - held for the duration of the context
+    """Hold an exclusive ``flock`` on ``path``.
+
+    Yields whether it had to wait for another holder.
+    """
+    # Held for the duration of the context.
+    handle = open(path, "a")  # noqa: SIM115
     waited = False
     try:
         while True:
@@ -94,7 +109,10 @@ async def locked(path: Path) -> AsyncIterator[bool]:
 async def stream(
     cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> AsyncGenerator[str, None]:
-    """Run ``cmd``, yielding its output lines; a failure raises one sentence ending in the last line."""
+    """Run ``cmd``, yielding its output lines.
+
+    A failure raises one sentence ending in the last line.
+    """
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd
     )
@@ -112,11 +130,17 @@ async def stream(
             proc.kill()
             await proc.wait()
     if code != 0:
-        errors = [t.removeprefix("ERROR: ") for t in tail if t.startswith("ERROR")] or tail or ["no output"]
+        errors = (
+            [t.removeprefix("ERROR: ") for t in tail if t.startswith("ERROR")]
+            or tail
+            or ["no output"]
+        )
         raise EnvironmentBuildError(f"{what} failed: {errors[-1][:300].rstrip('.')}.")
 
 
-async def run(cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+async def run(
+    cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> None:
     async for _line in stream(cmd, what, env, cwd):
         pass
 
@@ -128,21 +152,28 @@ async def succeeds(cmd: list[str]) -> bool:
     return await proc.wait() == 0
 
 
-#: The offline start check of a Python-3 CASA: casatools' version, and the GUI task packages it has import.
-_START_CHECK_PY3 = """
-import importlib.util, casatools
-print('CASA-VERSION', casatools.version_string())
-for name in ('casaplotms', 'casaviewer'):
-    if importlib.util.find_spec(name) is not None:
-        try:
-            importlib.import_module(name)
-        except Exception as error:
-            raise SystemExit('%s cannot be imported (%s: %s)' % (name, type(error).__name__, str(error).splitlines()[0]))
-"""
+#: The offline start check of a Python-3 CASA.
+#:
+#: It prints casatools' version and imports the GUI task packages the CASA has.
+_START_CHECK_PY3 = (
+    "\n"
+    "import importlib.util, casatools\n"
+    "print('CASA-VERSION', casatools.version_string())\n"
+    "for name in ('casaplotms', 'casaviewer'):\n"
+    "    if importlib.util.find_spec(name) is not None:\n"
+    "        try:\n"
+    "            importlib.import_module(name)\n"
+    "        except Exception as error:\n"
+    "            raise SystemExit('%s cannot be imported (%s: %s)' % "
+    "(name, type(error).__name__, str(error).splitlines()[0]))\n"
+)
 
 
 async def casa_version(python: Path, site_config: Path, kernel_site: Path | None) -> str:
-    """Start casatools offline with the site config (a throwaway HOME, proxies pointing nowhere)."""
+    """Start casatools offline with the site config and return its version.
+
+    It runs with a throwaway HOME and proxies pointing nowhere.
+    """
     with tempfile.TemporaryDirectory(prefix="casaspawner-check-") as home:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -159,16 +190,25 @@ async def casa_version(python: Path, site_config: Path, kernel_site: Path | None
         code = _START_CHECK_PY3
         check = stream([str(python), "-c", code], "Starting casatools offline", env, Path(home))
         lines = [line async for line in check]
-    version = next((line.split()[-1] for line in lines if line.startswith("CASA-VERSION ")), "unknown")
+    version = next(
+        (line.split()[-1] for line in lines if line.startswith("CASA-VERSION ")), "unknown"
+    )
     return version
 
 
-#: What ``_casa_starts`` runs inside CASA 4/5 (Python 2 and 3 alike), then leaves without a prompt.
-_START_CHECK = "import os, sys\nsys.stdout.write('CASA-STARTED\\n')\nsys.stdout.flush()\nos._exit(0)\n"
+#: What :func:`casa_starts` runs inside CASA 4/5, then leaves without a prompt.
+#:
+#: It works in Python 2 and 3 alike.
+_START_CHECK = (
+    "import os, sys\nsys.stdout.write('CASA-STARTED\\n')\nsys.stdout.flush()\nos._exit(0)\n"
+)
 
 
 async def casa_starts(launcher: Path, label: str, timeout: float = 600) -> None:
-    """Run a Python-2 CASA's ``bin/casa --nogui --nologger -c <script>`` offline (a throwaway HOME)."""
+    """Check that a Python-2 CASA starts and runs a script offline.
+
+    It runs ``bin/casa --nogui --nologger -c <script>`` with a throwaway HOME.
+    """
     with tempfile.TemporaryDirectory(prefix="casaspawner-check-") as home:
         script = Path(home) / "casaspawner_check.py"
         script.write_text(_START_CHECK)
@@ -190,8 +230,11 @@ async def casa_starts(launcher: Path, label: str, timeout: float = 600) -> None:
 
         try:
             output = await asyncio.wait_for(lines(), timeout)
-        except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on, not on 3.10
-            raise EnvironmentBuildError(f"{label} did not start within {int(timeout)} seconds.") from None
+        # TimeoutError and asyncio.TimeoutError are one class from Python 3.11 on, not on 3.10.
+        except (TimeoutError, asyncio.TimeoutError):
+            raise EnvironmentBuildError(
+                f"{label} did not start within {int(timeout)} seconds."
+            ) from None
     if "CASA-STARTED" not in output:
         raise EnvironmentBuildError(
             f"{label} started but did not run a script: {(output or ['no output'])[-1][:300]}."
@@ -199,14 +242,20 @@ async def casa_starts(launcher: Path, label: str, timeout: float = 600) -> None:
 
 
 async def download(url: str, target: Path, label: str) -> AsyncIterator[str]:
-    """Download ``url`` to ``target`` (via a partial file), yielding progress about every 10%."""
+    """Download ``url`` to ``target``, yielding progress about every 10%.
+
+    The download goes to a partial file first.
+    """
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
     def fetch() -> None:
         partial = target.with_name(target.name + ".partial")
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:  # noqa: S310
+            with (
+                urllib.request.urlopen(url, timeout=60) as response,  # noqa: S310
+                open(partial, "wb") as out,
+            ):
                 total = int(response.headers.get("Content-Length") or 0)
                 done, next_report = 0, 0.0
                 while chunk := response.read(1 << 20):
@@ -232,7 +281,11 @@ async def download(url: str, target: Path, label: str) -> AsyncIterator[str]:
 
 
 def verify(archive: Path, url: str, sha256: str | None, timeout: float) -> None:
-    """Check the catalog's SHA-256, else the ``.md5`` published next to the tarball (``casaspawner.tarballs``)."""
+    """Check a downloaded tarball's checksum.
+
+    That is the catalog's SHA-256, else the ``.md5`` published next to the tarball. See
+    ``casaspawner.tarballs``.
+    """
     try:
         tarballs.verify_file(archive, *tarballs.expected_checksum(url, sha256, timeout))
     except tarballs.ChecksumError as error:
@@ -240,11 +293,15 @@ def verify(archive: Path, url: str, sha256: str | None, timeout: float) -> None:
 
 
 async def extract_appimage(appimage: Path, target: Path) -> None:
-    """``--appimage-extract`` into ``target`` and point the AppImage's path at the extracted ``AppRun``."""
+    """Extract an AppImage into ``target``.
+
+    Runs ``--appimage-extract`` and points the AppImage's path at the extracted ``AppRun``.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".extract.", dir=target.parent))
     try:
-        os.chmod(appimage, 0o755)  # noqa: S103 - an executable every user runs
+        # An executable every user runs.
+        os.chmod(appimage, 0o755)  # noqa: S103
         await run([str(appimage), "--appimage-extract"], f"Extracting {appimage.name}", cwd=work)
         (work / "squashfs-root").rename(target)
     finally:
