@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from casaspawner.catalog.model import Catalog, load_catalog
-from casaspawner.datasets.archive import AlmaDataLinkClient
+from casaspawner.datasets.archive import AlmaDataLinkClient, ArchiveClient
 from casaspawner.datasets.layout import MEMBER_DIR
 from casaspawner.datasets.model import Evidence, Resolution
 from casaspawner.datasets.resolve import resolve_path, resolve_target
@@ -79,7 +79,7 @@ async def resolve_in_worker(
     catalog: Catalog,
     *,
     catalog_path: str | None = None,
-    archive: AlmaDataLinkClient | None = None,
+    archive: ArchiveClient | None = None,
     limits: WorkerLimits = WorkerLimits(),
     user: RunAs | None = None,
     python: str = sys.executable,
@@ -90,9 +90,18 @@ async def resolve_in_worker(
     ``label`` names the dataset in sentences and in the result. The worker gets ``limits``;
     past the deadline it is killed and the user gets one sentence. ``archive`` is how the worker
     looks identifiers up; ``catalog_path`` is the operator's catalog, if any (copied for the
-    worker, which may run as another user).
+    worker, which may run as another user). An operator's own archive client, an object a worker
+    cannot be given, looks identifiers up in a thread of this process instead.
     """
     name = shown(label)
+    if (
+        isinstance(target, str)
+        and archive is not None
+        and not isinstance(archive, AlmaDataLinkClient)
+    ):
+        return await asyncio.wait_for(
+            asyncio.to_thread(_in_thread, target, catalog, archive), limits.deadline
+        )
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="casaspawner-")))
         # The worker reads it; only the hub writes it.
@@ -111,14 +120,9 @@ async def resolve_in_worker(
             args += ["--dir", str(link)]
         else:
             args += ["--identifier", target]
-            if archive is not None:
-                args += [
-                    "--archive-url",
-                    archive.base_url,
-                    "--archive-timeout",
-                    str(archive.timeout),
-                ]
-                args += ["--archive-cache", str(archive.cache_dir)]
+            if isinstance(archive, AlmaDataLinkClient):
+                args += ["--archive-url", archive.base_url, "--archive-timeout"]
+                args += [str(archive.timeout), "--archive-cache", str(archive.cache_dir)]
         if catalog_path:
             copy = scratch / "releases.yaml"
             copy.write_bytes(Path(catalog_path).read_bytes())
@@ -169,6 +173,11 @@ async def resolve_in_worker(
         # Sentences name the dataset as the user did, never the worker's link.
         answer = answer.replace(json.dumps(str(link))[1:-1], json.dumps(name)[1:-1])
     return _answer(process.returncode, answer, stderr, label, catalog)
+
+
+def _in_thread(target: str, catalog: Catalog, archive: ArchiveClient) -> Resolution:
+    with tempfile.TemporaryDirectory() as empty:
+        return resolve_target(target, catalog, archive=archive, base=Path(empty))
 
 
 def _limited(limits: WorkerLimits, user: RunAs | None) -> Callable[[], None]:

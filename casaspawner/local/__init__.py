@@ -4,6 +4,5 @@
 - ``environments`` builds each release's CASA environment.
 - ``accounts`` manages local users and groups on a hub running as root.
 - ``processes`` tracks and stops a session's processes.
-- ``resolve_as_user`` reads datasets as the user.
 - ``demo`` is ``make demo``.
 """

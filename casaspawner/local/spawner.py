@@ -35,6 +35,7 @@ from traitlets import Bool, Integer, List, Unicode, default
 
 from casaspawner.catalog.model import Release
 from casaspawner.datasets.model import Resolution
+from casaspawner.datasets.worker import RunAs, WorkerFailed, resolve_in_worker
 from casaspawner.errors import CasaspawnerError, InvalidInput
 from casaspawner.local.accounts import (
     SYSTEM_NAME,
@@ -46,7 +47,6 @@ from casaspawner.local.accounts import (
 from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
 from casaspawner.local.environments.pythons import world_usable
 from casaspawner.local.processes import session_processes, terminate
-from casaspawner.local.resolve_as_user import ResolverFailed, resolve_as_user
 from casaspawner.plan import INTERFACES, Identity, SessionPlan, StorageLayout, Substitution
 from casaspawner.runtime import cache_dir
 from casaspawner.spawners.errors import spawn_error
@@ -233,14 +233,6 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         help="Seconds to wait when checking that a release's tarball can be downloaded.",
     ).tag(config=True)
 
-    resolve_timeout = Integer(
-        60,
-        help="""
-        Seconds a hub running as root gives ``casaspawner resolve``, run as the session's user,
-        to read a dataset named by path; a dataset that takes longer is refused with a sentence.
-        """,
-    ).tag(config=True)
-
     # State
     args: list[str]
     cmd: list[str]
@@ -342,29 +334,32 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         return Identity(self.user.name, os.getuid(), os.getgid(), groups)
 
     # The pipeline's steps
-    async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
-        """Resolve a dataset directory, as the session's user on a root hub.
+    async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
+        """Resolve a dataset directory or an identifier, as the session's user on a root hub.
 
-        A hub running as root resolves it in a process running as the session's user.
+        A hub running as root runs the resolution worker as the session's user, with their
+        groups, on the directory the storage reader checked: links the user swaps in after the
+        reader's checks, or files they could not read themselves, never make root read anything.
+        Identifiers are looked up as the hub, whose archive cache the worker writes.
         """
-        if not running_as_root():
-            return await super().read_dataset(path, label, identity)
+        if not running_as_root() or not isinstance(target, Path):
+            return await super().read_dataset(target, label, identity)
         python = await self._resolver_python()
+        user = RunAs(identity.uid, identity.gid, identity.supplemental_gids)
         try:
-            return await asyncio.to_thread(
-                resolve_as_user,
-                path,
+            return await resolve_in_worker(
+                target,
                 label,
-                identity,
-                python=python,
-                package_dir=self.environment_manager().session_files() / "python",
-                catalog=self.casa_catalog(),
+                self.casa_catalog(),
                 catalog_path=self.catalog_path,
-                timeout=self.resolve_timeout,
+                limits=self.resolver_limits(),
+                user=user,
+                python=python,
+                pythonpath=str(self.environment_manager().session_files() / "python"),
             )
-        except ResolverFailed as exc:
+        except WorkerFailed as exc:
             self.log.error(
-                "casaspawner resolve as uid %d failed (%s): %s", identity.uid, exc, exc.stderr
+                "The resolution worker as uid %d failed (%s): %s", identity.uid, exc, exc.stderr
             )
             raise RuntimeError(f"reading the dataset as your user failed ({exc})") from None
 

@@ -11,17 +11,14 @@ imports JupyterHub: the pipeline is tested on its own.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from casaspawner.catalog.model import Catalog, Release
+from casaspawner.catalog.model import Release
 from casaspawner.datasets.ids import looks_like_identifier
 from casaspawner.datasets.model import Evidence, Resolution
-from casaspawner.datasets.resolve import resolve_path, resolve_target
 from casaspawner.errors import InvalidInput, NoSuchDataset, ReleaseBlocked, VersionUnknown
 from casaspawner.plan import (
     Identity,
@@ -45,8 +42,8 @@ class SessionSteps(Protocol):
     def get_dataset_reader(self) -> DatasetReader | None:
         """What reads datasets named by path, once the identity is known."""
 
-    async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
-        """Resolve the dataset directory ``path`` a reader gave for what the user typed."""
+    async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
+        """Resolve a dataset directory a reader gave, or an ALMA identifier, as ``label``."""
 
     def resolved(self, resolution: Resolution) -> None:
         """Note the dataset's resolution, even if the spawn is refused after this."""
@@ -131,11 +128,7 @@ async def _resolve(
             with contextlib.suppress(NoSuchDataset):
                 async with reader.open(text, identity) as path:
                     return await steps.read_dataset(path, text, identity)
-        # Never read a hub directory named like an identifier: resolve in an empty one.
-        with tempfile.TemporaryDirectory() as empty:
-            return await asyncio.to_thread(
-                resolve_target, text, settings.catalog, archive=settings.archive, base=Path(empty)
-            )
+        return await steps.read_dataset(text, text, identity)
     if reader is None:
         raise InvalidInput(
             f"{text[:80]!r} is not an ALMA identifier, and this hub cannot read datasets from "
@@ -143,8 +136,3 @@ async def _resolve(
         )
     async with reader.open(text, identity) as path:
         return await steps.read_dataset(path, text, identity)
-
-
-async def read_in_hub(path: Path, label: str, catalog: Catalog) -> Resolution:
-    """Resolve a dataset directory in the hub process, off its event loop."""
-    return await asyncio.to_thread(resolve_path, path, catalog, label=label)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from casaspawner.catalog.model import Catalog
-from casaspawner.datasets.archive import ArchiveClient
 from casaspawner.plan import PlanConfig
 
 
@@ -20,7 +19,3 @@ class SessionSettings:
     plan: PlanConfig
     default_size: str
     allow_override: bool = True
-    #: Whether datasets can be named by path (a reader is configured).
-    reads_paths: bool = False
-    #: Looks identifiers up in the ALMA archive. None refuses identifiers.
-    archive: ArchiveClient | None = None

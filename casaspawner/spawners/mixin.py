@@ -22,14 +22,16 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jupyterhub.traitlets import ByteSpecification
 from jupyterhub.utils import maybe_future
 from tornado import web
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Dict, Integer, List, Unicode, Union, default
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, Union, default
 from traitlets import Callable as CallableTrait
 
 from casaspawner.catalog.model import Catalog, Release, load_catalog
 from casaspawner.datasets.model import Resolution
+from casaspawner.datasets.worker import WorkerLimits, resolve_in_worker
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
 from casaspawner.plan import (
     DEFAULT_SIZES,
@@ -45,7 +47,7 @@ from casaspawner.session import config
 from casaspawner.session.form import render_form
 from casaspawner.session.identity import identity_from_login, login_value, project_groups
 from casaspawner.session.options import input_options, options_from_form, session_output
-from casaspawner.session.prepare import prepare, read_in_hub
+from casaspawner.session.prepare import prepare
 from casaspawner.session.progress import plan_events
 from casaspawner.session.readers import DatasetReader, StorageMountReader
 from casaspawner.session.settings import SessionSettings
@@ -251,6 +253,31 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         """,
     ).tag(config=True)
 
+    resolve_timeout = Float(
+        60,
+        help="""
+        Seconds a dataset's resolution may take in all: reading its evidence, or looking an
+        identifier up in the archive. Resolution runs in a worker process off the hub's event
+        loop; one that takes longer is stopped, and the user is told in one sentence.
+        """,
+    ).tag(config=True)
+
+    resolve_cpu_limit = Integer(
+        30,
+        help="""
+        CPU seconds the resolution worker may use (``RLIMIT_CPU``). Real datasets need well
+        under a second; a hostile one is stopped here, and the user is told in one sentence.
+        """,
+    ).tag(config=True)
+
+    resolve_memory_limit = ByteSpecification(
+        "2G",
+        help="""
+        Memory the resolution worker may map (``RLIMIT_AS``), in JupyterHub's units: ``2G`` is
+        2 GiB. Real datasets need a few hundred MiB at most, a Python interpreter included.
+        """,
+    ).tag(config=True)
+
     recent_datasets_limit = Integer(
         8,
         help="How many recently used datasets the spawn form offers (kept in the server's state).",
@@ -449,6 +476,16 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
                 f"{self.option('project_group_pattern')} is {self.project_group_pattern!r}, not a "
                 f"regular expression ({exc.msg})"
             ) from None
+        for name in ("resolve_timeout", "resolve_cpu_limit"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(
+                    f"{self.option(name)} is {getattr(self, name)}, not a number above 0"
+                )
+        if self.resolve_memory_limit < 256 << 20:
+            raise ConfigurationError(
+                f"{self.option('resolve_memory_limit')} is {self.resolve_memory_limit} bytes; "
+                "a resolution worker needs at least 256M"
+            )
         for name, lowest in (("fallback_uid", 1), ("fallback_gid", 0)):
             value = getattr(self, name)
             if value is not None and not lowest <= value <= MAX_ID:
@@ -483,8 +520,6 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             plan=self.plan_config(),
             default_size=self.default_size,
             allow_override=self.allow_release_override,
-            reads_paths=self.reads_paths,
-            archive=self.get_archive_client(),
         )
 
     @property
@@ -637,9 +672,24 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             reader = StorageMountReader(self.storage_hub_path, self.storage_layout())
         return reader  # type: ignore[no-any-return]
 
-    async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
-        """Resolve the dataset directory ``path``, here in the hub process."""
-        return await read_in_hub(path, label, self.casa_catalog())
+    async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
+        """Resolve a dataset directory or an identifier in a worker process with limits."""
+        return await resolve_in_worker(
+            target,
+            label,
+            self.casa_catalog(),
+            catalog_path=self.catalog_path,
+            archive=self.get_archive_client(),
+            limits=self.resolver_limits(),
+        )
+
+    def resolver_limits(self) -> WorkerLimits:
+        """What one resolution may cost: ``resolve_timeout``, ``resolve_cpu_limit`` and memory."""
+        return WorkerLimits(
+            deadline=self.resolve_timeout,
+            cpu_seconds=self.resolve_cpu_limit,
+            memory_bytes=self.resolve_memory_limit,
+        )
 
     def resolved(self, resolution: Resolution) -> None:
         """Remember the dataset and what it resolved to, for the next form."""

@@ -1,6 +1,6 @@
-"""LocalCASASpawner's own decisions, without a hub: the plan's paths, identity, storage ownership, the
-session process's first steps (its log, ~/arc), and refusing or approximating a release this machine cannot
-install (the operator's ``allow_approximate``)."""
+"""LocalCASASpawner's own decisions, without a hub: the plan's paths, identity, storage ownership,
+the session process's first steps (its log, ~/arc), and refusing or approximating a release this
+machine cannot install (the operator's ``allow_approximate``)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from casaspawner.local.demo import as_owner_of
 from casaspawner.local.spawner import LocalCASASpawner
 from casaspawner.plan import Identity
 
-pytestmark = pytest.mark.integration  # as root, the first use creates the local account jupyter-demo
+# As root, the first use creates the local account jupyter-demo.
+pytestmark = pytest.mark.integration
 ROOT = os.geteuid() == 0
 
 
@@ -68,12 +69,13 @@ def spawner(storage: Path, **traits: Any) -> LocalCASASpawner:
 
 @pytest.fixture
 def storage() -> Iterator[Path]:
-    """``/tmp/…/arc``: in a directory every user can search (pytest's own are private to root), because
-    processes of the session's local account enter it."""
+    """``/tmp/…/arc``: in a directory every user can search (pytest's own are private to root),
+    because processes of the session's local account enter it."""
     base = Path(tempfile.mkdtemp(prefix="casaspawner-spawner-tests-", dir="/tmp"))
     base.chmod(0o755)
     home = base / "arc" / "home" / "demo"
-    write_dataset(home, era="cycle10")  # CASA 6.5.4-9, pipeline 2023.1.0.124: a tarball-only build
+    # CASA 6.5.4-9, pipeline 2023.1.0.124: a tarball-only build.
+    write_dataset(home, era="cycle10")
     try:
         yield base / "arc"
     finally:
@@ -94,7 +96,9 @@ def test_unreachable_exact_build_is_refused_with_the_reason(storage: Path) -> No
 
 def test_approximation_when_allowed_is_marked_everywhere(storage: Path) -> None:
     local = spawner(storage, allow_approximate=True)
-    plan = asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S", "interface": "desktop"}))
+    plan = asyncio.run(
+        local.prepare_session({"dataset": "~/2023.1.00026.S", "interface": "desktop"})
+    )
     assert plan.approximate and not plan.exact
     assert plan.release.role == "modular"
     assert plan.kernel_name.endswith(" (approximate)")
@@ -112,7 +116,9 @@ def test_approximation_when_allowed_is_marked_everywhere(storage: Path) -> None:
 
 def test_an_approximation_is_checked_against_drained_releases(storage: Path) -> None:
     options = {"dataset": "~/2023.1.00026.S", "interface": "desktop"}
-    nearest = asyncio.run(spawner(storage, allow_approximate=True).prepare_session(options)).release
+    nearest = asyncio.run(
+        spawner(storage, allow_approximate=True).prepare_session(options)
+    ).release
     drained = spawner(storage, allow_approximate=True, blocked_releases=[nearest.id])
     with pytest.raises(Exception) as caught:
         asyncio.run(drained.prepare_session(options))
@@ -151,21 +157,30 @@ def test_the_form_says_what_happens_to_a_build_that_cannot_be_installed(storage:
     allowed = spawner(storage, allow_approximate=True).render_options_form()
     refused = spawner(storage, allow_approximate=False).render_options_form()
     assert (
-        "the session runs the nearest installable release and is marked <strong>approximate</strong>."
-        in allowed
+        "the session runs the nearest installable release and is marked "
+        "<strong>approximate</strong>." in allowed
     )
-    assert "a dataset whose exact build cannot be installed here is refused with the reason." in refused
+    assert (
+        "a dataset whose exact build cannot be installed here is refused with the reason."
+        in refused
+    )
     assert "approximate" not in refused
 
 
-def test_no_sizes_are_offered_because_none_are_enforced(storage: Path, demo_release: Release) -> None:
+def test_no_sizes_are_offered_because_none_are_enforced(
+    storage: Path, demo_release: Release
+) -> None:
     local = spawner(storage)
     form = local.render_options_form()
     assert 'id="casa-size"' not in form and "Session size" not in form
     write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
-    plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}", "size": "medium"}))
+    plan = asyncio.run(
+        local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}", "size": "medium"})
+    )
     assert plan.options.size == "machine", "a size saved by an earlier hub is ignored, not refused"
-    several = spawner(storage, session_sizes={"a": {"cpu_limit": 1}, "b": {"cpu_limit": 2}}, default_size="a")
+    several = spawner(
+        storage, session_sizes={"a": {"cpu_limit": 1}, "b": {"cpu_limit": 2}}, default_size="a"
+    )
     assert 'id="casa-size"' in several.render_options_form()
 
 
@@ -182,7 +197,8 @@ def test_the_local_form_leaves_out_drained_releases(storage: Path) -> None:
 
 
 def test_the_form_renders_after_any_failed_spawn(storage: Path) -> None:
-    """JupyterHub keeps a failed spawn's options; a later form shows no preview for them, never a traceback."""
+    """JupyterHub keeps a failed spawn's options; a later form shows no preview for them, never a
+    traceback."""
     local = spawner(storage)
     for dataset in ("a" * 300, "~/nothing-here", "/etc"):
         local.user_options = {"dataset": dataset}
@@ -195,7 +211,8 @@ def test_configuration_errors_name_this_spawner(storage: Path) -> None:
     with pytest.raises(Exception) as caught:
         asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S"}))
     assert caught.value.jupyterhub_message == (  # type: ignore[attr-defined]
-        "The hub's configuration is invalid: LocalCASASpawner.default_size is 'huge', which is not one of "
+        "The hub's configuration is invalid: LocalCASASpawner.default_size is 'huge', which is "
+        "not one of "
         "LocalCASASpawner.session_sizes (machine)."
     )
 
@@ -207,10 +224,15 @@ def test_the_form_names_the_home_as_the_session_sees_it(storage: Path) -> None:
     assert "<code>/arc/home/demo/data/2019.1.00001.S</code>" in at_arc
 
 
-def test_plan_paths_are_local_paths_and_identity_is_never_root(storage: Path, demo_release: Release) -> None:
+def test_plan_paths_are_local_paths_and_identity_is_never_root(
+    storage: Path, demo_release: Release
+) -> None:
     local = spawner(storage)
-    write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))  # installable here
-    plan = asyncio.run(local.prepare_session({"dataset": f"{storage}/home/demo/{demo.DEMO_PROJECT}"}))
+    # Installable here.
+    write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
+    plan = asyncio.run(
+        local.prepare_session({"dataset": f"{storage}/home/demo/{demo.DEMO_PROJECT}"})
+    )
     local.apply_plan(plan)
     assert plan.exact and not plan.approximate
     assert plan.home == str(storage / "home" / "demo")
@@ -225,9 +247,12 @@ def test_plan_paths_are_local_paths_and_identity_is_never_root(storage: Path, de
 
 def test_form_previews_the_last_dataset_and_says_it_will_be_approximate(storage: Path) -> None:
     local = spawner(storage, allow_approximate=True)
-    assert asyncio.run(local.resolution_preview()) == ""  # nothing to preview on a first visit
+    # Nothing to preview on a first visit.
+    assert asyncio.run(local.resolution_preview()) == ""
     local.user_options = {"dataset": "~/2023.1.00026.S"}
-    assert asyncio.run(local.resolution_preview()) == "", "a dataset never resolved is not previewed"
+    assert asyncio.run(local.resolution_preview()) == "", (
+        "a dataset never resolved is not previewed"
+    )
     asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S", "interface": "desktop"}))
     preview = asyncio.run(local.resolution_preview())
     assert preview.startswith(
@@ -250,23 +275,33 @@ def test_sessions_read_the_desktop_files_from_the_cache_not_the_checkout(storage
 
     local = spawner(storage)
     desktop = local.desktop_dir()
-    assert desktop.is_relative_to(Path(local.environments_dir)) and not desktop.is_relative_to(DESKTOP_SOURCE)
+    assert desktop.is_relative_to(Path(local.environments_dir)) and not desktop.is_relative_to(
+        DESKTOP_SOURCE
+    )
     for name in ("xstartup", "casa-app", "casa-notices", "bin/vncserver"):
         assert (desktop / name).read_bytes() == (DESKTOP_SOURCE / name).read_bytes(), name
         assert (desktop / name).stat().st_mode & 0o777 == 0o755, name
-        if ROOT:  # sessions of other users run them
+        if ROOT:
+            # Sessions of other users run them.
             assert world_usable(desktop / name), name
     overrides = (desktop.parent / "lab-settings" / "overrides.json").read_text()
-    assert overrides == LAB_OVERRIDES.read_text(), "the wheel's overrides.d file, not a second copy"
-    assert json.loads(overrides) == {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}
+    assert overrides == LAB_OVERRIDES.read_text(), (
+        "the wheel's overrides.d file, not a second copy"
+    )
+    assert json.loads(overrides) == {
+        "@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}
+    }
     assert spawner(storage).desktop_dir() == desktop, "installed once per content"
 
 
-def test_project_directories_belong_to_the_project_group(storage: Path, demo_release: Release) -> None:
+def test_project_directories_belong_to_the_project_group(
+    storage: Path, demo_release: Release
+) -> None:
     write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
 
     class ProjectUser(User):
-        # A name that cannot be a directory (CADC-style) is skipped, not a reason to refuse the session.
+        # A name that cannot be a directory (CADC-style) is skipped, not a reason to refuse the
+        # session.
         groups = [Group("alma-team"), Group("ivo://cadc.nrc.ca/gms?alma")]
 
     local = LocalCASASpawner(
@@ -304,9 +339,9 @@ def message(caught: pytest.ExceptionInfo[BaseException]) -> str:
 
 @pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
 def test_a_root_hub_reads_datasets_as_the_user_and_nothing_the_user_cannot(storage: Path) -> None:
-    """The dataset's pipeline manifest is a file only root may read (as one in another user's tree would
-    be): the hub, resolving as the user, reads nothing there and resolves by what the user can read (its CASA
-    log)."""
+    """The dataset's pipeline manifest is a file only root may read (as one in another user's tree
+    would be): the hub, resolving as the user, reads nothing there and resolves by what the user
+    can read (its CASA log)."""
     home = storage / "home" / "demo"
     member = write_dataset(home / "guarded", era="cycle10")
     manifest = next(member.rglob("*pipeline_manifest.xml"))
@@ -314,9 +349,13 @@ def test_a_root_hub_reads_datasets_as_the_user_and_nothing_the_user_cannot(stora
     manifest.chmod(0o600)
     (member / "log").mkdir(exist_ok=True)
     (member / "log" / "casa-20250101-000000.log").write_text("INFO CASA Version CASA 6.6.5-31\n")
-    assert resolve_path(member, load_catalog()).release.id == "pl-2023.1.0.124", "root alone reads it"
+    assert resolve_path(member, load_catalog()).release.id == "pl-2023.1.0.124", (
+        "root alone reads it"
+    )
 
-    plan = asyncio.run(spawner(storage).prepare_session({"dataset": "~/guarded", "interface": "desktop"}))
+    plan = asyncio.run(
+        spawner(storage).prepare_session({"dataset": "~/guarded", "interface": "desktop"})
+    )
     assert plan.resolution.release.id == "casa-6.6.5-31", plan.resolution
     assert plan.resolution.evidence.kind == "casalog" and plan.resolution.dataset == "~/guarded"
     assert plan.resolution.evidence.path == str(
@@ -326,47 +365,55 @@ def test_a_root_hub_reads_datasets_as_the_user_and_nothing_the_user_cannot(stora
 
 @pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
 def test_a_root_hub_words_a_bad_dataset_as_the_resolver_in_the_hub_does(storage: Path) -> None:
-    """Read as the user, a dataset that is not one gets the very sentence the hub's own resolver gives; one
-    that tells no version still runs the release the user chose."""
+    """Read as the user, a dataset that is not one gets the very sentence the hub's own resolver
+    gives; one that tells no version still runs the release the user chose."""
     home = storage / "home" / "demo"
     (home / "empty").mkdir()
     write_dataset(home / "two" / "a", era="cycle10")
     write_dataset(home / "two" / "b", era="cycle7")
     silent = write_dataset(home / "silent", era="no-evidence")
     catalog = load_catalog()
-    for name in (
-        "empty",
-        "two",
-        "silent",
-    ):  # (what is no directory at all the storage reader words, in the hub)
+    # What is no directory at all, the storage reader words (in the hub).
+    for name in ("empty", "two", "silent"):
         with pytest.raises(CasaspawnerError) as expected:
             resolve_path(home / name, catalog, label=f"~/{name}")
         with pytest.raises(Exception) as caught:
             asyncio.run(spawner(storage).prepare_session({"dataset": f"~/{name}"}))
         assert message(caught) == str(expected.value), name
     chosen = asyncio.run(
-        spawner(storage).prepare_session({"dataset": f"~/silent/{silent.relative_to(home / 'silent')}",
-                                          "release": "casa-6.6.5-31"})
-    )  # fmt: skip
+        spawner(storage).prepare_session(
+            {
+                "dataset": f"~/silent/{silent.relative_to(home / 'silent')}",
+                "release": "casa-6.6.5-31",
+            }
+        )
+    )
     assert chosen.release.id == "casa-6.6.5-31" and chosen.resolution.evidence.kind == "none"
-    assert chosen.reason.startswith("Nothing in ~/silent/") and "you chose CASA 6.6.5-31" in chosen.reason
-
-
-@pytest.mark.skipif(not ROOT, reason="only a hub running as root reads datasets as another user")
-def test_a_root_hub_gives_reading_a_dataset_a_time_limit(storage: Path) -> None:
-    with pytest.raises(Exception) as caught:
-        asyncio.run(spawner(storage, resolve_timeout=0).prepare_session({"dataset": "~/2023.1.00026.S"}))
-    assert message(caught) == (
-        "Reading ~/2023.1.00026.S took longer than 0 seconds; give the directory of one ALMA dataset (a "
-        "member.uid___… directory)."
+    assert (
+        chosen.reason.startswith("Nothing in ~/silent/")
+        and "you chose CASA 6.6.5-31" in chosen.reason
     )
 
 
-@pytest.mark.skipif(not ROOT, reason="only a hub running as root creates local accounts and groups")
+def test_reading_a_dataset_has_a_time_limit(storage: Path) -> None:
+    with pytest.raises(Exception) as caught:
+        asyncio.run(
+            spawner(storage, resolve_timeout=0.01).prepare_session({"dataset": "~/2023.1.00026.S"})
+        )
+    assert message(caught) == (
+        "Reading ~/2023.1.00026.S took longer than 0.01 seconds; give the directory of one ALMA "
+        "dataset (a member.uid___… directory)."
+    )
+
+
+@pytest.mark.skipif(
+    not ROOT, reason="only a hub running as root creates local accounts and groups"
+)
 def test_users_of_a_new_project_spawning_together_get_one_group(storage: Path) -> None:
-    """First spawns of several users of a project nobody used yet, at once (each hub request creates accounts
-    and groups from a worker thread): one local group, every account in it, no useradd/groupadd/usermod
-    failure ("groupadd: group … already exists", "cannot lock /etc/group")."""
+    """First spawns of several users of a project nobody used yet, at once (each hub request
+    creates accounts and groups from a worker thread): one local group, every account in it, no
+    useradd/groupadd/usermod failure ("groupadd: group … already exists", "cannot lock
+    /etc/group")."""
     tag = os.urandom(3).hex()
     project = f"race-{tag}"
 
@@ -395,7 +442,9 @@ def test_users_of_a_new_project_spawning_together_get_one_group(storage: Path) -
         subprocess.run(["groupdel", f"casa-{project}"], capture_output=True)
 
 
-@pytest.mark.skipif(not ROOT, reason="only a hub running as root creates local accounts and groups")
+@pytest.mark.skipif(
+    not ROOT, reason="only a hub running as root creates local accounts and groups"
+)
 def test_a_group_that_cannot_be_joined_is_one_sentence() -> None:
     name = f"casa-nobody-{os.urandom(3).hex()}"
     try:
@@ -410,16 +459,20 @@ def test_a_group_that_cannot_be_joined_is_one_sentence() -> None:
 
 
 def test_a_users_own_mode_of_their_home_is_kept(storage: Path, demo_release: Release) -> None:
-    """The hub gives the home its mode when it creates or takes it over; a user who then makes it private
-    (``chmod 700``) keeps that on every later spawn."""
+    """The hub gives the home its mode when it creates or takes it over; a user who then makes it
+    private (``chmod 700``) keeps that on every later spawn."""
     write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
     local = spawner(storage)
     plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}"}))
     local.apply_plan(plan)
     home = Path(plan.home)
     local._prepare_directories(plan, plan.identity.uid, plan.identity.gid)
-    if ROOT:  # written by root above: taken over by the user's account
-        assert (home.stat().st_uid, stat.S_IMODE(home.stat().st_mode)) == (plan.identity.uid, 0o750)
+    if ROOT:
+        # Written by root above: taken over by the user's account.
+        assert (home.stat().st_uid, stat.S_IMODE(home.stat().st_mode)) == (
+            plan.identity.uid,
+            0o750,
+        )
     scratch = Path(local.environment["SCRATCH"])
     assert stat.S_IMODE(scratch.stat().st_mode) == 0o700, "created by the hub: its mode"
     as_owner_of(home, os.chmod, home, 0o700)
@@ -432,9 +485,9 @@ def test_a_users_own_mode_of_their_home_is_kept(storage: Path, demo_release: Rel
 def test_the_session_opens_its_log_itself_never_through_a_link(
     storage: Path, tmp_path: Path, demo_release: Release
 ) -> None:
-    """The hub (root) only starts the session process; that process, already the user, opens the log with
-    O_NOFOLLOW, so a link planted after the hub's check (a race) cannot lead root anywhere; it also adds
-    ~/arc, the storage root at the pods' relative paths."""
+    """The hub (root) only starts the session process; that process, already the user, opens the
+    log with O_NOFOLLOW, so a link planted after the hub's check (a race) cannot lead root
+    anywhere; it also adds ~/arc, the storage root at the pods' relative paths."""
     write_dataset(storage / "home" / "demo", spec=demo.demo_spec(demo_release))
     local = spawner(storage)
     plan = asyncio.run(local.prepare_session({"dataset": f"~/{demo.DEMO_PROJECT}"}))
@@ -447,7 +500,9 @@ def test_the_session_opens_its_log_itself_never_through_a_link(
     run = ["sh", "-c", "id -u; echo on-stderr >&2"]
     subprocess.run(run, preexec_fn=local.make_preexec_fn("demo"), cwd=home, check=True)
     info = os.lstat(log)
-    assert stat.S_ISREG(info.st_mode) and info.st_uid == uid and stat.S_IMODE(info.st_mode) == 0o600
+    assert (
+        stat.S_ISREG(info.st_mode) and info.st_uid == uid and stat.S_IMODE(info.st_mode) == 0o600
+    )
     assert log.read_text() == f"{uid}\non-stderr\n"
     assert os.readlink(home / "arc") == str(storage) and os.lstat(home / "arc").st_uid == uid
 
@@ -460,12 +515,17 @@ def test_the_session_opens_its_log_itself_never_through_a_link(
         subprocess.run(run, preexec_fn=local.make_preexec_fn("demo"), cwd=home)
     assert victim.read_text() == "secret\n"
     after = victim.stat()
-    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+    assert (after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
 
 
 def test_the_hub_never_forks_python() -> None:
-    """``fork()`` followed by Python code in the child is unsafe in a multi-threaded process such as the hub
-    (``asyncio.to_thread`` workers may hold locks): only the single-threaded demo does it (``as_owner_of``)."""
+    """``fork()`` followed by Python code in the child is unsafe in a multi-threaded process such
+    as the hub (``asyncio.to_thread`` workers may hold locks): only the single-threaded demo does
+    it (``as_owner_of``)."""
     import casaspawner.spawners
 
     forking = ("fork", "forkpty")
@@ -483,7 +543,8 @@ def test_the_hub_never_forks_python() -> None:
 def test_the_demo_writes_the_dataset_as_the_user_and_never_through_their_links(
     storage: Path, demo_release: Release
 ) -> None:
-    outside = storage.parent  # readable by the user, like the environments cache holding the real MS
+    # Readable by the user, like the environments cache holding the real MS.
+    outside = storage.parent
     home = demo.prepare_home(storage)
     account = pwd.getpwnam("jupyter-demo")
     assert os.lstat(home).st_uid == account.pw_uid
@@ -496,7 +557,8 @@ def test_the_demo_writes_the_dataset_as_the_user_and_never_through_their_links(
     victim.mkdir(mode=0o700)
     (victim / "keep").write_text("root's\n")
     project = home / demo.DEMO_PROJECT
-    as_owner_of(home, project.symlink_to, victim)  # the user points ~/2023.1.01234.S elsewhere
+    # The user points ~/2023.1.01234.S elsewhere.
+    as_owner_of(home, project.symlink_to, victim)
     with pytest.raises(CasaspawnerError) as caught:
         as_owner_of(home, demo.write_demo_dataset, home, ms, spec)
     assert "Permission denied" in str(caught.value)
@@ -509,8 +571,9 @@ def test_the_demo_writes_the_dataset_as_the_user_and_never_through_their_links(
     assert owners == {account.pw_uid}, "the demo dataset is the user's own"
 
 
-#: Run in a new PID namespace: a process is held, exits, and its pid is given to a newcomer (``ns_last_pid``),
-#: as a busy machine may do during the seconds stop() waits; then the held process is signalled.
+#: Run in a new PID namespace: a process is held, exits, and its pid is given to a newcomer
+#: (``ns_last_pid``), as a busy machine may do during the seconds stop() waits; then the held
+#: process is signalled.
 RECYCLED_PID = """
 import signal, subprocess, sys, time
 from casaspawner.local.processes import ProcessHandle
@@ -518,7 +581,8 @@ from casaspawner.local.processes import ProcessHandle
 victim = subprocess.Popen(["sleep", "60"])
 held = ProcessHandle.open(victim.pid, pidfd=sys.argv[1] == "pidfd")
 assert held is not None and held.signal(0) and (held.fd is not None) == (sys.argv[1] == "pidfd")
-time.sleep(0.1)  # start times count clock ticks (10 ms): the newcomer starts in a later one, as it would
+# Start times count clock ticks (10 ms): the newcomer starts in a later one, as it would.
+time.sleep(0.1)
 victim.kill()
 victim.wait()
 with open("/proc/sys/kernel/ns_last_pid", "w") as last:
@@ -534,13 +598,16 @@ newcomer.kill()
 @pytest.mark.skipif(not ROOT, reason="a PID namespace of its own (unshare) needs root")
 @pytest.mark.parametrize("kind", ["pidfd", "start-time"])
 def test_stopping_never_signals_a_process_that_got_a_held_pid(kind: str) -> None:
-    """stop() lists the session's processes, waits for the server to stop, then signals them: a pid freed and
-    reused meanwhile is not signalled (a pidfd, or the start time compared before each signal)."""
+    """stop() lists the session's processes, waits for the server to stop, then signals them: a pid
+    freed and reused meanwhile is not signalled (a pidfd, or the start time compared before each
+    signal)."""
     assert shutil.which("unshare"), "unshare is not installed (make test installs util-linux)"
     result = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", RECYCLED_PID, kind],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True", "False", "True"], "the pid's newcomer was signalled"
 
@@ -587,9 +654,10 @@ def test_what_the_hub_probed_is_remembered_across_spawners(
 def test_the_form_of_a_returning_user_resolves_nothing_and_creates_nothing(
     storage: Path, tarball_heads: tuple[str, list[str]]
 ) -> None:
-    """A page view of the form shows the last resolution from the server's state and what the hub already
-    knows about installing it: the dataset is not read again (it is gone here), no tarball is probed, and a
-    user without a local account yet (hub as root) does not get one from looking at the form."""
+    """A page view of the form shows the last resolution from the server's state and what the hub
+    already knows about installing it: the dataset is not read again (it is gone here), no tarball
+    is probed, and a user without a local account yet (hub as root) does not get one from looking
+    at the form."""
     url, requests = tarball_heads
     first = spawner(storage, tarball_mirror=url)
     with pytest.raises(Exception, match="cannot be installed on this hub"):
@@ -601,19 +669,26 @@ def test_the_form_of_a_returning_user_resolves_nothing_and_creates_nothing(
     class Newcomer(User):
         name = f"form-{os.urandom(3).hex()}"
 
-    local = LocalCASASpawner(user=Newcomer(), storage_root=str(storage), tarball_mirror=url, probe_timeout=2)
+    local = LocalCASASpawner(
+        user=Newcomer(), storage_root=str(storage), tarball_mirror=url, probe_timeout=2
+    )
     local.load_state(state)
     local.user_options = dict(first.user_options)
     form = asyncio.run(local.options_form(local))
     assert (
-        "~/2023.1.00026.S: CASA 6.5.4-9 (pipeline 2023.1.0.124), the exact build. The pipeline manifest names "
+        "~/2023.1.00026.S: CASA 6.5.4-9 (pipeline 2023.1.0.124), the exact build. The pipeline "
+        "manifest names "
         "pipeline 2023.1.0.124 with CASA 6.5.4-9;"
     ) in form
-    assert "cannot be installed on this hub: its tarball" in form, "what the hub probed before is said"
+    assert "cannot be installed on this hub: its tarball" in form, (
+        "what the hub probed before is said"
+    )
     assert requests == probed, "the form probed a tarball"
     with pytest.raises(KeyError):
         pwd.getpwnam(local.system_username())
     fresh = spawner(storage, tarball_mirror="http://127.0.0.1:9/", probe_timeout=1)
     fresh.load_state(state)
     fresh.user_options = dict(first.user_options)
-    assert "cannot be installed" not in asyncio.run(fresh.resolution_preview()), "not probed: not said"
+    assert "cannot be installed" not in asyncio.run(fresh.resolution_preview()), (
+        "not probed: not said"
+    )

@@ -12,9 +12,10 @@ import pytest
 from casaspawner.catalog.model import Catalog, Release
 from casaspawner.datasets.model import Resolution
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
+from casaspawner.datasets.worker import resolve_in_worker
 from casaspawner.errors import InvalidInput, ReleaseBlocked, VersionUnknown
 from casaspawner.plan import Identity, PlanConfig, Resources, Substitution
-from casaspawner.session.prepare import prepare, read_in_hub
+from casaspawner.session.prepare import prepare
 from casaspawner.session.readers import DatasetReader, LocalDirectoryReader
 from casaspawner.session.settings import SessionSettings
 
@@ -35,9 +36,9 @@ class Backend:
     def get_dataset_reader(self) -> DatasetReader | None:
         return LocalDirectoryReader()
 
-    async def read_dataset(self, path: Path, label: str, identity: Identity) -> Resolution:
+    async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
         self.calls.append("read")
-        return await read_in_hub(path, label, self.catalog)
+        return await resolve_in_worker(target, label, self.catalog)
 
     def resolved(self, resolution: Resolution) -> None:
         self.calls.append(f"resolved {resolution.release.id}")
@@ -58,7 +59,7 @@ def settings(catalog: Catalog, **changes: object) -> SessionSettings:
         "catalog": catalog,
         "plan": PlanConfig(),
         "default_size": "medium",
-        "reads_paths": True,
+
     }
     values.update(changes)
     return SessionSettings(**values)  # type: ignore[arg-type]

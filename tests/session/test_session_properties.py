@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 from test_session_prepare import Backend
 
 from casaspawner.catalog.model import load_catalog
+from casaspawner.datasets.model import Resolution
+from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
-from casaspawner.errors import CasaspawnerError
+from casaspawner.errors import ArchiveUnavailable, CasaspawnerError
 from casaspawner.kube.objects import PodSettings, session_fields
 from casaspawner.kube.podsecurity import pod_security_violations
 from casaspawner.plan import MAX_ID, Identity, PlanConfig, StorageLayout
@@ -123,6 +125,13 @@ class StorageBackend(Backend):
 
     def get_dataset_reader(self) -> DatasetReader | None:
         return StorageMountReader(self.root, StorageLayout())
+
+    async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
+        # In a thread of this process, for speed over many inputs: the worker process that
+        # spawners use is tested on its own (tests/unit/test_resolve_worker.py).
+        if isinstance(target, str):
+            raise ArchiveUnavailable(f"No ALMA archive is configured to look up {target[:40]}.")
+        return await asyncio.to_thread(resolve_path, target, self.catalog, label=label)
 
 
 @pytest.fixture(scope="module")
