@@ -7,6 +7,8 @@ Littlest JupyterHub does. Each project gets a local group. Session directories a
 from __future__ import annotations
 
 import grp
+import hashlib
+import json
 import os
 import pwd
 import re
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.errors import CasaspawnerError, InvalidInput, shown
 
 #: What ``useradd`` and ``groupadd`` accept as a name.
 SYSTEM_NAME = re.compile(r"[a-z_][a-z0-9_.\-]{0,31}")
@@ -81,54 +83,165 @@ def _administer(cmd: list[str], done: Callable[[], bool], failure: str) -> None:
         raise AccountError(f"{failure}: {why.rstrip('.')}.")
 
 
-def ensure_account(name: str, home: str, comment: str) -> pwd.struct_passwd:
-    """Return the local account ``name``, created if missing.
+def local_name(template: str, field: str, value: str) -> str:
+    """The local account or group name of a hub name, at most 32 characters.
 
-    Root only. ``useradd`` creates the account with the home ``home``, but not the directory.
+    ``template`` has the one field ``field``. A name that already is a lowercase system name is
+    kept. Any other (capitals, other characters, too long) becomes its safe lowercase beginning
+    and a short hash of the exact hub name, so that ``Proj`` and ``proj``, or two long names with
+    one beginning, never share a local name. Whether a local name really belongs to a hub name is
+    still checked against the account's or group's marker (:func:`ensure_account`,
+    :func:`ensure_group`), so even a crafted name never takes over another's.
     """
-    account = _passwd(name)
-    if account is not None:
-        return account
+    direct = template.format(**{field: value})
+    if SYSTEM_NAME.fullmatch(direct):
+        return direct
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    safe = re.sub(r"[^a-z0-9_.-]", "-", direct.lower())
+    if not re.match(r"[a-z_]", safe):
+        safe = "x" + safe
+    return f"{safe[: 32 - len(digest) - 1]}-{digest}"
+
+
+def login_defs(key: str, default: int) -> int:
+    """A number from ``/etc/login.defs``, such as ``UID_MIN``; ``default`` when not set."""
+    try:
+        with open("/etc/login.defs") as handle:
+            for line in handle:
+                words = line.split()
+                if len(words) == 2 and words[0] == key and words[1].isdigit():
+                    return int(words[1])
+    except OSError:
+        pass
+    return default
+
+
+def account_marker(hub_name: str) -> str:
+    """The comment of the local account the hub made for ``hub_name``."""
+    return f"casaspawner session user {hub_name}"
+
+
+def usable_account(account: pwd.struct_passwd, hub_name: str, *, made_here: bool) -> None:
+    """Refuse an account that is a system account, or that this hub did not make for this name.
+
+    ``made_here``: the hub manages accounts (``create_system_users``), so the account must carry
+    the marker the hub gives its own. Otherwise the site manages them, and only system accounts
+    (uids below ``UID_MIN``) are refused.
+    """
+    if not login_defs("UID_MIN", 1000) <= account.pw_uid <= login_defs("UID_MAX", 60000):
+        raise InvalidInput(
+            f"The local account {account.pw_name} is a system account; sessions of "
+            f"{shown(hub_name)} never run as it."
+        )
+    if made_here and account.pw_gecos.split(",", 1)[0] != account_marker(hub_name):
+        raise InvalidInput(
+            f"The local account {account.pw_name} exists but this hub did not make it for "
+            f"{shown(hub_name)}; ask the hub's administrators."
+        )
+
+
+def ensure_account(name: str, hub_name: str, home: str) -> pwd.struct_passwd:
+    """Return the local account ``name`` of ``hub_name``, created if missing; root only.
+
+    ``useradd`` creates it with the home ``home``, but not the directory, and marks it as made
+    for ``hub_name``. An existing account is used only if this hub made it for ``hub_name``.
+    """
     if not SYSTEM_NAME.fullmatch(name):
-        raise InvalidInput(f"{name!r} cannot be a local account name.")
-    cmd = [
-        "useradd",
-        "--home-dir",
-        home,
-        "--no-create-home",
-        "--shell",
-        "/bin/bash",
-        "--user-group",
-    ]
+        raise InvalidInput(f"{shown(name)!r} cannot be a local account name.")
     with _ACCOUNTS_LOCK:
-        _administer(
-            [*cmd, "--comment", comment, name],
-            lambda: _passwd(name) is not None,
-            f"The local account {name} could not be created",
-        )
-    return pwd.getpwnam(name)
+        if _passwd(name) is None:
+            _administer(
+                [
+                    "useradd",
+                    "--home-dir",
+                    home,
+                    "--no-create-home",
+                    "--shell",
+                    "/bin/bash",
+                    "--user-group",
+                    "--comment",
+                    account_marker(hub_name),
+                    name,
+                ],
+                lambda: _passwd(name) is not None,
+                f"The local account {name} could not be created",
+            )
+    account = pwd.getpwnam(name)
+    usable_account(account, hub_name, made_here=True)
+    return account
 
 
-def ensure_group(name: str, member: str) -> int:
-    """Return the gid of the local group ``name``, with ``member`` in it.
+class GroupRegistry:
+    """Which local group this hub made for which hub group, in one JSON file only root writes.
 
-    Root only. ``groupadd`` creates the group if missing, and ``usermod -a -G`` adds the account
-    ``member``.
+    Groups carry no comment to mark them, so the registry is their marker: a group is used only
+    when the registry names it for that very hub group.
     """
-    entry = _group(name)
-    if entry is not None and member in entry.gr_mem:
-        return entry.gr_gid
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, tuple[str, int]]:
+        """Local group name → (hub group, gid) of every group this hub made."""
+        try:
+            found = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise AccountError(
+                f"The hub's record of its local groups, {self.path}, cannot be read ({exc})."
+            ) from None
+        groups = found.get("groups") if isinstance(found, dict) else None
+        return {
+            str(name): (str(entry["group"]), int(entry["gid"]))
+            for name, entry in (groups or {}).items()
+            if isinstance(entry, dict) and {"group", "gid"} <= set(entry)
+        }
+
+    def add(self, local: str, hub_group: str, gid: int) -> None:
+        """Record that this hub made the local group ``local`` (``gid``) for ``hub_group``."""
+        names = {k: {"group": g, "gid": i} for k, (g, i) in self.load().items()}
+        names[local] = {"group": hub_group, "gid": gid}
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".part")
+        partial.write_text(json.dumps({"groups": names}, indent=1, sort_keys=True))
+        partial.replace(self.path)
+
+
+def ensure_group(name: str, hub_group: str, member: str, registry: GroupRegistry) -> int:
+    """Return the gid of the local group ``name`` of ``hub_group``, with ``member`` in it.
+
+    Root only. ``groupadd`` creates the group if missing and the registry records it;
+    ``usermod -a -G`` adds the account ``member``. An existing group is used only if the registry
+    names it for ``hub_group``, and never a system group (gid below ``GID_MIN``) or gid 0.
+    """
+    if not SYSTEM_NAME.fullmatch(name):
+        raise InvalidInput(f"{shown(name)!r} cannot be a local group name.")
     with _ACCOUNTS_LOCK:
-        _administer(
-            ["groupadd", name],
-            lambda: _group(name) is not None,
-            f"The local group {name} could not be created",
-        )
-        _administer(
-            ["usermod", "-a", "-G", name, member],
-            lambda: member in (_group(name) or grp.struct_group(("", "", 0, []))).gr_mem,
-            f"{member} could not be added to the local group {name}",
-        )
+        entry = _group(name)
+        if entry is None:
+            _administer(
+                ["groupadd", name],
+                lambda: _group(name) is not None,
+                f"The local group {name} could not be created",
+            )
+            entry = grp.getgrnam(name)
+            registry.add(name, hub_group, entry.gr_gid)
+        elif registry.load().get(name) != (hub_group, entry.gr_gid):
+            raise InvalidInput(
+                f"The local group {name} exists but this hub did not make it for the project "
+                f"{shown(hub_group)}; ask the hub's administrators."
+            )
+        if entry.gr_gid < login_defs("GID_MIN", 1000):
+            raise InvalidInput(
+                f"The local group {name} is a system group; no project directory uses it."
+            )
+        if member not in entry.gr_mem:
+            _administer(
+                ["usermod", "-a", "-G", name, member],
+                lambda: member in (_group(name) or grp.struct_group(("", "", 0, []))).gr_mem,
+                f"{member} could not be added to the local group {name}",
+            )
     return grp.getgrnam(name).gr_gid
 
 

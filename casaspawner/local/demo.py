@@ -225,15 +225,13 @@ def prepare_home(storage: Path, username: str = DEMO_USER) -> Path:
     As root, its owner is the user's local account, created now as the spawner would create it on
     first login.
     """
-    from casaspawner.local.accounts import ensure_account, prepare_owned_dir
+    from casaspawner.local.accounts import ensure_account, local_name, prepare_owned_dir
     from casaspawner.local.spawner import LocalCASASpawner
 
     home = storage / "home" / username
     if os.geteuid() == 0:
         template = LocalCASASpawner.class_traits()["system_username_template"].default_value
-        account = ensure_account(
-            template.format(username=username), str(home), f"casaspawner session user {username}"
-        )
+        account = ensure_account(local_name(template, "username", username), username, str(home))
         prepare_owned_dir(home, account.pw_uid, account.pw_gid, 0o750)
     else:
         prepare_owned_dir(home, os.getuid(), os.getgid(), 0o750)

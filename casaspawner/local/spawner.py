@@ -36,13 +36,15 @@ from traitlets import Bool, Integer, List, Unicode, default
 from casaspawner.catalog.model import Release
 from casaspawner.datasets.model import Resolution
 from casaspawner.datasets.worker import RunAs, WorkerFailed, resolve_in_worker
-from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.errors import CasaspawnerError, InvalidInput, shown
 from casaspawner.local.accounts import (
-    SYSTEM_NAME,
+    GroupRegistry,
     ensure_account,
     ensure_group,
+    local_name,
     prepare_owned_dir,
     running_as_root,
+    usable_account,
 )
 from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
 from casaspawner.local.environments.pythons import world_usable
@@ -198,16 +200,31 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         "jupyter-{username}",
         help="""
         Local account name of a hub user (when the hub runs as root); ``{username}`` is
-        replaced. The prefix keeps hub users apart from system accounts such as ``daemon``.
+        replaced. The prefix keeps hub users apart from system accounts such as ``daemon``. A
+        result that is not a lowercase system name of at most 32 characters (capitals, other
+        characters, a long name) becomes its safe lowercase beginning and a short hash of the
+        exact hub name, so two hub names never share an account. An existing account is used
+        only if this hub made it for that very hub name (its comment says so), and never a
+        system account.
         """,
     ).tag(config=True)
 
     system_group_template = Unicode(
         "casa-{group}",
-        help=(
-            "Local group of a project directory (when the hub runs as root); "
-            "``{group}`` is replaced."
-        ),
+        help="""
+        Local group of a project directory (when the hub runs as root); ``{group}`` is
+        replaced, and shortened with a hash as account names are. An existing group is used only
+        if this hub made it for that very project (``local_groups_file`` records it), and never a
+        system group.
+        """,
+    ).tag(config=True)
+
+    local_groups_file = Unicode(
+        "/var/lib/casaspawner/local-groups.json",
+        help="""
+        Where a hub running as root records the local groups it made, and for which project.
+        Only root can write it; a group it does not name is never used for a project.
+        """,
     ).tag(config=True)
 
     session_log_name = Unicode(
@@ -280,41 +297,35 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
 
     # Identity
     def system_username(self) -> str:
-        return self.system_username_template.format(username=self.user.name).lower()
+        """The local account name of this hub user."""
+        return local_name(self.system_username_template, "username", self.user.name)
 
     def _ensure_account(self, home: str) -> pwd.struct_passwd:
-        """The local account of this user, created on first login.
-
-        Root only.
-        """
+        """The local account of this user, created on first login; root only."""
         name = self.system_username()
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            pass
-        if not self.create_system_users:
+        if self.create_system_users:
+            account = ensure_account(name, self.user.name, home)
+        else:
+            try:
+                account = pwd.getpwnam(name)
+            except KeyError:
+                raise InvalidInput(
+                    f"There is no local account {name} for {shown(self.user.name)} on this "
+                    "machine."
+                ) from None
+            usable_account(account, self.user.name, made_here=False)
+        if account.pw_gid == 0 and not self.allow_root_group:
             raise InvalidInput(
-                f"There is no local account {name} for {self.user.name} on this machine."
+                f"The local account {name} has the root group as its primary group; sessions "
+                "never run with it."
             )
-        if not SYSTEM_NAME.fullmatch(name):
-            raise InvalidInput(
-                f"{self.user.name!r} cannot be made into a local account name ({name!r})."
-            )
-        account = ensure_account(name, home, f"casaspawner session user {self.user.name}")
-        self.log.info("Local account %s for %s", name, self.user.name)
         return account
 
     def _ensure_project_group(self, group: str, account: str) -> int:
-        """The local group of a project, with ``account`` as a member.
-
-        Root only. The group is created if needed.
-        """
-        name = self.system_group_template.format(group=group).lower()
-        if not SYSTEM_NAME.fullmatch(name):
-            raise InvalidInput(
-                f"The project {group!r} cannot be made into a local group name ({name!r})."
-            )
-        return ensure_group(name, account)
+        """The local group of a project, with ``account`` as a member; root only."""
+        name = local_name(self.system_group_template, "group", group)
+        registry = GroupRegistry(Path(self.local_groups_file))
+        return ensure_group(name, group, account, registry)
 
     async def session_identity(self) -> Identity:
         """The session's user: a local account as root, else the hub's own user.

@@ -30,7 +30,7 @@ from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.errors import CasaspawnerError
 from casaspawner.local import demo
-from casaspawner.local.accounts import ensure_group
+from casaspawner.local.accounts import GroupRegistry, ensure_group
 from casaspawner.local.demo import as_owner_of
 from casaspawner.local.spawner import LocalCASASpawner
 from casaspawner.plan import Identity
@@ -212,8 +212,7 @@ def test_configuration_errors_name_this_spawner(storage: Path) -> None:
         asyncio.run(local.prepare_session({"dataset": "~/2023.1.00026.S"}))
     assert caught.value.jupyterhub_message == (  # type: ignore[attr-defined]
         "The hub's configuration is invalid: LocalCASASpawner.default_size is 'huge', which is "
-        "not one of "
-        "LocalCASASpawner.session_sizes (machine)."
+        "not one of LocalCASASpawner.session_sizes (machine)."
     )
 
 
@@ -445,11 +444,12 @@ def test_users_of_a_new_project_spawning_together_get_one_group(storage: Path) -
 @pytest.mark.skipif(
     not ROOT, reason="only a hub running as root creates local accounts and groups"
 )
-def test_a_group_that_cannot_be_joined_is_one_sentence() -> None:
+def test_a_group_that_cannot_be_joined_is_one_sentence(tmp_path: Path) -> None:
     name = f"casa-nobody-{os.urandom(3).hex()}"
+    registry = GroupRegistry(tmp_path / "groups.json")
     try:
         with pytest.raises(CasaspawnerError) as caught:
-            ensure_group(name, "jupyter-no-such-account")
+            ensure_group(name, "nobody-project", "jupyter-no-such-account", registry)
         assert str(caught.value) == (
             f"jupyter-no-such-account could not be added to the local group {name}: usermod: user "
             "'jupyter-no-such-account' does not exist."
@@ -677,8 +677,7 @@ def test_the_form_of_a_returning_user_resolves_nothing_and_creates_nothing(
     form = asyncio.run(local.options_form(local))
     assert (
         "~/2023.1.00026.S: CASA 6.5.4-9 (pipeline 2023.1.0.124), the exact build. The pipeline "
-        "manifest names "
-        "pipeline 2023.1.0.124 with CASA 6.5.4-9;"
+        "manifest names pipeline 2023.1.0.124 with CASA 6.5.4-9;"
     ) in form
     assert "cannot be installed on this hub: its tarball" in form, (
         "what the hub probed before is said"
