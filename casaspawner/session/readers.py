@@ -89,7 +89,7 @@ def locate_in_storage(
     path = PurePosixPath(raw)
     if ".." in path.parts:
         raise InvalidInput(
-            f"The dataset path {text.strip()!r} may not contain '..'; "
+            f"The dataset path {shown(text.strip())!r} may not contain '..'; "
             "give a path inside your storage."
         )
     if not path.is_absolute():
@@ -102,11 +102,11 @@ def locate_in_storage(
     if project is not None:
         own_projects = ", ".join(identity.groups) or "none"
         raise InvalidInput(
-            f"The dataset path {text.strip()!r} is outside your storage: "
+            f"The dataset path {shown(text.strip())!r} is outside your storage: "
             f"{project[:80]!r} is not one of your project directories (yours: {own_projects})."
         )
     raise InvalidInput(
-        f"The dataset path {text.strip()!r} is outside your storage; "
+        f"The dataset path {shown(text.strip())!r} is outside your storage; "
         f"give a path under {home.mount}"
         + (" or one of your project directories." if identity.groups else ".")
     )
@@ -284,5 +284,5 @@ class LocalDirectoryReader:
     async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
         path = Path(text).expanduser()
         if not path.is_dir():
-            raise NoSuchDataset(f"There is no dataset directory at {text!r}.")
+            raise NoSuchDataset(f"There is no dataset directory at {shown(text)!r}.")
         yield path

@@ -15,7 +15,7 @@ from typing import Any
 
 from defusedxml.ElementTree import fromstring as defused_fromstring
 
-from casaspawner.errors import InvalidInput, NoSuchDataset
+from casaspawner.errors import InvalidInput, NoSuchDataset, shown
 from casaspawner.net import origin
 from casaspawner.plan import Identity, StorageLayout
 from casaspawner.session.readers import locate_in_storage
@@ -152,7 +152,7 @@ class VOSpaceReader:
                 seen += 1
                 if seen > self.MAX_NODES:
                     raise InvalidInput(
-                        f"{text!r} holds too many files to be one ALMA dataset; "
+                        f"{shown(text)!r} holds too many files to be one ALMA dataset; "
                         "give its member directory."
                     )
                 child = f"{path}/{name}"
