@@ -1,9 +1,9 @@
 """The session plan: a pure, backend-neutral description of one CASA session.
 
-``make_plan(identity, options, catalog, resolution, config)`` decides everything a spawner needs — release,
-image, interface, environment, mounts, identity, resources, labels, annotations and a one-line summary — and
-does no I/O. ``spawners/kube.py`` translates a plan into a pod, ``spawners/local.py`` into a process. Secrets
-(tokens) never enter a plan, so a plan can be logged, printed and shown to the user.
+``make_plan`` decides everything a spawner needs and does no I/O: the release, image, interface,
+environment, mounts, identity, resources, labels, annotations and a one-line summary. ``kube/``
+turns a plan into a pod, ``local/`` into a process. Secrets such as tokens never enter a plan, so
+a plan can be logged, printed and shown to the user.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@\-]{0,63}")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 _LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._\-]{0,61}[A-Za-z0-9])?)?")
 _LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9.\-]{0,251}[a-z0-9])?")
-#: The largest uid or gid a session can have (4294967295 is ``(uid_t) -1``, "no id", to the kernel).
+#: The largest uid or gid a session can have.
+#:
+#: 4294967295 is ``(uid_t) -1``, which the kernel reads as "no id".
 MAX_ID = 2**32 - 2
 
 
@@ -41,7 +43,7 @@ def root_refusal(username: str, uid: int) -> InvalidInput:
 
 
 def usable_group_name(name: str) -> bool:
-    """Whether a group name can be a project directory (and so be in an ``Identity``)."""
+    """Whether a group name can be a project directory, and so be in an ``Identity``."""
     return bool(_GROUP.fullmatch(name))
 
 
@@ -67,7 +69,8 @@ class Identity:
         ):
             if not 0 <= value <= MAX_ID:
                 raise InvalidInput(
-                    f"User {self.username} would run with {what} {value}, which is not an id (0 to {MAX_ID})."
+                    f"User {self.username} would run with {what} {value}, "
+                    f"which is not an id (0 to {MAX_ID})."
                 )
         for group in self.groups:
             if not _GROUP.fullmatch(group):
@@ -76,12 +79,13 @@ class Identity:
 
 @dataclass(frozen=True)
 class SessionOptions:
-    """What the user chose on the form (or CLI), already checked for shape."""
+    """What the user chose on the form or the command line, checked for shape."""
 
     dataset: str
     interface: Interface = "lab"
     size: str = "medium"
-    release: str | None = None  # catalog id overriding the resolved release
+    #: A catalog id the user chose instead of the resolved release.
+    release: str | None = None
 
     def __post_init__(self) -> None:
         if self.interface not in INTERFACES:
@@ -108,7 +112,7 @@ DEFAULT_SIZES: dict[str, Resources] = {
 
 @dataclass(frozen=True)
 class StorageLayout:
-    """Where Cavern (or its local stand-in) and the other volumes appear in a session.
+    """Where Cavern, or its local stand-in, and the other volumes appear in a session.
 
     Templates take ``{username}`` and ``{group}``.
     """
@@ -124,7 +128,7 @@ class StorageLayout:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """Operator choices the plan depends on (spawner traits fill this in)."""
+    """Operator choices the plan depends on; the spawners fill it from their traits."""
 
     image_registry: str = "ghcr.io/casaspawner"
     image_template: str = "{registry}/casa:{tag}"
@@ -135,14 +139,17 @@ class PlanConfig:
 
     def __post_init__(self) -> None:
         if not _LABEL_PREFIX.fullmatch(self.label_prefix):
-            raise InvalidInput(f"{self.label_prefix!r} is not a Kubernetes label prefix (a DNS subdomain).")
+            raise InvalidInput(
+                f"{self.label_prefix!r} is not a Kubernetes label prefix (a DNS subdomain)."
+            )
 
 
 @dataclass(frozen=True)
 class Mount:
-    """A volume in the session: ``storage`` (Cavern sub-path), ``scratch`` or ``measures`` (read-only).
+    """A volume in the session.
 
-    ``name`` is unique in a plan; ``group`` is the group of a project directory.
+    ``kind`` is ``storage`` (a Cavern sub-path), ``scratch`` or ``measures`` (read-only).
+    ``name`` is unique in a plan. ``group`` is the group of a project directory.
     """
 
     name: str
@@ -163,7 +170,7 @@ class Substitution:
 
 @dataclass(frozen=True)
 class SessionPlan:
-    """Everything a spawner needs to start one session; contains no secrets."""
+    """Everything a spawner needs to start one session, without secrets."""
 
     identity: Identity
     options: SessionOptions
@@ -189,13 +196,16 @@ class SessionPlan:
 
     @property
     def kernel_name(self) -> str:
-        """Jupyter kernel display name; approximations say so in the name itself."""
+        """The Jupyter kernel's display name, which says whether it is approximate."""
         name = self.release.kernel_name
         return f"{name} (approximate)" if self.approximate else name
 
 
 def image_for(release: Release, config: PlanConfig) -> str:
-    """The image reference for a release; the image build tool tags with the same function."""
+    """The image reference for a release.
+
+    The image build tool tags images with this same function.
+    """
     return config.image_template.format(
         registry=config.image_registry.rstrip("/"),
         tag=release.tag,
@@ -206,14 +216,19 @@ def image_for(release: Release, config: PlanConfig) -> str:
 
 
 def label_value(text: str) -> str | None:
-    """``text`` if it is a valid Kubernetes label value, else None (the value then goes in an annotation)."""
+    """``text`` if it is a valid Kubernetes label value, else None.
+
+    A value that is not one goes in an annotation only.
+    """
     return text if len(text) <= 63 and _LABEL_VALUE.fullmatch(text) else None
 
 
 def chosen_release(catalog: Catalog, release_id: str) -> Release:
     """The catalog release a user chose, if it can run at all."""
     if release_id not in catalog:
-        raise InvalidInput(f"{release_id[:60]!r} is not a release in the catalog; choose one from the list.")
+        raise InvalidInput(
+            f"{release_id[:60]!r} is not a release in the catalog; choose one from the list."
+        )
     chosen = catalog.get(release_id)
     if not chosen.available:
         raise InvalidInput(f"{chosen.label} has no public build to run; choose another release.")
@@ -232,7 +247,9 @@ def release_for(
     if options.release is None or options.release == release.id:
         return release, exact, reason
     chosen = chosen_release(catalog, options.release)
-    reason = f"You chose {chosen.label}; the dataset calls for {release.label} ({reason.rstrip('.')})."
+    reason = (
+        f"You chose {chosen.label}; the dataset calls for {release.label} ({reason.rstrip('.')})."
+    )
     return chosen, False, reason
 
 
@@ -260,7 +277,9 @@ def make_plan(
         )
     home = config.storage.home_mount.format(username=identity.username)
     exactness = "exact" if exact else ("approximate" if approximate else "not exact")
-    summary = f"{release.label} · {INTERFACES[options.interface]} · {resolution.dataset} · {exactness}"
+    summary = (
+        f"{release.label} · {INTERFACES[options.interface]} · {resolution.dataset} · {exactness}"
+    )
     environment = _environment(release, resolution, config, options.interface, home)
     environment["CASASPAWNER_EXACT"] = "true" if exact else "false"
     environment["CASASPAWNER_APPROXIMATE"] = "true" if approximate else "false"
@@ -271,7 +290,9 @@ def make_plan(
     annotations = {
         f"{prefix}/dataset": resolution.dataset,
         f"{prefix}/processed-with": _processed_with(resolution),
-        f"{prefix}/evidence": f"{resolution.evidence.kind}: {resolution.evidence.path}".rstrip(": "),
+        f"{prefix}/evidence": f"{resolution.evidence.kind}: {resolution.evidence.path}".rstrip(
+            ": "
+        ),
         f"{prefix}/reason": reason,
         f"{prefix}/summary": summary,
     }
@@ -340,7 +361,9 @@ def _environment(
     return environment
 
 
-def _labels(release: Release, resolution: Resolution, interface: Interface, prefix: str) -> dict[str, str]:
+def _labels(
+    release: Release, resolution: Resolution, interface: Interface, prefix: str
+) -> dict[str, str]:
     """Labels to select sessions by; values that are not valid labels stay in annotations."""
     labels = {f"{prefix}/release": release.id, f"{prefix}/interface": interface}
     for key, value in (
@@ -355,8 +378,11 @@ def _labels(release: Release, resolution: Resolution, interface: Interface, pref
 
 
 def _project_mount_names(groups: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(mount name, group): ``project-<group in lower case>``, plus a short hash of the group for a group
-    that differs from an earlier one only in case (``Proj`` and ``proj`` are two directories)."""
+    """Each group's mount name: ``project-<group in lower case>``.
+
+    A group that differs from an earlier one only in case gets a short hash of its name appended:
+    ``Proj`` and ``proj`` are two directories.
+    """
     names: list[tuple[str, str]] = []
     for group in groups:
         name = f"project-{group.lower()}"

@@ -544,8 +544,8 @@ def assemble_context(
     """Fill the build context ``into``, and return the context's files.
 
     The context gets the recipe directory, the shared ``common.sh`` and the release's pip
-    constraints (``constraints.txt``). Monolithic builds get ``tarballs.py`` and ``net.py``. Everything built on
-    the session base gets the casaspawner wheel, in ``wheels/``.
+    constraints (``constraints.txt``). Monolithic builds get ``tarballs.py`` and ``net.py``.
+    Everything built on the session base gets the casaspawner wheel, in ``wheels/``.
     """
     source = recipes / recipe.context
     if not (source / recipe.containerfile).is_file():

@@ -1,9 +1,10 @@
-"""CASA site configuration for casaspawner images (read by casaconfig through ``CASASITECONFIG``).
+"""CASA site configuration for casaspawner images, read by casaconfig through CASASITECONFIG.
 
-casaconfig (CASA 6.6.4 and later; catalog ``data: casaconfig``) reads it: measures data are not in the
-image, the spawner mounts a shared casarundata tree read-only at ``CASA_MEASURES_PATH`` (default
-``/opt/casa/measures``), and sessions must not try to update it. Older CASA never reads this file; its
-images link the geodetic and ephemerides directories of the data it bundles to the same mount instead.
+casaconfig (CASA 6.6.4 and later; catalog ``data: casaconfig``) reads it. Measures data are not in
+the image: the spawner mounts a shared casarundata tree read-only at ``CASA_MEASURES_PATH``
+(default ``/opt/casa/measures``), and sessions must not try to update it. Older CASA never reads
+this file; its images link the geodetic and ephemerides directories of the data it bundles to the
+same mount instead.
 """
 
 import os
