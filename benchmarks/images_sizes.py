@@ -1,10 +1,11 @@
-"""Image sizes of the session image and CASA images (``make bench-images`` → benchmarks/results/images.json).
+"""Image sizes of the session image and CASA images (``make bench-images`` →
+benchmarks/results/images.json).
 
-Sizes are uncompressed, as stored locally (``podman image inspect``). Layer sizes are differences: the
-session layer is the session image minus the base it was built on (the ``io.casaspawner.base`` label of the
-session base), a CASA layer is the CASA image minus the session image (CASA images and the session image
-share the session base and the casaspawner layer). Goals (issue 5): session layer + base ≤ 1.5 GB, each
-modular CASA layer ≤ 1 GB.
+Sizes are uncompressed, as stored locally (``podman image inspect``). Layer sizes are differences:
+the session layer is the session image minus the base it was built on (the ``io.casaspawner.base``
+label of the session base), a CASA layer is the CASA image minus the session image (CASA images and
+the session image share the session base and the casaspawner layer). Goals (issue 5): session layer
++ base ≤ 1.5 GB, each modular CASA layer ≤ 1 GB.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def main() -> None:
     session_base, session = recipes[:2]
     base = tools.image_labels(session_base.image).get("io.casaspawner.base", "")
     if not tools.image_id(base):
-        raise SystemExit(f"the base {base!r} that {session_base.image} was built on is not in local storage")
+        raise SystemExit(
+            f"the base {base!r} that {session_base.image} was built on is not in local storage"
+        )
     base_size = tools.image_size(base)
     session_size = tools.image_size(session.image)
     rows = [
@@ -72,7 +75,10 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
-        print(f"{row['image']}: {row['size_bytes'] / GB:.2f} GB (layer {row['layer_bytes'] / GB:.2f} GB)")
+        print(
+            f"{row['image']}: {row['size_bytes'] / GB:.2f} GB (layer "
+            f"{row['layer_bytes'] / GB:.2f} GB)"
+        )
     print(f"wrote {RESULTS}")
 
 

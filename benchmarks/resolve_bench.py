@@ -30,7 +30,11 @@ def timed(fn: Callable[[], object], repeat: int = 20) -> dict[str, float]:
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return {"median_ms": statistics.median(samples) * 1e3, "max_ms": max(samples) * 1e3, "runs": repeat}
+    return {
+        "median_ms": statistics.median(samples) * 1e3,
+        "max_ms": max(samples) * 1e3,
+        "runs": repeat,
+    }
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-"""OIDC login for real: JupyterHub + GenericOAuthenticator (hub-config/jupyterhub_config.py) against
-oidc-provider-mock, through headless Chromium; then the login's auth_state through CASASpawner."""
+"""OIDC login for real: JupyterHub + GenericOAuthenticator (hub-config/jupyterhub_config.py)
+against oidc-provider-mock, through headless Chromium; then the login's auth_state through
+CASASpawner."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from hub_helpers import login
-from z2jh_chart import chart_config, chart_data, load_values, merge
+from support.browser import oidc_login
+from support.z2jh import chart_config, chart_data, load_values, merge
 
 from casaspawner.datasets.synth import write_dataset
 
@@ -26,12 +27,12 @@ def hub(hub_factory):
 @pytest.fixture(scope="module")
 def alice(hub, browser) -> dict[str, Any]:
     """alice logged in through the browser; her hub model with auth_state."""
-    page = login(browser, hub, "alice")
+    page = oidc_login(browser, hub, "alice")
     assert page.url.endswith("/hub/spawn"), page.url
     # The spawn form is casaspawner's (the dataset field), rendered for the freshly logged-in user.
     assert page.locator("input[name=dataset]").count() == 1
     page.context.close()
-    return hub.admin("/users/alice")
+    return hub.api("GET", "/hub/api/users/alice")
 
 
 def test_groups_become_hub_groups(hub, alice):
@@ -52,26 +53,27 @@ def test_auth_state_carries_identity_and_token(alice):
 
 
 def test_operators_group_gets_the_operators_role(hub, browser):
-    page = login(browser, hub, "olga")
+    page = oidc_login(browser, hub, "olga")
     page.context.close()
-    group = hub.admin("/groups/casa-operators")
+    group = hub.api("GET", "/hub/api/groups/casa-operators")
     assert "olga" in group["users"]
     assert group["roles"] == ["casa-operators"]
 
 
 def test_user_outside_allowed_groups_is_refused(hub, browser):
-    page = login(browser, hub, "eve")
+    page = oidc_login(browser, hub, "eve")
     text = page.locator("body").inner_text()
     assert "403" in text
     assert "not in a group allowed to use this CASA hub (alma-users, hub-admins)" in text
     page.context.close()
     with pytest.raises(Exception, match="404"):
-        hub.admin("/users/eve")
+        hub.api("GET", "/hub/api/users/eve")
 
 
 def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
-    """alice's real auth_state through CASASpawner configured by the z2jh values: identity from the OIDC claims
-    in the pod, the access token only in the Secret — never in the pod spec, its environment or the hub log."""
+    """alice's real auth_state through CASASpawner configured by the z2jh values: identity from the
+    OIDC claims in the pod, the access token only in the Secret — never in the pod spec, its
+    environment or the hub log."""
     kube = pytest.importorskip("casaspawner.kube.spawner")
 
     from casaspawner.kube.dryrun import _DryRunUser, _offline_kubernetes
@@ -80,13 +82,16 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     token = alice["auth_state"]["access_token"]
     _, defaults = chart_data()
     config = chart_config(
-        merge(load_values(), {"custom": {"casaspawner": {"stateFile": str(tmp_path / "s.json")}}}), defaults
+        merge(load_values(), {"custom": {"casaspawner": {"stateFile": str(tmp_path / "s.json")}}}),
+        defaults,
     )
     config.CASASpawner.storage_hub_path = None
     dataset = write_dataset(tmp_path / "data", era="cycle10")
 
     async def build() -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
-        spawner = kube.CASASpawner(_mock=True, user=_DryRunUser("alice", alice["auth_state"]), config=config)
+        spawner = kube.CASASpawner(
+            _mock=True, user=_DryRunUser("alice", alice["auth_state"]), config=config
+        )
         spawner.dataset_reader = LocalDirectoryReader()
         spawner.user_options = {"dataset": str(dataset), "interface": "lab"}
         await spawner.prepare_session()
@@ -100,7 +105,8 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
 
     spec = pod["spec"]
     labels = pod["metadata"]["labels"]
-    assert labels["hub.jupyter.org/network-access-hub"] == "true"  # the hub's NetworkPolicy admits it
+    # The hub's NetworkPolicy admits it.
+    assert labels["hub.jupyter.org/network-access-hub"] == "true"
     assert labels["casaspawner.io/release"] == "pl-2023.1.0.124"
     assert labels["casaspawner.io/session"] == "true"
     assert spec["securityContext"]["runAsUser"] == 41001
@@ -108,13 +114,17 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     assert 52001 in spec["securityContext"]["supplementalGroups"]
     container = next(c for c in spec["containers"] if c["name"] == "notebook")
     assert any(m["mountPath"] == "/arc/projects/proj-m87" for m in container["volumeMounts"])
-    token_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == spawner.token_mount_dir)
+    token_mount = next(
+        m for m in container["volumeMounts"] if m["mountPath"] == spawner.token_mount_dir
+    )
     assert token_mount["readOnly"] is True
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["CASASPAWNER_NOTICES_URL"] == "http://hub:10101/services/casa-sessions/api/notices"
-    assert token not in json.dumps(pod)  # not in the spec, the environment or the annotations
+    # Not in the spec, the environment or the annotations.
+    assert token not in json.dumps(pod)
     assert all(token not in json.dumps(env) for env in container.get("env", []))
-    assert secret is not None and token not in json.dumps(secret)  # the dry-run Secret carries no data
+    # The dry-run Secret carries no data.
+    assert secret is not None and token not in json.dumps(secret)
     assert base64.b64decode(full_secret["data"]["token"]).decode() == token
     assert full_secret["metadata"]["ownerReferences"][0]["name"] == pod["metadata"]["name"]
     assert token not in hub.log()
@@ -122,36 +132,42 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
 
 
 def test_admins_manage_the_hub_but_cannot_enter_sessions(hub, browser, tmp_path):
-    """hub-admins get the casa-admins role: the admin page and servers, but not users' sessions or tokens."""
+    """hub-admins get the casa-admins role: the admin page and servers, but not users' sessions or
+    tokens."""
     dataset = write_dataset(tmp_path / "data", era="cycle9")
-    page = login(browser, hub, "bob")  # bob's session, started through the form
+    # bob's session, started through the form.
+    page = oidc_login(browser, hub, "bob")
     page.goto(f"{hub.url}/hub/spawn")
     page.locator("input[name=dataset]").fill(str(dataset))
-    page.locator("form#spawn_form input[type=submit], form#spawn_form button[type=submit]").first.click()
+    page.locator(
+        "form#spawn_form input[type=submit], form#spawn_form button[type=submit]"
+    ).first.click()
     page.wait_for_url("**/user/bob/**", timeout=60_000)
     page.context.close()
 
-    admin = login(browser, hub, "ada")
-    model = hub.admin("/users/ada")
+    admin = oidc_login(browser, hub, "ada")
+    model = hub.api("GET", "/hub/api/users/ada")
     assert model["admin"] is False and model["groups"] == ["hub-admins"]
-    assert hub.admin("/groups/hub-admins")["roles"] == ["casa-admins"]
+    assert hub.api("GET", "/hub/api/groups/hub-admins")["roles"] == ["casa-admins"]
     admin.goto(f"{hub.url}/hub/admin")
-    admin.locator("tr", has_text="bob").first.wait_for()  # the admin page lists users and servers
+    # The admin page lists users and servers.
+    admin.locator("tr", has_text="bob").first.wait_for()
     # But bob's session stays closed to admins: its API, and its pages through the hub's OAuth.
     response = admin.goto(f"{hub.url}/user/bob/api/contents")
     assert response is not None and response.status == 403
     response = admin.goto(f"{hub.url}/user/bob/lab")
     assert response is not None and response.status == 403
     assert "jp-LabShell" not in admin.content()
-    hub.admin("/users/bob/server", method="DELETE")
+    hub.api("DELETE", "/hub/api/users/bob/server")
     admin.context.close()
 
 
 def test_admins_cannot_touch_the_proxy(hub, browser):
-    """JupyterHub's admin page never calls /hub/api/proxy, so casa-admins lack the ``proxy`` scope: it would let
-    them read the routing table (every session's address) and repoint the hub's proxy API (PATCH), which breaks
-    every session's route. Called from the admin page as its own requests are (session cookie, XSRF token)."""
-    admin = login(browser, hub, "ada")
+    """JupyterHub's admin page never calls /hub/api/proxy, so casa-admins lack the ``proxy`` scope:
+    it would let them read the routing table (every session's address) and repoint the hub's proxy
+    API (PATCH), which breaks every session's route. Called from the admin page as its own requests
+    are (session cookie, XSRF token)."""
+    admin = oidc_login(browser, hub, "ada")
     admin.goto(f"{hub.url}/hub/admin")
     admin.locator("tr", has_text="ada").first.wait_for()
 
@@ -165,8 +181,10 @@ def test_admins_cannot_touch_the_proxy(hub, browser):
             )
         )
 
-    assert status("GET", "/users") == 200  # what the admin page itself asks works from here
+    # What the admin page itself asks works from here.
+    assert status("GET", "/users") == 200
     assert status("GET", "/proxy") == 403
     assert status("POST", "/proxy") == 403
-    assert status("PATCH", "/proxy") == 403  # with the scope: 400, for the empty body (nothing repointed)
+    # With the scope: 400, for the empty body (nothing repointed).
+    assert status("PATCH", "/proxy") == 403
     admin.context.close()

@@ -1,6 +1,7 @@
-"""Operators in the browser: JupyterHub's admin page shows each session's CASA build, interface and dataset;
-/services/casa-sessions/ groups sessions by release and dataset, drains and retires releases; drained releases
-are refused at spawn with the operator's message; running users and idle users get notices in their session."""
+"""Operators in the browser: JupyterHub's admin page shows each session's CASA build, interface and
+dataset; /services/casa-sessions/ groups sessions by release and dataset, drains and retires
+releases; drained releases are refused at spawn with the operator's message; running users and idle
+users get notices in their session."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import jupyterhub
 import pytest
-from hub_helpers import login
+from support.browser import oidc_login
 
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.insession.notices import NOTICE_FILE
@@ -30,7 +31,8 @@ MESSAGE = "Image rebuild until 18:00 UTC"
 
 @pytest.fixture(scope="module")
 def hub(hub_factory):
-    # Cull after an hour, warn from 1 s of idleness on: every session shows the warning quickly, none is culled.
+    # Cull after an hour, warn from 1 s of idleness on: every session shows the warning quickly,
+    # none is culled.
     return hub_factory(CASA_CULL_TIMEOUT="3600", CASA_CULL_WARN_BEFORE="3599")
 
 
@@ -46,7 +48,9 @@ def datasets(hub) -> dict[str, Path]:
 def spawn(page: Any, hub: Any, user: str, dataset: Path) -> None:
     page.goto(f"{hub.url}/hub/spawn")
     page.locator("input[name=dataset]").fill(str(dataset))
-    page.locator("form#spawn_form input[type=submit], form#spawn_form button[type=submit]").first.click()
+    page.locator(
+        "form#spawn_form input[type=submit], form#spawn_form button[type=submit]"
+    ).first.click()
     page.wait_for_url(re.compile(rf".*/user/{user}/.*"), timeout=60_000)
 
 
@@ -55,7 +59,7 @@ def sessions(hub, browser, datasets) -> dict[str, Any]:
     """alice runs the cycle 10 dataset, bob the cycle 9 one, both spawned through the form."""
     pages = {}
     for user, era in (("alice", "cycle10"), ("bob", "cycle9")):
-        page = login(browser, hub, user)
+        page = oidc_login(browser, hub, user)
         spawn(page, hub, user, datasets[era])
         pages[user] = page
     return pages
@@ -63,11 +67,12 @@ def sessions(hub, browser, datasets) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def operator(hub, browser, sessions) -> Any:
-    return login(browser, hub, "olga")
+    return oidc_login(browser, hub, "olga")
 
 
 def test_admin_page_shows_casa_build_interface_and_dataset(hub, operator, datasets):
-    """JupyterHub 6 has a Profile column; JupyterHub 5 (z2jh 4.4's hub) shows user_options in the row's details."""
+    """JupyterHub 6 has a Profile column; JupyterHub 5 (z2jh 4.4's hub) shows user_options in the
+    row's details."""
     operator.goto(f"{hub.url}/hub/admin")
     row = operator.locator("tr", has_text="alice").first
     row.wait_for()
@@ -75,7 +80,8 @@ def test_admin_page_shows_casa_build_interface_and_dataset(hub, operator, datase
         text = row.inner_text()
         other = operator.locator("tr", has_text="bob").first.inner_text()
     else:
-        for user in ("alice", "bob"):  # expand: the server model, user_options included
+        for user in ("alice", "bob"):
+            # Expand: the server model, user_options included.
             operator.locator("tr", has_text=user).first.locator("button").first.click()
         text = other = operator.locator("body").inner_text()
     assert f"{DRAINED_LABEL} · JupyterLab · {datasets['cycle10']}" in text
@@ -134,13 +140,17 @@ def test_idle_users_are_warned_in_their_session(hub, sessions):
     # JupyterLab opened after the warning: it shows it as a notification straight away.
     open_lab(sessions["bob"], hub, "bob")
     text = toast(sessions["bob"], "will be stopped at about").inner_text()
-    assert re.search(r"This idle session will be stopped at about \d\d:\d\d UTC unless you use it\.", text)
+    assert re.search(
+        r"This idle session will be stopped at about \d\d:\d\d UTC unless you use it\.", text
+    )
 
 
 def test_sessions_never_ask_about_jupyter_news(hub, sessions):
-    """casaspawner's JupyterLab setting defaults (overrides.d, a data file of the wheel) turn the news feed off, so
-    JupyterLab does not ask "Would you like to get notified about official Jupyter news?" beside the notices."""
-    page = sessions["bob"]  # JupyterLab open, showing the cull warning (the test above)
+    """casaspawner's JupyterLab setting defaults (overrides.d, a data file of the wheel) turn the
+    news feed off, so JupyterLab does not ask "Would you like to get notified about official
+    Jupyter news?" beside the notices."""
+    # JupyterLab open, showing the cull warning (the test above).
+    page = sessions["bob"]
     response = page.request.get(
         f"{hub.url}/user/bob/lab/api/settings/@jupyterlab/apputils-extension:notification"
     )
@@ -148,14 +158,18 @@ def test_sessions_never_ask_about_jupyter_news(hub, sessions):
     assert response.json()["schema"]["properties"]["fetchNews"]["default"] == "false"
     open_lab(page, hub, "bob")
     toast(page, "will be stopped at about")
-    page.wait_for_timeout(3000)  # JupyterLab asks once its settings are loaded, by when the notices show
-    assert page.locator(".jp-toastContainer .Toastify__toast", has_text="Jupyter news").count() == 0
+    # JupyterLab asks once its settings are loaded, by when the notices show.
+    page.wait_for_timeout(3000)
+    assert (
+        page.locator(".jp-toastContainer .Toastify__toast", has_text="Jupyter news").count() == 0
+    )
     assert "Jupyter news" not in page.locator("body").inner_text()
 
 
 def test_drain_notifies_running_users_and_refuses_new_spawns(hub, operator, sessions, datasets):
     alice = sessions["alice"]
-    open_lab(alice, hub, "alice")  # JupyterLab is open when the operator drains alice's release
+    # JupyterLab is open when the operator drains alice's release.
+    open_lab(alice, hub, "alice")
     operator.goto(f"{hub.url}/services/casa-sessions/")
     row = operator.locator(f"tr.release[data-release='{DRAINED}']")
     row.locator("input[name=message]").fill(MESSAGE)
@@ -165,17 +179,25 @@ def test_drain_notifies_running_users_and_refuses_new_spawns(hub, operator, sess
     assert "draining" in row.locator("td.state").inner_text()
     assert MESSAGE in row.locator("td.state").inner_text()
     assert "olga" in row.locator("td.state").inner_text()
-    assert operator.locator(f"section.release-group[data-release='{DRAINED}'] .badge.drained").count() == 1
+    assert (
+        operator.locator(f"section.release-group[data-release='{DRAINED}'] .badge.drained").count()
+        == 1
+    )
 
-    # alice's open JupyterLab pops the notice up, and it is in the notice file (which the desktop shows);
-    # bob's release is not drained.
+    # alice's open JupyterLab pops the notice up, and it is in the notice file (which the desktop
+    # shows); bob's release is not drained.
     notification = toast(alice, "is being drained")
     assert f"{DRAINED_LABEL} is being drained: save your work" in notification.inner_text()
-    if os.environ.get("CASASPAWNER_SCREENSHOTS"):  # docs/operators.md shows it
-        alice.wait_for_timeout(1000)  # the notification has slid in
+    # docs/operators.md shows it.
+    if os.environ.get("CASASPAWNER_SCREENSHOTS"):
+        # The notification has slid in.
+        alice.wait_for_timeout(1000)
         alice.screenshot(path=str(SCREENSHOTS / "hub-notices.png"))
-    notification.get_by_role("button", name="Details").click()  # the notice file, with the full text
-    expected = f"{DRAINED_LABEL}, which this session runs, is being drained by the operators: {MESSAGE}"
+    # The notice file, with the full text.
+    notification.get_by_role("button", name="Details").click()
+    expected = (
+        f"{DRAINED_LABEL}, which this session runs, is being drained by the operators: {MESSAGE}"
+    )
     alice.locator(".jp-RenderedMarkdown", has_text=MESSAGE).first.wait_for()
     assert expected in alice.locator(".jp-RenderedMarkdown", has_text=MESSAGE).first.inner_text()
     notice = wait_for_file(hub.workdir / "home" / "alice" / NOTICE_FILE, "is being drained")
@@ -185,17 +207,22 @@ def test_drain_notifies_running_users_and_refuses_new_spawns(hub, operator, sess
     assert "drained" not in (hub.workdir / "home" / "bob" / NOTICE_FILE).read_text()
 
     # A new session of the drained release is refused on the form, with the operator's message.
-    hub.admin("/users/alice/server", method="DELETE")
+    hub.api("DELETE", "/hub/api/users/alice/server")
     deadline = time.monotonic() + 30
-    while hub.admin("/users/alice")["servers"] and time.monotonic() < deadline:
+    while hub.api("GET", "/hub/api/users/alice")["servers"] and time.monotonic() < deadline:
         time.sleep(0.5)
     alice.goto(f"{hub.url}/hub/spawn")
     alice.locator("input[name=dataset]").fill(str(datasets["cycle10"]))
-    alice.locator("form#spawn_form input[type=submit], form#spawn_form button[type=submit]").first.click()
+    alice.locator(
+        "form#spawn_form input[type=submit], form#spawn_form button[type=submit]"
+    ).first.click()
     alice.wait_for_load_state("networkidle")
     body = alice.locator("body").inner_text()
-    assert f"{DRAINED_LABEL} is being drained by the operators and cannot be started now: {MESSAGE}" in body
-    assert not hub.admin("/users/alice")["servers"]
+    assert (
+        f"{DRAINED_LABEL} is being drained by the operators and cannot be started now: {MESSAGE}"
+        in body
+    )
+    assert not hub.api("GET", "/hub/api/users/alice")["servers"]
 
     # The other release still starts.
     spawn(alice, hub, "alice", datasets["cycle9"])
@@ -223,7 +250,8 @@ def test_a_bad_release_action_is_one_sentence(hub, operator):
     form = "tr.release[data-release='casa-4.2.2'] form"
     operator.evaluate(f"""() => {{
         const form = document.querySelector("{form}");
-        form.setAttribute("action", form.getAttribute("action").replace("casa-4.2.2", "casa-9.9.9"));
+        const action = form.getAttribute("action");
+        form.setAttribute("action", action.replace("casa-4.2.2", "casa-9.9.9"));
     }}""")
     with operator.expect_response(lambda r: "releases/casa-9.9.9" in r.url) as response:
         operator.locator(f"{form} button[value=drain]").click()

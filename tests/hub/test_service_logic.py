@@ -1,5 +1,5 @@
-"""The casa-sessions service: its pure parts (release state file, grouping, notices, the in-session notice
-file) and how it stops."""
+"""The casa-sessions service: its pure parts (release state file, grouping, notices, the in-session
+notice file) and how it stops."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import pytest_asyncio
-from hub_helpers import LAB_OVERRIDES, SESSION_DATA_FILES, free_port
+from support.hub import LAB_OVERRIDES, SESSION_DATA_FILES
 
 from casaspawner.catalog.model import Release
 from casaspawner.errors import InvalidInput
@@ -29,6 +29,7 @@ from casaspawner.insession.notices import (
     session_notices,
     sync_notice_file,
 )
+from casaspawner.net import free_port
 from casaspawner.services.sessions import (
     CullPolicy,
     format_duration,
@@ -48,8 +49,13 @@ def server(
 ) -> dict[str, object]:
     """A server model as the hub's API gives it, with what a CASA spawner recorded."""
     summary = f"{release.label} · {interface} · {dataset} · exact"
-    output = {"summary": summary, "release": release.id, "casa_version": release.casa,
-              "dataset": dataset, "interface": interface}  # fmt: skip
+    output = {
+        "summary": summary,
+        "release": release.id,
+        "casa_version": release.casa,
+        "dataset": dataset,
+        "interface": interface,
+    }
     return {
         "started": started.isoformat(),
         "last_activity": active.isoformat().replace("+00:00", "Z"),
@@ -63,12 +69,28 @@ def users(catalog) -> list[dict[str, object]]:
     pl = catalog.get("pl-2023.1.0.124")
     other = catalog.get("pl-2022.2.0.64")
     return [
-        {"name": "alice", "servers": {"": server(pl, "ds1", NOW - timedelta(hours=2), NOW - timedelta(minutes=55))}},
+        {
+            "name": "alice",
+            "servers": {
+                "": server(pl, "ds1", NOW - timedelta(hours=2), NOW - timedelta(minutes=55))
+            },
+        },
         {"name": "bob", "servers": {"": server(pl, "ds1", NOW - timedelta(minutes=5), NOW)}},
-        {"name": "carol", "servers": {"m87": server(other, "ds2", NOW - timedelta(days=1), NOW, "desktop")}},
-        {"name": "dave", "servers": {"": {"started": None, "pending": None, "user_options": {}}}},  # stopped
-        {"name": "erin", "servers": {"": {"started": NOW.isoformat(), "user_options": {}}}},  # not a CASA server
-    ]  # fmt: skip
+        {
+            "name": "carol",
+            "servers": {"m87": server(other, "ds2", NOW - timedelta(days=1), NOW, "desktop")},
+        },
+        # Stopped.
+        {
+            "name": "dave",
+            "servers": {"": {"started": None, "pending": None, "user_options": {}}},
+        },
+        # Not a CASA server.
+        {
+            "name": "erin",
+            "servers": {"": {"started": NOW.isoformat(), "user_options": {}}},
+        },
+    ]
 
 
 def test_state_store_round_trip_and_history(tmp_path):
@@ -81,14 +103,18 @@ def test_state_store_round_trip_and_history(tmp_path):
     assert states["casa-4.2.2"].retired and not states["casa-4.2.2"].drained
     assert set(store.drained()) == {"pl-2023.1.0.124"}
     store.update("pl-2023.1.0.124", by="olga", drained=False, message="")
-    assert "pl-2023.1.0.124" not in json.loads(store.path.read_text())["releases"]  # nothing left to say
-    assert list(tmp_path.joinpath("sub").iterdir()) == [store.path]  # no temporary files left behind
+    # Nothing left to say.
+    assert "pl-2023.1.0.124" not in json.loads(store.path.read_text())["releases"]
+    # No temporary files left behind.
+    assert list(tmp_path.joinpath("sub").iterdir()) == [store.path]
 
 
 @pytest.mark.parametrize("message", ["x" * 301, "two\nlines"])
 def test_state_store_refuses_bad_messages(tmp_path, message):
     with pytest.raises(InvalidInput, match="one line"):
-        ReleaseStateStore(tmp_path / "s.json").update("casa-4.2.2", by="o", drained=True, message=message)
+        ReleaseStateStore(tmp_path / "s.json").update(
+            "casa-4.2.2", by="o", drained=True, message=message
+        )
 
 
 def test_unreadable_state_is_one_sentence_and_blocks_nothing(tmp_path, catalog):
@@ -125,8 +151,8 @@ def test_drain_blocker_names_the_release_and_reads_every_time(tmp_path, catalog)
     assert blocked(Spawner()) == {}
     ReleaseStateStore(path).update("casa-6.6.5-31", by="olga", drained=True)
     assert blocked(Spawner()) == {
-        "casa-6.6.5-31": "CASA 6.6.5-31 is being drained by the operators and cannot be started now; "
-        "choose another release or try again later."
+        "casa-6.6.5-31": "CASA 6.6.5-31 is being drained by the operators and cannot be started "
+        "now; choose another release or try again later."
     }
 
 
@@ -146,7 +172,8 @@ def test_sessions_grouped_by_release_then_dataset(users, catalog):
     assert [g.release_id for g in groups] == ["pl-2023.1.0.124", "pl-2022.2.0.64", "unknown"]
     first = groups[0]
     assert first.state.drained and first.count == 2
-    assert [s.user for s in first.datasets[0].sessions] == ["alice", "bob"]  # oldest first
+    # Oldest first.
+    assert [s.user for s in first.datasets[0].sessions] == ["alice", "bob"]
     assert groups[1].datasets[0].sessions[0].server == "m87"
     alice = first.datasets[0].sessions[0]
     assert format_duration(alice.age(NOW)) == "2 h 00 min"
@@ -174,21 +201,31 @@ def test_notices_for_drains_and_upcoming_culls(users, catalog):
     alice = notices_for("alice", sessions, states, policy, NOW)
     assert [n["kind"] for n in alice] == ["drain", "cull"]
     assert all(len(n["title"]) <= 140 for n in alice)
-    assert alice[1]["title"] == "This idle session will be stopped at about 20:05 UTC unless you use it."
+    assert (
+        alice[1]["title"]
+        == "This idle session will be stopped at about 20:05 UTC unless you use it."
+    )
     assert "is being drained by the operators: image rebuild." in alice[0]["text"]
     assert "idle since 19:05 UTC and will be stopped at about 20:05 UTC" in alice[1]["text"]
-    assert [n["kind"] for n in notices_for("bob", sessions, states, policy, NOW)] == ["drain"]  # active
+    # Active.
+    assert [n["kind"] for n in notices_for("bob", sessions, states, policy, NOW)] == ["drain"]
     assert notices_for("carol", sessions, states, policy, NOW) == []
-    assert notices_for("alice", sessions, {}, CullPolicy(timeout=0), NOW) == []  # culling off
+    # Culling off.
+    assert notices_for("alice", sessions, {}, CullPolicy(timeout=0), NOW) == []
 
 
 def test_only_this_servers_notices_are_shown():
-    notices = [{"server": "", "kind": "drain", "text": "A"}, {"server": "m87", "kind": "cull", "text": "B"}]
+    notices = [
+        {"server": "", "kind": "drain", "text": "A"},
+        {"server": "m87", "kind": "cull", "text": "B"},
+    ]
     assert session_notices(notices, "") == [{"kind": "drain", "title": "A", "text": "A"}]
     assert session_notices(notices, "m87") == [{"kind": "cull", "title": "B", "text": "B"}]
-    assert session_notices([{"server": "", "kind": "drain"}], "") == []  # nothing to say
+    # Nothing to say.
+    assert session_notices([{"server": "", "kind": "drain"}], "") == []
     (long,) = session_notices([{"server": "", "kind": "drain", "text": "x" * 300}], "")
-    assert len(long["title"]) == 140 and long["title"].endswith("…") and long["text"] == "x" * 300
+    assert len(long["title"]) == 140 and long["title"].endswith("…")
+    assert long["text"] == "x" * 300
 
 
 def test_notice_file_is_written_updated_and_removed(tmp_path):
@@ -200,7 +237,8 @@ def test_notice_file_is_written_updated_and_removed(tmp_path):
     assert path.read_text() == content
     assert sync_notice_file(path, render_notices([])) is True
     assert not path.exists()
-    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+    # No temporary file left behind.
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_notice_file_never_touches_a_users_own_file(tmp_path: Path):
@@ -216,7 +254,8 @@ def test_notice_board_sends_each_change_once(tmp_path):
     board = NoticeBoard(tmp_path / "CASA-NOTICES-m87.md", sent.append, "CASA-NOTICES-m87.md")
     drain = [{"kind": "drain", "title": "A", "text": "A"}]
     assert board.update(drain) is True
-    assert board.update(list(drain)) is False  # the same notices again: no new event
+    # The same notices again: no new event.
+    assert board.update(list(drain)) is False
     assert "- A" in board.path.read_text()
     assert board.update([]) is True
     assert sent == [
@@ -228,8 +267,9 @@ def test_notice_board_sends_each_change_once(tmp_path):
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def redirecting_service():
-    """A casa-sessions stand-in on 127.0.0.1 answering every poll with a 302 to a collector on 127.0.0.2,
-    which records the Authorization header of each request it gets (real Tornado servers)."""
+    """A casa-sessions stand-in on 127.0.0.1 answering every poll with a 302 to a collector on
+    127.0.0.2, which records the Authorization header of each request it gets (real Tornado
+    servers)."""
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
     from tornado.web import Application, RequestHandler
@@ -261,15 +301,19 @@ async def redirecting_service():
         await server.close_all_connections()
 
 
-async def test_a_redirected_poll_fails_and_the_token_stays_home(redirecting_service, tmp_path, caplog):
-    """The session's token is for the hub's service only: a redirect is not followed (the other host never
-    hears from the session, whatever Tornado would do with the header), the poll counts as failed, is logged,
-    and shows nothing."""
+async def test_a_redirected_poll_fails_and_the_token_stays_home(
+    redirecting_service, tmp_path, caplog
+):
+    """The session's token is for the hub's service only: a redirect is not followed (the other
+    host never hears from the session, whatever Tornado would do with the header), the poll counts
+    as failed, is logged, and shows nothing."""
     import asyncio
     import logging
 
     url, seen = redirecting_service
-    with pytest.raises(NoticesUnavailable, match=r"HTTP 302, a redirect to http://127\.0\.0\.2:\d+/"):
+    with pytest.raises(
+        NoticesUnavailable, match=r"HTTP 302, a redirect to http://127\.0\.0\.2:\d+/"
+    ):
         await fetch_notices(url, "tok-SECRET-42")
     board = NoticeBoard(tmp_path / NOTICE_FILE)
     log = logging.getLogger("casa-notices-test")
@@ -282,8 +326,8 @@ async def test_a_redirected_poll_fails_and_the_token_stays_home(redirecting_serv
                 await asyncio.sleep(0.05)
         finally:
             poll.cancel()
-    # Followed, the redirect reached 127.0.0.2: with the token before Tornado 6.5.6 (CVE-2026-49853), and
-    # either way that host's answer became the session's notices.
+    # Followed, the redirect reached 127.0.0.2: with the token before Tornado 6.5.6
+    # (CVE-2026-49853), and either way that host's answer became the session's notices.
     assert seen == []
     (record,) = caplog.records
     assert record.getMessage().startswith(
@@ -293,7 +337,8 @@ async def test_a_redirected_poll_fails_and_the_token_stays_home(redirecting_serv
 
 
 def test_the_committed_labextension_is_built_from_its_source():
-    """`make hub-labextension` records what it built from; a changed source needs a rebuild (and a commit)."""
+    """`make hub-labextension` records what it built from; a changed source needs a rebuild (and a
+    commit)."""
     import hashlib
 
     services = Path(__file__).resolve().parents[2] / "casaspawner" / "insession"
@@ -313,9 +358,10 @@ def test_the_committed_labextension_is_built_from_its_source():
 
 @pytest.mark.integration
 def test_the_wheel_installs_what_sessions_need(tmp_path):
-    """The data files the hub tests link into the venv are the ones a wheel of this checkout installs (what the
-    session image gets): the notices' Lab extension, the server config enabling their server extension, and
-    JupyterLab's setting defaults without the news feed, in overrides.d (one file per package)."""
+    """The data files the hub tests link into the venv are the ones a wheel of this checkout
+    installs (what the session image gets): the notices' Lab extension, the server config enabling
+    their server extension, and JupyterLab's setting defaults without the news feed, in overrides.d
+    (one file per package)."""
     import sys
     import sysconfig
     import zipfile
@@ -329,19 +375,24 @@ def test_the_wheel_installs_what_sessions_need(tmp_path):
         if ".data/data/" in name
     }
     assert set(SESSION_DATA_FILES) <= set(data)
-    for path in SESSION_DATA_FILES:  # linked, not copied, by make hub-dev-install
+    for path in SESSION_DATA_FILES:
+        # Linked, not copied, by make hub-dev-install.
         installed = Path(sys.prefix) / path
-        assert installed.read_bytes() == wheel.read(data[path]), f"{installed} is not the wheel's {path}"
+        assert installed.read_bytes() == wheel.read(data[path]), (
+            f"{installed} is not the wheel's {path}"
+        )
     overrides = json.loads(wheel.read(data[LAB_OVERRIDES]))
     assert overrides == {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}
-    assert sysconfig.get_paths()["data"] == sys.prefix  # where pip puts a wheel's data files
+    # Where pip puts a wheel's data files.
+    assert sysconfig.get_paths()["data"] == sys.prefix
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_service_stops_when_the_hub_stops_it_even_with_sigint_ignored(tmp_path, signum):
-    """The hub stops services with SIGINT, then SIGTERM. A hub launched in the background by a shell passes
-    SIGINT on ignored; the service must stop promptly all the same (else the hub waits, then kills it)."""
+    """The hub stops services with SIGINT, then SIGTERM. A hub launched in the background by a
+    shell passes SIGINT on ignored; the service must stop promptly all the same (else the hub
+    waits, then kills it)."""
     port = free_port()
     env = {
         **os.environ,
@@ -350,7 +401,13 @@ def test_service_stops_when_the_hub_stops_it_even_with_sigint_ignored(tmp_path, 
         "JUPYTERHUB_API_URL": f"http://127.0.0.1:{free_port()}/hub/api",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "casaspawner.services", "--state-file", str(tmp_path / "state.json")],
+        [
+            sys.executable,
+            "-m",
+            "casaspawner.services",
+            "--state-file",
+            str(tmp_path / "state.json"),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -367,7 +424,9 @@ def test_service_stops_when_the_hub_stops_it_even_with_sigint_ignored(tmp_path, 
             time.sleep(0.1)
         process.send_signal(signum)
         assert process.wait(5) == 0
-        assert "casa-sessions stopped" in (process.stdout.read().decode() if process.stdout else "")
+        assert "casa-sessions stopped" in (
+            process.stdout.read().decode() if process.stdout else ""
+        )
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,6 +1,6 @@
-"""hub-config/z2jh/values.yaml: valid for the chart (merged values vs. its schema); run through the chart's own
-configuration steps and hub.extraConfig, it configures real spawners and services the way it claims, and the
-same way as hub-config/jupyterhub_config.py."""
+"""hub-config/z2jh/values.yaml: valid for the chart (merged values vs. its schema); run through the
+chart's own configuration steps and hub.extraConfig, it configures real spawners and services the
+way it claims, and the same way as hub-config/jupyterhub_config.py."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from traitlets.config import Config
-from traitlets.config.loader import PyFileConfigLoader
-from z2jh_chart import (
+from support.z2jh import (
     CHART_APP_VERSION,
     CHART_COMMIT,
     REPO,
@@ -33,6 +31,8 @@ from z2jh_chart import (
     merge,
     prepuller_command,
 )
+from traitlets.config import Config
+from traitlets.config.loader import PyFileConfigLoader
 
 from casaspawner import hubconfig
 from casaspawner.catalog import load_catalog
@@ -43,7 +43,9 @@ from casaspawner.images.matrix import select_releases
 from casaspawner.plan import PlanConfig
 from casaspawner.services.state import ReleaseStateStore
 
-AUTH_STATE = {"oauth_user": {"uid": 41001, "gid": 41001, "groups": ["alma-users", "proj-m87"], "gids": []}}
+AUTH_STATE = {
+    "oauth_user": {"uid": 41001, "gid": 41001, "groups": ["alma-users", "proj-m87"], "gids": []}
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +62,17 @@ def chart() -> tuple[dict[str, Any], dict[str, Any]]:
 def hub(values, chart, tmp_path) -> Config:
     """The hub's config in z2jh, with the drain state in a temporary file."""
     return chart_config(
-        merge(values, {"custom": {"casaspawner": {"stateFile": str(tmp_path / "s.json")}}}), chart[1]
+        merge(values, {"custom": {"casaspawner": {"stateFile": str(tmp_path / "s.json")}}}),
+        chart[1],
     )
 
 
 def test_the_chart_data_is_of_the_replayed_chart(chart):
     """The schema and defaults on this machine come from the z2jh commit chart_config replays."""
     readme = (SHARED / "README.md").read_text()
-    assert re.search(rf"\bcommit {CHART_COMMIT}\b", readme), f"{SHARED}/README.md names another z2jh commit"
+    assert re.search(rf"\bcommit {CHART_COMMIT}\b", readme), (
+        f"{SHARED}/README.md names another z2jh commit"
+    )
     assert re.search(rf"\bappVersion {re.escape(CHART_APP_VERSION)}\b", readme)
 
 
@@ -100,7 +105,8 @@ def test_network_policy_label_is_merged_with_ours(values, chart):
 
 
 def test_prepuller_images_are_what_the_documented_command_prints(values):
-    """The values name the command that made prePuller.extraImages; it uses the values' registry and prints them."""
+    """The values name the command that made prePuller.extraImages; it uses the values' registry
+    and prints them."""
     command = prepuller_command(VALUES.read_text())
     registry = command[command.index("--registry") + 1]
     assert registry == values["hub"]["config"]["CASASessionMixin"]["image_registry"]
@@ -111,10 +117,13 @@ def test_prepuller_images_are_what_the_documented_command_prints(values):
         "prePuller": {"extraImages": values["prePuller"]["extraImages"]}
     }
     releases = select_releases(load_catalog(), command[command.index("--releases") + 1 :])
-    expected = prepuller_values(releases, PlanConfig(image_registry=registry))["prePuller"]["extraImages"]
+    expected = prepuller_values(releases, PlanConfig(image_registry=registry))["prePuller"][
+        "extraImages"
+    ]
     assert values["prePuller"]["extraImages"] == expected
     assert {r.role for r in releases} == {"pipeline", "modular"}
-    assert all(12 in r.cycles for r in releases if r.role == "pipeline")  # the current ALMA Cycle's builds
+    # The current ALMA Cycle's builds.
+    assert all(12 in r.cycles for r in releases if r.role == "pipeline")
 
 
 def test_extra_config_configures_the_casa_hub(values, hub, tmp_path):
@@ -124,7 +133,8 @@ def test_extra_config_configures_the_casa_hub(values, hub, tmp_path):
     assert c.CASASpawner.start_timeout == 600 and c.CASASpawner.storage_hub_path == "/cavern"
     assert c.CASASessionMixin.project_group_pattern == "proj-.*"
     services = {s["name"]: s for s in c.JupyterHub.services}
-    assert set(services) == {"casa-sessions", "jupyterhub-idle-culler"}  # the chart's culler, replaced once
+    # The chart's culler, replaced once.
+    assert set(services) == {"casa-sessions", "jupyterhub-idle-culler"}
     command = services["casa-sessions"]["command"]
     assert command[:3] == ["python3", "-m", "casaspawner.services"]
     assert command[command.index("--state-file") + 1] == str(tmp_path / "s.json")
@@ -133,18 +143,23 @@ def test_extra_config_configures_the_casa_hub(values, hub, tmp_path):
     assert command[command.index("--hub-api-url") + 1] == "http://localhost:8081/hub/api"
     assert services["casa-sessions"]["url"] == "http://hub:10101"
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
-    assert set(roles) == {"casa-sessions-service", "casa-operators", "casa-admins", "jupyterhub-idle-culler"}
+    assert set(roles) == {
+        "casa-sessions-service",
+        "casa-operators",
+        "casa-admins",
+        "jupyterhub-idle-culler",
+    }
     assert roles["casa-operators"]["groups"] == ["casa-operators"]
     assert roles["casa-admins"]["groups"] == ["hub-admins"]
-    # No JupyterHub admins (their admin role includes access:servers); admin_access is left to the chart's
-    # default, which JupyterHub ignores since 2.0.
+    # No JupyterHub admins (their admin role includes access:servers); admin_access is left to the
+    # chart's default, which JupyterHub ignores since 2.0.
     assert "admin_groups" not in c.GenericOAuthenticator and "admin_users" not in c.Authenticator
     assert "JupyterHub" not in values["hub"]["config"]
     assert c.JupyterHub.authenticator_class == "generic-oauth"
 
 
 def test_the_culler_is_the_charts_own(values, chart, hub):
-    """hub.extraConfig builds the culler with the shared building block: the same command and role."""
+    """hub.extraConfig builds the culler with the chart's building block: same command, role."""
     service, role = chart_culler(getter(merge(chart[1], values)))
     assert next(s for s in hub.JupyterHub.services if s["name"] == service["name"]) == service
     ours = next(r for r in hub.JupyterHub.load_roles if r["name"] == role["name"])
@@ -153,11 +168,16 @@ def test_the_culler_is_the_charts_own(values, chart, hub):
 
 def test_extra_config_follows_the_hub_base_url(values, chart):
     c = chart_config(merge(values, {"hub": {"baseUrl": "/casa/"}}), chart[1])
-    assert c.CASASessionMixin.notices_url == "http://hub:10101/casa/services/casa-sessions/api/notices"
+    assert (
+        c.CASASessionMixin.notices_url
+        == "http://hub:10101/casa/services/casa-sessions/api/notices"
+    )
     services = {s["name"]: s for s in c.JupyterHub.services}
     command = services["casa-sessions"]["command"]
     assert command[command.index("--hub-api-url") + 1] == "http://localhost:8081/casa/hub/api"
-    assert "--url=http://localhost:8081/casa/hub/api" in services["jupyterhub-idle-culler"]["command"]
+    assert (
+        "--url=http://localhost:8081/casa/hub/api" in services["jupyterhub-idle-culler"]["command"]
+    )
 
 
 def test_without_culling_there_is_no_culler_and_no_warning(values, chart):
@@ -189,22 +209,29 @@ async def session_pod(config: Config, dataset: Any, server_name: str = "") -> di
     from casaspawner.session.readers import LocalDirectoryReader
 
     user = _DryRunUser("alice", AUTH_STATE)
-    spawner = CASASpawner(_mock=True, user=user, orm_spawner=orm.Spawner(name=server_name), config=config)
+    spawner = CASASpawner(
+        _mock=True, user=user, orm_spawner=orm.Spawner(name=server_name), config=config
+    )
     spawner.dataset_reader = LocalDirectoryReader()
     spawner.user_options = {"dataset": str(dataset), "interface": "lab"}
     await spawner.prepare_session()
     pod, _ = await spawner.session_manifests()
-    assert spawner.start_timeout == 600  # CASASpawner's, over the chart's KubeSpawner.start_timeout
+    # CASASpawner's, over the chart's KubeSpawner.start_timeout.
+    assert spawner.start_timeout == 600
     return pod
 
 
-@pytest.mark.parametrize(("server", "file"), [("", "CASA-NOTICES.md"), ("m87", "CASA-NOTICES-m87.md")])
+@pytest.mark.parametrize(
+    ("server", "file"), [("", "CASA-NOTICES.md"), ("m87", "CASA-NOTICES-m87.md")]
+)
 def test_session_pods_get_the_notices_url_and_file(hub, tmp_path, server, file):
-    """The chart writes singleuser.extraEnv into KubeSpawner.environment; the notices must survive it."""
+    """The chart writes singleuser.extraEnv into KubeSpawner.environment; the notices must survive
+    it."""
     pytest.importorskip("kubespawner")
     from casaspawner.kube.dryrun import _offline_kubernetes
 
-    assert hub.KubeSpawner.environment == {}  # what the chart sets from the default extraEnv
+    # What the chart sets from the default extraEnv.
+    assert hub.KubeSpawner.environment == {}
     dataset = write_dataset(tmp_path / "data", era="cycle10")
     with _offline_kubernetes():
         pod = asyncio.run(session_pod(hub, dataset, server))
@@ -216,7 +243,8 @@ def test_session_pods_get_the_notices_url_and_file(hub, tmp_path, server, file):
 
 
 def test_casa_spawner_accepts_the_values_config(values):
-    """Every trait the values set on CASASpawner / the mixin is a configurable trait of CASASpawner."""
+    """Every trait the values set on CASASpawner / the mixin is a configurable trait of
+    CASASpawner."""
     kube = pytest.importorskip("casaspawner.kube.spawner")
     configurable = kube.CASASpawner.class_traits(config=True)
     for section in ("CASASessionMixin", "CASASpawner"):
@@ -228,7 +256,8 @@ def test_casa_spawner_accepts_the_values_config(values):
 
 
 def standalone_config(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Config:
-    """hub-config/jupyterhub_config.py loaded as JupyterHub loads it, with ``env`` as its environment."""
+    """hub-config/jupyterhub_config.py loaded as JupyterHub loads it, with ``env`` as its
+    environment."""
     for name in list(os.environ):
         if name.startswith(("CASA", "OIDC_", "OAUTH")):
             monkeypatch.delenv(name)
@@ -238,7 +267,8 @@ def standalone_config(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> C
 
 
 def comparable(c: Config) -> dict[str, Any]:
-    """What both deployments must agree on; deployment-specific values (addresses, Python, files) removed."""
+    """What both deployments must agree on; deployment-specific values (addresses, Python, files)
+    removed."""
     services = []
     for service in c.JupyterHub.services:
         service = dict(service)
@@ -270,7 +300,8 @@ def comparable(c: Config) -> dict[str, Any]:
 
 
 def test_both_deployments_configure_the_same_hub(values, hub, monkeypatch, tmp_path):
-    """jupyterhub_config.py with the environment equivalent of the values = the z2jh hub, but for addresses."""
+    """jupyterhub_config.py with the environment equivalent of the values = the z2jh hub, but for
+    addresses."""
     oauth = values["hub"]["config"]["GenericOAuthenticator"]
     casa = values["custom"]["casaspawner"]
     standalone = standalone_config(
@@ -301,16 +332,20 @@ def test_both_deployments_configure_the_same_hub(values, hub, monkeypatch, tmp_p
     service = next(s for s in standalone.JupyterHub.services if s["name"] == "casa-sessions")
     assert service["url"] == "http://127.0.0.1:10101"
     assert (
-        standalone.CASASessionMixin.notices_url == "http://127.0.0.1:10101/services/casa-sessions/api/notices"
+        standalone.CASASessionMixin.notices_url
+        == "http://127.0.0.1:10101/services/casa-sessions/api/notices"
     )
 
 
 def test_the_standalone_config_reads_its_documented_variables(monkeypatch):
-    """Every environment variable jupyterhub_config.py reads is listed in its header, and the other way round."""
+    """Every environment variable jupyterhub_config.py reads is listed in its header, and the other
+    way round."""
     text = (REPO / "hub-config" / "jupyterhub_config.py").read_text()
     header = text.split("\nimport os", 1)[0]
     read = set(re.findall(r"environ\.get\(\s*\"([A-Z0-9_]+)\"", text))
-    read |= set(re.findall(r"(?:env\.get|seconds)\(\"([A-Z0-9_]+)\"", Path(hubconfig.__file__).read_text()))
+    read |= set(
+        re.findall(r"(?:env\.get|seconds)\(\"([A-Z0-9_]+)\"", Path(hubconfig.__file__).read_text())
+    )
     assert {"OIDC_LOGIN_SERVICE", "CASA_CULL_TIMEOUT", "CASASPAWNER_IMAGE_REGISTRY"} <= read
     documented = set(re.findall(r"\b([A-Z][A-Z0-9]*_[A-Z0-9_]+)\b", header))
     assert read <= documented, sorted(read - documented)
@@ -320,8 +355,9 @@ def test_the_standalone_config_reads_its_documented_variables(monkeypatch):
 
 @pytest.mark.integration
 def test_a_hub_started_with_a_bad_number_stops_with_one_sentence(tmp_path):
-    """``jupyterhub -f hub-config/jupyterhub_config.py`` with ``CASA_CULL_TIMEOUT=1h``: the hub stops while loading
-    its configuration with one sentence naming the variable, no traceback, nothing created."""
+    """``jupyterhub -f hub-config/jupyterhub_config.py`` with ``CASA_CULL_TIMEOUT=1h``: the hub
+    stops while loading its configuration with one sentence naming the variable, no traceback,
+    nothing created."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CASA", "OIDC_", "OAUTH"))}
     env["CASA_CULL_TIMEOUT"] = "1h"
     config = REPO / "hub-config" / "jupyterhub_config.py"
@@ -335,16 +371,21 @@ def test_a_hub_started_with_a_bad_number_stops_with_one_sentence(tmp_path):
     )
     assert hub.returncode == 1
     sentence = (
-        "The environment variable CASA_CULL_TIMEOUT must be a whole number of seconds, 0 or more, not '1h'."
+        "The environment variable CASA_CULL_TIMEOUT must be a whole number of seconds, 0 or "
+        "more, not '1h'."
     )
     assert hub.stderr.strip() == sentence and hub.stdout == ""
-    assert list(tmp_path.iterdir()) == []  # stopped before any database, cookie secret or proxy
+    # Stopped before any database, cookie secret or proxy.
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
     ("env", "sentence"),
     [
-        ({"CASA_START_TIMEOUT": "10 min"}, "CASA_START_TIMEOUT must be a whole number of seconds, 1 or more"),
+        (
+            {"CASA_START_TIMEOUT": "10 min"},
+            "CASA_START_TIMEOUT must be a whole number of seconds, 1 or more",
+        ),
         (
             {"CASA_NOTICES_INTERVAL": "0"},
             "CASA_NOTICES_INTERVAL must be a whole number of seconds, 1 or more",
@@ -364,7 +405,9 @@ def test_every_number_in_the_environment_is_checked(env, sentence):
         hubconfig.settings_from_environment(env)
     assert sentence in str(error.value) and str(error.value).count(". ") == 0
     # Whole numbers, spaces around them included, are taken as they are.
-    settings = hubconfig.settings_from_environment({"CASA_CULL_EVERY": " 30 ", "CASA_CULL_WARN_BEFORE": "0"})
+    settings = hubconfig.settings_from_environment(
+        {"CASA_CULL_EVERY": " 30 ", "CASA_CULL_WARN_BEFORE": "0"}
+    )
     assert settings.cull is not None and settings.cull.every == 30 and settings.warn_before == 0
 
 
@@ -373,13 +416,13 @@ def test_every_number_in_the_environment_is_checked(env, sentence):
     [
         (
             {"custom": {"casaspawner": {"startTimeout": "10m"}}},
-            "custom.casaspawner.startTimeout in the Helm values must be a whole number of seconds, 1 or more, "
-            "not '10m'.",
+            "custom.casaspawner.startTimeout in the Helm values must be a whole number of "
+            "seconds, 1 or more, not '10m'.",
         ),
         (
             {"custom": {"casaspawner": {"warnBefore": True}}},
-            "custom.casaspawner.warnBefore in the Helm values must be a whole number of seconds, 0 or more, "
-            "not True.",
+            "custom.casaspawner.warnBefore in the Helm values must be a whole number of seconds, "
+            "0 or more, not True.",
         ),
         (
             {"cull": {"every": 0}},
@@ -391,8 +434,11 @@ def test_every_number_in_the_environment_is_checked(env, sentence):
         ),
     ],
 )
-def test_bad_numbers_in_the_values_stop_the_hub_with_one_sentence(values, chart, override, sentence):
-    """hub.extraConfig runs inside the chart's jupyterhub_config.py: the same HubConfigError stops the hub."""
+def test_bad_numbers_in_the_values_stop_the_hub_with_one_sentence(
+    values, chart, override, sentence
+):
+    """hub.extraConfig runs inside the chart's jupyterhub_config.py: the same HubConfigError stops
+    the hub."""
     with pytest.raises(hubconfig.HubConfigError) as error:
         chart_config(merge(values, override), chart[1])
     assert str(error.value) == sentence
@@ -404,8 +450,16 @@ def test_roles_are_least_privilege():
     service_scopes = set(roles["casa-sessions-service"]["scopes"])
     assert service_scopes == {"list:users", "read:users:activity", "read:servers"}
     admin = set(roles["casa-admins"]["scopes"])
-    # Admins manage the hub but cannot enter sessions, read the OIDC tokens, mint tokens, share servers or
-    # repoint the hub's proxy.
-    forbidden = {"access:servers", "admin:users", "admin:auth_state", "tokens", "shares", "admin", "proxy"}
+    # Admins manage the hub but cannot enter sessions, read the OIDC tokens, mint tokens, share
+    # servers or repoint the hub's proxy.
+    forbidden = {
+        "access:servers",
+        "admin:users",
+        "admin:auth_state",
+        "tokens",
+        "shares",
+        "admin",
+        "proxy",
+    }
     assert not admin & forbidden
     assert {"admin-ui", "admin:servers", "users", "admin:groups"} <= admin

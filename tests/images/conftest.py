@@ -1,7 +1,8 @@
 """Fixtures for the ``images`` tier: real buildah/podman builds on an mmdebstrap Debian base.
 
-Builds go through the real ``casaspawner images build`` command and reuse images whose input hash is
-unchanged, so a warm run only re-runs the checks. Caches live under ``~/.cache/casaspawner/images``.
+Builds go through the real ``casaspawner images build`` command and reuse images whose input hash
+is unchanged, so a warm run only re-runs the checks. Caches live under
+``~/.cache/casaspawner/images``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from images_support import CASADATA, MODULAR, PLOTMS, REGISTRY, build
+from support.images import CASADATA, MODULAR, PLOTMS, REGISTRY, build
 
 from casaspawner.catalog import Catalog
 from casaspawner.images import engine
@@ -30,7 +31,8 @@ def tools() -> engine.Tools:
 
 @pytest.fixture(scope="session")
 def built(tools: engine.Tools, catalog: Catalog) -> dict[str, Recipe]:
-    """The session base, the session image and one modular CASA image, built (or reused) with the real CLI."""
+    """The session base, the session image and one modular CASA image, built (or reused) with the
+    real CLI."""
     result, seconds = build("--registry", REGISTRY, "--release", MODULAR)
     assert result.returncode == 0, result.stderr + result.stdout
     print(f"\n[images] session + {MODULAR}: {seconds:.0f} s\n{result.stdout}")
@@ -41,7 +43,7 @@ def built(tools: engine.Tools, catalog: Catalog) -> dict[str, Recipe]:
 
 
 def pip_target(requirement: str, kind: str) -> Path:
-    """``requirement`` installed once (no dependencies) into its own directory of the images cache."""
+    """``requirement`` installed once (no dependencies) into a directory of the images cache."""
     target = engine.CACHE_DIR / kind / requirement.replace("==", "-")
     if not target.is_dir():
         partial = target.with_suffix(".partial")
@@ -63,13 +65,21 @@ def pip_target(requirement: str, kind: str) -> Path:
 
 @pytest.fixture(scope="session")
 def measures() -> Path:
-    """The ``casadata`` package's data directory (installed once into the cache), as a measures tree."""
+    """The ``casadata`` package's data directory (installed once into the cache), as a measures
+    tree."""
     target = pip_target(CASADATA, "casadata")
     found = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import casadata; print(casadata.datapath)",
-         str(target)],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); import casadata; "
+            "print(casadata.datapath)",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     path = Path(found)
     assert (path / "geodetic").is_dir(), f"casadata has no geodetic tables at {path}"
     return path
@@ -77,6 +87,7 @@ def measures() -> Path:
 
 @pytest.fixture(scope="session")
 def plotms_appimage() -> Path:
-    """A real CASA GUI AppImage: casaplotms's, from its PyPI wheel (installed once into the cache)."""
-    (appimage,) = (pip_target(PLOTMS, "casaplotms") / "casaplotms" / "__bin__").glob("*.AppImage")
+    """A real CASA GUI AppImage: casaplotms's, from its PyPI wheel (installed once, cached)."""
+    bin_dir = pip_target(PLOTMS, "casaplotms") / "casaplotms" / "__bin__"
+    (appimage,) = bin_dir.glob("*.AppImage")
     return appimage

@@ -1,5 +1,6 @@
-"""The build steps of images/common.sh that work on plain directories, run on this host with /bin/sh (as the
-recipes' RUN steps do), on paths with spaces and leading or trailing blanks. No containers."""
+"""The build steps of images/common.sh that work on plain directories, run on this host with
+/bin/sh (as the recipes' RUN steps do), on paths with spaces and leading or trailing blanks. No
+containers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ COMMON_SH = recipes_dir() / "common.sh"
 
 
 def common_sh(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``script`` in ``sh`` after sourcing common.sh, with ``args`` as ``$1``...; ``set -eu`` as in the recipes."""
+    """``script`` in ``sh`` after sourcing common.sh, with ``args`` as ``$1``...; ``set -eu`` as in
+    the recipes."""
     return subprocess.run(
         ["sh", "-c", f'. "{COMMON_SH}"; {script}', "sh", *args],
         capture_output=True,
@@ -25,7 +27,8 @@ def common_sh(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess
 
 
 def test_link_measures_links_every_bundled_data_root_on_a_path_with_spaces(tmp_path: Path) -> None:
-    home = tmp_path / "opt casa" / "casa 6.6.1-17"  # the tree's name comes from the tarball
+    # The tree's name comes from the tarball.
+    home = tmp_path / "opt casa" / "casa 6.6.1-17"
     roots = [home / "data", home / "lib" / "py" / "site packages" / "casadata" / "__data__"]
     for root in roots:
         for part in ("geodetic", "ephemerides", "alma"):
@@ -35,7 +38,8 @@ def test_link_measures_links_every_bundled_data_root_on_a_path_with_spaces(tmp_p
     for root in roots:
         assert os.readlink(root / "geodetic") == "/opt/casa/measures/geodetic"
         assert os.readlink(root / "ephemerides") == "/opt/casa/measures/ephemerides"
-        assert (root / "alma").is_dir() and not (root / "alma").is_symlink()  # the release's own data stays
+        # The release's own data stays.
+        assert (root / "alma").is_dir() and not (root / "alma").is_symlink()
     assert sorted(result.stdout.splitlines()) == sorted(
         f"linked {root}/{part} -> /opt/casa/measures/{part}"
         for root in roots
@@ -45,16 +49,19 @@ def test_link_measures_links_every_bundled_data_root_on_a_path_with_spaces(tmp_p
 
 def test_link_measures_refuses_a_tree_without_bundled_data(tmp_path: Path) -> None:
     (tmp_path / "casa x" / "bin").mkdir(parents=True)
-    result = common_sh('link_measures "$1" /opt/casa/measures', str(tmp_path / "casa x"), cwd=tmp_path)
+    result = common_sh(
+        'link_measures "$1" /opt/casa/measures', str(tmp_path / "casa x"), cwd=tmp_path
+    )
     assert result.returncode == 1
     assert result.stderr == (
-        f"casaspawner: {tmp_path}/casa x bundles no measures data (no data/ or casadata/__data__ directory)\n"
+        f"casaspawner: {tmp_path}/casa x bundles no measures data (no data/ or casadata/__data__ "
+        "directory)\n"
     )
 
 
 FAKE_APPIMAGE = """#!/bin/sh
-# What an AppImage does with --appimage-extract: its tree, as squashfs-root/ in the working directory
-# (whose AppRun names the AppImage it came from).
+# What an AppImage does with --appimage-extract: its tree, as squashfs-root/ in the working
+# directory (whose AppRun names the AppImage it came from).
 [ "$1" = --appimage-extract ] || exit 2
 mkdir -p squashfs-root
 printf '#!/bin/sh\\necho AppRun of %s\\n' "$(basename "$0")" >squashfs-root/AppRun
@@ -72,25 +79,36 @@ def test_extract_appimages_keeps_blanks_in_the_path(tmp_path: Path) -> None:
     app = bin_dir / "casaplotms-x86_64.AppImage"
     assert os.readlink(app) == "casaplotms-x86_64.AppDir/AppRun"
     ran = subprocess.run([str(app)], capture_output=True, text=True, check=True)
-    assert ran.stdout == f"AppRun of {app.name}\n"  # the tree its own AppImage unpacked
+    # The tree its own AppImage unpacked.
+    assert ran.stdout == f"AppRun of {app.name}\n"
     assert result.stdout == f"extracted  casa/site packages/casaplotms/__bin__/{app.name}\n"
 
 
 def test_strip_symbols_handles_a_file_name_ending_in_a_blank(tmp_path: Path) -> None:
     objcopy, readelf = shutil.which("objcopy"), shutil.which("readelf")
-    assert objcopy and readelf and shutil.which("strip"), "binutils is not installed (make test installs it)"
-    # A real ELF file over 1 MB: /bin/true with 2 MB of debug data, which `strip --strip-unneeded` drops.
+    assert objcopy and readelf and shutil.which("strip"), (
+        "binutils is not installed (make test installs it)"
+    )
+    # A real ELF file over 1 MB: /bin/true with 2 MB of debug data, which `strip --strip-unneeded`
+    # drops.
     (tmp_path / "pad").write_bytes(b"\0" * (2 << 20))
     lib = tmp_path / "apps dir" / "libcasa.so "
     lib.parent.mkdir()
     subprocess.run(
-        [objcopy, "--add-section", f".debug_casa={tmp_path / 'pad'}", "/bin/true", str(lib)], check=True
+        [objcopy, "--add-section", f".debug_casa={tmp_path / 'pad'}", "/bin/true", str(lib)],
+        check=True,
     )
-    assert ".debug_casa" in subprocess.run([readelf, "-S", str(lib)], capture_output=True, text=True).stdout
+    assert (
+        ".debug_casa"
+        in subprocess.run([readelf, "-S", str(lib)], capture_output=True, text=True).stdout
+    )
     mode = lib.stat().st_mode
     result = common_sh('strip_symbols "$1"', str(lib.parent), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    sections = subprocess.run([readelf, "-S", str(lib)], capture_output=True, text=True, check=True).stdout
+    sections = subprocess.run(
+        [readelf, "-S", str(lib)], capture_output=True, text=True, check=True
+    ).stdout
     assert ".debug_casa" not in sections and lib.stat().st_size < 1 << 20
     assert lib.stat().st_mode == mode and not list(lib.parent.glob("*.stripped"))
-    assert subprocess.run([str(lib)]).returncode == 0  # still /bin/true
+    # Still /bin/true.
+    assert subprocess.run([str(lib)]).returncode == 0

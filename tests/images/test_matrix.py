@@ -1,5 +1,5 @@
-"""The image build matrix, tags, checksums, measures policy, prepuller snippet and apt-mirror parsing (pure;
-no containers)."""
+"""The image build matrix, tags, checksums, measures policy, prepuller snippet and apt-mirror
+parsing (pure; no containers)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def test_every_available_release_gets_the_spawners_image_reference(catalog: Cata
     for release in catalog.available():
         recipe = by_name[release.id]
         assert recipe.image == image_for(release, config)
-        # CASA images build on the session base (not the session image): casaspawner is their last layer.
+        # CASA images build on the session base (not the session image): casaspawner is their last
+        # layer.
         assert parent_reference(recipe) == base.image
         assert recipe.build_args["CASA_KERNEL_NAME"] == release.kernel_name
         assert recipe.labels["io.casaspawner.release"] == release.id
@@ -69,10 +70,11 @@ def test_modular_recipe_pins_the_builds_wheels(catalog: Catalog) -> None:
     recipe = release_recipe(release, MatrixOptions())
     assert recipe.buildable
     assert recipe.containerfile == "modular.Containerfile"
-    assert recipe.build_args["CASA_REQUIREMENTS"].split() == release.wheels.requirements()  # type: ignore[union-attr]
+    requirements = release.wheels.requirements()  # type: ignore[union-attr]
+    assert recipe.build_args["CASA_REQUIREMENTS"].split() == requirements
     assert "casatools==6.6.5.31" in recipe.build_args["CASA_REQUIREMENTS"]
-    # Besides the wheels, what local environments add, from the same list (ipykernel, protobuf<3.21, ...),
-    # but not the logger's 470 MB AppImage.
+    # Besides the wheels, what local environments add, from the same list (ipykernel,
+    # protobuf<3.21, ...), but not the logger's 470 MB AppImage.
     extra = recipe.build_args["CASA_EXTRA_PACKAGES"].split()
     assert extra == [p for p in EXTRA_PACKAGES if p != "casalogger"] and "protobuf<3.21" in extra
     assert recipe.build_args["PYTHON"] == "python3.11"
@@ -94,8 +96,11 @@ def test_monolithic_recipe_uses_a_pinned_sha256_else_the_published_md5(catalog: 
     assert release.tarball is not None and release.tarball.sha256 is None
     unpinned = release_recipe(release, MatrixOptions())
     assert unpinned.buildable
-    assert unpinned.build_args["CASA_TARBALL_CHECKSUM"] == ""  # looked up in <url>.md5 when the build starts
-    assert unpinned.labels["io.casaspawner.tarball-checksum"] == f"md5 of {release.tarball.url}.md5"
+    # Looked up in <url>.md5 when the build starts.
+    assert unpinned.build_args["CASA_TARBALL_CHECKSUM"] == ""
+    assert (
+        unpinned.labels["io.casaspawner.tarball-checksum"] == f"md5 of {release.tarball.url}.md5"
+    )
     pinned = release_recipe(release, MatrixOptions(checksums={release.tarball.name: SHA}))
     assert pinned.buildable
     assert pinned.build_args["CASA_TARBALL_CHECKSUM"] == f"sha256:{SHA}"
@@ -110,8 +115,11 @@ def test_a_catalog_sha256_always_wins(catalog: Catalog) -> None:
     release = catalog.get("pl-2024.1.0.8")
     assert release.tarball is not None
     pinned = dataclasses.replace(release, tarball=dataclasses.replace(release.tarball, sha256=SHA))
-    # Pinned, the tarball verifies against it from any mirror, plain http too: no .md5 is consulted.
-    recipe = release_recipe(pinned, MatrixOptions(tarball_mirror="http://mirror.example.org/casa/"))
+    # Pinned, the tarball verifies against it from any mirror, plain http too: no .md5 is
+    # consulted.
+    recipe = release_recipe(
+        pinned, MatrixOptions(tarball_mirror="http://mirror.example.org/casa/")
+    )
     assert recipe.buildable and recipe.build_args["CASA_TARBALL_CHECKSUM"] == f"sha256:{SHA}"
     same = release_recipe(pinned, MatrixOptions(checksums={release.tarball.name: SHA.upper()}))
     assert same.buildable and same.build_args["CASA_TARBALL_CHECKSUM"] == f"sha256:{SHA}"
@@ -119,7 +127,8 @@ def test_a_catalog_sha256_always_wins(catalog: Catalog) -> None:
     other = release_recipe(pinned, MatrixOptions(checksums={release.tarball.name: "b" * 64}))
     assert not other.buildable
     assert other.problem == (
-        f"the catalog pins SHA-256 {SHA} for {release.tarball.name}, and --checksums/--sha256 gives another"
+        f"the catalog pins SHA-256 {SHA} for {release.tarball.name}, and --checksums/--sha256 "
+        "gives another"
     )
 
 
@@ -130,8 +139,8 @@ def test_the_md5_fallback_needs_https_or_a_mirror_on_this_machine(catalog: Catal
     url = f"http://mirror.example.org/casa/{release.tarball.name}"
     assert not plain.buildable
     assert plain.problem == (
-        f"its tarball cannot be verified (the catalog has no SHA-256, and an MD5 counts only over https or "
-        f"from this machine, not {url}.md5); pin a SHA-256 with --checksums or --sha256"
+        "its tarball cannot be verified (the catalog has no SHA-256, and an MD5 counts only over "
+        f"https or from this machine, not {url}.md5); pin a SHA-256 with --checksums or --sha256"
     )
     for mirror in ("https://mirror.example.org/casa/", "http://127.0.0.1:8000/casa/", None):
         assert release_recipe(release, MatrixOptions(tarball_mirror=mirror)).buildable, mirror
@@ -149,20 +158,29 @@ def test_every_published_tarball_release_is_buildable(catalog: Catalog) -> None:
 
 
 def test_measures_policy_follows_the_catalogs_data_field(catalog: Catalog) -> None:
-    bundled = release_recipe(catalog.get("pl-2024.1.0.8"), MatrixOptions())  # CASA 6.6.1: data bundled
-    casaconfig = release_recipe(catalog.get("pl-2025.1.0.35"), MatrixOptions())  # CASA 6.6.6
+    # CASA 6.6.1: data bundled.
+    bundled = release_recipe(catalog.get("pl-2024.1.0.8"), MatrixOptions())
+    # CASA 6.6.6.
+    casaconfig = release_recipe(catalog.get("pl-2025.1.0.35"), MatrixOptions())
     modular = release_recipe(catalog.get("casa-6.6.5-31"), MatrixOptions())
     assert bundled.build_args["CASA_DATA"] == "bundled"
     assert casaconfig.build_args["CASA_DATA"] == "casaconfig"
     assert bundled.labels["io.casaspawner.measures"] == MEASURES_POLICIES["bundled"]
-    assert "geodetic and ephemerides are links into /opt/casa/measures" in MEASURES_POLICIES["bundled"]
+    assert (
+        "geodetic and ephemerides are links into /opt/casa/measures"
+        in MEASURES_POLICIES["bundled"]
+    )
     for recipe in (casaconfig, modular):
         assert recipe.labels["io.casaspawner.measures"] == MEASURES_POLICIES["casaconfig"]
     assert "CASASITECONFIG" in MEASURES_POLICIES["casaconfig"]
     old_wheels = Release(
-        id="casa-6.2.1-7", role="modular", casa="6.2.1-7", confidence="confirmed", data="bundled",
+        id="casa-6.2.1-7",
+        role="modular",
+        casa="6.2.1-7",
+        confidence="confirmed",
+        data="bundled",
         wheels=Wheels(python=("3.11",), casatools="6.2.1.7", casatasks="6.2.1.7"),
-    )  # fmt: skip
+    )
     refused = release_recipe(old_wheels, MatrixOptions())
     assert not refused.buildable and "predates casaconfig" in (refused.problem or "")
 
@@ -170,7 +188,8 @@ def test_measures_policy_follows_the_catalogs_data_field(catalog: Catalog) -> No
 def test_tarball_mirror_keeps_the_file_name(catalog: Catalog) -> None:
     release = catalog.get("pl-2024.1.0.8")
     recipe = release_recipe(release, MatrixOptions(tarball_mirror="http://127.0.0.1:8000/casa/"))
-    assert recipe.build_args["CASA_TARBALL_URL"] == f"http://127.0.0.1:8000/casa/{release.tarball.name}"  # type: ignore[union-attr]
+    name = release.tarball.name  # type: ignore[union-attr]
+    assert recipe.build_args["CASA_TARBALL_URL"] == f"http://127.0.0.1:8000/casa/{name}"
 
 
 def test_casa_4_and_5_have_no_python3_kernel(catalog: Catalog) -> None:
@@ -233,7 +252,9 @@ def test_input_hash_tracks_inputs(catalog: Catalog) -> None:
     files = {"Containerfile": b"FROM x\n", "entrypoint.sh": b"#!/bin/sh\n"}
     base = input_hash(recipe, files, "sha256:parent")
     assert base == input_hash(recipe, dict(files), "sha256:parent")
-    assert base != input_hash(recipe, {**files, "entrypoint.sh": b"#!/bin/sh -e\n"}, "sha256:parent")
+    assert base != input_hash(
+        recipe, {**files, "entrypoint.sh": b"#!/bin/sh -e\n"}, "sha256:parent"
+    )
     assert base != input_hash(recipe, files, "sha256:other-parent")
     other_base = session_recipes(MatrixOptions(base_image="localhost/other:1"))[0]
     assert base != input_hash(other_base, files, "sha256:parent")
@@ -262,7 +283,10 @@ Components: main
 
 def test_apt_sources_and_mirror_lines() -> None:
     sources = parse_apt_sources(
-        {"debian.sources": DEB822, "extra.list": "deb [arch=amd64] https://other.example/apt stable main\n"}
+        {
+            "debian.sources": DEB822,
+            "extra.list": "deb [arch=amd64] https://other.example/apt stable main\n",
+        }
     )
     assert sources == [
         AptSource("http://mirror.example/debian", ("bookworm", "bookworm-updates"), ("main",)),
@@ -283,26 +307,42 @@ def test_apt_sources_and_mirror_lines() -> None:
 def test_file_mirrors_are_left_out_or_refused_in_one_sentence() -> None:
     local = AptSource("file:/srv/mirror/debian", ("bookworm",), ("main",))
     remote = AptSource("https://mirror.example/debian", ("bookworm",), ("main",))
-    assert parse_apt_sources({"local.list": "deb file:/srv/mirror/debian bookworm main\n"}) == [local]
-    assert mirror_lines([local, remote], "bookworm") == ["deb https://mirror.example/debian bookworm main"]
+    assert parse_apt_sources({"local.list": "deb file:/srv/mirror/debian bookworm main\n"}) == [
+        local
+    ]
+    assert mirror_lines([local, remote], "bookworm") == [
+        "deb https://mirror.example/debian bookworm main"
+    ]
     with pytest.raises(ImageBuildError) as refused:
         mirror_lines([local], "bookworm")
     message = str(refused.value)
-    assert "file:/ directory, which container builds cannot reach" in message and "--base IMAGE" in message
+    assert (
+        "file:/ directory, which container builds cannot reach" in message
+        and "--base IMAGE" in message
+    )
     assert len(message.splitlines()) == 1
 
 
 def test_cli_list_json_and_prepuller(catalog: Catalog, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["images", "list", "--json", "--registry", "r.example", "--releases", "casa-6.7.0-31"]) == 0
+    assert (
+        main(
+            ["images", "list", "--json", "--registry", "r.example", "--releases", "casa-6.7.0-31"]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert [row["name"] for row in rows] == ["session-base", "session", "casa-6.7.0-31"]
-    assert rows[2]["image"] == image_for(catalog.get("casa-6.7.0-31"), PlanConfig(image_registry="r.example"))
+    assert rows[2]["image"] == image_for(
+        catalog.get("casa-6.7.0-31"), PlanConfig(image_registry="r.example")
+    )
     assert rows[2]["recipe"] == "images/casa/modular.Containerfile"
     assert main(["images", "prepuller", "--releases", "casa-6.6.5-31"]) == 0
     values = yaml.safe_load(capsys.readouterr().out)
     assert values == {
         "prePuller": {
-            "extraImages": {"casa-6-6-5-31": {"name": "ghcr.io/casaspawner/casa", "tag": "6.6.5-31"}}
+            "extraImages": {
+                "casa-6-6-5-31": {"name": "ghcr.io/casaspawner/casa", "tag": "6.6.5-31"}
+            }
         }
     }
 
@@ -312,10 +352,15 @@ def test_cli_list_json_and_prepuller(catalog: Catalog, capsys: pytest.CaptureFix
     [
         (["images", "prepuller", "--releases", "nope"], "not a release in the catalog"),
         (["images", "build", "--sha256", SHA], "--sha256 needs exactly one --release"),
-        (["images", "list", "--checksums", "/nonexistent/SHA256SUMS"], "cannot read the checksum file"),
+        (
+            ["images", "list", "--checksums", "/nonexistent/SHA256SUMS"],
+            "cannot read the checksum file",
+        ),
     ],
 )
-def test_cli_bad_input_is_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_input_is_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

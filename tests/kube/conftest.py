@@ -1,41 +1,44 @@
-"""Fixtures for CASASpawner tests: storage trees, spawner factory, kmock cluster."""
+"""Fixtures of the Kubernetes tier: a CASASpawner factory and a kmock cluster.
+
+The pure modules' tests (objects, podsecurity, events, quantities) run without the hub extra;
+whatever needs KubeSpawner skips when jupyterhub-kubespawner is not installed.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import kmock
 import pytest
 import pytest_asyncio
-from kube_support import PLACEHOLDER_KUBECONFIG, Emulator, FakeUser, auth_state, kubeconfig_for
+from support.users import FakeUser, auth_state
 
-from casaspawner.datasets.synth import write_dataset
-
-pytest.importorskip("kubespawner", reason="CASASpawner tests need the hub extra (jupyterhub-kubespawner)")
+HAS_KUBESPAWNER = importlib.util.find_spec("kubespawner") is not None
 
 
-def use_kubeconfig(path: Path) -> None:
-    """Point KubeSpawner's config loader at ``path`` (kubernetes_asyncio reads KUBECONFIG only at import)."""
-    from kubernetes_asyncio.config import kube_config
-    from kubespawner.clients import load_config
-
-    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(path)
-    load_config.cache_clear()
+def need_kubespawner() -> None:
+    pytest.importorskip(
+        "kubespawner", reason="CASASpawner tests need the hub extra (jupyterhub-kubespawner)"
+    )
 
 
 @pytest.fixture(autouse=True)
 def _placeholder_kubeconfig(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
-    """KubeSpawner loads a kubeconfig when constructed; these tests never contact the placeholder server.
+    """KubeSpawner loads a kubeconfig when constructed; these tests never contact its server.
 
-    Tests marked ``k8s`` keep the real ``KUBECONFIG``.
+    Tests marked ``k8s`` keep the real ``KUBECONFIG``. Without KubeSpawner there is nothing to
+    point.
     """
+    if not HAS_KUBESPAWNER:
+        yield
+        return
     from kubernetes_asyncio.config import kube_config
+    from support.kube import PLACEHOLDER_KUBECONFIG, use_kubeconfig
 
     previous = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
     if request.node.get_closest_marker("k8s"):
@@ -52,51 +55,30 @@ def _placeholder_kubeconfig(
         use_kubeconfig(Path(previous))
 
 
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Cavern-like storage root: alice's home with datasets of several eras, a project, bob's home."""
-    root = tmp_path_factory.mktemp("cavern")
-    for era in ("cycle10", "cycle7", "cycle3-pipeline", "cycle2-manual", "no-evidence"):
-        write_dataset(root / "home" / "alice" / "data" / era, era)
-    write_dataset(root / "projects" / "proja" / "shared", "cycle9")
-    write_dataset(root / "home" / "bob" / "data", "cycle8")
-    (root / "home" / "alice" / "escape").symlink_to(root / "home" / "bob" / "data")
-    (root / "home" / "alice" / "loop").symlink_to(root / "home" / "alice" / "data")
-    return root
-
-
-def dataset_in(storage: Path, user: str, era: str) -> str:
-    """The path of a synthetic dataset as the user types it (relative to their home)."""
-    base = storage / "home" / user / "data" / era
-    member = next(base.glob("*/science_goal.*/group.*/member.*"))
-    return str(member.relative_to(storage / "home" / user))
-
-
 @pytest.fixture
 def make_spawner(storage: Path) -> Callable[..., Any]:
     """Build a CASASpawner the way the hub does (config traits + user); needs a running loop."""
+    need_kubespawner()
     from casaspawner.kube.spawner import CASASpawner
 
     def build(user: FakeUser | None = None, **config: Any) -> CASASpawner:
         config.setdefault("storage_hub_path", str(storage))
         config.setdefault("namespace", "test")
-        return CASASpawner(
-            _mock=True, user=user or FakeUser(auth_state=auth_state(groups=("proja",))), **config
-        )
+        user = user or FakeUser(auth_state=auth_state(groups=("proja",)))
+        return CASASpawner(_mock=True, user=user, **config)
 
     return build
 
 
 @pytest_asyncio.fixture(loop_scope="function")
-async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Emulator, kmock.Server]]:
+async def cluster(tmp_path: Path) -> AsyncIterator[Any]:
     """A kmock Kubernetes emulator on 127.0.0.1 that KubeSpawner talks to."""
+    need_kubespawner()
     from kubespawner import KubeSpawner
+    from support.kube import emulated_cluster, use_kubeconfig
 
-    async with Emulator() as emulator, kmock.Server(emulator) as server:
-        with warnings.catch_warnings():  # kmock 0.8 reads its bundled resources with a deprecated API
-            warnings.simplefilter("ignore", DeprecationWarning)
-            emulator.resources.load_bundled()
-        use_kubeconfig(kubeconfig_for(tmp_path / "kubeconfig", str(server.url).rstrip("/")))
+    async with emulated_cluster(tmp_path / "kubeconfig") as (emulator, server):
+        use_kubeconfig(tmp_path / "kubeconfig")
         try:
             yield emulator, server
         finally:

@@ -1,4 +1,5 @@
-"""The real KubeSpawner start → poll → stop lifecycle against kmock on 127.0.0.1 (emulator + fake kubelet)."""
+"""The real KubeSpawner start → poll → stop lifecycle against kmock on 127.0.0.1 (emulator +
+fake kubelet)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import base64
 import json
 import time
 
-import kmock
 import pytest
-from conftest import dataset_in
-from kube_support import FakeKubelet, FakeUser, stored
+
+pytest.importorskip("kubespawner", reason="the lifecycle is KubeSpawner's (the hub extra)")
+
+import kmock
 from kubernetes_asyncio.client.rest import ApiException
+from support.datasets import dataset_in
+from support.kube import FakeKubelet, stored
+from support.users import FakeUser
 
 from casaspawner.spawners.errors import SpawnException
 
@@ -19,7 +24,8 @@ TIMEOUTS = {"start_timeout": 15, "k8s_api_request_retry_timeout": 5}
 
 
 async def start_collecting_progress(spawner) -> tuple[str, list[str]]:
-    """Start as the hub does (apply_user_options, then start) while reading progress like the spawn page."""
+    """Start as the hub does (apply_user_options, then start) while reading progress like the spawn
+    page."""
     await spawner._run_apply_user_options(spawner.user_options)
     future = spawner.start()
     messages = [event["message"] async for event in spawner.progress()]
@@ -29,7 +35,10 @@ async def start_collecting_progress(spawner) -> tuple[str, list[str]]:
 async def test_start_poll_stop_with_token_secret(cluster, make_spawner, storage):
     emulator, server = cluster
     spawner = make_spawner(**TIMEOUTS)
-    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10"), "interface": "desktop"}
+    spawner.user_options = {
+        "dataset": dataset_in(storage, "alice", "cycle10"),
+        "interface": "desktop",
+    }
     async with FakeKubelet(server).running() as kubelet:
         url, messages = await start_collecting_progress(spawner)
         assert url == "http://127.0.0.1:8888"
@@ -37,7 +46,8 @@ async def test_start_poll_stop_with_token_secret(cluster, make_spawner, storage)
 
         (pod,) = kubelet.pods
         assert (
-            pod["spec"]["containers"][0]["image"] == "ghcr.io/casaspawner/casa:6.5.4-9-pipeline-2023.1.0.124"
+            pod["spec"]["containers"][0]["image"]
+            == "ghcr.io/casaspawner/casa:6.5.4-9-pipeline-2023.1.0.124"
         )
         assert pod["metadata"]["labels"]["casaspawner.io/interface"] == "desktop"
         assert "tok-SECRET-42" not in str(pod)
@@ -55,8 +65,12 @@ async def test_start_poll_stop_with_token_secret(cluster, make_spawner, storage)
             "CASA 6.5.4-9 (pipeline 2023.1.0.124), the exact build."
         )
         assert messages[1].startswith("The pipeline manifest names pipeline 2023.1.0.124")
-        pulling = next(i for i, m in enumerate(messages) if m.startswith("Pulling the session image"))
-        started = next(i for i, m in enumerate(messages) if m.startswith("The session container started"))
+        pulling = next(
+            i for i, m in enumerate(messages) if m.startswith("Pulling the session image")
+        )
+        started = next(
+            i for i, m in enumerate(messages) if m.startswith("The session container started")
+        )
         assert 1 < pulling < started
 
         await spawner.stop(now=True)
@@ -73,36 +87,45 @@ async def test_image_pull_failure_ends_spawn_with_one_sentence(cluster, make_spa
         began = time.perf_counter()
         with pytest.raises(SpawnException) as info:
             await start_collecting_progress(spawner)
-        assert time.perf_counter() - began < 10  # ended by the event, not by start_timeout
+        # Ended by the event, not by start_timeout.
+        assert time.perf_counter() - began < 10
         assert info.value.jupyterhub_message == (
-            f'The session image {image} could not be pulled (Failed to pull image "{image}": {image} not found).'
+            f'The session image {image} could not be pulled (Failed to pull image "{image}": '
+            f"{image} not found)."
         )
-        await spawner.stop(now=True)  # what the hub does after a failed start
+        # What the hub does after a failed start.
+        await spawner.stop(now=True)
         assert await spawner.poll() == 1
 
 
-async def test_image_pull_that_recovers_is_not_fatal(cluster, make_spawner, storage):
-    """ErrImagePull, then a successful pull on the kubelet's next try: the spawn goes on."""
+@pytest.mark.parametrize(
+    ("mode", "shown"),
+    [
+        (
+            "pull-recovers",
+            [
+                lambda m: "Error: ErrImagePull" in m,
+                lambda m: m.startswith("The session image") and m.endswith("is ready."),
+            ],
+        ),
+        # The FailedScheduling was seen, and outlived.
+        ("scheduled-late", [lambda m: "Insufficient memory" in m]),
+    ],
+    ids=["pull-recovers", "scheduled-late"],
+)
+async def test_a_failure_the_kubelet_gets_past_is_not_fatal(
+    cluster, make_spawner, storage, mode, shown
+):
+    """The spawn goes on after ErrImagePull when the kubelet's next pull works, and after a
+    FailedScheduling older than the Scheduled event (e.g. a claim being bound)."""
     _emulator, server = cluster
     spawner = make_spawner(**TIMEOUTS)
     spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
-    async with FakeKubelet(server, mode="pull-recovers").running():
+    async with FakeKubelet(server, mode=mode).running():
         url, messages = await start_collecting_progress(spawner)
         assert url == "http://127.0.0.1:8888"
-        assert any("Error: ErrImagePull" in m for m in messages), messages
-        assert any(m.startswith("The session image") and m.endswith("is ready.") for m in messages), messages
-        await spawner.stop(now=True)
-
-
-async def test_scheduling_failure_followed_by_scheduled_is_not_fatal(cluster, make_spawner, storage):
-    """A FailedScheduling older than the Scheduled event (e.g. a claim being bound) does not end the spawn."""
-    _emulator, server = cluster
-    spawner = make_spawner(**TIMEOUTS)
-    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
-    async with FakeKubelet(server, mode="scheduled-late").running():
-        url, messages = await start_collecting_progress(spawner)
-        assert url == "http://127.0.0.1:8888"
-        assert any("Insufficient memory" in m for m in messages), messages  # it was seen, and outlived
+        for seen in shown:
+            assert any(seen(m) for m in messages), messages
         await spawner.stop(now=True)
 
 
@@ -119,7 +142,8 @@ async def test_unschedulable_pod_ends_spawn(cluster, make_spawner, storage):
         await spawner.stop(now=True)
 
 
-#: What a real API server sends with a 500 (a Status), and what a proxy in front of it may send instead.
+#: What a real API server sends with a 500 (a Status), and what a proxy in front of it may send
+#: instead.
 API_500 = {
     "kind": "Status",
     "apiVersion": "v1",
@@ -133,7 +157,8 @@ REFLECTOR_LISTS = {
 
 
 def reflector_requests(emulator, kind: str) -> list[dict[str, str]]:
-    """The query of every request KubeSpawner's reflector of ``kind`` made (never the fake kubelet's)."""
+    """The query of every request KubeSpawner's reflector of ``kind`` made (never the fake
+    kubelet's)."""
     path, selector = REFLECTOR_LISTS[kind]
     key, value = next(iter(selector.items()))
     return [dict(r.params) for r in emulator if r.url.path == path and r.params.get(key) == value]
@@ -142,15 +167,18 @@ def reflector_requests(emulator, kind: str) -> list[dict[str, str]]:
 PROXY_503 = kmock.text("<html><body>503 Service Unavailable</body></html>")
 
 
-@pytest.mark.parametrize("failure", [(500, API_500), (503, PROXY_503)], ids=["api-500", "proxy-503"])
+@pytest.mark.parametrize(
+    "failure", [(500, API_500), (503, PROXY_503)], ids=["api-500", "proxy-503"]
+)
 async def test_failed_first_reflector_list_is_retried(cluster, make_spawner, storage, failure):
-    """KubeSpawner alone fails the spawn and keeps a broken reflector (see the next test); CASASpawner lists
-    again, so the spawn goes on, and the next spawn finds a working reflector."""
+    """KubeSpawner alone fails the spawn and keeps a broken reflector (see the next test);
+    CASASpawner lists again, so the spawn goes on, and the next spawn finds a working reflector."""
     emulator, server = cluster
     status, body = failure
     for path, selector in REFLECTOR_LISTS.values():
         reaction = emulator[f"get {path}"][kmock.params(**selector)][:1] << status << body
-        if status == 503:  # an HTML page from a proxy in front of the API server
+        if status == 503:
+            # An HTML page from a proxy in front of the API server.
             reaction << kmock.headers({"Content-Type": "text/html"})
     spawner = make_spawner(**TIMEOUTS)
     spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
@@ -159,7 +187,8 @@ async def test_failed_first_reflector_list_is_retried(cluster, make_spawner, sto
         assert url == "http://127.0.0.1:8888"
         for kind in REFLECTOR_LISTS:
             first, second, *_ = reflector_requests(emulator, kind)
-            assert "watch" not in first and "watch" not in second  # the failed first list, listed again
+            # The failed first list, listed again.
+            assert "watch" not in first and "watch" not in second
         await spawner.stop(now=True)
         began = time.perf_counter()
         again = make_spawner(**TIMEOUTS)
@@ -170,7 +199,8 @@ async def test_failed_first_reflector_list_is_retried(cluster, make_spawner, sto
 
 
 async def test_kubespawner_alone_fails_on_first_list_500(cluster):
-    """What the override above is for (KubeSpawner 7.1): the spawn fails, and the broken reflector is kept."""
+    """What the override above is for (KubeSpawner 7.1): the spawn fails, and the broken reflector
+    is kept."""
     from kubespawner import KubeSpawner
 
     from casaspawner.kube.spawner import _reflector_broken
@@ -186,7 +216,8 @@ async def test_kubespawner_alone_fails_on_first_list_500(cluster):
 
 
 async def test_500_on_the_reflectors_watch_reconnects(cluster, make_spawner, storage):
-    """KubeSpawner's reflector takes a failed watch as a dropped one: it lists again and watches again."""
+    """KubeSpawner's reflector takes a failed watch as a dropped one: it lists again and watches
+    again."""
     emulator, server = cluster
     path, selector = REFLECTOR_LISTS["pods"]
     emulator[f"get {path}"][kmock.params(watch="True", **selector)][:1] << 500 << API_500
@@ -199,7 +230,8 @@ async def test_500_on_the_reflectors_watch_reconnects(cluster, make_spawner, sto
         calls = ["watch" if "watch" in q else "list" for q in reflector_requests(emulator, "pods")]
         first_watch = calls.index("watch")
         assert calls[first_watch + 1 : first_watch + 3] == ["list", "watch"], calls
-        # the failed create had stored the Secret (as a real API server may): 409, delete, create again
+        # the failed create had stored the Secret (as a real API server may): 409, delete, create
+        # again
         secret_calls = [(r.method.value, r.url.path) for r in emulator if "/secrets" in r.url.path]
         assert [method for method, _ in secret_calls] == ["POST", "POST", "DELETE", "POST"]
         assert "jupyter-alice-token" in stored(emulator, "secrets")
@@ -220,7 +252,8 @@ async def test_pod_creation_500_fails_the_spawn(cluster, make_spawner, storage):
 
 
 async def test_saved_state_restores_into_a_fresh_spawner(cluster, make_spawner, storage):
-    """A new spawner with no reflectors left (a real hub restart: tests/kube/test_kube_hub.py) finds the pod."""
+    """A new spawner with no reflectors left (a real hub restart: tests/kube/test_kube_hub.py)
+    finds the pod."""
     from kubespawner import KubeSpawner
 
     emulator, server = cluster
@@ -229,7 +262,8 @@ async def test_saved_state_restores_into_a_fresh_spawner(cluster, make_spawner, 
     spawner.user_options = {"dataset": dataset}
     async with FakeKubelet(server).running():
         await start_collecting_progress(spawner)
-        state = json.loads(json.dumps(spawner.get_state()))  # as the hub's database keeps it
+        # As the hub's database keeps it.
+        state = json.loads(json.dumps(spawner.get_state()))
         assert state["pod_name"] == "casa-alice" and state["casa_recent_datasets"] == [dataset]
         await KubeSpawner._stop_all_reflectors()
         lists_before = len(reflector_requests(emulator, "pods"))
@@ -239,9 +273,11 @@ async def test_saved_state_restores_into_a_fresh_spawner(cluster, make_spawner, 
         restored.load_state(state)
         assert restored.pod_name == "casa-alice" and restored.recent_datasets == [dataset]
         assert await restored.poll() is None
-        assert len(reflector_requests(emulator, "pods")) > lists_before  # asked Kubernetes, not a stale cache
-        # kmock's watch ignores resourceVersion: a deletion between the new reflector's list and its watch
-        # would be lost (a real API server replays it), so let the watch start before stopping
+        # Asked Kubernetes, not a stale cache.
+        assert len(reflector_requests(emulator, "pods")) > lists_before
+        # kmock's watch ignores resourceVersion: a deletion between the new reflector's list and
+        # its watch would be lost (a real API server replays it), so let the watch start before
+        # stopping
         for _ in range(100):
             if any("watch" in q for q in reflector_requests(emulator, "pods")[lists_before:]):
                 break
@@ -253,10 +289,14 @@ async def test_saved_state_restores_into_a_fresh_spawner(cluster, make_spawner, 
 
 
 async def test_older_hub_plans_inside_start(cluster, make_spawner, storage):
-    """JupyterHub < 5.3 has no apply_user_options: the plan is made in start() and still leads the progress."""
+    """JupyterHub < 5.3 has no apply_user_options: the plan is made in start() and still leads the
+    progress."""
     _emulator, server = cluster
     spawner = make_spawner(**TIMEOUTS)
-    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle7"), "interface": "desktop"}
+    spawner.user_options = {
+        "dataset": dataset_in(storage, "alice", "cycle7"),
+        "interface": "desktop",
+    }
     async with FakeKubelet(server).running() as kubelet:
         future = spawner.start()
         messages = [event["message"] async for event in spawner.progress()]

@@ -1,11 +1,13 @@
-"""Fixtures for the local-mode tests: the demo's CASA environment and dataset, a real hub, a real browser.
+"""Fixtures for the local-mode tests: the demo's CASA environment and dataset, a real hub, a real
+browser.
 
-The demo is prepared and the hub runs from a copy of this checkout in a directory only its owner can enter
-(as a clone in ``/root`` would be), so whatever a session's user needs must come from somewhere they can read.
+The demo is prepared and the hub runs from a copy of this checkout in a directory only its owner
+can enter (as a clone in ``/root`` would be), so whatever a session's user needs must come from
+somewhere they can read.
 
-The expensive parts are cached outside the clone (``~/.cache/casaspawner``, or ``/var/cache/casaspawner`` as
-root): the CASA environment per release, the measures data, the sessions' Jupyter environment and the demo
-MeasurementSet. A warm run reuses them all.
+The expensive parts are cached outside the clone (``~/.cache/casaspawner``, or
+``/var/cache/casaspawner`` as root): the CASA environment per release, the measures data, the
+sessions' Jupyter environment and the demo MeasurementSet. A warm run reuses them all.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from local_support import CHROMIUM_ARGS, REPO, TEST_CONFIG, Hub, free_port_block
+from support import REPO
+from support.browser import CHROMIUM, chromium
+from support.hub import Hub
 
 import casaspawner
 from casaspawner.catalog.model import Release
@@ -29,10 +33,15 @@ from casaspawner.datasets.synth import DatasetSpec, write_dataset
 from casaspawner.local import demo
 from casaspawner.local.demo import as_owner_of
 from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
+from casaspawner.net import free_port
 from casaspawner.runtime import cache_dir as default_cache_dir
 
-#: Releases only the test hub knows: one whose wheels do not exist (the build fails), one whose wheels need a
-#: Python this machine lacks.
+#: The test hub's configuration, relative to a checkout (it loads ``hub-config/local`` of the same
+#: checkout).
+TEST_CONFIG = Path("tests") / "local" / "jupyterhub_config.py"
+
+#: Releases only the test hub knows: one whose wheels do not exist (the build fails), one whose
+#: wheels need a Python this machine lacks.
 BROKEN_RELEASES = """
   - id: casa-1.0.0-1
     role: modular
@@ -77,13 +86,16 @@ def demo_release(cache_dir: Path) -> Release:
 
 @pytest.fixture(scope="session")
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What the demo and the test hub need of this checkout, copied into a directory only its owner enters."""
+    """What the demo and the test hub need of this checkout, copied into a directory only its owner
+    enters."""
     base = tmp_path_factory.mktemp("private")
     base.chmod(0o700)
     copy = base / "casaspawner-checkout"
     copy.mkdir(mode=0o700)
     for name in ("casaspawner", "hub-config"):
-        shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     (copy / TEST_CONFIG).parent.mkdir(parents=True)
     shutil.copy(REPO / TEST_CONFIG, copy / TEST_CONFIG)
     return copy
@@ -91,32 +103,53 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def from_checkout(checkout: Path, cache_dir: Path) -> dict[str, str]:
     """The environment to run casaspawner from ``checkout`` (not from this repository)."""
-    return {**os.environ, "PYTHONPATH": str(checkout), "CASASPAWNER_ENVIRONMENTS_DIR": str(cache_dir)}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(checkout),
+        "CASASPAWNER_ENVIRONMENTS_DIR": str(cache_dir),
+    }
 
 
 @pytest.fixture(scope="session")
 def demo_root(cache_dir: Path, checkout: Path) -> Iterator[Path]:
-    """The demo's state directory, prepared by ``python -m casaspawner.local.demo prepare`` (what ``make demo`` runs)
-    from the private checkout; the storage root is ``<root>/arc``.
+    """The demo's state directory, prepared by ``python -m casaspawner.local.demo prepare`` (what
+    ``make demo`` runs) from the private checkout; the storage root is ``<root>/arc``.
 
-    It lives in a directory every user can search (pytest's own temporary directories are private to root),
-    because sessions of the demo's local account read the storage under it.
+    It lives in a directory every user can search (pytest's own temporary directories are private
+    to root), because sessions of the demo's local account read the storage under it.
     """
     root = Path(tempfile.mkdtemp(prefix="casaspawner-local-tests-", dir="/tmp"))
     os.chmod(root, 0o755)
     try:
         storage = root / "arc"
         prepared = subprocess.run(
-            [sys.executable, "-m", "casaspawner.local.demo", "prepare", "--dir", str(root), "--storage", str(storage)],
-            cwd=checkout, env=from_checkout(checkout, cache_dir), capture_output=True, text=True, timeout=3600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "casaspawner.local.demo",
+                "prepare",
+                "--dir",
+                str(root),
+                "--storage",
+                str(storage),
+            ],
+            cwd=checkout,
+            env=from_checkout(checkout, cache_dir),
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
         home = storage / "home" / demo.DEMO_USER
-        assert f"Demo dataset ready at {home / demo.DEMO_PROJECT}" in prepared.stdout, prepared.stdout
-        as_owner_of(home, write_test_datasets, home / ".tests")  # hidden: not in the screenshots
+        assert f"Demo dataset ready at {home / demo.DEMO_PROJECT}" in prepared.stdout, (
+            prepared.stdout
+        )
+        # Hidden: not in the screenshots.
+        as_owner_of(home, write_test_datasets, home / ".tests")
         yield root
     finally:
-        if not os.environ.get("CASASPAWNER_KEEP_TEST_ROOT"):  # keep it to read session logs after a failure
+        # Keep it to read session logs after a failure.
+        if not os.environ.get("CASASPAWNER_KEEP_TEST_ROOT"):
             shutil.rmtree(root, ignore_errors=True)
 
 
@@ -146,21 +179,24 @@ def test_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hub(demo_root: Path, cache_dir: Path, test_catalog: Path, checkout: Path) -> Iterator[Hub]:
-    """A real JupyterHub (LocalCASASpawner, the demo's config) on free loopback ports, run from the private
-    checkout."""
+    """A real JupyterHub (LocalCASASpawner, the demo's config) on free loopback ports, run from the
+    private checkout."""
     token = secrets.token_hex(16)
     password = secrets.token_urlsafe(12)
     root = demo_root
-    env = demo.hub_environment(root, 0, password, cache_dir, root / "arc")
+    # The proxy, its API and the hub.
+    port = free_port(count=3)
+    env = demo.hub_environment(root, port, password, cache_dir, root / "arc")
     env.update({"CASASPAWNER_TEST_CATALOG": str(test_catalog), "CASASPAWNER_TEST_TOKEN": token})
     env["PYTHONPATH"] = str(checkout)
-    hub = Hub(root=root, env=env, token=token, password=password, port=free_port_block(), checkout=checkout)
+    config = checkout / TEST_CONFIG
+    hub = Hub(config, root / "hub", env, port, token=token, user=demo.DEMO_USER, password=password)
     hub.start()
     try:
         yield hub
     finally:
         try:
-            if hub.proc is None:
+            if hub.process is None:
                 hub.start()
             hub.stop_server()
         finally:
@@ -169,12 +205,8 @@ def hub(demo_root: Path, cache_dir: Path, test_catalog: Path, checkout: Path) ->
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
+    pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (make deps installs it)")
-    with sync_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
+    with chromium() as browser:
+        yield browser

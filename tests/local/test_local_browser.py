@@ -1,9 +1,10 @@
-"""The whole user path on the embedded hub, in a real browser: log in, name the demo dataset, get CASA.
+"""The whole user path on the embedded hub, in a real browser: log in, name the demo dataset, get
+CASA.
 
-JupyterLab: a notebook in the CASA kernel opens the demo MeasurementSet with casatools. Desktop: the noVNC
-canvas shows the CASA terminal once its CASA prompt is ready, checked on the session's X server and on the
-canvas pixels inside that window; operator notices pop up; plotms starts from the launcher. Screenshots go to
-docs/_static/screenshots/ for the docs.
+JupyterLab: a notebook in the CASA kernel opens the demo MeasurementSet with casatools. Desktop:
+the noVNC canvas shows the CASA terminal once its CASA prompt is ready, checked on the session's X
+server and on the canvas pixels inside that window; operator notices pop up; plotms starts from the
+launcher. Screenshots go to docs/_static/screenshots/ for the docs.
 """
 
 from __future__ import annotations
@@ -17,14 +18,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-from local_support import (
-    SCREENSHOTS,
-    Hub,
-    wait_for_display,
-    wait_for_title,
-    window_geometry,
-    window_titles,
-)
+from support import SCREENSHOTS
+from support.hub import Hub
+from support.local import wait_for_display, wait_for_title, window_geometry, window_titles
 
 from casaspawner.catalog.model import Release
 from casaspawner.local import demo
@@ -33,14 +29,18 @@ from casaspawner.local.demo import as_owner_of
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 DATASET = f"~/{demo.DEMO_PROJECT}"
-DESKTOP_BACKGROUND = (0x24, 0x36, 0x4B)  # xstartup's xsetroot colour
+# xstartup's xsetroot colour.
+DESKTOP_BACKGROUND = (0x24, 0x36, 0x4B)
 
 
 #: Keeps what the spawn-progress page showed (it reloads into the session when ready).
 RECORD_PROGRESS = """
 window.addEventListener('beforeunload', () => {
   const log = document.querySelector('#progress-log');
-  if (log) sessionStorage.setItem('casa-progress', (sessionStorage.getItem('casa-progress') || '') + log.textContent);
+  if (log) {
+    const shown = sessionStorage.getItem('casa-progress') || '';
+    sessionStorage.setItem('casa-progress', shown + log.textContent);
+  }
 });
 """
 
@@ -57,10 +57,11 @@ NOTEBOOK_CELL = (
 )
 
 
-#: Typed at the desktop's CASA prompt: amplitude against uv distance of the demo MS, coloured by antenna.
+#: Typed at the desktop's CASA prompt: amplitude against uv distance of the demo MS, coloured by
+#: antenna.
 PLOTMS_COMMAND = (
-    f"import glob; ms = glob.glob(os.path.expanduser('~/{demo.DEMO_PROJECT}/**/*.ms'), recursive=True)[0]; "
-    "plotms(vis=ms, xaxis='uvdist', yaxis='amp', coloraxis='antenna1')"
+    f"import glob; ms = glob.glob(os.path.expanduser('~/{demo.DEMO_PROJECT}/**/*.ms'), "
+    "recursive=True)[0]; plotms(vis=ms, xaxis='uvdist', yaxis='amp', coloraxis='antenna1')"
 )
 
 
@@ -77,14 +78,16 @@ def login(browser: Any, hub: Hub) -> Any:
 
 
 def wait_for_session(page: Any, path: str, timeout: float = 900) -> None:
-    """Wait until the browser is in the session at ``path``; a failed spawn fails at once, with its message."""
+    """Wait until the browser is in the session at ``path``; a failed spawn fails at once, with its
+    message."""
     deadline = time.monotonic() + timeout
     while path not in urlparse(page.url).path:
         try:
             message = page.evaluate(
                 "() => (document.querySelector('#progress-message') || {}).textContent || ''"
             )
-        except Exception:  # navigating into the session
+        except Exception:
+            # Navigating into the session.
             message = ""
         assert "Spawn failed" not in message, message
         assert time.monotonic() < deadline, f"no session after {timeout} s: {page.url}"
@@ -108,25 +111,32 @@ def submit_form(
     page.locator("form#spawn_form [type=submit]").click()
 
 
-def test_lab_session_runs_casa_on_the_demo_ms(hub: Hub, browser: Any, demo_release: Release) -> None:
+def test_lab_session_runs_casa_on_the_demo_ms(
+    hub: Hub, browser: Any, demo_release: Release
+) -> None:
     label = demo_release.label
     hub.stop_server()
     page = login(browser, hub)
     assert "/hub/spawn" in page.url, "after login the user gets the spawn form"
     assert page.locator("#casa-local-note").is_visible()
-    assert page.locator("#casa-size").count() == 0, "no session sizes: nothing limits a local session"
+    assert page.locator("#casa-size").count() == 0, (
+        "no session sizes: nothing limits a local session"
+    )
     submit_form(page, hub, "lab")
 
-    # The progress page names the dataset, the build and the reason (from the pipeline manifest). With a
-    # prepared environment it shows for a few seconds only; what it showed is kept when it navigates away.
+    # The progress page names the dataset, the build and the reason (from the pipeline manifest).
+    # With a prepared environment it shows for a few seconds only; what it showed is kept when it
+    # navigates away.
     try:
         page.wait_for_function(
-            "(document.querySelector('#progress-log') || {textContent: ''}).textContent.includes('manifest')",
+            "(document.querySelector('#progress-log') || {textContent: "
+            "''}).textContent.includes('manifest')",
             timeout=30_000,
         )
         page.locator("summary", has_text="Event log").click()
         shot(page, "local-progress")
-    except Exception:  # already redirected to JupyterLab: the record below still has the events
+    except Exception:
+        # Already redirected to JupyterLab: the record below still has the events.
         pass
     wait_for_session(page, "/lab")
     events = page.evaluate("() => sessionStorage.getItem('casa-progress') || ''")
@@ -134,7 +144,8 @@ def test_lab_session_runs_casa_on_the_demo_ms(hub: Hub, browser: Any, demo_relea
     assert f"The pipeline manifest names {label}; {label} is that build." in events, events
     page.locator(f".jp-LauncherCard[title*='{label}']").first.click()
     page.wait_for_function(
-        "(document.querySelector('.jp-Toolbar-kernelName') || {textContent: ''}).textContent.includes('CASA')",
+        "(document.querySelector('.jp-Toolbar-kernelName') || {textContent: "
+        "''}).textContent.includes('CASA')",
         timeout=120_000,
     )
     assert page.locator(".jp-Toolbar-kernelName").first.inner_text().strip() == label
@@ -146,12 +157,17 @@ def test_lab_session_runs_casa_on_the_demo_ms(hub: Hub, browser: Any, demo_relea
     output.wait_for(timeout=120_000)
     text = output.inner_text().strip()
     assert text == f"CASA {demo_release.casa} rows 300 antennas 5", text
-    # JupyterLab asks whether to fetch Jupyter news a few seconds after it starts; sessions answer "never".
+    # JupyterLab asks whether to fetch Jupyter news a few seconds after it starts; sessions answer
+    # "never".
     page.wait_for_timeout(3000)
-    assert page.get_by_text("official Jupyter news").count() == 0, "the Jupyter news question is shown"
+    assert page.get_by_text("official Jupyter news").count() == 0, (
+        "the Jupyter news question is shown"
+    )
     names = page.locator(".jp-DirListing-itemName").all_inner_texts()
-    assert demo.DEMO_PROJECT in names and "arc" in names, names  # ~/arc: the storage root, as in a pod
-    page.locator(".jp-Cell .cm-content").first.click()  # the cursor in the cell, not the new empty one
+    # ~/arc: the storage root, as in a pod.
+    assert demo.DEMO_PROJECT in names and "arc" in names, names
+    # The cursor in the cell, not the new empty one.
+    page.locator(".jp-Cell .cm-content").first.click()
     shot(page, "local-lab-notebook")
     page.close()
 
@@ -166,7 +182,8 @@ def test_desktop_session_shows_a_ready_casa_window(
     page.goto(f"{hub.url}/hub/spawn")
     preview = page.locator("#casa-resolved").inner_text()
     assert preview == (
-        f"{DATASET}: {label}, the exact build. The pipeline manifest names {label}; {label} is that build."
+        f"{DATASET}: {label}, the exact build. The pipeline manifest names {label}; {label} is "
+        "that build."
     ), preview
     submit_form(page, hub, "desktop", screenshot="local-spawn-form")
     wait_for_session(page, "/desktop/")
@@ -175,23 +192,31 @@ def test_desktop_session_shows_a_ready_casa_window(
     )
     display, xauthority = wait_for_display(hub.session_pid())
 
-    # The CASA terminal takes the build's name as its title only once casatools/casatasks are loaded.
+    # The CASA terminal takes the build's name as its title only once casatools/casatasks are
+    # loaded.
     titles = wait_for_title(display, xauthority, label)
     assert label in titles, titles
-    assert f"{label} tools" in titles, titles  # the launcher for plotms, viewer and logger
+    # The launcher for plotms, viewer and logger.
+    assert f"{label} tools" in titles, titles
     assert f"{label}: start-up failed" not in titles
     x, y, width, height = window_geometry(display, xauthority, label)
-    page.wait_for_timeout(1500)  # the canvas catches up with the X server
+    # The canvas catches up with the X server.
+    page.wait_for_timeout(1500)
     pixels = canvas_region(page, x, y, width, height)
-    assert pixels["background"] < 0.02, f"the CASA terminal's area shows the desktop background: {pixels}"
+    assert pixels["background"] < 0.02, (
+        f"the CASA terminal's area shows the desktop background: {pixels}"
+    )
     assert pixels["colours"] >= 2 and 0.005 < pixels["minority"] < 0.5, (
         f"no text in the CASA terminal: {pixels}"
     )
 
-    # Operator notices: the file the hub keeps in the session's home pops up a window, and closing follows.
+    # Operator notices: the file the hub keeps in the session's home pops up a window, and closing
+    # follows.
     home = demo_root / "arc" / "home" / demo.DEMO_USER
     notices = home / "CASA-NOTICES.md"
-    as_owner_of(home, notices.write_text, "CASA 6.5.4-9 is being replaced; save your work by 18:00.\n")
+    as_owner_of(
+        home, notices.write_text, "CASA 6.5.4-9 is being replaced; save your work by 18:00.\n"
+    )
     assert "CASA notices" in wait_for_title(display, xauthority, "CASA notices", timeout=20)
     as_owner_of(home, notices.unlink)
     deadline = time.monotonic() + 20
@@ -209,7 +234,8 @@ def test_desktop_session_shows_a_ready_casa_window(
     assert "PlotMS" in wait_for_title(display, xauthority, "PlotMS", timeout=120)
     env = {**os.environ, "DISPLAY": display, "XAUTHORITY": xauthority}
     subprocess.run(["wmctrl", "-r", "PlotMS", "-e", "0,575,40,700,490"], env=env, check=True)
-    page.wait_for_timeout(8000)  # plotms reads the MS and draws
+    # plotms reads the MS and draws.
+    page.wait_for_timeout(8000)
     shot(page, "local-desktop")
 
     # The launcher starts plotms too: a click on its button on the noVNC canvas.
@@ -222,8 +248,9 @@ def test_desktop_session_shows_a_ready_casa_window(
 
 
 def canvas_region(page: Any, x: int, y: int, width: int, height: int) -> dict[str, float]:
-    """Of the noVNC canvas pixels inside an X window: the share showing the desktop background, the number
-    of distinct colours, and the share of all but the most common colour (text on the terminal)."""
+    """Of the noVNC canvas pixels inside an X window: the share showing the desktop background, the
+    number of distinct colours, and the share of all but the most common colour (text on the
+    terminal)."""
     return page.evaluate(  # type: ignore[no-any-return]
         """([x, y, w, h, bg]) => {
           const c = document.querySelector('canvas');
@@ -243,8 +270,13 @@ def canvas_region(page: Any, x: int, y: int, width: int, height: int) -> dict[st
     )
 
 
-def _click_launcher_button(page: Any, display: str, xauthority: str, label: str, button: str) -> None:
-    """Click a button of the "CASA … tools" window through the browser, where the X server says it is."""
+def _click_launcher_button(
+    page: Any, display: str, xauthority: str, label: str, button: str
+) -> None:
+    """Click a button of the "CASA … tools" window through the browser.
+
+    The button is where the X server says it is.
+    """
     env = {**os.environ, "DISPLAY": display, "XAUTHORITY": xauthority}
     tree = subprocess.run(
         ["xwininfo", "-tree", "-name", f"{label} tools"],
@@ -253,7 +285,8 @@ def _click_launcher_button(page: Any, display: str, xauthority: str, label: str,
         env=env,
         check=True,
     ).stdout
-    # children: "0x… (has no name): ()  61x25+134+37  +1146+67" — the buttons form the lowest row
+    # Children: "0x… (has no name): ()  61x25+134+37  +1146+67"; the buttons form the lowest
+    # row.
     boxes = [
         tuple(int(v) for v in m.groups())
         for m in re.finditer(r"\(\)\s+(\d+)x(\d+)[+-]-?\d+[+-]-?\d+\s+\+(-?\d+)\+(-?\d+)", tree)

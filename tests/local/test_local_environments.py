@@ -1,6 +1,7 @@
-"""Per-release CASA environments: finding Pythons, saying why a build cannot be installed, a monolithic
-stand-in tarball served on 127.0.0.1 (verified, unpacked, built once under a lock, registered as a kernel),
-and the real demo environment (offline start with the site config, extracted GUIs, the simulated MS)."""
+"""Per-release CASA environments: finding Pythons, saying why a build cannot be installed, a
+monolithic stand-in tarball served on 127.0.0.1 (verified, unpacked, built once under a lock,
+registered as a kernel), and the real demo environment (offline start with the site config,
+extracted GUIs, the simulated MS)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ from casaspawner.local.environments import (
 from casaspawner.local.environments.pythons import find_python, world_usable
 from casaspawner.runtime import site_config_text
 
-OFFLINE = {key: "http://127.0.0.1:9" for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+OFFLINE = {
+    key: "http://127.0.0.1:9" for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+}
 
 
 def release(**fields: object) -> Release:
@@ -49,7 +52,8 @@ def release(**fields: object) -> Release:
     return Release(**{**base, **fields})  # type: ignore[arg-type]
 
 
-# ------------------------------------------------------------------------------------------------- unit
+# -------------------------------------------------------------------------------------------------
+# unit
 
 
 def test_find_python_finds_this_interpreter_and_not_missing_ones() -> None:
@@ -74,9 +78,12 @@ def test_world_usable(tmp_path: Path) -> None:
 
 def test_missing_python_and_unreachable_tarball_are_one_sentence_each(tmp_path: Path) -> None:
     manager = EnvironmentManager(tmp_path, tarball_mirror="http://127.0.0.1:9/", probe_timeout=2)
-    wheels_only = release(casa="6.6.6-1", role="modular", wheels=Wheels(("3.4",), "6.6.6.1", "6.6.6.1"))
+    wheels_only = release(
+        casa="6.6.6-1", role="modular", wheels=Wheels(("3.4",), "6.6.6.1", "6.6.6.1")
+    )
     assert manager.unavailable_reason(wheels_only) == (
-        "CASA 6.6.6-1 cannot be installed on this hub: its wheels need Python 3.4, which this machine does not have."
+        "CASA 6.6.6-1 cannot be installed on this hub: its wheels need Python 3.4, which this "
+        "machine does not have."
     )
     tarball_only = release(
         pipeline="2024.1.0.8", tarball=Tarball("casa-x.tar.xz", "https://example.invalid/")
@@ -90,40 +97,57 @@ def test_missing_python_and_unreachable_tarball_are_one_sentence_each(tmp_path: 
     assert reason.endswith(".") and "\n" not in reason
     unpublished = release(casa="5.4.0-68")
     assert manager.unavailable_reason(unpublished) == (
-        "CASA 5.4.0-68 cannot be installed on this hub: ALMA published no tarball or wheels for it."
+        "CASA 5.4.0-68 cannot be installed on this hub: ALMA published no tarball or wheels for "
+        "it."
     )
 
 
 def test_python_discovery_is_probed_once_per_manager(tmp_path: Path) -> None:
-    """Python discovery runs interpreters (seconds each); a manager asks once and remembers the answer."""
+    """Python discovery runs interpreters (seconds each); a manager asks once and remembers the
+    answer."""
     calls = tmp_path / "calls"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python3.4").write_text(f"#!/bin/sh\necho probed >> {calls}\nexit 1\n")
     (bin_dir / "python3.4").chmod(0o755)
     manager = EnvironmentManager(tmp_path / "cache", search_path=str(bin_dir))
-    wheels_only = release(casa="6.6.6-1", role="modular", wheels=Wheels(("3.4",), "6.6.6.1", "6.6.6.1"))
+    wheels_only = release(
+        casa="6.6.6-1", role="modular", wheels=Wheels(("3.4",), "6.6.6.1", "6.6.6.1")
+    )
     first = manager.unavailable_reason(wheels_only)
     probes = calls.read_text().count("probed")
     assert probes >= 1
     assert manager.unavailable_reason(wheels_only) == first
     assert calls.read_text().count("probed") == probes, "the second question probed again"
-    EnvironmentManager(tmp_path / "cache", search_path=str(bin_dir)).unavailable_reason(wheels_only)
+    EnvironmentManager(tmp_path / "cache", search_path=str(bin_dir)).unavailable_reason(
+        wheels_only
+    )
     assert calls.read_text().count("probed") > probes, "another manager probes for itself"
 
 
 def test_the_demo_runs_the_newest_release_this_machine_can_install(tmp_path: Path) -> None:
     manager = EnvironmentManager(tmp_path, tarball_mirror="http://127.0.0.1:9/", probe_timeout=1)
-    here = next((v for v in ("3.13", "3.12", "3.11", "3.10", "3.9", "3.8") if manager.find_python([v])), None)
+    here = next(
+        (v for v in ("3.13", "3.12", "3.11", "3.10", "3.9", "3.8") if manager.find_python([v])),
+        None,
+    )
     if here is None:
         pytest.skip("no Python 3.8 or newer that sessions could run was found here")
     old = release(
-        id="casa-6.6.0-1", casa="6.6.0-1", role="modular", wheels=Wheels((here,), "6.6.0.1", "6.6.0.1")
+        id="casa-6.6.0-1",
+        casa="6.6.0-1",
+        role="modular",
+        wheels=Wheels((here,), "6.6.0.1", "6.6.0.1"),
     )
     new = release(
-        id="casa-6.9.0-1", casa="6.9.0-1", role="modular", wheels=Wheels(("3.4",), "6.9.0.1", "6.9.0.1")
+        id="casa-6.9.0-1",
+        casa="6.9.0-1",
+        role="modular",
+        wheels=Wheels(("3.4",), "6.9.0.1", "6.9.0.1"),
     )
-    pipeline = release(id="pl", casa="6.9.9-1", tarball=Tarball("casa-x.tar.xz", "https://example.invalid/"))
+    pipeline = release(
+        id="pl", casa="6.9.9-1", tarball=Tarball("casa-x.tar.xz", "https://example.invalid/")
+    )
     assert demo.demo_release(manager, Catalog((old, new, pipeline))) == old
     with pytest.raises(CasaspawnerError) as caught:
         demo.demo_release(manager, Catalog((new, pipeline)))
@@ -142,7 +166,8 @@ def test_site_config_points_at_the_shared_measures_with_updates_off(tmp_path: Pa
     assert namespace["measures_auto_update"] is False and namespace["data_auto_update"] is False
 
 
-# ------------------------------------------------------------------- monolithic stand-ins on 127.0.0.1
+# ------------------------------------------------------------------- monolithic stand-ins on
+# 127.0.0.1
 
 STANDIN_TOP = "casa-6.6.1-17-pipeline-2024.1.0.8"
 WRAPPER = """#!/bin/sh
@@ -151,7 +176,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$here/lib/py/lib/python{version}/site-packages${{PYTHONPATH:+:$PYTHONPATH}}"
 exec {python} "$@"
 """
-#: CASA 4/5 have no Python 3: their bin/casa runs ``-c <script>`` with their own (here: any) interpreter.
+#: CASA 4/5 have no Python 3: their bin/casa runs ``-c <script>`` with their own (here: any)
+#: interpreter.
 CASA5_LAUNCHER = """#!/bin/sh
 while [ $# -gt 0 ]; do
     [ "$1" = -c ] && exec {python} "$2"
@@ -161,7 +187,8 @@ echo "casa: no script given" >&2
 exit 1
 """
 CASA5_BROKEN = """#!/bin/sh
-echo "casa: error while loading shared libraries: libgfortran.so.3: cannot open shared object file" >&2
+echo "casa: error while loading shared libraries:" \\
+    "libgfortran.so.3: cannot open shared object file" >&2
 exit 127
 """
 
@@ -172,14 +199,15 @@ def standin_python() -> tuple[Path, str]:
     found = find_python(["3.13", "3.12", "3.11", "3.10", "3.9", "3.8"])
     if found is None:
         pytest.skip(
-            "no Python 3.8 or newer was found on PATH, in pyenv or through uv for the stand-in tarballs"
+            "no Python 3.8 or newer was found on PATH, in pyenv or through uv for the stand-in "
+            "tarballs"
         )
     return found
 
 
 def standin_tree(base: Path, kind: str, python: tuple[Path, str]) -> Path:
-    """A CASA tree: ``python`` (CASA 6: bin/python3 + casatools), ``casa5`` (bin/casa only), ``casa5-broken``
-    (a bin/casa that cannot start) or ``bare`` (neither)."""
+    """A CASA tree: ``python`` (CASA 6: bin/python3 + casatools), ``casa5`` (bin/casa only),
+    ``casa5-broken`` (a bin/casa that cannot start) or ``bare`` (neither)."""
     tree = base / STANDIN_TOP
     (tree / "bin").mkdir(parents=True)
     if kind == "python":
@@ -252,7 +280,8 @@ def test_monolithic_tarball_is_verified_unpacked_built_once_and_registered(
     url, archive, requests = tarball_server
     measures = tmp_path / "measures"
     (measures / "geodetic").mkdir(parents=True)
-    rel = release(pipeline="2024.1.0.8", tarball=Tarball(archive.name, url))  # no sha256: the .md5 is used
+    # No sha256: the .md5 is used.
+    rel = release(pipeline="2024.1.0.8", tarball=Tarball(archive.name, url))
 
     def manager() -> EnvironmentManager:
         return EnvironmentManager(tmp_path / "cache", measures_path=measures, probe_timeout=5)
@@ -280,7 +309,11 @@ def test_monolithic_tarball_is_verified_unpacked_built_once_and_registered(
     assert spec["display_name"] == "CASA 6.6.1-17 (pipeline 2024.1.0.8)"
     assert spec["argv"][:3] == [str(env.python), "-m", "ipykernel_launcher"]
     run = subprocess.run(
-        [*spec["argv"][:1], "-c", "import ipykernel, casatools; print(casatools.version_string())"],
+        [
+            *spec["argv"][:1],
+            "-c",
+            "import ipykernel, casatools; print(casatools.version_string())",
+        ],
         env={**os.environ, **spec["env"]},
         capture_output=True,
         text=True,
@@ -294,11 +327,16 @@ def test_monolithic_tarball_is_verified_unpacked_built_once_and_registered(
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["casa5", "casa5-broken", "bare"])
 def test_a_casa_without_python3_is_run_checked_with_bin_casa_or_says_it_was_not(
-    kind: str, tmp_path: Path, served: tuple[str, Path, list[str]], standin_python: tuple[Path, str]
+    kind: str,
+    tmp_path: Path,
+    served: tuple[str, Path, list[str]],
+    standin_python: tuple[Path, str],
 ) -> None:
     url, www, _requests = served
     archive = pack(
-        standin_tree(tmp_path / "src", kind, standin_python), www, "casa-release-5.6.1-8.el7.tar.gz"
+        standin_tree(tmp_path / "src", kind, standin_python),
+        www,
+        "casa-release-5.6.1-8.el7.tar.gz",
     )
     sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
     measures = tmp_path / "measures"
@@ -309,7 +347,8 @@ def test_a_casa_without_python3_is_run_checked_with_bin_casa_or_says_it_was_not(
         with pytest.raises(EnvironmentBuildError) as caught:
             asyncio.run(_collect(manager, rel))
         assert str(caught.value) == (
-            "Starting CASA 5.6.1-8 failed: casa: error while loading shared libraries: libgfortran.so.3: cannot "
+            "Starting CASA 5.6.1-8 failed: casa: error while loading shared libraries: "
+            "libgfortran.so.3: cannot "
             "open shared object file."
         )
         assert manager.ready(rel) is None
@@ -322,7 +361,8 @@ def test_a_casa_without_python3_is_run_checked_with_bin_casa_or_says_it_was_not(
         assert env.run_checked
     else:
         assert (
-            "CASA 5.6.1-8 has no Python 3 and no bin/casa to try: desktop only, not run-checked." in messages
+            "CASA 5.6.1-8 has no Python 3 and no bin/casa to try: desktop only, not run-checked."
+            in messages
         )
         assert not env.run_checked
 
@@ -336,12 +376,14 @@ exec sleep {marker}
 def test_a_hung_casa_start_check_is_one_sentence_on_every_supported_python(
     version: str, tmp_path: Path
 ) -> None:
-    """``asyncio.wait_for`` raises ``asyncio.TimeoutError`` on Python 3.10 (``TimeoutError`` only from 3.11):
-    a CASA 4/5 start check that hangs is one sentence on both, and the hung CASA is not left running."""
+    """``asyncio.wait_for`` raises ``asyncio.TimeoutError`` on Python 3.10 (``TimeoutError`` only
+    from 3.11): a CASA 4/5 start check that hangs is one sentence on both, and the hung CASA is not
+    left running."""
     found = find_python([version])
     if found is None:
         pytest.skip(f"no Python {version} here (pyenv, PATH or uv)")
-    marker = f"119.{os.getpid()}{version.replace('.', '')}"  # how long it sleeps: a number only it uses
+    # How long it sleeps: a number only it uses.
+    marker = f"119.{os.getpid()}{version.replace('.', '')}"
     launcher = tmp_path / "casa"
     launcher.write_text(HUNG_CASA.format(marker=marker))
     launcher.chmod(0o755)
@@ -351,13 +393,21 @@ def test_a_hung_casa_start_check_is_one_sentence_on_every_supported_python(
         "try:\n    asyncio.run(casa_starts(Path(sys.argv[1]), 'CASA 5.6.1-8', timeout=1))\n"
         "except EnvironmentBuildError as error:\n    print('SENTENCE', error)\n"
     )
-    # casaspawner from this checkout; its (pure-Python) dependencies from the venv running the tests.
-    path = os.pathsep.join([str(Path(demo.__file__).parent.parent), sysconfig.get_paths()["purelib"]])
+    # casaspawner from this checkout; its (pure-Python) dependencies from the venv running the
+    # tests.
+    path = os.pathsep.join(
+        [str(Path(demo.__file__).parent.parent), sysconfig.get_paths()["purelib"]]
+    )
     result = subprocess.run(
-        [str(found[0]), "-c", code, str(launcher)], capture_output=True, text=True, timeout=60,
+        [str(found[0]), "-c", code, str(launcher)],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": path},
-    )  # fmt: skip
-    assert result.stdout == "SENTENCE CASA 5.6.1-8 did not start within 1 seconds.\n", result.stderr[-3000:]
+    )
+    assert result.stdout == "SENTENCE CASA 5.6.1-8 did not start within 1 seconds.\n", (
+        result.stderr[-3000:]
+    )
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(int(p), marker)]
     assert left == [], "the hung CASA start check is still running"
@@ -383,10 +433,13 @@ def test_tarball_with_a_wrong_checksum_is_refused(
         asyncio.run(_collect(manager, rel))
     assert str(caught.value) == f"{archive.name} does not match its SHA256 checksum."
     assert manager.ready(rel) is None
-    assert not (tmp_path / "cache" / "downloads" / archive.name).exists(), "a bad download is not kept"
+    assert not (tmp_path / "cache" / "downloads" / archive.name).exists(), (
+        "a bad download is not kept"
+    )
 
 
-# ------------------------------------------------------------------------------ the real demo environment
+# ------------------------------------------------------------------------------ the real demo
+# environment
 
 
 @pytest.mark.integration
@@ -394,12 +447,19 @@ def test_casatools_starts_offline_with_the_site_config_and_not_without(
     demo_env: CasaEnvironment, tmp_path: Path
 ) -> None:
     assert demo_env.python is not None
-    code = "import casatools; print(casatools.version_string()); print(casatools.measures().observatory('ALMA')['m2'])"
+    code = (
+        "import casatools; print(casatools.version_string()); "
+        "print(casatools.measures().observatory('ALMA')['m2'])"
+    )
     base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **OFFLINE}
     good = subprocess.run(
-        [str(demo_env.python), "-c", code], env={**base, "CASASITECONFIG": str(demo_env.site_config)},
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+        [str(demo_env.python), "-c", code],
+        env={**base, "CASASITECONFIG": str(demo_env.site_config)},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert good.returncode == 0, good.stderr[-2000:]
     assert good.stdout.splitlines()[0] == demo_env.casa
     bad = subprocess.run(
@@ -410,7 +470,9 @@ def test_casatools_starts_offline_with_the_site_config_and_not_without(
         cwd=tmp_path,
         timeout=300,
     )
-    assert bad.returncode != 0, "without the site config casatools would try to fetch measures data"
+    assert bad.returncode != 0, (
+        "without the site config casatools would try to fetch measures data"
+    )
     assert "measurespath" in bad.stderr or "AutoUpdatesNotAllowed" in bad.stderr
     assert world_usable(demo_env.measures / "geodetic")
     assert not demo_env.measures.stat().st_mode & 0o222, "the shared measures tree is read-only"
@@ -419,7 +481,9 @@ def test_casatools_starts_offline_with_the_site_config_and_not_without(
 @pytest.mark.integration
 def test_gui_appimages_are_extracted_once_for_every_user(demo_env: CasaEnvironment) -> None:
     for package in ("casaplotms", "casaviewer", "casalogger"):
-        appimages = list(demo_env.casa_home.glob(f"lib/python3*/site-packages/{package}/__bin__/*.AppImage"))
+        appimages = list(
+            demo_env.casa_home.glob(f"lib/python3*/site-packages/{package}/__bin__/*.AppImage")
+        )
         assert len(appimages) == 1, package
         target = appimages[0].resolve()
         assert appimages[0].is_symlink() and target == demo_env.root / "apps" / package / "AppRun"
@@ -447,9 +511,13 @@ def test_demo_dataset_is_a_real_ms_in_an_alma_tree_owned_by_the_user(
     )
     assert demo_env.python is not None
     out = subprocess.run(
-        [str(demo_env.python), "-c", code, str(ms)], capture_output=True, text=True, cwd=tmp_path,
-        env={**os.environ, "CASASITECONFIG": str(demo_env.site_config), **OFFLINE}, timeout=300,
-    )  # fmt: skip
+        [str(demo_env.python), "-c", code, str(ms)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "CASASITECONFIG": str(demo_env.site_config), **OFFLINE},
+        timeout=300,
+    )
     assert out.stdout.strip().splitlines()[-1] == "300 5 [16]", out.stderr[-2000:]
 
 
@@ -468,16 +536,20 @@ def test_envs_command_lists_what_this_machine_can_run(
     ]
     assert main(["envs", "list", "--json", *options]) == 0
     rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
-    assert rows[demo_release.id]["status"] == "buildable" and rows[demo_release.id]["reason"] is None
+    assert (
+        rows[demo_release.id]["status"] == "buildable" and rows[demo_release.id]["reason"] is None
+    )
     assert rows["pl-2023.1.0.124"]["status"] == "unavailable"
     assert "tarball http://127.0.0.1:9/" in rows["pl-2023.1.0.124"]["reason"]
     assert main(["envs", "build", "no-such-release", *options]) == 2
     assert capsys.readouterr().err.strip() == (
-        "casaspawner: 'no-such-release' is not a release in the catalog; `casaspawner catalog` lists them."
+        "casaspawner: 'no-such-release' is not a release in the catalog; `casaspawner catalog` "
+        "lists them."
     )
 
 
-# ------------------------------------------------------------------------------------ the desktop's scripts
+# ------------------------------------------------------------------------------------ the
+# desktop's scripts
 
 DESKTOP = Path(casaspawner.__file__).parent / "insession" / "desktop"
 
@@ -491,29 +563,43 @@ def test_the_casa_terminal_is_named_after_the_build_only_once_casa_is_loaded(
     demo_env: CasaEnvironment, tmp_path: Path
 ) -> None:
     assert demo_env.python is not None
-    env = {**os.environ, **OFFLINE, "HOME": str(tmp_path), "CASASITECONFIG": str(demo_env.site_config),
-           "CASASPAWNER_KERNEL_NAME": "CASA test-build"}  # fmt: skip
+    env = {
+        **os.environ,
+        **OFFLINE,
+        "HOME": str(tmp_path),
+        "CASASITECONFIG": str(demo_env.site_config),
+        "CASASPAWNER_KERNEL_NAME": "CASA test-build",
+    }
     ready = subprocess.run(
-        [str(demo_env.python), str(DESKTOP / "casa_startup.py")], env=env, capture_output=True, cwd=tmp_path,
+        [str(demo_env.python), str(DESKTOP / "casa_startup.py")],
+        env=env,
+        capture_output=True,
+        cwd=tmp_path,
         timeout=300,
-    )  # fmt: skip
+    )
     assert _title_sequences(ready.stdout) == ["CASA test-build"], ready.stdout[-2000:]
     assert f"CASA {demo_env.casa} (casatools and casatasks loaded".encode() in ready.stdout
     # plotms and the viewer tasks load too (they need the old protobuf the environment pins).
     assert b"or plotms(), imview(), msview() here." in ready.stdout, ready.stdout[-2000:]
-    # A Python without CASA (a broken environment): the title says so, and never the build's name alone.
+    # A Python without CASA (a broken environment): the title says so, and never the build's name
+    # alone.
     broken = subprocess.run(
-        [sys.executable, "-I", str(DESKTOP / "casa_startup.py")], env=env, capture_output=True, cwd=tmp_path
+        [sys.executable, "-I", str(DESKTOP / "casa_startup.py")],
+        env=env,
+        capture_output=True,
+        cwd=tmp_path,
     )
     assert _title_sequences(broken.stdout) == ["CASA test-build: start-up failed"], broken.stdout
     assert b"CASA could not be loaded: ModuleNotFoundError" in broken.stdout
 
 
 def test_the_desktop_makes_a_fresh_private_runtime_directory(tmp_path: Path) -> None:
-    """Another local user could pre-create a predictable /tmp name; xstartup's directory is always new."""
+    """Another local user could pre-create a predictable /tmp name; xstartup's directory is always
+    new."""
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o755)
-    planted = runtime / f"casaspawner-desktop-{os.getuid()}-_1"  # the name it used to have for DISPLAY=:1
+    # The name it used to have for DISPLAY=:1.
+    planted = runtime / f"casaspawner-desktop-{os.getuid()}-_1"
     planted.mkdir()
     (planted / "rc.xml").write_text("<planted/>")
     tools = tmp_path / "tools"
@@ -521,14 +607,22 @@ def test_the_desktop_makes_a_fresh_private_runtime_directory(tmp_path: Path) -> 
     record = tmp_path / "openbox-args"
     # Stand-ins for the X programs (no X server here): openbox records where its configuration is.
     (tools / "openbox").write_text(
-        f'#!/bin/sh\necho "$@" > {record}\nstat -c "%a %u" "$(dirname "$2")" >> {record}\ncat "$2" >> {record}\n'
+        f'#!/bin/sh\necho "$@" > {record}\nstat -c "%a %u" "$(dirname "$2")" >> {record}\ncat '
+        f'"$2" >> {record}\n'
     )
     (tools / "xprop").write_text("#!/bin/sh\necho 'window id # 0x1'\n")
     for tool in ("openbox", "xprop"):
         (tools / tool).chmod(0o755)
-    env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(runtime),
-           "DISPLAY": ":1", "CASASPAWNER_NOTICES_INTERVAL": "0.2"}  # fmt: skip
-    subprocess.run(["sh", str(DESKTOP / "xstartup")], env=env, timeout=60, check=True, capture_output=True)
+    env = {
+        "PATH": f"{tools}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "XDG_RUNTIME_DIR": str(runtime),
+        "DISPLAY": ":1",
+        "CASASPAWNER_NOTICES_INTERVAL": "0.2",
+    }
+    subprocess.run(
+        ["sh", str(DESKTOP / "xstartup")], env=env, timeout=60, check=True, capture_output=True
+    )
     args, owner, rc = record.read_text().split("\n", 2)
     config = Path(args.split()[1])
     assert owner == f"700 {os.getuid()}", owner
@@ -539,14 +633,15 @@ def test_the_desktop_makes_a_fresh_private_runtime_directory(tmp_path: Path) -> 
     assert (planted / "rc.xml").read_text() == "<planted/>"
 
 
-#: Directories with what breaks a sed expression (``|``, ``&``, ``\\``), XML (``&``, ``<``) or a command split
-#: like a shell (spaces, quotes).
+#: Directories with what breaks a sed expression (``|``, ``&``, ``\\``), XML (``&``, ``<``) or a
+#: command split like a shell (spaces, quotes).
 AWKWARD = "desk top & co's |x| <casa> \\n"
 
 
 def awkward_desktop(tmp_path: Path) -> tuple[Path, Path, dict[str, str], Path]:
-    """The session's desktop files copied to a directory with an awkward name, a runtime directory as
-    awkward, and a stand-in openbox that keeps its configuration files; (desktop, runtime, env, kept)."""
+    """The session's desktop files copied to a directory with an awkward name, a runtime directory
+    as awkward, and a stand-in openbox that keeps its configuration files; (desktop, runtime, env,
+    kept)."""
     desktop = tmp_path / AWKWARD / "desktop"
     shutil.copytree(DESKTOP, desktop)
     runtime = tmp_path / f"run {AWKWARD}"
@@ -556,32 +651,47 @@ def awkward_desktop(tmp_path: Path) -> tuple[Path, Path, dict[str, str], Path]:
     tools.mkdir()
     (tools / "openbox").write_text(
         f'#!/bin/sh\ncp "$2" "{kept}/rc.xml"\n'
-        f"""cp "$(sed -n 's|.*<file>\\(.*menu.xml\\)</file>.*|\\1|p' "$2" | sed 's/&lt;/</g; s/&gt;/>/g; s/&amp;/\\&/g')" "{kept}/menu.xml"\n"""
+        """cp "$(sed -n 's|.*<file>\\(.*menu.xml\\)</file>.*|\\1|p' "$2" """
+        f"""| sed 's/&lt;/</g; s/&gt;/>/g; s/&amp;/\\&/g')" "{kept}/menu.xml"\n"""
     )
     (tools / "xprop").write_text("#!/bin/sh\necho 'window id # 0x1'\n")
     for tool in ("openbox", "xprop"):
         (tools / tool).chmod(0o755)
-    env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(runtime),
-           "DISPLAY": ":1", "CASASPAWNER_NOTICES_INTERVAL": "0.2"}  # fmt: skip
+    env = {
+        "PATH": f"{tools}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "XDG_RUNTIME_DIR": str(runtime),
+        "DISPLAY": ":1",
+        "CASASPAWNER_NOTICES_INTERVAL": "0.2",
+    }
     return desktop, runtime, env, kept
 
 
 def test_the_desktop_menu_works_from_a_directory_with_any_name(tmp_path: Path) -> None:
-    """xstartup writes its directories into openbox's XML: escaped for sed, for XML and for the shell-like
-    splitting of menu commands, each menu entry runs casa-app from the directory it is in."""
+    """xstartup writes its directories into openbox's XML: escaped for sed, for XML and for the
+    shell-like splitting of menu commands, each menu entry runs casa-app from the directory it is
+    in."""
     import shlex
     import xml.etree.ElementTree as ET
 
     desktop, runtime, env, kept = awkward_desktop(tmp_path)
-    subprocess.run(["sh", str(desktop / "xstartup")], env=env, timeout=60, check=True, capture_output=True)
+    subprocess.run(
+        ["sh", str(desktop / "xstartup")], env=env, timeout=60, check=True, capture_output=True
+    )
     namespace = {"ob": "http://openbox.org/3.4/rc", "m": "http://openbox.org/3.4/menu"}
-    files = [f.text for f in ET.parse(kept / "rc.xml").getroot().iterfind("ob:menu/ob:file", namespace)]
+    files = [
+        f.text for f in ET.parse(kept / "rc.xml").getroot().iterfind("ob:menu/ob:file", namespace)
+    ]
     assert len(files) == 1 and Path(files[0] or "").parent.parent == runtime, files
     commands = [
-        c.text or "" for c in ET.parse(kept / "menu.xml").getroot().iterfind(".//m:command", namespace)
+        c.text or ""
+        for c in ET.parse(kept / "menu.xml").getroot().iterfind(".//m:command", namespace)
     ]
-    casa = [shlex.split(c) for c in commands if "casa-app" in c]  # openbox splits as a POSIX shell does
-    assert [argv[1:] for argv in casa] == [["terminal"], ["plotms"], ["viewer"], ["logger"]], commands
+    # Openbox splits as a POSIX shell does.
+    casa = [shlex.split(c) for c in commands if "casa-app" in c]
+    assert [argv[1:] for argv in casa] == [["terminal"], ["plotms"], ["viewer"], ["logger"]], (
+        commands
+    )
     assert {argv[0] for argv in casa} == {str(desktop / "casa-app")}, commands
     assert os.access(casa[0][0], os.X_OK)
 
@@ -590,20 +700,30 @@ def test_the_desktop_menu_works_from_a_directory_with_any_name(tmp_path: Path) -
 def test_openbox_reads_the_desktop_menu_from_a_directory_with_any_name(
     tmp_path: Path, x_display: str
 ) -> None:
-    """The real openbox, on a private X server, parses what xstartup wrote for awkward directories (an
-    unescaped ``&`` or ``<`` is a libxml2 "parser error" on its stderr, and the menu is lost)."""
+    """The real openbox, on a private X server, parses what xstartup wrote for awkward directories
+    (an unescaped ``&`` or ``<`` is a libxml2 "parser error" on its stderr, and the menu is lost).
+    """
     desktop, _runtime, env, kept = awkward_desktop(tmp_path)
-    subprocess.run(["sh", str(desktop / "xstartup")], env=env, timeout=60, check=True, capture_output=True)
+    subprocess.run(
+        ["sh", str(desktop / "xstartup")], env=env, timeout=60, check=True, capture_output=True
+    )
     rc = kept / "rc.xml"
-    menu = Path(re.findall(r"<file>(.*menu\.xml)</file>", rc.read_text())[0].replace("&lt;", "<")
-                .replace("&gt;", ">").replace("&amp;", "&"))  # fmt: skip
-    menu.parent.mkdir()  # xstartup removed its runtime directory when it ended: put the menu back there
+    menu = Path(
+        re.findall(r"<file>(.*menu\.xml)</file>", rc.read_text())[0]
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+    )
+    # xstartup removed its runtime directory when it ended: put the menu back there.
+    menu.parent.mkdir()
     shutil.copy(kept / "menu.xml", menu)
     with tempfile.TemporaryDirectory() as home:
         wm = subprocess.Popen(
-            ["openbox", "--config-file", str(rc)], env={**os.environ, "DISPLAY": x_display, "HOME": home},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            ["openbox", "--config-file", str(rc)],
+            env={**os.environ, "DISPLAY": x_display, "HOME": home},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         time.sleep(3)
         wm.terminate()
         output = wm.communicate(timeout=10)[0].decode(errors="replace")
@@ -618,13 +738,24 @@ def x_display(tmp_path: Path) -> Iterator[str]:
         pytest.skip("Xtigervnc is not installed (make deps installs tigervnc-standalone-server)")
     unix = Path("/proc/net/unix").read_text()
     number = next(
-        n for n in range(150, 400)
+        n
+        for n in range(150, 400)
         if not Path(f"/tmp/.X{n}-lock").exists() and f"/tmp/.X11-unix/X{n}" not in unix
-    )  # fmt: skip
+    )
     proc = subprocess.Popen(
-        [xserver, f":{number}", "-SecurityTypes", "None", "-rfbport", "-1", "-geometry", "1024x768"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            xserver,
+            f":{number}",
+            "-SecurityTypes",
+            "None",
+            "-rfbport",
+            "-1",
+            "-geometry",
+            "1024x768",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             if Path(f"/tmp/.X11-unix/X{number}").exists():
@@ -641,26 +772,41 @@ def x_display(tmp_path: Path) -> Iterator[str]:
 def test_plotms_plots_the_demo_ms_with_the_shared_measures(
     demo_env: CasaEnvironment, demo_root: Path, x_display: str, tmp_path: Path
 ) -> None:
-    """The GUI apps ignore casaconfig: without the environment's casarc plotms finds no Observatories table."""
+    """The GUI apps ignore casaconfig: without the environment's casarc plotms finds no
+    Observatories table."""
     assert demo_env.python is not None
     ms = next((demo_root / "arc" / "home" / demo.DEMO_USER / demo.DEMO_PROJECT).rglob("*.ms"))
     code = (
         "import sys\nfrom casaplotms import plotms\n"
-        "plotms(vis=sys.argv[1], xaxis='uvdist', yaxis='amp', plotfile=sys.argv[2], showgui=False, overwrite=True)\n"
+        "plotms(vis=sys.argv[1], xaxis='uvdist', yaxis='amp', plotfile=sys.argv[2], "
+        "showgui=False, overwrite=True)\n"
     )
-    # As in a session: no proxy variables (gRPC would send plotms' own 127.0.0.1 connection through them).
+    # As in a session: no proxy variables (gRPC would send plotms' own 127.0.0.1 connection through
+    # them).
     plain = {
-        k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
     }
-    session = {**plain, **demo_env.session_environment(), "HOME": str(tmp_path), "DISPLAY": x_display}
+    session = {
+        **plain,
+        **demo_env.session_environment(),
+        "HOME": str(tmp_path),
+        "DISPLAY": x_display,
+    }
 
     def plot(env: dict[str, str], name: str) -> tuple[Path, str]:
         png, log = tmp_path / name, tmp_path / f"{name}.log"
-        with open(log, "wb") as out:  # a file, not a pipe: the plotms app it starts may outlive it
+        with open(log, "wb") as out:
+            # A file, not a pipe: the plotms app it starts may outlive it.
             subprocess.run(
-                [str(demo_env.python), "-c", code, str(ms), str(png)], env=env, stdout=out,
-                stderr=subprocess.STDOUT, cwd=tmp_path, timeout=120,
-            )  # fmt: skip
+                [str(demo_env.python), "-c", code, str(ms), str(png)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                timeout=120,
+            )
         return png, log.read_text(errors="replace")
 
     png, output = plot(session, "amp-uvdist.png")
@@ -675,8 +821,12 @@ def test_a_cache_that_cannot_be_written_is_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "not-a-directory").write_text("")
     cache = tmp_path / "not-a-directory" / "cache"
     manager = EnvironmentManager(cache, tarball_mirror="http://127.0.0.1:9/", probe_timeout=1)
-    here = next((v for v in ("3.13", "3.12", "3.11", "3.10", "3.8") if manager.find_python([v])), "3.11")
+    here = next(
+        (v for v in ("3.13", "3.12", "3.11", "3.10", "3.8") if manager.find_python([v])), "3.11"
+    )
     rel = release(casa="6.6.5-31", role="modular", wheels=Wheels((here,), "6.6.5.31", "6.6.5.31"))
     with pytest.raises(EnvironmentBuildError) as caught:
         asyncio.run(_collect(manager, rel))
-    assert str(caught.value) == f"Preparing CASA 6.6.5-31 failed: Not a directory ({cache / 'envs'})."
+    assert (
+        str(caught.value) == f"Preparing CASA 6.6.5-31 failed: Not a directory ({cache / 'envs'})."
+    )

@@ -59,7 +59,6 @@ def settings(catalog: Catalog, **changes: object) -> SessionSettings:
         "catalog": catalog,
         "plan": PlanConfig(),
         "default_size": "medium",
-
     }
     values.update(changes)
     return SessionSettings(**values)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""The ALMA DataLink/TAP client against a real HTTP server on 127.0.0.1 serving archive-shaped replies."""
+"""The ALMA DataLink/TAP client against a real HTTP server on 127.0.0.1 serving archive-shaped
+replies."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def votable(fields: list[str], rows: list[list[str]], extra: str = "") -> bytes:
     head = "".join(f'<FIELD name="{f}" datatype="char" arraysize="*"/>' for f in fields)
     body = "".join("<TR>" + "".join(f"<TD>{c}</TD>" for c in row) + "</TR>" for row in rows)
     return (
-        f'<?xml version="1.0"?><VOTABLE xmlns="{NS}" version="1.3"><RESOURCE type="results"><TABLE>{head}'
+        f'<?xml version="1.0"?><VOTABLE xmlns="{NS}" version="1.3"><RESOURCE '
+        f'type="results"><TABLE>{head}'
         f"<DATA><TABLEDATA>{body}</TABLEDATA></DATA></TABLE></RESOURCE>{extra}</VOTABLE>"
     ).encode()
 
@@ -40,7 +42,9 @@ class Archive(BaseHTTPRequestHandler):
         Archive.hits.append(self.path)
         time.sleep(Archive.delay)
         parsed = urllib.parse.urlsplit(self.path)
-        key = parsed.path + ("?" + urllib.parse.unquote(parsed.query) if "ID=" in parsed.query else "")
+        key = parsed.path + (
+            "?" + urllib.parse.unquote(parsed.query) if "ID=" in parsed.query else ""
+        )
         if "QUERY=" in parsed.query:
             key = parsed.path + "?" + urllib.parse.parse_qs(parsed.query)["QUERY"][0].split("'")[1]
         body = Archive.routes.get(key)
@@ -48,7 +52,8 @@ class Archive(BaseHTTPRequestHandler):
             self.send_response(200 if body is not None else 404)
             self.end_headers()
             self.wfile.write(body or b"not found")
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client gave up (timeout test).
             return
 
     def log_message(self, *args: object) -> None:
@@ -70,7 +75,9 @@ def fields() -> list[str]:
     return ["ID", "access_url", "service_def", "semantics", "content_type", "content_length"]
 
 
-def test_uid_manifest_is_fetched_cached_and_resolved(archive: str, tmp_path: Path, catalog: Catalog) -> None:
+def test_uid_manifest_is_fetched_cached_and_resolved(
+    archive: str, tmp_path: Path, catalog: Catalog
+) -> None:
     spec = ERAS["cycle10"]
     uid = "uid://A001/X3621/X3d68"
     manifest_url = f"{archive}/dataPortal/member.{spec.mous}.hifa_calimage.pipeline_manifest.xml"
@@ -93,7 +100,11 @@ def test_uid_manifest_is_fetched_cached_and_resolved(archive: str, tmp_path: Pat
     }
     client = AlmaDataLinkClient(archive, timeout=5, cache_dir=tmp_path)
     resolution = resolve_target(uid, catalog, archive=client)
-    assert (resolution.release.id, resolution.exact, resolution.dataset) == ("pl-2023.1.0.124", True, uid)
+    assert (resolution.release.id, resolution.exact, resolution.dataset) == (
+        "pl-2023.1.0.124",
+        True,
+        uid,
+    )
     assert resolution.evidence.kind == "archive-manifest"
     assert resolution.evidence.path.endswith("pipeline_manifest.xml")
     hits = len(Archive.hits)
@@ -116,12 +127,15 @@ def test_uid_manifest_is_fetched_cached_and_resolved(archive: str, tmp_path: Pat
     )
 
 
-def test_recursive_datalink_and_project_codes(archive: str, tmp_path: Path, catalog: Catalog) -> None:
+def test_recursive_datalink_and_project_codes(
+    archive: str, tmp_path: Path, catalog: Catalog
+) -> None:
     spec = ERAS["cycle7"]
     uid = "uid://A001/X1470/X2ef"
     meta = (
         '<RESOURCE type="meta" utype="adhoc:service" ID="aux">'
-        f'<PARAM name="accessURL" datatype="char" arraysize="*" value="{archive}/datalink/sync"/></RESOURCE>'
+        '<PARAM name="accessURL" datatype="char" arraysize="*" '
+        f'value="{archive}/datalink/sync"/></RESOURCE>'
     )
     Archive.routes = {
         f"/tap/sync?{spec.project}": votable(["member_ous_uid"], [[uid], [uid]]),
@@ -141,7 +155,9 @@ def test_recursive_datalink_and_project_codes(archive: str, tmp_path: Path, cata
                 ]
             ],
         ),
-        f"/files/member.{spec.mous}.hifa_calimage.pipeline_manifest.xml": manifest_xml(spec).encode(),
+        f"/files/member.{spec.mous}.hifa_calimage.pipeline_manifest.xml": manifest_xml(
+            spec
+        ).encode(),
     }
     client = AlmaDataLinkClient(archive, timeout=5, cache_dir=tmp_path)
     resolution = resolve_target(spec.project, catalog, archive=client)
@@ -150,7 +166,9 @@ def test_recursive_datalink_and_project_codes(archive: str, tmp_path: Path, cata
 
 def test_project_with_several_datasets(archive: str, tmp_path: Path, catalog: Catalog) -> None:
     Archive.routes = {
-        "/tap/sync?2019.1.00994.S": votable(["member_ous_uid"], [["uid://A001/X1/X1"], ["uid://A001/X1/X2"]])
+        "/tap/sync?2019.1.00994.S": votable(
+            ["member_ous_uid"], [["uid://A001/X1/X1"], ["uid://A001/X1/X2"]]
+        )
     }
     client = AlmaDataLinkClient(archive, timeout=5, cache_dir=tmp_path)
     with pytest.raises(ResolutionError, match="has 2 datasets .*uid://A001/X1/X1.*give one uid"):
@@ -160,7 +178,9 @@ def test_project_with_several_datasets(archive: str, tmp_path: Path, catalog: Ca
 def test_dataset_without_manifest(archive: str, tmp_path: Path, catalog: Catalog) -> None:
     uid = "uid://A001/X12a3/Xe9"
     Archive.routes = {
-        f"/datalink/sync?ID={uid}": votable(fields(), [[uid, f"{archive}/x.tar", "", "#this", "", ""]])
+        f"/datalink/sync?ID={uid}": votable(
+            fields(), [[uid, f"{archive}/x.tar", "", "#this", "", ""]]
+        )
     }
     client = AlmaDataLinkClient(archive, timeout=5, cache_dir=tmp_path)
     with pytest.raises(
@@ -170,9 +190,12 @@ def test_dataset_without_manifest(archive: str, tmp_path: Path, catalog: Catalog
         client.fetch_manifest(parse_identifier(uid))
 
 
-def test_unreachable_slow_and_broken_archives(archive: str, tmp_path: Path, catalog: Catalog) -> None:
+def test_unreachable_slow_and_broken_archives(
+    archive: str, tmp_path: Path, catalog: Catalog
+) -> None:
     closed = AlmaDataLinkClient("http://127.0.0.1:9", timeout=2, cache_dir=tmp_path)
-    # the suggestion is built from what was asked, and reads well on a spawn page too (no CLI command in it)
+    # the suggestion is built from what was asked, and reads well on a spawn page too (no CLI
+    # command in it)
     for asked, directory in (
         ("uid://A001/X1/X2", "member.uid___A001_X1_X2"),
         ("uid___A001_X3621_X3d68", "member.uid___A001_X3621_X3d68"),
@@ -181,7 +204,10 @@ def test_unreachable_slow_and_broken_archives(archive: str, tmp_path: Path, cata
         with pytest.raises(ArchiveUnavailable) as info:
             resolve_target(asked, catalog, archive=closed)
         message = str(info.value)
-        assert "could not be reached" in message and f"give its directory ({directory}) instead." in message
+        assert (
+            "could not be reached" in message
+            and f"give its directory ({directory}) instead." in message
+        )
         assert "casaspawner" not in message and "\n" not in message
     Archive.delay = 1.5
     slow = AlmaDataLinkClient(archive, timeout=0.5, cache_dir=tmp_path)
@@ -191,10 +217,16 @@ def test_unreachable_slow_and_broken_archives(archive: str, tmp_path: Path, cata
     assert time.monotonic() - started < 1.4
     Archive.delay = 0
     with pytest.raises(ArchiveUnavailable, match="answered 404"):
-        resolve_target("uid://A001/X1/X2", catalog, archive=AlmaDataLinkClient(archive, cache_dir=tmp_path))
-    Archive.routes = {"/datalink/sync?ID=uid://A001/X1/X3": b'<!DOCTYPE x [<!ENTITY a "b">]><x>&a;</x>'}
+        resolve_target(
+            "uid://A001/X1/X2", catalog, archive=AlmaDataLinkClient(archive, cache_dir=tmp_path)
+        )
+    Archive.routes = {
+        "/datalink/sync?ID=uid://A001/X1/X3": b'<!DOCTYPE x [<!ENTITY a "b">]><x>&a;</x>'
+    }
     with pytest.raises(ArchiveUnavailable, match="not a VOTable"):
-        resolve_target("uid://A001/X1/X3", catalog, archive=AlmaDataLinkClient(archive, cache_dir=tmp_path))
+        resolve_target(
+            "uid://A001/X1/X3", catalog, archive=AlmaDataLinkClient(archive, cache_dir=tmp_path)
+        )
 
 
 def test_no_archive_configured(catalog: Catalog) -> None:
@@ -202,7 +234,9 @@ def test_no_archive_configured(catalog: Catalog) -> None:
         resolve_target("uid://A001/X1/X2", catalog)
 
 
-def test_an_unwritable_cache_is_one_sentence(archive: str, tmp_path: Path, catalog: Catalog) -> None:
+def test_an_unwritable_cache_is_one_sentence(
+    archive: str, tmp_path: Path, catalog: Catalog
+) -> None:
     spec = ERAS["cycle10"]
     uid = "uid://A001/X3621/X3d68"
     manifest_url = f"{archive}/dataPortal/member.{spec.mous}.pipeline_manifest.xml"
@@ -219,7 +253,8 @@ def test_an_unwritable_cache_is_one_sentence(archive: str, tmp_path: Path, catal
         resolve_target(uid, catalog, archive=client)
     message = str(info.value)
     assert (
-        "could not be stored in the archive cache" in message and "(member.uid___A001_X3621_X3d68)" in message
+        "could not be stored in the archive cache" in message
+        and "(member.uid___A001_X3621_X3d68)" in message
     )
     assert message.endswith(" instead.") and "\n" not in message
 
@@ -238,10 +273,13 @@ def test_a_bad_manifest_is_refused_not_cached_and_each_mirror_has_its_own_cache(
     client = AlmaDataLinkClient(archive, timeout=5, cache_dir=tmp_path)
     with pytest.raises(ArchiveUnavailable) as info:
         resolve_target(uid, catalog, archive=client)
-    assert "sent a pipeline manifest for uid://A001/X3621/X3d68 that cannot be read" in str(info.value)
+    assert "sent a pipeline manifest for uid://A001/X3621/X3d68 that cannot be read" in str(
+        info.value
+    )
     assert str(info.value).endswith("give its directory (member.uid___A001_X3621_X3d68) instead.")
     assert not list(tmp_path.rglob("*.xml")), "a refused reply was cached"
-    Archive.routes[path] = manifest_xml(spec).encode()  # the archive is fixed: the next request succeeds
+    # The archive is fixed: the next request succeeds.
+    Archive.routes[path] = manifest_xml(spec).encode()
     assert resolve_target(uid, catalog, archive=client).release.id == "pl-2023.1.0.124"
     # the same uid through another mirror is fetched from it, and reported as coming from it
     other = archive.replace("127.0.0.1", "localhost")

@@ -25,7 +25,8 @@ def test_every_pipeline_cycle_2_to_12_has_a_runnable_release(catalog: Catalog) -
         assert any(catalog.public_release_for(r).available for r in releases)
 
 
-# alma-casa.md §3.1: CASA versions used for manual calibration, per cycle (series "4.5" = any 4.5.x).
+# alma-casa.md §3.1: CASA versions used for manual calibration, per cycle (series "4.5" = any
+# 4.5.x).
 MANUAL_CASA = {
     0: ["3.3", "3.4", "4.0"],
     1: ["4.1", "4.2"],
@@ -39,7 +40,9 @@ MANUAL_CASA = {
 def test_manual_casa_of_cycles_0_to_4(catalog: Catalog, cycle: int) -> None:
     for version in MANUAL_CASA[cycle]:
         builds = [
-            r for r in catalog.with_casa(parse_casa(version, allow_partial=True)) if cycle in r.manual_cycles
+            r
+            for r in catalog.with_casa(parse_casa(version, allow_partial=True))
+            if cycle in r.manual_cycles
         ]
         assert builds, f"no release records CASA {version} for Cycle {cycle} manual calibration"
         for release in builds:
@@ -47,9 +50,16 @@ def test_manual_casa_of_cycles_0_to_4(catalog: Catalog, cycle: int) -> None:
 
 
 def test_manual_use_of_pipeline_builds_is_recorded_on_them(catalog: Catalog) -> None:
-    # Cycle 3-4 manual data used the cycle's CASA builds, which are the pipeline tarballs (one image each)
+    # Cycle 3-4 manual data used the cycle's CASA builds, which are the pipeline tarballs (one
+    # image each)
     assert {r.id for r in catalog if 4 in r.manual_cycles} == {"pl-r38377", "pl-r39732"}
-    assert {r.casa for r in catalog if 3 in r.manual_cycles} == {"4.3.1", "4.5.0", "4.5.1", "4.5.2", "4.5.3"}
+    assert {r.casa for r in catalog if 3 in r.manual_cycles} == {
+        "4.3.1",
+        "4.5.0",
+        "4.5.1",
+        "4.5.2",
+        "4.5.3",
+    }
     release = catalog.get("pl-r39732")
     assert release.manual is not None and release.manual.confidence == "secondary"
     assert release.uses == "pipeline (4), manual (4)"
@@ -60,8 +70,8 @@ def test_internal_builds_map_to_their_public_restore_build(catalog: Catalog) -> 
     assert (internal.casa, internal.available) == ("5.4.0-68", False)
     assert catalog.public_release_for(internal).casa == "5.4.0-70"
     assert catalog.public_release_for(catalog.get("pl-2020.1.0.36")).id == "pl-2020.1.0.40"
-    # alma-casa.md §8.6: r42833 is an internal build restored with 5.6.1-8 (r42866), not an alias of it;
-    # r30594, the first Cycle 2 build, has no tarball of its own either
+    # alma-casa.md §8.6: r42833 is an internal build restored with 5.6.1-8 (r42866), not an alias
+    # of it; r30594, the first Cycle 2 build, has no tarball of its own either
     for internal_id, public_id in (("pl-r42833", "pl-r42866"), ("pl-r30594", "pl-cycle2-r31667")):
         release = catalog.get(internal_id)
         assert not release.available and release.restore_with == public_id
@@ -157,13 +167,28 @@ def rel(data: dict, release_id: str) -> dict:
             lambda d: rel(d, "pl-r36091").update(pipeline="2023.1.0.124+dirty"),
             "field 'pipeline': must be written",
         ),
-        (lambda d: rel(d, "pl-r36091").update(restore_with="pl-nope"), "'pl-nope' is not a release"),
-        (lambda d: rel(d, "pl-r36091").update(restore_with="pl-r42030"), "has no public tarball or wheels"),
+        (
+            lambda d: rel(d, "pl-r36091").update(restore_with="pl-nope"),
+            "'pl-nope' is not a release",
+        ),
+        (
+            lambda d: rel(d, "pl-r36091").update(restore_with="pl-r42030"),
+            "has no public tarball or wheels",
+        ),
         (lambda d: rel(d, "pl-r36091").update(id="pl-r36660"), "appears twice"),
-        (lambda d: rel(d, "pl-r36091").update(ops={"start": "April 2016"}), "start must be a date"),
-        (lambda d: rel(d, "pl-r36091").update(ops={"start": "2016-04-01", "end": "later"}), "or unknown for"),
+        (
+            lambda d: rel(d, "pl-r36091").update(ops={"start": "April 2016"}),
+            "start must be a date",
+        ),
+        (
+            lambda d: rel(d, "pl-r36091").update(ops={"start": "2016-04-01", "end": "later"}),
+            "or unknown for",
+        ),
         (lambda d: rel(d, "pl-r36091").update(ops={"start": "unknown"}), "start must be a date"),
-        (lambda d: rel(d, "pl-r36091").update(ops={"end": "2016-04-08"}), "has an end but no start"),
+        (
+            lambda d: rel(d, "pl-r36091").update(ops={"end": "2016-04-08"}),
+            "has an end but no start",
+        ),
         (lambda d: rel(d, "pl-r36091")["tarball"].update(sha256="xyz"), "sha256 must be 64"),
         (
             lambda d: rel(d, "pl-r36091").update(pipeline="2024.1.1.22", casa="6.6.1-17"),
@@ -172,12 +197,24 @@ def rel(data: dict, release_id: str) -> dict:
         (lambda d: d["releases"][3].pop("id"), "release #4, field 'id': is required"),
         (lambda d: d.pop("schema"), "schema: 1"),
         (lambda d: d.pop("releases"), "no `releases:` list"),
-        (lambda d: rel(d, "casa-6.7.0-31")["wheels"].update(casatools="6.6.4.34"), "is not CASA build"),
+        (
+            lambda d: rel(d, "casa-6.7.0-31")["wheels"].update(casatools="6.6.4.34"),
+            "is not CASA build",
+        ),
         (lambda d: rel(d, "pl-r36091").update(casa="4.5.3", pipeline="r36660"), "share image tag"),
-        (lambda d: rel(d, "pl-r39732")["manual"].update(confidence="likely"), "field 'manual': confidence"),
-        (lambda d: rel(d, "pl-r39732")["manual"].update(cycles=[]), "field 'manual': cycles must list"),
+        (
+            lambda d: rel(d, "pl-r39732")["manual"].update(confidence="likely"),
+            "field 'manual': confidence",
+        ),
+        (
+            lambda d: rel(d, "pl-r39732")["manual"].update(cycles=[]),
+            "field 'manual': cycles must list",
+        ),
         (lambda d: rel(d, "pl-r39732")["manual"].pop("sources"), "sources must say where"),
-        (lambda d: rel(d, "casa-4.5.0").update(manual={"cycles": [3]}), "belongs on pipeline releases"),
+        (
+            lambda d: rel(d, "casa-4.5.0").update(manual={"cycles": [3]}),
+            "belongs on pipeline releases",
+        ),
         (lambda d: d["restore_builds"][0].update(casa="4.7"), "restore_builds #1, field 'casa'"),
         (lambda d: d.update(restore_builds={"casa": "4.7.1"}), "must be a list"),
     ],
@@ -219,7 +256,9 @@ def test_adding_a_release_is_one_yaml_block(tmp_path: Path) -> None:
     cycles: [13]
     ops: {start: "2026-10-01", end: null}
     python: "3.12"
-    tarball: {name: casa-6.7.4-4-pipeline-2026.2.0.9-py3.12.el8.tar.xz, url_dir: "https://example.org/casa/"}
+    tarball:
+      name: casa-6.7.4-4-pipeline-2026.2.0.9-py3.12.el8.tar.xz
+      url_dir: "https://example.org/casa/"
     confidence: confirmed
     sources: ["https://example.org/release-notes"]
 """
@@ -228,7 +267,9 @@ def test_adding_a_release_is_one_yaml_block(tmp_path: Path) -> None:
     path = tmp_path / "releases.yaml"
     path.write_text(text)
     catalog = load_catalog(path)
-    dataset = write_dataset(tmp_path / "ds", spec=DatasetSpec(casa="6.7.4.4", pipeline="2026.2.0.9"))
+    dataset = write_dataset(
+        tmp_path / "ds", spec=DatasetSpec(casa="6.7.4.4", pipeline="2026.2.0.9")
+    )
     resolution = resolve_path(dataset, catalog)
     assert (resolution.release.id, resolution.exact) == ("pl-2026.2.0.9", True)
     assert catalog.latest_pipeline().id == "pl-2026.2.0.9"

@@ -15,7 +15,8 @@ from casaspawner.datasets.ids import (
 )
 from casaspawner.errors import InvalidInput
 
-# The identifier patterns of the reference catalog (shared/reference/alma-casa-catalog.yaml), ASCII digits.
+# The identifier patterns of the reference catalog (shared/reference/alma-casa-catalog.yaml), ASCII
+# digits.
 CATALOG_PROJECT = re.compile(r"(20\d\d)\.(\d|[A-Z])\.(\d{5})\.([A-Z]{1,3})", re.ASCII)
 CATALOG_UID = re.compile(r"uid://A\d{3}/X([0-9a-fA-F]+)/X([0-9a-fA-F]+)", re.ASCII)
 CATALOG_UID_SANITIZED = re.compile(r"uid___A\d{3}_X([0-9a-fA-F]+)_X([0-9a-fA-F]+)", re.ASCII)
@@ -66,9 +67,18 @@ def test_uids_in_both_spellings() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["uid://A01/X1/X2", "uid://A001/1467/X29e", "uid://A001/X1467", "uid://A001/Xg/X1", "UID://A001/X1/X2",
-     "uid___A001_X1467-X29e", "uid://A001/X1467/X29e/", "member.uid___A001_X1467_X29e", "uid://A001/X1/X2 x"],
-)  # fmt: skip
+    [
+        "uid://A01/X1/X2",
+        "uid://A001/1467/X29e",
+        "uid://A001/X1467",
+        "uid://A001/Xg/X1",
+        "UID://A001/X1/X2",
+        "uid___A001_X1467-X29e",
+        "uid://A001/X1467/X29e/",
+        "member.uid___A001_X1467_X29e",
+        "uid://A001/X1/X2 x",
+    ],
+)
 def test_bad_uids(text: str) -> None:
     with pytest.raises(InvalidInput, match="expected one such as uid://A001/X1467/X29e"):
         parse_uid(text)
@@ -79,7 +89,9 @@ def test_identifier_error_says_what_was_expected() -> None:
         parse_identifier("M87 please")
     message = str(info.value)
     assert "'M87 please' is not an ALMA dataset identifier" in message
-    assert "2019.1.00994.S" in message and "uid://A001/X1467/X29e" in message and "\n" not in message
+    assert (
+        "2019.1.00994.S" in message and "uid://A001/X1467/X29e" in message and "\n" not in message
+    )
 
 
 @given(

@@ -1,10 +1,12 @@
-"""Dataset trees written straight from the reference formats (alma-casa.md §8), not with ``synth.py``.
+"""Dataset trees written straight from the reference formats (alma-casa.md §8), not with
+``synth.py``.
 
-``synth.py`` writes the trees of the other tests; if it and the readers shared a mistake, those tests could
-not see it. The writers here are deliberately separate and minimal: each file is spelled out as the
-reference describes it (archive layout §8.1, manifest §8.2, AQUA report §8.2, weblog home page §8.3,
-calibration-script guard and CASA log §8.4), and every tree is resolved through the installed command
-line, as ``casaspawner resolve DIR --json`` is run on the held-out trees.
+``synth.py`` writes the trees of the other tests; if it and the readers shared a mistake, those
+tests could not see it. The writers here are deliberately separate and minimal: each file is
+spelled out as the reference describes it (archive layout §8.1, manifest §8.2, AQUA report §8.2,
+weblog home page §8.3, calibration-script guard and CASA log §8.4), and every tree is resolved
+through the installed command line, as ``casaspawner resolve DIR --json`` is run on the held-out
+trees.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ OUS = "uid___A001_X1467_X29e"
 
 
 def member_dir(root: Path, ous: str = OUS) -> Path:
-    """§8.1: <project>/science_goal.uid___…/group.uid___…/member.uid___…/{calibration,log,product,qa,script}."""
+    """§8.1: <project>/science_goal.uid___…/group.uid___…/member.uid___…/ with calibration,
+    log, product, qa and script."""
     member = root / PROJECT / "science_goal.uid___A001_X1467_X29c" / "group.uid___A001_X1467_X29d"
     member = member / f"member.{ous}"
     for sub in ("calibration", "log", "product", "qa", "script"):
@@ -34,12 +37,13 @@ def member_dir(root: Path, ous: str = OUS) -> Path:
 
 
 def manifest(casa: str | None, pipeline: str | None) -> str:
-    """§8.2: <piperesults name=oussid><ous name=oussid><casaversion name/><pipeline_version name/>…"""
+    """§8.2: <piperesults name=oussid><ous name=oussid><casaversion/><pipeline_version/>…"""
     versions = (f'<casaversion name="{casa}"/>' if casa else "") + (
         f'<pipeline_version name="{pipeline}"/>' if pipeline else ""
     )
     return (
-        f'<?xml version="1.0" ?>\n<piperesults name="{OUS}">\n  <ous name="{OUS}">\n    {versions}\n'
+        f'<?xml version="1.0" ?>\n<piperesults name="{OUS}">\n  <ous name="{OUS}">\n    '
+        f"{versions}\n"
         '    <procedure_name name="hifa_calimage"/>\n'
         f'    <session name="session_1"><asdm name="uid___A002_Xe44309_X7d94"/></session>\n'
         f'    <weblog name="{OUS}.hifa_calimage.weblog.tgz"/>\n  </ous>\n</piperesults>\n'
@@ -47,10 +51,12 @@ def manifest(casa: str | None, pipeline: str | None) -> str:
 
 
 def aquareport(casa: str, pipeline: str) -> str:
-    """§8.2: root PipelineAquaReport, text elements QaSummary/CasaVersion and QaSummary/PipelineVersion."""
+    """§8.2: root PipelineAquaReport, text elements QaSummary/CasaVersion and
+    QaSummary/PipelineVersion."""
     return (
         "<?xml version='1.0' encoding='UTF-8'?>\n<PipelineAquaReport>\n  <QaSummary>\n"
-        f"    <CasaVersion>{casa}</CasaVersion>\n    <PipelineVersion>{pipeline}</PipelineVersion>\n"
+        f"    <CasaVersion>{casa}</CasaVersion>\n    "
+        f"<PipelineVersion>{pipeline}</PipelineVersion>\n"
         "  </QaSummary>\n</PipelineAquaReport>\n"
     )
 
@@ -72,7 +78,8 @@ def guard(version: str) -> str:
     return (
         "import re\n\n"
         f"if re.search('^{version}', casadef.casa_version) == None:\n"
-        f" sys.exit('ERROR: PLEASE USE THE SAME VERSION OF CASA THAT YOU USED FOR GENERATING THE SCRIPT: {version}')\n"
+        " sys.exit('ERROR: PLEASE USE THE SAME VERSION OF CASA THAT YOU USED FOR GENERATING THE "
+        f"SCRIPT: {version}')\n"
     )
 
 
@@ -95,10 +102,15 @@ def resolve(target: Path) -> tuple[int, dict[str, object] | None, str]:
         check=False,
     )
     assert "Traceback" not in result.stderr
-    return result.returncode, json.loads(result.stdout) if result.returncode == 0 else None, result.stderr
+    return (
+        result.returncode,
+        json.loads(result.stdout) if result.returncode == 0 else None,
+        result.stderr,
+    )
 
 
-# name -> (files relative to the member directory, expected (casa, pipeline, exact, kind), reason fragments)
+# name -> (files relative to the member directory, expected (casa, pipeline, exact, kind), reason
+# fragments)
 TREES: dict[str, tuple[dict[str, str], tuple[str, str | None, bool, str], tuple[str, ...]]] = {
     "cycle2-manual": (
         {"script/uid___A002_X8081ba_X4e8.ms.scriptForCalibration.py": guard("4.2.2")},
@@ -143,12 +155,20 @@ TREES: dict[str, tuple[dict[str, str], tuple[str, str | None, bool, str], tuple[
         ("r42833", "never published", "CASA 5.6.1-8 (pipeline r42866)"),
     ),
     "cycle10-casa-differs": (
-        {"script/member.uid___A001_X1467_X29e.pipeline_manifest.xml": manifest("6.5.4.10", "2023.1.0.124")},
+        {
+            "script/member.uid___A001_X1467_X29e.pipeline_manifest.xml": manifest(
+                "6.5.4.10", "2023.1.0.124"
+            )
+        },
         ("6.5.4-9", "2023.1.0.124", False, "manifest"),
         ("CASA 6.5.4-10", "with CASA 6.5.4-9", "not the exact build"),
     ),
     "cycle12-patch2": (
-        {"script/member.uid___A001_X1467_X29e.pipeline_manifest.xml": manifest("6.6.6.18", "2025.1.0.37")},
+        {
+            "script/member.uid___A001_X1467_X29e.pipeline_manifest.xml": manifest(
+                "6.6.6.18", "2025.1.0.37"
+            )
+        },
         ("6.6.6-18", "2025.1.0.36", False, "manifest"),
         ("never published",),
     ),
@@ -163,12 +183,17 @@ TREES: dict[str, tuple[dict[str, str], tuple[str, str | None, bool, str], tuple[
         ("only older builds of CASA 5.6",),
     ),
     "vla-6.1.3": (
-        {"script/member.uid___A001_X1467_X29e.pipeline_manifest.xml": manifest("6.1.3.3", "2021.1.1.3")},
+        {
+            "script/member.uid___A001_X1467_X29e.pipeline_manifest.xml": manifest(
+                "6.1.3.3", "2021.1.1.3"
+            )
+        },
         ("6.1.1-15", "2020.1.0.40", False, "manifest"),
         ("VLA/VLASS", "only older builds of CASA 6.1", "CASA 6.1.1-15 (pipeline 2020.1.0.40)"),
     ),
     "weblog-unreadable-pipeline": (
-        {},  # packed below
+        # Packed below.
+        {},
         ("6.2.1-7", "2021.2.0.128", False, "weblog"),
         ("cannot be read ('2021.2.0.128+r42xyz/PIPE-1')", "CASA 6.2.1-7", "not the exact build"),
     ),
@@ -179,7 +204,8 @@ TREES: dict[str, tuple[dict[str, str], tuple[str, str | None, bool, str], tuple[
     ),
     "log-only": (
         {
-            "log/casa-20170502-101010.log": "2017-05-02 10:10:10\tINFO\t::casa\tCASA Version 4.7.2-REL (r39762)\n"
+            "log/casa-20170502-101010.log": "2017-05-02 10:10:10\tINFO\t::casa\tCASA Version "
+            "4.7.2-REL (r39762)\n"
         },
         ("4.7.2", "r39732", True, "casalog"),
         (),
@@ -210,7 +236,8 @@ def test_reference_trees_resolve_by_almas_rule(tmp_path: Path, name: str) -> Non
     assert reason.endswith(".") and "\n" not in reason
     for fragment in fragments:
         assert fragment in reason
-    if not exact:  # the reason never calls a build that is not exact "that exact build"
+    if not exact:
+        # The reason never calls a build that is not exact "that exact build".
         assert "that exact build" not in reason and "is that build" not in reason
 
 
@@ -234,13 +261,16 @@ class Zeros:
         return bytes(n)
 
 
-def test_a_decompression_bomb_is_refused_quickly_and_the_next_evidence_decides(tmp_path: Path) -> None:
+def test_a_decompression_bomb_is_refused_quickly_and_the_next_evidence_decides(
+    tmp_path: Path,
+) -> None:
     member = member_dir(tmp_path)
     archive = member / "qa" / f"{OUS}.hifa_calimage.weblog.tgz"
     page = home_page("6.5.4.9", "2023.1.0.124").encode()
     with tarfile.open(archive, "w:gz") as tar:
         info = tarfile.TarInfo("pipeline-20231015T120000/html/stage1/big.bin")
-        info.size = 256 * 1024 * 1024  # 256 MiB of zeros: about 256 KiB packed
+        # 256 MiB of zeros: about 256 KiB packed.
+        info.size = 256 * 1024 * 1024
         tar.addfile(info, Zeros(info.size))  # type: ignore[arg-type]
         info = tarfile.TarInfo("pipeline-20231015T120000/html/t1-1.html")
         info.size = len(page)
@@ -263,18 +293,23 @@ def test_a_decompression_bomb_is_refused_quickly_and_the_next_evidence_decides(t
 def test_an_oversized_archive_is_not_opened(tmp_path: Path) -> None:
     member = member_dir(tmp_path)
     with (member / "qa" / f"{OUS}.weblog.tgz").open("wb") as handle:
-        handle.truncate(5 * 1024**3)  # sparse: takes no disk space
+        # Sparse: takes no disk space.
+        handle.truncate(5 * 1024**3)
     code, _, stderr = resolve(member)
     assert code == 2 and "is larger than 4 GiB, too large to read as evidence" in stderr
 
 
 @pytest.mark.parametrize("compression", ["gz", "bz2", "xz", ""])
-def test_a_weblog_of_plots_with_its_home_page_last_is_read(tmp_path: Path, compression: str) -> None:
+def test_a_weblog_of_plots_with_its_home_page_last_is_read(
+    tmp_path: Path, compression: str
+) -> None:
     member = member_dir(tmp_path)
-    archive = member / "qa" / f"{OUS}.hifa_calimage.weblog.tgz"  # the reader goes by content, not by name
+    # The reader goes by content, not by name.
+    archive = member / "qa" / f"{OUS}.hifa_calimage.weblog.tgz"
     page = home_page("6.6.1.17", "2024.1.0.8").encode()
     with tarfile.open(archive, f"w:{compression}" if compression else "w") as tar:
-        for index in range(3):  # incompressible plots, as most of a weblog is
+        for index in range(3):
+            # Incompressible plots, as most of a weblog is.
             data = os.urandom(1024 * 1024)
             info = tarfile.TarInfo(f"pipeline-20241101T000000/html/stage{index}/plot.png")
             info.size = len(data)
@@ -285,4 +320,5 @@ def test_a_weblog_of_plots_with_its_home_page_last_is_read(tmp_path: Path, compr
     code, data, stderr = resolve(member)
     assert code == 0, stderr
     assert data is not None and (data["casa"], data["exact"]) == ("6.6.1-17", True)
-    assert str(data["evidence"]["path"]).endswith("!pipeline-20241101T000000/html/t1-1.html")  # type: ignore[index]
+    path = str(data["evidence"]["path"])  # type: ignore[index]
+    assert path.endswith("!pipeline-20241101T000000/html/t1-1.html")

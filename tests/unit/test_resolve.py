@@ -18,7 +18,8 @@ from casaspawner.datasets.synth import ERAS, DatasetSpec, write_dataset
 from casaspawner.datasets.tree import Directory, open_directory, open_file
 from casaspawner.errors import InvalidInput, ResolutionError, VersionUnknown
 
-# era -> (release id the session runs, exact?, evidence kind, processed_with casa, processed_with pipeline)
+# era -> (release id the session runs, exact?, evidence kind, processed_with casa, processed_with
+# pipeline)
 EXPECTED = {
     "cycle0-manual": ("casa-3.4.0", True, "script", "3.4.0", None),
     "cycle2-manual": ("casa-4.2.2", True, "script", "4.2.2", None),
@@ -48,7 +49,9 @@ def test_every_named_era_is_covered() -> None:
 
 @pytest.mark.parametrize("era", sorted(EXPECTED))
 @pytest.mark.parametrize("start", ["project", "member"])
-def test_eras_resolve_by_almas_rule(tmp_path: Path, catalog: Catalog, era: str, start: str) -> None:
+def test_eras_resolve_by_almas_rule(
+    tmp_path: Path, catalog: Catalog, era: str, start: str
+) -> None:
     member = write_dataset(tmp_path, era)
     target = member if start == "member" else tmp_path / ERAS[era].project
     resolution = resolve_path(target, catalog)
@@ -63,32 +66,46 @@ def test_eras_resolve_by_almas_rule(tmp_path: Path, catalog: Catalog, era: str, 
 
 
 def test_reasons_explain_the_rule(tmp_path: Path, catalog: Catalog) -> None:
-    assert "never published" in resolve_path(write_dataset(tmp_path / "a", "cycle5-internal"), catalog).reason
-    assert "VLA/VLASS" in resolve_path(write_dataset(tmp_path / "b", "vla-numbered"), catalog).reason
+    assert (
+        "never published"
+        in resolve_path(write_dataset(tmp_path / "a", "cycle5-internal"), catalog).reason
+    )
+    assert (
+        "VLA/VLASS" in resolve_path(write_dataset(tmp_path / "b", "vla-numbered"), catalog).reason
+    )
 
 
 def test_no_evidence_is_a_clear_error(tmp_path: Path, catalog: Catalog) -> None:
     write_dataset(tmp_path, "no-evidence")
-    with pytest.raises(ResolutionError, match="Nothing in .* tells which CASA version processed it"):
+    with pytest.raises(
+        ResolutionError, match="Nothing in .* tells which CASA version processed it"
+    ):
         resolve_path(tmp_path, catalog)
 
 
 def test_a_dataset_without_a_usable_version_says_so_apart_from_the_advice(
     tmp_path: Path, catalog: Catalog
 ) -> None:
-    """VersionUnknown: one dataset was found; the finding and what to do are separate (a spawner replaces the
-    advice with the user's own choice). Datasets that are not one dataset are plain ResolutionErrors."""
+    """VersionUnknown: one dataset was found; the finding and what to do are separate (a spawner
+    replaces the advice with the user's own choice). Datasets that are not one dataset are plain
+    ResolutionErrors."""
     write_dataset(tmp_path / "none", "no-evidence")
-    planned = write_dataset(tmp_path / "planned", spec=DatasetSpec(casa="6.7.4.4", pipeline="2026.2.0.12"))
+    planned = write_dataset(
+        tmp_path / "planned", spec=DatasetSpec(casa="6.7.4.4", pipeline="2026.2.0.12")
+    )
     old = write_dataset(
         tmp_path / "old", spec=DatasetSpec(casa="2.9.0", pipeline=None, evidence=("casalog",))
     )
     for path, finding, advice in (
-        (tmp_path / "none", "Nothing in none tells which CASA version processed it (it has no pipeline manifest, "
-         "AQUA report, weblog, calibration script or CASA log that names one)", "choose a CASA release yourself"),
+        (
+            tmp_path / "none",
+            "Nothing in none tells which CASA version processed it (it has no pipeline manifest, "
+            "AQUA report, weblog, calibration script or CASA log that names one)",
+            "choose a CASA release yourself",
+        ),
         (planned, "is a planned release with no public build yet", "choose a release yourself"),
         (old, "but the catalog has no public build of CASA 2.9", "choose a release yourself"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(VersionUnknown) as info:
             resolve_path(path, catalog, label=path.name)
         assert info.value.finding.endswith(finding) and info.value.advice == advice
@@ -102,7 +119,9 @@ def test_a_dataset_without_a_usable_version_says_so_apart_from_the_advice(
 def test_evidence_order_manifest_beats_weblog_and_log(tmp_path: Path, catalog: Catalog) -> None:
     spec = DatasetSpec(casa="6.5.4.9", pipeline="2023.1.0.124", evidence=("manifest",))
     member = write_dataset(tmp_path, spec=spec)
-    other = DatasetSpec(casa="6.4.1.12", pipeline="2022.2.0.64", evidence=("weblog", "aquareport", "casalog"))
+    other = DatasetSpec(
+        casa="6.4.1.12", pipeline="2022.2.0.64", evidence=("weblog", "aquareport", "casalog")
+    )
     write_dataset(tmp_path, spec=other)
     assert read_evidence(member).kind == "manifest"
     assert resolve_path(member, catalog).release.id == "pl-2023.1.0.124"
@@ -116,7 +135,9 @@ def test_several_mous_are_listed(tmp_path: Path, catalog: Catalog) -> None:
     with pytest.raises(ResolutionError) as info:
         resolve_path(tmp_path, catalog)
     assert "2 MOUS directories" in str(info.value)
-    assert "member.uid___A001_X1_X2" in str(info.value) and "member.uid___A001_X1_X3" in str(info.value)
+    assert "member.uid___A001_X1_X2" in str(info.value) and "member.uid___A001_X1_X3" in str(
+        info.value
+    )
 
 
 def test_paths_that_are_not_datasets(tmp_path: Path, catalog: Catalog) -> None:
@@ -130,7 +151,9 @@ def test_paths_that_are_not_datasets(tmp_path: Path, catalog: Catalog) -> None:
         resolve_path(tmp_path / "empty", catalog)
 
 
-def test_resolve_target_distinguishes_paths_and_identifiers(tmp_path: Path, catalog: Catalog) -> None:
+def test_resolve_target_distinguishes_paths_and_identifiers(
+    tmp_path: Path, catalog: Catalog
+) -> None:
     write_dataset(tmp_path, "cycle10")
     assert resolve_target(str(tmp_path), catalog).release.id == "pl-2023.1.0.124"
     with pytest.raises(InvalidInput, match="not an ALMA dataset identifier"):
@@ -143,25 +166,40 @@ def test_resolve_target_distinguishes_paths_and_identifiers(tmp_path: Path, cata
 
 def test_manual_scripts_majority_and_series(tmp_path: Path, catalog: Catalog) -> None:
     member = write_dataset(
-        tmp_path, spec=DatasetSpec(casa="4.2.1", pipeline=None, evidence=("script",), eb="uid___A002_X1_X1")
+        tmp_path,
+        spec=DatasetSpec(casa="4.2.1", pipeline=None, evidence=("script",), eb="uid___A002_X1_X1"),
     )
     write_dataset(
-        tmp_path, spec=DatasetSpec(casa="4.2.2", pipeline=None, evidence=("script",), eb="uid___A002_X1_X2")
+        tmp_path,
+        spec=DatasetSpec(casa="4.2.2", pipeline=None, evidence=("script",), eb="uid___A002_X1_X2"),
     )
     write_dataset(
-        tmp_path, spec=DatasetSpec(casa="4.2.2", pipeline=None, evidence=("script",), eb="uid___A002_X1_X3")
+        tmp_path,
+        spec=DatasetSpec(casa="4.2.2", pipeline=None, evidence=("script",), eb="uid___A002_X1_X3"),
     )
     assert read_evidence(member).casa == "4.2.2"
-    series = write_dataset(tmp_path / "s", spec=DatasetSpec(casa="4.1", pipeline=None, evidence=("script",)))
+    series = write_dataset(
+        tmp_path / "s", spec=DatasetSpec(casa="4.1", pipeline=None, evidence=("script",))
+    )
     resolution = resolve_path(series, catalog)
-    assert (resolution.release.casa, resolution.exact, resolution.evidence.casa) == ("4.1.0", True, "4.1")
+    assert (resolution.release.casa, resolution.exact, resolution.evidence.casa) == (
+        "4.1.0",
+        True,
+        "4.1",
+    )
 
 
-def test_unknown_builds_take_the_nearest_newer_public_build(tmp_path: Path, catalog: Catalog) -> None:
-    member = write_dataset(tmp_path, spec=DatasetSpec(casa="4.7.1", pipeline=None, evidence=("casalog",)))
+def test_unknown_builds_take_the_nearest_newer_public_build(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    member = write_dataset(
+        tmp_path, spec=DatasetSpec(casa="4.7.1", pipeline=None, evidence=("casalog",))
+    )
     resolution = resolve_path(member, catalog)
     assert (resolution.release.casa, resolution.exact) == ("4.7.2", False)
-    member = write_dataset(tmp_path / "b", spec=DatasetSpec(casa="6.5.4.7", pipeline="2023.1.0.99"))
+    member = write_dataset(
+        tmp_path / "b", spec=DatasetSpec(casa="6.5.4.7", pipeline="2023.1.0.99")
+    )
     resolution = resolve_path(member, catalog)
     assert (resolution.release.id, resolution.exact) == ("pl-2023.1.0.124", False)
     assert "not in the catalog" in resolution.reason
@@ -178,18 +216,21 @@ def test_planned_release_without_a_build_is_refused(tmp_path: Path, catalog: Cat
         resolve_path(member, catalog)
 
 
-# ------------------------------------------------------------------------------------------ hostile input
+# ------------------------------------------------------------------------------------------
+# hostile input
 
 SECRET = "TOP-SECRET-CASA-9.9.9-LEAK"
 
 ATTACKS = {
     "billion-laughs": """<?xml version="1.0"?>
-<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!DOCTYPE lolz [<!ENTITY lol "lol">\
+<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
 <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
 <piperesults><ous><casaversion name="&lol3;"/></ous></piperesults>""",
     "xxe-file": """<?xml version="1.0"?>
 <!DOCTYPE r [<!ENTITY xxe SYSTEM "file://{secret}">]>
-<piperesults><ous><casaversion name="&xxe;"/><pipeline_version name="&xxe;"/></ous></piperesults>""",
+<piperesults><ous><casaversion name="&xxe;"/>\
+<pipeline_version name="&xxe;"/></ous></piperesults>""",
     "external-dtd": """<?xml version="1.0"?>
 <!DOCTYPE r SYSTEM "http://127.0.0.1:9/evil.dtd">
 <piperesults><ous><casaversion name="6.5.4.9"/></ous></piperesults>""",
@@ -202,12 +243,16 @@ ATTACKS = {
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 @pytest.mark.parametrize("where", ["manifest", "aquareport"])
-def test_xml_attacks_leak_nothing(tmp_path: Path, catalog: Catalog, attack: str, where: str) -> None:
+def test_xml_attacks_leak_nothing(
+    tmp_path: Path, catalog: Catalog, attack: str, where: str
+) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text(SECRET)
     spec = DatasetSpec(evidence=())
     member = write_dataset(tmp_path / "ds", spec=spec)
-    name = "script/x.pipeline_manifest.xml" if where == "manifest" else "qa/x.pipeline_aquareport.xml"
+    name = (
+        "script/x.pipeline_manifest.xml" if where == "manifest" else "qa/x.pipeline_aquareport.xml"
+    )
     (member / name).write_text(ATTACKS[attack].format(secret=secret))
     with pytest.raises(ResolutionError) as info:
         resolve_path(member, catalog)
@@ -229,12 +274,14 @@ def test_symlinks_out_of_the_dataset_are_ignored(tmp_path: Path, catalog: Catalo
 
 
 def test_links_within_the_dataset_are_passed_over_too(tmp_path: Path, catalog: Catalog) -> None:
-    """Below the directory given, no link is followed, even one that stays inside the dataset: evidence files,
-    directories the resolver looks in, weblog pages, packed archives and member directories alike."""
+    """Below the directory given, no link is followed, even one that stays inside the dataset:
+    evidence files, directories the resolver looks in, weblog pages, packed archives and member
+    directories alike."""
     member = write_dataset(
         tmp_path / "ds", spec=DatasetSpec(evidence=("casalog",), casa="4.7.2", pipeline=None)
     )
-    # evidence of another version kept in the dataset, too deep to be searched, linked where it is looked for
+    # evidence of another version kept in the dataset, too deep to be searched, linked where it is
+    # looked for
     kept = write_dataset(
         member / "calibration" / "kept",
         spec=DatasetSpec(evidence=("manifest", "aquareport", "weblog", "weblog-tgz")),
@@ -242,16 +289,20 @@ def test_links_within_the_dataset_are_passed_over_too(tmp_path: Path, catalog: C
     manifest = next(kept.glob("script/*manifest.xml"))
     (member / "script" / manifest.name).symlink_to(manifest)
     (member / "qa").rmdir()
-    (member / "qa").symlink_to(kept / "qa")  # an AQUA report, a weblog and a packed weblog behind a link
+    # An AQUA report, a weblog and a packed weblog behind a link.
+    (member / "qa").symlink_to(kept / "qa")
     html = member / "product" / "weblog" / "html"
     html.mkdir(parents=True)
     (html / "t1-1.html").symlink_to(next(kept.glob("qa/*/*/html/t1-1.html")))
     (member / "weblog.tgz").symlink_to(next(kept.glob("qa/*.weblog.tgz")))
     (member / "log" / "casa-1.tgz").symlink_to(next(kept.glob("qa/*.weblog.tgz")))
     assert resolve_path(member, catalog).evidence.kind == "casalog"
-    # the dataset directory itself may be given through a link: that is the directory the user named
+    # the dataset directory itself may be given through a link: that is the directory the user
+    # named
     (tmp_path / "given").symlink_to(member)
-    assert resolve_path(tmp_path / "given", catalog).evidence.path == "log/casapy-20161102-101201.log"
+    assert (
+        resolve_path(tmp_path / "given", catalog).evidence.path == "log/casapy-20161102-101201.log"
+    )
     # a member directory that is a link is not a MOUS of the directory given
     project = tmp_path / "project"
     project.mkdir()
@@ -261,8 +312,8 @@ def test_links_within_the_dataset_are_passed_over_too(tmp_path: Path, catalog: C
 
 
 def test_names_that_are_not_regular_files_are_passed_over_without_blocking(tmp_path: Path) -> None:
-    """A name swapped for a FIFO, a directory or a link after it was listed opens as nothing: the open
-    never waits for a FIFO's writer and never follows a link at any step."""
+    """A name swapped for a FIFO, a directory or a link after it was listed opens as nothing: the
+    open never waits for a FIFO's writer and never follows a link at any step."""
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_bytes(b"evidence")
     os.mkfifo(tmp_path / "fifo")
@@ -278,7 +329,8 @@ def test_names_that_are_not_regular_files_are_passed_over_without_blocking(tmp_p
         reader = threading.Thread(target=opens, args=(top, "fifo"), daemon=True)
         reader.start()
         reader.join(10)
-        if reader.is_alive():  # it blocked: let it go, then fail
+        if reader.is_alive():
+            # It blocked: let it go, then fail.
             os.close(os.open(tmp_path / "fifo", os.O_WRONLY | os.O_NONBLOCK))
         assert not reader.is_alive()
         for name in ("d/f", "d", "link/f", "d/f-link", "missing", "d/f/x", "d/../d/f"):
@@ -316,8 +368,8 @@ def test_no_descriptor_is_left_open(tmp_path: Path, catalog: Catalog) -> None:
         "holds 2 MOUS directories (member.uid___A001_X1_X2, member.uid___A001_X1_X3)",
         "holds no ALMA member.uid___… (MOUS) directory",
         "readable in bad tells its CASA version: x.weblog.tgz is not a readable tar archive.",
-        "in no-evidence tells which CASA version processed it (it has no pipeline manifest, AQUA report, weblog, "
-        "calibration script or CASA log that names one)",
+        "in no-evidence tells which CASA version processed it (it has no pipeline manifest, AQUA "
+        "report, weblog, calibration script or CASA log that names one)",
         "manifest",
         "weblog",
         "script",
@@ -346,7 +398,9 @@ def test_packed_weblog_is_read_without_extracting(tmp_path: Path, catalog: Catal
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
-def test_hostile_tar_members_are_neither_written_nor_reported(tmp_path: Path, catalog: Catalog) -> None:
+def test_hostile_tar_members_are_neither_written_nor_reported(
+    tmp_path: Path, catalog: Catalog
+) -> None:
     member = write_dataset(tmp_path / "ds", spec=DatasetSpec(evidence=()))
     archive = member / "qa" / "x.weblog.tgz"
     page = b"<table><tr><th>CASA Version</th><td>6.5.4.9</td></tr></table>"
@@ -360,7 +414,8 @@ def test_hostile_tar_members_are_neither_written_nor_reported(tmp_path: Path, ca
     def pack(names: list[str]) -> None:
         with tarfile.open(archive, "w:gz") as tar:
             for name in names:
-                info = tarfile.TarInfo(name)  # as written, unlike tar.add(), which strips a leading /
+                # As written, unlike tar.add(), which strips a leading /.
+                info = tarfile.TarInfo(name)
                 info.size = len(page)
                 tar.addfile(info, io.BytesIO(page))
             link = tarfile.TarInfo("pipeline-1/html/t1-1.html")
@@ -372,7 +427,8 @@ def test_hostile_tar_members_are_neither_written_nor_reported(tmp_path: Path, ca
     with tarfile.open(archive) as tar:
         assert tar.getnames()[:4] == hostile
     with pytest.raises(ResolutionError, match="Nothing in .* tells which CASA version"):
-        resolve_path(member, catalog)  # no member it would accept names a version
+        # No member it would accept names a version.
+        resolve_path(member, catalog)
     pack([*hostile, "pipeline-2/html/t1-1.html"])
     resolution = resolve_path(member, catalog)
     assert resolution.release.casa == "6.5.4-9"
@@ -420,21 +476,27 @@ def test_weblog_cells_of_every_template_generation(
 def test_aquareport_versions_outside_qasummary(tmp_path: Path, catalog: Catalog) -> None:
     member = write_dataset(tmp_path, spec=DatasetSpec(evidence=()))
     (member / "qa" / "m.pipeline_aquareport.xml").write_text(
-        "<PipelineAquaReport><CasaVersion>5.4.0-70</CasaVersion><PipelineVersion>42254M</PipelineVersion></PipelineAquaReport>"
+        "<PipelineAquaReport><CasaVersion>5.4.0-70</CasaVersion>"
+        "<PipelineVersion>42254M</PipelineVersion></PipelineAquaReport>"
     )
     assert resolve_path(member, catalog).release.id == "pl-r42254"
 
 
 def test_errors_name_the_dataset_as_the_user_gave_it(tmp_path: Path, catalog: Catalog) -> None:
     write_dataset(tmp_path / "hub" / "alice", "no-evidence")
-    for path, label in ((tmp_path / "hub" / "alice", "my/project"), (tmp_path / "hub" / "nope", "my/nope")):
+    for path, label in (
+        (tmp_path / "hub" / "alice", "my/project"),
+        (tmp_path / "hub" / "nope", "my/nope"),
+    ):
         with pytest.raises(ResolutionError) as info:
             resolve_path(path, catalog, label=label)
         assert label in str(info.value) and str(tmp_path) not in str(info.value)
 
 
 def test_a_guard_after_a_long_step_list_is_found(tmp_path: Path, catalog: Catalog) -> None:
-    member = write_dataset(tmp_path, spec=DatasetSpec(casa="4.5.3", pipeline=None, evidence=("script",)))
+    member = write_dataset(
+        tmp_path, spec=DatasetSpec(casa="4.5.3", pipeline=None, evidence=("script",))
+    )
     (script,) = (member / "script").glob("*.scriptForCalibration.py")
     steps = "".join(f"              {n}: 'Step {n}',\n" for n in range(1, 81))
     text = script.read_text().replace(
@@ -447,16 +509,18 @@ def test_a_guard_after_a_long_step_list_is_found(tmp_path: Path, catalog: Catalo
 
 def test_evidence_file_names_stay_inside_one_sentence(tmp_path: Path, catalog: Catalog) -> None:
     member = write_dataset(tmp_path, spec=DatasetSpec(evidence=()))
-    (member / "script" / "x\nTraceback (most recent call last):\n\x1b[31m.pipeline_manifest.xml").write_text(
-        "<no"
-    )
+    (
+        member / "script" / "x\nTraceback (most recent call last):\n\x1b[31m.pipeline_manifest.xml"
+    ).write_text("<no")
     with pytest.raises(ResolutionError) as info:
         resolve_path(member, catalog)
     message = str(info.value)
     assert "is not well-formed XML" in message and message.isprintable(), message
 
 
-def test_xml_evidence_is_streamed_within_element_and_depth_bounds(tmp_path: Path, catalog: Catalog) -> None:
+def test_xml_evidence_is_streamed_within_element_and_depth_bounds(
+    tmp_path: Path, catalog: Catalog
+) -> None:
     spec = ERAS["cycle10"]
     versions = f'<casaversion name="{spec.casa}"/><pipeline_version name="{spec.pipeline}"/>'
     cases = {
@@ -478,6 +542,8 @@ def test_xml_evidence_is_streamed_within_element_and_depth_bounds(tmp_path: Path
     assert outcomes == {
         "first": "pl-2023.1.0.124",
         "last": "pl-2023.1.0.124",
-        "deep": "deep.pipeline_manifest.xml holds more or deeper-nested XML elements than evidence files do.",
-        "many": "many.pipeline_manifest.xml holds more or deeper-nested XML elements than evidence files do.",
+        "deep": "deep.pipeline_manifest.xml holds more or deeper-nested XML elements than "
+        "evidence files do.",
+        "many": "many.pipeline_manifest.xml holds more or deeper-nested XML elements than "
+        "evidence files do.",
     }

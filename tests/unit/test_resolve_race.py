@@ -1,11 +1,11 @@
-"""A user swapping files and directories of their dataset for links while the hub resolves it learns nothing
-about what those links point to.
+"""A user swapping files and directories of their dataset for links while the hub resolves it
+learns nothing about what those links point to.
 
-The hub may read every user's storage (a read-only mount of all of it, or as root), and the dataset is the
-user's to change at any moment. A thread keeps replacing one file or directory of the dataset with a link to
-the same name in another dataset (the "secret", which the user may not read) and putting it back, while the
-resolver runs many times: every resolution finds the dataset's own evidence or passes the link over, and
-never reports the secret's versions.
+The hub may read every user's storage (a read-only mount of all of it, or as root), and the dataset
+is the user's to change at any moment. A thread keeps replacing one file or directory of the
+dataset with a link to the same name in another dataset (the "secret", which the user may not read)
+and putting it back, while the resolver runs many times: every resolution finds the dataset's own
+evidence or passes the link over, and never reports the secret's versions.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from casaspawner.datasets.synth import DatasetSpec, Evidence, write_dataset
 from casaspawner.errors import ResolutionError
 
 MOUS = "uid___A001_X3621_X3d68"
-#: Both datasets use the same names, so a swapped-in link finds a file wherever the resolver looks; only the
-#: versions differ, and the secret's must never come out.
+#: Both datasets use the same names, so a swapped-in link finds a file wherever the resolver looks;
+#: only the versions differ, and the secret's must never come out.
 OWN = DatasetSpec("2023.1.00026.S", MOUS, "6.5.4.9", "2023.1.0.124")
 SECRET = replace(OWN, casa="6.4.1.12", pipeline="2022.2.0.64")
 SECRET_WORDS = ("6.4.1", "2022.2.0.64")
 WEBLOG = f"qa/member.{MOUS}.hifa_calimage.weblog/pipeline-20231015T120000/html"
 
-# case -> (evidence in both datasets, what is swapped: a path relative to the member directory; "." is the
-# member directory itself, and the dataset is then given as its project directory)
+# case -> (evidence in both datasets, what is swapped: a path relative to the member directory; "."
+# is the member directory itself, and the dataset is then given as its project directory)
 CASES: dict[str, tuple[tuple[Evidence, ...], str]] = {
     "manifest file": (("manifest",), f"script/member.{MOUS}.hifa_calimage.pipeline_manifest.xml"),
     "script directory": (("manifest",), "script"),
@@ -45,12 +45,16 @@ CASES: dict[str, tuple[tuple[Evidence, ...], str]] = {
     "packed weblog": (("weblog-tgz",), f"qa/member.{MOUS}.hifa_calimage.weblog.tgz"),
     "member directory": (("manifest",), "."),
 }
-RESOLUTIONS = 300  # at least, and until both the dataset's own evidence and the swapped state were seen
-DEADLINE = 30.0  # seconds, on a slow, shared machine
+#: Resolutions to run: at least these, and until both the dataset's own evidence and the swapped
+#: state were seen.
+RESOLUTIONS = 300
+#: Seconds, on a slow, shared machine.
+DEADLINE = 30.0
 
 
 def swap(target: Path, secret: Path) -> Callable[[bool], None]:
-    """A step that replaces ``target`` with a link to ``secret`` (True) or puts the original back (False).
+    """A step that replaces ``target`` with a link to ``secret`` (True) or puts the original back
+    (False).
 
     Files are replaced atomically (the name always exists); directories are moved aside and back.
     """
@@ -66,7 +70,8 @@ def swap(target: Path, secret: Path) -> Callable[[bool], None]:
                 aside.rename(target)
 
         return step_dir
-    os.link(target, aside)  # the original, to put back
+    # The original, to put back.
+    os.link(target, aside)
 
     def step_file(to_link: bool) -> None:
         if to_link:
@@ -80,8 +85,8 @@ def swap(target: Path, secret: Path) -> Callable[[bool], None]:
 
 @contextlib.contextmanager
 def swapping(step: Callable[[bool], None]) -> Iterator[None]:
-    """Run ``step`` back and forth in a thread, as fast as it goes, with the interpreter switching threads
-    as often as it can (so the swaps land between the resolver's system calls)."""
+    """Run ``step`` back and forth in a thread, as fast as it goes, with the interpreter switching
+    threads as often as it can (so the swaps land between the resolver's system calls)."""
     stop = threading.Event()
 
     def run() -> None:
@@ -89,7 +94,8 @@ def swapping(step: Callable[[bool], None]) -> Iterator[None]:
         while not stop.is_set():
             linked = not linked
             step(linked)
-            time.sleep(0)  # let the resolver run in either state
+            # Let the resolver run in either state.
+            time.sleep(0)
         if linked:
             step(False)
 
@@ -120,16 +126,20 @@ def test_links_swapped_in_while_resolving_never_reveal_what_they_point_to(
         while time.monotonic() - start < DEADLINE:
             try:
                 resolution = resolve_path(root, catalog)
-            except ResolutionError as exc:  # e.g. the member directory was a link: not a MOUS
+            except ResolutionError as exc:
+                # For example, the member directory was a link: not a MOUS.
                 said = str(exc)
                 seen["error"] += 1
             else:
-                said = f"{resolution.processed_with} {resolution.evidence.path} {resolution.reason}"
+                said = (
+                    f"{resolution.processed_with} {resolution.evidence.path} {resolution.reason}"
+                )
                 seen[resolution.evidence.kind] += 1
             assert not any(word in said for word in SECRET_WORDS), f"the secret leaked: {said}"
             if sum(seen.values()) >= RESOLUTIONS and seen[expected] and len(seen) > 1:
                 break
-    # the race was run: the dataset's own evidence was read, and so was the dataset with the link in place
+    # the race was run: the dataset's own evidence was read, and so was the dataset with the link
+    # in place
     assert seen[expected] and len(seen) > 1, seen
     assert sum(seen.values()) >= RESOLUTIONS, seen
     # and afterwards the dataset resolves as before

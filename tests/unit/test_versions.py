@@ -37,7 +37,18 @@ def test_casa_versions_normalise(raw: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "6", "6.5", "6.5.4.9.1", "v6.5.4", "6.5.4-", "6.5.4 junk", "٦.٥.٤", "6.5.4." + "9" * 300]
+    "raw",
+    [
+        "",
+        "6",
+        "6.5",
+        "6.5.4.9.1",
+        "v6.5.4",
+        "6.5.4-",
+        "6.5.4 junk",
+        "٦.٥.٤",
+        "6.5.4." + "9" * 300,
+    ],
 )
 def test_casa_versions_reject(raw: str) -> None:
     with pytest.raises(InvalidInput, match="CASA version"):
@@ -77,7 +88,8 @@ def test_pipeline_versions_normalise(raw: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "2023.1.0", "2023.1.0.124-dirty", "4225", "r422545", "Pipeline-CASA54", "2023.1.0.1 2"]
+    "raw",
+    ["", "2023.1.0", "2023.1.0.124-dirty", "4225", "r422545", "Pipeline-CASA54", "2023.1.0.1 2"],
 )
 def test_pipeline_versions_reject(raw: str) -> None:
     with pytest.raises(InvalidInput, match="pipeline version"):
@@ -96,7 +108,10 @@ def test_pipeline_order_puts_svn_first() -> None:
 
 
 casa_parts = st.tuples(
-    st.integers(0, 99), st.integers(0, 999), st.integers(0, 999), st.one_of(st.none(), st.integers(0, 10**6))
+    st.integers(0, 99),
+    st.integers(0, 999),
+    st.integers(0, 999),
+    st.one_of(st.none(), st.integers(0, 10**6)),
 )
 
 
@@ -141,8 +156,8 @@ def test_git_pipeline_roundtrip(year: int, cycle: int, minor: int, build: int, l
     assert normalize_pipeline(raw) == f"{year}.{cycle}.{minor}.{build}"
 
 
-# The reference patterns (shared/reference/alma-casa-catalog.yaml, identifier_regex), ASCII digits: every
-# string they accept is a version here, with the same numbers.
+# The reference patterns (shared/reference/alma-casa-catalog.yaml, identifier_regex), ASCII digits:
+# every string they accept is a version here, with the same numbers.
 REFERENCE_CASA = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:[-.](\d+))?", re.ASCII)
 REFERENCE_GIT = re.compile(r"(\d{4})\.(\d+)\.(\d+)\.(\d+)(\+[\w.\-]+)?", re.ASCII)
 REFERENCE_SVN = re.compile(r"r?(\d{5})M?(\s*\(.*\))?", re.ASCII)

@@ -1,8 +1,9 @@
-"""Test support for CASASpawner: a fake user, a kmock-based Kubernetes emulator and a fake kubelet.
+"""Kubernetes without a cluster: a kmock emulator, a fake kubelet and a stand-in session server.
 
-The emulator is kmock 0.8's ``KubernetesEmulator`` with the four gaps the real KubeSpawner trips over filled
-in (see the JupyterHub stack reference, sections 7.3 and 7.4): ``watch=True`` spelling, namespace defaulting, uid and
-resourceVersion bookkeeping, and a Pending status on new pods.
+The emulator is kmock 0.8's ``KubernetesEmulator`` with the four gaps the real KubeSpawner trips
+over filled in (see the JupyterHub stack reference, sections 7.3 and 7.4): ``watch=True``
+spelling, namespace defaulting, uid and resourceVersion bookkeeping, and a Pending status on new
+pods.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import contextlib
 import datetime
 import itertools
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import kmock
+from aiohttp import web
 from kmock._internal import enums
+
+from casaspawner.net import free_port
 
 PLACEHOLDER_KUBECONFIG = """\
 apiVersion: v1
@@ -29,56 +34,16 @@ current-context: tests
 """
 
 
-class FakeGroup:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-class FakeUser:
-    """What a spawner needs of ``jupyterhub.user.User``: name, id, url, groups and auth_state."""
-
-    def __init__(
-        self, name: str = "alice", auth_state: Mapping[str, Any] | None = None, groups: tuple[str, ...] = ()
-    ):
-        self.name = name
-        self.id = 7
-        self.url = f"/user/{name}/"
-        self.groups = [FakeGroup(g) for g in groups]
-        self.auth_state = dict(auth_state) if auth_state is not None else None
-
-    async def get_auth_state(self) -> dict[str, Any] | None:
-        return self.auth_state
-
-
-def auth_state(
-    uid: int | None = 1001,
-    gid: int | None = 1001,
-    groups: tuple[str, ...] = (),
-    token: str | None = "tok-SECRET-42",
-    **extra: Any,
-) -> dict[str, Any]:
-    user: dict[str, Any] = {"groups": list(groups), **extra}
-    if uid is not None:
-        user["uid"] = uid
-    if gid is not None:
-        user["gid"] = gid
-    state: dict[str, Any] = {"oauth_user": user}
-    if token is not None:
-        state["access_token"] = token
-    return state
-
-
 class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator, filled in where KubeSpawner needs a real API server's bookkeeping."""
 
     _versions = itertools.count(1)
 
     async def _handle(self, request: kmock.Request) -> Any:
-        if request.action == enums.action.LIST and str(request.params.get("watch", "")).lower() in (
-            "true",
-            "1",
-        ):
-            object.__setattr__(request, "action", enums.action.WATCH)  # frozen, matched by identity
+        watch = str(request.params.get("watch", "")).lower() in ("true", "1")
+        if request.action == enums.action.LIST and watch:
+            # The request is frozen, and its action is matched by identity.
+            object.__setattr__(request, "action", enums.action.WATCH)
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == enums.action.CREATE:
@@ -101,31 +66,89 @@ def _now(age: float = 0) -> str:
 
 
 def kubeconfig_for(path: Path, url: str) -> Path:
+    """Write a kubeconfig for the API server at ``url`` to ``path``."""
     path.write_text(PLACEHOLDER_KUBECONFIG.replace("https://127.0.0.1:9", url))
     return path
 
 
-class FakeKubelet:
-    """Plays scheduler and kubelet for every new pod: events, then Running — or an image/scheduling failure.
+def use_kubeconfig(path: Path) -> None:
+    """Point KubeSpawner's config loader at ``path``.
 
-    Modes: ``ok``; ``errimagepull`` (the pull fails, then the kubelet backs off: ``ImagePullBackOff``);
-    ``pull-recovers`` (the first pull fails with ``ErrImagePull``, the next one works); ``unschedulable``;
-    ``scheduled-late`` (a ``FailedScheduling`` from two seconds before the ``Scheduled`` event, then Running).
+    kubernetes_asyncio reads ``KUBECONFIG`` only when it is imported.
+    """
+    from kubernetes_asyncio.config import kube_config
+    from kubespawner.clients import load_config
+
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(path)
+    load_config.cache_clear()
+
+
+@contextlib.asynccontextmanager
+async def emulated_cluster(kubeconfig: Path) -> AsyncIterator[tuple[Emulator, kmock.Server]]:
+    """An emulator served on 127.0.0.1, with a kubeconfig for it written to ``kubeconfig``."""
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        # kmock 0.8 reads its bundled resources with a deprecated API.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            emulator.resources.load_bundled()
+        kubeconfig_for(kubeconfig, str(server.url).rstrip("/"))
+        yield emulator, server
+
+
+@contextlib.asynccontextmanager
+async def session_stand_in() -> AsyncIterator[int]:
+    """Answer on a free port like a session's server would; yields the port.
+
+    The hub only checks that the session's server answers.
+    """
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"version": "stand-in"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+class FakeKubelet:
+    """Plays scheduler and kubelet for every new pod: events, then Running, or a failure.
+
+    Modes: ``ok``; ``errimagepull`` (the pull fails, then the kubelet backs off:
+    ``ImagePullBackOff``); ``pull-recovers`` (the first pull fails with ``ErrImagePull``, the
+    next one works); ``unschedulable``; ``scheduled-late`` (a ``FailedScheduling`` from two
+    seconds before the ``Scheduled`` event, then Running).
     """
 
     def __init__(
-        self, server: kmock.Server, namespace: str = "test", mode: str = "ok", pull_seconds: float = 0
+        self,
+        server: kmock.Server,
+        namespace: str = "test",
+        mode: str = "ok",
+        pull_seconds: float = 0,
     ) -> None:
         self.server = server
         self.namespace = namespace
         self.mode = mode
-        self.pull_seconds = pull_seconds  # how long the image pull takes
+        # How long the image pull takes.
+        self.pull_seconds = pull_seconds
         self.seen: set[str] = set()
         self.pods: list[dict[str, Any]] = []
         self.errors: list[Exception] = []
 
     async def _event(
-        self, pod: Mapping[str, Any], reason: str, message: str, kind: str = "Normal", age: float = 0
+        self,
+        pod: Mapping[str, Any],
+        reason: str,
+        message: str,
+        kind: str = "Normal",
+        age: float = 0,
     ) -> None:
         name = pod["metadata"]["name"]
         event = {
@@ -152,19 +175,30 @@ class FakeKubelet:
     async def _patch(self, pod: Mapping[str, Any], status: dict[str, Any]) -> None:
         path = f"/api/v1/namespaces/{self.namespace}/pods/{pod['metadata']['name']}"
         headers = {"Content-Type": "application/merge-patch+json"}
-        async with self.server.client.patch(path, json={"status": status}, headers=headers) as response:
+        async with self.server.client.patch(
+            path, json={"status": status}, headers=headers
+        ) as response:
             assert response.status < 300, await response.text()
 
     async def _waiting(self, pod: Mapping[str, Any], reason: str, message: str) -> None:
         image = pod["spec"]["containers"][0]["image"]
         waiting = {"reason": reason, "message": message}
-        container = {"name": "notebook", "image": image, "imageID": "", "ready": False, "restartCount": 0}
-        await self._patch(
-            pod, {"phase": "Pending", "containerStatuses": [{**container, "state": {"waiting": waiting}}]}
-        )
+        container = {
+            "name": "notebook",
+            "image": image,
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+        }
+        status = {
+            "phase": "Pending",
+            "containerStatuses": [{**container, "state": {"waiting": waiting}}],
+        }
+        await self._patch(pod, status)
 
     async def _failed_pull(self, pod: Mapping[str, Any], image: str) -> None:
-        await self._event(pod, "Failed", f'Failed to pull image "{image}": {image} not found', "Warning")
+        failed = f'Failed to pull image "{image}": {image} not found'
+        await self._event(pod, "Failed", failed, "Warning")
         await self._event(pod, "Failed", "Error: ErrImagePull", "Warning")
         await self._waiting(pod, "ErrImagePull", f"{image} not found")
 
@@ -176,16 +210,19 @@ class FakeKubelet:
             return
         assigned = f"Successfully assigned {self.namespace}/{pod['metadata']['name']} to node-1"
         await self._event(pod, "Scheduled", assigned)
-        if self.mode == "scheduled-late":  # reported late: it happened before the pod was scheduled
+        if self.mode == "scheduled-late":
+            # Reported late: it happened before the pod was scheduled.
             await self._event(pod, "FailedScheduling", unschedulable, "Warning", age=2)
         await self._event(pod, "Pulling", f'Pulling image "{image}"')
         if self.mode in ("errimagepull", "pull-recovers"):
             await self._failed_pull(pod, image)
-            await asyncio.sleep(0.5)  # the kubelet's next pod sync
+            # The kubelet's next pod sync.
+            await asyncio.sleep(0.5)
             if self.mode == "errimagepull":
-                await self._event(pod, "BackOff", f'Back-off pulling image "{image}"')
+                back_off = f'Back-off pulling image "{image}"'
+                await self._event(pod, "BackOff", back_off)
                 await self._event(pod, "Failed", "Error: ImagePullBackOff", "Warning")
-                await self._waiting(pod, "ImagePullBackOff", f'Back-off pulling image "{image}"')
+                await self._waiting(pod, "ImagePullBackOff", back_off)
                 return
             await self._event(pod, "Pulling", f'Pulling image "{image}"')
         await asyncio.sleep(self.pull_seconds)
@@ -210,9 +247,10 @@ class FakeKubelet:
         )
 
     async def run(self) -> None:
+        pods = f"/api/v1/namespaces/{self.namespace}/pods"
         while True:
             try:
-                async with self.server.client.get(f"/api/v1/namespaces/{self.namespace}/pods") as response:
+                async with self.server.client.get(pods) as response:
                     listing = await response.json() if response.status == 200 else {"items": []}
                 for pod in listing.get("items", []):
                     uid = pod["metadata"]["uid"]
@@ -220,7 +258,8 @@ class FakeKubelet:
                         self.seen.add(uid)
                         self.pods.append(pod)
                         await self._run_pod(pod)
-            except Exception as exc:  # keep playing kubelet; the test reads the errors
+            # Keep playing kubelet; the test reads the errors.
+            except Exception as exc:
                 self.errors.append(exc)
             await asyncio.sleep(0.05)
 

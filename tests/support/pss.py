@@ -1,8 +1,9 @@
-"""A checker for the Kubernetes Pod Security Standards, *restricted* profile (which includes *baseline*).
+"""A checker for the Kubernetes Pod Security Standards, *restricted* profile (which includes
+*baseline*).
 
-Written from the policy text (kubernetes.io/docs/concepts/security/pod-security-standards, policy version
-"latest"): each rule is one function returning the violations it finds in a pod manifest (camelCase JSON).
-Independent of casaspawner's own code on purpose.
+Written from the policy text (kubernetes.io/docs/concepts/security/pod-security-standards, policy
+version "latest"): each rule is one function returning the violations it finds in a pod manifest
+(camelCase JSON). Independent of casaspawner's own code on purpose.
 """
 
 from __future__ import annotations
@@ -13,19 +14,43 @@ from typing import Any
 Pod = Mapping[str, Any]
 
 BASELINE_CAPABILITIES = {
-    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
-    "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
-}  # fmt: skip
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+}
 SAFE_SYSCTLS = {
-    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
     "net.ipv4.tcp_keepalive_probes",
-}  # fmt: skip
+}
 SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
 RESTRICTED_VOLUMES = {
-    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
-}  # fmt: skip
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def _spec(pod: Pod) -> Mapping[str, Any]:
@@ -47,7 +72,8 @@ def _csc(container: Mapping[str, Any]) -> Mapping[str, Any]:
     return container.get("securityContext") or {}
 
 
-# ------------------------------------------------------------------------------------------------ baseline
+# ------------------------------------------------------------------------------------------------
+# baseline
 def host_process(pod: Pod) -> list[str]:
     found = []
     if (_psc(pod).get("windowsOptions") or {}).get("hostProcess"):
@@ -59,7 +85,9 @@ def host_process(pod: Pod) -> list[str]:
 
 
 def host_namespaces(pod: Pod) -> list[str]:
-    return [f"{key} is true" for key in ("hostNetwork", "hostPID", "hostIPC") if _spec(pod).get(key)]
+    return [
+        f"{key} is true" for key in ("hostNetwork", "hostPID", "hostIPC") if _spec(pod).get(key)
+    ]
 
 
 def privileged(pod: Pod) -> list[str]:
@@ -77,7 +105,9 @@ def capabilities_baseline(pod: Pod) -> list[str]:
 
 def host_path_volumes(pod: Pod) -> list[str]:
     return [
-        f"volume {v.get('name')} is a hostPath" for v in _spec(pod).get("volumes") or [] if "hostPath" in v
+        f"volume {v.get('name')} is a hostPath"
+        for v in _spec(pod).get("volumes") or []
+        if "hostPath" in v
     ]
 
 
@@ -142,14 +172,16 @@ def sysctls(pod: Pod) -> list[str]:
     ]
 
 
-# ------------------------------------------------------------------------------------------------ restricted
+# ------------------------------------------------------------------------------------------------
+# restricted
 def volume_types(pod: Pod) -> list[str]:
     found = []
     for volume in _spec(pod).get("volumes") or []:
         kinds = set(volume) - {"name"}
         if not kinds <= RESTRICTED_VOLUMES:
             found.append(
-                f"volume {volume.get('name')} has type {', '.join(sorted(kinds - RESTRICTED_VOLUMES))}"
+                f"volume {volume.get('name')} has type "
+                f"{', '.join(sorted(kinds - RESTRICTED_VOLUMES))}"
             )
     return found
 
@@ -176,7 +208,9 @@ def run_as_non_root(pod: Pod) -> list[str]:
 
 def run_as_user(pod: Pod) -> list[str]:
     found = ["pod runAsUser is 0"] if _psc(pod).get("runAsUser") == 0 else []
-    found += [f"{where} runAsUser is 0" for where, c in _containers(pod) if _csc(c).get("runAsUser") == 0]
+    found += [
+        f"{where} runAsUser is 0" for where, c in _containers(pod) if _csc(c).get("runAsUser") == 0
+    ]
     return found
 
 

@@ -1,19 +1,22 @@
 """The Zero to JupyterHub chart's hub configuration, replayed offline for the values tests.
 
-Pinned to one chart source: ``jupyterhub/zero-to-jupyterhub-k8s`` at commit :data:`CHART_COMMIT` (48ea50e, on
-main just after chart 4.4.0, appVersion :data:`CHART_APP_VERSION` 5.5.0, the JupyterHub its hub image runs).
-The chart's values schema and defaults the tests validate against come from that commit too; they are not part
-of the repository: they are read from ``$CASASPAWNER_SHARED_DATA`` when set, else from ``../shared/data/``
-beside the clone (``.ci/run`` exports the variable when it finds them on the machine); tests that need them
-skip with that reason otherwise, and one checks that the data's README names the same commit and appVersion.
+Pinned to one chart source: ``jupyterhub/zero-to-jupyterhub-k8s`` at commit :data:`CHART_COMMIT`
+(48ea50e, on main just after chart 4.4.0, appVersion :data:`CHART_APP_VERSION` 5.5.0, the
+JupyterHub its hub image runs). The chart's values schema and defaults the tests validate against
+come from that commit too; they are not part of the repository: they are read from
+``$CASASPAWNER_SHARED_DATA`` when set, else from ``../shared/data/`` beside the clone (``.ci/run``
+exports the variable when it finds them on the machine); tests that need them skip with that reason
+otherwise, and one checks that the data's README names the same commit and appVersion.
 
-:func:`chart_config` is a hand-written replay of what that commit's ``jupyterhub/files/hub/jupyterhub_config.py``
-does with the merged values, for the parts a casaspawner hub depends on: ``singleuser.*`` into ``KubeSpawner``
-traits (``extraEnv`` → ``environment``, ``startTimeout`` → ``start_timeout``, …), the culler from ``cull.*``,
-``hub.services`` and ``hub.loadRoles`` into lists, ``hub.config`` sections, then ``hub.extraConfig`` in key
-order with a ``z2jh`` module whose ``get_config`` reads the merged values. It does not run the chart's file
-(which needs the hub pod's environment and the Kubernetes client): moving to another chart version means
-re-reading that file, updating the replay and these constants, and the shared data with them.
+:func:`chart_config` is a hand-written replay of what that commit's
+``jupyterhub/files/hub/jupyterhub_config.py`` does with the merged values, for the parts a
+casaspawner hub depends on: ``singleuser.*`` into ``KubeSpawner`` traits (``extraEnv`` →
+``environment``, ``startTimeout`` → ``start_timeout``, …), the culler from ``cull.*``,
+``hub.services`` and ``hub.loadRoles`` into lists, ``hub.config`` sections, then
+``hub.extraConfig`` in key order with a ``z2jh`` module whose ``get_config`` reads the merged
+values. It does not run the chart's file (which needs the hub pod's environment and the Kubernetes
+client): moving to another chart version means re-reading that file, updating the replay and these
+constants, and the shared data with them.
 """
 
 from __future__ import annotations
@@ -31,17 +34,20 @@ import yaml
 from jupyterhub.utils import url_path_join
 from traitlets.config import Config
 
-REPO = Path(__file__).resolve().parents[2]
+from support import REPO
+
 VALUES = REPO / "hub-config" / "z2jh" / "values.yaml"
 SHARED_ENV = "CASASPAWNER_SHARED_DATA"
 SHARED = Path(os.environ.get(SHARED_ENV) or REPO.parent / "shared" / "data")
 SCHEMA = SHARED / "z2jh-values.schema.yaml"
 DEFAULTS = SHARED / "z2jh-values.defaults.yaml"
-#: The z2jh commit the replay, the schema and the defaults follow, and the chart's appVersion there.
+#: The z2jh commit the replay, the schema and the defaults follow, and the chart's appVersion
+#: there.
 CHART_COMMIT = "48ea50e"
 CHART_APP_VERSION = "5.5.0"
 
-#: ``singleuser.<key>`` → ``KubeSpawner.<trait>``, as the chart maps them (set only when not null).
+#: ``singleuser.<key>`` → ``KubeSpawner.<trait>``, as the chart maps them (set only when not
+#: null).
 SINGLEUSER_TRAITS = {
     "podNameTemplate": "pod_name_template",
     "startTimeout": "start_timeout",
@@ -69,11 +75,12 @@ HUB_TRAITS = {"baseUrl": "base_url", "concurrentSpawnLimit": "concurrent_spawn_l
 
 
 def chart_data() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The chart's values schema and default values, or a skip saying where they were looked for."""
+    """The chart's values schema and defaults, or a skip saying where they were looked for."""
     if not SCHEMA.is_file() or not DEFAULTS.is_file():
         pytest.skip(
-            f"the chart's values schema and defaults are not in {SHARED} (not shipped in the repo; set "
-            f"{SHARED_ENV} to the directory holding z2jh-values.schema.yaml and z2jh-values.defaults.yaml)"
+            f"the chart's values schema and defaults are not in {SHARED} (not shipped in the "
+            f"repo; set {SHARED_ENV} to the directory holding z2jh-values.schema.yaml and "
+            "z2jh-values.defaults.yaml)"
         )
     return yaml.safe_load(SCHEMA.read_text()), yaml.safe_load(DEFAULTS.read_text())
 
@@ -118,7 +125,11 @@ def chart_culler(get: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
         "--url=http://localhost:8081" + url_path_join(base_url, "hub/api"),
     ]
     scopes = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
-    for key, flag in (("timeout", "--timeout"), ("every", "--cull-every"), ("concurrency", "--concurrency")):
+    for key, flag in (
+        ("timeout", "--timeout"),
+        ("every", "--cull-every"),
+        ("concurrency", "--concurrency"),
+    ):
         if get(f"cull.{key}"):
             command.append(f"{flag}={get(f'cull.{key}')}")
     if get("cull.users"):
@@ -135,7 +146,7 @@ def chart_culler(get: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
 
 def chart_config(values: dict[str, Any], defaults: dict[str, Any]) -> Config:
-    """The hub's traitlets config after the chart's ``jupyterhub_config.py`` ran with ``values``."""
+    """The hub's traitlets config once the chart's ``jupyterhub_config.py`` ran on ``values``."""
     merged = merge(defaults, values)
     get = getter(merged)
     c = Config()
@@ -156,8 +167,11 @@ def chart_config(values: dict[str, Any], defaults: dict[str, Any]) -> Config:
     if get("singleuser.storage.type") != "none":
         raise NotImplementedError("only singleuser.storage.type none is replayed")
     for key, trait in (("extraVolumes", "volumes"), ("extraVolumeMounts", "volume_mounts")):
-        extra = get(f"singleuser.storage.{key}") or []  # a list, or a dict ordered by key
-        c.KubeSpawner[trait] = [extra[k] for k in sorted(extra)] if isinstance(extra, dict) else list(extra)
+        # A list, or a dict ordered by key.
+        extra = get(f"singleuser.storage.{key}") or []
+        c.KubeSpawner[trait] = (
+            [extra[k] for k in sorted(extra)] if isinstance(extra, dict) else list(extra)
+        )
 
     c.JupyterHub.services = []
     c.JupyterHub.load_roles = []

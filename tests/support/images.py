@@ -1,4 +1,4 @@
-"""Helpers of the ``images`` tier (imported by its conftest and tests)."""
+"""The ``images`` tier's build command and the names it builds."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import time
 
 REGISTRY = "localhost/casaspawner"
 MODULAR = "casa-6.6.5-31"
-CASADATA = "casadata==2025.9.22"  # measures data for the tests, mounted read-only like the shared volume
-PLOTMS = "casaplotms==2.5.2"  # its AppImage goes into the stand-in monolithic tarball
+#: Measures data for the tests, mounted read-only like the shared volume.
+CASADATA = "casadata==2025.9.22"
+#: Its AppImage goes into the stand-in monolithic tarball.
+PLOTMS = "casaplotms==2.5.2"
 
 
 def images_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:

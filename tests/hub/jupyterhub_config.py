@@ -1,5 +1,6 @@
-# Test hub: the shipped hub-config/jupyterhub_config.py, plus loopback ports, a temporary database, a test
-# admin service for the tests' API calls, and the test spawner. Started by tests/hub/conftest.py.
+# Loaded by `jupyterhub -f` in the hub tier's hubs (tests/hub/conftest.py's hub_factory): the
+# shipped hub-config/jupyterhub_config.py, plus loopback ports, a temporary database, a test admin
+# service for the tests' API calls, and the test spawner.
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ c.JupyterHub.log_level = "DEBUG"
 c.JupyterHub.cleanup_servers = True
 
 # The tests' own API client (reads auth_state to check what the login stored).
-c.JupyterHub.services.append({"name": "test-admin", "api_token": os.environ["CASA_TEST_ADMIN_TOKEN"]})
+c.JupyterHub.services.append(
+    {"name": "test-admin", "api_token": os.environ["CASA_TEST_ADMIN_TOKEN"]}
+)
 c.JupyterHub.load_roles.append(
     {
         "name": "test-admin",
@@ -36,7 +39,8 @@ c.JupyterHub.load_roles.append(
 )
 
 if os.environ.get("CASA_TEST_SPAWNER") == "casa":
-    # The real CASASpawner (selected by hub-config/jupyterhub_config.py) against the test's kmock cluster.
+    # The real CASASpawner (selected by hub-config/jupyterhub_config.py) against the test's kmock
+    # cluster.
     c.CASASpawner.namespace = "test"
     c.CASASpawner.port = int(os.environ["CASA_TEST_SESSION_PORT"])
     c.CASASpawner.start_timeout = 30
@@ -45,8 +49,9 @@ if os.environ.get("CASA_TEST_SPAWNER") == "casa":
     c.CASASpawner.extra_labels = {"hub.jupyter.org/network-access-hub": "true"}
     c.CASASpawner.storage_hub_path = os.environ["CASA_TEST_STORAGE"]
 else:
-    sys.path.insert(0, str(here))
-    from casa_test_spawner import HubTestSpawner
+    # The tests' support package (tests/support).
+    sys.path.insert(0, str(here.parent))
+    from support.spawners import HubTestSpawner
 
     c.JupyterHub.spawner_class = HubTestSpawner
     c.Spawner.home_dir_template = str(workdir / "home" / "{username}")
@@ -54,7 +59,8 @@ else:
     c.Spawner.http_timeout = 60
     c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
 
-# Activity reaches the hub within seconds (z2jh: the proxy's every 60 s, the sessions' every 300 s).
+# Activity reaches the hub within seconds (z2jh: the proxy's every 60 s, the sessions' every 300
+# s).
 if os.environ.get("CASA_TEST_FAST_ACTIVITY"):
     c.JupyterHub.last_activity_interval = 2
     c.Spawner.environment = {"JUPYTERHUB_ACTIVITY_INTERVAL": "2"}

@@ -1,0 +1,99 @@
+"""Kubelet events into the spawn's failure (kube/events.py): each cause decided on its latest
+state."""
+
+from __future__ import annotations
+
+import pytest
+
+from casaspawner.kube.events import spawn_failure
+
+IMAGE = "registry/casa:6.6.5-31"
+PULL_FAILED = {"reason": "Failed", "message": f'Failed to pull image "{IMAGE}": manifest unknown'}
+ERR_IMAGE_PULL = {"reason": "Failed", "message": "Error: ErrImagePull"}
+BACK_OFF = {"reason": "BackOff", "message": f'Back-off pulling image "{IMAGE}"'}
+IMAGE_PULL_BACK_OFF = {"reason": "Failed", "message": "Error: ImagePullBackOff"}
+PULLING = {"reason": "Pulling", "message": f'Pulling image "{IMAGE}"'}
+PULLED = {"reason": "Pulled", "message": f'Successfully pulled image "{IMAGE}"'}
+FAILED_SCHEDULING = {
+    "reason": "FailedScheduling",
+    "message": "0/3 nodes are available: 3 Insufficient memory.",
+}
+SCHEDULED = {"reason": "Scheduled", "message": "Successfully assigned test/pod to node-1"}
+SCALE_UP = {
+    "reason": "TriggeredScaleUp",
+    "message": "pod triggered scale-up: [{pool 1->2 (max: 5)}]",
+}
+NOT_PULLED = (
+    f'The session image {IMAGE} could not be pulled (Failed to pull image "{IMAGE}": manifest '
+    "unknown)."
+)
+UNSCHEDULABLE = "No node can run this session: 0/3 nodes are available: 3 Insufficient memory."
+
+
+def waiting(reason: str, message: str = "") -> dict:
+    state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
+    return {
+        "status": {"phase": "Pending", "containerStatuses": [{"name": "notebook", "state": state}]}
+    }
+
+
+@pytest.mark.parametrize(
+    ("pod", "events", "expected"),
+    [
+        (None, [], None),
+        ({"status": {"phase": "Pending"}}, [SCHEDULED, PULLING], None),
+        # a pull that failed once may still work on the kubelet's next try …
+        (None, [SCHEDULED, PULLING, PULL_FAILED, ERR_IMAGE_PULL], None),
+        (waiting("ErrImagePull", "manifest unknown"), [PULLING, PULL_FAILED], None),
+        (None, [PULLING, PULL_FAILED, ERR_IMAGE_PULL, PULLING, PULLED], None),
+        # … but one that failed and then backed off, with no Pulled since, has failed
+        (None, [PULLING, PULL_FAILED, ERR_IMAGE_PULL, BACK_OFF, IMAGE_PULL_BACK_OFF], NOT_PULLED),
+        (waiting("ImagePullBackOff"), [PULLING, PULL_FAILED, ERR_IMAGE_PULL], NOT_PULLED),
+        (
+            waiting("ImagePullBackOff"),
+            [],
+            f"The session image {IMAGE} could not be pulled (ImagePullBackOff).",
+        ),
+        (
+            None,
+            [PULL_FAILED, BACK_OFF, PULLING, PULLED, {"reason": "Started", "message": "x"}],
+            None,
+        ),
+        # no retry cures these
+        (
+            waiting("InvalidImageName", f'Failed to apply default image tag "{IMAGE}"'),
+            [],
+            f"The session image {IMAGE} could not be pulled (Failed to apply default image tag "
+            f'"{IMAGE}").',
+        ),
+        # scheduling: the latest word wins
+        (None, [FAILED_SCHEDULING], UNSCHEDULABLE),
+        (None, [FAILED_SCHEDULING, SCHEDULED, PULLING], None),
+        (None, [FAILED_SCHEDULING, SCALE_UP], None),
+        (None, [FAILED_SCHEDULING, SCALE_UP, FAILED_SCHEDULING], UNSCHEDULABLE),
+        (
+            {
+                "status": {
+                    "conditions": [
+                        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+                    ]
+                }
+            },
+            [],
+            "No node can run this session: unschedulable.",
+        ),
+        (
+            {"status": {"conditions": [{"type": "PodScheduled", "status": "True"}]}},
+            [FAILED_SCHEDULING],
+            None,
+        ),
+    ],
+)
+def test_spawn_failure_decides_each_cause_on_its_latest_state(pod, events, expected):
+    assert spawn_failure(pod, events, IMAGE) == expected
+
+
+def test_unschedulable_not_fatal_when_turned_off():
+    assert spawn_failure(None, [FAILED_SCHEDULING], IMAGE, unschedulable_is_fatal=False) is None
+    backed_off = [PULL_FAILED, BACK_OFF]
+    assert spawn_failure(None, backed_off, IMAGE, unschedulable_is_fatal=False) == NOT_PULLED
