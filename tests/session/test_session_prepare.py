@@ -3,55 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support.session import Backend
 
-from casaspawner.catalog.model import Catalog, Release
-from casaspawner.datasets.model import Resolution
+from casaspawner.catalog.model import Catalog
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
-from casaspawner.datasets.worker import resolve_in_worker
 from casaspawner.errors import InvalidInput, ReleaseBlocked, VersionUnknown
-from casaspawner.plan import Identity, PlanConfig, Resources, Substitution
+from casaspawner.plan import PlanConfig, Resources
 from casaspawner.session.prepare import prepare
-from casaspawner.session.readers import DatasetReader, LocalDirectoryReader
 from casaspawner.session.settings import SessionSettings
-
-
-@dataclass
-class Backend:
-    """The steps a spawner supplies, as a plain object: runs as uid 1000, reads local paths."""
-
-    catalog: Catalog
-    substitute_with: str | None = None
-    blocked: dict[str, str] = field(default_factory=dict)
-    calls: list[str] = field(default_factory=list)
-
-    async def session_identity(self) -> Identity:
-        self.calls.append("identity")
-        return Identity("alice", 1000, 1000)
-
-    def get_dataset_reader(self) -> DatasetReader | None:
-        return LocalDirectoryReader()
-
-    async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
-        self.calls.append("read")
-        return await resolve_in_worker(target, label, self.catalog)
-
-    def resolved(self, resolution: Resolution) -> None:
-        self.calls.append(f"resolved {resolution.release.id}")
-
-    async def substitute(self, release: Release) -> Substitution | None:
-        self.calls.append(f"substitute {release.id}")
-        if self.substitute_with is None:
-            return None
-        return Substitution(self.catalog.get(self.substitute_with), "This machine cannot run it")
-
-    async def blocked_release_messages(self) -> Mapping[str, str]:
-        self.calls.append("blocked")
-        return self.blocked
 
 
 def settings(catalog: Catalog, **changes: object) -> SessionSettings:

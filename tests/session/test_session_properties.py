@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_session_prepare import Backend
+from support.session import Backend
 
 from casaspawner.catalog.model import load_catalog
 from casaspawner.datasets.model import Resolution
