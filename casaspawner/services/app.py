@@ -35,7 +35,12 @@ from typing import Any
 from urllib.parse import quote, urlparse
 
 from jinja2 import Environment, PackageLoader, select_autoescape
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.services.auth import (
+    HubOAuth,
+    HubOAuthCallbackHandler,
+    HubOAuthenticated,
+    UserNotAllowed,
+)
 from jupyterhub.utils import url_path_join
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -60,6 +65,12 @@ ACTIONS: dict[str, dict[str, Any]] = {
     "retire": {"retired": True},
     "unretire": {"retired": False},
 }
+NOT_AN_OPERATOR = (
+    "This page is for the hub's CASA operators; ask an administrator for the casa-operators role."
+)
+STALE_FORM = (
+    "This form was out of date (after a new login, say); reload the page and submit it again."
+)
 _TEMPLATES = Environment(
     loader=PackageLoader("casaspawner.services", "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),
@@ -144,21 +155,55 @@ class ServiceConfig:
 class OperatorHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
     """Pages and API for operators.
 
-    They use HubOAuth, with the access scope ``access:services!service=<this service>``.
+    They use HubOAuth, with the access scope ``access:services!service=<this service>``. A
+    request carries the hub's login cookie (the pages' forms, which also need ``_xsrf``) or a
+    token in the ``Authorization`` header (scripts: no cookie, no ``_xsrf``).
+
+    The user is found once, in :meth:`prepare`, on the event loop. HubOAuthenticated's own
+    ``get_current_user`` would block the loop on a one-thread pool, and a cookie request without
+    a valid ``_xsrf`` then waits on itself: the xsrf check asks for the current user again, in
+    that same pool. After one such request no request was ever answered again.
     """
 
     def initialize(self, config: ServiceConfig) -> None:
         self.config = config
+        self._finding_user = False
+
+    async def prepare(self) -> None:
+        self._finding_user = True
+        try:
+            model = await self.hub_auth.get_user(self, sync=False)
+        finally:
+            self._finding_user = False
+        user = None
+        if model:
+            try:
+                user = self.check_hub_user(model)
+            except UserNotAllowed:
+                raise web.HTTPError(403, NOT_AN_OPERATOR) from None
+        elif self.request.method not in ("GET", "HEAD") and self.get_cookie(
+            self.hub_auth.cookie_name
+        ):
+            raise web.HTTPError(403, STALE_FORM)
+        self._hub_auth_user_cache = user
+        self.current_user = user
+
+    def get_current_user(self) -> Any:
+        return getattr(self, "_hub_auth_user_cache", None)
+
+    def check_xsrf_cookie(self) -> None:
+        # Tornado checks before prepare(), when it is not known yet whether a token or the
+        # cookie authenticates the request. HubAuth checks a cookie's request in prepare();
+        # a token's request needs no _xsrf.
+        if self._finding_user:
+            super().check_xsrf_cookie()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         # Our HTTPErrors carry one sentence.
         reason = getattr(exc, "log_message", None) or self._reason
-        if status_code == 403:
-            reason = (
-                "This page is for the hub's CASA operators; "
-                "ask an administrator for the casa-operators role."
-            )
+        if status_code == 403 and reason not in (NOT_AN_OPERATOR, STALE_FORM):
+            reason = NOT_AN_OPERATOR
         self.finish(
             _TEMPLATES.get_template("error.html").render(status=status_code, reason=reason)
         )

@@ -31,6 +31,7 @@ c.JupyterHub.load_roles.append(
             "admin:auth_state",
             "admin:servers",
             "admin:groups",
+            "tokens",
             "read:services",
             "read:roles:services",
         ],

@@ -5,6 +5,7 @@ users get notices in their session."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -258,3 +259,50 @@ def test_a_bad_release_action_is_one_sentence(hub, operator):
     assert response.value.status == 404
     assert "casa-9.9.9 is not a release in the catalog." in operator.locator("body").inner_text()
     assert "Traceback" not in operator.content()
+
+
+def test_a_stale_form_is_refused_and_the_service_still_answers(hub, operator, sessions):
+    """A form left open across a new login (its _xsrf no longer matches) is one 403 sentence.
+
+    JupyterHub's HubOAuthenticated looked the user up again from inside its own xsrf check,
+    waiting on itself: from then on the service answered nobody.
+    """
+    base = f"{hub.url}/services/casa-sessions"
+    operator.goto(f"{base}/")
+    context = operator.context
+    context.clear_cookies(name="_xsrf")
+    refused = context.request.post(
+        f"{base}/releases/casa-4.2.2",
+        form={"action": "retire", "_xsrf": "stale"},
+        max_redirects=0,
+        timeout=10_000,
+    )
+    assert refused.status == 403
+    assert "This form was out of date" in refused.text()
+    for path in ("/", "/api/sessions"):
+        started = time.monotonic()
+        answer = context.request.get(f"{base}{path}", timeout=5_000)
+        assert answer.status == 200 and time.monotonic() - started < 1, path
+
+
+def test_a_script_drains_with_an_operators_token_and_no_xsrf(hub):
+    made = hub.api(
+        "POST",
+        "/hub/api/users/olga/tokens",
+        {"scopes": ["access:services!service=casa-sessions"], "note": "drain script"},
+    )
+    url = f"{hub.url}/services/casa-sessions/releases/casa-4.2.2"
+    headers = {"Authorization": f"token {made['token']}"}
+    for action in ("retire", "unretire"):
+        request = urllib.request.Request(
+            url, data=f"action={action}".encode(), method="POST", headers=headers
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+        state = json.loads(Path(hub.env["CASASPAWNER_RELEASE_STATE"]).read_text())
+        retired = state.get("releases", {}).get("casa-4.2.2", {}).get("retired", False)
+        assert retired is (action == "retire")
+    request = urllib.request.Request(url, data=b"action=retire", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
