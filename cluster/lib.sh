@@ -112,3 +112,53 @@ api() {
     in_netns curl -sf --max-time 5 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" \
         --key "$PKI/admin.key" "https://127.0.0.1:$API_PORT$1" "${@:2}"
 }
+
+# Send signal $1 to process group $2, or to process $2 when it leads no group.
+signal() {
+    kill -"$1" -- "-$2" 2>/dev/null || kill -"$1" "$2" 2>/dev/null || true
+}
+
+# SIGTERM the processes of the named pid files, each with its process group (cluster/up starts each
+# in a session of its own: socat's per-connection children go too), wait up to GRACE seconds, then
+# SIGKILL what is left: stop GRACE NAME...
+stop() {
+    local grace=$1 name pids=() pid
+    shift
+    for name in "$@"; do
+        alive "$RUN/$name.pid" && pids+=("$(cat "$RUN/$name.pid")")
+        rm -f "$RUN/$name.pid"
+    done
+    [ ${#pids[@]} -gt 0 ] || return 0
+    for pid in "${pids[@]}"; do signal TERM "$pid"; done
+    for _ in $(seq $((grace * 5))); do
+        local left=0
+        for pid in "${pids[@]}"; do running "$pid" && left=1; done
+        [ $left -eq 1 ] || return 0
+        sleep 0.2
+    done
+    for pid in "${pids[@]}"; do signal KILL "$pid"; done
+    return 0
+}
+
+# Start the API server inside the namespace and wait until it is ready (cluster/up, and
+# cluster/restart-apiserver with the same flags). --allow-privileged as on real clusters, so that
+# PodSecurity is what refuses privileged pods.
+start_apiserver() {
+    spawn "$RUN/kube-apiserver.pid" "$RUN/kube-apiserver.log" \
+        nsenter --net="$NETNS_PATH" -- "$BIN_DIR/kube-apiserver" \
+        --etcd-servers=http://127.0.0.1:2379 \
+        --bind-address=127.0.0.1 --secure-port="$API_PORT" --advertise-address="$NODE_IP" \
+        --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
+        --client-ca-file="$PKI/ca.crt" \
+        --kubelet-client-certificate="$PKI/apiserver-kubelet.crt" \
+        --kubelet-client-key="$PKI/apiserver-kubelet.key" \
+        --kubelet-certificate-authority="$PKI/ca.crt" \
+        --kubelet-preferred-address-types=InternalIP \
+        --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+        --service-account-key-file="$PKI/sa.pub" \
+        --service-account-signing-key-file="$PKI/sa.key" \
+        --service-cluster-ip-range="$SERVICE_CIDR" \
+        --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+        --allow-privileged=true --profiling=false
+    wait_for 60 "$RUN/kube-apiserver.log" "kube-apiserver was not ready in 60 s." api /readyz
+}

@@ -12,7 +12,12 @@ APT_PACKAGES += containerd runc containernetworking-plugins socat iproute2 opens
 CLUSTER_FAKE_NODES ?= 0
 export CLUSTER_FAKE_NODES
 
-.PHONY: cluster-build cluster-up cluster-down cluster-test
+# The CASA image the k8s tier's end-to-end test runs (tests/k8s/test_browser.py): the same registry
+# and release the images tier builds, so one build (cached in podman's storage) serves both.
+K8S_REGISTRY ?= localhost/casaspawner
+K8S_RELEASE ?= casa-6.6.5-31
+
+.PHONY: cluster-build cluster-up cluster-down cluster-test k8s-images k8s-test
 
 # Build the binaries: about 9 min the first time on 2 cores, then cached (nothing to do).
 cluster-build: deps
@@ -26,7 +31,22 @@ cluster-up: deps
 cluster-down: deps
 	cluster/down
 
-# The k8s tier's harness tests (tests/k8s) on the cluster $KUBECONFIG points at, or else on this one
-# (a running one is reused; one the tests started is stopped at the end unless CLUSTER_KEEP=1).
-cluster-test: venv
-	$(BIN)/pytest -m k8s tests/k8s $(PYTEST_ARGS)
+# The k8s tier (tests/k8s) on the cluster $KUBECONFIG points at, or else on this one (a running one
+# is reused; one the tests started is stopped at the end unless CLUSTER_KEEP=1). Tests that need
+# this repository's own cluster skip on someone else's.
+cluster-test: venv chp
+	$(BIN)/pytest tests/k8s $(PYTEST_ARGS)
+
+# The session image of K8S_RELEASE, built or reused (`casaspawner images build`, docs/images.md).
+k8s-images: venv
+	$(BIN)/casaspawner images build --base local --registry $(K8S_REGISTRY) --release $(K8S_RELEASE)
+
+# The k8s tier on this machine's own cluster, as `make test` runs it: the cluster built and started
+# (or reused when it is running already), every test run and none skipped (a skip fails), then the
+# cluster stopped again if this target started it (CLUSTER_KEEP=1 keeps it), whatever the outcome.
+k8s-test: venv chp cluster-build k8s-images
+	@keep=$${CLUSTER_KEEP:-0}; up=$$(cluster/up); echo "$$up"; \
+	case "$$up" in *"already running"*) keep=1 ;; esac; \
+	trap '[ "$$keep" = 1 ] || cluster/down' EXIT; \
+	CASASPAWNER_K8S_NO_SKIP=1 KUBECONFIG=$(CURDIR)/.cache/k8s/kubeconfig \
+		$(BIN)/pytest -p no:cacheprovider tests/k8s $(PYTEST_ARGS)

@@ -1,12 +1,14 @@
-"""``casaspawner pod``: print the pod (and token Secret, without data) CASASpawner would submit — no cluster.
+"""``casaspawner pod``: print what CASASpawner would submit, with no cluster.
 
-The dry run builds a real ``CASASpawner`` from the hub's config file and runs what a spawn runs, in JupyterHub's
-order: ``auth_state_hook`` → ``group_overrides`` → ``apply_user_options`` (options → identity → resolution →
-plan) → ``pre_spawn_hook`` → ``load_user_options`` (profile, then plan) → ``get_pod_manifest`` →
-``modify_pod_hook`` (then the Pod Security check). Only the dataset is read directly from this machine, and the
-login is replaced by ``--uid/--gid/--group`` (the groups are also the user's JupyterHub groups, for
-``group_overrides``). Not run: ``Authenticator.pre_spawn_start`` (there is no authenticator) and everything after
-the pod exists. Values JupyterHub itself supplies at spawn time (API URL and tokens) are placeholders.
+That is the pod and the token Secret (without data). The dry run builds a real ``CASASpawner``
+from the hub's config file and runs what a spawn runs, in JupyterHub's order:
+``auth_state_hook`` → ``group_overrides`` → ``apply_user_options`` (options → identity →
+resolution → plan) → ``pre_spawn_hook`` → ``load_user_options`` (profile, then plan) →
+``get_pod_manifest`` → ``modify_pod_hook`` (then the Pod Security check). Only the dataset is
+read directly from this machine, and the login is replaced by ``--uid/--gid/--group`` (the groups
+are also the user's JupyterHub groups, for ``group_overrides``). Not run:
+``Authenticator.pre_spawn_start`` (there is no authenticator) and everything after the pod
+exists. Values JupyterHub itself supplies at spawn time (API URL and tokens) are placeholders.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from casaspawner.errors import CasaspawnerError, InvalidInput, shown
 from casaspawner.session.identity import project_groups
 
 #: Stands in for the user's access token so the Secret volume appears; it is never printed.
-PLACEHOLDER_TOKEN = "dry-run-placeholder"  # noqa: S105 - not a credential
+PLACEHOLDER_TOKEN = "dry-run-placeholder"  # noqa: S105
 _OFFLINE_KUBECONFIG = """\
 apiVersion: v1
 kind: Config
@@ -60,11 +62,16 @@ def register(subparsers: Any) -> None:
         metavar="TARGET",
         help="a dataset directory on this machine (read directly), or an ALMA uid or project code",
     )
-    p.add_argument("--interface", choices=("lab", "desktop"), default="lab", help="session interface")
+    p.add_argument(
+        "--interface", choices=("lab", "desktop"), default="lab", help="session interface"
+    )
     p.add_argument("--size", help="session size (a key of CASASpawner.session_sizes)")
     p.add_argument("--release", help="override the resolved CASA release (a catalog id)")
     p.add_argument(
-        "--config", type=Path, metavar="FILE", help="the hub's jupyterhub_config.py (or a .json config)"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the hub's jupyterhub_config.py (or a .json config)",
     )
     p.add_argument(
         "--no-token", action="store_true", help="as for a user without an access token (no Secret)"
@@ -72,9 +79,14 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--archive-url",
         default=os.environ.get("CASASPAWNER_ARCHIVE_URL", "https://almascience.org"),
-        help="ALMA archive for identifiers, unless the config sets archive_client (default: %(default)s)",
+        help=(
+            "ALMA archive for identifiers, unless the config sets archive_client "
+            "(default: %(default)s)"
+        ),
     )
-    p.add_argument("--json", action="store_true", help="print a JSON v1 List instead of YAML documents")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON v1 List instead of YAML documents"
+    )
     p.set_defaults(func=cmd_pod)
 
 
@@ -98,7 +110,8 @@ def _load_config(path: Path | None) -> Any:
     loader_class = JSONFileConfigLoader if path.suffix == ".json" else PyFileConfigLoader
     try:
         return loader_class(path.name, str(path.parent)).load_config()
-    except Exception as exc:  # a config file can raise anything; say which file, in one line
+    # A config file can raise anything: say which file, in one line.
+    except Exception as exc:
         detail = " ".join(str(exc).split())[:200]
         raise InvalidInput(
             f"The config file {path} could not be loaded ({type(exc).__name__}: {detail})."
@@ -107,7 +120,10 @@ def _load_config(path: Path | None) -> Any:
 
 @contextmanager
 def _offline_kubernetes() -> Iterator[None]:
-    """Let KubeSpawner construct itself without a cluster: a placeholder kubeconfig it never contacts."""
+    """Let KubeSpawner construct itself without a cluster.
+
+    It gets a placeholder kubeconfig it never contacts.
+    """
     from kubernetes_asyncio.config import kube_config
     from kubespawner.clients import load_config
 
@@ -132,7 +148,9 @@ class _DryRunGroup:
 class _DryRunUser:
     """The parts of a JupyterHub user a spawner reads."""
 
-    def __init__(self, name: str, auth_state: dict[str, Any], groups: list[str] | None = None) -> None:
+    def __init__(
+        self, name: str, auth_state: dict[str, Any], groups: list[str] | None = None
+    ) -> None:
         self.name = name
         self.id = 0
         self.url = f"/user/{name}/"
@@ -162,7 +180,9 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
     config = _load_config(args.config)
     with _offline_kubernetes():
         try:
-            spawner = CASASpawner(_mock=True, user=_DryRunUser(args.user, {}, args.group), config=config)
+            spawner = CASASpawner(
+                _mock=True, user=_DryRunUser(args.user, {}, args.group), config=config
+            )
         except CasaspawnerError:
             raise
         except Exception as exc:
@@ -176,7 +196,8 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
         if not args.no_token:
             _put(auth_state, spawner.access_token_claim, PLACEHOLDER_TOKEN)
         spawner.user._auth_state = auth_state
-        spawner.identity_hook = None  # type: ignore[assignment]  # --uid/--gid/--group stand in for the login
+        # --uid, --gid and --group stand in for the login.
+        spawner.identity_hook = None  # type: ignore[assignment]
         spawner.dataset_reader = LocalDirectoryReader()
         if spawner.archive_client is None:
             spawner.archive_client = AlmaDataLinkClient(args.archive_url)
@@ -188,21 +209,26 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
         spawner.user_options = options
         try:
             pod, secret = await spawner.dry_run_manifests()
-        except web.HTTPError as exc:  # SpawnException: one sentence for the user
+        # A SpawnException: one sentence for the user.
+        except web.HTTPError as exc:
             raise InvalidInput(
                 getattr(exc, "jupyterhub_message", None) or exc.log_message or str(exc)
             ) from None
-        except Exception as exc:  # e.g. a trait a hook set to a value it does not take
+        # For example a trait a hook set to a value it does not take.
+        except Exception as exc:
             detail = " ".join(str(exc).split())[:200]
             raise InvalidInput(
-                f"The pod could not be built with this configuration ({type(exc).__name__}: {detail})."
+                "The pod could not be built with this configuration "
+                f"({type(exc).__name__}: {detail})."
             ) from None
     usable, _ = project_groups(args.group, spawner.project_group_pattern)
     unused = [group for group in args.group if group.lstrip("/") not in usable]
-    if unused:  # a login with these groups gets no project directory for them either: say so, go on
+    # A login with these groups gets no project directory for them either: say so, go on.
+    if unused:
+        groups = ", ".join(repr(shown(g)) for g in unused)
         print(
-            f"casaspawner: note: no project directory for --group {', '.join(repr(shown(g)) for g in unused)}: "
-            "a project group's name matches CASASpawner.project_group_pattern and can be a directory name.",
+            f"casaspawner: note: no project directory for --group {groups}: a project group's "
+            "name matches CASASpawner.project_group_pattern and can be a directory name.",
             file=sys.stderr,
         )
     return [pod] + ([secret] if secret is not None else [])

@@ -1,16 +1,27 @@
-"""Kubernetes events in words: progress lines, and pods that can never start."""
+"""What Kubernetes says about a session pod, in words.
+
+Kubelet and scheduler events become progress lines, pods that can never start and pods the API
+refuses become one sentence each.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Image pull failures the kubelet keeps retrying (fatal once it backs off without a successful pull) …
+from casaspawner.kube.quantities import format_bytes
+
+#: Image pull failures the kubelet keeps retrying.
+#:
+#: Fatal once it backs off without a successful pull.
 _PULL_RETRIED = ("ErrImagePull", "ImagePullBackOff")
-#: … and those no retry can cure (fatal at once).
+#: Image pull failures no retry can cure: fatal at once.
 _PULL_FINAL = ("InvalidImageName", "ErrImageNeverPull")
-#: Events saying the image is on the node after all (a later one cancels earlier pull failures).
+#: Events saying the image is on the node after all.
+#:
+#: A later one cancels earlier pull failures.
 _IMAGE_PRESENT = ("Pulled", "Created", "Started")
 
 
@@ -21,11 +32,14 @@ def _clip(text: str, limit: int = 240) -> str:
 
 @dataclass
 class _PullState:
-    """What the events so far say about pulling the image, since the last successful pull."""
+    """What the events say about pulling the image since it last worked."""
 
-    failures: list[str] = field(default_factory=list)  # messages of this streak of failed pulls
-    backed_off: bool = False  # the kubelet has given up for now (ImagePullBackOff)
-    final: str | None = None  # a failure no retry can cure
+    #: Messages of this streak of failed pulls.
+    failures: list[str] = field(default_factory=list)
+    #: Whether the kubelet has given up for now (ImagePullBackOff).
+    backed_off: bool = False
+    #: A failure no retry can cure.
+    final: str | None = None
 
     def failed(self, message: str) -> None:
         self.failures.append(message)
@@ -39,7 +53,8 @@ class _PullState:
             return self.final
         if not (self.failures and self.backed_off):
             return None
-        # the most telling message: the registry's answer rather than "Error: ErrImagePull" or "Back-off …"
+        # The most telling message: the registry's answer rather than "Error: ErrImagePull" or
+        # "Back-off …".
         telling = [
             m
             for m in self.failures
@@ -63,14 +78,16 @@ def spawn_failure(
     *,
     unschedulable_is_fatal: bool = True,
 ) -> str | None:
-    """One sentence if the pod can never start (image pull or scheduling failure), else None.
+    """One sentence if the pod can never start, else None.
 
-    Reads the Kubernetes events of this spawn (oldest first) and the pod's status, and decides each cause on
-    its latest state: a ``Pulled`` (or ``Started``) event cancels earlier pull failures, and ``Scheduled`` (or a
-    cluster autoscaler's ``TriggeredScaleUp``) cancels an earlier ``FailedScheduling``. An image pull is fatal
-    when it failed and the kubelet then backed off (``ErrImagePull`` then ``ImagePullBackOff``, no ``Pulled``
-    since), or at once for ``InvalidImageName``/``ErrImageNeverPull``; scheduling is fatal while the latest word
-    on it is ``FailedScheduling`` (only with ``unschedulable_is_fatal``).
+    The causes are an image pull and scheduling. Reads the Kubernetes events of this spawn
+    (oldest first) and the pod's status, and decides each cause on its latest state: a
+    ``Pulled`` (or ``Started``) event cancels earlier pull failures, and ``Scheduled`` (or a
+    cluster autoscaler's ``TriggeredScaleUp``) cancels an earlier ``FailedScheduling``. An
+    image pull is fatal when it failed and the kubelet then backed off (``ErrImagePull`` then
+    ``ImagePullBackOff``, no ``Pulled`` since), or at once for
+    ``InvalidImageName``/``ErrImageNeverPull``; scheduling is fatal while the latest word on it
+    is ``FailedScheduling`` (only with ``unschedulable_is_fatal``).
     """
     pull = _PullState()
     unschedulable: str | None = None
@@ -116,13 +133,68 @@ def spawn_failure(
     return None
 
 
+def refusal_sentence(status: int, message: str) -> tuple[str, int]:
+    """One sentence, and its HTTP status, for a pod the Kubernetes API refused.
+
+    ``message`` is the API's own (its ``Status`` message), with byte counts written as
+    quantities. A quota the session does not fit is the user's to fix (400: a smaller size); Pod
+    Security admission, other refusals and an invalid pod are the hub's configuration (500).
+    """
+    detail = message.split(" is forbidden: ", 1)[-1] if status == 403 else message
+    detail = _clip(detail, 300)
+    if status == 403 and "violates PodSecurity" in message:
+        return (
+            f"The cluster refused the session pod: it {detail}; change the hub's configuration "
+            "(init containers, extra containers, volumes, extra_*_config, modify_pod_hook) or "
+            "CASASpawner.pod_security_level.",
+            500,
+        )
+    if status == 403 and "exceeded quota" in message:
+        # KubeSpawner sends memory in bytes; the quota's own figures are quantities.
+        detail = re.sub(
+            r"((?:memory|storage)=)([0-9]+)\b", lambda m: m[1] + format_bytes(int(m[2])), detail
+        )
+        return (
+            f"The session does not fit in the cluster's resource quota ({detail}); choose a "
+            "smaller size, or stop another session first.",
+            400,
+        )
+    if refused_for_now(status, message):
+        return (
+            f"The Kubernetes API refused the hub's request ({detail}); the hub's Role and its "
+            "namespace must allow it.",
+            500,
+        )
+    if status in (400, 422):
+        return f"The cluster refused the session pod as invalid ({detail}).", 500
+    return f"The cluster refused the session pod ({detail}).", 500
+
+
+def refused_for_now(status: int, message: str) -> bool:
+    """Whether the API refused for a reason that passes by itself.
+
+    Right after an API server starts, its authorizer (RBAC) refuses requests until it has read
+    the Roles; in a namespace just made, admission refuses pods until the controller-manager has
+    given it its ``default`` ServiceAccount. Both pass within seconds.
+    """
+    if status != 403:
+        return False
+    by_role = " cannot " in message and " resource " in message
+    return by_role or "error looking up service account" in message
+
+
 def describe_event(event: Mapping[str, Any], image: str) -> str | None:
-    """A readable progress line for the usual kubelet events (None: show the event as it is)."""
+    """A readable progress line for the usual kubelet events.
+
+    None means: show the event as it is.
+    """
     reason = event.get("reason")
     if reason == "Scheduled":
         return "The session is scheduled on a node."
     if reason == "Pulling":
-        return f"Pulling the session image {image} (this can take minutes the first time on a node)."
+        return (
+            f"Pulling the session image {image} (this can take minutes the first time on a node)."
+        )
     if reason == "Pulled":
         return f"The session image {image} is ready."
     if reason == "Started":

@@ -1,8 +1,9 @@
-"""Pure builders: a ``SessionPlan`` → the KubeSpawner fields of one hardened pod, and the token Secret.
+"""Pure builders: a session plan into pod fields and a token Secret.
 
-Nothing here talks to Kubernetes or reads traits: ``session_fields(plan, settings)`` returns the values
-``CASASpawner`` assigns to KubeSpawner traits, ``token_secret(...)`` the Secret manifest. Tests exercise these
-functions directly (schema + restricted Pod Security Standard) and through the real KubeSpawner.
+Nothing here talks to Kubernetes or reads traits: ``session_fields(plan, settings)`` returns the
+values ``CASASpawner`` assigns to KubeSpawner traits, ``token_secret(...)`` the Secret manifest.
+Tests exercise these functions directly (schema and the restricted Pod Security Standard) and
+through the real KubeSpawner.
 """
 
 from __future__ import annotations
@@ -18,32 +19,41 @@ from casaspawner.kube.podsecurity import LEVEL_KINDS, STORAGE_KINDS, check_level
 from casaspawner.kube.quantities import format_bytes, quantity_bytes
 from casaspawner.plan import Identity, Mount, SessionPlan, root_refusal
 
-#: KubeSpawner's main container (``poll`` and the server URL depend on it).
+#: KubeSpawner's main container.
+#:
+#: ``poll`` and the server URL depend on its name.
 CONTAINER = "notebook"
-#: ``extra_resource_limits`` key of the container's ephemeral storage (scratch + ``/tmp``).
+#: ``extra_resource_limits`` key of the container's ephemeral storage (scratch and ``/tmp``).
 EPHEMERAL_STORAGE = "ephemeral-storage"
-TOKEN_FILE = "token"  # noqa: S105 - a file name, not a secret
+#: The token's file name in its directory, and its key in the Secret.
+TOKEN_FILE = "token"  # noqa: S105
 STORAGE_VOLUME = "casa-storage"
+
+
+def _measures_claim() -> dict[str, Any]:
+    return {"persistentVolumeClaim": {"claimName": "casa-measures", "readOnly": True}}
+
 
 @dataclass(frozen=True)
 class PodSettings:
-    """Operator choices the pod depends on (CASASpawner traits fill this in)."""
+    """Operator choices the pod depends on; CASASpawner traits fill it in."""
 
     storage_volume: Mapping[str, Any] = field(
         default_factory=lambda: {"persistentVolumeClaim": {"claimName": "cavern"}}
     )
-    measures_volume: Mapping[str, Any] = field(
-        default_factory=lambda: {"persistentVolumeClaim": {"claimName": "casa-measures", "readOnly": True}}
-    )
+    measures_volume: Mapping[str, Any] = field(default_factory=_measures_claim)
     scratch_size_limit: str = "20Gi"
     tmp_size_limit: str = "1Gi"
-    token_secret_name: str | None = None  # None: no token, no Secret, no volume
-    token_mount_dir: str = "/var/run/secrets/casaspawner"  # noqa: S105 - a directory
+    #: None: no token, so no Secret and no volume.
+    token_secret_name: str | None = None
+    token_mount_dir: str = "/var/run/secrets/casaspawner"  # noqa: S105
     command: tuple[str, ...] = ("jupyterhub-singleuser",)
     security_level: str = "restricted"
 
 
-#: What each storage kind needs to be a valid volume source (the Kubernetes API refuses it otherwise).
+#: What each storage kind needs to be a valid volume source.
+#:
+#: The Kubernetes API refuses it otherwise.
 _REQUIRED_SETTINGS: dict[str, tuple[str, ...]] = {
     "persistentVolumeClaim": ("claimName",),
     "csi": ("driver",),
@@ -54,17 +64,22 @@ _REQUIRED_SETTINGS: dict[str, tuple[str, ...]] = {
 
 
 def volume_source(raw: Mapping[str, Any], what: str, level: str = "restricted") -> dict[str, Any]:
-    """A copy of a Kubernetes volume source of one allowed kind at Pod Security ``level``; else ``InvalidInput``."""
+    """A copy of a volume source of one kind allowed at Pod Security ``level``.
+
+    Anything else raises ``InvalidInput``.
+    """
     check_level(level)
     if not isinstance(raw, Mapping) or len(raw) != 1 or next(iter(raw)) not in STORAGE_KINDS:
         raise InvalidInput(
-            f"The {what} volume must be exactly one of {', '.join(STORAGE_KINDS)} (a Kubernetes volume source)."
+            f"The {what} volume must be exactly one of {', '.join(STORAGE_KINDS)} (a Kubernetes "
+            "volume source)."
         )
     kind, spec = next(iter(raw.items()))
     if kind not in LEVEL_KINDS[level]:
         raise InvalidInput(
-            f"The {what} volume is an inline {kind} volume, which the {level} Pod Security Standard forbids; "
-            "use a PersistentVolumeClaim or a CSI driver, or lower CASASpawner.pod_security_level."
+            f"The {what} volume is an inline {kind} volume, which the {level} Pod Security "
+            "Standard forbids; use a PersistentVolumeClaim or a CSI driver, or lower "
+            "CASASpawner.pod_security_level."
         )
     if not isinstance(spec, Mapping):
         raise InvalidInput(f"The {what} volume's {kind} settings must be a mapping.")
@@ -75,7 +90,10 @@ def volume_source(raw: Mapping[str, Any], what: str, level: str = "restricted") 
 
 
 def security_contexts(identity: Identity) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(pod, container) security contexts: non-root, read-only root, no capabilities, RuntimeDefault seccomp."""
+    """The pod's and the container's security contexts for ``identity``.
+
+    Non-root, a read-only root, no capabilities, the RuntimeDefault seccomp profile.
+    """
     if identity.uid <= 0:
         raise root_refusal(identity.username, identity.uid)
     seccomp = {"type": "RuntimeDefault"}
@@ -103,28 +121,41 @@ def security_contexts(identity: Identity) -> tuple[dict[str, Any], dict[str, Any
 def session_volumes(
     plan: SessionPlan, settings: PodSettings
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """(volumes, volume mounts) as KubeSpawner's dict form (keys order the entries)."""
+    """The volumes and volume mounts, in KubeSpawner's dict form.
+
+    The keys order the entries.
+    """
     volumes: dict[str, dict[str, Any]] = {}
     mounts: dict[str, dict[str, Any]] = {}
     for mount in plan.mounts:
         _add_mount(mount, settings, volumes, mounts)
+    # The pod's own writable /tmp.
     volumes["casa-tmp"] = {"name": "casa-tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}}
-    mounts["casa-tmp"] = {"name": "casa-tmp", "mountPath": "/tmp"}  # noqa: S108 - the pod's own writable /tmp
+    mounts["casa-tmp"] = {"name": "casa-tmp", "mountPath": "/tmp"}  # noqa: S108
     if settings.token_secret_name:
         volumes["casa-token"] = {
             "name": "casa-token",
             "secret": {
                 "secretName": settings.token_secret_name,
                 "items": [{"key": TOKEN_FILE, "path": TOKEN_FILE}],
-                "defaultMode": 0o444,  # no fsGroup (it would chown all of Cavern): the single user reads it
+                # Readable by every uid in the pod, and the pod has only the user's: there is no
+                # fsGroup, which would give the file the user's group but chown all of Cavern.
+                "defaultMode": 0o444,
             },
         }
-        mounts["casa-token"] = {"name": "casa-token", "mountPath": settings.token_mount_dir, "readOnly": True}
+        mounts["casa-token"] = {
+            "name": "casa-token",
+            "mountPath": settings.token_mount_dir,
+            "readOnly": True,
+        }
     return volumes, mounts
 
 
 def _add_mount(
-    mount: Mount, settings: PodSettings, volumes: dict[str, dict[str, Any]], mounts: dict[str, dict[str, Any]]
+    mount: Mount,
+    settings: PodSettings,
+    volumes: dict[str, dict[str, Any]],
+    mounts: dict[str, dict[str, Any]],
 ) -> None:
     key = f"casa-{mount.name}"
     if mount.kind == "storage":
@@ -150,12 +181,18 @@ def _add_mount(
 
 
 def merge_keeping(existing: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]:
-    """``ours`` added to ``existing`` without replacing any key already there (z2jh's labels stay)."""
+    """``ours`` added to ``existing`` without replacing any key already there.
+
+    So z2jh's labels stay.
+    """
     return {**ours, **existing}
 
 
 def _keyed(entries: Mapping[str, Any] | list[Any] | None) -> dict[str, Any]:
-    """KubeSpawner takes volumes as a list or a dict sorted by key; lists keep their order, before ours."""
+    """Volumes as a dict sorted by key.
+
+    KubeSpawner takes a list or a dict; lists keep their order, before ours.
+    """
     if isinstance(entries, list):
         return {f"{index:04d}": entry for index, entry in enumerate(entries)}
     return dict(entries or {})
@@ -172,13 +209,15 @@ def session_fields(
     extra_annotations: Mapping[str, str] | None = None,
     extra_resource_limits: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The KubeSpawner trait values for ``plan``; dict traits are merged into the given current values.
+    """The KubeSpawner trait values for ``plan``.
 
-    ``environment`` is the spawner's, with the session's variables already in it (the spawner merges
-    ``plan.environment`` in one place); only the token file's variable is added here.
+    Dict traits are merged into the given current values. ``environment`` is the spawner's,
+    with the session's variables already in it (the spawner merges ``plan.environment`` in one
+    place); only the token file's variable is added here.
 
-    The container's ``ephemeral-storage`` limit is scratch + ``/tmp`` (Kubernetes then requests as much, so the
-    scheduler only picks a node with that much local disk free), unless the operator set one already.
+    The container's ``ephemeral-storage`` limit is scratch plus ``/tmp`` (Kubernetes then
+    requests as much, so the scheduler only picks a node with that much local disk free),
+    unless the operator set one already.
     """
     pod_sc, container_sc = security_contexts(plan.identity)
     vols, mnts = session_volumes(plan, settings)
@@ -218,48 +257,59 @@ def session_fields(
 
 
 def ephemeral_storage(settings: PodSettings) -> str | None:
-    """Scratch + ``/tmp`` as one quantity (None if either is not a quantity; the spawner checks them first)."""
+    """Scratch plus ``/tmp`` as one quantity.
+
+    None if either is not a quantity; the spawner checks them first.
+    """
     sizes = [quantity_bytes(settings.scratch_size_limit), quantity_bytes(settings.tmp_size_limit)]
     if any(size is None for size in sizes):
         return None
     return format_bytes(sum(size for size in sizes if size is not None))
 
 
+def token_secret_name(pod_name: str) -> str:
+    """The name of the token Secret of the pod ``pod_name``."""
+    return f"{pod_name}-token"
+
+
 def token_secret(
     name: str,
     token: str | None,
     *,
-    owner_name: str,
-    owner_uid: str,
+    owner_name: str | None = None,
+    owner_uid: str | None = None,
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The Secret holding the user's access token, owned by (and deleted with) the session pod.
+    """The immutable Secret holding the user's access token.
 
-    ``token=None`` gives the manifest without ``data`` (what the dry run prints).
+    With ``owner_name`` and ``owner_uid`` it is owned by, and deleted with, that session pod;
+    without, it is what the spawner stores before the pod exists. ``token=None`` gives the
+    manifest without ``data`` (what the dry run prints).
     """
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": dict(labels or {}),
+        "annotations": dict(annotations or {}),
+    }
+    if owner_name and owner_uid:
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": owner_name,
+                "uid": owner_uid,
+                "blockOwnerDeletion": True,
+                "controller": False,
+            }
+        ]
     manifest: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": {
-            "name": name,
-            "labels": dict(labels or {}),
-            "annotations": dict(annotations or {}),
-            "ownerReferences": [
-                {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "name": owner_name,
-                    "uid": owner_uid,
-                    "blockOwnerDeletion": True,
-                    "controller": False,
-                }
-            ],
-        },
+        "metadata": metadata,
+        "immutable": True,
     }
     if token is not None:
         manifest["data"] = {TOKEN_FILE: base64.b64encode(token.encode()).decode("ascii")}
     return manifest
-
-

@@ -40,29 +40,54 @@ RESTRICTED_VOLUME_TYPES = frozenset(
 
 
 def check_level(level: str) -> None:
+    """Refuse, in one sentence, a level that is not a Pod Security Standard level."""
     if level not in LEVEL_KINDS:
         raise InvalidInput(
-            f"CASASpawner.pod_security_level is {level!r}, not a Pod Security Standard level (restricted, baseline "
-            "or privileged)."
+            f"CASASpawner.pod_security_level is {level!r}, not a Pod Security Standard level "
+            "(restricted, baseline or privileged)."
         )
 
-#: Pod Security Standard levels, strictest first; each level includes the checks of the weaker ones.
+
+#: Pod Security Standard levels, strictest first.
+#:
+#: Each level includes the checks of the weaker ones.
 PSS_LEVELS = tuple(LEVEL_KINDS)
+#: Capabilities the baseline level lets a container add.
 _BASELINE_CAPABILITIES = frozenset(
     {
-        "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
-        "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+        "AUDIT_WRITE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "MKNOD",
+        "NET_BIND_SERVICE",
+        "SETFCAP",
+        "SETGID",
+        "SETPCAP",
+        "SETUID",
+        "SYS_CHROOT",
     }
-)  # fmt: skip
+)
+#: Sysctls every level allows.
 _SAFE_SYSCTLS = frozenset(
     {
-        "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-        "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-        "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+        "kernel.shm_rmid_forced",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.tcp_syncookies",
+        "net.ipv4.ping_group_range",
+        "net.ipv4.ip_local_reserved_ports",
+        "net.ipv4.tcp_keepalive_time",
+        "net.ipv4.tcp_fin_timeout",
+        "net.ipv4.tcp_keepalive_intvl",
         "net.ipv4.tcp_keepalive_probes",
     }
-)  # fmt: skip
-_SELINUX_TYPES = frozenset({"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"})
+)
+_SELINUX_TYPES = frozenset(
+    {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+)
 _CONTAINER_FIELDS = {
     "containers": "container",
     "initContainers": "init container",
@@ -77,11 +102,12 @@ def _pod_containers(spec: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str,
 
 
 def pod_security_violations(pod: Mapping[str, Any], level: str = "restricted") -> list[str]:
-    """What in a pod manifest (camelCase, as submitted) breaks the Pod Security Standard ``level``.
+    """What in a pod manifest breaks the Pod Security Standard ``level``.
 
-    Implements the *baseline* and *restricted* policies (policy version "latest") for every container, init
-    container and ephemeral container; *privileged* allows everything. Each finding is a short phrase such as
-    "init container block-cloud-metadata is privileged".
+    The manifest is as submitted (camelCase). Implements the *baseline* and *restricted*
+    policies (policy version "latest") for every container, init container and ephemeral
+    container; *privileged* allows everything. Each finding is a short phrase such as "init
+    container block-cloud-metadata is privileged".
     """
     check_level(level)
     if level == "privileged":
@@ -90,7 +116,9 @@ def pod_security_violations(pod: Mapping[str, Any], level: str = "restricted") -
     spec: Mapping[str, Any] = pod.get("spec") or {}
     psc: Mapping[str, Any] = spec.get("securityContext") or {}
     containers = list(_pod_containers(spec))
-    contexts = [("the pod", psc)] + [(where, c.get("securityContext") or {}) for where, c in containers]
+    contexts = [("the pod", psc)] + [
+        (where, c.get("securityContext") or {}) for where, c in containers
+    ]
 
     # baseline
     for key in ("hostNetwork", "hostPID", "hostIPC"):
@@ -100,7 +128,11 @@ def pod_security_violations(pod: Mapping[str, Any], level: str = "restricted") -
         if (sc.get("windowsOptions") or {}).get("hostProcess"):
             found.append(f"{where} is a Windows host process")
         selinux = sc.get("seLinuxOptions") or {}
-        if selinux.get("type", "") not in _SELINUX_TYPES or selinux.get("user") or selinux.get("role"):
+        if (
+            selinux.get("type", "") not in _SELINUX_TYPES
+            or selinux.get("user")
+            or selinux.get("role")
+        ):
             found.append(f"{where} sets SELinux options")
         seccomp = (sc.get("seccompProfile") or {}).get("type")
         if seccomp == "Unconfined":
@@ -124,8 +156,9 @@ def pod_security_violations(pod: Mapping[str, Any], level: str = "restricted") -
         if sc.get("privileged"):
             found.append(f"{where} is privileged")
         added = set((sc.get("capabilities") or {}).get("add") or [])
-        if added - _BASELINE_CAPABILITIES:
-            found.append(f"{where} adds the capabilities {', '.join(sorted(added - _BASELINE_CAPABILITIES))}")
+        beyond = sorted(added - _BASELINE_CAPABILITIES)
+        if beyond:
+            found.append(f"{where} adds the capabilities {', '.join(beyond)}")
         if any(port.get("hostPort") for port in container.get("ports") or []):
             found.append(f"{where} uses a host port")
         if sc.get("procMount") not in (None, "Default"):
@@ -150,7 +183,10 @@ def pod_security_violations(pod: Mapping[str, Any], level: str = "restricted") -
             found.append(f"{where} may run as root")
         if sc.get("runAsUser") == 0:
             found.append(f"{where} runs as uid 0")
-        if (sc.get("seccompProfile") or {}).get("type", pod_seccomp) not in ("RuntimeDefault", "Localhost"):
+        if (sc.get("seccompProfile") or {}).get("type", pod_seccomp) not in (
+            "RuntimeDefault",
+            "Localhost",
+        ):
             found.append(f"{where} has no seccomp profile")
         capabilities = sc.get("capabilities") or {}
         if "ALL" not in (capabilities.get("drop") or []):
@@ -163,12 +199,15 @@ def pod_security_violations(pod: Mapping[str, Any], level: str = "restricted") -
 
 
 def pod_security_sentence(violations: list[str], level: str) -> str | None:
-    """One sentence about a pod that breaks its Pod Security Standard level (None when it does not)."""
+    """One sentence about a pod that breaks its Pod Security Standard level.
+
+    None when it does not.
+    """
     if not violations:
         return None
     more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
     return (
-        f"The session pod breaks the {level} Pod Security Standard: {violations[0]}{more}; change the hub's "
-        "configuration (init containers, extra containers, volumes, extra_*_config, modify_pod_hook) or "
-        "CASASpawner.pod_security_level."
+        f"The session pod breaks the {level} Pod Security Standard: {violations[0]}{more}; "
+        "change the hub's configuration (init containers, extra containers, volumes, "
+        "extra_*_config, modify_pod_hook) or CASASpawner.pod_security_level."
     )

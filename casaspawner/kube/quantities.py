@@ -17,8 +17,10 @@ _DECIMAL = {
 
 
 def quantity_bytes(text: str) -> int | None:
-    """The number of bytes a Kubernetes quantity (``20Gi``, ``500M``, ``1e9``) stands for, rounded up; None
-    when ``text`` is not a quantity (``"20 gigs"``)."""
+    """The number of bytes a Kubernetes quantity stands for, rounded up.
+
+    Quantities are ``20Gi``, ``500M`` or ``1e9``; None when ``text`` is not one (``"20 gigs"``).
+    """
     match = _QUANTITY.fullmatch(str(text).strip()) if isinstance(text, str | int) else None
     if match is None:
         return None

@@ -9,16 +9,15 @@ KubeSpawner does all Kubernetes API work. Registered as the ``casa`` spawner
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
-from functools import partial
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 from jupyterhub.utils import exponential_backoff, maybe_future
 from kubernetes_asyncio.client.rest import ApiException
 from kubespawner import KubeSpawner
+from tornado import web
 from traitlets import Bool, Dict, Unicode, default, validate
 
 from casaspawner.errors import ConfigurationError, InvalidInput
@@ -28,12 +27,25 @@ from casaspawner.plan import SessionPlan
 from casaspawner.spawners.errors import spawn_error
 from casaspawner.spawners.mixin import CASASessionMixin
 
-#: Placeholder owner uid in dry-run Secrets (the real one exists only once the pod does).
+#: Placeholder owner uid in dry-run Secrets.
+#:
+#: The real one exists only once the pod does.
 DRY_RUN_OWNER_UID = "00000000-0000-0000-0000-000000000000"
+#: Answers of the Kubernetes API that a later attempt may not get.
+#:
+#: Too many requests, and a gateway or an API server that is starting or going away.
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+#: What a request to the Kubernetes API raises when the connection itself fails.
+CONNECTION_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+#: What the user reads when the token Secret cannot be stored.
+NOT_STORED = "The session's access token could not be stored; try again."
 
 
 def _reflector_broken(reflector: Any) -> bool:
-    """Whether a shared reflector can never deliver: its first list failed, or its watch task ended."""
+    """Whether a shared reflector can never deliver.
+
+    Its first list failed, or its watch task ended.
+    """
     loaded = reflector.first_load_future
     if loaded.done() and (loaded.cancelled() or loaded.exception() is not None):
         return True
@@ -41,21 +53,31 @@ def _reflector_broken(reflector: Any) -> bool:
     return bool(loaded.done() and task is not None and task.done())
 
 
-class _AfterPodCreated:
-    """``after_pod_created_hook`` that first creates the token Secret, then runs the operator's own hook."""
+def _status_message(exc: ApiException) -> str:
+    """The message of the Kubernetes ``Status`` an ``ApiException`` carries, else its reason."""
+    try:
+        message = json.loads(exc.body or "")["message"]
+    except (ValueError, TypeError, KeyError):
+        message = None
+    return str(message or exc.reason or exc.status)
 
-    def __init__(self, user_hook: Any = None) -> None:
+
+class _AfterPodCreated:
+    """``after_pod_created_hook`` reporting the operator's hook's failure in one sentence."""
+
+    def __init__(self, user_hook: Any) -> None:
         self.user_hook = user_hook
 
     async def __call__(self, spawner: CASASpawner, pod: dict[str, Any]) -> None:
-        await spawner.create_token_secret(pod)
-        if self.user_hook is not None:
-            await spawner.call_hook("after_pod_created_hook", self.user_hook, spawner, pod)
+        await spawner.call_hook("after_pod_created_hook", self.user_hook, spawner, pod)
 
 
 class _ModifyPod:
-    """``modify_pod_hook`` that runs the operator's own hook, then checks the final pod against
-    ``pod_security_level`` and for the access token — what KubeSpawner submits is exactly what was checked."""
+    """``modify_pod_hook``: the operator's hook, then the checks of the final pod.
+
+    The pod is checked against ``pod_security_level`` and for the access token, so what
+    KubeSpawner submits is exactly what was checked.
+    """
 
     def __init__(self, user_hook: Any = None) -> None:
         self.user_hook = user_hook
@@ -65,32 +87,40 @@ class _ModifyPod:
             pod = await spawner.call_hook("modify_pod_hook", self.user_hook, spawner, pod)
             if pod is None:
                 raise spawn_error(
-                    "The hub's configured modify_pod_hook returned nothing instead of the pod.", "hook", 500
+                    "The hub's configured modify_pod_hook returned nothing instead of the pod.",
+                    "hook",
+                    500,
                 )
         spawner.check_pod_security(spawner.api.api_client.sanitize_for_serialization(pod))
         return pod
 
 
-class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeSpawner ships no type hints
-    """Start one CASA session pod per server: image, storage, identity and labels from the session plan."""
+# KubeSpawner ships no type hints.
+class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]
+    """Start one CASA session pod per server, as the session plan says.
+
+    Image, storage, identity and labels come from the plan.
+    """
 
     storage_volume = Dict(
         {"persistentVolumeClaim": {"claimName": "cavern"}},
         help="""
         Kubernetes volume source of the shared storage (Cavern) holding ``home/<user>`` and
-        ``projects/<group>``: exactly one of ``persistentVolumeClaim`` (default: the claim ``cavern``), ``csi``,
-        ``cephfs``, ``nfs`` or ``hostPath``, written as in a pod spec. Inline ``cephfs`` and ``nfs`` need
-        ``pod_security_level = "baseline"`` and ``hostPath`` needs ``"privileged"`` (namespaces enforcing the
-        restricted Pod Security Standard refuse them); bind such storage to a PersistentVolume and claim instead.
+        ``projects/<group>``: exactly one of ``persistentVolumeClaim`` (default: the claim
+        ``cavern``), ``csi``, ``cephfs``, ``nfs`` or ``hostPath``, written as in a pod spec.
+        Inline ``cephfs`` and ``nfs`` need ``pod_security_level = "baseline"`` and ``hostPath``
+        needs ``"privileged"`` (namespaces enforcing the restricted Pod Security Standard refuse
+        them); bind such storage to a PersistentVolume and claim instead.
         """,
     ).tag(config=True)
 
     measures_volume = Dict(
         {"persistentVolumeClaim": {"claimName": "casa-measures", "readOnly": True}},
         help="""
-        Kubernetes volume source of the CASA measures data (mounted read-only at ``measures_mount_path``):
-        one of ``persistentVolumeClaim`` (default: the claim ``casa-measures``), ``csi``, ``cephfs``, ``nfs`` or
-        ``hostPath``. As for ``storage_volume``, inline ``cephfs`` and ``nfs`` need ``pod_security_level =
+        Kubernetes volume source of the CASA measures data (mounted read-only at
+        ``measures_mount_path``): one of ``persistentVolumeClaim`` (default: the claim
+        ``casa-measures``), ``csi``, ``cephfs``, ``nfs`` or ``hostPath``. As for
+        ``storage_volume``, inline ``cephfs`` and ``nfs`` need ``pod_security_level =
         "baseline"`` and ``hostPath`` needs ``"privileged"``.
         """,
     ).tag(config=True)
@@ -98,37 +128,40 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
     tmp_size_limit = Unicode(
         "1Gi",
         help="""
-        Size limit of the session's writable ``/tmp`` (an emptyDir; the image's root file system is read-only),
-        as a Kubernetes quantity such as ``1Gi``. The container's ``ephemeral-storage`` limit is this plus
-        ``scratch_size_limit``.
+        Size limit of the session's writable ``/tmp`` (an emptyDir; the image's root file system
+        is read-only), as a Kubernetes quantity such as ``1Gi``. The container's
+        ``ephemeral-storage`` limit is this plus ``scratch_size_limit``.
         """,
     ).tag(config=True)
 
     token_mount_dir = Unicode(
         "/var/run/secrets/casaspawner",
         help="""
-        Directory where the user's access token appears as the file ``token`` (from a Secret owned by the pod;
-        ``CASASPAWNER_TOKEN_FILE`` names it). Users without a token in ``auth_state`` get no Secret.
+        Directory where the user's access token appears as the file ``token`` (from a Secret
+        owned by the pod; ``CASASPAWNER_TOKEN_FILE`` names it). Users without a token in
+        ``auth_state`` get no Secret.
         """,
     ).tag(config=True)
 
     pod_security_level = Unicode(
         "restricted",
         help="""
-        Pod Security Standard level session pods must meet: ``restricted`` (default; storage and measures
-        volumes may only be ``persistentVolumeClaim`` or ``csi``), ``baseline`` (also inline ``cephfs`` and
-        ``nfs``) or ``privileged`` (also ``hostPath``). The session's own container is always hardened to
-        *restricted*; the whole final pod — with the operator's volumes, init and extra containers,
-        ``extra_*_config`` and ``modify_pod_hook`` applied — is checked against this level before it is
-        submitted, and a pod that breaks it is refused with a sentence naming the first problem.
+        Pod Security Standard level session pods must meet: ``restricted`` (default; storage and
+        measures volumes may only be ``persistentVolumeClaim`` or ``csi``), ``baseline`` (also
+        inline ``cephfs`` and ``nfs``) or ``privileged`` (also ``hostPath``). The session's own
+        container is always hardened to *restricted*; the whole final pod — with the operator's
+        volumes, init and extra containers, ``extra_*_config`` and ``modify_pod_hook`` applied —
+        is checked against this level before it is submitted, and a pod that breaks it is refused
+        with a sentence naming the first problem.
         """,
     ).tag(config=True)
 
     unschedulable_is_fatal = Bool(
         True,
         help="""
-        End a spawn as soon as Kubernetes reports that no node can run the pod (``FailedScheduling``). Turn
-        off on clusters whose autoscaler adds nodes for pending pods.
+        End a spawn as soon as Kubernetes reports that no node can run the pod
+        (``FailedScheduling``). Turn off on clusters whose autoscaler adds nodes for pending
+        pods.
         """,
     ).tag(config=True)
 
@@ -159,18 +192,24 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         "extra_resource_limits",
     )
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Whether this spawn asked for its token Secret, and whether it is stored.
+        self._token_secret_asked = False
+        self._token_secret_stored = False
+        # The authorizer's last refusal this spawn, while it may still pass.
+        self._refusal: ApiException | None = None
+        super().__init__(*args, **kwargs)
+
     @default("cmd")
     def _cmd_default(self) -> list[str]:
         return ["jupyterhub-singleuser"]
 
-    @default("after_pod_created_hook")
-    def _after_pod_created_default(self) -> _AfterPodCreated:
-        return _AfterPodCreated()
-
     @validate("after_pod_created_hook")
-    def _keep_token_secret_hook(self, proposal: Any) -> _AfterPodCreated:
+    def _report_hook_failures(self, proposal: Any) -> _AfterPodCreated | None:
         value = proposal["value"]
-        return value if isinstance(value, _AfterPodCreated) else _AfterPodCreated(value)
+        if value is None or isinstance(value, _AfterPodCreated):
+            return value
+        return _AfterPodCreated(value)
 
     @default("modify_pod_hook")
     def _modify_pod_default(self) -> _ModifyPod:
@@ -181,25 +220,30 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         value = proposal["value"]
         return value if isinstance(value, _ModifyPod) else _ModifyPod(value)
 
-    # ------------------------------------------------------------------------------------ configuration
+    # Configuration
     def check_config(self) -> None:
-        """The shared checks, plus this spawner's quantities, volume sources and Pod Security level."""
+        """The shared checks, plus this spawner's quantities, volumes and level."""
         super().check_config()
         for name in ("scratch_size_limit", "tmp_size_limit"):
             value = getattr(self, name)
             if not quantity_bytes(value):
                 raise ConfigurationError(
-                    f"{self.option(name)} is {value!r}, not a Kubernetes quantity of bytes such as '20Gi'"
+                    f"{self.option(name)} is {value!r}, not a Kubernetes quantity of bytes such "
+                    "as '20Gi'"
                 )
+        sources = (("storage", self.storage_volume), ("measures data", self.measures_volume))
         try:
-            for what, source in (("storage", self.storage_volume), ("measures data", self.measures_volume)):
+            for what, source in sources:
                 objects.volume_source(source, what, self.pod_security_level)
         except InvalidInput as exc:
             raise ConfigurationError(str(exc)) from None
 
     def check_pod_security(self, pod: dict[str, Any]) -> None:
-        """Refuse (one sentence) a final pod manifest that breaks ``pod_security_level``, or that carries the
-        user's access token itself (put there by an operator's hook or setting) instead of only the token file."""
+        """Refuse, in one sentence, a final pod the hub may not submit.
+
+        That is a pod that breaks ``pod_security_level``, or one that carries the user's access
+        token itself (put there by an operator's hook or setting) instead of only the token file.
+        """
         level = self.pod_security_level
         problem = podsecurity.pod_security_sentence(
             podsecurity.pod_security_violations(pod, level), level
@@ -207,18 +251,18 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         token = self.access_token
         if not problem and token and token in json.dumps(pod, ensure_ascii=False):
             problem = (
-                "The hub's configuration put the user's access token into the pod itself; it may reach the "
-                "session only as the token file."
+                "The hub's configuration put the user's access token into the pod itself; it may "
+                "reach the session only as the token file."
             )
         if problem:
             self.log.error("Refusing the pod of %s: %s", self.user.name, problem)
             raise spawn_error(problem, reason="pod-security", status_code=500)
 
-    # ------------------------------------------------------------------------------------------- the plan
+    # The plan
     @property
     def token_secret_name(self) -> str | None:
         """Name of this session's token Secret, or None when the user has no token."""
-        return f"{self.pod_name}-token" if self.access_token else None
+        return objects.token_secret_name(self.pod_name) if self.access_token else None
 
     def pod_settings(self) -> objects.PodSettings:
         return objects.PodSettings(
@@ -267,12 +311,48 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         if self.session_plan is not None and not future.cancelled() and not future.exception():
             self.record_session(self.session_plan)
 
+    async def _start(self) -> str:
+        """KubeSpawner's start, with the token Secret stored first and owned by the pod last.
+
+        The Secret is stored before the pod, so the kubelet finds it when it mounts the pod's
+        volumes; once the pod runs, the Secret is handed to it. A spawn that fails leaves no
+        Secret behind.
+        """
+        self._token_secret_asked = self._token_secret_stored = False
+        self._refusal = None
+        try:
+            url: str = await super()._start()
+            await self.hand_token_secret_to_pod()
+        except asyncio.TimeoutError:
+            await self._forget_token_secret()
+            # The API kept refusing the hub until the retries ran out: say what it said.
+            if self._refusal is not None:
+                raise self.pod_refusal(self._refusal) from None
+            raise
+        except BaseException:
+            await self._forget_token_secret()
+            raise
+        return url
+
+    async def _forget_token_secret(self) -> None:
+        """After a failed start: remove the token Secret, if this spawn asked for one."""
+        if self._token_secret_asked and self.token_secret_name:
+            await self.remove_token_secret()
+
+    async def stop(self, now: bool = False) -> None:
+        """Delete the pod as KubeSpawner does, then any token Secret left."""
+        await super().stop(now)
+        await self.remove_token_secret()
+
     async def dry_run_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """What a spawn of ``user_options`` would submit, with no cluster: the steps JupyterHub runs before
-        ``start`` in its order (``auth_state_hook``, ``group_overrides``, ``apply_user_options``,
-        ``pre_spawn_hook``), then :meth:`session_manifests`. ``Authenticator.pre_spawn_start`` is not run (there
-        is no authenticator), nor anything after the pod exists (``after_pod_created_hook`` beyond the token
-        Secret, internal SSL)."""
+        """What a spawn of ``user_options`` would submit, with no cluster.
+
+        The steps JupyterHub runs before ``start`` run in its order (``auth_state_hook``,
+        ``group_overrides``, ``apply_user_options``, ``pre_spawn_hook``), then
+        :meth:`session_manifests`. ``Authenticator.pre_spawn_start`` is not run (there is no
+        authenticator), nor anything after the pod exists (``after_pod_created_hook``, internal
+        SSL).
+        """
         await self.run_auth_state_hook(await self.user.get_auth_state())
         await self.apply_group_overrides()
         await self._run_apply_user_options(self.user_options)
@@ -280,10 +360,11 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
         return await self.session_manifests()
 
     async def session_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The pod (and token Secret, without data) ``start`` would submit from here; no API calls.
+        """The pod and token Secret ``start`` would submit from here; no API calls.
 
-        Same path as KubeSpawner's ``_start``: ``load_user_options`` (profile, then plan), ``get_pod_manifest``,
-        ``modify_pod_hook`` (the operator's hook, then the Pod Security check).
+        Same path as KubeSpawner's ``_start``: ``load_user_options`` (profile, then plan),
+        ``get_pod_manifest``, ``modify_pod_hook`` (the operator's hook, then the Pod Security
+        check). The Secret has no data, and is as it stays while the pod lives: owned by it.
         """
         await self.load_user_options()
         pod = await self.get_pod_manifest()
@@ -296,100 +377,228 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             secret = self.token_secret_manifest(self.pod_name, DRY_RUN_OWNER_UID, None)
         return manifest, secret
 
-    # ------------------------------------------------------------------------------------------- secrets
-    def token_secret_manifest(self, pod_name: str, pod_uid: str, token: str | None) -> dict[str, Any]:
+    # The token Secret
+    def token_secret_manifest(
+        self, pod_name: str, pod_uid: str | None, token: str | None
+    ) -> dict[str, Any]:
+        """The token Secret of pod ``pod_name``, owned by it when ``pod_uid`` is given."""
         assert self.token_secret_name is not None
         return objects.token_secret(
             self.token_secret_name,
             token,
-            owner_name=pod_name,
+            owner_name=pod_name if pod_uid else None,
             owner_uid=pod_uid,
             labels=self._build_common_labels(self._expand_all(self.extra_labels)),
         )
 
-    async def create_token_secret(self, pod: Mapping[str, Any]) -> None:
-        """Create the Secret holding the user's token, owned by ``pod`` (never logged)."""
-        token = self.access_token
-        if not token or not self.token_secret_name:
-            return
-        manifest = self.token_secret_manifest(pod["metadata"]["name"], pod["metadata"]["uid"], token)
-        await exponential_backoff(
-            partial(self._create_secret, manifest),
-            f"Could not create the token Secret {self.token_secret_name}",
-            timeout=self.k8s_api_request_retry_timeout,
-        )
+    async def _make_create_pod_request(self, pod: Any, request_timeout: float) -> bool:
+        """Store the token Secret, then create the pod (one attempt).
 
-    async def _create_secret(self, manifest: dict[str, Any]) -> bool:
-        name = manifest["metadata"]["name"]
+        A pod the cluster refuses (Pod Security admission, a quota) ends the spawn with one
+        sentence; a lost connection or a busy API server is tried again.
+        """
+        if not self._token_secret_stored:
+            self._token_secret_asked = True
+            self._token_secret_stored = await self._store_token_secret(None)
+            if not self._token_secret_stored:
+                return False
+        try:
+            created = bool(await super()._make_create_pod_request(pod, request_timeout))
+        except ApiException as exc:
+            if self.refused_for_now(exc):
+                return False
+            if exc.status in TRANSIENT_STATUSES:
+                self.log.warning(
+                    "Creating the pod failed (%s %s); trying again", exc.status, exc.reason
+                )
+                return False
+            if exc.status >= 500:
+                raise
+            raise self.pod_refusal(exc) from None
+        except CONNECTION_ERRORS as exc:
+            self.log.warning("Creating the pod failed (%s); trying again", type(exc).__name__)
+            return False
+        self._refusal = None
+        return created
+
+    def refused_for_now(self, exc: ApiException) -> bool:
+        """Whether the API refused the hub for now; the request is then tried again.
+
+        See :func:`casaspawner.kube.events.refused_for_now`. The refusal is kept for the
+        sentence, should it last.
+        """
+        if not events.refused_for_now(exc.status, _status_message(exc)):
+            return False
+        self.log.warning("The Kubernetes API refused the hub (%s); trying again", exc.reason)
+        self._refusal = exc
+        return True
+
+    def pod_refusal(self, exc: ApiException) -> web.HTTPError:
+        """The one sentence for a pod the Kubernetes API refused."""
+        message, status = events.refusal_sentence(exc.status, _status_message(exc))
+        self.log.error("Kubernetes refused the pod of %s: %s", self.user.name, message)
+        return spawn_error(message, reason="refused", status_code=status)
+
+    async def _store_token_secret(self, pod_uid: str | None) -> bool:
+        """Create the token Secret once, owned by the pod when ``pod_uid`` is given.
+
+        Returns whether it is stored; a leftover of the same name is deleted first. Never logs
+        the token.
+        """
+        token, name = self.access_token, self.token_secret_name
+        if not token or not name:
+            return True
+        manifest = self.token_secret_manifest(self.pod_name, pod_uid, token)
         try:
             await asyncio.wait_for(
-                self.api.create_namespaced_secret(self.namespace, manifest), self.k8s_api_request_timeout
+                self.api.create_namespaced_secret(self.namespace, manifest),
+                self.k8s_api_request_timeout,
             )
             return True
-        except asyncio.TimeoutError:
+        except CONNECTION_ERRORS as exc:
+            self.log.warning("Creating the token Secret %s failed (%s)", name, type(exc).__name__)
             return False
         except ApiException as exc:
-            if exc.status == 409:  # left over from an earlier pod of the same name: delete it, create again
+            if self.refused_for_now(exc):
+                return False
+            if exc.status == 409:
+                # Left over from an earlier pod of the same name: delete it, create again.
                 self.log.info("Deleting the earlier token Secret %s", name)
-                with contextlib.suppress(ApiException, asyncio.TimeoutError):
-                    await asyncio.wait_for(
-                        self.api.delete_namespaced_secret(name, self.namespace), self.k8s_api_request_timeout
-                    )
+                await self._delete_token_secret_once()
                 return False
-            self.log.error("Creating the token Secret %s failed: %s %s", name, exc.status, exc.reason)
-            if exc.status >= 500:
+            self.log.error(
+                "Creating the token Secret %s failed: %s %s", name, exc.status, exc.reason
+            )
+            if exc.status >= 500 or exc.status in TRANSIENT_STATUSES:
                 return False
-            raise spawn_error(
-                "The session's access token could not be stored; try again.", "secret"
-            ) from None
+            raise spawn_error(NOT_STORED, "secret") from None
 
-    # ----------------------------------------------------------------------------------------- reflectors
+    async def hand_token_secret_to_pod(self) -> None:
+        """Replace the token Secret with one owned by the running pod.
+
+        Kubernetes then deletes the Secret with the pod. The hub's Role (Zero to JupyterHub's)
+        may create and delete Secrets but not change them, so the Secret is created again with
+        the owner reference. It is immutable: the kubelet, which read it when it mounted the
+        pod's volumes, keeps its copy and never looks again, so the moment without a Secret
+        goes unseen.
+        """
+        if not self.access_token or not self.token_secret_name:
+            return
+
+        async def attempt() -> bool:
+            return await self._delete_token_secret_once() and await self._store_token_secret(
+                self.pod_id
+            )
+
+        try:
+            await exponential_backoff(
+                attempt,
+                f"Could not hand the token Secret {self.token_secret_name} to its pod",
+                timeout=self.k8s_api_request_retry_timeout,
+            )
+        except asyncio.TimeoutError:
+            raise spawn_error(NOT_STORED, "secret") from None
+        self._token_secret_stored = False
+
+    async def remove_token_secret(self) -> None:
+        """Delete this server's token Secret, if there is one; failures are only logged."""
+        self._token_secret_stored = False
+        try:
+            await exponential_backoff(
+                self._delete_token_secret_once,
+                f"Could not delete the token Secret of {self.pod_name}",
+                timeout=self.k8s_api_request_retry_timeout,
+            )
+        except (asyncio.TimeoutError, ApiException) as exc:
+            self.log.error("The token Secret of %s is left behind: %s", self.pod_name, exc)
+
+    async def _delete_token_secret_once(self) -> bool:
+        """One attempt at deleting the token Secret; whether it is gone."""
+        name = objects.token_secret_name(self.pod_name)
+        try:
+            await asyncio.wait_for(
+                self.api.delete_namespaced_secret(name, self.namespace),
+                self.k8s_api_request_timeout,
+            )
+        except CONNECTION_ERRORS:
+            return False
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            if exc.status >= 500 or exc.status in TRANSIENT_STATUSES or self.refused_for_now(exc):
+                return False
+            raise
+        return True
+
+    # Reflectors
     async def _start_reflector(
         self, kind: str, reflector_class: Any, replace: bool = False, **kwargs: Any
     ) -> Any:
-        """KubeSpawner's shared pod/event reflector, surviving a failed first list.
+        """KubeSpawner's shared pod or event reflector, surviving a failed first list.
 
-        KubeSpawner 7.1 fails the spawn when the reflector's first list gets a server error (500, 503 from a
-        proxy …), and keeps the broken reflector, so the next spawn waits until it times out. Here the list is
-        retried for up to ``k8s_api_request_retry_timeout`` seconds, and a reflector whose first list failed (or
-        whose watch gave up) is replaced.
+        KubeSpawner 7.1 fails the spawn when the reflector's first list gets a server error
+        (500, 503 from a proxy …), and keeps the broken reflector, so the next spawn waits until
+        it times out. Here the list is tried again for up to ``k8s_api_request_retry_timeout``
+        seconds, and a reflector whose first list failed (or whose watch gave up) is replaced.
+        A refusal (403) is tried again too: an API server that has just started refuses until
+        it has read the Roles. One that lasts is one sentence.
         """
         previous = type(self).reflectors.get(self._get_reflector_key(kind))
         if previous is not None and not replace and _reflector_broken(previous):
-            self.log.warning("Replacing the %s reflector: its first list failed or its watch gave up", kind)
+            self.log.warning(
+                "Replacing the %s reflector: its first list failed or its watch gave up", kind
+            )
             replace = True
         retry = replace
+        refused: str | None = None
 
         async def attempt() -> Any:
-            nonlocal retry
+            nonlocal retry, refused
             try:
                 return await super(CASASpawner, self)._start_reflector(
                     kind, reflector_class, replace=retry, **kwargs
                 )
             except ApiException as exc:
-                if exc.status < 500 and exc.status != 429:
+                if exc.status < 500 and exc.status not in (403, 429):
                     raise
-                self.log.warning("Listing %s failed (%s %s); trying again", kind, exc.status, exc.reason)
-            except (
-                aiohttp.ClientError,
-                asyncio.TimeoutError,
-                ValueError,
-            ) as exc:  # e.g. a proxy's error page
+                if exc.status == 403:
+                    refused = f"{exc.status} {exc.reason}"
+                self.log.warning(
+                    "Listing %s failed (%s %s); trying again", kind, exc.status, exc.reason
+                )
+            # A proxy's error page is a ValueError.
+            except (*CONNECTION_ERRORS, ValueError) as exc:
                 self.log.warning("Listing %s failed (%s); trying again", kind, type(exc).__name__)
-            retry = True  # the failed reflector stays registered: replace it
+            # The failed reflector stays registered: replace it. Its failure is told here, so
+            # its first load's exception counts as retrieved.
+            broken = type(self).reflectors.get(self._get_reflector_key(kind))
+            loaded = broken.first_load_future if broken is not None else None
+            if loaded is not None and loaded.done() and not loaded.cancelled():
+                loaded.exception()
+            retry = True
             return None
 
-        return await exponential_backoff(
-            attempt,
-            f"Could not list {kind} from the Kubernetes API",
-            timeout=self.k8s_api_request_retry_timeout,
-        )
+        try:
+            return await exponential_backoff(
+                attempt,
+                f"Could not list {kind} from the Kubernetes API",
+                timeout=self.k8s_api_request_retry_timeout,
+            )
+        except asyncio.TimeoutError:
+            if refused is None:
+                raise
+            message = (
+                f"The Kubernetes API refused the hub's request to list {kind} in namespace "
+                f"{self.namespace} ({refused}); the hub's Role must allow it."
+            )
+            raise spawn_error(message, "refused", 500) from None
 
-    # ------------------------------------------------------------------------------------------- progress
+    # Progress
     def is_pod_running(self, pod: dict[str, Any] | None) -> bool:
-        """KubeSpawner's check, but a pod that can never start ends the spawn with one sentence.
+        """KubeSpawner's check, but a pod that can never start ends the spawn.
 
-        Only while starting: ``poll()`` also asks, and must never raise.
+        The end is one sentence, and only while starting: ``poll()`` also asks, and must never
+        raise.
         """
         starting = self._start_future is not None and not self._start_future.done()
         if not starting:
@@ -402,20 +611,32 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]  # KubeS
             unschedulable_is_fatal=self.unschedulable_is_fatal,
         )
         if failure:
-            raise spawn_error(failure, reason="image-pull" if "image" in failure else "unschedulable")
+            reason = "image-pull" if "image" in failure else "unschedulable"
+            raise spawn_error(failure, reason=reason)
         return bool(super().is_pod_running(pod))
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
-        """Resolution result and reason first, then the pod's events in words (image pull, container start)."""
-        while self.session_plan is None and self._start_future is not None and not self._start_future.done():
-            await asyncio.sleep(0.1)  # hubs < 5.3 make the plan inside start()
+        """Resolution result and reason first, then the pod's events in words."""
+        # Hubs older than 5.3 make the plan inside start().
+        while (
+            self.session_plan is None
+            and self._start_future is not None
+            and not self._start_future.done()
+        ):
+            await asyncio.sleep(0.1)
         for event in self.plan_progress_events():
             yield event
         image = self.session_plan.image if self.session_plan else self.image
-        async for event in super().progress():
-            raw = event.get("raw_event")
-            text = events.describe_event(raw, image) if raw else None
-            if text:
-                event = {**event, "message": text}
-            event.pop("raw_event", None)
-            yield event
+        try:
+            async for event in super().progress():
+                raw = event.get("raw_event")
+                text = events.describe_event(raw, image) if raw else None
+                if text:
+                    event = {**event, "message": text}
+                event.pop("raw_event", None)
+                yield event
+        # The events could not be read (the API refused, say): the start fails with the same
+        # cause in one sentence, which the progress page shows once this stream ends. Raising
+        # here would answer the page with an error instead.
+        except Exception as exc:
+            self.log.warning("No more progress events for %s: %s", self.user.name, exc)

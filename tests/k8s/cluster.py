@@ -1,18 +1,21 @@
-"""The cluster of the ``k8s`` tier: someone's own (``$KUBECONFIG``), or this repository's (``cluster/up``).
+"""The cluster of the ``k8s`` tier: someone's own, or this repository's.
 
-The repository's cluster runs inside network namespace ``casaspawner-k8s``: its API server answers on
-``127.0.0.1`` both there and on the host (same port, one kubeconfig), pod IPs answer only inside the
-namespace, and pods reach the namespace at :data:`NODE_IP` (where a hub started with :meth:`Cluster.netns_argv`
-listens). See ``cluster/README.md``.
+Someone's own is ``$KUBECONFIG``'s; this repository's is ``cluster/up``'s. The repository's cluster
+runs inside network namespace ``casaspawner-k8s``: its API server answers on ``127.0.0.1`` both
+there and on the host (same port, one kubeconfig), pod IPs answer only inside the namespace, and
+pods reach the namespace at :data:`NODE_IP` (where a hub started with
+:meth:`Cluster.netns_argv` listens). See ``cluster/README.md``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +28,9 @@ NETNS = "casaspawner-k8s"
 NODE_IP = "10.244.0.1"
 # The label that makes the API server refuse pods below the restricted Pod Security level.
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
-# The tests' own image: Debian's static busybox (``/bin/busybox``) and ``/www/index.html``, made with buildah
-# and imported into the repository's cluster; on someone's own cluster, ``$CASASPAWNER_K8S_BUSYBOX_IMAGE``.
+# The tests' own image: Debian's static busybox (``/bin/busybox``) and ``/www/index.html``, made
+# with buildah and imported into the repository's cluster; on someone's own cluster,
+# ``$CASASPAWNER_K8S_BUSYBOX_IMAGE``.
 BUSYBOX_IMAGE = "localhost/casaspawner/busybox:k8s-tier"
 WWW_INDEX = "casaspawner k8s tier\n"
 
@@ -40,19 +44,19 @@ class Cluster:
     """Where the tests' cluster is and how to reach what runs in it."""
 
     kubeconfig: Path
-    # The network namespace pod IPs answer in; None for someone's own cluster (pod IPs are then reached, if at
-    # all, from this host as it is).
+    # The network namespace pod IPs answer in; None for someone's own cluster (pod IPs are then
+    # reached, if at all, from this host as it is).
     netns: str | None
     # Whether this session started the repository's cluster (and so stops it at the end).
     started: bool = False
 
     @property
     def own(self) -> bool:
-        """Is this the repository's cluster (made by ``cluster/up``), rather than ``$KUBECONFIG``'s?"""
+        """Is this the repository's cluster (``cluster/up``'s), not ``$KUBECONFIG``'s?"""
         return self.netns is not None
 
     def netns_argv(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` run inside the cluster's network namespace (as it is for someone's own cluster)."""
+        """``argv`` run inside the cluster's network namespace (as is, on someone's own)."""
         if self.netns is None:
             return list(argv)
         return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
@@ -60,7 +64,10 @@ class Cluster:
     def run_in_netns(
         self, argv: Sequence[str], timeout: float = 60, **kwargs: Any
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` where the pod IPs answer; its output is captured as text, its exit code not checked."""
+        """Run ``argv`` where the pod IPs answer.
+
+        Its output is captured as text; its exit code is not checked.
+        """
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         return subprocess.run(
             self.netns_argv(argv),
@@ -76,7 +83,9 @@ class Cluster:
         """A kubernetes_asyncio ApiClient for this cluster (close it, or use ``async with``)."""
         from kubernetes_asyncio import config
 
-        return await config.new_client_from_config(config_file=str(self.kubeconfig), persist_config=False)
+        return await config.new_client_from_config(
+            config_file=str(self.kubeconfig), persist_config=False
+        )
 
     async def ws_api_client(self) -> Any:
         """A WsApiClient (exec, attach) for this cluster."""
@@ -86,38 +95,59 @@ class Cluster:
 
         configuration = Configuration()
         await config.load_kube_config(
-            config_file=str(self.kubeconfig), client_configuration=configuration, persist_config=False
+            config_file=str(self.kubeconfig),
+            client_configuration=configuration,
+            persist_config=False,
         )
         return WsApiClient(configuration=configuration)
 
     async def create_namespace(self, api: Any, prefix: str = "casaspawner-k8s") -> str:
         """Create a namespace with a fresh name that enforces the restricted Pod Security level."""
         from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.rest import ApiException
 
         name = f"{prefix}-{secrets.token_hex(3)}"
         body = {"metadata": {"name": name, "labels": dict(RESTRICTED)}}
-        await client.CoreV1Api(api).create_namespace(body)
-        return name
+        core = client.CoreV1Api(api)
+        await core.create_namespace(body)
+        # Pods are refused until the controller-manager gives the namespace its ServiceAccount
+        # (after an API server restart its watches take a while to come back).
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                await core.read_namespaced_service_account("default", name)
+                return name
+            except ApiException as error:
+                if error.status != 404 or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.2)
 
     def import_image(self, reference: str) -> None:
-        """Put ``reference`` from this machine's podman/buildah storage into the repository's cluster."""
+        """Put ``reference`` from this machine's podman storage into the repository's cluster."""
         if not self.own:
             raise RuntimeError("images are imported only into the repository's own cluster")
         subprocess.run(
-            [str(CLUSTER_DIR / "import-image"), reference], check=True, capture_output=True, text=True
+            [str(CLUSTER_DIR / "import-image"), reference],
+            check=True,
+            capture_output=True,
+            text=True,
         )
 
 
 def cluster_from_environment() -> Cluster:
-    """``$KUBECONFIG``'s cluster when set (the repository's own when it names its kubeconfig), else the
-    repository's, started when not running."""
+    """``$KUBECONFIG``'s cluster when set, else the repository's, started when not running.
+
+    A ``$KUBECONFIG`` naming the repository's kubeconfig is the repository's own cluster.
+    """
     own_kubeconfig = REPO / ".cache" / "k8s" / "kubeconfig"
     if os.environ.get("KUBECONFIG"):
         kubeconfig = Path(os.environ["KUBECONFIG"])
         own = kubeconfig.resolve() == own_kubeconfig.resolve()
         return Cluster(kubeconfig=kubeconfig, netns=NETNS if own else None)
     if os.geteuid() != 0:
-        raise ClusterUnavailable("the repository's cluster needs root (cluster/up); or set KUBECONFIG")
+        raise ClusterUnavailable(
+            "the repository's cluster needs root (cluster/up); or set KUBECONFIG"
+        )
     result = subprocess.run([str(CLUSTER_DIR / "up")], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"cluster/up failed:\n{result.stdout}{result.stderr}")
@@ -132,12 +162,17 @@ def stop(cluster: Cluster) -> None:
 
 
 def busybox_image(cluster: Cluster) -> str:
-    """The tests' busybox image: built with buildah from Debian's busybox-static when missing, then imported
-    into the repository's cluster; someone's own cluster names one in ``$CASASPAWNER_K8S_BUSYBOX_IMAGE``."""
+    """The tests' busybox image, in the cluster.
+
+    Built with buildah from Debian's busybox-static when missing, then imported into the
+    repository's cluster; someone's own cluster names one in ``$CASASPAWNER_K8S_BUSYBOX_IMAGE``.
+    """
     if not cluster.own:
         return os.environ.get("CASASPAWNER_K8S_BUSYBOX_IMAGE", "")
     if (
-        subprocess.run(["buildah", "inspect", BUSYBOX_IMAGE], capture_output=True, check=False).returncode
+        subprocess.run(
+            ["buildah", "inspect", BUSYBOX_IMAGE], capture_output=True, check=False
+        ).returncode
         != 0
     ):
         build_busybox_image()
@@ -146,12 +181,17 @@ def busybox_image(cluster: Cluster) -> str:
 
 
 def build_busybox_image() -> None:
-    """``buildah from scratch`` + /bin/busybox + /www/index.html, no network (nothing is run inside)."""
+    """``buildah from scratch``, /bin/busybox and /www/index.html; nothing is run inside."""
     installed = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Status}", "busybox-static"], capture_output=True, text=True, check=False
+        ["dpkg-query", "-W", "-f=${Status}", "busybox-static"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if "install ok installed" not in installed.stdout:
-        raise RuntimeError("the tests' image needs Debian's busybox-static (make deps installs it)")
+        raise RuntimeError(
+            "the tests' image needs Debian's busybox-static (make deps installs it)"
+        )
     busybox = shutil.which("busybox") or "/bin/busybox"
     container = buildah("from", "scratch")
     try:
@@ -166,4 +206,18 @@ def build_busybox_image() -> None:
 
 
 def buildah(*args: str) -> str:
-    return subprocess.run(["buildah", *args], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["buildah", *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def restart_apiserver(cluster: Cluster, down_for: float = 0) -> None:
+    """Stop the repository's API server and start it again (``cluster/restart-apiserver``)."""
+    if not cluster.own:
+        raise RuntimeError("only the repository's own cluster's API server can be restarted")
+    subprocess.run(
+        [str(CLUSTER_DIR / "restart-apiserver"), str(down_for)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )

@@ -1,6 +1,9 @@
-"""The ``k8s`` tier's cluster does what the spawner's real-cluster tests rely on: Pod Security admission, a real
-node that runs a hardened pod from an imported image (reachable pod IP, logs and exec through the API server),
-the controller-manager's garbage collector and ServiceAccounts."""
+"""The ``k8s`` tier's cluster does what the spawner's real-cluster tests rely on.
+
+Pod Security admission, a real node that runs a hardened pod from an imported image (reachable
+pod IP, logs and exec through the API server), the controller-manager's garbage collector and
+ServiceAccounts.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def hardened_pod(name: str, image: str, command: list[str], **spec: Any) -> dict
 
 
 async def eventually(check: Any, timeout: float, what: str) -> Any:
-    """Await ``check()`` every 0.5 s until it returns something truthy; fail with ``what`` after ``timeout``."""
+    """Await ``check()`` every 0.5 s until it is truthy; fail with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         result = await check()
@@ -68,7 +71,11 @@ async def test_a_restricted_namespace_refuses_a_privileged_root_pod(api, namespa
         "metadata": {"name": "root"},
         "spec": {
             "containers": [
-                {"name": "main", "image": "localhost/never-pulled:1", "securityContext": {"privileged": True}}
+                {
+                    "name": "main",
+                    "image": "localhost/never-pulled:1",
+                    "securityContext": {"privileged": True},
+                }
             ],
             "securityContext": {"runAsUser": 0},
         },
@@ -86,7 +93,12 @@ async def test_a_hardened_pod_runs_on_the_real_node_and_answers_in_the_namespace
     cluster: Cluster, api, namespace, busybox
 ):
     core = client.CoreV1Api(api)
-    serve = ["/bin/busybox", "sh", "-c", "echo serving /www; exec /bin/busybox httpd -f -p 8080 -h /www"]
+    serve = [
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo serving /www; exec /bin/busybox httpd -f -p 8080 -h /www",
+    ]
     await core.create_namespaced_pod(namespace, hardened_pod("web", busybox, serve))
 
     async def running() -> Any:
@@ -100,11 +112,14 @@ async def test_a_hardened_pod_runs_on_the_real_node_and_answers_in_the_namespace
     assert node.status.node_info.container_runtime_version.startswith("containerd://")
     assert "kwok" not in node.status.node_info.kubelet_version
 
-    # The pod IP answers where the pod network is (inside the namespace for the repository's cluster).
+    # The pod IP answers where the pod network is (inside the namespace, on the repository's
+    # cluster).
     url = f"http://{pod.status.pod_ip}:8080/"
 
     async def page() -> str:
-        answer = await asyncio.to_thread(cluster.run_in_netns, ["curl", "-sf", "--max-time", "5", url])
+        answer = await asyncio.to_thread(
+            cluster.run_in_netns, ["curl", "-sf", "--max-time", "5", url]
+        )
         return answer.stdout
 
     assert await eventually(page, 30, f"{url} did not answer") == WWW_INDEX
@@ -127,13 +142,20 @@ async def test_a_hardened_pod_runs_on_the_real_node_and_answers_in_the_namespace
 
 async def test_the_garbage_collector_deletes_a_secret_whose_owner_pod_is_gone(api, namespace):
     core = client.CoreV1Api(api)
-    # The owner never runs: no node matches it, so only the API server and the controller-manager take part.
+    # The owner never runs: no node matches it, so only the API server and the controller-manager
+    # take part.
     owner = hardened_pod(
-        "owner", "localhost/never-pulled:1", ["/bin/true"], nodeSelector={"casaspawner.test/nowhere": "1"}
+        "owner",
+        "localhost/never-pulled:1",
+        ["/bin/true"],
+        nodeSelector={"casaspawner.test/nowhere": "1"},
     )
     pod = await core.create_namespaced_pod(namespace, owner)
     reference = {"apiVersion": "v1", "kind": "Pod", "name": "owner", "uid": pod.metadata.uid}
-    secret = {"metadata": {"name": "token", "ownerReferences": [reference]}, "stringData": {"token": "x"}}
+    secret = {
+        "metadata": {"name": "token", "ownerReferences": [reference]},
+        "stringData": {"token": "x"},
+    }
     await core.create_namespaced_secret(namespace, secret)
     await core.delete_namespaced_pod("owner", namespace, grace_period_seconds=0)
 
@@ -147,7 +169,9 @@ async def test_the_garbage_collector_deletes_a_secret_whose_owner_pod_is_gone(ap
     await eventually(secret_gone, 60, "the garbage collector did not delete the owned secret")
 
 
-async def test_the_controller_manager_gives_a_new_namespace_its_default_service_account(api, namespace):
+async def test_the_controller_manager_gives_a_new_namespace_its_default_service_account(
+    api, namespace
+):
     core = client.CoreV1Api(api)
 
     async def default_account() -> Any:

@@ -1,0 +1,427 @@
+"""The whole user path on the real cluster, in a real browser: log in, name a dataset, get CASA.
+
+As ``tests/local/test_local_browser.py`` does on one machine, here with ``CASASpawner`` on the
+repository's Kubernetes: the hub (``hub-config/jupyterhub_config.py`` with OIDC login through
+oidc-provider-mock), its proxy, the provider and Chromium run inside the cluster's network
+namespace; the hub acts as Zero to JupyterHub's hub ServiceAccount; the session runs the CASA
+image ``casaspawner images build`` made, imported into containerd; Cavern and the measures are
+PersistentVolumes on this machine. JupyterLab: a notebook in the CASA kernel opens a
+MeasurementSet in the user's Cavern home. Desktop: the noVNC canvas shows the CASA terminal once
+its CASA prompt is ready. Inside the running pod: the user's uid and gid, a read-only root, a
+token file only the user reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+from k8s_browser import HubProcess, browser_in_netns, start_hub, start_oidc_provider
+from k8s_hub import (
+    ALICE,
+    PROJECT_GID,
+    RELEASE,
+    HubAccount,
+    assert_no_failed_mount,
+    bind_storage,
+    create_hub_account,
+    delete_volumes,
+    nothing_left,
+    run_in_pod,
+)
+from kubernetes_asyncio import client
+
+from casaspawner.catalog import load_catalog
+from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
+from casaspawner.plan import PlanConfig, image_for
+from cluster import REPO, Cluster
+
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(1800)]
+
+REGISTRY = "localhost/casaspawner"
+PROJECT = "2023.1.01234.S"
+DATASET = f"~/{PROJECT}"
+MS = "uid___A002_X10d5a8a_X3c21.ms"
+#: xstartup's xsetroot colour.
+DESKTOP_BACKGROUND = (0x24, 0x36, 0x4B)
+#: Keeps what the spawn-progress page showed (it reloads into the session when ready).
+RECORD_PROGRESS = """
+window.addEventListener('beforeunload', () => {
+  const log = document.querySelector('#progress-log');
+  if (log) sessionStorage.setItem('casa-progress',
+    (sessionStorage.getItem('casa-progress') || '') + log.textContent);
+});
+"""
+#: What the user types into the notebook.
+NOTEBOOK_CELL = (
+    "import casatools, glob, os\n"
+    f"pattern = os.path.expanduser('~/{PROJECT}/**/*.ms')\n"
+    "ms = glob.glob(pattern, recursive=True)[0]\n"
+    "tb = casatools.table()\n"
+    "tb.open(ms)\n"
+    "rows = tb.nrows()\n"
+    "tb.open(ms + '/ANTENNA')\n"
+    "print('CASA', casatools.version_string(), 'rows', rows, 'antennas', tb.nrows())"
+)
+
+
+@pytest.fixture(scope="module")
+def release() -> Any:
+    return load_catalog().get(RELEASE)
+
+
+@pytest.fixture(scope="module")
+def casa_image(cluster: Cluster, release: Any) -> str:
+    """The CASA image of ``RELEASE`` the images tier builds, put into the cluster's containerd."""
+    image = image_for(release, PlanConfig(image_registry=REGISTRY))
+    if not cluster.own:
+        pytest.skip("the end-to-end test imports its image into the repository's own cluster")
+    found = subprocess.run(["podman", "image", "exists", image], check=False)
+    assert found.returncode == 0, (
+        f"{image} is not built: `make k8s-images` builds it (casaspawner images build)"
+    )
+    cluster.import_image(image)
+    return image
+
+
+@dataclass
+class Site:
+    """The hub's namespace, account and storage for the end-to-end test."""
+
+    account: HubAccount
+    cavern: Path
+    volumes: list[str]
+
+
+async def _admin(cluster: Cluster, work: Any) -> Any:
+    async with await cluster.api_client() as api:
+        return await work(api)
+
+
+def run_async(coroutine: Any) -> Any:
+    """Run ``coroutine`` in a thread of its own: Playwright's sync API owns this thread's loop."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def admin(cluster: Cluster, work: Any) -> Any:
+    """Run ``work(api)`` with a fresh admin client (these tests are synchronous)."""
+    return run_async(_admin(cluster, work))
+
+
+def write_home(root: Path, release: Any) -> Path:
+    """Alice's Cavern home: a dataset whose pipeline manifest names ``release``'s CASA."""
+    home = root / "home" / "alice"
+    spec = DatasetSpec(
+        project=PROJECT,
+        mous="uid___A001_X3621_X4d1b",
+        casa=release.casa.replace("-", "."),
+        pipeline=None,
+        evidence=("manifest",),
+        eb="uid___A002_X10d5a8a_X3c21",
+    )
+    write_dataset(home / PROJECT, spec=spec)
+    project = root / "projects" / "proj-m87"
+    project.mkdir(parents=True)
+    for path in (home, *home.rglob("*")):
+        os.chown(path, ALICE["uid"], ALICE["gid"], follow_symlinks=False)
+    home.chmod(0o700)
+    os.chown(project, ALICE["uid"], PROJECT_GID)
+    root.chmod(0o755)
+    return home
+
+
+@pytest.fixture(scope="module")
+def site(cluster: Cluster, measures: Path, release: Any) -> Iterator[Site]:
+    cavern = Path(tempfile.mkdtemp(prefix="casaspawner-k8s-e2e-"))
+    work = Path(tempfile.mkdtemp(prefix="casaspawner-k8s-hub-"))
+    write_home(cavern, release)
+
+    async def setup(api: Any) -> Site:
+        namespace = await cluster.create_namespace(api, "casaspawner-e2e")
+        account = await create_hub_account(api, namespace, cluster.kubeconfig, work)
+        volumes = await bind_storage(api, namespace, cavern, measures)
+        return Site(account, cavern, volumes)
+
+    made = admin(cluster, setup)
+    try:
+        yield made
+    finally:
+
+        async def teardown(api: Any) -> None:
+            await delete_volumes(api, made.volumes)
+            await client.CoreV1Api(api).delete_namespace(made.account.namespace)
+
+        admin(cluster, teardown)
+        shutil.rmtree(cavern, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="casaspawner-k8s-e2e-hub-"))
+    try:
+        yield path
+    finally:
+        if not os.environ.get("CASASPAWNER_KEEP_TEST_ROOT"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def hub(cluster: Cluster, site: Site, casa_image: str, workdir: Path) -> Iterator[HubProcess]:
+    """The OIDC provider and the hub, in the cluster's network namespace."""
+    users = {"alice": {"preferred_username": "alice", **ALICE}}
+    provider, issuer = start_oidc_provider(cluster, users, workdir)
+    try:
+        started = start_hub(
+            cluster,
+            workdir,
+            site.account.namespace,
+            site.account.kubeconfig,
+            issuer,
+            {
+                "CASASPAWNER_IMAGE_REGISTRY": REGISTRY,
+                "CASA_STORAGE_HUB_PATH": str(site.cavern),
+                "CASA_START_TIMEOUT": "600",
+            },
+        )
+        try:
+            yield started
+        finally:
+            try:
+                started.stop_server("alice")
+            finally:
+                started.stop()
+    finally:
+        provider.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(cluster: Cluster, workdir: Path) -> Iterator[Any]:
+    if not Path("/usr/bin/chromium").exists():
+        pytest.fail("Debian's chromium is not installed (make deps installs it)")
+    with browser_in_netns(cluster, workdir) as chromium:
+        yield chromium
+
+
+def login(browser: Any, hub: HubProcess) -> Any:
+    """Alice logs in through the OIDC provider; returns her page, on the spawn form."""
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.add_init_script(RECORD_PROGRESS)
+    page.set_default_timeout(60_000)
+    page.goto(f"{hub.url}/hub/login")
+    page.locator("a[href*='oauth_login']").click()
+    page.wait_for_url("**/oauth2/authorize**")
+    page.get_by_placeholder("sub").fill("alice")
+    page.get_by_role("button", name="Authorize").click()
+    page.wait_for_url("**/hub/spawn**")
+    return page
+
+
+def submit_form(page: Any, hub: HubProcess, interface: str) -> None:
+    page.goto(f"{hub.url}/hub/spawn")
+    page.fill("#casa-dataset", DATASET)
+    page.check(f"input[name=interface][value={interface}]")
+    page.locator("form#spawn_form [type=submit]").click()
+
+
+def wait_for_session(page: Any, hub: HubProcess, path: str, timeout: float = 900) -> None:
+    """Wait until the browser is in the session at ``path``; a failed spawn fails at once."""
+    deadline = time.monotonic() + timeout
+    while path not in urlparse(page.url).path:
+        try:
+            message = page.evaluate(
+                "() => (document.querySelector('#progress-message') || {}).textContent || ''"
+            )
+        # Navigating into the session.
+        except Exception:
+            message = ""
+        assert "Spawn failed" not in message, message + hub.log()[-3000:]
+        assert time.monotonic() < deadline, f"no session after {timeout} s: {page.url}"
+        page.wait_for_timeout(500)
+    page.wait_for_load_state()
+
+
+def pod_of(hub: HubProcess) -> tuple[str, str]:
+    """The namespace and name of alice's session pod, from the hub's saved state."""
+    state = hub.api("GET", "/users/alice?include_stopped_servers")["servers"][""]["state"]
+    return state["namespace"], state["pod_name"]
+
+
+def in_pod(cluster: Cluster, hub: HubProcess, command: list[str]) -> str:
+    namespace, pod = pod_of(hub)
+    return run_async(run_in_pod(cluster, namespace, pod, command))
+
+
+def test_lab_session_opens_a_measurementset_on_cavern(
+    cluster: Cluster, hub: HubProcess, browser: Any, release: Any, casa_image: str
+) -> None:
+    label = release.label
+    page = login(browser, hub)
+    submit_form(page, hub, "lab")
+    wait_for_session(page, hub, "/lab")
+    events = page.evaluate("() => sessionStorage.getItem('casa-progress') || ''")
+    assert f"Dataset {DATASET}: {label}, the exact build." in events, events
+    assert "The session is scheduled on a node." in events, events
+    assert f"The session image {casa_image} is ready." in events, events
+
+    # A MeasurementSet in alice's Cavern home, simulated with the session's own casatools.
+    target = f"/arc/home/alice/{PROJECT}/{MS}"
+    simulated = in_pod(
+        cluster,
+        hub,
+        ["sh", "-c", 'cd /tmp && "$CASASPAWNER_CASA_PYTHON" -c "$0" "$1"', SIMULATE_MS, target],
+    )
+    assert "300" in simulated, simulated
+
+    page.locator(f".jp-LauncherCard[title*='{label}']").first.click()
+    page.wait_for_function(
+        "(document.querySelector('.jp-Toolbar-kernelName') || {textContent: ''})"
+        ".textContent.includes('CASA')",
+        timeout=180_000,
+    )
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=180_000)
+    page.locator(".jp-Cell .cm-content").first.click()
+    page.keyboard.type(NOTEBOOK_CELL)
+    page.keyboard.press("Shift+Enter")
+    output = page.locator(".jp-OutputArea-output").first
+    output.wait_for(timeout=180_000)
+    text = output.inner_text().strip()
+    assert text == f"CASA {release.casa} rows 300 antennas 5", text
+    page.close()
+
+
+def test_inside_the_pod_the_user_is_herself_on_a_read_only_root(
+    cluster: Cluster, hub: HubProcess
+) -> None:
+    """Checked in the lab session of the test before, through exec."""
+    assert in_pod(cluster, hub, ["id", "-u"]) == str(ALICE["uid"])
+    assert in_pod(cluster, hub, ["id", "-g"]) == str(ALICE["gid"])
+    assert str(PROJECT_GID) in in_pod(cluster, hub, ["id", "-G"]).split()
+    # Every process of the session runs as her.
+    uids = in_pod(cluster, hub, ["ps", "-eo", "uid="]).split()
+    assert uids and set(uids) == {str(ALICE["uid"])}, uids
+    # The image's root file system is read-only; her home and /tmp are not.
+    refused = in_pod(cluster, hub, ["sh", "-c", "touch /opt/casa/x 2>&1; echo $?"])
+    assert "Read-only file system" in refused, refused
+    root = in_pod(cluster, hub, ["sh", "-c", "awk '$2 == \"/\" {print $4}' /proc/mounts"])
+    assert root.split(",")[0] == "ro", root
+    assert in_pod(cluster, hub, ["sh", "-c", "touch ~/written /tmp/written && echo ok"]) == "ok"
+
+    # The token file: the login's access token, which only she reads.
+    model = hub.api("GET", "/users/alice")
+    token = model["auth_state"]["access_token"]
+    path = "/var/run/secrets/casaspawner/token"
+    assert in_pod(cluster, hub, ["sh", "-c", 'cat "$CASASPAWNER_TOKEN_FILE"']) == token
+    assert in_pod(cluster, hub, ["sh", "-c", "echo $CASASPAWNER_TOKEN_FILE"]) == path
+    assert in_pod(cluster, hub, ["stat", "-L", "-c", "%a %u %g", path]) == "444 0 0"
+    assert token not in in_pod(cluster, hub, ["sh", "-c", "env; cat /proc/1/cmdline"])
+    # On the node, the kubelet's copy is under a directory only root enters: no other account
+    # of the machine, hers included, reads it.
+    namespace, pod = pod_of(hub)
+    uid = admin(
+        cluster,
+        lambda api: client.CoreV1Api(api).read_namespaced_pod(pod, namespace),
+    ).metadata.uid
+    volumes = REPO / ".cache" / "k8s" / "kubelet" / "pods" / uid / "volumes"
+    copy = volumes / "kubernetes.io~secret" / "casa-token" / "token"
+    assert copy.read_text() == token
+    for account in (ALICE["uid"], 41002, 65534):
+        as_account = [f"--reuid={account}", f"--regid={account}", "--clear-groups"]
+        read = subprocess.run(
+            ["setpriv", *as_account, "cat", str(copy)], capture_output=True, text=True, check=False
+        )
+        assert read.returncode != 0 and "Permission denied" in read.stderr, (account, read)
+
+
+def test_desktop_session_shows_a_ready_casa_window(
+    cluster: Cluster, hub: HubProcess, browser: Any, release: Any
+) -> None:
+    label = release.label
+    hub.stop_server("alice")
+    page = login(browser, hub)
+    submit_form(page, hub, "desktop")
+    wait_for_session(page, hub, "/desktop/")
+    page.wait_for_function(
+        "(document.querySelector('#status') || {}).textContent === 'Connected'", timeout=120_000
+    )
+    # The X server of the session, found among its processes.
+    processes = in_pod(cluster, hub, ["ps", "-eo", "args"]).splitlines()
+    xvnc = next(p for p in processes if p.split()[0].endswith("Xtigervnc"))
+    display = next(part for part in xvnc.split() if part.startswith(":"))
+    words = xvnc.split()
+    auth = words[words.index("-auth") + 1] if "-auth" in words else ""
+    x11 = ["env", f"DISPLAY={display}", f"XAUTHORITY={auth}"]
+
+    # The CASA terminal takes the build's name as its title only once casatools is loaded.
+    deadline = time.monotonic() + 180
+    tree = ""
+    while time.monotonic() < deadline:
+        tree = in_pod(cluster, hub, [*x11, "xwininfo", "-root", "-tree"])
+        if f'"{label}"' in tree and f'"{label} tools"' in tree:
+            break
+        time.sleep(2)
+    assert f'"{label}"' in tree, tree[-3000:]
+    assert f'"{label} tools"' in tree, tree[-3000:]
+    assert f"{label}: start-up failed" not in tree
+    info = in_pod(cluster, hub, [*x11, "xwininfo", "-name", label])
+    pairs = (line.split(":", 1) for line in info.splitlines() if ":" in line)
+    field = {key.strip(): value.strip() for key, value in pairs}
+    x, y = int(field["Absolute upper-left X"]), int(field["Absolute upper-left Y"])
+    width, height = int(field["Width"]), int(field["Height"])
+    # The canvas catches up with the X server.
+    page.wait_for_timeout(1500)
+    pixels = canvas_region(page, x, y, width, height)
+    assert pixels["background"] < 0.02, f"the CASA terminal's area shows the background: {pixels}"
+    assert pixels["colours"] >= 2 and 0.005 < pixels["minority"] < 0.5, (
+        f"no text in the CASA terminal: {pixels}"
+    )
+    page.close()
+
+
+def test_stopping_leaves_nothing_and_no_mount_ever_failed(
+    cluster: Cluster, hub: HubProcess, site: Site
+) -> None:
+    hub.stop_server("alice")
+    namespace = site.account.namespace
+
+    async def check(api: Any) -> None:
+        await nothing_left(api, namespace)
+        await assert_no_failed_mount(api, namespace)
+
+    admin(cluster, check)
+    # The token never reached the hub's log.
+    token = hub.api("GET", "/users/alice")["auth_state"]["access_token"]
+    assert token not in hub.log()
+
+
+def canvas_region(page: Any, x: int, y: int, width: int, height: int) -> dict[str, float]:
+    """Of the noVNC canvas inside an X window: the share of background, colours, text."""
+    return page.evaluate(  # type: ignore[no-any-return]
+        """([x, y, w, h, bg]) => {
+          const c = document.querySelector('canvas');
+          const d = c.getContext('2d').getImageData(x, y, w, h).data;
+          const counts = new Map();
+          let n = 0, background = 0;
+          for (let i = 0; i < d.length; i += 4 * 3) {
+            const rgb = (d[i] << 16) | (d[i + 1] << 8) | d[i + 2];
+            counts.set(rgb, (counts.get(rgb) || 0) + 1);
+            if (rgb === ((bg[0] << 16) | (bg[1] << 8) | bg[2])) background++;
+            n++;
+          }
+          const top = Math.max(...counts.values());
+          return {background: background / n, colours: counts.size, minority: (n - top) / n};
+        }""",
+        [x, y, width, height, list(DESKTOP_BACKGROUND)],
+    )

@@ -1,0 +1,171 @@
+"""Faults of the real API server during a spawn: the spawn completes, nothing is orphaned.
+
+The API server is restarted (``cluster/restart-apiserver``) while a spawn waits for its pod, and
+is down when a spawn begins; and KubeSpawner's pod watch gets a real ``410 Gone`` (its
+resourceVersion older than the restarted API server's watch cache). The sessions' pods become
+ready only after a while (a readiness probe), so that the faults fall inside the spawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+from k8s_hub import (
+    assert_no_failed_mount,
+    dataset_of,
+    eventually,
+    nothing_left,
+    spawn,
+)
+from kubernetes_asyncio import client
+
+from cluster import restart_apiserver
+
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(600)]
+
+#: A session that becomes ready READY seconds after it starts.
+READY = 15
+SLOW = {
+    "cmd": [
+        "/bin/busybox",
+        "sh",
+        "-c",
+        f"/bin/busybox sleep {READY}; /bin/busybox touch /tmp/ready; exec /bin/busybox sleep 3600",
+        "--",
+    ],
+    "extra_container_config": {
+        "readinessProbe": {
+            "exec": {"command": ["/bin/busybox", "test", "-e", "/tmp/ready"]},
+            "periodSeconds": 1,
+        }
+    },
+}
+
+
+@pytest.fixture
+def own_cluster(cluster):
+    if not cluster.own:
+        pytest.skip("restarting the API server needs the repository's own cluster")
+    return cluster
+
+
+async def settle(cluster: Any, namespace: str) -> Any:
+    """A fresh admin client once the restarted API server answers again, and its checks pass."""
+    fresh = await cluster.api_client()
+    await eventually(lambda: _answers(fresh, namespace), 60, "the API server did not come back")
+    return fresh
+
+
+async def _answers(api: Any, namespace: str) -> bool:
+    try:
+        await client.CoreV1Api(api).list_namespaced_pod(namespace)
+    except Exception:
+        return False
+    return True
+
+
+async def finish(spawner: Any, cluster: Any, namespace: str) -> None:
+    """The session is owned as it should be; stopping it leaves nothing behind."""
+    api = await settle(cluster, namespace)
+    async with api:
+        core = client.CoreV1Api(api)
+        pod = await core.read_namespaced_pod(spawner.pod_name, namespace)
+        secret = await core.read_namespaced_secret(spawner.token_secret_name, namespace)
+        assert [o.uid for o in secret.metadata.owner_references] == [pod.metadata.uid]
+        await spawner.stop(now=True)
+        await nothing_left(api, namespace)
+        await assert_no_failed_mount(api, namespace)
+
+
+async def test_the_api_server_restarts_while_a_spawn_waits_for_its_pod(hub, api, own_cluster):
+    spawner = hub.spawner(**SLOW)
+    spawning = asyncio.ensure_future(
+        spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
+    )
+    core = client.CoreV1Api(api)
+
+    async def pod_created() -> bool:
+        pods = await core.list_namespaced_pod(hub.namespace)
+        return bool(pods.items)
+
+    await eventually(pod_created, 60, "the session pod was not created")
+    began = time.monotonic()
+    await asyncio.to_thread(restart_apiserver, own_cluster)
+    assert time.monotonic() - began > 2
+    url, _messages = await spawning
+    assert isinstance(url, str), url
+    await finish(spawner, own_cluster, hub.namespace)
+
+
+async def test_a_spawn_that_begins_while_the_api_server_is_down_completes(hub, api, own_cluster):
+    spawner = hub.spawner(**SLOW)
+    restarting = asyncio.ensure_future(asyncio.to_thread(restart_apiserver, own_cluster, 5))
+    client.CoreV1Api(api)
+
+    async def down() -> bool:
+        return not await _answers(api, hub.namespace)
+
+    await eventually(down, 30, "the API server did not stop")
+    url, _messages = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
+    await restarting
+    assert isinstance(url, str), url
+    await finish(spawner, own_cluster, hub.namespace)
+
+
+class Records(logging.Handler):
+    """Keeps the records of a logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_watch_too_old_for_the_api_server_gets_410_and_the_spawn_completes(
+    hub, api, own_cluster
+):
+    """Between KubeSpawner's list and its watch, the API server restarts (and etcd moves on).
+
+    The watch from the list's resourceVersion is then older than the new API server's watch
+    cache, which answers 410 Gone; the reflector lists again and the spawn goes on.
+    """
+    spawner = hub.spawner(**SLOW)
+    reflector = await spawner._start_watching_pods()
+    records = Records()
+    reflector.log.addHandler(records)
+    listing = reflector._list_and_update
+    restarted = asyncio.Event()
+    core = client.CoreV1Api(api)
+
+    async def list_then_restart(resource_version: Any = None) -> Any:
+        version = await listing(resource_version)
+        if not restarted.is_set():
+            # Something written after the list, so that etcd's revision moves past it.
+            await core.create_namespaced_config_map(
+                hub.namespace, {"metadata": {"generateName": "after-the-list-"}}
+            )
+            await asyncio.to_thread(restart_apiserver, own_cluster)
+            restarted.set()
+        return version
+
+    reflector._list_and_update = list_then_restart
+    try:
+        url, _messages = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
+    finally:
+        reflector.log.removeHandler(records)
+    assert restarted.is_set()
+    assert isinstance(url, str), url
+    gone = [
+        r.exc_info[1]
+        for r in records.records
+        if r.exc_info and getattr(r.exc_info[1], "status", None) == 410
+    ]
+    assert gone, [r.getMessage() for r in records.records]
+    assert "too old resource version" in str(gone[0].reason)
+    await finish(spawner, own_cluster, hub.namespace)

@@ -1,0 +1,174 @@
+"""A session's whole life on the real cluster, as the hub's ServiceAccount.
+
+The token Secret is stored before the pod, so the kubelet finds it when it mounts the pod's
+volumes (no ``FailedMount``); once the pod runs the Secret is owned by it, so the real garbage
+collector deletes it with the pod; stopping leaves no pod, Secret or Service behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import pytest
+from k8s_hub import (
+    Recorder,
+    alice,
+    assert_no_failed_mount,
+    dataset_of,
+    eventually,
+    namespace_events,
+    nothing_left,
+    run_in_pod,
+    spawn,
+)
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.rest import ApiException
+
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(600)]
+
+
+async def test_a_session_starts_as_the_hub_account_and_stopping_leaves_nothing(hub, api, cluster):
+    spawner = hub.spawner()
+    options = {"dataset": dataset_of(hub.cavern, "cycle10"), "interface": "desktop"}
+    async with Recorder(api, hub.namespace) as recorder:
+        url, messages = await spawn(spawner, options)
+        assert isinstance(url, str), url
+    assert await spawner.poll() is None
+    core = client.CoreV1Api(api)
+    pod = await core.read_namespaced_pod(spawner.pod_name, hub.namespace)
+    assert url == f"http://{pod.status.pod_ip}:8888"
+    assert pod.spec.security_context.run_as_user == 41001
+    assert pod.spec.security_context.supplemental_groups == [52001]
+    assert pod.metadata.labels["casaspawner.io/interface"] == "desktop"
+    assert hub.token not in json.dumps(api.sanitize_for_serialization(pod))
+
+    # The Secret was stored before the pod, then handed to it once it ran.
+    name = spawner.token_secret_name
+    stored = recorder.first("Secret", "ADDED", name)
+    created = recorder.first("Pod", "ADDED", spawner.pod_name)
+    assert stored.resource_version < created.resource_version and stored.owners == []
+    secret = await core.read_namespaced_secret(name, hub.namespace)
+    assert [o.uid for o in secret.metadata.owner_references] == [pod.metadata.uid]
+    assert secret.metadata.owner_references[0].kind == "Pod"
+    assert secret.immutable is True
+    assert base64.b64decode(secret.data["token"]).decode() == hub.token
+    # The pod reads the token through its file, as mounted before the handover.
+    token_file = "/var/run/secrets/casaspawner/token"
+    assert await run_in_pod(
+        cluster, hub.namespace, spawner.pod_name, ["/bin/busybox", "cat", token_file]
+    ) == (hub.token)
+
+    # The progress page: the resolution first, then the pod's events in words.
+    assert messages[0].startswith("Dataset data/cycle10/"), messages
+    assert "The session is scheduled on a node." in messages, messages
+    assert f"The session image {hub.busybox} is ready." in messages, messages
+
+    # A hub restart: a fresh spawner from the saved state finds the pod, and stops it.
+    state = json.loads(json.dumps(spawner.get_state()))
+    from kubespawner import KubeSpawner
+
+    await KubeSpawner._stop_all_reflectors()
+    restored = hub.spawner()
+    restored.load_state(state)
+    assert await restored.poll() is None
+    await restored.stop(now=True)
+    assert await restored.poll() == 1
+    await nothing_left(api, hub.namespace)
+    await assert_no_failed_mount(api, hub.namespace)
+
+
+async def test_the_garbage_collector_deletes_the_token_secret_with_its_pod(hub, api):
+    spawner = hub.spawner()
+    url, _ = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle7")})
+    assert isinstance(url, str), url
+    core = client.CoreV1Api(api)
+    name = spawner.token_secret_name
+    await core.read_namespaced_secret(name, hub.namespace)
+    # The pod goes without the hub (an admin, an eviction): the garbage collector does the rest.
+    await core.delete_namespaced_pod(spawner.pod_name, hub.namespace, grace_period_seconds=0)
+
+    async def secret_gone() -> bool:
+        try:
+            await core.read_namespaced_secret(name, hub.namespace)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    await eventually(secret_gone, 60, "the garbage collector did not delete the token Secret")
+    await eventually(lambda: _stopped(spawner), 30, "poll() did not notice the pod was gone")
+    await nothing_left(api, hub.namespace)
+    await assert_no_failed_mount(api, hub.namespace)
+
+
+async def _stopped(spawner) -> bool:
+    return await spawner.poll() == 1
+
+
+async def test_spawn_after_spawn_the_kubelet_always_finds_the_token_secret(hub, api):
+    """Five sessions in a row, every one with its Secret stored before the pod: no FailedMount."""
+    for round_ in range(5):
+        spawner = hub.spawner()
+        era = ("cycle9", "cycle10", "cycle11", "cycle12", "cycle8")[round_]
+        url, _ = await spawn(spawner, {"dataset": dataset_of(hub.cavern, era)})
+        assert isinstance(url, str), url
+        await spawner.stop(now=True)
+    started = await namespace_events(api, hub.namespace, "Started")
+    assert len(started) == 5
+    await assert_no_failed_mount(api, hub.namespace)
+    await nothing_left(api, hub.namespace)
+
+
+async def test_a_user_without_a_token_gets_no_secret(hub, api):
+    user = alice(hub.token)
+    del user.auth_state["access_token"]
+    spawner = hub.spawner(user=user)
+    url, _ = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
+    assert isinstance(url, str), url
+    secrets = await client.CoreV1Api(api).list_namespaced_secret(hub.namespace)
+    assert secrets.items == []
+    await spawner.stop(now=True)
+    await nothing_left(api, hub.namespace)
+
+
+async def test_a_secret_stored_after_its_pod_makes_the_kubelet_fail_the_mount(
+    api, namespace, busybox
+):
+    """The old order (issue 17), without the spawner: what the check above would catch."""
+    core = client.CoreV1Api(api)
+    pod = {
+        "metadata": {"name": "late"},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "main",
+                    "image": busybox,
+                    "command": ["/bin/busybox", "sleep", "3600"],
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": [{"name": "token", "mountPath": "/token"}],
+                }
+            ],
+            "volumes": [{"name": "token", "secret": {"secretName": "late-token"}}],
+        },
+    }
+    await core.create_namespaced_pod(namespace, pod)
+    await asyncio.sleep(1)
+    await core.create_namespaced_secret(namespace, {"metadata": {"name": "late-token"}})
+
+    async def failed() -> list:
+        return await namespace_events(api, namespace, "FailedMount")
+
+    (event, *_) = await eventually(failed, 30, "the kubelet reported no FailedMount")
+    assert 'secret "late-token" not found' in event.message
+    with pytest.raises(AssertionError):
+        await assert_no_failed_mount(api, namespace)
