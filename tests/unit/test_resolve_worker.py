@@ -105,6 +105,6 @@ def test_a_worker_over_its_memory_limit_is_one_sentence(tmp_path: Path, catalog:
     with pytest.raises(InvalidInput, match="more computing time or memory"):
         asyncio.run(
             resolve_in_worker(
-                member, "~/small", catalog, limits=WorkerLimits(memory_bytes=64 << 20)
+                member, "~/small", catalog, limits=WorkerLimits(memory_bytes=40 << 20)
             )
         )
