@@ -60,16 +60,16 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy casaspawner
 
-# Every pytest tier: unit, integration, images, and k8s on the cluster mk/cluster.mk provides.
+# Every pytest tier but k8s: unit, integration and images (k8s-test runs the real cluster's).
 pytest: venv $(PYTEST_PREREQS)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --ignore=tests/k8s $(PYTEST_ARGS)
 
 # The documentation; a warning fails the build.
 docs: venv
 	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
 
 # What CI (.ci/run) runs, in this order.
-test: lint typecheck pytest kube-test-hub5 docs
+test: lint typecheck pytest k8s-test kube-test-hub5 docs
 
 # The main job on the embedded default: mk/local.mk's hub on this machine.
 demo: demo-local

@@ -7,7 +7,6 @@ whatever needs KubeSpawner skips when jupyterhub-kubespawner is not installed.
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,7 @@ def _placeholder_kubeconfig(
 ) -> Iterator[None]:
     """KubeSpawner loads a kubeconfig when constructed; these tests never contact its server.
 
-    Tests marked ``k8s`` keep the real ``KUBECONFIG``. Without KubeSpawner there is nothing to
-    point.
+    Without KubeSpawner there is nothing to point. The real cluster's tests live in tests/k8s.
     """
     if not HAS_KUBESPAWNER:
         yield
@@ -41,11 +39,6 @@ def _placeholder_kubeconfig(
     from support.kube import PLACEHOLDER_KUBECONFIG, use_kubeconfig
 
     previous = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
-    if request.node.get_closest_marker("k8s"):
-        use_kubeconfig(Path(os.environ.get("KUBECONFIG", previous)))
-        yield
-        use_kubeconfig(Path(previous))
-        return
     path = tmp_path_factory.getbasetemp() / "placeholder-kubeconfig"
     path.write_text(PLACEHOLDER_KUBECONFIG)
     use_kubeconfig(path)
