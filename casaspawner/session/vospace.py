@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from defusedxml.ElementTree import fromstring as defused_fromstring
 
+from casaspawner.catalog.model import Catalog
 from casaspawner.datasets.evidence import LIMITS
 from casaspawner.datasets.layout import MEMBER_DIR, MOUS_SUBDIRS
+from casaspawner.datasets.worker import WorkerLimits
 from casaspawner.errors import (
     CasaspawnerError,
     InvalidInput,
@@ -145,18 +147,31 @@ class _Spent:
     listed: dict[str, list[_Node] | None] = field(default_factory=dict)
 
 
-async def tells_version(path: Path) -> bool:
+async def tells_version(
+    path: Path,
+    *,
+    catalog: Catalog | None = None,
+    catalog_path: str | None = None,
+    limits: WorkerLimits | None = None,
+) -> bool:
     """Whether the resolver, in a worker process, finds evidence in ``path``.
 
     A ``VersionUnknown`` saying that nothing tells the version (the wording of
     ``resolve.read_evidence``) is no; any other answer, a release or an error, cannot change
-    with more evidence of a later kind, so it is yes.
+    with more evidence of a later kind, so it is yes. The spawners pass their own catalog and
+    worker limits.
     """
     from casaspawner.catalog.model import load_catalog
     from casaspawner.datasets.worker import WorkerFailed, resolve_in_worker
 
     try:
-        await resolve_in_worker(path, path.name, load_catalog())
+        await resolve_in_worker(
+            path,
+            path.name,
+            catalog or load_catalog(catalog_path),
+            catalog_path=catalog_path,
+            limits=limits or WorkerLimits(),
+        )
     except VersionUnknown as exc:
         return not exc.finding.startswith("Nothing")
     except (CasaspawnerError, WorkerFailed):
