@@ -44,6 +44,9 @@ OPERATOR_SCOPES = [
 ]
 #: The hub's administrators' scopes: JupyterHub's ``admin`` role, minus some.
 #:
+#: They include what every button of JupyterHub's admin page needs, ``shutdown`` (Shutdown Hub)
+#: too: on Kubernetes the hub's Deployment starts it again, and sessions keep running either way.
+#:
 #: Left out is what would let them into users' sessions or their credentials:
 #: ``access:servers`` (enter a session), ``admin:auth_state`` (the OIDC tokens, part of
 #: ``admin:users``), ``tokens`` (act as a user) and ``shares`` (share a user's server with
@@ -64,6 +67,7 @@ ADMIN_SCOPES = [
     "read:hub",
     "access:services",
     "read:metrics",
+    "shutdown",
 ]
 #: jupyterhub-idle-culler's least-privilege scopes.
 #:
@@ -134,6 +138,9 @@ class HubSettings:
     warn_before: int = 600
     #: The idle culler. None means no culling and no cull warnings.
     cull: CullSettings | None = field(default_factory=CullSettings)
+    #: Log in through OIDC (GenericOAuthenticator, auth_state, the provider's groups).
+    #: False leaves the login to the deployment, as the one-machine demo does.
+    oidc_login: bool = True
 
     @property
     def notices_url(self) -> str:
@@ -307,8 +314,12 @@ def configure_services(c: Any, settings: HubSettings) -> None:
 
 
 def configure_hub(c: Any, settings: HubSettings) -> None:
-    """Configure everything both deployments share: login, spawner, services and roles."""
-    configure_login(c)
+    """Configure everything both deployments share: login, spawner, services and roles.
+
+    The one-machine hub (``hub-config/local``) uses it too, with its own login.
+    """
+    if settings.oidc_login:
+        configure_login(c)
     configure_spawner(c, settings)
     configure_services(c, settings)
 

@@ -3,14 +3,18 @@
 ``python -m casaspawner.local.demo``, what ``make demo`` runs:
 
 1. Chooses the demo's CASA release: the newest modular release of the catalog that this machine
-   can install, because its wheels support a Python found here. Builds its environment if needed.
+   can install, because its wheels support a Python found here. Builds its environment if needed,
+   with the downloads' progress.
 2. Simulates a small MeasurementSet with casatools' simulator: five 12 m antennas at ALMA, one
    spectral window, five minutes. The MS is cached under the environments cache. Writes it, as
    the demo user, into an ALMA product tree in that user's home, whose pipeline manifest names
    that CASA build (``casaspawner.datasets.synth``).
-3. Starts JupyterHub on http://127.0.0.1:8000 with ``hub-config/local/jupyterhub_config.py``:
-   LocalCASASpawner and one demo user with a shared password. Prints the URL, the login and the
-   dataset to type.
+3. Prepares the sessions' Jupyter environment when sessions cannot run the hub's own, so that the
+   first session does not wait for it.
+4. Starts JupyterHub on http://127.0.0.1:8000 with ``hub-config/local/jupyterhub_config.py``:
+   LocalCASASpawner, a user and an operator with a shared password, the casa-sessions page.
+   Once the hub's start-up lines are out, prints the URL, the logins and the dataset to type,
+   and again when the hub stops (Ctrl-C).
 
 Run as root, the demo keeps its state in ``/var/lib/casaspawner/demo`` and its storage at
 ``/arc``: the sessions' local account ``jupyter-demo`` cannot read a checkout under ``/root``.
@@ -26,25 +30,36 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from casaspawner import runtime
 from casaspawner.catalog.model import Catalog, Release, load_catalog
 from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
 from casaspawner.errors import CasaspawnerError
 from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
+from casaspawner.local.environments.progress import Progress, duration, megabytes
 
 DEMO_USER = "demo"
+#: Logs in with the same password, in the administrators' and the operators' groups.
+OPERATOR = "operator"
 DEMO_PROJECT = "2023.1.01234.S"
+#: What the demo user types on the form (which suggests it).
+DEMO_DATASET = f"~/{DEMO_PROJECT}"
 REPO = Path(__file__).resolve().parents[2]
 HUB_CONFIG = REPO / "hub-config" / "local" / "jupyterhub_config.py"
-#: The hub also binds the next two ports (proxy API, hub API).
-MAX_PORT = 65533
+#: The hub also binds the next three ports (proxy API, hub API, casa-sessions).
+MAX_PORT = 65532
+#: How the port's neighbours are said in a refusal.
+NEIGHBOURS = "the hub also uses the next three"
 
 
 def demo_spec(release: Release) -> DatasetSpec:
@@ -105,13 +120,86 @@ def storage_root(state: Path) -> Path:
     return Path(os.environ.get("CASASPAWNER_STORAGE_ROOT") or default).resolve()
 
 
+PREFIX = "[casaspawner demo]"
+
+
 def say(message: str) -> None:
-    print(f"[casaspawner demo] {message}", flush=True)
+    print(f"{PREFIX} {message}", flush=True)
+
+
+class ProgressView:
+    """Shows a build's sentences in the terminal, one per line.
+
+    A download's progress is one line redrawn in place, with a bar, its size, rate and time left;
+    a heartbeat of a quiet step likewise. Without a terminal, a long step is said every ten
+    seconds instead.
+    """
+
+    #: Seconds between two lines of one long step when the output is not a terminal.
+    QUIET = 10.0
+
+    def __init__(self, out: IO[str] | None = None) -> None:
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
+        self.open = False
+        self.step = ""
+        self.said = 0.0
+
+    def show(self, message: str) -> None:
+        if not isinstance(message, Progress):
+            self.close()
+            print(f"{PREFIX} {message}", file=self.out, flush=True)
+            return
+        if self.tty:
+            width = shutil.get_terminal_size((100, 24)).columns - 1
+            line = f"{PREFIX} {self.line(message, width - len(PREFIX) - 1)}"[:width]
+            print(f"\r{line.ljust(width)}", end="", file=self.out, flush=True)
+            self.open = True
+            return
+        now = time.monotonic()
+        if message.step != self.step or now - self.said >= self.QUIET or message.fraction == 1:
+            self.step, self.said = message.step, now
+            print(f"{PREFIX} {message}", file=self.out, flush=True)
+
+    @staticmethod
+    def line(progress: Progress, width: int = 200) -> str:
+        """``Downloading x  [#####-----]  120/270 MB  25 MB/s  6 s left``, or the sentence.
+
+        In fewer than ``width`` characters the step's name is shortened, not the figures.
+        """
+        fraction = progress.fraction
+        if fraction is None:
+            return str(progress)
+        filled = round(fraction * 24)
+        parts = [f"[{'#' * filled}{'-' * (24 - filled)}]"]
+        parts.append(f"{megabytes(progress.done).removesuffix(' MB')}/{megabytes(progress.total)}")
+        if progress.rate > 0:
+            parts.append(f"{megabytes(progress.rate)}/s")
+        if progress.left is not None:
+            parts.append(f"{duration(progress.left)} left")
+        figures = "  ".join(parts)
+        room = max(width - len(figures) - 2, 10)
+        step = progress.step if len(progress.step) <= room else progress.step[: room - 1] + "…"
+        return f"{step}  {figures}"
+
+    def close(self) -> None:
+        """End a line being redrawn."""
+        if self.open:
+            print(file=self.out, flush=True)
+            self.open = False
+
+
+async def show_steps(steps: AsyncIterator[str], view: ProgressView) -> None:
+    """Show each of a build's ``steps`` in ``view``, ending a line left open."""
+    try:
+        async for message in steps:
+            view.show(message)
+    finally:
+        view.close()
 
 
 async def ensure_environment(manager: EnvironmentManager, release: Release) -> CasaEnvironment:
-    async for message in manager.ensure(release):
-        say(message)
+    await show_steps(manager.ensure(release), ProgressView())
     env = manager.ready(release)
     if env is None:
         raise CasaspawnerError(f"The environment for {release.label} did not appear.")
@@ -131,7 +219,7 @@ def simulate_ms(env: CasaEnvironment, cache_dir: Path) -> Path:
     staging = target.parent / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    say(f"Simulating a small MeasurementSet with casatools {env.casa}.")
+    say(f"Simulating a small MeasurementSet with casatools {env.casa} (a few seconds, once).")
     result = subprocess.run(
         [str(env.python), "-c", SIMULATE_MS, str(staging / target.name)],
         capture_output=True,
@@ -248,7 +336,7 @@ def find_proxy() -> str | None:
 
 
 def parse_port(text: str) -> int:
-    """Read a port the demo can use, with the next two.
+    """Read a port the demo can use, with the next three.
 
     Anything else is refused with one sentence.
     """
@@ -257,13 +345,12 @@ def parse_port(text: str) -> int:
     except ValueError:
         raise CasaspawnerError(
             f"The port {text.strip()[:20]!r} is not a number; "
-            f"give one from 1 to {MAX_PORT} with --port "
-            "(the hub also uses the next two)."
+            f"give one from 1 to {MAX_PORT} with --port ({NEIGHBOURS})."
         ) from None
     if not 1 <= port <= MAX_PORT:
         raise CasaspawnerError(
             f"Port {port} is out of range; give one from 1 to {MAX_PORT} with --port "
-            "(the hub also uses the next two)."
+            f"({NEIGHBOURS})."
         )
     return port
 
@@ -294,16 +381,23 @@ def port_problem(port: int) -> str | None:
 
 
 def prepare(storage: Path, cache_dir: Path) -> tuple[Release, Path]:
-    """Prepare the environment, the MS and the dataset tree.
+    """Prepare the environment, the MS, the dataset tree and the sessions' Jupyter environment.
 
     Returns the release and the dataset directory in the demo home.
     """
+    from casaspawner.local.spawner import ui_requirements
+
     manager = EnvironmentManager(cache_dir)
     release = demo_release(manager)
+    state = "ready" if manager.ready(release) else "being prepared (a few minutes, once)"
+    say(f"The demo runs {release.label}, the newest CASA this machine can install; it is {state}.")
     env = asyncio.run(ensure_environment(manager, release))
     ms = simulate_ms(env, cache_dir)
     home = prepare_home(storage)
     as_owner_of(home, write_demo_dataset, home, ms, demo_spec(release))
+    requirements = ui_requirements()
+    if requirements is not None:
+        asyncio.run(show_steps(manager.ensure_ui(requirements), ProgressView()))
     return release, home / DEMO_PROJECT
 
 
@@ -325,8 +419,106 @@ def hub_environment(
         "CASASPAWNER_STORAGE_ROOT": str(storage),
         "CASASPAWNER_DEMO_PORT": str(port),
         "CASASPAWNER_DEMO_PASSWORD": password,
+        "CASASPAWNER_DEMO_DATASET": DEMO_DATASET,
         "CASASPAWNER_ENVIRONMENTS_DIR": str(cache_dir),
     }
+
+
+def banner(port: int, password: str, release: Release) -> list[str]:
+    """What a person needs to use the demo: the URL, the logins and the dataset."""
+    url = f"http://127.0.0.1:{port}/"
+    return [
+        f"Open {url} and log in with the password {password!r} as",
+        f"  {DEMO_USER!r:10} a user: name a dataset, get CASA in JupyterLab or on a desktop;",
+        f"  {OPERATOR!r:10} an operator: the admin page ({url}hub/admin) and the "
+        f"casa-sessions page ({url}services/casa-sessions/).",
+        f"Dataset to start with (the form suggests it): {DEMO_DATASET}  "
+        f"(an ALMA product tree with a simulated MS, {release.label}).",
+    ]
+
+
+def answers(port: int) -> bool:
+    """Whether the hub answers through its proxy on ``port``."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/hub/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+#: The hub's last start-up line; its services may log a few more right after.
+RUNNING = b"JupyterHub is now running at"
+#: Seconds of quiet after the start-up lines before the banner shows.
+SETTLE = 1.0
+
+
+def run_hub(
+    command: list[str], env: dict[str, str], cwd: Path, port: int, lines: list[str]
+) -> int:
+    """Run the hub until it stops, passing its output on; returns its exit status.
+
+    ``lines`` are said once the hub answers and its start-up lines are out, and again when it
+    stops: Ctrl-C reaches the hub too (it is in the same process group), which stops it while
+    sessions keep running. SIGTERM is passed on to the hub.
+    """
+    hub = subprocess.Popen(
+        command,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    lock = threading.Lock()
+    seen = {"last": time.monotonic(), "running": False}
+
+    def relay(out: Iterable[bytes]) -> None:
+        for raw in out:
+            with lock:
+                sys.stdout.buffer.write(raw)
+                sys.stdout.flush()
+                seen["last"] = time.monotonic()
+                seen["running"] = seen["running"] or RUNNING in raw
+
+    def tell(first: str) -> None:
+        with lock:
+            say(first)
+            for line in lines:
+                say(line)
+
+    assert hub.stdout is not None
+    relaying = threading.Thread(target=relay, args=(hub.stdout,), daemon=True)
+    relaying.start()
+    signal.signal(signal.SIGTERM, lambda *_: hub.terminate())
+    told = interrupted = False
+    try:
+        while hub.poll() is None:
+            time.sleep(0.2)
+            quiet = time.monotonic() - seen["last"] >= SETTLE
+            if not told and seen["running"] and quiet and answers(port):
+                tell("The hub is running.")
+                told = True
+    except KeyboardInterrupt:
+        interrupted = True
+        with lock:
+            say("Stopping the hub: it stops its services first, which takes up to half a minute.")
+        # The hub has its own Ctrl-C.
+        try:
+            hub.wait(60)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            hub.terminate()
+            hub.wait(30)
+    relaying.join(5)
+    if not (told or interrupted):
+        say(
+            f"JupyterHub stopped (status {hub.returncode}) before it answered; see its lines above."
+        )
+        return hub.returncode or 1
+    tell(
+        "The hub has stopped; sessions keep running, and it finds them again when `make demo` "
+        "starts it. Then:"
+    )
+    return 0 if interrupted else hub.returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,11 +543,16 @@ def main(argv: list[str] | None = None) -> int:
         port = parse_port(
             args.port if args.port is not None else os.environ.get("CASASPAWNER_DEMO_PORT", "8000")
         )
-        for candidate in (port, port + 1, port + 2) if args.command == "run" else ():
+        for candidate in range(port, port + 4) if args.command == "run" else ():
             problem = port_problem(candidate)
             if problem:
                 raise CasaspawnerError(problem)
-        release, dataset = prepare(storage, cache_dir)
+        try:
+            release, dataset = prepare(storage, cache_dir)
+        except KeyboardInterrupt:
+            print(flush=True)
+            say("Stopped; `make demo` starts again, keeping what is finished.")
+            return 130
         if args.command == "prepare":
             say(f"Demo dataset ready at {dataset} ({release.label}).")
             return 0
@@ -373,16 +570,13 @@ def main(argv: list[str] | None = None) -> int:
     except CasaspawnerError as exc:
         print(f"casaspawner demo: {exc}", file=sys.stderr)
         return 2
-    say(f"Open http://127.0.0.1:{port}/ and log in as {DEMO_USER!r} with password {password!r}.")
     say(
-        f"Dataset to type on the form: ~/{DEMO_PROJECT}  "
-        f"(an ALMA product tree with a simulated MS, {release.label})"
+        "Starting JupyterHub; the URL and the logins follow its start-up lines. "
+        "Stop it with Ctrl-C: sessions keep running."
     )
-    say("Stop the hub with Ctrl-C; sessions keep running and are found again when it restarts.")
     jupyterhub = str(Path(sys.prefix) / "bin" / "jupyterhub")
-    os.chdir(state)
-    # The hub replaces this process.
-    os.execve(jupyterhub, [jupyterhub, "-f", str(HUB_CONFIG)], env)  # noqa: S606
+    lines = banner(port, password, release)
+    return run_hub([jupyterhub, "-f", str(HUB_CONFIG)], env, state, port, lines)
 
 
 if __name__ == "__main__":

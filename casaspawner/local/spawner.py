@@ -25,12 +25,14 @@ import pwd
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from importlib.metadata import version
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner
+from tornado.httpclient import AsyncHTTPClient
 from traitlets import Bool, Integer, List, Unicode, default
 
 from casaspawner.catalog.model import Release
@@ -47,6 +49,7 @@ from casaspawner.local.accounts import (
     usable_account,
 )
 from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
+from casaspawner.local.environments.progress import Progress
 from casaspawner.local.environments.pythons import world_usable
 from casaspawner.local.processes import session_processes, terminate
 from casaspawner.plan import INTERFACES, Identity, SessionPlan, StorageLayout, Substitution
@@ -60,6 +63,23 @@ UI_PACKAGES = ("jupyterhub", "jupyterlab", "jupyter-remote-desktop-proxy", "jupy
 POD_STORAGE_ROOT = str(PurePosixPath(StorageLayout.home_mount).parent.parent)
 #: One environment manager per configuration and hub process, so what it probed is remembered.
 _MANAGERS: dict[tuple[Any, ...], EnvironmentManager] = {}
+#: The file CASA logs to in the session's home: kernels, the desktop's CASA terminal and logger.
+CASA_LOG = "casa.log"
+#: Seconds between two progress-page lines about one long step (a download, a quiet step).
+PROGRESS_EVERY = 2.0
+
+
+def ui_requirements() -> list[str] | None:
+    """What the sessions' own Jupyter environment needs, when the hub's cannot serve them.
+
+    None when sessions can run the hub's own environment: the hub does not run as root, or every
+    user can run its Python. Otherwise the packages, pinned to the hub's own versions.
+    """
+    if not running_as_root() or all(
+        world_usable(p) for p in (sys.executable, sys.prefix, sys.base_prefix)
+    ):
+        return None
+    return [f"{name}=={version(name)}" for name in UI_PACKAGES]
 
 
 async def _render_local_options_form(spawner: LocalCASASpawner) -> str:
@@ -258,6 +278,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._events: list[dict[str, Any]] = []
+        self._progress_said: tuple[str, float] = ("", 0.0)
         self._starting = False
         self.casa_environment: CasaEnvironment | None = None
         self._session_log: str | None = None
@@ -489,9 +510,25 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
 
     # Start
     def _event(self, message: str, progress: int | None = None) -> None:
+        """Add a line to the progress page.
+
+        A :class:`Progress` of a long step is shown at most every ``PROGRESS_EVERY`` seconds,
+        and with a bar when it knows how far it is.
+        """
         last = self._events[-1]["progress"] if self._events else 0
         value = progress if progress is not None else min(last + 1, 90)
-        self._events.append({"progress": value, "message": message})
+        event: dict[str, Any] = {"progress": value, "message": str(message)}
+        if isinstance(message, Progress):
+            now = time.monotonic()
+            fraction = message.fraction
+            step, said = self._progress_said
+            if step == message.step and now - said < PROGRESS_EVERY and fraction != 1.0:
+                return
+            self._progress_said = (message.step, now)
+            if fraction is not None:
+                bar = f'<progress max="100" value="{round(fraction * 100)}"></progress>'
+                event["html_message"] = f"{bar} {html.escape(message)}"
+        self._events.append(event)
 
     def _prepare_directories(self, plan: SessionPlan, uid: int, gid: int) -> None:
         """Prepare the home, project and scratch directories for the session.
@@ -529,11 +566,23 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             if plan.approximate:
                 said = {"progress": 1, "message": f"Approximate session: {plan.reason}"}
                 events = [said, *(e for e in events if e["message"] != plan.reason)]
+            # The progress page keeps the dataset, the build and why in view (hub-config/local's
+            # spawn_pending.html), however many lines follow.
+            title = next(e["message"] for e in events if e["message"].startswith("Dataset "))
+            events[0] = {
+                **events[0],
+                "casa_session": {
+                    "title": title,
+                    "reason": plan.reason,
+                    "approximate": plan.approximate,
+                },
+            }
             self._events.extend(events)
             env = await self._ensure_environment(plan)
             prefix = await self._ui_environment()
             self._event(f"Starting {INTERFACES[plan.interface]} with {plan.kernel_name}.", 92)
             url = await self._launch(plan, env, prefix)
+            await self._answering(url)
             self.record_session(plan)
             return url
         finally:
@@ -575,12 +624,9 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         """
         if self.ui_prefix:
             return Path(self.ui_prefix)
-        own = Path(sys.prefix)
-        if not running_as_root() or all(
-            world_usable(p) for p in (sys.executable, sys.prefix, sys.base_prefix)
-        ):
-            return own
-        requirements = [f"{name}=={version(name)}" for name in UI_PACKAGES]
+        requirements = ui_requirements()
+        if requirements is None:
+            return Path(sys.prefix)
         manager = self.environment_manager()
         try:
             async for message in manager.ensure_ui(requirements):
@@ -595,14 +641,28 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
             await asyncio.to_thread(self._prepare_directories, plan, uid, gid)
         except CasaspawnerError as exc:
             raise spawn_error(str(exc), reason="storage") from None
-        self.cmd = [str(prefix / "bin" / "jupyterhub-singleuser")]
+        # A desktop session's desktop starts with the process, before the Jupyter server.
+        self.cmd = [
+            str(self.desktop_dir() / "bin" / "with-desktop"),
+            str(prefix / "bin" / "jupyterhub-singleuser"),
+        ]
+        session_files = self.environment_manager().session_files()
         # No news feed in JupyterLab. JupyterLab's own notifications stay on: the hub may use them.
-        settings_dir = self.environment_manager().session_files() / "lab-settings"
-        lab_settings = f"--LabApp.app_settings_dir={settings_dir}"
+        lab_settings = f"--LabApp.app_settings_dir={session_files / 'lab-settings'}"
         extra = dict(env.session_environment())
+        # casaspawner's server extensions and the notices' JupyterLab extension come from the
+        # session files, whatever the Jupyter server's environment has.
+        extra["JUPYTER_CONFIG_PATH"] = str(session_files / "jupyter-config")
+        jupyter_path = [str(session_files / "jupyter")]
+        # One CASA log in the home, not one casa-<time>.log per start wherever CASA starts.
+        extra["CASASPAWNER_CASA_LOGFILE"] = str(Path(plan.home) / CASA_LOG)
+        if plan.interface == "desktop":
+            # The desktop (and the CASA terminal's import of casatools) starts with the session's
+            # process, while the Jupyter server starts and the browser is redirected.
+            extra["CASASPAWNER_DESKTOP_START"] = "1"
         if env.python is not None:
             try:
-                extra["JUPYTER_PATH"] = str(env.write_kernelspec(plan.kernel_name))
+                jupyter_path.insert(0, str(env.write_kernelspec(plan.kernel_name)))
             except CasaspawnerError as exc:
                 if plan.interface == "lab":
                     raise spawn_error(str(exc), reason="no-kernel") from None
@@ -615,6 +675,7 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 "choose the CASA desktop.",
                 "no-kernel",
             )
+        extra["JUPYTER_PATH"] = os.pathsep.join(jupyter_path)
         ours = ("default_kernel_name", "LabApp.app_settings_dir")
         self.args = [
             *(a for a in self.args if not any(k in a for k in ours)),
@@ -648,6 +709,29 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
                 "remove it and start again.",
                 reason="session-log",
             ) from None
+
+    async def _answering(self, address: tuple[str, int]) -> None:
+        """Wait until the session's server answers, or its process ends, or ``http_timeout``.
+
+        The hub waits for it too, but asks less and less often (after 0.2, 0.6, 1.4, 3 s …), so
+        a server that answers after 2 s is found at 3 s. Asked every 0.05 s here, the hub's
+        first question finds it answering. The hub goes on judging the server as usual.
+        """
+        ip, port = address
+        url = f"http://{ip or '127.0.0.1'}:{port}{self.server.base_url}api"
+        client = AsyncHTTPClient()
+        deadline = time.monotonic() + self.http_timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                return
+            try:
+                response = await client.fetch(url, raise_error=False, request_timeout=2)
+            except Exception:
+                # Not listening yet.
+                response = None
+            if response is not None and response.code == 200:
+                return
+            await asyncio.sleep(0.05)
 
     def make_preexec_fn(self, name: str) -> Callable[[], None]:
         """What the session's process runs before the server.

@@ -26,6 +26,7 @@ def render_form(
     previous: Mapping[str, Any],
     recent: Sequence[str],
     last: Mapping[str, Any] | None,
+    suggested: Sequence[str] = (),
     blocked: Collection[str] = (),
     allow_override: bool = True,
     can_read_paths: bool = False,
@@ -36,7 +37,8 @@ def render_form(
 
     ``releases`` are the catalog's runnable releases; those in ``blocked`` (drained now) are
     left out of the override list. ``last`` is the last resolution the form names as the
-    recommended release.
+    recommended release. ``suggested`` datasets are offered to a user who has named none yet;
+    the first fills the field and is the help's example.
     """
     resolved = None
     if last:
@@ -48,9 +50,13 @@ def render_form(
         previous.get("release") if previous.get("release") in {r.id for r in offered} else None
     )
     dataset = previous.get("dataset")
+    if not isinstance(dataset, str):
+        dataset = "" if recent or not suggested else suggested[0]
     return _TEMPLATES.get_template("spawn_form.html").render(
-        dataset=dataset if isinstance(dataset, str) else "",
+        dataset=dataset,
         recent=recent,
+        suggested=[] if recent else suggested,
+        example=suggested[0] if suggested else f"{home}/data/2019.1.00001.S",
         interfaces=INTERFACES,
         interface=interface,
         sizes=sizes,

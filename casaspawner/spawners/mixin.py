@@ -16,6 +16,7 @@ operators' drained releases. Each backend translates the plan into its own trait
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -51,7 +52,7 @@ from casaspawner.session.prepare import prepare
 from casaspawner.session.progress import plan_events
 from casaspawner.session.readers import DatasetReader, StorageMountReader
 from casaspawner.session.settings import SessionSettings
-from casaspawner.session.vospace import VOSpaceReader
+from casaspawner.session.vospace import VOSpaceReader, tells_version
 from casaspawner.spawners.errors import hook_failure, spawn_refusal
 
 # The mixin always sits in front of a Spawner, but JupyterHub refuses Spawner subclasses
@@ -281,6 +282,14 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
     recent_datasets_limit = Integer(
         8,
         help="How many recently used datasets the spawn form offers (kept in the server's state).",
+    ).tag(config=True)
+
+    suggested_datasets = List(
+        Unicode(),
+        help="""
+        Datasets the spawn form suggests to a user who has named none yet: the first fills the
+        dataset field and is the form's example, e.g. ``["~/2023.1.01234.S"]`` on the demo hub.
+        """,
     ).tag(config=True)
 
     # Identity
@@ -565,6 +574,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             default_size=self.default_size,
             previous=self.user_options or {},
             recent=self.recent_datasets,
+            suggested=self.suggested_datasets,
             last=self.last_resolution,
             blocked=blocked,
             allow_override=self.allow_release_override,
@@ -667,7 +677,15 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         if callable(reader) and not hasattr(reader, "open"):
             reader = reader(self)
         if reader is None and self.vospace_url:
-            reader = VOSpaceReader(self.vospace_url, self.storage_layout(), self.access_token)
+            probe = functools.partial(
+                tells_version,
+                catalog=self.casa_catalog(),
+                catalog_path=self.catalog_path,
+                limits=self.resolver_limits(),
+            )
+            reader = VOSpaceReader(
+                self.vospace_url, self.storage_layout(), self.access_token, probe=probe
+            )
         if reader is None and self.storage_hub_path is not None:
             reader = StorageMountReader(self.storage_hub_path, self.storage_layout())
         return reader  # type: ignore[no-any-return]

@@ -184,10 +184,12 @@ def hub(demo_root: Path, cache_dir: Path, test_catalog: Path, checkout: Path) ->
     token = secrets.token_hex(16)
     password = secrets.token_urlsafe(12)
     root = demo_root
-    # The proxy, its API and the hub.
-    port = free_port(count=3)
+    # The proxy, its API, the hub and casa-sessions.
+    port = free_port(count=4)
     env = demo.hub_environment(root, port, password, cache_dir, root / "arc")
     env.update({"CASASPAWNER_TEST_CATALOG": str(test_catalog), "CASASPAWNER_TEST_TOKEN": token})
+    # Sessions ask casa-sessions for their notices every second.
+    env["CASA_NOTICES_INTERVAL"] = "1"
     env["PYTHONPATH"] = str(checkout)
     config = checkout / TEST_CONFIG
     hub = Hub(config, root / "hub", env, port, token=token, user=demo.DEMO_USER, password=password)

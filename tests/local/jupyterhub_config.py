@@ -16,10 +16,11 @@ c.LocalCASASpawner.allow_approximate = True
 # The desktop's notices watcher, faster.
 c.LocalCASASpawner.environment = {"CASASPAWNER_NOTICES_INTERVAL": "1"}
 c.JupyterHub.log_level = "DEBUG"
-c.JupyterHub.services = [
+# Added to what hub-config/local configures (casa-sessions, the roles, the idle culler).
+c.JupyterHub.services.append(
     {"name": "local-tests", "api_token": os.environ["CASASPAWNER_TEST_TOKEN"]}
-]
-c.JupyterHub.load_roles = [
+)
+c.JupyterHub.load_roles.append(
     {
         "name": "local-tests",
         "scopes": [
@@ -31,4 +32,4 @@ c.JupyterHub.load_roles = [
         ],
         "services": ["local-tests"],
     }
-]
+)

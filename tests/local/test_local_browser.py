@@ -25,6 +25,7 @@ from support.local import wait_for_display, wait_for_title, window_geometry, win
 from casaspawner.catalog.model import Release
 from casaspawner.local import demo
 from casaspawner.local.demo import as_owner_of
+from casaspawner.local.processes import descendants
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -33,13 +34,18 @@ DATASET = f"~/{demo.DEMO_PROJECT}"
 DESKTOP_BACKGROUND = (0x24, 0x36, 0x4B)
 
 
-#: Keeps what the spawn-progress page showed (it reloads into the session when ready).
+#: Keeps what the spawn-progress page showed (it reloads into the session when ready): the event
+#: log and the box above it.
 RECORD_PROGRESS = """
 window.addEventListener('beforeunload', () => {
   const log = document.querySelector('#progress-log');
   if (log) {
     const shown = sessionStorage.getItem('casa-progress') || '';
     sessionStorage.setItem('casa-progress', shown + log.textContent);
+  }
+  const box = document.querySelector('#casa-session');
+  if (box && !box.hidden) {
+    sessionStorage.setItem('casa-session', box.innerText);
   }
 });
 """
@@ -66,7 +72,8 @@ PLOTMS_COMMAND = (
 
 
 def login(browser: Any, hub: Hub) -> Any:
-    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    # A laptop's browser window.
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.add_init_script(RECORD_PROGRESS)
     page.set_default_timeout(60_000)
     page.goto(f"{hub.url}/hub/login")
@@ -96,8 +103,9 @@ def wait_for_session(page: Any, path: str, timeout: float = 900) -> None:
 
 
 def shot(page: Any, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    if os.environ.get("CASASPAWNER_SCREENSHOTS"):
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
 
 
 def submit_form(
@@ -124,24 +132,24 @@ def test_lab_session_runs_casa_on_the_demo_ms(
     )
     submit_form(page, hub, "lab")
 
-    # The progress page names the dataset, the build and the reason (from the pipeline manifest).
-    # With a prepared environment it shows for a few seconds only; what it showed is kept when it
-    # navigates away.
+    # The progress page names the dataset, the build and the reason (from the pipeline manifest)
+    # above the event log, which stays closed. With a prepared environment it shows for a few
+    # seconds only; what it showed is kept when it navigates away.
     try:
-        page.wait_for_function(
-            "(document.querySelector('#progress-log') || {textContent: "
-            "''}).textContent.includes('manifest')",
-            timeout=30_000,
-        )
-        page.locator("summary", has_text="Event log").click()
+        page.locator("#casa-session:not([hidden])").wait_for(timeout=30_000)
         shot(page, "local-progress")
     except Exception:
-        # Already redirected to JupyterLab: the record below still has the events.
+        # Already redirected to JupyterLab: the record below still has it.
         pass
     wait_for_session(page, "/lab")
     events = page.evaluate("() => sessionStorage.getItem('casa-progress') || ''")
     assert f"Dataset {DATASET}: {label}, the exact build." in events, events
     assert f"The pipeline manifest names {label}; {label} is that build." in events, events
+    box = page.evaluate("() => sessionStorage.getItem('casa-session') || ''")
+    assert [line for line in box.splitlines() if line] == [
+        f"Dataset {DATASET}: {label}, the exact build.",
+        f"The pipeline manifest names {label}; {label} is that build.",
+    ], box
     page.locator(f".jp-LauncherCard[title*='{label}']").first.click()
     page.wait_for_function(
         "(document.querySelector('.jp-Toolbar-kernelName') || {textContent: "
@@ -238,13 +246,74 @@ def test_desktop_session_shows_a_ready_casa_window(
     page.wait_for_timeout(8000)
     shot(page, "local-desktop")
 
-    # The launcher starts plotms too: a click on its button on the noVNC canvas.
+    # The launcher starts plotms too: a click on its button on the noVNC canvas. It opens the
+    # session's MeasurementSet, and its window fits the screen, which noVNC sized to the browser.
     _click_launcher_button(page, display, xauthority, label, "plotms")
     deadline = time.monotonic() + 90
     while window_titles(display, xauthority).count("PlotMS") < 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert window_titles(display, xauthority).count("PlotMS") == 2
+    ms = next((home / demo.DEMO_PROJECT).rglob("*.ms"))
+    launched = [
+        argv
+        for argv in (_argv(pid) for pid in descendants(hub.session_pid()))
+        if argv and Path(argv[0]).name == "casaplotms" and f"vis={ms}" in argv
+    ]
+    assert len(launched) == 1, [_argv(pid) for pid in descendants(hub.session_pid())]
+    page.wait_for_timeout(2000)
+    screen = _root_size(display, xauthority)
+    canvas = page.evaluate(
+        "() => [document.querySelector('canvas').width, document.querySelector('canvas').height]"
+    )
+    assert list(screen) == canvas and screen[0] <= 1400 and screen[1] <= 900, (screen, canvas)
+    for x, y, width, height in _geometries(display, xauthority, "PlotMS"):
+        assert min(x, y) >= 0 and x + width <= screen[0] and y + height <= screen[1], (
+            (x, y, width, height),
+            screen,
+        )
+    # CASA logs to one file in the home, however often it started there: the CASA terminal, and
+    # both plotms, each plotting the demo MS's 9600 points (300 rows, 16 channels, 2 correlations).
+    log = home / "casa.log"
+    plotted = "PlotMS::plot\tPlotting 9600 unflagged points."
+    deadline = time.monotonic() + 60
+    while log.read_text(errors="replace").count(plotted) < 2:
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(1)
+    assert "\tINFO\t::casa\t" in log.read_text(errors="replace")
+    assert not list(home.glob("casa-*.log")), list(home.glob("casa-*.log"))
     page.close()
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _root_size(display: str, xauthority: str) -> tuple[int, int]:
+    env = {**os.environ, "DISPLAY": display, "XAUTHORITY": xauthority}
+    out = subprocess.run(
+        ["xwininfo", "-root"], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    size = re.search(r"-geometry (\d+)x(\d+)", out)
+    assert size is not None, out
+    return int(size.group(1)), int(size.group(2))
+
+
+def _geometries(display: str, xauthority: str, title: str) -> list[tuple[int, int, int, int]]:
+    """(x, y, width, height) of every window the window manager lists titled ``title``."""
+    env = {**os.environ, "DISPLAY": display, "XAUTHORITY": xauthority}
+    out = subprocess.run(
+        ["wmctrl", "-lG"], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    found = []
+    for line in out.splitlines():
+        parts = line.split(None, 7)
+        if len(parts) == 8 and parts[7] == title:
+            found.append((int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5])))
+    return found
 
 
 def canvas_region(page: Any, x: int, y: int, width: int, height: int) -> dict[str, float]:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -296,6 +297,13 @@ def test_monolithic_tarball_is_verified_unpacked_built_once_and_registered(
     assert any(r == f"GET /{archive.name}.md5" for r in requests)
     assert any("Waited for another session" in m for m in first + second), (first, second)
     assert any(m.startswith("Verifying ") for m in first + second)
+    # The download's progress: its size, to the end.
+    from casaspawner.local.environments.progress import Progress
+
+    size = archive.stat().st_size
+    done = [m for m in first + second if isinstance(m, Progress) and m.done == size]
+    assert done and done[0].total == size, first + second
+    assert str(done[0]).startswith(f"Downloading {rel.label}: ")
 
     env = manager().ready(rel)
     assert isinstance(env, CasaEnvironment)
@@ -830,3 +838,282 @@ def test_a_cache_that_cannot_be_written_is_one_sentence(tmp_path: Path) -> None:
     assert (
         str(caught.value) == f"Preparing CASA 6.6.5-31 failed: Not a directory ({cache / 'envs'})."
     )
+
+
+# ------------------------------------------------------------------------------ progress of long
+# steps
+
+
+def wheel_with(path: Path, size: int) -> Path:
+    """A wheel of about ``size`` incompressible bytes, for pip to download."""
+    import base64
+    import zipfile
+
+    name = "casaspawner_test_payload"
+    payload = os.urandom(size)
+    files = {
+        f"{name}/__init__.py": b"",
+        f"{name}/payload.bin": payload,
+        f"{name}-1.0.dist-info/METADATA": (
+            b"Metadata-Version: 2.1\nName: casaspawner-test-payload\nVersion: 1.0\n"
+        ),
+        f"{name}-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+
+    def record(data: bytes) -> str:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        return f"sha256={digest},{len(data)}"
+
+    lines = [f"{n},{record(d)}" for n, d in files.items()]
+    lines.append(f"{name}-1.0.dist-info/RECORD,,")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as wheel:
+        for n, d in files.items():
+            wheel.writestr(n, d)
+        wheel.writestr(f"{name}-1.0.dist-info/RECORD", "\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.integration
+def test_pip_downloads_say_their_size_rate_and_time_left(
+    tmp_path: Path, served: tuple[str, Path, list[str]]
+) -> None:
+    """pip (from 24.1: ``--progress-bar raw``) downloading a 3 MB wheel from a package index on
+    127.0.0.1; the steps in between are plain sentences."""
+    from casaspawner.local.environments.progress import Progress
+    from casaspawner.local.environments.steps import RAW_PROGRESS_PIP, pip_install, pip_version
+
+    if asyncio.run(pip_version(sys.executable)) < RAW_PROGRESS_PIP:
+        pytest.skip("this venv's pip is older than 24.1 (make venv upgrades it)")
+    url, www, _requests = served
+    project = www / "simple" / "casaspawner-test-payload"
+    wheel = wheel_with(project / "casaspawner_test_payload-1.0-py3-none-any.whl", 3_000_000)
+    (project / "index.html").write_text(f'<a href="{wheel.name}">{wheel.name}</a>\n')
+    args = ["--no-deps", "--no-cache-dir", "--index-url", f"{url}simple/"]
+    args += ["--target", str(tmp_path / "target"), "casaspawner-test-payload"]
+
+    async def install() -> list[str]:
+        return [m async for m in pip_install(sys.executable, args, "Installing the payload")]
+
+    messages = asyncio.run(install())
+    plain = [m for m in messages if not isinstance(m, Progress)]
+    assert any(m.startswith("Collecting casaspawner-test-payload") for m in plain), plain
+    assert any(m.startswith(f"Downloading {wheel.name}") for m in plain), plain
+    progress = [m for m in messages if isinstance(m, Progress)]
+    size = wheel.stat().st_size
+    assert progress and progress[-1].done == progress[-1].total == size, progress
+    assert {p.step for p in progress} == {f"Downloading {wheel.name}"}
+    assert str(progress[-1]).startswith(f"Downloading {wheel.name}: 3.0 MB of 3.0 MB"), progress
+    assert [p.done for p in progress] == sorted(p.done for p in progress)
+    assert (tmp_path / "target" / "casaspawner_test_payload" / "payload.bin").stat().st_size == (
+        3_000_000
+    )
+
+
+def test_a_download_says_its_rate_and_time_left() -> None:
+    from casaspawner.local.environments.progress import TransferMeter
+
+    now = [100.0]
+    meter = TransferMeter("Downloading casadata", 900_000_000, clock=lambda: now[0])
+    now[0] += 2.0
+    first = meter.update(100_000_000)
+    assert str(first) == ("Downloading casadata: 100 MB of 900 MB, 50 MB/s, about 16 s left."), (
+        first
+    )
+    assert (first.fraction, first.rate, first.left) == (100 / 900, 50e6, 16.0)
+    # The rate is that of the last seconds: a stall shows.
+    now[0] += 10.0
+    stalled = meter.update(110_000_000)
+    assert stalled.rate == 1e6 and str(stalled).endswith("about 13 min 10 s left."), stalled
+
+
+def test_a_quiet_step_is_said_to_be_still_running() -> None:
+    from casaspawner.local.environments.progress import Progress, with_heartbeat
+
+    async def steps() -> Any:
+        yield "Unpacking the casaplotms GUI (no FUSE needed)."
+        await asyncio.sleep(2.5)
+        yield "CASA 6.7.0-31 is ready."
+        await asyncio.sleep(0.2)
+        raise EnvironmentBuildError("Installing CASA 6.7.0-31 failed: no space left.")
+
+    async def collect() -> list[str]:
+        said: list[str] = []
+        with pytest.raises(EnvironmentBuildError, match="no space left"):
+            async for message in with_heartbeat(steps(), every=1.0):
+                said.append(message)
+        return said
+
+    said = asyncio.run(collect())
+    assert said == [
+        "Unpacking the casaplotms GUI (no FUSE needed).",
+        "Unpacking the casaplotms GUI (no FUSE needed): 1 s so far.",
+        "Unpacking the casaplotms GUI (no FUSE needed): 2 s so far.",
+        "CASA 6.7.0-31 is ready.",
+    ], said
+    assert all(isinstance(m, Progress) for m in said[1:3])
+
+
+def test_make_demo_redraws_one_line_per_download_in_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    from casaspawner.local.environments.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("COLUMNS", "120")
+    out = Terminal()
+    view = demo.ProgressView(out)
+    view.show("Installing casatools==6.7.0.31 (a few minutes, once per release).")
+    for done in (90_000_000, 270_000_000):
+        view.show(
+            Progress(
+                "…",
+                step="Downloading casaplotms-2.6.2.whl",
+                done=done,
+                total=270_000_000,
+                rate=30e6,
+                left=(270_000_000 - done) / 30e6,
+            )
+        )
+    view.show("Installing collected packages: casaplotms")
+    lines = out.getvalue().split("\n")
+    assert lines[0] == (
+        "[casaspawner demo] Installing casatools==6.7.0.31 (a few minutes, once per release)."
+    )
+    # One line, drawn twice in place, then the next sentence on a line of its own.
+    drawn = [part.rstrip() for part in lines[1].split("\r") if part]
+    assert drawn == [
+        "[casaspawner demo] Downloading casaplotms-2.6.2.whl  [########----------------]  "
+        "90/270 MB  30 MB/s  6 s left",
+        "[casaspawner demo] Downloading casaplotms-2.6.2.whl  [########################]  "
+        "270/270 MB  30 MB/s  0 s left",
+    ], drawn
+    assert lines[2] == "[casaspawner demo] Installing collected packages: casaplotms"
+    # A narrow terminal shortens the name, never the figures.
+    monkeypatch.setenv("COLUMNS", "80")
+    narrow = Terminal()
+    demo.ProgressView(narrow).show(
+        Progress(
+            "…",
+            step="Downloading casaplotms-2.6.2.whl",
+            done=90_000_000,
+            total=270_000_000,
+            left=6.0,
+        )
+    )
+    drawn = narrow.getvalue().strip("\r").rstrip()
+    assert len(drawn) <= 79 and drawn.startswith("[casaspawner demo] Download"), drawn
+    assert drawn.endswith("…  [########----------------]  90/270 MB  6 s left"), drawn
+
+
+@pytest.mark.integration
+def test_the_demo_prepared_the_sessions_jupyter_environment(
+    demo_root: Path, cache_dir: Path
+) -> None:
+    """The first session does not wait for it: ``make demo`` prepares it before the hub starts."""
+    from casaspawner.local.spawner import ui_requirements
+
+    requirements = ui_requirements()
+    if requirements is None:
+        pytest.skip("sessions run the hub's own environment here; there is nothing to prepare")
+    prefix = EnvironmentManager(cache_dir).ui_prefix(requirements)
+    assert (prefix / "bin" / "jupyterhub-singleuser").is_file()
+
+
+@pytest.mark.integration
+def test_casa_logs_to_the_sessions_one_file(demo_env: CasaEnvironment, tmp_path: Path) -> None:
+    """With ``CASASPAWNER_CASA_LOGFILE`` (what sessions get), CASA logs there, and leaves no
+    ``casa-<time>.log`` where it started; without it, it does."""
+    assert demo_env.python is not None
+    code = "import casatasks\ncasatasks.casalog.post('casaspawner one log')\n"
+    env = {**os.environ, **OFFLINE, "CASASITECONFIG": str(demo_env.site_config)}
+    env.pop("CASASPAWNER_CASA_LOGFILE", None)
+    log = tmp_path / "home" / "casa.log"
+    log.parent.mkdir()
+    for work, extra in (
+        (tmp_path / "a", {"CASASPAWNER_CASA_LOGFILE": str(log)}),
+        (tmp_path / "b", {}),
+    ):
+        work.mkdir()
+        run = subprocess.run(
+            [str(demo_env.python), "-c", code],
+            env={**env, "HOME": str(log.parent), **extra},
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert "casaspawner one log" in log.read_text()
+    assert not list((tmp_path / "a").glob("casa-*.log"))
+    assert len(list((tmp_path / "b").glob("casa-*.log"))) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_plotms_opens_the_sessions_ms_centred_within_the_screen(
+    demo_env: CasaEnvironment, demo_root: Path, x_display: str, tmp_path: Path
+) -> None:
+    """The desktop's plotms (the launcher's and the menu's) opens the session's MeasurementSet,
+    and openbox (as xstartup configures it) fits its window into a 1024x768 screen, smaller than
+    a laptop's browser window."""
+    from support.local import window_geometry, window_titles
+
+    desktop, _runtime, env, kept = awkward_desktop(tmp_path)
+    subprocess.run(["sh", str(desktop / "xstartup")], env=env, timeout=60, check=True)
+    # The demo dataset, in a home of this test's own.
+    home = tmp_path / "home"
+    shutil.copytree(
+        demo_root / "arc" / "home" / demo.DEMO_USER / demo.DEMO_PROJECT, home / demo.DEMO_PROJECT
+    )
+    ms = next((home / demo.DEMO_PROJECT).rglob("*.ms"))
+    plain = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    session = {
+        **plain,
+        **demo_env.session_environment(),
+        "HOME": str(home),
+        "DISPLAY": x_display,
+        "XAUTHORITY": "",
+        "CASASPAWNER_DATASET": f"~/{demo.DEMO_PROJECT}",
+        "CASASPAWNER_CASA_LOGFILE": str(tmp_path / "casa.log"),
+    }
+    wm = subprocess.Popen(
+        ["openbox", "--config-file", str(kept / "rc.xml")],
+        env={**session, "HOME": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    plotms = subprocess.Popen(
+        ["sh", str(desktop / "casa-app"), "plotms"],
+        env=session,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "PlotMS" not in window_titles(x_display, ""):
+            assert time.monotonic() < deadline and plotms.poll() is None, "no PlotMS window"
+            time.sleep(0.5)
+        # openbox places it once it is mapped.
+        time.sleep(2)
+        x, y, width, height = window_geometry(x_display, "", "PlotMS")
+        assert min(x, y) >= 0 and x + width <= 1024 and y + height <= 768, (x, y, width, height)
+        assert abs((x + width / 2) - 512) < 40 and abs((y + height / 2) - 384) < 40
+        assert _cmdline_has(plotms.pid, f"vis={ms}")
+    finally:
+        plotms.terminate()
+        wm.terminate()
+        plotms.wait(10)
+        wm.wait(10)

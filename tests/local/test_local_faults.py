@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,9 +20,11 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+from support import NPM_BIN
 from support.hub import Hub
 from support.local import wait_for_display, wait_for_title
 
@@ -28,6 +32,7 @@ from casaspawner.catalog.model import Release, load_catalog
 from casaspawner.local import demo
 from casaspawner.local.demo import as_owner_of
 from casaspawner.local.environments import EnvironmentManager
+from casaspawner.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -142,11 +147,9 @@ def test_unreachable_pipeline_tarball_gives_an_approximate_desktop_with_a_banner
         and "CASA 6.5.4-9 (pipeline 2023.1.0.124) cannot be installed on this hub" in notes[0]
     ), notes
     assert "is unreachable" in notes[0]
-    # Desktops start with the first visit of /desktop/ (jupyter-server-proxy starts TigerVNC on
-    # demand): the websockify URL is no websocket here, but it starts the VNC server.
-    with contextlib.suppress(urllib.error.HTTPError):
-        hub.api("GET", "/user/demo/desktop-websockify/", timeout=60)
-    display, xauthority = wait_for_display(hub.session_pid())
+    # The desktop starts with the session, before anyone visits /desktop/: by the time the hub
+    # has the server, the X server runs.
+    display, xauthority = wait_for_display(hub.session_pid(), timeout=5)
     name = f"{nearest['pl-2023.1.0.124'].label} (approximate)"
     titles = wait_for_title(display, xauthority, f"{name}: approximate session")
     # The banner.
@@ -154,7 +157,16 @@ def test_unreachable_pipeline_tarball_gives_an_approximate_desktop_with_a_banner
     titles = wait_for_title(display, xauthority, name)
     # The CASA terminal, ready.
     assert name in titles, titles
+    # The desktop's socket is in a private directory of its own, which goes with the session.
+    environ = Path(f"/proc/{hub.session_pid()}/environ").read_bytes().split(b"\0")
+    socket = Path(
+        next(v for v in environ if v.startswith(b"CASASPAWNER_DESKTOP_SOCKET="))
+        .split(b"=", 1)[1]
+        .decode()
+    )
+    assert socket.is_socket() and (socket.parent.stat().st_mode & 0o777) == 0o700
     hub.stop_server()
+    assert not socket.parent.exists()
 
 
 def test_a_session_log_that_is_a_link_is_refused_and_nothing_outside_is_touched(
@@ -219,23 +231,23 @@ def test_session_survives_a_hub_restart(hub: Hub) -> None:
     [
         (
             "70000",
-            "Port 70000 is out of range; give one from 1 to 65533 with --port (the hub also uses "
-            "the next two).",
+            "Port 70000 is out of range; give one from 1 to 65532 with --port (the hub also uses "
+            "the next three).",
         ),
         (
             "-5",
-            "Port -5 is out of range; give one from 1 to 65533 with --port (the hub also uses "
-            "the next two).",
+            "Port -5 is out of range; give one from 1 to 65532 with --port (the hub also uses "
+            "the next three).",
         ),
         (
-            "65535",
-            "Port 65535 is out of range; give one from 1 to 65533 with --port (the hub also uses "
-            "the next two).",
+            "65533",
+            "Port 65533 is out of range; give one from 1 to 65532 with --port (the hub also uses "
+            "the next three).",
         ),
         (
             "abc",
-            "The port 'abc' is not a number; give one from 1 to 65533 with --port (the hub also "
-            "uses the next two).",
+            "The port 'abc' is not a number; give one from 1 to 65532 with --port (the hub also "
+            "uses the next three).",
         ),
     ],
 )
@@ -283,3 +295,64 @@ def test_demo_refuses_a_port_in_use_with_one_sentence(tmp_path: object) -> None:
         f"casaspawner demo: Port {port} on 127.0.0.1 is already in use; stop what uses it or "
         "choose another port with --port (make demo DEMO_PORT=8100)."
     )
+
+
+def test_demo_names_the_logins_after_the_hubs_start_up_lines_and_again_when_stopped(
+    checkout: Path, cache_dir: Path, demo_release: Release, tmp_path: Path
+) -> None:
+    """``make demo`` as a newcomer meets it: the URL, the logins and the dataset come after the
+    hub's own start-up lines, the hub answers, and Ctrl-C (SIGINT to the whole process group, as a
+    terminal sends it) stops the hub and says them again."""
+    root = Path(tempfile.mkdtemp(prefix="casaspawner-demo-run-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    port = free_port(count=4)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(checkout),
+        "CASASPAWNER_ENVIRONMENTS_DIR": str(cache_dir),
+        "PATH": os.pathsep.join([str(NPM_BIN), os.environ.get("PATH", "")]),
+    }
+    command = [sys.executable, "-m", "casaspawner.local.demo", "run", "--port", str(port)]
+    command += ["--dir", str(root), "--storage", str(root / "arc")]
+    with open(tmp_path / "demo.out", "wb") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=checkout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 600
+        output = ""
+        while f"Open {url}" not in output:
+            assert process.poll() is None and time.monotonic() < deadline, output[-3000:]
+            time.sleep(0.5)
+            output = (tmp_path / "demo.out").read_text(errors="replace")
+        password = (root / "hub" / "password").read_text().strip()
+        banner = [
+            f"[casaspawner demo] {line}" for line in demo.banner(port, password, demo_release)
+        ]
+        lines = output.splitlines()
+        start = lines.index(banner[0])
+        assert lines[start : start + len(banner)] == banner, lines[start:]
+        assert any("JupyterHub is now running at" in line for line in lines[:start])
+        # The banner is the last thing said.
+        assert not lines[start + len(banner) :], lines[start + len(banner) :]
+        with urllib.request.urlopen(f"{url}hub/login", timeout=10) as response:
+            assert response.status == 200
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(90) == 0
+        lines = (tmp_path / "demo.out").read_text(errors="replace").splitlines()
+        assert lines[-len(banner) :] == banner, lines[-10:]
+        assert "The hub has stopped; sessions keep running" in lines[-len(banner) - 1]
+    finally:
+        # Whatever of the demo's process group is left (nothing, when it stopped as it should).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.wait(10)
+        shutil.rmtree(root, ignore_errors=True)

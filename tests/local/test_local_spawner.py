@@ -223,6 +223,41 @@ def test_the_form_names_the_home_as_the_session_sees_it(storage: Path) -> None:
     assert "<code>/arc/home/demo/data/2019.1.00001.S</code>" in at_arc
 
 
+def test_a_new_user_is_offered_the_suggested_dataset_and_a_returning_one_their_own(
+    storage: Path,
+) -> None:
+    import html.parser
+
+    class Form(html.parser.HTMLParser):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.value: str | None = None
+            self.offered: list[str] = []
+            self.feed(text)
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            found = dict(attrs)
+            if tag == "input" and found.get("id") == "casa-dataset":
+                self.value = found.get("value")
+            if tag == "button" and "data-dataset" in found:
+                self.offered.append(found["data-dataset"] or "")
+
+    new = spawner(storage, suggested_datasets=["~/2023.1.01234.S", "~/other"])
+    text = new.render_options_form()
+    form = Form(text)
+    assert (form.value, form.offered) == ("~/2023.1.01234.S", ["~/2023.1.01234.S", "~/other"])
+    assert "Suggested:" in text and "e.g. <code>~/2023.1.01234.S</code>" in text
+    returning = spawner(storage, suggested_datasets=["~/2023.1.01234.S"])
+    returning.recent_datasets = ["~/mine"]
+    returning.user_options = {"dataset": "~/mine"}
+    text = returning.render_options_form()
+    form = Form(text)
+    assert (form.value, form.offered) == ("~/mine", ["~/mine"]) and "Recently used:" in text
+    # Without suggestions, as before.
+    form = Form(spawner(storage).render_options_form())
+    assert (form.value, form.offered) == ("", [])
+
+
 def test_plan_paths_are_local_paths_and_identity_is_never_root(
     storage: Path, demo_release: Release
 ) -> None:
@@ -691,3 +726,32 @@ def test_the_form_of_a_returning_user_resolves_nothing_and_creates_nothing(
     assert "cannot be installed" not in asyncio.run(fresh.resolution_preview()), (
         "not probed: not said"
     )
+
+
+def test_a_long_download_is_a_bar_on_the_progress_page_at_most_every_two_seconds(
+    storage: Path,
+) -> None:
+    from casaspawner.local.environments.progress import Progress
+
+    local = spawner(storage)
+    local._event("Installing casaplotms==2.6.2 (a few minutes, once per release).", 10)
+
+    def part(done: int) -> Progress:
+        text = f"Downloading casaplotms: {done} of 270 MB, 30 MB/s, about 6 s left."
+        return Progress(text, step="Downloading casaplotms", done=done, total=270)
+
+    for done in (27, 54, 81):
+        local._event(part(done))
+    # Said at once, then not again within two seconds; the end of a step always.
+    assert [e["message"] for e in local._events[1:]] == [str(part(27))]
+    local._event(part(270))
+    first, last = local._events[1], local._events[2]
+    assert first["html_message"] == (
+        '<progress max="100" value="10"></progress> Downloading casaplotms: 27 of 270 MB, '
+        "30 MB/s, about 6 s left."
+    )
+    assert last["html_message"].startswith('<progress max="100" value="100"></progress>')
+    assert [e["progress"] for e in local._events] == [10, 11, 12]
+    # A heartbeat (no size) is a plain line.
+    local._event(Progress("Unpacking the casaplotms GUI: 10 s so far.", step="Unpacking"))
+    assert "html_message" not in local._events[-1]

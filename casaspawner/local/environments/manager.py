@@ -38,10 +38,12 @@ from pathlib import Path
 from casaspawner import runtime, tarballs
 from casaspawner.catalog.model import Catalog, Release
 from casaspawner.local.environments.model import FORMAT, META, CasaEnvironment
+from casaspawner.local.environments.progress import with_heartbeat
 from casaspawner.local.environments.pythons import find_python
 from casaspawner.local.environments.session_files import install_session_files
 from casaspawner.local.environments.steps import (
     EnvironmentBuildError,
+    atomic_write,
     casa_starts,
     casa_version,
     download,
@@ -49,9 +51,9 @@ from casaspawner.local.environments.steps import (
     locked,
     make_read_only,
     one_sentence,
+    pip_install,
     replace_dir,
     run,
-    stream,
     succeeds,
     verify,
 )
@@ -59,6 +61,20 @@ from casaspawner.runtime import EXTRA_PACKAGES, site_config_text
 
 #: Seconds a probe result (tarball reachable? which Python?) is reused.
 PROBE_TTL = 600.0
+
+
+def session_site_config_text(measures: Path | str) -> str:
+    """A local environment's ``casasiteconfig.py``: the shared measures, and the session's log.
+
+    CASA logs to ``$CASASPAWNER_CASA_LOGFILE`` when a session sets it (one file in the home), not
+    to a new ``casa-<time>.log`` wherever a kernel or terminal starts.
+    """
+    return site_config_text(measures) + (
+        "# The session's one CASA log file, when it names one.\n"
+        "import os as _os\n\n"
+        "if _os.environ.get('CASASPAWNER_CASA_LOGFILE'):\n"
+        "    logfile = _os.environ['CASASPAWNER_CASA_LOGFILE']\n"
+    )
 
 
 class _NotProbed(Exception):
@@ -125,7 +141,16 @@ class EnvironmentManager:
         # Built before its GUI tasks were checked: rebuilt.
         if meta.get("format", 1) < FORMAT:
             return None
-        return CasaEnvironment.load(root)
+        env = CasaEnvironment.load(root)
+        # An older casaspawner wrote another site config; the current one costs no rebuild.
+        text = session_site_config_text(env.measures)
+        try:
+            if env.site_config.read_text() != text:
+                atomic_write(env.site_config, text)
+        except OSError:
+            # A cache this process may not write keeps the site config it has.
+            pass
+        return env
 
     def tarball_url(self, release: Release) -> str | None:
         if release.tarball is None:
@@ -277,8 +302,11 @@ class EnvironmentManager:
 
         When two hub processes or spawns ask at once, one builds. The other waits for the lock and
         then finds the finished environment. A cache that cannot be written is one sentence too.
+        Downloads report their progress (:class:`~.progress.Progress`), and a step quiet for a
+        few seconds is said to be still running.
         """
-        async for message in one_sentence(self._ensure(release), f"Preparing {release.label}"):
+        steps = one_sentence(self._ensure(release), f"Preparing {release.label}")
+        async for message in with_heartbeat(steps):
             yield message
 
     async def _ensure(self, release: Release) -> AsyncIterator[str]:
@@ -320,22 +348,18 @@ class EnvironmentManager:
         )
         python = staging / "venv" / "bin" / "python"
         packages = [*release.wheels.requirements(), *self.extra_packages]
+        # A recent pip reports each download's progress; an older one still installs.
+        yield f"Updating pip in the {release.label} environment."
+        pip = [str(python), "-m", "pip", "install", "--no-input", "--disable-pip-version-check"]
+        await succeeds([*pip, "--quiet", *self.pip_args, "--upgrade", "pip"])
         yield (
             f"Installing {', '.join(release.wheels.requirements())} "
             "(a few minutes, once per release)."
         )
-        pip = [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--no-input",
-            "--disable-pip-version-check",
-            *self.pip_args,
-        ]
-        async for line in stream([*pip, *packages], f"Installing {release.label}"):
-            if line.startswith(("Collecting ", "Downloading ", "Installing collected")):
-                yield line[:160]
+        async for line in pip_install(
+            python, [*self.pip_args, *packages], f"Installing {release.label}"
+        ):
+            yield line
         async for message in self._finish(release, staging, Path("venv/bin/python"), Path("venv")):
             yield message
 
@@ -389,7 +413,7 @@ class EnvironmentManager:
         Adds kernel support, GUIs, the site config, an offline start check and the metadata.
         """
         measures = self.measures_dir()
-        (staging / "casasiteconfig.py").write_text(site_config_text(measures))
+        (staging / "casasiteconfig.py").write_text(session_site_config_text(measures))
         (staging / "casarc").write_text(f"measures.directory: {measures}\n")
         kernel_site: Path | None = None
         if python is not None:
@@ -468,9 +492,10 @@ class EnvironmentManager:
 
         ``requirements`` are its packages. See :meth:`ui_prefix`.
         """
-        async for message in one_sentence(
+        steps = one_sentence(
             self._ensure_ui(requirements), "Preparing the sessions' Jupyter environment"
-        ):
+        )
+        async for message in with_heartbeat(steps):
             yield message
 
     async def _ensure_ui(self, requirements: Sequence[str]) -> AsyncIterator[str]:
@@ -496,19 +521,12 @@ class EnvironmentManager:
                 )
                 # Scripts' shebangs name the final path. Install at the staging path, then fix the
                 # shebangs on rename.
-                await run(
-                    [
-                        str(staging / "bin" / "python"),
-                        "-m",
-                        "pip",
-                        "install",
-                        "--no-input",
-                        "--disable-pip-version-check",
-                        *self.pip_args,
-                        *requirements,
-                    ],
+                async for line in pip_install(
+                    staging / "bin" / "python",
+                    [*self.pip_args, *requirements],
                     "Installing the Jupyter environment",
-                )
+                ):
+                    yield line
                 for script in (staging / "bin").iterdir():
                     if script.is_file() and not script.is_symlink():
                         data = script.read_bytes()
@@ -559,22 +577,12 @@ class EnvironmentManager:
             yield "Fetching the CASA measures data (casadata, about 900 MB, once per hub)."
             staging = Path(tempfile.mkdtemp(prefix=".casadata.", dir=base))
             try:
-                await run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pip",
-                        "install",
-                        "--no-input",
-                        "--disable-pip-version-check",
-                        "--no-deps",
-                        *self.pip_args,
-                        "--target",
-                        str(staging),
-                        "casadata",
-                    ],
+                async for line in pip_install(
+                    sys.executable,
+                    ["--no-deps", *self.pip_args, "--target", str(staging), "casadata"],
                     "Installing casadata",
-                )
+                ):
+                    yield line
                 make_read_only(staging)
                 # Shared read-only data.
                 os.chmod(staging, 0o555)  # noqa: S103

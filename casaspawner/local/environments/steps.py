@@ -15,6 +15,7 @@ from pathlib import Path
 
 from casaspawner import tarballs
 from casaspawner.errors import CasaspawnerError
+from casaspawner.local.environments.progress import TransferMeter
 
 
 class EnvironmentBuildError(CasaspawnerError):
@@ -122,7 +123,9 @@ async def stream(
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").strip()
             if line and not line.startswith("WARNING: Location"):
-                tail = [*tail[-19:], line]
+                # pip's download progress says nothing about a failure.
+                if not line.startswith("Progress "):
+                    tail = [*tail[-19:], line]
                 yield line
         code = await proc.wait()
     finally:
@@ -242,7 +245,7 @@ async def casa_starts(launcher: Path, label: str, timeout: float = 600) -> None:
 
 
 async def download(url: str, target: Path, label: str) -> AsyncIterator[str]:
-    """Download ``url`` to ``target``, yielding progress about every 10%.
+    """Download ``url`` to ``target``, yielding :class:`Progress` with size, rate and time left.
 
     The download goes to a partial file first.
     """
@@ -257,14 +260,12 @@ async def download(url: str, target: Path, label: str) -> AsyncIterator[str]:
                 open(partial, "wb") as out,
             ):
                 total = int(response.headers.get("Content-Length") or 0)
-                done, next_report = 0, 0.0
+                meter = TransferMeter(f"Downloading {label}", total)
+                done = 0
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     done += len(chunk)
-                    if total and done / total >= next_report:
-                        message = f"Downloading {label}: {done >> 20} of {total >> 20} MB."
-                        loop.call_soon_threadsafe(queue.put_nowait, message)
-                        next_report += 0.1
+                    loop.call_soon_threadsafe(queue.put_nowait, meter.update(done))
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
@@ -278,6 +279,59 @@ async def download(url: str, target: Path, label: str) -> AsyncIterator[str]:
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise EnvironmentBuildError(f"Downloading {url} failed: {reason}.") from None
+
+
+#: pip's machine-readable download progress (``--progress-bar raw``), from pip 24.1 on.
+RAW_PROGRESS_PIP = (24, 1)
+
+
+async def pip_version(python: Path | str) -> tuple[int, ...]:
+    """The version of ``python -m pip``, e.g. ``(24, 2)``; ``()`` when it has none."""
+    proc = await asyncio.create_subprocess_exec(
+        str(python),
+        "-m",
+        "pip",
+        "--version",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await proc.communicate()
+    words = out.decode(errors="replace").split()
+    if proc.returncode != 0 or len(words) < 2:
+        return ()
+    parts = []
+    for part in words[1].split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+async def pip_install(
+    python: Path | str, args: list[str], what: str, env: dict[str, str] | None = None
+) -> AsyncIterator[str]:
+    """Run ``python -m pip install *args``, yielding what it does.
+
+    Its steps (collecting, downloading, installing) are yielded as sentences, and each download's
+    progress as :class:`Progress` with size, rate and time left, when the pip is recent enough to
+    report it. A failure raises one sentence ending in pip's error.
+    """
+    raw = await pip_version(python) >= RAW_PROGRESS_PIP
+    cmd = [str(python), "-m", "pip", "install", "--no-input", "--disable-pip-version-check"]
+    cmd += ["--progress-bar", "raw" if raw else "off", *args]
+    meter: TransferMeter | None = None
+    async for line in stream(cmd, what, env):
+        if line.startswith("Progress ") and meter is not None:
+            words = line.split()
+            if len(words) == 4 and words[1].isdigit() and words[3].isdigit():
+                meter.total = meter.total or int(words[3])
+                yield meter.update(int(words[1]))
+            continue
+        if line.startswith("Downloading "):
+            name = line.removeprefix("Downloading ").split(" (")[0].rsplit("/", 1)[-1]
+            meter = TransferMeter(f"Downloading {name}", 0)
+        if line.startswith(("Collecting ", "Downloading ", "Installing collected")):
+            yield line[:160]
 
 
 def verify(archive: Path, url: str, sha256: str | None, timeout: float) -> None:
