@@ -13,7 +13,6 @@ PIP_EXTRAS += local
 # http://127.0.0.1:$(DEMO_PORT) (and the next three ports).
 DEMO_PORT ?= 8000
 DEMO_VENV ?= demo/venv
-DEMO_REQUIREMENTS := 'jupyterhub>=5.5' 'jupyterlab>=4' 'jupyter-remote-desktop-proxy>=3' 'jupyterhub-idle-culler>=1.4'
 .PHONY: demo-local demo-venv bench-local
 
 $(DEMO_VENV)/.installed: setup.cfg pyproject.toml mk/local.mk
@@ -21,7 +20,7 @@ $(DEMO_VENV)/.installed: setup.cfg pyproject.toml mk/local.mk
 	@test -x $(DEMO_VENV)/bin/python || $(PYTHON) -m venv $(DEMO_VENV)
 	@$(DEMO_VENV)/bin/python -m pip install --quiet --upgrade pip
 	@PYTHONWARNINGS="ignore:Editable installation" \
-		$(DEMO_VENV)/bin/python -m pip install --quiet -e . $(DEMO_REQUIREMENTS)
+		$(DEMO_VENV)/bin/python -m pip install --quiet -e ".[demo]"
 	@touch $@
 
 demo-venv: deps $(DEMO_VENV)/.installed

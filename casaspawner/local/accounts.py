@@ -192,9 +192,13 @@ class GroupRegistry:
                 f"The hub's record of its local groups, {self.path}, cannot be read ({exc})."
             ) from None
         groups = found.get("groups") if isinstance(found, dict) else None
+        if not isinstance(groups, dict):
+            raise AccountError(
+                f"The hub's record of its local groups, {self.path}, is not one this hub wrote."
+            )
         return {
             str(name): (str(entry["group"]), int(entry["gid"]))
-            for name, entry in (groups or {}).items()
+            for name, entry in groups.items()
             if isinstance(entry, dict) and {"group", "gid"} <= set(entry)
         }
 

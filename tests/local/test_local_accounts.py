@@ -12,6 +12,7 @@ import asyncio
 import grp
 import os
 import pwd
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -60,8 +61,22 @@ def made() -> Iterator[list[tuple[str, str]]]:
         subprocess.run(["userdel" if kind == "user" else "groupdel", name], capture_output=True)
 
 
+@pytest.fixture(autouse=True)
+def base(tmp_path: Path) -> Iterator[Path]:
+    """A directory every local account can search: sessions' processes enter it."""
+    directory = Path(tempfile.mkdtemp(prefix="casaspawner-accounts-", dir="/tmp"))
+    directory.chmod(0o755)
+    BASES.append(directory)
+    yield directory
+    BASES.remove(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+BASES: list[Path] = []
+
+
 def identity(name: str, groups: list[str], made: list[tuple[str, str]], **traits: Any) -> Any:
-    base = Path(tempfile.mkdtemp(prefix="casaspawner-accounts-", dir="/tmp"))
+    base = BASES[-1]
     local = LocalCASASpawner(
         user=User(name, [Group(g) for g in groups]),
         storage_root=str(base / "arc"),
