@@ -46,14 +46,12 @@ import pstats
 import re
 import resource
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +69,6 @@ def _code_path() -> None:
 
 _code_path()
 
-import aiohttp  # noqa: E402
 from k8s_hub import (  # noqa: E402
     ALICE,
     User,
@@ -85,6 +82,8 @@ from kubernetes_asyncio import client  # noqa: E402
 from kubernetes_asyncio.client import rest  # noqa: E402
 from kubernetes_asyncio.client.rest import ApiException  # noqa: E402
 
+from casaspawner import __version__  # noqa: E402
+from casaspawner.datasets.synth import write_dataset  # noqa: E402
 from cluster import (  # noqa: E402
     BUSYBOX_IMAGE,
     CLUSTER_DIR,
@@ -92,8 +91,6 @@ from cluster import (  # noqa: E402
     Cluster,
     build_busybox_image,
 )
-from casaspawner import __version__  # noqa: E402
-from casaspawner.datasets.synth import write_dataset  # noqa: E402
 
 KUBECONFIG = REPO / ".cache" / "k8s" / "kubeconfig"
 CONTAINERD_SOCKET = REPO / ".cache" / "k8s" / "containerd" / "containerd.sock"
@@ -256,7 +253,9 @@ async def register_fake_nodes(api: Any, env: Environment) -> None:
         if set(env.nodes) <= ready:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError("kwok did not make the benchmark's fake nodes Ready (is it running?)")
+            raise RuntimeError(
+                "kwok did not make the benchmark's fake nodes Ready (is it running?)"
+            )
         await asyncio.sleep(0.5)
 
 
@@ -305,7 +304,14 @@ def start_registry(env: Environment) -> str:
     deadline = time.monotonic() + 30
     while True:
         pushed = subprocess.run(
-            ["buildah", "push", "--quiet", "--tls-verify=false", BUSYBOX_IMAGE, f"docker://{image}"],
+            [
+                "buildah",
+                "push",
+                "--quiet",
+                "--tls-verify=false",
+                BUSYBOX_IMAGE,
+                f"docker://{image}",
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -562,7 +568,7 @@ async def one_round(
         cpu_seconds(resource.RUSAGE_CHILDREN),
         time.perf_counter(),
     )
-    results = await asyncio.gather(*(spawn(s, o) for s, o in zip(spawners, options)))
+    results = await asyncio.gather(*(spawn(s, o) for s, o in zip(spawners, options, strict=True)))
     elapsed = time.perf_counter() - began
     self1, children1 = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
     requests = COUNTER.take()
@@ -614,7 +620,7 @@ async def overhead(users: Users, settings: list[Setting], levels: tuple[int, ...
                     rounds.append(done)
                     median = statistics.median(s.answering for s in done.spawns)
                     log(
-                        f"{setting.name} ×{concurrency} {flavour} {done.cache}: median "
+                        f"{setting.name} x{concurrency} {flavour} {done.cache}: median "
                         f"{median:.3f} s, hub CPU {done.hub_cpu / concurrency * 1e3:.1f} ms/spawn"
                         f", worker {done.worker_cpu / concurrency * 1e3:.1f} ms/spawn, "
                         f"{sum(done.requests.values()) / concurrency:.1f} requests/spawn"
