@@ -17,18 +17,27 @@ Below it, nothing is checked and then opened again by name:
 A symbolic link below the dataset directory is passed over, whether it was there all along or
 swapped in a moment ago. So nothing outside the dataset is ever read, with whatever rights the hub
 has.
+
+An :class:`Observer` in :data:`OBSERVER` is told of every directory and file looked at, and of
+every error passed over; the resolution worker records so what a resolution depends on
+(:mod:`casaspawner.datasets.cache`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import stat
 from collections.abc import Callable, Generator, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 Kind = Literal["dir", "file", "link", "other"]
 Listing = list[tuple[str, Kind]]
@@ -44,6 +53,20 @@ _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: The name is then a link, gone, or below something that is not a directory. Such a name is passed
 #: over. Any other error is the caller's to word.
 _PASSED_OVER = (errno.ELOOP, errno.ENOENT, errno.ENOTDIR)
+
+
+class Observer(Protocol):
+    """Told of what reading below a dataset looks at."""
+
+    def seen(self, path: PurePosixPath, info: os.stat_result | None) -> None:
+        """``path`` (relative to the dataset) was looked at, and was this; None: nothing there."""
+
+    def failed(self, error: OSError) -> None:
+        """An error was passed over (or raised to the reader)."""
+
+
+#: The observer of the reading in this context, if any.
+OBSERVER: ContextVar[Observer | None] = ContextVar("casaspawner_tree_observer", default=None)
 
 
 @dataclass(frozen=True)
@@ -69,6 +92,7 @@ def open_directory(path: Path) -> Iterator[Directory]:
     """
     fd = _open_dir(os.fspath(path), None, follow=True)
     try:
+        _seen(PurePosixPath("."), fd)
         yield Directory(fd, PurePosixPath("."), path.name)
     finally:
         os.close(fd)
@@ -84,18 +108,22 @@ def subdirectory(base: Directory, path: PurePosixPath) -> Iterator[Directory | N
     """
     owned: int | None = None
     found = True
+    step = base.path
     try:
         for part in path.parts:
+            step = step / part
             try:
                 # Never up and out. Names come from listings, which hold no "..".
                 if part == "..":
                     raise FileNotFoundError(part)
                 child = _open_dir(part, base.fd if owned is None else owned)
-            except OSError:
+            except OSError as exc:
+                _missed(step, part, base.fd if owned is None else owned, exc)
                 found = False
                 break
             close(owned)
             owned = child
+            _seen(step, child)
         fd = base.fd if owned is None else owned
         yield Directory(fd, base.path / path, path.name or base.name) if found else None
     finally:
@@ -111,12 +139,15 @@ def open_file(base: Directory, path: PurePosixPath) -> Iterator[BinaryIO | None]
     ``OSError``.
     """
     with subdirectory(base, path.parent) as parent:
-        fd = None if parent is None else _open_regular(path.name, parent.fd)
+        fd = None if parent is None else _open_regular(path.name, parent.fd, base.path / path)
         if fd is None:
             yield None
-        else:
+        elif OBSERVER.get() is None:
             with os.fdopen(fd, "rb") as handle:
                 yield handle
+        else:
+            with _ObservedReader(io.FileIO(fd, "rb")) as observed:
+                yield observed
 
 
 def listing(directory: Directory, wanted: Callable[[str], object] | None = None) -> Listing:
@@ -124,10 +155,12 @@ def listing(directory: Directory, wanted: Callable[[str], object] | None = None)
 
     Only names ``wanted`` are listed, by default all. A directory that cannot be listed is empty.
     """
+    _seen(directory.path, directory.fd)
     try:
         with os.scandir(directory.fd) as entries:
             return [(e.name, _kind(e)) for e in entries if wanted is None or wanted(e.name)]
-    except OSError:
+    except OSError as exc:
+        _failed(exc)
         return []
 
 
@@ -161,21 +194,84 @@ def _open_dir(name: str, dir_fd: int | None, *, follow: bool = False) -> int:
         return os.open(name, _SEARCH_ONLY | nofollow, dir_fd=dir_fd)
 
 
-def _open_regular(name: str, dir_fd: int) -> int | None:
+def _open_regular(name: str, dir_fd: int, path: PurePosixPath) -> int | None:
     try:
         fd = os.open(name, _FILE, dir_fd=dir_fd)
     except OSError as exc:
+        _missed(path, name, dir_fd, exc)
         if exc.errno in _PASSED_OVER:
             return None
         raise
     try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
-    except OSError:
+        info = os.fstat(fd)
+        regular = stat.S_ISREG(info.st_mode)
+    except OSError as exc:
+        _failed(exc)
         regular = False
     if not regular:
         os.close(fd)
         return None
+    observer = OBSERVER.get()
+    if observer is not None:
+        observer.seen(path, info)
     return fd
+
+
+def _seen(path: PurePosixPath, fd: int) -> None:
+    """Tell the observer, if any, what the open ``fd`` at ``path`` is."""
+    observer = OBSERVER.get()
+    if observer is not None:
+        try:
+            observer.seen(path, os.fstat(fd))
+        except OSError as exc:
+            observer.failed(exc)
+
+
+def _missed(path: PurePosixPath, name: str, dir_fd: int, error: OSError) -> None:
+    """Tell the observer, if any, that ``name`` could not be opened, and what is there instead."""
+    observer = OBSERVER.get()
+    if observer is None:
+        return
+    observer.failed(error)
+    try:
+        info: os.stat_result | None = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        info = None
+    except OSError as exc:
+        observer.failed(exc)
+        return
+    observer.seen(path, info)
+
+
+def _failed(error: OSError) -> None:
+    observer = OBSERVER.get()
+    if observer is not None:
+        observer.failed(error)
+
+
+class _ObservedReader(io.BufferedReader):
+    """A file's reader that tells the observer of a read that failed."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        try:
+            return super().read(size)
+        except OSError as exc:
+            _failed(exc)
+            raise
+
+    def read1(self, size: int = -1, /) -> bytes:
+        try:
+            return super().read1(size)
+        except OSError as exc:
+            _failed(exc)
+            raise
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        try:
+            return super().readinto(buffer)
+        except OSError as exc:
+            _failed(exc)
+            raise
 
 
 def _kind(entry: os.DirEntry[str]) -> Kind:

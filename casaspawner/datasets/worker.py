@@ -21,6 +21,7 @@ import resource
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 from casaspawner.catalog.model import Catalog, load_catalog
 from casaspawner.datasets.archive import AlmaDataLinkClient, ArchiveClient
+from casaspawner.datasets.cache import Key, ResolutionCache, recording
 from casaspawner.datasets.layout import MEMBER_DIR
 from casaspawner.datasets.model import Evidence, Resolution
 from casaspawner.datasets.resolve import resolve_path, resolve_target
@@ -84,6 +86,7 @@ async def resolve_in_worker(
     user: RunAs | None = None,
     python: str = sys.executable,
     pythonpath: str | None = None,
+    cache: ResolutionCache | None = None,
 ) -> Resolution:
     """Resolve a dataset directory (a ``Path``) or an ALMA identifier in a worker process.
 
@@ -91,7 +94,9 @@ async def resolve_in_worker(
     past the deadline it is killed and the user gets one sentence. ``archive`` is how the worker
     looks identifiers up; ``catalog_path`` is the operator's catalog, if any (copied for the
     worker, which may run as another user). An operator's own archive client, an object a worker
-    cannot be given, looks identifiers up in a thread of this process instead.
+    cannot be given, looks identifiers up in a thread of this process instead. With ``cache``, a
+    dataset directory resolved before and unchanged since is answered from it, and no worker
+    starts (:mod:`casaspawner.datasets.cache`).
     """
     name = shown(label)
     if (
@@ -103,17 +108,25 @@ async def resolve_in_worker(
             asyncio.to_thread(_in_thread, target, catalog, archive), limits.deadline
         )
     with contextlib.ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="casaspawner-")))
-        # The worker reads it; only the hub writes it.
-        os.chmod(scratch, 0o755)  # noqa: S103
         args = ["--label", label]
         fds: tuple[int, ...] = ()
         link: Path | None = None
+        key: Key | None = None
         if isinstance(target, Path):
             flags = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
             fd = os.open(target, flags)
             stack.callback(os.close, fd)
             fds = (fd,)
+            if cache is not None:
+                key = _cache_key(cache, fd, target.name, label, catalog_path, user)
+                kept = None if key is None else await cache.lookup(key, fd, catalog)
+                if kept is not None:
+                    return kept
+                args.append("--footprint")
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="casaspawner-")))
+        # The worker reads it; only the hub writes it.
+        os.chmod(scratch, 0o755)  # noqa: S103
+        if isinstance(target, Path):
             # The directory under its own name when that matters to the resolver.
             link = scratch / (target.name if MEMBER_DIR.fullmatch(target.name) else "dataset")
             link.symlink_to(f"/proc/self/fd/{fd}")
@@ -140,6 +153,7 @@ async def resolve_in_worker(
         for proxy in ("https_proxy", "http_proxy", "no_proxy", "SSL_CERT_FILE"):
             if proxy in os.environ:
                 env[proxy] = os.environ[proxy]
+        started = time.time()
         process = await asyncio.create_subprocess_exec(
             python,
             "-s",
@@ -172,7 +186,35 @@ async def resolve_in_worker(
     if link is not None:
         # Sentences name the dataset as the user did, never the worker's link.
         answer = answer.replace(json.dumps(str(link))[1:-1], json.dumps(name)[1:-1])
-    return _answer(process.returncode, answer, stderr, label, catalog)
+    resolution = _answer(process.returncode, answer, stderr, label, catalog)
+    if cache is not None and key is not None:
+        cache.store(key, _footprint(answer), started, resolution, catalog)
+    return resolution
+
+
+def _cache_key(
+    cache: ResolutionCache,
+    fd: int,
+    name: str,
+    label: str,
+    catalog_path: str | None,
+    user: RunAs | None,
+) -> Key | None:
+    """The cache key of the dataset directory open as ``fd``; None if it cannot be had."""
+    ids = None if user is None else (user.uid, user.gid, user.supplemental_gids)
+    try:
+        return cache.key(fd, name, label, catalog_path, ids)
+    except OSError:
+        return None
+
+
+def _footprint(answer: str) -> object:
+    """The footprint in a worker's answer, unchecked; None if there is none."""
+    try:
+        found = json.loads(answer)
+    except ValueError:
+        return None
+    return found.get("footprint") if isinstance(found, dict) else None
 
 
 def _in_thread(target: str, catalog: Catalog, archive: ArchiveClient) -> Resolution:
@@ -243,24 +285,23 @@ def _answer(
 # The worker itself
 
 
-def _print_resolution(resolution: Resolution) -> None:
+def _print_resolution(resolution: Resolution, footprint: list[Any] | None = None) -> None:
     evidence = resolution.evidence
-    print(
-        json.dumps(
-            {
-                "evidence": {
-                    "kind": evidence.kind,
-                    "path": evidence.path,
-                    "casa": evidence.casa,
-                    "pipeline": evidence.pipeline,
-                    "pipeline_unreadable": evidence.pipeline_unreadable,
-                },
-                "release": resolution.release.id,
-                "exact": resolution.exact,
-                "reason": resolution.reason,
-            }
-        )
-    )
+    answer: dict[str, Any] = {
+        "evidence": {
+            "kind": evidence.kind,
+            "path": evidence.path,
+            "casa": evidence.casa,
+            "pipeline": evidence.pipeline,
+            "pipeline_unreadable": evidence.pipeline_unreadable,
+        },
+        "release": resolution.release.id,
+        "exact": resolution.exact,
+        "reason": resolution.reason,
+    }
+    if footprint is not None:
+        answer["footprint"] = footprint
+    print(json.dumps(answer))
 
 
 def _print_error(exc: CasaspawnerError) -> None:
@@ -283,10 +324,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--archive-url")
     parser.add_argument("--archive-timeout", type=float, default=10.0)
     parser.add_argument("--archive-cache")
+    # Record what the resolution looked at (datasets.cache).
+    parser.add_argument("--footprint", action="store_true")
     args = parser.parse_args(argv)
+    footprint = None
     try:
         catalog = load_catalog(args.catalog)
-        if args.dir:
+        if args.dir and args.footprint:
+            with recording() as recorder:
+                resolution = resolve_path(args.dir, catalog, label=args.label)
+            footprint = recorder.footprint()
+        elif args.dir:
             resolution = resolve_path(args.dir, catalog, label=args.label)
         else:
             archive = None
@@ -302,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CasaspawnerError as exc:
         _print_error(exc)
         return 2
-    _print_resolution(resolution)
+    _print_resolution(resolution, footprint)
     return 0
 
 

@@ -31,6 +31,7 @@ from traitlets import Bool, Dict, Float, Integer, List, Unicode, Union, default
 from traitlets import Callable as CallableTrait
 
 from casaspawner.catalog.model import Catalog, Release, load_catalog
+from casaspawner.datasets.cache import RESOLUTIONS
 from casaspawner.datasets.model import Resolution
 from casaspawner.datasets.worker import WorkerLimits, resolve_in_worker
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
@@ -691,7 +692,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         return reader  # type: ignore[no-any-return]
 
     async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
-        """Resolve a dataset directory or an identifier in a worker process with limits."""
+        """Resolve a dataset directory or an identifier in a worker process with limits.
+
+        A directory resolved before and unchanged since is answered by the hub's cache.
+        """
         return await resolve_in_worker(
             target,
             label,
@@ -699,6 +703,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             catalog_path=self.catalog_path,
             archive=self.get_archive_client(),
             limits=self.resolver_limits(),
+            cache=RESOLUTIONS,
         )
 
     def resolver_limits(self) -> WorkerLimits:
