@@ -49,3 +49,16 @@ def cache_dir() -> Path:
         return Path("/var/cache/casaspawner")
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "casaspawner"
+
+
+#: The variable carrying a session's reproducibility record, as the hub wrote it, to the session.
+RECORD_ENV = "CASASPAWNER_RECORD"
+#: The variable naming the directory the session writes its record into.
+RECORD_DIR_ENV = "CASASPAWNER_RECORD_DIR"
+#: The record's file in its directory: an RO-Crate's metadata file.
+RECORD_FILE = "ro-crate-metadata.json"
+#: The record's entities that the session completes, by ``@id``.
+RECORD_ACTION_ID = "#session"
+RECORD_EVIDENCE_ID = "#evidence"
+RECORD_MEASURES_ID = "#measures"
+RECORD_RUNTIME_ID = "#runtime"

@@ -24,8 +24,11 @@ from casaspawner.errors import ConfigurationError, InvalidInput
 from casaspawner.kube import events, objects, podsecurity
 from casaspawner.kube.quantities import quantity_bytes
 from casaspawner.plan import SessionPlan
+from casaspawner.session.options import OUTPUT_KEY
+from casaspawner.session.record import Runtime, image_digest
 from casaspawner.spawners.errors import spawn_error
 from casaspawner.spawners.mixin import CASASessionMixin
+from casaspawner.spawners.records import SessionRecords
 
 #: Placeholder owner uid in dry-run Secrets.
 #:
@@ -96,7 +99,7 @@ class _ModifyPod:
 
 
 # KubeSpawner ships no type hints.
-class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]
+class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignore[misc]
     """Start one CASA session pod per server, as the session plan says.
 
     Image, storage, identity and labels come from the plan.
@@ -278,6 +281,14 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]
 
     def apply_plan(self, plan: SessionPlan) -> None:
         super().apply_plan(plan)
+        # The image's digest is known only once the pod runs; see image_id.
+        runtime = Runtime("image", plan.image, None, "the image the pod ran")
+        self.environment = {
+            **self.environment,
+            **self.record_environment(
+                plan, runtime, self.storage_layout(), self.measures_mount_path
+            ),
+        }
         fields = objects.session_fields(
             plan,
             self.pod_settings(),
@@ -310,6 +321,28 @@ class CASASpawner(CASASessionMixin, KubeSpawner):  # type: ignore[misc]
     def _record_started(self, future: asyncio.Future[Any]) -> None:
         if self.session_plan is not None and not future.cancelled() and not future.exception():
             self.record_session(self.session_plan)
+            self.record_image_digest()
+
+    def image_id(self) -> str | None:
+        """The running session container's ``imageID``, from the pod's status."""
+        pod = self.pod_reflector.pods.get(f"{self.namespace}/{self.pod_name}")
+        statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
+        for status in statuses:
+            if status.get("name") == "notebook" and status.get("imageID"):
+                return str(status["imageID"])
+        return None
+
+    def record_image_digest(self) -> None:
+        """Put the image's digest beside the session's summary and in the hub's log."""
+        digest = image_digest(self.image_id() or "")
+        output = self.user_options.get(OUTPUT_KEY)
+        if digest is None or not isinstance(output, dict):
+            return
+        output["image_digest"] = f"sha256:{digest}"
+        orm_spawner = getattr(self, "orm_spawner", None)
+        if orm_spawner is not None:
+            orm_spawner.user_options = dict(self.user_options)
+        self.log.info("CASA session of %s runs %s@sha256:%s", self.user.name, self.image, digest)
 
     async def _start(self) -> str:
         """KubeSpawner's start, with the token Secret stored first and owned by the pod last.

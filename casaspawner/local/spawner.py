@@ -39,6 +39,7 @@ from casaspawner.catalog.model import Release
 from casaspawner.datasets.model import Resolution
 from casaspawner.datasets.worker import RunAs, WorkerFailed, resolve_in_worker
 from casaspawner.errors import CasaspawnerError, InvalidInput, shown
+from casaspawner.insession.record import complete as complete_record_file
 from casaspawner.local.accounts import (
     GroupRegistry,
     ensure_account,
@@ -54,8 +55,10 @@ from casaspawner.local.environments.pythons import world_usable
 from casaspawner.local.processes import session_processes, terminate
 from casaspawner.plan import INTERFACES, Identity, SessionPlan, StorageLayout, Substitution
 from casaspawner.runtime import cache_dir
+from casaspawner.session.record import Runtime
 from casaspawner.spawners.errors import spawn_error
 from casaspawner.spawners.mixin import CASASessionMixin, render_spawn_form
+from casaspawner.spawners.records import SessionRecords
 
 #: What the sessions' Jupyter environment needs, pinned to the hub's own versions.
 UI_PACKAGES = ("jupyterhub", "jupyterlab", "jupyter-remote-desktop-proxy", "jupyter-server-proxy")
@@ -86,7 +89,7 @@ async def _render_local_options_form(spawner: LocalCASASpawner) -> str:
     return await render_spawn_form(spawner) + await spawner.resolution_preview()
 
 
-class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[misc]
+class LocalCASASpawner(SessionRecords, CASASessionMixin, LocalProcessSpawner):  # type: ignore[misc]
     """Start CASA sessions as local processes.
 
     A session is JupyterLab or a noVNC CASA desktop.
@@ -684,6 +687,14 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         # The desktop's vncserver wrapper picks an X display no other X server (or container) uses.
         desktop_bin = str(self.desktop_dir() / "bin")
         extra["PATH"] = os.pathsep.join([desktop_bin, os.environ.get("PATH", "/usr/bin:/bin")])
+        # The session's record names the environment by the content hash of its package list.
+        digest = await asyncio.to_thread(env.content_digest)
+        runtime = Runtime(
+            "environment", str(env.root), digest, "sha256 of the environment's package list"
+        )
+        extra.update(
+            self.record_environment(plan, runtime, self.storage_layout(), str(env.measures))
+        )
         self.environment = {**self.environment, **extra}
         log_path = Path(plan.home) / self.session_log_name
         try:
@@ -801,6 +812,62 @@ class LocalCASASpawner(CASASessionMixin, LocalProcessSpawner):  # type: ignore[m
         finally:
             for process in tree:
                 process.close()
+
+    async def complete_record(self) -> None:
+        """Add the end time to the session's record when the session could not, as the user.
+
+        A session killed (``SIGKILL``, a crash) never completes its own record. A hub running as
+        root completes it as the owner of the record's directory, who wrote it, with the
+        resolver's Python; otherwise the session ran as the hub's own user, who completes it
+        here.
+        """
+        directory, self.session_record_dir = self.session_record_dir, None
+        if not directory:
+            return
+        if not running_as_root():
+            try:
+                await asyncio.to_thread(complete_record_file, Path(directory))
+            except OSError as exc:
+                self.log.warning("The record in %s could not be completed: %s", directory, exc)
+            return
+        try:
+            owner = os.lstat(directory)
+        except OSError:
+            # The session never wrote it.
+            return
+        if not stat.S_ISDIR(owner.st_mode) or owner.st_uid == 0:
+            return
+        python = await self._resolver_python()
+        pythonpath = str(self.environment_manager().session_files() / "python")
+        # The owner's ids are given to the child by subprocess itself: no Python runs between
+        # fork and exec in the hub (see make_preexec_fn for the session's own process).
+        process = await asyncio.create_subprocess_exec(
+            python,
+            "-s",
+            "-m",
+            "casaspawner.insession.record",
+            "stop",
+            directory,
+            env={"PYTHONPATH": pythonpath, "PATH": "/usr/bin:/bin"},
+            cwd="/",
+            user=owner.st_uid,
+            group=owner.st_gid,
+            extra_groups=[],
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, error = await asyncio.wait_for(process.communicate(), 30)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+            error = b"timed out"
+        if process.returncode:
+            self.log.warning(
+                "The record in %s could not be completed: %s",
+                directory,
+                error.decode(errors="replace")[-500:],
+            )
 
     def clear_state(self) -> None:
         super().clear_state()

@@ -20,10 +20,16 @@ from casaspawner.catalog import Catalog
 from casaspawner.kube.spawner import CASASpawner
 from casaspawner.local.spawner import LocalCASASpawner
 from casaspawner.spawners.mixin import CASASessionMixin
+from casaspawner.spawners.records import SessionRecords
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 HTML = DOCS / "_build" / "html"
-CLASSES: tuple[type[HasTraits], ...] = (CASASessionMixin, CASASpawner, LocalCASASpawner)
+CLASSES: tuple[type[HasTraits], ...] = (
+    CASASessionMixin,
+    SessionRecords,
+    CASASpawner,
+    LocalCASASpawner,
+)
 DIRECTIVE = re.compile(r"^\.\. (autoconfigurable|autotrait):: (\S+)$", re.MULTILINE)
 
 sys.path.insert(0, str(DOCS / "_ext"))
@@ -35,7 +41,7 @@ def qualified(cls: type) -> str:
 
 
 def required_options() -> dict[str, str]:
-    """Every option the three classes define, as ``module.Class.name``, with its help."""
+    """Every option the four classes define, as ``module.Class.name``, with its help."""
     return {
         f"{qualified(cls)}.{name}": trait.help
         for cls in CLASSES
@@ -58,7 +64,7 @@ def documented_options(text: str) -> set[str]:
 def test_the_configuration_reference_documents_every_option() -> None:
     text = (DOCS / "configuration.md").read_text()
     required = required_options()
-    # The three classes define options: an empty set would make this test pass on nothing.
+    # The classes define options: an empty set would make this test pass on nothing.
     assert len(required) > 40
     documented = documented_options(text)
     missing = sorted(set(required) - documented)

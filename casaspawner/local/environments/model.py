@@ -113,6 +113,28 @@ class CasaEnvironment:
             ) from None
         return jupyter
 
+    def content_digest(self) -> str:
+        """The sha256 of the environment's package list: what a session's record names.
+
+        The list is the release, the CASA build, the CASA directory's name and every installed
+        distribution (``name-version.dist-info``) under the environment, sorted. Two
+        environments with the same packages have the same digest, wherever they are.
+        """
+        lines = [
+            f"release {self.release_id}",
+            f"casa {self.casa}",
+            f"casa_home {self.casa_home.name}",
+        ]
+        for site in sorted(self.root.glob("**/site-packages")):
+            if not site.is_dir() or site.is_symlink():
+                continue
+            lines += sorted(
+                f"package {entry.name}"
+                for entry in site.iterdir()
+                if entry.name.endswith((".dist-info", ".egg-info"))
+            )
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
     def session_environment(self) -> dict[str, str]:
         """Variables the session uses to find this CASA.
 

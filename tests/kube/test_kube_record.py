@@ -1,0 +1,111 @@
+"""CASASpawner hands each session its reproducibility record, and notes the image's digest.
+
+The pod cannot be given the digest before it runs, so the record names the image reference and
+the hub puts the digest from the pod's status beside the session's summary. What the session
+writes is checked in tests/session/test_session_record.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from support.datasets import dataset_in
+
+from casaspawner.spawners.errors import SpawnException
+
+DIGEST = "0123456789abcdef" * 4
+
+
+def pod_env(pod: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+
+
+async def test_the_pod_carries_the_record_and_its_directory(make_spawner, storage):
+    typed = dataset_in(storage, "alice", "cycle10")
+    spawner = make_spawner()
+    await spawner._run_apply_user_options({"dataset": typed, "interface": "desktop"})
+    pod, _ = await spawner.session_manifests()
+    env = pod_env(pod)
+    directory = env["CASASPAWNER_RECORD_DIR"]
+    assert directory.startswith("/arc/home/alice/.casaspawner/sessions/")
+    assert directory.endswith("-member.uid___A001_X3621_X3d68")
+    assert spawner.session_record_dir == directory
+    record = json.loads(base64.b64decode(env["CASASPAWNER_RECORD"]))
+    graph = {item["@id"]: item for item in record["@graph"]}
+    action = graph["#session"]
+    assert action["containerImage"] == {"@id": "#runtime"} and action["startTime"]
+    image = graph["#runtime"]
+    assert (
+        image["@type"] == "ContainerImage"
+        and image["identifier"] == pod["spec"]["containers"][0]["image"]
+    )
+    assert "sha256" not in image
+    # Paths as the session sees them, for the session to hash.
+    assert graph["#dataset"]["contentUrl"] == f"file:///arc/home/alice/{typed}/"
+    assert graph["#evidence"]["contentUrl"].startswith(f"file:///arc/home/alice/{typed}/")
+    assert graph["#measures"]["contentUrl"] == "file:///opt/casa/measures/"
+    assert graph["#option-interface"]["value"] == "desktop"
+    # The state keeps it across hub restarts.
+    assert spawner.get_state()["casa_record_dir"] == directory
+
+
+async def test_records_can_be_turned_off_and_their_directory_stays_in_the_home(
+    make_spawner, storage
+):
+    dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    off = make_spawner(session_records=False)
+    await off._run_apply_user_options(dataset)
+    pod, _ = await off.session_manifests()
+    assert not {"CASASPAWNER_RECORD", "CASASPAWNER_RECORD_DIR"} & set(pod_env(pod))
+
+    elsewhere = make_spawner(session_records_dir="../bob")
+    with pytest.raises(SpawnException) as info:
+        await elsewhere._run_apply_user_options(dataset)
+    assert info.value.status_code == 500 and info.value.jupyterhub_message == (
+        "The hub's configuration is invalid: CASASpawner.session_records_dir is '../bob', "
+        "not a directory inside the home."
+    )
+
+    other = make_spawner(session_records_dir="records")
+    await other._run_apply_user_options(dataset)
+    pod, _ = await other.session_manifests()
+    assert pod_env(pod)["CASASPAWNER_RECORD_DIR"].startswith("/arc/home/alice/records/")
+
+
+class Reflector:
+    def __init__(self, pods: dict) -> None:
+        self.pods = pods
+
+
+async def test_the_running_pods_digest_is_kept_beside_the_summary(
+    make_spawner, storage, monkeypatch, caplog
+):
+    from casaspawner.kube.spawner import CASASpawner
+
+    spawner = make_spawner()
+    await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
+    spawner.record_session(spawner.session_plan)
+    status = {
+        "containerStatuses": [
+            {"name": "sidecar", "imageID": "docker.io/other@sha256:" + "f" * 64},
+            {"name": "notebook", "imageID": f"ghcr.io/casaspawner/casa@sha256:{DIGEST}"},
+        ]
+    }
+    pods = {f"test/{spawner.pod_name}": {"status": status}}
+    monkeypatch.setattr(CASASpawner, "pod_reflector", property(lambda self: Reflector(pods)))
+    assert spawner.image_id() == f"ghcr.io/casaspawner/casa@sha256:{DIGEST}"
+    with caplog.at_level("INFO"):
+        spawner.record_image_digest()
+    assert spawner.user_options["casaspawner"]["image_digest"] == f"sha256:{DIGEST}"
+    assert f"@sha256:{DIGEST}" in caplog.text
+    # A pod not (yet) in the reflector changes nothing.
+    pods.clear()
+    spawner.user_options["casaspawner"].pop("image_digest")
+    spawner.record_image_digest()
+    assert "image_digest" not in spawner.user_options["casaspawner"]
+    # The hub forgets the record once the session has ended; the session completed it.
+    await spawner.run_post_stop_hook()
+    assert spawner.session_record_dir is None
+    assert "casa_record_dir" not in spawner.get_state()

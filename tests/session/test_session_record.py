@@ -1,0 +1,305 @@
+"""The reproducibility record: built from the plan by the hub, written by the session."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from casaspawner.catalog import Catalog
+from casaspawner.datasets.model import Evidence, Resolution
+from casaspawner.datasets.resolve import resolve_path
+from casaspawner.datasets.synth import write_dataset
+from casaspawner.errors import InvalidInput
+from casaspawner.insession import record as insession
+from casaspawner.plan import (
+    Identity,
+    PlanConfig,
+    SessionOptions,
+    SessionPlan,
+    StorageLayout,
+    Substitution,
+    make_plan,
+)
+from casaspawner.runtime import RECORD_DIR_ENV, RECORD_ENV, RECORD_FILE
+from casaspawner.session.record import (
+    COMPLETED,
+    PROCESS_RUN_CRATE,
+    RecordFacts,
+    Runtime,
+    dataset_path,
+    image_digest,
+    image_parts,
+    record_directory,
+    record_name,
+    record_text,
+    session_record,
+)
+
+STARTED = datetime(2026, 12, 6, 2, 15, 0, tzinfo=timezone.utc)
+IMAGE = "ghcr.io/casaspawner/casa:6.5.4-9-pipeline-2023.1.0.124"
+DIGEST = "a" * 64
+
+
+def layout(storage: Path) -> StorageLayout:
+    return StorageLayout(
+        home_mount=str(storage / "home") + "/{username}",
+        project_mount=str(storage / "projects") + "/{group}",
+    )
+
+
+def alice_plan(
+    storage: Path, catalog: Catalog, era: str = "cycle10", **options: str
+) -> tuple[SessionPlan, Path]:
+    """alice's plan for a synthetic dataset in her home under ``storage``."""
+    home = storage / "home" / "alice"
+    member = write_dataset(home / "data" / era, era)
+    typed = "~/" + str(member.relative_to(home))
+    resolution = resolve_path(member, catalog, label=typed)
+    config = PlanConfig(storage=layout(storage))
+    plan = make_plan(
+        Identity("alice", 54321, 54321),
+        SessionOptions(typed, **options),
+        catalog,
+        resolution,
+        config,
+    )
+    return plan, member
+
+
+def graph(record: dict) -> dict[str, dict]:
+    return {item["@id"]: item for item in record["@graph"]}
+
+
+def written(directory: Path) -> dict:
+    return json.loads((directory / RECORD_FILE).read_text())
+
+
+def test_the_record_of_an_exact_session(tmp_path: Path, catalog: Catalog) -> None:
+    plan, member = alice_plan(tmp_path, catalog)
+    facts = RecordFacts(
+        STARTED,
+        Runtime("image", IMAGE, DIGEST, "the pod's imageID"),
+        hub_version="5.3.0",
+        dataset_path=dataset_path(plan, layout(tmp_path)),
+        measures_path="/opt/casa/measures",
+    )
+    record = session_record(plan, facts)
+    assert record["@context"] == [
+        "https://w3id.org/ro/crate/1.1/context",
+        "https://w3id.org/ro/terms/workflow-run/context",
+    ]
+    entities = graph(record)
+    assert entities[RECORD_FILE]["conformsTo"] == {"@id": "https://w3id.org/ro/crate/1.1"}
+    assert entities["./"]["conformsTo"] == [{"@id": PROCESS_RUN_CRATE}]
+    action = entities["#session"]
+    assert action["@type"] == "CreateAction"
+    assert action["startTime"] == "2026-12-06T02:15:00Z" and "endTime" not in action
+    assert action["actionStatus"] == {"@id": "http://schema.org/ActiveActionStatus"}
+    assert action["description"] == plan.reason
+    casa = entities[action["instrument"][0]["@id"]]
+    assert (casa["name"], casa["softwareVersion"], casa["identifier"]) == (
+        "CASA",
+        "6.5.4-9",
+        "pl-2023.1.0.124",
+    )
+    assert entities["#pipeline"]["softwareVersion"] == "2023.1.0.124"
+    image = entities[action["containerImage"]["@id"]]
+    assert image["@type"] == "ContainerImage" and image["sha256"] == DIGEST
+    assert (image["registry"], image["name"], image["tag"]) == (
+        "ghcr.io",
+        "casaspawner/casa",
+        "6.5.4-9-pipeline-2023.1.0.124",
+    )
+    objects = [entities[o["@id"]] for o in action["object"]]
+    dataset = objects[0]
+    assert dataset["@type"] == "Dataset" and dataset["identifier"] == plan.options.dataset
+    assert dataset["contentUrl"] == f"file://{member}/"
+    evidence = entities[dataset["hasPart"][0]["@id"]]
+    assert evidence["@type"] == "File" and evidence["additionalType"] == "manifest"
+    assert evidence["contentUrl"] == f"file://{member / plan.resolution.evidence.path}"
+    options = {o["name"]: o["value"] for o in objects if o["@type"] == "PropertyValue"}
+    assert options == {"dataset": plan.options.dataset, "interface": "lab", "size": "medium"}
+    facts_seen = {
+        entities[p["@id"]]["name"]: entities[p["@id"]]["value"]
+        for p in action["additionalProperty"]
+    }
+    assert facts_seen == {
+        "exact": True,
+        "approximate": False,
+        "processed with": "CASA 6.5.4-9, pipeline 2023.1.0.124",
+    }
+    versions = {
+        e["name"]: e.get("softwareVersion")
+        for e in entities.values()
+        if e["@id"] in ("#casaspawner", "#jupyterhub")
+    }
+    assert versions == {"casaspawner": facts.casaspawner_version, "JupyterHub": "5.3.0"}
+    assert entities["#user"] == {"@id": "#user", "@type": "Person", "name": "alice"}
+    # Every reference names an entity of the graph.
+    ids = set(entities)
+    refs = [v["@id"] for e in entities.values() for v in _references(e)]
+    assert not [r for r in refs if r not in ids and not r.startswith("http")]
+    # One line without braces, for a variable KubeSpawner expands templates in.
+    text = record_text(record)
+    assert json.loads(base64.b64decode(text)) == record and not set("{}\n") & set(text)
+
+
+def _references(entity: dict) -> list[dict]:
+    found = []
+    for key, value in entity.items():
+        if key == "@id":
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict) and set(item) == {"@id"}:
+                found.append(item)
+    return found
+
+
+def test_the_session_writes_observes_and_completes_the_record(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    plan, member = alice_plan(tmp_path, catalog)
+    measures = tmp_path / "cache" / "measures" / "casadata" / "casadata" / "__data__"
+    (measures / "geodetic").mkdir(parents=True)
+    (measures.parent.parent / "casadata-2025.9.22.dist-info").mkdir()
+    facts = RecordFacts(
+        STARTED,
+        Runtime("environment", "/var/cache/casaspawner/envs/6.5.4-9", "b" * 64, "packages"),
+        dataset_path=dataset_path(plan, layout(tmp_path)),
+    )
+    directory = Path(record_directory(plan, STARTED))
+    directory = tmp_path / directory.relative_to("/")
+    environ = {
+        RECORD_ENV: record_text(session_record(plan, facts)),
+        RECORD_DIR_ENV: str(directory),
+        "CASA_MEASURES_PATH": str(measures),
+    }
+    assert insession.start(environ) == directory
+    entities = graph(written(directory))
+    manifest = member / plan.resolution.evidence.path
+    assert entities["#evidence"]["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert entities["#evidence"]["contentSize"] == str(manifest.stat().st_size)
+    assert entities["#measures"]["version"] == "casadata 2025.9.22"
+    assert entities["#measures"]["contentUrl"] == f"file://{measures}/"
+    # Locally the environment is an instrument beside CASA, with its content hash.
+    action = entities["#session"]
+    assert {"@id": "#runtime"} in action["instrument"] and "containerImage" not in action
+    assert entities["#runtime"]["sha256"] == "b" * 64
+    assert oct(directory.stat().st_mode & 0o777) == "0o700"
+    # The record is kept when the server starts again in the same session.
+    assert insession.complete(directory)
+    first = written(directory)
+    ended = first["@graph"]
+    action = graph(first)["#session"]
+    end = datetime.strptime(action["endTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert STARTED <= end <= datetime.now(timezone.utc) + timedelta(seconds=1)
+    assert action["actionStatus"] == {"@id": COMPLETED}
+    assert not insession.complete(directory)
+    assert written(directory)["@graph"] == ended
+    assert insession.main(["stop", str(directory)]) == 0
+    assert insession.main(["stop"]) == 2
+    assert not list(directory.glob(".record-*"))
+
+
+def test_rocrate_reads_the_record(tmp_path: Path, catalog: Catalog) -> None:
+    rocrate = pytest.importorskip("rocrate.rocrate")
+    plan, _ = alice_plan(tmp_path, catalog)
+    facts = RecordFacts(
+        STARTED, Runtime("image", IMAGE), dataset_path=dataset_path(plan, layout(tmp_path))
+    )
+    directory = tmp_path / "record"
+    environ = {
+        RECORD_ENV: record_text(session_record(plan, facts)),
+        RECORD_DIR_ENV: str(directory),
+    }
+    insession.start(environ)
+    insession.complete(directory)
+    crate = rocrate.ROCrate(directory)
+    action = crate.get("#session")
+    assert action.type == "CreateAction"
+    assert action["endTime"] and action["startTime"] == "2026-12-06T02:15:00Z"
+    assert crate.get("#casa")["softwareVersion"] == "6.5.4-9"
+    assert crate.get("#evidence")["sha256"]
+    assert [p.id for p in crate.root_dataset["conformsTo"]] == [PROCESS_RUN_CRATE]
+
+
+def test_an_approximate_session_says_why(tmp_path: Path, catalog: Catalog) -> None:
+    home = tmp_path / "home" / "alice"
+    member = write_dataset(home / "d", "cycle10")
+    resolution = resolve_path(member, catalog, label="~/d")
+    nearest = next(r for r in catalog.available() if r.wheels is not None)
+    plan = make_plan(
+        Identity("alice", 54321, 54321),
+        SessionOptions("~/d", interface="desktop"),
+        catalog,
+        resolution,
+        PlanConfig(storage=layout(tmp_path)),
+        Substitution(nearest, "This machine cannot install it; the session runs another"),
+    )
+    entities = graph(session_record(plan, RecordFacts(STARTED, Runtime("environment", "/e"))))
+    assert entities["#approximate"]["value"] is True and entities["#exact"]["value"] is False
+    assert "the dataset calls for" in entities["#session"]["description"]
+    assert entities["#casa"]["softwareVersion"] == nearest.casa
+    assert entities["#option-interface"]["value"] == "desktop"
+    # No sha256 the hub does not know.
+    assert "sha256" not in entities["#runtime"]
+
+
+def test_a_dataset_from_the_archive_has_no_file_to_hash(catalog: Catalog) -> None:
+    release = catalog.get("pl-2023.1.0.124")
+    resolution = Resolution(
+        "2023.1.01234.S",
+        Evidence("archive-manifest", "uid___A001_X1:manifest.xml", "6.5.4-9", "2023.1.0.124"),
+        release,
+        True,
+        "The archive's pipeline manifest names it.",
+    )
+    plan = make_plan(
+        Identity("alice", 54321, 54321), SessionOptions("2023.1.01234.S"), catalog, resolution
+    )
+    assert dataset_path(plan, StorageLayout()) is None
+    entities = graph(session_record(plan, RecordFacts(STARTED, Runtime("image", IMAGE))))
+    assert "contentUrl" not in entities["#dataset"] and "contentUrl" not in entities["#evidence"]
+    assert entities["#evidence"]["name"] == "uid___A001_X1:manifest.xml"
+    # The session adds nothing it cannot see, and says the measures named no version.
+    observed = graph(
+        insession.observe(session_record(plan, RecordFacts(STARTED, Runtime("image", IMAGE))), {})
+    )
+    assert "sha256" not in observed["#evidence"]
+    assert observed["#measures"]["version"].startswith("unknown")
+
+
+def test_a_dataset_without_evidence_names_none(catalog: Catalog) -> None:
+    chosen = catalog.get("pl-2023.1.0.124")
+    resolution = Resolution("~/x", Evidence("none", "", None, None), chosen, False, "You chose.")
+    plan = make_plan(Identity("alice", 54321, 54321), SessionOptions("~/x"), catalog, resolution)
+    entities = graph(session_record(plan, RecordFacts(STARTED, Runtime("image", IMAGE))))
+    assert "#evidence" not in entities and "hasPart" not in entities["#dataset"]
+    assert entities["#processed-with"]["value"].startswith("unknown")
+    assert dataset_path(plan, StorageLayout()) == "/arc/home/alice/x"
+
+
+def test_names_digests_and_image_parts(tmp_path: Path, catalog: Catalog) -> None:
+    plan, _ = alice_plan(tmp_path, catalog)
+    name = record_name(plan, STARTED)
+    assert name.startswith("20261206T021500Z-member.uid___")
+    assert record_directory(plan, STARTED).startswith(f"{plan.home}/.casaspawner/sessions/")
+    with pytest.raises(InvalidInput):
+        record_directory(plan, STARTED, "../elsewhere")
+    with pytest.raises(InvalidInput):
+        record_directory(plan, STARTED, "/tmp")
+    with pytest.raises(ValueError, match="aware"):
+        session_record(plan, RecordFacts(datetime(2026, 1, 1), Runtime("image", IMAGE)))
+    assert image_digest(f"docker-pullable://{IMAGE}@sha256:{DIGEST}") == DIGEST
+    assert image_digest(f"ghcr.io/casaspawner/casa@sha256:{DIGEST}") == DIGEST
+    assert image_digest("sha256:" + "0" * 10) is None
+    assert image_parts("casa:1") == {"registry": "docker.io", "name": "casa", "tag": "1"}
+    assert image_parts(f"localhost:5000/casa@sha256:{DIGEST}") == {
+        "registry": "localhost:5000",
+        "name": "casa",
+    }
