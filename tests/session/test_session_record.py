@@ -5,6 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,6 +21,7 @@ from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.errors import InvalidInput
 from casaspawner.insession import record as insession
+from casaspawner.net import free_port
 from casaspawner.plan import (
     Identity,
     PlanConfig,
@@ -303,3 +309,61 @@ def test_names_digests_and_image_parts(tmp_path: Path, catalog: Catalog) -> None
         "registry": "localhost:5000",
         "name": "casa",
     }
+
+
+@pytest.mark.integration
+def test_the_sessions_jupyter_server_writes_the_record_and_completes_it_on_sigterm(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    """The server extension as sessions load it: SIGTERM (a pod deleted, the hub stopping a
+    local session) ends the server cleanly, and the record gets its end time."""
+    pytest.importorskip("jupyter_server")
+    plan, _ = alice_plan(tmp_path, catalog)
+    facts = RecordFacts(
+        STARTED, Runtime("image", IMAGE), dataset_path=dataset_path(plan, layout(tmp_path))
+    )
+    directory = tmp_path / "record"
+    env = {
+        **os.environ,
+        RECORD_ENV: record_text(session_record(plan, facts)),
+        RECORD_DIR_ENV: str(directory),
+        "HOME": str(tmp_path),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+    }
+    extensions = "{'casaspawner.insession.record': True}"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--no-browser",
+            "--allow-root",
+            f"--port={free_port()}",
+            f"--ServerApp.jpserver_extensions={extensions}",
+            f"--ServerApp.root_dir={tmp_path}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "sha256" not in _evidence_of(directory) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "sha256" in _evidence_of(directory)
+        assert "endTime" not in graph(written(directory))["#session"]
+        server.send_signal(signal.SIGTERM)
+        _, log = server.communicate(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    action = graph(written(directory))["#session"]
+    assert action["actionStatus"] == {"@id": COMPLETED} and action["endTime"], log[-2000:]
+
+
+def _evidence_of(directory: Path) -> dict:
+    try:
+        return graph(written(directory)).get("#evidence", {})
+    except (OSError, ValueError):
+        return {}
