@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 import threading
@@ -39,6 +40,7 @@ from casaspawner.runtime import (
     RECORD_MEASURES_ID,
 )
 
+ACTIVE = "http://schema.org/ActiveActionStatus"
 COMPLETED = "http://schema.org/CompletedActionStatus"
 #: The largest evidence file hashed, in bytes: a packed weblog is tens to hundreds of MiB.
 HASH_LIMIT = 2 << 30
@@ -67,18 +69,28 @@ def local_path(url: object) -> Path | None:
 
 
 def file_sha256(path: Path, limit: int = HASH_LIMIT) -> tuple[str, int] | None:
-    """The sha256 and size of a regular file, or None when it cannot be read or is too large."""
+    """The sha256 and size of a regular file, or None when it cannot be read or is too large.
+
+    A FIFO or a device in its place is opened without waiting and never read: it could block
+    or never end.
+    """
     digest = hashlib.sha256()
     size = 0
     try:
-        with path.open("rb") as handle:
-            if not os.path.isfile(path) or os.fstat(handle.fileno()).st_size > limit:
-                return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        try:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
                 size += len(chunk)
-    except OSError:
-        return None
+        except OSError:
+            return None
     return digest.hexdigest(), size
 
 
@@ -164,7 +176,8 @@ def start(environ: Mapping[str, str]) -> Path | None:
     """Write the record when the session starts, then add what the session sees.
 
     Returns the record's directory, or None when the hub asked for no record. A record already
-    there (the server started again in the same session) is kept.
+    there (the server started again in the same session) is kept, and is open again until the
+    server stops.
     """
     text, directory = environ.get(RECORD_ENV), environ.get(RECORD_DIR_ENV)
     if not text or not directory:
@@ -174,7 +187,10 @@ def start(environ: Mapping[str, str]) -> Path | None:
         record = read_record(where)
         if record is None:
             record = json.loads(base64.b64decode(text, validate=True))
-            write_record(where, record)
+        action = entity(record, RECORD_ACTION_ID)
+        if action is not None and action.pop("endTime", None) is not None:
+            action["actionStatus"] = {"@id": ACTIVE}
+        write_record(where, record)
     observed = observe(record, environ)
     with _LOCK:
         write_record(where, observed)

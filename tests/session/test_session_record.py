@@ -208,8 +208,27 @@ def test_the_session_writes_observes_and_completes_the_record(
     assert not insession.complete(directory)
     assert written(directory)["@graph"] == ended
     assert insession.main(["stop", str(directory)]) == 0
+    # The server started again in the same session: the same record, open again.
+    assert insession.start(environ) == directory
+    again = graph(written(directory))["#session"]
+    assert "endTime" not in again and again["startTime"] == "2026-12-06T02:15:00Z"
+    assert again["actionStatus"] == {"@id": "http://schema.org/ActiveActionStatus"}
+    assert insession.complete(directory)
     assert insession.main(["stop"]) == 2
     assert not list(directory.glob(".record-*"))
+
+
+def test_only_a_regular_file_is_hashed(tmp_path: Path) -> None:
+    regular = tmp_path / "manifest.xml"
+    regular.write_bytes(b"<manifest/>")
+    assert insession.file_sha256(regular) == (hashlib.sha256(b"<manifest/>").hexdigest(), 11)
+    assert insession.file_sha256(regular, limit=10) is None
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # Opened without waiting for a writer, and never read.
+    assert insession.file_sha256(fifo) is None
+    assert insession.file_sha256(tmp_path / "missing") is None
+    assert insession.file_sha256(tmp_path) is None
 
 
 def test_rocrate_reads_the_record(tmp_path: Path, catalog: Catalog) -> None:
