@@ -44,9 +44,11 @@ class SessionRecords(_MixinBase):  # type: ignore[misc]
         help="""
         Whether each session writes a reproducibility record into the user's home: an RO-Crate
         (``ro-crate-metadata.json``, Process Run Crate profile) naming the dataset, the evidence
-        file and its sha256, the CASA and pipeline build and why, the image digest or the local
-        environment's content hash, the measures data's version, the options, the hub's and
-        casaspawner's versions, and the start and stop times. The session writes it as the user.
+        file and its sha256, the CASA and pipeline build and why, the image reference (the
+        running image's digest is kept beside the session's summary, ``image_digest``) or the
+        local environment's content hash, the measures data's version, the options, the hub's
+        and casaspawner's versions, and the start and stop times. The session writes it as the
+        user.
         """,
     ).tag(config=True)
 
