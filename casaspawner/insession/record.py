@@ -4,7 +4,8 @@ The hub puts the record (an RO-Crate's JSON-LD, built by ``casaspawner.session.r
 ``$CASASPAWNER_RECORD``, base64-encoded, and its directory in ``$CASASPAWNER_RECORD_DIR``. This Jupyter server
 extension, running as the session's user, writes ``ro-crate-metadata.json`` there when the
 server starts, then adds what only the session can see: the sha256 and size of the evidence file
-that decided the build, and the version of the measures data it reads. When the server stops it
+that decided the build, and the version of the measures data it reads. On Kubernetes it then asks
+the hub for the image's digest, which the hub reads from the pod's status once the pod runs. When the server stops it
 completes the record with the end time. ``python -m casaspawner.insession.record stop <dir>``
 completes a record whose session could not (the local spawner runs it, as the user, after the
 session's process ended).
@@ -25,11 +26,13 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
+from urllib.request import ProxyHandler, Request, build_opener
 
 from casaspawner.runtime import (
     RECORD_ACTION_ID,
@@ -38,6 +41,7 @@ from casaspawner.runtime import (
     RECORD_EVIDENCE_ID,
     RECORD_FILE,
     RECORD_MEASURES_ID,
+    RECORD_RUNTIME_ID,
 )
 
 ACTIVE = "http://schema.org/ActiveActionStatus"
@@ -46,6 +50,10 @@ COMPLETED = "http://schema.org/CompletedActionStatus"
 HASH_LIMIT = 2 << 30
 _VERSION_LINE = re.compile(r"^\s*#?\s*version\s*[:=]\s*(\S.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 _LOCK = threading.Lock()
+_SHA256 = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
+#: How long a session asks the hub for its image's digest, and how often, in seconds.
+DIGEST_WAIT = 300.0
+DIGEST_EVERY = 3.0
 
 
 def now_text() -> str:
@@ -213,6 +221,76 @@ def complete(directory: Path, status: str = COMPLETED) -> bool:
         return True
 
 
+def hub_image_digest(environ: Mapping[str, str], timeout: float = 5.0) -> str | None:
+    """The image digest the hub read from the pod's status, as 64 hex digits, or None.
+
+    The session asks the hub's REST API for its own server's model with its own
+    ``$JUPYTERHUB_API_TOKEN`` (``CASASpawner`` gives it ``read:servers!server``); the hub puts the
+    digest beside the summary, ``user_options["casaspawner"]["image_digest"]``, once the pod runs.
+    """
+    api, token = environ.get("JUPYTERHUB_API_URL"), environ.get("JUPYTERHUB_API_TOKEN")
+    user = environ.get("JUPYTERHUB_USER")
+    if not api or not token or not user or not api.startswith(("http://", "https://")):
+        return None
+    url = f"{api.rstrip('/')}/users/{quote(user, safe='')}"
+    # http or https only, checked above.
+    request = Request(url, headers={"Authorization": f"token {token}"})  # noqa: S310
+    # The hub is asked directly, never through a proxy the session's environment names.
+    opener = build_opener(ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            model = json.loads(response.read(1 << 20))
+        server = model["servers"][environ.get("JUPYTERHUB_SERVER_NAME", "")]
+        digest = server["user_options"]["casaspawner"]["image_digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    found = _SHA256.fullmatch(digest) if isinstance(digest, str) else None
+    return found.group(1) if found else None
+
+
+def add_image_digest(directory: Path, digest: str) -> bool:
+    """Put the image's digest on the record's image, once; whether the record changed."""
+    with _LOCK:
+        record = read_record(directory)
+        image = entity(record, RECORD_RUNTIME_ID) if record is not None else None
+        if record is None or image is None or image.get("@type") != "ContainerImage":
+            return False
+        if image.get("sha256"):
+            return False
+        image["sha256"] = digest
+        image["description"] = (
+            "The image the session ran; sha256 is its digest, from the pod's status (imageID)."
+        )
+        write_record(directory, record)
+        return True
+
+
+def needs_image_digest(directory: Path) -> bool:
+    """Whether the record names a container image without its digest."""
+    record = read_record(directory)
+    image = entity(record, RECORD_RUNTIME_ID) if record is not None else None
+    return bool(image and image.get("@type") == "ContainerImage" and not image.get("sha256"))
+
+
+def watch_image_digest(
+    directory: Path,
+    environ: Mapping[str, str],
+    stopping: threading.Event,
+    wait: float = DIGEST_WAIT,
+    every: float = DIGEST_EVERY,
+) -> bool:
+    """Ask the hub for the image's digest until it answers, the session stops or time is up."""
+    deadline = time.monotonic() + wait
+    while needs_image_digest(directory) and not stopping.is_set():
+        digest = hub_image_digest(environ)
+        if digest is not None:
+            return add_image_digest(directory, digest)
+        if time.monotonic() > deadline:
+            return False
+        stopping.wait(every)
+    return False
+
+
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "casaspawner.insession.record"}]
 
@@ -224,11 +302,14 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     if not environ.get(RECORD_ENV) or not directory:
         return
     log = serverapp.log
+    stopping = threading.Event()
 
     def run() -> None:
         try:
             start(environ)
             log.info("The session's record is in %s", directory)
+            if watch_image_digest(Path(directory), environ, stopping):
+                log.info("The session's record names its image's digest")
         except Exception as exc:
             log.warning("The session's record could not be written in %s: %s", directory, exc)
 
@@ -236,6 +317,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     thread.start()
 
     def finish() -> None:
+        stopping.set()
         thread.join(timeout=10)
         try:
             complete(Path(directory))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import jupyterhub
 from jupyterhub.utils import maybe_future
-from traitlets import Bool, Unicode
+from traitlets import Bool, Unicode, default
 
 from casaspawner.errors import ConfigurationError
 from casaspawner.plan import SessionPlan, StorageLayout
@@ -29,6 +29,9 @@ from casaspawner.session.record import (
     record_text,
     session_record,
 )
+
+#: The sessions' ``$JUPYTERHUB_API_TOKEN``: JupyterHub's ``server`` role, and reading its own server.
+SERVER_TOKEN_SCOPES = ("users:activity!user", "access:servers!server", "read:servers!server")
 
 if TYPE_CHECKING:
     from jupyterhub.spawner import Spawner as _MixinBase
@@ -44,11 +47,11 @@ class SessionRecords(_MixinBase):  # type: ignore[misc]
         help="""
         Whether each session writes a reproducibility record into the user's home: an RO-Crate
         (``ro-crate-metadata.json``, Process Run Crate profile) naming the dataset, the evidence
-        file and its sha256, the CASA and pipeline build and why, the image reference (the
-        running image's digest is kept beside the session's summary, ``image_digest``) or the
-        local environment's content hash, the measures data's version, the options, the hub's
-        and casaspawner's versions, and the start and stop times. The session writes it as the
-        user.
+        file and its sha256, the CASA and pipeline build and why, the image and its digest (from
+        the pod's status) or the local environment's content hash, the measures data's version,
+        the options, the hub's and casaspawner's versions, and the start and stop times. The
+        session writes it as the user. The spawners' default ``server_token_scopes`` let the
+        session read its own server's model, where the hub notes the image's digest.
         """,
     ).tag(config=True)
 
@@ -65,6 +68,12 @@ class SessionRecords(_MixinBase):  # type: ignore[misc]
     #: ``clear_state`` keeps it: ``LocalProcessSpawner.poll`` clears the state of a session that
     #: died before the hub's post-stop step completes its record. The next start replaces it.
     session_record_dir: str | None = None
+
+    @default("server_token_scopes")
+    def _record_server_token_scopes(self) -> list[str]:
+        # The server role's scopes, and the session's own server's model: the session reads there
+        # the image digest the hub notes once the pod runs (kube/spawner.py, record_image_digest).
+        return list(SERVER_TOKEN_SCOPES)
 
     def check_config(self) -> None:
         """The other checks, then that ``session_records_dir`` stays inside the home."""

@@ -1,8 +1,9 @@
 """CASASpawner hands each session its reproducibility record, and notes the image's digest.
 
 The pod cannot be given the digest before it runs, so the record names the image reference and
-the hub puts the digest from the pod's status beside the session's summary. What the session
-writes is checked in tests/session/test_session_record.py.
+the hub puts the digest from the pod's status beside the session's summary, where the session
+reads it with its own token. What the session writes, and how it asks, is checked in
+tests/session/test_session_record.py.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ async def test_the_pod_carries_the_record_and_its_directory(make_spawner, storag
     assert graph["#option-interface"]["value"] == "desktop"
     # The state keeps it across hub restarts.
     assert spawner.get_state()["casa_record_dir"] == directory
+    # The session's token may read its own server's model, where the hub notes the digest.
+    assert spawner.server_token_scopes == [
+        "users:activity!user",
+        "access:servers!server",
+        "read:servers!server",
+    ]
 
 
 async def test_records_can_be_turned_off_and_their_directory_stays_in_the_home(

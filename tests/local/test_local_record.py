@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from support.hub import Hub
 
 import casaspawner
 from casaspawner.catalog.model import Release
+from casaspawner.insession import record as insession
 from casaspawner.insession.record import local_path
 from casaspawner.local import demo
 from casaspawner.local.environments import CasaEnvironment
@@ -98,6 +100,22 @@ def test_a_session_writes_its_record_and_completes_it_when_stopped(
         assert version
     assert graph["#jupyterhub"]["softwareVersion"] == jupyterhub.__version__
     assert graph["#casaspawner"]["softwareVersion"] == casaspawner.__version__
+
+    # The session's own token reads its server's model (where a pod's image digest is noted).
+    environ = dict(
+        item.split("=", 1)
+        for item in Path(f"/proc/{hub.session_pid()}/environ").read_text().split("\0")
+        if "=" in item
+    )
+    request = urllib.request.Request(
+        f"{environ['JUPYTERHUB_API_URL']}/users/{demo.DEMO_USER}",
+        headers={"Authorization": f"token {environ['JUPYTERHUB_API_TOKEN']}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        model = json.loads(response.read())
+    assert model["servers"][""]["user_options"]["casaspawner"]["release"] == demo_release.id
+    # No digest on one machine: the session asks and finds none.
+    assert insession.hub_image_digest(environ) is None
 
     hub.stop_server()
     action = wait_for(lambda: entities(path)["#session"], lambda a: "endTime" in a, 30)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -386,3 +388,92 @@ def _evidence_of(directory: Path) -> dict:
         return graph(written(directory)).get("#evidence", {})
     except (OSError, ValueError):
         return {}
+
+
+class HubAPI:
+    """A stand-in for the hub's REST API: one user's model, to the one token it knows."""
+
+    def __init__(self, digest: str | None) -> None:
+        self.digest = digest
+        self.asked: list[str] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hub.asked.append(self.path)
+                if self.headers.get("Authorization") != "token session-token":
+                    self.send_response(403)
+                    self.end_headers()
+                    return
+                options = {"casaspawner": {"summary": "…"}}
+                if hub.digest is not None:
+                    options["casaspawner"]["image_digest"] = hub.digest
+                body = json.dumps({"name": "alice", "servers": {"": {"user_options": options}}})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def environ(self) -> dict[str, str]:
+        return {
+            "JUPYTERHUB_API_URL": f"http://127.0.0.1:{self.server.server_port}/hub/api",
+            "JUPYTERHUB_API_TOKEN": "session-token",
+            "JUPYTERHUB_USER": "alice",
+            "JUPYTERHUB_SERVER_NAME": "",
+        }
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_pod_session_asks_the_hub_for_its_image_digest(tmp_path: Path, catalog: Catalog) -> None:
+    plan, _ = alice_plan(tmp_path, catalog)
+    facts = RecordFacts(STARTED, Runtime("image", IMAGE))
+    directory = tmp_path / "record"
+    insession.start(
+        {RECORD_ENV: record_text(session_record(plan, facts)), RECORD_DIR_ENV: str(directory)}
+    )
+    hub = HubAPI(None)
+    try:
+        environ = hub.environ
+        # Not yet known: asked again until it is, or until the session stops.
+        assert insession.hub_image_digest(environ) is None
+        stopping = threading.Event()
+        stopping.set()
+        assert not insession.watch_image_digest(directory, environ, stopping, wait=5, every=0.1)
+        hub.digest = f"sha256:{DIGEST}"
+        assert insession.hub_image_digest(environ) == DIGEST
+        assert insession.watch_image_digest(directory, environ, threading.Event(), 5, 0.1)
+        assert hub.asked[-1] == "/hub/api/users/alice"
+        image = graph(written(directory))["#runtime"]
+        assert image["sha256"] == DIGEST and "imageID" in image["description"]
+        # Once there, never asked for or written again.
+        asked = len(hub.asked)
+        assert not insession.watch_image_digest(directory, environ, threading.Event(), 5, 0.1)
+        assert not insession.add_image_digest(directory, "b" * 64)
+        assert len(hub.asked) == asked
+        # A wrong token, a bad digest, no hub: nothing.
+        assert insession.hub_image_digest({**environ, "JUPYTERHUB_API_TOKEN": "other"}) is None
+        hub.digest = "sha256:not-a-digest"
+        assert insession.hub_image_digest(environ) is None
+        assert insession.hub_image_digest({**environ, "JUPYTERHUB_API_URL": "file:///etc"}) is None
+        assert insession.hub_image_digest({}) is None
+    finally:
+        hub.close()
+    # A local environment's record never asks.
+    local = tmp_path / "local"
+    facts = RecordFacts(STARTED, Runtime("environment", "/e", "c" * 64))
+    insession.start(
+        {RECORD_ENV: record_text(session_record(plan, facts)), RECORD_DIR_ENV: str(local)}
+    )
+    assert not insession.needs_image_digest(local)
+    assert not insession.add_image_digest(local, DIGEST)
