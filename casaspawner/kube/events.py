@@ -7,7 +7,7 @@ refuses become one sentence each.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +73,7 @@ def _is_pull_failure(reason: str, message: str) -> bool:
 
 def spawn_failure(
     pod: Mapping[str, Any] | None,
-    events: list[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
     image: str,
     *,
     unschedulable_is_fatal: bool = True,

@@ -21,7 +21,7 @@ from tornado import web
 from traitlets import Bool, Dict, Unicode, default, validate
 
 from casaspawner.errors import ConfigurationError, InvalidInput
-from casaspawner.kube import events, objects, podsecurity
+from casaspawner.kube import api, events, objects, podsecurity
 from casaspawner.kube.quantities import quantity_bytes
 from casaspawner.plan import SessionPlan
 from casaspawner.session.options import OUTPUT_KEY
@@ -436,7 +436,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             if not self._token_secret_stored:
                 return False
         try:
-            created = bool(await super()._make_create_pod_request(pod, request_timeout))
+            created = await self._create_pod_once(pod, request_timeout)
         except ApiException as exc:
             if self.refused_for_now(exc):
                 return False
@@ -453,6 +453,28 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             return False
         self._refusal = None
         return created
+
+    async def _create_pod_once(self, pod: Any, request_timeout: float) -> bool:
+        """KubeSpawner's pod request, its answer unread; whether the pod was created.
+
+        As KubeSpawner does, a pod of the same name left over is deleted and the request tried
+        again, and a request that times out is tried again.
+        """
+        name = pod.metadata.name
+        self.log.info("Attempting to create pod %s, with timeout %s", name, request_timeout)
+        try:
+            await api.send(
+                self.api.create_namespaced_pod, self.namespace, pod, timeout=request_timeout
+            )
+        except asyncio.TimeoutError:
+            return False
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.log.info("Found existing pod %s, attempting to kill", name)
+            await self.stop(True)
+            return False
+        return True
 
     def refused_for_now(self, exc: ApiException) -> bool:
         """Whether the API refused the hub for now; the request is then tried again.
@@ -483,9 +505,11 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             return True
         manifest = self.token_secret_manifest(self.pod_name, pod_uid, token)
         try:
-            await asyncio.wait_for(
-                self.api.create_namespaced_secret(self.namespace, manifest),
-                self.k8s_api_request_timeout,
+            await api.send(
+                self.api.create_namespaced_secret,
+                self.namespace,
+                manifest,
+                timeout=self.k8s_api_request_timeout,
             )
             return True
         except CONNECTION_ERRORS as exc:
@@ -549,9 +573,11 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         """One attempt at deleting the token Secret; whether it is gone."""
         name = objects.token_secret_name(self.pod_name)
         try:
-            await asyncio.wait_for(
-                self.api.delete_namespaced_secret(name, self.namespace),
-                self.k8s_api_request_timeout,
+            await api.send(
+                self.api.delete_namespaced_secret,
+                name,
+                self.namespace,
+                timeout=self.k8s_api_request_timeout,
             )
         except CONNECTION_ERRORS:
             return False
@@ -634,12 +660,13 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         raise.
         """
         starting = self._start_future is not None and not self._start_future.done()
-        if not starting:
-            return bool(super().is_pod_running(pod))
+        running = bool(super().is_pod_running(pod))
+        if running or not starting:
+            return running
         plan = self.session_plan
         failure = events.spawn_failure(
             pod,
-            list(self.events) if self.events_enabled else [],
+            self.events if self.events_enabled else [],
             plan.image if plan else self.image,
             unschedulable_is_fatal=self.unschedulable_is_fatal,
         )
@@ -647,6 +674,28 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             reason = "image-pull" if "image" in failure else "unschedulable"
             raise spawn_error(failure, reason=reason)
         return bool(super().is_pod_running(pod))
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """This spawn's events, oldest first, as KubeSpawner's, for less CPU.
+
+        KubeSpawner sorts every event of the namespace (they stay an hour) each time it looks,
+        for each spawn, while the spawn waits and while its progress page is open; here only
+        the pod's own are sorted.
+        """
+        reflector = self.event_reflector
+        if not reflector:
+            return []
+        name = self.pod_name
+        mine = [
+            e for e in list(reflector.resources.values()) if e["involvedObject"]["name"] == name
+        ]
+        mine.sort(key=lambda event: event["lastTimestamp"] or event["eventTime"])
+        # Only the events after the marker start() set (an earlier pod's last), as KubeSpawner.
+        uids = [event["metadata"]["uid"] for event in mine]
+        if self._last_event in uids:
+            return mine[uids.index(self._last_event) + 1 :]
+        return mine
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
         """Resolution result and reason first, then the pod's events in words."""
