@@ -2,8 +2,7 @@
 
 Run with ``make bench-kube`` (root; it starts the cluster with a fake node for kwok, or reuses a
 running one). The benchmark itself runs inside the cluster's network namespace, where pod IPs
-answer. Results: ``benchmarks/results/kube-spawn.json`` and ``kube-spawn.png``,
-``kube-scale.json``.
+answer. Results: ``benchmarks/results/kube-spawn.json`` and ``kube-spawn.png``.
 
 **Spawn overhead.** One process plays the hub: it runs the spawners as JupyterHub does (the
 user's options, ``apply_user_options``, ``start``, then JupyterHub's own
@@ -26,10 +25,7 @@ Every CASA user has their own dataset (a Cycle 10 project directory in their hom
 round of each concurrency resolves every dataset anew (``cold``: the resolution cache emptied);
 the others find the resolution cached, as a user coming back to a dataset does (``warm``).
 
-**Scale.** A real JupyterHub (``hub-config/k8s-test``, so the shipped configuration and the
-casa-sessions service) with CASASpawner keeps 1,000 sessions running on fake nodes; the
-casa-sessions page and API and the hub's admin API are timed, and the hub's resident memory is
-measured before and after (per session).
+**Scale** is ``kube_scale.py``'s: 1,000 sessions under a real hub.
 """
 
 from __future__ import annotations
@@ -744,6 +740,37 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await api.close()
 
 
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """Median wall time and hub CPU per spawn, KubeSpawner beside CASASpawner, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [
+        f"{row['setting'].replace('-', chr(10))}\n{row['concurrency']} at once" for row in summary
+    ]
+    series = (("kube", "KubeSpawner"), ("casa_warm", "CASASpawner"), ("casa_cold", "CASA, cold"))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.27
+    for offset, (key, name) in enumerate(series):
+        positions = [i + (offset - 1) * width for i in range(len(summary))]
+        walls = [row.get(key, {}).get("answering_median_s", 0) for row in summary]
+        cpus = [row.get(key, {}).get("hub_cpu_ms_per_spawn", 0) for row in summary]
+        axes[0].bar(positions, walls, width, label=name)
+        axes[1].bar(positions, cpus, width, label=name)
+    for axis, title in zip(
+        axes, ("start to answering, median (s)", "hub CPU per spawn (ms)"), strict=True
+    ):
+        axis.set_xticks(range(len(summary)), labels, fontsize=7)
+        axis.set_title(title)
+        axis.set_yscale("log")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--code", help="import casaspawner from this tree (a baseline)")
@@ -771,6 +798,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results["summary"], args.out.with_suffix(".png"))
     for row in results["summary"]:
         print(json.dumps(row))
 

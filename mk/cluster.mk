@@ -4,9 +4,10 @@
 # Debian's containerd + runc and CNI plugins, all inside network namespace casaspawner-k8s; the API
 # server is forwarded to 127.0.0.1 on the host. Needs root.
 # Debian packages: the runtime and CNI plugins, the forwarder (socat), nsenter, openssl for the
-# certificates, catatonit for the sandbox image; buildah and busybox-static make the tests' image.
+# certificates, catatonit for the sandbox image; buildah and busybox-static make the tests' image;
+# docker-registry serves it to containerd when make bench-kube times a pull.
 APT_PACKAGES += containerd runc containernetworking-plugins socat iproute2 openssl curl util-linux \
-	iptables catatonit buildah busybox-static
+	iptables catatonit buildah busybox-static docker-registry
 
 # Fake nodes (kwok) to add at cluster-up: `make cluster-up CLUSTER_FAKE_NODES=10`; 0 builds no kwok.
 CLUSTER_FAKE_NODES ?= 0
@@ -17,7 +18,7 @@ export CLUSTER_FAKE_NODES
 K8S_REGISTRY ?= localhost/casaspawner
 K8S_RELEASE ?= casa-6.6.5-31
 
-.PHONY: cluster-build cluster-up cluster-down cluster-test k8s-images k8s-test
+.PHONY: cluster-build cluster-up cluster-down cluster-test k8s-images k8s-test bench-kube
 
 # Build the binaries: about 9 min the first time on 2 cores, then cached (nothing to do).
 cluster-build: deps
@@ -50,3 +51,17 @@ k8s-test: venv chp cluster-build k8s-images
 	trap '[ "$$keep" = 1 ] || cluster/down' EXIT; \
 	CASASPAWNER_K8S_NO_SKIP=1 KUBECONFIG=$(CURDIR)/.cache/k8s/kubeconfig \
 		$(BIN)/pytest -p no:cacheprovider tests/k8s $(PYTEST_ARGS)
+
+# Spawn cost of CASASpawner beside a plain KubeSpawner on this cluster (benchmarks/kube_bench.py,
+# about 25 min: results/kube-spawn.json), then a real hub keeping 1,000 sessions on kwok's fake
+# nodes (kube_scale.py, about 10 min: results/kube-scale.json), both in the cluster's network
+# namespace. The cluster is started (or reused) and stopped again if this target started it.
+# BENCH_KUBE_ARGS and BENCH_SCALE_ARGS narrow them, e.g. `--levels 1 20 --settings fake` and
+# `--sessions 100`.
+bench-kube: venv chp cluster-build
+	$(BIN)/python -m pip install --quiet "matplotlib>=3.7"
+	@keep=$${CLUSTER_KEEP:-0}; up=$$(CLUSTER_FAKE_NODES=1 cluster/up); echo "$$up"; \
+	case "$$up" in *"already running"*) keep=1 ;; esac; \
+	trap '[ "$$keep" = 1 ] || cluster/down' EXIT; \
+	ip netns exec casaspawner-k8s $(BIN)/python benchmarks/kube_bench.py $(BENCH_KUBE_ARGS) && \
+	ip netns exec casaspawner-k8s $(BIN)/python benchmarks/kube_scale.py $(BENCH_SCALE_ARGS)

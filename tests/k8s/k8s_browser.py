@@ -182,8 +182,9 @@ def start_hub(
     kubeconfig: Path,
     issuer: str,
     env: dict[str, str],
+    config: Path = HUB_CONFIG,
 ) -> HubProcess:
-    """The hub of ``hub-config/k8s-test``, ready to answer."""
+    """The hub of ``hub-config/k8s-test`` (or ``config``), ready to answer."""
     port, hub_port, proxy_port, sessions_port = free_ports(cluster, 4)
     url = f"http://127.0.0.1:{port}"
     token = secrets.token_hex(16)
@@ -211,7 +212,7 @@ def start_hub(
     }
     process = start_in_netns(
         cluster,
-        [sys.executable, "-m", "jupyterhub", "-f", str(HUB_CONFIG)],
+        [sys.executable, "-m", "jupyterhub", "-f", str(config)],
         workdir / "jupyterhub.log",
         environment,
         cwd=workdir,
