@@ -59,7 +59,7 @@ k8s-test: venv chp cluster-build k8s-images
 # BENCH_KUBE_ARGS and BENCH_SCALE_ARGS narrow them, e.g. `--levels 1 20 --settings fake` and
 # `--sessions 100`.
 bench-kube: venv chp cluster-build
-	$(BIN)/python -m pip install --quiet "matplotlib>=3.7"
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	@keep=$${CLUSTER_KEEP:-0}; up=$$(CLUSTER_FAKE_NODES=1 cluster/up); echo "$$up"; \
 	case "$$up" in *"already running"*) keep=1 ;; esac; \
 	trap '[ "$$keep" = 1 ] || cluster/down' EXIT; \
