@@ -22,20 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from support.browser import CHROMIUM, CHROMIUM_ARGS
+from support.hub import terminate
+
 from casaspawner.local.processes import descendants
 from cluster import REPO, Cluster
 
 HUB_CONFIG = REPO / "hub-config" / "k8s-test" / "jupyterhub_config.py"
 NPM_BIN = REPO / ".cache" / "npm" / "node_modules" / ".bin"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 #: Ports the tests' processes take in the namespace: below the ephemeral range, where nothing
 #: of the cluster listens.
 PORT_BASE = 18000
@@ -50,26 +44,6 @@ def free_ports(cluster: Cluster, count: int) -> list[int]:
     return ports[:count]
 
 
-def terminate(pids: list[int], timeout: float = 15) -> None:
-    """SIGTERM the processes still alive, then SIGKILL what is left after ``timeout``."""
-    alive = [pid for pid in pids if _signal(pid, signal.SIGTERM)]
-    deadline = time.monotonic() + timeout
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [pid for pid in alive if _signal(pid, 0)]
-    for pid in alive:
-        _signal(pid, signal.SIGKILL)
-
-
-def _signal(pid: int, signum: int) -> bool:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@dataclass
 class Process:
     """A process started in the namespace, and the file its output goes to."""
 
@@ -89,7 +63,7 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        terminate(started)
+        terminate(started, timeout=15)
 
 
 def start_in_netns(
