@@ -69,7 +69,7 @@ docs: venv
 	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
 
 # What CI (.ci/run) runs, in this order.
-test: lint typecheck pytest k8s-test kube-test-hub5 docs
+test: lint typecheck docs pytest k8s-test kube-test-hub5
 
 # The main job on the embedded default: mk/local.mk's hub on this machine.
 demo: demo-local

@@ -44,6 +44,7 @@ def free_ports(cluster: Cluster, count: int) -> list[int]:
     return ports[:count]
 
 
+@dataclass
 class Process:
     """A process started in the namespace, and the file its output goes to."""
 
