@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -23,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from support.browser import CHROMIUM, CHROMIUM_ARGS
-from support.hub import terminate
+from support.hub import stop_tree
 
-from casaspawner.local.processes import descendants
 from cluster import REPO, Cluster
 
 HUB_CONFIG = REPO / "hub-config" / "k8s-test" / "jupyterhub_config.py"
@@ -56,15 +54,7 @@ class Process:
 
     def stop(self) -> None:
         """Stop it and everything it started (the hub's proxy and services)."""
-        started = descendants(self.process.pid)
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        terminate(started, timeout=15)
+        stop_tree(self.process, timeout=15)
 
 
 def start_in_netns(

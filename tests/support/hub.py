@@ -94,16 +94,8 @@ class Hub:
         """
         if self.process is None:
             return
-        started = [] if keep_sessions else descendants(self.process.pid)
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_tree(self.process, children=not keep_sessions)
         self.process = None
-        terminate(started)
 
     def log(self) -> str:
         """Everything the hub logged, over all its starts."""
@@ -177,6 +169,21 @@ class Hub:
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the server of {user} did not stop")
+
+
+def stop_tree(
+    process: subprocess.Popen[bytes], children: bool = True, timeout: float = 10
+) -> None:
+    """SIGTERM ``process`` (SIGKILL after 30 s), then what it started and left running."""
+    started = descendants(process.pid) if children else []
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    terminate(started, timeout)
 
 
 def terminate(pids: list[int], timeout: float = 10) -> None:
