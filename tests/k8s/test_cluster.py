@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import pytest
+from k8s_hub import eventually
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
@@ -52,18 +52,6 @@ def hardened_pod(name: str, image: str, command: list[str], **spec: Any) -> dict
             **spec,
         },
     }
-
-
-async def eventually(check: Any, timeout: float, what: str) -> Any:
-    """Await ``check()`` every 0.5 s until it is truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout:.0f} s")
-        await asyncio.sleep(0.5)
 
 
 async def test_a_restricted_namespace_refuses_a_privileged_root_pod(api, namespace):
