@@ -3,6 +3,7 @@ notice file) and how it stops."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -30,8 +31,10 @@ from casaspawner.insession.notices import (
     sync_notice_file,
 )
 from casaspawner.net import free_port
+from casaspawner.services.app import SessionsSnapshot
 from casaspawner.services.sessions import (
     CullPolicy,
+    Session,
     format_duration,
     group_sessions,
     notices_for,
@@ -307,7 +310,6 @@ async def test_a_redirected_poll_fails_and_the_token_stays_home(
     """The session's token is for the hub's service only: a redirect is not followed (the other
     host never hears from the session, whatever Tornado would do with the header), the poll counts
     as failed, is logged, and shows nothing."""
-    import asyncio
     import logging
 
     url, seen = redirecting_service
@@ -334,6 +336,69 @@ async def test_a_redirected_poll_fails_and_the_token_stays_home(
         f"Could not fetch CASA notices from {url}: the service answered HTTP 302"
     )
     assert board.notices == [] and not board.path.exists()
+
+
+class CountingRead:
+    """A hub read that counts its calls and can be held open or made to fail."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+        self.fail = False
+
+    async def __call__(self) -> list[Session]:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise OSError("the hub did not answer")
+        return [self.calls]  # type: ignore[list-item]
+
+
+async def test_snapshot_shares_one_read_and_keeps_it_for_max_age():
+    read = CountingRead()
+    read.gate = asyncio.Event()
+    snapshot = SessionsSnapshot(read, max_age=60, keep_warm=0)
+    waiting = [asyncio.ensure_future(snapshot.get()) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    read.gate.set()
+    assert await asyncio.gather(*waiting) == [[1]] * 5
+    assert await snapshot.get() == [1] and read.calls == 1
+    assert snapshot.taken is not None
+
+
+async def test_snapshot_reads_again_when_stale_and_every_time_at_zero():
+    read = CountingRead()
+    stale = SessionsSnapshot(read, max_age=0.1, keep_warm=0)
+    assert await stale.get() == [1]
+    await asyncio.sleep(0.15)
+    assert await stale.get() == [2]
+    every = SessionsSnapshot(read, max_age=0)
+    assert [await every.get() for _ in range(3)] == [[3], [4], [5]]
+
+
+async def test_snapshot_failure_is_raised_and_the_next_request_retries():
+    read = CountingRead()
+    read.fail = True
+    snapshot = SessionsSnapshot(read, max_age=60, keep_warm=0)
+    with pytest.raises(OSError, match="did not answer"):
+        await snapshot.get()
+    read.fail = False
+    assert await snapshot.get() == [2]
+
+
+async def test_snapshot_is_read_in_the_background_while_somebody_looks():
+    """After a look, reads go on at four fifths of max_age for keep_warm seconds, then stop."""
+    read = CountingRead()
+    snapshot = SessionsSnapshot(read, max_age=0.1, keep_warm=0.5)
+    await snapshot.get()
+    await asyncio.sleep(0.35)
+    # Nobody asked again, yet the snapshot was read again, so a request would not wait.
+    assert read.calls >= 3
+    await asyncio.sleep(0.6)
+    settled = read.calls
+    await asyncio.sleep(0.3)
+    assert read.calls == settled
 
 
 def test_the_committed_labextension_is_built_from_its_source():
