@@ -14,6 +14,7 @@ token file only the user reads.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -45,6 +46,8 @@ from kubernetes_asyncio import client
 from casaspawner.catalog import load_catalog
 from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
 from casaspawner.plan import PlanConfig, image_for
+from casaspawner.runtime import RECORD_FILE, RECORD_RUNTIME_ID
+from casaspawner.session.record import RECORDS_DIR
 from cluster import REPO, Cluster
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(1800)]
@@ -265,7 +268,7 @@ def in_pod(cluster: Cluster, hub: HubProcess, command: list[str]) -> str:
 
 
 def test_lab_session_opens_a_measurementset_on_cavern(
-    cluster: Cluster, hub: HubProcess, browser: Any, release: Any, casa_image: str
+    cluster: Cluster, hub: HubProcess, browser: Any, release: Any, casa_image: str, site: Site
 ) -> None:
     label = release.label
     page = login(browser, hub)
@@ -300,6 +303,23 @@ def test_lab_session_opens_a_measurementset_on_cavern(
     text = output.inner_text().strip()
     assert text == f"CASA {release.casa} rows 300 antennas 5", text
     page.close()
+
+    # The session's reproducibility record, in her Cavern home, names the digest the kubelet ran
+    # (the pod's status), which the session asked the hub for.
+    namespace, pod = pod_of(hub)
+    status = admin(
+        cluster, lambda api: client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
+    ).status
+    (notebook,) = [s for s in status.container_statuses if s.name == "notebook"]
+    digest = notebook.image_id.rsplit("sha256:", 1)[1]
+    deadline = time.monotonic() + 60
+    image: dict[str, Any] = {}
+    while time.monotonic() < deadline and not image.get("sha256"):
+        records = sorted((site.cavern / "home" / "alice" / RECORDS_DIR).glob(f"*/{RECORD_FILE}"))
+        record = json.loads(records[-1].read_text()) if records else {"@graph": []}
+        image = next((e for e in record["@graph"] if e["@id"] == RECORD_RUNTIME_ID), {})
+        time.sleep(1)
+    assert image.get("@type") == "ContainerImage" and image.get("sha256") == digest, image
 
 
 def test_inside_the_pod_the_user_is_herself_on_a_read_only_root(

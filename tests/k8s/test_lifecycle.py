@@ -43,6 +43,12 @@ async def test_a_session_starts_as_the_hub_account_and_stopping_leaves_nothing(h
     assert pod.spec.security_context.supplemental_groups == [52001]
     assert pod.metadata.labels["casaspawner.io/interface"] == "desktop"
     assert hub.token not in json.dumps(api.sanitize_for_serialization(pod))
+    # The digest the kubelet ran, from the pod's status, is noted beside the session's summary
+    # (the session's reproducibility record reads it from there).
+    (status,) = [s for s in pod.status.container_statuses if s.name == "notebook"]
+    assert "@sha256:" in status.image_id or status.image_id.startswith("sha256:"), status
+    digest = status.image_id.rsplit("sha256:", 1)[1]
+    assert spawner.user_options["casaspawner"]["image_digest"] == f"sha256:{digest}"
 
     # The Secret was stored before the pod, then handed to it once it ran.
     name = spawner.token_secret_name
