@@ -32,6 +32,7 @@ PLUGINS: tuple[str, ...] = (
     "casaspawner.kube.dryrun",
     "casaspawner.images",
     "casaspawner.local.environments.cli",
+    "casaspawner.local.headless",
 )
 
 

@@ -46,6 +46,7 @@ from casaspawner.runtime import (
 
 ACTIVE = "http://schema.org/ActiveActionStatus"
 COMPLETED = "http://schema.org/CompletedActionStatus"
+FAILED = "http://schema.org/FailedActionStatus"
 #: The largest evidence file hashed, in bytes: a packed weblog is tens to hundreds of MiB.
 HASH_LIMIT = 2 << 30
 _VERSION_LINE = re.compile(r"^\s*#?\s*version\s*[:=]\s*(\S.*?)\s*$", re.IGNORECASE | re.MULTILINE)
@@ -205,10 +206,11 @@ def start(environ: Mapping[str, str]) -> Path | None:
     return where
 
 
-def complete(directory: Path, status: str = COMPLETED) -> bool:
+def complete(directory: Path, status: str = COMPLETED, error: str | None = None) -> bool:
     """Add the end time to the record in ``directory``, once.
 
-    Returns whether the record was changed.
+    A failed action (``FAILED``) also says why in ``error``. Returns whether the record was
+    changed.
     """
     with _LOCK:
         record = read_record(directory)
@@ -217,6 +219,8 @@ def complete(directory: Path, status: str = COMPLETED) -> bool:
             return False
         action["endTime"] = now_text()
         action["actionStatus"] = {"@id": status}
+        if error:
+            action["error"] = error
         write_record(directory, record)
         return True
 

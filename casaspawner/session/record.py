@@ -292,6 +292,52 @@ def session_record(
     return {"@context": list(CONTEXT), "@graph": graph}
 
 
+def run_record(
+    plan: SessionPlan,
+    facts: RecordFacts,
+    script: str,
+    script_sha256: str | None,
+    arguments: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The record of a headless run (``casaspawner run``): a session record of one script.
+
+    The same entities as a session's, without JupyterHub; the script (with its sha256) and its
+    arguments are objects of the action. ``script`` is its path as the run sees it.
+    """
+    options = {
+        "dataset": plan.options.dataset,
+        "size": plan.options.size,
+        "release": plan.options.release,
+    }
+    record = session_record(plan, facts, options)
+    name = PurePosixPath(script).name
+    graph = [e for e in record["@graph"] if e["@id"] != "#jupyterhub"]
+    entities = {e["@id"]: e for e in graph}
+    script_entity: dict[str, Any] = {
+        "@id": "#script",
+        "@type": ["File", "SoftwareSourceCode"],
+        "name": name,
+        "contentUrl": _file_url(script),
+        "description": "The script the run ran with CASA.",
+    }
+    if script_sha256:
+        script_entity["sha256"] = script_sha256
+    argument = _property("#arguments", "arguments", json.dumps(list(arguments)))
+    action = entities[RECORD_ACTION_ID]
+    action["name"] = f"Headless CASA run: {name} with {plan.release.label}"
+    action["object"] = [{"@id": "#script"}, {"@id": "#arguments"}, *action["object"]]
+    organize = entities["#spawn"]
+    organize["name"] = "casaspawner chose the CASA build for the dataset and started the run."
+    organize["instrument"] = [{"@id": "#casaspawner"}]
+    root = entities["./"]
+    summary = f"{name} with {plan.release.label} on {plan.resolution.dataset}"
+    root["name"] = f"What ran: {summary}"
+    root["description"] = (
+        f"Reproducibility record of a headless casaspawner run: {summary}. {plan.reason}"
+    )
+    return {**record, "@graph": [*graph, script_entity, argument]}
+
+
 def record_text(record: dict[str, Any]) -> str:
     """The record as the session's variable carries it: its JSON in base64.
 
