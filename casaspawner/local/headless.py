@@ -152,7 +152,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return follow(find_run(args.follow))
     if args.stop:
         return stop(find_run(args.stop))
-    run_dir = start(args)
+    try:
+        run_dir = start(args)
+    except KeyboardInterrupt:
+        print("casaspawner: interrupted before the run started; nothing ran.", file=sys.stderr)
+        return EXIT_STOPPED
     if args.detach:
         print(run_dir.name)
         return 0

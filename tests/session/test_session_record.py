@@ -45,6 +45,7 @@ from casaspawner.session.record import (
     record_directory,
     record_name,
     record_text,
+    run_record,
     session_record,
 )
 
@@ -253,6 +254,32 @@ def test_rocrate_reads_the_record(tmp_path: Path, catalog: Catalog) -> None:
     assert crate.get("#casa")["softwareVersion"] == "6.5.4-9"
     assert crate.get("#evidence")["sha256"]
     assert [p.id for p in crate.root_dataset["conformsTo"]] == [PROCESS_RUN_CRATE]
+
+
+def test_a_headless_runs_record_names_its_script_and_how_it_failed(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    rocrate = pytest.importorskip("rocrate.rocrate")
+    plan, _ = alice_plan(tmp_path, catalog)
+    facts = RecordFacts(STARTED, Runtime("environment", "/envs/6.5.4-9", DIGEST, "packages"))
+    record = run_record(plan, facts, "/data/script/scriptForPI.py", "b" * 64, ("--x", "1"))
+    directory = tmp_path / "run"
+    insession.start({RECORD_ENV: record_text(record), RECORD_DIR_ENV: str(directory)})
+    insession.complete(directory, insession.FAILED, "the script exited with status 3")
+    crate = rocrate.ROCrate(directory)
+    action = crate.get("#session")
+    assert (
+        action["name"]
+        == "Headless CASA run: scriptForPI.py with CASA 6.5.4-9 (pipeline 2023.1.0.124)"
+    )
+    assert action["actionStatus"] == insession.FAILED
+    assert action["error"] == "the script exited with status 3"
+    script = crate.get("#script")
+    assert script["sha256"] == "b" * 64 and script["name"] == "scriptForPI.py"
+    assert json.loads(crate.get("#arguments")["value"]) == ["--x", "1"]
+    assert crate.get("#jupyterhub") is None
+    assert "#option-interface" not in {e.id for e in crate.get_entities()}
+    assert crate.get("#casa")["identifier"] == plan.release.id
 
 
 def test_an_approximate_session_says_why(tmp_path: Path, catalog: Catalog) -> None:
