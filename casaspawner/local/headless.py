@@ -1,4 +1,4 @@
-"""``casaspawner run``: one script in the CASA build of a dataset, headless, on this machine.
+"""``casaspawner run``: a script in a dataset's CASA build, headless, here.
 
 The script (ALMA's ``scriptForPI.py``, a pipeline re-run, any user script) runs as the calling
 user, in the release's local environment (:mod:`casaspawner.local.environments`), as a
@@ -165,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # Starting a run
 def start(args: argparse.Namespace) -> Path:
-    """Resolve, plan, prepare the environment and the run's directory, start the supervisor."""
+    """Resolve, plan, prepare environment and directory, start the supervisor."""
     if not args.dataset:
         raise InvalidInput("Give the dataset with --dataset (its directory or ALMA identifier).")
     if not args.command:
@@ -197,7 +197,7 @@ def start(args: argparse.Namespace) -> Path:
         )
     env = environment(manager, plan)
     started = datetime.now(timezone.utc)
-    run_dir = make_run_dir(Path(runs).expanduser(), script, started)
+    run_dir = make_run_dir(Path(runs).expanduser().absolute(), script, started)
     write_record(run_dir, plan, env, script, args.command[1:], started, dataset_dir)
     description = describe(run_dir, plan, env, script, args.command[1:], started)
     atomic_write(run_dir / RUN_FILE, json.dumps(description, indent=1))
@@ -294,7 +294,7 @@ def environment(manager: EnvironmentManager, plan: SessionPlan) -> CasaEnvironme
 
 
 def make_run_dir(runs: Path, script: Path, started: datetime) -> Path:
-    """A new directory for the run, named by the UTC time and the script, and its index entry."""
+    """A new run directory, named by UTC time and script, and indexed."""
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     slug = _UNSAFE.sub("_", script.stem).strip("._-")[:60] or "script"
     index = runs_index()
@@ -375,6 +375,11 @@ def describe(
     }
     variables.update(env.session_environment())
     variables.update(env.kernel_environment())
+    # The caller's PYTHONPATH reaches the script (analysis utilities, say), after the build's own.
+    paths = [variables.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]
+    variables.pop("PYTHONPATH", None)
+    if any(paths):
+        variables["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     variables["CASASPAWNER_CASA_LOGFILE"] = str(casa_log)
     variables["CASASPAWNER_RUN_ERROR"] = str(run_dir / ERROR_FILE)
     if plan.resources.cpu_limit:
@@ -597,7 +602,7 @@ def finish(run_dir: Path, run: dict[str, Any], result: dict[str, Any]) -> None:
 
 
 def add_results(run_dir: Path) -> None:
-    """Name the files and directories the run left in its directory as the action's results."""
+    """Name what the run left in its directory as the action's results."""
     record = run_records.read_record(run_dir)
     action = run_records.entity(record, RECORD_ACTION_ID) if record is not None else None
     if record is None or action is None:
@@ -621,7 +626,7 @@ def add_results(run_dir: Path) -> None:
 
 # The supervising process
 class Display:
-    """A virtual X display (TigerVNC's Xtigervnc, else Xvfb) that only this user may use."""
+    """A private virtual X display: TigerVNC's Xtigervnc, else Xvfb."""
 
     def __init__(self) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="casaspawner-run-"))
@@ -722,8 +727,12 @@ def supervise(run_dir: Path) -> int:
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, on_signal)
     display = Display()
+    failure = None
+    code = None
     try:
-        env = {**os.environ, **run["environment"]}
+        # The caller's PYTHONPATH, if any, is in the run's variables; this process's is not CASA's.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(run["environment"])
         if display.start():
             env.update(DISPLAY=display.name, XAUTHORITY=str(display.authority))
         else:
@@ -731,13 +740,17 @@ def supervise(run_dir: Path) -> int:
             print("casaspawner: no Xtigervnc or Xvfb here; the script runs without a display.")
         print(f"casaspawner: {run['label']} runs {Path(run['script']).name}", flush=True)
         if not stopped:
-            child = subprocess.Popen(
-                run["command"],
-                cwd=run["cwd"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            try:
+                child = subprocess.Popen(
+                    run["command"],
+                    cwd=run["cwd"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                failure = f"the script could not be started ({exc.strerror or exc})"
+        if child is not None:
             held = ProcessHandle.open(child.pid)
             run["child"] = {"pid": child.pid, "start": held.start if held else None}
             if held is not None:
@@ -746,7 +759,10 @@ def supervise(run_dir: Path) -> int:
         code = wait(child, stopped) if child is not None else None
     finally:
         display.close()
-    finish(run_dir, run, outcome(run_dir, code, bool(stopped)))
+    if failure is not None and not stopped:
+        finish(run_dir, run, {"status": "failed", "exit_code": None, "error": failure})
+    else:
+        finish(run_dir, run, outcome(run_dir, code, bool(stopped)))
     return 0
 
 
@@ -760,6 +776,9 @@ def wait(child: subprocess.Popen[bytes], stopped: list[int]) -> int:
         except subprocess.TimeoutExpired:
             if stopped and deadline is None:
                 deadline = time.monotonic() + STOP_GRACE
+                # Again, in case the stop came before the script's process existed.
+                with contextlib.suppress(OSError):
+                    os.killpg(child.pid, signal.SIGTERM)
             if deadline is not None and time.monotonic() > deadline:
                 try:
                     os.killpg(child.pid, signal.SIGKILL)

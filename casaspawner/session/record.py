@@ -299,7 +299,9 @@ def run_record(
     script_sha256: str | None,
     arguments: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The record of a headless run (``casaspawner run``): a session record of one script.
+    """The record of a headless run: a session record of one script.
+
+    ``casaspawner run`` writes it.
 
     The same entities as a session's, without JupyterHub; the script (with its sha256) and its
     arguments are objects of the action. ``script`` is its path as the run sees it.

@@ -259,6 +259,22 @@ def test_a_run_whose_process_is_lost_ends_with_one_sentence(run: Runner, home: P
     assert action["actionStatus"]["@id"] == "http://schema.org/FailedActionStatus"
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_a_run_elsewhere_is_followed_by_its_id(run: Runner, home: Path) -> None:
+    script = run.script("hello.py", 'print("hello from", casalog.version())\n')
+    started = run(
+        "--dataset", demo.DEMO_PROJECT, "--runs-dir", "my-runs", "--detach", "--", script
+    )
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.strip()
+    done = run("--follow", run_id)
+    assert done.returncode == 0, done.stderr
+    assert "hello from CASA" in done.stdout
+    assert one_sentence(done.stderr).endswith(f"are in {home / 'my-runs' / run_id}.")
+    assert not run_dir_of(home, run_id).exists()
+
+
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "casaspawner", "run", *args],
