@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -96,6 +97,11 @@ STOP_GRACE = 10.0
 START_WAIT = 60.0
 #: The runner of scripts in modular CASA's Python.
 CASA_RUNNER = Path(casaspawner.__file__).resolve().parent / "insession" / "casa_run.py"
+
+#: The private directory of a run's X display (its cookie), under the temporary directory.
+DISPLAY_PREFIX = "casaspawner-run-"
+#: ``prctl``'s option asking for a signal when the parent process ends.
+PR_SET_PDEATHSIG = 1
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -584,6 +590,17 @@ def end_lost(run_dir: Path, run: dict[str, Any]) -> None:
             except OSError:
                 handle.signal(signal.SIGKILL)
             handle.close()
+    shown_on = run.get("display") or {}
+    if shown_on.get("pid"):
+        handle = ProcessHandle.open(int(shown_on["pid"]), shown_on.get("start"))
+        if handle is not None:
+            handle.signal(signal.SIGTERM)
+            handle.close()
+    directory = Path(str(shown_on.get("directory", "")))
+    if directory.name.startswith(DISPLAY_PREFIX) and directory.parent == Path(
+        tempfile.gettempdir()
+    ):
+        shutil.rmtree(directory, ignore_errors=True)
     error = "the run's process ended without a result"
     finish(run_dir, run, {"status": "lost", "error": error})
 
@@ -629,7 +646,9 @@ class Display:
     """A private virtual X display: TigerVNC's Xtigervnc, else Xvfb."""
 
     def __init__(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="casaspawner-run-"))
+        # Looked up before any fork: the server ends when the supervising process does (Linux).
+        self.prctl = getattr(ctypes.CDLL(None), "prctl", None)
+        self.directory = Path(tempfile.mkdtemp(prefix=DISPLAY_PREFIX))
         self.authority = self.directory / "Xauthority"
         self.process: subprocess.Popen[bytes] | None = None
         self.name = ""
@@ -665,6 +684,7 @@ class Display:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=self.die_with_parent,
             )
             os.close(write)
             ready, _, _ = select.select([read], [], [], 10)
@@ -676,6 +696,23 @@ class Display:
             process.kill()
             process.wait()
         return False
+
+    def die_with_parent(self) -> None:
+        """In the server's process: end with SIGTERM when the supervisor ends, even killed."""
+        if self.prctl is not None:
+            self.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def describe(self) -> dict[str, Any]:
+        """The server's process and directory, for whoever ends a lost run."""
+        held = ProcessHandle.open(self.process.pid) if self.process else None
+        found = {
+            "pid": held.pid if held else None,
+            "start": held.start if held else None,
+            "directory": str(self.directory),
+        }
+        if held is not None:
+            held.close()
+        return found
 
     def close(self) -> None:
         if self.process is not None:
@@ -735,6 +772,7 @@ def supervise(run_dir: Path) -> int:
         env.update(run["environment"])
         if display.start():
             env.update(DISPLAY=display.name, XAUTHORITY=str(display.authority))
+            run["display"] = display.describe()
         else:
             env.pop("DISPLAY", None)
             print("casaspawner: no Xtigervnc or Xvfb here; the script runs without a display.")

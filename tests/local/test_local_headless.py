@@ -248,13 +248,16 @@ def test_a_run_whose_process_is_lost_ends_with_one_sentence(run: Runner, home: P
     run_id = started.stdout.strip()
     run_dir = run_dir_of(home, run_id)
     eventually(lambda: sleeping(run_dir))
-    supervisor = json.loads((run_dir / RUN_FILE).read_text())["supervisor"]
+    described = json.loads((run_dir / RUN_FILE).read_text())
+    supervisor, display = described["supervisor"], described["display"]
     os.kill(supervisor["pid"], signal.SIGKILL)
     done = run("--follow", run_id)
     assert done.returncode == 3, done.stderr
     assert "was lost: its process ended without a result" in one_sentence(done.stderr)
     # What the lost run left running is stopped, and its record says it failed.
     eventually(lambda: child_of(run_dir) is None, timeout=10)
+    eventually(lambda: ProcessHandle.open(display["pid"], display["start"]) is None, timeout=10)
+    assert not Path(display["directory"]).exists()
     action = entities(run_dir)["#session"]
     assert action["actionStatus"]["@id"] == "http://schema.org/FailedActionStatus"
 
