@@ -175,9 +175,20 @@ def _add_mount(
             **volume_source(settings.measures_volume, "measures data", settings.security_level),
         }
         entry = {"name": key, "mountPath": mount.path}
+    # The paths hold the user's and the groups' names, as written.
+    entry.update(literal({k: v for k, v in entry.items() if k in ("mountPath", "subPath")}))
     if mount.read_only:
         entry["readOnly"] = True
     mounts[key] = entry
+
+
+def literal(values: Mapping[str, str]) -> dict[str, str]:
+    """``values`` with their braces doubled, so KubeSpawner's expansion gives them back as written.
+
+    KubeSpawner expands ``{username}``-style templates in the environment, labels, annotations and
+    volumes. The session's own values are not templates: a dataset directory may be ``a{b}``.
+    """
+    return {key: value.replace("{", "{{").replace("}", "}}") for key, value in values.items()}
 
 
 def merge_keeping(existing: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]:
@@ -244,8 +255,8 @@ def session_fields(
         "container_security_context": container_sc,
         "automount_service_account_token": False,
         "service_account": None,
-        "extra_labels": merge_keeping(extra_labels or {}, plan.labels),
-        "extra_annotations": merge_keeping(extra_annotations or {}, plan.annotations),
+        "extra_labels": merge_keeping(extra_labels or {}, literal(plan.labels)),
+        "extra_annotations": merge_keeping(extra_annotations or {}, literal(plan.annotations)),
         "cpu_guarantee": resources.cpu_guarantee or None,
         "cpu_limit": resources.cpu_limit or None,
         "mem_guarantee": resources.mem_guarantee or None,

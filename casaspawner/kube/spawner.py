@@ -283,12 +283,15 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         super().apply_plan(plan)
         # The image's digest is known only once the pod runs; see image_id.
         runtime = Runtime("image", plan.image, None, "the image the pod ran")
-        self.environment = {
-            **self.environment,
+        session = {
+            **plan.environment,
+            **self.notices_environment(plan),
             **self.record_environment(
                 plan, runtime, self.storage_layout(), self.measures_mount_path
             ),
         }
+        # KubeSpawner expands templates in the environment; the session's values are as written.
+        self.environment = {**self.environment, **objects.literal(session)}
         fields = objects.session_fields(
             plan,
             self.pod_settings(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 from support.datasets import dataset_in
@@ -87,6 +88,24 @@ async def test_user_options_summary_and_labels_merge(make_spawner, storage):
         pod["metadata"]["annotations"]["casaspawner.io/processed-with"]
         == "CASA 6.5.4-9, pipeline 2023.1.0.124"
     )
+
+
+async def test_a_dataset_named_with_braces_reaches_the_pod_as_written(make_spawner, storage):
+    """KubeSpawner expands {username}-style templates in the fields the plan fills; a directory
+    may be named with braces, and is neither expanded nor a broken template."""
+    home = storage / "home" / "alice"
+    odd = home / "data" / "b{username}{0}}"
+    shutil.copytree(home / "data" / "cycle10", odd, symlinks=True)
+    dataset = str(next(odd.glob("*/science_goal.*/group.*/member.*")).relative_to(home))
+    spawner = make_spawner(environment={"SITE": "{username}-east"})
+    await spawner._run_apply_user_options({"dataset": dataset})
+    pod, _ = await spawner.session_manifests()
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["CASASPAWNER_DATASET"] == dataset
+    assert pod["metadata"]["annotations"]["casaspawner.io/dataset"] == dataset
+    assert dataset in pod["metadata"]["annotations"]["casaspawner.io/summary"]
+    # The operator's own values are still templates.
+    assert env["SITE"] == "alice-east"
 
 
 async def test_plan_wins_over_profile_overrides(make_spawner, storage):
