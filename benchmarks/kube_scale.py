@@ -202,9 +202,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             full = await ask_pages(api, args.sessions)
         for label, timing in full.items():
             kb.log(
-            f"{label}: first {timing['first_s']:.3f} s, median {timing['median_s']:.3f} s, "
-            f"worst {timing['max_s']:.3f} s"
-        )
+                f"{label}: first {timing['first_s']:.3f} s, median {timing['median_s']:.3f} s, "
+                f"worst {timing['max_s']:.3f} s"
+            )
         return {
             "sessions": args.sessions,
             "parallel": args.parallel,
