@@ -154,6 +154,18 @@ class HubSettings:
             )
         )
 
+    @property
+    def releases_url(self) -> str:
+        """Where desktop sessions ask casa-sessions which releases are drained.
+
+        They ask directly, as for their notices, before starting an app of another release.
+        """
+        return str(
+            url_path_join(
+                self.sessions_url, self.base_url, "services", SERVICE_NAME, "api", "releases"
+            )
+        )
+
 
 def casa_sessions_service(settings: HubSettings) -> dict[str, Any]:
     """The hub-managed casa-sessions service entry.
@@ -293,6 +305,8 @@ def configure_spawner(c: Any, settings: HubSettings) -> None:
     c.CASASessionMixin.blocked_releases = drain_blocker(settings.state_file)
     c.CASASessionMixin.notices_url = settings.notices_url
     c.CASASessionMixin.project_group_pattern = settings.project_group_pattern
+    # Local sessions only: the desktop's apps of other releases ask it for drains.
+    c.LocalCASASpawner.releases_url = settings.releases_url
     # Kubernetes sessions only. LocalCASASpawner has its own defaults for both.
     c.CASASpawner.storage_hub_path = settings.storage_hub_path
     c.CASASpawner.start_timeout = settings.start_timeout

@@ -50,6 +50,11 @@ from casaspawner.local.accounts import (
     usable_account,
 )
 from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
+from casaspawner.local.environments.desktop import (
+    RELEASES_FILE_ENV,
+    RELEASES_URL_ENV,
+    write_desktop_releases,
+)
 from casaspawner.local.environments.progress import Progress
 from casaspawner.local.environments.pythons import world_usable
 from casaspawner.local.processes import session_processes, terminate
@@ -271,6 +276,17 @@ class LocalCASASpawner(SessionRecords, CASASessionMixin, LocalProcessSpawner):  
     probe_timeout = Integer(
         5,
         help="Seconds to wait when checking that a release's tarball can be downloaded.",
+    ).tag(config=True)
+
+    releases_url = Unicode(
+        "",
+        help="""
+        Where desktop sessions ask the casa-sessions service which releases are drained before
+        they start an app of another release (``casa-app --release``), e.g.
+        ``http://127.0.0.1:8003/services/casa-sessions/api/releases``. Sessions get it as
+        ``CASASPAWNER_RELEASES_URL``. Empty: apps of other releases start without asking.
+        ``casaspawner.hubconfig`` sets it.
+        """,
     ).tag(config=True)
 
     # State
@@ -663,6 +679,7 @@ class LocalCASASpawner(SessionRecords, CASASessionMixin, LocalProcessSpawner):  
             # The desktop (and the CASA terminal's import of casatools) starts with the session's
             # process, while the Jupyter server starts and the browser is redirected.
             extra["CASASPAWNER_DESKTOP_START"] = "1"
+            extra.update(await self._desktop_releases())
         if env.python is not None:
             try:
                 jupyter_path.insert(0, str(env.write_kernelspec(plan.kernel_name)))
@@ -720,6 +737,25 @@ class LocalCASASpawner(SessionRecords, CASASessionMixin, LocalProcessSpawner):  
                 "remove it and start again.",
                 reason="session-log",
             ) from None
+
+    async def _desktop_releases(self) -> dict[str, str]:
+        """The variables telling the desktop which other releases' apps it can add.
+
+        The ready environments are written to ``desktop-releases.json`` under the cache
+        (:mod:`casaspawner.local.environments.desktop`). A cache that cannot be written costs
+        the desktop its other releases, not the session.
+        """
+        try:
+            path = await asyncio.to_thread(
+                write_desktop_releases, self.environment_manager(), self.casa_catalog()
+            )
+        except OSError as exc:
+            self.log.warning("The desktop's other CASA releases are not listed: %s", exc)
+            return {}
+        extra = {RELEASES_FILE_ENV: str(path)}
+        if self.releases_url:
+            extra[RELEASES_URL_ENV] = self.releases_url
+        return extra
 
     async def _answering(self, address: tuple[str, int]) -> None:
         """Wait until the session's server answers, or its process ends, or ``http_timeout``.

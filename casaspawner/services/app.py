@@ -9,9 +9,13 @@ It is served at ``/services/casa-sessions/``.
 * ``GET /api/notices``: notices for the caller's own sessions, for any valid token of that user,
   e.g. a session's ``$JUPYTERHUB_API_TOKEN``. The notices are drained releases and idle-cull
   warnings. The answer also says how many seconds the session should wait before asking again.
+* ``GET /api/releases``: every catalog release with its drain and retire state and, for a drained
+  one, the sentence that refuses it; for any valid token of a user. A desktop session asks before
+  it starts an app of another release (the desktop's ``casa-app --release``).
 
-Both read the sessions through :class:`SessionsSnapshot`: at most ``--sessions-max-age``
-seconds old (10 by default), so 1,000 sessions still answer within a tenth of a second.
+The page and ``api/sessions`` read the sessions through :class:`SessionsSnapshot`: at most
+``--sessions-max-age`` seconds old (10 by default), so 1,000 sessions still answer within a tenth
+of a second.
 
 Operators are whoever holds ``access:services!service=casa-sessions``: admins, and the
 ``casa-operators`` role in the shipped hub configuration. The service's own token needs only
@@ -60,7 +64,12 @@ from casaspawner.services.sessions import (
     notices_for,
     sessions_from_users,
 )
-from casaspawner.services.state import ReleaseState, ReleaseStateStore, default_state_path
+from casaspawner.services.state import (
+    ReleaseState,
+    ReleaseStateStore,
+    default_state_path,
+    release_states,
+)
 
 log = logging.getLogger("casa-sessions")
 ACTIONS: dict[str, dict[str, Any]] = {
@@ -372,8 +381,8 @@ class SessionsAPI(OperatorHandler):
         )
 
 
-class NoticesAPI(web.RequestHandler):
-    """Notices for the token owner's own sessions.
+class UserTokenHandler(web.RequestHandler):
+    """A JSON API for any valid token of a user, such as a session's own.
 
     The identity comes from the hub. No scope is required.
     """
@@ -383,10 +392,11 @@ class NoticesAPI(web.RequestHandler):
         self.hub_auth = hub_auth
 
     def check_xsrf_cookie(self) -> None:
-        # This handler serves only token-authenticated GETs.
+        # These handlers serve only token-authenticated GETs.
         return None
 
-    async def get(self) -> None:
+    async def token_user(self) -> str:
+        """The name of the user whose token the request carries; 403 without one."""
         header = self.request.headers.get("Authorization", "")
         token = (
             header.split(None, 1)[1] if header.lower().startswith(("token ", "bearer ")) else ""
@@ -394,19 +404,44 @@ class NoticesAPI(web.RequestHandler):
         model = await self.hub_auth.user_for_token(token, sync=False) if token else None
         if not model or model.get("kind") != "user":
             raise web.HTTPError(403, "A user's token is required.")
-        now = datetime.now(timezone.utc)
-        sessions = await self.config.user_sessions(model["name"])
-        notices = notices_for(
-            model["name"], sessions, self.config.states(), self.config.policy, now
-        )
+        return str(model["name"])
+
+    def answer(self, body: dict[str, Any]) -> None:
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        body = {
-            "user": model["name"],
-            "notices": notices,
-            "interval": self.config.notices_interval,
-        }
         self.finish(json.dumps(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        # Our HTTPErrors carry one sentence.
+        reason = getattr(exc, "log_message", None) or self._reason
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": reason}))
+
+
+class NoticesAPI(UserTokenHandler):
+    """Notices for the token owner's own sessions."""
+
+    async def get(self) -> None:
+        user = await self.token_user()
+        now = datetime.now(timezone.utc)
+        sessions = await self.config.user_sessions(user)
+        notices = notices_for(user, sessions, self.config.states(), self.config.policy, now)
+        self.answer({"user": user, "notices": notices, "interval": self.config.notices_interval})
+
+
+class ReleasesAPI(UserTokenHandler):
+    """Every catalog release with its drain and retire state, for any user's token.
+
+    A session asks before it starts an app of another release on its desktop: a drained
+    release's app is refused with ``refusal``, the sentence the spawner refuses its sessions
+    with. Nothing about other users' sessions is said.
+    """
+
+    async def get(self) -> None:
+        await self.token_user()
+        states = self.config.states()
+        self.answer({"releases": release_states(self.config.catalog, states)})
 
 
 def _seconds(delta: Any) -> int | None:
@@ -435,6 +470,11 @@ def make_app(config: ServiceConfig, hub_auth: HubOAuth | None = None) -> web.App
             (
                 url_path_join(prefix, "api/notices"),
                 NoticesAPI,
+                {**handler_args, "hub_auth": hub_auth},
+            ),
+            (
+                url_path_join(prefix, "api/releases"),
+                ReleasesAPI,
                 {**handler_args, "hub_auth": hub_auth},
             ),
             (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from casaspawner.catalog.model import Catalog
 from casaspawner.errors import InvalidInput
 
 #: Environment variable naming the state file for both the service and the spawner's blocker.
@@ -61,6 +62,29 @@ def drain_message(label: str, message: str) -> str:
     if not text:
         return f"{base}; choose another release or try again later."
     return f"{base}: {text}" + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+def release_states(catalog: Catalog, states: Mapping[str, ReleaseState]) -> list[dict[str, Any]]:
+    """Every catalog release with what the operators decided about it.
+
+    This is what ``api/releases`` answers. ``refusal`` is the sentence a drained release is refused
+    with (the spawner's own, :func:`drain_message`), None while it is not drained.
+    """
+    entries = []
+    for release in catalog.releases:
+        state = states.get(release.id, ReleaseState())
+        entries.append(
+            {
+                "id": release.id,
+                "label": release.label,
+                "casa": release.casa,
+                "drained": state.drained,
+                "retired": state.retired,
+                "message": state.message,
+                "refusal": drain_message(release.label, state.message) if state.drained else None,
+            }
+        )
+    return entries
 
 
 class ReleaseStateStore:

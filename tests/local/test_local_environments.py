@@ -641,9 +641,9 @@ def test_the_desktop_makes_a_fresh_private_runtime_directory(tmp_path: Path) -> 
     assert (planted / "rc.xml").read_text() == "<planted/>"
 
 
-#: Directories with what breaks a sed expression (``|``, ``&``, ``\\``), XML (``&``, ``<``) or a
-#: command split like a shell (spaces, quotes).
-AWKWARD = "desk top & co's |x| <casa> \\n"
+#: Directories with what breaks a sed expression (``|``, ``&``, ``\\``), XML (``&``, ``<``, ``"`` in
+#: an attribute) or a command split like a shell (spaces, quotes).
+AWKWARD = 'desk top & co\'s |x| <"casa"> \\n'
 
 
 def awkward_desktop(tmp_path: Path) -> tuple[Path, Path, dict[str, str], Path]:
@@ -660,7 +660,7 @@ def awkward_desktop(tmp_path: Path) -> tuple[Path, Path, dict[str, str], Path]:
     (tools / "openbox").write_text(
         f'#!/bin/sh\ncp "$2" "{kept}/rc.xml"\n'
         """cp "$(sed -n 's|.*<file>\\(.*menu.xml\\)</file>.*|\\1|p' "$2" """
-        f"""| sed 's/&lt;/</g; s/&gt;/>/g; s/&amp;/\\&/g')" "{kept}/menu.xml"\n"""
+        f"""| sed 's/&lt;/</g; s/&gt;/>/g; s/&quot;/"/g; s/&amp;/\\&/g')" "{kept}/menu.xml"\n"""
     )
     (tools / "xprop").write_text("#!/bin/sh\necho 'window id # 0x1'\n")
     for tool in ("openbox", "xprop"):
@@ -702,6 +702,13 @@ def test_the_desktop_menu_works_from_a_directory_with_any_name(tmp_path: Path) -
     )
     assert {argv[0] for argv in casa} == {str(desktop / "casa-app")}, commands
     assert os.access(casa[0][0], os.X_OK)
+    # The other releases' pipe menu: an attribute (" escaped too), split the same way.
+    (releases,) = ET.parse(kept / "menu.xml").getroot().iterfind(".//m:menu[@execute]", namespace)
+    assert releases.get("label") == "Other CASA releases"
+    assert shlex.split(releases.get("execute") or "") == [
+        str(desktop / "casa-app"),
+        "releases-menu",
+    ]
 
 
 @pytest.mark.integration
@@ -720,6 +727,7 @@ def test_openbox_reads_the_desktop_menu_from_a_directory_with_any_name(
         re.findall(r"<file>(.*menu\.xml)</file>", rc.read_text())[0]
         .replace("&lt;", "<")
         .replace("&gt;", ">")
+        .replace("&quot;", '"')
         .replace("&amp;", "&")
     )
     # xstartup removed its runtime directory when it ended: put the menu back there.

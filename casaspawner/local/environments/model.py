@@ -16,6 +16,17 @@ META = "casaspawner-env.json"
 #:
 #: Format 1 did not import-check GUI tasks. Format 2 had no casarc for the GUI apps.
 FORMAT = 3
+#: The desktop's apps (``casa-app`` tools) and the programs that make them, in menu order.
+#:
+#: A GUI is there when its AppImage was extracted under ``apps/`` (wheels, or a CASA 6 tarball's
+#: site-packages) or the CASA tree has it in ``bin/`` (CASA 4 and 5). casabrowser exists only in
+#: the monolithic trees.
+DESKTOP_GUIS = (
+    ("plotms", "casaplotms"),
+    ("viewer", "casaviewer"),
+    ("browser", "casabrowser"),
+    ("logger", "casalogger"),
+)
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,23 @@ class CasaEnvironment:
                 if entry.name.endswith((".dist-info", ".egg-info"))
             )
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    def desktop_apps(self) -> list[str]:
+        """The desktop's ``casa-app`` tools this environment can run, in menu order.
+
+        The CASA terminal needs a Python 3 or a CASA tree's ``bin/casa`` (or ``casapy``).
+        """
+        apps = []
+        if self.python is not None or any(
+            (self.casa_home / name).is_file() for name in ("bin/casa", "casapy")
+        ):
+            apps.append("terminal")
+        for app, program in DESKTOP_GUIS:
+            if (self.root / "apps" / program).is_dir() or (
+                self.casa_home / "bin" / program
+            ).is_file():
+                apps.append(app)
+        return apps
 
     def session_environment(self) -> dict[str, str]:
         """Variables the session uses to find this CASA.

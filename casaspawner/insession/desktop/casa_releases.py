@@ -1,0 +1,259 @@
+"""Apps of other CASA releases on this desktop: the menu, the drain check, the launch.
+
+Run by ``casa-app`` with any Python 3, standard library only (it runs where casaspawner is not
+importable)::
+
+    casa_releases.py menu              openbox pipe menu: the releases, each with its apps
+    casa_releases.py launch ID APP     start APP (terminal, plotms, ...) of release ID here
+
+The releases are those the hub can run here, from ``$CASASPAWNER_RELEASES_FILE`` (written by
+the local spawner: each release's label, apps and the variables its environment sets); the
+session's own release comes first, then the others, newest first. Before an app of another
+release starts, the casa-sessions service (``$CASASPAWNER_RELEASES_URL``, asked with the
+session's ``$JUPYTERHUB_API_TOKEN``) says whether that release is drained: a drained release's
+app is refused with the operators' one sentence. When the service cannot be asked, the app
+starts, and why it could not is printed on stderr: the hub's drains refuse new sessions, they
+never stop work already running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+#: The tools of ``casa-app`` and their menu labels, in menu order.
+APPS = {
+    "terminal": "CASA terminal",
+    "plotms": "plotms",
+    "viewer": "viewer (imview)",
+    "browser": "casabrowser",
+    "logger": "logger",
+}
+#: Seconds to wait for the casa-sessions service.
+TIMEOUT = 10.0
+
+
+class Refused(Exception):
+    """An app that is not started; ``str`` is the one sentence the user reads.
+
+    ``title`` names the release for the window that says it.
+    """
+
+    def __init__(self, sentence: str, title: str = "CASA") -> None:
+        super().__init__(sentence)
+        self.title = title
+
+
+def load_releases(path: str) -> list[dict[str, Any]]:
+    """The releases listed in the spawner's file, newest first; empty without one."""
+    if not path:
+        return []
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    releases = document.get("releases") if isinstance(document, dict) else None
+    return [r for r in releases or [] if isinstance(r, dict) and isinstance(r.get("id"), str)]
+
+
+def ordered(releases: Sequence[dict[str, Any]], own: str) -> list[dict[str, Any]]:
+    """The session's own release first, then the others in the file's order (newest first)."""
+    return [r for r in releases if r["id"] == own] + [r for r in releases if r["id"] != own]
+
+
+def _label(text: str) -> str:
+    # Openbox takes an underscore as the next letter's keyboard shortcut; two show one.
+    return quoteattr(text.replace("_", "__"))
+
+
+def _text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def menu_xml(releases: Sequence[dict[str, Any]], own: str, casa_app: str) -> str:
+    """The openbox pipe menu: a submenu of apps per release, the session's own first.
+
+    The session's own apps run as its tools window starts them (``casa-app APP``); another
+    release's through ``casa-app --release ID APP``. Commands are quoted for openbox, which
+    splits them as a shell does, and escaped for XML.
+    """
+    lines = ["<openbox_pipe_menu>"]
+    program = shlex.quote(casa_app)
+    listed = ordered(releases, own)
+    for index, release in enumerate(listed):
+        if index == 1 and listed[0]["id"] == own:
+            lines.append("  <separator/>")
+        mine = release["id"] == own
+        label = release.get("label") or release["id"]
+        if mine:
+            label += " (this session)"
+        lines.append(
+            f"  <menu id={quoteattr('casa-release-' + release['id'])} label={_label(label)}>"
+        )
+        for app in release.get("apps") or []:
+            if app not in APPS:
+                continue
+            words = [app] if mine else ["--release", shlex.quote(release["id"]), app]
+            command = _text(" ".join([program, *words]))
+            lines.append(
+                f'    <item label={_label(APPS[app])}><action name="Execute">'
+                f"<command>{command}</command></action></item>"
+            )
+        lines.append("  </menu>")
+    if not listed:
+        lines.append(f"  <item label={_label('No other CASA release is prepared on this hub')}/>")
+    lines.append("</openbox_pipe_menu>")
+    return "\n".join(lines) + "\n"
+
+
+def drain_refusal(url: str, token: str, release_id: str, timeout: float = TIMEOUT) -> str | None:
+    """The operators' sentence refusing ``release_id``, or None while it is not drained.
+
+    Asked of casa-sessions' ``api/releases`` with the session's token. A redirect is not
+    followed (the token would go along) and counts, like any other failure, as an
+    ``OSError`` or ``ValueError`` saying what went wrong.
+    """
+
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url} is not an http(s) URL")
+    # The URL is the hub's, from the session's environment, and http(s).
+    headers = {"Authorization": f"token {token}"}
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310
+    opener = urllib.request.build_opener(NoRedirects)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            body = json.loads(response.read(1 << 20))
+    except urllib.error.HTTPError as error:
+        raise OSError(f"{url} answered HTTP {error.code}") from None
+    releases = body.get("releases") if isinstance(body, dict) else None
+    if not isinstance(releases, list):
+        raise ValueError(f"{url} did not list releases")
+    for entry in releases:
+        if isinstance(entry, dict) and entry.get("id") == release_id and entry.get("drained"):
+            return str(entry.get("refusal") or f"{release_id} is being drained by the operators.")
+    return None
+
+
+def release_environment(
+    environ: Mapping[str, str], release: Mapping[str, Any], own_name: str
+) -> dict[str, str]:
+    """The session's variables with ``release``'s CASA in place of the session's own.
+
+    Variables the release does not set (``null`` in the file) are removed. The log file, the
+    dataset, the home and the display stay the session's.
+    """
+    env = dict(environ)
+    for name, value in (release.get("environment") or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
+    label = str(release.get("label") or release["id"])
+    env.update(
+        {
+            "CASASPAWNER_RELEASE": str(release["id"]),
+            "CASASPAWNER_CASA": str(release.get("casa") or ""),
+            "CASASPAWNER_KERNEL_NAME": str(release.get("kernel_name") or label),
+            "CASASPAWNER_APPROXIMATE": "false",
+            "CASASPAWNER_REASON": (
+                f"{label}, added from the desktop menu beside this session's {own_name}."
+            ),
+        }
+    )
+    env.pop("CASASPAWNER_PIPELINE", None)
+    env.pop("CASASPAWNER_EXACT", None)
+    return env
+
+
+def prepare_launch(
+    release_id: str, app: str, environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The release and the variables to start ``app`` of ``release_id`` with.
+
+    Raises :class:`Refused` with the sentence to show: an unknown tool, a release not prepared
+    here, an app the release does not have, a drained release.
+    """
+    if app not in APPS:
+        raise Refused(f"casa-app: unknown tool '{app}' ({', '.join(APPS)}).")
+    releases = load_releases(environ.get("CASASPAWNER_RELEASES_FILE", ""))
+    release = next((r for r in releases if r["id"] == release_id), None)
+    if release is None:
+        raise Refused(
+            f"CASA release {release_id} is not prepared on this hub; "
+            "the desktop menu lists those that are."
+        )
+    label = str(release.get("label") or release_id)
+    if app not in (release.get("apps") or []):
+        raise Refused(f"{APPS[app]} is not part of {label}.", label)
+    url = environ.get("CASASPAWNER_RELEASES_URL", "")
+    token = environ.get("JUPYTERHUB_API_TOKEN", "")
+    if url and token:
+        try:
+            refusal = drain_refusal(url, token, release_id)
+        except (OSError, ValueError) as error:
+            print(
+                f"casa-app: could not ask whether {label} is drained ({error}); starting it.",
+                file=sys.stderr,
+            )
+            refusal = None
+        if refusal is not None:
+            raise Refused(refusal, label)
+    own_name = environ.get("CASASPAWNER_KERNEL_NAME") or "CASA"
+    return release, release_environment(environ, release, own_name)
+
+
+def show(title: str, sentence: str) -> None:
+    """Say ``sentence`` on stderr and, on the desktop, in a window titled ``title``.
+
+    The window stays until it is dismissed; this returns at once.
+    """
+    print(sentence, file=sys.stderr)
+    if os.environ.get("DISPLAY"):
+        try:
+            subprocess.Popen(
+                ["xmessage", "-center", "-title", title, sentence],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            # No xmessage: stderr has said it.
+            return
+
+
+def main(argv: Sequence[str]) -> int:
+    here = Path(__file__).resolve().parent
+    casa_app = str(here / "casa-app")
+    if list(argv[:1]) == ["menu"]:
+        releases = load_releases(os.environ.get("CASASPAWNER_RELEASES_FILE", ""))
+        own = os.environ.get("CASASPAWNER_RELEASE", "")
+        sys.stdout.write(menu_xml(releases, own, casa_app))
+        return 0
+    if len(argv) == 3 and argv[0] == "launch":
+        release_id, app = argv[1], argv[2]
+        try:
+            _release, env = prepare_launch(release_id, app, os.environ)
+        except Refused as refused:
+            show(f"{refused.title}: not started", str(refused))
+            return 1
+        # casa-app, beside this file, without a shell.
+        os.execve(casa_app, [casa_app, app], env)  # noqa: S606
+    print("usage: casa_releases.py menu | launch RELEASE APP", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
