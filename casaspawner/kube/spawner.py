@@ -592,6 +592,17 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             raise
         return True
 
+    def _expand_user_properties(self, template: str, slug_scheme: str | None = None) -> str:
+        """KubeSpawner's template expansion, skipped for text without a template.
+
+        KubeSpawner computes every slug of the user's name for each value it expands, about 60
+        per session pod; the result for text without braces is the text itself.
+        """
+        if "{" not in template and "}" not in template:
+            return template
+        expanded: str = super()._expand_user_properties(template, slug_scheme)
+        return expanded
+
     # Reflectors
     async def _start_reflector(
         self, kind: str, reflector_class: Any, replace: bool = False, **kwargs: Any
