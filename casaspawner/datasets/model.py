@@ -37,6 +37,9 @@ class Evidence:
 
     ``pipeline_unreadable`` is the pipeline version as written, shortened, when the file names one
     that is not a pipeline version. ``pipeline`` is then None.
+
+    ``sha256`` is the file's digest when the hub holds the file itself: the archive's manifest.
+    The session hashes files in the user's storage.
     """
 
     kind: EvidenceKind
@@ -44,6 +47,7 @@ class Evidence:
     casa: str | None
     pipeline: str | None
     pipeline_unreadable: str | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ Every reason is one sentence saying what the evidence names, what the session ru
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,7 +125,12 @@ def resolve_target(
             "(data of Cycles 2-4 or manually calibrated)",
             advice="download the dataset and give its directory instead",
         )
-    evidence = replace(evidence, kind="archive-manifest", path=f"{archive.name}:{manifest.name}")
+    evidence = replace(
+        evidence,
+        kind="archive-manifest",
+        path=f"{archive.name}:{manifest.name}",
+        sha256=hashlib.sha256(manifest.read_bytes()).hexdigest(),
+    )
     release, exact, reason = choose_release(catalog, evidence)
     return Resolution(str(identifier), evidence, release, exact, reason)
 

@@ -371,7 +371,10 @@ def _dataset_entity(plan: SessionPlan, facts: RecordFacts) -> dict[str, Any]:
 
 
 def _evidence_entity(plan: SessionPlan, facts: RecordFacts) -> dict[str, Any] | None:
-    """The file that decided the build; the session adds its sha256 when it can read it."""
+    """The file that decided the build, with its sha256 when the hub read the file.
+
+    The session adds the sha256 of a file in the user's storage.
+    """
     evidence = plan.resolution.evidence
     if evidence.kind == "none":
         return None
@@ -390,6 +393,8 @@ def _evidence_entity(plan: SessionPlan, facts: RecordFacts) -> dict[str, Any] | 
         )
     if facts.dataset_path and evidence.kind != "archive-manifest":
         entity["contentUrl"] = _file_url(str(PurePosixPath(facts.dataset_path) / path))
+    if evidence.sha256:
+        entity["sha256"] = evidence.sha256
     return entity
 
 

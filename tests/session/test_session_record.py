@@ -304,11 +304,19 @@ def test_an_approximate_session_says_why(tmp_path: Path, catalog: Catalog) -> No
     assert "sha256" not in entities["#runtime"]
 
 
-def test_a_dataset_from_the_archive_has_no_file_to_hash(catalog: Catalog) -> None:
+def test_a_dataset_from_the_archive_names_the_manifest_the_hub_read(catalog: Catalog) -> None:
     release = catalog.get("pl-2023.1.0.124")
+    digest = "ab" * 32
     resolution = Resolution(
         "2023.1.01234.S",
-        Evidence("archive-manifest", "uid___A001_X1:manifest.xml", "6.5.4-9", "2023.1.0.124"),
+        Evidence(
+            "archive-manifest",
+            "uid___A001_X1:manifest.xml",
+            "6.5.4-9",
+            "2023.1.0.124",
+            None,
+            digest,
+        ),
         release,
         True,
         "The archive's pipeline manifest names it.",
@@ -320,11 +328,12 @@ def test_a_dataset_from_the_archive_has_no_file_to_hash(catalog: Catalog) -> Non
     entities = graph(session_record(plan, RecordFacts(STARTED, Runtime("image", IMAGE))))
     assert "contentUrl" not in entities["#dataset"] and "contentUrl" not in entities["#evidence"]
     assert entities["#evidence"]["name"] == "uid___A001_X1:manifest.xml"
-    # The session adds nothing it cannot see, and says the measures named no version.
+    assert entities["#evidence"]["sha256"] == digest
+    # The session keeps the hub's digest, and says the measures named no version.
     observed = graph(
         insession.observe(session_record(plan, RecordFacts(STARTED, Runtime("image", IMAGE))), {})
     )
-    assert "sha256" not in observed["#evidence"]
+    assert observed["#evidence"]["sha256"] == digest
     assert observed["#measures"]["version"].startswith("unknown")
 
 

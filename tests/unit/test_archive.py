@@ -6,6 +6,7 @@ documents shaped as the ALMA archive's; its docstring names the sources.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -66,6 +67,9 @@ def test_a_uid_is_looked_up_through_the_auxiliary_package(archive, tmp_path, cat
     )
     assert resolution.evidence.kind == "archive-manifest"
     assert resolution.evidence.path == f"{archive.base.removeprefix('http://')}:{MANIFEST}"
+    # The hub holds the manifest the archive sent, so it knows its digest.
+    sent = auxiliary()[MANIFEST]
+    assert resolution.evidence.sha256 == hashlib.sha256(sent).hexdigest()
     tar = f"{CYCLE10.project}_{CYCLE10.mous}"
     assert archive.paths() == [
         f"/datalink/sync?ID={UID.replace(':', '%3A').replace('/', '%2F')}",
