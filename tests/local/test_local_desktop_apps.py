@@ -5,23 +5,20 @@ variables of :meth:`CasaEnvironment.session_environment`), the desktop's pipe me
 own release first, commands that split back into ``casa-app --release ID APP``), the launch's
 variables and refusals, and the drain check against a stand-in of casa-sessions' answer.
 
-Integration (``hub``, ``browser``): a desktop session of one release in the browser; the other
-release's plotms and CASA terminal, started through the very commands the desktop menu runs, open
-on the session's X display as the session's user, plotms on the session's MeasurementSet; a
+Integration (``hub``, ``browser``): a desktop session of one release in the browser; its menu's
+Other CASA releases, as openbox computes it; the other release's CASA terminal and plotms, chosen
+from the desktop's right-click menu through noVNC, open on the session's X display as the
+session's user, from the other release's environment, plotms on the session's MeasurementSet; a
 drained release's app is refused with the operators' sentence; ``api/releases`` answers the
-session's token and refuses others. The noVNC canvas is saved for the docs.
+session's token and refuses others. The open menu and the desktop are saved for the docs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -436,8 +433,6 @@ class SessionDesktop:
         argv = _argv(pid)
         self.rc = Path(argv[argv.index("--config-file") + 1])
         self.cwd = os.readlink(f"/proc/{pid}/cwd")
-        self.started: list[subprocess.Popen[bytes]] = []
-        self.output = Path(tempfile.mkdtemp(prefix="casaspawner-desktop-apps-"))
 
     def other_releases_command(self) -> list[str]:
         """The command of the menu's "Other CASA releases" (a pipe menu), as openbox splits it."""
@@ -463,39 +458,6 @@ class SessionDesktop:
             timeout=60,
             **self._as_user(),
         )
-
-    def start(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        """Start ``argv`` as :meth:`run` does, in the background; stopped by :meth:`stop`."""
-        with (self.output / f"{len(self.started)}.log").open("wb") as output:
-            process = subprocess.Popen(
-                argv,
-                env=self.env,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **self._as_user(),
-            )
-        self.started.append(process)
-        return process
-
-    def said(self) -> str:
-        """What the started processes wrote, the end of each."""
-        return "\n".join(
-            f"{log.name}: {log.read_text(errors='replace')[-1500:]}"
-            for log in sorted(self.output.glob("*.log"))
-        )
-
-    def stop(self) -> None:
-        for process in self.started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(10)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        shutil.rmtree(self.output, ignore_errors=True)
 
     def windows(self) -> list[tuple[int, str]]:
         """(pid, title) of the windows the window manager lists (``wmctrl -lp``)."""
@@ -534,6 +496,47 @@ def menu_commands(xml: str, label: str) -> dict[str, list[str]]:
         item.get("label") or "": shlex.split(item.findtext(".//command") or "")
         for item in submenu.findall("item")
     }
+
+
+def screenshot_path(name: str, tmp_path: Path) -> Path:
+    """Where a screenshot goes: the docs' directory when asked (``CASASPAWNER_SCREENSHOTS``)."""
+    target = SCREENSHOTS / name if os.environ.get("CASASPAWNER_SCREENSHOTS") else tmp_path / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def choose_from_menu(
+    page: Any,
+    at: tuple[int, int],
+    release_row: int,
+    app_row: int,
+    screenshot: Path | None = None,
+) -> None:
+    """Right-click the desktop at ``at`` (a free spot of the screen) through noVNC, and choose
+    Other CASA releases, the release in ``release_row`` and its app in ``app_row``, by keyboard
+    as a user may: ``o`` opens Other CASA releases (openbox's first-letter shortcut), arrows move.
+    """
+    scale = page.evaluate(
+        "() => { const c = document.querySelector('canvas'); return c.clientWidth / c.width; }"
+    )
+    box = page.locator("canvas").first.bounding_box()
+    page.mouse.click(box["x"] + at[0] * scale, box["y"] + at[1] * scale, button="right")
+    page.wait_for_timeout(700)
+    page.keyboard.press("o")
+    page.wait_for_timeout(700)
+    for _ in range(release_row):
+        page.keyboard.press("ArrowDown")
+        page.wait_for_timeout(300)
+    page.keyboard.press("ArrowRight")
+    page.wait_for_timeout(500)
+    for _ in range(app_row):
+        page.keyboard.press("ArrowDown")
+        page.wait_for_timeout(300)
+    if screenshot is not None:
+        # The canvas catches up with the X server.
+        page.wait_for_timeout(1000)
+        page.locator("canvas").first.screenshot(path=str(screenshot))
+    page.keyboard.press("Enter")
 
 
 def ask_releases(url: str, token: str | None) -> tuple[int, Any]:
@@ -590,19 +593,39 @@ def test_an_app_of_another_release_opens_on_the_sessions_desktop(
         assert list(apps) == ["CASA terminal", "plotms", "viewer (imview)", "logger"], apps
         assert apps["plotms"][1:] == ["--release", demo_release.id, "plotms"], apps
 
-        # Its plotms: a window on the session's display, run by the session's user from the other
-        # release's environment, on the session's MeasurementSet, logging to the session's log.
+        # Its CASA terminal, from the desktop's right-click menu through noVNC: named after the
+        # other release once that CASA is loaded, so the window list names both releases.
+        release_row = labels.index(demo_release.label)
+        app_rows = list(apps)
+        choose_from_menu(page, (900, 300), release_row, app_rows.index("CASA terminal"))
+        titles = wait_for_title(desktop.display, desktop.xauthority, demo_release.label)
+        assert demo_release.label in titles and session_release.label in titles, titles
+        assert f"{demo_release.label}: start-up failed" not in titles
+        desktop.move(session_release.label, 10, 10, 660, 380)
+        desktop.move(demo_release.label, 10, 420, 660, 380)
+
+        # Its plotms, from the menu too (the open menu is saved for the docs): a window on the
+        # session's display, run by the session's user from the other release's environment, on
+        # the session's MeasurementSet, logging to the session's log.
         home = demo_root / "arc" / "home" / demo.DEMO_USER
         log = home / "casa.log"
         plotted = "PlotMS::plot\tPlotting 9600 unflagged points."
         before = log.read_text(errors="replace").count(plotted) if log.exists() else 0
-        desktop.start(apps["plotms"])
+        page.wait_for_timeout(1000)
+        choose_from_menu(
+            page,
+            (760, 200),
+            release_row,
+            app_rows.index("plotms"),
+            screenshot=screenshot_path("local-desktop-other-release-menu.png", tmp_path),
+        )
         other_root = EnvironmentManager(cache_dir).path_for(demo_release).resolve()
         deadline = time.monotonic() + 120
         while not [p for p, t in desktop.windows() if t == "PlotMS"]:
-            assert time.monotonic() < deadline, (desktop.windows(), desktop.said())
+            assert time.monotonic() < deadline, desktop.windows()
             time.sleep(1)
         ((pid, _),) = [(p, t) for p, t in desktop.windows() if t == "PlotMS"]
+        assert pid in descendants(hub.session_pid()), "openbox, the session's, started it"
         executable = Path(f"/proc/{pid}/exe").resolve()
         assert executable.is_relative_to(other_root), executable
         assert Path(f"/proc/{pid}").stat().st_uid == desktop.uid
@@ -612,24 +635,11 @@ def test_an_app_of_another_release_opens_on_the_sessions_desktop(
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(1)
 
-        # Its CASA terminal, named after the other release once that CASA is loaded: the window
-        # list names both releases.
-        desktop.start(apps["CASA terminal"])
-        titles = wait_for_title(desktop.display, desktop.xauthority, demo_release.label)
-        assert demo_release.label in titles and session_release.label in titles, titles
-        assert f"{demo_release.label}: start-up failed" not in titles
-
         # The noVNC canvas, for the docs: the session's terminal, the other release's terminal
         # and its plotms.
-        desktop.move(session_release.label, 10, 10, 660, 380)
-        desktop.move(demo_release.label, 10, 420, 660, 380)
         desktop.move("PlotMS", 690, 40, 690, 560)
         page.wait_for_timeout(8000)
-        name = "local-desktop-other-release.png"
-        target = (
-            SCREENSHOTS / name if os.environ.get("CASASPAWNER_SCREENSHOTS") else tmp_path / name
-        )
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = screenshot_path("local-desktop-other-release.png", tmp_path)
         page.locator("canvas").first.screenshot(path=str(target))
         assert target.stat().st_size > 10_000
 
@@ -662,6 +672,5 @@ def test_an_app_of_another_release_opens_on_the_sessions_desktop(
         assert [t for _, t in desktop.windows()].count("PlotMS") == 1
     finally:
         state.update(demo_release.id, by="operator", drained=False, message="")
-        desktop.stop()
         page.close()
         hub.stop_server()
