@@ -25,6 +25,7 @@ MountKind = Literal["storage", "scratch", "measures"]
 
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@\-]{0,63}")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._\-]{0,61}[A-Za-z0-9])?)?")
 _LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9.\-]{0,251}[a-z0-9])?")
 #: The largest uid or gid a session can have.
@@ -86,10 +87,14 @@ class SessionOptions:
     size: str = "medium"
     #: A catalog id the user chose instead of the resolved release.
     release: str | None = None
+    #: For a relaunch: the sha256 of the image or environment the earlier session ran.
+    pin: str | None = None
 
     def __post_init__(self) -> None:
         if self.interface not in INTERFACES:
             raise InvalidInput(f"{self.interface!r} is not an interface; choose lab or desktop.")
+        if self.pin is not None and not _SHA256.fullmatch(self.pin):
+            raise InvalidInput("A relaunch names its image or environment by a sha256 digest.")
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,16 @@ def image_for(release: Release, config: PlanConfig) -> str:
     )
 
 
+def pinned_image(reference: str, digest: str) -> str:
+    """``reference`` by its digest: ``registry/name:tag`` becomes ``registry/name@sha256:…``.
+
+    The tag may have moved on to a rebuilt image since; the digest names the one that ran.
+    """
+    name = reference.split("@", 1)[0]
+    head, _, last = name.rpartition("/")
+    return f"{head + '/' if head else ''}{last.split(':', 1)[0]}@sha256:{digest}"
+
+
 def label_value(text: str) -> str | None:
     """``text`` if it is a valid Kubernetes label value, else None.
 
@@ -304,7 +319,11 @@ def make_plan(
         exact=exact,
         approximate=approximate,
         reason=reason,
-        image=image_for(release, config),
+        image=(
+            pinned_image(image_for(release, config), options.pin)
+            if options.pin
+            else image_for(release, config)
+        ),
         interface=options.interface,
         default_url=DEFAULT_URLS[options.interface],
         home=home,

@@ -336,7 +336,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         return None
 
     def record_image_digest(self) -> None:
-        """Put the image's digest beside the session's summary and in the hub's log."""
+        """Put the image's digest beside the summary, in the log and in the past sessions."""
         digest = image_digest(self.image_id() or "")
         output = self.user_options.get(OUTPUT_KEY)
         if digest is None or not isinstance(output, dict):
@@ -345,6 +345,8 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         orm_spawner = getattr(self, "orm_spawner", None)
         if orm_spawner is not None:
             orm_spawner.user_options = dict(self.user_options)
+        if self.session_plan is not None:
+            self.remember_session(self.session_plan, digest)
         self.log.info("CASA session of %s runs %s@sha256:%s", self.user.name, self.image, digest)
 
     async def _start(self) -> str:

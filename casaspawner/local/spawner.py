@@ -61,6 +61,7 @@ from casaspawner.local.processes import session_processes, terminate
 from casaspawner.plan import INTERFACES, Identity, SessionPlan, StorageLayout, Substitution
 from casaspawner.runtime import cache_dir
 from casaspawner.session.record import Runtime
+from casaspawner.session.relaunch import environment_refusal
 from casaspawner.spawners.errors import spawn_error
 from casaspawner.spawners.mixin import CASASessionMixin, render_spawn_form
 from casaspawner.spawners.records import SessionRecords
@@ -300,6 +301,7 @@ class LocalCASASpawner(SessionRecords, CASASessionMixin, LocalProcessSpawner):  
         self._progress_said: tuple[str, float] = ("", 0.0)
         self._starting = False
         self.casa_environment: CasaEnvironment | None = None
+        self._environment_digest = ""
         self._session_log: str | None = None
         super().__init__(*args, **kwargs)
 
@@ -603,6 +605,7 @@ class LocalCASASpawner(SessionRecords, CASASessionMixin, LocalProcessSpawner):  
             url = await self._launch(plan, env, prefix)
             await self._answering(url)
             self.record_session(plan)
+            self.remember_session(plan, self._environment_digest)
             return url
         finally:
             self._starting = False
@@ -706,6 +709,10 @@ class LocalCASASpawner(SessionRecords, CASASessionMixin, LocalProcessSpawner):  
         extra["PATH"] = os.pathsep.join([desktop_bin, os.environ.get("PATH", "/usr/bin:/bin")])
         # The session's record names the environment by the content hash of its package list.
         digest = await asyncio.to_thread(env.content_digest)
+        refusal = environment_refusal(plan, digest)
+        if refusal:
+            raise spawn_error(refusal, reason="relaunch")
+        self._environment_digest = digest
         runtime = Runtime(
             "environment", str(env.root), digest, "sha256 of the environment's package list"
         )

@@ -9,6 +9,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from casaspawner.catalog.model import Release
 from casaspawner.plan import INTERFACES, Resources
+from casaspawner.session.relaunch import RELAUNCH_KEY, PastSession
 
 _TEMPLATES = Environment(
     loader=PackageLoader("casaspawner.session", "templates"),
@@ -26,6 +27,7 @@ def render_form(
     previous: Mapping[str, Any],
     recent: Sequence[str],
     last: Mapping[str, Any] | None,
+    past: Sequence[PastSession] = (),
     suggested: Sequence[str] = (),
     blocked: Collection[str] = (),
     allow_override: bool = True,
@@ -38,7 +40,8 @@ def render_form(
     ``releases`` are the catalog's runnable releases; those in ``blocked`` (drained now) are
     left out of the override list. ``last`` is the last resolution the form names as the
     recommended release. ``suggested`` datasets are offered to a user who has named none yet;
-    the first fills the field and is the help's example.
+    the first fills the field and is the help's example. ``past`` sessions, newest first, are
+    offered to relaunch exactly.
     """
     resolved = None
     if last:
@@ -65,6 +68,8 @@ def render_form(
         chosen=chosen,
         resolved=resolved,
         resolved_dataset=(last or {}).get("dataset", ""),
+        past=past,
+        relaunch=previous.get(RELAUNCH_KEY) if isinstance(previous.get(RELAUNCH_KEY), str) else "",
         can_read_paths=can_read_paths,
         home=home,
         error=error,

@@ -1,7 +1,8 @@
 """What users ask for in ``user_options``, and what the spawner writes beside it.
 
-Input is four keys: ``dataset``, ``interface``, ``size`` and ``release``. The spawner's own output
-for a running session lives under one key, ``casaspawner``, plus ``profile``: the one key
+Input is five keys: ``dataset``, ``interface``, ``size``, ``release`` and ``relaunch`` (a past
+session to run again exactly, which the pipeline turns into the other four). The spawner's own
+output for a running session lives under one key, ``casaspawner``, plus ``profile``: the one key
 JupyterHub's admin panel shows in its Profile column. Saved options come back as input when a
 server is started again, so parsing drops exactly these output keys and refuses anything else.
 """
@@ -23,8 +24,8 @@ from casaspawner.plan import (
 if TYPE_CHECKING:
     from casaspawner.session.settings import SessionSettings
 
-#: Keys a spawn request may carry.
-INPUT_KEYS = ("dataset", "interface", "size", "release")
+#: Keys a spawn request may carry; the pipeline reads ``relaunch`` first (session.relaunch).
+INPUT_KEYS = ("dataset", "interface", "size", "release", "relaunch")
 #: The key holding the spawner's output for a running session.
 OUTPUT_KEY = "casaspawner"
 #: JupyterHub's admin panel shows ``user_options["profile"]`` in its Profile column.
@@ -71,7 +72,7 @@ def parse_options(user_options: Any, settings: SessionSettings) -> SessionOption
     if unknown:
         raise InvalidInput(
             f"{unknown[0][:40]!r} is not a session option; "
-            "use dataset, interface, size and release."
+            "use dataset, interface, size, release and relaunch."
         )
     for key in INPUT_KEYS:
         if raw.get(key) is not None and not isinstance(raw[key], str):

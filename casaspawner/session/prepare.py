@@ -4,6 +4,9 @@
 
     options → identity → resolution → substitution → plan → drain check
 
+A request naming a past session (``relaunch``) takes that session's options, and its digest
+pins the image; a plan that would run another release than it did is refused.
+
 A backend (the spawner) supplies the steps that need the hub or the machine as the methods of
 :class:`SessionSteps`, the way batchspawner's ``start`` calls ``submit_batch_script``. Nothing here
 imports JupyterHub: the pipeline is tested on its own.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +34,7 @@ from casaspawner.plan import (
 )
 from casaspawner.session.options import parse_options
 from casaspawner.session.readers import DatasetReader
+from casaspawner.session.relaunch import PastSession, relaunch_choice, relaunch_refusal
 from casaspawner.session.settings import SessionSettings
 
 
@@ -60,6 +65,9 @@ class SessionSteps(Protocol):
         The keys are release ids.
         """
 
+    def past_session(self, name: str) -> PastSession | None:
+        """The user's past session ``name``, for a relaunch; None when there is none."""
+
 
 async def prepare(
     user_options: Mapping[str, Any], settings: SessionSettings, steps: SessionSteps
@@ -69,13 +77,26 @@ async def prepare(
     A refusal is one sentence. Nothing is created here but what the steps create (a local
     account, say), and only after the request's options were found sound.
     """
+    name = relaunch_choice(user_options)
+    past = steps.past_session(name) if name else None
+    if name and past is None:
+        raise InvalidInput(
+            f"There is no past session {name!r} of yours to relaunch; choose one from the list."
+        )
+    if past is not None:
+        user_options = past.options(with_release=settings.allow_override)
     options = parse_options(user_options, settings)
+    if past is not None:
+        options = replace(options, pin=past.sha256)
     identity = await steps.session_identity()
     resolution = await resolve(options.dataset, identity, settings, steps, release=options.release)
     steps.resolved(resolution)
     release, _, _ = release_for(options, resolution, settings.catalog)
     substitution = await steps.substitute(release)
     plan = make_plan(identity, options, settings.catalog, resolution, settings.plan, substitution)
+    refusal = relaunch_refusal(past, plan) if past is not None else None
+    if refusal:
+        raise InvalidInput(refusal)
     blocked = await steps.blocked_release_messages()
     if plan.release.id in blocked:
         message = str(blocked[plan.release.id] or "").strip()

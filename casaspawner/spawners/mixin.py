@@ -52,6 +52,7 @@ from casaspawner.session.options import input_options, options_from_form, sessio
 from casaspawner.session.prepare import prepare
 from casaspawner.session.progress import plan_events
 from casaspawner.session.readers import DatasetReader, StorageMountReader
+from casaspawner.session.relaunch import HISTORY_LIMIT, PastSession
 from casaspawner.session.settings import SessionSettings
 from casaspawner.session.vospace import VOSpaceReader, tells_version
 from casaspawner.spawners.errors import hook_failure, spawn_refusal
@@ -398,6 +399,8 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
     recent_datasets: list[str]
     #: What the last dataset resolved to: the form's preselection and preview.
     last_resolution: dict[str, Any] | None
+    #: Past sessions, newest first, with the digest each ran: the form's "Relaunch exactly".
+    session_history: list[PastSession]
     user_options: dict[str, Any]
     environment: dict[str, Any]
 
@@ -420,6 +423,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.recent_datasets = []
         self.last_resolution = None
+        self.session_history = []
         self.session_plan = None
         self._plan_for: dict[str, Any] | None = None
         self._access_token: str | None = None
@@ -577,6 +581,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             recent=self.recent_datasets,
             suggested=self.suggested_datasets,
             last=self.last_resolution,
+            past=self.session_history,
             blocked=blocked,
             allow_override=self.allow_release_override,
             can_read_paths=self.reads_paths,
@@ -828,12 +833,18 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         recent = [dataset, *(d for d in self.recent_datasets if d != dataset)]
         self.recent_datasets = recent[: max(self.recent_datasets_limit, 0)]
 
+    def past_session(self, name: str) -> PastSession | None:
+        """The past session ``name`` of this server, for a relaunch."""
+        return next((p for p in self.session_history if p.name == name), None)
+
     def get_state(self) -> dict[str, Any]:
         state: dict[str, Any] = super().get_state()
         if self.recent_datasets:
             state["casa_recent_datasets"] = list(self.recent_datasets)
         if self.last_resolution:
             state["casa_last_resolution"] = dict(self.last_resolution)
+        if self.session_history:
+            state["casa_history"] = [p.as_state() for p in self.session_history]
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -842,6 +853,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         if isinstance(recent, list):
             limit = max(self.recent_datasets_limit, 0)
             self.recent_datasets = [d for d in recent if isinstance(d, str)][:limit]
+        saved = state.get("casa_history")
+        if isinstance(saved, list):
+            found = (PastSession.from_state(p) for p in saved)
+            self.session_history = [p for p in found if p is not None][:HISTORY_LIMIT]
         last = state.get("casa_last_resolution")
         if isinstance(last, dict) and all(
             isinstance(last.get(k), str) for k in ("dataset", "release")
@@ -857,7 +872,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
     def clear_state(self) -> None:
         """Forget the last session's plan.
 
-        Recent datasets and the last resolution stay.
+        Recent datasets, the last resolution and past sessions stay.
         """
         super().clear_state()
         self.restore_configured_traits()

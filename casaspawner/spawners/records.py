@@ -29,6 +29,7 @@ from casaspawner.session.record import (
     record_text,
     session_record,
 )
+from casaspawner.session.relaunch import PastSession, remember
 
 #: The sessions' ``$JUPYTERHUB_API_TOKEN``: JupyterHub's ``server`` role, and reading its own server.
 SERVER_TOKEN_SCOPES = ("users:activity!user", "access:servers!server", "read:servers!server")
@@ -68,6 +69,8 @@ class SessionRecords(_MixinBase):  # type: ignore[misc]
     #: ``clear_state`` keeps it: ``LocalProcessSpawner.poll`` clears the state of a session that
     #: died before the hub's post-stop step completes its record. The next start replaces it.
     session_record_dir: str | None = None
+    #: Past sessions (kept by the session mixin's state); a started session joins them.
+    session_history: list[PastSession]
 
     @default("server_token_scopes")
     def _record_server_token_scopes(self) -> list[str]:
@@ -108,6 +111,13 @@ class SessionRecords(_MixinBase):  # type: ignore[misc]
         self.session_record_dir = directory
         record = record_text(session_record(plan, facts))
         return {RECORD_ENV: record, RECORD_DIR_ENV: directory}
+
+    def remember_session(self, plan: SessionPlan, sha256: str) -> None:
+        """Offer the session that now runs ``sha256`` for a relaunch, named as its record."""
+        started = datetime.now(timezone.utc)
+        directory = self.session_record_dir or record_directory(plan, started)
+        past = PastSession.from_plan(plan, PurePosixPath(directory).name, started, sha256)
+        self.session_history = remember(self.session_history, past)
 
     async def complete_record(self) -> None:
         """Complete the ended session's record where the hub can; here, only forget it.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import PurePosixPath
 
 import pytest
 from support.datasets import dataset_in
@@ -116,3 +117,53 @@ async def test_the_running_pods_digest_is_kept_beside_the_summary(
     await spawner.run_post_stop_hook()
     assert spawner.session_record_dir is None
     assert "casa_record_dir" not in spawner.get_state()
+
+
+async def test_a_session_that_ran_is_relaunched_by_its_digest(make_spawner, storage, monkeypatch):
+    """The running pod's digest makes the session a past one: the form offers it, the hub's state
+    keeps it across a restart, and relaunching it builds a pod of that very image."""
+    from casaspawner.kube.spawner import CASASpawner
+
+    dataset = dataset_in(storage, "alice", "cycle10")
+    spawner = make_spawner()
+    await spawner._run_apply_user_options({"dataset": dataset, "interface": "desktop"})
+    await spawner.session_manifests()
+    name = PurePosixPath(spawner.session_record_dir).name
+    tagged = spawner.session_plan.image
+    status = {
+        "containerStatuses": [
+            {"name": "notebook", "imageID": f"ghcr.io/casaspawner/casa@sha256:{DIGEST}"}
+        ]
+    }
+    pods = {f"test/{spawner.pod_name}": {"status": status}}
+    monkeypatch.setattr(CASASpawner, "pod_reflector", property(lambda self: Reflector(pods)))
+    spawner.record_session(spawner.session_plan)
+    spawner.record_image_digest()
+    (past,) = spawner.session_history
+    assert (past.name, past.dataset, past.interface, past.sha256) == (
+        name,
+        dataset,
+        "desktop",
+        DIGEST,
+    )
+
+    # A hub restart: the state brings it back, and the form offers it.
+    state = json.loads(json.dumps(spawner.get_state()))
+    spawner.clear_state()
+    fresh = make_spawner()
+    fresh.load_state(state)
+    assert fresh.session_history == [past]
+    html = fresh.render_options_form()
+    assert f'<option value="{name}">' in html and f"sha256:{DIGEST[:12]}" in html
+
+    # The relaunch: the form's other fields do not count, the image is the digest that ran.
+    await fresh._run_apply_user_options({"relaunch": name, "dataset": "elsewhere"})
+    pod, _ = await fresh.session_manifests()
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "notebook"]
+    assert container["image"] == f"{tagged.rsplit(':', 1)[0]}@sha256:{DIGEST}"
+    assert fresh.session_plan.options.dataset == dataset
+    assert fresh.session_plan.interface == "desktop"
+    # A past session the hub does not know is one sentence.
+    fresh.clear_state()
+    with pytest.raises(SpawnException, match="There is no past session 'gone' of yours"):
+        await fresh._run_apply_user_options({"relaunch": "gone"})

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,36 @@ def test_a_killed_session_has_its_record_completed_by_the_hub_as_the_user(
         raise AssertionError(hub.log()[-4000:]) from None
     assert action["actionStatus"]["@id"].endswith("CompletedActionStatus")
     assert path.stat().st_uid == owner
+
+
+def test_a_past_session_is_relaunched_with_the_same_environment(
+    hub: Hub, home: Path, demo_env: CasaEnvironment
+) -> None:
+    """The hub keeps the session it ran; relaunching it runs the same dataset and options in the
+    environment of the same content hash, whatever else the request names."""
+    hub.stop_server()
+    before = records(home)
+    hub.spawn({"dataset": f"~/{demo.DEMO_PROJECT}", "interface": "lab"})
+    first = new_record(home, before)
+    hub.stop_server()
+    before = records(home)
+    name = first.parent.name
+    server = hub.spawn({"relaunch": name, "dataset": "~/elsewhere", "interface": "desktop"})
+    again = new_record(home, before)
+    output = server["user_options"]["casaspawner"]
+    assert (output["dataset"], output["interface"]) == (f"~/{demo.DEMO_PROJECT}", "lab")
+    assert server["user_options"]["relaunch"] == name
+    runtime = entities(again)["#runtime"]["sha256"]
+    assert runtime == entities(first)["#runtime"]["sha256"] == demo_env.content_digest()
+    hub.stop_server()
+    # A past session this server never ran is one sentence, and starts nothing.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        hub.api(
+            "POST",
+            f"/hub/api/users/{demo.DEMO_USER}/server",
+            {"user_options": {"relaunch": "gone"}},
+        )
+    assert refused.value.code == 400
+    message = json.loads(refused.value.read())["message"]
+    assert message.startswith("There is no past session 'gone' of yours to relaunch")
+    assert hub.server() is None

@@ -11,8 +11,9 @@ from support.session import Backend
 from casaspawner.catalog.model import Catalog
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
 from casaspawner.errors import InvalidInput, ReleaseBlocked, VersionUnknown
-from casaspawner.plan import PlanConfig, Resources
+from casaspawner.plan import PlanConfig, Resources, image_for
 from casaspawner.session.prepare import prepare
+from casaspawner.session.relaunch import PastSession, environment_refusal
 from casaspawner.session.settings import SessionSettings
 
 
@@ -123,3 +124,82 @@ def test_the_spawners_own_output_is_dropped_from_saved_options(
     assert run(saved, catalog, Backend(catalog)).options.release is None
     with pytest.raises(InvalidInput, match="'casa_version' is not a session option"):
         run({"dataset": dataset, "casa_version": "6.5.4-9"}, catalog, Backend(catalog))
+
+
+DIGEST = "d" * 64
+
+
+def past_session(dataset: str, release: str = "pl-2023.1.0.124") -> PastSession:
+    return PastSession(
+        "20261206T101500Z-member",
+        "2026-12-06 10:15 UTC",
+        dataset,
+        "desktop",
+        "small",
+        release,
+        "an earlier build",
+        DIGEST,
+    )
+
+
+def test_a_relaunch_runs_the_past_sessions_options_by_its_digest(
+    catalog: Catalog, dataset: str
+) -> None:
+    backend = Backend(catalog, past=[past_session(dataset)])
+    # What else the form sent is not what the past session ran.
+    options = {"relaunch": "20261206T101500Z-member", "dataset": "other", "interface": "lab"}
+    plan = run(options, catalog, backend)
+    assert (plan.options.dataset, plan.interface, plan.options.size) == (
+        dataset,
+        "desktop",
+        "small",
+    )
+    assert (plan.release.id, plan.exact, plan.options.pin) == ("pl-2023.1.0.124", True, DIGEST)
+    tagged = image_for(plan.release, PlanConfig())
+    assert plan.image == f"{tagged.rsplit(':', 1)[0]}@sha256:{DIGEST}"
+    assert backend.calls[0] == "past 20261206T101500Z-member"
+
+
+def test_a_relaunch_of_an_unknown_or_malformed_session_is_one_sentence(
+    catalog: Catalog, dataset: str
+) -> None:
+    backend = Backend(catalog, past=[past_session(dataset)])
+    with pytest.raises(InvalidInput, match="^There is no past session 'gone' of yours"):
+        run({"relaunch": "gone"}, catalog, backend)
+    with pytest.raises(InvalidInput, match="must be one of your past sessions' names"):
+        run({"relaunch": "../x"}, catalog, backend)
+    # Nothing was asked of the backend beyond the lookup.
+    assert backend.calls == ["past gone"]
+
+
+def test_a_relaunch_that_would_run_another_release_is_refused(
+    catalog: Catalog, dataset: str
+) -> None:
+    """Where users may not choose a release, the dataset decides; where it now decides another
+    than the past session ran, there is nothing to relaunch exactly."""
+    past = past_session(dataset, release="casa-6.6.5-31")
+    backend = Backend(catalog, past=[past])
+    with pytest.raises(InvalidInput, match="^That session ran an earlier build, and this hub"):
+        run({"relaunch": past.name}, catalog, backend, allow_override=False)
+    # Where users may choose, the past session's release runs again, marked as chosen.
+    plan = run({"relaunch": past.name}, catalog, backend)
+    assert (plan.release.id, plan.exact) == ("casa-6.6.5-31", False)
+    # A machine that must substitute another release cannot relaunch it either.
+    substituting = Backend(catalog, past=[past_session(dataset)], substitute_with="casa-6.6.5-31")
+    with pytest.raises(InvalidInput, match="cannot be relaunched exactly"):
+        run({"relaunch": past.name}, catalog, substituting)
+
+
+def test_a_relaunch_runs_only_the_environment_it_ran(catalog: Catalog, dataset: str) -> None:
+    """On one machine the environment is named by its packages' sha256: another is refused."""
+    past = past_session(dataset)
+    plan = run({"relaunch": past.name}, catalog, Backend(catalog, past=[past]))
+    assert environment_refusal(plan, DIGEST) is None
+    refusal = environment_refusal(plan, "e" * 64)
+    assert refusal is not None and refusal.startswith(
+        f"The {plan.release.label} environment on this machine has changed since that session"
+    )
+    # A session that is no relaunch runs whatever the environment now holds.
+    assert (
+        environment_refusal(run({"dataset": dataset}, catalog, Backend(catalog)), "e" * 64) is None
+    )

@@ -11,6 +11,7 @@ from casaspawner.datasets.model import Resolution
 from casaspawner.datasets.worker import resolve_in_worker
 from casaspawner.plan import Identity, Substitution
 from casaspawner.session.readers import DatasetReader, LocalDirectoryReader
+from casaspawner.session.relaunch import PastSession
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Backend:
     catalog: Catalog
     substitute_with: str | None = None
     blocked: dict[str, str] = field(default_factory=dict)
+    past: list[PastSession] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
 
     async def session_identity(self) -> Identity:
@@ -45,3 +47,7 @@ class Backend:
     async def blocked_release_messages(self) -> Mapping[str, str]:
         self.calls.append("blocked")
         return self.blocked
+
+    def past_session(self, name: str) -> PastSession | None:
+        self.calls.append(f"past {name}")
+        return next((p for p in self.past if p.name == name), None)

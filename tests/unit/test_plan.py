@@ -16,6 +16,7 @@ from casaspawner.plan import (
     Substitution,
     image_for,
     make_plan,
+    pinned_image,
 )
 
 
@@ -163,3 +164,22 @@ def test_plan_is_pure(resolution, catalog: Catalog) -> None:
         resolution,
     )
     assert make_plan(*args) == make_plan(*args)
+
+
+@pytest.mark.parametrize(
+    ("reference", "pinned"),
+    [
+        ("registry.example:5000/casa/casa:6.6.5-31", "registry.example:5000/casa/casa@sha256:"),
+        ("localhost/casaspawner/casa:pl-2023.1.0.124", "localhost/casaspawner/casa@sha256:"),
+        ("casa:6.6.5-31", "casa@sha256:"),
+        (f"casa@sha256:{'e' * 64}", "casa@sha256:"),
+    ],
+)
+def test_a_pinned_image_is_named_by_its_digest_alone(reference: str, pinned: str) -> None:
+    digest = "f" * 64
+    assert pinned_image(reference, digest) == pinned + digest
+
+
+def test_a_pin_must_be_a_sha256() -> None:
+    with pytest.raises(InvalidInput, match="by a sha256 digest"):
+        SessionOptions("ds", pin="sha256:" + "f" * 64)
