@@ -86,6 +86,8 @@ from cluster import (  # noqa: E402
     NETNS,
     Cluster,
     build_busybox_image,
+    push,
+    registry,
 )
 
 KUBECONFIG = REPO / ".cache" / "k8s" / "kubeconfig"
@@ -198,6 +200,8 @@ class Environment:
     route: bool = False
     registry_image: str = ""
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kube-bench-")))
+    #: What stops with the benchmark: the registry.
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
 async def create_namespace(api: Any) -> str:
@@ -276,47 +280,11 @@ def answer_on_fake_addresses(env: Environment) -> None:
 
 
 def start_registry(env: Environment) -> str:
-    """Debian's docker-registry on 127.0.0.1 in the namespace, holding the busybox image.
-
-    containerd pulls from a registry on localhost over plain HTTP.
-    """
-    port = 15000 + secrets.randbelow(1000)
-    storage = env.workdir / "registry"
-    storage.mkdir()
-    config = env.workdir / "registry.yml"
-    config.write_text(
-        "version: 0.1\nlog: {level: error}\n"
-        f"storage: {{filesystem: {{rootdirectory: {storage}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: '127.0.0.1:{port}'}}\n"
-    )
-    registry = subprocess.Popen(
-        ["docker-registry", "serve", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=(env.workdir / "registry.log").open("wb"),
-    )
-    env.processes.append(registry)
-    image = f"127.0.0.1:{port}/bench/busybox:{secrets.token_hex(4)}"
-    deadline = time.monotonic() + 30
-    while True:
-        pushed = subprocess.run(
-            [
-                "buildah",
-                "push",
-                "--quiet",
-                "--tls-verify=false",
-                BUSYBOX_IMAGE,
-                f"docker://{image}",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if pushed.returncode == 0:
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"buildah could not push to the registry: {pushed.stderr}")
-        time.sleep(0.5)
+    """Debian's docker-registry on 127.0.0.1 in the namespace, holding the busybox image."""
+    cluster = Cluster(kubeconfig=KUBECONFIG, netns=NETNS)
+    address = env.stack.enter_context(registry(cluster, env.workdir))
+    image = f"{address}/bench/busybox:{secrets.token_hex(4)}"
+    push(cluster, BUSYBOX_IMAGE, image)
     env.registry_image = image
     return image
 
@@ -342,6 +310,7 @@ async def cleanup(env: Environment) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+    env.stack.close()
     if env.route:
         subprocess.run(["ip", "route", "del", "local", FAKE_POD_NET, "dev", "lo"], check=False)
     if env.registry_image:

@@ -10,13 +10,14 @@ pods reach the namespace at :data:`NODE_IP` (where a hub started with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,51 @@ def build_busybox_image() -> None:
         buildah("commit", "--quiet", container, BUSYBOX_IMAGE)
     finally:
         buildah("rm", container)
+
+
+@contextlib.contextmanager
+def registry(cluster: Cluster, workdir: Path) -> Iterator[str]:
+    """Debian's docker-registry on 127.0.0.1 in the cluster's namespace; yields its address.
+
+    containerd pulls from a registry on localhost over plain HTTP.
+    """
+    port = 15000 + secrets.randbelow(1000)
+    storage = workdir / "registry"
+    storage.mkdir()
+    config = workdir / "registry.yml"
+    config.write_text(
+        "version: 0.1\nlog: {level: error}\n"
+        f"storage: {{filesystem: {{rootdirectory: {storage}}}, delete: {{enabled: true}}}}\n"
+        f"http: {{addr: '127.0.0.1:{port}'}}\n"
+    )
+    with (workdir / "registry.log").open("wb") as log:
+        process = subprocess.Popen(
+            cluster.netns_argv(["docker-registry", "serve", str(config)]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def push(cluster: Cluster, image: str, target: str, timeout: float = 30) -> None:
+    """Push ``image`` from this machine's storage to ``target`` in a registry of :func:`registry`.
+
+    The registry may still be starting: the push is tried again until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        argv = ["buildah", "push", "--quiet", "--tls-verify=false", image, f"docker://{target}"]
+        pushed = cluster.run_in_netns(argv, timeout=timeout)
+        if pushed.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"buildah could not push {image} to {target}: {pushed.stderr}")
+        time.sleep(0.5)
 
 
 def buildah(*args: str) -> str:

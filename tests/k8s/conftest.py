@@ -3,7 +3,7 @@
 * ``cluster`` (session): ``$KUBECONFIG``'s cluster, or the repository's own (started when it is not
   running, stopped at the end unless ``CLUSTER_KEEP=1``); ``api``: an admin API client;
   ``namespace``: a fresh namespace enforcing the restricted Pod Security level; ``busybox``: the
-  tests' image, in the cluster.
+  tests' image, in the cluster; ``pushed_busybox``: the same in a registry the node pulls from.
 * ``hub``: a restricted namespace with the hub's ServiceAccount (Zero to JupyterHub's hub Role, a
   token kubeconfig), Cavern and the measures bound to their claims, and in-process
   ``CASASpawner``\\ s acting as that ServiceAccount.
@@ -30,7 +30,15 @@ from k8s_hub import (
     write_cavern,
 )
 
-from cluster import Cluster, ClusterUnavailable, busybox_image, cluster_from_environment, stop
+from cluster import (
+    Cluster,
+    ClusterUnavailable,
+    busybox_image,
+    cluster_from_environment,
+    push,
+    registry,
+    stop,
+)
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +86,22 @@ def busybox(cluster: Cluster) -> str:
             "set CASASPAWNER_K8S_BUSYBOX_IMAGE to an image with /bin/busybox and /www/index.html"
         )
     return image
+
+
+@pytest.fixture(scope="session")
+def pushed_busybox(cluster: Cluster, busybox: str) -> Iterator[str]:
+    """The busybox image in a registry on 127.0.0.1 in the cluster's namespace, as pulled images
+    are named in a real deployment: the node pulls it, and its digest names it again."""
+    if not cluster.own:
+        pytest.skip("the registry runs in the repository's own cluster's namespace")
+    workdir = Path(tempfile.mkdtemp(prefix="casaspawner-k8s-registry-"))
+    try:
+        with registry(cluster, workdir) as address:
+            image = f"{address}/k8s-tier/busybox:pushed"
+            push(cluster, busybox, image)
+            yield image
+    finally:
+        remove_tree(workdir)
 
 
 @pytest.fixture(scope="session")

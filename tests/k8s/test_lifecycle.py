@@ -178,3 +178,27 @@ async def test_a_secret_stored_after_its_pod_makes_the_kubelet_fail_the_mount(
     assert 'secret "late-token" not found' in event.message
     with pytest.raises(AssertionError):
         await assert_no_failed_mount(api, namespace)
+
+
+async def test_a_relaunch_runs_the_image_by_the_digest_that_ran(hub, api, pushed_busybox):
+    """The digest the kubelet reported for a pulled image names it again: the relaunched pod's
+    image is that digest, and the node pulls and runs it."""
+    spawner = hub.spawner(image_template=pushed_busybox)
+    dataset = dataset_of(hub.cavern, "cycle10")
+    url, _ = await spawn(spawner, {"dataset": dataset, "interface": "desktop"})
+    assert isinstance(url, str), url
+    (past,) = spawner.session_history
+    await spawner.stop(now=True)
+    spawner.clear_state()
+
+    url, messages = await spawn(spawner, {"relaunch": past.name, "dataset": "elsewhere"})
+    assert isinstance(url, str), "\n".join([str(url), *messages])
+    pod = await client.CoreV1Api(api).read_namespaced_pod(spawner.pod_name, hub.namespace)
+    (container,) = [c for c in pod.spec.containers if c.name == "notebook"]
+    assert container.image == f"{pushed_busybox.rsplit(':', 1)[0]}@sha256:{past.sha256}"
+    (status,) = [s for s in pod.status.container_statuses if s.name == "notebook"]
+    assert status.image_id.endswith(f"sha256:{past.sha256}")
+    assert pod.metadata.labels["casaspawner.io/interface"] == "desktop"
+    assert spawner.session_plan.options.dataset == dataset
+    await spawner.stop(now=True)
+    await nothing_left(api, hub.namespace)
