@@ -511,7 +511,8 @@ def run_hub(
     relaying.join(5)
     if not (told or interrupted):
         say(
-            f"JupyterHub stopped (status {hub.returncode}) before it answered; see its lines above."
+            f"JupyterHub stopped (status {hub.returncode}) before it answered; "
+            "see its lines above."
         )
         return hub.returncode or 1
     tell(

@@ -31,7 +31,7 @@ from casaspawner.session.record import (
 )
 from casaspawner.session.relaunch import PastSession, remember
 
-#: The sessions' ``$JUPYTERHUB_API_TOKEN``: JupyterHub's ``server`` role, and reading its own server.
+#: The sessions' ``$JUPYTERHUB_API_TOKEN``: JupyterHub's ``server`` role and its server's model.
 SERVER_TOKEN_SCOPES = ("users:activity!user", "access:servers!server", "read:servers!server")
 
 if TYPE_CHECKING:

@@ -641,8 +641,8 @@ def test_the_desktop_makes_a_fresh_private_runtime_directory(tmp_path: Path) -> 
     assert (planted / "rc.xml").read_text() == "<planted/>"
 
 
-#: Directories with what breaks a sed expression (``|``, ``&``, ``\\``), XML (``&``, ``<``, ``"`` in
-#: an attribute) or a command split like a shell (spaces, quotes).
+#: Directories with what breaks a sed expression (``|``, ``&``, ``\\``), XML (``&``, ``<``, ``"``
+#: in an attribute) or a command split like a shell (spaces, quotes).
 AWKWARD = 'desk top & co\'s |x| <"casa"> \\n'
 
 

@@ -323,7 +323,9 @@ def test_pyvo_is_imported_with_one_blas_thread(tmp_path):
     script = (
         "import os, sys, pathlib\n"
         "from casaspawner.datasets.archive import AlmaDataLinkClient\n"
-        f"client = AlmaDataLinkClient('http://127.0.0.1:9', cache_dir=pathlib.Path({str(tmp_path)!r}))\n"
+        "client = AlmaDataLinkClient(\n"
+        f"    'http://127.0.0.1:9', cache_dir=pathlib.Path({str(tmp_path)!r})\n"
+        ")\n"
         "with client._session(0):\n"
         "    pass\n"
         "print('numpy' in sys.modules, os.environ.get('OPENBLAS_NUM_THREADS'))\n"
