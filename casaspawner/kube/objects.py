@@ -175,8 +175,6 @@ def _add_mount(
             **volume_source(settings.measures_volume, "measures data", settings.security_level),
         }
         entry = {"name": key, "mountPath": mount.path}
-    # The paths hold the user's and the groups' names, as written.
-    entry.update(literal({k: v for k, v in entry.items() if k in ("mountPath", "subPath")}))
     if mount.read_only:
         entry["readOnly"] = True
     mounts[key] = entry
@@ -255,7 +253,7 @@ def session_fields(
         "container_security_context": container_sc,
         "automount_service_account_token": False,
         "service_account": None,
-        "extra_labels": merge_keeping(extra_labels or {}, literal(plan.labels)),
+        "extra_labels": merge_keeping(extra_labels or {}, plan.labels),
         "extra_annotations": merge_keeping(extra_annotations or {}, literal(plan.annotations)),
         "cpu_guarantee": resources.cpu_guarantee or None,
         "cpu_limit": resources.cpu_limit or None,
@@ -264,6 +262,54 @@ def session_fields(
         "extra_resource_limits": merge_keeping(
             extra_resource_limits or {}, {EPHEMERAL_STORAGE: local_disk} if local_disk else {}
         ),
+    }
+
+
+def record_pod(
+    plan: SessionPlan,
+    settings: PodSettings,
+    *,
+    name: str,
+    image: str,
+    command: list[str],
+    labels: Mapping[str, str],
+) -> dict[str, Any]:
+    """A pod that completes a killed session's record, as the user, in the session's image.
+
+    It mounts the user's storage as the session did, and nothing else of it: no token, no
+    measures, no network use. It runs ``command`` once, for at most two minutes.
+    """
+    pod_sc, container_sc = security_contexts(plan.identity)
+    bare = PodSettings(**{**settings.__dict__, "token_secret_name": None})
+    volumes, mounts = session_volumes(plan, bare)
+    kept = [key for key, mount in mounts.items() if mount["name"] in (STORAGE_VOLUME, "casa-tmp")]
+    names = {mounts[key]["name"] for key in kept}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": dict(labels)},
+        "spec": {
+            "restartPolicy": "Never",
+            "activeDeadlineSeconds": 120,
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": pod_sc,
+            "volumes": [v for v in volumes.values() if v["name"] in names],
+            "containers": [
+                {
+                    "name": "record",
+                    "image": image,
+                    "command": list(command),
+                    "env": [{"name": "HOME", "value": plan.home}],
+                    "securityContext": container_sc,
+                    "volumeMounts": [mounts[key] for key in kept],
+                    "resources": {
+                        "requests": {"cpu": "50m", "memory": "128Mi"},
+                        "limits": {"cpu": "1", "memory": "512Mi", EPHEMERAL_STORAGE: "64Mi"},
+                    },
+                }
+            ],
+        },
     }
 
 

@@ -9,8 +9,12 @@ KubeSpawner does all Kubernetes API work. Registered as the ``casa`` spawner
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import stat
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,13 +22,16 @@ from jupyterhub.utils import exponential_backoff, maybe_future
 from kubernetes_asyncio.client.rest import ApiException
 from kubespawner import KubeSpawner
 from tornado import web
-from traitlets import Bool, Dict, Unicode, default, validate
+from traitlets import Bool, Dict, List, Unicode, default, validate
 
-from casaspawner.errors import ConfigurationError, InvalidInput
+from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
+from casaspawner.insession.record import entity
 from casaspawner.kube import api, events, objects, podsecurity
 from casaspawner.kube.quantities import quantity_bytes
 from casaspawner.plan import SessionPlan
+from casaspawner.runtime import RECORD_ACTION_ID, RECORD_FILE
 from casaspawner.session.options import OUTPUT_KEY
+from casaspawner.session.readers import StorageMountReader
 from casaspawner.session.record import Runtime, image_digest
 from casaspawner.spawners.errors import spawn_error
 from casaspawner.spawners.mixin import CASASessionMixin
@@ -54,6 +61,15 @@ def _reflector_broken(reflector: Any) -> bool:
         return True
     task = reflector.watch_task
     return bool(loaded.done() and task is not None and task.done())
+
+
+def _read_own_file(path: Path, limit: int = 1 << 20) -> Any:
+    """The JSON in ``path``, a regular file that is not a link, of at most ``limit`` bytes."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        return json.loads(handle.read(limit + 1)[:limit])
 
 
 def _status_message(exc: ApiException) -> str:
@@ -168,6 +184,27 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         """,
     ).tag(config=True)
 
+    complete_killed_records = Bool(
+        True,
+        help="""
+        Complete the reproducibility record of a session that was killed before it could (out
+        of memory, a lost node, a forced delete): after the server stops, if the record in the
+        user's storage (read through ``storage_hub_path``) has no end time, a short pod of the
+        session's image adds it, as the user, with the user's storage mounted and nothing else,
+        then is deleted. Without ``storage_hub_path`` the hub cannot see the record, and no such
+        pod is started.
+        """,
+    ).tag(config=True)
+
+    record_command = List(
+        Unicode(),
+        default_value=["python", "-m", "casaspawner.insession.record", "stop"],
+        help="""
+        The command that completes a record in the session's image, given the record's
+        directory as its last argument. casaspawner's images have it on ``PATH``.
+        """,
+    ).tag(config=True)
+
     plan_traits = (
         "image",
         "cmd",
@@ -201,6 +238,8 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         self._token_secret_stored = False
         # The authorizer's last refusal this spawn, while it may still pass.
         self._refusal: ApiException | None = None
+        # What completes the stopped session's record, should it need it: pod, directory, plan.
+        self._record_completion: tuple[dict[str, Any], str, SessionPlan] | None = None
         super().__init__(*args, **kwargs)
 
     @default("cmd")
@@ -378,9 +417,86 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             await self.remove_token_secret()
 
     async def stop(self, now: bool = False) -> None:
-        """Delete the pod as KubeSpawner does, then any token Secret left."""
+        """Delete the pod as KubeSpawner does, then any token Secret left.
+
+        The session's plan is still known here, not after: what could complete its record is
+        kept for :meth:`complete_record`.
+        """
         await super().stop(now)
         await self.remove_token_secret()
+        plan, directory = self.session_plan, self.session_record_dir
+        if plan is None or directory is None or not self.complete_killed_records:
+            return
+        labels = {**self._build_common_labels({}), "component": "casa-record"}
+        pod = objects.record_pod(
+            plan,
+            self.pod_settings(),
+            name=f"{self.pod_name}-record",
+            image=self.image,
+            command=[*self.record_command, directory],
+            labels=labels,
+        )
+        self._record_completion = (pod, directory, plan)
+
+    async def complete_record(self) -> None:
+        """Complete the record of a session killed before it could, in a pod, as the user."""
+        pending, self._record_completion = self._record_completion, None
+        await super().complete_record()
+        if pending is None:
+            return
+        pod, directory, plan = pending
+        if not await self._record_unfinished(directory, plan):
+            return
+        name = pod["metadata"]["name"]
+        self.log.info("Completing the record %s of %s in pod %s", directory, self.user.name, name)
+        try:
+            await api.send(
+                self.api.create_namespaced_pod,
+                self.namespace,
+                pod,
+                timeout=self.k8s_api_request_timeout,
+            )
+            phase = await self._record_pod_end(name)
+        except (ApiException, *CONNECTION_ERRORS) as exc:
+            self.log.warning("The record %s could not be completed: %s", directory, exc)
+            phase = None
+        finally:
+            with contextlib.suppress(ApiException, *CONNECTION_ERRORS):
+                await self.api.delete_namespaced_pod(
+                    name,
+                    self.namespace,
+                    grace_period_seconds=0,
+                    _request_timeout=self.k8s_api_request_timeout,
+                )
+        if phase != "Succeeded":
+            self.log.warning(
+                "The record %s was not completed (pod %s: %s)", directory, name, phase
+            )
+
+    async def _record_unfinished(self, directory: str, plan: SessionPlan) -> bool:
+        """Whether the record in ``directory`` exists without an end time, as the hub sees it."""
+        if self.storage_hub_path is None:
+            return False
+        reader = StorageMountReader(self.storage_hub_path, self.storage_layout())
+        try:
+            async with reader.open(directory, plan.identity) as found:
+                record = await asyncio.to_thread(_read_own_file, found / RECORD_FILE)
+        except (CasaspawnerError, OSError, ValueError):
+            return False
+        action = entity(record, RECORD_ACTION_ID) if isinstance(record, dict) else None
+        return action is not None and "endTime" not in action
+
+    async def _record_pod_end(self, name: str, timeout: float = 150) -> str | None:
+        """The phase the record pod ends in, or the last one seen when ``timeout`` ran out."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        phase = None
+        while asyncio.get_running_loop().time() < deadline:
+            pod = await self.api.read_namespaced_pod(name, self.namespace)
+            phase = pod.status.phase if pod.status else None
+            if phase in ("Succeeded", "Failed"):
+                break
+            await asyncio.sleep(1)
+        return phase
 
     async def dry_run_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """What a spawn of ``user_options`` would submit, with no cluster.

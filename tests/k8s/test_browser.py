@@ -410,6 +410,43 @@ def test_desktop_session_shows_a_ready_casa_window(
     page.close()
 
 
+def test_a_killed_session_has_its_record_completed_by_a_pod_as_the_user(
+    cluster: Cluster, hub: HubProcess, site: Site
+) -> None:
+    """The desktop session of the test before is killed outright (no SIGTERM): it cannot
+    complete its record, so after the server stops a pod of its image does, as alice."""
+    sessions = site.cavern / "home" / "alice" / RECORDS_DIR
+
+    def open_record() -> Path | None:
+        for path in sorted(sessions.glob(f"*/{RECORD_FILE}"), reverse=True):
+            graph = {e["@id"]: e for e in json.loads(path.read_text())["@graph"]}
+            if "endTime" not in graph["#session"]:
+                return path
+        return None
+
+    deadline = time.monotonic() + 60
+    record = open_record()
+    while record is None and time.monotonic() < deadline:
+        time.sleep(1)
+        record = open_record()
+    assert record is not None, sorted(sessions.glob("*"))
+    namespace, pod = pod_of(hub)
+    admin(
+        cluster,
+        lambda api: client.CoreV1Api(api).delete_namespaced_pod(
+            pod, namespace, grace_period_seconds=0
+        ),
+    )
+    hub.stop_server("alice")
+    graph = {e["@id"]: e for e in json.loads(record.read_text())["@graph"]}
+    assert "endTime" in graph["#session"], graph["#session"]
+    assert graph["#session"]["actionStatus"]["@id"].endswith("CompletedActionStatus")
+    # Written as alice, and the pod that did it is gone.
+    assert record.stat().st_uid == ALICE["uid"]
+    pods = admin(cluster, lambda api: client.CoreV1Api(api).list_namespaced_pod(namespace))
+    assert [p.metadata.name for p in pods.items] == []
+
+
 def test_stopping_leaves_nothing_and_no_mount_ever_failed(
     cluster: Cluster, hub: HubProcess, site: Site
 ) -> None:

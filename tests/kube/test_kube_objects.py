@@ -247,3 +247,37 @@ def test_security_contexts_refuse_root():
     object.__setattr__(identity, "uid", 0)
     with pytest.raises(InvalidInput, match="never run as root"):
         objects.security_contexts(identity)
+
+
+async def test_a_record_pod_runs_as_the_user_with_the_storage_alone(make_spawner, storage):
+    """The pod that completes a killed session's record: valid, restricted, the user's ids and
+    storage mounts, no token, no measures, one run."""
+    spawner, _, _ = await manifests_for(
+        make_spawner,
+        storage,
+        interface="desktop",
+        era="cycle10",
+        groups=GROUPS[-1],
+        storage_kind="pvc",
+    )
+    plan = spawner.session_plan
+    pod = objects.record_pod(
+        plan,
+        spawner.pod_settings(),
+        name="jupyter-alice-record",
+        image="registry.example/casa@sha256:" + "a" * 64,
+        command=["python", "-m", "casaspawner.insession.record", "stop", "/arc/home/alice/r"],
+        labels={"component": "casa-record"},
+    )
+    validate(pod)
+    assert restricted_violations(pod) == {}
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    assert container["command"][-1] == "/arc/home/alice/r"
+    assert spec["restartPolicy"] == "Never" and spec["activeDeadlineSeconds"] > 0
+    assert spec["securityContext"]["runAsUser"] == plan.identity.uid
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert set(mounts) == {plan.home, "/arc/projects/proja", "/arc/projects/projb", "/tmp"}
+    assert {v["name"] for v in spec["volumes"]} == {"casa-storage", "casa-tmp"}
+    assert "casa-token" not in json.dumps(pod)
+    assert [e["name"] for e in container["env"]] == ["HOME"]
