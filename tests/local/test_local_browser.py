@@ -20,7 +20,13 @@ from urllib.parse import urlparse
 import pytest
 from support import SCREENSHOTS
 from support.hub import Hub
-from support.local import wait_for_display, wait_for_title, window_geometry, window_titles
+from support.local import (
+    argv_of,
+    wait_for_display,
+    wait_for_title,
+    window_geometry,
+    window_titles,
+)
 
 from casaspawner.catalog.model import Release
 from casaspawner.local import demo
@@ -256,10 +262,10 @@ def test_desktop_session_shows_a_ready_casa_window(
     ms = next((home / demo.DEMO_PROJECT).rglob("*.ms"))
     launched = [
         argv
-        for argv in (_argv(pid) for pid in descendants(hub.session_pid()))
+        for argv in (argv_of(pid) for pid in descendants(hub.session_pid()))
         if argv and Path(argv[0]).name == "casaplotms" and f"vis={ms}" in argv
     ]
-    assert len(launched) == 1, [_argv(pid) for pid in descendants(hub.session_pid())]
+    assert len(launched) == 1, [argv_of(pid) for pid in descendants(hub.session_pid())]
     page.wait_for_timeout(2000)
     screen = _root_size(display, xauthority)
     canvas = page.evaluate(
@@ -282,14 +288,6 @@ def test_desktop_session_shows_a_ready_casa_window(
     assert "\tINFO\t::casa\t" in log.read_text(errors="replace")
     assert not list(home.glob("casa-*.log")), list(home.glob("casa-*.log"))
     page.close()
-
-
-def _argv(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def _root_size(display: str, xauthority: str) -> tuple[int, int]:

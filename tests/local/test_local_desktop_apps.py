@@ -28,7 +28,7 @@ import pytest
 import pytest_asyncio
 from support import SCREENSHOTS
 from support.hub import Hub
-from support.local import wait_for_display, wait_for_title
+from support.local import argv_of, wait_for_display, wait_for_title
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
@@ -430,7 +430,7 @@ class SessionDesktop:
         )
         self.uid, self.gid = int(status["Uid"].split()[0]), int(status["Gid"].split()[0])
         self.groups = [int(g) for g in status["Groups"].split()]
-        argv = _argv(pid)
+        argv = argv_of(pid)
         self.rc = Path(argv[argv.index("--config-file") + 1])
         self.cwd = os.readlink(f"/proc/{pid}/cwd")
 
@@ -475,16 +475,8 @@ class SessionDesktop:
         )
 
 
-def _argv(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
 def _program(pid: int) -> str:
-    argv = _argv(pid)
+    argv = argv_of(pid)
     return Path(argv[0]).name if argv else ""
 
 
@@ -630,7 +622,7 @@ def test_an_app_of_another_release_opens_on_the_sessions_desktop(
         assert executable.is_relative_to(other_root), executable
         assert Path(f"/proc/{pid}").stat().st_uid == desktop.uid
         ms = next((home / demo.DEMO_PROJECT).rglob("*.ms"))
-        assert f"vis={ms}" in _argv(pid), _argv(pid)
+        assert f"vis={ms}" in argv_of(pid), argv_of(pid)
         while log.read_text(errors="replace").count(plotted) <= before:
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(1)

@@ -10,6 +10,15 @@ from pathlib import Path
 from casaspawner.local.processes import descendants
 
 
+def argv_of(pid: int) -> list[str]:
+    """The command line of process ``pid``; empty when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
 def session_display(pid: int) -> tuple[str, str]:
     """DISPLAY and XAUTHORITY of the TigerVNC server the session with server pid ``pid`` runs —
     found among that process's descendants, whoever the session runs as (a local account, or the
