@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import pytest
 from support import SCREENSHOTS
+from support.browser import password_login
 from support.hub import Hub
 from support.local import (
     argv_of,
@@ -78,15 +79,9 @@ PLOTMS_COMMAND = (
 
 
 def login(browser: Any, hub: Hub) -> Any:
-    # A laptop's browser window.
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page = password_login(browser, hub, demo.DEMO_USER)
+    # Recorded from the next page on: the spawn page's progress.
     page.add_init_script(RECORD_PROGRESS)
-    page.set_default_timeout(60_000)
-    page.goto(f"{hub.url}/hub/login")
-    page.fill("#username_input", demo.DEMO_USER)
-    page.fill("#password_input", hub.password)
-    page.click("#login_submit")
-    page.wait_for_load_state()
     return page
 
 

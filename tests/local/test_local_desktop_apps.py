@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from support import SCREENSHOTS
+from support.browser import password_login
 from support.hub import Hub
 from support.local import argv_of, wait_for_display, wait_for_title
 from tornado.httpserver import HTTPServer
@@ -556,13 +557,7 @@ def test_an_app_of_another_release_opens_on_the_sessions_desktop(
 ) -> None:
     hub.stop_server()
     hub.spawn({"dataset": DATASET, "interface": "desktop", "release": session_release.id})
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.set_default_timeout(60_000)
-    page.goto(f"{hub.url}/hub/login")
-    page.fill("#username_input", demo.DEMO_USER)
-    page.fill("#password_input", hub.password)
-    page.click("#login_submit")
-    page.wait_for_load_state()
+    page = password_login(browser, hub, demo.DEMO_USER)
     page.goto(f"{hub.url}/user/{demo.DEMO_USER}/desktop/")
     page.wait_for_function(
         "(document.querySelector('#status') || {}).textContent === 'Connected'", timeout=60_000

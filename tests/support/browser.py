@@ -48,3 +48,15 @@ def oidc_login(browser: Any, hub: Any, username: str) -> Any:
     page.get_by_role("button", name="Authorize").click()
     page.wait_for_load_state("networkidle")
     return page
+
+
+def password_login(browser: Any, hub: Any, username: str) -> Any:
+    """A laptop-sized page of ``browser``, logged in to ``hub`` as ``username`` by password."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(60_000)
+    page.goto(f"{hub.url}/hub/login")
+    page.fill("#username_input", username)
+    page.fill("#password_input", hub.password)
+    page.click("#login_submit")
+    page.wait_for_load_state()
+    return page
