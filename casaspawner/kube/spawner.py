@@ -95,7 +95,9 @@ class _ModifyPod:
     """``modify_pod_hook``: the operator's hook, then the checks of the final pod.
 
     The pod is checked against ``pod_security_level`` and for the access token, so what
-    KubeSpawner submits is exactly what was checked.
+    KubeSpawner submits is exactly what was checked. The operator's hook gets KubeSpawner's
+    ``V1Pod``; what follows gets the pod as plain JSON data, serialised once for the check and
+    the request alike.
     """
 
     def __init__(self, user_hook: Any = None) -> None:
@@ -110,8 +112,9 @@ class _ModifyPod:
                     "hook",
                     500,
                 )
-        spawner.check_pod_security(spawner.api.api_client.sanitize_for_serialization(pod))
-        return pod
+        manifest: dict[str, Any] = spawner.api.api_client.sanitize_for_serialization(pod)
+        spawner.check_pod_security(manifest)
+        return manifest
 
 
 # KubeSpawner ships no type hints.
@@ -524,7 +527,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         pod = await self.get_pod_manifest()
         if self.modify_pod_hook:
             pod = await maybe_future(self.modify_pod_hook(self, pod))
-        manifest: dict[str, Any] = self.api.api_client.sanitize_for_serialization(pod)
+        manifest = self.api.api_client.sanitize_for_serialization(pod)
         manifest = {"apiVersion": "v1", "kind": "Pod", **manifest}
         secret = None
         if self.token_secret_name:
@@ -545,7 +548,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             labels=self._build_common_labels(self._expand_all(self.extra_labels)),
         )
 
-    async def _make_create_pod_request(self, pod: Any, request_timeout: float) -> bool:
+    async def _make_create_pod_request(self, pod: dict[str, Any], request_timeout: float) -> bool:
         """Store the token Secret, then create the pod (one attempt).
 
         A pod the cluster refuses (Pod Security admission, a quota) ends the spawn with one
@@ -575,13 +578,13 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         self._refusal = None
         return created
 
-    async def _create_pod_once(self, pod: Any, request_timeout: float) -> bool:
+    async def _create_pod_once(self, pod: dict[str, Any], request_timeout: float) -> bool:
         """KubeSpawner's pod request, its answer unread; whether the pod was created.
 
         As KubeSpawner does, a pod of the same name left over is deleted and the request tried
         again, and a request that times out is tried again.
         """
-        name = pod.metadata.name
+        name = pod["metadata"]["name"]
         self.log.info("Attempting to create pod %s, with timeout %s", name, request_timeout)
         try:
             await api.send(

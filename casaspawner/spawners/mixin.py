@@ -792,10 +792,13 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         }
 
     def restore_configured_traits(self) -> None:
-        """Put every trait in ``plan_traits`` back to its value before the plan."""
+        """Put every trait in ``plan_traits`` back to its value before the plan.
+
+        The kept values are copies nothing else holds, so they are put back as they are.
+        """
         baseline, self._casa_baseline = self._casa_baseline, None
         for name, value in (baseline or {}).items():
-            setattr(self, name, copy.deepcopy(value))
+            setattr(self, name, value)
 
     def notices_environment(self, plan: SessionPlan) -> dict[str, str]:
         """The session's notice source and notice file, as environment variables.
