@@ -303,6 +303,15 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             self.log.error("Refusing the pod of %s: %s", self.user.name, problem)
             raise spawn_error(problem, reason="pod-security", status_code=500)
 
+    @property
+    def lean_api(self) -> Any:
+        """KubeSpawner's API client, without its per-request environment lookups.
+
+        The spawn's own requests (pod, token Secret) go through it; see
+        :func:`casaspawner.kube.api.lean_core_api`.
+        """
+        return api.lean_core_api(self.api)
+
     # The plan
     @property
     def token_secret_name(self) -> str | None:
@@ -588,7 +597,10 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         self.log.info("Attempting to create pod %s, with timeout %s", name, request_timeout)
         try:
             await api.send(
-                self.api.create_namespaced_pod, self.namespace, pod, timeout=request_timeout
+                self.lean_api.create_namespaced_pod,
+                self.namespace,
+                pod,
+                timeout=request_timeout,
             )
         except asyncio.TimeoutError:
             return False
@@ -630,7 +642,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         manifest = self.token_secret_manifest(self.pod_name, pod_uid, token)
         try:
             await api.send(
-                self.api.create_namespaced_secret,
+                self.lean_api.create_namespaced_secret,
                 self.namespace,
                 manifest,
                 timeout=self.k8s_api_request_timeout,
@@ -698,7 +710,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         name = objects.token_secret_name(self.pod_name)
         try:
             await api.send(
-                self.api.delete_namespaced_secret,
+                self.lean_api.delete_namespaced_secret,
                 name,
                 self.namespace,
                 timeout=self.k8s_api_request_timeout,
