@@ -13,3 +13,7 @@ measurespath = os.environ.get("CASA_MEASURES_PATH", "/opt/casa/measures")
 datapath = [measurespath]
 measures_auto_update = False
 data_auto_update = False
+# A headless run's one CASA log file (casaspawner run on Kubernetes), not a new casa-<time>.log
+# wherever CASA starts: as in local environments.
+if os.environ.get("CASASPAWNER_CASA_LOGFILE"):
+    logfile = os.environ["CASASPAWNER_CASA_LOGFILE"]
