@@ -120,8 +120,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--release", help="run this catalog release instead of the resolved one")
     p.add_argument(
         "--size",
-        default="machine",
-        help=f"one of {', '.join(SIZES)}; a session size sets the CPU threads (default: machine)",
+        default=None,
+        help=(
+            f"one of {', '.join(SIZES)}; a session size sets the CPU threads (default: machine; "
+            "on Kubernetes, medium)"
+        ),
     )
     p.add_argument(
         "--approximate",
@@ -150,10 +153,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="ALMA archive for identifiers (default: %(default)s)",
     )
     p.add_argument("command", nargs="*", metavar="-- SCRIPT [ARGS]", help="the script to run")
+    from casaspawner.kube.runs import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.kubernetes:
+        from casaspawner.kube.runs import cmd_run_kube
+
+        return cmd_run_kube(args)
+    args.size = args.size or "machine"
     if args.follow:
         return follow(find_run(args.follow))
     if args.stop:
@@ -301,8 +312,6 @@ def environment(manager: EnvironmentManager, plan: SessionPlan) -> CasaEnvironme
 
 def make_run_dir(runs: Path, script: Path, started: datetime) -> Path:
     """A new run directory, named by UTC time and script, and indexed."""
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    slug = _UNSAFE.sub("_", script.stem).strip("._-")[:60] or "script"
     index = runs_index()
     try:
         runs.mkdir(exist_ok=True)
@@ -313,7 +322,7 @@ def make_run_dir(runs: Path, script: Path, started: datetime) -> Path:
             "give --runs-dir a directory of yours."
         ) from None
     for number in range(1, 100):
-        name = f"{stamp}-{slug}" + (f"-{number}" if number > 1 else "")
+        name = run_name(script.name, started, number)
         try:
             (runs / name).mkdir()
         except FileExistsError:
@@ -325,6 +334,13 @@ def make_run_dir(runs: Path, script: Path, started: datetime) -> Path:
             continue
         return runs / name
     raise InvalidInput(f"Too many runs of {script.name} this second in {shown(str(runs))}.")
+
+
+def run_name(script: str, started: datetime, number: int = 1) -> str:
+    """A run's id: ``<UTC time>-<script stem>``, with ``-<number>`` past the first."""
+    stamp = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    slug = _UNSAFE.sub("_", Path(script).stem).strip("._-")[:60] or "script"
+    return f"{stamp}-{slug}" + (f"-{number}" if number > 1 else "")
 
 
 def runs_index() -> Path:
@@ -391,13 +407,16 @@ def describe(
     if plan.resources.cpu_limit:
         variables["OMP_NUM_THREADS"] = str(int(plan.resources.cpu_limit))
     monolithic = env.casa_home / "bin" / "casa"
-    if env.python is not None and not monolithic.is_file():
-        command = [str(env.python), "-s", str(CASA_RUNNER), str(script), *arguments]
-    else:
-        command = [str(monolithic), "--nologger", "--nogui", "--logfile", str(casa_log)]
-        command += ["--pipeline"] if plan.release.pipeline else []
-        command += ["-c", str(script), *arguments]
-    cwd = script.parent if script.name.endswith("scriptForPI.py") else run_dir
+    modular = env.python is not None and not monolithic.is_file()
+    command = casa_command(
+        str(script),
+        arguments,
+        str(casa_log),
+        casa=None if modular else str(monolithic),
+        python=str(env.python) if env.python is not None else None,
+        pipeline=bool(plan.release.pipeline),
+    )
+    cwd = script_directory(script, run_dir)
     return {
         "id": run_dir.name,
         "dataset": plan.options.dataset,
@@ -411,6 +430,41 @@ def describe(
         "casa_log": casa_log.name,
         "started": run_records.now_text(),
     }
+
+
+def casa_command(
+    script: str,
+    arguments: Sequence[str],
+    casa_log: str,
+    *,
+    casa: str | None,
+    python: str | None,
+    pipeline: bool,
+    processes: int = 1,
+    mpicasa: str | None = None,
+    runner: str = str(CASA_RUNNER),
+) -> list[str]:
+    """The command that runs ``script`` in a CASA build.
+
+    A modular build (``casa`` None) runs it with :mod:`~casaspawner.insession.casa_run` in its
+    ``python``; a monolithic one runs ``casa --nologger --nogui -c`` (``--pipeline`` for a
+    pipeline build), under ``mpicasa -n processes`` when there are several and ``mpicasa``.
+    """
+    if casa is None:
+        if python is None:
+            raise InvalidInput("This CASA build has neither a casa command nor a Python.")
+        return [python, "-s", runner, script, *arguments]
+    command = [casa, "--nologger", "--nogui", "--logfile", casa_log]
+    command += ["--pipeline"] if pipeline else []
+    command += ["-c", script, *arguments]
+    if processes > 1 and mpicasa:
+        command = [mpicasa, "-n", str(processes), *command]
+    return command
+
+
+def script_directory(script: Path, run_dir: Path) -> Path:
+    """Where the script runs: ``*scriptForPI.py`` in its own directory, else the run's."""
+    return script.parent if script.name.endswith("scriptForPI.py") else run_dir
 
 
 def launch(run_dir: Path) -> None:
@@ -518,11 +572,14 @@ def copy_output(run_dir: Path, position: int) -> int:
     return position
 
 
-def ending(run_dir: Path, run: dict[str, Any]) -> int:
-    """Say how the run ended, in one sentence on stderr; the exit status."""
+def ending(run_dir: Path, run: dict[str, Any], where: str | None = None) -> int:
+    """Say how the run ended, in one sentence on stderr; the exit status.
+
+    ``where`` is the run's directory as the user sees it (``run_dir`` when None).
+    """
     result = run["result"]
     status = result.get("status")
-    where = str(run_dir)
+    where = where or str(run_dir)
     if status == "finished":
         print(
             f"casaspawner: run {run_dir.name} finished; its CASA log, output and record are in "
@@ -537,9 +594,12 @@ def ending(run_dir: Path, run: dict[str, Any]) -> int:
         )
         return EXIT_STOPPED
     if status == "lost":
+        why = (
+            result.get("why")
+            or "its process ended without a result (killed, or the machine restarted)"
+        )
         print(
-            f"casaspawner: run {run_dir.name} was lost: its process ended without a result "
-            f"(killed, or the machine restarted); what it wrote is in {where}.",
+            f"casaspawner: run {run_dir.name} was lost: {why}; what it wrote is in {where}.",
             file=sys.stderr,
         )
         return EXIT_LOST

@@ -1,0 +1,614 @@
+"""``casaspawner run --kubernetes``: a headless run as a Kubernetes Job, followed to its end.
+
+The operator's (or an in-cluster service's) path: the dataset is read through a mount of the
+whole storage here (``--storage-path``, as ``CASASpawner.storage_hub_path``), resolved with the
+same code as ``casaspawner run`` on one machine, planned as a session of the user named by
+``--user/--uid/--gid`` would be, and run as the Job :func:`casaspawner.kube.jobs.run_job`
+builds. The command then prints the pod's log until the run ends and says how it ended in one
+sentence, with ``casaspawner run``'s exit statuses: 0 finished, 1 failed, 3 lost (the pod ended
+without a result: deleted, or its node lost), 130 stopped (Ctrl-C, or ``--stop``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from casaspawner.catalog.model import Catalog, load_catalog
+from casaspawner.datasets.model import Resolution
+from casaspawner.errors import InvalidInput, shown
+from casaspawner.kube import jobs
+from casaspawner.kube.objects import PodSettings
+from casaspawner.kube.podsecurity import pod_security_sentence, pod_security_violations
+from casaspawner.local.headless import (
+    EXIT_FAILED,
+    EXIT_STOPPED,
+    RUNS_DIR,
+    ending,
+    read_run,
+    resolve,
+    run_name,
+)
+from casaspawner.plan import (
+    DEFAULT_SIZES,
+    Identity,
+    PlanConfig,
+    SessionOptions,
+    SessionPlan,
+    StorageLayout,
+    chosen_release,
+    make_plan,
+)
+from casaspawner.session.readers import StorageMountReader, locate_in_storage
+from casaspawner.session.record import RecordFacts, Runtime, record_text, run_record
+
+#: The label every run's Job and pod carry.
+COMPONENT = {
+    "app.kubernetes.io/component": "casa-run",
+    "app.kubernetes.io/managed-by": "casaspawner",
+}
+#: Annotations naming the run, relative to the plan's label prefix.
+RUN_ID, RUN_DIR, RUN_STORAGE, RUN_SCRIPT = "run-id", "run-dir", "run-storage-path", "run-script"
+#: Container waiting reasons that never get better by themselves.
+HOPELESS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+#: Seconds between looks at the Job and its pod.
+POLL = 1.0
+#: Seconds ``--stop`` waits for the pod to go.
+STOP_WAIT = jobs.GRACE_SECONDS + 30
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the Kubernetes options to ``casaspawner run``."""
+    group = p.add_argument_group("on Kubernetes (an operator's path; see docs/headless.md)")
+    group.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="run as a Kubernetes Job (with --follow and --stop: a run's Job name)",
+    )
+    group.add_argument("--namespace", help="the Job's namespace (default: the context's)")
+    group.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, in-cluster)")
+    group.add_argument("--user", metavar="NAME", help="the user the run runs as")
+    group.add_argument("--uid", type=int, metavar="N", help="the user's numeric id (never 0)")
+    group.add_argument("--gid", type=int, metavar="N", help="the user's primary group id")
+    group.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="G",
+        help="a project group of the user (repeatable; mounted as in a session)",
+    )
+    group.add_argument(
+        "--supplemental-gid",
+        action="append",
+        type=int,
+        default=[],
+        metavar="N",
+        help="a supplemental group id of the user (repeatable)",
+    )
+    group.add_argument(
+        "--storage-path",
+        type=Path,
+        default=os.environ.get("CASA_STORAGE_HUB_PATH") or None,
+        metavar="DIR",
+        help="the storage (Cavern) root mounted here, holding home/ and projects/ "
+        "(default: $CASA_STORAGE_HUB_PATH)",
+    )
+    group.add_argument(
+        "--image-registry",
+        default=os.environ.get("CASASPAWNER_IMAGE_REGISTRY") or PlanConfig.image_registry,
+        metavar="REGISTRY",
+        help="where the CASA images are (default: $CASASPAWNER_IMAGE_REGISTRY, else %(default)s)",
+    )
+    group.add_argument(
+        "--deadline",
+        type=int,
+        default=jobs.DEFAULT_DEADLINE,
+        metavar="SECONDS",
+        help="stop the run after this long (the Job's activeDeadlineSeconds; default: a day)",
+    )
+    group.add_argument(
+        "--ttl",
+        type=int,
+        default=jobs.DEFAULT_TTL,
+        metavar="SECONDS",
+        help="delete the finished Job after this long (default: an hour)",
+    )
+
+
+def cmd_run_kube(args: argparse.Namespace) -> int:
+    """``casaspawner run --kubernetes``: submit, follow or stop a run's Job."""
+    for option in ("approximate", "cache_dir"):
+        if getattr(args, option, None):
+            flag = "--" + option.replace("_", "-")
+            raise InvalidInput(f"{flag} is for runs on this machine, not on Kubernetes.")
+    return asyncio.run(_command(args))
+
+
+async def _command(args: argparse.Namespace) -> int:
+    if args.follow or args.stop:
+        async with cluster(args) as kube:
+            if args.stop:
+                return await kube.stop(args.stop)
+            return await kube.follow(args.follow)
+    async with cluster(args) as kube:
+        job = await submission(args)
+        # Two runs of one script in one second: the second is the run's next number.
+        for number in range(2, 100):
+            if await kube.create(job):
+                break
+            job = await submission(args, number)
+        else:
+            raise InvalidInput("Too many runs of this script this second; try again.")
+        meta = job["metadata"]
+        script = annotation(meta["annotations"], RUN_SCRIPT) or "the script"
+        image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+        print(
+            f"casaspawner: Job {meta['name']} in namespace {kube.namespace} runs {script} "
+            f"in {image}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if args.detach:
+            print(meta["name"])
+            return 0
+        return await kube.follow(meta["name"])
+
+
+# The run: from the command line to a Job, reading the dataset through the storage mount
+async def submission(args: argparse.Namespace, first: int = 1) -> dict[str, Any]:
+    """The Job of the run the command line asks for; every refusal is one sentence.
+
+    The run's id is the first of number ``first`` and after not in the runs directory.
+    """
+    if not args.dataset:
+        raise InvalidInput("Give the dataset with --dataset, as on the spawn form.")
+    if not args.command:
+        raise InvalidInput("Give the script to run after --, e.g. -- scriptForPI.py.")
+    if not args.user or args.uid is None or args.gid is None:
+        raise InvalidInput("On Kubernetes, give the user the run runs as: --user, --uid, --gid.")
+    if args.storage_path is None or not Path(args.storage_path).is_dir():
+        raise InvalidInput(
+            "On Kubernetes, give --storage-path: the storage root mounted here, holding home/ "
+            "and projects/."
+        )
+    size = args.size or "medium"
+    if size not in DEFAULT_SIZES:
+        raise InvalidInput(
+            f"{shown(size)!r} is not a session size; choose one of {', '.join(DEFAULT_SIZES)}."
+        )
+    if args.deadline <= 0 or args.ttl < 0:
+        raise InvalidInput("--deadline must be above 0 seconds and --ttl at least 0.")
+    catalog = load_catalog(args.catalog) if args.catalog else load_catalog()
+    if args.release is not None:
+        chosen_release(catalog, args.release)
+    identity = Identity(
+        args.user,
+        args.uid,
+        args.gid,
+        tuple(g.lstrip("/") for g in args.group),
+        tuple(args.supplemental_gid),
+    )
+    layout = StorageLayout()
+    storage = Path(args.storage_path)
+    reader = StorageMountReader(storage, layout)
+    async with reader.open(args.dataset, identity) as directory:
+        root, relative = locate_in_storage(args.dataset, identity, layout)
+        dataset = PurePosixPath(root.mount) / relative
+        resolution = dataclasses.replace(resolve(args, catalog, directory), dataset=str(dataset))
+        script, local_script = find_script(
+            args.command[0], directory, dataset, resolution, storage, identity, layout
+        )
+        digest = hashlib.sha256(local_script.read_bytes()).hexdigest()
+    options = SessionOptions(dataset=args.dataset, size=size, release=args.release)
+    config = PlanConfig(image_registry=args.image_registry)
+    plan = make_plan(identity, options, catalog, resolution, config)
+    started = datetime.now(timezone.utc)
+    runs = runs_directory(args.runs_dir, dataset, identity, layout)
+    runs_root, runs_relative = locate_in_storage(str(runs), identity, layout)
+    runs_here = storage / runs_root.sub_path / runs_relative
+    run_id = next(
+        name
+        for number in range(first, 100)
+        if not (runs_here / (name := run_name(script.name, started, number))).exists()
+    )
+    run_dir = runs / run_id
+    return job_for(
+        plan,
+        catalog,
+        script=script,
+        digest=digest,
+        arguments=args.command[1:],
+        started=started,
+        run_id=run_id,
+        run_dir=run_dir,
+        storage_path=PurePosixPath(runs_root.sub_path) / runs_relative / run_id,
+        deadline=args.deadline,
+        ttl=args.ttl,
+    )
+
+
+def find_script(
+    name: str,
+    directory: Path,
+    dataset: PurePosixPath,
+    resolution: Resolution,
+    storage: Path,
+    identity: Identity,
+    layout: StorageLayout,
+) -> tuple[PurePosixPath, Path]:
+    """The script, in the user's storage: its path in the pod, and here.
+
+    A path (``~/…``, ``/arc/…``) is taken as in the session; a name is looked for in the
+    dataset, in its ``script/`` directory and beside the evidence, as on one machine.
+    """
+    if name.startswith(("~", "/")):
+        root, relative = locate_in_storage(name, identity, layout)
+        base = (storage / root.sub_path).resolve()
+        here = (base / relative).resolve()
+        if here.is_file() and (here == base or base in here.parents):
+            return PurePosixPath(root.mount) / relative, here
+    else:
+        given = PurePosixPath(name)
+        if ".." in given.parts:
+            raise InvalidInput(f"The script {shown(name)} may not contain '..'.")
+        candidates = [given, "script" / given]
+        evidence = resolution.evidence.path.partition("!")[0]
+        if evidence:
+            candidates.append(PurePosixPath(evidence).parent / given)
+        for candidate in candidates:
+            here = directory / candidate
+            if here.is_file() and directory.resolve() in here.resolve().parents:
+                return dataset / candidate, here
+    raise InvalidInput(
+        f"There is no script {shown(name)} in the user's storage: give its path there "
+        "(~/… or /arc/…), or a name in the dataset or its script directory."
+    )
+
+
+def runs_directory(
+    given: Path | None, dataset: PurePosixPath, identity: Identity, layout: StorageLayout
+) -> PurePosixPath:
+    """Where the run's directory goes, in the pod: ``--runs-dir``, else beside the dataset."""
+    if given is None:
+        return dataset / RUNS_DIR
+    root, relative = locate_in_storage(str(given), identity, layout)
+    return PurePosixPath(root.mount) / relative
+
+
+def job_for(
+    plan: SessionPlan,
+    catalog: Catalog,
+    *,
+    script: PurePosixPath,
+    digest: str,
+    arguments: list[str],
+    started: datetime,
+    run_id: str,
+    run_dir: PurePosixPath,
+    storage_path: PurePosixPath,
+    deadline: int,
+    ttl: int,
+) -> dict[str, Any]:
+    """The run's Job, its record and annotations, checked against the restricted profile."""
+    facts = RecordFacts(
+        started,
+        Runtime("image", plan.image),
+        dataset_path=plan.resolution.dataset,
+        measures_path=plan.environment.get("CASA_MEASURES_PATH"),
+    )
+    record = run_record(plan, facts, str(script), digest, tuple(arguments))
+    spec = jobs.run_spec(
+        plan,
+        run_id=run_id,
+        run_dir=str(run_dir),
+        script=str(script),
+        arguments=arguments,
+        started=started,
+    )
+    prefix = next(iter(plan.labels)).split("/", 1)[0]
+    annotations = {
+        f"{prefix}/{RUN_ID}": run_id,
+        f"{prefix}/{RUN_DIR}": str(run_dir),
+        f"{prefix}/{RUN_STORAGE}": str(storage_path),
+        f"{prefix}/{RUN_SCRIPT}": script.name,
+    }
+    job = jobs.run_job(
+        plan,
+        PodSettings(),
+        name=jobs.job_name(plan.username, run_id),
+        image=plan.image,
+        spec=spec,
+        record=record_text(record),
+        labels=COMPONENT,
+        annotations=annotations,
+        deadline=deadline,
+        ttl=ttl,
+    )
+    violations = pod_security_violations(job["spec"]["template"], "restricted")
+    sentence = pod_security_sentence(violations, "restricted")
+    if sentence:
+        raise InvalidInput(sentence)
+    return job
+
+
+# The cluster: create, follow, stop
+@contextlib.asynccontextmanager
+async def cluster(args: argparse.Namespace) -> AsyncIterator[Cluster]:
+    """An API client from ``--kubeconfig``, ``$KUBECONFIG`` or the pod's own account."""
+    from kubernetes_asyncio import client, config
+    from kubernetes_asyncio.config import ConfigException
+
+    namespace = args.namespace
+    try:
+        if (
+            args.kubeconfig
+            or os.environ.get("KUBECONFIG")
+            or "KUBERNETES_SERVICE_HOST" not in (os.environ)
+        ):
+            path = args.kubeconfig or os.environ.get("KUBECONFIG") or None
+            api = await config.new_client_from_config(config_file=path, persist_config=False)
+            if namespace is None:
+                _, active = config.list_kube_config_contexts(config_file=path)
+                namespace = (active or {}).get("context", {}).get("namespace")
+        else:
+            configuration = client.Configuration()
+            incluster: Any = config.load_incluster_config
+            incluster(client_configuration=configuration)
+            api = client.ApiClient(configuration)
+            if namespace is None:
+                account = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                namespace = account.read_text().strip()
+    except (ConfigException, OSError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise InvalidInput(f"No Kubernetes cluster to run on ({detail}).") from None
+    storage = getattr(args, "storage_path", None)
+    async with api:
+        yield Cluster(api, namespace or "default", Path(storage) if storage else None)
+
+
+class Cluster:
+    """One namespace of the cluster: a run's Job created, followed, stopped."""
+
+    def __init__(self, api: Any, namespace: str, storage: Path | None = None) -> None:
+        from kubernetes_asyncio import client
+
+        self.namespace = namespace
+        #: The storage root mounted here, where the run's file tells how it ended.
+        self.storage = storage
+        self.batch = client.BatchV1Api(api)
+        self.core = client.CoreV1Api(api)
+
+    async def create(self, job: dict[str, Any]) -> bool:
+        """Create the Job; False when one of its name exists already."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            body: Any = job
+            await self.batch.create_namespaced_job(self.namespace, body)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise InvalidInput(
+                f"Kubernetes refused the run's Job in namespace {self.namespace}: "
+                f"{api_reason(exc)}."
+            ) from None
+
+    async def job(self, name: str) -> Any | None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            return await self.batch.read_namespaced_job(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise InvalidInput(
+                f"Kubernetes refused to show Job {name}: {api_reason(exc)}."
+            ) from None
+
+    async def pod(self, name: str) -> Any | None:
+        """The Job's pod (it has one: one try), or None while there is none."""
+        found = await self.core.list_namespaced_pod(
+            self.namespace, label_selector=f"batch.kubernetes.io/job-name={name}"
+        )
+        return found.items[0] if found.items else None
+
+    async def delete(self, name: str) -> None:
+        """Delete the Job and, first, its pod, which gets SIGTERM and its grace period."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        with contextlib.suppress(ApiException):
+            await self.batch.delete_namespaced_job(
+                name, self.namespace, propagation_policy="Foreground"
+            )
+
+    async def follow(self, name: str) -> int:
+        """Print the run's output as it comes, then say how it ended; Ctrl-C stops it."""
+        job = await self.job(name)
+        if job is None:
+            raise InvalidInput(f"There is no run Job {shown(name)} in namespace {self.namespace}.")
+        annotations = job.metadata.annotations or {}
+        run_id = annotation(annotations, RUN_ID) or name
+        where = annotation(annotations, RUN_DIR) or ""
+        stopping = False
+        logs: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    ended = await self.watch(name, logs)
+                    if isinstance(ended, asyncio.Task):
+                        logs = ended
+                        continue
+                    break
+                except (KeyboardInterrupt, asyncio.CancelledError):
+                    if stopping:
+                        raise
+                    stopping = True
+                    print(f"casaspawner: stopping run {run_id}…", file=sys.stderr, flush=True)
+                    await self.delete(name)
+        finally:
+            if logs is not None:
+                # The rest of the log, if the stream is still open: a few seconds at most.
+                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(logs), 5)
+                logs.cancel()
+        return self.ending(name, run_id, where, ended, annotations)
+
+    async def watch(self, name: str, logs: asyncio.Task[None] | None) -> Any:
+        """Wait until the log can be streamed (a Task) or the run ended (its last state)."""
+        while True:
+            pod = await self.pod(name)
+            job = await self.job(name)
+            status = container_status(pod)
+            state = status.state if status is not None else None
+            if state is not None and state.terminated is not None:
+                return {
+                    "exit_code": state.terminated.exit_code,
+                    "message": state.terminated.message,
+                }
+            if logs is None and pod is not None and state is not None and state.running:
+                return asyncio.create_task(self.stream(pod.metadata.name))
+            waiting = state.waiting if state is not None else None
+            if waiting is not None and waiting.reason in HOPELESS:
+                await self.delete(name)
+                return {"exit_code": None, "never": f"{waiting.reason}: {waiting.message or ''}"}
+            over = job is None or failed_condition(job) is not None
+            if over and (pod is None or pod.status.phase in ("Failed", "Succeeded")):
+                reason = failed_condition(job) if job is not None else None
+                return {"exit_code": None, "gone": reason or "its Job was deleted"}
+            await asyncio.sleep(POLL)
+
+    async def stream(self, pod: str) -> None:
+        """Copy the pod's log to stdout until the container ends."""
+        import aiohttp
+
+        response: Any = await self.core.read_namespaced_pod_log(
+            pod,
+            self.namespace,
+            container=jobs.CONTAINER,
+            follow=True,
+            _preload_content=False,
+            _request_timeout=aiohttp.ClientTimeout(),
+        )
+        try:
+            async for chunk in response.content.iter_any():
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        finally:
+            response.release()
+
+    def ending(
+        self, name: str, run_id: str, where: str, ended: Any, annotations: dict[str, str]
+    ) -> int:
+        """One sentence on stderr and the exit status, from the run's file or the pod."""
+        here = run_directory_here(self.storage, annotations)
+        run = read_run(here) if here is not None else {}
+        if not run.get("result"):
+            run = {"result": result_from_pod(ended)}
+        return ending(Path(run_id), run, where or f"Job {name}")
+
+    async def stop(self, name: str) -> int:
+        """Stop a run's Job and wait until its pod is gone; a gone Job is said so."""
+        job = await self.job(name)
+        if job is None:
+            raise InvalidInput(f"There is no run Job {shown(name)} in namespace {self.namespace}.")
+        await self.delete(name)
+        deadline = time.monotonic() + STOP_WAIT
+        while time.monotonic() < deadline and (
+            await self.job(name) is not None or await self.pod(name) is not None
+        ):
+            await asyncio.sleep(POLL)
+        here = run_directory_here(self.storage, job.metadata.annotations or {})
+        result = (read_run(here) if here is not None else {}).get("result") or {}
+        print(
+            f"casaspawner: run Job {name} ended: {result.get('status', 'stopped')}.",
+            file=sys.stderr,
+        )
+        return 0
+
+
+def annotation(annotations: Mapping[str, str], name: str) -> str | None:
+    """The run's annotation ``<prefix>/name``, whatever the label prefix."""
+    return next((v for k, v in annotations.items() if k.endswith(f"/{name}")), None)
+
+
+def container_status(pod: Any) -> Any | None:
+    """The run container's status in ``pod``, or None."""
+    if pod is None or pod.status is None:
+        return None
+    for status in pod.status.container_statuses or []:
+        if status.name == jobs.CONTAINER:
+            return status
+    return None
+
+
+def failed_condition(job: Any) -> str | None:
+    """Why the Job failed, in words, or None while it has not."""
+    for condition in (job.status.conditions or []) if job.status else []:
+        if condition.type == "Failed" and condition.status == "True":
+            if condition.reason == "DeadlineExceeded":
+                return "it ran past its time limit (--deadline)"
+            return " ".join(f"{condition.reason or ''}: {condition.message or ''}".split())
+    return None
+
+
+def result_from_pod(ended: dict[str, Any]) -> dict[str, Any]:
+    """The run's result when its file cannot be read here: from the container's end."""
+    code = ended.get("exit_code")
+    message = (ended.get("message") or "").strip()
+    if ended.get("never"):
+        return {"status": "failed", "error": f"its pod could not start ({ended['never']})"}
+    if code == 0:
+        return {"status": "finished", "exit_code": 0}
+    if code == EXIT_STOPPED:
+        return {"status": "stopped", "exit_code": code}
+    if code == EXIT_FAILED:
+        # The script's sentence, or why the pod could not run it (its directory, say).
+        error = message.removeprefix("failed: ") or "the run failed"
+        return {"status": "failed", "exit_code": code, "error": error}
+    if code is None:
+        why = f"its pod ended without a result ({ended.get('gone') or 'deleted'})"
+    else:
+        why = f"its pod ended without a result (exit status {code}: killed, or its node lost)"
+    return {"status": "lost", "exit_code": code, "why": why}
+
+
+def run_directory_here(storage: Path | None, annotations: dict[str, str]) -> Path | None:
+    """The run's directory in the storage mounted here (``--storage-path``), if it is."""
+    relative = annotation(annotations, RUN_STORAGE)
+    root = storage
+    if not relative or not root or PurePosixPath(relative).is_absolute():
+        return None
+    if ".." in PurePosixPath(relative).parts:
+        return None
+    return Path(root) / relative
+
+
+def api_reason(exc: Any) -> str:
+    """The API server's message in a refusal, in one line."""
+    import json
+
+    try:
+        message = json.loads(exc.body).get("message", "")
+    except (TypeError, ValueError, AttributeError):
+        message = ""
+    return " ".join(str(message or exc.reason or exc.status).split())[:300]

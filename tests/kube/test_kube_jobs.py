@@ -1,0 +1,258 @@
+"""A headless run as a Kubernetes Job (kube/jobs.py, kube/runs.py, insession/run_job.py), pure.
+
+The Job the command line submits for alice's dataset, read through a storage root as an operator
+mounts Cavern: checked against the Kubernetes schema and the restricted Pod Security Standard
+(both the independent checker and casaspawner's), and for what it carries. The command the pod
+runs for each kind of image, how a run's end is said, and the bad input refused in one sentence.
+The real Job on the real cluster is tests/k8s/test_jobs.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from support.datasets import dataset_in
+from support.pss import restricted_violations
+
+from casaspawner.cli import build_parser, main
+from casaspawner.insession.run_job import describe, image_command
+from casaspawner.kube import jobs
+from casaspawner.kube.podsecurity import pod_security_violations
+from casaspawner.kube.runs import failed_condition, result_from_pod, submission
+from casaspawner.local.headless import CASA_RUNNER, casa_command
+
+K8S_VERSION = kubernetes_validate.latest_version()
+ALICE = ("--user", "alice", "--uid", "41001", "--gid", "41001")
+
+
+def job_for(storage: Path, *extra: str, script: str = "restore.py") -> dict[str, Any]:
+    """The Job ``casaspawner run --kubernetes`` would create for alice's cycle 10 dataset."""
+    typed = dataset_in(storage, "alice", "cycle10")
+    (storage / "home" / "alice" / typed / script).write_text("listobs(vis='x.ms')\n")
+    argv = ["run", "--kubernetes", *ALICE, "--storage-path", str(storage), "--dataset", typed]
+    args = build_parser().parse_args([*argv, *extra, "--", script, "--flag"])
+    return asyncio.run(submission(args))
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_the_job_is_a_restricted_pod_of_alice_with_her_storage(storage: Path) -> None:
+    job = job_for(storage, "--size", "small", "--deadline", "7200", "--ttl", "600")
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    pod = {"apiVersion": "v1", "kind": "Pod", **job["spec"]["template"]}
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    assert restricted_violations(pod) == {}
+    assert pod_security_violations(pod, "restricted") == []
+
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 0
+    assert spec["activeDeadlineSeconds"] == 7200 and spec["ttlSecondsAfterFinished"] == 600
+    template = spec["template"]["spec"]
+    assert template["restartPolicy"] == "Never"
+    assert template["automountServiceAccountToken"] is False
+    assert template["terminationGracePeriodSeconds"] > 10
+    assert template["securityContext"]["runAsUser"] == 41001
+    assert template["securityContext"]["runAsGroup"] == 41001
+    (container,) = template["containers"]
+    assert container["args"] == list(jobs.RUN_ARGS) and "command" not in container
+    assert container["image"] == "ghcr.io/casaspawner/casa:6.5.4-9-pipeline-2023.1.0.124"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The session's mounts without the token: her home, scratch, /tmp, the measures read-only.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert set(mounts) == {"/arc/home/alice", "/scratch", "/tmp", "/opt/casa/measures"}
+    assert mounts["/arc/home/alice"]["subPath"] == "home/alice"
+    assert mounts["/opt/casa/measures"]["readOnly"] is True
+    assert "casa-token" not in json.dumps(job) and "CASASPAWNER_TOKEN_FILE" not in json.dumps(job)
+    assert not [v for v in template["volumes"] if "secret" in v or "projected" in v]
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in template["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"cavern", "casa-measures"}
+    # The small size: 2 CPU and 4 GB at most, half a core and 2 GB asked for.
+    assert container["resources"]["requests"] == {"cpu": "500m", "memory": "2G"}
+    assert container["resources"]["limits"]["cpu"] == "2"
+    assert container["resources"]["limits"]["memory"] == "4G"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
+    assert len(job["metadata"]["name"]) <= 63
+
+
+def test_the_job_carries_the_run_and_its_record_in_her_paths(storage: Path) -> None:
+    typed = dataset_in(storage, "alice", "cycle10")
+    job = job_for(storage)
+    env = env_of(job["spec"]["template"]["spec"]["containers"][0])
+    run = json.loads(base64.b64decode(env[jobs.RUN_ENV]))
+    dataset = f"/arc/home/alice/{typed}"
+    assert run["run_dir"].startswith(f"{dataset}/casaspawner-runs/")
+    assert run["run_dir"].endswith("-restore") and run["id"] == run["run_dir"].rsplit("/")[-1]
+    assert env["CASASPAWNER_RECORD_DIR"] == run["run_dir"] and env["HOME"] == "/arc/home/alice"
+    assert run["script"] == f"{dataset}/restore.py" and run["arguments"] == ["--flag"]
+    assert run["cwd"] == run["run_dir"]
+    # The default size on Kubernetes is a session's: medium, 4 cores.
+    assert run["processes"] == 4 and run["environment"]["OMP_NUM_THREADS"] == "4"
+    assert run["environment"]["CASASPAWNER_DATASET"] == dataset
+    assert run["environment"]["CASASPAWNER_CASA_LOGFILE"].startswith(f"{run['run_dir']}/casa-")
+    record = json.loads(base64.b64decode(env["CASASPAWNER_RECORD"]))
+    graph = {item["@id"]: item for item in record["@graph"]}
+    script = storage / "home" / "alice" / typed / "restore.py"
+    assert graph["#script"]["sha256"] == hashlib.sha256(script.read_bytes()).hexdigest()
+    assert graph["#script"]["contentUrl"] == f"file://{dataset}/restore.py"
+    assert graph["#dataset"]["contentUrl"] == f"file://{dataset}/"
+    assert (
+        graph["#runtime"]["identifier"]
+        == job["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
+    annotations = job["metadata"]["annotations"]
+    assert annotations["casaspawner.io/run-dir"] == run["run_dir"]
+    assert (
+        annotations["casaspawner.io/run-storage-path"]
+        == f"home/alice/{typed}/casaspawner-runs/{run['id']}"
+    )
+
+
+def test_a_script_for_pi_runs_from_its_own_directory(storage: Path) -> None:
+    typed = dataset_in(storage, "alice", "cycle7")
+    script_dir = storage / "home" / "alice" / typed / "script"
+    script_dir.mkdir(exist_ok=True)
+    (script_dir / "member.uid___A001_X1.scriptForPI.py").write_text("print(1)\n")
+    argv = ["run", "--kubernetes", *ALICE, "--storage-path", str(storage), "--dataset", typed]
+    args = build_parser().parse_args([*argv, "--", "member.uid___A001_X1.scriptForPI.py"])
+    job = asyncio.run(submission(args))
+    run = json.loads(
+        base64.b64decode(env_of(job["spec"]["template"]["spec"]["containers"][0])[jobs.RUN_ENV])
+    )
+    assert run["cwd"] == f"/arc/home/alice/{typed}/script"
+
+
+def test_the_pod_runs_mpicasa_when_the_image_has_it(tmp_path: Path) -> None:
+    """A monolithic image with mpicasa: ``mpicasa -n N casa …``, one OMP thread each."""
+    home = tmp_path / "casa"
+    (home / "bin").mkdir(parents=True)
+    for name in ("casa", "mpicasa"):
+        (home / "bin" / name).write_text("#!/bin/sh\n")
+        (home / "bin" / name).chmod(0o755)
+    spec = {
+        "id": "r",
+        "run_dir": "/arc/home/alice/d/casaspawner-runs/r",
+        "script": "/arc/home/alice/d/restore.py",
+        "arguments": ["a"],
+        "cwd": "/arc/home/alice/d/casaspawner-runs/r",
+        "casa_log": "casa-x.log",
+        "environment": {"OMP_NUM_THREADS": "4"},
+        "pipeline": True,
+        "processes": 4,
+    }
+    environ = {"CASASPAWNER_CASA_HOME": str(home), "PATH": "/nonexistent"}
+    command, how = image_command(spec, environ)
+    assert command[:3] == [str(home / "bin" / "mpicasa"), "-n", "4"]
+    assert command[3:] == [
+        str(home / "bin" / "casa"),
+        "--nologger",
+        "--nogui",
+        "--logfile",
+        "/arc/home/alice/d/casaspawner-runs/r/casa-x.log",
+        "--pipeline",
+        "-c",
+        "/arc/home/alice/d/restore.py",
+        "a",
+    ]
+    assert how == "mpicasa -n 4"
+    assert describe(spec, environ)["environment"]["OMP_NUM_THREADS"] == "1"
+    # Without mpicasa, or on one core: casa alone.
+    (home / "bin" / "mpicasa").unlink()
+    command, how = image_command(spec, environ)
+    assert command[0] == str(home / "bin" / "casa") and "no mpicasa for 4 cores" in how
+    assert describe(spec, environ)["environment"]["OMP_NUM_THREADS"] == "4"
+
+
+def test_a_modular_image_runs_the_script_with_casa_run() -> None:
+    spec = {"run_dir": "/r", "script": "/s.py", "casa_log": "c.log", "processes": 1}
+    environ = {"CASASPAWNER_CASA_HOME": "/nonexistent", "CASASPAWNER_CASA_PYTHON": "/p/python"}
+    command, how = image_command(spec, environ)
+    assert command == ["/p/python", "-s", str(CASA_RUNNER), "/s.py"] and how == "one process"
+    assert casa_command("/s.py", [], "l", casa=None, python="/p", pipeline=False, processes=8) == [
+        "/p",
+        "-s",
+        str(CASA_RUNNER),
+        "/s.py",
+    ]
+
+
+class Condition:
+    def __init__(self, reason: str) -> None:
+        self.type, self.status, self.reason, self.message = "Failed", "True", reason, "m"
+
+
+class Status:
+    def __init__(self, *conditions: Condition) -> None:
+        self.conditions = list(conditions)
+
+
+class Job:
+    def __init__(self, *conditions: Condition) -> None:
+        self.status = Status(*conditions)
+
+
+def test_how_a_run_ends_from_its_pod_when_its_file_is_out_of_reach() -> None:
+    assert result_from_pod({"exit_code": 0})["status"] == "finished"
+    failed = result_from_pod({"exit_code": 1, "message": "failed: the script raised E: x"})
+    assert failed == {"status": "failed", "exit_code": 1, "error": "the script raised E: x"}
+    assert result_from_pod({"exit_code": 130})["status"] == "stopped"
+    lost = result_from_pod({"exit_code": None, "gone": "its Job was deleted"})
+    assert lost["status"] == "lost" and "its Job was deleted" in lost["why"]
+    assert result_from_pod({"exit_code": 137})["status"] == "lost"
+    never = result_from_pod({"exit_code": None, "never": "ErrImagePull: nope"})
+    assert never["status"] == "failed" and "ErrImagePull" in never["error"]
+    assert failed_condition(Job()) is None
+    assert "time limit" in str(failed_condition(Job(Condition("DeadlineExceeded"))))
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--uid", "0"], "never run as root"),
+        (["--size", "machine"], "is not a session size"),
+        (["--deadline", "0"], "--deadline must be above 0"),
+        (["--approximate"], "--approximate is for runs on this machine"),
+        (["--dataset", "/arc/home/bob/data"], "outside your storage"),
+        (["--dataset", "nothing-here"], "nothing-here"),
+        (["--release", "casa-0.0"], "is not a release in the catalog"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_status_2(
+    storage: Path, capsys: pytest.CaptureFixture[str], extra: list[str], said: str
+) -> None:
+    typed = dataset_in(storage, "alice", "cycle10")
+    argv = ["run", "--kubernetes", *ALICE, "--storage-path", str(storage), "--dataset", typed]
+    assert main([*argv, *extra, "--", "restore.py"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and said in err, err
+
+
+def test_without_storage_or_a_script_there_it_says_so(
+    storage: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    typed = dataset_in(storage, "alice", "cycle10")
+    assert main(["run", "--kubernetes", *ALICE, "--dataset", typed, "--", "x.py"]) == 2
+    assert "--storage-path" in capsys.readouterr().err
+    # A script only on this machine is not in her storage.
+    local = tmp_path / "mine.py"
+    local.write_text("print(1)\n")
+    argv = ["run", "--kubernetes", *ALICE, "--storage-path", str(storage), "--dataset", typed]
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--", "mine.py"]) == 2
+    assert "There is no script mine.py in the user's storage" in capsys.readouterr().err
