@@ -1,0 +1,320 @@
+"""``casaspawner run --kubernetes``: a real CASA script as a Job on the real cluster, as alice.
+
+The command runs as an operator would run it (the admin kubeconfig, Cavern mounted here), in a
+namespace enforcing the restricted Pod Security level, with the CASA image the images tier
+builds, imported into containerd. Cavern and the measures are ``hostPath`` PersistentVolumes on
+this machine, bound to the claims a session mounts. A restore-like split and listobs of a small
+simulated MeasurementSet finishes, and its outputs, CASA log and completed record land in
+alice's Cavern directory, owned by her; a failing script, a stopped run and a lost one (its
+processes killed, as when its node goes) each end with their sentence and exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from k8s_hub import ALICE, RELEASE, bind_storage, delete_volumes
+from kubernetes_asyncio import client
+
+from casaspawner.catalog import load_catalog
+from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
+from casaspawner.local.headless import RUN_FILE, RUNS_DIR
+from casaspawner.plan import PlanConfig, image_for
+from casaspawner.runtime import RECORD_FILE
+from cluster import REPO, Cluster
+
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(600)]
+
+REGISTRY = "localhost/casaspawner"
+PROJECT = "2023.1.01234.S"
+MS = "uid___A002_X10d5a8a_X3c21.ms"
+#: The restore-like script: the demo MeasurementSet (simulated in the Job the first time, as
+#: ``make demo`` simulates it), split and listed.
+RESTORE = f"""\
+import glob, os, runpy, sys
+dataset = os.environ["CASASPAWNER_DATASET"]
+member = glob.glob(os.path.join(dataset, "**", "member.*"), recursive=True)[0]
+ms = os.path.join(member, "calibrated", "{MS}")
+if not os.path.isdir(ms):
+    os.makedirs(os.path.dirname(ms), exist_ok=True)
+    sys.argv = ["simulate_ms.py", ms]
+    runpy.run_path(os.path.join(dataset, "simulate_ms.py"), run_name="__main__")
+split(vis=ms, outputvis="restored.ms", datacolumn="data", spw="0")
+listobs(vis="restored.ms", listfile="listobs.txt")
+print("display", os.environ.get("DISPLAY"))
+print("uid", os.getuid(), "threads", os.environ["OMP_NUM_THREADS"])
+"""
+FAILING = 'raise RuntimeError("no calibrated data here")\n'
+SLEEP = 'import time\nprint("sleeping", flush=True)\ntime.sleep(600)\n'
+
+
+@dataclass
+class Site:
+    namespace: str
+    cavern: Path
+    volumes: list[str]
+
+    @property
+    def dataset(self) -> Path:
+        return self.cavern / "home" / "alice" / PROJECT
+
+
+def run_async(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+async def _admin(cluster: Cluster, work: Any) -> Any:
+    async with await cluster.api_client() as api:
+        return await work(api)
+
+
+def admin(cluster: Cluster, work: Any) -> Any:
+    """Run ``work(api)`` with a fresh admin client."""
+    return run_async(_admin(cluster, work))
+
+
+@pytest.fixture(scope="module")
+def casa_image(cluster: Cluster) -> str:
+    """The CASA image of ``RELEASE`` the images tier builds, put into the cluster's containerd."""
+    image = image_for(load_catalog().get(RELEASE), PlanConfig(image_registry=REGISTRY))
+    if not cluster.own:
+        pytest.skip("the Job test imports its image into the repository's own cluster")
+    found = subprocess.run(["podman", "image", "exists", image], check=False)
+    assert found.returncode == 0, f"{image} is not built: `make k8s-images` builds it"
+    cluster.import_image(image)
+    return image
+
+
+def write_home(root: Path) -> None:
+    """alice's Cavern home: a dataset whose manifest names ``RELEASE``'s CASA, and the scripts."""
+    home = root / "home" / "alice"
+    casa = load_catalog().get(RELEASE).casa
+    spec = DatasetSpec(
+        project=PROJECT,
+        mous="uid___A001_X3621_X4d1b",
+        casa=casa.replace("-", "."),
+        pipeline=None,
+        evidence=("manifest",),
+        eb="uid___A002_X10d5a8a_X3c21",
+    )
+    write_dataset(home / PROJECT, spec=spec)
+    for name, text in (
+        ("simulate_ms.py", SIMULATE_MS),
+        ("restore.py", RESTORE),
+        ("failing.py", FAILING),
+        ("sleep.py", SLEEP),
+    ):
+        (home / PROJECT / name).write_text(text)
+    for path in (home, *home.rglob("*")):
+        os.chown(path, ALICE["uid"], ALICE["gid"], follow_symlinks=False)
+    home.chmod(0o700)
+    root.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def site(cluster: Cluster, measures: Path, casa_image: str) -> Iterator[Site]:
+    cavern = Path(tempfile.mkdtemp(prefix="casaspawner-k8s-jobs-"))
+    write_home(cavern)
+
+    async def setup(api: Any) -> Site:
+        namespace = await cluster.create_namespace(api, "casaspawner-jobs")
+        volumes = await bind_storage(api, namespace, cavern, measures)
+        return Site(namespace, cavern, volumes)
+
+    made = admin(cluster, setup)
+    try:
+        yield made
+    finally:
+
+        async def teardown(api: Any) -> None:
+            await delete_volumes(api, made.volumes)
+            await client.CoreV1Api(api).delete_namespace(made.namespace)
+
+        admin(cluster, teardown)
+        shutil.rmtree(cavern, ignore_errors=True)
+
+
+def command(cluster: Cluster, site: Site, *args: str) -> list[str]:
+    """``casaspawner run --kubernetes`` as the operator, for alice."""
+    return [
+        sys.executable,
+        "-m",
+        "casaspawner",
+        "run",
+        "--kubernetes",
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+        "--namespace",
+        site.namespace,
+        "--storage-path",
+        str(site.cavern),
+        "--user",
+        "alice",
+        "--uid",
+        str(ALICE["uid"]),
+        "--gid",
+        str(ALICE["gid"]),
+        "--image-registry",
+        REGISTRY,
+        *args,
+    ]
+
+
+def run(cluster: Cluster, site: Site, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        command(cluster, site, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def one_sentence(stderr: str) -> str:
+    """The command's last word: one line, no traceback."""
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]
+
+
+def job_of(stderr: str) -> str:
+    """The Job's name, from the command's first line (``casaspawner: Job NAME in …``)."""
+    first = next(line for line in stderr.splitlines() if line.startswith("casaspawner: Job "))
+    return first.split()[2]
+
+
+def run_dir_of(site: Site, stderr: str) -> Path:
+    """The run's directory here, from the path the last sentence names (in the pod)."""
+    runs = site.dataset / RUNS_DIR
+    found = [path for path in runs.iterdir() if f"/{RUNS_DIR}/{path.name}" in stderr]
+    assert len(found) == 1, (stderr, list(runs.iterdir()))
+    return found[0]
+
+
+def kill_pod_processes(pod: str) -> int:
+    """SIGKILL every process of the run's container in ``pod`` (the node is this machine)."""
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"HOSTNAME={pod}".encode() in environ and any(
+            v.startswith(b"CASASPAWNER_RUN=") for v in environ
+        ):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+def entities(run_dir: Path) -> dict[str, dict[str, Any]]:
+    record = json.loads((run_dir / RECORD_FILE).read_text())
+    return {item["@id"]: item for item in record["@graph"]}
+
+
+def test_a_restore_and_a_failing_script_run_as_jobs_as_alice(
+    cluster: Cluster, site: Site, casa_image: str
+) -> None:
+    started = time.monotonic()
+    restore = run(
+        cluster, site, "--size", "small", "--dataset", f"~/{PROJECT}", "--", "restore.py"
+    )
+    failing = run(
+        cluster, site, "--size", "small", "--dataset", f"~/{PROJECT}", "--", "failing.py"
+    )
+    out, err = restore.communicate(timeout=400)
+    fail_out, fail_err = failing.communicate(timeout=200)
+    took = time.monotonic() - started
+
+    # The restore: the output streamed, one sentence, status 0.
+    assert restore.returncode == 0, (out, err)
+    sentence = one_sentence(err)
+    assert sentence.startswith("casaspawner: run ") and " finished; " in sentence, sentence
+    assert f"/arc/home/alice/{PROJECT}/{RUNS_DIR}/" in sentence, sentence
+    assert f"CASA {load_catalog().get(RELEASE).casa}" in out or "runs restore.py" in out, out
+    assert f"uid {ALICE['uid']} threads 2" in out, out
+    # The image has TigerVNC's Xtigervnc, so the script had a display of its own.
+    assert "display :" in out, out
+    run_dir = run_dir_of(site, sentence)
+    assert run_dir.stat().st_uid == ALICE["uid"]
+    names = {path.name for path in run_dir.iterdir()}
+    assert {"output.log", RECORD_FILE, RUN_FILE, "listobs.txt", "restored.ms"} <= names, names
+    (casa_log,) = run_dir.glob("casa-*.log")
+    assert "split" in casa_log.read_text() and "listobs" in casa_log.read_text()
+    assert "DemoQuasar" in (run_dir / "listobs.txt").read_text()
+    assert "uid 41001" in (run_dir / "output.log").read_text()
+    ran = json.loads((run_dir / RUN_FILE).read_text())
+    assert ran["result"]["status"] == "finished"
+    # A modular image has no mpicasa: one process, OMP threads from the size.
+    assert ran["parallel"] == "one process: this image has no mpicasa for 2 cores", ran
+    assert ran["command"][:2] == [f"/opt/casa/{RELEASE.removeprefix('casa-')}/bin/python", "-s"]
+    graph = entities(run_dir)
+    action = graph["#session"]
+    assert action["actionStatus"]["@id"].endswith("CompletedActionStatus") and action["endTime"]
+    assert {"@id": "restored.ms/"} in action["result"]
+    assert graph["#script"]["name"] == "restore.py" and len(graph["#script"]["sha256"]) == 64
+    assert graph["#runtime"]["identifier"] == casa_image
+    assert graph["#evidence"].get("sha256"), graph["#evidence"]
+    assert graph["#measures"]["version"]
+
+    # The failing script: its output, one sentence naming the exception, status 1.
+    assert failing.returncode == 1, (fail_out, fail_err)
+    sentence = one_sentence(fail_err)
+    assert " failed: the script raised RuntimeError: no calibrated data here;" in sentence
+    failed = entities(run_dir_of(site, sentence))["#session"]
+    assert failed["actionStatus"]["@id"].endswith("FailedActionStatus"), failed
+    print(f"[k8s] restore and failing Jobs: {took:.0f} s")
+
+
+def test_a_stopped_run_and_a_lost_one(cluster: Cluster, site: Site) -> None:
+    args = ("--size", "small", "--dataset", f"~/{PROJECT}", "--", "sleep.py")
+    stopped, lost = run(cluster, site, *args), run(cluster, site, *args)
+    names = {}
+    for process in (stopped, lost):
+        assert process.stdout is not None and process.stderr is not None
+        line = process.stderr.readline()
+        names[process] = job_of(line)
+        deadline = time.monotonic() + 180
+        while "sleeping" not in process.stdout.readline():
+            assert time.monotonic() < deadline, "the script never started"
+
+    stop = subprocess.run(
+        [*command(cluster, site), "--stop", names[stopped]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stop.returncode == 0, stop.stderr
+    assert one_sentence(stop.stderr).endswith(" ended: stopped."), stop.stderr
+
+    # The lost one's processes are killed at once, as when its node goes: no result.
+    async def pod_name(api: Any) -> str:
+        pods = await client.CoreV1Api(api).list_namespaced_pod(
+            site.namespace, label_selector=f"batch.kubernetes.io/job-name={names[lost]}"
+        )
+        return str(pods.items[0].metadata.name)
+
+    assert kill_pod_processes(admin(cluster, pod_name)) > 0
+    _, stop_err = stopped.communicate(timeout=120)
+    _, lost_err = lost.communicate(timeout=120)
+    assert stopped.returncode == 130, stop_err
+    assert " was stopped; " in one_sentence(stop_err), stop_err
+    assert lost.returncode == 3, lost_err
+    sentence = one_sentence(lost_err)
+    assert " was lost: its pod ended without a result (exit status 137" in sentence, sentence
