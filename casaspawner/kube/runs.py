@@ -72,6 +72,8 @@ HOPELESS = frozenset(
 )
 #: Seconds between looks at the Job and its pod.
 POLL = 1.0
+#: Seconds the rest of an ended run's log may take to arrive.
+LOG_WAIT = 30.0
 #: Seconds ``--stop`` waits for the pod to go.
 STOP_WAIT = jobs.GRACE_SECONDS + 30
 
@@ -394,6 +396,7 @@ class Cluster:
         self.namespace = namespace
         #: The storage root mounted here, where the run's file tells how it ended.
         self.storage = storage
+        self.said_unschedulable = False
         self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
 
@@ -467,9 +470,9 @@ class Cluster:
                     await self.delete(name)
         finally:
             if logs is not None:
-                # The rest of the log, if the stream is still open: a few seconds at most.
+                # The rest of the log, if the stream is still open: half a minute at most.
                 with contextlib.suppress(asyncio.TimeoutError, Exception):
-                    await asyncio.wait_for(asyncio.shield(logs), 5)
+                    await asyncio.wait_for(asyncio.shield(logs), LOG_WAIT)
                 logs.cancel()
         return self.ending(name, run_id, where, ended, annotations)
 
@@ -480,13 +483,16 @@ class Cluster:
             job = await self.job(name)
             status = container_status(pod)
             state = status.state if status is not None else None
+            started = state is not None and (state.running or state.terminated)
+            if logs is None and pod is not None and started:
+                # A container that ended already still has its whole log to give.
+                return asyncio.create_task(self.stream(pod.metadata.name))
             if state is not None and state.terminated is not None:
                 return {
                     "exit_code": state.terminated.exit_code,
                     "message": state.terminated.message,
                 }
-            if logs is None and pod is not None and state is not None and state.running:
-                return asyncio.create_task(self.stream(pod.metadata.name))
+            self.waits_for_node(pod)
             waiting = state.waiting if state is not None else None
             if waiting is not None and waiting.reason in HOPELESS:
                 await self.delete(name)
@@ -496,6 +502,15 @@ class Cluster:
                 reason = failed_condition(job) if job is not None else None
                 return {"exit_code": None, "gone": reason or "its Job was deleted"}
             await asyncio.sleep(POLL)
+
+    def waits_for_node(self, pod: Any) -> None:
+        """Say, once, why the run's pod waits for a node (the scheduler's message)."""
+        for condition in (pod.status.conditions or []) if pod and pod.status else []:
+            if condition.type == "PodScheduled" and condition.reason == "Unschedulable":
+                if not self.said_unschedulable:
+                    message = " ".join(str(condition.message or "").split())
+                    print(f"casaspawner: the run waits for a node: {message}", file=sys.stderr)
+                self.said_unschedulable = True
 
     async def stream(self, pod: str) -> None:
         """Copy the pod's log to stdout until the container ends."""

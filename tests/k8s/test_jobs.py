@@ -277,6 +277,7 @@ def test_a_restore_and_a_failing_script_run_as_jobs_as_alice(
     assert failing.returncode == 1, (fail_out, fail_err)
     sentence = one_sentence(fail_err)
     assert " failed: the script raised RuntimeError: no calibrated data here;" in sentence
+    assert "RuntimeError: no calibrated data here" in fail_out, fail_out
     failed = entities(run_dir_of(site, sentence))["#session"]
     assert failed["actionStatus"]["@id"].endswith("FailedActionStatus"), failed
     print(f"[k8s] restore and failing Jobs: {took:.0f} s")
