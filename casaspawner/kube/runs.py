@@ -474,7 +474,26 @@ class Cluster:
                 with contextlib.suppress(asyncio.TimeoutError, Exception):
                     await asyncio.wait_for(asyncio.shield(logs), LOG_WAIT)
                 logs.cancel()
+        if ended.get("exit_code") == EXIT_STOPPED and not stopping:
+            ended["failed"] = await self.failure(name)
         return self.ending(name, run_id, where, ended, annotations)
+
+    async def failure(self, name: str, timeout: float = 10) -> str | None:
+        """Why the Job failed (its deadline, say), once it says; None when it did not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = await self.job(name)
+            if job is None:
+                return None
+            reason = failed_condition(job)
+            done = any(
+                c.type == "Complete" and c.status == "True"
+                for c in (job.status.conditions or [] if job.status else [])
+            )
+            if reason is not None or done:
+                return reason
+            await asyncio.sleep(POLL)
+        return None
 
     async def watch(self, name: str, logs: asyncio.Task[None] | None) -> Any:
         """Wait until the log can be streamed (a Task) or the run ended (its last state)."""
@@ -500,7 +519,11 @@ class Cluster:
             over = job is None or failed_condition(job) is not None
             if over and (pod is None or pod.status.phase in ("Failed", "Succeeded")):
                 reason = failed_condition(job) if job is not None else None
-                return {"exit_code": None, "gone": reason or "its Job was deleted"}
+                return {
+                    "exit_code": None,
+                    "gone": reason or "its Job was deleted",
+                    "failed": reason,
+                }
             await asyncio.sleep(POLL)
 
     def waits_for_node(self, pod: Any) -> None:
@@ -539,6 +562,9 @@ class Cluster:
         run = read_run(here) if here is not None else {}
         if not run.get("result"):
             run = {"result": result_from_pod(ended)}
+        if run["result"].get("status") == "stopped" and ended.get("failed"):
+            # Stopped by the Job's deadline.
+            run["result"]["why"] = ended["failed"]
         return ending(Path(run_id), run, where or f"Job {name}")
 
     async def stop(self, name: str) -> int:
@@ -579,9 +605,11 @@ def container_status(pod: Any) -> Any | None:
 def failed_condition(job: Any) -> str | None:
     """Why the Job failed, in words, or None while it has not."""
     for condition in (job.status.conditions or []) if job.status else []:
-        if condition.type == "Failed" and condition.status == "True":
+        # FailureTarget: failed, its pod still ending.
+        if condition.type in ("Failed", "FailureTarget") and condition.status == "True":
             if condition.reason == "DeadlineExceeded":
-                return "it ran past its time limit (--deadline)"
+                limit = job.spec.active_deadline_seconds if job.spec else None
+                return f"it ran past its time limit of {limit} s"
             return " ".join(f"{condition.reason or ''}: {condition.message or ''}".split())
     return None
 

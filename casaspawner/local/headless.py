@@ -588,8 +588,9 @@ def ending(run_dir: Path, run: dict[str, Any], where: str | None = None) -> int:
         )
         return 0
     if status == "stopped":
+        why = f": {result['why']}" if result.get("why") else ""
         print(
-            f"casaspawner: run {run_dir.name} was stopped; what it wrote is in {where}.",
+            f"casaspawner: run {run_dir.name} was stopped{why}; what it wrote is in {where}.",
             file=sys.stderr,
         )
         return EXIT_STOPPED

@@ -5,8 +5,9 @@ namespace enforcing the restricted Pod Security level, with the CASA image the i
 builds, imported into containerd. Cavern and the measures are ``hostPath`` PersistentVolumes on
 this machine, bound to the claims a session mounts. A restore-like split and listobs of a small
 simulated MeasurementSet finishes, and its outputs, CASA log and completed record land in
-alice's Cavern directory, owned by her; a failing script, a stopped run and a lost one (its
-processes killed, as when its node goes) each end with their sentence and exit status.
+alice's Cavern directory, owned by her; a failing script, a stopped run, a lost one (its
+processes killed, as when its node goes) and one past its deadline each end with their sentence
+and exit status.
 """
 
 from __future__ import annotations
@@ -283,9 +284,10 @@ def test_a_restore_and_a_failing_script_run_as_jobs_as_alice(
     print(f"[k8s] restore and failing Jobs: {took:.0f} s")
 
 
-def test_a_stopped_run_and_a_lost_one(cluster: Cluster, site: Site) -> None:
+def test_a_stopped_run_a_lost_one_and_one_past_its_deadline(cluster: Cluster, site: Site) -> None:
     args = ("--size", "small", "--dataset", f"~/{PROJECT}", "--", "sleep.py")
     stopped, lost = run(cluster, site, *args), run(cluster, site, *args)
+    late = run(cluster, site, "--deadline", "25", *args)
     names = {}
     for process in (stopped, lost):
         assert process.stdout is not None and process.stderr is not None
@@ -317,5 +319,9 @@ def test_a_stopped_run_and_a_lost_one(cluster: Cluster, site: Site) -> None:
     assert stopped.returncode == 130, stop_err
     assert " was stopped; " in one_sentence(stop_err), stop_err
     assert lost.returncode == 3, lost_err
+    _, late_err = late.communicate(timeout=120)
+    assert late.returncode == 130, late_err
+    sentence = one_sentence(late_err)
+    assert " was stopped: it ran past its time limit of 25 s; " in sentence, sentence
     sentence = one_sentence(lost_err)
     assert " was lost: its pod ended without a result (exit status 137" in sentence, sentence

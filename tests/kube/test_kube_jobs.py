@@ -199,9 +199,14 @@ class Status:
         self.conditions = list(conditions)
 
 
+class Spec:
+    active_deadline_seconds = 20
+
+
 class Job:
     def __init__(self, *conditions: Condition) -> None:
         self.status = Status(*conditions)
+        self.spec = Spec()
 
 
 def test_how_a_run_ends_from_its_pod_when_its_file_is_out_of_reach() -> None:
@@ -215,7 +220,8 @@ def test_how_a_run_ends_from_its_pod_when_its_file_is_out_of_reach() -> None:
     never = result_from_pod({"exit_code": None, "never": "ErrImagePull: nope"})
     assert never["status"] == "failed" and "ErrImagePull" in never["error"]
     assert failed_condition(Job()) is None
-    assert "time limit" in str(failed_condition(Job(Condition("DeadlineExceeded"))))
+    deadline = failed_condition(Job(Condition("DeadlineExceeded")))
+    assert deadline == "it ran past its time limit of 20 s"
 
 
 @pytest.mark.parametrize(
