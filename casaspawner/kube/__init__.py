@@ -2,5 +2,6 @@
 
 ``spawner`` is the hub glue; ``objects`` builds the pod's fields and the token Secret from a plan,
 purely; ``podsecurity`` checks a pod against the Pod Security Standards; ``events`` turns kubelet
-events into progress lines and failures; ``dryrun`` is ``casaspawner pod``.
+events into progress lines and failures; ``dryrun`` is ``casaspawner pod``. ``jobs`` builds a
+headless run's Job, purely, and ``runs`` is ``casaspawner run --kubernetes``.
 """

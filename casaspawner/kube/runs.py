@@ -59,6 +59,12 @@ COMPONENT = {
 }
 #: Annotations naming the run, relative to the plan's label prefix.
 RUN_ID, RUN_DIR, RUN_STORAGE, RUN_SCRIPT = "run-id", "run-dir", "run-storage-path", "run-script"
+#: What the command does in the run's namespace: a Role's rules (docs/headless.md shows them).
+ROLE_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+]
 #: Container waiting reasons that never get better by themselves.
 HOPELESS = frozenset(
     {

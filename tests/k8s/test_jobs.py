@@ -1,8 +1,8 @@
 """``casaspawner run --kubernetes``: a real CASA script as a Job on the real cluster, as alice.
 
-The command runs as an operator would run it (the admin kubeconfig, Cavern mounted here), in a
-namespace enforcing the restricted Pod Security level, with the CASA image the images tier
-builds, imported into containerd. Cavern and the measures are ``hostPath`` PersistentVolumes on
+The command runs as an operator would run it (as a ServiceAccount holding only the Role
+docs/headless.md gives it, Cavern mounted here), in a namespace enforcing the restricted Pod
+Security level, with the CASA image the images tier builds, imported into containerd. Cavern and the measures are ``hostPath`` PersistentVolumes on
 this machine, bound to the claims a session mounts. A restore-like split and listobs of a small
 simulated MeasurementSet finishes, and its outputs, CASA log and completed record land in
 alice's Cavern directory, owned by her; a failing script, a stopped run, a lost one (its
@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k8s_hub import ALICE, RELEASE, bind_storage, delete_volumes
+from k8s_hub import ALICE, RELEASE, bind_storage, create_hub_account, delete_volumes
 from kubernetes_asyncio import client
 
 from casaspawner.catalog import load_catalog
 from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
+from casaspawner.kube.runs import ROLE_RULES
 from casaspawner.local.headless import RUN_FILE, RUNS_DIR
 from casaspawner.plan import PlanConfig, image_for
 from casaspawner.runtime import RECORD_FILE
@@ -68,6 +69,8 @@ class Site:
     namespace: str
     cavern: Path
     volumes: list[str]
+    #: A ServiceAccount's kubeconfig holding exactly the Role docs/headless.md gives the command.
+    kubeconfig: Path
 
     @property
     def dataset(self) -> Path:
@@ -129,12 +132,16 @@ def write_home(root: Path) -> None:
 @pytest.fixture(scope="module")
 def site(cluster: Cluster, measures: Path, casa_image: str) -> Iterator[Site]:
     cavern = Path(tempfile.mkdtemp(prefix="casaspawner-k8s-jobs-"))
+    work = Path(tempfile.mkdtemp(prefix="casaspawner-k8s-jobs-account-"))
     write_home(cavern)
 
     async def setup(api: Any) -> Site:
         namespace = await cluster.create_namespace(api, "casaspawner-jobs")
         volumes = await bind_storage(api, namespace, cavern, measures)
-        return Site(namespace, cavern, volumes)
+        account = await create_hub_account(
+            api, namespace, cluster.kubeconfig, work, rules=ROLE_RULES, name="casa-run"
+        )
+        return Site(namespace, cavern, volumes, account.kubeconfig)
 
     made = admin(cluster, setup)
     try:
@@ -147,10 +154,11 @@ def site(cluster: Cluster, measures: Path, casa_image: str) -> Iterator[Site]:
 
         admin(cluster, teardown)
         shutil.rmtree(cavern, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def command(cluster: Cluster, site: Site, *args: str) -> list[str]:
-    """``casaspawner run --kubernetes`` as the operator, for alice."""
+    """``casaspawner run --kubernetes`` as the operator's account, for alice."""
     return [
         sys.executable,
         "-m",
@@ -158,7 +166,7 @@ def command(cluster: Cluster, site: Site, *args: str) -> list[str]:
         "run",
         "--kubernetes",
         "--kubeconfig",
-        str(cluster.kubeconfig),
+        str(site.kubeconfig),
         "--namespace",
         site.namespace,
         "--storage-path",

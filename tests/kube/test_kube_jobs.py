@@ -19,6 +19,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from support.datasets import dataset_in
 from support.pss import restricted_violations
 
@@ -26,7 +27,7 @@ from casaspawner.cli import build_parser, main
 from casaspawner.insession.run_job import describe, image_command
 from casaspawner.kube import jobs
 from casaspawner.kube.podsecurity import pod_security_violations
-from casaspawner.kube.runs import failed_condition, result_from_pod, submission
+from casaspawner.kube.runs import ROLE_RULES, failed_condition, result_from_pod, submission
 from casaspawner.local.headless import CASA_RUNNER, casa_command
 
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -262,3 +263,10 @@ def test_without_storage_or_a_script_there_it_says_so(
     monkeypatch.chdir(tmp_path)
     assert main([*argv, "--", "mine.py"]) == 2
     assert "There is no script mine.py in the user's storage" in capsys.readouterr().err
+
+
+def test_the_role_in_the_docs_is_what_the_command_needs() -> None:
+    """docs/headless.md's Role is ``ROLE_RULES``, which the k8s tier runs the command with."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "headless.md").read_text()
+    block = text.split("kind: Role\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block)["rules"] == ROLE_RULES
