@@ -477,6 +477,9 @@ async def spawn(spawner: Any, options: dict[str, Any]) -> Spawn:
     running = time.perf_counter()
     await wait_for_http_server(url, timeout=120)
     answering = time.perf_counter()
+    # CASASpawner hands the token Secret to the pod while the server comes up: counted here.
+    if hasattr(spawner, "token_secret_handed"):
+        await spawner.token_secret_handed()
     return Spawn(running - began, answering - began)
 
 

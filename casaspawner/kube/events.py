@@ -71,6 +71,25 @@ def _is_pull_failure(reason: str, message: str) -> bool:
     )
 
 
+def trouble_showing(pod: Mapping[str, Any] | None) -> bool:
+    """Whether the pod's status shows a failed image pull or an unscheduled pod.
+
+    Only then can :func:`spawn_failure` find the spawn failed, its events telling the details:
+    the kubelet marks a container waiting on a failed pull as it reports the failure, and the
+    scheduler sets ``PodScheduled`` false as it reports ``FailedScheduling``. Checking first
+    spares reading the namespace's events on every look at a pod that is doing well.
+    """
+    status = (pod or {}).get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in (*_PULL_RETRIED, *_PULL_FINAL):
+            return True
+    return any(
+        condition.get("type") == "PodScheduled" and str(condition.get("status")) != "True"
+        for condition in status.get("conditions") or []
+    )
+
+
 def spawn_failure(
     pod: Mapping[str, Any] | None,
     events: Sequence[Mapping[str, Any]],

@@ -241,6 +241,8 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         self._token_secret_stored = False
         # The authorizer's last refusal this spawn, while it may still pass.
         self._refusal: ApiException | None = None
+        # The token Secret's hand-over to the running pod, while JupyterHub waits for the server.
+        self._handing_over: asyncio.Future[None] | None = None
         # What completes the stopped session's record, should it need it: pod, directory, plan.
         self._record_completion: tuple[dict[str, Any], str, SessionPlan] | None = None
         super().__init__(*args, **kwargs)
@@ -401,17 +403,18 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         self.log.info("CASA session of %s runs %s@sha256:%s", self.user.name, self.image, digest)
 
     async def _start(self) -> str:
-        """KubeSpawner's start, with the token Secret stored first and owned by the pod last.
+        """KubeSpawner's start, with the token Secret stored first and owned by the pod after.
 
         The Secret is stored before the pod, so the kubelet finds it when it mounts the pod's
-        volumes; once the pod runs, the Secret is handed to it. A spawn that fails leaves no
-        Secret behind.
+        volumes. Once the pod runs, the Secret is handed to it while JupyterHub waits for the
+        server to answer (:meth:`token_secret_handed`). A spawn that fails leaves no Secret
+        behind.
         """
         self._token_secret_asked = self._token_secret_stored = False
         self._refusal = None
+        await self.token_secret_handed()
         try:
             url: str = await super()._start()
-            await self.hand_token_secret_to_pod()
         except asyncio.TimeoutError:
             await self._forget_token_secret()
             # The API kept refusing the hub until the retries ran out: say what it said.
@@ -421,7 +424,32 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         except BaseException:
             await self._forget_token_secret()
             raise
+        self._handing_over = asyncio.ensure_future(self._hand_over_or_log())
         return url
+
+    async def _hand_over_or_log(self) -> None:
+        """Hand the token Secret to the running pod; a failure is only logged.
+
+        The session has its token file by now. A Secret left unowned is deleted at the stop.
+        """
+        try:
+            await self.hand_token_secret_to_pod()
+        except Exception as exc:
+            self.log.error(
+                "The token Secret of %s was not handed to its pod; it is deleted when the server "
+                "stops: %s",
+                self.pod_name,
+                exc,
+            )
+
+    async def token_secret_handed(self) -> None:
+        """Wait until the running pod owns its token Secret, or the hand-over gave up."""
+        handing_over = self._handing_over
+        if handing_over is not None:
+            # Shielded: a caller given up on does not stop the hand-over.
+            await asyncio.shield(handing_over)
+            if self._handing_over is handing_over:
+                self._handing_over = None
 
     async def _forget_token_secret(self) -> None:
         """After a failed start: remove the token Secret, if this spawn asked for one."""
@@ -434,6 +462,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         The session's plan is still known here, not after: what could complete its record is
         kept for :meth:`complete_record`.
         """
+        await self.token_secret_handed()
         await super().stop(now)
         await self.remove_token_secret()
         plan, directory = self.session_plan, self.session_record_dir
@@ -808,7 +837,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         """
         starting = self._start_future is not None and not self._start_future.done()
         running = bool(super().is_pod_running(pod))
-        if running or not starting:
+        if running or not starting or not events.trouble_showing(pod):
             return running
         plan = self.session_plan
         failure = events.spawn_failure(

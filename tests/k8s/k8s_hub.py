@@ -304,6 +304,9 @@ async def spawn(spawner: Any, options: dict[str, Any], timeout: float = 240) -> 
     except Exception as exc:
         outcome = exc
     await asyncio.wait_for(reader, 30)
+    # While JupyterHub waits for the server to answer, the pod takes over its token Secret.
+    if isinstance(outcome, str) and hasattr(spawner, "token_secret_handed"):
+        await spawner.token_secret_handed()
     return outcome, messages
 
 

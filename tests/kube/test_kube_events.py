@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from casaspawner.kube.events import spawn_failure
+from casaspawner.kube.events import spawn_failure, trouble_showing
 
 IMAGE = "registry/casa:6.6.5-31"
 PULL_FAILED = {"reason": "Failed", "message": f'Failed to pull image "{IMAGE}": manifest unknown'}
@@ -97,3 +97,29 @@ def test_unschedulable_not_fatal_when_turned_off():
     assert spawn_failure(None, [FAILED_SCHEDULING], IMAGE, unschedulable_is_fatal=False) is None
     backed_off = [PULL_FAILED, BACK_OFF]
     assert spawn_failure(None, backed_off, IMAGE, unschedulable_is_fatal=False) == NOT_PULLED
+
+
+@pytest.mark.parametrize(
+    ("pod", "shows"),
+    [
+        (None, False),
+        ({"status": {"phase": "Pending"}}, False),
+        (waiting("ContainerCreating"), False),
+        (waiting("ErrImagePull", "manifest unknown"), True),
+        (waiting("ImagePullBackOff"), True),
+        (waiting("InvalidImageName"), True),
+        ({"status": {"conditions": [{"type": "PodScheduled", "status": "True"}]}}, False),
+        (
+            {
+                "status": {
+                    "conditions": [
+                        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+                    ]
+                }
+            },
+            True,
+        ),
+    ],
+)
+def test_only_a_pod_showing_trouble_needs_its_events_read(pod, shows):
+    assert trouble_showing(pod) is shows

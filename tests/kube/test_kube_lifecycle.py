@@ -29,7 +29,10 @@ async def start_collecting_progress(spawner) -> tuple[str, list[str]]:
     await spawner._run_apply_user_options(spawner.user_options)
     future = spawner.start()
     messages = [event["message"] async for event in spawner.progress()]
-    return await asyncio.wait_for(future, 20), messages
+    url = await asyncio.wait_for(future, 20)
+    # While JupyterHub waits for the server to answer, the pod takes over its token Secret.
+    await spawner.token_secret_handed()
+    return url, messages
 
 
 async def test_start_poll_stop_with_token_secret(cluster, make_spawner, storage):
@@ -238,6 +241,26 @@ async def test_500_on_the_reflectors_watch_reconnects(cluster, make_spawner, sto
         assert methods == ["POST", "POST", "DELETE", "POST", "DELETE", "POST"]
         assert "jupyter-alice-token" in stored(emulator, "secrets")
         await spawner.stop(now=True)
+
+
+async def test_a_failed_hand_over_keeps_the_session_and_the_stop_removes_the_secret(
+    cluster, make_spawner, storage, caplog
+):
+    """The token Secret is handed to the pod after the start: a refusal there is logged only."""
+    emulator, server = cluster
+    emulator["delete /api/v1/namespaces/test/secrets/jupyter-alice-token"][:1] << 403
+    spawner = make_spawner(**TIMEOUTS)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    async with FakeKubelet(server).running():
+        url, _ = await start_collecting_progress(spawner)
+        assert url == "http://127.0.0.1:8888"
+        # kmock carries the refused request out all the same: the Secret may be gone already.
+        secret = stored(emulator, "secrets").get("jupyter-alice-token")
+        assert secret is None or "ownerReferences" not in secret["metadata"]
+        assert "was not handed to its pod" in caplog.text
+        assert await spawner.poll() is None
+        await spawner.stop(now=True)
+    assert "jupyter-alice-token" not in stored(emulator, "secrets")
 
 
 async def test_pod_creation_500_fails_the_spawn(cluster, make_spawner, storage):
