@@ -36,6 +36,7 @@ from casaspawner.local.headless import (
     RUN_FILE,
     casa_command,
     end_lost,
+    finish,
     read_run,
 )
 from casaspawner.runtime import RECORD_DIR_ENV
@@ -159,8 +160,25 @@ def supervise(run_dir: Path, log: int) -> None:
     process.wait()
 
 
-def main(environ: Mapping[str, str] | None = None) -> int:
-    """Prepare the run, supervise it, and exit as the run ended."""
+def record_lost(run_dir: Path, why: str) -> int:
+    """Record a run whose pod ended without a result as lost, its record as failed."""
+    run = read_run(run_dir)
+    if not run:
+        print(f"casaspawner: there is no run in {run_dir}", file=sys.stderr)
+        return EXIT_FAILED
+    if not run.get("result"):
+        finish(run_dir, run, {"status": "lost", "error": why, "why": why})
+    return 0
+
+
+def main(environ: Mapping[str, str] | None = None, argv: list[str] | None = None) -> int:
+    """Prepare the run, supervise it, and exit as the run ended.
+
+    ``lost DIR WHY``: record the run in ``DIR`` as lost, for ``WHY``.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 3 and args[0] == "lost":
+        return record_lost(Path(args[1]), args[2])
     env = dict(os.environ if environ is None else environ)
     try:
         spec = json.loads(base64.b64decode(env[RUN_ENV], validate=True))

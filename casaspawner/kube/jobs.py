@@ -11,6 +11,7 @@ the script as ``casaspawner run`` does on one machine.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import hashlib
 import json
@@ -199,3 +200,49 @@ def run_job(
 def _cores(value: float) -> str:
     """A CPU quantity: whole cores as ``2``, fractions in millicores (``500m``)."""
     return str(int(value)) if float(value).is_integer() else f"{round(value * 1000)}m"
+
+
+#: Labels Kubernetes gives a Job's pods; a new Job from an old one's template may not carry them.
+_JOB_LABELS = (
+    "controller-uid",
+    "job-name",
+    "batch.kubernetes.io/controller-uid",
+    "batch.kubernetes.io/job-name",
+)
+
+
+def lost_job(job: Mapping[str, Any], *, name: str, why: str) -> dict[str, Any]:
+    """A Job that records a lost run as lost: ``run_job lost DIR WHY``, as the run's user.
+
+    ``job`` is the run's Job as the API gives it (camelCase). The pod is the run's, with its
+    mounts, but without the run's description and record, small, for at most two minutes.
+    """
+    template = copy.deepcopy(dict(job["spec"]["template"]))
+    labels = {
+        k: v
+        for k, v in (template.get("metadata") or {}).get("labels", {}).items()
+        if k not in _JOB_LABELS
+    }
+    spec = template["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+    run_dir = env["CASASPAWNER_RECORD_DIR"]
+    container["args"] = [*RUN_ARGS, "lost", run_dir, why]
+    container["env"] = [
+        e for e in container["env"] if e["name"] not in (RUN_ENV, "CASASPAWNER_RECORD")
+    ]
+    limits = {"cpu": "1", "memory": "512Mi"}
+    if EPHEMERAL_STORAGE in container.get("resources", {}).get("limits", {}):
+        limits[EPHEMERAL_STORAGE] = "64Mi"
+    container["resources"] = {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": limits}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": 120,
+            "ttlSecondsAfterFinished": 60,
+            "template": {"metadata": {"labels": labels}, "spec": spec},
+        },
+    }

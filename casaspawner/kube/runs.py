@@ -400,6 +400,7 @@ class Cluster:
         from kubernetes_asyncio import client
 
         self.namespace = namespace
+        self.api = api
         #: The storage root mounted here, where the run's file tells how it ended.
         self.storage = storage
         self.said_unschedulable = False
@@ -441,13 +442,16 @@ class Cluster:
         )
         return found.items[0] if found.items else None
 
-    async def delete(self, name: str) -> None:
-        """Delete the Job and, first, its pod, which gets SIGTERM and its grace period."""
+    async def delete(self, name: str, wait: bool = True) -> None:
+        """Delete the Job and its pod, which gets SIGTERM and its grace period.
+
+        With ``wait`` the Job stays, being deleted, until its pod is gone.
+        """
         from kubernetes_asyncio.client.exceptions import ApiException
 
         with contextlib.suppress(ApiException):
             await self.batch.delete_namespaced_job(
-                name, self.namespace, propagation_policy="Foreground"
+                name, self.namespace, propagation_policy="Foreground" if wait else "Background"
             )
 
     async def follow(self, name: str) -> int:
@@ -482,7 +486,43 @@ class Cluster:
                 logs.cancel()
         if ended.get("exit_code") == EXIT_STOPPED and not stopping:
             ended["failed"] = await self.failure(name)
+        here = run_directory_here(self.storage, annotations)
+        written = here is not None and bool(read_run(here).get("result"))
+        lost = result_from_pod(ended)
+        if not written and lost["status"] == "lost":
+            await self.record_lost(name, job, lost["why"])
         return self.ending(name, run_id, where, ended, annotations)
+
+    async def record_lost(self, name: str, job: Any, why: str) -> None:
+        """Have a pod of the run's record it as lost in its directory (two minutes at most)."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        manifest = self.api.sanitize_for_serialization(job)
+        lost = jobs.lost_job(manifest, name=f"{name[:57].rstrip('-')}-lost", why=why)
+        try:
+            if not await self.create(lost):
+                return
+            phase = await self.end_of(lost["metadata"]["name"], timeout=150)
+        except (ApiException, InvalidInput) as exc:
+            phase = str(exc)
+        finally:
+            await self.delete(lost["metadata"]["name"], wait=False)
+        if phase != "Complete":
+            print(
+                f"casaspawner: the lost run's record could not be completed ({phase}).",
+                file=sys.stderr,
+            )
+
+    async def end_of(self, name: str, timeout: float) -> str:
+        """How a Job ended (``Complete``, ``Failed``), or that it did not in ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = await self.job(name)
+            for c in (job.status.conditions or []) if job is not None and job.status else []:
+                if c.type in ("Complete", "Failed") and c.status == "True":
+                    return str(c.type)
+            await asyncio.sleep(POLL)
+        return f"no end in {timeout:.0f} s"
 
     async def failure(self, name: str, timeout: float = 10) -> str | None:
         """Why the Job failed (its deadline, say), once it says; None when it did not."""

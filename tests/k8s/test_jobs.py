@@ -2,12 +2,12 @@
 
 The command runs as an operator would run it (as a ServiceAccount holding only the Role
 docs/headless.md gives it, Cavern mounted here), in a namespace enforcing the restricted Pod
-Security level, with the CASA image the images tier builds, imported into containerd. Cavern and the measures are ``hostPath`` PersistentVolumes on
-this machine, bound to the claims a session mounts. A restore-like split and listobs of a small
-simulated MeasurementSet finishes, and its outputs, CASA log and completed record land in
-alice's Cavern directory, owned by her; a failing script, a stopped run, a lost one (its
-processes killed, as when its node goes) and one past its deadline each end with their sentence
-and exit status.
+Security level, with the CASA image the images tier builds, imported into containerd. Cavern and
+the measures are ``hostPath`` PersistentVolumes on this machine, bound to the claims a session
+mounts. A restore-like split and listobs of a small simulated MeasurementSet finishes, and its
+outputs, CASA log and completed record land in alice's Cavern directory, owned by her; a failing
+script, a stopped run, a lost one (its processes killed, as when its node goes) and one past its
+deadline each end with their sentence and exit status.
 """
 
 from __future__ import annotations
@@ -333,3 +333,9 @@ def test_a_stopped_run_a_lost_one_and_one_past_its_deadline(cluster: Cluster, si
     assert " was stopped: it ran past its time limit of 25 s; " in sentence, sentence
     sentence = one_sentence(lost_err)
     assert " was lost: its pod ended without a result (exit status 137" in sentence, sentence
+    # A pod of the run recorded it as lost, as the user: the record failed, with its end.
+    lost_dir = run_dir_of(site, sentence)
+    assert json.loads((lost_dir / RUN_FILE).read_text())["result"]["status"] == "lost"
+    action = entities(lost_dir)["#session"]
+    assert action["actionStatus"]["@id"].endswith("FailedActionStatus") and action["endTime"]
+    assert "exit status 137" in action["error"], action

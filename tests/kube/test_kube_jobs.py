@@ -270,3 +270,25 @@ def test_the_role_in_the_docs_is_what_the_command_needs() -> None:
     text = (Path(__file__).resolve().parents[2] / "docs" / "headless.md").read_text()
     block = text.split("kind: Role\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(block)["rules"] == ROLE_RULES
+
+
+def test_a_lost_run_is_recorded_by_a_small_job_of_the_same_pod(storage: Path) -> None:
+    """The run's Job as the API returns it (with the labels Kubernetes adds) → its lost Job."""
+    job = job_for(storage)
+    template = job["spec"]["template"]
+    template["metadata"]["labels"].update(
+        {"batch.kubernetes.io/controller-uid": "u", "batch.kubernetes.io/job-name": "x"}
+    )
+    lost = jobs.lost_job(job, name="casa-run-alice-x-lost", why="its node was lost")
+    kubernetes_validate.validate(lost, K8S_VERSION, strict=True)
+    pod = {"apiVersion": "v1", "kind": "Pod", **lost["spec"]["template"]}
+    assert restricted_violations(pod) == {}
+    assert (
+        "batch.kubernetes.io/controller-uid" not in lost["spec"]["template"]["metadata"]["labels"]
+    )
+    (container,) = lost["spec"]["template"]["spec"]["containers"]
+    run_dir = env_of(template["spec"]["containers"][0])["CASASPAWNER_RECORD_DIR"]
+    assert container["args"] == [*jobs.RUN_ARGS, "lost", run_dir, "its node was lost"]
+    assert {jobs.RUN_ENV, "CASASPAWNER_RECORD"}.isdisjoint(env_of(container))
+    assert lost["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 41001
+    assert lost["spec"]["activeDeadlineSeconds"] <= 120 and lost["spec"]["backoffLimit"] == 0
