@@ -206,6 +206,14 @@ class FakeKubelet:
         image = pod["spec"]["containers"][0]["image"]
         unschedulable = "0/3 nodes are available: 3 Insufficient memory."
         if self.mode == "unschedulable":
+            # As kube-scheduler does: the pod's condition, then the event.
+            condition = {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": unschedulable,
+            }
+            await self._patch(pod, {"phase": "Pending", "conditions": [condition]})
             await self._event(pod, "FailedScheduling", unschedulable, "Warning")
             return
         assigned = f"Successfully assigned {self.namespace}/{pod['metadata']['name']} to node-1"
