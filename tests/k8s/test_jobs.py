@@ -294,13 +294,18 @@ def test_a_restore_and_a_failing_script_run_as_jobs_as_alice(
 
 def test_a_stopped_run_a_lost_one_and_one_past_its_deadline(cluster: Cluster, site: Site) -> None:
     args = ("--size", "small", "--dataset", f"~/{PROJECT}", "--", "sleep.py")
-    stopped, lost = run(cluster, site, *args), run(cluster, site, *args)
+    # One started with --detach and followed with --follow, as after a closed terminal.
+    detached = subprocess.run(
+        command(cluster, site, "--detach", *args), capture_output=True, text=True, timeout=60
+    )
+    assert detached.returncode == 0, detached.stderr
+    stopped = run(cluster, site, "--follow", detached.stdout.strip())
+    lost = run(cluster, site, *args)
     late = run(cluster, site, "--deadline", "25", *args)
-    names = {}
+    assert lost.stderr is not None
+    names = {stopped: detached.stdout.strip(), lost: job_of(lost.stderr.readline())}
     for process in (stopped, lost):
-        assert process.stdout is not None and process.stderr is not None
-        line = process.stderr.readline()
-        names[process] = job_of(line)
+        assert process.stdout is not None
         deadline = time.monotonic() + 180
         while "sleeping" not in process.stdout.readline():
             assert time.monotonic() < deadline, "the script never started"
