@@ -15,7 +15,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -25,6 +25,7 @@ from casaspawner.datasets.archive import AlmaDataLinkClient
 from casaspawner.datasets.resolve import resolve_target
 from casaspawner.datasets.synth import ERAS, write_dataset
 from casaspawner.errors import CasaspawnerError, VersionUnknown, printable, shown
+from casaspawner.kube import runs as kube_runs
 from casaspawner.plan import PlanConfig, image_for
 
 #: Modules adding subcommands. Each has ``register(subparsers) -> None``.
@@ -125,7 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in PLUGINS:
         importlib.import_module(module).register(sub)
+    # casaspawner run on Kubernetes (kube/runs.py), on the parser of one machine's run.
+    run = sub.choices["run"]
+    kube_runs.add_arguments(run)
+    run.set_defaults(func=_run(run.get_default("func")))
     return parser
+
+
+def _run(here: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``casaspawner run``: as a Kubernetes Job with ``--kubernetes``, else on this machine."""
+
+    def run(args: argparse.Namespace) -> int:
+        return kube_runs.cmd_run_kube(args) if args.kubernetes else here(args)
+
+    return run
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:

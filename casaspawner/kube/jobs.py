@@ -4,7 +4,7 @@ Nothing here talks to Kubernetes. :func:`run_spec` says what the run's container
 script, its directory, its variables), :func:`run_job` wraps it in a Job whose pod is a session's
 pod without a server: the restricted Pod Security profile, the user's uid and gid, the session's
 Cavern mounts and read-only measures, no service-account token, one try. In the pod,
-:mod:`casaspawner.insession.run_job` makes the run's directory in the user's storage and runs
+:mod:`casaspawner.local.run_job` makes the run's directory in the user's storage and runs
 the script as ``casaspawner run`` does on one machine.
 """
 
@@ -29,21 +29,18 @@ from casaspawner.kube.objects import (
     session_volumes,
 )
 from casaspawner.plan import SessionPlan
+from casaspawner.session.runs import ERROR_FILE, RUN_ENV
 
 #: The run's container.
 CONTAINER = "casa-run"
 #: What the container runs, after the image's entrypoint (tini and the passwd entry).
-RUN_ARGS = ("python", "-m", "casaspawner.insession.run_job")
-#: The variable carrying :func:`run_spec`, base64-encoded JSON.
-RUN_ENV = "CASASPAWNER_RUN"
+RUN_ARGS = ("python", "-m", "casaspawner.local.run_job")
 #: Seconds between SIGTERM and SIGKILL: the script's own ten, and time to write the result.
 GRACE_SECONDS = 30
 #: Default limit on a run's time, in seconds (``--deadline``): a day.
 DEFAULT_DEADLINE = 86400
 #: Default time a finished Job stays to be looked at, in seconds (``--ttl``): an hour.
 DEFAULT_TTL = 3600
-#: Where the CASA log and the runner's one sentence go, in the run's directory.
-ERROR_FILE = ".casaspawner-error"
 
 _DNS = re.compile(r"[^a-z0-9-]+")
 

@@ -17,28 +17,20 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from casaspawner.catalog.model import Catalog, load_catalog
 from casaspawner.datasets.model import Resolution
-from casaspawner.errors import InvalidInput, shown
+from casaspawner.errors import CasaspawnerError, InvalidInput, shown
 from casaspawner.kube import jobs
 from casaspawner.kube.objects import PodSettings
 from casaspawner.kube.podsecurity import pod_security_sentence, pod_security_violations
-from casaspawner.local.headless import (
-    EXIT_FAILED,
-    EXIT_STOPPED,
-    RUNS_DIR,
-    ending,
-    read_run,
-    resolve,
-    run_name,
-)
 from casaspawner.plan import (
     DEFAULT_SIZES,
     Identity,
@@ -51,6 +43,15 @@ from casaspawner.plan import (
 )
 from casaspawner.session.readers import StorageMountReader, locate_in_storage
 from casaspawner.session.record import RecordFacts, Runtime, record_text, run_record
+from casaspawner.session.runs import (
+    EXIT_FAILED,
+    EXIT_STOPPED,
+    RUNS_DIR,
+    ending,
+    read_run,
+    resolve,
+    run_name,
+)
 
 #: The label every run's Job and pod carry.
 COMPONENT = {
@@ -59,6 +60,8 @@ COMPONENT = {
 }
 #: Annotations naming the run, relative to the plan's label prefix.
 RUN_ID, RUN_DIR, RUN_STORAGE, RUN_SCRIPT = "run-id", "run-dir", "run-storage-path", "run-script"
+#: An annotation only this command's Job has: a Job of that name there already may be it.
+RUN_NONCE = "run-nonce"
 #: What the command does in the run's namespace: a Role's rules (docs/headless.md shows them).
 ROLE_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "delete"]},
@@ -78,6 +81,8 @@ HOPELESS = frozenset(
 )
 #: Seconds between looks at the Job and its pod.
 POLL = 1.0
+#: Seconds the command waits for an API server that does not answer.
+PATIENCE = 300.0
 #: Seconds the rest of an ended run's log may take to arrive.
 LOG_WAIT = 30.0
 #: Seconds ``--stop`` waits for the pod to go.
@@ -338,6 +343,7 @@ def job_for(
         f"{prefix}/{RUN_DIR}": str(run_dir),
         f"{prefix}/{RUN_STORAGE}": str(storage_path),
         f"{prefix}/{RUN_SCRIPT}": script.name,
+        f"{prefix}/{RUN_NONCE}": secrets.token_hex(8),
     }
     job = jobs.run_job(
         plan,
@@ -413,21 +419,59 @@ class Cluster:
 
         try:
             body: Any = job
-            await self.batch.create_namespaced_job(self.namespace, body)
+            await self.answer(self.batch.create_namespaced_job, self.namespace, body)
             return True
         except ApiException as exc:
             if exc.status == 409:
-                return False
+                # Ours, when an answer was lost and the call made again; else another run's.
+                there = await self.job(job["metadata"]["name"])
+                nonce = annotation(job["metadata"]["annotations"], RUN_NONCE)
+                theirs = (there.metadata.annotations or {}) if there is not None else {}
+                return nonce is not None and annotation(theirs, RUN_NONCE) == nonce
             raise InvalidInput(
                 f"Kubernetes refused the run's Job in namespace {self.namespace}: "
                 f"{api_reason(exc)}."
             ) from None
 
+    async def answer(self, call: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
+        """``call(*args, **kw)``, again while the API server does not answer (restarting, say).
+
+        After ``PATIENCE`` seconds without an answer, one sentence: the run goes on.
+        """
+        import aiohttp
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        first: float | None = None
+        while True:
+            try:
+                return await call(*args, **kw)
+            except ApiException as exc:
+                if exc.status and exc.status < 500:
+                    raise
+                problem = api_reason(exc)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                problem = " ".join(str(exc).split()) or type(exc).__name__
+            now = time.monotonic()
+            if first is None:
+                first = now
+                print(
+                    f"casaspawner: the Kubernetes API server does not answer ({problem[:120]}); "
+                    "trying again…",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if now - first > PATIENCE:
+                raise CasaspawnerError(
+                    f"The Kubernetes API server did not answer for {PATIENCE:.0f} s; the run goes "
+                    "on without this command: follow it again with --follow."
+                )
+            await asyncio.sleep(POLL)
+
     async def job(self, name: str) -> Any | None:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         try:
-            return await self.batch.read_namespaced_job(name, self.namespace)
+            return await self.answer(self.batch.read_namespaced_job, name, self.namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -437,8 +481,10 @@ class Cluster:
 
     async def pod(self, name: str) -> Any | None:
         """The Job's pod (it has one: one try), or None while there is none."""
-        found = await self.core.list_namespaced_pod(
-            self.namespace, label_selector=f"batch.kubernetes.io/job-name={name}"
+        found = await self.answer(
+            self.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=f"batch.kubernetes.io/job-name={name}",
         )
         return found.items[0] if found.items else None
 
@@ -450,8 +496,11 @@ class Cluster:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         with contextlib.suppress(ApiException):
-            await self.batch.delete_namespaced_job(
-                name, self.namespace, propagation_policy="Foreground" if wait else "Background"
+            await self.answer(
+                self.batch.delete_namespaced_job,
+                name,
+                self.namespace,
+                propagation_policy="Foreground" if wait else "Background",
             )
 
     async def follow(self, name: str) -> int:
@@ -582,23 +631,62 @@ class Cluster:
                 self.said_unschedulable = True
 
     async def stream(self, pod: str) -> None:
-        """Copy the pod's log to stdout until the container ends."""
+        """Copy the pod's log to stdout until the container ends.
+
+        A broken connection (the API server restarting, say) is made again from the last line's
+        time: the log asked for with timestamps, which are cut off, and lines already shown
+        skipped.
+        """
         import aiohttp
 
-        response: Any = await self.core.read_namespaced_pod_log(
-            pod,
-            self.namespace,
-            container=jobs.CONTAINER,
-            follow=True,
-            _preload_content=False,
-            _request_timeout=aiohttp.ClientTimeout(),
-        )
+        # The last line's time, and how many lines of that time were shown.
+        last, shown_then = "", 0
+        while True:
+            since = {"since_time": last[:19] + "Z"} if last else {}
+            seen_then = 0
+            with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                response: Any = await self.answer(
+                    self.core.read_namespaced_pod_log,
+                    pod,
+                    self.namespace,
+                    container=jobs.CONTAINER,
+                    follow=True,
+                    timestamps=True,
+                    _preload_content=False,
+                    _request_timeout=aiohttp.ClientTimeout(),
+                    **since,
+                )
+                try:
+                    async for line in response.content:
+                        stamp, _, text = line.partition(b" ")
+                        key = stamp_key(stamp)
+                        if key < last:
+                            continue
+                        if key == last:
+                            # Lines of one time: those shown before the connection broke.
+                            seen_then += 1
+                            if seen_then <= shown_then:
+                                continue
+                            shown_then += 1
+                        else:
+                            last, shown_then, seen_then = key, 1, 1
+                        sys.stdout.buffer.write(text)
+                        sys.stdout.flush()
+                finally:
+                    response.release()
+            status = container_status(await self.core_pod(pod))
+            if status is None or status.state is None or status.state.terminated is not None:
+                return
+            await asyncio.sleep(POLL)
+
+    async def core_pod(self, pod: str) -> Any | None:
+        """The pod ``pod`` itself, or None once it is gone."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
         try:
-            async for chunk in response.content.iter_any():
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-        finally:
-            response.release()
+            return await self.answer(self.core.read_namespaced_pod, pod, self.namespace)
+        except ApiException:
+            return None
 
     def ending(
         self, name: str, run_id: str, where: str, ended: Any, annotations: dict[str, str]
@@ -631,6 +719,13 @@ class Cluster:
             file=sys.stderr,
         )
         return 0
+
+
+def stamp_key(stamp: bytes) -> str:
+    """A log line's RFC 3339 time, its fraction of a second padded, to order as text."""
+    text = stamp.decode("ascii", "replace").removesuffix("Z")
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.ljust(9, '0')}"
 
 
 def annotation(annotations: Mapping[str, str], name: str) -> str | None:

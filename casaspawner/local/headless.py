@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import pwd
-import re
 import secrets
 import select
 import shutil
@@ -46,10 +45,8 @@ from typing import Any
 
 import casaspawner
 from casaspawner.catalog.model import Catalog, Release, load_catalog
-from casaspawner.datasets.archive import AlmaDataLinkClient
-from casaspawner.datasets.model import Evidence, Resolution
-from casaspawner.datasets.resolve import resolve_target
-from casaspawner.errors import InvalidInput, VersionUnknown, shown
+from casaspawner.datasets.model import Resolution
+from casaspawner.errors import InvalidInput, shown
 from casaspawner.insession import record as run_records
 from casaspawner.local.environments import CasaEnvironment, EnvironmentManager
 from casaspawner.local.environments.steps import atomic_write
@@ -75,35 +72,34 @@ from casaspawner.runtime import (
     cache_dir,
 )
 from casaspawner.session.record import RecordFacts, Runtime, record_text, run_record
+from casaspawner.session.runs import (
+    ERROR_FILE,
+    EXIT_STOPPED,
+    OUTPUT_LOG,
+    RUN_FILE,
+    RUNS_DIR,
+    casa_command,
+    ending,
+    read_run,
+    resolve,
+    run_name,
+    script_directory,
+)
 
-#: The directory beside the dataset holding its runs.
-RUNS_DIR = "casaspawner-runs"
-#: What ran and how it ended, in the run's directory.
-RUN_FILE = "casaspawner-run.json"
-#: The script's standard output and error, in the run's directory.
-OUTPUT_LOG = "output.log"
-#: Where the script's runner leaves the one sentence of an exception.
-ERROR_FILE = ".casaspawner-error"
 #: The sizes a run accepts: this machine's (no limits) and the sessions' sizes (CPU only).
 SIZES: dict[str, Resources] = {
     "machine": Resources(0, 0, "", "", "no limits: the run shares this machine's CPUs"),
     **DEFAULT_SIZES,
 }
-#: Exit statuses beside 0 (finished) and 2 (bad input).
-EXIT_FAILED, EXIT_LOST, EXIT_STOPPED = 1, 3, 130
 #: Seconds a stopped script has before it is killed.
 STOP_GRACE = 10.0
 #: Seconds a new run's supervising process has to say it runs.
 START_WAIT = 60.0
-#: The runner of scripts in modular CASA's Python.
-CASA_RUNNER = Path(casaspawner.__file__).resolve().parent / "insession" / "casa_run.py"
 
 #: The private directory of a run's X display (its cookie), under the temporary directory.
 DISPLAY_PREFIX = "casaspawner-run-"
 #: ``prctl``'s option asking for a signal when the parent process ends.
 PR_SET_PDEATHSIG = 1
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -153,17 +149,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="ALMA archive for identifiers (default: %(default)s)",
     )
     p.add_argument("command", nargs="*", metavar="-- SCRIPT [ARGS]", help="the script to run")
-    from casaspawner.kube.runs import add_arguments
-
-    add_arguments(p)
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.kubernetes:
-        from casaspawner.kube.runs import cmd_run_kube
-
-        return cmd_run_kube(args)
     args.size = args.size or "machine"
     if args.follow:
         return follow(find_run(args.follow))
@@ -226,21 +215,6 @@ def dataset_directory(text: str) -> Path | None:
     """The dataset's directory, absolute, or None when ``text`` names no directory here."""
     path = Path(text).expanduser()
     return path.resolve() if path.is_dir() else None
-
-
-def resolve(args: argparse.Namespace, catalog: Catalog, directory: Path | None) -> Resolution:
-    """Resolve the dataset; a chosen release runs a dataset that tells no version."""
-    archive = AlmaDataLinkClient(args.archive_url, timeout=10.0)
-    target = str(directory) if directory is not None else args.dataset
-    try:
-        resolution = resolve_target(target, catalog, archive=archive)
-    except VersionUnknown as exc:
-        if args.release is None:
-            raise
-        chosen = chosen_release(catalog, args.release)
-        reason = f"{exc.finding}; you chose {chosen.label}."
-        return Resolution(args.dataset, Evidence("none", "", None, None), chosen, False, reason)
-    return resolution
 
 
 def find_script(name: str, dataset: Path | None, resolution: Resolution) -> Path:
@@ -336,13 +310,6 @@ def make_run_dir(runs: Path, script: Path, started: datetime) -> Path:
     raise InvalidInput(f"Too many runs of {script.name} this second in {shown(str(runs))}.")
 
 
-def run_name(script: str, started: datetime, number: int = 1) -> str:
-    """A run's id: ``<UTC time>-<script stem>``, with ``-<number>`` past the first."""
-    stamp = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    slug = _UNSAFE.sub("_", Path(script).stem).strip("._-")[:60] or "script"
-    return f"{stamp}-{slug}" + (f"-{number}" if number > 1 else "")
-
-
 def runs_index() -> Path:
     """Where run ids lead to run directories: ``~/.local/state/casaspawner/runs``."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -432,41 +399,6 @@ def describe(
     }
 
 
-def casa_command(
-    script: str,
-    arguments: Sequence[str],
-    casa_log: str,
-    *,
-    casa: str | None,
-    python: str | None,
-    pipeline: bool,
-    processes: int = 1,
-    mpicasa: str | None = None,
-    runner: str = str(CASA_RUNNER),
-) -> list[str]:
-    """The command that runs ``script`` in a CASA build.
-
-    A modular build (``casa`` None) runs it with :mod:`~casaspawner.insession.casa_run` in its
-    ``python``; a monolithic one runs ``casa --nologger --nogui -c`` (``--pipeline`` for a
-    pipeline build), under ``mpicasa -n processes`` when there are several and ``mpicasa``.
-    """
-    if casa is None:
-        if python is None:
-            raise InvalidInput("This CASA build has neither a casa command nor a Python.")
-        return [python, "-s", runner, script, *arguments]
-    command = [casa, "--nologger", "--nogui", "--logfile", casa_log]
-    command += ["--pipeline"] if pipeline else []
-    command += ["-c", script, *arguments]
-    if processes > 1 and mpicasa:
-        command = [mpicasa, "-n", str(processes), *command]
-    return command
-
-
-def script_directory(script: Path, run_dir: Path) -> Path:
-    """Where the script runs: ``*scriptForPI.py`` in its own directory, else the run's."""
-    return script.parent if script.name.endswith("scriptForPI.py") else run_dir
-
-
 def launch(run_dir: Path) -> None:
     """Start the run's supervising process, in a session of its own, logging to the run."""
     package_parent = str(Path(casaspawner.__file__).resolve().parent.parent)
@@ -500,14 +432,6 @@ def find_run(text: str) -> Path:
     raise InvalidInput(
         f"There is no run {shown(text)}; give the id casaspawner run printed, or its directory."
     )
-
-
-def read_run(run_dir: Path) -> dict[str, Any]:
-    try:
-        found = json.loads((run_dir / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def supervisor(run: dict[str, Any]) -> ProcessHandle | None:
@@ -570,46 +494,6 @@ def copy_output(run_dir: Path, position: int) -> int:
         return position
     sys.stdout.flush()
     return position
-
-
-def ending(run_dir: Path, run: dict[str, Any], where: str | None = None) -> int:
-    """Say how the run ended, in one sentence on stderr; the exit status.
-
-    ``where`` is the run's directory as the user sees it (``run_dir`` when None).
-    """
-    result = run["result"]
-    status = result.get("status")
-    where = where or str(run_dir)
-    if status == "finished":
-        print(
-            f"casaspawner: run {run_dir.name} finished; its CASA log, output and record are in "
-            f"{where}.",
-            file=sys.stderr,
-        )
-        return 0
-    if status == "stopped":
-        why = f": {result['why']}" if result.get("why") else ""
-        print(
-            f"casaspawner: run {run_dir.name} was stopped{why}; what it wrote is in {where}.",
-            file=sys.stderr,
-        )
-        return EXIT_STOPPED
-    if status == "lost":
-        why = (
-            result.get("why")
-            or "its process ended without a result (killed, or the machine restarted)"
-        )
-        print(
-            f"casaspawner: run {run_dir.name} was lost: {why}; what it wrote is in {where}.",
-            file=sys.stderr,
-        )
-        return EXIT_LOST
-    print(
-        f"casaspawner: run {run_dir.name} failed: {result.get('error')}; "
-        f"its CASA log and output are in {where}.",
-        file=sys.stderr,
-    )
-    return EXIT_FAILED
 
 
 def signal_supervisor(run_dir: Path, sig: int) -> bool:

@@ -34,9 +34,9 @@ from kubernetes_asyncio import client
 from casaspawner.catalog import load_catalog
 from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
 from casaspawner.kube.runs import ROLE_RULES
-from casaspawner.local.headless import RUN_FILE, RUNS_DIR
 from casaspawner.plan import PlanConfig, image_for
 from casaspawner.runtime import RECORD_FILE
+from casaspawner.session.runs import RUN_FILE, RUNS_DIR
 from cluster import REPO, Cluster
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(600)]

@@ -1,4 +1,4 @@
-"""A headless run as a Kubernetes Job (kube/jobs.py, kube/runs.py, insession/run_job.py), pure.
+"""A headless run as a Kubernetes Job (kube/jobs.py, kube/runs.py, local/run_job.py), pure.
 
 The Job the command line submits for alice's dataset, read through a storage root as an operator
 mounts Cavern: checked against the Kubernetes schema and the restricted Pod Security Standard
@@ -24,11 +24,17 @@ from support.datasets import dataset_in
 from support.pss import restricted_violations
 
 from casaspawner.cli import build_parser, main
-from casaspawner.insession.run_job import describe, image_command
 from casaspawner.kube import jobs
 from casaspawner.kube.podsecurity import pod_security_violations
-from casaspawner.kube.runs import ROLE_RULES, failed_condition, result_from_pod, submission
-from casaspawner.local.headless import CASA_RUNNER, casa_command
+from casaspawner.kube.runs import (
+    ROLE_RULES,
+    failed_condition,
+    result_from_pod,
+    stamp_key,
+    submission,
+)
+from casaspawner.local.run_job import describe, image_command
+from casaspawner.session.runs import CASA_RUNNER, casa_command
 
 K8S_VERSION = kubernetes_validate.latest_version()
 ALICE = ("--user", "alice", "--uid", "41001", "--gid", "41001")
@@ -292,3 +298,10 @@ def test_a_lost_run_is_recorded_by_a_small_job_of_the_same_pod(storage: Path) ->
     assert {jobs.RUN_ENV, "CASASPAWNER_RECORD"}.isdisjoint(env_of(container))
     assert lost["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 41001
     assert lost["spec"]["activeDeadlineSeconds"] <= 120 and lost["spec"]["backoffLimit"] == 0
+
+
+def test_log_times_order_as_text_whatever_their_fraction() -> None:
+    """Kubernetes trims a log time's trailing zeros: ``.5Z`` is after ``.25Z``."""
+    assert stamp_key(b"2026-12-06T08:30:28.5Z") > stamp_key(b"2026-12-06T08:30:28.25Z")
+    assert stamp_key(b"2026-12-06T08:30:28Z") < stamp_key(b"2026-12-06T08:30:28.000000001Z")
+    assert stamp_key(b"2026-12-06T08:30:29Z") > stamp_key(b"2026-12-06T08:30:28.999Z")

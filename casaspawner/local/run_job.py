@@ -1,10 +1,10 @@
 """What a headless run's Kubernetes Job runs: ``casaspawner run``'s run, in the pod.
 
-``python -m casaspawner.insession.run_job`` reads the run (``$CASASPAWNER_RUN``, from
+``python -m casaspawner.local.run_job`` reads the run (``$CASASPAWNER_RUN``, from
 :func:`casaspawner.kube.jobs.run_spec`) and its record (``$CASASPAWNER_RECORD``), makes the
 run's directory in the user's storage, writes the record and ``casaspawner-run.json`` there with
 the command this image runs (``mpicasa -n N`` when the size has several cores and the image
-has ``mpicasa``), then runs the same supervising process as on one machine
+has ``mpicasa``), then runs the supervising process of one machine
 (:func:`casaspawner.local.headless.supervise`: a virtual X display if the image has one, the
 script, the result, the completed record). The output goes to ``output.log`` and to the pod's
 log. The exit status is the run's, as ``casaspawner run`` exits; the termination message is its
@@ -27,22 +27,20 @@ from typing import Any
 
 from casaspawner.insession import record as run_records
 from casaspawner.local.environments.steps import atomic_write
-from casaspawner.local.headless import (
+from casaspawner.local.headless import end_lost, finish
+from casaspawner.runtime import RECORD_DIR_ENV
+from casaspawner.session.runs import (
     CASA_RUNNER,
     EXIT_FAILED,
     EXIT_LOST,
     EXIT_STOPPED,
     OUTPUT_LOG,
+    RUN_ENV,
     RUN_FILE,
     casa_command,
-    end_lost,
-    finish,
     read_run,
 )
-from casaspawner.runtime import RECORD_DIR_ENV
 
-#: The variable carrying the run (see :mod:`casaspawner.kube.jobs`).
-RUN_ENV = "CASASPAWNER_RUN"
 #: Where Kubernetes reads a container's last word (``terminationMessagePath``).
 TERMINATION_LOG = Path("/dev/termination-log")
 #: The exit status of each way a run ends, as ``casaspawner run`` exits.
