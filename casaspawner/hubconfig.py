@@ -327,6 +327,22 @@ def configure_services(c: Any, settings: HubSettings) -> None:
     c.JupyterHub.load_roles = _replace(_listed(c, "JupyterHub", "load_roles"), roles)
 
 
+def configure_headless_runs(c: Any, settings: HubSettings) -> None:
+    """The form's *Run headless* button and the hub's run pages, ``/hub/casa-runs/``.
+
+    Only LocalCASASpawner starts runs from the form so far (as the user's local account).
+    """
+    from casaspawner.services.runs import RUNS_PATH, run_handlers
+
+    ours = run_handlers()
+    paths = {handler[0] for handler in ours}
+    found = list(c.JupyterHub.extra_handlers) if "extra_handlers" in c.JupyterHub else []
+    c.JupyterHub.extra_handlers = [h for h in found if h[0] not in paths] + ours
+    c.CASASessionMixin.headless_runs_url = str(
+        url_path_join(settings.base_url, "hub", RUNS_PATH, "new")
+    )
+
+
 def configure_hub(c: Any, settings: HubSettings) -> None:
     """Configure everything both deployments share: login, spawner, services and roles.
 

@@ -33,6 +33,7 @@ def render_form(
     allow_override: bool = True,
     can_read_paths: bool = False,
     home: str = "~",
+    runs_url: str = "",
     error: str = "",
 ) -> str:
     """Render the form, preselecting what the user chose last time.
@@ -41,7 +42,8 @@ def render_form(
     left out of the override list. ``last`` is the last resolution the form names as the
     recommended release. ``suggested`` datasets are offered to a user who has named none yet;
     the first fills the field and is the help's example. ``past`` sessions, newest first, are
-    offered to relaunch exactly.
+    offered to relaunch exactly. With ``runs_url``, a *Run headless* part sends the form's
+    dataset, size, release and a script there with GET instead of starting a session.
     """
     resolved = None
     if last:
@@ -72,5 +74,6 @@ def render_form(
         relaunch=previous.get(RELAUNCH_KEY) if isinstance(previous.get(RELAUNCH_KEY), str) else "",
         can_read_paths=can_read_paths,
         home=home,
+        runs_url=runs_url,
         error=error,
     )

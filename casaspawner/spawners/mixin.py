@@ -294,6 +294,15 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         """,
     ).tag(config=True)
 
+    headless_runs_url = Unicode(
+        "",
+        help="""
+        Where the form's *Run headless* button leads (a GET with the form's dataset, size,
+        release and script), e.g. ``/hub/casa-runs/new``; empty shows no button. The hub's
+        pages of :mod:`casaspawner.services.runs` answer there.
+        """,
+    ).tag(config=True)
+
     # Identity
     uid_claim = Unicode(
         "oauth_user.uid",
@@ -586,6 +595,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             allow_override=self.allow_release_override,
             can_read_paths=self.reads_paths,
             home=self.form_home_hint() if configured else "~",
+            runs_url=self.headless_runs_url,
             error=error,
         )
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from casaspawner.hubconfig import configure_hub, settings_from_environment
+from casaspawner.hubconfig import configure_headless_runs, configure_hub, settings_from_environment
 
 c = get_config()  # type: ignore[name-defined]  # noqa: F821 - provided by JupyterHub
 
@@ -39,6 +39,9 @@ settings = settings_from_environment(
     }
 )
 configure_hub(c, replace(settings, oidc_login=False))
+# The form's "Run headless" beside Start: a script in the dataset's CASA build, as casaspawner run, on the hub's
+# pages /hub/casa-runs/ (what will run, Start, its output and sentence, Stop); it runs as the user's account.
+configure_headless_runs(c, settings)
 
 # --- login: a user and an operator with a shared password (fit for one machine, not for a shared server) -------
 # The operator is in the administrators' group (JupyterHub's admin page, without entering sessions) and the
