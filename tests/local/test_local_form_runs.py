@@ -30,7 +30,7 @@ from casaspawner.local import demo, formruns
 from casaspawner.local.demo import as_owner_of
 from casaspawner.local.processes import ProcessHandle
 from casaspawner.plan import DEFAULT_SIZES
-from casaspawner.services.runs import RunRequest, build_description, run_request
+from casaspawner.services.runs import RunRequest, backend_for, build_description, run_request
 from casaspawner.session.form import render_form
 from casaspawner.session.runs import OUTPUT_LOG, RUN_FILE
 
@@ -76,6 +76,13 @@ def test_the_preview_says_whether_the_build_is_exact() -> None:
     assert build_description({"label": "CASA 6.6", "exact": True}) == "CASA 6.6: the exact build."
     assert "approximation" in build_description({"label": "x", "approximate": True})
     assert "not the exact" in build_description({"label": "x", "exact": False})
+
+
+def test_only_the_local_spawner_starts_runs_from_the_form() -> None:
+    from casaspawner.kube.spawner import CASASpawner
+
+    with pytest.raises(InvalidInput, match="does not start headless runs from the form"):
+        backend_for(CASASpawner.__new__(CASASpawner))
 
 
 def write_run(run_dir: Path, **extra: Any) -> None:
