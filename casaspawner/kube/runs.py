@@ -425,7 +425,7 @@ class Cluster:
             if exc.status == 409:
                 # Ours, when an answer was lost and the call made again; else another run's.
                 there = await self.job(job["metadata"]["name"])
-                nonce = annotation(job["metadata"]["annotations"], RUN_NONCE)
+                nonce = annotation(job["metadata"].get("annotations") or {}, RUN_NONCE)
                 theirs = (there.metadata.annotations or {}) if there is not None else {}
                 return nonce is not None and annotation(theirs, RUN_NONCE) == nonce
             raise InvalidInput(
@@ -551,11 +551,13 @@ class Cluster:
         try:
             if not await self.create(lost):
                 return
-            phase = await self.end_of(lost["metadata"]["name"], timeout=150)
         except (ApiException, InvalidInput) as exc:
             phase = str(exc)
-        finally:
-            await self.delete(lost["metadata"]["name"], wait=False)
+        else:
+            try:
+                phase = await self.end_of(lost["metadata"]["name"], timeout=150)
+            finally:
+                await self.delete(lost["metadata"]["name"], wait=False)
         if phase != "Complete":
             print(
                 f"casaspawner: the lost run's record could not be completed ({phase}).",
