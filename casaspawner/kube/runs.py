@@ -602,7 +602,7 @@ class Cluster:
             started = state is not None and (state.running or state.terminated)
             if logs is None and pod is not None and started:
                 # A container that ended already still has its whole log to give.
-                return asyncio.create_task(self.stream(pod.metadata.name))
+                return asyncio.create_task(self.stream(name, pod.metadata.name))
             if state is not None and state.terminated is not None:
                 return {
                     "exit_code": state.terminated.exit_code,
@@ -632,8 +632,8 @@ class Cluster:
                     print(f"casaspawner: the run waits for a node: {message}", file=sys.stderr)
                 self.said_unschedulable = True
 
-    async def stream(self, pod: str) -> None:
-        """Copy the pod's log to stdout until the container ends.
+    async def stream(self, name: str, pod: str) -> None:
+        """Copy the log of Job ``name``'s pod ``pod`` to stdout until the container ends.
 
         A broken connection (the API server restarting, say) is made again from the last line's
         time: the log asked for with timestamps, which are cut off, and lines already shown
@@ -676,19 +676,10 @@ class Cluster:
                         sys.stdout.flush()
                 finally:
                     response.release()
-            status = container_status(await self.core_pod(pod))
+            status = container_status(await self.pod(name))
             if status is None or status.state is None or status.state.terminated is not None:
                 return
             await asyncio.sleep(POLL)
-
-    async def core_pod(self, pod: str) -> Any | None:
-        """The pod ``pod`` itself, or None once it is gone."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        try:
-            return await self.answer(self.core.read_namespaced_pod, pod, self.namespace)
-        except ApiException:
-            return None
 
     def ending(
         self, name: str, run_id: str, where: str, ended: Any, annotations: dict[str, str]

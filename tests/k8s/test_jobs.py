@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -208,7 +209,11 @@ def job_of(stderr: str) -> str:
 def run_dir_of(site: Site, stderr: str) -> Path:
     """The run's directory here, from the path the last sentence names (in the pod)."""
     runs = site.dataset / RUNS_DIR
-    found = [path for path in runs.iterdir() if f"/{RUNS_DIR}/{path.name}" in stderr]
+    found = [
+        path
+        for path in runs.iterdir()
+        if re.search(rf"/{RUNS_DIR}/{re.escape(path.name)}(?![\w-])", stderr)
+    ]
     assert len(found) == 1, (stderr, list(runs.iterdir()))
     return found[0]
 
