@@ -39,8 +39,9 @@ settings = settings_from_environment(
     }
 )
 configure_hub(c, replace(settings, oidc_login=False))
-# The form's "Run headless" beside Start: a script in the dataset's CASA build, as casaspawner run, on the hub's
-# pages /hub/casa-runs/ (what will run, Start, its output and sentence, Stop); it runs as the user's account.
+# The form's "Run headless" beside Start: a script in the dataset's CASA build, as casaspawner
+# run, on the hub's pages /hub/casa-runs/ (what will run, Start, its output and sentence, Stop);
+# it runs as the user's account.
 configure_headless_runs(c, settings)
 
 # --- login: a user and an operator with a shared password (fit for one machine, not for a shared server) -------
