@@ -166,7 +166,7 @@ async def resolve_in_worker(
             cwd="/",
             env=env,
             pass_fds=fds,
-            preexec_fn=_limited(limits, user),
+            preexec_fn=limited(limits, user),
         )
         try:
             stdout, stderr = await asyncio.wait_for(process.communicate(), limits.deadline)
@@ -222,14 +222,30 @@ def _in_thread(target: str, catalog: Catalog, archive: ArchiveClient) -> Resolut
         return resolve_target(target, catalog, archive=archive, base=Path(empty))
 
 
-def _limited(limits: WorkerLimits, user: RunAs | None) -> Callable[[], None]:
-    """What the worker runs before Python starts: its limits, then the user's ids."""
+def limited(
+    limits: WorkerLimits, user: RunAs | None, *, soft_only: bool = False
+) -> Callable[[], None]:
+    """What the worker runs before Python starts: its limits, then the user's ids.
+
+    ``soft_only`` leaves the hard limits as they were, for a worker that lifts its limits before
+    it starts what outlives it (:mod:`casaspawner.local.formruns`).
+    """
 
     def preexec() -> None:
         cpu = max(int(limits.cpu_seconds), 1)
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if soft_only:
+            for kind, value in (
+                (resource.RLIMIT_CPU, cpu),
+                (resource.RLIMIT_AS, limits.memory_bytes),
+                (resource.RLIMIT_CORE, 0),
+            ):
+                hard = resource.getrlimit(kind)[1]
+                unlimited = hard == resource.RLIM_INFINITY
+                resource.setrlimit(kind, (value if unlimited else min(value, hard), hard))
+        else:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if user is not None:
             os.setgroups(list(user.supplemental_gids))
             os.setgid(user.gid)

@@ -21,18 +21,16 @@ import io
 import json
 import os
 import re
+import resource
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from casaspawner.catalog.model import load_catalog
+from casaspawner.datasets.worker import RunAs, limited
 from casaspawner.errors import CasaspawnerError, InvalidInput, shown
 from casaspawner.local import headless
 from casaspawner.local.accounts import prepare_owned_dir, running_as_root
-from casaspawner.local.environments import EnvironmentManager
-from casaspawner.plan import PlanConfig, SessionOptions, StorageLayout, make_plan, release_for
-from casaspawner.runtime import cache_dir
 from casaspawner.session import runs as shared
 
 #: A run's id as ``casaspawner run`` names it: ``<UTC time>-<script stem>[-<n>]``.
@@ -43,6 +41,12 @@ TAIL_BYTES = 16_384
 LIST_LIMIT = 50
 #: Seconds a worker may take; a start may wait for a stop or a slow archive.
 WORKER_TIMEOUT = 180.0
+#: What keeps the user's own Python (user site-packages) out of the worker; a run goes without.
+WORKER_ENV = {"PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+#: The hub's variables a worker gets, as the resolution worker: identifiers behind a proxy.
+PASSED_ON = ("https_proxy", "http_proxy", "no_proxy", "SSL_CERT_FILE", "CASASPAWNER_ARCHIVE_URL")
+#: What the hub's user has in flight: one start at a time each, so a re-sent Start waits.
+_STARTING: dict[str, asyncio.Lock] = {}
 
 
 # The worker, run as the user
@@ -61,30 +65,31 @@ def run_arguments(args: argparse.Namespace) -> argparse.Namespace:
     )
 
 
-def preview(args: argparse.Namespace) -> dict[str, Any]:
-    """What a run would run, resolved as ``casaspawner run`` resolves it; nothing starts."""
-    run = run_arguments(args)
-    catalog = load_catalog(run.catalog) if run.catalog else load_catalog()
-    if run.size not in headless.SIZES:
-        raise InvalidInput(f"{shown(run.size)!r} is not a size a run takes.")
-    dataset_dir = headless.dataset_directory(run.dataset)
-    resolution = shared.resolve(run, catalog, dataset_dir)
-    script = headless.find_script(args.script, dataset_dir, resolution)
+def planned(args: argparse.Namespace) -> headless.Planned:
+    """Resolve and plan as ``casaspawner run`` does, for a dataset directory the user can write.
+
+    A run from the form writes beside its dataset; these are checked before anything is looked up.
+    """
+    dataset_dir = headless.dataset_directory(args.dataset)
     if dataset_dir is None:
         raise InvalidInput(
-            f"{shown(run.dataset)} is not a directory in your storage; a run from the form "
+            f"{shown(args.dataset)} is not a directory in your storage; a run from the form "
             "writes beside its dataset, so name the dataset's directory."
         )
-    options = SessionOptions(dataset=run.dataset, size=run.size, release=run.release)
-    manager = EnvironmentManager(
-        Path(os.environ.get("CASASPAWNER_ENVIRONMENTS_DIR") or cache_dir())
-    )
-    release, _, _ = release_for(options, resolution, catalog)
-    substitution = headless.substitute(manager, release, catalog, run.approximate)
-    config = PlanConfig(sizes=headless.SIZES, storage=StorageLayout(home_mount=str(Path.home())))
-    plan = make_plan(
-        headless.caller_identity(), options, catalog, resolution, config, substitution
-    )
+    runs = dataset_dir / shared.RUNS_DIR
+    if not os.access(runs if runs.is_dir() else dataset_dir, os.W_OK | os.X_OK):
+        raise InvalidInput(
+            f"Your account cannot write in {shown(str(runs if runs.is_dir() else dataset_dir))}, "
+            "where a run from the form keeps its files; copy the dataset to a directory of "
+            "yours and name that directory."
+        )
+    return headless.plan_run(run_arguments(args))
+
+
+def preview(args: argparse.Namespace) -> dict[str, Any]:
+    """What a run would run, resolved as ``casaspawner run`` resolves it; nothing starts."""
+    plan, manager, script, dataset_dir = planned(args)
+    assert dataset_dir is not None
     return {
         "dataset": str(dataset_dir),
         "release": plan.release.id,
@@ -99,8 +104,17 @@ def preview(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def start(args: argparse.Namespace) -> dict[str, Any]:
-    """Start the run as ``casaspawner run --detach`` does; its id."""
-    run_dir = headless.start(run_arguments(args))
+    """Start the run as ``casaspawner run --detach`` does; its id.
+
+    The resolution runs within the worker's limits; the run itself does not: its supervisor gets
+    this account's own limits and environment, as from a shell.
+    """
+    found = planned(args)
+    for limit in (resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_CORE):
+        resource.setrlimit(limit, (resource.getrlimit(limit)[1],) * 2)
+    for name in WORKER_ENV:
+        os.environ.pop(name, None)
+    run_dir = headless.start(run_arguments(args), found)
     return {"id": run_dir.name}
 
 
@@ -207,6 +221,9 @@ def worker_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The worker: one action, one JSON object on stdout."""
     args = worker_parser().parse_args(argv)
+    # Started in "/" (never the user's directory on sys.path); names are the user's, from home.
+    with contextlib.suppress(OSError):
+        os.chdir(Path.home())
     try:
         if args.action == "preview":
             answer = preview(args)
@@ -240,22 +257,44 @@ class LocalRuns:
         self.spawner = spawner
 
     async def preview(self, dataset: str, script: str, size: str, release: str) -> dict[str, Any]:
-        return await self._worker("preview", *self._run_options(dataset, script, size, release))
+        found = await self._worker("preview", *self._run_options(dataset, script, size, release))
+        # The hub builds what the worker names as root: only a release of its catalog.
+        chosen = self.spawner.casa_catalog().get(str(found.get("release")))
+        return {**found, "release": chosen.id}
 
     async def start(self, dataset: str, script: str, size: str, release: str) -> str:
-        """Start the run and return its id; the build's environment is prepared first."""
+        """Start the run and return its id; the build's environment is prepared first.
+
+        One start of a user's at a time; the same script running on the same dataset is refused.
+        """
         options = self._run_options(dataset, script, size, release)
-        found = await self._worker("preview", *options)
-        if not found.get("ready"):
-            # As the spawner does: the hub builds the environment, the user only reads it.
-            manager = self.spawner.environment_manager()
-            chosen = self.spawner.casa_catalog().get(str(found["release"]))
-            async for message in manager.ensure(chosen):
-                self.spawner.log.info("Run of %s: %s", self.spawner.user.name, message)
-        return str((await self._worker("start", *options))["id"])
+        lock = _STARTING.setdefault(self.spawner.user.name, asyncio.Lock())
+        async with lock:
+            found = await self.preview(dataset, script, size, release)
+            for run in await self.runs():
+                if (
+                    run.get("status") == "running"
+                    and run.get("script") == found["script"]
+                    and Path(str(run.get("directory"))).parent == Path(found["runs_dir"])
+                ):
+                    raise InvalidInput(
+                        f"{Path(found['script']).name} is already running on this dataset "
+                        f"(run {run['id']}); stop it or wait for its end before starting "
+                        "it again."
+                    )
+            if not found.get("ready"):
+                # As the spawner does: the hub builds the environment, the user only reads it.
+                manager = self.spawner.environment_manager()
+                chosen = self.spawner.casa_catalog().get(found["release"])
+                async for message in manager.ensure(chosen):
+                    self.spawner.log.info("Run of %s: %s", self.spawner.user.name, message)
+            return run_id((await self._worker("start", *options)).get("id"))
 
     async def runs(self) -> list[dict[str, Any]]:
-        return list((await self._worker("list"))["runs"])
+        found = (await self._worker("list")).get("runs")
+        if not isinstance(found, list):
+            raise WorkerError("the run's worker gave no list of runs")
+        return [r for r in found if isinstance(r, dict) and RUN_ID.fullmatch(str(r.get("id")))]
 
     async def show(self, run_id: str) -> dict[str, Any]:
         return await self._worker("show", run_id)
@@ -264,15 +303,16 @@ class LocalRuns:
         return await self._worker("stop", run_id)
 
     def _run_options(self, dataset: str, script: str, size: str, release: str) -> list[str]:
-        found = ["--dataset", dataset, "--script", script, "--size", size or "machine"]
+        """The worker's options, each ``--name=value``: a value is never taken for an option."""
+        found = [f"--dataset={dataset}", f"--script={script}", f"--size={size or 'machine'}"]
         if release:
-            found += ["--release", release]
+            found.append(f"--release={release}")
         if self.spawner.allow_approximate:
             found.append("--approximate")
         return found
 
     async def _worker(self, *args: str) -> dict[str, Any]:
-        """Run the worker as the user's account in their home; its answer, or its sentence.
+        """Run the worker as the user's account; its answer, or its sentence.
 
         The operator's catalog, which the user may not read, goes to the worker as a copy.
         """
@@ -283,10 +323,15 @@ class LocalRuns:
                 copy = Path(scratch) / "releases.yaml"
                 copy.write_bytes(Path(self.spawner.catalog_path).read_bytes())
                 copy.chmod(0o644)
-                args = (*args, "--catalog", str(copy))
+                args = (*args, f"--catalog={copy}")
             return await self._as_user(*args)
 
     async def _as_user(self, *args: str) -> dict[str, Any]:
+        """The worker as the resolution worker runs: as the user, limited, in "/", with ``-s -P``.
+
+        Neither the user's site-packages nor a ``casaspawner`` in a directory of theirs can stand
+        in for the worker's code; its answer is still checked by the callers.
+        """
         spawner = self.spawner
         identity = await spawner.session_identity()
         home = Path(spawner.home_mount_template.format(username=spawner.user.name))
@@ -300,38 +345,40 @@ class LocalRuns:
             "LANG": "C.UTF-8",
             "PYTHONPATH": str(files / "python"),
             "CASASPAWNER_ENVIRONMENTS_DIR": str(manager.cache_dir),
+            **WORKER_ENV,
         }
-        if os.environ.get("CASASPAWNER_ARCHIVE_URL"):
-            env["CASASPAWNER_ARCHIVE_URL"] = os.environ["CASASPAWNER_ARCHIVE_URL"]
-        become: dict[str, Any] = {}
+        env.update({name: os.environ[name] for name in PASSED_ON if name in os.environ})
+        user = None
         if running_as_root():
-            become = {
-                "user": identity.uid,
-                "group": identity.gid,
-                "extra_groups": list(identity.supplemental_gids),
-            }
+            user = RunAs(identity.uid, identity.gid, tuple(identity.supplemental_gids))
             env["USER"] = env["LOGNAME"] = spawner.system_username()
+        limits = spawner.resolver_limits()
         process = await asyncio.create_subprocess_exec(
             python,
+            "-s",
+            "-P",
             "-m",
             "casaspawner.local.formruns",
             *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            cwd=str(home),
+            cwd="/",
             env=env,
-            **become,
+            preexec_fn=limited(limits, user, soft_only=True),
         )
         try:
             out, err = await asyncio.wait_for(process.communicate(), WORKER_TIMEOUT)
         except asyncio.TimeoutError:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
             await process.wait()
             raise WorkerError(f"the run's worker took over {WORKER_TIMEOUT:.0f} s") from None
         try:
-            answer = json.loads(out.decode().strip().splitlines()[-1])
+            answer = json.loads(out.decode(errors="replace").strip().splitlines()[-1])
         except (IndexError, ValueError):
+            answer = None
+        if not isinstance(answer, dict):
             spawner.log.error(
                 "The run worker of %s (%s) failed: %s",
                 spawner.user.name,
@@ -339,11 +386,18 @@ class LocalRuns:
                 err.decode(errors="replace")[-3000:],
             )
             raise WorkerError("the run's worker ended without an answer") from None
-        if not isinstance(answer, dict):
-            raise WorkerError("the run's worker gave no answer")
         if "error" in answer:
             raise InvalidInput(str(answer["error"]))
+        if "id" in answer:
+            answer["id"] = run_id(answer["id"])
         return answer
+
+
+def run_id(found: object) -> str:
+    """A run id from a worker's answer, which must be one: the hub redirects to it."""
+    if not isinstance(found, str) or not RUN_ID.fullmatch(found):
+        raise WorkerError("the run's worker answered with no run id")
+    return found
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ SIZES: dict[str, Resources] = {
     "machine": Resources(0, 0, "", "", "no limits: the run shares this machine's CPUs"),
     **DEFAULT_SIZES,
 }
+#: A resolved and planned run: its plan, the environments, the script and the dataset's directory.
+Planned = tuple[SessionPlan, EnvironmentManager, Path, Path | None]
 #: Seconds a stopped script has before it is killed.
 STOP_GRACE = 10.0
 #: Seconds a new run's supervising process has to say it runs.
@@ -170,12 +172,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # Starting a run
-def start(args: argparse.Namespace) -> Path:
-    """Resolve, plan, prepare environment and directory, start the supervisor."""
+def start(args: argparse.Namespace, planned: Planned | None = None) -> Path:
+    """Resolve, plan (unless ``planned`` by :func:`plan_run`), prepare, start the supervisor."""
     if not args.dataset:
         raise InvalidInput("Give the dataset with --dataset (its directory or ALMA identifier).")
     if not args.command:
         raise InvalidInput("Give the script to run after --, e.g. -- scriptForPI.py.")
+    plan, manager, script, dataset_dir = planned or plan_run(args)
+    runs = args.runs_dir or (dataset_dir / RUNS_DIR if dataset_dir else None)
+    if runs is None:
+        raise InvalidInput(
+            f"{shown(args.dataset)} is not a directory here; give --runs-dir for the run's files."
+        )
+    env = environment(manager, plan)
+    started = datetime.now(timezone.utc)
+    run_dir = make_run_dir(Path(runs).expanduser().absolute(), script, started)
+    write_record(run_dir, plan, env, script, args.command[1:], started, dataset_dir)
+    description = describe(run_dir, plan, env, script, args.command[1:], started)
+    atomic_write(run_dir / RUN_FILE, json.dumps(description, indent=1))
+    launch(run_dir)
+    return run_dir
+
+
+def plan_run(args: argparse.Namespace) -> Planned:
+    """Resolve and plan a run (the spawn form's preview too): plan, environments, script, dataset.
+
+    Nothing is written or started.
+    """
     catalog = load_catalog(args.catalog) if args.catalog else load_catalog()
     if args.release is not None:
         chosen_release(catalog, args.release)
@@ -196,19 +219,7 @@ def start(args: argparse.Namespace) -> Path:
     home = str(Path.home()).replace("{", "{{").replace("}", "}}")
     config = PlanConfig(sizes=SIZES, storage=StorageLayout(home_mount=home))
     plan = make_plan(identity, options, catalog, resolution, config, substitution)
-    runs = args.runs_dir or (dataset_dir / RUNS_DIR if dataset_dir else None)
-    if runs is None:
-        raise InvalidInput(
-            f"{shown(args.dataset)} is not a directory here; give --runs-dir for the run's files."
-        )
-    env = environment(manager, plan)
-    started = datetime.now(timezone.utc)
-    run_dir = make_run_dir(Path(runs).expanduser().absolute(), script, started)
-    write_record(run_dir, plan, env, script, args.command[1:], started, dataset_dir)
-    description = describe(run_dir, plan, env, script, args.command[1:], started)
-    atomic_write(run_dir / RUN_FILE, json.dumps(description, indent=1))
-    launch(run_dir)
-    return run_dir
+    return plan, manager, script, dataset_dir
 
 
 def dataset_directory(text: str) -> Path | None:

@@ -34,8 +34,10 @@ RUNS_PATH = "casa-runs"
 RUN_ID_PATTERN = r"([0-9]{8}T[0-9]{6}Z-[A-Za-z0-9._-]{1,70})"
 #: Longest text a field takes.
 FIELD_LIMIT = 1024
-#: Seconds between two loads of a running run's page.
-REFRESH_SECONDS = 2
+#: Seconds between two loads of a running run's page (each one runs a worker as the user).
+REFRESH_SECONDS = 5
+#: The form's fields a run takes.
+FIELDS = ("dataset", "script", "size", "release")
 UNEXPECTED = "The run could not be {what} because of a problem on the hub; its log says why."
 _TEMPLATES = Environment(
     loader=PackageLoader("casaspawner.services", "templates"),
@@ -82,7 +84,7 @@ class RunRequest:
 
 def run_request(field: Callable[[str], str]) -> RunRequest:
     """The run the form asks for; bad input is one :class:`InvalidInput` sentence."""
-    values = {name: field(name).strip() for name in ("dataset", "script", "size", "release")}
+    values = {name: field(name).strip() for name in FIELDS}
     for name, value in values.items():
         if len(value) > FIELD_LIMIT or any(ord(c) < 32 for c in value):
             raise InvalidInput(f"The {name} field is too long or holds control characters.")
@@ -163,27 +165,34 @@ class NewRunPage(RunsHandler):
 
     @web.authenticated
     async def get(self) -> None:
-        request = None
-        try:
-            request = run_request(lambda name: self.get_query_argument(name, ""))
-            found = await self.backend().preview(**request.query())
-        except Exception as exc:
-            status, error = self.failed(exc, "prepared")
-            self.page("run_new.html", status, request=request, error=error)
-            return
-        self.page("run_new.html", request=request, found=found, build=build_description(found))
+        await self.show_or_start(self.get_query_argument, start=False)
 
     @web.authenticated
     async def post(self) -> None:
+        await self.show_or_start(self.get_body_argument, start=True)
+
+    async def show_or_start(self, argument: Callable[[str, str], str], start: bool) -> None:
+        """The preview, or the run started; an error keeps what was typed, to correct it."""
+        typed = {
+            name: "".join(c for c in argument(name, "") if ord(c) >= 32).strip()[:FIELD_LIMIT]
+            for name in FIELDS
+        }
+        typed["script"] = typed["script"] or DEFAULT_SCRIPT
         request = None
         try:
-            request = run_request(lambda name: self.get_body_argument(name, ""))
-            run_id = await self.backend().start(**request.query())
+            request = run_request(lambda name: argument(name, ""))
+            if start:
+                run_id = await self.backend().start(**request.query())
+            else:
+                found = await self.backend().preview(**request.query())
         except Exception as exc:
-            status, error = self.failed(exc, "started")
-            self.page("run_new.html", status, request=request, error=error)
+            status, error = self.failed(exc, "started" if start else "prepared")
+            self.page("run_new.html", status, request=request, typed=typed, error=error)
             return
-        self.redirect(self.runs_url(run_id))
+        if start:
+            self.redirect(self.runs_url(run_id))
+        else:
+            self.page("run_new.html", request=request, found=found, build=build_description(found))
 
 
 class RunPage(RunsHandler):

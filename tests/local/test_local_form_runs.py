@@ -10,27 +10,40 @@ sentence, and another user who cannot see the run.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import re
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from support import SCREENSHOTS
+from support import REPO, SCREENSHOTS
 from support.browser import password_login
 from support.hub import Hub
 from traitlets.config import Config
 
-from casaspawner.catalog.model import Release
-from casaspawner.errors import InvalidInput
+from casaspawner.catalog.model import Release, load_catalog
+from casaspawner.datasets.worker import WorkerLimits, limited
+from casaspawner.errors import CasaspawnerError, InvalidInput
 from casaspawner.hubconfig import HubSettings, configure_headless_runs
-from casaspawner.local import demo, formruns
+from casaspawner.local import demo, formruns, headless
 from casaspawner.local.demo import as_owner_of
 from casaspawner.local.processes import ProcessHandle
-from casaspawner.plan import DEFAULT_SIZES
-from casaspawner.services.runs import RunRequest, backend_for, build_description, run_request
+from casaspawner.plan import DEFAULT_SIZES, Identity
+from casaspawner.services.runs import (
+    REFRESH_SECONDS,
+    RunRequest,
+    backend_for,
+    build_description,
+    run_request,
+)
 from casaspawner.session.form import render_form
 from casaspawner.session.runs import OUTPUT_LOG, RUN_FILE
 
@@ -173,6 +186,220 @@ def test_the_hub_configuration_adds_the_pages_and_the_button_once() -> None:
     assert c.CASASessionMixin.headless_runs_url == "/x/hub/casa-runs/new"
 
 
+class FakeProcess:
+    def __init__(self, answer: dict[str, Any]) -> None:
+        self.answer = answer
+        self.returncode = 0
+
+    async def communicate(self) -> tuple[bytes, bytes]:
+        return json.dumps(self.answer).encode() + b"\n", b""
+
+
+class FakeSpawner:
+    """What :class:`formruns.LocalRuns` asks of the local spawner."""
+
+    allow_approximate = False
+    catalog_path = None
+    log = logging.getLogger("test")
+
+    def __init__(self, home: Path) -> None:
+        self.home_mount_template = str(home)
+        self.user = SimpleNamespace(name="demo")
+        self.built: list[str] = []
+
+    async def session_identity(self) -> Identity:
+        return Identity("demo", os.getuid() or 1000, os.getgid() or 1000)
+
+    def environment_manager(self) -> Any:
+        spawner = self
+
+        class Manager:
+            cache_dir = Path("/nonexistent-environments")
+
+            def session_files(self) -> Path:
+                return Path("/nonexistent-session")
+
+            async def ensure(self, release: Release) -> Any:
+                spawner.built.append(release.id)
+                yield "built"
+
+        return Manager()
+
+    async def _resolver_python(self) -> str:
+        return sys.executable
+
+    def system_username(self) -> str:
+        return "demo"
+
+    def resolver_limits(self) -> WorkerLimits:
+        return WorkerLimits()
+
+    def casa_catalog(self) -> Any:
+        return load_catalog()
+
+
+def worker_answering(
+    monkeypatch: pytest.MonkeyPatch, answer: dict[str, Any]
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Replace the worker's process with one that gives ``answer``; the calls made."""
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    async def create(*args: Any, **kwargs: Any) -> FakeProcess:
+        calls.append((args, kwargs))
+        return FakeProcess(answer)
+
+    monkeypatch.setattr(formruns.asyncio, "create_subprocess_exec", create)
+    monkeypatch.setattr(formruns, "prepare_owned_dir", lambda *args: None)
+    return calls
+
+
+def test_the_worker_runs_as_the_resolver_does_out_of_reach_of_the_users_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/ssl/site.pem")
+    calls = worker_answering(monkeypatch, {"runs": []})
+    assert asyncio.run(formruns.LocalRuns(FakeSpawner(tmp_path)).runs()) == []
+    (args, kwargs) = calls[0]
+    # Neither the user's site-packages nor a casaspawner/ in the working directory is imported.
+    assert args[1:5] == ("-s", "-P", "-m", "casaspawner.local.formruns")
+    assert kwargs["cwd"] == "/" and kwargs["env"]["PYTHONNOUSERSITE"] == "1"
+    assert kwargs["env"]["https_proxy"] == "http://proxy.example:3128"
+    assert kwargs["env"]["SSL_CERT_FILE"] == "/etc/ssl/site.pem"
+    assert callable(kwargs["preexec_fn"])
+
+
+def test_the_workers_limits_are_soft_so_that_the_run_it_starts_can_lift_them() -> None:
+    code = "import resource; print(resource.getrlimit(resource.RLIMIT_CPU))"
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    said = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited(WorkerLimits(cpu_seconds=30), None, soft_only=True),
+        check=True,
+    ).stdout
+    assert said.strip() == str((30 if hard == resource.RLIM_INFINITY else min(30, hard), hard))
+
+
+@pytest.mark.parametrize(
+    ("action", "answer"),
+    [
+        ("start", {"id": "../../../hub/admin"}),
+        ("start", {"id": 7}),
+        ("show", {"id": "https://elsewhere.example/"}),
+        ("preview", {"release": "../../etc", "script": "/s", "runs_dir": "/d"}),
+    ],
+)
+def test_what_the_worker_answers_is_checked_before_the_hub_uses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str, answer: dict[str, Any]
+) -> None:
+    worker_answering(monkeypatch, answer)
+    runs = formruns.LocalRuns(FakeSpawner(tmp_path))
+    if action == "start":
+        monkeypatch.setattr(runs, "preview", lambda *a: asyncio.sleep(0, PREVIEW))
+        monkeypatch.setattr(runs, "runs", lambda: asyncio.sleep(0, []))
+        call = runs.start("~/d", "s.py", "", "")
+    elif action == "show":
+        call = runs.show(RUN_ID)
+    else:
+        call = runs.preview("~/d", "s.py", "", "")
+    with pytest.raises((formruns.WorkerError, CasaspawnerError)):
+        asyncio.run(call)
+
+
+PREVIEW = {
+    "release": load_catalog().releases[0].id,
+    "script": "/home/demo/d/sleeping.py",
+    "runs_dir": "/home/demo/d/casaspawner-runs",
+    "ready": True,
+}
+
+
+def test_a_second_start_of_a_running_script_on_the_same_dataset_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+    runs = formruns.LocalRuns(FakeSpawner(tmp_path))
+    running = {
+        "id": RUN_ID,
+        "status": "running",
+        "script": PREVIEW["script"],
+        "directory": f"{PREVIEW['runs_dir']}/{RUN_ID}",
+    }
+
+    async def worker(*args: str) -> dict[str, Any]:
+        started.append(args[0])
+        return {"preview": PREVIEW, "list": {"runs": [running]}}.get(args[0], {"id": RUN_ID})
+
+    monkeypatch.setattr(runs, "_worker", worker)
+    with pytest.raises(InvalidInput, match=f"sleeping.py is already running .*{RUN_ID}"):
+        asyncio.run(runs.start("~/d", "sleeping.py", "", ""))
+    assert "start" not in started
+    # Ended, or on another dataset: it starts.
+    running["status"] = "finished"
+    assert asyncio.run(runs.start("~/d", "sleeping.py", "", "")) == RUN_ID
+
+
+def test_values_that_look_like_options_reach_the_worker_as_values(tmp_path: Path) -> None:
+    spawner = FakeSpawner(tmp_path)
+    options = formruns.LocalRuns(spawner)._run_options("-d", "s.py", "-m", "--help")
+    args = formruns.worker_parser().parse_args(["preview", *options])
+    assert (args.dataset, args.script, args.size, args.release) == ("-d", "s.py", "-m", "--help")
+
+
+def test_the_form_refuses_a_non_directory_before_any_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: Any) -> Any:
+        raise AssertionError("looked up")
+
+    monkeypatch.setattr(headless, "resolve", never)
+    monkeypatch.chdir(tmp_path)
+    args = formruns.worker_parser().parse_args(
+        ["preview", "--dataset=uid://A001/X1/X2", "--script=s.py"]
+    )
+    with pytest.raises(InvalidInput, match="is not a directory in your storage"):
+        formruns.preview(args)
+    # A directory the account cannot write: the form's own sentence, not the command's.
+    (tmp_path / "d").mkdir()
+    monkeypatch.setattr(formruns.os, "access", lambda *args: False)
+    args = formruns.worker_parser().parse_args(
+        ["preview", f"--dataset={tmp_path / 'd'}", "--script=s.py"]
+    )
+    with pytest.raises(InvalidInput, match="copy the dataset to a directory of yours") as said:
+        formruns.preview(args)
+    assert "--runs-dir" not in str(said.value)
+
+
+def test_the_preview_plans_as_the_command_even_with_braces_in_the_home_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "{home}"
+    made = subprocess.run(
+        [sys.executable, "-m", "casaspawner", "demo-data", str(home), "--era", "cycle10"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    (home / "script.py").write_text("print('hello')\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("CASASPAWNER_ENVIRONMENTS_DIR", str(tmp_path / "environments"))
+    monkeypatch.setattr(headless, "caller_identity", lambda: Identity("demo", 1000, 1000))
+    args = formruns.worker_parser().parse_args(
+        ["preview", "--dataset=~/cycle10", "--script=~/script.py", "--approximate"]
+    )
+    found = formruns.preview(args)
+    assert found["dataset"] == str(home / "cycle10")
+    assert found["script"] == str(home / "script.py")
+
+
+def test_a_running_runs_page_reloads_no_more_than_every_five_seconds() -> None:
+    assert REFRESH_SECONDS >= 5
+
+
 # In a browser, on the embedded hub
 def shot(page: Any, name: str) -> None:
     if os.environ.get("CASASPAWNER_SCREENSHOTS"):
@@ -259,9 +486,28 @@ def test_run_headless_from_the_form_runs_as_the_user_beside_the_dataset(
     )
     # A running script stops with Stop, and says so.
     run_from_form(page, hub, "sleeping.py")
-    page.click("#run-start")
+    # A double click starts it once (the list below has one sleeping run).
+    page.dblclick("#run-start")
     page.wait_for_url(re.compile(r".*/hub/casa-runs/[0-9]{8}T[0-9]{6}Z-sleeping$"))
     page.wait_for_function("document.querySelector('#run-output').textContent.includes('zzz')")
+    sleeping_id = page.url.rsplit("/", 1)[1]
+    new_url = f"{hub.url}/hub/casa-runs/new"
+    sent = {"dataset": f"~/{demo.DEMO_PROJECT}", "script": "sleeping.py"}
+    # A Start sent again while the script runs on the dataset: one sentence, what was typed kept.
+    xsrf = page.locator("input[name=_xsrf]").first.get_attribute("value")
+    again = page.request.post(new_url, form={"_xsrf": xsrf, **sent})
+    assert again.status == 400
+    assert f"sleeping.py is already running on this dataset (run {sleeping_id})" in again.text()
+    assert 'id="run-again-script" value="sleeping.py"' in again.text()
+    # A POST without the hub's xsrf token starts nothing.
+    assert page.request.post(new_url, form=sent).status == 403
+    # Another user cannot stop it.
+    other = password_login(browser, hub, demo.OPERATOR)
+    cookie = next(c["value"] for c in other.context.cookies() if c["name"] == "_xsrf")
+    refused = other.request.post(f"{new_url[:-4]}/{sleeping_id}/stop", form={"_xsrf": cookie})
+    assert refused.status == 400 and f"There is no run {sleeping_id}" in refused.text()
+    page.reload()
+    assert page.locator("#run-status").inner_text() == "running"
     page.click("#run-stop")
     assert ended(page) == "stopped"
     assert " was stopped; what it wrote is in " in page.locator("#run-sentence").inner_text()
@@ -282,8 +528,7 @@ def test_run_headless_from_the_form_runs_as_the_user_beside_the_dataset(
         assert said in error and "Traceback" not in page.content()
         assert page.locator("#run-start").count() == 0
 
-    # Another user neither sees nor stops the run.
-    other = password_login(browser, hub, demo.OPERATOR)
+    # Another user does not see the run.
     response = other.goto(f"{hub.url}/hub/casa-runs/{run_id}")
     assert response.status == 400
     assert other.locator("#run-error").inner_text() == f"There is no run {run_id}; " + (
