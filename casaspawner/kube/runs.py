@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import secrets
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 
 from casaspawner.catalog.model import Catalog, load_catalog
 from casaspawner.datasets.model import Resolution
+from casaspawner.datasets.tree import open_directory, open_file
 from casaspawner.errors import CasaspawnerError, InvalidInput, shown
 from casaspawner.kube import jobs
 from casaspawner.kube.objects import PodSettings
@@ -41,14 +43,15 @@ from casaspawner.plan import (
     chosen_release,
     make_plan,
 )
+from casaspawner.session.identity import identity_from_login
 from casaspawner.session.readers import StorageMountReader, locate_in_storage
 from casaspawner.session.record import RecordFacts, Runtime, record_text, run_record
 from casaspawner.session.runs import (
     EXIT_FAILED,
     EXIT_STOPPED,
+    RUN_FILE,
     RUNS_DIR,
     ending,
-    read_run,
     resolve,
     run_name,
 )
@@ -68,10 +71,10 @@ ROLE_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 ]
-#: Container waiting reasons that never get better by themselves.
+#: Container waiting reasons that never get better by themselves. ``ErrImagePull`` is not one:
+#: a registry's hiccup is tried again, and only the back-off after it is hopeless (as a session's).
 HOPELESS = frozenset(
     {
-        "ErrImagePull",
         "ImagePullBackOff",
         "InvalidImageName",
         "CreateContainerConfigError",
@@ -87,6 +90,8 @@ PATIENCE = 300.0
 LOG_WAIT = 30.0
 #: Seconds ``--stop`` waits for the pod to go.
 STOP_WAIT = jobs.GRACE_SECONDS + 30
+#: The most of a run's file read here: it is a few kilobytes.
+RUN_FILE_LIMIT = 1 << 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -213,13 +218,17 @@ async def submission(args: argparse.Namespace, first: int = 1) -> dict[str, Any]
     catalog = load_catalog(args.catalog) if args.catalog else load_catalog()
     if args.release is not None:
         chosen_release(catalog, args.release)
-    identity = Identity(
+    # As a session's: never uid 0, never gid 0 (primary or supplemental).
+    identity, skipped = identity_from_login(
         args.user,
-        args.uid,
-        args.gid,
-        tuple(g.lstrip("/") for g in args.group),
-        tuple(args.supplemental_gid),
+        uid=args.uid,
+        gid=args.gid,
+        groups=list(args.group),
+        supplemental_gids=list(args.supplemental_gid),
+        allow_root_group=False,
     )
+    if skipped:
+        raise InvalidInput(f"The group {shown(skipped[0])!r} cannot be a project directory.")
     layout = StorageLayout()
     storage = Path(args.storage_path)
     reader = StorageMountReader(storage, layout)
@@ -227,10 +236,9 @@ async def submission(args: argparse.Namespace, first: int = 1) -> dict[str, Any]
         root, relative = locate_in_storage(args.dataset, identity, layout)
         dataset = PurePosixPath(root.mount) / relative
         resolution = dataclasses.replace(resolve(args, catalog, directory), dataset=str(dataset))
-        script, local_script = find_script(
-            args.command[0], directory, dataset, resolution, storage, identity, layout
+        script, digest = await find_script(
+            args.command[0], directory, dataset, resolution, reader, identity, layout
         )
-        digest = hashlib.sha256(local_script.read_bytes()).hexdigest()
     options = SessionOptions(dataset=args.dataset, size=size, release=args.release)
     config = PlanConfig(image_registry=args.image_registry)
     plan = make_plan(identity, options, catalog, resolution, config)
@@ -241,7 +249,7 @@ async def submission(args: argparse.Namespace, first: int = 1) -> dict[str, Any]
     run_id = next(
         name
         for number in range(first, 100)
-        if not (runs_here / (name := run_name(script.name, started, number))).exists()
+        if not os.path.lexists(runs_here / (name := run_name(script.name, started, number)))
     )
     run_dir = runs / run_id
     return job_for(
@@ -259,42 +267,77 @@ async def submission(args: argparse.Namespace, first: int = 1) -> dict[str, Any]
     )
 
 
-def find_script(
+async def find_script(
     name: str,
     directory: Path,
     dataset: PurePosixPath,
     resolution: Resolution,
-    storage: Path,
+    reader: StorageMountReader,
     identity: Identity,
     layout: StorageLayout,
-) -> tuple[PurePosixPath, Path]:
-    """The script, in the user's storage: its path in the pod, and here.
+) -> tuple[PurePosixPath, str]:
+    """The script, in the user's storage: its path in the pod, and its SHA-256.
 
     A path (``~/…``, ``/arc/…``) is taken as in the session; a name is looked for in the
-    dataset, in its ``script/`` directory and beside the evidence, as on one machine.
+    dataset, in its ``script/`` directory and beside the evidence, as on one machine. The hub
+    never follows the user's links to it: its directory is walked as the dataset's is, and the
+    script itself is opened without following a link, as a regular file, and hashed from there.
     """
+    missing = InvalidInput(
+        f"There is no script {shown(name)} in the user's storage: give its path there "
+        "(~/… or /arc/…), or a name in the dataset or its script directory."
+    )
     if name.startswith(("~", "/")):
         root, relative = locate_in_storage(name, identity, layout)
-        base = (storage / root.sub_path).resolve()
-        here = (base / relative).resolve()
-        if here.is_file() and (here == base or base in here.parents):
-            return PurePosixPath(root.mount) / relative, here
+        if not relative.name:
+            raise missing
+        parent = str(PurePosixPath(root.mount) / relative.parent)
+        unreadable: InvalidInput | None = None
+        try:
+            async with reader.open(parent, identity) as there:
+                try:
+                    digest = script_digest(name, there, PurePosixPath(relative.name))
+                except InvalidInput as exc:
+                    unreadable, digest = exc, None
+        except InvalidInput:
+            # No such directory, or one out of the user's storage through a link.
+            raise missing from None
+        if unreadable is not None:
+            raise unreadable
+        if digest is not None:
+            return PurePosixPath(root.mount) / relative, digest
     else:
         given = PurePosixPath(name)
-        if ".." in given.parts:
+        if ".." in given.parts or given.is_absolute():
             raise InvalidInput(f"The script {shown(name)} may not contain '..'.")
         candidates = [given, "script" / given]
         evidence = resolution.evidence.path.partition("!")[0]
         if evidence:
             candidates.append(PurePosixPath(evidence).parent / given)
         for candidate in candidates:
-            here = directory / candidate
-            if here.is_file() and directory.resolve() in here.resolve().parents:
-                return dataset / candidate, here
-    raise InvalidInput(
-        f"There is no script {shown(name)} in the user's storage: give its path there "
-        "(~/… or /arc/…), or a name in the dataset or its script directory."
-    )
+            digest = script_digest(name, directory, candidate)
+            if digest is not None:
+                return dataset / candidate, digest
+    raise missing
+
+
+def script_digest(name: str, directory: Path, relative: PurePosixPath) -> str | None:
+    """The SHA-256 of the regular file ``relative`` below ``directory``, read in chunks.
+
+    None when a step is a link, missing or not a directory, or the file is not a regular one (a
+    FIFO does not block).
+    """
+    digest = hashlib.sha256()
+    try:
+        with open_directory(directory) as base, open_file(base, relative) as handle:
+            if handle is None:
+                return None
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise InvalidInput(f"The script {shown(name)} cannot be read ({why}).") from None
+    return digest.hexdigest()
 
 
 def runs_directory(
@@ -479,13 +522,32 @@ class Cluster:
                 f"Kubernetes refused to show Job {name}: {api_reason(exc)}."
             ) from None
 
+    async def run_job(self, name: str) -> Any:
+        """The run's Job ``name``; one sentence when there is none, or it is not a run's."""
+        job = await self.job(name)
+        if job is None:
+            raise InvalidInput(f"There is no run Job {shown(name)} in namespace {self.namespace}.")
+        labels = job.metadata.labels or {}
+        if any(labels.get(key) != value for key, value in COMPONENT.items()):
+            raise InvalidInput(
+                f"Job {shown(name)} in namespace {self.namespace} is not a casaspawner run."
+            )
+        return job
+
     async def pod(self, name: str) -> Any | None:
         """The Job's pod (it has one: one try), or None while there is none."""
-        found = await self.answer(
-            self.core.list_namespaced_pod,
-            self.namespace,
-            label_selector=f"batch.kubernetes.io/job-name={name}",
-        )
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            found = await self.answer(
+                self.core.list_namespaced_pod,
+                self.namespace,
+                label_selector=f"batch.kubernetes.io/job-name={name}",
+            )
+        except ApiException as exc:
+            raise InvalidInput(
+                f"Kubernetes refused to list the pods of Job {name}: {api_reason(exc)}."
+            ) from None
         return found.items[0] if found.items else None
 
     async def delete(self, name: str, wait: bool = True) -> None:
@@ -495,19 +557,23 @@ class Cluster:
         """
         from kubernetes_asyncio.client.exceptions import ApiException
 
-        with contextlib.suppress(ApiException):
+        try:
             await self.answer(
                 self.batch.delete_namespaced_job,
                 name,
                 self.namespace,
                 propagation_policy="Foreground" if wait else "Background",
             )
+        except ApiException as exc:
+            # Gone already: what deleting it was for.
+            if exc.status != 404:
+                raise InvalidInput(
+                    f"Kubernetes refused to delete Job {name}: {api_reason(exc)}."
+                ) from None
 
     async def follow(self, name: str) -> int:
         """Print the run's output as it comes, then say how it ended; Ctrl-C stops it."""
-        job = await self.job(name)
-        if job is None:
-            raise InvalidInput(f"There is no run Job {shown(name)} in namespace {self.namespace}.")
+        job = await self.run_job(name)
         annotations = job.metadata.annotations or {}
         run_id = annotation(annotations, RUN_ID) or name
         where = annotation(annotations, RUN_DIR) or ""
@@ -535,8 +601,7 @@ class Cluster:
                 logs.cancel()
         if ended.get("exit_code") == EXIT_STOPPED and not stopping:
             ended["failed"] = await self.failure(name)
-        here = run_directory_here(self.storage, annotations)
-        written = here is not None and bool(read_run(here).get("result"))
+        written = bool(stored_run(self.storage, annotations).get("result"))
         lost = result_from_pod(ended)
         if not written and lost["status"] == "lost":
             await self.record_lost(name, job, lost["why"])
@@ -547,7 +612,11 @@ class Cluster:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         manifest = self.api.sanitize_for_serialization(job)
-        lost = jobs.lost_job(manifest, name=f"{name[:57].rstrip('-')}-lost", why=why)
+        try:
+            lost = jobs.lost_job(manifest, name=f"{name[:57].rstrip('-')}-lost", why=why)
+        except (KeyError, TypeError, ValueError):
+            print("casaspawner: the lost run's Job is not one to record it.", file=sys.stderr)
+            return
         try:
             if not await self.create(lost):
                 return
@@ -685,9 +754,8 @@ class Cluster:
         self, name: str, run_id: str, where: str, ended: Any, annotations: dict[str, str]
     ) -> int:
         """One sentence on stderr and the exit status, from the run's file or the pod."""
-        here = run_directory_here(self.storage, annotations)
-        run = read_run(here) if here is not None else {}
-        if not run.get("result"):
+        run = stored_run(self.storage, annotations)
+        if not isinstance(run.get("result"), dict):
             run = {"result": result_from_pod(ended)}
         if run["result"].get("status") == "stopped" and ended.get("failed"):
             # Stopped by the Job's deadline.
@@ -695,18 +763,24 @@ class Cluster:
         return ending(Path(run_id), run, where or f"Job {name}")
 
     async def stop(self, name: str) -> int:
-        """Stop a run's Job and wait until its pod is gone; a gone Job is said so."""
-        job = await self.job(name)
-        if job is None:
-            raise InvalidInput(f"There is no run Job {shown(name)} in namespace {self.namespace}.")
+        """Stop a run's Job and wait until its pod is gone; a gone Job is said so.
+
+        Exit status 1 when the Job or its pod is still there after ``STOP_WAIT`` seconds.
+        """
+        job = await self.run_job(name)
         await self.delete(name)
         deadline = time.monotonic() + STOP_WAIT
-        while time.monotonic() < deadline and (
-            await self.job(name) is not None or await self.pod(name) is not None
-        ):
+        while await self.job(name) is not None or await self.pod(name) is not None:
+            if time.monotonic() >= deadline:
+                print(
+                    f"casaspawner: run Job {name} is still there {STOP_WAIT} s after it was "
+                    "deleted; look at it with kubectl.",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
             await asyncio.sleep(POLL)
-        here = run_directory_here(self.storage, job.metadata.annotations or {})
-        result = (read_run(here) if here is not None else {}).get("result") or {}
+        result = stored_run(self.storage, job.metadata.annotations or {}).get("result")
+        result = result if isinstance(result, dict) else {}
         print(
             f"casaspawner: run Job {name} ended: {result.get('status', 'stopped')}.",
             file=sys.stderr,
@@ -769,21 +843,30 @@ def result_from_pod(ended: dict[str, Any]) -> dict[str, Any]:
     return {"status": "lost", "exit_code": code, "why": why}
 
 
-def run_directory_here(storage: Path | None, annotations: dict[str, str]) -> Path | None:
-    """The run's directory in the storage mounted here (``--storage-path``), if it is."""
+def stored_run(storage: Path | None, annotations: dict[str, str]) -> dict[str, Any]:
+    """The run's file in the storage mounted here (``--storage-path``); empty when out of reach.
+
+    The hub never follows the user's links: every directory from the storage root down is opened
+    without following one, and the file too, as a regular file (a FIFO does not block), of
+    ``RUN_FILE_LIMIT`` bytes at most.
+    """
     relative = annotation(annotations, RUN_STORAGE)
-    root = storage
-    if not relative or not root or PurePosixPath(relative).is_absolute():
-        return None
-    if ".." in PurePosixPath(relative).parts:
-        return None
-    return Path(root) / relative
+    if not relative or not storage:
+        return {}
+    path = PurePosixPath(relative)
+    if path.is_absolute() or ".." in path.parts:
+        return {}
+    try:
+        with open_directory(storage) as base, open_file(base, path / RUN_FILE) as handle:
+            data = handle.read(RUN_FILE_LIMIT + 1) if handle is not None else b""
+        found = json.loads(data) if 0 < len(data) <= RUN_FILE_LIMIT else {}
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def api_reason(exc: Any) -> str:
     """The API server's message in a refusal, in one line."""
-    import json
-
     try:
         message = json.loads(exc.body).get("message", "")
     except (TypeError, ValueError, AttributeError):

@@ -261,7 +261,8 @@ def test_a_restore_and_a_failing_script_run_as_jobs_as_alice(
     sentence = one_sentence(err)
     assert sentence.startswith("casaspawner: run ") and " finished; " in sentence, sentence
     assert f"/arc/home/alice/{PROJECT}/{RUNS_DIR}/" in sentence, sentence
-    assert f"CASA {load_catalog().get(RELEASE).casa}" in out or "runs restore.py" in out, out
+    # The supervisor names the image's CASA: the release the dataset's manifest asked for.
+    assert f"casaspawner: {load_catalog().get(RELEASE).label} runs restore.py" in out, out
     assert f"uid {ALICE['uid']} threads 2" in out, out
     # The image has TigerVNC's Xtigervnc, so the script had a display of its own.
     assert "display :" in out, out

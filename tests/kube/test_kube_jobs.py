@@ -13,7 +13,9 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,14 @@ from casaspawner.kube import jobs
 from casaspawner.kube.podsecurity import pod_security_violations
 from casaspawner.kube.runs import (
     ROLE_RULES,
+    Cluster,
     failed_condition,
     result_from_pod,
     stamp_key,
     submission,
 )
 from casaspawner.local.run_job import describe, image_command
-from casaspawner.session.runs import CASA_RUNNER, casa_command
+from casaspawner.session.runs import CASA_RUNNER, RUN_FILE, casa_command
 
 K8S_VERSION = kubernetes_validate.latest_version()
 ALICE = ("--user", "alice", "--uid", "41001", "--gid", "41001")
@@ -235,6 +238,8 @@ def test_how_a_run_ends_from_its_pod_when_its_file_is_out_of_reach() -> None:
     ("extra", "said"),
     [
         (["--uid", "0"], "never run as root"),
+        (["--gid", "0"], "gid 0 (the root group)"),
+        (["--supplemental-gid", "0"], "gid 0 (the root group)"),
         (["--size", "machine"], "is not a session size"),
         (["--deadline", "0"], "--deadline must be above 0"),
         (["--approximate"], "--approximate is for runs on this machine"),
@@ -269,6 +274,54 @@ def test_without_storage_or_a_script_there_it_says_so(
     monkeypatch.chdir(tmp_path)
     assert main([*argv, "--", "mine.py"]) == 2
     assert "There is no script mine.py in the user's storage" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_the_hub_never_follows_her_links_to_the_script(
+    storage: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A script that is a link, even into her own storage, or a FIFO, is not read here."""
+    typed = dataset_in(storage, "alice", "cycle10")
+    dataset = storage / "home" / "alice" / typed
+    (dataset / "real.py").write_text("print(1)\n")
+    (dataset / "linked.py").symlink_to("real.py")
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "secret.py").write_text("the operator's\n")
+    (storage / "home" / "alice" / "elsewhere").symlink_to(outside)
+    os.mkfifo(dataset / "pipe.py")
+    argv = ["run", "--kubernetes", *ALICE, "--storage-path", str(storage), "--dataset", typed]
+    for script in ("linked.py", "pipe.py", f"~/{typed}/pipe.py", "~/elsewhere/secret.py"):
+        assert main([*argv, "--", script]) == 2, script
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "There is no script" in err, err
+    # The file itself, by name or by path, is hashed.
+    args = build_parser().parse_args([*argv, "--", f"/arc/home/alice/{typed}/real.py"])
+    record = env_of(asyncio.run(submission(args))["spec"]["template"]["spec"]["containers"][0])
+    graph = {
+        i["@id"]: i for i in json.loads(base64.b64decode(record["CASASPAWNER_RECORD"]))["@graph"]
+    }
+    assert graph["#script"]["sha256"] == hashlib.sha256(b"print(1)\n").hexdigest()
+
+
+@pytest.mark.timeout(30)
+def test_the_run_file_is_read_without_following_her_links(storage: Path, tmp_path: Path) -> None:
+    """A run file swapped for a link or a FIFO: the pod's end is said, never a file elsewhere."""
+    run_dir = storage / "home" / "alice" / "runs-here" / "r1"
+    run_dir.mkdir(parents=True)
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps({"result": {"status": "finished", "exit_code": 0}}))
+    annotations = {"casaspawner.io/run-storage-path": "home/alice/runs-here/r1"}
+    cluster: Any = types.SimpleNamespace(storage=storage)
+    failed = {"exit_code": 1, "message": "failed: the script raised E: x"}
+    (run_dir / RUN_FILE).symlink_to(forged)
+    assert Cluster.ending(cluster, "j", "r1", "", failed, annotations) == 1
+    (run_dir / RUN_FILE).unlink()
+    os.mkfifo(run_dir / RUN_FILE)
+    assert Cluster.ending(cluster, "j", "r1", "", failed, annotations) == 1
+    (run_dir / RUN_FILE).unlink()
+    (run_dir / RUN_FILE).write_text(forged.read_text())
+    assert Cluster.ending(cluster, "j", "r1", "", failed, annotations) == 0
 
 
 def test_the_role_in_the_docs_is_what_the_command_needs() -> None:
