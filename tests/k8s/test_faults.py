@@ -97,7 +97,7 @@ async def test_the_api_server_restarts_while_a_spawn_waits_for_its_pod(hub, api,
     await asyncio.to_thread(restart_apiserver, own_cluster)
     assert time.monotonic() - began > 2
     url, _messages = await spawning
-    assert isinstance(url, str), url
+    assert isinstance(url, str), getattr(url, "jupyterhub_message", url)
     await finish(spawner, own_cluster, hub.namespace)
 
 
@@ -112,7 +112,7 @@ async def test_a_spawn_that_begins_while_the_api_server_is_down_completes(hub, a
     await eventually(down, 30, "the API server did not stop")
     url, _messages = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
     await restarting
-    assert isinstance(url, str), url
+    assert isinstance(url, str), getattr(url, "jupyterhub_message", url)
     await finish(spawner, own_cluster, hub.namespace)
 
 
@@ -133,19 +133,23 @@ async def test_a_watch_too_old_for_the_api_server_gets_410_and_the_spawn_complet
     """Between KubeSpawner's list and its watch, the API server restarts (and etcd moves on).
 
     The watch from the list's resourceVersion is then older than the new API server's watch
-    cache, which answers 410 Gone; the reflector lists again and the spawn goes on.
+    cache, which answers 410 Gone; the reflector lists again and the spawn goes on. The shared
+    reflector may have listed already: it is made to end its watch at the next event (the
+    spawn's pod), so that its next list is the patched one.
     """
     spawner = hub.spawner(**SLOW)
     reflector = await spawner._start_watching_pods()
     records = Records()
     reflector.log.addHandler(records)
     listing = reflector._list_and_update
+    restart_seconds = reflector.restart_seconds
     restarted = asyncio.Event()
     core = client.CoreV1Api(api)
 
     async def list_then_restart(resource_version: Any = None) -> Any:
         version = await listing(resource_version)
         if not restarted.is_set():
+            reflector.restart_seconds = restart_seconds
             # Something written after the list, so that etcd's revision moves past it.
             await core.create_namespaced_config_map(
                 hub.namespace, {"metadata": {"generateName": "after-the-list-"}}
@@ -155,12 +159,15 @@ async def test_a_watch_too_old_for_the_api_server_gets_410_and_the_spawn_complet
         return version
 
     reflector._list_and_update = list_then_restart
+    reflector.restart_seconds = 0
     try:
         url, _messages = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
     finally:
         reflector.log.removeHandler(records)
+        reflector.restart_seconds = restart_seconds
+        del reflector._list_and_update
     assert restarted.is_set()
-    assert isinstance(url, str), url
+    assert isinstance(url, str), getattr(url, "jupyterhub_message", url)
     gone = [
         r.exc_info[1]
         for r in records.records
