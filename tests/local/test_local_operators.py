@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 from support import SCREENSHOTS
+from support.browser import password_login
 from support.hub import Hub
 from support.local import wait_for_display, wait_for_title, window_titles
 
@@ -48,16 +49,8 @@ def shot(page: Any, name: str) -> None:
 
 
 def login(browser: Any, hub: Hub, user: str) -> Any:
-    """A new page, 1400x900 (a laptop's browser window), logged in as ``user``."""
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.add_init_script(RECORD_PROGRESS)
-    page.set_default_timeout(60_000)
-    page.goto(f"{hub.url}/hub/login")
-    page.fill("#username_input", user)
-    page.fill("#password_input", hub.password)
-    page.click("#login_submit")
-    page.wait_for_load_state()
-    return page
+    """A new page, logged in as ``user``, recording the progress page's events."""
+    return password_login(browser, hub, user, RECORD_PROGRESS)
 
 
 @pytest.fixture(scope="module")

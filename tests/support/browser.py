@@ -50,9 +50,14 @@ def oidc_login(browser: Any, hub: Any, username: str) -> Any:
     return page
 
 
-def password_login(browser: Any, hub: Any, username: str) -> Any:
-    """A laptop-sized page of ``browser``, logged in to ``hub`` as ``username`` by password."""
+def password_login(browser: Any, hub: Any, username: str, init_script: str | None = None) -> Any:
+    """A laptop-sized page of ``browser``, logged in to ``hub`` as ``username`` by password.
+
+    ``init_script`` runs in every document the page loads, from the login page on.
+    """
     page = browser.new_page(viewport={"width": 1400, "height": 900})
+    if init_script:
+        page.add_init_script(init_script)
     page.set_default_timeout(60_000)
     page.goto(f"{hub.url}/hub/login")
     page.fill("#username_input", username)
