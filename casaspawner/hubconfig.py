@@ -141,6 +141,9 @@ class HubSettings:
     #: Log in through OIDC (GenericOAuthenticator, auth_state, the provider's groups).
     #: False leaves the login to the deployment, as the one-machine demo does.
     oidc_login: bool = True
+    #: The form's *Run headless* button and the hub's run pages. On Kubernetes the hub's Role
+    #: needs the rules of ``hub-config/z2jh/casa-runs-rbac.yaml`` too.
+    headless_runs: bool = False
 
     @property
     def notices_url(self) -> str:
@@ -330,7 +333,7 @@ def configure_services(c: Any, settings: HubSettings) -> None:
 def configure_headless_runs(c: Any, settings: HubSettings) -> None:
     """The form's *Run headless* button and the hub's run pages, ``/hub/casa-runs/``.
 
-    Only LocalCASASpawner starts runs from the form so far (as the user's local account).
+    LocalCASASpawner runs them as the user's local account; CASASpawner as Jobs the hub creates.
     """
     from casaspawner.services.runs import RUNS_PATH, run_handlers
 
@@ -352,6 +355,8 @@ def configure_hub(c: Any, settings: HubSettings) -> None:
         configure_login(c)
     configure_spawner(c, settings)
     configure_services(c, settings)
+    if settings.headless_runs:
+        configure_headless_runs(c, settings)
 
 
 class HubConfigError(SystemExit):
@@ -364,6 +369,20 @@ class HubConfigError(SystemExit):
 
 
 _WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")
+_SWITCH = {
+    **dict.fromkeys(("", "0", "false", "no"), False),
+    **dict.fromkeys(("1", "true", "yes"), True),
+}
+
+
+def _switch(value: object, name: str) -> bool:
+    """``value`` as on or off: a boolean, or one of 1/0, true/false, yes/no, empty (off)."""
+    if isinstance(value, bool):
+        return value
+    found = _SWITCH.get(str(value).strip().lower())
+    if found is None:
+        raise HubConfigError(f"{name} must be true or false, not {str(value)[:40]!r}.")
+    return found
 
 
 def _whole(value: object, name: str, minimum: int, unit: str | None = "seconds") -> int:
@@ -419,6 +438,9 @@ def settings_from_environment(env: Mapping[str, str], *, cwd: str = ".") -> HubS
             CullSettings(timeout=timeout, every=seconds("CASA_CULL_EVERY", CullSettings.every))
             if timeout > 0
             else None
+        ),
+        headless_runs=_switch(
+            env.get("CASA_HEADLESS_RUNS", ""), "The environment variable CASA_HEADLESS_RUNS"
         ),
     )
 
@@ -491,4 +513,7 @@ def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
         notices_interval=ours("noticesInterval", defaults.notices_interval),
         warn_before=ours("warnBefore", defaults.warn_before, minimum=0),
         cull=cull,
+        headless_runs=_switch(
+            casa.get("headlessRuns", False), "custom.casaspawner.headlessRuns in the Helm values"
+        ),
     )

@@ -29,6 +29,8 @@
 #   CASA_NOTICES_INTERVAL        seconds between a session's notice checks (default: 60)
 #   CASA_CULL_TIMEOUT, CASA_CULL_EVERY, CASA_CULL_WARN_BEFORE      idle culling, seconds (3600, 600, 600);
 #                                CASA_CULL_TIMEOUT=0 turns culling and its warnings off
+#   CASA_HEADLESS_RUNS           true: the form's "Run headless" button and the hub's pages /hub/casa-runs/
+#                                (default: false; on Kubernetes the hub's Role needs hub-config/z2jh/casa-runs-rbac.yaml)
 #
 # A number that is not a whole number (CASA_CULL_TIMEOUT=1h) stops the hub at start with one sentence naming it.
 #

@@ -363,8 +363,15 @@ def job_for(
     storage_path: PurePosixPath,
     deadline: int,
     ttl: int,
+    settings: PodSettings | None = None,
+    labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The run's Job, its record and annotations, checked against the restricted profile."""
+    """The run's Job, its record and annotations, checked against the restricted profile.
+
+    ``settings`` are the pod's (a spawner's storage and measures volumes; the defaults' without);
+    ``labels`` and ``annotations`` are added to the run's own.
+    """
     facts = RecordFacts(
         started,
         Runtime("image", plan.image),
@@ -381,7 +388,8 @@ def job_for(
         started=started,
     )
     prefix = next(iter(plan.labels)).split("/", 1)[0]
-    annotations = {
+    marks = {
+        **(annotations or {}),
         f"{prefix}/{RUN_ID}": run_id,
         f"{prefix}/{RUN_DIR}": str(run_dir),
         f"{prefix}/{RUN_STORAGE}": str(storage_path),
@@ -390,18 +398,19 @@ def job_for(
     }
     job = jobs.run_job(
         plan,
-        PodSettings(),
+        settings or PodSettings(),
         name=jobs.job_name(plan.username, run_id),
         image=plan.image,
         spec=spec,
         record=record_text(record),
-        labels=COMPONENT,
-        annotations=annotations,
+        labels={**(labels or {}), **COMPONENT},
+        annotations=marks,
         deadline=deadline,
         ttl=ttl,
     )
-    violations = pod_security_violations(job["spec"]["template"], "restricted")
-    sentence = pod_security_sentence(violations, "restricted")
+    level = settings.security_level if settings is not None else "restricted"
+    violations = pod_security_violations(job["spec"]["template"], level)
+    sentence = pod_security_sentence(violations, level)
     if sentence:
         raise InvalidInput(sentence)
     return job
@@ -445,10 +454,23 @@ async def cluster(args: argparse.Namespace) -> AsyncIterator[Cluster]:
 class Cluster:
     """One namespace of the cluster: a run's Job created, followed, stopped."""
 
-    def __init__(self, api: Any, namespace: str, storage: Path | None = None) -> None:
+    def __init__(
+        self,
+        api: Any,
+        namespace: str,
+        storage: Path | None = None,
+        patience: float = PATIENCE,
+        say: Callable[[str], object] | None = None,
+        again: str = "without this command: follow it again with --follow",
+    ) -> None:
         from kubernetes_asyncio import client
 
         self.namespace = namespace
+        #: Seconds to wait for an API server that does not answer, where to say so, and what
+        #: the user can do once it gave up.
+        self.patience = patience
+        self.say = say or (lambda text: print(f"casaspawner: {text}", file=sys.stderr, flush=True))
+        self.again = again
         self.api = api
         #: The storage root mounted here, where the run's file tells how it ended.
         self.storage = storage
@@ -479,7 +501,7 @@ class Cluster:
     async def answer(self, call: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
         """``call(*args, **kw)``, again while the API server does not answer (restarting, say).
 
-        After ``PATIENCE`` seconds without an answer, one sentence: the run goes on.
+        After ``patience`` seconds without an answer, one sentence: the run goes on.
         """
         import aiohttp
         from kubernetes_asyncio.client.exceptions import ApiException
@@ -497,16 +519,13 @@ class Cluster:
             now = time.monotonic()
             if first is None:
                 first = now
-                print(
-                    f"casaspawner: the Kubernetes API server does not answer ({problem[:120]}); "
-                    "trying again…",
-                    file=sys.stderr,
-                    flush=True,
+                self.say(
+                    f"the Kubernetes API server does not answer ({problem[:120]}); trying again…"
                 )
-            if now - first > PATIENCE:
+            if now - first > self.patience:
                 raise CasaspawnerError(
-                    f"The Kubernetes API server did not answer for {PATIENCE:.0f} s; the run goes "
-                    "on without this command: follow it again with --follow."
+                    f"The Kubernetes API server did not answer for {self.patience:.0f} s; the "
+                    f"run goes on {self.again}."
                 )
             await asyncio.sleep(POLL)
 

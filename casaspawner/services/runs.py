@@ -10,7 +10,8 @@ The pages are the hub's own (``JupyterHub.extra_handlers``): they need the user'
 their spawner, whose account mapping, storage and CASA environments a run shares with their
 sessions. Who may run what stays with a :class:`RunsBackend`, chosen by the spawner: on one
 machine :class:`~casaspawner.local.formruns.LocalRuns`, which runs everything as the user's own
-account. A user reaches only their own runs: ids are looked up in their own run index.
+account; on Kubernetes :class:`~casaspawner.kube.formruns.KubeRuns`, whose Jobs the hub creates.
+A user reaches only their own runs: ids are looked up in their own run index.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ _TEMPLATES = Environment(
 
 
 class RunsBackend(Protocol):
-    """Where one user's headless runs run: this machine, or (later) Kubernetes Jobs."""
+    """Where one user's headless runs run: this machine, or Kubernetes Jobs."""
 
     async def preview(
         self, dataset: str, script: str, size: str, release: str
@@ -102,11 +103,15 @@ def run_request(field: Callable[[str], str]) -> RunRequest:
 
 def backend_for(spawner: Any) -> RunsBackend:
     """The runs backend of the user's spawner; one sentence where there is none."""
+    from casaspawner.kube.formruns import KubeRuns
+    from casaspawner.kube.spawner import CASASpawner
     from casaspawner.local.formruns import LocalRuns
     from casaspawner.local.spawner import LocalCASASpawner
 
     if isinstance(spawner, LocalCASASpawner):
         return LocalRuns(spawner)
+    if isinstance(spawner, CASASpawner):
+        return KubeRuns(spawner)
     raise InvalidInput(
         "This hub does not start headless runs from the form; run casaspawner run in a session."
     )

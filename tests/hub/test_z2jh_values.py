@@ -463,3 +463,24 @@ def test_roles_are_least_privilege():
     }
     assert not admin & forbidden
     assert {"admin-ui", "admin:servers", "users", "admin:groups"} <= admin
+
+
+def test_headless_runs_are_off_until_both_deployments_turn_them_on(values, chart, monkeypatch):
+    """headlessRuns / CASA_HEADLESS_RUNS add the run pages and the form's button; off by default,
+    since the chart's hub Role needs casa-runs-rbac.yaml for them."""
+
+    def pages(c: Config) -> tuple[list[str], str]:
+        handlers = c.JupyterHub.extra_handlers if "extra_handlers" in c.JupyterHub else []
+        return [h[0] for h in handlers], c.CASASessionMixin.get("headless_runs_url", "")
+
+    assert pages(chart_config(values, chart[1])) == ([], "")
+    assert pages(standalone_config(monkeypatch, {})) == ([], "")
+    on = chart_config(merge(values, {"custom": {"casaspawner": {"headlessRuns": True}}}), chart[1])
+    assert pages(on) == pages(standalone_config(monkeypatch, {"CASA_HEADLESS_RUNS": "yes"}))
+    paths, url = pages(on)
+    assert "/casa-runs/new" in paths and url == "/hub/casa-runs/new"
+    with pytest.raises(hubconfig.HubConfigError) as error:
+        hubconfig.settings_from_environment({"CASA_HEADLESS_RUNS": "sometimes"})
+    assert str(error.value) == (
+        "The environment variable CASA_HEADLESS_RUNS must be true or false, not 'sometimes'."
+    )

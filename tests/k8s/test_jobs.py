@@ -7,7 +7,9 @@ the measures are ``hostPath`` PersistentVolumes on this machine, bound to the cl
 mounts. A restore-like split and listobs of a small simulated MeasurementSet finishes, and its
 outputs, CASA log and completed record land in alice's Cavern directory, owned by her; a failing
 script, a stopped run, a lost one (its processes killed, as when its node goes) and one past its
-deadline each end with their sentence and exit status.
+deadline each end with their sentence and exit status. The spawn form's runs are the same Jobs,
+created by the hub as a ServiceAccount holding Zero to JupyterHub's hub Role and
+``hub-config/z2jh/casa-runs-rbac.yaml``, for the logged-in user alone.
 """
 
 from __future__ import annotations
@@ -29,11 +31,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k8s_hub import ALICE, RELEASE, bind_storage, create_hub_account, delete_volumes
+import yaml
+from k8s_hub import (
+    ALICE,
+    RELEASE,
+    HubAccount,
+    User,
+    acting_as,
+    alice,
+    bind_storage,
+    create_hub_account,
+    delete_volumes,
+)
 from kubernetes_asyncio import client
 
 from casaspawner.catalog import load_catalog
 from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
+from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.kube.formruns import FORM_RUN_RULES, KubeRuns
+from casaspawner.kube.jobs import job_name
 from casaspawner.kube.runs import ROLE_RULES
 from casaspawner.plan import PlanConfig, image_for
 from casaspawner.runtime import RECORD_FILE
@@ -350,3 +366,123 @@ def test_a_stopped_run_a_lost_one_and_one_past_its_deadline(cluster: Cluster, si
     action = entities(lost_dir)["#session"]
     assert action["actionStatus"]["@id"].endswith("FailedActionStatus") and action["endTime"]
     assert "exit status 137" in action["error"], action
+
+
+# Runs from the spawn form: Jobs the hub creates as its own ServiceAccount
+#: What an operator applies beside Zero to JupyterHub's hub Role (docs/headless-form.md).
+RUNS_RBAC = REPO / "hub-config" / "z2jh" / "casa-runs-rbac.yaml"
+BOB = User("bob", {"oauth_user": {**ALICE, "preferred_username": "bob", "uid": 41002}})
+
+
+async def hub_accounts(
+    api: Any, cluster: Cluster, site: Site, work: Path
+) -> tuple[HubAccount, HubAccount]:
+    """Two hub accounts: Zero to JupyterHub's Role alone, and with casa-runs-rbac.yaml applied.
+
+    The file's RoleBinding names the chart's ServiceAccount, ``hub``.
+    """
+    namespace = site.namespace
+    plain = await create_hub_account(api, namespace, cluster.kubeconfig, work, name="plain-hub")
+    hub = await create_hub_account(api, namespace, cluster.kubeconfig, work)
+    rbac = client.RbacAuthorizationV1Api(api)
+    role, binding = yaml.safe_load_all(RUNS_RBAC.read_text())
+    assert role["rules"] == FORM_RUN_RULES
+    await rbac.create_namespaced_role(namespace, role)
+    await rbac.create_namespaced_role_binding(namespace, binding)
+    return plain, hub
+
+
+def form_runs(account: HubAccount, site: Site, user: Any) -> KubeRuns:
+    """The run pages' backend for ``user``, whose CASASpawner acts as the hub's ``account``."""
+    from casaspawner.hubconfig import CLAIMS
+    from casaspawner.kube.spawner import CASASpawner
+
+    with acting_as(account):
+        spawner = CASASpawner(
+            _mock=True,
+            user=user,
+            **CLAIMS,
+            namespace=site.namespace,
+            storage_hub_path=str(site.cavern),
+            project_group_pattern="proj-.*",
+            image_registry=REGISTRY,
+        )
+    return KubeRuns(spawner)
+
+
+async def until_ended(runs: KubeRuns, run_id: str, timeout: float) -> dict[str, Any]:
+    """The run's page once it says the run ended."""
+    deadline = time.monotonic() + timeout
+    while (shown := await runs.show(run_id))["status"] == "running":
+        assert time.monotonic() < deadline, shown
+        await asyncio.sleep(2)
+    return shown
+
+
+def test_runs_from_the_form_are_jobs_the_hub_creates_for_alice_alone(
+    cluster: Cluster, site: Site, casa_image: str
+) -> None:
+    work = Path(tempfile.mkdtemp(prefix="casaspawner-k8s-form-runs-"))
+    try:
+        plain, hub = admin(cluster, lambda api: hub_accounts(api, cluster, site, work))
+        # KubeSpawner shares one API client per event loop: one loop per hub account.
+        run_async(refused_without_the_runs_role(plain, site))
+        run_async(form_runs_as_alice(cluster, hub, site, casa_image))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def refused_without_the_runs_role(plain: HubAccount, site: Site) -> None:
+    """With Zero to JupyterHub's Role alone, the pages say what the hub may not do."""
+    refused = form_runs(plain, site, alice("token"))
+    with pytest.raises(CasaspawnerError, match=r"^Kubernetes refused to list your runs' Jobs "):
+        await refused.runs()
+    with pytest.raises(CasaspawnerError, match=r"^Kubernetes refused to list .* forbidden"):
+        await refused.start(f"~/{PROJECT}", "restore.py", "small", "")
+
+
+async def form_runs_as_alice(
+    cluster: Cluster, hub: HubAccount, site: Site, casa_image: str
+) -> None:
+    dataset, home = f"~/{PROJECT}", f"/arc/home/alice/{PROJECT}"
+    runs = form_runs(hub, site, alice("token"))
+    found = await runs.preview(dataset, "restore.py", "small", "")
+    assert found["release"] == RELEASE and found["exact"], found
+    assert found["script"] == f"{home}/restore.py" and found["runs_dir"] == f"{home}/{RUNS_DIR}"
+    restore = await runs.start(dataset, "restore.py", "small", "")
+    with pytest.raises(InvalidInput, match=r"^restore.py is already running on this dataset"):
+        await runs.start(dataset, "restore.py", "small", "")
+    sleeper = await runs.start(dataset, "sleep.py", "small", "")
+    assert {r["id"] for r in await runs.runs()} >= {restore, sleeper}
+
+    # The Job: the restricted profile's pod of alice, in the image ALMA's rule picked.
+    async with await cluster.api_client() as api:
+        job = await client.BatchV1Api(api).read_namespaced_job(
+            job_name("alice", restore), site.namespace
+        )
+    pod = job.spec.template.spec
+    assert pod.security_context.run_as_user == ALICE["uid"]
+    assert pod.containers[0].image == casa_image and not pod.automount_service_account_token
+
+    ended = await until_ended(runs, restore, 400)
+    assert ended["status"] == "finished", ended
+    assert ended["sentence"].startswith(f"Run {restore} finished; ") and home in ended["sentence"]
+    assert "uid 41001" in ended["output"], ended["output"]
+    assert {"listobs.txt", "restored.ms/", RECORD_FILE, RUN_FILE} <= set(ended["files"])
+    assert ended["casa_log"].startswith("casa-") and ended["label"], ended
+
+    # Stop: the pod gets SIGTERM, and the run records that it was stopped.
+    deadline = time.monotonic() + 180
+    while "sleeping" not in (await runs.show(sleeper))["output"]:
+        assert time.monotonic() < deadline, "the sleeping script never started"
+        await asyncio.sleep(2)
+    await runs.stop(sleeper)
+    stopped = await until_ended(runs, sleeper, 90)
+    assert stopped["status"] == "stopped", stopped
+    assert stopped["sentence"].startswith(f"Run {sleeper} was stopped; "), stopped
+
+    # Bob, on the same hub, reaches none of alice's runs.
+    bob = form_runs(hub, site, BOB)
+    assert await bob.runs() == []
+    with pytest.raises(InvalidInput, match=r"^There is no run "):
+        await bob.show(restore)

@@ -91,11 +91,18 @@ def test_the_preview_says_whether_the_build_is_exact() -> None:
     assert "not the exact" in build_description({"label": "x", "exact": False})
 
 
-def test_only_the_local_spawner_starts_runs_from_the_form() -> None:
+def test_runs_from_the_form_need_a_casa_spawner_and_on_kubernetes_the_storage() -> None:
+    from jupyterhub.spawner import LocalProcessSpawner
+
     from casaspawner.kube.spawner import CASASpawner
 
     with pytest.raises(InvalidInput, match="does not start headless runs from the form"):
-        backend_for(CASASpawner.__new__(CASASpawner))
+        backend_for(LocalProcessSpawner(_mock=True))
+    # The Kubernetes backend reads the runs' files through the hub's mount of the storage.
+    unmounted = CASASpawner.__new__(CASASpawner)
+    unmounted.storage_hub_path = None
+    with pytest.raises(InvalidInput, match="^This hub does not see your storage, where a run"):
+        backend_for(unmounted)
 
 
 def write_run(run_dir: Path, **extra: Any) -> None:
