@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+import yaml
 from k8s_browser import HubProcess, browser_in_netns, start_hub, start_oidc_provider
 from k8s_hub import (
     ALICE,
@@ -56,6 +58,11 @@ REGISTRY = "localhost/casaspawner"
 PROJECT = "2023.1.01234.S"
 DATASET = f"~/{PROJECT}"
 MS = "uid___A002_X10d5a8a_X3c21.ms"
+#: The form's headless run: a script in the dataset, run as alice in the dataset's CASA.
+HELLO = (
+    "import os, casatools\nprint('run as', os.getuid(), 'in CASA', casatools.version_string())\n"
+)
+RUNS_RBAC = REPO / "hub-config" / "z2jh" / "casa-runs-rbac.yaml"
 #: xstartup's xsetroot colour.
 DESKTOP_BACKGROUND = (0x24, 0x36, 0x4B)
 #: Keeps what the spawn-progress page showed (it reloads into the session when ready).
@@ -154,6 +161,11 @@ def site(cluster: Cluster, measures: Path, release: Any) -> Iterator[Site]:
     async def setup(api: Any) -> Site:
         namespace = await cluster.create_namespace(api, "casaspawner-e2e")
         account = await create_hub_account(api, namespace, cluster.kubeconfig, work)
+        # What the operator applies for the form's runs, beside the chart's hub Role.
+        rbac = client.RbacAuthorizationV1Api(api)
+        role, binding = yaml.safe_load_all(RUNS_RBAC.read_text())
+        await rbac.create_namespaced_role(namespace, role)
+        await rbac.create_namespaced_role_binding(namespace, binding)
         volumes = await bind_storage(api, namespace, cavern, measures)
         return Site(account, cavern, volumes)
 
@@ -197,6 +209,7 @@ def hub(cluster: Cluster, site: Site, casa_image: str, workdir: Path) -> Iterato
                 "CASASPAWNER_IMAGE_REGISTRY": REGISTRY,
                 "CASA_STORAGE_HUB_PATH": str(site.cavern),
                 "CASA_START_TIMEOUT": "600",
+                "CASA_HEADLESS_RUNS": "true",
             },
         )
         try:
@@ -461,6 +474,47 @@ def test_stopping_leaves_nothing_and_no_mount_ever_failed(
     # The token never reached the hub's log.
     token = hub.api("GET", "/users/alice")["auth_state"]["access_token"]
     assert token not in hub.log()
+
+
+def test_run_headless_from_the_form_is_a_job_as_alice(
+    cluster: Cluster, hub: HubProcess, browser: Any, release: Any, site: Site
+) -> None:
+    """The form's Run headless, with no session: the hub creates the run's Job as its own
+    account (the chart's Role and casa-runs-rbac.yaml), and the pages follow it to its end."""
+    dataset = site.cavern / "home" / "alice" / PROJECT
+    script = dataset / "hello.py"
+    script.write_text(HELLO)
+    os.chown(script, ALICE["uid"], ALICE["gid"])
+    page = login(browser, hub)
+    page.goto(f"{hub.url}/hub/spawn")
+    page.fill("#casa-dataset", DATASET)
+    page.fill("#casa-script", "hello.py")
+    page.click("#casa-run-headless")
+    page.wait_for_url("**/hub/casa-runs/new?**")
+    assert release.label in page.locator("#run-build").inner_text(), page.content()[-3000:]
+    assert page.locator("#run-script").inner_text() == f"/arc/home/alice/{PROJECT}/hello.py"
+    page.click("#run-start")
+    page.wait_for_url(re.compile(r".*/hub/casa-runs/[0-9]{8}T[0-9]{6}Z-hello$"))
+    run_id = page.url.rsplit("/", 1)[1]
+    # The page reloads itself every five seconds while the run runs.
+    deadline = time.monotonic() + 600
+    while (status := page.locator("#run-status").inner_text()) == "running":
+        assert time.monotonic() < deadline, page.content()[-3000:]
+        page.wait_for_timeout(1000)
+    sentence = page.locator("#run-sentence").inner_text()
+    assert status == "finished", sentence
+    where = f"/arc/home/alice/{PROJECT}/casaspawner-runs/{run_id}"
+    assert sentence == f"Run {run_id} finished; its CASA log, output and record are in {where}."
+    output = page.locator("#run-output").inner_text()
+    assert f"run as {ALICE['uid']} in CASA {release.casa}" in output, output
+    assert (dataset / "casaspawner-runs" / run_id / "output.log").stat().st_uid == ALICE["uid"]
+    page.close()
+    # Its Job would stay an hour; the namespace goes with the module.
+    runs = admin(
+        cluster,
+        lambda api: client.BatchV1Api(api).list_namespaced_job(site.account.namespace),
+    )
+    assert [j.metadata.annotations["casaspawner.io/run-id"] for j in runs.items] == [run_id]
 
 
 def canvas_region(page: Any, x: int, y: int, width: int, height: int) -> dict[str, float]:
