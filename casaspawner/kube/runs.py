@@ -367,10 +367,10 @@ def job_for(
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The run's Job, its record and annotations, checked against the restricted profile.
+    """The run's Job, its record and annotations, checked against the Pod Security level.
 
-    ``settings`` are the pod's (a spawner's storage and measures volumes; the defaults' without);
-    ``labels`` and ``annotations`` are added to the run's own.
+    ``settings`` are the pod's (a spawner's volumes and level; without, the defaults' and the
+    restricted level); ``labels`` and ``annotations`` are added to the run's own.
     """
     facts = RecordFacts(
         started,

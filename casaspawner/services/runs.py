@@ -11,7 +11,7 @@ their spawner, whose account mapping, storage and CASA environments a run shares
 sessions. Who may run what stays with a :class:`RunsBackend`, chosen by the spawner: on one
 machine :class:`~casaspawner.local.formruns.LocalRuns`, which runs everything as the user's own
 account; on Kubernetes :class:`~casaspawner.kube.formruns.KubeRuns`, whose Jobs the hub creates.
-A user reaches only their own runs: ids are looked up in their own run index.
+A user reaches only their own runs: ids are looked up among their own runs alone.
 """
 
 from __future__ import annotations
