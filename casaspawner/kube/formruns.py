@@ -20,12 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -63,10 +62,6 @@ RUN_USER = "run-user"
 PATIENCE = 20.0
 #: Seconds Stop waits for the run to say it stopped.
 STOP_WAIT = 20.0
-#: How much of the end of ``output.log`` a run's page shows, in bytes.
-TAIL_BYTES = 16_384
-#: How many runs the list shows, newest first.
-LIST_LIMIT = 50
 #: What each hub user has in flight: one start at a time each, so a re-sent Start waits.
 _STARTING: dict[str, asyncio.Lock] = {}
 
@@ -214,7 +209,7 @@ class KubeRuns:
             ) from None
         mine = [job for job in found.items if _user_of(job) == user]
         mine.sort(key=lambda job: annotation(_annotations(job), RUN_ID) or "", reverse=True)
-        return [await self._summary(cluster, job) for job in mine[:LIST_LIMIT]]
+        return [await self._summary(cluster, job) for job in mine[: shared.LIST_LIMIT]]
 
     async def show(self, run_id: str) -> dict[str, Any]:
         cluster = self.cluster()
@@ -276,10 +271,7 @@ class KubeRuns:
             pod = await cluster.pod(job.metadata.name)
             result = _pod_result(job, pod)
         if result is not None:
-            said = io.StringIO()
-            with contextlib.redirect_stderr(said):
-                shared.ending(Path(run_id), {**run, "result": result}, where)
-            sentence = said.getvalue().strip().removeprefix("casaspawner: ")
+            _, sentence = shared.ending_sentence(run_id, {**run, "result": result}, where)
             status = str(result.get("status") or "failed")
         elif deleted:
             status, sentence = "running", f"run {run_id} is stopping."
@@ -318,7 +310,7 @@ class KubeRuns:
         relative = annotation(annotations, RUN_STORAGE)
         path = PurePosixPath(relative or "")
         files: list[str] = []
-        output = b""
+        output = ""
         if relative and not path.is_absolute() and ".." not in path.parts:
             with contextlib.suppress(OSError, ValueError), open_directory(self.storage) as base:
                 with subdirectory(base, path) as there:
@@ -327,16 +319,8 @@ class KubeRuns:
                             files.append(name + ("/" if kind == "dir" else ""))
                 with open_file(base, path / shared.OUTPUT_LOG) as handle:
                     if handle is not None:
-                        output = _tail(handle)
-        return {"files": sorted(files), "output": output.decode("utf-8", errors="replace")}
-
-
-def _tail(handle: BinaryIO, size: int = TAIL_BYTES) -> bytes:
-    """The last ``size`` bytes of a log, from a line's start."""
-    end = handle.seek(0, os.SEEK_END)
-    handle.seek(max(0, end - size))
-    data = handle.read(size)
-    return data.partition(b"\n")[2] if end > size else data
+                        output = shared.log_tail(handle)
+        return {"files": sorted(files), "output": output}
 
 
 def _pod_result(job: Any, pod: Any | None) -> dict[str, Any] | None:

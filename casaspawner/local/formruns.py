@@ -35,10 +35,6 @@ from casaspawner.session import runs as shared
 
 #: A run's id as ``casaspawner run`` names it: ``<UTC time>-<script stem>[-<n>]``.
 RUN_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[A-Za-z0-9._-]{1,70}")
-#: How much of the end of ``output.log`` a run's page shows, in bytes.
-TAIL_BYTES = 16_384
-#: How many runs the list shows, newest first.
-LIST_LIMIT = 50
 #: Seconds a worker may take; a start may wait for a stop or a slow archive.
 WORKER_TIMEOUT = 180.0
 #: What keeps the user's own Python (user site-packages) out of the worker; a run goes without.
@@ -134,10 +130,7 @@ def summary(run_dir: Path, tail: bool = False) -> dict[str, Any]:
     result = run.get("result") or {}
     status = str(result.get("status") or "running")
     if result:
-        said = io.StringIO()
-        with contextlib.redirect_stderr(said):
-            shared.ending(run_dir, run)
-        sentence = said.getvalue().strip().removeprefix("casaspawner: ")
+        _, sentence = shared.ending_sentence(run_dir.name, run, str(run_dir))
     else:
         sentence = f"run {run_dir.name} is running; its output and CASA log go to {run_dir}."
     found = {
@@ -163,19 +156,13 @@ def summary(run_dir: Path, tail: bool = False) -> dict[str, Any]:
     return found
 
 
-def output_tail(path: Path, size: int = TAIL_BYTES) -> str:
-    """The last ``size`` bytes of a log, from a line's start; empty when there is none."""
+def output_tail(path: Path) -> str:
+    """The end of a run's log, from a line's start; empty when there is none."""
     try:
         with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            end = handle.tell()
-            handle.seek(max(0, end - size))
-            data = handle.read(size)
+            return shared.log_tail(handle)
     except OSError:
         return ""
-    if end > size:
-        data = data.partition(b"\n")[2]
-    return data.decode("utf-8", errors="replace")
 
 
 def list_runs() -> dict[str, Any]:
@@ -186,7 +173,7 @@ def list_runs() -> dict[str, Any]:
     except OSError:
         names = []
     runs = []
-    for name in names[:LIST_LIMIT]:
+    for name in names[: shared.LIST_LIMIT]:
         run_dir = index / name
         if (run_dir / shared.RUN_FILE).is_file():
             runs.append(summary(run_dir.resolve()))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import casaspawner
 from casaspawner.catalog.model import Catalog
@@ -37,6 +38,10 @@ ERROR_FILE = ".casaspawner-error"
 RUN_ENV = "CASASPAWNER_RUN"
 #: Exit statuses beside 0 (finished) and 2 (bad input).
 EXIT_FAILED, EXIT_LOST, EXIT_STOPPED = 1, 3, 130
+#: How much of the end of ``output.log`` a run's page shows, in bytes.
+TAIL_BYTES = 16_384
+#: How many runs the run pages list, newest first.
+LIST_LIMIT = 50
 #: The runner of scripts in modular CASA's Python.
 CASA_RUNNER = Path(casaspawner.__file__).resolve().parent / "insession" / "casa_run.py"
 
@@ -114,36 +119,39 @@ def ending(run_dir: Path, run: dict[str, Any], where: str | None = None) -> int:
 
     ``where`` is the run's directory as the user sees it (``run_dir`` when None).
     """
+    status, sentence = ending_sentence(run_dir.name, run, where or str(run_dir))
+    print(f"casaspawner: {sentence}", file=sys.stderr)
+    return status
+
+
+def ending_sentence(run_id: str, run: dict[str, Any], where: str) -> tuple[int, str]:
+    """How the run ended, as ``casaspawner run`` says it, and its exit status.
+
+    ``where`` is the run's directory as the user sees it.
+    """
     result = run["result"]
     status = result.get("status")
-    where = where or str(run_dir)
     if status == "finished":
-        print(
-            f"casaspawner: run {run_dir.name} finished; its CASA log, output and record are in "
-            f"{where}.",
-            file=sys.stderr,
-        )
-        return 0
+        return 0, (f"run {run_id} finished; its CASA log, output and record are in {where}.")
     if status == "stopped":
         why = f": {result['why']}" if result.get("why") else ""
-        print(
-            f"casaspawner: run {run_dir.name} was stopped{why}; what it wrote is in {where}.",
-            file=sys.stderr,
-        )
-        return EXIT_STOPPED
+        return EXIT_STOPPED, f"run {run_id} was stopped{why}; what it wrote is in {where}."
     if status == "lost":
         why = (
             result.get("why")
             or "its process ended without a result (killed, or the machine restarted)"
         )
-        print(
-            f"casaspawner: run {run_dir.name} was lost: {why}; what it wrote is in {where}.",
-            file=sys.stderr,
-        )
-        return EXIT_LOST
-    print(
-        f"casaspawner: run {run_dir.name} failed: {result.get('error')}; "
-        f"its CASA log and output are in {where}.",
-        file=sys.stderr,
+        return EXIT_LOST, f"run {run_id} was lost: {why}; what it wrote is in {where}."
+    return EXIT_FAILED, (
+        f"run {run_id} failed: {result.get('error')}; its CASA log and output are in {where}."
     )
-    return EXIT_FAILED
+
+
+def log_tail(handle: BinaryIO, size: int = TAIL_BYTES) -> str:
+    """The last ``size`` bytes of a run's log, from a line's start, as text."""
+    end = handle.seek(0, os.SEEK_END)
+    handle.seek(max(0, end - size))
+    data = handle.read(size)
+    if end > size:
+        data = data.partition(b"\n")[2]
+    return data.decode("utf-8", errors="replace")
