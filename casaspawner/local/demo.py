@@ -501,7 +501,7 @@ def run_hub(
     except KeyboardInterrupt:
         interrupted = True
         with lock:
-            say("Stopping the hub: it stops its services first, which takes up to half a minute.")
+            say("Stopping the hub and its services; sessions keep running.")
         # The hub has its own Ctrl-C.
         try:
             hub.wait(60)
@@ -537,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         "--storage", type=Path, default=None, help="the sessions' storage root (see storage_root)"
     )
     args = parser.parse_args(argv)
+    # Started in the background (`make demo &`), a shell leaves SIGINT ignored, and the hub and its
+    # services would inherit that (the idle culler then stops only when killed): Ctrl-C is ours.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     root = (args.dir or demo_dir()).resolve()
     storage = (args.storage or storage_root(root)).resolve()
     cache_dir = Path(os.environ.get("CASASPAWNER_ENVIRONMENTS_DIR") or runtime.cache_dir())

@@ -32,6 +32,7 @@ from casaspawner.catalog.model import Release, load_catalog
 from casaspawner.local import demo
 from casaspawner.local.demo import as_owner_of
 from casaspawner.local.environments import EnvironmentManager
+from casaspawner.local.processes import descendants
 from casaspawner.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -297,12 +298,23 @@ def test_demo_refuses_a_port_in_use_with_one_sentence(tmp_path: object) -> None:
     )
 
 
+def status_field(pid: int, name: str) -> str:
+    """A field of /proc/<pid>/status, such as ``SigIgn``."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next(line.split()[1] for line in lines if line.startswith(f"{name}:"))
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
 def test_demo_names_the_logins_after_the_hubs_start_up_lines_and_again_when_stopped(
     checkout: Path, cache_dir: Path, demo_release: Release, tmp_path: Path
 ) -> None:
     """``make demo`` as a newcomer meets it: the URL, the logins and the dataset come after the
     hub's own start-up lines, the hub answers, and Ctrl-C (SIGINT to the whole process group, as a
-    terminal sends it) stops the hub and says them again."""
+    terminal sends it) stops the hub and says them again. Started as a shell starts a background
+    job (``make demo &``: SIGINT ignored), neither the hub nor its services ignore Ctrl-C."""
     root = Path(tempfile.mkdtemp(prefix="casaspawner-demo-run-", dir="/tmp"))
     os.chmod(root, 0o755)
     port = free_port(count=4)
@@ -323,6 +335,7 @@ def test_demo_names_the_logins_after_the_hubs_start_up_lines_and_again_when_stop
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -344,6 +357,12 @@ def test_demo_names_the_logins_after_the_hubs_start_up_lines_and_again_when_stop
         assert not lines[start + len(banner) :], lines[start + len(banner) :]
         with urllib.request.urlopen(f"{url}hub/login", timeout=10) as response:
             assert response.status == 200
+        # The hub, casa-sessions and the idle culler (each in a session of its own).
+        below = descendants(process.pid)
+        assert len(below) >= 3, below
+        for pid in [process.pid, *below]:
+            ignored = int(status_field(pid, "SigIgn"), 16)
+            assert not ignored & (1 << (signal.SIGINT - 1)), (pid, cmdline(pid))
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(90) == 0
         lines = (tmp_path / "demo.out").read_text(errors="replace").splitlines()
