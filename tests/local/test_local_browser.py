@@ -254,7 +254,10 @@ def test_desktop_session_shows_a_ready_casa_window(
     while window_titles(display, xauthority).count("PlotMS") < 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert window_titles(display, xauthority).count("PlotMS") == 2
-    ms = next((home / demo.DEMO_PROJECT).rglob("*.ms"))
+    # The dataset's own MeasurementSet, not one a headless run of another test wrote beside it.
+    ms = min(
+        p for p in (home / demo.DEMO_PROJECT).rglob("*.ms") if "casaspawner-runs" not in p.parts
+    )
     launched = [
         argv
         for argv in (argv_of(pid) for pid in descendants(hub.session_pid()))
