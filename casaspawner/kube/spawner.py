@@ -9,6 +9,7 @@ KubeSpawner does all Kubernetes API work. Registered as the ``casa`` spawner
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -245,6 +246,8 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         self._handing_over: asyncio.Future[None] | None = None
         # What completes the stopped session's record, should it need it: pod, directory, plan.
         self._record_completion: tuple[dict[str, Any], str, SessionPlan] | None = None
+        # Whether the next poll looks for a token Secret an earlier hub process left unowned.
+        self._adopt_token_secret = False
         super().__init__(*args, **kwargs)
 
     @default("cmd")
@@ -412,6 +415,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         """
         self._token_secret_asked = self._token_secret_stored = False
         self._refusal = None
+        self._adopt_token_secret = False
         await self.token_secret_handed()
         try:
             url: str = await super()._start()
@@ -441,6 +445,51 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
                 self.pod_name,
                 exc,
             )
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        # A hub that stopped between storing a server's token Secret and handing it to the pod
+        # left it unowned; the first poll of the server in this process hands it over.
+        self._adopt_token_secret = True
+
+    async def poll(self) -> int | None:
+        """KubeSpawner's poll; the first of a running server also adopts its token Secret.
+
+        That is, once per server and hub process: see :meth:`adopt_token_secret`.
+        """
+        status: int | None = await super().poll()
+        if status is None and self._adopt_token_secret:
+            self._adopt_token_secret = False
+            await self.adopt_token_secret()
+        return status
+
+    async def adopt_token_secret(self) -> None:
+        """Hand the running pod its token Secret, if an earlier hub process left it unowned.
+
+        One read of the Secret; failures are only logged (the stop deletes the Secret anyway).
+        """
+        pod = self.pod_reflector.pods.get(f"{self.namespace}/{self.pod_name}")
+        name = objects.token_secret_name(self.pod_name)
+        if pod is None:
+            return
+        try:
+            secret = await asyncio.wait_for(
+                self.api.read_namespaced_secret(name, self.namespace),
+                self.k8s_api_request_timeout,
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                self.log.warning("Could not read the token Secret %s: %s", name, exc.reason)
+            return
+        except CONNECTION_ERRORS as exc:
+            self.log.warning("Could not read the token Secret %s (%s)", name, type(exc).__name__)
+            return
+        if secret.metadata.owner_references or "token" not in (secret.data or {}):
+            return
+        self.log.info("Handing the token Secret %s, left unowned, to its pod", name)
+        self._access_token = base64.b64decode(secret.data["token"]).decode()
+        self.pod_id = pod["metadata"]["uid"]
+        await self._hand_over_or_log()
 
     async def token_secret_handed(self) -> None:
         """Wait until the running pod owns its token Secret, or the hand-over gave up."""

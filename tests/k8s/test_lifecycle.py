@@ -2,7 +2,8 @@
 
 The token Secret is stored before the pod, so the kubelet finds it when it mounts the pod's
 volumes (no ``FailedMount``); once the pod runs the Secret is owned by it, so the real garbage
-collector deletes it with the pod; stopping leaves no pod, Secret or Service behind.
+collector deletes it with the pod (one a stopped hub left unowned is handed over by the next hub
+process); stopping leaves no pod, Secret or Service behind.
 """
 
 from __future__ import annotations
@@ -94,18 +95,63 @@ async def test_the_garbage_collector_deletes_the_token_secret_with_its_pod(hub, 
     await core.read_namespaced_secret(name, hub.namespace)
     # The pod goes without the hub (an admin, an eviction): the garbage collector does the rest.
     await core.delete_namespaced_pod(spawner.pod_name, hub.namespace, grace_period_seconds=0)
-
-    async def secret_gone() -> bool:
-        try:
-            await core.read_namespaced_secret(name, hub.namespace)
-        except ApiException as error:
-            return error.status == 404
-        return False
-
-    await eventually(secret_gone, 60, "the garbage collector did not delete the token Secret")
+    await eventually(
+        lambda: _secret_gone(core, name, hub.namespace),
+        60,
+        "the garbage collector did not delete the token Secret",
+    )
     await eventually(lambda: _stopped(spawner), 30, "poll() did not notice the pod was gone")
     await nothing_left(api, hub.namespace)
     await assert_no_failed_mount(api, hub.namespace)
+
+
+async def test_a_token_secret_a_stopped_hub_left_unowned_goes_to_the_pod_at_the_next_poll(
+    hub, api
+):
+    """The hub stops between storing the Secret and handing it over: the next hub process's
+    first poll of the server hands it to the pod, so the garbage collector still deletes it."""
+    spawner = hub.spawner()
+
+    async def hub_stopped_first() -> None:
+        return None
+
+    spawner.hand_token_secret_to_pod = hub_stopped_first
+    url, _ = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle9")})
+    assert isinstance(url, str), url
+    core = client.CoreV1Api(api)
+    name = spawner.token_secret_name
+    left = await core.read_namespaced_secret(name, hub.namespace)
+    assert not left.metadata.owner_references
+
+    state = json.loads(json.dumps(spawner.get_state()))
+    from kubespawner import KubeSpawner
+
+    await KubeSpawner._stop_all_reflectors()
+    restored = hub.spawner(user=alice(hub.token))
+    restored.load_state(state)
+    assert await restored.poll() is None
+    pod = await core.read_namespaced_pod(spawner.pod_name, hub.namespace)
+    secret = await core.read_namespaced_secret(name, hub.namespace)
+    assert [o.uid for o in secret.metadata.owner_references or []] == [pod.metadata.uid]
+    assert secret.immutable is True
+    assert base64.b64decode(secret.data["token"]).decode() == hub.token
+    await core.delete_namespaced_pod(spawner.pod_name, hub.namespace, grace_period_seconds=0)
+    await eventually(
+        lambda: _secret_gone(core, name, hub.namespace),
+        60,
+        "the garbage collector did not delete the adopted token Secret",
+    )
+    await eventually(lambda: _stopped(restored), 30, "poll() did not notice the pod was gone")
+    await nothing_left(api, hub.namespace)
+    await assert_no_failed_mount(api, hub.namespace)
+
+
+async def _secret_gone(core, name: str, namespace: str) -> bool:
+    try:
+        await core.read_namespaced_secret(name, namespace)
+    except ApiException as error:
+        return error.status == 404
+    return False
 
 
 async def _stopped(spawner) -> bool:
