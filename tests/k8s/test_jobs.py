@@ -371,6 +371,12 @@ def test_a_stopped_run_a_lost_one_and_one_past_its_deadline(cluster: Cluster, si
 # Runs from the spawn form: Jobs the hub creates as its own ServiceAccount
 #: What an operator applies beside Zero to JupyterHub's hub Role (docs/headless-form.md).
 RUNS_RBAC = REPO / "hub-config" / "z2jh" / "casa-runs-rbac.yaml"
+USER_NODES = {
+    "key": "hub.jupyter.org/dedicated",
+    "operator": "Equal",
+    "value": "user",
+    "effect": "NoSchedule",
+}
 BOB = User("bob", {"oauth_user": {**ALICE, "preferred_username": "bob", "uid": 41002}})
 
 
@@ -406,6 +412,10 @@ def form_runs(account: HubAccount, site: Site, user: Any) -> KubeRuns:
             storage_hub_path=str(site.cavern),
             project_group_pattern="proj-.*",
             image_registry=REGISTRY,
+            # What an operator sets for session pods (Zero to JupyterHub's userPods, say).
+            extra_labels={"hub.jupyter.org/network-access-hub": "true"},
+            node_selector={"kubernetes.io/os": "linux"},
+            tolerations=[USER_NODES],
         )
     return KubeRuns(spawner)
 
@@ -463,6 +473,14 @@ async def form_runs_as_alice(
     pod = job.spec.template.spec
     assert pod.security_context.run_as_user == ALICE["uid"]
     assert pod.containers[0].image == casa_image and not pod.automount_service_account_token
+    # Held to what a session may reach and where it may run: its labels (which Zero to
+    # JupyterHub's NetworkPolicy for user pods selects on) and its scheduling.
+    labels = job.spec.template.metadata.labels
+    assert labels["component"] == "singleuser-server", labels
+    assert labels["hub.jupyter.org/username"] == "alice", labels
+    assert labels["hub.jupyter.org/network-access-hub"] == "true", labels
+    assert pod.node_selector == {"kubernetes.io/os": "linux"}
+    assert [api.sanitize_for_serialization(t) for t in pod.tolerations] == [USER_NODES]
 
     ended = await until_ended(runs, restore, 400)
     assert ended["status"] == "finished", ended
