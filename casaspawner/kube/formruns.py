@@ -89,7 +89,7 @@ class KubeRuns:
             self.storage,
             patience=PATIENCE,
             say=self.spawner.log.warning,
-            again="regardless: load this page again in a minute",
+            again="if it started: look at your runs again in a minute",
         )
 
     async def _planned(
