@@ -54,8 +54,8 @@ $(CHP):
 chp: deps $(CHP)
 
 lint: venv
-	$(BIN)/ruff check casaspawner tests benchmarks images
-	$(BIN)/ruff format --check casaspawner tests benchmarks images
+	$(BIN)/ruff check casaspawner tests benchmarks images hub-config binder
+	$(BIN)/ruff format --check casaspawner tests benchmarks images hub-config binder
 
 typecheck: venv
 	$(BIN)/mypy casaspawner
