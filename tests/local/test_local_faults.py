@@ -369,7 +369,11 @@ def test_demo_names_the_logins_after_the_hubs_start_up_lines_and_again_when_stop
         assert lines[-len(banner) :] == banner, lines[-10:]
         assert "The hub has stopped; sessions keep running" in lines[-len(banner) - 1]
     finally:
-        # Whatever of the demo's process group is left (nothing, when it stopped as it should).
+        # Whatever of the demo is left (nothing, when it stopped as it should): its process group,
+        # and the hub's proxy and services, each in a session of its own.
+        for pid in descendants(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         if process.poll() is None:
