@@ -58,6 +58,8 @@ FORM_RUN_RULES: list[dict[str, list[str]]] = [
 ]
 #: The annotation (and, made a label value, the label) naming the run's user.
 RUN_USER = "run-user"
+#: The label Kubernetes gives a Job's pods: the Job's name.
+JOB_NAME = "batch.kubernetes.io/job-name"
 #: Seconds a page waits for an API server that does not answer.
 PATIENCE = 20.0
 #: Seconds Stop waits for the run to say it stopped.
@@ -248,14 +250,21 @@ class KubeRuns:
             found = await cluster.answer(
                 cluster.batch.list_namespaced_job, cluster.namespace, label_selector=selector
             )
+            # Their pods in one request, not one each.
+            pods = await cluster.answer(
+                cluster.core.list_namespaced_pod, cluster.namespace, label_selector=selector
+            )
         except ApiException as exc:
             raise CasaspawnerError(
                 f"Kubernetes refused to list your runs' Jobs in namespace {cluster.namespace}: "
                 f"{api_reason(exc)}."
             ) from None
+        by_job = {(p.metadata.labels or {}).get(JOB_NAME): p for p in pods.items}
         mine = [job for job in found.items if _user_of(job) == user]
         mine.sort(key=lambda job: annotation(_annotations(job), RUN_ID) or "", reverse=True)
-        return [await self._summary(cluster, job) for job in mine[: shared.LIST_LIMIT]]
+        return [
+            await self._summary(cluster, job, pods=by_job) for job in mine[: shared.LIST_LIMIT]
+        ]
 
     async def show(self, run_id: str) -> dict[str, Any]:
         cluster = self.cluster()
@@ -304,9 +313,17 @@ class KubeRuns:
         return job
 
     async def _summary(
-        self, cluster: Cluster, job: Any, tail: bool = False, deleted: bool = False
+        self,
+        cluster: Cluster,
+        job: Any,
+        tail: bool = False,
+        deleted: bool = False,
+        pods: dict[str | None, Any] | None = None,
     ) -> dict[str, Any]:
-        """A run's status and its sentence, from its file, else from its Job and pod."""
+        """A run's status and its sentence, from its file, else from its Job and pod.
+
+        ``pods`` are the runs' pods by Job name, when they were listed already.
+        """
         annotations = _annotations(job)
         run_id = annotation(annotations, RUN_ID) or job.metadata.name
         where = annotation(annotations, RUN_DIR) or ""
@@ -314,7 +331,8 @@ class KubeRuns:
         result = run.get("result") if isinstance(run.get("result"), dict) else None
         pod = None
         if result is None and not deleted:
-            pod = await cluster.pod(job.metadata.name)
+            name = job.metadata.name
+            pod = pods.get(name) if pods is not None else await cluster.pod(name)
             result = _pod_result(job, pod)
         if result is not None:
             _, sentence = shared.ending_sentence(run_id, {**run, "result": result}, where)
