@@ -94,15 +94,7 @@ async def test_the_garbage_collector_deletes_the_token_secret_with_its_pod(hub, 
     name = spawner.token_secret_name
     await core.read_namespaced_secret(name, hub.namespace)
     # The pod goes without the hub (an admin, an eviction): the garbage collector does the rest.
-    await core.delete_namespaced_pod(spawner.pod_name, hub.namespace, grace_period_seconds=0)
-    await eventually(
-        lambda: _secret_gone(core, name, hub.namespace),
-        60,
-        "the garbage collector did not delete the token Secret",
-    )
-    await eventually(lambda: _stopped(spawner), 30, "poll() did not notice the pod was gone")
-    await nothing_left(api, hub.namespace)
-    await assert_no_failed_mount(api, hub.namespace)
+    await pod_goes_without_the_hub(api, hub, spawner)
 
 
 async def test_a_token_secret_a_stopped_hub_left_unowned_goes_to_the_pod_at_the_next_poll(
@@ -135,23 +127,26 @@ async def test_a_token_secret_a_stopped_hub_left_unowned_goes_to_the_pod_at_the_
     assert [o.uid for o in secret.metadata.owner_references or []] == [pod.metadata.uid]
     assert secret.immutable is True
     assert base64.b64decode(secret.data["token"]).decode() == hub.token
+    await pod_goes_without_the_hub(api, hub, restored)
+
+
+async def pod_goes_without_the_hub(api, hub, spawner) -> None:
+    """Delete the session's pod behind the hub's back: its token Secret goes with it."""
+    core = client.CoreV1Api(api)
+    name = spawner.token_secret_name
     await core.delete_namespaced_pod(spawner.pod_name, hub.namespace, grace_period_seconds=0)
-    await eventually(
-        lambda: _secret_gone(core, name, hub.namespace),
-        60,
-        "the garbage collector did not delete the adopted token Secret",
-    )
-    await eventually(lambda: _stopped(restored), 30, "poll() did not notice the pod was gone")
+
+    async def secret_gone() -> bool:
+        try:
+            await core.read_namespaced_secret(name, hub.namespace)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    await eventually(secret_gone, 60, "the garbage collector did not delete the token Secret")
+    await eventually(lambda: _stopped(spawner), 30, "poll() did not notice the pod was gone")
     await nothing_left(api, hub.namespace)
     await assert_no_failed_mount(api, hub.namespace)
-
-
-async def _secret_gone(core, name: str, namespace: str) -> bool:
-    try:
-        await core.read_namespaced_secret(name, namespace)
-    except ApiException as error:
-        return error.status == 404
-    return False
 
 
 async def _stopped(spawner) -> bool:
