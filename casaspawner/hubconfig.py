@@ -144,6 +144,9 @@ class HubSettings:
     #: The form's *Run headless* button and the hub's run pages. On Kubernetes the hub's Role
     #: needs the rules of ``hub-config/z2jh/casa-runs-rbac.yaml`` too.
     headless_runs: bool = False
+    #: Apps of other CASA releases on Kubernetes desktops, as pods the hub creates. The hub's
+    #: Role needs the rules of ``hub-config/z2jh/casa-apps-rbac.yaml`` too.
+    desktop_apps: bool = False
 
     @property
     def notices_url(self) -> str:
@@ -330,6 +333,13 @@ def configure_services(c: Any, settings: HubSettings) -> None:
     c.JupyterHub.load_roles = _replace(_listed(c, "JupyterHub", "load_roles"), roles)
 
 
+def _add_handlers(c: Any, ours: list[tuple[str, Any]]) -> None:
+    """Add ``ours`` to the hub's own pages, replacing any of the same paths."""
+    paths = {handler[0] for handler in ours}
+    found = list(c.JupyterHub.extra_handlers) if "extra_handlers" in c.JupyterHub else []
+    c.JupyterHub.extra_handlers = [h for h in found if h[0] not in paths] + ours
+
+
 def configure_headless_runs(c: Any, settings: HubSettings) -> None:
     """The form's *Run headless* button and the hub's run pages, ``/hub/casa-runs/``.
 
@@ -337,13 +347,18 @@ def configure_headless_runs(c: Any, settings: HubSettings) -> None:
     """
     from casaspawner.services.runs import RUNS_PATH, run_handlers
 
-    ours = run_handlers()
-    paths = {handler[0] for handler in ours}
-    found = list(c.JupyterHub.extra_handlers) if "extra_handlers" in c.JupyterHub else []
-    c.JupyterHub.extra_handlers = [h for h in found if h[0] not in paths] + ours
+    _add_handlers(c, run_handlers())
     c.CASASessionMixin.headless_runs_url = str(
         url_path_join(settings.base_url, "hub", RUNS_PATH, "new")
     )
+
+
+def configure_desktop_apps(c: Any) -> None:
+    """Apps of other releases on Kubernetes desktops: the hub's ``/hub/api/casa-apps/``."""
+    from casaspawner.services.apps import app_handlers
+
+    _add_handlers(c, app_handlers())
+    c.CASASpawner.desktop_apps = True
 
 
 def configure_hub(c: Any, settings: HubSettings) -> None:
@@ -357,6 +372,8 @@ def configure_hub(c: Any, settings: HubSettings) -> None:
     configure_services(c, settings)
     if settings.headless_runs:
         configure_headless_runs(c, settings)
+    if settings.desktop_apps:
+        configure_desktop_apps(c)
 
 
 class HubConfigError(SystemExit):
@@ -442,6 +459,9 @@ def settings_from_environment(env: Mapping[str, str], *, cwd: str = ".") -> HubS
         headless_runs=_switch(
             env.get("CASA_HEADLESS_RUNS", ""), "The environment variable CASA_HEADLESS_RUNS"
         ),
+        desktop_apps=_switch(
+            env.get("CASA_DESKTOP_APPS", ""), "The environment variable CASA_DESKTOP_APPS"
+        ),
     )
 
 
@@ -515,5 +535,8 @@ def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
         cull=cull,
         headless_runs=_switch(
             casa.get("headlessRuns", False), "custom.casaspawner.headlessRuns in the Helm values"
+        ),
+        desktop_apps=_switch(
+            casa.get("desktopApps", False), "custom.casaspawner.desktopApps in the Helm values"
         ),
     )

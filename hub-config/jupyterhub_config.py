@@ -40,6 +40,9 @@
 #   CASA_HEADLESS_RUNS          true: the form's "Run headless" button and the hub's pages
 #                               /hub/casa-runs/ (default: false; on Kubernetes the hub's Role
 #                               needs hub-config/z2jh/casa-runs-rbac.yaml)
+#   CASA_DESKTOP_APPS           true: Kubernetes desktops add apps of other releases, pods the
+#                               hub creates (/hub/api/casa-apps/; default: false; the hub's
+#                               Role needs hub-config/z2jh/casa-apps-rbac.yaml)
 #
 # A number that is not a whole number (CASA_CULL_TIMEOUT=1h) stops the hub at start with one
 # sentence naming it.

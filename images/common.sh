@@ -183,6 +183,9 @@ install_casaspawner() {
     mkdir -p /opt/casaspawner
     rm -rf /opt/casaspawner/desktop
     ln -s "$package/insession/desktop" /opt/casaspawner/desktop
+    # jupyter-remote-desktop-proxy starts the first vncserver on PATH: ours, which picks the display
+    # and, for a desktop whose apps run in pods, listens on TCP too.
+    ln -sf /opt/casaspawner/desktop/bin/vncserver /usr/local/bin/vncserver
     rm -rf "$1"
 }
 

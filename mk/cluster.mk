@@ -17,6 +17,8 @@ export CLUSTER_FAKE_NODES
 # and release the images tier builds, so one build (cached in podman's storage) serves both.
 K8S_REGISTRY ?= localhost/casaspawner
 K8S_RELEASE ?= casa-6.6.5-31
+# The other release whose apps the end-to-end test adds to a K8S_RELEASE desktop.
+K8S_APP_RELEASE ?= casa-6.7.0-31
 
 .PHONY: cluster-build cluster-up cluster-down cluster-test k8s-images k8s-test bench-kube
 
@@ -38,9 +40,11 @@ cluster-down: deps
 cluster-test: venv chp
 	$(BIN)/pytest tests/k8s $(PYTEST_ARGS)
 
-# The session image of K8S_RELEASE, built or reused (`casaspawner images build`, docs/images.md).
+# The session images of K8S_RELEASE and K8S_APP_RELEASE, built or reused (`casaspawner images
+# build`, docs/images.md).
 k8s-images: venv
-	$(BIN)/casaspawner images build --base local --registry $(K8S_REGISTRY) --release $(K8S_RELEASE)
+	$(BIN)/casaspawner images build --base local --registry $(K8S_REGISTRY) \
+		--release $(K8S_RELEASE) --release $(K8S_APP_RELEASE)
 
 # The k8s tier on this machine's own cluster, as `make test` runs it: the cluster built and started
 # (or reused when it is running already), every test run and none skipped (a skip fails), then the

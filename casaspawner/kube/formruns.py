@@ -178,60 +178,18 @@ class KubeRuns:
                 ttl=jobs.DEFAULT_TTL,
                 settings=self.spawner.pod_settings(),
                 labels={
-                    **self.session_labels(),
+                    **self.spawner.user_pod_labels(),
                     f"{prefix}/{RUN_USER}": label_value(user) or "user",
                 },
                 annotations={f"{prefix}/{RUN_USER}": user},
             )
-            job["spec"]["template"]["spec"].update(self.scheduling())
+            job["spec"]["template"]["spec"].update(self.spawner.user_pod_scheduling())
             if await cluster.create(job):
                 self.spawner.log.info(
                     "Run %s of %s: Job %s", run_id, user, job["metadata"]["name"]
                 )
                 return run_id
         raise InvalidInput("Too many runs of this script this second; try again.")
-
-    def session_labels(self) -> dict[str, str]:
-        """The labels the user's session pods get (KubeSpawner's and the operator's).
-
-        Zero to JupyterHub's NetworkPolicy for user pods selects on them, so a run is held to
-        what a session may reach (no cloud metadata server, say).
-        """
-        spawner = self.spawner
-        labels: dict[str, str] = spawner._build_pod_labels(
-            spawner._expand_all(spawner.extra_labels)
-        )
-        return labels
-
-    def scheduling(self) -> dict[str, Any]:
-        """Where the user's session pods may run, for the run's pod: the same nodes.
-
-        The operator's node selector, tolerations, node affinity, scheduler and priority class
-        (Zero to JupyterHub's ``scheduling.userPods``, say).
-        """
-        spawner = self.spawner
-        found: dict[str, Any] = {}
-        if spawner.node_selector:
-            found["nodeSelector"] = dict(spawner.node_selector)
-        tolerations = spawner._sorted_dict_values(spawner.tolerations)
-        if tolerations:
-            found["tolerations"] = list(tolerations)
-        required = spawner._sorted_dict_values(spawner.node_affinity_required)
-        preferred = spawner._sorted_dict_values(spawner.node_affinity_preferred)
-        if required or preferred:
-            affinity: dict[str, Any] = {}
-            if required:
-                affinity["requiredDuringSchedulingIgnoredDuringExecution"] = {
-                    "nodeSelectorTerms": list(required)
-                }
-            if preferred:
-                affinity["preferredDuringSchedulingIgnoredDuringExecution"] = list(preferred)
-            found["affinity"] = {"nodeAffinity": affinity}
-        if spawner.scheduler_name:
-            found["schedulerName"] = spawner.scheduler_name
-        if spawner.priority_class_name:
-            found["priorityClassName"] = spawner.priority_class_name
-        return found
 
     async def runs(self) -> list[dict[str, Any]]:
         """The user's runs whose Jobs are there, newest first."""

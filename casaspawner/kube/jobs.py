@@ -140,20 +140,6 @@ def run_job(
         "CASASPAWNER_RECORD": record,
         "CASASPAWNER_RECORD_DIR": str(spec["run_dir"]),
     }
-    resources = plan.resources
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if resources.cpu_guarantee:
-        requests["cpu"] = _cores(resources.cpu_guarantee)
-    if resources.mem_guarantee:
-        requests["memory"] = resources.mem_guarantee
-    if resources.cpu_limit:
-        limits["cpu"] = _cores(resources.cpu_limit)
-    if resources.mem_limit:
-        limits["memory"] = resources.mem_limit
-    local_disk = ephemeral_storage(settings)
-    if local_disk:
-        limits[EPHEMERAL_STORAGE] = local_disk
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
@@ -162,7 +148,7 @@ def run_job(
         "env": [{"name": k, "value": v} for k, v in environment.items()],
         "securityContext": container_sc,
         "volumeMounts": list(mounts.values()),
-        "resources": {"requests": requests, "limits": limits},
+        "resources": container_resources(plan, settings),
         "terminationMessagePolicy": "File",
     }
     meta_labels = {**plan.labels, **labels}
@@ -192,6 +178,25 @@ def run_job(
             },
         },
     }
+
+
+def container_resources(plan: SessionPlan, settings: PodSettings) -> dict[str, Any]:
+    """The chosen size's requests and limits, with the pod's local disk, for a container."""
+    resources = plan.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if resources.cpu_guarantee:
+        requests["cpu"] = _cores(resources.cpu_guarantee)
+    if resources.mem_guarantee:
+        requests["memory"] = resources.mem_guarantee
+    if resources.cpu_limit:
+        limits["cpu"] = _cores(resources.cpu_limit)
+    if resources.mem_limit:
+        limits["memory"] = resources.mem_limit
+    local_disk = ephemeral_storage(settings)
+    if local_disk:
+        limits[EPHEMERAL_STORAGE] = local_disk
+    return {"requests": requests, "limits": limits}
 
 
 def _cores(value: float) -> str:

@@ -27,7 +27,7 @@ from traitlets import Bool, Dict, List, Unicode, default, validate
 
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
 from casaspawner.insession.record import entity
-from casaspawner.kube import api, events, objects, podsecurity
+from casaspawner.kube import api, apps, events, objects, podsecurity
 from casaspawner.kube.quantities import quantity_bytes
 from casaspawner.plan import SessionPlan
 from casaspawner.runtime import RECORD_ACTION_ID, RECORD_FILE
@@ -200,6 +200,19 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         """,
     ).tag(config=True)
 
+    desktop_apps = Bool(
+        False,
+        help="""
+        Let CASA desktops add apps of other catalog releases (plotms, the viewer, a CASA
+        terminal) from their menu. Each app runs in a pod of its release's image, as the user,
+        with the session's storage and no token, created by the hub's
+        ``/hub/api/casa-apps`` on a request carrying the session's own token; it draws on the
+        desktop's X server, which then also listens on TCP, guarded by an X cookie in the
+        user's home and by two NetworkPolicies that admit the session's own app pods alone.
+        The hub's ServiceAccount needs ``hub-config/z2jh/casa-apps-rbac.yaml``.
+        """,
+    ).tag(config=True)
+
     record_command = List(
         Unicode(),
         default_value=["python", "-m", "casaspawner.insession.record", "stop"],
@@ -335,6 +348,45 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             security_level=self.pod_security_level,
         )
 
+    def user_pod_labels(self) -> dict[str, str]:
+        """The labels the user's session pods get (KubeSpawner's and the operator's).
+
+        Zero to JupyterHub's NetworkPolicy for user pods selects on them, so the runs and apps
+        the hub starts for the user are held to what a session may reach (no cloud metadata
+        server, say).
+        """
+        labels: dict[str, str] = self._build_pod_labels(self._expand_all(self.extra_labels))
+        return labels
+
+    def user_pod_scheduling(self) -> dict[str, Any]:
+        """Where the user's session pods may run, as pod spec fields: the same nodes.
+
+        The operator's node selector, tolerations, node affinity, scheduler and priority class
+        (Zero to JupyterHub's ``scheduling.userPods``, say).
+        """
+        found: dict[str, Any] = {}
+        if self.node_selector:
+            found["nodeSelector"] = dict(self.node_selector)
+        tolerations = self._sorted_dict_values(self.tolerations)
+        if tolerations:
+            found["tolerations"] = list(tolerations)
+        required = self._sorted_dict_values(self.node_affinity_required)
+        preferred = self._sorted_dict_values(self.node_affinity_preferred)
+        if required or preferred:
+            affinity: dict[str, Any] = {}
+            if required:
+                affinity["requiredDuringSchedulingIgnoredDuringExecution"] = {
+                    "nodeSelectorTerms": list(required)
+                }
+            if preferred:
+                affinity["preferredDuringSchedulingIgnoredDuringExecution"] = list(preferred)
+            found["affinity"] = {"nodeAffinity": affinity}
+        if self.scheduler_name:
+            found["schedulerName"] = self.scheduler_name
+        if self.priority_class_name:
+            found["priorityClassName"] = self.priority_class_name
+        return found
+
     def apply_plan(self, plan: SessionPlan) -> None:
         super().apply_plan(plan)
         # The image's digest is known only once the pod runs; see image_id.
@@ -346,6 +398,8 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
                 plan, runtime, self.storage_layout(), self.measures_mount_path
             ),
         }
+        if self.desktop_apps and plan.options.interface == "desktop":
+            session |= apps.SESSION_ENVIRONMENT
         # KubeSpawner expands templates in the environment; the session's values are as written.
         self.environment = {**self.environment, **objects.literal(session)}
         fields = objects.session_fields(

@@ -14,6 +14,12 @@ session's ``$JUPYTERHUB_API_TOKEN``) says whether that release is drained: a dra
 app is refused with the operators' one sentence. When the service cannot be asked, the app
 starts, and why it could not is printed on stderr: the hub's drains refuse new sessions, they
 never stop work already running.
+
+On Kubernetes (``$CASASPAWNER_DESKTOP_APPS`` is ``hub``) another release's app runs in a pod of
+that release's image, which the hub creates: the menu lists the hub's releases
+(``GET $JUPYTERHUB_API_URL/casa-apps/<user>/<server>``, with the session's token), and a launch
+leaves the desktop's X cookie in the home for the app's pod (:func:`share_cookie`, mode 0600)
+and asks the hub to start it (``POST``), which refuses a drained release with one sentence.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import struct
 import subprocess
 import sys
+import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +47,8 @@ APPS = {
     "browser": "casabrowser",
     "logger": "logger",
 }
+#: The terminal of another release: its size, and no position (openbox places it).
+TERMINAL_GEOMETRY = "110x32"
 #: Seconds to wait for the casa-sessions service.
 TIMEOUT = 10.0
 
@@ -118,9 +129,39 @@ def menu_xml(releases: Sequence[dict[str, Any]], own: str, casa_app: str) -> str
 def drain_refusal(url: str, token: str, release_id: str, timeout: float = TIMEOUT) -> str | None:
     """The operators' sentence refusing ``release_id``, or None while it is not drained.
 
-    Asked of casa-sessions' ``api/releases`` with the session's token. A redirect is not
-    followed (the token would go along) and counts, like any other failure, as an
-    ``OSError`` or ``ValueError`` saying what went wrong.
+    Asked of casa-sessions' ``api/releases`` with the session's token (:func:`ask_hub`). Any
+    failure is an ``OSError`` or ``ValueError`` saying what went wrong.
+    """
+    try:
+        body = ask_hub(url, token, timeout=timeout)
+    except Refused as refused:
+        raise OSError(f"{url} refused: {refused}") from None
+    releases = body.get("releases") if isinstance(body, dict) else None
+    if not isinstance(releases, list):
+        raise ValueError(f"{url} did not list releases")
+    for entry in releases:
+        if isinstance(entry, dict) and entry.get("id") == release_id and entry.get("drained"):
+            return str(entry.get("refusal") or f"{release_id} is being drained by the operators.")
+    return None
+
+
+def hub_apps_url(environ: Mapping[str, str]) -> str:
+    """The hub's ``casa-apps`` API of this session's server, or empty when apps are local."""
+    if environ.get("CASASPAWNER_DESKTOP_APPS") != "hub":
+        return ""
+    base = environ.get("JUPYTERHUB_API_URL", "").rstrip("/")
+    user = urllib.parse.quote(environ.get("JUPYTERHUB_USER", ""), safe="")
+    server = urllib.parse.quote(environ.get("JUPYTERHUB_SERVER_NAME", ""), safe="")
+    return f"{base}/casa-apps/{user}/{server}" if base and user else ""
+
+
+def ask_hub(
+    url: str, token: str, body: Mapping[str, Any] | None = None, timeout: float = TIMEOUT
+) -> Any:
+    """The hub's JSON answer to a GET (or, with ``body``, a POST) of ``url``.
+
+    A refusal raises :class:`Refused` with the hub's sentence; a hub that cannot be asked,
+    ``OSError`` or ``ValueError``. Redirects are not followed (the token would go along).
     """
 
     class NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -129,22 +170,119 @@ def drain_refusal(url: str, token: str, release_id: str, timeout: float = TIMEOU
 
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"{url} is not an http(s) URL")
-    # The URL is the hub's, from the session's environment, and http(s).
     headers = {"Authorization": f"token {token}"}
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    # The URL is the hub's, from the session's environment, and http(s).
+    request = urllib.request.Request(url, data=data, headers=headers)  # noqa: S310
     opener = urllib.request.build_opener(NoRedirects)
     try:
         with opener.open(request, timeout=timeout) as response:
-            body = json.loads(response.read(1 << 20))
+            return json.loads(response.read(1 << 20))
     except urllib.error.HTTPError as error:
-        raise OSError(f"{url} answered HTTP {error.code}") from None
-    releases = body.get("releases") if isinstance(body, dict) else None
-    if not isinstance(releases, list):
-        raise ValueError(f"{url} did not list releases")
-    for entry in releases:
-        if isinstance(entry, dict) and entry.get("id") == release_id and entry.get("drained"):
-            return str(entry.get("refusal") or f"{release_id} is being drained by the operators.")
-    return None
+        try:
+            message = json.loads(error.read(1 << 16)).get("message")
+        except (OSError, ValueError, AttributeError):
+            message = None
+        if isinstance(message, str) and message and 400 <= error.code < 500:
+            raise Refused(message) from None
+        raise OSError(f"the hub answered HTTP {error.code}") from None
+
+
+def display_number(display: str) -> int:
+    """The X display number of ``$DISPLAY`` (``:21`` or ``:21.0``); ValueError otherwise."""
+    host, _, rest = display.rpartition(":")
+    if host or not rest:
+        raise ValueError(f"DISPLAY {display!r} is not a local display")
+    return int(rest.split(".", 1)[0])
+
+
+def _entries(data: bytes) -> list[tuple[int, bytes, bytes, bytes, bytes]]:
+    """The entries of an Xauthority file: family, address, display number, name, data."""
+    found, at = [], 0
+    while at + 2 <= len(data):
+        (family,) = struct.unpack_from(">H", data, at)
+        at += 2
+        fields = []
+        for _ in range(4):
+            (size,) = struct.unpack_from(">H", data, at)
+            fields.append(data[at + 2 : at + 2 + size])
+            at += 2 + size
+        found.append((family, fields[0], fields[1], fields[2], fields[3]))
+    return found
+
+
+def share_cookie(source: Path, target: Path, number: int) -> None:
+    """Leave display ``number``'s X cookie from ``source`` at ``target``, for any address.
+
+    The app's pod reaches the display over TCP at the session pod's address, which the
+    desktop's own entries (this host's name) do not name: the copy is a wildcard entry
+    (family 0xFFFF), readable by the user alone.
+    """
+    try:
+        entries = _entries(source.read_bytes())
+    except (OSError, struct.error) as exc:
+        raise Refused(f"The desktop's X cookie could not be read: {exc}.") from None
+    wanted = str(number).encode()
+    cookie = next((e for e in entries if e[2] == wanted and e[4]), None)
+    if cookie is None:
+        raise Refused(f"The desktop's X cookie for display :{number} is not in {source}.")
+    _, _, display, name, data = cookie
+    record = struct.pack(">H", 0xFFFF)
+    for field in (b"", display, name, data):
+        record += struct.pack(">H", len(field)) + field
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".xauthority.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(record)
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def hub_menu(environ: Mapping[str, str], casa_app: str) -> str:
+    """The pipe menu from the hub's list of releases; one item saying why when it cannot."""
+    url = hub_apps_url(environ)
+    try:
+        answer = ask_hub(url, environ.get("JUPYTERHUB_API_TOKEN", ""), timeout=5.0)
+        releases = answer.get("releases") if isinstance(answer, dict) else None
+        if not isinstance(releases, list):
+            raise ValueError(f"{url} did not list releases")
+    except (Refused, OSError, ValueError) as exc:
+        item = _label(f"The hub could not list the other releases: {exc}")
+        return f"<openbox_pipe_menu>\n  <item label={item}/>\n</openbox_pipe_menu>\n"
+    listed = [r for r in releases if isinstance(r, dict) and isinstance(r.get("id"), str)]
+    own = environ.get("CASASPAWNER_RELEASE", "")
+    return menu_xml(listed, own, casa_app)
+
+
+def hub_launch(release_id: str, app: str, environ: Mapping[str, str]) -> str:
+    """Ask the hub to start ``app`` of ``release_id`` in a pod; the pod's name.
+
+    The X cookie goes first to ``~/.casaspawner/desktop/<this pod>.xauthority``, where the
+    hub's app pod looks for it. Raises :class:`Refused` with the sentence to show.
+    """
+    if app not in APPS:
+        raise Refused(f"casa-app: unknown tool '{app}' ({', '.join(APPS)}).")
+    home = Path(environ.get("HOME") or Path.home())
+    try:
+        number = display_number(environ.get("DISPLAY", ""))
+    except ValueError as exc:
+        raise Refused(f"{exc}; open the app from the desktop's menu.") from None
+    source = Path(environ.get("XAUTHORITY") or home / ".Xauthority")
+    host = environ.get("HOSTNAME") or os.uname().nodename
+    share_cookie(source, home / ".casaspawner" / "desktop" / f"{host}.xauthority", number)
+    body = {"release": release_id, "app": app, "display": number}
+    url = hub_apps_url(environ)
+    try:
+        answer = ask_hub(url, environ.get("JUPYTERHUB_API_TOKEN", ""), body)
+    except (OSError, ValueError) as exc:
+        raise Refused(f"The hub could not be asked to start {APPS[app]}: {exc}.") from None
+    return str(answer.get("pod") if isinstance(answer, dict) else "")
 
 
 def release_environment(
@@ -171,6 +309,7 @@ def release_environment(
             "CASASPAWNER_REASON": (
                 f"{label}, added from the desktop menu beside this session's {own_name}."
             ),
+            "CASASPAWNER_TERMINAL_GEOMETRY": TERMINAL_GEOMETRY,
         }
     )
     env.pop("CASASPAWNER_PIPELINE", None)
@@ -237,6 +376,9 @@ def show(title: str, sentence: str) -> None:
 def main(argv: Sequence[str]) -> int:
     here = Path(__file__).resolve().parent
     casa_app = str(here / "casa-app")
+    if list(argv[:1]) == ["menu"] and hub_apps_url(os.environ):
+        sys.stdout.write(hub_menu(os.environ, casa_app))
+        return 0
     if list(argv[:1]) == ["menu"]:
         releases = load_releases(os.environ.get("CASASPAWNER_RELEASES_FILE", ""))
         own = os.environ.get("CASASPAWNER_RELEASE", "")
@@ -244,6 +386,14 @@ def main(argv: Sequence[str]) -> int:
         return 0
     if len(argv) == 3 and argv[0] == "launch":
         release_id, app = argv[1], argv[2]
+        if hub_apps_url(os.environ):
+            try:
+                pod = hub_launch(release_id, app, os.environ)
+            except Refused as refused:
+                show(f"{refused.title}: not started", str(refused))
+                return 1
+            print(f"casa-app: {app} of {release_id} starts in pod {pod}.", file=sys.stderr)
+            return 0
         try:
             _release, env = prepare_launch(release_id, app, os.environ)
         except Refused as refused:

@@ -1,0 +1,223 @@
+"""Apps of other CASA releases on a Kubernetes desktop: pods the hub creates for the user.
+
+The desktop's menu asks the hub (:mod:`casaspawner.services.apps`) with the session's own token.
+:class:`KubeApps` lists the releases the user's :class:`~casaspawner.kube.spawner.CASASpawner`
+can run, with the operators' drains, and starts an app of one of them: it plans the session's
+dataset with that release as the spawner plans a session (the operator's catalog, sizes, images,
+storage, the user's identity from the login), and creates, as the hub's ServiceAccount, the two
+NetworkPolicies of :func:`casaspawner.kube.apps.desktop_policies` and the app's pod
+(:func:`casaspawner.kube.apps.app_pod`), both owned by the session pod. The session pod itself
+has no Kubernetes rights. Beyond Zero to JupyterHub's hub Role, the account needs
+:data:`casaspawner.kube.apps.APP_RULES` (``hub-config/z2jh/casa-apps-rbac.yaml``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from pathlib import PurePosixPath
+from typing import Any
+
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.kube import apps
+from casaspawner.kube.podsecurity import pod_security_sentence, pod_security_violations
+from casaspawner.kube.runs import HOPELESS, Cluster, api_reason
+from casaspawner.session.prepare import prepare
+
+#: Seconds a request waits for an API server that does not answer.
+PATIENCE = 15.0
+#: Seconds a request waits for the app's pod to run: a pod still pulling its image goes on.
+START_WAIT = 40.0
+#: Seconds between two looks at a starting pod.
+POLL = 0.5
+RBAC_SENTENCE = (
+    "This hub may not create the NetworkPolicies that guard your desktop's X server; the "
+    "operators allow it with hub-config/z2jh/casa-apps-rbac.yaml."
+)
+
+
+class KubeApps:
+    """Apps of other releases on one user's running CASA desktop, as pods the hub creates.
+
+    ``spawner`` is the :class:`~casaspawner.kube.spawner.CASASpawner` of the desktop's server.
+    """
+
+    def __init__(self, spawner: Any) -> None:
+        self.spawner = spawner
+        self.cluster = Cluster(
+            spawner.api.api_client,
+            spawner.namespace,
+            patience=PATIENCE,
+            say=spawner.log.warning,
+            again="if it was asked to: look for its window in a minute",
+        )
+
+    async def releases(self) -> dict[str, Any]:
+        """The releases whose apps the desktop may add, newest CASA first, drains marked."""
+        session = await self.session_pod()
+        own = session.labels.get(f"{self.spawner.label_prefix}/release", "")
+        catalog = self.spawner.casa_catalog()
+        drained = await self.spawner.blocked_release_messages()
+        listed = sorted(catalog.available(), key=lambda r: r.casa_version._key(), reverse=True)
+        return {
+            "own": own,
+            "releases": [
+                {
+                    "id": release.id,
+                    "label": release.label,
+                    "casa": release.casa,
+                    "kernel_name": release.kernel_name,
+                    "apps": apps.image_apps(release),
+                    "drained": release.id in drained and release.id != own,
+                    "refusal": drained.get(release.id) or None,
+                }
+                for release in listed
+            ],
+        }
+
+    async def session_pod(self) -> apps.SessionPod:
+        """The server's pod, running a CASA desktop; one sentence otherwise."""
+        spawner = self.spawner
+        try:
+            pod = await self.cluster.answer(
+                self.cluster.core.read_namespaced_pod, spawner.pod_name, spawner.namespace
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                raise InvalidInput(
+                    "Your session's pod is gone; start the session again."
+                ) from None
+            raise CasaspawnerError(
+                f"Kubernetes refused to show your session's pod: {api_reason(exc)}."
+            ) from None
+        labels = dict(pod.metadata.labels or {})
+        if labels.get(f"{spawner.label_prefix}/interface") != "desktop":
+            raise InvalidInput("Apps of other CASA releases open on a CASA desktop session only.")
+        if pod.status.phase != "Running" or not pod.status.pod_ip:
+            raise InvalidInput("Your session's pod is not running; wait for it, or start again.")
+        return apps.SessionPod(pod.metadata.name, pod.metadata.uid, pod.status.pod_ip, labels)
+
+    async def launch(self, release_id: str, app: str, display: int) -> str:
+        """Start ``app`` of ``release_id`` on the desktop's ``display``; the app pod's name.
+
+        Refused with one sentence: not a desktop, an unknown or drained release, an app its
+        image does not have, a display number out of range, a hub without the RBAC.
+        """
+        spawner = self.spawner
+        if display not in apps.DISPLAYS:
+            raise InvalidInput(f"The X display must be a number from 0 to {apps.DISPLAYS[-1]}.")
+        session = await self.session_pod()
+        catalog = spawner.casa_catalog()
+        if release_id not in catalog or not catalog.get(release_id).available:
+            raise InvalidInput(
+                f"CASA release {release_id[:60]} is not one this hub runs; the desktop menu "
+                "lists those that are."
+            )
+        release = catalog.get(release_id)
+        if app not in apps.image_apps(release):
+            raise InvalidInput(f"{app[:20]} is not part of the {release.label} image.")
+        options = dict(spawner.user_options or {})
+        wanted = {"dataset": options.get("dataset"), "size": options.get("size")}
+        wanted |= {"release": release_id, "interface": "lab"}
+        plan = await prepare(
+            {k: v for k, v in wanted.items() if v}, spawner.session_settings(), spawner
+        )
+        own = session.labels.get(f"{spawner.label_prefix}/release", "")
+        own_label = catalog.get(own).label if own in catalog else "CASA"
+        pod = apps.app_pod(
+            plan,
+            spawner.pod_settings(),
+            name=apps.app_pod_name(session.name, release_id, app, secrets.token_hex(4)),
+            app=app,
+            session=session,
+            display=display,
+            own_label=own_label,
+            desktop_dir=str(
+                PurePosixPath(spawner.session_settings().plan.desktop_xstartup).parent
+            ),
+            labels=spawner.user_pod_labels(),
+        )
+        pod["spec"].update(spawner.user_pod_scheduling())
+        level = spawner.pod_security_level
+        sentence = pod_security_sentence(pod_security_violations(pod, level), level)
+        if sentence:
+            raise InvalidInput(sentence)
+        await self.guard(session)
+        try:
+            await self.cluster.answer(
+                self.cluster.core.create_namespaced_pod, spawner.namespace, pod
+            )
+        except ApiException as exc:
+            raise InvalidInput(
+                f"Kubernetes refused the {app} pod of {release.label}: {api_reason(exc)}."
+            ) from None
+        name = str(pod["metadata"]["name"])
+        await self.started(name, f"{apps.APP_TITLES[app]} of {release.label}")
+        spawner.log.info(
+            "%s of %s on %s's desktop: pod %s", app, release.id, spawner.user.name, name
+        )
+        return name
+
+    async def started(self, name: str, what: str) -> None:
+        """Wait up to ``START_WAIT`` s for app pod ``name`` to run; one sentence if it cannot.
+
+        A pod whose image cannot be pulled (or whose container cannot be made) is deleted and
+        said so; one that ended at once says how. Still waiting (a slow pull, say), it goes on.
+        """
+        namespace = self.spawner.namespace
+        deadline = time.monotonic() + START_WAIT
+        while time.monotonic() < deadline:
+            try:
+                pod = await self.cluster.answer(
+                    self.cluster.core.read_namespaced_pod, name, namespace
+                )
+            except ApiException as exc:
+                raise InvalidInput(f"The {what} is gone: {api_reason(exc)}.") from None
+            phase = pod.status.phase if pod.status else None
+            waiting = next(
+                (
+                    s.state.waiting
+                    for s in (pod.status.container_statuses or [])
+                    if s.state and s.state.waiting
+                ),
+                None,
+            )
+            if phase == "Running":
+                return
+            if phase in ("Succeeded", "Failed"):
+                raise InvalidInput(
+                    f"The {what} ended as soon as it started; its pod {name} says why."
+                )
+            if waiting is not None and waiting.reason in HOPELESS:
+                with contextlib.suppress(ApiException):
+                    await self.cluster.core.delete_namespaced_pod(name, namespace)
+                detail = " ".join(str(waiting.message or "").split())[:200]
+                raise InvalidInput(
+                    f"The {what} could not start ({waiting.reason}{': ' if detail else ''}"
+                    f"{detail})."
+                )
+            await asyncio.sleep(POLL)
+
+    async def guard(self, session: apps.SessionPod) -> None:
+        """Create the desktop's two NetworkPolicies, unless they are there already."""
+        from kubernetes_asyncio import client
+
+        networking = client.NetworkingV1Api(self.cluster.api)
+        prefix = self.spawner.label_prefix
+        for policy in apps.desktop_policies(session, prefix):
+            try:
+                await self.cluster.answer(
+                    networking.create_namespaced_network_policy, self.spawner.namespace, policy
+                )
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue
+                if exc.status == 403:
+                    raise InvalidInput(RBAC_SENTENCE) from None
+                raise InvalidInput(
+                    f"Kubernetes refused the NetworkPolicy of your desktop: {api_reason(exc)}."
+                ) from None
