@@ -484,3 +484,24 @@ def test_headless_runs_are_off_until_both_deployments_turn_them_on(values, chart
     assert str(error.value) == (
         "The environment variable CASA_HEADLESS_RUNS must be true or false, not 'sometimes'."
     )
+
+
+def test_desktop_apps_are_off_until_both_deployments_turn_them_on(values, chart, monkeypatch):
+    """desktopApps / CASA_DESKTOP_APPS add the hub's casa-apps API and turn the spawner's
+    desktop_apps on; off by default, since the chart's hub Role needs casa-apps-rbac.yaml."""
+
+    def apps(c: Config) -> tuple[list[str], bool]:
+        handlers = c.JupyterHub.extra_handlers if "extra_handlers" in c.JupyterHub else []
+        return [h[0] for h in handlers], bool(c.CASASpawner.get("desktop_apps", False))
+
+    assert apps(chart_config(values, chart[1])) == ([], False)
+    assert apps(standalone_config(monkeypatch, {})) == ([], False)
+    on = chart_config(merge(values, {"custom": {"casaspawner": {"desktopApps": True}}}), chart[1])
+    assert apps(on) == apps(standalone_config(monkeypatch, {"CASA_DESKTOP_APPS": "1"}))
+    paths, enabled = apps(on)
+    assert paths == ["/api/casa-apps/(?P<user_name>[^/]+)/(?P<server_name>[^/]*)"] and enabled
+    with pytest.raises(hubconfig.HubConfigError) as error:
+        chart_config(merge(values, {"custom": {"casaspawner": {"desktopApps": "often"}}}), chart[1])
+    assert str(error.value) == (
+        "custom.casaspawner.desktopApps in the Helm values must be true or false, not 'often'."
+    )

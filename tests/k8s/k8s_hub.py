@@ -381,8 +381,10 @@ def one_sentence(message: str) -> bool:
     )
 
 
-async def run_in_pod(cluster: Any, namespace: str, pod: str, command: list[str]) -> str:
-    """What ``command`` prints (stdout and stderr) in the pod's main container, stripped.
+async def run_in_pod(
+    cluster: Any, namespace: str, pod: str, command: list[str], container: str = "notebook"
+) -> str:
+    """What ``command`` prints (stdout and stderr) in the pod's ``container``, stripped.
 
     The websocket client runs the output through its JSON reader, so compare stripped text.
     """
@@ -390,7 +392,7 @@ async def run_in_pod(cluster: Any, namespace: str, pod: str, command: list[str])
         output = await client.CoreV1Api(ws).connect_get_namespaced_pod_exec(
             pod,
             namespace,
-            container="notebook",
+            container=container,
             command=command,
             stdout=True,
             stderr=True,

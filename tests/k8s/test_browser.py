@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from k8s_hub import (
     run_in_pod,
 )
 from kubernetes_asyncio import client
+from support.browser import choose_from_menu, menu_commands, screenshot_path
 
 from casaspawner.catalog import load_catalog
 from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
@@ -63,6 +65,9 @@ HELLO = (
     "import os, casatools\nprint('run as', os.getuid(), 'in CASA', casatools.version_string())\n"
 )
 RUNS_RBAC = REPO / "hub-config" / "z2jh" / "casa-runs-rbac.yaml"
+APPS_RBAC = REPO / "hub-config" / "z2jh" / "casa-apps-rbac.yaml"
+#: The release whose apps the desktop adds (mk/cluster.mk's K8S_APP_RELEASE).
+APP_RELEASE = "casa-6.7.0-31"
 #: xstartup's xsetroot colour.
 DESKTOP_BACKGROUND = (0x24, 0x36, 0x4B)
 #: Keeps what the spawn-progress page showed (it reloads into the session when ready).
@@ -91,9 +96,8 @@ def release() -> Any:
     return load_catalog().get(RELEASE)
 
 
-@pytest.fixture(scope="module")
-def casa_image(cluster: Cluster, release: Any) -> str:
-    """The CASA image of ``RELEASE`` the images tier builds, put into the cluster's containerd."""
+def imported(cluster: Cluster, release: Any) -> str:
+    """The CASA image of ``release`` that `make k8s-images` builds, put into containerd."""
     image = image_for(release, PlanConfig(image_registry=REGISTRY))
     if not cluster.own:
         pytest.skip("the end-to-end test imports its image into the repository's own cluster")
@@ -103,6 +107,17 @@ def casa_image(cluster: Cluster, release: Any) -> str:
     )
     cluster.import_image(image)
     return image
+
+
+@pytest.fixture(scope="module")
+def casa_image(cluster: Cluster, release: Any) -> str:
+    """The CASA image of ``RELEASE``, in the cluster's containerd."""
+    return imported(cluster, release)
+
+
+@pytest.fixture(scope="module")
+def app_release() -> Any:
+    return load_catalog().get(APP_RELEASE)
 
 
 @dataclass
@@ -163,9 +178,11 @@ def site(cluster: Cluster, measures: Path, release: Any) -> Iterator[Site]:
         account = await create_hub_account(api, namespace, cluster.kubeconfig, work)
         # What the operator applies for the form's runs, beside the chart's hub Role.
         rbac = client.RbacAuthorizationV1Api(api)
-        role, binding = yaml.safe_load_all(RUNS_RBAC.read_text())
-        await rbac.create_namespaced_role(namespace, role)
-        await rbac.create_namespaced_role_binding(namespace, binding)
+        # And for the desktops' apps of other releases.
+        for path in (RUNS_RBAC, APPS_RBAC):
+            role, binding = yaml.safe_load_all(path.read_text())
+            await rbac.create_namespaced_role(namespace, role)
+            await rbac.create_namespaced_role_binding(namespace, binding)
         volumes = await bind_storage(api, namespace, cavern, measures)
         return Site(account, cavern, volumes)
 
@@ -210,6 +227,7 @@ def hub(cluster: Cluster, site: Site, casa_image: str, workdir: Path) -> Iterato
                 "CASA_STORAGE_HUB_PATH": str(site.cavern),
                 "CASA_START_TIMEOUT": "600",
                 "CASA_HEADLESS_RUNS": "true",
+                "CASA_DESKTOP_APPS": "true",
             },
         )
         try:
@@ -389,30 +407,13 @@ def test_desktop_session_shows_a_ready_casa_window(
     page.wait_for_function(
         "(document.querySelector('#status') || {}).textContent === 'Connected'", timeout=120_000
     )
-    # The X server of the session, found among its processes.
-    processes = in_pod(cluster, hub, ["ps", "-eo", "args"]).splitlines()
-    xvnc = next(p for p in processes if p.split()[0].endswith("Xtigervnc"))
-    display = next(part for part in xvnc.split() if part.startswith(":"))
-    words = xvnc.split()
-    auth = words[words.index("-auth") + 1] if "-auth" in words else ""
-    x11 = ["env", f"DISPLAY={display}", f"XAUTHORITY={auth}"]
-
+    x11 = desktop_x11(cluster, hub)
     # The CASA terminal takes the build's name as its title only once casatools is loaded.
-    deadline = time.monotonic() + 180
-    tree = ""
-    while time.monotonic() < deadline:
-        tree = in_pod(cluster, hub, [*x11, "xwininfo", "-root", "-tree"])
-        if f'"{label}"' in tree and f'"{label} tools"' in tree:
-            break
-        time.sleep(2)
+    tree = wait_for_windows(cluster, hub, x11, f'"{label}"', f'"{label} tools"')
     assert f'"{label}"' in tree, tree[-3000:]
     assert f'"{label} tools"' in tree, tree[-3000:]
     assert f"{label}: start-up failed" not in tree
-    info = in_pod(cluster, hub, [*x11, "xwininfo", "-name", label])
-    pairs = (line.split(":", 1) for line in info.splitlines() if ":" in line)
-    field = {key.strip(): value.strip() for key, value in pairs}
-    x, y = int(field["Absolute upper-left X"]), int(field["Absolute upper-left Y"])
-    width, height = int(field["Width"]), int(field["Height"])
+    x, y, width, height = window_box(cluster, hub, x11, label)
     # The canvas catches up with the X server.
     page.wait_for_timeout(1500)
     pixels = canvas_region(page, x, y, width, height)
@@ -421,6 +422,49 @@ def test_desktop_session_shows_a_ready_casa_window(
         f"no text in the CASA terminal: {pixels}"
     )
     page.close()
+
+
+def desktop_x11(cluster: Cluster, hub: HubProcess) -> list[str]:
+    """``env DISPLAY=… XAUTHORITY=…`` of the session's X server, found among its processes."""
+    processes = in_pod(cluster, hub, ["ps", "-eo", "args"]).splitlines()
+    xvnc = next(p for p in processes if p.split()[0].endswith("Xtigervnc"))
+    display = next(part for part in xvnc.split() if part.startswith(":"))
+    words = xvnc.split()
+    auth = words[words.index("-auth") + 1] if "-auth" in words else ""
+    return ["env", f"DISPLAY={display}", f"XAUTHORITY={auth}"]
+
+
+def window_box(
+    cluster: Cluster, hub: HubProcess, x11: list[str], name: str
+) -> tuple[int, int, int, int]:
+    """Where the window ``name`` is on the session's display: x, y, width, height."""
+    info = in_pod(cluster, hub, [*x11, "xwininfo", "-name", name])
+    pairs = (line.split(":", 1) for line in info.splitlines() if ":" in line)
+    field = {key.strip(): value.strip() for key, value in pairs}
+    x, y = int(field["Absolute upper-left X"]), int(field["Absolute upper-left Y"])
+    return x, y, int(field["Width"]), int(field["Height"])
+
+
+def covered(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """The share of box ``a`` (x, y, width, height) that box ``b`` covers."""
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(0, width) * max(0, height) / (a[2] * a[3])
+
+
+def wait_for_windows(
+    cluster: Cluster, hub: HubProcess, x11: list[str], *names: str, timeout: float = 180
+) -> str:
+    """The session display's window tree once it names every one of ``names`` (or the time is
+    up)."""
+    deadline = time.monotonic() + timeout
+    tree = ""
+    while time.monotonic() < deadline:
+        tree = in_pod(cluster, hub, [*x11, "xwininfo", "-root", "-tree"])
+        if all(name in tree for name in names):
+            break
+        time.sleep(2)
+    return tree
 
 
 def test_a_killed_session_has_its_record_completed_by_a_pod_as_the_user(
@@ -515,6 +559,132 @@ def test_run_headless_from_the_form_is_a_job_as_alice(
         lambda api: client.BatchV1Api(api).list_namespaced_job(site.account.namespace),
     )
     assert [j.metadata.annotations["casaspawner.io/run-id"] for j in runs.items] == [run_id]
+
+
+def test_an_app_of_another_release_joins_the_desktop_from_a_pod_of_its_own(
+    cluster: Cluster,
+    hub: HubProcess,
+    browser: Any,
+    release: Any,
+    app_release: Any,
+    site: Site,
+    tmp_path: Path,
+) -> None:
+    """From the desktop's menu through noVNC, the CASA terminal of another release: the hub
+    creates a pod of that release's image as alice, whose window opens on the session's X
+    server through its cookie; the session pod itself has no Kubernetes rights."""
+    app_image = imported(cluster, app_release)
+    page = login(browser, hub)
+    submit_form(page, hub, "desktop")
+    wait_for_session(page, hub, "/desktop/")
+    page.wait_for_function(
+        "(document.querySelector('#status') || {}).textContent === 'Connected'", timeout=120_000
+    )
+    namespace, session = pod_of(hub)
+    x11 = desktop_x11(cluster, hub)
+    own, other = release.label, app_release.label
+    tree = wait_for_windows(cluster, hub, x11, f'"{own}"', f'"{own} tools"')
+    assert f'"{own}"' in tree, tree[-3000:]
+
+    # The menu as openbox computes it when it opens: the hub's releases, the session's first.
+    desktop = "/opt/casaspawner/desktop"
+    shown = in_pod(cluster, hub, [f"{desktop}/casa-app", "releases-menu"])
+    labels = [m.get("label") for m in ET.fromstring(shown).findall("menu")]
+    assert labels[0] == f"{own} (this session)" and other in labels, labels
+    apps = menu_commands(shown, other)
+    assert list(apps) == ["CASA terminal", "plotms", "viewer (imview)"], apps
+    assert apps["CASA terminal"][1:] == ["--release", APP_RELEASE, "terminal"]
+    choose_from_menu(page, (900, 300), labels.index(other), 0)
+    tree = wait_for_windows(cluster, hub, x11, f'"{other}"')
+    assert f'"{other}"' in tree and f"{other}: start-up failed" not in tree, tree[-3000:]
+    # Placed by openbox beside the session's own terminal, not on it: most of that stays in view.
+    mine, theirs = (window_box(cluster, hub, x11, name) for name in (own, other))
+    assert covered(mine, theirs) < 0.5, (mine, theirs)
+
+    # Its pod: the other release's image, alice's uid, no token, owned by the session's pod.
+    core = client.CoreV1Api
+    selector = f"casaspawner.io/app-of={session}"
+    found = admin(
+        cluster, lambda api: core(api).list_namespaced_pod(namespace, label_selector=selector)
+    )
+    (app,) = found.items
+    owner = admin(cluster, lambda api: core(api).read_namespaced_pod(session, namespace))
+    assert [(o.kind, o.uid) for o in app.metadata.owner_references] == [
+        ("Pod", owner.metadata.uid)
+    ]
+    (container,) = app.spec.containers
+    assert container.image == app_image
+    assert app.spec.security_context.run_as_user == ALICE["uid"]
+    assert app.spec.automount_service_account_token is False
+    assert not [e.name for e in container.env if e.name.startswith("JUPYTER")]
+    assert not [v.name for v in app.spec.volumes if v.secret is not None]
+    name = app.metadata.name
+
+    def in_app(script: str) -> str:
+        return str(
+            run_async(run_in_pod(cluster, namespace, name, ["sh", "-c", script], "casa-app"))
+        )
+
+    assert in_app("id -u") == str(ALICE["uid"])
+    # The X server lets in the cookie the desktop left in alice's home, and nothing else.
+    probe = "xdpyinfo >/dev/null 2>&1 && echo in || echo refused"
+    assert in_app(probe) == "in"
+    assert in_app(f"XAUTHORITY=/dev/null {probe}") == "refused"
+    cookie = site.cavern / "home" / "alice" / ".casaspawner" / "desktop" / f"{session}.xauthority"
+    assert cookie.stat().st_uid == ALICE["uid"] and cookie.stat().st_mode & 0o777 == 0o600
+
+    # The two NetworkPolicies, owned by the session's pod, select its X server and its app.
+    networking = client.NetworkingV1Api
+    for suffix, selects in (("x-in", [session]), ("x-out", [name])):
+        policy = admin(
+            cluster,
+            lambda api, n=f"{session}-{suffix}": networking(api).read_namespaced_network_policy(
+                n, namespace
+            ),
+        )
+        assert [o.uid for o in policy.metadata.owner_references] == [owner.metadata.uid]
+        labels_of = policy.spec.pod_selector.match_labels
+        chosen = ",".join(f"{k}={v}" for k, v in labels_of.items())
+        pods = admin(
+            cluster,
+            lambda api, c=chosen: core(api).list_namespaced_pod(namespace, label_selector=c),
+        )
+        assert [p.metadata.name for p in pods.items] == selects, suffix
+
+    # The noVNC canvas with both releases' terminals, for the docs.
+    page.wait_for_timeout(4000)
+    target = screenshot_path("k8s-desktop-other-release.png", tmp_path)
+    page.locator("canvas").first.screenshot(path=str(target))
+    assert target.stat().st_size > 10_000
+
+    # A tool the image has not is one sentence, from the hub.
+    refused = in_pod(
+        cluster,
+        hub,
+        [
+            "sh",
+            "-c",
+            f"{' '.join(x11[1:])} {desktop}/casa-app --release {APP_RELEASE} logger 2>&1",
+        ],
+    )
+    assert refused == f"logger is not part of the {other} image.", refused
+    page.close()
+
+    # The app and the policies go with the session's pod (the garbage collector).
+    hub.stop_server("alice")
+
+    async def gone(api: Any) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            pods = await core(api).list_namespaced_pod(namespace, label_selector=selector)
+            policies = await networking(api).list_namespaced_network_policy(namespace)
+            left = [p.metadata.name for p in (*pods.items, *policies.items)]
+            if not left:
+                return
+            assert time.monotonic() < deadline, f"left behind: {left}"
+            await asyncio.sleep(1)
+
+    admin(cluster, gone)
 
 
 def canvas_region(page: Any, x: int, y: int, width: int, height: int) -> dict[str, float]:

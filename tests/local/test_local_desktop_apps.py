@@ -26,8 +26,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from support import SCREENSHOTS
-from support.browser import password_login
+from support.browser import choose_from_menu, menu_commands, password_login, screenshot_path
 from support.hub import Hub
 from support.local import argv_of, wait_for_display, wait_for_title
 from tornado.httpserver import HTTPServer
@@ -239,6 +238,8 @@ def test_a_launch_runs_the_other_releases_casa_and_keeps_the_sessions_files(
         "CASA 4.5.0, added from the desktop menu beside this session's "
         "CASA 6.6.5-31 (approximate)."
     )
+    # Its terminal goes where openbox finds room, not on the session's own.
+    assert env["CASASPAWNER_TERMINAL_GEOMETRY"] == "110x32"
     # The same user's home, log, dataset and display.
     for name in ("HOME", "DISPLAY", "CASASPAWNER_CASA_LOGFILE", "CASASPAWNER_DATASET"):
         assert env[name] == session_environ(path)[name]
@@ -479,57 +480,6 @@ class SessionDesktop:
 def _program(pid: int) -> str:
     argv = argv_of(pid)
     return Path(argv[0]).name if argv else ""
-
-
-def menu_commands(xml: str, label: str) -> dict[str, list[str]]:
-    """The apps of the pipe menu's submenu ``label``: {app label: command, split}."""
-    menu = ET.fromstring(xml)
-    (submenu,) = [m for m in menu.findall("menu") if m.get("label") == label]
-    return {
-        item.get("label") or "": shlex.split(item.findtext(".//command") or "")
-        for item in submenu.findall("item")
-    }
-
-
-def screenshot_path(name: str, tmp_path: Path) -> Path:
-    """Where a screenshot goes: the docs' directory when asked (``CASASPAWNER_SCREENSHOTS``)."""
-    target = SCREENSHOTS / name if os.environ.get("CASASPAWNER_SCREENSHOTS") else tmp_path / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target
-
-
-def choose_from_menu(
-    page: Any,
-    at: tuple[int, int],
-    release_row: int,
-    app_row: int,
-    screenshot: Path | None = None,
-) -> None:
-    """Right-click the desktop at ``at`` (a free spot of the screen) through noVNC, and choose
-    Other CASA releases, the release in ``release_row`` and its app in ``app_row``, by keyboard
-    as a user may: ``o`` opens Other CASA releases (openbox's first-letter shortcut), arrows move.
-    """
-    scale = page.evaluate(
-        "() => { const c = document.querySelector('canvas'); return c.clientWidth / c.width; }"
-    )
-    box = page.locator("canvas").first.bounding_box()
-    page.mouse.click(box["x"] + at[0] * scale, box["y"] + at[1] * scale, button="right")
-    page.wait_for_timeout(700)
-    page.keyboard.press("o")
-    page.wait_for_timeout(700)
-    for _ in range(release_row):
-        page.keyboard.press("ArrowDown")
-        page.wait_for_timeout(300)
-    page.keyboard.press("ArrowRight")
-    page.wait_for_timeout(500)
-    for _ in range(app_row):
-        page.keyboard.press("ArrowDown")
-        page.wait_for_timeout(300)
-    if screenshot is not None:
-        # The canvas catches up with the X server.
-        page.wait_for_timeout(1000)
-        page.locator("canvas").first.screenshot(path=str(screenshot))
-    page.keyboard.press("Enter")
 
 
 def ask_releases(url: str, token: str | None) -> tuple[int, Any]:
