@@ -21,7 +21,7 @@ from jupyterhub.apihandlers import APIHandler
 from jupyterhub.scopes import needs_scope
 from tornado import web
 
-from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.errors import CasaspawnerError, InvalidInput, ReleaseBlocked, ResolutionError
 
 #: The API's path under the hub's prefix.
 APPS_PATH = "api/casa-apps"
@@ -51,8 +51,10 @@ class DesktopAppsHandler(APIHandler):  # type: ignore[misc]
         """The refusal for ``exc``: its sentence, or the hub's when it is not one of ours."""
         if isinstance(exc, web.HTTPError):
             return exc
-        if isinstance(exc, InvalidInput):
+        if isinstance(exc, InvalidInput | ResolutionError):
             return web.HTTPError(400, str(exc))
+        if isinstance(exc, ReleaseBlocked):
+            return web.HTTPError(409, str(exc))
         if isinstance(exc, CasaspawnerError):
             return web.HTTPError(503, str(exc))
         self.log.error("Desktop app not %s", what, exc_info=exc)

@@ -51,6 +51,7 @@ from casaspawner.catalog import load_catalog
 from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
 from casaspawner.plan import PlanConfig, image_for
 from casaspawner.runtime import RECORD_FILE, RECORD_RUNTIME_ID
+from casaspawner.services.state import DEFAULT_STATE_FILE, ReleaseStateStore, drain_message
 from casaspawner.session.record import RECORDS_DIR
 from cluster import REPO, Cluster
 
@@ -568,6 +569,7 @@ def test_an_app_of_another_release_joins_the_desktop_from_a_pod_of_its_own(
     release: Any,
     app_release: Any,
     site: Site,
+    workdir: Path,
     tmp_path: Path,
 ) -> None:
     """From the desktop's menu through noVNC, the CASA terminal of another release: the hub
@@ -668,6 +670,14 @@ def test_an_app_of_another_release_joins_the_desktop_from_a_pod_of_its_own(
         ],
     )
     assert refused == f"logger is not part of the {other} image.", refused
+    # A drained release, with the operators' sentence; undrained, it starts again.
+    state = ReleaseStateStore(workdir / DEFAULT_STATE_FILE)
+    state.update(APP_RELEASE, by="operator", drained=True, message="New build at 18:00 UTC")
+    launch = f"{' '.join(x11[1:])} {desktop}/casa-app --release {APP_RELEASE} terminal 2>&1"
+    refused = in_pod(cluster, hub, ["sh", "-c", launch])
+    assert refused == drain_message(other, "New build at 18:00 UTC"), refused
+    state.update(APP_RELEASE, by="operator", drained=False)
+    assert "starts in pod" in in_pod(cluster, hub, ["sh", "-c", launch])
     page.close()
 
     # The app and the policies go with the session's pod (the garbage collector).

@@ -51,6 +51,8 @@ APPS = {
 TERMINAL_GEOMETRY = "110x32"
 #: Seconds to wait for the casa-sessions service.
 TIMEOUT = 10.0
+#: Seconds to wait for the hub to start an app's pod: it waits up to 40 s for the pod to run.
+LAUNCH_TIMEOUT = 60.0
 
 
 class Refused(Exception):
@@ -160,8 +162,9 @@ def ask_hub(
 ) -> Any:
     """The hub's JSON answer to a GET (or, with ``body``, a POST) of ``url``.
 
-    A refusal raises :class:`Refused` with the hub's sentence; a hub that cannot be asked,
-    ``OSError`` or ``ValueError``. Redirects are not followed (the token would go along).
+    An answer with a sentence (the hub API's ``message``) raises :class:`Refused` with it; a
+    hub that cannot be asked, ``OSError`` or ``ValueError``. Redirects are not followed (the
+    token would go along).
     """
 
     class NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -186,7 +189,7 @@ def ask_hub(
             message = json.loads(error.read(1 << 16)).get("message")
         except (OSError, ValueError, AttributeError):
             message = None
-        if isinstance(message, str) and message and 400 <= error.code < 500:
+        if isinstance(message, str) and message:
             raise Refused(message) from None
         raise OSError(f"the hub answered HTTP {error.code}") from None
 
@@ -279,7 +282,7 @@ def hub_launch(release_id: str, app: str, environ: Mapping[str, str]) -> str:
     body = {"release": release_id, "app": app, "display": number}
     url = hub_apps_url(environ)
     try:
-        answer = ask_hub(url, environ.get("JUPYTERHUB_API_TOKEN", ""), body)
+        answer = ask_hub(url, environ.get("JUPYTERHUB_API_TOKEN", ""), body, LAUNCH_TIMEOUT)
     except (OSError, ValueError) as exc:
         raise Refused(f"The hub could not be asked to start {APPS[app]}: {exc}.") from None
     return str(answer.get("pod") if isinstance(answer, dict) else "")
