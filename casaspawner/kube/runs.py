@@ -26,10 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import yaml
+
 from casaspawner.catalog.model import Catalog, load_catalog
 from casaspawner.datasets.model import Resolution
 from casaspawner.datasets.tree import open_directory, open_file
-from casaspawner.errors import CasaspawnerError, InvalidInput, shown
+from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput, shown
 from casaspawner.kube import jobs
 from casaspawner.kube.objects import PodSettings
 from casaspawner.kube.podsecurity import pod_security_sentence, pod_security_violations
@@ -37,12 +39,14 @@ from casaspawner.plan import (
     DEFAULT_SIZES,
     Identity,
     PlanConfig,
+    Resources,
     SessionOptions,
     SessionPlan,
     StorageLayout,
     chosen_release,
     make_plan,
 )
+from casaspawner.session.config import sizes as config_sizes
 from casaspawner.session.identity import identity_from_login
 from casaspawner.session.readers import StorageMountReader, locate_in_storage
 from casaspawner.session.record import RecordFacts, Runtime, record_text, run_record
@@ -137,6 +141,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where the CASA images are (default: $CASASPAWNER_IMAGE_REGISTRY, else %(default)s)",
     )
     group.add_argument(
+        "--sizes",
+        type=Path,
+        metavar="FILE",
+        help="the hub's session sizes, as YAML or JSON: CASASpawner.session_sizes' mapping of "
+        "each size to cpu_guarantee, cpu_limit, mem_guarantee, mem_limit (default: the "
+        "built-in small, medium and large)",
+    )
+    group.add_argument(
         "--deadline",
         type=int,
         default=jobs.DEFAULT_DEADLINE,
@@ -208,10 +220,11 @@ async def submission(args: argparse.Namespace, first: int = 1) -> dict[str, Any]
             "On Kubernetes, give --storage-path: the storage root mounted here, holding home/ "
             "and projects/."
         )
-    size = args.size or "medium"
-    if size not in DEFAULT_SIZES:
+    sizes = operator_sizes(args.sizes) if args.sizes is not None else dict(DEFAULT_SIZES)
+    size = args.size or ("medium" if "medium" in sizes else next(iter(sizes)))
+    if size not in sizes:
         raise InvalidInput(
-            f"{shown(size)!r} is not a session size; choose one of {', '.join(DEFAULT_SIZES)}."
+            f"{shown(size)!r} is not a session size; choose one of {', '.join(sizes)}."
         )
     if args.deadline <= 0 or args.ttl < 0:
         raise InvalidInput("--deadline must be above 0 seconds and --ttl at least 0.")
@@ -240,7 +253,7 @@ async def submission(args: argparse.Namespace, first: int = 1) -> dict[str, Any]
             args.command[0], directory, dataset, resolution, reader, identity, layout
         )
     options = SessionOptions(dataset=args.dataset, size=size, release=args.release)
-    config = PlanConfig(image_registry=args.image_registry)
+    config = PlanConfig(image_registry=args.image_registry, sizes=sizes)
     plan = make_plan(identity, options, catalog, resolution, config)
     started = datetime.now(timezone.utc)
     runs = runs_directory(args.runs_dir, dataset, identity, layout)
@@ -265,6 +278,25 @@ async def submission(args: argparse.Namespace, first: int = 1) -> dict[str, Any]
         deadline=args.deadline,
         ttl=args.ttl,
     )
+
+
+def operator_sizes(path: Path) -> dict[str, Resources]:
+    """The session sizes in ``path`` (YAML or JSON, as ``CASASpawner.session_sizes``).
+
+    A file that cannot be read, or sizes that cannot work, is one sentence.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise InvalidInput(f"--sizes {shown(str(path))} cannot be read: {reason}.") from None
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"--sizes {shown(str(path))} must map each size to its resources.")
+    try:
+        return config_sizes(raw, f"--sizes {shown(str(path))}")
+    except ConfigurationError as exc:
+        # The operator's own file: the sentence without "the hub's configuration".
+        raise InvalidInput(str(exc).split(": ", 1)[-1]) from None
 
 
 async def find_script(

@@ -26,6 +26,7 @@ from support.datasets import dataset_in
 from support.pss import restricted_violations
 
 from casaspawner.cli import build_parser, main
+from casaspawner.errors import InvalidInput
 from casaspawner.kube import jobs
 from casaspawner.kube.podsecurity import pod_security_violations
 from casaspawner.kube.runs import (
@@ -246,6 +247,7 @@ def test_how_a_run_ends_from_its_pod_when_its_file_is_out_of_reach() -> None:
         (["--dataset", "/arc/home/bob/data"], "outside your storage"),
         (["--dataset", "nothing-here"], "nothing-here"),
         (["--release", "casa-0.0"], "is not a release in the catalog"),
+        (["--sizes", "/nonexistent/sizes.yaml"], "cannot be read: No such file or directory."),
     ],
 )
 def test_bad_input_is_one_sentence_and_status_2(
@@ -358,3 +360,26 @@ def test_log_times_order_as_text_whatever_their_fraction() -> None:
     assert stamp_key(b"2026-12-06T08:30:28.5Z") > stamp_key(b"2026-12-06T08:30:28.25Z")
     assert stamp_key(b"2026-12-06T08:30:28Z") < stamp_key(b"2026-12-06T08:30:28.000000001Z")
     assert stamp_key(b"2026-12-06T08:30:29Z") > stamp_key(b"2026-12-06T08:30:28.999Z")
+
+
+def test_the_hubs_sizes_size_the_run(storage: Path, tmp_path: Path) -> None:
+    """``--sizes`` takes the mapping the hub's ``CASASpawner.session_sizes`` has."""
+    sizes = tmp_path / "sizes.yaml"
+    sizes.write_text(
+        "xl:\n  cpu_guarantee: 4\n  cpu_limit: 8\n  mem_guarantee: 32G\n  mem_limit: 64G\n"
+    )
+    job = job_for(storage, "--sizes", str(sizes), "--size", "xl")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "32G"}
+    assert container["resources"]["limits"]["cpu"] == "8"
+    assert container["resources"]["limits"]["memory"] == "64G"
+    spec = json.loads(base64.b64decode(env_of(container)[jobs.RUN_ENV]))
+    assert spec["processes"] == 8
+    # Its one size is the default; the built-in ones are not sizes there.
+    default = job_for(storage, "--sizes", str(sizes))["spec"]["template"]["spec"]["containers"]
+    assert default[0]["resources"] == container["resources"]
+    with pytest.raises(InvalidInput, match=r"^'small' is not a session size; choose one of xl\.$"):
+        job_for(storage, "--sizes", str(sizes), "--size", "small")
+    sizes.write_text("xl:\n  cpu_guarantee: 9\n  cpu_limit: 8\n")
+    with pytest.raises(InvalidInput, match=r"guarantees more CPU than its cpu_limit\.$"):
+        job_for(storage, "--sizes", str(sizes), "--size", "xl")
