@@ -670,6 +670,10 @@ def test_an_app_of_another_release_joins_the_desktop_from_a_pod_of_its_own(
         ],
     )
     assert refused == f"logger is not part of the {other} image.", refused
+    # A token that may not enter her server (the tests' own, with admin:servers) starts nothing.
+    body = {"release": APP_RELEASE, "app": "terminal", "display": 21}
+    with pytest.raises(RuntimeError, match=r"^POST /casa-apps/alice/: 403 "):
+        hub.api("POST", "/casa-apps/alice/", body)
     # A drained release, with the operators' sentence; undrained, it starts again.
     state = ReleaseStateStore(workdir / DEFAULT_STATE_FILE)
     state.update(APP_RELEASE, by="operator", drained=True, message="New build at 18:00 UTC")
