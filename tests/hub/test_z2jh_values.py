@@ -500,8 +500,9 @@ def test_desktop_apps_are_off_until_both_deployments_turn_them_on(values, chart,
     assert apps(on) == apps(standalone_config(monkeypatch, {"CASA_DESKTOP_APPS": "1"}))
     paths, enabled = apps(on)
     assert paths == ["/api/casa-apps/(?P<user_name>[^/]+)/(?P<server_name>[^/]*)"] and enabled
+    often = merge(values, {"custom": {"casaspawner": {"desktopApps": "often"}}})
     with pytest.raises(hubconfig.HubConfigError) as error:
-        chart_config(merge(values, {"custom": {"casaspawner": {"desktopApps": "often"}}}), chart[1])
+        chart_config(often, chart[1])
     assert str(error.value) == (
         "custom.casaspawner.desktopApps in the Helm values must be true or false, not 'often'."
     )
