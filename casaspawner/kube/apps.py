@@ -19,6 +19,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from casaspawner.catalog.model import Release
+from casaspawner.insession.desktop.casa_releases import APPS
 from casaspawner.kube.jobs import container_resources
 from casaspawner.kube.objects import PodSettings, security_contexts, session_volumes
 from casaspawner.plan import SessionPlan
@@ -27,14 +28,6 @@ from casaspawner.plan import SessionPlan
 COMPONENT = {
     "app.kubernetes.io/component": "casa-app",
     "app.kubernetes.io/managed-by": "casaspawner",
-}
-#: The ``casa-app`` tools, as the desktop menu names them.
-APP_TITLES = {
-    "terminal": "CASA terminal",
-    "plotms": "plotms",
-    "viewer": "viewer (imview)",
-    "browser": "casabrowser",
-    "logger": "logger",
 }
 #: The label (after the plan's prefix) naming the session pod an app pod draws on.
 APP_OF = "app-of"
@@ -45,6 +38,8 @@ CONTAINER = "casa-app"
 #: X displays the desktop may use (``bin/vncserver`` picks one of them); X listens on 6000 + n.
 DISPLAYS = range(0, 400)
 X_PORT = 6000
+#: What an app's pod asks the scheduler for (a GUI beside a session that holds the size).
+APP_REQUESTS = {"cpu": "100m", "memory": "256Mi"}
 #: Seconds between SIGTERM and SIGKILL: a GUI closes at once.
 GRACE_SECONDS = 5
 #: What the hub's Role needs beyond Zero to JupyterHub's for apps (two policies per desktop).
@@ -91,7 +86,7 @@ def image_apps(release: Release) -> list[str]:
     build has casabrowser and its logger in ``bin/``.
     """
     if release.tarball is not None:
-        return list(APP_TITLES)
+        return list(APPS)
     apps = ["terminal"]
     if release.wheels is not None and release.wheels.casaplotms:
         apps.append("plotms")
@@ -159,7 +154,9 @@ def app_pod(
         "env": [{"name": k, "value": v} for k, v in environment.items()],
         "securityContext": container_sc,
         "volumeMounts": list(mounts.values()),
-        "resources": container_resources(plan, settings),
+        # The session's pod holds the session's share of the node: an app asks for little, and
+        # may use up to the size's limits.
+        "resources": {**container_resources(plan, settings), "requests": dict(APP_REQUESTS)},
     }
     pod_labels = {
         **plan.labels,

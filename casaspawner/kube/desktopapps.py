@@ -23,6 +23,7 @@ from typing import Any
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.insession.desktop.casa_releases import APPS
 from casaspawner.kube import apps
 from casaspawner.kube.podsecurity import pod_security_sentence, pod_security_violations
 from casaspawner.kube.runs import HOPELESS, Cluster, api_reason
@@ -34,6 +35,9 @@ PATIENCE = 15.0
 START_WAIT = 40.0
 #: Seconds between two looks at a starting pod.
 POLL = 0.5
+#: Why an app's pod will not start soon. A user who asked waits for an answer, so a failed pull
+#: is one at once (clicking again tries again), not after the kubelet's back-off.
+NOT_STARTING = HOPELESS | {"ErrImagePull"}
 RBAC_SENTENCE = (
     "This hub may not create the NetworkPolicies that guard your desktop's X server; the "
     "operators allow it with hub-config/z2jh/casa-apps-rbac.yaml."
@@ -156,7 +160,7 @@ class KubeApps:
                 f"Kubernetes refused the {app} pod of {release.label}: {api_reason(exc)}."
             ) from None
         name = str(pod["metadata"]["name"])
-        await self.started(name, f"{apps.APP_TITLES[app]} of {release.label}")
+        await self.started(name, f"{APPS[app]} of {release.label}")
         spawner.log.info(
             "%s of %s on %s's desktop: pod %s", app, release.id, spawner.user.name, name
         )
@@ -165,8 +169,9 @@ class KubeApps:
     async def started(self, name: str, what: str) -> None:
         """Wait up to ``START_WAIT`` s for app pod ``name`` to run; one sentence if it cannot.
 
-        A pod whose image cannot be pulled (or whose container cannot be made) is deleted and
-        said so; one that ended at once says how. Still waiting (a slow pull, say), it goes on.
+        A pod no node can take, or whose image could not be pulled (or whose container cannot be
+        made) is deleted and said so; one that ended at once says how. Still waiting (a slow
+        pull, say), it goes on.
         """
         namespace = self.spawner.namespace
         deadline = time.monotonic() + START_WAIT
@@ -186,21 +191,40 @@ class KubeApps:
                 ),
                 None,
             )
+            self.spawner.log.debug(
+                "App pod %s: %s, %s", name, phase, waiting.reason if waiting else "not waiting"
+            )
             if phase == "Running":
                 return
             if phase in ("Succeeded", "Failed"):
                 raise InvalidInput(
                     f"The {what} ended as soon as it started; its pod {name} says why."
                 )
-            if waiting is not None and waiting.reason in HOPELESS:
-                with contextlib.suppress(ApiException):
-                    await self.cluster.core.delete_namespaced_pod(name, namespace)
+            unschedulable = next(
+                (
+                    c
+                    for c in (pod.status.conditions or [])
+                    if c.type == "PodScheduled" and c.reason == "Unschedulable"
+                ),
+                None,
+            )
+            if unschedulable is not None:
+                await self._remove(name)
+                detail = " ".join(str(unschedulable.message or "").split())[:200]
+                raise InvalidInput(f"No node can take the {what} now ({detail}).")
+            if waiting is not None and waiting.reason in NOT_STARTING:
+                await self._remove(name)
                 detail = " ".join(str(waiting.message or "").split())[:200]
                 raise InvalidInput(
                     f"The {what} could not start ({waiting.reason}{': ' if detail else ''}"
                     f"{detail})."
                 )
             await asyncio.sleep(POLL)
+
+    async def _remove(self, name: str) -> None:
+        """Delete app pod ``name``, which will not start; gone already is fine."""
+        with contextlib.suppress(ApiException):
+            await self.cluster.core.delete_namespaced_pod(name, self.spawner.namespace)
 
     async def guard(self, session: apps.SessionPod) -> None:
         """Create the desktop's two NetworkPolicies, unless they are there already."""

@@ -69,6 +69,8 @@ RUNS_RBAC = REPO / "hub-config" / "z2jh" / "casa-runs-rbac.yaml"
 APPS_RBAC = REPO / "hub-config" / "z2jh" / "casa-apps-rbac.yaml"
 #: The release whose apps the desktop adds (mk/cluster.mk's K8S_APP_RELEASE).
 APP_RELEASE = "casa-6.7.0-31"
+#: A release whose image is in no registry the node reaches.
+UNPULLABLE = "pl-2024.1.0.8"
 #: xstartup's xsetroot colour.
 DESKTOP_BACKGROUND = (0x24, 0x36, 0x4B)
 #: Keeps what the spawn-progress page showed (it reloads into the session when ready).
@@ -682,6 +684,16 @@ def test_an_app_of_another_release_joins_the_desktop_from_a_pod_of_its_own(
     assert refused == drain_message(other, "New build at 18:00 UTC"), refused
     state.update(APP_RELEASE, by="operator", drained=False)
     assert "starts in pod" in in_pod(cluster, hub, ["sh", "-c", launch])
+    # A release whose image the node cannot pull: one sentence, and its pod is being deleted.
+    missing = load_catalog().get(UNPULLABLE)
+    said = in_pod(cluster, hub, ["sh", "-c", launch.replace(APP_RELEASE, missing.id)])
+    assert said.startswith(f"The CASA terminal of {missing.label} could not start (ErrImagePull: ")
+    assert "failed to pull" in said.lower(), said
+    left = admin(
+        cluster, lambda api: core(api).list_namespaced_pod(namespace, label_selector=selector)
+    )
+    staying = {p.spec.containers[0].image for p in left.items if not p.metadata.deletion_timestamp}
+    assert staying == {app_image}
     page.close()
 
     # The app and the policies go with the session's pod (the garbage collector).

@@ -98,6 +98,10 @@ def test_the_app_is_a_restricted_pod_of_alice_owned_by_her_session(plan: Session
         "CASA 6.7.0-31, added from the desktop menu beside this session's CASA 6.6.5-31."
     )
     assert env["CASASPAWNER_TERMINAL_GEOMETRY"] == "110x32"
+    # Little asked of the scheduler (the session holds the size), the size's limits kept.
+    assert container["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    assert container["resources"]["limits"]["cpu"] == "2"
+    assert container["resources"]["limits"]["memory"] == "4G"
     # The session's storage, where the cookie and the dataset are.
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/arc/home/alice" in mounts
