@@ -20,7 +20,7 @@ from typing import Any
 
 from casaspawner.catalog.model import Release
 from casaspawner.insession.desktop.casa_releases import APPS
-from casaspawner.kube.jobs import container_resources
+from casaspawner.kube.jobs import container_resources, one_shot_spec
 from casaspawner.kube.objects import PodSettings, security_contexts, session_volumes
 from casaspawner.plan import SessionPlan
 
@@ -173,15 +173,7 @@ def app_pod(
             "annotations": dict(plan.annotations),
             "ownerReferences": [session.owner()],
         },
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            "terminationGracePeriodSeconds": GRACE_SECONDS,
-            "securityContext": pod_sc,
-            "volumes": list(volumes.values()),
-            "containers": [container],
-        },
+        "spec": one_shot_spec(pod_sc, volumes, container, GRACE_SECONDS),
     }
 
 

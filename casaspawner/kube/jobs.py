@@ -166,17 +166,27 @@ def run_job(
             "ttlSecondsAfterFinished": ttl,
             "template": {
                 "metadata": {"labels": meta_labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "terminationGracePeriodSeconds": GRACE_SECONDS,
-                    "securityContext": pod_sc,
-                    "volumes": list(volumes.values()),
-                    "containers": [container],
-                },
+                "spec": one_shot_spec(pod_sc, volumes, container, GRACE_SECONDS),
             },
         },
+    }
+
+
+def one_shot_spec(
+    pod_sc: dict[str, Any],
+    volumes: Mapping[str, dict[str, Any]],
+    container: dict[str, Any],
+    grace: int,
+) -> dict[str, Any]:
+    """The spec of a pod that runs ``container`` once as the user: no token, no retries."""
+    return {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": grace,
+        "securityContext": pod_sc,
+        "volumes": list(volumes.values()),
+        "containers": [container],
     }
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from support.images import MODULAR, REGISTRY, build
+from support.servers import serving
 
 from casaspawner.catalog import Catalog
 from casaspawner.datasets.synth import write_dataset
@@ -500,16 +501,8 @@ def tarball_server(
         if sum_:
             (root / kind / f"{tarball.name}.md5").write_text(f"{sum_}  {tarball.name}\n")
     handler = partial(SimpleHTTPRequestHandler, directory=str(root))
-    try:
-        server = ThreadingHTTPServer(("127.0.0.1", STANDIN_PORT), handler)
-    except OSError:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", tarball
-    finally:
-        server.shutdown()
+    with serving(handler, port=STANDIN_PORT) as url:
+        yield url, tarball
 
 
 def standin_build(url: str, *args: str) -> subprocess.CompletedProcess[str]:

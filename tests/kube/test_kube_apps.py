@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from support.pss import restricted_violations
+from support.servers import serving
 
 from casaspawner.catalog import Catalog
 from casaspawner.datasets.resolve import resolve_path
@@ -193,14 +193,8 @@ def hub_answering() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         def log_message(self, *args: object) -> None:
             return
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", asked
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Refusing) as url:
+        yield url, asked
 
 
 def test_a_launch_shares_the_cookie_then_says_the_hubs_refusal(

@@ -28,13 +28,14 @@ Where the shapes come from (read, not copied):
 from __future__ import annotations
 
 import re
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from xml.sax.saxutils import escape, quoteattr
+
+from support.servers import serving
 
 VOTABLE = "http://www.ivoa.net/xml/VOTable/v1.3"
 DATALINK = "ivo://ivoa.net/std/DataLink#links-1.0"
@@ -298,13 +299,5 @@ def serve_archive(host: str = "127.0.0.1") -> Iterator[AlmaArchive]:
     """Serve a fresh :class:`AlmaArchive` on ``host``; for a fixture to yield from."""
     archive = AlmaArchive()
     handler = type("Handler", (_Handler,), {"archive": archive})
-    server = ThreadingHTTPServer((host, 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    archive.base = f"http://{host}:{server.server_address[1]}"
-    try:
+    with serving(handler, host) as archive.base:
         yield archive
-    finally:
-        server.shutdown()
-        server.server_close()
