@@ -127,9 +127,8 @@ class KubeApps:
         options = dict(spawner.user_options or {})
         wanted = {"dataset": options.get("dataset"), "size": options.get("size")}
         wanted |= {"release": release_id, "interface": "lab"}
-        plan = await prepare(
-            {k: v for k, v in wanted.items() if v}, spawner.session_settings(), spawner
-        )
+        settings = spawner.session_settings()
+        plan = await prepare({k: v for k, v in wanted.items() if v}, settings, spawner)
         own = session.labels.get(f"{spawner.label_prefix}/release", "")
         own_label = catalog.get(own).label if own in catalog else "CASA"
         pod = apps.app_pod(
@@ -140,9 +139,7 @@ class KubeApps:
             session=session,
             display=display,
             own_label=own_label,
-            desktop_dir=str(
-                PurePosixPath(spawner.session_settings().plan.desktop_xstartup).parent
-            ),
+            desktop_dir=str(PurePosixPath(settings.plan.desktop_xstartup).parent),
             labels=spawner.user_pod_labels(),
         )
         pod["spec"].update(spawner.user_pod_scheduling())

@@ -55,8 +55,10 @@ def test_session_image_runs_as_any_uid_on_a_read_only_root(
     assert user == "smoke" and home == smoke.HOME and cwd == smoke.HOME
     assert identity["xdg_runtime_dir"].startswith("/tmp/")  # type: ignore[index]
     assert observed["vnc"] == "RFB 003.008"
+    # casaspawner's vncserver (bin/vncserver: it picks the display, and listens on TCP for a
+    # desktop whose apps run in pods) comes before TigerVNC's on PATH.
     assert observed["desktop"] == {  # type: ignore[comparison-overlap]
-        "vncserver": "/usr/bin/vncserver",
+        "vncserver": "/usr/local/bin/vncserver",
         "xstartup": PlanConfig().desktop_xstartup,
     }
     assert "started" in observed["jupyter"]  # type: ignore[operator]
