@@ -62,3 +62,11 @@ RECORD_ACTION_ID = "#session"
 RECORD_EVIDENCE_ID = "#evidence"
 RECORD_MEASURES_ID = "#measures"
 RECORD_RUNTIME_ID = "#runtime"
+#: Where a Kubernetes run's pod asks the hub for its image's digest, and the run's key to ask
+#: with (the hub gives the digest only to the pod whose spec holds that key).
+RUN_IMAGE_URL_ENV = "CASASPAWNER_RUN_IMAGE_URL"
+RUN_IMAGE_KEY_ENV = "CASASPAWNER_RUN_IMAGE_KEY"
+#: The hub's API path (under ``/hub/api``) of runs: ``<user>/<run id>/image`` gives the digest.
+RUNS_API = "casa-runs"
+#: The request header carrying that key.
+RUN_IMAGE_KEY_HEADER = "X-Casaspawner-Run-Key"

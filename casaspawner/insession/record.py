@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,9 @@ from casaspawner.runtime import (
     RECORD_FILE,
     RECORD_MEASURES_ID,
     RECORD_RUNTIME_ID,
+    RUN_IMAGE_KEY_ENV,
+    RUN_IMAGE_KEY_HEADER,
+    RUN_IMAGE_URL_ENV,
 )
 
 ACTIVE = "http://schema.org/ActiveActionStatus"
@@ -234,20 +237,50 @@ def hub_image_digest(environ: Mapping[str, str], timeout: float = 5.0) -> str | 
     """
     api, token = environ.get("JUPYTERHUB_API_URL"), environ.get("JUPYTERHUB_API_TOKEN")
     user = environ.get("JUPYTERHUB_USER")
-    if not api or not token or not user or not api.startswith(("http://", "https://")):
+    if not api or not token or not user:
         return None
     url = f"{api.rstrip('/')}/users/{quote(user, safe='')}"
+    model = _ask_hub(url, {"Authorization": f"token {token}"}, timeout)
+    try:
+        server = model["servers"][environ.get("JUPYTERHUB_SERVER_NAME", "")]
+        digest = server["user_options"]["casaspawner"]["image_digest"]
+    except (KeyError, TypeError):
+        return None
+    return _sha256(digest)
+
+
+def run_image_digest(environ: Mapping[str, str], timeout: float = 5.0) -> str | None:
+    """A Kubernetes run's image digest, which the hub read from its pod's status, or None.
+
+    The run's pod asks ``$CASASPAWNER_RUN_IMAGE_URL`` with ``$CASASPAWNER_RUN_IMAGE_KEY``, which
+    the hub put in the pod's spec (``casaspawner.services.runs.RunImageHandler``).
+    """
+    url, key = environ.get(RUN_IMAGE_URL_ENV), environ.get(RUN_IMAGE_KEY_ENV)
+    if not url or not key:
+        return None
+    answer = _ask_hub(url, {RUN_IMAGE_KEY_HEADER: key}, timeout)
+    return _sha256(answer.get("digest")) if isinstance(answer, dict) else None
+
+
+def _ask_hub(url: str, headers: Mapping[str, str], timeout: float) -> Any:
+    """The JSON the hub answers ``url`` with, or None when it does not answer with 200."""
+    if not url.startswith(("http://", "https://")):
+        return None
     # http or https only, checked above.
-    request = Request(url, headers={"Authorization": f"token {token}"})  # noqa: S310
+    request = Request(url, headers=dict(headers))  # noqa: S310
     # The hub is asked directly, never through a proxy the session's environment names.
     opener = build_opener(ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout) as response:
-            model = json.loads(response.read(1 << 20))
-        server = model["servers"][environ.get("JUPYTERHUB_SERVER_NAME", "")]
-        digest = server["user_options"]["casaspawner"]["image_digest"]
-    except (OSError, ValueError, KeyError, TypeError):
+            if response.status != 200:
+                return None
+            return json.loads(response.read(1 << 20))
+    except (OSError, ValueError):
         return None
+
+
+def _sha256(digest: object) -> str | None:
+    """The 64 hex digits of a ``sha256:…`` digest, or None."""
     found = _SHA256.fullmatch(digest) if isinstance(digest, str) else None
     return found.group(1) if found else None
 
@@ -263,7 +296,7 @@ def add_image_digest(directory: Path, digest: str) -> bool:
             return False
         image["sha256"] = digest
         image["description"] = (
-            "The image the session ran; sha256 is its digest, from the pod's status (imageID)."
+            "The image that ran; sha256 is its digest, from the pod's status (imageID)."
         )
         write_record(directory, record)
         return True
@@ -278,7 +311,7 @@ def needs_image_digest(directory: Path) -> bool:
 
 def watch_image_digest(
     directory: Path,
-    environ: Mapping[str, str],
+    ask: Callable[[], str | None],
     stopping: threading.Event,
     wait: float = DIGEST_WAIT,
     every: float = DIGEST_EVERY,
@@ -286,7 +319,7 @@ def watch_image_digest(
     """Ask the hub for the image's digest until it answers, the session stops or time is up."""
     deadline = time.monotonic() + wait
     while needs_image_digest(directory) and not stopping.is_set():
-        digest = hub_image_digest(environ)
+        digest = ask()
         if digest is not None:
             return add_image_digest(directory, digest)
         if time.monotonic() > deadline:
@@ -312,7 +345,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         try:
             start(environ)
             log.info("The session's record is in %s", directory)
-            if watch_image_digest(Path(directory), environ, stopping):
+            if watch_image_digest(Path(directory), lambda: hub_image_digest(environ), stopping):
                 log.info("The session's record names its image's digest")
         except Exception as exc:
             log.warning("The session's record could not be written in %s: %s", directory, exc)

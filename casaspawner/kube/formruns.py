@@ -20,12 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import os
+import secrets
 import time
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote, urlparse
 
+from jupyterhub.utils import url_path_join
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from casaspawner.datasets.tree import listing, open_directory, open_file, subdirectory
@@ -48,9 +52,11 @@ from casaspawner.kube.runs import (
     stored_run,
 )
 from casaspawner.plan import SessionPlan, label_value, make_plan
+from casaspawner.runtime import RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV, RUNS_API
 from casaspawner.session import runs as shared
 from casaspawner.session.prepare import prepare
 from casaspawner.session.readers import StorageMountReader, locate_in_storage
+from casaspawner.session.record import image_digest
 
 #: What the hub's Role needs beyond Zero to JupyterHub's for runs from the form.
 FORM_RUN_RULES: list[dict[str, list[str]]] = [
@@ -159,11 +165,17 @@ class KubeRuns:
         started = datetime.now(timezone.utc)
         prefix = self.spawner.label_prefix
         user = plan.identity.username
+        api = self.hub_api_url()
         cluster = self.cluster()
         for number in range(1, 100):
             run_id = shared.run_name(found.name, started, number)
             if os.path.lexists(runs_here / run_id):
                 continue
+            # Where the run's pod asks for its image's digest, with a key only its spec holds.
+            asking = {
+                RUN_IMAGE_URL_ENV: f"{api}/{self.image_path(run_id)}",
+                RUN_IMAGE_KEY_ENV: secrets.token_urlsafe(32),
+            }
             job = job_for(
                 plan,
                 self.spawner.casa_catalog(),
@@ -182,6 +194,7 @@ class KubeRuns:
                     f"{prefix}/{RUN_USER}": label_value(user) or "user",
                 },
                 annotations={f"{prefix}/{RUN_USER}": user},
+                environment=asking if api else None,
             )
             job["spec"]["template"]["spec"].update(self.spawner.user_pod_scheduling())
             if await cluster.create(job):
@@ -190,6 +203,40 @@ class KubeRuns:
                 )
                 return run_id
         raise InvalidInput("Too many runs of this script this second; try again.")
+
+    def hub_api_url(self) -> str | None:
+        """The hub's API as the user's pods reach it, as a session's ``$JUPYTERHUB_API_URL``."""
+        spawner = self.spawner
+        if spawner.hub is None:
+            return None
+        api = str(spawner.hub.api_url)
+        if spawner.hub_connect_url:
+            api = str(url_path_join(spawner.hub_connect_url, urlparse(api).path))
+        return api.rstrip("/")
+
+    def image_path(self, run_id: str) -> str:
+        """The path, under the hub's API, where run ``run_id``'s pod asks for its digest."""
+        return f"{RUNS_API}/{quote(self.spawner.user.name, safe='')}/{run_id}/image"
+
+    async def image_digest(self, run_id: str, key: str) -> str | None:
+        """The digest of the image run ``run_id``'s pod runs, asked with the pod's own key.
+
+        ``sha256:…`` once the kubelet has said what it runs, None before. A run that is not the
+        user's, or a wrong key, is :class:`InvalidInput` alike.
+        """
+        identity = await self.spawner.session_identity()
+        missing = InvalidInput(f"There is no run {shown(run_id)} of yours here.")
+        cluster = self.cluster()
+        pod = await cluster.pod(jobs.job_name(identity.username, run_id))
+        containers = pod.spec.containers if pod is not None else []
+        held = [
+            e.value or "" for c in containers for e in c.env or [] if e.name == RUN_IMAGE_KEY_ENV
+        ]
+        if len(held) != 1 or not hmac.compare_digest(held[0].encode(), key.encode()):
+            raise missing
+        status = container_status(pod)
+        digest = image_digest(status.image_id or "") if status is not None else None
+        return f"sha256:{digest}" if digest else None
 
     async def runs(self) -> list[dict[str, Any]]:
         """The user's runs whose Jobs are there, newest first."""

@@ -29,6 +29,7 @@ from casaspawner.kube.objects import (
     session_volumes,
 )
 from casaspawner.plan import SessionPlan
+from casaspawner.runtime import RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV
 from casaspawner.session.runs import ERROR_FILE, RUN_ENV
 
 #: The run's container.
@@ -122,13 +123,15 @@ def run_job(
     deadline: int = DEFAULT_DEADLINE,
     ttl: int = DEFAULT_TTL,
     args: Sequence[str] = RUN_ARGS,
+    environment: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job running ``spec`` (:func:`run_spec`) once, as the plan's user.
 
     ``record`` is the run's record (:func:`casaspawner.session.record.record_text`), which the
     pod writes beside the run. The pod mounts what a session of ``plan`` mounts but the token;
     its resources are the chosen size's; it runs at most ``deadline`` seconds and the Job is
-    deleted ``ttl`` seconds after it ends. ``args`` follow the image's entrypoint.
+    deleted ``ttl`` seconds after it ends. ``args`` follow the image's entrypoint;
+    ``environment`` is added to the pod's variables.
     """
     pod_sc, container_sc = security_contexts(plan.identity)
     bare = dataclasses.replace(settings, token_secret_name=None)
@@ -139,6 +142,7 @@ def run_job(
         RUN_ENV: encode(dict(spec)),
         "CASASPAWNER_RECORD": record,
         "CASASPAWNER_RECORD_DIR": str(spec["run_dir"]),
+        **(environment or {}),
     }
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -223,9 +227,11 @@ _JOB_LABELS = (
 )
 
 
-def lost_job(job: Mapping[str, Any], *, name: str, why: str) -> dict[str, Any]:
-    """A Job that records a lost run as lost: ``run_job lost DIR WHY``, as the run's user.
+def record_job(job: Mapping[str, Any], *, name: str, command: Sequence[str]) -> dict[str, Any]:
+    """A Job that completes a run's record after its end, as the run's user.
 
+    ``command`` is ``("lost", WHY)``, for a run whose pod ended without a result, or
+    ``("digest", SHA256)``, the digest of the image the run ran: ``run_job COMMAND DIR ARG``.
     ``job`` is the run's Job as the API gives it (camelCase). The pod is the run's, with its
     mounts, but without the run's description and record, small, for at most two minutes.
     """
@@ -239,10 +245,10 @@ def lost_job(job: Mapping[str, Any], *, name: str, why: str) -> dict[str, Any]:
     (container,) = spec["containers"]
     env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
     run_dir = env["CASASPAWNER_RECORD_DIR"]
-    container["args"] = [*RUN_ARGS, "lost", run_dir, why]
-    container["env"] = [
-        e for e in container["env"] if e["name"] not in (RUN_ENV, "CASASPAWNER_RECORD")
-    ]
+    verb, *rest = command
+    container["args"] = [*RUN_ARGS, verb, run_dir, *rest]
+    dropped = (RUN_ENV, "CASASPAWNER_RECORD", RUN_IMAGE_URL_ENV, RUN_IMAGE_KEY_ENV)
+    container["env"] = [e for e in container["env"] if e["name"] not in dropped]
     limits = {"cpu": "1", "memory": "512Mi"}
     if EPHEMERAL_STORAGE in container.get("resources", {}).get("limits", {}):
         limits[EPHEMERAL_STORAGE] = "64Mi"

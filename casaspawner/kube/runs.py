@@ -46,10 +46,17 @@ from casaspawner.plan import (
     chosen_release,
     make_plan,
 )
+from casaspawner.runtime import RECORD_FILE, RECORD_RUNTIME_ID
 from casaspawner.session.config import sizes as config_sizes
 from casaspawner.session.identity import identity_from_login
 from casaspawner.session.readers import StorageMountReader, locate_in_storage
-from casaspawner.session.record import RecordFacts, Runtime, record_text, run_record
+from casaspawner.session.record import (
+    RecordFacts,
+    Runtime,
+    image_digest,
+    record_text,
+    run_record,
+)
 from casaspawner.session.runs import (
     EXIT_FAILED,
     EXIT_STOPPED,
@@ -398,11 +405,13 @@ def job_for(
     settings: PodSettings | None = None,
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The run's Job, its record and annotations, checked against the Pod Security level.
 
     ``settings`` are the pod's (a spawner's volumes and level; without, the defaults' and the
-    restricted level); ``labels`` and ``annotations`` are added to the run's own.
+    restricted level); ``labels``, ``annotations`` and ``environment`` are added to the run's
+    own.
     """
     facts = RecordFacts(
         started,
@@ -439,6 +448,7 @@ def job_for(
         annotations=marks,
         deadline=deadline,
         ttl=ttl,
+        environment=environment,
     )
     level = settings.security_level if settings is not None else "restricted"
     violations = pod_security_violations(job["spec"]["template"], level)
@@ -652,35 +662,43 @@ class Cluster:
                 logs.cancel()
         if ended.get("exit_code") == EXIT_STOPPED and not stopping:
             ended["failed"] = await self.failure(name)
-        written = bool(stored_run(self.storage, annotations).get("result"))
+        stored = stored_run(self.storage, annotations)
         lost = result_from_pod(ended)
-        if not written and lost["status"] == "lost":
-            await self.record_lost(name, job, lost["why"])
+        if not stored.get("result") and lost["status"] == "lost":
+            await self.complete_record(name, job, ("lost", lost["why"]))
+        digest = image_digest(ended.get("image_id") or "")
+        if digest and not has_image_digest(self.storage, annotations):
+            # No hub gave the pod its digest: the kubelet's, read now, goes on its record.
+            await self.complete_record(name, job, ("digest", digest))
         return self.ending(name, run_id, where, ended, annotations)
 
-    async def record_lost(self, name: str, job: Any, why: str) -> None:
-        """Have a pod of the run's record it as lost in its directory (two minutes at most)."""
+    async def complete_record(self, name: str, job: Any, command: tuple[str, str]) -> None:
+        """Have a pod of the run's complete its record (:func:`jobs.record_job`), in 2 min."""
         from kubernetes_asyncio.client.exceptions import ApiException
 
+        verb = command[0]
         manifest = self.api.sanitize_for_serialization(job)
         try:
-            lost = jobs.lost_job(manifest, name=f"{name[:57].rstrip('-')}-lost", why=why)
+            completing = jobs.record_job(
+                manifest, name=f"{name[:55].rstrip('-')}-{verb}", command=command
+            )
         except (KeyError, TypeError, ValueError):
-            print("casaspawner: the lost run's Job is not one to record it.", file=sys.stderr)
+            print("casaspawner: the run's Job is not one to complete its record.", file=sys.stderr)
             return
         try:
-            if not await self.create(lost):
+            if not await self.create(completing):
                 return
         except (ApiException, InvalidInput) as exc:
             phase = str(exc)
         else:
             try:
-                phase = await self.end_of(lost["metadata"]["name"], timeout=150)
+                phase = await self.end_of(completing["metadata"]["name"], timeout=150)
             finally:
-                await self.delete(lost["metadata"]["name"], wait=False)
+                await self.delete(completing["metadata"]["name"], wait=False)
         if phase != "Complete":
+            what = "as lost" if verb == "lost" else "with its image's digest"
             print(
-                f"casaspawner: the lost run's record could not be completed ({phase}).",
+                f"casaspawner: the run's record could not be completed {what} ({phase}).",
                 file=sys.stderr,
             )
 
@@ -727,6 +745,7 @@ class Cluster:
                 return {
                     "exit_code": state.terminated.exit_code,
                     "message": state.terminated.message,
+                    "image_id": status.image_id if status is not None else None,
                 }
             self.waits_for_node(pod)
             waiting = state.waiting if state is not None else None
@@ -901,6 +920,21 @@ def stored_run(storage: Path | None, annotations: dict[str, str]) -> dict[str, A
     without following one, and the file too, as a regular file (a FIFO does not block), of
     ``RUN_FILE_LIMIT`` bytes at most.
     """
+    return _stored_json(storage, annotations, RUN_FILE)
+
+
+def has_image_digest(storage: Path | None, annotations: dict[str, str]) -> bool:
+    """Whether the run's record, read as :func:`stored_run` reads, names its image's digest."""
+    record = _stored_json(storage, annotations, RECORD_FILE)
+    graph = record.get("@graph")
+    return any(
+        isinstance(e, dict) and e.get("@id") == RECORD_RUNTIME_ID and bool(e.get("sha256"))
+        for e in (graph if isinstance(graph, list) else [])
+    )
+
+
+def _stored_json(storage: Path | None, annotations: dict[str, str], name: str) -> dict[str, Any]:
+    """The JSON object in file ``name`` of the run's directory, or an empty one."""
     relative = annotation(annotations, RUN_STORAGE)
     if not relative or not storage:
         return {}
@@ -908,7 +942,7 @@ def stored_run(storage: Path | None, annotations: dict[str, str]) -> dict[str, A
     if path.is_absolute() or ".." in path.parts:
         return {}
     try:
-        with open_directory(storage) as base, open_file(base, path / RUN_FILE) as handle:
+        with open_directory(storage) as base, open_file(base, path / name) as handle:
             data = handle.read(RUN_FILE_LIMIT + 1) if handle is not None else b""
         found = json.loads(data) if 0 < len(data) <= RUN_FILE_LIMIT else {}
     except (OSError, ValueError):

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from casaspawner.insession import record as run_records
 from casaspawner.local.environments.steps import atomic_write
 from casaspawner.local.headless import end_lost, finish
-from casaspawner.runtime import RECORD_DIR_ENV
+from casaspawner.runtime import RECORD_DIR_ENV, RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV
 from casaspawner.session.runs import (
     CASA_RUNNER,
     EXIT_FAILED,
@@ -43,6 +44,9 @@ from casaspawner.session.runs import (
 
 #: Where Kubernetes reads a container's last word (``terminationMessagePath``).
 TERMINATION_LOG = Path("/dev/termination-log")
+#: How long a run waits at its start for its image's digest, and how often it asks, in seconds.
+DIGEST_WAIT = 30.0
+DIGEST_EVERY = 1.0
 #: The exit status of each way a run ends, as ``casaspawner run`` exits.
 EXIT_STATUS = {"finished": 0, "failed": EXIT_FAILED, "stopped": EXIT_STOPPED}
 
@@ -130,6 +134,31 @@ def prepare(spec: Mapping[str, Any], environ: Mapping[str, str]) -> Path:
     return run_dir
 
 
+def note_image_digest(run_dir: Path, environ: Mapping[str, str], log: int) -> None:
+    """Put the image's digest on the run's record: the hub reads it from the pod's status.
+
+    A run the hub created asks it (:func:`casaspawner.insession.record.run_image_digest`)
+    before the script starts, for :data:`DIGEST_WAIT` seconds at most; one without a hub
+    (``casaspawner run --kubernetes``) has its record completed by the command.
+    """
+    if not environ.get(RUN_IMAGE_URL_ENV):
+        return
+    if run_records.watch_image_digest(
+        run_dir,
+        lambda: run_records.run_image_digest(environ),
+        threading.Event(),
+        wait=DIGEST_WAIT,
+        every=DIGEST_EVERY,
+    ):
+        say("casaspawner: the record names the image by its digest", log)
+    elif run_records.needs_image_digest(run_dir):
+        say(
+            f"casaspawner: the hub gave no image digest in {DIGEST_WAIT:.0f} s; the record "
+            "names the image by its tag",
+            log,
+        )
+
+
 def supervise(run_dir: Path, log: int) -> None:
     """Run the supervising process, copying its output to the pod's log and ``output.log``.
 
@@ -141,6 +170,10 @@ def supervise(run_dir: Path, log: int) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=run_dir,
+        # The key that asked the hub for the digest stays out of the script's reach.
+        env={
+            k: v for k, v in os.environ.items() if k not in (RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV)
+        },
     )
 
     def forward(number: int, _frame: object) -> None:
@@ -172,11 +205,15 @@ def record_lost(run_dir: Path, why: str) -> int:
 def main(environ: Mapping[str, str] | None = None, argv: list[str] | None = None) -> int:
     """Prepare the run, supervise it, and exit as the run ended.
 
-    ``lost DIR WHY``: record the run in ``DIR`` as lost, for ``WHY``.
+    ``lost DIR WHY``: record the run in ``DIR`` as lost, for ``WHY``; ``digest DIR SHA256``:
+    name the run's image by its digest in its record (the kubelet's, after the run).
     """
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 3 and args[0] == "lost":
         return record_lost(Path(args[1]), args[2])
+    if len(args) == 3 and args[0] == "digest":
+        run_records.add_image_digest(Path(args[1]), args[2])
+        return 0
     env = dict(os.environ if environ is None else environ)
     try:
         spec = json.loads(base64.b64decode(env[RUN_ENV], validate=True))
@@ -198,6 +235,7 @@ def main(environ: Mapping[str, str] | None = None, argv: list[str] | None = None
     log = os.open(run_dir / OUTPUT_LOG, flags, 0o644)
     try:
         say(f"casaspawner: run {run_dir.name} in {run_dir}", log)
+        note_image_digest(run_dir, env, log)
         supervise(run_dir, log)
     finally:
         os.close(log)

@@ -21,18 +21,22 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from jupyterhub.apihandlers import APIHandler
 from jupyterhub.handlers import BaseHandler
 from jupyterhub.utils import url_path_join
 from tornado import web
 
 from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.runtime import RUN_IMAGE_KEY_HEADER, RUNS_API
 
 #: The script the form offers: ALMA's restore.
 DEFAULT_SCRIPT = "scriptForPI.py"
 #: The pages' path under the hub's prefix.
 RUNS_PATH = "casa-runs"
 #: A run id in a page's path (the worker checks it again).
-RUN_ID_PATTERN = r"([0-9]{8}T[0-9]{6}Z-[A-Za-z0-9._-]{1,70})"
+RUN_ID = r"[0-9]{8}T[0-9]{6}Z-[A-Za-z0-9._-]{1,70}"
+RUN_ID_PATTERN = f"({RUN_ID})"
+NO_RUN = "There is no such run."
 #: Longest text a field takes.
 FIELD_LIMIT = 1024
 #: Seconds between two loads of a running run's page (each one runs a worker as the user).
@@ -245,11 +249,43 @@ class RunsPage(RunsHandler):
         self.page("runs.html", runs=runs)
 
 
-def run_handlers() -> list[tuple[str, type[RunsHandler]]]:
-    """The pages, for ``JupyterHub.extra_handlers`` (under the hub's prefix)."""
+class RunImageHandler(APIHandler):  # type: ignore[misc]
+    """A Kubernetes run's image digest, for the run's own pod alone.
+
+    ``GET /hub/api/casa-runs/<user>/<run id>/image`` with the key the hub put in the pod's spec
+    (the ``X-Casaspawner-Run-Key`` header) answers ``{"digest": "sha256:…"}`` once the kubelet
+    runs the image, and 202 before. Anyone else gets 404, the same for a wrong key and a run
+    that is not there. The pod then names its image by digest in the run's record.
+    """
+
+    async def get(self, user_name: str, run_id: str) -> None:
+        from casaspawner.kube.formruns import KubeRuns
+        from casaspawner.kube.spawner import CASASpawner
+
+        key = self.request.headers.get(RUN_IMAGE_KEY_HEADER, "")
+        user = self.find_user(user_name)
+        spawner = user.spawner if user is not None else None
+        if not key or not isinstance(spawner, CASASpawner):
+            raise web.HTTPError(404, NO_RUN)
+        try:
+            digest = await KubeRuns(spawner).image_digest(run_id, key)
+        except InvalidInput:
+            raise web.HTTPError(404, NO_RUN) from None
+        except CasaspawnerError as exc:
+            raise web.HTTPError(503, str(exc)) from None
+        if digest is None:
+            self.set_status(202)
+            self.write({"message": "The run's container has not started yet."})
+            return
+        self.write({"digest": digest})
+
+
+def run_handlers() -> list[tuple[str, type[BaseHandler]]]:
+    """The pages and the runs' API, for ``JupyterHub.extra_handlers`` (under the hub's prefix)."""
     return [
         (f"/{RUNS_PATH}/?", RunsPage),
         (f"/{RUNS_PATH}/new", NewRunPage),
         (f"/{RUNS_PATH}/{RUN_ID_PATTERN}", RunPage),
         (f"/{RUNS_PATH}/{RUN_ID_PATTERN}/stop", StopRun),
+        (f"/api/{RUNS_API}/(?P<user_name>[^/]+)/(?P<run_id>{RUN_ID})/image", RunImageHandler),
     ]

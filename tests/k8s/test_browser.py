@@ -50,7 +50,12 @@ from support.browser import choose_from_menu, menu_commands, screenshot_path
 from casaspawner.catalog import load_catalog
 from casaspawner.datasets.synth import SIMULATE_MS, DatasetSpec, write_dataset
 from casaspawner.plan import PlanConfig, image_for
-from casaspawner.runtime import RECORD_FILE, RECORD_RUNTIME_ID
+from casaspawner.runtime import (
+    RECORD_FILE,
+    RECORD_RUNTIME_ID,
+    RUN_IMAGE_KEY_ENV,
+    RUN_IMAGE_KEY_HEADER,
+)
 from casaspawner.services.state import DEFAULT_STATE_FILE, ReleaseStateStore, drain_message
 from casaspawner.session.record import RECORDS_DIR
 from cluster import REPO, Cluster
@@ -562,6 +567,35 @@ def test_run_headless_from_the_form_is_a_job_as_alice(
         lambda api: client.BatchV1Api(api).list_namespaced_job(site.account.namespace),
     )
     assert [j.metadata.annotations["casaspawner.io/run-id"] for j in runs.items] == [run_id]
+
+    # The run's pod asked the hub for its image's digest with the key its spec holds: its record
+    # names the digest the kubelet ran. Asked without that key, the hub knows of no such run.
+    (job,) = runs.items
+    (container,) = job.spec.template.spec.containers
+    key = next(e.value for e in container.env if e.name == RUN_IMAGE_KEY_ENV)
+    pods = admin(
+        cluster,
+        lambda api: client.CoreV1Api(api).list_namespaced_pod(
+            site.account.namespace,
+            label_selector=f"batch.kubernetes.io/job-name={job.metadata.name}",
+        ),
+    )
+    (ran,) = [s for pod in pods.items for s in pod.status.container_statuses]
+    digest = ran.image_id.rsplit("sha256:", 1)[1]
+    record = json.loads((dataset / "casaspawner-runs" / run_id / RECORD_FILE).read_text())
+    image = next(e for e in record["@graph"] if e["@id"] == RECORD_RUNTIME_ID)
+    assert image.get("sha256") == digest, image
+    assert "the record names the image by its digest" in output, output
+
+    def ask(with_key: str) -> tuple[str, Any]:
+        url = f"{hub.url}/hub/api/casa-runs/alice/{run_id}/image"
+        argv = ["curl", "-sS", "--max-time", "30", "-w", "\n%{http_code}", url]
+        answer = cluster.run_in_netns([*argv, "-H", f"{RUN_IMAGE_KEY_HEADER}: {with_key}"])
+        text, _, status = answer.stdout.rpartition("\n")
+        return status, json.loads(text)
+
+    assert ask(key) == ("200", {"digest": f"sha256:{digest}"})
+    assert ask("not-the-key")[0] == "404"
 
 
 def test_an_app_of_another_release_joins_the_desktop_from_a_pod_of_its_own(

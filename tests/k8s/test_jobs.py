@@ -301,6 +301,16 @@ def test_a_restore_and_a_failing_script_run_as_jobs_as_alice(
     assert {"@id": "restored.ms/"} in action["result"]
     assert graph["#script"]["name"] == "restore.py" and len(graph["#script"]["sha256"]) == 64
     assert graph["#runtime"]["identifier"] == casa_image
+    # No hub gave the pod its digest: the command put the kubelet's on the record after the run.
+    name = job_of(err)
+    pods = admin(
+        cluster,
+        lambda api: client.CoreV1Api(api).list_namespaced_pod(
+            site.namespace, label_selector=f"batch.kubernetes.io/job-name={name}"
+        ),
+    )
+    (ran_by,) = [s for p in pods.items for s in p.status.container_statuses]
+    assert graph["#runtime"]["sha256"] == ran_by.image_id.rsplit("sha256:", 1)[1], graph
     assert graph["#evidence"].get("sha256"), graph["#evidence"]
     assert graph["#measures"]["version"]
 

@@ -38,6 +38,7 @@ from casaspawner.kube.runs import (
     submission,
 )
 from casaspawner.local.run_job import describe, image_command
+from casaspawner.runtime import RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV
 from casaspawner.session.runs import CASA_RUNNER, RUN_FILE, casa_command
 
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -333,26 +334,39 @@ def test_the_role_in_the_docs_is_what_the_command_needs() -> None:
     assert yaml.safe_load(block)["rules"] == ROLE_RULES
 
 
-def test_a_lost_run_is_recorded_by_a_small_job_of_the_same_pod(storage: Path) -> None:
-    """The run's Job as the API returns it (with the labels Kubernetes adds) → its lost Job."""
+@pytest.mark.parametrize(
+    "command",
+    [("lost", "its node was lost"), ("digest", "d" * 64)],
+    ids=["lost", "digest"],
+)
+def test_a_run_record_is_completed_by_a_small_job_of_the_same_pod(
+    storage: Path, command: tuple[str, str]
+) -> None:
+    """The run's Job as the API returns it (with the labels Kubernetes adds) → a record Job."""
     job = job_for(storage)
     template = job["spec"]["template"]
     template["metadata"]["labels"].update(
         {"batch.kubernetes.io/controller-uid": "u", "batch.kubernetes.io/job-name": "x"}
     )
-    lost = jobs.lost_job(job, name="casa-run-alice-x-lost", why="its node was lost")
-    kubernetes_validate.validate(lost, K8S_VERSION, strict=True)
-    pod = {"apiVersion": "v1", "kind": "Pod", **lost["spec"]["template"]}
+    # A hub's run also carries where its pod asks for its digest, and the key.
+    template["spec"]["containers"][0]["env"] += [
+        {"name": RUN_IMAGE_URL_ENV, "value": "http://hub:8081/hub/api/casa-runs/alice/x/image"},
+        {"name": RUN_IMAGE_KEY_ENV, "value": "key"},
+    ]
+    completing = jobs.record_job(job, name=f"casa-run-alice-x-{command[0]}", command=command)
+    kubernetes_validate.validate(completing, K8S_VERSION, strict=True)
+    pod = {"apiVersion": "v1", "kind": "Pod", **completing["spec"]["template"]}
     assert restricted_violations(pod) == {}
-    assert (
-        "batch.kubernetes.io/controller-uid" not in lost["spec"]["template"]["metadata"]["labels"]
-    )
-    (container,) = lost["spec"]["template"]["spec"]["containers"]
+    labels = completing["spec"]["template"]["metadata"]["labels"]
+    assert "batch.kubernetes.io/controller-uid" not in labels
+    (container,) = completing["spec"]["template"]["spec"]["containers"]
     run_dir = env_of(template["spec"]["containers"][0])["CASASPAWNER_RECORD_DIR"]
-    assert container["args"] == [*jobs.RUN_ARGS, "lost", run_dir, "its node was lost"]
-    assert {jobs.RUN_ENV, "CASASPAWNER_RECORD"}.isdisjoint(env_of(container))
-    assert lost["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 41001
-    assert lost["spec"]["activeDeadlineSeconds"] <= 120 and lost["spec"]["backoffLimit"] == 0
+    assert container["args"] == [*jobs.RUN_ARGS, command[0], run_dir, command[1]]
+    dropped = {jobs.RUN_ENV, "CASASPAWNER_RECORD", RUN_IMAGE_URL_ENV, RUN_IMAGE_KEY_ENV}
+    assert dropped.isdisjoint(env_of(container))
+    assert completing["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 41001
+    spec = completing["spec"]
+    assert spec["activeDeadlineSeconds"] <= 120 and spec["backoffLimit"] == 0
 
 
 def test_log_times_order_as_text_whatever_their_fraction() -> None:

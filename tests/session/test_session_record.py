@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import http.server
 import json
@@ -16,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from support.servers import serving
 
 from casaspawner.catalog import Catalog
 from casaspawner.datasets.model import Evidence, Resolution
@@ -23,6 +25,7 @@ from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.errors import InvalidInput
 from casaspawner.insession import record as insession
+from casaspawner.local import run_job
 from casaspawner.net import free_port
 from casaspawner.plan import (
     Identity,
@@ -33,7 +36,14 @@ from casaspawner.plan import (
     Substitution,
     make_plan,
 )
-from casaspawner.runtime import RECORD_DIR_ENV, RECORD_ENV, RECORD_FILE
+from casaspawner.runtime import (
+    RECORD_DIR_ENV,
+    RECORD_ENV,
+    RECORD_FILE,
+    RUN_IMAGE_KEY_ENV,
+    RUN_IMAGE_KEY_HEADER,
+    RUN_IMAGE_URL_ENV,
+)
 from casaspawner.session.record import (
     COMPLETED,
     PROCESS_RUN_CRATE,
@@ -485,16 +495,17 @@ def test_a_pod_session_asks_the_hub_for_its_image_digest(tmp_path: Path, catalog
         assert insession.hub_image_digest(environ) is None
         stopping = threading.Event()
         stopping.set()
-        assert not insession.watch_image_digest(directory, environ, stopping, wait=5, every=0.1)
+        ask = functools.partial(insession.hub_image_digest, environ)
+        assert not insession.watch_image_digest(directory, ask, stopping, wait=5, every=0.1)
         hub.digest = f"sha256:{DIGEST}"
         assert insession.hub_image_digest(environ) == DIGEST
-        assert insession.watch_image_digest(directory, environ, threading.Event(), 5, 0.1)
+        assert insession.watch_image_digest(directory, ask, threading.Event(), 5, 0.1)
         assert hub.asked[-1] == "/hub/api/users/alice"
         image = graph(written(directory))["#runtime"]
         assert image["sha256"] == DIGEST and "imageID" in image["description"]
         # Once there, never asked for or written again.
         asked = len(hub.asked)
-        assert not insession.watch_image_digest(directory, environ, threading.Event(), 5, 0.1)
+        assert not insession.watch_image_digest(directory, ask, threading.Event(), 5, 0.1)
         assert not insession.add_image_digest(directory, "b" * 64)
         assert len(hub.asked) == asked
         # A wrong token, a bad digest, no hub: nothing.
@@ -513,3 +524,66 @@ def test_a_pod_session_asks_the_hub_for_its_image_digest(tmp_path: Path, catalog
     )
     assert not insession.needs_image_digest(local)
     assert not insession.add_image_digest(local, DIGEST)
+
+
+class RunHub(http.server.BaseHTTPRequestHandler):
+    """The hub's ``casa-runs/<user>/<run>/image``: 202, then the digest, to one key alone."""
+
+    digest: str | None = None
+    asked: list[str] = []
+
+    def do_GET(self) -> None:
+        RunHub.asked.append(self.path)
+        if self.headers.get(RUN_IMAGE_KEY_HEADER) != "the-key":
+            status, body = 404, {"status": 404, "message": "There is no such run."}
+        elif RunHub.digest is None:
+            status, body = 202, {"message": "The run's container has not started yet."}
+        else:
+            status, body = 200, {"digest": RunHub.digest}
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_kubernetes_run_asks_the_hub_for_its_digest_with_its_key(
+    tmp_path: Path,
+    catalog: Catalog,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    plan, _ = alice_plan(tmp_path, catalog)
+    facts = RecordFacts(STARTED, Runtime("image", IMAGE))
+    record = record_text(run_record(plan, facts, "/d/restore.py", "e" * 64, ()))
+    run_dir = tmp_path / "run"
+    insession.start({RECORD_ENV: record, RECORD_DIR_ENV: str(run_dir)})
+    monkeypatch.setattr(run_job, "DIGEST_WAIT", 0.5)
+    monkeypatch.setattr(run_job, "DIGEST_EVERY", 0.1)
+    RunHub.digest, RunHub.asked = None, []
+    with serving(RunHub) as base:
+        url = f"{base}/hub/api/casa-runs/alice/20261206T021500Z-restore/image"
+        environ = {RUN_IMAGE_URL_ENV: url, RUN_IMAGE_KEY_ENV: "the-key"}
+        # Not running yet, a wrong key, no key: nothing; the run goes on by its tag.
+        assert insession.run_image_digest(environ) is None
+        assert insession.run_image_digest({**environ, RUN_IMAGE_KEY_ENV: "other"}) is None
+        assert insession.run_image_digest({RUN_IMAGE_URL_ENV: url}) is None
+        run_job.note_image_digest(run_dir, environ, -1)
+        assert "names the image by its tag" in capfd.readouterr().out
+        assert insession.needs_image_digest(run_dir)
+        # Once the kubelet runs it, the record names the digest.
+        RunHub.digest = f"sha256:{DIGEST}"
+        assert insession.run_image_digest(environ) == DIGEST
+        run_job.note_image_digest(run_dir, environ, -1)
+        assert "names the image by its digest" in capfd.readouterr().out
+        assert RunHub.asked[-1] == "/hub/api/casa-runs/alice/20261206T021500Z-restore/image"
+    image = graph(written(run_dir))["#runtime"]
+    assert image["sha256"] == DIGEST, image
+    # The command without a hub puts the kubelet's digest there after the run; once only.
+    after = tmp_path / "after"
+    insession.start({RECORD_ENV: record, RECORD_DIR_ENV: str(after)})
+    assert run_job.main({}, ["digest", str(after), "b" * 64]) == 0
+    assert run_job.main({}, ["digest", str(after), "c" * 64]) == 0
+    assert graph(written(after))["#runtime"]["sha256"] == "b" * 64
