@@ -19,7 +19,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from casaspawner.catalog.model import Release
-from casaspawner.insession.desktop.casa_releases import APPS
+from casaspawner.insession.desktop.casa_releases import APPS, COOKIE_DIR
 from casaspawner.kube.jobs import container_resources, one_shot_spec
 from casaspawner.kube.objects import PodSettings, security_contexts, session_volumes
 from casaspawner.plan import SessionPlan
@@ -50,11 +50,12 @@ APP_RULES: list[dict[str, list[str]]] = [
         "verbs": ["create", "get", "delete"],
     },
 ]
+#: The session's variables an app of another release does not take: they speak of the session's
+#: own build.
+SESSION_ONLY = ("CASASPAWNER_PIPELINE", "CASASPAWNER_EXACT")
 #: What a desktop session gets when its apps of other releases run in pods: the desktop's menu
 #: asks the hub for them, and its X server listens on TCP too (``bin/vncserver``).
 SESSION_ENVIRONMENT = {"CASASPAWNER_DESKTOP_APPS": "hub", "CASASPAWNER_DESKTOP_X_TCP": "1"}
-#: The cookie's directory under the home, one file per session pod.
-COOKIE_DIR = ".casaspawner/desktop"
 
 _DNS = re.compile(r"[^a-z0-9-]+")
 
@@ -67,6 +68,16 @@ class SessionPod:
     uid: str
     ip: str
     labels: Mapping[str, str]
+    #: The pod's ``spec.hostname``, when it has one.
+    hostname: str = ""
+
+    def host(self) -> str:
+        """The pod's host name (``$HOSTNAME`` in it), as the kubelet gives it.
+
+        ``spec.hostname``, else the pod's name cut to 63 characters without a trailing ``-``
+        or ``.``. The desktop names its X cookie's file after it.
+        """
+        return self.hostname or self.name[:63].rstrip("-.")
 
     def owner(self) -> dict[str, Any]:
         """An owner reference to this pod: what it owns is deleted with it."""
@@ -95,9 +106,9 @@ def image_apps(release: Release) -> list[str]:
     return apps
 
 
-def cookie_path(home: str, pod_name: str) -> str:
-    """Where the desktop of ``pod_name`` leaves its X cookie for its app pods (mode 0600)."""
-    return str(PurePosixPath(home) / COOKIE_DIR / f"{pod_name}.xauthority")
+def cookie_path(home: str, host: str) -> str:
+    """Where the desktop on ``host`` leaves its X cookie for its app pods (mode 0600)."""
+    return str(PurePosixPath(home) / COOKIE_DIR / f"{host}.xauthority")
 
 
 def app_pod_name(session: str, release_id: str, app: str, nonce: str) -> str:
@@ -134,11 +145,12 @@ def app_pod(
         **{
             k: v
             for k, v in plan.environment.items()
-            if not k.startswith("JUPYTER") and k not in ("CASASPAWNER_PIPELINE",)
+            if not k.startswith("JUPYTER")
+            and k not in ("CASASPAWNER_PIPELINE", "CASASPAWNER_EXACT")
         },
         "HOME": plan.home,
         "DISPLAY": f"{session.ip}:{display}",
-        "XAUTHORITY": cookie_path(plan.home, session.name),
+        "XAUTHORITY": cookie_path(plan.home, session.host()),
         "CASASPAWNER_APPROXIMATE": "false",
         # Placed by openbox where it covers nothing, not on the session's own terminal.
         "CASASPAWNER_TERMINAL_GEOMETRY": "110x32",

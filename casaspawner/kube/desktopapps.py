@@ -22,11 +22,12 @@ from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from casaspawner.errors import CasaspawnerError, InvalidInput
+from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
 from casaspawner.insession.desktop.casa_releases import APPS
 from casaspawner.kube import apps
 from casaspawner.kube.podsecurity import pod_security_sentence, pod_security_violations
-from casaspawner.kube.runs import HOPELESS, Cluster, api_reason
+from casaspawner.kube.runs import HOPELESS, Cluster, api_reason, unschedulable
+from casaspawner.session.options import OUTPUT_KEY
 from casaspawner.session.prepare import prepare
 
 #: Seconds a request waits for an API server that does not answer.
@@ -38,6 +39,10 @@ POLL = 0.5
 #: Why an app's pod will not start soon. A user who asked waits for an answer, so a failed pull
 #: is one at once (clicking again tries again), not after the kubelet's back-off.
 NOT_STARTING = HOPELESS | {"ErrImagePull"}
+NOT_OFFERED = (
+    "This hub runs each dataset in the CASA release chosen for it; apps of other releases are "
+    "not offered."
+)
 RBAC_SENTENCE = (
     "This hub may not create the NetworkPolicies that guard your desktop's X server; the "
     "operators allow it with hub-config/z2jh/casa-apps-rbac.yaml."
@@ -66,7 +71,10 @@ class KubeApps:
         own = session.labels.get(f"{self.spawner.label_prefix}/release", "")
         catalog = self.spawner.casa_catalog()
         drained = await self.spawner.blocked_release_messages()
-        listed = sorted(catalog.available(), key=lambda r: r.casa_version._key(), reverse=True)
+        listed = sorted(catalog.available(), key=lambda r: r.casa_version, reverse=True)
+        if not self.spawner.allow_release_override:
+            # Users may not choose a release on this hub: the session's own alone.
+            listed = [r for r in listed if r.id == own]
         return {
             "own": own,
             "releases": [
@@ -103,7 +111,13 @@ class KubeApps:
             raise InvalidInput("Apps of other CASA releases open on a CASA desktop session only.")
         if pod.status.phase != "Running" or not pod.status.pod_ip:
             raise InvalidInput("Your session's pod is not running; wait for it, or start again.")
-        return apps.SessionPod(pod.metadata.name, pod.metadata.uid, pod.status.pod_ip, labels)
+        return apps.SessionPod(
+            pod.metadata.name,
+            pod.metadata.uid,
+            pod.status.pod_ip,
+            labels,
+            hostname=pod.spec.hostname or "",
+        )
 
     async def launch(self, release_id: str, app: str, display: int) -> str:
         """Start ``app`` of ``release_id`` on the desktop's ``display``; the app pod's name.
@@ -122,14 +136,20 @@ class KubeApps:
                 "lists those that are."
             )
         release = catalog.get(release_id)
+        own = session.labels.get(f"{spawner.label_prefix}/release", "")
+        if release_id != own and not spawner.allow_release_override:
+            raise InvalidInput(NOT_OFFERED)
         if app not in apps.image_apps(release):
             raise InvalidInput(f"{app[:20]} is not part of the {release.label} image.")
+        # The running session's dataset and size, as the spawner noted them (a relaunch's
+        # options name only the record).
         options = dict(spawner.user_options or {})
-        wanted = {"dataset": options.get("dataset"), "size": options.get("size")}
+        noted = options.get(OUTPUT_KEY)
+        running: dict[str, Any] = noted if isinstance(noted, dict) else {}
+        wanted = {k: running.get(k) or options.get(k) for k in ("dataset", "size")}
         wanted |= {"release": release_id, "interface": "lab"}
         settings = spawner.session_settings()
         plan = await prepare({k: v for k, v in wanted.items() if v}, settings, spawner)
-        own = session.labels.get(f"{spawner.label_prefix}/release", "")
         own_label = catalog.get(own).label if own in catalog else "CASA"
         pod = apps.app_pod(
             plan,
@@ -147,6 +167,7 @@ class KubeApps:
         sentence = pod_security_sentence(pod_security_violations(pod, level), level)
         if sentence:
             raise InvalidInput(sentence)
+        await self.make_room(session)
         await self.guard(session)
         try:
             await self.cluster.answer(
@@ -166,12 +187,13 @@ class KubeApps:
     async def started(self, name: str, what: str) -> None:
         """Wait up to ``START_WAIT`` s for app pod ``name`` to run; one sentence if it cannot.
 
-        A pod no node can take, or whose image could not be pulled (or whose container cannot be
-        made) is deleted and said so; one that ended at once says how. Still waiting (a slow
-        pull, say), it goes on.
+        A pod whose image could not be pulled (or whose container cannot be made) is deleted
+        and said so at once; one no node has taken by then (an autoscaler may add one) too.
+        One that ended at once says so. Still pulling its image, it goes on.
         """
         namespace = self.spawner.namespace
         deadline = time.monotonic() + START_WAIT
+        waits_for_node = None
         while time.monotonic() < deadline:
             try:
                 pod = await self.cluster.answer(
@@ -197,18 +219,7 @@ class KubeApps:
                 raise InvalidInput(
                     f"The {what} ended as soon as it started; its pod {name} says why."
                 )
-            unschedulable = next(
-                (
-                    c
-                    for c in (pod.status.conditions or [])
-                    if c.type == "PodScheduled" and c.reason == "Unschedulable"
-                ),
-                None,
-            )
-            if unschedulable is not None:
-                await self._remove(name)
-                detail = " ".join(str(unschedulable.message or "").split())[:200]
-                raise InvalidInput(f"No node can take the {what} now ({detail}).")
+            waits_for_node = unschedulable(pod)
             if waiting is not None and waiting.reason in NOT_STARTING:
                 await self._remove(name)
                 detail = " ".join(str(waiting.message or "").split())[:200]
@@ -217,6 +228,36 @@ class KubeApps:
                     f"{detail})."
                 )
             await asyncio.sleep(POLL)
+        if waits_for_node is not None:
+            await self._remove(name)
+            detail = waits_for_node[:200]
+            raise InvalidInput(f"No node took the {what} in {START_WAIT:.0f} s ({detail}).")
+
+    async def make_room(self, session: apps.SessionPod) -> None:
+        """Remove the desktop's closed apps' pods; refuse one more than ``desktop_apps_limit``."""
+        spawner = self.spawner
+        selector = ",".join(
+            f"{k}={v}" for k, v in apps.app_selector(session, spawner.label_prefix).items()
+        )
+        try:
+            found = await self.cluster.answer(
+                self.cluster.core.list_namespaced_pod, spawner.namespace, label_selector=selector
+            )
+        except ApiException as exc:
+            raise CasaspawnerError(
+                f"Kubernetes refused to list your desktop's apps: {api_reason(exc)}."
+            ) from None
+        open_now = 0
+        for pod in found.items:
+            if pod.status is not None and pod.status.phase in ("Succeeded", "Failed"):
+                await self._remove(pod.metadata.name)
+            else:
+                open_now += 1
+        if open_now >= spawner.desktop_apps_limit:
+            raise InvalidInput(
+                f"Your desktop has {open_now} apps of other CASA releases open, the most it may "
+                "have; close one of them first."
+            )
 
     async def _remove(self, name: str) -> None:
         """Delete app pod ``name``, which will not start; gone already is fine."""
@@ -228,17 +269,40 @@ class KubeApps:
         from kubernetes_asyncio import client
 
         networking = client.NetworkingV1Api(self.cluster.api)
-        prefix = self.spawner.label_prefix
-        for policy in apps.desktop_policies(session, prefix):
+        namespace = self.spawner.namespace
+        for policy in apps.desktop_policies(session, self.spawner.label_prefix):
+            name = policy["metadata"]["name"]
             try:
                 await self.cluster.answer(
-                    networking.create_namespaced_network_policy, self.spawner.namespace, policy
+                    networking.create_namespaced_network_policy, namespace, policy
+                )
+                continue
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise self.refused(exc) from None
+            try:
+                # There already: this session's, or a pod's of the same name before it, which
+                # the garbage collector is about to delete.
+                found = await self.cluster.answer(
+                    networking.read_namespaced_network_policy, name, namespace
+                )
+                owners = found.metadata.owner_references or []
+                if any(owner.uid == session.uid for owner in owners):
+                    continue
+                await self.cluster.answer(
+                    networking.delete_namespaced_network_policy, name, namespace
+                )
+                await self.cluster.answer(
+                    networking.create_namespaced_network_policy, namespace, policy
                 )
             except ApiException as exc:
-                if exc.status == 409:
-                    continue
-                if exc.status == 403:
-                    raise InvalidInput(RBAC_SENTENCE) from None
-                raise InvalidInput(
-                    f"Kubernetes refused the NetworkPolicy of your desktop: {api_reason(exc)}."
-                ) from None
+                raise self.refused(exc) from None
+
+    @staticmethod
+    def refused(exc: Any) -> CasaspawnerError:
+        """The sentence for a refused NetworkPolicy request: the RBAC's, or the API's."""
+        if exc.status == 403:
+            return ConfigurationError(RBAC_SENTENCE)
+        return CasaspawnerError(
+            f"Kubernetes refused the NetworkPolicy of your desktop: {api_reason(exc)}."
+        )

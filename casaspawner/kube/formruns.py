@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import hmac
 import os
-import secrets
 import time
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -50,6 +50,7 @@ from casaspawner.kube.runs import (
     find_script,
     job_for,
     stored_run,
+    unschedulable,
 )
 from casaspawner.plan import SessionPlan, label_value, make_plan
 from casaspawner.runtime import RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV, RUNS_API
@@ -166,15 +167,17 @@ class KubeRuns:
         prefix = self.spawner.label_prefix
         user = plan.identity.username
         api = self.hub_api_url()
+        secret = getattr(self.spawner.user, "settings", {}).get("cookie_secret")
         cluster = self.cluster()
         for number in range(1, 100):
             run_id = shared.run_name(found.name, started, number)
             if os.path.lexists(runs_here / run_id):
                 continue
-            # Where the run's pod asks for its image's digest, with a key only its spec holds.
+            # Where the run's pod asks for its image's digest, and the key it asks with.
+            key = run_image_key(secret, self.spawner.user.name, run_id) if secret else ""
             asking = {
                 RUN_IMAGE_URL_ENV: f"{api}/{self.image_path(run_id)}",
-                RUN_IMAGE_KEY_ENV: secrets.token_urlsafe(32),
+                RUN_IMAGE_KEY_ENV: key,
             }
             job = job_for(
                 plan,
@@ -194,7 +197,7 @@ class KubeRuns:
                     f"{prefix}/{RUN_USER}": label_value(user) or "user",
                 },
                 annotations={f"{prefix}/{RUN_USER}": user},
-                environment=asking if api else None,
+                environment=asking if api and key else None,
             )
             job["spec"]["template"]["spec"].update(self.spawner.user_pod_scheduling())
             if await cluster.create(job):
@@ -218,22 +221,16 @@ class KubeRuns:
         """The path, under the hub's API, where run ``run_id``'s pod asks for its digest."""
         return f"{RUNS_API}/{quote(self.spawner.user.name, safe='')}/{run_id}/image"
 
-    async def image_digest(self, run_id: str, key: str) -> str | None:
-        """The digest of the image run ``run_id``'s pod runs, asked with the pod's own key.
+    async def image_digest(self, run_id: str) -> str | None:
+        """The digest of the image run ``run_id``'s pod runs: ``sha256:…``, or None before.
 
-        ``sha256:…`` once the kubelet has said what it runs, None before. A run that is not the
-        user's, or a wrong key, is :class:`InvalidInput` alike.
+        None too while the kubelet has not said what it runs. A run that is not the user's is
+        :class:`InvalidInput`.
         """
         identity = await self.spawner.session_identity()
-        missing = InvalidInput(f"There is no run {shown(run_id)} of yours here.")
-        cluster = self.cluster()
-        pod = await cluster.pod(jobs.job_name(identity.username, run_id))
-        containers = pod.spec.containers if pod is not None else []
-        held = [
-            e.value or "" for c in containers for e in c.env or [] if e.name == RUN_IMAGE_KEY_ENV
-        ]
-        if len(held) != 1 or not hmac.compare_digest(held[0].encode(), key.encode()):
-            raise missing
+        pod = await self.cluster().pod(jobs.job_name(identity.username, run_id))
+        if pod is None:
+            raise InvalidInput(f"There is no run {shown(run_id)} of yours here.")
         status = container_status(pod)
         digest = image_digest(status.image_id or "") if status is not None else None
         return f"sha256:{digest}" if digest else None
@@ -347,7 +344,7 @@ class KubeRuns:
         else:
             status = "running"
             sentence = f"run {run_id} is running; its output and CASA log go to {where}."
-            waiting = _waiting(pod)
+            waiting = unschedulable(pod)
             if waiting:
                 sentence = f"run {run_id} waits for a node: {waiting}"
         prefix = self.spawner.label_prefix
@@ -392,6 +389,17 @@ class KubeRuns:
         return {"files": sorted(files), "output": output}
 
 
+def run_image_key(secret: bytes | str, user: str, run_id: str) -> str:
+    """The key hub user ``user``'s run ``run_id`` asks the hub for its digest with.
+
+    An HMAC of the two under the hub's cookie secret: the hub checks it before looking anything
+    up, and it opens nothing but that run's digest.
+    """
+    key = secret.encode() if isinstance(secret, str) else secret
+    message = f"casaspawner run image\n{user}\n{run_id}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
 def _pod_result(job: Any, pod: Any | None) -> dict[str, Any] | None:
     """How a run ended that wrote no result: its pod never started, or it was lost."""
     status = container_status(pod)
@@ -403,14 +411,6 @@ def _pod_result(job: Any, pod: Any | None) -> dict[str, Any] | None:
     failed = failed_condition(job)
     if failed is not None and (pod is None or pod.status.phase in ("Failed", "Succeeded")):
         return {"status": "lost", "why": f"its pod ended without a result ({failed})"}
-    return None
-
-
-def _waiting(pod: Any | None) -> str | None:
-    """The scheduler's message while the run's pod waits for a node."""
-    for condition in (pod.status.conditions or []) if pod and pod.status else []:
-        if condition.type == "PodScheduled" and condition.reason == "Unschedulable":
-            return " ".join(str(condition.message or "").split())
     return None
 
 

@@ -53,6 +53,12 @@ def job_name(username: str, run_id: str) -> str:
     return f"{stem[:54].rstrip('-')}-{digest}"
 
 
+def record_job_name(job: str, verb: str) -> str:
+    """The name of the Job that completes Job ``job``'s record (:func:`record_job`)."""
+    digest = hashlib.sha256(f"{job}\n{verb}".encode()).hexdigest()[:8]
+    return f"{job[: 63 - len(verb) - 10].rstrip('-')}-{verb}-{digest}"
+
+
 def mpi_processes(plan: SessionPlan) -> int:
     """How many ``mpicasa`` processes the chosen size gives: its CPU limit, in whole cores."""
     return max(1, int(plan.resources.cpu_limit or 1))

@@ -46,7 +46,7 @@ from casaspawner.plan import (
     chosen_release,
     make_plan,
 )
-from casaspawner.runtime import RECORD_FILE, RECORD_RUNTIME_ID
+from casaspawner.runtime import RECORD_FILE, RECORD_RUNTIME_ID, RUN_IMAGE_URL_ENV
 from casaspawner.session.config import sizes as config_sizes
 from casaspawner.session.identity import identity_from_login
 from casaspawner.session.readers import StorageMountReader, locate_in_storage
@@ -667,7 +667,7 @@ class Cluster:
         if not stored.get("result") and lost["status"] == "lost":
             await self.complete_record(name, job, ("lost", lost["why"]))
         digest = image_digest(ended.get("image_id") or "")
-        if digest and not has_image_digest(self.storage, annotations):
+        if digest and not asks_hub(job) and not has_image_digest(self.storage, annotations):
             # No hub gave the pod its digest: the kubelet's, read now, goes on its record.
             await self.complete_record(name, job, ("digest", digest))
         return self.ending(name, run_id, where, ended, annotations)
@@ -680,21 +680,22 @@ class Cluster:
         manifest = self.api.sanitize_for_serialization(job)
         try:
             completing = jobs.record_job(
-                manifest, name=f"{name[:55].rstrip('-')}-{verb}", command=command
+                manifest, name=jobs.record_job_name(name, verb), command=command
             )
         except (KeyError, TypeError, ValueError):
             print("casaspawner: the run's Job is not one to complete its record.", file=sys.stderr)
             return
         try:
-            if not await self.create(completing):
-                return
+            created = await self.create(completing)
         except (ApiException, InvalidInput) as exc:
             phase = str(exc)
         else:
-            try:
-                phase = await self.end_of(completing["metadata"]["name"], timeout=150)
-            finally:
-                await self.delete(completing["metadata"]["name"], wait=False)
+            phase = "its Job's name is taken"
+            if created:
+                try:
+                    phase = await self.end_of(completing["metadata"]["name"], timeout=150)
+                finally:
+                    await self.delete(completing["metadata"]["name"], wait=False)
         if phase != "Complete":
             what = "as lost" if verb == "lost" else "with its image's digest"
             print(
@@ -764,12 +765,11 @@ class Cluster:
 
     def waits_for_node(self, pod: Any) -> None:
         """Say, once, why the run's pod waits for a node (the scheduler's message)."""
-        for condition in (pod.status.conditions or []) if pod and pod.status else []:
-            if condition.type == "PodScheduled" and condition.reason == "Unschedulable":
-                if not self.said_unschedulable:
-                    message = " ".join(str(condition.message or "").split())
-                    print(f"casaspawner: the run waits for a node: {message}", file=sys.stderr)
-                self.said_unschedulable = True
+        message = unschedulable(pod)
+        if message is not None:
+            if not self.said_unschedulable:
+                print(f"casaspawner: the run waits for a node: {message}", file=sys.stderr)
+            self.said_unschedulable = True
 
     async def stream(self, name: str, pod: str) -> None:
         """Copy the log of Job ``name``'s pod ``pod`` to stdout until the container ends.
@@ -870,6 +870,14 @@ def annotation(annotations: Mapping[str, str], name: str) -> str | None:
     return next((v for k, v in annotations.items() if k.endswith(f"/{name}")), None)
 
 
+def unschedulable(pod: Any | None) -> str | None:
+    """The scheduler's message, in one line, while ``pod`` waits for a node; else None."""
+    for condition in (pod.status.conditions or []) if pod and pod.status else []:
+        if condition.type == "PodScheduled" and condition.reason == "Unschedulable":
+            return " ".join(str(condition.message or "").split())
+    return None
+
+
 def container_status(pod: Any) -> Any | None:
     """The run container's status in ``pod``, or None."""
     if pod is None or pod.status is None:
@@ -921,6 +929,12 @@ def stored_run(storage: Path | None, annotations: dict[str, str]) -> dict[str, A
     ``RUN_FILE_LIMIT`` bytes at most.
     """
     return _stored_json(storage, annotations, RUN_FILE)
+
+
+def asks_hub(job: Any) -> bool:
+    """Whether the run's pod asks a hub for its image's digest (a run from the spawn form)."""
+    containers = job.spec.template.spec.containers if job.spec else []
+    return any(e.name == RUN_IMAGE_URL_ENV for c in containers for e in c.env or [])
 
 
 def has_image_digest(storage: Path | None, annotations: dict[str, str]) -> bool:

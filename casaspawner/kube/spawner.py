@@ -23,7 +23,7 @@ from jupyterhub.utils import exponential_backoff, maybe_future
 from kubernetes_asyncio.client.rest import ApiException
 from kubespawner import KubeSpawner
 from tornado import web
-from traitlets import Bool, Dict, List, Unicode, default, validate
+from traitlets import Bool, Dict, Integer, List, Unicode, default, validate
 
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
 from casaspawner.insession.record import entity
@@ -209,9 +209,24 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         ``/hub/api/casa-apps`` on a request carrying the session's own token; it draws on the
         desktop's X server, which then also listens on TCP, guarded by an X cookie in the
         user's home and by two NetworkPolicies that admit the session's own app pods alone.
-        The hub's ServiceAccount needs ``hub-config/z2jh/casa-apps-rbac.yaml``.
+        The hub's ServiceAccount needs ``hub-config/z2jh/casa-apps-rbac.yaml``, and session pods
+        need Zero to JupyterHub's NetworkPolicy for user pods (``singleuser.networkPolicy``, on
+        by default): a pod selected by the desktop's policy alone would admit nothing but X.
         """,
     ).tag(config=True)
+
+    desktop_apps_limit = Integer(
+        8,
+        min=1,
+        help="""
+        How many apps of other releases one desktop may have open at once (``desktop_apps``);
+        each is a pod asking for 0.1 CPU and 256 MiB, limited to the session's size. Closed
+        apps' pods are removed when the desktop asks for another.
+        """,
+    ).tag(config=True)
+
+    #: The environment variables the last session's plan set (``apply_plan`` replaces them).
+    _session_keys: frozenset[str] = frozenset()
 
     record_command = List(
         Unicode(),
@@ -401,7 +416,10 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         if self.desktop_apps and plan.options.interface == "desktop":
             session |= apps.SESSION_ENVIRONMENT
         # KubeSpawner expands templates in the environment; the session's values are as written.
-        self.environment = {**self.environment, **objects.literal(session)}
+        # The last session's own variables go first: a lab after a desktop has no desktop's.
+        kept = {k: v for k, v in self.environment.items() if k not in self._session_keys}
+        self._session_keys = frozenset(session)
+        self.environment = {**kept, **objects.literal(session)}
         fields = objects.session_fields(
             plan,
             self.pod_settings(),

@@ -17,6 +17,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -134,24 +135,27 @@ def prepare(spec: Mapping[str, Any], environ: Mapping[str, str]) -> Path:
     return run_dir
 
 
-def note_image_digest(run_dir: Path, environ: Mapping[str, str], log: int) -> None:
+def note_image_digest(
+    run_dir: Path, environ: Mapping[str, str], log: int, stopping: threading.Event
+) -> None:
     """Put the image's digest on the run's record: the hub reads it from the pod's status.
 
     A run the hub created asks it (:func:`casaspawner.insession.record.run_image_digest`)
-    before the script starts, for :data:`DIGEST_WAIT` seconds at most; one without a hub
-    (``casaspawner run --kubernetes``) has its record completed by the command.
+    before the script starts, for :data:`DIGEST_WAIT` seconds at most or until ``stopping`` is
+    set; one without a hub (``casaspawner run --kubernetes``) has its record completed by the
+    command.
     """
     if not environ.get(RUN_IMAGE_URL_ENV):
         return
     if run_records.watch_image_digest(
         run_dir,
         lambda: run_records.run_image_digest(environ),
-        threading.Event(),
+        stopping,
         wait=DIGEST_WAIT,
         every=DIGEST_EVERY,
     ):
         say("casaspawner: the record names the image by its digest", log)
-    elif run_records.needs_image_digest(run_dir):
+    elif not stopping.is_set() and run_records.needs_image_digest(run_dir):
         say(
             f"casaspawner: the hub gave no image digest in {DIGEST_WAIT:.0f} s; the record "
             "names the image by its tag",
@@ -170,7 +174,7 @@ def supervise(run_dir: Path, log: int) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=run_dir,
-        # The key that asked the hub for the digest stays out of the script's reach.
+        # The script does not need the key that asked the hub for the digest.
         env={
             k: v for k, v in os.environ.items() if k not in (RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV)
         },
@@ -212,8 +216,11 @@ def main(environ: Mapping[str, str] | None = None, argv: list[str] | None = None
     if len(args) == 3 and args[0] == "lost":
         return record_lost(Path(args[1]), args[2])
     if len(args) == 3 and args[0] == "digest":
+        if not re.fullmatch(r"[0-9a-f]{64}", args[2]):
+            print(f"casaspawner: {args[2][:80]!r} is not a sha256 digest", file=sys.stderr)
+            return EXIT_FAILED
         run_records.add_image_digest(Path(args[1]), args[2])
-        return 0
+        return EXIT_FAILED if run_records.needs_image_digest(Path(args[1])) else 0
     env = dict(os.environ if environ is None else environ)
     try:
         spec = json.loads(base64.b64decode(env[RUN_ENV], validate=True))
@@ -235,8 +242,16 @@ def main(environ: Mapping[str, str] | None = None, argv: list[str] | None = None
     log = os.open(run_dir / OUTPUT_LOG, flags, 0o644)
     try:
         say(f"casaspawner: run {run_dir.name} in {run_dir}", log)
-        note_image_digest(run_dir, env, log)
-        supervise(run_dir, log)
+        # Stopped while it waits for the digest, the run ends before its script starts.
+        stopping = threading.Event()
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(number, lambda _number, _frame: stopping.set())
+        note_image_digest(run_dir, env, log, stopping)
+        if stopping.is_set():
+            stopped = {"status": "stopped", "exit_code": None, "error": "stopped"}
+            finish(run_dir, read_run(run_dir), stopped)
+        else:
+            supervise(run_dir, log)
     finally:
         os.close(log)
     run = read_run(run_dir)

@@ -16,6 +16,7 @@ A user reaches only their own runs: ids are looked up among their own runs alone
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -254,21 +255,25 @@ class RunImageHandler(APIHandler):  # type: ignore[misc]
 
     ``GET /hub/api/casa-runs/<user>/<run id>/image`` with the key the hub put in the pod's spec
     (the ``X-Casaspawner-Run-Key`` header) answers ``{"digest": "sha256:…"}`` once the kubelet
-    runs the image, and 202 before. Anyone else gets 404, the same for a wrong key and a run
-    that is not there. The pod then names its image by digest in the run's record.
+    runs the image, and 202 before. The key is checked before anything is looked up: anyone
+    else gets 404, the same for a wrong key and a run that is not there. The pod then names
+    its image by digest in the run's record.
     """
 
     async def get(self, user_name: str, run_id: str) -> None:
-        from casaspawner.kube.formruns import KubeRuns
+        from casaspawner.kube.formruns import KubeRuns, run_image_key
         from casaspawner.kube.spawner import CASASpawner
 
         key = self.request.headers.get(RUN_IMAGE_KEY_HEADER, "")
+        expected = run_image_key(self.settings["cookie_secret"], user_name, run_id)
+        if not hmac.compare_digest(expected.encode(), key.encode()):
+            raise web.HTTPError(404, NO_RUN)
         user = self.find_user(user_name)
         spawner = user.spawner if user is not None else None
-        if not key or not isinstance(spawner, CASASpawner):
+        if not isinstance(spawner, CASASpawner):
             raise web.HTTPError(404, NO_RUN)
         try:
-            digest = await KubeRuns(spawner).image_digest(run_id, key)
+            digest = await KubeRuns(spawner).image_digest(run_id)
         except InvalidInput:
             raise web.HTTPError(404, NO_RUN) from None
         except CasaspawnerError as exc:

@@ -18,7 +18,7 @@ import yaml
 from k8s_hub import create_hub_account, dataset_of, eventually, nothing_left, spawn
 from kubernetes_asyncio import client, config
 
-from casaspawner.errors import InvalidInput
+from casaspawner.errors import ConfigurationError
 from casaspawner.kube.apps import APP_RULES, SESSION_ENVIRONMENT
 from casaspawner.kube.desktopapps import RBAC_SENTENCE, KubeApps
 from casaspawner.kube.runs import Cluster
@@ -57,7 +57,7 @@ async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
     ) as plain_api:
         refused = KubeApps(spawner)
         refused.cluster = Cluster(plain_api, hub.namespace)
-        with pytest.raises(InvalidInput) as error:
+        with pytest.raises(ConfigurationError) as error:
             await refused.guard(session)
         assert str(error.value) == RBAC_SENTENCE
     assert (await networking.list_namespaced_network_policy(hub.namespace)).items == []
@@ -74,7 +74,7 @@ async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
         try:
             await apps.guard(session)
         # The authorizer takes the new binding in within moments.
-        except InvalidInput as exc:
+        except ConfigurationError as exc:
             assert str(exc) == RBAC_SENTENCE
             return False
         return True
@@ -90,6 +90,18 @@ async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
     chosen = ",".join(f"{k}={v}" for k, v in into.spec.pod_selector.match_labels.items())
     selected = await core.list_namespaced_pod(hub.namespace, label_selector=chosen)
     assert [p.metadata.name for p in selected.items] == [session.name]
+
+    # A policy of that name left by someone else (no owner, say) is replaced by the session's.
+    await networking.delete_namespaced_network_policy(into.metadata.name, hub.namespace)
+    stale = client.V1NetworkPolicy(
+        metadata=client.V1ObjectMeta(name=into.metadata.name),
+        spec=client.V1NetworkPolicySpec(pod_selector=client.V1LabelSelector()),
+    )
+    await networking.create_namespaced_network_policy(hub.namespace, stale)
+    await apps.guard(session)
+    replaced = await networking.read_namespaced_network_policy(into.metadata.name, hub.namespace)
+    assert [o.uid for o in replaced.metadata.owner_references] == [session.uid]
+    assert replaced.spec.pod_selector.match_labels == into.spec.pod_selector.match_labels
 
     await spawner.stop(now=True)
 

@@ -9,6 +9,7 @@ real cluster, drawing on a real desktop, are tests/k8s/test_browser.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import xml.etree.ElementTree as ET
@@ -116,6 +117,15 @@ def test_the_app_carries_the_session_labels_and_names_its_desktop(plan: SessionP
     first = apps.app_pod_name(SESSION.name, "casa-6.7.0-31", "plotms", "a")
     second = apps.app_pod_name(SESSION.name, "casa-6.7.0-31", "plotms", "b")
     assert first != second and len(first) <= 63 and first.startswith("jupyter-alice-plotms-")
+
+
+def test_the_cookie_is_looked_for_under_the_host_name_the_desktop_has() -> None:
+    """``$HOSTNAME`` in a pod: its ``spec.hostname``, else its name cut to 63 characters."""
+    long = dataclasses.replace(SESSION, name="jupyter-" + "a" * 54 + "-b-c")
+    assert long.host() == "jupyter-" + "a" * 54 and len(long.name) > 63
+    assert SESSION.host() == "jupyter-alice"
+    assert dataclasses.replace(SESSION, hostname="desk").host() == "desk"
+    assert apps.cookie_path("/arc/home/alice", long.host()).endswith(f"/{long.host()}.xauthority")
 
 
 def test_a_display_out_of_range_is_refused(plan: SessionPlan) -> None:

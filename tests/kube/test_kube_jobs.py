@@ -353,7 +353,12 @@ def test_a_run_record_is_completed_by_a_small_job_of_the_same_pod(
         {"name": RUN_IMAGE_URL_ENV, "value": "http://hub:8081/hub/api/casa-runs/alice/x/image"},
         {"name": RUN_IMAGE_KEY_ENV, "value": "key"},
     ]
-    completing = jobs.record_job(job, name=f"casa-run-alice-x-{command[0]}", command=command)
+    name = jobs.record_job_name(job["metadata"]["name"], command[0])
+    assert len(name) <= 63 and name.startswith("casa-run-alice-")
+    # Runs whose long names share their first 53 characters get Jobs of their own.
+    long = "casa-run-" + "a" * 44 + "-20261206t0215"
+    assert jobs.record_job_name(long + "1", "lost") != jobs.record_job_name(long + "2", "lost")
+    completing = jobs.record_job(job, name=name, command=command)
     kubernetes_validate.validate(completing, K8S_VERSION, strict=True)
     pod = {"apiVersion": "v1", "kind": "Pod", **completing["spec"]["template"]}
     assert restricted_violations(pod) == {}

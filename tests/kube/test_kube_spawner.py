@@ -207,6 +207,25 @@ async def test_the_plans_environment_wins_over_a_profiles(make_spawner, storage)
     )
 
 
+async def test_a_lab_after_a_desktop_keeps_no_desktop_variables(make_spawner, storage):
+    """The spawner object stays between sessions: each plan's own variables replace the last's,
+    the operator's stay."""
+    from casaspawner.kube.apps import SESSION_ENVIRONMENT
+
+    spawner = make_spawner(desktop_apps=True, environment={"OPERATOR": "1"})
+    dataset = dataset_in(storage, "alice", "cycle10")
+
+    async def environment(interface: str) -> dict[str, str]:
+        await spawner._run_apply_user_options({"dataset": dataset, "interface": interface})
+        pod, _ = await spawner.session_manifests()
+        return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+
+    desktop = await environment("desktop")
+    assert {k: desktop.get(k) for k in SESSION_ENVIRONMENT} == SESSION_ENVIRONMENT
+    lab = await environment("lab")
+    assert not set(SESSION_ENVIRONMENT) & set(lab) and lab["OPERATOR"] == "1", lab
+
+
 async def test_session_memory_is_written_as_kubespawner_takes_it(make_spawner, storage):
     sizes = {
         "s": {"mem_guarantee": 2 * 2**30, "mem_limit": 8 * 2**30, "description": "bytes"},

@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -395,7 +396,7 @@ def session_release(cache_dir: Path, demo_release: Release) -> Release:
     manager = EnvironmentManager(cache_dir)
     others = sorted(
         (r for r in load_catalog().available(("modular",)) if r.id != demo_release.id),
-        key=lambda r: r.casa_version._key(),
+        key=lambda r: r.casa_version,
         reverse=True,
     )
     ready = [r for r in others if manager.ready(r) is not None]
@@ -409,7 +410,9 @@ def session_release(cache_dir: Path, demo_release: Release) -> Release:
         async for _ in manager.ensure(buildable[0]):
             pass
 
-    asyncio.run(build())
+    # A fixture may run while the module's event loop does: the build gets a loop of its own.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, build()).result()
     return buildable[0]
 
 

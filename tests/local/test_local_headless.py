@@ -90,6 +90,9 @@ class Runner:
             [*self.command, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # As from a terminal: a test run started in the background (`make test &`) has
+            # SIGINT ignored, which the command would inherit.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             **self.kwargs(),
         )
 

@@ -570,13 +570,13 @@ def test_a_kubernetes_run_asks_the_hub_for_its_digest_with_its_key(
         assert insession.run_image_digest(environ) is None
         assert insession.run_image_digest({**environ, RUN_IMAGE_KEY_ENV: "other"}) is None
         assert insession.run_image_digest({RUN_IMAGE_URL_ENV: url}) is None
-        run_job.note_image_digest(run_dir, environ, -1)
+        run_job.note_image_digest(run_dir, environ, -1, threading.Event())
         assert "names the image by its tag" in capfd.readouterr().out
         assert insession.needs_image_digest(run_dir)
         # Once the kubelet runs it, the record names the digest.
         RunHub.digest = f"sha256:{DIGEST}"
         assert insession.run_image_digest(environ) == DIGEST
-        run_job.note_image_digest(run_dir, environ, -1)
+        run_job.note_image_digest(run_dir, environ, -1, threading.Event())
         assert "names the image by its digest" in capfd.readouterr().out
         assert RunHub.asked[-1] == "/hub/api/casa-runs/alice/20261206T021500Z-restore/image"
     image = graph(written(run_dir))["#runtime"]
@@ -584,6 +584,17 @@ def test_a_kubernetes_run_asks_the_hub_for_its_digest_with_its_key(
     # The command without a hub puts the kubelet's digest there after the run; once only.
     after = tmp_path / "after"
     insession.start({RECORD_ENV: record, RECORD_DIR_ENV: str(after)})
+    assert run_job.main({}, ["digest", str(after), "not-a-digest"]) == 1
     assert run_job.main({}, ["digest", str(after), "b" * 64]) == 0
     assert run_job.main({}, ["digest", str(after), "c" * 64]) == 0
     assert graph(written(after))["#runtime"]["sha256"] == "b" * 64
+    # A run stopped while it waits for the digest (the hub gone) stops waiting at once.
+    waiting = tmp_path / "waiting"
+    insession.start({RECORD_ENV: record, RECORD_DIR_ENV: str(waiting)})
+    stopping = threading.Event()
+    threading.Timer(0.5, stopping.set).start()
+    monkeypatch.setattr(run_job, "DIGEST_WAIT", 30.0)
+    began = time.monotonic()
+    run_job.note_image_digest(waiting, environ, -1, stopping)
+    assert time.monotonic() - began < 5 and insession.needs_image_digest(waiting)
+    assert "names the image by its tag" not in capfd.readouterr().out

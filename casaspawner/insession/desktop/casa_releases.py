@@ -24,6 +24,7 @@ and asks the hub to start it (``POST``), which refuses a drained release with on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -49,10 +50,12 @@ APPS = {
 }
 #: The terminal of another release: its size, and no position (openbox places it).
 TERMINAL_GEOMETRY = "110x32"
+#: Where, under the home, the desktop leaves its X cookie for its app pods (one file per pod).
+COOKIE_DIR = ".casaspawner/desktop"
 #: Seconds to wait for the casa-sessions service.
 TIMEOUT = 10.0
 #: Seconds to wait for the hub to start an app's pod: it waits up to 40 s for the pod to run.
-LAUNCH_TIMEOUT = 60.0
+LAUNCH_TIMEOUT = 90.0
 
 
 class Refused(Exception):
@@ -180,7 +183,8 @@ def ask_hub(
         headers["Content-Type"] = "application/json"
     # The URL is the hub's, from the session's environment, and http(s).
     request = urllib.request.Request(url, data=data, headers=headers)  # noqa: S310
-    opener = urllib.request.build_opener(NoRedirects)
+    # The token goes to the hub directly, never through a proxy the session's environment names.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirects)
     try:
         with opener.open(request, timeout=timeout) as response:
             return json.loads(response.read(1 << 20))
@@ -236,15 +240,19 @@ def share_cookie(source: Path, target: Path, number: int) -> None:
     record = struct.pack(">H", 0xFFFF)
     for field in (b"", display, name, data):
         record += struct.pack(">H", len(field)) + field
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".xauthority.")
+    temporary = None
     try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".xauthority.")
         with os.fdopen(handle, "wb") as out:
             out.write(record)
         os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    except OSError as exc:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        why = exc.strerror or exc
+        raise Refused(f"The desktop's X cookie could not be left at {target}: {why}.") from None
 
 
 def hub_menu(environ: Mapping[str, str], casa_app: str) -> str:
@@ -278,7 +286,7 @@ def hub_launch(release_id: str, app: str, environ: Mapping[str, str]) -> str:
         raise Refused(f"{exc}; open the app from the desktop's menu.") from None
     source = Path(environ.get("XAUTHORITY") or home / ".Xauthority")
     host = environ.get("HOSTNAME") or os.uname().nodename
-    share_cookie(source, home / ".casaspawner" / "desktop" / f"{host}.xauthority", number)
+    share_cookie(source, home / COOKIE_DIR / f"{host}.xauthority", number)
     body = {"release": release_id, "app": app, "display": number}
     url = hub_apps_url(environ)
     try:
