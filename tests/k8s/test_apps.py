@@ -59,7 +59,7 @@ async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
         refused.cluster = Cluster(plain_api, hub.namespace)
         with pytest.raises(ConfigurationError) as error:
             await refused.guard(session)
-        assert str(error.value) == RBAC_SENTENCE
+        assert str(error.value) == str(ConfigurationError(RBAC_SENTENCE))
     assert (await networking.list_namespaced_network_policy(hub.namespace)).items == []
 
     # With the file the operator applies, bound to the chart's "hub" account: both policies,
@@ -75,7 +75,7 @@ async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
             await apps.guard(session)
         # The authorizer takes the new binding in within moments.
         except ConfigurationError as exc:
-            assert str(exc) == RBAC_SENTENCE
+            assert str(exc) == str(ConfigurationError(RBAC_SENTENCE))
             return False
         return True
 
