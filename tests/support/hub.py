@@ -71,6 +71,10 @@ class Hub:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # As a hub runs: a test run started in the background (`make test &`) has SIGINT
+                # ignored, which the hub would pass on to its services; stopping one would then
+                # wait out JupyterHub's SIGINT grace, and a hub killed meanwhile orphans them.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
