@@ -129,6 +129,9 @@ class HubSettings:
     #: The hub's read-only mount of Cavern, ``CASASpawner.storage_hub_path``.
     #: None means datasets by identifier only.
     storage_hub_path: str | None = "/cavern"
+    #: The hub's read-only mount of the measures kept one directory per version,
+    #: ``CASASpawner.measures_versions_hub_path``. None means one tree, mounted whole.
+    measures_versions_hub_path: str | None = None
     #: ``CASASpawner.start_timeout``, in seconds.
     #: First pulls of multi-GB CASA images on a node take minutes.
     start_timeout: int = 600
@@ -316,6 +319,8 @@ def configure_spawner(c: Any, settings: HubSettings) -> None:
     # Kubernetes sessions only. LocalCASASpawner has its own defaults for both.
     c.CASASpawner.storage_hub_path = settings.storage_hub_path
     c.CASASpawner.start_timeout = settings.start_timeout
+    if settings.measures_versions_hub_path:
+        c.CASASpawner.measures_versions_hub_path = settings.measures_versions_hub_path
 
 
 def configure_services(c: Any, settings: HubSettings) -> None:
@@ -448,6 +453,7 @@ def settings_from_environment(env: Mapping[str, str], *, cwd: str = ".") -> HubS
         admins_group=env.get("CASA_ADMINS_GROUP", "hub-admins") or None,
         project_group_pattern=env.get("CASA_PROJECT_GROUPS", "proj-.*"),
         storage_hub_path=storage or None,
+        measures_versions_hub_path=env.get("CASA_MEASURES_VERSIONS_PATH") or None,
         start_timeout=seconds("CASA_START_TIMEOUT", HubSettings.start_timeout),
         notices_interval=seconds("CASA_NOTICES_INTERVAL", HubSettings.notices_interval),
         warn_before=seconds("CASA_CULL_WARN_BEFORE", HubSettings.warn_before, minimum=0),
@@ -529,6 +535,7 @@ def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
         admins_group=casa.get("adminsGroup", defaults.admins_group) or None,
         project_group_pattern=str(casa.get("projectGroupPattern", defaults.project_group_pattern)),
         storage_hub_path=casa.get("storageHubPath", defaults.storage_hub_path) or None,
+        measures_versions_hub_path=casa.get("measuresVersionsHubPath") or None,
         start_timeout=ours("startTimeout", defaults.start_timeout),
         notices_interval=ours("noticesInterval", defaults.notices_interval),
         warn_before=ours("warnBefore", defaults.warn_before, minimum=0),

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from casaspawner.catalog.model import Catalog, Release
 from casaspawner.datasets.model import Resolution
-from casaspawner.errors import InvalidInput
+from casaspawner.errors import InvalidInput, shown
 
 Interface = Literal["lab", "desktop"]
 INTERFACES: dict[str, str] = {"lab": "JupyterLab", "desktop": "CASA desktop"}
@@ -26,6 +26,8 @@ MountKind = Literal["storage", "scratch", "measures"]
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@\-]{0,63}")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A directory of a measures volume that keeps one per version: a plain name.
+MEASURES_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._\-]{0,61}[A-Za-z0-9])?)?")
 _LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9.\-]{0,251}[a-z0-9])?")
 #: The largest uid or gid a session can have.
@@ -204,6 +206,21 @@ class SessionPlan:
         """The Jupyter kernel's display name, which says whether it is approximate."""
         name = self.release.kernel_name
         return f"{name} (approximate)" if self.approximate else name
+
+    @property
+    def measures_version(self) -> str | None:
+        """The measures volume's version directory the session reads; None for all of it."""
+        return next((m.sub_path for m in self.mounts if m.kind == "measures"), None)
+
+
+def with_measures(plan: SessionPlan, version: str) -> SessionPlan:
+    """``plan`` reading the measures volume's directory ``version`` instead of all of it."""
+    if not MEASURES_VERSION.fullmatch(version):
+        raise InvalidInput(f"{shown(version)!r} is not a measures version's directory name.")
+    mounts = tuple(
+        replace(m, sub_path=version) if m.kind == "measures" else m for m in plan.mounts
+    )
+    return replace(plan, mounts=mounts)
 
 
 def image_for(release: Release, config: PlanConfig) -> str:

@@ -26,6 +26,8 @@
 #   CASASPAWNER_SPAWNER         casa (Kubernetes, default) or casa-local (this machine)
 #   CASA_STORAGE_HUB_PATH       the hub's read-only mount of Cavern, to resolve datasets named by
 #                               path (default: /cavern; empty: datasets by ALMA identifier only)
+#   CASA_MEASURES_VERSIONS_PATH the hub's read-only mount of the measures claim, when it keeps
+#                               one directory per version (default: unset, one tree)
 #   CASA_START_TIMEOUT          seconds a Kubernetes session may take to start (default: 600)
 #   CASASPAWNER_IMAGE_REGISTRY  where `casaspawner images` pushed the session images
 #                               (default: ghcr.io/casaspawner)

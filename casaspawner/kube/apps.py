@@ -70,6 +70,8 @@ class SessionPod:
     labels: Mapping[str, str]
     #: The pod's ``spec.hostname``, when it has one.
     hostname: str = ""
+    #: The measures version's directory the session mounted, when measures are kept by version.
+    measures: str = ""
 
     def host(self) -> str:
         """The pod's host name (``$HOSTNAME`` in it), as the kubelet gives it.

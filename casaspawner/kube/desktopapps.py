@@ -24,9 +24,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
 from casaspawner.insession.desktop.casa_releases import APPS
-from casaspawner.kube import apps
+from casaspawner.kube import apps, objects
 from casaspawner.kube.podsecurity import pod_security_sentence, pod_security_violations
 from casaspawner.kube.runs import HOPELESS, Cluster, api_reason, unschedulable
+from casaspawner.plan import with_measures
 from casaspawner.session.options import OUTPUT_KEY
 from casaspawner.session.prepare import prepare
 
@@ -111,12 +112,24 @@ class KubeApps:
             raise InvalidInput("Apps of other CASA releases open on a CASA desktop session only.")
         if pod.status.phase != "Running" or not pod.status.pod_ip:
             raise InvalidInput("Your session's pod is not running; wait for it, or start again.")
+        # The measures its apps read: the version the kubelet mounted for the session.
+        measures = next(
+            (
+                m.sub_path or ""
+                for c in pod.spec.containers
+                if c.name == "notebook"
+                for m in c.volume_mounts or []
+                if m.name == objects.MEASURES_VOLUME
+            ),
+            "",
+        )
         return apps.SessionPod(
             pod.metadata.name,
             pod.metadata.uid,
             pod.status.pod_ip,
             labels,
             hostname=pod.spec.hostname or "",
+            measures=measures,
         )
 
     async def launch(self, release_id: str, app: str, display: int) -> str:
@@ -150,6 +163,9 @@ class KubeApps:
         wanted |= {"release": release_id, "interface": "lab"}
         settings = spawner.session_settings()
         plan = await prepare({k: v for k, v in wanted.items() if v}, settings, spawner)
+        # The apps read the measures version the session reads, not the newest.
+        if session.measures:
+            plan = with_measures(plan, session.measures)
         own_label = catalog.get(own).label if own in catalog else "CASA"
         pod = apps.app_pod(
             plan,

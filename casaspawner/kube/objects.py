@@ -28,6 +28,8 @@ EPHEMERAL_STORAGE = "ephemeral-storage"
 #: The token's file name in its directory, and its key in the Secret.
 TOKEN_FILE = "token"  # noqa: S105
 STORAGE_VOLUME = "casa-storage"
+#: The session's measures volume, named as every plan mount is: ``casa-<mount name>``.
+MEASURES_VOLUME = "casa-measures"
 
 
 def _measures_claim() -> dict[str, Any]:
@@ -164,8 +166,6 @@ def _add_mount(
             **volume_source(settings.storage_volume, "storage", settings.security_level),
         }
         entry: dict[str, Any] = {"name": STORAGE_VOLUME, "mountPath": mount.path}
-        if mount.sub_path:
-            entry["subPath"] = mount.sub_path
     elif mount.kind == "scratch":
         volumes[key] = {"name": key, "emptyDir": {"sizeLimit": settings.scratch_size_limit}}
         entry = {"name": key, "mountPath": mount.path}
@@ -175,6 +175,9 @@ def _add_mount(
             **volume_source(settings.measures_volume, "measures data", settings.security_level),
         }
         entry = {"name": key, "mountPath": mount.path}
+    # A Cavern directory, or one version of measures kept by version.
+    if mount.sub_path:
+        entry["subPath"] = mount.sub_path
     if mount.read_only:
         entry["readOnly"] = True
     mounts[key] = entry

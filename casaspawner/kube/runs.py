@@ -45,10 +45,12 @@ from casaspawner.plan import (
     StorageLayout,
     chosen_release,
     make_plan,
+    with_measures,
 )
 from casaspawner.runtime import RECORD_FILE, RECORD_RUNTIME_ID, RUN_IMAGE_URL_ENV
 from casaspawner.session.config import sizes as config_sizes
 from casaspawner.session.identity import identity_from_login
+from casaspawner.session.measures import measures_for
 from casaspawner.session.readers import StorageMountReader, locate_in_storage
 from casaspawner.session.record import (
     RecordFacts,
@@ -140,6 +142,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="the storage (Cavern) root mounted here, holding home/ and projects/ "
         "(default: $CASA_STORAGE_HUB_PATH)",
+    )
+    group.add_argument(
+        "--measures-path",
+        type=Path,
+        default=os.environ.get("CASA_MEASURES_VERSIONS_PATH") or None,
+        metavar="DIR",
+        help="the measures volume mounted here, when it keeps one directory per version (as "
+        "CASASpawner.measures_versions_hub_path): the run reads the newest (default: "
+        "$CASA_MEASURES_VERSIONS_PATH; unset: the volume is one tree, mounted whole)",
     )
     group.add_argument(
         "--image-registry",
@@ -262,6 +273,14 @@ async def submission(args: argparse.Namespace, first: int = 1) -> dict[str, Any]
     options = SessionOptions(dataset=args.dataset, size=size, release=args.release)
     config = PlanConfig(image_registry=args.image_registry, sizes=sizes)
     plan = make_plan(identity, options, catalog, resolution, config)
+    if args.measures_path is not None:
+        try:
+            plan = with_measures(plan, measures_for(args.measures_path))
+        except ConfigurationError:
+            raise InvalidInput(
+                f"--measures-path {shown(str(args.measures_path))} holds no measures version "
+                "this command can read (one directory per version)."
+            ) from None
     started = datetime.now(timezone.utc)
     runs = runs_directory(args.runs_dir, dataset, identity, layout)
     runs_root, runs_relative = locate_in_storage(str(runs), identity, layout)

@@ -31,6 +31,7 @@ from casaspawner.kube import api, apps, events, objects, podsecurity
 from casaspawner.kube.quantities import quantity_bytes
 from casaspawner.plan import SessionPlan
 from casaspawner.runtime import RECORD_ACTION_ID, RECORD_FILE
+from casaspawner.session.measures import measures_for
 from casaspawner.session.options import OUTPUT_KEY
 from casaspawner.session.readers import StorageMountReader
 from casaspawner.session.record import Runtime, image_digest
@@ -145,6 +146,20 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         ``casa-measures``), ``csi``, ``cephfs``, ``nfs`` or ``hostPath``. As for
         ``storage_volume``, inline ``cephfs`` and ``nfs`` need ``pod_security_level =
         "baseline"`` and ``hostPath`` needs ``"privileged"``.
+        """,
+    ).tag(config=True)
+
+    measures_versions_hub_path = Unicode(
+        None,
+        allow_none=True,
+        help="""
+        Hub-side path of a read-only mount of ``measures_volume``, when that volume keeps the
+        measures data one directory per version (``<version>/geodetic``, ``<version>/ephemerides``
+        …, names sorting oldest first, e.g. ``2026-12-01``). Each session then mounts one version
+        by sub-path: a new session the newest, a "Relaunch exactly" the one its past session
+        read, refused in one sentence once that directory is gone. Directories named ``.<…>``
+        (a version being copied in) and links are never chosen. Unset (the default): the volume
+        is one measures tree, mounted whole, and a relaunch reads it as it is now.
         """,
     ).tag(config=True)
 
@@ -401,6 +416,12 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         if self.priority_class_name:
             found["priorityClassName"] = self.priority_class_name
         return found
+
+    def measures_version(self, earlier: str | None) -> str | None:
+        """The newest measures version kept, or ``earlier``'s; see measures_versions_hub_path."""
+        if self.measures_versions_hub_path is None:
+            return None
+        return measures_for(Path(self.measures_versions_hub_path), earlier)
 
     def apply_plan(self, plan: SessionPlan) -> None:
         super().apply_plan(plan)

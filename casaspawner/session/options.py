@@ -121,5 +121,6 @@ def session_output(plan: SessionPlan) -> dict[str, Any]:
             "size": plan.options.size,
             "exact": plan.exact,
             "approximate": plan.approximate,
+            **({"measures": plan.measures_version} if plan.measures_version else {}),
         },
     }

@@ -5,7 +5,8 @@
     options → identity → resolution → substitution → plan → drain check
 
 A request naming a past session (``relaunch``) takes that session's options, and its digest
-pins the image; a plan that would run another release than it did is refused.
+pins the image; a plan that would run another release than it did is refused. Last, the backend
+picks the measures version the session reads (the past session's, for a relaunch).
 
 A backend (the spawner) supplies the steps that need the hub or the machine as the methods of
 :class:`SessionSteps`, the way batchspawner's ``start`` calls ``submit_batch_script``. Nothing here
@@ -31,6 +32,7 @@ from casaspawner.plan import (
     chosen_release,
     make_plan,
     release_for,
+    with_measures,
 )
 from casaspawner.session.options import parse_options
 from casaspawner.session.readers import DatasetReader
@@ -68,6 +70,12 @@ class SessionSteps(Protocol):
     def past_session(self, name: str) -> PastSession | None:
         """The user's past session ``name``, for a relaunch; None when there is none."""
 
+    def measures_version(self, earlier: str | None) -> str | None:
+        """The measures version the session reads: ``earlier``'s for a relaunch, else the newest.
+
+        None reads the whole measures volume, where it is not kept by version.
+        """
+
 
 async def prepare(
     user_options: Mapping[str, Any], settings: SessionSettings, steps: SessionSteps
@@ -97,6 +105,9 @@ async def prepare(
     refusal = relaunch_refusal(past, plan) if past is not None else None
     if refusal:
         raise InvalidInput(refusal)
+    measures = steps.measures_version(past.measures or None if past is not None else None)
+    if measures is not None:
+        plan = with_measures(plan, measures)
     blocked = await steps.blocked_release_messages()
     if plan.release.id in blocked:
         message = str(blocked[plan.release.id] or "").strip()

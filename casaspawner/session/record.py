@@ -187,6 +187,9 @@ def session_record(
     }
     if facts.measures_path:
         measures["contentUrl"] = _file_url(facts.measures_path, directory=True)
+    if plan.measures_version:
+        # The directory of the measures volume (kept by version) the session mounted.
+        measures["identifier"] = plan.measures_version
     runtime = _runtime_entity(facts.runtime)
     casa: dict[str, Any] = {
         "@id": "#casa",

@@ -2,8 +2,9 @@
 
 The spawner keeps the last few in its state (the hub's database), each with the sha256 of the
 image (Kubernetes, from the pod's status) or environment (one machine, its package list) that
-ran, and the name of its reproducibility record. The form offers them; a spawn request naming one
-(``relaunch``) runs the same release again, by that digest, or is refused with one sentence.
+ran, the measures version it read (where the measures are kept by version) and the name of its
+reproducibility record. The form offers them; a spawn request naming one (``relaunch``) runs the
+same release again, by that digest, on those measures, or is refused with one sentence.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from casaspawner.errors import InvalidInput
-from casaspawner.plan import SessionPlan
+from casaspawner.plan import MEASURES_VERSION, SessionPlan
 
 #: The spawn option naming a past session.
 RELAUNCH_KEY = "relaunch"
@@ -39,6 +40,8 @@ class PastSession:
     label: str
     #: The sha256 of the image or environment that ran.
     sha256: str
+    #: The measures volume's version directory it read; empty when it read the whole volume.
+    measures: str = ""
 
     @classmethod
     def from_plan(
@@ -54,6 +57,7 @@ class PastSession:
             plan.release.id,
             plan.release.label,
             sha256,
+            plan.measures_version or "",
         )
 
     @classmethod
@@ -61,12 +65,15 @@ class PastSession:
         """A past session as the spawner's state saved it; None when it is not one."""
         if not isinstance(saved, Mapping):
             return None
+        # Sessions remembered before measures were versioned have no ``measures``.
         try:
-            past = cls(**{key: saved[key] for key in cls.__dataclass_fields__})
-        except (KeyError, TypeError):
+            past = cls(**{key: saved[key] for key in cls.__dataclass_fields__ if key in saved})
+        except TypeError:
             return None
         texts = all(isinstance(getattr(past, key), str) for key in cls.__dataclass_fields__)
         if not texts or not _NAME.fullmatch(past.name) or not _SHA256.fullmatch(past.sha256):
+            return None
+        if past.measures and not MEASURES_VERSION.fullmatch(past.measures):
             return None
         return past
 

@@ -744,6 +744,10 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         """Another release when this backend cannot run ``release``: none by default."""
         return None
 
+    def measures_version(self, earlier: str | None) -> str | None:
+        """The measures version a session reads; by default all of the measures it is given."""
+        return None
+
     async def blocked_release_messages(self) -> dict[str, str]:
         """Map each release that may not start now to the operators' message.
 

@@ -506,3 +506,19 @@ def test_desktop_apps_are_off_until_both_deployments_turn_them_on(values, chart,
     assert str(error.value) == (
         "custom.casaspawner.desktopApps in the Helm values must be true or false, not 'often'."
     )
+
+
+def test_measures_kept_by_version_are_set_alike_in_both_deployments(values, chart, monkeypatch):
+    """measuresVersionsHubPath / CASA_MEASURES_VERSIONS_PATH set the spawner's
+    measures_versions_hub_path; unset by default (one measures tree)."""
+
+    def path(c: Config) -> str | None:
+        return c.CASASpawner.get("measures_versions_hub_path")
+
+    assert path(chart_config(values, chart[1])) is None
+    assert path(standalone_config(monkeypatch, {})) is None
+    kept = merge(values, {"custom": {"casaspawner": {"measuresVersionsHubPath": "/measures"}}})
+    assert path(chart_config(kept, chart[1])) == "/measures"
+    assert path(standalone_config(monkeypatch, {"CASA_MEASURES_VERSIONS_PATH": "/measures"})) == (
+        "/measures"
+    )

@@ -5,11 +5,13 @@ hub account with ``desktop_apps``: its environment turns the desktop's TCP liste
 the two NetworkPolicies that guard its X server are refused to the chart's Role alone, in one
 sentence, and created, owned by the session's pod and selecting it alone, once
 ``hub-config/z2jh/casa-apps-rbac.yaml`` is applied; the garbage collector removes them with the
-pod. The whole path, with a real desktop and a real app, is tests/k8s/test_browser.py's.
+pod. The session's pod tells the measures version its apps mount (measures kept by version).
+The whole path, with a real desktop and a real app, is tests/k8s/test_browser.py's.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,16 @@ APPS_RBAC = REPO / "hub-config" / "z2jh" / "casa-apps-rbac.yaml"
 
 
 async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
-    hub: Any, api: Any, cluster: Any, tmp_path: Path
+    hub: Any, api: Any, cluster: Any, tmp_path: Path, no_measures: Path
 ) -> None:
-    spawner = hub.spawner(desktop_apps=True)
-    dataset = dataset_of(hub.cavern, "cycle10")
-    url, _ = await spawn(spawner, {"dataset": dataset, "interface": "desktop"})
+    # Measures kept by version: the apps read the version the desktop mounted.
+    (no_measures / "2026-11-01" / "geodetic").mkdir(parents=True)
+    try:
+        spawner = hub.spawner(desktop_apps=True, measures_versions_hub_path=str(no_measures))
+        dataset = dataset_of(hub.cavern, "cycle10")
+        url, _ = await spawn(spawner, {"dataset": dataset, "interface": "desktop"})
+    finally:
+        shutil.rmtree(no_measures / "2026-11-01")
     assert isinstance(url, str), url
     core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
     pod = await core.read_namespaced_pod(spawner.pod_name, hub.namespace)
@@ -42,10 +49,11 @@ async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
     assert {k: env.get(k) for k in SESSION_ENVIRONMENT} == SESSION_ENVIRONMENT
     apps = KubeApps(spawner)
     session = await apps.session_pod()
-    assert (session.name, session.uid, session.ip) == (
+    assert (session.name, session.uid, session.ip, session.measures) == (
         pod.metadata.name,
         pod.metadata.uid,
         pod.status.pod_ip,
+        "2026-11-01",
     )
 
     # Zero to JupyterHub's hub Role alone may not create NetworkPolicies: one sentence.

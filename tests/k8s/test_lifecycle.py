@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
 
 import pytest
 from k8s_hub import (
@@ -245,3 +246,59 @@ async def test_a_relaunch_runs_the_image_by_the_digest_that_ran(hub, api, pushed
     assert spawner.session_plan.options.dataset == dataset
     await spawner.stop(now=True)
     await nothing_left(api, hub.namespace)
+
+
+async def test_measures_kept_by_version_are_mounted_by_the_kubelet(
+    hub, api, cluster, no_measures, pushed_busybox
+):
+    """With the measures volume kept one directory per version, the real kubelet mounts the
+    version the hub chose by sub-path: the newest for a new session, the past session's for a
+    relaunch, and a relaunch of a version the operators removed is refused before any pod."""
+    from casaspawner.spawners.errors import SpawnException
+
+    def keep(version: str) -> None:
+        (no_measures / version / "geodetic").mkdir(parents=True)
+        (no_measures / version / "geodetic" / "readme.txt").write_text(f"version : {version}\n")
+
+    async def reads(spawner) -> str:
+        readme = ["/bin/busybox", "cat", "/opt/casa/measures/geodetic/readme.txt"]
+        return await run_in_pod(cluster, hub.namespace, spawner.pod_name, readme)
+
+    # From the registry: a relaunch names the image by digest.
+    spawner = hub.spawner(
+        image_template=pushed_busybox, measures_versions_hub_path=str(no_measures)
+    )
+    options = {"dataset": dataset_of(hub.cavern, "cycle10")}
+    keep("2026-11-01")
+    try:
+        url, messages = await spawn(spawner, options)
+        assert isinstance(url, str), "\n".join([str(url), *messages])
+        assert await reads(spawner) == "version : 2026-11-01"
+        (past,) = spawner.session_history
+        assert past.measures == "2026-11-01"
+        await spawner.stop(now=True)
+        spawner.clear_state()
+
+        keep("2026-12-01")
+        url, messages = await spawn(spawner, {"relaunch": past.name})
+        assert isinstance(url, str), "\n".join([str(url), *messages])
+        assert await reads(spawner) == "version : 2026-11-01"
+        await spawner.stop(now=True)
+        spawner.clear_state()
+        url, messages = await spawn(spawner, options)
+        assert isinstance(url, str), "\n".join([str(url), *messages])
+        assert await reads(spawner) == "version : 2026-12-01"
+        await spawner.stop(now=True)
+        spawner.clear_state()
+
+        shutil.rmtree(no_measures / "2026-11-01")
+        with pytest.raises(SpawnException) as info:
+            await spawn(spawner, {"relaunch": past.name})
+        assert info.value.jupyterhub_message == (
+            "The measures data that session read (2026-11-01) is no longer kept on this hub, so "
+            "it cannot be relaunched exactly; start a new session instead."
+        )
+        await nothing_left(api, hub.namespace)
+    finally:
+        for version in ("2026-11-01", "2026-12-01"):
+            shutil.rmtree(no_measures / version, ignore_errors=True)

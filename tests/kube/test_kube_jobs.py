@@ -402,3 +402,23 @@ def test_the_hubs_sizes_size_the_run(storage: Path, tmp_path: Path) -> None:
     sizes.write_text("xl:\n  cpu_guarantee: 9\n  cpu_limit: 8\n")
     with pytest.raises(InvalidInput, match=r"guarantees more CPU than its cpu_limit\.$"):
         job_for(storage, "--sizes", str(sizes), "--size", "xl")
+
+
+def test_a_run_reads_the_newest_measures_kept_by_version(storage: Path, tmp_path: Path) -> None:
+    """``--measures-path`` is the hub's ``measures_versions_hub_path``: the newest version is
+    mounted by sub-path, and the run's record names it."""
+    for version in ("2026-11-01", "2026-12-01", ".2027-01-01"):
+        (tmp_path / version / "geodetic").mkdir(parents=True)
+    job = job_for(storage, "--measures-path", str(tmp_path))
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/opt/casa/measures"]
+    assert (mount["subPath"], mount["readOnly"]) == ("2026-12-01", True)
+    record = json.loads(base64.b64decode(env_of(container)["CASASPAWNER_RECORD"]))
+    graph = {e["@id"]: e for e in record["@graph"]}
+    assert graph["#measures"]["identifier"] == "2026-12-01"
+    with pytest.raises(InvalidInput, match="^--measures-path .* holds no measures version"):
+        job_for(storage, "--measures-path", str(tmp_path / "2026-12-01"))
+    # Without it, the volume is one tree, mounted whole.
+    (plain,) = job_for(storage)["spec"]["template"]["spec"]["containers"]
+    (whole,) = [m for m in plain["volumeMounts"] if m["mountPath"] == "/opt/casa/measures"]
+    assert "subPath" not in whole

@@ -167,3 +167,60 @@ async def test_a_session_that_ran_is_relaunched_by_its_digest(make_spawner, stor
     fresh.clear_state()
     with pytest.raises(SpawnException, match="There is no past session 'gone' of yours"):
         await fresh._run_apply_user_options({"relaunch": "gone"})
+
+
+async def test_measures_kept_by_version_are_mounted_recorded_and_relaunched(
+    make_spawner, storage, tmp_path, monkeypatch
+):
+    """With ``measures_versions_hub_path`` the pod mounts the newest version by sub-path, the
+    record and the summary name it, and a relaunch mounts it again, or is refused once gone."""
+    from casaspawner.kube.spawner import CASASpawner
+
+    root = tmp_path / "measures"
+    for version in ("2026-11-01", "2026-12-01"):
+        (root / version / "geodetic").mkdir(parents=True)
+    dataset = dataset_in(storage, "alice", "cycle10")
+    spawner = make_spawner(measures_versions_hub_path=str(root))
+    await spawner._run_apply_user_options({"dataset": dataset})
+    pod, _ = await spawner.session_manifests()
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "notebook"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/opt/casa/measures"]
+    assert (mount["subPath"], mount["readOnly"]) == ("2026-12-01", True)
+    record = json.loads(base64.b64decode(pod_env(pod)["CASASPAWNER_RECORD"]))
+    graph = {item["@id"]: item for item in record["@graph"]}
+    assert graph["#measures"]["identifier"] == "2026-12-01"
+    spawner.record_session(spawner.session_plan)
+    assert spawner.user_options["casaspawner"]["measures"] == "2026-12-01"
+    status = {"containerStatuses": [{"name": "notebook", "imageID": f"casa@sha256:{DIGEST}"}]}
+    pods = {f"test/{spawner.pod_name}": {"status": status}}
+    monkeypatch.setattr(CASASpawner, "pod_reflector", property(lambda self: Reflector(pods)))
+    spawner.record_image_digest()
+    (past,) = spawner.session_history
+    state = json.loads(json.dumps(spawner.get_state()))
+
+    # A newer version arrives: new sessions read it, the relaunch reads what it read.
+    (root / "2027-01-01" / "geodetic").mkdir(parents=True)
+    fresh = make_spawner(measures_versions_hub_path=str(root))
+    fresh.load_state(state)
+    await fresh._run_apply_user_options({"relaunch": past.name})
+    assert fresh.session_plan.measures_version == "2026-12-01"
+    fresh.clear_state()
+    await fresh._run_apply_user_options({"dataset": dataset})
+    assert fresh.session_plan.measures_version == "2027-01-01"
+
+    # The operators remove it: the relaunch is one sentence, the user's fault to choose again.
+    fresh.clear_state()
+    (root / "2026-12-01" / "geodetic").rmdir()
+    (root / "2026-12-01").rmdir()
+    with pytest.raises(SpawnException) as info:
+        await fresh._run_apply_user_options({"relaunch": past.name})
+    assert info.value.status_code == 400 and info.value.jupyterhub_message == (
+        "The measures data that session read (2026-12-01) is no longer kept on this hub, so it "
+        "cannot be relaunched exactly; start a new session instead."
+    )
+    # An unreadable path is the hub's fault.
+    broken = make_spawner(measures_versions_hub_path=str(tmp_path / "absent"))
+    with pytest.raises(SpawnException) as info:
+        await broken._run_apply_user_options({"dataset": dataset})
+    assert info.value.status_code == 500
+    assert "CASASpawner.measures_versions_hub_path" in info.value.jupyterhub_message

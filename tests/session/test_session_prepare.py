@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ from support.session import Backend
 
 from casaspawner.catalog.model import Catalog
 from casaspawner.datasets.synth import DatasetSpec, write_dataset
-from casaspawner.errors import InvalidInput, ReleaseBlocked, VersionUnknown
+from casaspawner.errors import ConfigurationError, InvalidInput, ReleaseBlocked, VersionUnknown
 from casaspawner.plan import PlanConfig, Resources, image_for
 from casaspawner.session.prepare import prepare
 from casaspawner.session.relaunch import PastSession, environment_refusal
@@ -50,8 +53,11 @@ def test_one_pass_gives_the_exact_build_and_asks_each_step_once(
         "read",
         f"resolved {release}",
         f"substitute {release}",
+        "measures None",
         "blocked",
     ]
+    # Without a measures volume kept by version, the session reads all of it.
+    assert plan.measures_version is None
 
 
 def test_a_substitute_release_is_checked_against_drains(catalog: Catalog, dataset: str) -> None:
@@ -203,3 +209,75 @@ def test_a_relaunch_runs_only_the_environment_it_ran(catalog: Catalog, dataset: 
     assert (
         environment_refusal(run({"dataset": dataset}, catalog, Backend(catalog)), "e" * 64) is None
     )
+
+
+def versions(root: Path, *names: str) -> Path:
+    """A measures volume keeping ``names``, each a directory with a marker file."""
+    for name in names:
+        (root / name / "geodetic").mkdir(parents=True)
+        (root / name / "geodetic" / "readme.txt").write_text(f"version : {name}\n")
+    return root
+
+
+def test_a_session_reads_the_newest_measures_kept_and_a_relaunch_its_own(
+    catalog: Catalog, dataset: str, tmp_path: Path
+) -> None:
+    """Where the measures are kept one directory per version, a new session mounts the newest
+    (by name; links, files, directories without a measures tree and names being copied in as
+    ``.<name>`` do not count), a relaunch the version its past session read, and one no longer
+    kept is refused in one sentence."""
+    root = versions(tmp_path / "measures", "2026-10-01", "2026-11-01")
+    (root / ".2026-12-01" / "geodetic").mkdir(parents=True)
+    (root / "2026-12-04" / "ephemerides").mkdir(parents=True)
+    (root / "2026-12-02").symlink_to(root / "2026-11-01")
+    (root / "2026-12-03").write_text("not a tree\n")
+    plan = run({"dataset": dataset}, catalog, Backend(catalog, measures_root=root))
+    assert plan.measures_version == "2026-11-01"
+    (mount,) = [m for m in plan.mounts if m.kind == "measures"]
+    assert (mount.path, mount.sub_path, mount.read_only) == (
+        "/opt/casa/measures",
+        "2026-11-01",
+        True,
+    )
+
+    past = replace(past_session(dataset), measures="2026-10-01")
+    backend = Backend(catalog, past=[past], measures_root=root)
+    plan = run({"relaunch": past.name}, catalog, backend)
+    assert plan.measures_version == "2026-10-01" and "measures 2026-10-01" in backend.calls
+    # Remembered again, the relaunch names the same version.
+    again = PastSession.from_plan(plan, "again", datetime.now(timezone.utc), DIGEST)
+    assert PastSession.from_state(again.as_state()) == again and again.measures == "2026-10-01"
+
+    shutil.rmtree(root / "2026-10-01")
+    with pytest.raises(InvalidInput) as refused:
+        run({"relaunch": past.name}, catalog, Backend(catalog, past=[past], measures_root=root))
+    assert str(refused.value) == (
+        "The measures data that session read (2026-10-01) is no longer kept on this hub, so it "
+        "cannot be relaunched exactly; start a new session instead."
+    )
+    # A session remembered before the measures were kept by version reads the newest.
+    plan = run(
+        {"relaunch": past.name},
+        catalog,
+        Backend(catalog, past=[past_session(dataset)], measures_root=root),
+    )
+    assert plan.measures_version == "2026-11-01"
+
+
+def test_a_measures_volume_with_no_version_is_the_hubs_fault(
+    catalog: Catalog, dataset: str, tmp_path: Path
+) -> None:
+    empty = tmp_path / "measures"
+    empty.mkdir()
+    with pytest.raises(ConfigurationError, match="holds no measures version"):
+        run({"dataset": dataset}, catalog, Backend(catalog, measures_root=empty))
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        run({"dataset": dataset}, catalog, Backend(catalog, measures_root=tmp_path / "absent"))
+
+
+def test_past_sessions_saved_before_measures_were_versioned_still_load(dataset: str) -> None:
+    saved = past_session(dataset).as_state()
+    del saved["measures"]
+    assert PastSession.from_state(saved) == past_session(dataset)
+    assert PastSession.from_state({**saved, "measures": "../elsewhere"}) is None
+    assert PastSession.from_state({**saved, "sha256": "short"}) is None

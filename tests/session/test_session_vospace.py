@@ -62,6 +62,9 @@ class Steps:
     async def blocked_release_messages(self) -> Mapping[str, str]:
         return {}
 
+    def measures_version(self, earlier: str | None) -> str | None:
+        return None
+
 
 async def planned(
     catalog: Catalog, reader: DatasetReader, dataset: str, **options: str

@@ -10,6 +10,7 @@ from casaspawner.catalog.model import Catalog, Release
 from casaspawner.datasets.model import Resolution
 from casaspawner.datasets.worker import resolve_in_worker
 from casaspawner.plan import Identity, Substitution
+from casaspawner.session.measures import measures_for
 from casaspawner.session.readers import DatasetReader, LocalDirectoryReader
 from casaspawner.session.relaunch import PastSession
 
@@ -22,6 +23,8 @@ class Backend:
     substitute_with: str | None = None
     blocked: dict[str, str] = field(default_factory=dict)
     past: list[PastSession] = field(default_factory=list)
+    #: A measures volume kept by version, as the hub sees it; None reads it whole.
+    measures_root: Path | None = None
     calls: list[str] = field(default_factory=list)
 
     async def session_identity(self) -> Identity:
@@ -51,3 +54,7 @@ class Backend:
     def past_session(self, name: str) -> PastSession | None:
         self.calls.append(f"past {name}")
         return next((p for p in self.past if p.name == name), None)
+
+    def measures_version(self, earlier: str | None) -> str | None:
+        self.calls.append(f"measures {earlier}")
+        return None if self.measures_root is None else measures_for(self.measures_root, earlier)
