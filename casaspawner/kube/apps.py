@@ -35,6 +35,10 @@ APP_OF = "app-of"
 SESSION_COMPONENT = "singleuser-server"
 #: The app's container.
 CONTAINER = "casa-app"
+#: Where the app's pod has the desktop's ``casa-app``, copied there from the session's image by
+#: an init container: the app's own image needs no desktop stack, only CASA (and X clients).
+TOOLS_DIR = "/opt/casa-app"
+TOOLS_VOLUME = "casa-app-tools"
 #: X displays the desktop may use (``bin/vncserver`` picks one of them); X listens on 6000 + n.
 DISPLAYS = range(0, 400)
 X_PORT = 6000
@@ -72,6 +76,8 @@ class SessionPod:
     hostname: str = ""
     #: The measures version's directory the session mounted, when measures are kept by version.
     measures: str = ""
+    #: The session container's image, which holds the desktop's ``casa-app``.
+    image: str = ""
 
     def host(self) -> str:
         """The pod's host name (``$HOSTNAME`` in it), as the kubelet gives it.
@@ -135,7 +141,8 @@ def app_pod(
     """The pod running ``casa-app APP`` of ``plan``'s release on ``session``'s desktop.
 
     ``plan`` is the session's plan with the other release; ``own_label`` names the session's
-    own release in the app's windows; ``desktop_dir`` holds ``casa-app`` in the image.
+    own release in the app's windows; ``desktop_dir`` holds ``casa-app`` in the session's
+    image, from which an init container copies it for the app's image to run.
     """
     if display not in DISPLAYS:
         raise ValueError(f"X display {display} is outside {DISPLAYS}")
@@ -160,18 +167,34 @@ def app_pod(
             f"{plan.release.label}, added from the desktop menu beside this session's {own_label}."
         ),
     }
+    # The session's pod holds the session's share of the node: an app asks for little, and may
+    # use up to the size's limits.
+    resources = {**container_resources(plan, settings), "requests": dict(APP_REQUESTS)}
+    tools = {"name": TOOLS_VOLUME, "mountPath": TOOLS_DIR}
+    copy = {
+        "name": TOOLS_VOLUME,
+        "image": session.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["cp", "-R", f"{PurePosixPath(desktop_dir)}/.", TOOLS_DIR],
+        "securityContext": container_sc,
+        "volumeMounts": [tools],
+        "resources": resources,
+    }
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": plan.image,
         "imagePullPolicy": "IfNotPresent",
-        "args": [str(PurePosixPath(desktop_dir) / "casa-app"), app],
+        "args": ["/bin/sh", f"{TOOLS_DIR}/casa-app", app],
         "env": [{"name": k, "value": v} for k, v in environment.items()],
         "securityContext": container_sc,
-        "volumeMounts": list(mounts.values()),
-        # The session's pod holds the session's share of the node: an app asks for little, and
-        # may use up to the size's limits.
-        "resources": {**container_resources(plan, settings), "requests": dict(APP_REQUESTS)},
+        "volumeMounts": [*mounts.values(), {**tools, "readOnly": True}],
+        "resources": resources,
+        # What casa-app says when it cannot start the tool reaches the desktop's menu.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    volumes[TOOLS_VOLUME] = {"name": TOOLS_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}}
+    spec = one_shot_spec(pod_sc, volumes, container, GRACE_SECONDS)
+    spec["initContainers"] = [copy]
     pod_labels = {
         **plan.labels,
         **labels,
@@ -187,7 +210,7 @@ def app_pod(
             "annotations": dict(plan.annotations),
             "ownerReferences": [session.owner()],
         },
-        "spec": one_shot_spec(pod_sc, volumes, container, GRACE_SECONDS),
+        "spec": spec,
     }
 
 

@@ -112,13 +112,14 @@ class KubeApps:
             raise InvalidInput("Apps of other CASA releases open on a CASA desktop session only.")
         if pod.status.phase != "Running" or not pod.status.pod_ip:
             raise InvalidInput("Your session's pod is not running; wait for it, or start again.")
+        notebook = next((c for c in pod.spec.containers if c.name == "notebook"), None)
+        if notebook is None:
+            raise InvalidInput("Your session's pod runs no CASA session; start the session again.")
         # The measures its apps read: the version the kubelet mounted for the session.
         measures = next(
             (
                 m.sub_path or ""
-                for c in pod.spec.containers
-                if c.name == "notebook"
-                for m in c.volume_mounts or []
+                for m in notebook.volume_mounts or []
                 if m.name == objects.MEASURES_VOLUME
             ),
             "",
@@ -130,6 +131,7 @@ class KubeApps:
             labels,
             hostname=pod.spec.hostname or "",
             measures=measures,
+            image=notebook.image,
         )
 
     async def launch(self, release_id: str, app: str, display: int) -> str:
@@ -232,8 +234,19 @@ class KubeApps:
             if phase == "Running":
                 return
             if phase in ("Succeeded", "Failed"):
+                # casa-app's last words (its container's log), e.g. an image without xterm.
+                said = next(
+                    (
+                        " ".join(str(s.state.terminated.message or "").split())[-300:]
+                        for s in (pod.status.container_statuses or [])
+                        if s.state and s.state.terminated
+                    ),
+                    "",
+                )
                 raise InvalidInput(
-                    f"The {what} ended as soon as it started; its pod {name} says why."
+                    f"The {what} ended as soon as it started: {said.rstrip('.')}."
+                    if said
+                    else f"The {what} ended as soon as it started; its pod {name} says why."
                 )
             waits_for_node = unschedulable(pod)
             if waiting is not None and waiting.reason in NOT_STARTING:

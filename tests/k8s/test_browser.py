@@ -652,6 +652,11 @@ def test_an_app_of_another_release_joins_the_desktop_from_a_pod_of_its_own(
     ]
     (container,) = app.spec.containers
     assert container.image == app_image
+    # casa-app itself from the session's image (an init container copies it): the app's image
+    # needs CASA, not casaspawner's desktop.
+    (copy,) = app.spec.init_containers
+    assert copy.image == owner.spec.containers[0].image and copy.image != app_image
+    assert container.args == ["/bin/sh", "/opt/casa-app/casa-app", "terminal"]
     assert app.spec.security_context.run_as_user == ALICE["uid"]
     assert app.spec.automount_service_account_token is False
     assert not [e.name for e in container.env if e.name.startswith("JUPYTER")]

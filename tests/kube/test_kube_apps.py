@@ -43,6 +43,7 @@ SESSION = apps.SessionPod(
         "app.kubernetes.io/component": "singleuser-server",
         "casaspawner.io/release": "casa-6.6.5-31",
     },
+    image="ghcr.io/casaspawner/casa:6.6.5-31",
 )
 
 
@@ -86,7 +87,18 @@ def test_the_app_is_a_restricted_pod_of_alice_owned_by_her_session(plan: Session
     assert spec["securityContext"]["supplementalGroups"] == [2000]
     (container,) = spec["containers"]
     assert container["image"] == plan.image and plan.image.endswith(":6.7.0-31")
-    assert container["args"] == ["/opt/casaspawner/desktop/casa-app", "plotms"]
+    # casa-app comes from the session's image, copied by an init container: the app's image
+    # needs none of the desktop stack.
+    assert container["args"] == ["/bin/sh", "/opt/casa-app/casa-app", "plotms"]
+    (copy,) = spec["initContainers"]
+    assert copy["image"] == SESSION.image
+    assert copy["command"] == ["cp", "-R", "/opt/casaspawner/desktop/.", "/opt/casa-app"]
+    assert copy["securityContext"] == container["securityContext"]
+    tools = {"name": "casa-app-tools", "mountPath": "/opt/casa-app"}
+    assert copy["volumeMounts"] == [tools]
+    assert {**tools, "readOnly": True} in container["volumeMounts"]
+    assert {"name": "casa-app-tools", "emptyDir": {"sizeLimit": "16Mi"}} in spec["volumes"]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     # No token: neither the Secret's volume nor any Jupyter variable.
     assert all("secret" not in volume for volume in spec["volumes"])
     env = {e["name"]: e["value"] for e in container["env"]}

@@ -1128,3 +1128,63 @@ def test_plotms_opens_the_sessions_ms_centred_within_the_screen(
         wm.terminate()
         plotms.wait(10)
         wm.wait(10)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_casa_app_runs_from_a_copy_in_an_image_casaspawner_did_not_build(
+    demo_env: CasaEnvironment, x_display: str, tmp_path: Path
+) -> None:
+    """An app's pod runs casa-app copied out of the session's image into an image that may have
+    no desktop stack and none of casaspawner's variables: it finds CASA by the python3 on PATH
+    that has casatools and opens plotms; without xterm, the CASA terminal is one sentence."""
+    assert demo_env.python is not None
+    tools = tmp_path / "opt-casa-app"
+    shutil.copytree(DESKTOP, tools)
+    home = tmp_path / "home"
+    home.mkdir()
+    bare = {
+        "PATH": f"{demo_env.python.parent}:/usr/bin:/bin",
+        "HOME": str(home),
+        "DISPLAY": x_display,
+        "XAUTHORITY": "",
+        "CASASPAWNER_KERNEL_NAME": "CASA in a bare image",
+    }
+    plotms = subprocess.Popen(
+        ["/bin/sh", str(tools / "casa-app"), "plotms"],
+        env=bare,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # No window manager here: the X server's own window tree.
+    tree = ["xwininfo", "-root", "-tree"]
+    try:
+        deadline = time.monotonic() + 120
+        while (
+            '"PlotMS"' not in subprocess.run(tree, env=bare, capture_output=True, text=True).stdout
+        ):
+            assert time.monotonic() < deadline and plotms.poll() is None, "no PlotMS window"
+            time.sleep(0.5)
+    finally:
+        plotms.terminate()
+        plotms.wait(10)
+
+    # No xterm (nor xmessage) on PATH: what the hub shows the desktop's user.
+    path = tmp_path / "bin"
+    path.mkdir()
+    for tool in ("dirname", "readlink", "python3"):
+        found = shutil.which(tool, path=bare["PATH"])
+        assert found is not None, tool
+        (path / tool).symlink_to(found)
+    said = subprocess.run(
+        ["/bin/sh", str(tools / "casa-app"), "terminal"],
+        env={**bare, "PATH": str(path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert said.returncode == 1
+    assert said.stderr.strip() == (
+        "CASA in a bare image has no xterm for its CASA terminal; its plotms and viewer need none."
+    )
