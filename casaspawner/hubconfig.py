@@ -535,7 +535,7 @@ def settings_from_z2jh(get_config: Callable[..., Any]) -> HubSettings:
         admins_group=casa.get("adminsGroup", defaults.admins_group) or None,
         project_group_pattern=str(casa.get("projectGroupPattern", defaults.project_group_pattern)),
         storage_hub_path=casa.get("storageHubPath", defaults.storage_hub_path) or None,
-        measures_versions_hub_path=casa.get("measuresVersionsHubPath") or None,
+        measures_versions_hub_path=str(casa.get("measuresVersionsHubPath") or "") or None,
         start_timeout=ours("startTimeout", defaults.start_timeout),
         notices_interval=ours("noticesInterval", defaults.notices_interval),
         warn_before=ours("warnBefore", defaults.warn_before, minimum=0),

@@ -214,13 +214,19 @@ class SessionPlan:
 
 
 def with_measures(plan: SessionPlan, version: str) -> SessionPlan:
-    """``plan`` reading the measures volume's directory ``version`` instead of all of it."""
+    """``plan`` reading the measures volume's directory ``version`` instead of all of it.
+
+    Its pods say which version in the annotation ``<prefix>/measures``, so the operators see
+    which sessions still read a version.
+    """
     if not MEASURES_VERSION.fullmatch(version):
         raise InvalidInput(f"{shown(version)!r} is not a measures version's directory name.")
     mounts = tuple(
         replace(m, sub_path=version) if m.kind == "measures" else m for m in plan.mounts
     )
-    return replace(plan, mounts=mounts)
+    prefix = next(iter(plan.annotations)).split("/", 1)[0]
+    annotations = {**plan.annotations, f"{prefix}/measures": version}
+    return replace(plan, mounts=mounts, annotations=annotations)
 
 
 def image_for(release: Release, config: PlanConfig) -> str:

@@ -11,6 +11,7 @@ no other pod, reach its X server: ingress to the session pod, egress from its ap
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import re
@@ -146,6 +147,8 @@ def app_pod(
     """
     if display not in DISPLAYS:
         raise ValueError(f"X display {display} is outside {DISPLAYS}")
+    if not session.image:
+        raise ValueError(f"the session pod {session.name} names no image to copy casa-app from")
     pod_sc, container_sc = security_contexts(plan.identity)
     bare = dataclasses.replace(settings, token_secret_name=None)
     volumes, mounts = session_volumes(plan, bare)
@@ -171,14 +174,15 @@ def app_pod(
     # use up to the size's limits.
     resources = {**container_resources(plan, settings), "requests": dict(APP_REQUESTS)}
     tools = {"name": TOOLS_VOLUME, "mountPath": TOOLS_DIR}
-    copy = {
+    copier: dict[str, Any] = {
         "name": TOOLS_VOLUME,
         "image": session.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["cp", "-R", f"{PurePosixPath(desktop_dir)}/.", TOOLS_DIR],
         "securityContext": container_sc,
         "volumeMounts": [tools],
-        "resources": resources,
+        "resources": copy.deepcopy(resources),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -194,7 +198,7 @@ def app_pod(
     }
     volumes[TOOLS_VOLUME] = {"name": TOOLS_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}}
     spec = one_shot_spec(pod_sc, volumes, container, GRACE_SECONDS)
-    spec["initContainers"] = [copy]
+    spec["initContainers"] = [copier]
     pod_labels = {
         **plan.labels,
         **labels,

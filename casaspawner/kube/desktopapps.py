@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -28,6 +28,7 @@ from casaspawner.kube import apps, objects
 from casaspawner.kube.podsecurity import pod_security_sentence, pod_security_violations
 from casaspawner.kube.runs import HOPELESS, Cluster, api_reason, unschedulable
 from casaspawner.plan import with_measures
+from casaspawner.session.measures import kept_versions
 from casaspawner.session.options import OUTPUT_KEY
 from casaspawner.session.prepare import prepare
 
@@ -112,7 +113,7 @@ class KubeApps:
             raise InvalidInput("Apps of other CASA releases open on a CASA desktop session only.")
         if pod.status.phase != "Running" or not pod.status.pod_ip:
             raise InvalidInput("Your session's pod is not running; wait for it, or start again.")
-        notebook = next((c for c in pod.spec.containers if c.name == "notebook"), None)
+        notebook = next((c for c in pod.spec.containers if c.name == objects.CONTAINER), None)
         if notebook is None:
             raise InvalidInput("Your session's pod runs no CASA session; start the session again.")
         # The measures its apps read: the version the kubelet mounted for the session.
@@ -131,6 +132,8 @@ class KubeApps:
             labels,
             hostname=pod.spec.hostname or "",
             measures=measures,
+            # As the session's pod names it (a relaunch's by digest): the node has it, and a
+            # cluster whose images were loaded, not pulled, knows them by that name alone.
             image=notebook.image,
         )
 
@@ -163,6 +166,14 @@ class KubeApps:
         running: dict[str, Any] = noted if isinstance(noted, dict) else {}
         wanted = {k: running.get(k) or options.get(k) for k in ("dataset", "size")}
         wanted |= {"release": release_id, "interface": "lab"}
+        if session.measures and spawner.measures_versions_hub_path:
+            root = Path(spawner.measures_versions_hub_path)
+            if session.measures not in await asyncio.to_thread(kept_versions, root):
+                raise InvalidInput(
+                    f"The measures data your desktop reads ({session.measures}) is no longer "
+                    "kept on this hub, so apps of other releases cannot read it; start a new "
+                    "session for them."
+                )
         settings = spawner.session_settings()
         plan = await prepare({k: v for k, v in wanted.items() if v}, settings, spawner)
         # The apps read the measures version the session reads, not the newest.
@@ -220,26 +231,31 @@ class KubeApps:
             except ApiException as exc:
                 raise InvalidInput(f"The {what} is gone: {api_reason(exc)}.") from None
             phase = pod.status.phase if pod.status else None
+            # The copy of casa-app (the init container) first, then the app's own.
+            statuses = [
+                *(pod.status.init_container_statuses or []),
+                *(pod.status.container_statuses or []),
+            ]
             waiting = next(
                 (
                     s.state.waiting
-                    for s in (pod.status.container_statuses or [])
-                    if s.state and s.state.waiting
+                    for s in statuses
+                    if s.state and s.state.waiting and s.state.waiting.reason in NOT_STARTING
                 ),
                 None,
             )
             self.spawner.log.debug(
-                "App pod %s: %s, %s", name, phase, waiting.reason if waiting else "not waiting"
+                "App pod %s: %s, %s", name, phase, waiting.reason if waiting else "not stuck"
             )
             if phase == "Running":
                 return
             if phase in ("Succeeded", "Failed"):
-                # casa-app's last words (its container's log), e.g. an image without xterm.
+                # casa-app's last words (its log's last line), e.g. an image without xterm.
                 said = next(
                     (
-                        " ".join(str(s.state.terminated.message or "").split())[-300:]
-                        for s in (pod.status.container_statuses or [])
-                        if s.state and s.state.terminated
+                        last_line(s.state.terminated.message)
+                        for s in reversed(statuses)
+                        if s.state and s.state.terminated and s.state.terminated.message
                     ),
                     "",
                 )
@@ -249,7 +265,7 @@ class KubeApps:
                     else f"The {what} ended as soon as it started; its pod {name} says why."
                 )
             waits_for_node = unschedulable(pod)
-            if waiting is not None and waiting.reason in NOT_STARTING:
+            if waiting is not None:
                 await self._remove(name)
                 detail = " ".join(str(waiting.message or "").split())[:200]
                 raise InvalidInput(
@@ -335,3 +351,10 @@ class KubeApps:
         return CasaspawnerError(
             f"Kubernetes refused the NetworkPolicy of your desktop: {api_reason(exc)}."
         )
+
+
+def last_line(text: str | None) -> str:
+    """The last line of a container's log tail that says something, at most 300 characters."""
+    lines = [" ".join(line.split()) for line in str(text or "").splitlines()]
+    said = next((line for line in reversed(lines) if line), "")
+    return said if len(said) <= 300 else said[:299] + "…"

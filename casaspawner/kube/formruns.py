@@ -52,7 +52,7 @@ from casaspawner.kube.runs import (
     stored_run,
     unschedulable,
 )
-from casaspawner.plan import SessionPlan, label_value, make_plan
+from casaspawner.plan import SessionPlan, label_value, make_plan, with_measures
 from casaspawner.runtime import RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV, RUNS_API
 from casaspawner.session import runs as shared
 from casaspawner.session.prepare import prepare
@@ -108,18 +108,20 @@ class KubeRuns:
         spawner = self.spawner
         options = {"dataset": dataset, "size": size, "release": release, "interface": "lab"}
         settings = spawner.session_settings()
-        plan = await prepare({k: v for k, v in options.items() if v}, settings, spawner)
-        identity, layout = plan.identity, settings.plan.storage
+        prepared = await prepare({k: v for k, v in options.items() if v}, settings, spawner)
+        identity, layout = prepared.identity, settings.plan.storage
         reader = StorageMountReader(self.storage, layout)
         async with reader.open(dataset, identity) as directory:
             root, relative = locate_in_storage(dataset, identity, layout)
             where = PurePosixPath(root.mount) / relative
-            resolution = dataclasses.replace(plan.resolution, dataset=str(where))
+            resolution = dataclasses.replace(prepared.resolution, dataset=str(where))
             found, digest = await find_script(
                 script, directory, where, resolution, reader, identity, layout
             )
-        # As a session's plan, with the dataset where the pod sees it.
-        plan = make_plan(identity, plan.options, settings.catalog, resolution, settings.plan)
+        # As a session's plan, with the dataset where the pod sees it (and the same measures).
+        plan = make_plan(identity, prepared.options, settings.catalog, resolution, settings.plan)
+        if prepared.measures_version:
+            plan = with_measures(plan, prepared.measures_version)
         return plan, found, digest
 
     async def preview(self, dataset: str, script: str, size: str, release: str) -> dict[str, Any]:

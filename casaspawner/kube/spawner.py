@@ -417,11 +417,13 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             found["priorityClassName"] = self.priority_class_name
         return found
 
-    def measures_version(self, earlier: str | None) -> str | None:
+    async def measures_version(self, earlier: str | None) -> str | None:
         """The newest measures version kept, or ``earlier``'s; see measures_versions_hub_path."""
-        if self.measures_versions_hub_path is None:
+        if not self.measures_versions_hub_path:
             return None
-        return measures_for(Path(self.measures_versions_hub_path), earlier)
+        # A network mount may be slow: not on the hub's event loop.
+        root = Path(self.measures_versions_hub_path)
+        return await asyncio.to_thread(measures_for, root, earlier)
 
     def apply_plan(self, plan: SessionPlan) -> None:
         super().apply_plan(plan)
@@ -480,7 +482,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         pod = self.pod_reflector.pods.get(f"{self.namespace}/{self.pod_name}")
         statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
         for status in statuses:
-            if status.get("name") == "notebook" and status.get("imageID"):
+            if status.get("name") == objects.CONTAINER and status.get("imageID"):
                 return str(status["imageID"])
         return None
 

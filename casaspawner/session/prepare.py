@@ -2,11 +2,12 @@
 
 :func:`prepare` runs the same steps for both spawners, in this order::
 
-    options → identity → resolution → substitution → plan → drain check
+    options → identity → resolution → substitution → plan → measures version → drain check
 
 A request naming a past session (``relaunch``) takes that session's options, and its digest
-pins the image; a plan that would run another release than it did is refused. Last, the backend
-picks the measures version the session reads (the past session's, for a relaunch).
+pins the image; a plan that would run another release than it did is refused. Before the drain
+check, the backend picks the measures version the session reads (the past session's, for a
+relaunch).
 
 A backend (the spawner) supplies the steps that need the hub or the machine as the methods of
 :class:`SessionSteps`, the way batchspawner's ``start`` calls ``submit_batch_script``. Nothing here
@@ -70,7 +71,7 @@ class SessionSteps(Protocol):
     def past_session(self, name: str) -> PastSession | None:
         """The user's past session ``name``, for a relaunch; None when there is none."""
 
-    def measures_version(self, earlier: str | None) -> str | None:
+    async def measures_version(self, earlier: str | None) -> str | None:
         """The measures version the session reads: ``earlier``'s for a relaunch, else the newest.
 
         None reads the whole measures volume, where it is not kept by version.
@@ -105,7 +106,8 @@ async def prepare(
     refusal = relaunch_refusal(past, plan) if past is not None else None
     if refusal:
         raise InvalidInput(refusal)
-    measures = steps.measures_version(past.measures or None if past is not None else None)
+    earlier = (past.measures or None) if past is not None else None
+    measures = await steps.measures_version(earlier)
     if measures is not None:
         plan = with_measures(plan, measures)
     blocked = await steps.blocked_release_messages()

@@ -744,7 +744,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         """Another release when this backend cannot run ``release``: none by default."""
         return None
 
-    def measures_version(self, earlier: str | None) -> str | None:
+    async def measures_version(self, earlier: str | None) -> str | None:
         """The measures version a session reads; by default all of the measures it is given."""
         return None
 

@@ -35,13 +35,19 @@ async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
     hub: Any, api: Any, cluster: Any, tmp_path: Path, no_measures: Path
 ) -> None:
     # Measures kept by version: the apps read the version the desktop mounted.
-    (no_measures / "2026-11-01" / "geodetic").mkdir(parents=True)
+    kept = no_measures / "2026-11-01"
+    (kept / "geodetic").mkdir(parents=True)
     try:
-        spawner = hub.spawner(desktop_apps=True, measures_versions_hub_path=str(no_measures))
-        dataset = dataset_of(hub.cavern, "cycle10")
-        url, _ = await spawn(spawner, {"dataset": dataset, "interface": "desktop"})
+        await desktop_with_apps(hub, api, cluster, tmp_path, kept)
     finally:
-        shutil.rmtree(no_measures / "2026-11-01")
+        shutil.rmtree(kept)
+
+
+async def desktop_with_apps(hub: Any, api: Any, cluster: Any, tmp_path: Path, kept: Path) -> None:
+    """The test itself, on a hub keeping the measures version ``kept``."""
+    spawner = hub.spawner(desktop_apps=True, measures_versions_hub_path=str(kept.parent))
+    dataset = dataset_of(hub.cavern, "cycle10")
+    url, _ = await spawn(spawner, {"dataset": dataset, "interface": "desktop"})
     assert isinstance(url, str), url
     core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
     pod = await core.read_namespaced_pod(spawner.pod_name, hub.namespace)
@@ -53,8 +59,10 @@ async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
         pod.metadata.name,
         pod.metadata.uid,
         pod.status.pod_ip,
-        "2026-11-01",
+        kept.name,
     )
+    # Its apps copy casa-app from the image the session runs.
+    assert session.image == pod.spec.containers[0].image
 
     # Zero to JupyterHub's hub Role alone may not create NetworkPolicies: one sentence.
     plain = await create_hub_account(

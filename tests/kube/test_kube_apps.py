@@ -27,7 +27,8 @@ from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.insession.desktop import casa_releases
 from casaspawner.kube import apps
-from casaspawner.kube.objects import PodSettings
+from casaspawner.kube.desktopapps import last_line
+from casaspawner.kube.objects import PodSettings, security_contexts
 from casaspawner.kube.podsecurity import pod_security_violations
 from casaspawner.plan import Identity, SessionOptions, SessionPlan, make_plan
 
@@ -93,7 +94,9 @@ def test_the_app_is_a_restricted_pod_of_alice_owned_by_her_session(plan: Session
     (copy,) = spec["initContainers"]
     assert copy["image"] == SESSION.image
     assert copy["command"] == ["cp", "-R", "/opt/casaspawner/desktop/.", "/opt/casa-app"]
-    assert copy["securityContext"] == container["securityContext"]
+    assert copy["securityContext"] == security_contexts(plan.identity)[1]
+    assert copy["resources"] == container["resources"]
+    assert copy["resources"] is not container["resources"]
     tools = {"name": "casa-app-tools", "mountPath": "/opt/casa-app"}
     assert copy["volumeMounts"] == [tools]
     assert {**tools, "readOnly": True} in container["volumeMounts"]
@@ -260,3 +263,27 @@ def test_a_menu_the_hub_cannot_answer_is_one_item_saying_so() -> None:
     menu = ET.fromstring(casa_releases.hub_menu(environ, "/opt/casaspawner/desktop/casa-app"))
     (item,) = menu.findall("item")
     assert (item.get("label") or "").startswith("The hub could not list the other releases: ")
+
+
+def test_an_app_that_ends_at_once_is_told_by_its_logs_last_line() -> None:
+    """The hub's sentence takes the last line that says something, not the whole log tail."""
+    tail = "casaspawner: HOME is not writable\n\nCASA 6.7.0-31 has no xterm.\n  \n"
+    assert last_line(tail) == "CASA 6.7.0-31 has no xterm."
+    assert last_line(None) == "" and last_line("\n \n") == ""
+    long = last_line("x " * 400)
+    assert len(long) == 300 and long.endswith("…")
+
+
+def test_an_app_needs_the_sessions_image_for_casa_app(plan: SessionPlan) -> None:
+    with pytest.raises(ValueError, match="names no image to copy casa-app from"):
+        apps.app_pod(
+            plan,
+            PodSettings(),
+            name="x",
+            app="plotms",
+            session=dataclasses.replace(SESSION, image=""),
+            display=1,
+            own_label="CASA",
+            desktop_dir="/opt/casaspawner/desktop",
+            labels={},
+        )

@@ -174,6 +174,7 @@ async def test_measures_kept_by_version_are_mounted_recorded_and_relaunched(
 ):
     """With ``measures_versions_hub_path`` the pod mounts the newest version by sub-path, the
     record and the summary name it, and a relaunch mounts it again, or is refused once gone."""
+    from casaspawner.kube.formruns import KubeRuns
     from casaspawner.kube.spawner import CASASpawner
 
     root = tmp_path / "measures"
@@ -191,6 +192,12 @@ async def test_measures_kept_by_version_are_mounted_recorded_and_relaunched(
     assert graph["#measures"]["identifier"] == "2026-12-01"
     spawner.record_session(spawner.session_plan)
     assert spawner.user_options["casaspawner"]["measures"] == "2026-12-01"
+    # A run from the form reads the same version, and its pods say which one.
+    (storage / "home" / "alice" / dataset / "restore.py").write_text("listobs(vis='x.ms')\n")
+    run, _, _ = await KubeRuns(spawner)._planned(dataset, "restore.py", "", "")
+    assert run.measures_version == "2026-12-01"
+    assert run.annotations["casaspawner.io/measures"] == "2026-12-01"
+    assert pod["metadata"]["annotations"]["casaspawner.io/measures"] == "2026-12-01"
     status = {"containerStatuses": [{"name": "notebook", "imageID": f"casa@sha256:{DIGEST}"}]}
     pods = {f"test/{spawner.pod_name}": {"status": status}}
     monkeypatch.setattr(CASASpawner, "pod_reflector", property(lambda self: Reflector(pods)))

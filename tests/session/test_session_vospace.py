@@ -62,7 +62,7 @@ class Steps:
     async def blocked_release_messages(self) -> Mapping[str, str]:
         return {}
 
-    def measures_version(self, earlier: str | None) -> str | None:
+    async def measures_version(self, earlier: str | None) -> str | None:
         return None
 
 

@@ -55,6 +55,6 @@ class Backend:
         self.calls.append(f"past {name}")
         return next((p for p in self.past if p.name == name), None)
 
-    def measures_version(self, earlier: str | None) -> str | None:
+    async def measures_version(self, earlier: str | None) -> str | None:
         self.calls.append(f"measures {earlier}")
         return None if self.measures_root is None else measures_for(self.measures_root, earlier)
