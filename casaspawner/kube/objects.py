@@ -28,7 +28,7 @@ EPHEMERAL_STORAGE = "ephemeral-storage"
 #: The token's file name in its directory, and its key in the Secret.
 TOKEN_FILE = "token"  # noqa: S105
 STORAGE_VOLUME = "casa-storage"
-#: The session's measures volume, named as every plan mount is: ``casa-<mount name>``.
+#: The session's measures volume (the desktop's apps read its version from its mount).
 MEASURES_VOLUME = "casa-measures"
 
 
@@ -170,6 +170,7 @@ def _add_mount(
         volumes[key] = {"name": key, "emptyDir": {"sizeLimit": settings.scratch_size_limit}}
         entry = {"name": key, "mountPath": mount.path}
     else:
+        key = MEASURES_VOLUME
         volumes[key] = {
             "name": key,
             **volume_source(settings.measures_volume, "measures data", settings.security_level),

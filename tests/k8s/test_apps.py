@@ -20,7 +20,7 @@ import yaml
 from k8s_hub import create_hub_account, dataset_of, eventually, nothing_left, spawn
 from kubernetes_asyncio import client, config
 
-from casaspawner.errors import ConfigurationError
+from casaspawner.errors import ConfigurationError, InvalidInput
 from casaspawner.kube.apps import APP_RULES, SESSION_ENVIRONMENT
 from casaspawner.kube.desktopapps import RBAC_SENTENCE, KubeApps
 from casaspawner.kube.runs import Cluster
@@ -40,7 +40,7 @@ async def test_the_desktops_policies_need_casa_apps_rbac_and_go_with_its_pod(
     try:
         await desktop_with_apps(hub, api, cluster, tmp_path, kept)
     finally:
-        shutil.rmtree(kept)
+        shutil.rmtree(kept, ignore_errors=True)
 
 
 async def desktop_with_apps(hub: Any, api: Any, cluster: Any, tmp_path: Path, kept: Path) -> None:
@@ -118,6 +118,18 @@ async def desktop_with_apps(hub: Any, api: Any, cluster: Any, tmp_path: Path, ke
     replaced = await networking.read_namespaced_network_policy(into.metadata.name, hub.namespace)
     assert [o.uid for o in replaced.metadata.owner_references] == [session.uid]
     assert replaced.spec.pod_selector.match_labels == into.spec.pod_selector.match_labels
+
+    # The operators remove the version the desktop reads: its apps are refused in one sentence,
+    # before any pod (an app's pod would find no such directory to mount).
+    shutil.rmtree(kept)
+    with pytest.raises(InvalidInput) as refused:
+        await apps.launch("casa-6.7.0-31", "terminal", 21)
+    assert str(refused.value) == (
+        f"The measures data your desktop reads ({kept.name}) is no longer kept on this hub, so "
+        "apps of other releases cannot read it; start a new session for them."
+    )
+    listed = await core.list_namespaced_pod(hub.namespace)
+    assert [p.metadata.name for p in listed.items] == [session.name]
 
     await spawner.stop(now=True)
 
