@@ -450,6 +450,8 @@ class Users:
                 self.spawners[key] = cls(
                     _mock=True, user=bench_user(index, self.token), **settings
                 )
+            # JupyterHub's server token, which a CASA session fetches its access token with.
+            self.spawners[key].api_token = secrets.token_hex(16)
         return self.spawners[key]
 
     def options(self, flavour: str, index: int) -> dict[str, Any]:
@@ -477,10 +479,57 @@ async def spawn(spawner: Any, options: dict[str, Any]) -> Spawn:
     running = time.perf_counter()
     await wait_for_http_server(url, timeout=120)
     answering = time.perf_counter()
-    # CASASpawner hands the token Secret to the pod while the server comes up: counted here.
-    if hasattr(spawner, "token_secret_handed"):
-        await spawner.token_secret_handed()
+    # A CASA session fetches the user's access token while it comes up: counted here.
+    if getattr(spawner, "token_url", None):
+        await TOKEN_DESK.fetch(spawner)
     return Spawn(running - began, answering - began)
+
+
+class TokenDesk:
+    """The hub's side of a session fetching its access token, over HTTP, in this process.
+
+    kwok's pods run nothing, so the benchmark asks for each session, as its extension would,
+    at a tornado handler of its own on 127.0.0.1. The handler does what the hub's does (the
+    pod's address from the pod watch, the spawner's checks and hand-out) but JupyterHub's own
+    token lookup; the request's address is the pod's, which the benchmark's requests cannot
+    come from. Both sides of the request run in this process and count as the hub's CPU.
+    """
+
+    def __init__(self) -> None:
+        self.spawners: dict[str, Any] = {}
+        self.url = ""
+
+    async def start(self) -> None:
+        from tornado import web
+
+        desk = self
+
+        class Handler(web.RequestHandler):
+            def post(self, name: str) -> None:
+                from casaspawner.kube import objects
+
+                spawner = desk.spawners[name]
+                token = self.request.headers["Authorization"].split(" ", 1)[1]
+                pod = spawner.pod_reflector.pods[f"{spawner.namespace}/{spawner.pod_name}"]
+                address = next(iter(objects.pod_addresses(pod)))
+                self.write({"token": spawner.hand_out_access_token(token, address)})
+
+        app = web.Application([(r"/casa-token/([^/]+)", Handler)])
+        server = app.listen(0, "127.0.0.1")
+        port = next(iter(server._sockets.values())).getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/casa-token"
+
+    async def fetch(self, spawner: Any) -> None:
+        from casaspawner.insession.access_token import fetch_token
+
+        self.spawners[spawner.pod_name] = spawner
+        if not self.url:
+            await self.start()
+        token = await fetch_token(f"{self.url}/{spawner.pod_name}", spawner.api_token)
+        assert token == spawner.access_token
+
+
+TOKEN_DESK = TokenDesk()
 
 
 async def stop(spawner: Any) -> None:

@@ -307,8 +307,14 @@ def configure_login(c: Any) -> None:
 
 
 def configure_spawner(c: Any, settings: HubSettings) -> None:
-    """Configure the CASA spawner, honouring drains, with in-session notices."""
+    """Configure the CASA spawner, honouring drains, with in-session notices.
+
+    Kubernetes sessions fetch the user's access token from the hub's ``/hub/api/casa-token/``.
+    """
+    from casaspawner.services.access_token import token_handlers
+
     c.JupyterHub.spawner_class = settings.spawner_class
+    _add_handlers(c, token_handlers())
     # The mixin is a Configurable, so this reaches CASASpawner and LocalCASASpawner alike. It also
     # outranks the KubeSpawner and Spawner sections, and z2jh writes singleuser.* into KubeSpawner.
     c.CASASessionMixin.blocked_releases = drain_blocker(settings.state_file)

@@ -1,7 +1,7 @@
 """Running sessions on Kubernetes: ``CASASpawner``, a KubeSpawner subclass.
 
-``spawner`` is the hub glue; ``objects`` builds the pod's fields and the token Secret from a plan,
-purely; ``podsecurity`` checks a pod against the Pod Security Standards; ``events`` turns kubelet
-events into progress lines and failures; ``dryrun`` is ``casaspawner pod``. ``jobs`` builds a
-headless run's Job, purely, and ``runs`` is ``casaspawner run --kubernetes``.
+``spawner`` is the hub glue; ``objects`` builds the pod's fields from a plan, purely;
+``podsecurity`` checks a pod against the Pod Security Standards; ``events`` turns kubelet events
+into progress lines and failures; ``dryrun`` is ``casaspawner pod``. ``jobs`` builds a headless
+run's Job, purely, and ``runs`` is ``casaspawner run --kubernetes``.
 """

@@ -1,9 +1,8 @@
 """Kubernetes API calls of a spawn, made for little of the hub's CPU.
 
 kubernetes_asyncio turns every answer into model objects, a millisecond or more of the hub's CPU
-for a pod; a spawn reads none of the answers to creating its pod and its token Secret, or to
-deleting the Secret. :func:`send` skips that step and still raises ``ApiException`` as the
-client does, so callers handle refusals exactly as before.
+for a pod; a spawn reads none of the answers to creating its pod. :func:`send` skips that step
+and still raises ``ApiException`` as the client does, so callers handle refusals exactly as before.
 
 Its HTTP session also trusts the environment: before each request aiohttp reads ``~/.netrc``
 in one thread and looks for a proxy in another, about 0.6 ms of the hub's CPU per request on a

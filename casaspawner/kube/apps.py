@@ -150,7 +150,7 @@ def app_pod(
     if not session.image:
         raise ValueError(f"the session pod {session.name} names no image to copy casa-app from")
     pod_sc, container_sc = security_contexts(plan.identity)
-    bare = dataclasses.replace(settings, token_secret_name=None)
+    bare = dataclasses.replace(settings, token_url=None)
     volumes, mounts = session_volumes(plan, bare)
     prefix = next(iter(plan.labels)).split("/", 1)[0]
     environment = {

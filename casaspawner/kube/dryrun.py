@@ -1,6 +1,6 @@
 """``casaspawner pod``: print what CASASpawner would submit, with no cluster.
 
-That is the pod and the token Secret (without data). The dry run builds a real ``CASASpawner``
+That is the session's pod. The dry run builds a real ``CASASpawner``
 from the hub's config file and runs what a spawn runs, in JupyterHub's order:
 ``auth_state_hook`` → ``group_overrides`` → ``apply_user_options`` (options → identity →
 resolution → plan) → ``pre_spawn_hook`` → ``load_user_options`` (profile, then plan) →
@@ -29,7 +29,7 @@ import yaml
 from casaspawner.errors import CasaspawnerError, InvalidInput, shown
 from casaspawner.session.identity import project_groups
 
-#: Stands in for the user's access token so the Secret volume appears; it is never printed.
+#: Stands in for the user's access token so the token directory appears; it is never printed.
 PLACEHOLDER_TOKEN = "dry-run-placeholder"  # noqa: S105
 _OFFLINE_KUBECONFIG = """\
 apiVersion: v1
@@ -74,7 +74,9 @@ def register(subparsers: Any) -> None:
         help="the hub's jupyterhub_config.py (or a .json config)",
     )
     p.add_argument(
-        "--no-token", action="store_true", help="as for a user without an access token (no Secret)"
+        "--no-token",
+        action="store_true",
+        help="as for a user without an access token (no token directory)",
     )
     p.add_argument(
         "--archive-url",
@@ -208,7 +210,7 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
             options["release"] = args.release
         spawner.user_options = options
         try:
-            pod, secret = await spawner.dry_run_manifests()
+            pod = await spawner.dry_run_manifests()
         # A SpawnException: one sentence for the user.
         except web.HTTPError as exc:
             raise InvalidInput(
@@ -231,4 +233,4 @@ async def _manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
             "name matches CASASpawner.project_group_pattern and can be a directory name.",
             file=sys.stderr,
         )
-    return [pod] + ([secret] if secret is not None else [])
+    return [pod]

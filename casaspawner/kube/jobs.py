@@ -140,7 +140,7 @@ def run_job(
     ``environment`` is added to the pod's variables.
     """
     pod_sc, container_sc = security_contexts(plan.identity)
-    bare = dataclasses.replace(settings, token_secret_name=None)
+    bare = dataclasses.replace(settings, token_url=None)
     volumes, mounts = session_volumes(plan, bare)
     environment = {
         **{k: v for k, v in plan.environment.items() if not k.startswith("JUPYTER")},

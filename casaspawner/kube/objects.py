@@ -1,20 +1,21 @@
-"""Pure builders: a session plan into pod fields and a token Secret.
+"""Pure builders: a session plan into pod fields.
 
 Nothing here talks to Kubernetes or reads traits: ``session_fields(plan, settings)`` returns the
-values ``CASASpawner`` assigns to KubeSpawner traits, ``token_secret(...)`` the Secret manifest.
-Tests exercise these functions directly (schema and the restricted Pod Security Standard) and
-through the real KubeSpawner.
+values ``CASASpawner`` assigns to KubeSpawner traits. Tests exercise these functions directly
+(schema and the restricted Pod Security Standard) and through the real KubeSpawner.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from casaspawner.errors import InvalidInput
+from casaspawner.insession.access_token import FILE_ENV as TOKEN_FILE_ENV
+from casaspawner.insession.access_token import URL_ENV as TOKEN_URL_ENV
 from casaspawner.kube.podsecurity import LEVEL_KINDS, STORAGE_KINDS, check_level
 from casaspawner.kube.quantities import format_bytes, quantity_bytes
 from casaspawner.plan import Identity, Mount, SessionPlan, root_refusal
@@ -25,8 +26,10 @@ from casaspawner.plan import Identity, Mount, SessionPlan, root_refusal
 CONTAINER = "notebook"
 #: ``extra_resource_limits`` key of the container's ephemeral storage (scratch and ``/tmp``).
 EPHEMERAL_STORAGE = "ephemeral-storage"
-#: The token's file name in its directory, and its key in the Secret.
+#: The token's file name in its directory.
 TOKEN_FILE = "token"  # noqa: S105
+#: The session's token directory: an emptyDir in memory, for one small file.
+TOKEN_VOLUME = "casa-token"  # noqa: S105
 STORAGE_VOLUME = "casa-storage"
 #: The session's measures volume (the desktop's apps read its version from its mount).
 MEASURES_VOLUME = "casa-measures"
@@ -46,8 +49,9 @@ class PodSettings:
     measures_volume: Mapping[str, Any] = field(default_factory=_measures_claim)
     scratch_size_limit: str = "20Gi"
     tmp_size_limit: str = "1Gi"
-    #: None: no token, so no Secret and no volume.
-    token_secret_name: str | None = None
+    #: Where the session fetches the user's access token from the hub; None: the user has none,
+    #: so no token directory either.
+    token_url: str | None = None
     token_mount_dir: str = "/var/run/secrets/casaspawner"  # noqa: S105
     command: tuple[str, ...] = ("jupyterhub-singleuser",)
     security_level: str = "restricted"
@@ -134,22 +138,14 @@ def session_volumes(
     # The pod's own writable /tmp.
     volumes["casa-tmp"] = {"name": "casa-tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}}
     mounts["casa-tmp"] = {"name": "casa-tmp", "mountPath": "/tmp"}  # noqa: S108
-    if settings.token_secret_name:
-        volumes["casa-token"] = {
-            "name": "casa-token",
-            "secret": {
-                "secretName": settings.token_secret_name,
-                "items": [{"key": TOKEN_FILE, "path": TOKEN_FILE}],
-                # Readable by every uid in the pod, and the pod has only the user's: there is no
-                # fsGroup, which would give the file the user's group but chown all of Cavern.
-                "defaultMode": 0o444,
-            },
+    if settings.token_url:
+        # The session writes the token it fetched here, 0600; the directory lives and dies with
+        # the pod, and survives its container's restarts.
+        volumes[TOKEN_VOLUME] = {
+            "name": TOKEN_VOLUME,
+            "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"},
         }
-        mounts["casa-token"] = {
-            "name": "casa-token",
-            "mountPath": settings.token_mount_dir,
-            "readOnly": True,
-        }
+        mounts[TOKEN_VOLUME] = {"name": TOKEN_VOLUME, "mountPath": settings.token_mount_dir}
     return volumes, mounts
 
 
@@ -226,7 +222,7 @@ def session_fields(
 
     Dict traits are merged into the given current values. ``environment`` is the spawner's,
     with the session's variables already in it (the spawner merges ``plan.environment`` in one
-    place); only the token file's variable is added here.
+    place); only the token's variables (its file, and where to fetch it) are added here.
 
     The container's ``ephemeral-storage`` limit is scratch plus ``/tmp`` (Kubernetes then
     requests as much, so the scheduler only picks a node with that much local disk free),
@@ -235,8 +231,9 @@ def session_fields(
     pod_sc, container_sc = security_contexts(plan.identity)
     vols, mnts = session_volumes(plan, settings)
     env = dict(environment or {})
-    if settings.token_secret_name:
-        env["CASASPAWNER_TOKEN_FILE"] = f"{settings.token_mount_dir.rstrip('/')}/{TOKEN_FILE}"
+    if settings.token_url:
+        env[TOKEN_FILE_ENV] = f"{settings.token_mount_dir.rstrip('/')}/{TOKEN_FILE}"
+        env[TOKEN_URL_ENV] = settings.token_url
     resources = plan.resources
     local_disk = ephemeral_storage(settings)
     return {
@@ -284,7 +281,7 @@ def record_pod(
     measures, no network use. It runs ``command`` once, for at most two minutes.
     """
     pod_sc, container_sc = security_contexts(plan.identity)
-    bare = PodSettings(**{**settings.__dict__, "token_secret_name": None})
+    bare = PodSettings(**{**settings.__dict__, "token_url": None})
     volumes, mounts = session_volumes(plan, bare)
     kept = [key for key, mount in mounts.items() if mount["name"] in (STORAGE_VOLUME, "casa-tmp")]
     names = {mounts[key]["name"] for key in kept}
@@ -328,49 +325,19 @@ def ephemeral_storage(settings: PodSettings) -> str | None:
     return format_bytes(sum(size for size in sizes if size is not None))
 
 
-def token_secret_name(pod_name: str) -> str:
-    """The name of the token Secret of the pod ``pod_name``."""
-    return f"{pod_name}-token"
+def pod_addresses(pod: Mapping[str, Any]) -> set[str]:
+    """The addresses of ``pod`` (a pod as KubeSpawner's reflector holds it), normalised."""
+    status = pod.get("status") or {}
+    found = [status.get("podIP")] + [entry.get("ip") for entry in status.get("podIPs") or []]
+    return {plain_address(address) for address in found if address}
 
 
-def token_secret(
-    name: str,
-    token: str | None,
-    *,
-    owner_name: str | None = None,
-    owner_uid: str | None = None,
-    labels: Mapping[str, str] | None = None,
-    annotations: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """The immutable Secret holding the user's access token.
-
-    With ``owner_name`` and ``owner_uid`` it is owned by, and deleted with, that session pod;
-    without, it is what the spawner stores before the pod exists. ``token=None`` gives the
-    manifest without ``data`` (what the dry run prints).
-    """
-    metadata: dict[str, Any] = {
-        "name": name,
-        "labels": dict(labels or {}),
-        "annotations": dict(annotations or {}),
-    }
-    if owner_name and owner_uid:
-        metadata["ownerReferences"] = [
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": owner_name,
-                "uid": owner_uid,
-                "blockOwnerDeletion": True,
-                "controller": False,
-            }
-        ]
-    manifest: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": metadata,
-        "immutable": True,
-    }
-    if token is not None:
-        manifest["data"] = {TOKEN_FILE: base64.b64encode(token.encode()).decode("ascii")}
-    return manifest
+def plain_address(address: str) -> str:
+    """``address`` in one spelling: an IPv4 address mapped into IPv6 as IPv4."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(parsed)

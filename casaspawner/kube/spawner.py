@@ -1,22 +1,24 @@
 """``CASASpawner``: a KubeSpawner running the CASA build that processed a dataset.
 
 Thin by design: :class:`~casaspawner.spawners.mixin.CASASessionMixin` runs the session pipeline,
-:mod:`casaspawner.kube.objects` turns the plan into KubeSpawner fields and the token Secret, and
-KubeSpawner does all Kubernetes API work. Registered as the ``casa`` spawner
+:mod:`casaspawner.kube.objects` turns the plan into KubeSpawner fields, and KubeSpawner does
+all Kubernetes API work. The user's access token never goes to Kubernetes: the session fetches it
+once from the hub (:meth:`CASASpawner.hand_out_access_token`). Registered as the ``casa`` spawner
 (``c.JupyterHub.spawner_class = "casa"``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import hmac
 import json
 import os
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from jupyterhub.utils import exponential_backoff, maybe_future
@@ -39,18 +41,14 @@ from casaspawner.spawners.errors import spawn_error
 from casaspawner.spawners.mixin import CASASessionMixin
 from casaspawner.spawners.records import SessionRecords
 
-#: Placeholder owner uid in dry-run Secrets.
-#:
-#: The real one exists only once the pod does.
-DRY_RUN_OWNER_UID = "00000000-0000-0000-0000-000000000000"
 #: Answers of the Kubernetes API that a later attempt may not get.
 #:
 #: Too many requests, and a gateway or an API server that is starting or going away.
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 #: What a request to the Kubernetes API raises when the connection itself fails.
 CONNECTION_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
-#: What the user reads when the token Secret cannot be stored.
-NOT_STORED = "The session's access token could not be stored; try again."
+#: The hub's API path the sessions fetch their access token from (``services/access_token.py``).
+TOKEN_PATH = "casa-token"  # noqa: S105
 
 
 def _reflector_broken(reflector: Any) -> bool:
@@ -175,9 +173,21 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
     token_mount_dir = Unicode(
         "/var/run/secrets/casaspawner",
         help="""
-        Directory where the user's access token appears as the file ``token`` (from a Secret
-        owned by the pod; ``CASASPAWNER_TOKEN_FILE`` names it). Users without a token in
-        ``auth_state`` get no Secret.
+        Directory where the user's access token appears as the file ``token``
+        (``CASASPAWNER_TOKEN_FILE`` names it): a memory-backed emptyDir the session writes the
+        token into, once it fetched it from the hub. Users without a token in ``auth_state`` get
+        no such directory.
+        """,
+    ).tag(config=True)
+
+    access_token_from_pod_address = Bool(
+        True,
+        help="""
+        Hand the user's access token only to a request from the session pod's own address (its
+        ``podIP``, as the hub's pod watch sees it), besides the server's own API token and once
+        per session. Turn it off only where sessions reach the hub through a translated address
+        (a NAT, a proxy); the token is then handed to the first request with the server's API
+        token, which Kubernetes users who may read pods can see in the pod's environment.
         """,
     ).tag(config=True)
 
@@ -280,17 +290,13 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Whether this spawn asked for its token Secret, and whether it is stored.
-        self._token_secret_asked = False
-        self._token_secret_stored = False
         # The authorizer's last refusal this spawn, while it may still pass.
         self._refusal: ApiException | None = None
-        # The token Secret's hand-over to the running pod, while JupyterHub waits for the server.
-        self._handing_over: asyncio.Future[None] | None = None
         # What completes the stopped session's record, should it need it: pod, directory, plan.
         self._record_completion: tuple[dict[str, Any], str, SessionPlan] | None = None
-        # Whether the next poll looks for a token Secret an earlier hub process left unowned.
-        self._adopt_token_secret = False
+        # The access token the running session has yet to fetch, and whether it fetched it.
+        self._token_to_hand: str | None = None
+        self._token_handed = False
         super().__init__(*args, **kwargs)
 
     @default("cmd")
@@ -355,16 +361,19 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
     def lean_api(self) -> Any:
         """KubeSpawner's API client, without its per-request environment lookups.
 
-        The spawn's own requests (pod, token Secret) go through it; see
+        The spawn's own request (the pod) goes through it; see
         :func:`casaspawner.kube.api.lean_core_api`.
         """
         return api.lean_core_api(self.api)
 
     # The plan
     @property
-    def token_secret_name(self) -> str | None:
-        """Name of this session's token Secret, or None when the user has no token."""
-        return objects.token_secret_name(self.pod_name) if self.access_token else None
+    def token_url(self) -> str | None:
+        """Where this session fetches the user's access token; None when the user has none."""
+        if not self.access_token:
+            return None
+        names = f"{quote(self.user.name, safe='')}/{quote(self.name or '', safe='')}"
+        return f"{self.hub.api_url.rstrip('/')}/{TOKEN_PATH}/{names}"
 
     def pod_settings(self) -> objects.PodSettings:
         return objects.PodSettings(
@@ -372,7 +381,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             measures_volume=self.measures_volume,
             scratch_size_limit=self.scratch_size_limit,
             tmp_size_limit=self.tmp_size_limit,
-            token_secret_name=self.token_secret_name,
+            token_url=self.token_url,
             token_mount_dir=self.token_mount_dir,
             command=tuple(self.cmd or ["jupyterhub-singleuser"]),
             security_level=self.pod_security_level,
@@ -501,114 +510,58 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         self.log.info("CASA session of %s runs %s@sha256:%s", self.user.name, self.image, digest)
 
     async def _start(self) -> str:
-        """KubeSpawner's start, with the token Secret stored first and owned by the pod after.
-
-        The Secret is stored before the pod, so the kubelet finds it when it mounts the pod's
-        volumes. Once the pod runs, the Secret is handed to it while JupyterHub waits for the
-        server to answer (:meth:`token_secret_handed`). A spawn that fails leaves no Secret
-        behind.
-        """
-        self._token_secret_asked = self._token_secret_stored = False
+        """KubeSpawner's start; the session may then fetch the user's access token once."""
         self._refusal = None
-        self._adopt_token_secret = False
-        await self.token_secret_handed()
+        self._token_to_hand, self._token_handed = self.access_token, False
         try:
             url: str = await super()._start()
         except asyncio.TimeoutError:
-            await self._forget_token_secret()
             # The API kept refusing the hub until the retries ran out: say what it said.
             if self._refusal is not None:
                 raise self.pod_refusal(self._refusal) from None
             raise
-        except BaseException:
-            await self._forget_token_secret()
-            raise
-        self._handing_over = asyncio.ensure_future(self._hand_over_or_log())
         return url
 
-    async def _hand_over_or_log(self) -> None:
-        """Hand the token Secret to the running pod; a failure is only logged.
+    def hand_out_access_token(self, api_token: str | None, address: str) -> str:
+        """The user's access token, once per session, to the session's own pod.
 
-        The session has its token file by now. A Secret left unowned is deleted at the stop.
+        ``api_token`` is the token the request carried and ``address`` the request's peer (the
+        socket's, never a forwarded header's). Refusals are :class:`tornado.web.HTTPError` with
+        one sentence; 503 means the hub's pod watch has not seen the pod's address yet.
         """
-        try:
-            await self.hand_token_secret_to_pod()
-        except Exception as exc:
-            self.log.error(
-                "The token Secret of %s was not handed to its pod; it is deleted when the server "
-                "stops: %s",
-                self.pod_name,
-                exc,
+        if self._token_handed:
+            raise web.HTTPError(409, "This session fetched its access token already.")
+        token = self._token_to_hand
+        if token is None:
+            raise web.HTTPError(
+                404,
+                "The hub holds no access token for this session: the user has none, or the hub "
+                "restarted since the session started (stop and start it to get one).",
             )
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        super().load_state(state)
-        # A hub that stopped between storing a server's token Secret and handing it to the pod
-        # left it unowned; the first poll of the server in this process hands it over.
-        self._adopt_token_secret = True
-
-    async def poll(self) -> int | None:
-        """KubeSpawner's poll; the first of a running server also adopts its token Secret.
-
-        That is, once per server and hub process: see :meth:`adopt_token_secret`.
-        """
-        status: int | None = await super().poll()
-        if status is None and self._adopt_token_secret:
-            self._adopt_token_secret = False
-            await self.adopt_token_secret()
-        return status
-
-    async def adopt_token_secret(self) -> None:
-        """Hand the running pod its token Secret, if an earlier hub process left it unowned.
-
-        One read of the Secret; failures are only logged (the stop deletes the Secret anyway).
-        """
-        pod = self.pod_reflector.pods.get(f"{self.namespace}/{self.pod_name}")
-        name = objects.token_secret_name(self.pod_name)
-        if pod is None:
-            return
-        try:
-            secret = await asyncio.wait_for(
-                self.api.read_namespaced_secret(name, self.namespace),
-                self.k8s_api_request_timeout,
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                self.log.warning("Could not read the token Secret %s: %s", name, exc.reason)
-            return
-        except CONNECTION_ERRORS as exc:
-            self.log.warning("Could not read the token Secret %s (%s)", name, type(exc).__name__)
-            return
-        if secret.metadata.owner_references or "token" not in (secret.data or {}):
-            return
-        self.log.info("Handing the token Secret %s, left unowned, to its pod", name)
-        self._access_token = base64.b64decode(secret.data["token"]).decode()
-        self.pod_id = pod["metadata"]["uid"]
-        await self._hand_over_or_log()
-
-    async def token_secret_handed(self) -> None:
-        """Wait until the running pod owns its token Secret, or the hand-over gave up."""
-        handing_over = self._handing_over
-        if handing_over is not None:
-            # Shielded: a caller given up on does not stop the hand-over.
-            await asyncio.shield(handing_over)
-            if self._handing_over is handing_over:
-                self._handing_over = None
-
-    async def _forget_token_secret(self) -> None:
-        """After a failed start: remove the token Secret, if this spawn asked for one."""
-        if self._token_secret_asked and self.token_secret_name:
-            await self.remove_token_secret()
+        if not (api_token and self.api_token and hmac.compare_digest(api_token, self.api_token)):
+            raise web.HTTPError(403, "Only the session's own server may fetch its access token.")
+        if self.access_token_from_pod_address:
+            pod = self.pod_reflector.pods.get(f"{self.namespace}/{self.pod_name}")
+            addresses = objects.pod_addresses(pod) if pod else set()
+            if not addresses:
+                raise web.HTTPError(503, "The hub has not seen the session's pod yet.")
+            if objects.plain_address(address) not in addresses:
+                self.log.warning(
+                    "Refused the access token of %s to %s, not its pod", self.pod_name, address
+                )
+                raise web.HTTPError(403, "Only the session's own pod may fetch its access token.")
+        self._token_to_hand, self._token_handed = None, True
+        self.log.info("Handed the access token to the session pod %s", self.pod_name)
+        return token
 
     async def stop(self, now: bool = False) -> None:
-        """Delete the pod as KubeSpawner does, then any token Secret left.
+        """Delete the pod as KubeSpawner does; a token not fetched is no longer handed out.
 
         The session's plan is still known here, not after: what could complete its record is
         kept for :meth:`complete_record`.
         """
-        await self.token_secret_handed()
+        self._token_to_hand = None
         await super().stop(now)
-        await self.remove_token_secret()
         plan, directory = self.session_plan, self.session_record_dir
         if plan is None or directory is None or not self.complete_killed_records:
             return
@@ -683,7 +636,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             await asyncio.sleep(1)
         return phase
 
-    async def dry_run_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    async def dry_run_manifests(self) -> dict[str, Any]:
         """What a spawn of ``user_options`` would submit, with no cluster.
 
         The steps JupyterHub runs before ``start`` run in its order (``auth_state_hook``,
@@ -698,49 +651,26 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         await self.run_pre_spawn_hook()
         return await self.session_manifests()
 
-    async def session_manifests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The pod and token Secret ``start`` would submit from here; no API calls.
+    async def session_manifests(self) -> dict[str, Any]:
+        """The pod ``start`` would submit from here; no API calls.
 
         Same path as KubeSpawner's ``_start``: ``load_user_options`` (profile, then plan),
         ``get_pod_manifest``, ``modify_pod_hook`` (the operator's hook, then the Pod Security
-        check). The Secret has no data, and is as it stays while the pod lives: owned by it.
+        check).
         """
         await self.load_user_options()
         pod = await self.get_pod_manifest()
         if self.modify_pod_hook:
             pod = await maybe_future(self.modify_pod_hook(self, pod))
         manifest = self.api.api_client.sanitize_for_serialization(pod)
-        manifest = {"apiVersion": "v1", "kind": "Pod", **manifest}
-        secret = None
-        if self.token_secret_name:
-            secret = self.token_secret_manifest(self.pod_name, DRY_RUN_OWNER_UID, None)
-        return manifest, secret
-
-    # The token Secret
-    def token_secret_manifest(
-        self, pod_name: str, pod_uid: str | None, token: str | None
-    ) -> dict[str, Any]:
-        """The token Secret of pod ``pod_name``, owned by it when ``pod_uid`` is given."""
-        assert self.token_secret_name is not None
-        return objects.token_secret(
-            self.token_secret_name,
-            token,
-            owner_name=pod_name if pod_uid else None,
-            owner_uid=pod_uid,
-            labels=self._build_common_labels(self._expand_all(self.extra_labels)),
-        )
+        return {"apiVersion": "v1", "kind": "Pod", **manifest}
 
     async def _make_create_pod_request(self, pod: dict[str, Any], request_timeout: float) -> bool:
-        """Store the token Secret, then create the pod (one attempt).
+        """Create the pod (one attempt).
 
         A pod the cluster refuses (Pod Security admission, a quota) ends the spawn with one
         sentence; a lost connection or a busy API server is tried again.
         """
-        if not self._token_secret_stored:
-            self._token_secret_asked = True
-            self._token_secret_stored = await self._store_token_secret(None)
-            if not self._token_secret_stored:
-                return False
         try:
             created = await self._create_pod_once(pod, request_timeout)
         except ApiException as exc:
@@ -802,101 +732,6 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         message, status = events.refusal_sentence(exc.status, _status_message(exc))
         self.log.error("Kubernetes refused the pod of %s: %s", self.user.name, message)
         return spawn_error(message, reason="refused", status_code=status)
-
-    async def _store_token_secret(self, pod_uid: str | None) -> bool:
-        """Create the token Secret once, owned by the pod when ``pod_uid`` is given.
-
-        Returns whether it is stored; a leftover of the same name is deleted first. Never logs
-        the token.
-        """
-        token, name = self.access_token, self.token_secret_name
-        if not token or not name:
-            return True
-        manifest = self.token_secret_manifest(self.pod_name, pod_uid, token)
-        try:
-            await api.send(
-                self.lean_api.create_namespaced_secret,
-                self.namespace,
-                manifest,
-                timeout=self.k8s_api_request_timeout,
-            )
-            return True
-        except CONNECTION_ERRORS as exc:
-            self.log.warning("Creating the token Secret %s failed (%s)", name, type(exc).__name__)
-            return False
-        except ApiException as exc:
-            if self.refused_for_now(exc):
-                return False
-            if exc.status == 409:
-                # Left over from an earlier pod of the same name: delete it, create again.
-                self.log.info("Deleting the earlier token Secret %s", name)
-                await self._delete_token_secret_once()
-                return False
-            self.log.error(
-                "Creating the token Secret %s failed: %s %s", name, exc.status, exc.reason
-            )
-            if exc.status >= 500 or exc.status in TRANSIENT_STATUSES:
-                return False
-            raise spawn_error(NOT_STORED, "secret") from None
-
-    async def hand_token_secret_to_pod(self) -> None:
-        """Replace the token Secret with one owned by the running pod.
-
-        Kubernetes then deletes the Secret with the pod. The hub's Role (Zero to JupyterHub's)
-        may create and delete Secrets but not change them, so the Secret is created again with
-        the owner reference. It is immutable: the kubelet, which read it when it mounted the
-        pod's volumes, keeps its copy and never looks again, so the moment without a Secret
-        goes unseen.
-        """
-        if not self.access_token or not self.token_secret_name:
-            return
-
-        async def attempt() -> bool:
-            return await self._delete_token_secret_once() and await self._store_token_secret(
-                self.pod_id
-            )
-
-        try:
-            await exponential_backoff(
-                attempt,
-                f"Could not hand the token Secret {self.token_secret_name} to its pod",
-                timeout=self.k8s_api_request_retry_timeout,
-            )
-        except asyncio.TimeoutError:
-            raise spawn_error(NOT_STORED, "secret") from None
-        self._token_secret_stored = False
-
-    async def remove_token_secret(self) -> None:
-        """Delete this server's token Secret, if there is one; failures are only logged."""
-        self._token_secret_stored = False
-        try:
-            await exponential_backoff(
-                self._delete_token_secret_once,
-                f"Could not delete the token Secret of {self.pod_name}",
-                timeout=self.k8s_api_request_retry_timeout,
-            )
-        except (asyncio.TimeoutError, ApiException) as exc:
-            self.log.error("The token Secret of %s is left behind: %s", self.pod_name, exc)
-
-    async def _delete_token_secret_once(self) -> bool:
-        """One attempt at deleting the token Secret; whether it is gone."""
-        name = objects.token_secret_name(self.pod_name)
-        try:
-            await api.send(
-                self.lean_api.delete_namespaced_secret,
-                name,
-                self.namespace,
-                timeout=self.k8s_api_request_timeout,
-            )
-        except CONNECTION_ERRORS:
-            return False
-        except ApiException as exc:
-            if exc.status == 404:
-                return True
-            if exc.status >= 500 or exc.status in TRANSIENT_STATUSES or self.refused_for_now(exc):
-                return False
-            raise
-        return True
 
     def _expand_user_properties(self, template: str, slug_scheme: str | None = None) -> str:
         """KubeSpawner's template expansion, skipped for text without a template.

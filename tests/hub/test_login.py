@@ -5,7 +5,6 @@ CASASpawner."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -70,10 +69,10 @@ def test_user_outside_allowed_groups_is_refused(hub, browser):
         hub.api("GET", "/hub/api/users/eve")
 
 
-def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
+def test_the_token_stays_with_the_hub_until_the_session_fetches_it(hub, alice, tmp_path):
     """alice's real auth_state through CASASpawner configured by the z2jh values: identity from the
-    OIDC claims in the pod, the access token only in the Secret — never in the pod spec, its
-    environment or the hub log."""
+    OIDC claims in the pod, the access token kept by the hub for the session to fetch — never in
+    the pod spec, its environment or the hub log."""
     kube = pytest.importorskip("casaspawner.kube.spawner")
 
     from casaspawner.kube.dryrun import _DryRunUser, _offline_kubernetes
@@ -88,20 +87,18 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     config.CASASpawner.storage_hub_path = None
     dataset = write_dataset(tmp_path / "data", era="cycle10")
 
-    async def build() -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    async def build() -> tuple[Any, dict[str, Any]]:
         spawner = kube.CASASpawner(
             _mock=True, user=_DryRunUser("alice", alice["auth_state"]), config=config
         )
         spawner.dataset_reader = LocalDirectoryReader()
         spawner.user_options = {"dataset": str(dataset), "interface": "lab"}
         await spawner.prepare_session()
-        pod, secret = await spawner.session_manifests()
-        return spawner, pod, secret
+        return spawner, await spawner.session_manifests()
 
     # Playwright's sync API owns this thread's event loop: run the spawner in a thread of its own.
     with _offline_kubernetes(), ThreadPoolExecutor(1) as pool:
-        spawner, pod, secret = pool.submit(asyncio.run, build()).result()
-    full_secret = spawner.token_secret_manifest(pod["metadata"]["name"], "uid-1", token)
+        spawner, pod = pool.submit(asyncio.run, build()).result()
 
     spec = pod["spec"]
     labels = pod["metadata"]["labels"]
@@ -117,16 +114,14 @@ def test_token_reaches_only_the_session_secret(hub, alice, tmp_path):
     token_mount = next(
         m for m in container["volumeMounts"] if m["mountPath"] == spawner.token_mount_dir
     )
-    assert token_mount["readOnly"] is True
     env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CASASPAWNER_TOKEN_FILE"] == f"{token_mount['mountPath']}/token"
+    assert env["CASASPAWNER_TOKEN_URL"].endswith("/casa-token/alice/")
+    assert spawner.access_token == token
     assert env["CASASPAWNER_NOTICES_URL"] == "http://hub:10101/services/casa-sessions/api/notices"
     # Not in the spec, the environment or the annotations.
     assert token not in json.dumps(pod)
     assert all(token not in json.dumps(env) for env in container.get("env", []))
-    # The dry-run Secret carries no data.
-    assert secret is not None and token not in json.dumps(secret)
-    assert base64.b64decode(full_secret["data"]["token"]).decode() == token
-    assert full_secret["metadata"]["ownerReferences"][0]["name"] == pod["metadata"]["name"]
     assert token not in hub.log()
     assert alice["auth_state"]["refresh_token"] not in hub.log()
 

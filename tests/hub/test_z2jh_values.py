@@ -215,7 +215,7 @@ async def session_pod(config: Config, dataset: Any, server_name: str = "") -> di
     spawner.dataset_reader = LocalDirectoryReader()
     spawner.user_options = {"dataset": str(dataset), "interface": "lab"}
     await spawner.prepare_session()
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     # CASASpawner's, over the chart's KubeSpawner.start_timeout.
     assert spawner.start_timeout == 600
     return pod
@@ -465,13 +465,24 @@ def test_roles_are_least_privilege():
     assert {"admin-ui", "admin:servers", "users", "admin:groups"} <= admin
 
 
+#: The sessions' access-token API, which every deployment has.
+TOKEN_ROUTE = "/api/casa-token/(?P<user_name>[^/]+)/(?P<server_name>[^/]*)"
+
+
+def test_both_deployments_hand_sessions_their_access_token(values, chart, monkeypatch):
+    """The hub's casa-token API is always there: Kubernetes sessions fetch the token from it."""
+    for c in (chart_config(values, chart[1]), standalone_config(monkeypatch, {})):
+        assert [h[0] for h in c.JupyterHub.extra_handlers] == [TOKEN_ROUTE]
+
+
 def test_headless_runs_are_off_until_both_deployments_turn_them_on(values, chart, monkeypatch):
     """headlessRuns / CASA_HEADLESS_RUNS add the run pages and the form's button; off by default,
     since the chart's hub Role needs casa-runs-rbac.yaml for them."""
 
     def pages(c: Config) -> tuple[list[str], str]:
         handlers = c.JupyterHub.extra_handlers if "extra_handlers" in c.JupyterHub else []
-        return [h[0] for h in handlers], c.CASASessionMixin.get("headless_runs_url", "")
+        paths = [h[0] for h in handlers if h[0] != TOKEN_ROUTE]
+        return paths, c.CASASessionMixin.get("headless_runs_url", "")
 
     assert pages(chart_config(values, chart[1])) == ([], "")
     assert pages(standalone_config(monkeypatch, {})) == ([], "")
@@ -492,7 +503,8 @@ def test_desktop_apps_are_off_until_both_deployments_turn_them_on(values, chart,
 
     def apps(c: Config) -> tuple[list[str], bool]:
         handlers = c.JupyterHub.extra_handlers if "extra_handlers" in c.JupyterHub else []
-        return [h[0] for h in handlers], bool(c.CASASpawner.get("desktop_apps", False))
+        paths = [h[0] for h in handlers if h[0] != TOKEN_ROUTE]
+        return paths, bool(c.CASASpawner.get("desktop_apps", False))
 
     assert apps(chart_config(values, chart[1])) == ([], False)
     assert apps(standalone_config(monkeypatch, {})) == ([], False)

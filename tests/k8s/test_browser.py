@@ -148,6 +148,20 @@ def run_async(coroutine: Any) -> Any:
         return pool.submit(asyncio.run, coroutine).result()
 
 
+#: The session asking the hub for its token once more, printing the answer.
+FETCH_AGAIN = """
+import os, urllib.error, urllib.request
+token = os.environ["JUPYTERHUB_API_TOKEN"]
+request = urllib.request.Request(
+    os.environ["CASASPAWNER_TOKEN_URL"], data=b"{}", headers={"Authorization": "token " + token}
+)
+try:
+    print(urllib.request.urlopen(request).read().decode())
+except urllib.error.HTTPError as error:
+    print(error.code, error.read().decode())
+"""
+
+
 def admin(cluster: Cluster, work: Any) -> Any:
     """Run ``work(api)`` with a fresh admin client (these tests are synchronous)."""
     return run_async(_admin(cluster, work))
@@ -378,23 +392,35 @@ def test_inside_the_pod_the_user_is_herself_on_a_read_only_root(
     assert root.split(",")[0] == "ro", root
     assert in_pod(cluster, hub, ["sh", "-c", "touch ~/written /tmp/written && echo ok"]) == "ok"
 
-    # The token file: the login's access token, which only she reads.
+    # The token file: the login's access token, which the session fetched from the hub once,
+    # into the pod's memory; only she reads it. The hub refuses anyone fetching it again.
     model = hub.api("GET", "/users/alice")
     token = model["auth_state"]["access_token"]
     path = "/var/run/secrets/casaspawner/token"
-    assert in_pod(cluster, hub, ["sh", "-c", 'cat "$CASASPAWNER_TOKEN_FILE"']) == token
+    read = [
+        "sh",
+        "-c",
+        'for i in $(seq 60); do [ -s "$CASASPAWNER_TOKEN_FILE" ] && break; '
+        'sleep 1; done; cat "$CASASPAWNER_TOKEN_FILE"',
+    ]
+    assert in_pod(cluster, hub, read) == token
     assert in_pod(cluster, hub, ["sh", "-c", "echo $CASASPAWNER_TOKEN_FILE"]) == path
-    assert in_pod(cluster, hub, ["stat", "-L", "-c", "%a %u %g", path]) == "444 0 0"
+    owner = f"600 {ALICE['uid']}"
+    assert in_pod(cluster, hub, ["stat", "-c", "%a %u", path]) == owner
+    kind = in_pod(cluster, hub, ["stat", "-f", "-c", "%T", path.rsplit("/", 1)[0]])
+    assert kind == "tmpfs", kind
     assert token not in in_pod(cluster, hub, ["sh", "-c", "env; cat /proc/1/cmdline"])
-    # On the node, the kubelet's copy is under a directory only root enters: no other account
-    # of the machine, hers included, reads it.
+    again = in_pod(cluster, hub, ["python3", "-c", FETCH_AGAIN])
+    assert "This session fetched its access token already." in again, again
+    # On the node, the pod's memory volume is under a directory only root enters: no other
+    # account of the machine, hers included, reads it.
     namespace, pod = pod_of(hub)
     uid = admin(
         cluster,
         lambda api: client.CoreV1Api(api).read_namespaced_pod(pod, namespace),
     ).metadata.uid
     volumes = REPO / ".cache" / "k8s" / "kubelet" / "pods" / uid / "volumes"
-    copy = volumes / "kubernetes.io~secret" / "casa-token" / "token"
+    copy = volumes / "kubernetes.io~empty-dir" / "casa-token" / "token"
     assert copy.read_text() == token
     for account in (ALICE["uid"], 41002, 65534):
         as_account = [f"--reuid={account}", f"--regid={account}", "--clear-groups"]
@@ -554,7 +580,7 @@ def test_run_headless_from_the_form_is_a_job_as_alice(
         assert time.monotonic() < deadline, page.content()[-3000:]
         page.wait_for_timeout(1000)
     sentence = page.locator("#run-sentence").inner_text()
-    assert status == "finished", sentence
+    assert status == "finished", sentence + "\n" + page.locator("#run-output").inner_text()
     where = f"/arc/home/alice/{PROJECT}/casaspawner-runs/{run_id}"
     assert sentence == f"Run {run_id} finished; its CASA log, output and record are in {where}."
     output = page.locator("#run-output").inner_text()

@@ -1,15 +1,14 @@
 """A session's whole life on the real cluster, as the hub's ServiceAccount.
 
-The token Secret is stored before the pod, so the kubelet finds it when it mounts the pod's
-volumes (no ``FailedMount``); once the pod runs the Secret is owned by it, so the real garbage
-collector deletes it with the pod (one a stopped hub left unowned is handed over by the next hub
-process); stopping leaves no pod, Secret or Service behind.
+A spawn writes one object, the pod: the user's access token stays with the hub, which hands it
+out once, to the pod's own address as the hub's pod watch sees it; the token's directory in the
+pod is memory. The kubelet mounts every volume at once (no ``FailedMount``), and stopping leaves
+no pod, Secret or Service behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import shutil
 
@@ -26,7 +25,7 @@ from k8s_hub import (
     spawn,
 )
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.rest import ApiException
+from tornado import web
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(600)]
 
@@ -52,21 +51,27 @@ async def test_a_session_starts_as_the_hub_account_and_stopping_leaves_nothing(h
     digest = status.image_id.rsplit("sha256:", 1)[1]
     assert spawner.user_options["casaspawner"]["image_digest"] == f"sha256:{digest}"
 
-    # The Secret was stored before the pod, then handed to it once it ran.
-    name = spawner.token_secret_name
-    stored = recorder.first("Secret", "ADDED", name)
-    created = recorder.first("Pod", "ADDED", spawner.pod_name)
-    assert stored.resource_version < created.resource_version and stored.owners == []
-    secret = await core.read_namespaced_secret(name, hub.namespace)
-    assert [o.uid for o in secret.metadata.owner_references] == [pod.metadata.uid]
-    assert secret.metadata.owner_references[0].kind == "Pod"
-    assert secret.immutable is True
-    assert base64.b64decode(secret.data["token"]).decode() == hub.token
-    # The pod reads the token through its file, as mounted before the handover.
-    token_file = "/var/run/secrets/casaspawner/token"
-    assert await run_in_pod(
-        cluster, hub.namespace, spawner.pod_name, ["/bin/busybox", "cat", token_file]
-    ) == (hub.token)
+    # The spawn wrote the pod and nothing else: no Secret, ever.
+    assert [(c.kind, c.type) for c in recorder.changes][:1] == [("Pod", "ADDED")]
+    assert not [c for c in recorder.changes if c.kind == "Secret"]
+    # The hub hands the token to the server's own API token from the pod's real address, once.
+    with pytest.raises(web.HTTPError) as refused:
+        spawner.hand_out_access_token(spawner.api_token, "10.244.255.254")
+    assert refused.value.log_message == "Only the session's own pod may fetch its access token."
+    assert spawner.hand_out_access_token(spawner.api_token, pod.status.pod_ip) == hub.token
+    with pytest.raises(web.HTTPError) as refused:
+        spawner.hand_out_access_token(spawner.api_token, pod.status.pod_ip)
+    assert refused.value.status_code == 409
+    # Where the session keeps it: memory (tmpfs), writable by the user alone, not the node's disk.
+    directory = "/var/run/secrets/casaspawner"
+    script = (
+        f"/bin/busybox grep ' {directory} ' /proc/mounts | /bin/busybox cut -d' ' -f3; "
+        f"umask 077; echo t > {directory}/token && /bin/busybox stat -c '%u %a' {directory}/token"
+    )
+    found = await run_in_pod(
+        cluster, hub.namespace, spawner.pod_name, ["/bin/busybox", "sh", "-c", script]
+    )
+    assert found.split() == ["tmpfs", "41001", "600"], found
 
     # The progress page: the resolution first, then the pod's events in words.
     assert messages[0].startswith("Dataset data/cycle10/"), messages
@@ -87,64 +92,13 @@ async def test_a_session_starts_as_the_hub_account_and_stopping_leaves_nothing(h
     await assert_no_failed_mount(api, hub.namespace)
 
 
-async def test_the_garbage_collector_deletes_the_token_secret_with_its_pod(hub, api):
+async def test_a_pod_deleted_behind_the_hubs_back_is_noticed_and_leaves_nothing(hub, api):
+    """An admin or an eviction deletes the pod: poll notices, and nothing is left behind."""
     spawner = hub.spawner()
     url, _ = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle7")})
     assert isinstance(url, str), url
     core = client.CoreV1Api(api)
-    name = spawner.token_secret_name
-    await core.read_namespaced_secret(name, hub.namespace)
-    # The pod goes without the hub (an admin, an eviction): the garbage collector does the rest.
-    await pod_goes_without_the_hub(api, hub, spawner)
-
-
-async def test_a_token_secret_a_stopped_hub_left_unowned_goes_to_the_pod_at_the_next_poll(
-    hub, api
-):
-    """The hub stops between storing the Secret and handing it over: the next hub process's
-    first poll of the server hands it to the pod, so the garbage collector still deletes it."""
-    spawner = hub.spawner()
-
-    async def hub_stopped_first() -> None:
-        return None
-
-    spawner.hand_token_secret_to_pod = hub_stopped_first
-    url, _ = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle9")})
-    assert isinstance(url, str), url
-    core = client.CoreV1Api(api)
-    name = spawner.token_secret_name
-    left = await core.read_namespaced_secret(name, hub.namespace)
-    assert not left.metadata.owner_references
-
-    state = json.loads(json.dumps(spawner.get_state()))
-    from kubespawner import KubeSpawner
-
-    await KubeSpawner._stop_all_reflectors()
-    restored = hub.spawner(user=alice(hub.token))
-    restored.load_state(state)
-    assert await restored.poll() is None
-    pod = await core.read_namespaced_pod(spawner.pod_name, hub.namespace)
-    secret = await core.read_namespaced_secret(name, hub.namespace)
-    assert [o.uid for o in secret.metadata.owner_references or []] == [pod.metadata.uid]
-    assert secret.immutable is True
-    assert base64.b64decode(secret.data["token"]).decode() == hub.token
-    await pod_goes_without_the_hub(api, hub, restored)
-
-
-async def pod_goes_without_the_hub(api, hub, spawner) -> None:
-    """Delete the session's pod behind the hub's back: its token Secret goes with it."""
-    core = client.CoreV1Api(api)
-    name = spawner.token_secret_name
     await core.delete_namespaced_pod(spawner.pod_name, hub.namespace, grace_period_seconds=0)
-
-    async def secret_gone() -> bool:
-        try:
-            await core.read_namespaced_secret(name, hub.namespace)
-        except ApiException as error:
-            return error.status == 404
-        return False
-
-    await eventually(secret_gone, 60, "the garbage collector did not delete the token Secret")
     await eventually(lambda: _stopped(spawner), 30, "poll() did not notice the pod was gone")
     await nothing_left(api, hub.namespace)
     await assert_no_failed_mount(api, hub.namespace)
@@ -154,8 +108,8 @@ async def _stopped(spawner) -> bool:
     return await spawner.poll() == 1
 
 
-async def test_spawn_after_spawn_the_kubelet_always_finds_the_token_secret(hub, api):
-    """Five sessions in a row, every one with its Secret stored before the pod: no FailedMount."""
+async def test_spawn_after_spawn_the_kubelet_mounts_every_volume_at_once(hub, api):
+    """Five sessions in a row, each with its token directory: no FailedMount."""
     for round_ in range(5):
         spawner = hub.spawner()
         era = ("cycle9", "cycle10", "cycle11", "cycle12", "cycle8")[round_]
@@ -168,14 +122,17 @@ async def test_spawn_after_spawn_the_kubelet_always_finds_the_token_secret(hub, 
     await nothing_left(api, hub.namespace)
 
 
-async def test_a_user_without_a_token_gets_no_secret(hub, api):
+async def test_a_user_without_a_token_gets_no_token_directory(hub, api):
     user = alice(hub.token)
     del user.auth_state["access_token"]
     spawner = hub.spawner(user=user)
     url, _ = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
     assert isinstance(url, str), url
-    secrets = await client.CoreV1Api(api).list_namespaced_secret(hub.namespace)
-    assert secrets.items == []
+    pod = await client.CoreV1Api(api).read_namespaced_pod(spawner.pod_name, hub.namespace)
+    assert "casa-token" not in {v.name for v in pod.spec.volumes}
+    with pytest.raises(web.HTTPError) as refused:
+        spawner.hand_out_access_token(spawner.api_token, pod.status.pod_ip)
+    assert refused.value.status_code == 404
     await spawner.stop(now=True)
     await nothing_left(api, hub.namespace)
 
@@ -183,7 +140,8 @@ async def test_a_user_without_a_token_gets_no_secret(hub, api):
 async def test_a_secret_stored_after_its_pod_makes_the_kubelet_fail_the_mount(
     api, namespace, busybox
 ):
-    """The old order (issue 17), without the spawner: what the check above would catch."""
+    """What the FailedMount check above catches: a Secret volume stored after its pod (the
+    order of issue 17's token Secret, which sessions no longer have)."""
     core = client.CoreV1Api(api)
     pod = {
         "metadata": {"name": "late"},

@@ -60,7 +60,7 @@ def plan(tmp_path: Path, catalog: Catalog) -> SessionPlan:
 def app_pod(plan: SessionPlan, app: str = "plotms", display: int = 21) -> dict[str, Any]:
     return apps.app_pod(
         plan,
-        PodSettings(token_secret_name="jupyter-alice-token"),
+        PodSettings(token_url="http://hub:8081/hub/api/casa-token/alice/"),
         name=apps.app_pod_name(SESSION.name, plan.release.id, app, "n1"),
         app=app,
         session=SESSION,

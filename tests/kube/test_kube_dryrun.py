@@ -49,19 +49,16 @@ def base_args(dataset: Path | str, *extra: str) -> list[str]:
     return ["--user", "alice", "--uid", "1001", "--gid", "1001", "--dataset", str(dataset), *extra]
 
 
-def check_items(listing: dict) -> tuple[dict, dict | None]:
+def check_items(listing: dict) -> dict:
     """Check the dry run's output independently: schema, restricted profile, no token anywhere."""
     assert listing["kind"] == "List"
-    pod, *rest = listing["items"]
+    (pod,) = listing["items"]
     assert pod["kind"] == "Pod"
     for item in listing["items"]:
         kubernetes_validate.validate(item, K8S_VERSION, strict=True)
     assert restricted_violations(pod) == {}
     assert "dry-run-placeholder" not in json.dumps(listing)
-    secret = rest[0] if rest else None
-    if secret is not None:
-        assert secret["kind"] == "Secret" and "data" not in secret and "stringData" not in secret
-    return pod, secret
+    return pod
 
 
 ERA_RELEASES = {
@@ -81,7 +78,7 @@ def test_the_dry_run_prints_a_valid_restricted_pod_as_json(capsys, trees, era, i
         capsys, *base_args(trees[era], "--group", "proja", "--interface", interface, "--json")
     )
     assert (code, err) == (0, "")
-    pod, secret = check_items(json.loads(out))
+    pod = check_items(json.loads(out))
     container = pod["spec"]["containers"][0]
     assert container["image"].split(":")[1].startswith(ERA_RELEASES[era])
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -92,18 +89,18 @@ def test_the_dry_run_prints_a_valid_restricted_pod_as_json(capsys, trees, era, i
         mounts["/arc/projects/proja"] == "projects/proja"
         and mounts["/arc/home/alice"] == "home/alice"
     )
-    assert secret is not None and secret["metadata"]["name"] == "jupyter-alice-token"
     token_volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "casa-token")
-    assert token_volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert token_volume["emptyDir"]["medium"] == "Memory"
+    assert env["CASASPAWNER_TOKEN_URL"].endswith("/casa-token/alice/")
 
 
 def test_the_dry_run_prints_yaml_and_leaves_the_token_out_when_asked(capsys, trees):
     code, out, _ = run(capsys, *base_args(trees["cycle10"]))
     documents = list(yaml.safe_load_all(out))
-    assert code == 0 and [d["kind"] for d in documents] == ["Pod", "Secret"]
+    assert code == 0 and [d["kind"] for d in documents] == ["Pod"]
     code, out, _ = run(capsys, *base_args(trees["cycle10"], "--no-token", "--json"))
-    pod, secret = check_items(json.loads(out))
-    assert secret is None and "casa-token" not in {v["name"] for v in pod["spec"]["volumes"]}
+    pod = check_items(json.loads(out))
+    assert "casa-token" not in {v["name"] for v in pod["spec"]["volumes"]}
 
 
 def test_the_dry_run_reads_a_hub_config(capsys, trees, tmp_path, monkeypatch):
@@ -140,7 +137,7 @@ def test_the_dry_run_reads_a_hub_config(capsys, trees, tmp_path, monkeypatch):
         capsys, *base_args("uid://A001/X2d20/X3ee5", "--config", str(config), "--json")
     )
     assert (code, err) == (0, "")
-    pod, _ = check_items(json.loads(out))
+    pod = check_items(json.loads(out))
     assert pod["metadata"]["labels"]["hub.jupyter.org/network-access-hub"] == "true"
     assert (
         pod["spec"]["containers"][0]["image"]
@@ -234,8 +231,7 @@ def test_command_line_entry_point(trees):
         },
     )
     assert result.returncode == 0, result.stderr
-    pod, secret = check_items(json.loads(result.stdout))
-    assert secret is not None
+    pod = check_items(json.loads(result.stdout))
     assert pod["metadata"]["labels"]["casaspawner.io/interface"] == "desktop"
     bad = subprocess.run(
         [
@@ -264,7 +260,7 @@ def test_release_override_starts_a_dataset_without_version(capsys, trees):
         capsys, *base_args(trees["no-evidence"], "--release", "pl-2020.1.0.40", "--json")
     )
     assert (code, err) == (0, "")
-    pod, _ = check_items(json.loads(out))
+    pod = check_items(json.loads(out))
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert (env["CASASPAWNER_RELEASE"], env["CASASPAWNER_EXACT"]) == ("pl-2020.1.0.40", "false")
     reason = pod["metadata"]["annotations"]["casaspawner.io/reason"]
@@ -292,7 +288,7 @@ def test_unusable_groups_are_skipped(capsys, trees):
         "casaspawner: note: no project directory for --group '/org/sub', 'bad group': a project "
         "group's name matches CASASpawner.project_group_pattern and can be a directory name.\n",
     )
-    pod, _ = check_items(json.loads(out))
+    pod = check_items(json.loads(out))
     projects = [
         m["mountPath"]
         for m in pod["spec"]["containers"][0]["volumeMounts"]
@@ -396,7 +392,7 @@ def test_dry_run_shows_what_the_hooks_set(capsys, trees, tmp_path):
         capsys, *base_args(trees["cycle10"], "--group", "proja", "--config", str(path), "--json")
     )
     assert (code, err) == (0, "")
-    pod, _ = check_items(json.loads(out))
+    pod = check_items(json.loads(out))
     assert pod["spec"]["nodeSelector"] == {"pool": "casa"}
     annotations = pod["metadata"]["annotations"]
     assert (annotations["from"], annotations["uid"]) == ("auth_state_hook", "1001")

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import secrets
+import stat
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from support import CHP
 from support.datasets import dataset_in
 from support.hub import Hub
 
+from casaspawner.insession.access_token import TokenRefused, fetch_into, fetch_token
 from casaspawner.net import free_port
 
 pytest.importorskip("kubespawner", reason="the hub's spawner is CASASpawner (the hub extra)")
@@ -58,6 +61,9 @@ c.JupyterHub.authenticator_class = LoginWithUid
 c.Authenticator.enable_auth_state = True
 c.Authenticator.allow_all = True
 c.JupyterHub.spawner_class = "casa"
+# Where sessions fetch the user's access token (casaspawner.hubconfig adds it too).
+from casaspawner.services.access_token import token_handlers
+c.JupyterHub.extra_handlers = token_handlers()
 c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = {port}
 c.JupyterHub.hub_ip = "127.0.0.1"
@@ -242,13 +248,52 @@ async def test_the_admin_model_carries_the_sessions_summary(alice, spawned):
     )
 
 
-async def test_the_pod_runs_as_the_user_and_only_its_secret_holds_the_token(cluster, spawned):
+async def test_the_pod_runs_as_the_user_and_never_holds_the_token(cluster, spawned):
     emulator, kubelet, _workdir = cluster
     (pod,) = kubelet.pods
     assert pod["metadata"]["labels"]["hub.jupyter.org/network-access-hub"] == "true"
     assert pod["spec"]["securityContext"]["runAsUser"] == 1001
     assert "tok-HUB-77" not in json.dumps(pod)
-    assert "jupyter-alice-token" in stored(emulator, "secrets")
+    assert stored(emulator, "secrets") == {}
+
+
+async def test_the_session_fetches_its_token_from_the_hub_once(cluster, alice, spawned, tmp_path):
+    """The session's own extension code, from the pod's address (the fake kubelet's 127.0.0.1),
+    with the pod's own variables, against the real hub's API."""
+    _emulator, kubelet, _workdir = cluster
+    (pod,) = kubelet.pods
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    url, api_token = env["CASASPAWNER_TOKEN_URL"], env["JUPYTERHUB_API_TOKEN"]
+    assert url.endswith("/hub/api/casa-token/alice/")
+    log = logging.getLogger("session")
+    # alice's own token may access her server, but is not the server's.
+    tokens = f"{alice.hub.url}/hub/api/users/alice/tokens"
+    body = {"note": "alice's own", "scopes": ["access:servers!user"]}
+    xsrf = {"X-XSRFToken": alice.xsrf()}
+    async with alice.client.post(tokens, headers=xsrf, json=body) as response:
+        assert response.status == 201, await response.text()
+        own = (await response.json())["token"]
+    with pytest.raises(TokenRefused, match="Only the session's own server may fetch"):
+        await fetch_token(url, own)
+    # The server's own token from another address, even one claiming the pod's in headers the
+    # hub would believe for remote_ip (it runs with xheaders).
+    spoof = {"X-Real-Ip": "127.0.0.1", "X-Forwarded-For": "127.0.0.1"}
+    headers = {"Authorization": f"token {api_token}", **spoof}
+    elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with (
+        aiohttp.ClientSession(connector=elsewhere) as client,
+        client.post(url, headers=headers, json={}) as response,
+    ):
+        assert (response.status, (await response.json())["message"]) == (
+            403,
+            "Only the session's own pod may fetch its access token.",
+        )
+    path = tmp_path / "token"
+    assert await fetch_into(path, url, api_token, log)
+    assert path.read_text() == "tok-HUB-77"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(TokenRefused, match="This session fetched its access token already."):
+        await fetch_token(url, api_token)
 
 
 async def test_a_restarted_hub_keeps_polls_and_routes_the_running_session(

@@ -4,7 +4,6 @@ fake kubelet)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 
@@ -17,6 +16,7 @@ from kubernetes_asyncio.client.rest import ApiException
 from support.datasets import dataset_in
 from support.kube import FakeKubelet, stored
 from support.users import FakeUser
+from tornado import web
 
 from casaspawner.spawners.errors import SpawnException
 
@@ -30,14 +30,15 @@ async def start_collecting_progress(spawner) -> tuple[str, list[str]]:
     future = spawner.start()
     messages = [event["message"] async for event in spawner.progress()]
     url = await asyncio.wait_for(future, 20)
-    # While JupyterHub waits for the server to answer, the pod takes over its token Secret.
-    await spawner.token_secret_handed()
     return url, messages
 
 
-async def test_start_poll_stop_with_token_secret(cluster, make_spawner, storage):
+async def test_start_poll_stop_and_the_token_handed_to_the_pod_once(
+    cluster, make_spawner, storage
+):
     emulator, server = cluster
     spawner = make_spawner(**TIMEOUTS)
+    spawner.api_token = "server-api-token"
     spawner.user_options = {
         "dataset": dataset_in(storage, "alice", "cycle10"),
         "interface": "desktop",
@@ -54,13 +55,29 @@ async def test_start_poll_stop_with_token_secret(cluster, make_spawner, storage)
         )
         assert pod["metadata"]["labels"]["casaspawner.io/interface"] == "desktop"
         assert "tok-SECRET-42" not in str(pod)
-        secret = stored(emulator, "secrets")["jupyter-alice-token"]
-        assert base64.b64decode(secret["data"]["token"]) == b"tok-SECRET-42"
-        owner = secret["metadata"]["ownerReferences"][0]
-        assert (owner["kind"], owner["name"], owner["uid"]) == (
-            "Pod",
-            "jupyter-alice",
-            pod["metadata"]["uid"],
+        # No Secret: the token never went to Kubernetes.
+        assert not [r for r in emulator if "/secrets" in r.url.path]
+        # The token: to the server's own API token, from the pod's address (the fake kubelet's
+        # 127.0.0.1), once.
+        with pytest.raises(web.HTTPError) as refused:
+            spawner.hand_out_access_token("another-token", "127.0.0.1")
+        assert (refused.value.status_code, refused.value.log_message) == (
+            403,
+            "Only the session's own server may fetch its access token.",
+        )
+        with pytest.raises(web.HTTPError) as refused:
+            spawner.hand_out_access_token("server-api-token", "10.0.0.9")
+        assert (refused.value.status_code, refused.value.log_message) == (
+            403,
+            "Only the session's own pod may fetch its access token.",
+        )
+        token = spawner.hand_out_access_token("server-api-token", "::ffff:127.0.0.1")
+        assert token == "tok-SECRET-42"
+        with pytest.raises(web.HTTPError) as refused:
+            spawner.hand_out_access_token("server-api-token", "127.0.0.1")
+        assert (refused.value.status_code, refused.value.log_message) == (
+            409,
+            "This session fetched its access token already.",
         )
 
         # progress: resolution result and reason first, then image pull, then container start
@@ -224,7 +241,6 @@ async def test_500_on_the_reflectors_watch_reconnects(cluster, make_spawner, sto
     emulator, server = cluster
     path, selector = REFLECTOR_LISTS["pods"]
     emulator[f"get {path}"][kmock.params(watch="True", **selector)][:1] << 500 << API_500
-    emulator["post /api/v1/namespaces/test/secrets"][:1] << 500 << API_500
     spawner = make_spawner(**TIMEOUTS)
     spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
     async with FakeKubelet(server).running():
@@ -233,34 +249,24 @@ async def test_500_on_the_reflectors_watch_reconnects(cluster, make_spawner, sto
         calls = ["watch" if "watch" in q else "list" for q in reflector_requests(emulator, "pods")]
         first_watch = calls.index("watch")
         assert calls[first_watch + 1 : first_watch + 3] == ["list", "watch"], calls
-        # the failed create had stored the Secret (as a real API server may): 409, delete, create
-        # again
-        secret_calls = [(r.method.value, r.url.path) for r in emulator if "/secrets" in r.url.path]
-        # Created before the pod, retried after the 500, then handed to the running pod.
-        methods = [method for method, _ in secret_calls]
-        assert methods == ["POST", "POST", "DELETE", "POST", "DELETE", "POST"]
-        assert "jupyter-alice-token" in stored(emulator, "secrets")
         await spawner.stop(now=True)
 
 
-async def test_a_failed_hand_over_keeps_the_session_and_the_stop_removes_the_secret(
-    cluster, make_spawner, storage, caplog
+async def test_a_session_stopped_before_it_fetched_its_token_gets_none(
+    cluster, make_spawner, storage
 ):
-    """The token Secret is handed to the pod after the start: a refusal there is logged only."""
-    emulator, server = cluster
-    emulator["delete /api/v1/namespaces/test/secrets/jupyter-alice-token"][:1] << 403
+    """The hub forgets the token at the stop; a user without one never had any to hand."""
+    _emulator, server = cluster
     spawner = make_spawner(**TIMEOUTS)
+    spawner.api_token = "server-api-token"
     spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
     async with FakeKubelet(server).running():
-        url, _ = await start_collecting_progress(spawner)
-        assert url == "http://127.0.0.1:8888"
-        # kmock carries the refused request out all the same: the Secret may be gone already.
-        secret = stored(emulator, "secrets").get("jupyter-alice-token")
-        assert secret is None or "ownerReferences" not in secret["metadata"]
-        assert "was not handed to its pod" in caplog.text
-        assert await spawner.poll() is None
+        await start_collecting_progress(spawner)
         await spawner.stop(now=True)
-    assert "jupyter-alice-token" not in stored(emulator, "secrets")
+    with pytest.raises(web.HTTPError) as refused:
+        spawner.hand_out_access_token("server-api-token", "127.0.0.1")
+    assert refused.value.status_code == 404
+    assert refused.value.log_message.startswith("The hub holds no access token for this session")
 
 
 async def test_pod_creation_500_fails_the_spawn(cluster, make_spawner, storage):
@@ -273,7 +279,6 @@ async def test_pod_creation_500_fails_the_spawn(cluster, make_spawner, storage):
         with pytest.raises(ApiException) as info:
             await asyncio.wait_for(spawner.start(), 20)
         assert info.value.status == 500
-    assert "jupyter-alice-token" not in stored(emulator, "secrets")
 
 
 async def test_saved_state_restores_into_a_fresh_spawner(cluster, make_spawner, storage):

@@ -1,4 +1,4 @@
-"""The pod's fields and the token Secret (kube/objects.py): the builders on their own, and the pod
+"""The pod's fields (kube/objects.py): the builders on their own, and the pod
 of the real CASASpawner path for a grid of sessions, checked against the Kubernetes schema and the
 restricted Pod Security Standard."""
 
@@ -73,7 +73,7 @@ async def manifests_for(
     )
     spawner.user_options = {"dataset": dataset_in(storage, "alice", era), "interface": interface}
     await spawner.prepare_session()
-    return spawner, *(await spawner.session_manifests())
+    return spawner, await spawner.session_manifests()
 
 
 GRID = list(itertools.product(("lab", "desktop"), ERAS, list(STORAGE), GROUPS))
@@ -83,7 +83,7 @@ GRID = list(itertools.product(("lab", "desktop"), ERAS, list(STORAGE), GROUPS))
 async def test_grid_pod_is_valid_and_hardened(
     make_spawner, storage, interface, era, storage_kind, groups
 ):
-    spawner, pod, secret = await manifests_for(
+    spawner, pod = await manifests_for(
         make_spawner,
         storage,
         interface=interface,
@@ -92,7 +92,6 @@ async def test_grid_pod_is_valid_and_hardened(
         storage_kind=storage_kind,
     )
     validate(pod)
-    validate(secret)
     violations = restricted_violations(pod)
     if LEVEL[storage_kind] == "restricted":
         assert violations == {}
@@ -133,7 +132,14 @@ async def test_grid_pod_is_valid_and_hardened(
     assert csc["readOnlyRootFilesystem"] is True
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert "tok-SECRET-42" not in json.dumps(pod)
-    assert secret["metadata"]["ownerReferences"][0]["kind"] == "Pod" and "data" not in secret
+    # The token's directory: the pod's own memory, which the session writes the token into.
+    assert volumes["casa-token"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
+    assert mounts["/var/run/secrets/casaspawner"] == {
+        "name": "casa-token",
+        "mountPath": "/var/run/secrets/casaspawner",
+    }
+    assert env["CASASPAWNER_TOKEN_FILE"] == "/var/run/secrets/casaspawner/token"
+    assert env["CASASPAWNER_TOKEN_URL"].endswith("/casa-token/alice/")
 
 
 @pytest.mark.parametrize("kind", ["cephfs", "nfs", "hostPath"])
@@ -174,7 +180,7 @@ async def test_container_reserves_scratch_and_tmp_as_ephemeral_storage(make_spaw
     dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
     spawner = make_spawner(scratch_size_limit="50Gi", tmp_size_limit="512Mi")
     await spawner._run_apply_user_options(dict(dataset))
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     (container,) = pod["spec"]["containers"]
     # 50Gi + 512Mi.
     assert container["resources"]["limits"]["ephemeral-storage"] == "51712Mi"
@@ -185,7 +191,7 @@ async def test_container_reserves_scratch_and_tmp_as_ephemeral_storage(make_spaw
     # an operator's own limit stays
     own = make_spawner(extra_resource_limits={"ephemeral-storage": "100Gi", "nvidia.com/gpu": "1"})
     await own._run_apply_user_options(dict(dataset))
-    pod, _ = await own.session_manifests()
+    pod = await own.session_manifests()
     limits = pod["spec"]["containers"][0]["resources"]["limits"]
     assert limits["ephemeral-storage"] == "100Gi" and limits["nvidia.com/gpu"] == "1"
 
@@ -222,23 +228,15 @@ def test_labels_merge_never_replaces_existing():
     assert merged == {"hub.jupyter.org/network-access-hub": "true", "a/b": "theirs", "c/d": "x"}
 
 
-def test_the_token_secret_is_owned_by_the_pod_and_empty_without_a_token():
-    secret = objects.token_secret(
-        "pod-token", "s3cr3t", owner_name="pod", owner_uid="u-1", labels={"a": "b"}
-    )
-    validate(secret)
-    assert secret["data"] == {"token": "czNjcjN0"}
-    assert secret["metadata"]["ownerReferences"] == [
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "name": "pod",
-            "uid": "u-1",
-            "blockOwnerDeletion": True,
-            "controller": False,
-        }
-    ]
-    assert "data" not in objects.token_secret("pod-token", None, owner_name="pod", owner_uid="u-1")
+def test_a_pods_addresses_are_read_in_one_spelling():
+    """The hub compares a request's peer with these: IPv4 mapped into IPv6 reads as IPv4."""
+    pod = {"status": {"podIP": "10.244.0.7", "podIPs": [{"ip": "10.244.0.7"}, {"ip": "fd00::7"}]}}
+    assert objects.pod_addresses(pod) == {"10.244.0.7", "fd00::7"}
+    assert objects.pod_addresses({"status": {}}) == set()
+    assert objects.pod_addresses({}) == set()
+    assert objects.plain_address("::ffff:10.244.0.7") == "10.244.0.7"
+    assert objects.plain_address("FD00:0::7") == "fd00::7"
+    assert objects.plain_address("not an address") == "not an address"
 
 
 def test_security_contexts_refuse_root():
@@ -252,7 +250,7 @@ def test_security_contexts_refuse_root():
 async def test_a_record_pod_runs_as_the_user_with_the_storage_alone(make_spawner, storage):
     """The pod that completes a killed session's record: valid, restricted, the user's ids and
     storage mounts, no token, no measures, one run."""
-    spawner, _, _ = await manifests_for(
+    spawner, _ = await manifests_for(
         make_spawner,
         storage,
         interface="desktop",

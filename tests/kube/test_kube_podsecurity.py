@@ -111,7 +111,7 @@ def clean_pod(tmp_path_factory):
         user = FakeUser(auth_state=auth_state())
         spawner = CASASpawner(_mock=True, user=user, storage_hub_path=str(root))
         spawner.user_options = {"dataset": str(member.relative_to(root / "home" / "alice"))}
-        pod, _ = await spawner.session_manifests()
+        pod = await spawner.session_manifests()
         return pod
 
     with _offline_kubernetes():
@@ -205,7 +205,7 @@ async def test_a_lower_level_lets_the_operators_choice_through(make_spawner, sto
         init_containers=[Z2JH_BLOCK_CLOUD_METADATA], pod_security_level="privileged"
     )
     await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     assert pod["spec"]["initContainers"][0]["name"] == "block-cloud-metadata"
 
 

@@ -28,7 +28,7 @@ async def test_the_pod_carries_the_record_and_its_directory(make_spawner, storag
     typed = dataset_in(storage, "alice", "cycle10")
     spawner = make_spawner()
     await spawner._run_apply_user_options({"dataset": typed, "interface": "desktop"})
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     env = pod_env(pod)
     directory = env["CASASPAWNER_RECORD_DIR"]
     assert directory.startswith("/arc/home/alice/.casaspawner/sessions/")
@@ -65,7 +65,7 @@ async def test_records_can_be_turned_off_and_their_directory_stays_in_the_home(
     dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
     off = make_spawner(session_records=False)
     await off._run_apply_user_options(dataset)
-    pod, _ = await off.session_manifests()
+    pod = await off.session_manifests()
     assert not {"CASASPAWNER_RECORD", "CASASPAWNER_RECORD_DIR"} & set(pod_env(pod))
 
     elsewhere = make_spawner(session_records_dir="../bob")
@@ -78,7 +78,7 @@ async def test_records_can_be_turned_off_and_their_directory_stays_in_the_home(
 
     other = make_spawner(session_records_dir="records")
     await other._run_apply_user_options(dataset)
-    pod, _ = await other.session_manifests()
+    pod = await other.session_manifests()
     assert pod_env(pod)["CASASPAWNER_RECORD_DIR"].startswith("/arc/home/alice/records/")
 
 
@@ -158,7 +158,7 @@ async def test_a_session_that_ran_is_relaunched_by_its_digest(make_spawner, stor
 
     # The relaunch: the form's other fields do not count, the image is the digest that ran.
     await fresh._run_apply_user_options({"relaunch": name, "dataset": "elsewhere"})
-    pod, _ = await fresh.session_manifests()
+    pod = await fresh.session_manifests()
     (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "notebook"]
     assert container["image"] == f"{tagged.rsplit(':', 1)[0]}@sha256:{DIGEST}"
     assert fresh.session_plan.options.dataset == dataset
@@ -183,7 +183,7 @@ async def test_measures_kept_by_version_are_mounted_recorded_and_relaunched(
     dataset = dataset_in(storage, "alice", "cycle10")
     spawner = make_spawner(measures_versions_hub_path=str(root))
     await spawner._run_apply_user_options({"dataset": dataset})
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "notebook"]
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/opt/casa/measures"]
     assert (mount["subPath"], mount["readOnly"]) == ("2026-12-01", True)

@@ -20,7 +20,7 @@ from support.users import FakeUser, auth_state
 from casaspawner.spawners.errors import SpawnException
 
 
-async def test_a_user_without_a_uid_runs_as_the_fallback_uid_without_a_token_secret(
+async def test_a_user_without_a_uid_runs_as_the_fallback_uid_without_a_token(
     make_spawner, storage
 ):
     """The rest of the identity rules: tests/spawners/test_spawners_mixin.py."""
@@ -28,7 +28,7 @@ async def test_a_user_without_a_uid_runs_as_the_fallback_uid_without_a_token_sec
     fallback = make_spawner(FakeUser(auth_state=None, groups=("proja",)), fallback_uid=4242)
     plan = await fallback.prepare_session(dataset)
     assert (plan.identity.uid, plan.identity.gid, plan.identity.groups) == (4242, 4242, ("proja",))
-    assert fallback.access_token is None and fallback.token_secret_name is None
+    assert fallback.access_token is None and fallback.token_url is None
 
     # The operator's: the hub's fault.
     zero_fallback = make_spawner(FakeUser(auth_state=None), fallback_uid=0)
@@ -65,7 +65,7 @@ async def test_user_options_summary_and_labels_merge(make_spawner, storage):
         "dataset": dataset_in(storage, "alice", "cycle10"),
         "interface": "desktop",
     }
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     spawner.record_session(spawner.session_plan)
     assert spawner.user_options["profile"] == spawner.session_plan.summary
     assert spawner.user_options["profile"].startswith(
@@ -99,7 +99,7 @@ async def test_a_dataset_named_with_braces_reaches_the_pod_as_written(make_spawn
     dataset = str(next(odd.glob("*/science_goal.*/group.*/member.*")).relative_to(home))
     spawner = make_spawner(environment={"SITE": "{username}-east"})
     await spawner._run_apply_user_options({"dataset": dataset})
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["CASASPAWNER_DATASET"] == dataset
     assert pod["metadata"]["annotations"]["casaspawner.io/dataset"] == dataset
@@ -124,7 +124,7 @@ async def test_plan_wins_over_profile_overrides(make_spawner, storage):
     spawner = make_spawner(profile_list=profile_list, fs_gid=100)
     spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
     await spawner._run_apply_user_options(spawner.user_options)
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     assert pod["spec"]["containers"][0]["image"] == spawner.session_plan.image
     assert (
         pod["spec"]["securityContext"]["runAsUser"] == 1001
@@ -141,7 +141,7 @@ async def test_no_leftovers_between_sessions(make_spawner, storage):
     await spawner._run_apply_user_options(
         {"dataset": dataset_in(storage, "alice", "cycle10"), "interface": "desktop"}
     )
-    first, _ = await spawner.session_manifests()
+    first = await spawner.session_manifests()
     assert "/arc/projects/proja" in {
         m["mountPath"] for m in first["spec"]["containers"][0]["volumeMounts"]
     }
@@ -150,13 +150,14 @@ async def test_no_leftovers_between_sessions(make_spawner, storage):
     await spawner._run_apply_user_options(
         {"dataset": dataset_in(storage, "alice", "cycle7"), "interface": "lab"}
     )
-    pod, secret = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     paths = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert "/arc/projects/proja" not in paths
     assert "JUPYTER_REMOTE_DESKTOP_PROXY_XSTARTUP" not in env and env["OPERATOR"] == "1"
     assert env["CASASPAWNER_PIPELINE"] == "2020.1.0.40" and "CASASPAWNER_TOKEN_FILE" not in env
-    assert secret is None and "casa-token" not in {v["name"] for v in pod["spec"]["volumes"]}
+    assert "CASASPAWNER_TOKEN_URL" not in env
+    assert "casa-token" not in {v["name"] for v in pod["spec"]["volumes"]}
     assert spawner.default_url == "/lab"
 
 
@@ -171,7 +172,7 @@ async def test_groups_differing_only_in_case_are_both_mounted(make_spawner, stor
         ("proj", "/arc/projects/proj"),
     ]
     assert len({m.name for m in plan.mounts}) == len(plan.mounts)
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     mounts = {
         m["mountPath"]: m.get("subPath") for m in pod["spec"]["containers"][0]["volumeMounts"]
     }
@@ -195,7 +196,7 @@ async def test_the_plans_environment_wins_over_a_profiles(make_spawner, storage)
     ]
     spawner = make_spawner(profile_list=profile_list, environment={"OPERATOR": "1"})
     await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["CASASPAWNER_REASON"] == spawner.session_plan.reason and env[
         "CASASPAWNER_REASON"
@@ -217,7 +218,7 @@ async def test_a_lab_after_a_desktop_keeps_no_desktop_variables(make_spawner, st
 
     async def environment(interface: str) -> dict[str, str]:
         await spawner._run_apply_user_options({"dataset": dataset, "interface": interface})
-        pod, _ = await spawner.session_manifests()
+        pod = await spawner.session_manifests()
         return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
 
     desktop = await environment("desktop")
@@ -239,7 +240,7 @@ async def test_session_memory_is_written_as_kubespawner_takes_it(make_spawner, s
         "u": ("", "3073K"),
     }
     await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     resources = pod["spec"]["containers"][0]["resources"]
     assert (resources["limits"]["memory"], resources["requests"]["memory"]) == (
         8 * 2**30,
@@ -252,20 +253,14 @@ async def test_token_never_in_pod_or_logs(make_spawner, storage, caplog):
     spawner = make_spawner()
     spawner.log.setLevel(logging.DEBUG)
     await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
-    pod, secret = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     assert spawner.access_token == "tok-SECRET-42"
-    assert "tok-SECRET-42" not in json.dumps(pod) + json.dumps(secret) + json.dumps(
-        spawner.get_state()
-    )
+    assert "tok-SECRET-42" not in json.dumps(pod) + json.dumps(spawner.get_state())
     assert "tok-SECRET-42" not in caplog.text
     mount = next(
         m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "casa-token"
     )
-    assert mount == {
-        "mountPath": "/var/run/secrets/casaspawner",
-        "name": "casa-token",
-        "readOnly": True,
-    }
+    assert mount == {"mountPath": "/var/run/secrets/casaspawner", "name": "casa-token"}
 
 
 async def test_the_entry_point_is_casaspawner_and_every_option_is_described(make_spawner):
@@ -290,7 +285,7 @@ async def test_operator_volumes_as_list_are_kept(make_spawner, storage):
         volume_mounts=[{"name": "shared-config", "mountPath": "/etc/site", "readOnly": True}],
     )
     await spawner._run_apply_user_options({"dataset": dataset_in(storage, "alice", "cycle10")})
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     assert pod["spec"]["volumes"][0] == {"name": "shared-config", "configMap": {"name": "site"}}
     mounts = pod["spec"]["containers"][0]["volumeMounts"]
     assert mounts[0]["mountPath"] == "/etc/site" and "/arc/home/alice" in {
@@ -303,7 +298,7 @@ async def test_a_root_group_session_pod_passes_the_restricted_profile(make_spawn
     dataset = {"dataset": dataset_in(storage, "alice", "cycle10")}
     allowed = make_spawner(FakeUser(auth_state=auth_state(gid=0, gids=[0])), allow_root_group=True)
     await allowed.prepare_session(dataset)
-    pod, _ = await allowed.session_manifests()
+    pod = await allowed.session_manifests()
     assert pod["spec"]["securityContext"]["runAsGroup"] == 0 and restricted_violations(pod) == {}
 
 
@@ -318,7 +313,7 @@ async def test_unusable_group_names_are_skipped_not_refused(make_spawner, storag
         "No project directories for 4 of alice's groups" in caplog.text
         and "'org/sub'" in caplog.text
     )
-    pod, _ = await spawner.session_manifests()
+    pod = await spawner.session_manifests()
     paths = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
     assert "/arc/projects/proja" in paths and not any("org" in p or "gms" in p for p in paths)
     # a dataset in a project the user has no (usable) directory of is still a clear error
@@ -493,7 +488,6 @@ async def test_operator_hooks_that_raise_are_one_sentence(make_spawner, storage)
     )
     spawner = make_spawner(after_pod_created_hook=broken)
     pod = {"metadata": {"name": "jupyter-alice", "uid": "u-1"}}
-    # No token Secret to create: the operator's hook runs at once.
     spawner._access_token = None
     with pytest.raises(
         SpawnException, match=r"configured after_pod_created_hook failed \(ZeroDivisionError"
@@ -541,7 +535,7 @@ async def test_dry_run_runs_the_hubs_steps_in_the_hubs_order(make_spawner, stora
         modify_pod_hook=modify_pod_hook,
     )
     spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
-    pod, _ = await spawner.dry_run_manifests()
+    pod = await spawner.dry_run_manifests()
     assert calls == ["auth_state_hook", "group_overrides", "pre_spawn_hook", "modify_pod_hook"]
     assert pod["metadata"]["annotations"]["team"] == "alma"
     assert (
@@ -555,5 +549,5 @@ async def test_dry_run_runs_the_hubs_steps_in_the_hubs_order(make_spawner, stora
     spawner.clear_state()
     user.auth_state = auth_state(groups=("proja",), team="vla")
     calls.clear()
-    pod, _ = await spawner.dry_run_manifests()
+    pod = await spawner.dry_run_manifests()
     assert pod["metadata"]["annotations"]["team"] == "vla"

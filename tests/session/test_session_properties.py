@@ -167,7 +167,9 @@ def test_any_request_gives_a_restricted_pod_or_one_sentence(
         return
     event("a pod")
     plan = dataclasses.replace(plan, identity=Identity("alice", uid, uid, (), tuple(gids)))
-    fields = session_fields(plan, PodSettings(token_secret_name="t"))
+    fields = session_fields(
+        plan, PodSettings(token_url="http://hub:8081/hub/api/casa-token/alice/")
+    )
     container = {
         "name": "notebook",
         "image": fields["image"],

@@ -112,7 +112,7 @@ async def test_a_login_without_a_usable_identity_is_refused_or_falls_back(make_s
     fallback = make_spawner(FakeUser(auth_state=None, groups=("proja",)), fallback_uid=4242)
     plan = await fallback.prepare_session(dataset)
     assert (plan.identity.uid, plan.identity.gid, plan.identity.groups) == (4242, 4242, ("proja",))
-    # tests/kube/test_kube_spawner.py: no token Secret either, and a fallback uid of 0 refused.
+    # tests/kube/test_kube_spawner.py: no token either, and a fallback uid of 0 refused.
     assert fallback.access_token is None
 
 
