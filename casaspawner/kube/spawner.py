@@ -711,7 +711,8 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             if exc.status != 409:
                 raise
             self.log.info("Found existing pod %s, attempting to kill", name)
-            await self.stop(True)
+            # KubeSpawner's stop alone: this spawn goes on, its token and record with it.
+            await KubeSpawner.stop(self, True)
             return False
         return True
 

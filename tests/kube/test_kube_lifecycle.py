@@ -281,6 +281,25 @@ async def test_pod_creation_500_fails_the_spawn(cluster, make_spawner, storage):
         assert info.value.status == 500
 
 
+async def test_a_leftover_pod_of_the_same_name_is_replaced_and_the_token_still_handed(
+    cluster, make_spawner, storage
+):
+    """KubeSpawner deletes a pod of the same name it finds (409) and creates it again: that
+    deletion is not the session's stop, so the hub still hands the new session its token."""
+    emulator, server = cluster
+    options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    leftover, spawner = make_spawner(**TIMEOUTS), make_spawner(**TIMEOUTS)
+    spawner.api_token = "server-api-token"
+    async with FakeKubelet(server).running():
+        leftover.user_options = spawner.user_options = options
+        await start_collecting_progress(leftover)
+        old = stored(emulator, "pods")["jupyter-alice"]["metadata"]["uid"]
+        await start_collecting_progress(spawner)
+        assert stored(emulator, "pods")["jupyter-alice"]["metadata"]["uid"] != old
+        assert spawner.hand_out_access_token("server-api-token", "127.0.0.1") == "tok-SECRET-42"
+        await spawner.stop(now=True)
+
+
 async def test_saved_state_restores_into_a_fresh_spawner(cluster, make_spawner, storage):
     """A new spawner with no reflectors left (a real hub restart: tests/kube/test_kube_hub.py)
     finds the pod."""
