@@ -10,9 +10,13 @@ user's options, ``apply_user_options``, ``start``, then JupyterHub's own
 hub Role, against the real API server. Per spawn it times start → pod Running (``start``
 returned) → server answering; per round it measures its own CPU time (``getrusage``, all its
 threads; the resolution workers, its children, apart) and counts its requests to the API server
-(every request the Kubernetes client sends, by verb and resource). Both spawners run the same
-busybox image (``httpd`` on port 8888) with the same resources, in the same restricted namespace,
-alternately, round by round: 1, 20 and 100 concurrent spawns, on
+(every request the Kubernetes client sends, by verb and resource). A CASA session fetches the
+user's access token from the hub as it starts: the hub's side of that request is counted too
+(:class:`TokenDesk`). The spawners run the same busybox image (``httpd`` on port 8888) with the
+same resources, in the same restricted namespace, alternately, round by round: a plain
+KubeSpawner (``kube``), a plain KubeSpawner mounting what a CASA session mounts (``storage``: the
+home from the shared claim by subPath, the measures, /tmp) and CASASpawner; 1, 20 and 100
+concurrent spawns, on
 
 * ``fake``: fake nodes registered for the benchmark and played by kwok (pods go Running without
   running anything; their addresses answer through one ``busybox httpd`` in the namespace), so
@@ -355,7 +359,9 @@ def bench_user(index: int, token: str) -> User:
 
 
 # The two spawners
-FLAVOURS = tuple(os.environ.get("KUBE_BENCH_FLAVOURS", "kube casa").split())
+FLAVOURS = tuple(os.environ.get("KUBE_BENCH_FLAVOURS", "kube storage casa").split())
+#: The flavours played by a plain KubeSpawner: bare, and with the CASA session's storage.
+PLAIN = ("kube", "storage")
 
 
 @dataclass
@@ -384,11 +390,28 @@ def spawner_settings(flavour: str, env: Environment, setting: Setting) -> dict[s
         common["tolerations"] = [
             {"key": "kwok.x-k8s.io/node", "operator": "Equal", "value": "fake"}
         ]
-    if flavour == "kube":
+    if flavour in PLAIN:
         # A plain KubeSpawner of a hardened deployment: the namespace enforces the restricted
-        # Pod Security level for both.
+        # Pod Security level for both. "storage" also mounts what a CASA session mounts: the
+        # user's home from the shared claim (by subPath), the measures read-only, and /tmp.
+        storage = {
+            "volumes": [
+                {"name": "home", "persistentVolumeClaim": {"claimName": "cavern"}},
+                {
+                    "name": "measures",
+                    "persistentVolumeClaim": {"claimName": "casa-measures", "readOnly": True},
+                },
+                {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+            ],
+            "volume_mounts": [
+                {"name": "home", "mountPath": "/home/jovyan", "subPath": "home/{username}"},
+                {"name": "measures", "mountPath": "/opt/casa/measures", "readOnly": True},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
+        }
         return {
             **common,
+            **(storage if flavour == "storage" else {}),
             "image": setting.image_ref,
             "uid": 1000,
             "gid": 1000,
@@ -450,12 +473,10 @@ class Users:
                 self.spawners[key] = cls(
                     _mock=True, user=bench_user(index, self.token), **settings
                 )
-            # JupyterHub's server token, which a CASA session fetches its access token with.
-            self.spawners[key].api_token = secrets.token_hex(16)
         return self.spawners[key]
 
     def options(self, flavour: str, index: int) -> dict[str, Any]:
-        if flavour == "kube":
+        if flavour in PLAIN:
             return {}
         return {"dataset": self.datasets[username(index)], "interface": "lab"}
 
@@ -472,6 +493,8 @@ async def spawn(spawner: Any, options: dict[str, Any]) -> Spawn:
     from jupyterhub.utils import maybe_future, wait_for_http_server
 
     began = time.perf_counter()
+    # JupyterHub's new token for the server (a CASA session fetches its access token with it).
+    spawner.api_token = secrets.token_hex(16)
     spawner.user_options = options
     await spawner._run_apply_user_options(options)
     await maybe_future(spawner.run_pre_spawn_hook())
@@ -492,12 +515,13 @@ class TokenDesk:
     at a tornado handler of its own on 127.0.0.1. The handler does what the hub's does (the
     pod's address from the pod watch, the spawner's checks and hand-out) but JupyterHub's own
     token lookup; the request's address is the pod's, which the benchmark's requests cannot
-    come from. Both sides of the request run in this process and count as the hub's CPU.
+    come from. The session's side is a bare HTTP/1.1 request on a socket, so the CPU counted is
+    almost all the handler's.
     """
 
     def __init__(self) -> None:
         self.spawners: dict[str, Any] = {}
-        self.url = ""
+        self.port = 0
 
     async def start(self) -> None:
         from tornado import web
@@ -514,19 +538,27 @@ class TokenDesk:
                 address = next(iter(objects.pod_addresses(pod)))
                 self.write({"token": spawner.hand_out_access_token(token, address)})
 
-        app = web.Application([(r"/casa-token/([^/]+)", Handler)])
+        app = web.Application([(r"/casa-token/([^/]+)", Handler)], log_function=lambda _: None)
         server = app.listen(0, "127.0.0.1")
-        port = next(iter(server._sockets.values())).getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/casa-token"
+        self.port = next(iter(server._sockets.values())).getsockname()[1]
 
     async def fetch(self, spawner: Any) -> None:
-        from casaspawner.insession.access_token import fetch_token
-
         self.spawners[spawner.pod_name] = spawner
-        if not self.url:
+        if not self.port:
             await self.start()
-        token = await fetch_token(f"{self.url}/{spawner.pod_name}", spawner.api_token)
-        assert token == spawner.access_token
+        request = (
+            f"POST /casa-token/{spawner.pod_name} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: token {spawner.api_token}\r\nContent-Length: 2\r\n"
+            "Connection: close\r\n\r\n{}"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(request.encode())
+        answer = await reader.read()
+        writer.close()
+        head, body = answer.split(b"\r\n\r\n", 1)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{spawner.pod_name}: the token was not handed out: {answer!r}")
+        assert json.loads(body)["token"] == spawner.access_token, answer
 
 
 TOKEN_DESK = TokenDesk()
@@ -645,13 +677,17 @@ async def overhead(users: Users, settings: list[Setting], levels: tuple[int, ...
     return rounds
 
 
+#: The summary's rows: flavour and cache state.
+FLAVOUR_ROWS = (("kube", "-"), ("storage", "-"), ("casa", "warm"), ("casa", "cold"))
+
+
 def summarise(rounds: list[Round]) -> list[dict[str, Any]]:
     """Medians per setting, concurrency, flavour and cache state; the ratios CASA ÷ plain."""
     table: list[dict[str, Any]] = []
     keys = sorted({(r.setting, r.concurrency) for r in rounds}, key=lambda k: (k[0], k[1]))
     for setting, concurrency in keys:
         rows: dict[str, Any] = {"setting": setting, "concurrency": concurrency}
-        for flavour, cache in (("kube", "-"), ("casa", "warm"), ("casa", "cold")):
+        for flavour, cache in FLAVOUR_ROWS:
             chosen = [
                 r
                 for r in rounds
@@ -665,7 +701,7 @@ def summarise(rounds: list[Round]) -> list[dict[str, Any]]:
             requests: Counter[str] = Counter()
             for r in chosen:
                 requests.update(r.requests)
-            label = flavour if flavour == "kube" else f"casa_{cache}"
+            label = flavour if flavour in PLAIN else f"casa_{cache}"
             rows[label] = {
                 "spawns": count,
                 "rounds": len(chosen),
@@ -680,10 +716,12 @@ def summarise(rounds: list[Round]) -> list[dict[str, Any]]:
                     k: round(v / count, 2) for k, v in sorted(requests.items())
                 },
             }
-        for label in ("casa_warm", "casa_cold"):
-            if label in rows and "kube" in rows:
-                casa, kube = rows[label], rows["kube"]
-                rows[f"ratio_{label}"] = {
+        pairs = [("casa_warm", "kube", ""), ("casa_cold", "kube", ""), ("storage", "kube", "")]
+        pairs.append(("casa_warm", "storage", "_to_storage"))
+        for label, base, suffix in pairs:
+            if label in rows and base in rows:
+                casa, kube = rows[label], rows[base]
+                rows[f"ratio_{label}{suffix}"] = {
                     "wall_answering": casa["answering_median_s"] / kube["answering_median_s"],
                     "wall_running": casa["running_median_s"] / kube["running_median_s"],
                     "hub_cpu": casa["hub_cpu_ms_per_spawn"] / kube["hub_cpu_ms_per_spawn"],
@@ -771,11 +809,16 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     labels = [
         f"{row['setting'].replace('-', chr(10))}\n{row['concurrency']} at once" for row in summary
     ]
-    series = (("kube", "KubeSpawner"), ("casa_warm", "CASASpawner"), ("casa_cold", "CASA, cold"))
+    series = (
+        ("kube", "KubeSpawner"),
+        ("storage", "KubeSpawner, CASA's storage"),
+        ("casa_warm", "CASASpawner"),
+        ("casa_cold", "CASA, cold"),
+    )
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.27
+    width = 0.2
     for offset, (key, name) in enumerate(series):
-        positions = [i + (offset - 1) * width for i in range(len(summary))]
+        positions = [i + (offset - 1.5) * width for i in range(len(summary))]
         walls = [row.get(key, {}).get("answering_median_s", 0) for row in summary]
         cpus = [row.get(key, {}).get("hub_cpu_ms_per_spawn", 0) for row in summary]
         axes[0].bar(positions, walls, width, label=name)
