@@ -68,7 +68,10 @@ async def fetch_token(url: str, api_token: str) -> str | None:
     except (OSError, HTTPClientError):
         return None
     if response.code == 200:
-        token = json.loads(response.body).get("token")
+        try:
+            token = json.loads(response.body).get("token")
+        except (ValueError, AttributeError):
+            token = None
         if not isinstance(token, str) or not token:
             raise TokenRefused("the hub's answer held no token")
         return token

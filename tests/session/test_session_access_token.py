@@ -28,7 +28,7 @@ LOG = logging.getLogger("session")
 class Answers:
     """What the stand-in hub answers, in order, and the tokens it was asked with."""
 
-    def __init__(self, *answers: tuple[int, dict[str, str]]) -> None:
+    def __init__(self, *answers: tuple[int, dict[str, str] | str]) -> None:
         self.answers = list(answers)
         self.asked: list[str] = []
 
@@ -79,6 +79,15 @@ async def test_a_busy_hub_is_asked_again_and_a_refusal_is_final(hub, tmp_path, c
         assert not await fetch_into(tmp_path / "again", url, "server-token", LOG)
     assert f"The session has no access token file: {refused}" in caplog.messages
     assert not (tmp_path / "again").exists()
+
+
+async def test_an_answer_without_a_token_is_a_refusal(hub) -> None:
+    """A 200 that is not the hub's JSON (a proxy's page, say) gives no token file."""
+    url, answers, _ = hub
+    answers.answers += [(200, {"other": "x"}), (200, "<html>a proxy's page</html>")]
+    for _ in range(2):
+        with pytest.raises(TokenRefused, match="the hub's answer held no token"):
+            await fetch_token(url, "server-token")
 
 
 async def test_a_hub_without_the_api_is_named(hub) -> None:
