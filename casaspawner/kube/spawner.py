@@ -846,7 +846,11 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         mine = [
             e for e in list(reflector.resources.values()) if e["involvedObject"]["name"] == name
         ]
-        mine.sort(key=lambda event: event["lastTimestamp"] or event["eventTime"])
+        # By when each first happened: a repeated event (count 2, a later lastTimestamp) keeps
+        # its place, or KubeSpawner's progress, which reads the list by index, would skip one.
+        mine.sort(
+            key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or e["lastTimestamp"]
+        )
         # Only the events after the marker start() set (an earlier pod's last), as KubeSpawner.
         uids = [event["metadata"]["uid"] for event in mine]
         if self._last_event in uids:

@@ -551,3 +551,35 @@ async def test_dry_run_runs_the_hubs_steps_in_the_hubs_order(make_spawner, stora
     calls.clear()
     pod = await spawner.dry_run_manifests()
     assert pod["metadata"]["annotations"]["team"] == "vla"
+
+
+async def test_a_repeated_event_keeps_its_place_so_progress_skips_none(make_spawner, monkeypatch):
+    """KubeSpawner's progress reads ``events`` by index: an event repeated later (its count and
+    lastTimestamp updated, as the kubelet's ClusterDNS warning is) must not move."""
+    from types import SimpleNamespace
+
+    from casaspawner.kube.spawner import CASASpawner
+
+    def event(uid: str, first: str, last: str, reason: str) -> dict:
+        return {
+            "metadata": {"uid": uid},
+            "involvedObject": {"name": "jupyter-alice"},
+            "firstTimestamp": first,
+            "lastTimestamp": last,
+            "eventTime": None,
+            "reason": reason,
+        }
+
+    found = {
+        "ns/scheduled": event("1", "T00:00:32", "T00:00:32", "Scheduled"),
+        "ns/dns": event("2", "T00:00:33", "T00:00:33", "DNSConfigForming"),
+        "ns/pulled": event("3", "T00:00:33", "T00:00:33", "Pulled"),
+        "ns/created": event("4", "T00:00:33", "T00:00:33", "Created"),
+    }
+    reflector = SimpleNamespace(resources=found)
+    monkeypatch.setattr(CASASpawner, "event_reflector", property(lambda self: reflector))
+    spawner = make_spawner()
+    before = [e["reason"] for e in spawner.events]
+    found["ns/dns"] = {**found["ns/dns"], "lastTimestamp": "T00:00:34"}
+    after = [e["reason"] for e in spawner.events]
+    assert before == after == ["Scheduled", "DNSConfigForming", "Pulled", "Created"]
