@@ -23,6 +23,13 @@ _PULL_FINAL = ("InvalidImageName", "ErrImageNeverPull")
 #:
 #: A later one cancels earlier pull failures.
 _IMAGE_PRESENT = ("Pulled", "Created", "Started")
+#: The scheduler's words for a claim that may yet appear or be bound.
+#:
+#: A provisioner may still be binding a new claim, and a scheduler whose view lags the API (it
+#: is reconnecting after an API server restart) has not seen a claim just made.
+_CLAIM_PENDING = re.compile(
+    r'persistentvolumeclaim "[^"]*" not found|unbound immediate PersistentVolumeClaims'
+)
 
 
 def _clip(text: str, limit: int = 240) -> str:
@@ -96,6 +103,7 @@ def spawn_failure(
     image: str,
     *,
     unschedulable_is_fatal: bool = True,
+    waiting_for_claims: bool = False,
 ) -> str | None:
     """One sentence if the pod can never start, else None.
 
@@ -106,7 +114,8 @@ def spawn_failure(
     image pull is fatal when it failed and the kubelet then backed off (``ErrImagePull`` then
     ``ImagePullBackOff``, no ``Pulled`` since), or at once for
     ``InvalidImageName``/``ErrImageNeverPull``; scheduling is fatal while the latest word on it
-    is ``FailedScheduling`` (only with ``unschedulable_is_fatal``).
+    is ``FailedScheduling`` (only with ``unschedulable_is_fatal``), unless it is about a claim
+    that may yet appear or be bound and the spawner is still ``waiting_for_claims``.
     """
     pull = _PullState()
     unschedulable: str | None = None
@@ -147,9 +156,11 @@ def spawn_failure(
             unschedulable = None
         elif condition.get("reason") == "Unschedulable" and not scheduling_seen:
             unschedulable = str(condition.get("message") or "unschedulable")
-    if unschedulable_is_fatal and unschedulable is not None:
-        return f"No node can run this session: {_clip(unschedulable)}."
-    return None
+    if unschedulable is None or not unschedulable_is_fatal:
+        return None
+    if waiting_for_claims and _CLAIM_PENDING.search(unschedulable):
+        return None
+    return f"No node can run this session: {_clip(unschedulable)}."
 
 
 def refusal_sentence(status: int, message: str) -> tuple[str, int]:

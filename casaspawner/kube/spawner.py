@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from jupyterhub.utils import exponential_backoff, maybe_future
 from kubernetes_asyncio.client.rest import ApiException
 from kubespawner import KubeSpawner
 from tornado import web
-from traitlets import Bool, Dict, Integer, List, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
 
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
 from casaspawner.insession.record import entity
@@ -213,6 +214,17 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         """,
     ).tag(config=True)
 
+    claim_wait_timeout = Float(
+        60,
+        help="""
+        Seconds a spawn waits, once the scheduler has said that a volume claim of the session
+        pod is missing or not yet bound, before it ends with that sentence. A provisioner may
+        still be binding a new claim, and after an API server restart the scheduler may not
+        have seen a claim made moments before; both pass by themselves. Other scheduling
+        failures end the spawn at once (``unschedulable_is_fatal``).
+        """,
+    ).tag(config=True)
+
     complete_killed_records = Bool(
         True,
         help="""
@@ -297,6 +309,8 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         # The access token the running session has yet to fetch, and whether it fetched it.
         self._token_to_hand: str | None = None
         self._token_handed = False
+        # When this spawn first saw its pod in trouble (monotonic seconds).
+        self._trouble_since: float | None = None
         super().__init__(*args, **kwargs)
 
     @default("cmd")
@@ -511,7 +525,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
 
     async def _start(self) -> str:
         """KubeSpawner's start; the session may then fetch the user's access token once."""
-        self._refusal = None
+        self._refusal, self._trouble_since = None, None
         self._token_to_hand, self._token_handed = self.access_token, False
         try:
             url: str = await super()._start()
@@ -820,11 +834,14 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         if running or not starting or not events.trouble_showing(pod):
             return running
         plan = self.session_plan
+        now = time.monotonic()
+        self._trouble_since = self._trouble_since or now
         failure = events.spawn_failure(
             pod,
             self.events if self.events_enabled else [],
             plan.image if plan else self.image,
             unschedulable_is_fatal=self.unschedulable_is_fatal,
+            waiting_for_claims=now - self._trouble_since < self.claim_wait_timeout,
         )
         if failure:
             reason = "image-pull" if "image" in failure else "unschedulable"

@@ -100,6 +100,29 @@ def test_unschedulable_not_fatal_when_turned_off():
 
 
 @pytest.mark.parametrize(
+    "message",
+    [
+        '0/1 nodes are available: persistentvolumeclaim "casa-measures" not found.',
+        "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: "
+        "0/2 nodes are available: 2 Preemption is not helpful for scheduling.",
+    ],
+)
+def test_a_claim_that_may_yet_come_is_fatal_only_once_the_wait_is_over(message):
+    pending = [{"reason": "FailedScheduling", "message": message}]
+    assert spawn_failure(None, pending, IMAGE, waiting_for_claims=True) is None
+    assert spawn_failure(None, pending, IMAGE).startswith("No node can run this session: 0/")
+    # Other reasons do not wait.
+    assert spawn_failure(None, [FAILED_SCHEDULING], IMAGE, waiting_for_claims=True) == (
+        UNSCHEDULABLE
+    )
+    deleted = '0/1 nodes are available: persistentvolumeclaim "home" is being deleted.'
+    failure = spawn_failure(
+        None, [{"reason": "FailedScheduling", "message": deleted}], IMAGE, waiting_for_claims=True
+    )
+    assert failure == f"No node can run this session: {deleted}"
+
+
+@pytest.mark.parametrize(
     ("pod", "shows"),
     [
         (None, False),

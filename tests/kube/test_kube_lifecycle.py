@@ -14,7 +14,7 @@ pytest.importorskip("kubespawner", reason="the lifecycle is KubeSpawner's (the h
 import kmock
 from kubernetes_asyncio.client.rest import ApiException
 from support.datasets import dataset_in
-from support.kube import FakeKubelet, stored
+from support.kube import CLAIM_NOT_FOUND, FakeKubelet, stored
 from support.users import FakeUser
 from tornado import web
 
@@ -159,6 +159,34 @@ async def test_unschedulable_pod_ends_spawn(cluster, make_spawner, storage):
         assert info.value.jupyterhub_message == (
             "No node can run this session: 0/3 nodes are available: 3 Insufficient memory."
         )
+        await spawner.stop(now=True)
+
+
+async def test_a_claim_the_scheduler_has_not_seen_yet_is_waited_for(
+    cluster, make_spawner, storage
+):
+    """A claim "not found" by the scheduler may yet be seen (its view lags after an API server
+    restart) or bound: the spawn waits for it, up to claim_wait_timeout."""
+    _emulator, server = cluster
+    spawner = make_spawner(**TIMEOUTS)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    async with FakeKubelet(server, mode="claim-late").running():
+        url, messages = await start_collecting_progress(spawner)
+        assert url == "http://127.0.0.1:8888"
+        assert any('"casa-home" not found' in m for m in messages), messages
+        await spawner.stop(now=True)
+
+
+async def test_a_claim_still_missing_after_the_wait_ends_the_spawn(cluster, make_spawner, storage):
+    _emulator, server = cluster
+    spawner = make_spawner(**TIMEOUTS, claim_wait_timeout=1)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    async with FakeKubelet(server, mode="claim-missing").running():
+        began = time.monotonic()
+        with pytest.raises(SpawnException) as info:
+            await start_collecting_progress(spawner)
+        assert time.monotonic() - began >= 1
+        assert info.value.jupyterhub_message == f"No node can run this session: {CLAIM_NOT_FOUND}"
         await spawner.stop(now=True)
 
 

@@ -117,13 +117,19 @@ async def session_stand_in() -> AsyncIterator[int]:
         await runner.cleanup()
 
 
+#: What kube-scheduler says of a pod whose claim it has not seen.
+CLAIM_NOT_FOUND = '0/3 nodes are available: persistentvolumeclaim "casa-home" not found.'
+
+
 class FakeKubelet:
     """Plays scheduler and kubelet for every new pod: events, then Running, or a failure.
 
     Modes: ``ok``; ``errimagepull`` (the pull fails, then the kubelet backs off:
     ``ImagePullBackOff``); ``pull-recovers`` (the first pull fails with ``ErrImagePull``, the
     next one works); ``unschedulable``; ``scheduled-late`` (a ``FailedScheduling`` from two
-    seconds before the ``Scheduled`` event, then Running).
+    seconds before the ``Scheduled`` event, then Running); ``claim-late`` (the scheduler says a
+    claim is not found, and two seconds later schedules the pod); ``claim-missing`` (it says so,
+    and nothing more).
     """
 
     def __init__(
@@ -205,7 +211,9 @@ class FakeKubelet:
     async def _run_pod(self, pod: Mapping[str, Any]) -> None:
         image = pod["spec"]["containers"][0]["image"]
         unschedulable = "0/3 nodes are available: 3 Insufficient memory."
-        if self.mode == "unschedulable":
+        if self.mode in ("unschedulable", "claim-late", "claim-missing"):
+            if self.mode != "unschedulable":
+                unschedulable = CLAIM_NOT_FOUND
             # As kube-scheduler does: the pod's condition, then the event.
             condition = {
                 "type": "PodScheduled",
@@ -215,7 +223,12 @@ class FakeKubelet:
             }
             await self._patch(pod, {"phase": "Pending", "conditions": [condition]})
             await self._event(pod, "FailedScheduling", unschedulable, "Warning")
-            return
+            if self.mode != "claim-late":
+                return
+            # The scheduler sees the claim.
+            await asyncio.sleep(2)
+            condition = {"type": "PodScheduled", "status": "True"}
+            await self._patch(pod, {"phase": "Pending", "conditions": [condition]})
         assigned = f"Successfully assigned {self.namespace}/{pod['metadata']['name']} to node-1"
         await self._event(pod, "Scheduled", assigned)
         if self.mode == "scheduled-late":
