@@ -166,8 +166,8 @@ async def test_a_watch_too_old_for_the_api_server_gets_410_and_the_spawn_complet
         reflector.log.removeHandler(records)
         reflector.restart_seconds = restart_seconds
         del reflector._list_and_update
-    assert restarted.is_set()
     assert isinstance(url, str), getattr(url, "jupyterhub_message", url)
+    assert restarted.is_set()
     gone = [
         r.exc_info[1]
         for r in records.records
