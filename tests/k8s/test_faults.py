@@ -29,7 +29,12 @@ pytestmark = [pytest.mark.k8s, pytest.mark.timeout(600)]
 
 #: A session that becomes ready READY seconds after it starts.
 READY = 15
+#: Zero to JupyterHub's start timeout. After the API server restarts, the kubelet's and the
+#: controller-manager's watches back off (client-go: up to a minute, growing with each restart
+#: within two minutes); a pod created meanwhile waited up to 100 s before the kubelet saw it.
+START_TIMEOUT = 300
 SLOW = {
+    "start_timeout": START_TIMEOUT,
     "cmd": [
         "/bin/busybox",
         "sh",
@@ -84,7 +89,7 @@ async def finish(spawner: Any, cluster: Any, namespace: str) -> None:
 async def test_the_api_server_restarts_while_a_spawn_waits_for_its_pod(hub, api, own_cluster):
     spawner = hub.spawner(**SLOW)
     spawning = asyncio.ensure_future(
-        spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
+        spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")}, START_TIMEOUT + 30)
     )
     core = client.CoreV1Api(api)
 
@@ -110,7 +115,9 @@ async def test_a_spawn_that_begins_while_the_api_server_is_down_completes(hub, a
         return not await _answers(api, hub.namespace)
 
     await eventually(down, 30, "the API server did not stop")
-    url, _messages = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
+    url, _messages = await spawn(
+        spawner, {"dataset": dataset_of(hub.cavern, "cycle10")}, START_TIMEOUT + 30
+    )
     await restarting
     assert isinstance(url, str), getattr(url, "jupyterhub_message", url)
     await finish(spawner, own_cluster, hub.namespace)
@@ -161,7 +168,9 @@ async def test_a_watch_too_old_for_the_api_server_gets_410_and_the_spawn_complet
     reflector._list_and_update = list_then_restart
     reflector.restart_seconds = 0
     try:
-        url, _messages = await spawn(spawner, {"dataset": dataset_of(hub.cavern, "cycle10")})
+        url, _messages = await spawn(
+            spawner, {"dataset": dataset_of(hub.cavern, "cycle10")}, START_TIMEOUT + 30
+        )
     finally:
         reflector.log.removeHandler(records)
         reflector.restart_seconds = restart_seconds
