@@ -18,10 +18,13 @@ Anything with the same ``open`` as :class:`DatasetReader` plugs in as ``dataset_
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import errno
+import itertools
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
@@ -123,6 +126,57 @@ def _project_named(path: PurePosixPath, layout: StorageLayout) -> str | None:
     return str(path)[len(prefix) :].split("/", 1)[0] or None
 
 
+class _LinkDirectories:
+    """Directories only the hub writes, one per dataset read, in one made per process.
+
+    A temporary directory of its own for each read cost the hub's event loop about a
+    millisecond a spawn (its random name, then a tree removal); these are a ``mkdir`` and a
+    ``rmdir``. The process's directory goes when the process ends.
+    """
+
+    def __init__(self) -> None:
+        self._root: str | None = None
+        # The process and user that made it: a child forked since, or a process whose user
+        # changed, makes its own.
+        self._owner = (0, 0)
+        self._names = itertools.count()
+
+    def make(self) -> str:
+        """A new empty directory, mode 0700, whose name is never used again."""
+        try:
+            return self._make()
+        except FileNotFoundError:
+            # Whatever cleans the temporary directory removed ours: make another.
+            self._root = None
+            return self._make()
+
+    def _make(self) -> str:
+        owner = (os.getpid(), os.geteuid())
+        if self._root is None or self._owner != owner:
+            self._root, self._owner = tempfile.mkdtemp(prefix="casaspawner-datasets-"), owner
+            atexit.register(_remove_tree, self._root, owner[0])
+        path = os.path.join(self._root, str(next(self._names)))
+        os.mkdir(path, 0o700)
+        return path
+
+    @staticmethod
+    def remove(path: str) -> None:
+        """Remove a directory :meth:`make` gave, and what was put in it."""
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(path):
+                os.unlink(os.path.join(path, name))
+            os.rmdir(path)
+
+
+def _remove_tree(path: str, owner: int) -> None:
+    # Only in the process that made it, not in a child that forked and exits.
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_LINKS = _LinkDirectories()
+
+
 class StorageMountReader:
     """Reads datasets through a read-only mount of the whole storage on the hub.
 
@@ -151,7 +205,8 @@ class StorageMountReader:
     async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
         fd, located = await asyncio.to_thread(self._walk, text, identity)
         try:
-            with tempfile.TemporaryDirectory(prefix="casaspawner-dataset-") as private:
+            private = _LINKS.make()
+            try:
                 # The resolver reads the directory the walk opened, under the dataset's own name,
                 # which matters to it. It reads it through a link in a directory only the hub can
                 # write.
@@ -159,6 +214,8 @@ class StorageMountReader:
                 pinned.symlink_to(f"/proc/self/fd/{fd}")
                 # Without /proc the resolver reads the directory by name, as checked.
                 yield pinned if pinned.is_dir() else located
+            finally:
+                _LINKS.remove(private)
         finally:
             os.close(fd)
 

@@ -44,6 +44,26 @@ def cavern(tmp_path: Path) -> Path:
     return root
 
 
+def test_each_read_has_a_private_directory_and_leaves_nothing(cavern: Path):
+    """Two reads of the same dataset at once get their own links, in directories only the hub
+    may enter, each removed when its read ends."""
+    reader = StorageMountReader(cavern, StorageLayout())
+    alice = Identity("alice", 1001, 1001)
+
+    async def read_twice() -> list[Path]:
+        async with reader.open("data/ds", alice) as one, reader.open("data/ds", alice) as two:
+            assert one != two and one.name == two.name == "ds"
+            for path in (one, two):
+                assert path.is_dir() and path.is_symlink()
+                assert any(path.iterdir())
+                info = path.parent.stat()
+                assert (info.st_mode & 0o777, info.st_uid) == (0o700, os.geteuid())
+            return [one.parent, two.parent]
+
+    for directory in asyncio.run(read_twice()):
+        assert not directory.exists()
+
+
 def test_the_resolver_reads_the_directory_that_was_checked(cavern: Path):
     """A link swapped in after the walk checked the path cannot send the resolver into another
     user's data."""
