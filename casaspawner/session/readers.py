@@ -162,10 +162,15 @@ class _LinkDirectories:
     @staticmethod
     def remove(path: str) -> None:
         """Remove a directory :meth:`make` gave, and what was put in it."""
-        with contextlib.suppress(FileNotFoundError):
+        try:
             for name in os.listdir(path):
                 os.unlink(os.path.join(path, name))
             os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            # More than the link is there.
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_tree(path: str, owner: int) -> None:
