@@ -30,6 +30,10 @@ EPHEMERAL_STORAGE = "ephemeral-storage"
 TOKEN_FILE = "token"  # noqa: S105
 #: The session's token directory: an emptyDir in memory, for one small file.
 TOKEN_VOLUME = "casa-token"  # noqa: S105
+#: The hub API's path, under its API URL, that sessions fetch the access token from.
+#:
+#: ``services/access_token.py`` serves it.
+TOKEN_PATH = "casa-token"  # noqa: S105
 STORAGE_VOLUME = "casa-storage"
 #: The session's measures volume (the desktop's apps read its version from its mount).
 MEASURES_VOLUME = "casa-measures"

@@ -48,8 +48,6 @@ from casaspawner.spawners.records import SessionRecords
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 #: What a request to the Kubernetes API raises when the connection itself fails.
 CONNECTION_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
-#: The hub's API path the sessions fetch their access token from (``services/access_token.py``).
-TOKEN_PATH = "casa-token"  # noqa: S105
 
 
 def _reflector_broken(reflector: Any) -> bool:
@@ -387,7 +385,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         if not self.access_token:
             return None
         names = f"{quote(self.user.name, safe='')}/{quote(self.name or '', safe='')}"
-        return f"{self.hub.api_url.rstrip('/')}/{TOKEN_PATH}/{names}"
+        return f"{self.hub.api_url.rstrip('/')}/{objects.TOKEN_PATH}/{names}"
 
     def pod_settings(self) -> objects.PodSettings:
         return objects.PodSettings(

@@ -16,8 +16,7 @@ from jupyterhub.apihandlers import APIHandler
 from jupyterhub.scopes import needs_scope
 from tornado import web
 
-#: The API's path under the hub's prefix.
-TOKEN_PATH = "api/casa-token"  # noqa: S105
+from casaspawner.kube.objects import TOKEN_PATH
 
 
 class AccessTokenHandler(APIHandler):  # type: ignore[misc]
@@ -43,4 +42,5 @@ class AccessTokenHandler(APIHandler):  # type: ignore[misc]
 
 def token_handlers() -> list[tuple[str, type[APIHandler]]]:
     """The API, for ``JupyterHub.extra_handlers`` (under the hub's prefix)."""
-    return [(f"/{TOKEN_PATH}/(?P<user_name>[^/]+)/(?P<server_name>[^/]*)", AccessTokenHandler)]
+    route = f"/api/{TOKEN_PATH}/(?P<user_name>[^/]+)/(?P<server_name>[^/]*)"
+    return [(route, AccessTokenHandler)]
