@@ -30,10 +30,15 @@ set -u
 ip link set lo up
 "$DESKTOP/bin/vncserver" -rfbunixpath "$HOME/socket" -rfbport -1 -xstartup "$HOME/xstartup" \
     -SecurityTypes None -fg >"$HOME/vnc.log" 2>&1 &
-for _ in $(seq 100); do
+for _ in $(seq 300); do
     [ -s "$HOME/display" ] && break
     sleep 0.1
 done
+if ! [ -s "$HOME/display" ]; then
+    echo "the X server did not start in 30 s" >&2
+    kill -KILL %1
+    exit 1
+fi
 n=$(cat "$HOME/display")
 echo "display $n"
 ss -ltn | grep -q ":$((6000 + n)) " && echo "listens on tcp" || echo "no tcp"
@@ -70,7 +75,7 @@ def desktop_in_namespace(home: Path, tcp: bool) -> list[str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=False,
     )
     assert done.returncode == 0, done.stderr + (home / "vnc.log").read_text(errors="replace")
