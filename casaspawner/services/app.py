@@ -587,16 +587,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: ServiceConfig, ip: str, port: int) -> None:
-    server = HTTPServer(make_app(config), xheaders=True)
-    server.listen(port, ip)
-    log.info("casa-sessions on %s:%s (release state %s)", ip, port, config.store.path)
-    # The hub stops its services with SIGINT, then SIGTERM. Handle both here. A SIGINT that was
-    # ignored when the hub started, as for a hub launched in the background by a shell, would
-    # otherwise never stop the service.
+    # The hub stops its services with SIGINT, then SIGTERM. Handle both here, before listening
+    # (a stop that comes as soon as the port answers must not kill the service). A SIGINT that
+    # was ignored when the hub started, as for a hub launched in the background by a shell,
+    # would otherwise never stop the service.
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopped.set)
+    server = HTTPServer(make_app(config), xheaders=True)
+    server.listen(port, ip)
+    log.info("casa-sessions on %s:%s (release state %s)", ip, port, config.store.path)
     await stopped.wait()
     server.stop()
 

@@ -89,15 +89,18 @@ def window_titles(display: str, xauthority: str) -> list[str]:
         if wm.returncode != 0:
             # The window manager has not published its client list yet.
             return []
+        # A window that closes while xwininfo walks the tree makes it fail (BadWindow): look again.
         tree = subprocess.run(
-            ["xwininfo", "-root", "-tree"], capture_output=True, text=True, env=env, check=True
+            ["xwininfo", "-root", "-tree"], capture_output=True, text=True, env=env
         )
         titles = [
             line.split(None, 3)[3]
             for line in wm.stdout.splitlines()
             if len(line.split(None, 3)) == 4
         ]
-        if all(f'"{title}"' in tree.stdout for title in titles):
+        if tree.returncode == 0 and all(f'"{title}"' in tree.stdout for title in titles):
             return titles
         time.sleep(0.2)
-    raise AssertionError(f"wmctrl and xwininfo disagree: {titles} / {tree.stdout[-2000:]}")
+    raise AssertionError(
+        f"wmctrl and xwininfo disagree: {titles} / {(tree.stdout + tree.stderr)[-2000:]}"
+    )
