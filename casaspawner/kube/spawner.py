@@ -776,11 +776,16 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
                 "Replacing the %s reflector: its first list failed or its watch gave up", kind
             )
             replace = True
-        retry = replace
+        retry, failed = replace, False
         refused: str | None = None
 
         async def attempt() -> Any:
-            nonlocal retry, refused
+            nonlocal retry, failed, refused
+            current = type(self).reflectors.get(self._get_reflector_key(kind))
+            if failed and current is not None and not _reflector_broken(current):
+                # Another spawn replaced the failed reflector meanwhile. Replacing the new one
+                # would stop its watch under that spawn (KubeSpawner's stop then raises there).
+                retry = False
             try:
                 return await super(CASASpawner, self)._start_reflector(
                     kind, reflector_class, replace=retry, **kwargs
@@ -802,7 +807,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             loaded = broken.first_load_future if broken is not None else None
             if loaded is not None and loaded.done() and not loaded.cancelled():
                 loaded.exception()
-            retry = True
+            retry = failed = True
             return None
 
         try:
