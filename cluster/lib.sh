@@ -5,15 +5,18 @@
 CLUSTER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$CLUSTER_DIR")
 
-# What is built: the k8s.io/kubernetes version pinned in go.mod, and kwok for fake nodes.
+# What is built: the k8s.io/kubernetes version pinned in go.mod, kwok for fake nodes, and
+# kube-router, whose network policy controller alone enforces NetworkPolicies on the pod network.
 K8S_VERSION=$(awk '$1 == "k8s.io/kubernetes" { print $2 }' "$CLUSTER_DIR/go.mod")
 KWOK_VERSION=${CLUSTER_KWOK_VERSION:-v0.8.0}
+KUBE_ROUTER_VERSION=${CLUSTER_KUBE_ROUTER_VERSION:-v2.1.0}
 # Binaries live outside the clone, keyed by the version and a hash of what decides their contents.
 CACHE_ROOT=${CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/casaspawner/k8s}
 BUILD_KEY=$(cd "$CLUSTER_DIR" && cat go.mod go.sum cmd/*/main.go | sha256sum | cut -c1-12)
 BIN_DIR=$CACHE_ROOT/$K8S_VERSION-$BUILD_KEY/bin
 KWOK_BIN=$CACHE_ROOT/kwok-$KWOK_VERSION/bin/kwok
 KWOK_STAGES=$CACHE_ROOT/kwok-$KWOK_VERSION/bin/stages.yaml
+KUBE_ROUTER_BIN=$CACHE_ROOT/kube-router-$KUBE_ROUTER_VERSION/bin/kube-router
 # The Go toolchain: the machine's /usr/local/go when `go` is not on PATH.
 PATH=$PATH:/usr/local/go/bin
 

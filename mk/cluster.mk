@@ -1,13 +1,15 @@
 # A real single-node Kubernetes for the `k8s` test tier (cluster/, tests/k8s; cluster/README.md):
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and etcd built from their
 # Go modules at the version cluster/go.mod pins (once per machine, cached in ~/.cache/casaspawner/k8s),
-# Debian's containerd + runc and CNI plugins, all inside network namespace casaspawner-k8s; the API
-# server is forwarded to 127.0.0.1 on the host. Needs root.
+# Debian's containerd + runc and CNI plugins, kube-router's NetworkPolicy controller (also built
+# here), all inside network namespace casaspawner-k8s; the API server is forwarded to 127.0.0.1 on
+# the host. Needs root.
 # Debian packages: the runtime and CNI plugins, the forwarder (socat), nsenter, openssl for the
 # certificates, catatonit for the sandbox image; buildah and busybox-static make the tests' image;
-# docker-registry serves it to containerd when make bench-kube times a pull.
+# docker-registry serves it to containerd when make bench-kube times a pull; kube-router, built
+# like kwok, enforces NetworkPolicies with iptables and ipset.
 APT_PACKAGES += containerd runc containernetworking-plugins socat iproute2 openssl curl util-linux \
-	iptables catatonit buildah busybox-static docker-registry
+	iptables ipset catatonit buildah busybox-static docker-registry
 
 # Fake nodes (kwok) to add at cluster-up: `make cluster-up CLUSTER_FAKE_NODES=10`; 0 builds no kwok.
 CLUSTER_FAKE_NODES ?= 0
@@ -22,9 +24,10 @@ K8S_APP_RELEASE ?= casa-6.7.0-31
 
 .PHONY: cluster-build cluster-up cluster-down cluster-test k8s-images k8s-test bench-kube
 
-# Build the binaries: about 9 min the first time on 2 cores, then cached (nothing to do).
+# Build the binaries: about 9 min (and 1.5 for kube-router) the first time on 2 cores, then cached.
 cluster-build: deps
 	cluster/build
+	cluster/build kube-router
 
 # Start the cluster (about 10 s), or notice it is up already; admin kubeconfig: .cache/k8s/kubeconfig.
 cluster-up: deps
