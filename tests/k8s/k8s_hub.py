@@ -380,6 +380,35 @@ def one_sentence(message: str) -> bool:
     )
 
 
+def busybox_pod(
+    name: str, image: str, command: list[str], labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A pod of the busybox image running ``busybox COMMAND...`` as the restricted level wants."""
+    return {
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 0,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "command": ["/bin/busybox", *command],
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+
+
 async def run_in_pod(
     cluster: Any, namespace: str, pod: str, command: list[str], container: str = "notebook"
 ) -> str:

@@ -6,22 +6,33 @@ the two NetworkPolicies that guard its X server are refused to the chart's Role 
 sentence, and created, owned by the session's pod and selecting it alone, once
 ``hub-config/z2jh/casa-apps-rbac.yaml`` is applied; the garbage collector removes them with the
 pod. The session's pod tells the measures version its apps mount (measures kept by version).
-The whole path, with a real desktop and a real app, is tests/k8s/test_browser.py's.
+On a pod network that enforces NetworkPolicies (the repository's cluster: kube-router's
+controller), the desktop's own apps reach its X port and nothing else, and no other pod reaches
+it. The whole path, with a real desktop and a real app, is tests/k8s/test_browser.py's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from k8s_hub import create_hub_account, dataset_of, eventually, nothing_left, spawn
+from k8s_hub import (
+    busybox_pod,
+    create_hub_account,
+    dataset_of,
+    eventually,
+    nothing_left,
+    spawn,
+)
 from kubernetes_asyncio import client, config
 
 from casaspawner.errors import ConfigurationError, InvalidInput
-from casaspawner.kube.apps import APP_RULES, SESSION_ENVIRONMENT
+from casaspawner.kube.apps import APP_RULES, SESSION_ENVIRONMENT, X_PORT, app_selector
 from casaspawner.kube.desktopapps import RBAC_SENTENCE, KubeApps
 from casaspawner.kube.runs import Cluster
 from cluster import REPO
@@ -80,22 +91,7 @@ async def desktop_with_apps(hub: Any, api: Any, cluster: Any, tmp_path: Path, ke
 
     # With the file the operator applies, bound to the chart's "hub" account: both policies,
     # once however often asked, owned by the session's pod, which alone they guard.
-    role, binding = yaml.safe_load_all(APPS_RBAC.read_text())
-    assert role["rules"] == APP_RULES
-    rbac = client.RbacAuthorizationV1Api(api)
-    await rbac.create_namespaced_role(hub.namespace, role)
-    await rbac.create_namespaced_role_binding(hub.namespace, binding)
-
-    async def guarded() -> bool:
-        try:
-            await apps.guard(session)
-        # The authorizer takes the new binding in within moments.
-        except ConfigurationError as exc:
-            assert str(exc) == str(ConfigurationError(RBAC_SENTENCE))
-            return False
-        return True
-
-    await eventually(guarded, 20, "the hub guarded the desktop")
+    await guard_with_casa_apps_rbac(api, hub.namespace, apps, session)
     await apps.guard(session)
     policies = (await networking.list_namespaced_network_policy(hub.namespace)).items
     names = sorted(p.metadata.name for p in policies)
@@ -138,4 +134,117 @@ async def desktop_with_apps(hub: Any, api: Any, cluster: Any, tmp_path: Path, ke
         return not found.items
 
     await eventually(policies_gone, 60, "the garbage collector removed the policies")
+    await nothing_left(api, hub.namespace)
+
+
+async def guard_with_casa_apps_rbac(
+    api: Any, namespace: str, apps: KubeApps, session: Any
+) -> None:
+    """Apply the operator's casa-apps-rbac.yaml, then have the hub guard ``session``'s desktop."""
+    role, binding = yaml.safe_load_all(APPS_RBAC.read_text())
+    assert role["rules"] == APP_RULES
+    rbac = client.RbacAuthorizationV1Api(api)
+    await rbac.create_namespaced_role(namespace, role)
+    await rbac.create_namespaced_role_binding(namespace, binding)
+
+    async def guarded() -> bool:
+        try:
+            await apps.guard(session)
+        # The authorizer takes the new binding in within moments.
+        except ConfigurationError as exc:
+            assert str(exc) == str(ConfigurationError(RBAC_SENTENCE))
+            return False
+        return True
+
+    await eventually(guarded, 20, "the hub guarded the desktop")
+
+
+#: The session's own server port (the desktop's first X display's is X_PORT).
+SERVER_PORT = 8888
+#: A session, and a bystander, that answer on both ports (busybox's httpd, twice).
+LISTEN = (
+    f"/bin/busybox httpd -p {X_PORT} -h /www; exec /bin/busybox httpd -f -p {SERVER_PORT} -h /www"
+)
+#: What a probe pod prints each second: "open" or "closed" for each address of $TARGETS.
+PROBE = (
+    "while true; do line=; for t in $TARGETS; do "
+    "if /bin/busybox nc -w 3 ${t%:*} ${t#*:} </dev/null >/dev/null 2>&1; "
+    'then line="$line open"; else line="$line closed"; fi; done; '
+    'echo "${line# }"; /bin/busybox sleep 1; done'
+)
+
+
+async def test_the_desktops_policies_are_enforced_on_the_pod_network(
+    hub: Any, api: Any, cluster: Any
+) -> None:
+    # A desktop whose session answers on its X port and its server port.
+    spawner = hub.spawner(desktop_apps=True, cmd=["/bin/busybox", "sh", "-c", LISTEN, "--"])
+    url, _ = await spawn(
+        spawner, {"dataset": dataset_of(hub.cavern, "cycle10"), "interface": "desktop"}
+    )
+    assert isinstance(url, str), url
+    apps = KubeApps(spawner)
+    session = await apps.session_pod()
+    await guard_with_casa_apps_rbac(api, hub.namespace, apps, session)
+
+    core = client.CoreV1Api(api)
+    prefix = spawner.label_prefix
+    user = {k: v for k, v in session.labels.items() if k.startswith("hub.jupyter.org/")}
+    bystander = busybox_pod("bystander", hub.busybox, ["sh", "-c", LISTEN], {"role": "bystander"})
+    await core.create_namespaced_pod(hub.namespace, bystander)
+
+    async def bystander_ip() -> str:
+        pod = await core.read_namespaced_pod("bystander", hub.namespace)
+        return pod.status.pod_ip if pod.status.phase == "Running" else ""
+
+    other_ip = await eventually(bystander_ip, 60, "the bystander pod runs")
+    targets = [
+        f"{session.ip}:{X_PORT}",
+        f"{session.ip}:{SERVER_PORT}",
+        f"{other_ip}:{X_PORT}",
+    ]
+    someone_else = dataclasses.replace(session, name="someone-elses-desktop")
+    probes = {
+        # One of this desktop's apps: its X port only, and nowhere else (egress).
+        "own-app": ({**user, **app_selector(session, prefix)}, "open closed closed"),
+        # Another desktop's app, and the same user's pod that is no app: not the desktop at all.
+        "other-app": (app_selector(someone_else, prefix), "closed closed open"),
+        "users-pod": ({**user, "app.kubernetes.io/component": "casa-run"}, "closed closed open"),
+    }
+    for name, (labels, _) in probes.items():
+        pod = busybox_pod(name, hub.busybox, ["sh", "-c", PROBE], labels)
+        pod["spec"]["containers"][0]["env"] = [{"name": "TARGETS", "value": " ".join(targets)}]
+        await core.create_namespaced_pod(hub.namespace, pod)
+
+    async def seen() -> dict[str, str]:
+        lines = {}
+        for name in probes:
+            try:
+                log = await core.read_namespaced_pod_log(name, hub.namespace, tail_lines=1)
+            except client.ApiException:
+                log = ""
+            lines[name] = log.strip()
+        return lines
+
+    expected = {name: line for name, (_, line) in probes.items()}
+
+    async def enforced() -> bool:
+        return await seen() == expected
+
+    # Policies take effect once the controller has seen the pods (each probe takes up to 9 s).
+    try:
+        await eventually(enforced, 120, "the policies enforced")
+    except AssertionError:
+        raise AssertionError(f"{targets}: {await seen()} (expected {expected})") from None
+
+    # The hub, on the node, still reaches its session's server (and so does its proxy).
+    if cluster.own:
+        for port in (SERVER_PORT, X_PORT):
+            argv = ["busybox", "nc", "-w", "3", session.ip, str(port)]
+            done = subprocess.run(cluster.netns_argv(argv), stdin=subprocess.DEVNULL, check=False)
+            assert done.returncode == 0, f"the node could not reach {session.ip}:{port}"
+
+    for name in [*probes, "bystander"]:
+        await core.delete_namespaced_pod(name, hub.namespace, grace_period_seconds=0)
+    await spawner.stop(now=True)
     await nothing_left(api, hub.namespace)

@@ -17,6 +17,7 @@ from k8s_hub import (
     Recorder,
     alice,
     assert_no_failed_mount,
+    busybox_pod,
     dataset_of,
     eventually,
     namespace_events,
@@ -143,30 +144,9 @@ async def test_a_secret_stored_after_its_pod_makes_the_kubelet_fail_the_mount(
     """What the FailedMount check above catches: a Secret volume stored after its pod (the
     order of issue 17's token Secret, which sessions no longer have)."""
     core = client.CoreV1Api(api)
-    pod = {
-        "metadata": {"name": "late"},
-        "spec": {
-            "automountServiceAccountToken": False,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-            "containers": [
-                {
-                    "name": "main",
-                    "image": busybox,
-                    "command": ["/bin/busybox", "sleep", "3600"],
-                    "securityContext": {
-                        "allowPrivilegeEscalation": False,
-                        "capabilities": {"drop": ["ALL"]},
-                    },
-                    "volumeMounts": [{"name": "token", "mountPath": "/token"}],
-                }
-            ],
-            "volumes": [{"name": "token", "secret": {"secretName": "late-token"}}],
-        },
-    }
+    pod = busybox_pod("late", busybox, ["sleep", "3600"])
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "token", "mountPath": "/token"}]
+    pod["spec"]["volumes"] = [{"name": "token", "secret": {"secretName": "late-token"}}]
     await core.create_namespaced_pod(namespace, pod)
     await asyncio.sleep(1)
     await core.create_namespaced_secret(namespace, {"metadata": {"name": "late-token"}})
