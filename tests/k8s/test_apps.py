@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import yaml
 from k8s_hub import (
-    busybox_pod,
     create_hub_account,
     dataset_of,
     eventually,
+    hardened_pod,
     nothing_left,
     spawn,
 )
@@ -159,6 +159,8 @@ async def guard_with_casa_apps_rbac(
     await eventually(guarded, 20, "the hub guarded the desktop")
 
 
+#: busybox's shell, running the script that follows.
+SHELL = ["/bin/busybox", "sh", "-c"]
 #: The session's own server port (the desktop's first X display's is X_PORT).
 SERVER_PORT = 8888
 #: A session, and a bystander, that answer on both ports (busybox's httpd, twice).
@@ -178,7 +180,7 @@ async def test_the_desktops_policies_are_enforced_on_the_pod_network(
     hub: Any, api: Any, cluster: Any
 ) -> None:
     # A desktop whose session answers on its X port and its server port.
-    spawner = hub.spawner(desktop_apps=True, cmd=["/bin/busybox", "sh", "-c", LISTEN, "--"])
+    spawner = hub.spawner(desktop_apps=True, cmd=[*SHELL, LISTEN, "--"])
     url, _ = await spawn(
         spawner, {"dataset": dataset_of(hub.cavern, "cycle10"), "interface": "desktop"}
     )
@@ -190,7 +192,7 @@ async def test_the_desktops_policies_are_enforced_on_the_pod_network(
     core = client.CoreV1Api(api)
     prefix = spawner.label_prefix
     user = {k: v for k, v in session.labels.items() if k.startswith("hub.jupyter.org/")}
-    bystander = busybox_pod("bystander", hub.busybox, ["sh", "-c", LISTEN], {"role": "bystander"})
+    bystander = hardened_pod("bystander", hub.busybox, [*SHELL, LISTEN], {"role": "bystander"})
     await core.create_namespaced_pod(hub.namespace, bystander)
 
     async def bystander_ip() -> str:
@@ -212,7 +214,9 @@ async def test_the_desktops_policies_are_enforced_on_the_pod_network(
         "users-pod": ({**user, "app.kubernetes.io/component": "casa-run"}, "closed closed open"),
     }
     for name, (labels, _) in probes.items():
-        pod = busybox_pod(name, hub.busybox, ["sh", "-c", PROBE], labels)
+        pod = hardened_pod(
+            name, hub.busybox, [*SHELL, PROBE], labels, terminationGracePeriodSeconds=0
+        )
         pod["spec"]["containers"][0]["env"] = [{"name": "TARGETS", "value": " ".join(targets)}]
         await core.create_namespaced_pod(hub.namespace, pod)
 

@@ -12,46 +12,13 @@ import json
 from typing import Any
 
 import pytest
-from k8s_hub import eventually
+from k8s_hub import eventually, hardened_pod
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
 from cluster import WWW_INDEX, Cluster
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]
-
-# What the restricted level asks of every container.
-HARDENED_CONTAINER = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "capabilities": {"drop": ["ALL"]},
-}
-HARDENED_POD = {
-    "runAsNonRoot": True,
-    "runAsUser": 1000,
-    "runAsGroup": 1000,
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
-
-
-def hardened_pod(name: str, image: str, command: list[str], **spec: Any) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name},
-        "spec": {
-            "automountServiceAccountToken": False,
-            "securityContext": HARDENED_POD,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": image,
-                    "imagePullPolicy": "IfNotPresent",
-                    "command": command,
-                    "securityContext": HARDENED_CONTAINER,
-                }
-            ],
-            **spec,
-        },
-    }
 
 
 async def test_a_restricted_namespace_refuses_a_privileged_root_pod(api, namespace):

@@ -17,9 +17,9 @@ from k8s_hub import (
     Recorder,
     alice,
     assert_no_failed_mount,
-    busybox_pod,
     dataset_of,
     eventually,
+    hardened_pod,
     namespace_events,
     nothing_left,
     run_in_pod,
@@ -144,7 +144,7 @@ async def test_a_secret_stored_after_its_pod_makes_the_kubelet_fail_the_mount(
     """What the FailedMount check above catches: a Secret volume stored after its pod (the
     order of issue 17's token Secret, which sessions no longer have)."""
     core = client.CoreV1Api(api)
-    pod = busybox_pod("late", busybox, ["sleep", "3600"])
+    pod = hardened_pod("late", busybox, ["/bin/busybox", "sleep", "3600"])
     pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "token", "mountPath": "/token"}]
     pod["spec"]["volumes"] = [{"name": "token", "secret": {"secretName": "late-token"}}]
     await core.create_namespaced_pod(namespace, pod)
