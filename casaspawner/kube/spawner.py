@@ -32,6 +32,7 @@ from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInpu
 from casaspawner.insession.record import entity
 from casaspawner.kube import api, apps, events, objects, podsecurity
 from casaspawner.kube.quantities import quantity_bytes
+from casaspawner.kube.reflector import WatchedPodReflector
 from casaspawner.plan import SessionPlan
 from casaspawner.runtime import RECORD_ACTION_ID, RECORD_FILE
 from casaspawner.session.measures import measures_for
@@ -48,6 +49,11 @@ from casaspawner.spawners.records import SessionRecords
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 #: What a request to the Kubernetes API raises when the connection itself fails.
 CONNECTION_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+#: The longest a starting spawn waits for its pod to change before it looks again.
+#:
+#: What changes without the pod does: the events a failure is read from, the claim wait's clock,
+#: the reflector, replaced after its watch failed.
+RECHECK_SECONDS = 2.0
 
 
 def _reflector_broken(reflector: Any) -> bool:
@@ -309,6 +315,8 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         self._token_handed = False
         # When this spawn first saw its pod in trouble (monotonic seconds).
         self._trouble_since: float | None = None
+        # Until when this start waits for its pod to run (the event loop's clock).
+        self._start_wait_until: float | None = None
         super().__init__(*args, **kwargs)
 
     @default("cmd")
@@ -523,7 +531,7 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
 
     async def _start(self) -> str:
         """KubeSpawner's start; the session may then fetch the user's access token once."""
-        self._refusal, self._trouble_since = None, None
+        self._refusal, self._trouble_since, self._start_wait_until = None, None, None
         self._token_to_hand, self._token_handed = self.access_token, False
         try:
             url: str = await super()._start()
@@ -768,8 +776,11 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         it times out. Here the list is tried again for up to ``k8s_api_request_retry_timeout``
         seconds, and a reflector whose first list failed (or whose watch gave up) is replaced.
         A refusal (403) is tried again too: an API server that has just started refuses until
-        it has read the Roles. One that lasts is one sentence.
+        it has read the Roles. One that lasts is one sentence. The pod reflector is a
+        :class:`WatchedPodReflector`, so a start ends as soon as the watch shows its pod running.
         """
+        if kind == "pods":
+            reflector_class = WatchedPodReflector
         previous = type(self).reflectors.get(self._get_reflector_key(kind))
         if previous is not None and not replace and _reflector_broken(previous):
             self.log.warning(
@@ -826,7 +837,34 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
             raise spawn_error(message, "refused", 500) from None
 
     # Progress
-    def is_pod_running(self, pod: dict[str, Any] | None) -> bool:
+    def is_pod_running(self, pod: dict[str, Any] | None) -> Any:
+        """KubeSpawner's check; while starting, a wait for the pod watch to show it running.
+
+        KubeSpawner's start asks with exponential back-off and awaits what it gets; here its
+        first question waits until the pod runs (or cannot), woken by each change of the pod,
+        up to ``start_timeout``. ``poll()`` also asks, from another task: a bool, as before.
+        """
+        start = self._start_future
+        starting = start is not None and not start.done() and asyncio.current_task() is start
+        if starting and isinstance(self.pod_reflector, WatchedPodReflector):
+            return self._running_when_watched()
+        return self._pod_running_now(pod)
+
+    async def _running_when_watched(self) -> bool:
+        """Whether the pod runs, once the pod watch shows it or ``start_timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        if self._start_wait_until is None:
+            self._start_wait_until = loop.time() + self.start_timeout
+        key = f"{self.namespace}/{self.pod_name}"
+        while True:
+            reflector = self.pod_reflector
+            running = self._pod_running_now(reflector.pods.get(key))
+            remaining = self._start_wait_until - loop.time()
+            if running or remaining <= 0 or not isinstance(reflector, WatchedPodReflector):
+                return running
+            await reflector.changed(key, min(remaining, RECHECK_SECONDS))
+
+    def _pod_running_now(self, pod: dict[str, Any] | None) -> bool:
         """KubeSpawner's check, but a pod that can never start ends the spawn.
 
         The end is one sentence, and only while starting: ``poll()`` also asks, and must never

@@ -190,6 +190,77 @@ async def test_a_claim_still_missing_after_the_wait_ends_the_spawn(cluster, make
         await spawner.stop(now=True)
 
 
+async def test_the_start_ends_when_the_watch_shows_the_pod_running(cluster, make_spawner, storage):
+    """Not at KubeSpawner's next look: after a 3 s pull, its back-off looks up to 1.6 s apart."""
+    _emulator, server = cluster
+    spawner = make_spawner(**TIMEOUTS)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    async with FakeKubelet(server, pull_seconds=3).running() as kubelet:
+        await spawner._run_apply_user_options(spawner.user_options)
+        start = spawner.start()
+        while not kubelet.pods:
+            await asyncio.sleep(0.05)
+        # poll() asks the same question from its own task, and gets a bool.
+        assert spawner.is_pod_running(kubelet.pods[0]) is False
+        assert await spawner.poll() is None
+        assert await asyncio.wait_for(start, 20) == "http://127.0.0.1:8888"
+        late = time.perf_counter() - kubelet.running_at[spawner.pod_name]
+        assert 0 <= late < 0.3
+        assert spawner.is_pod_running(spawner.pod_reflector.pods[f"test/{spawner.pod_name}"])
+        # Nobody is left waiting on the pod.
+        assert not spawner.pod_reflector._waiters
+        await spawner.stop(now=True)
+
+
+async def test_a_reflector_kubespawner_started_serves_a_casa_start(cluster, make_spawner, storage):
+    """A hub running both spawners shares KubeSpawner's reflector: the start looks as it did."""
+    from kubespawner import KubeSpawner
+    from kubespawner.spawner import PodReflector
+
+    from casaspawner.kube.reflector import WatchedPodReflector
+
+    _emulator, server = cluster
+    plain = KubeSpawner(_mock=True, user=FakeUser(name="bob"), namespace="test")
+    reflector = await plain._start_watching_pods()
+    assert type(reflector) is PodReflector
+    spawner = make_spawner(**TIMEOUTS)
+    spawner.user_options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    async with FakeKubelet(server).running():
+        url, _ = await start_collecting_progress(spawner)
+        assert url == "http://127.0.0.1:8888"
+        assert spawner.pod_reflector is reflector
+        assert not isinstance(reflector, WatchedPodReflector)
+        await spawner.stop(now=True)
+
+
+async def test_the_watched_reflector_wakes_its_waiters(cluster, make_spawner):
+    """On a pod set or popped by the watch, on a full list, and after the timeout otherwise."""
+    spawner = make_spawner()
+    reflector = await spawner._start_watching_pods()
+    key = "test/jupyter-alice"
+
+    async def woken_by(change) -> float:
+        waiting = asyncio.ensure_future(reflector.changed(key, 5))
+        await asyncio.sleep(0.05)
+        began = time.perf_counter()
+        change()
+        await waiting
+        return time.perf_counter() - began
+
+    assert await woken_by(lambda: reflector.resources.__setitem__(key, {"n": 1})) < 0.5
+    assert await woken_by(lambda: reflector.resources.pop(key, None)) < 0.5
+    assert await woken_by(lambda: setattr(reflector, "resources", {})) < 0.5
+    # Another pod's change does not wake it; the timeout does.
+    other = "test/jupyter-bob"
+    began = time.perf_counter()
+    waiting = asyncio.ensure_future(reflector.changed(key, 0.5))
+    await asyncio.sleep(0.05)
+    reflector.resources[other] = {"n": 2}
+    await waiting
+    assert time.perf_counter() - began >= 0.5
+    assert not reflector._waiters
+
+
 #: What a real API server sends with a 500 (a Status), and what a proxy in front of it may send
 #: instead.
 API_500 = {

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import itertools
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Mapping
@@ -146,6 +147,8 @@ class FakeKubelet:
         self.pull_seconds = pull_seconds
         self.seen: set[str] = set()
         self.pods: list[dict[str, Any]] = []
+        # When each pod was reported Running (perf_counter seconds), by name.
+        self.running_at: dict[str, float] = {}
         self.errors: list[Exception] = []
 
     async def _event(
@@ -249,6 +252,7 @@ class FakeKubelet:
         await asyncio.sleep(self.pull_seconds)
         await self._event(pod, "Pulled", f'Successfully pulled image "{image}"')
         await self._event(pod, "Started", "Started container notebook")
+        self.running_at[pod["metadata"]["name"]] = time.perf_counter()
         await self._patch(
             pod,
             {
