@@ -713,8 +713,9 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
     async def _create_pod_once(self, pod: dict[str, Any], request_timeout: float) -> bool:
         """KubeSpawner's pod request, its answer unread; whether the pod was created.
 
-        As KubeSpawner does, a pod of the same name left over is deleted and the request tried
-        again, and a request that times out is tried again.
+        As KubeSpawner does, a request that times out is tried again, and a pod of the same name
+        left over is deleted and the request tried again; but not the pod of a request that timed
+        out and yet created it (a busy API server), which is this start's.
         """
         name = pod["metadata"]["name"]
         self.log.info("Attempting to create pod %s, with timeout %s", name, request_timeout)
@@ -730,11 +731,31 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         except ApiException as exc:
             if exc.status != 409:
                 raise
+            if await self._pod_is_this_starts(name, request_timeout):
+                self.log.info("Pod %s was created by a request that timed out", name)
+                return True
             self.log.info("Found existing pod %s, attempting to kill", name)
             # KubeSpawner's stop alone: this spawn goes on, its token and record with it.
             await KubeSpawner.stop(self, True)
             return False
         return True
+
+    async def _pod_is_this_starts(self, name: str, request_timeout: float) -> bool:
+        """Whether the pod ``name`` carries this start's API token, new for each start."""
+        try:
+            pod = await asyncio.wait_for(
+                self.api.read_namespaced_pod(name, self.namespace), request_timeout
+            )
+        except (ApiException, *CONNECTION_ERRORS):
+            return False
+        if pod.metadata.deletion_timestamp is not None:
+            return False
+        for container in pod.spec.containers:
+            for variable in container.env or ():
+                if variable.name == "JUPYTERHUB_API_TOKEN" and variable.value:
+                    mine = (self.api_token or "").encode()
+                    return bool(mine) and hmac.compare_digest(variable.value.encode(), mine)
+        return False
 
     def refused_for_now(self, exc: ApiException) -> bool:
         """Whether the API refused the hub for now; the request is then tried again.

@@ -399,6 +399,25 @@ async def test_a_leftover_pod_of_the_same_name_is_replaced_and_the_token_still_h
         await spawner.stop(now=True)
 
 
+async def test_a_pod_a_timed_out_request_created_is_kept(cluster, make_spawner, storage):
+    """A busy API server may create the pod after the hub's request timed out: the next
+    attempt's 409 is then this start's own pod (it carries its API token), kept, not replaced."""
+    emulator, server = cluster
+    options = {"dataset": dataset_in(storage, "alice", "cycle10")}
+    earlier, spawner = make_spawner(**TIMEOUTS), make_spawner(**TIMEOUTS)
+    # The same start's token: the pod its own first request made.
+    earlier.api_token = spawner.api_token = "server-api-token"
+    async with FakeKubelet(server).running():
+        earlier.user_options = spawner.user_options = options
+        await start_collecting_progress(earlier)
+        made = stored(emulator, "pods")["jupyter-alice"]["metadata"]["uid"]
+        url, _ = await start_collecting_progress(spawner)
+        assert url == "http://127.0.0.1:8888"
+        assert stored(emulator, "pods")["jupyter-alice"]["metadata"]["uid"] == made
+        assert not [r for r in emulator if r.method.value == "DELETE"]
+        await spawner.stop(now=True)
+
+
 async def test_saved_state_restores_into_a_fresh_spawner(cluster, make_spawner, storage):
     """A new spawner with no reflectors left (a real hub restart: tests/kube/test_kube_hub.py)
     finds the pod."""
