@@ -451,6 +451,10 @@ class Change:
     name: str
     resource_version: int
     owners: list[str]
+    # Whether the object is a pod running with every container ready, as KubeSpawner asks.
+    running: bool = False
+    # When this watch saw it (perf_counter seconds).
+    seen: float = 0.0
 
 
 class Recorder:
@@ -489,6 +493,9 @@ class Recorder:
             async for event in stream:
                 raw = event["raw_object"]
                 owners = [o["uid"] for o in raw["metadata"].get("ownerReferences") or []]
+                status = raw.get("status") or {}
+                statuses = status.get("containerStatuses") or []
+                running = status.get("phase") == "Running" and all(c["ready"] for c in statuses)
                 self.changes.append(
                     Change(
                         kind,
@@ -496,8 +503,14 @@ class Recorder:
                         raw["metadata"]["name"],
                         int(raw["metadata"]["resourceVersion"]),
                         owners,
+                        running and bool(statuses),
+                        time.perf_counter(),
                     )
                 )
+
+    def first_running(self, name: str) -> float:
+        """When this watch first saw the pod ``name`` running (perf_counter seconds)."""
+        return next(c.seen for c in self.changes if c.name == name and c.running)
 
     async def __aexit__(self, *exc: object) -> None:
         for task in self._tasks:
