@@ -864,6 +864,8 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         KubeSpawner's start asks with exponential back-off and awaits what it gets; here its
         first question waits until the pod runs (or cannot), woken by each change of the pod,
         up to ``start_timeout``. ``poll()`` also asks, from another task: a bool, as before.
+        So does a hook, except one that runs in the start's task (``after_pod_created_hook``):
+        it gets the wait, to await.
         """
         start = self._start_future
         starting = start is not None and not start.done() and asyncio.current_task() is start
