@@ -26,9 +26,10 @@ _IMAGE_PRESENT = ("Pulled", "Created", "Started")
 #: The scheduler's words for a claim that may yet appear or be bound.
 #:
 #: A provisioner may still be binding a new claim, and a scheduler whose view lags the API (it
-#: is reconnecting after an API server restart) has not seen a claim just made.
+#: is reconnecting after an API server restart) has not seen a claim just made, or the volume a
+#: claim is bound to.
 _CLAIM_PENDING = re.compile(
-    r'persistentvolumeclaim "[^"]*" not found|unbound immediate PersistentVolumeClaims'
+    r'persistentvolume(claim)? "[^"]*" not found|unbound immediate PersistentVolumeClaims'
 )
 
 

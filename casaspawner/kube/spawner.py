@@ -222,9 +222,10 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         60,
         help="""
         Seconds a spawn waits, once the scheduler has said that a volume claim of the session
-        pod is missing or not yet bound, before it ends with that sentence. A provisioner may
-        still be binding a new claim, and after an API server restart the scheduler may not
-        have seen a claim made moments before; both pass by themselves. Other scheduling
+        pod (or the volume it is bound to) is missing or not yet bound, before it ends with that
+        sentence. A provisioner may still be binding a new claim, and after an API server
+        restart the scheduler may not have seen a claim or volume made moments before; both
+        pass by themselves. Other scheduling
         failures end the spawn at once (``unschedulable_is_fatal``).
         """,
     ).tag(config=True)
