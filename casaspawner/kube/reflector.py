@@ -1,7 +1,7 @@
 """A pod reflector that wakes a starting spawn when its pod changes.
 
 KubeSpawner waits for a new pod by looking at its reflector's copy of the pod with jittered
-exponential back-off (after 0.2 s, then up to 0.4 s, … up to 5 s apart), so a start ends up to
+exponential back-off (up to 0.2 s apart, then up to 0.4 s, … up to 5 s), so a start ends up to
 that long after the pod watch showed the pod running. :class:`WatchedPodReflector` is the same
 reflector, whose pods, when one changes or all are listed again, wake whoever waits on them.
 """
