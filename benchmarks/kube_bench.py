@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import pstats
+import random
 import re
 import resource
 import secrets
@@ -598,10 +599,12 @@ class Round:
     requests: dict[str, int]
     stop_requests: dict[str, int]
     elapsed: float
+    #: The round's block: each block runs every flavour once, one after the other.
+    block: int = 0
 
 
 async def one_round(
-    users: Users, flavour: str, setting: Setting, concurrency: int, cache: str
+    users: Users, flavour: str, setting: Setting, concurrency: int, cache: str, block: int = 0
 ) -> Round:
     spawners = [users.spawner(flavour, setting, i) for i in range(concurrency)]
     options = [users.options(flavour, i) for i in range(concurrency)]
@@ -637,6 +640,7 @@ async def one_round(
         dict(requests),
         dict(stop_requests),
         elapsed,
+        block,
     )
 
 
@@ -650,7 +654,7 @@ def clear_resolution_cache() -> None:
 
 
 #: Rounds per flavour and concurrency, after the first (cold) one.
-WARM_ROUNDS = {1: 12, 20: 3, 100: 2}
+WARM_ROUNDS = {1: 12, 20: 6, 100: 3}
 
 
 async def overhead(users: Users, settings: list[Setting], levels: tuple[int, ...]) -> list[Round]:
@@ -668,9 +672,8 @@ async def overhead(users: Users, settings: list[Setting], levels: tuple[int, ...
             for index in range(1 + WARM_ROUNDS[concurrency]):
                 cache = "cold" if index == 0 else "warm"
                 for flavour in FLAVOURS if index % 2 == 0 else reversed(FLAVOURS):
-                    done = await one_round(
-                        users, flavour, setting, concurrency, cache if flavour == "casa" else "-"
-                    )
+                    state = cache if flavour == "casa" else "-"
+                    done = await one_round(users, flavour, setting, concurrency, state, index)
                     rounds.append(done)
                     median = statistics.median(s.answering for s in done.spawns)
                     log(
@@ -692,6 +695,7 @@ def summarise(rounds: list[Round]) -> list[dict[str, Any]]:
     keys = sorted({(r.setting, r.concurrency) for r in rounds}, key=lambda k: (k[0], k[1]))
     for setting, concurrency in keys:
         rows: dict[str, Any] = {"setting": setting, "concurrency": concurrency}
+        chosen_by_label: dict[str, list[Round]] = {}
         for flavour, cache in FLAVOUR_ROWS:
             chosen = [
                 r
@@ -707,13 +711,14 @@ def summarise(rounds: list[Round]) -> list[dict[str, Any]]:
             for r in chosen:
                 requests.update(r.requests)
             label = flavour if flavour in PLAIN else f"casa_{cache}"
+            chosen_by_label[label] = chosen
             rows[label] = {
                 "spawns": count,
                 "rounds": len(chosen),
                 "running_median_s": statistics.median(s.running for s in spawns),
-                "answering_median_s": statistics.median(s.answering for s in spawns),
+                "answering_median_s": _median_answering(chosen),
                 "answering_p90_s": _quantile([s.answering for s in spawns], 0.9),
-                "hub_cpu_ms_per_spawn": sum(r.hub_cpu for r in chosen) / count * 1e3,
+                "hub_cpu_ms_per_spawn": _cpu_per_spawn(chosen) * 1e3,
                 "worker_cpu_ms_per_spawn": sum(r.worker_cpu for r in chosen) / count * 1e3,
                 "stop_hub_cpu_ms_per_spawn": sum(r.stop_cpu for r in chosen) / count * 1e3,
                 "requests_per_spawn": sum(requests.values()) / count,
@@ -735,9 +740,55 @@ def summarise(rounds: list[Round]) -> list[dict[str, Any]]:
                     )
                     / (kube["hub_cpu_ms_per_spawn"] + kube["worker_cpu_ms_per_spawn"]),
                     "requests": casa["requests_per_spawn"] / kube["requests_per_spawn"],
+                    **_intervals(chosen_by_label[label], chosen_by_label[base]),
                 }
         table.append(rows)
     return table
+
+
+#: Resamples of the blocks behind each ratio's interval, and the interval's coverage.
+RESAMPLES, COVERAGE = 2000, 0.95
+
+
+def _intervals(rounds: list[Round], base: list[Round]) -> dict[str, Any]:
+    """The wall and CPU ratios over the blocks both ran in, with intervals from resampling them.
+
+    Rounds of one block ran one after the other, so they shared the cluster's state; the blocks
+    differ much more (the machine's other load, etcd's compactions). A resample draws blocks with
+    replacement and keeps each drawn block's rounds of both flavours together. Empty with fewer
+    than two such blocks.
+    """
+    mine = {r.block: r for r in rounds}
+    theirs = {r.block: r for r in base}
+    blocks = sorted(mine.keys() & theirs.keys())
+    if len(blocks) < 2:
+        return {}
+
+    def ratios(drawn: list[int]) -> tuple[float, float]:
+        a, b = [mine[k] for k in drawn], [theirs[k] for k in drawn]
+        wall = _median_answering(a) / _median_answering(b)
+        return wall, _cpu_per_spawn(a) / _cpu_per_spawn(b)
+
+    draw = random.Random(0)
+    resampled = [ratios([draw.choice(blocks) for _ in blocks]) for _ in range(RESAMPLES)]
+    walls, cpus = [w for w, _ in resampled], [c for _, c in resampled]
+    tail = (1 - COVERAGE) / 2
+    wall, cpu = ratios(blocks)
+    return {
+        "blocks": len(blocks),
+        "wall_answering_paired": wall,
+        "wall_answering_interval": [_quantile(walls, tail), _quantile(walls, 1 - tail)],
+        "hub_cpu_paired": cpu,
+        "hub_cpu_interval": [_quantile(cpus, tail), _quantile(cpus, 1 - tail)],
+    }
+
+
+def _median_answering(rounds: list[Round]) -> float:
+    return statistics.median(s.answering for r in rounds for s in r.spawns)
+
+
+def _cpu_per_spawn(rounds: list[Round]) -> float:
+    return sum(r.hub_cpu for r in rounds) / sum(len(r.spawns) for r in rounds)
 
 
 def _quantile(values: list[float], q: float) -> float:
