@@ -1,14 +1,14 @@
 """Write the session's reproducibility record into the user's storage, as the user.
 
 The hub puts the record (an RO-Crate's JSON-LD, built by ``casaspawner.session.record``) in
-``$CASASPAWNER_RECORD``, base64-encoded, and its directory in ``$CASASPAWNER_RECORD_DIR``. This
-Jupyter server extension, running as the session's user, writes ``ro-crate-metadata.json`` there
-when the server starts, then adds what only the session can see: the sha256 and size of the
-evidence file that decided the build, and the version of the measures data it reads. On
-Kubernetes it then asks the hub for the image's digest, which the hub reads from the pod's status
-once the pod runs. When the server stops it completes the record with the end time.
-``python -m casaspawner.insession.record stop <dir>`` completes a record whose session could not
-(the local spawner runs it, as the user, after the session's process ended).
+``$CASASPAWNER_RECORD``, compressed and base64-encoded, and its directory in
+``$CASASPAWNER_RECORD_DIR``. This Jupyter server extension, running as the session's user, writes
+``ro-crate-metadata.json`` there when the server starts, then adds what only the session can see:
+the sha256 and size of the evidence file that decided the build, and the version of the measures
+data it reads. On Kubernetes it then asks the hub for the image's digest, which the hub reads from
+the pod's status once the pod runs. When the server stops it completes the record with the end
+time. ``python -m casaspawner.insession.record stop <dir>`` completes a record whose session could
+not (the local spawner runs it, as the user, after the session's process ended).
 
 Nothing here imports the hub side of casaspawner. A record that cannot be written is logged and
 the session runs on.
@@ -17,7 +17,6 @@ the session runs on.
 from __future__ import annotations
 
 import atexit
-import base64
 import hashlib
 import json
 import os
@@ -45,6 +44,7 @@ from casaspawner.runtime import (
     RUN_IMAGE_KEY_ENV,
     RUN_IMAGE_KEY_HEADER,
     RUN_IMAGE_URL_ENV,
+    record_from_text,
 )
 
 ACTIVE = "http://schema.org/ActiveActionStatus"
@@ -198,7 +198,7 @@ def start(environ: Mapping[str, str]) -> Path | None:
     with _LOCK:
         record = read_record(where)
         if record is None:
-            record = json.loads(base64.b64decode(text, validate=True))
+            record = record_from_text(text)
         action = entity(record, RECORD_ACTION_ID)
         if action is not None and action.pop("endTime", None) is not None:
             action["actionStatus"] = {"@id": ACTIVE}

@@ -133,7 +133,7 @@ def run_job(
 ) -> dict[str, Any]:
     """The batch/v1 Job running ``spec`` (:func:`run_spec`) once, as the plan's user.
 
-    ``record`` is the run's record (:func:`casaspawner.session.record.record_text`), which the
+    ``record`` is the run's record (:func:`casaspawner.runtime.record_text`), which the
     pod writes beside the run. The pod mounts what a session of ``plan`` mounts but the token;
     its resources are the chosen size's; it runs at most ``deadline`` seconds and the Job is
     deleted ``ttl`` seconds after it ends. ``args`` follow the image's entrypoint;

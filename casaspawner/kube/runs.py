@@ -47,7 +47,7 @@ from casaspawner.plan import (
     make_plan,
     with_measures,
 )
-from casaspawner.runtime import RECORD_FILE, RECORD_RUNTIME_ID, RUN_IMAGE_URL_ENV
+from casaspawner.runtime import RECORD_FILE, RECORD_RUNTIME_ID, RUN_IMAGE_URL_ENV, record_text
 from casaspawner.session.config import sizes as config_sizes
 from casaspawner.session.identity import identity_from_login
 from casaspawner.session.measures import measures_for
@@ -56,7 +56,6 @@ from casaspawner.session.record import (
     RecordFacts,
     Runtime,
     image_digest,
-    record_text,
     run_record,
 )
 from casaspawner.session.runs import (

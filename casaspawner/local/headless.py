@@ -70,8 +70,9 @@ from casaspawner.runtime import (
     RECORD_ENV,
     RECORD_FILE,
     cache_dir,
+    record_text,
 )
-from casaspawner.session.record import RecordFacts, Runtime, record_text, run_record
+from casaspawner.session.record import RecordFacts, Runtime, run_record
 from casaspawner.session.runs import (
     ERROR_FILE,
     EXIT_STOPPED,

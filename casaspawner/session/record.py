@@ -17,7 +17,6 @@ the end time. The ``@id`` of each entity the session completes is fixed in
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from dataclasses import dataclass
@@ -341,15 +340,6 @@ def run_record(
         f"Reproducibility record of a headless casaspawner run: {summary}. {plan.reason}"
     )
     return {**record, "@graph": [*graph, script_entity, argument]}
-
-
-def record_text(record: dict[str, Any]) -> str:
-    """The record as the session's variable carries it: its JSON in base64.
-
-    Base64, because KubeSpawner expands ``{…}`` templates in variables, and JSON has braces.
-    """
-    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-    return base64.b64encode(text.encode()).decode("ascii")
 
 
 def _file_url(path: str, directory: bool = False) -> str:

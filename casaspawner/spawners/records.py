@@ -19,14 +19,13 @@ from traitlets import Bool, Unicode, default
 
 from casaspawner.errors import ConfigurationError
 from casaspawner.plan import SessionPlan, StorageLayout
-from casaspawner.runtime import RECORD_DIR_ENV, RECORD_ENV
+from casaspawner.runtime import RECORD_DIR_ENV, RECORD_ENV, record_text
 from casaspawner.session.record import (
     RECORDS_DIR,
     RecordFacts,
     Runtime,
     dataset_path,
     record_directory,
-    record_text,
     session_record,
 )
 from casaspawner.session.relaunch import PastSession, remember

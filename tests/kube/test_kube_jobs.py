@@ -38,7 +38,7 @@ from casaspawner.kube.runs import (
     submission,
 )
 from casaspawner.local.run_job import describe, image_command
-from casaspawner.runtime import RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV
+from casaspawner.runtime import RUN_IMAGE_KEY_ENV, RUN_IMAGE_URL_ENV, record_from_text
 from casaspawner.session.runs import CASA_RUNNER, RUN_FILE, casa_command
 
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -115,7 +115,7 @@ def test_the_job_carries_the_run_and_its_record_in_her_paths(storage: Path) -> N
     assert run["processes"] == 4 and run["environment"]["OMP_NUM_THREADS"] == "4"
     assert run["environment"]["CASASPAWNER_DATASET"] == dataset
     assert run["environment"]["CASASPAWNER_CASA_LOGFILE"].startswith(f"{run['run_dir']}/casa-")
-    record = json.loads(base64.b64decode(env["CASASPAWNER_RECORD"]))
+    record = record_from_text(env["CASASPAWNER_RECORD"])
     graph = {item["@id"]: item for item in record["@graph"]}
     script = storage / "home" / "alice" / typed / "restore.py"
     assert graph["#script"]["sha256"] == hashlib.sha256(script.read_bytes()).hexdigest()
@@ -301,9 +301,7 @@ def test_the_hub_never_follows_her_links_to_the_script(
     # The file itself, by name or by path, is hashed.
     args = build_parser().parse_args([*argv, "--", f"/arc/home/alice/{typed}/real.py"])
     record = env_of(asyncio.run(submission(args))["spec"]["template"]["spec"]["containers"][0])
-    graph = {
-        i["@id"]: i for i in json.loads(base64.b64decode(record["CASASPAWNER_RECORD"]))["@graph"]
-    }
+    graph = {i["@id"]: i for i in record_from_text(record["CASASPAWNER_RECORD"])["@graph"]}
     assert graph["#script"]["sha256"] == hashlib.sha256(b"print(1)\n").hexdigest()
 
 
@@ -413,7 +411,7 @@ def test_a_run_reads_the_newest_measures_kept_by_version(storage: Path, tmp_path
     (container,) = job["spec"]["template"]["spec"]["containers"]
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/opt/casa/measures"]
     assert (mount["subPath"], mount["readOnly"]) == ("2026-12-01", True)
-    record = json.loads(base64.b64decode(env_of(container)["CASASPAWNER_RECORD"]))
+    record = record_from_text(env_of(container)["CASASPAWNER_RECORD"])
     graph = {e["@id"]: e for e in record["@graph"]}
     assert graph["#measures"]["identifier"] == "2026-12-01"
     with pytest.raises(InvalidInput, match="^--measures-path .* holds no measures version"):

@@ -8,13 +8,13 @@ tests/session/test_session_record.py.
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import PurePosixPath
 
 import pytest
 from support.datasets import dataset_in
 
+from casaspawner.runtime import record_from_text
 from casaspawner.spawners.errors import SpawnException
 
 DIGEST = "0123456789abcdef" * 4
@@ -34,7 +34,7 @@ async def test_the_pod_carries_the_record_and_its_directory(make_spawner, storag
     assert directory.startswith("/arc/home/alice/.casaspawner/sessions/")
     assert directory.endswith("-member.uid___A001_X3621_X3d68")
     assert spawner.session_record_dir == directory
-    record = json.loads(base64.b64decode(env["CASASPAWNER_RECORD"]))
+    record = record_from_text(env["CASASPAWNER_RECORD"])
     graph = {item["@id"]: item for item in record["@graph"]}
     action = graph["#session"]
     assert action["containerImage"] == {"@id": "#runtime"} and action["startTime"]
@@ -187,7 +187,7 @@ async def test_measures_kept_by_version_are_mounted_recorded_and_relaunched(
     (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "notebook"]
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/opt/casa/measures"]
     assert (mount["subPath"], mount["readOnly"]) == ("2026-12-01", True)
-    record = json.loads(base64.b64decode(pod_env(pod)["CASASPAWNER_RECORD"]))
+    record = record_from_text(pod_env(pod)["CASASPAWNER_RECORD"])
     graph = {item["@id"]: item for item in record["@graph"]}
     assert graph["#measures"]["identifier"] == "2026-12-01"
     spawner.record_session(spawner.session_plan)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -40,9 +41,12 @@ from casaspawner.runtime import (
     RECORD_DIR_ENV,
     RECORD_ENV,
     RECORD_FILE,
+    RECORD_LIMIT,
     RUN_IMAGE_KEY_ENV,
     RUN_IMAGE_KEY_HEADER,
     RUN_IMAGE_URL_ENV,
+    record_from_text,
+    record_text,
 )
 from casaspawner.session.record import (
     COMPLETED,
@@ -54,7 +58,6 @@ from casaspawner.session.record import (
     image_parts,
     record_directory,
     record_name,
-    record_text,
     run_record,
     session_record,
 )
@@ -163,9 +166,25 @@ def test_the_record_of_an_exact_session(tmp_path: Path, catalog: Catalog) -> Non
     ids = set(entities)
     refs = [v["@id"] for e in entities.values() for v in _references(e)]
     assert not [r for r in refs if r not in ids and not r.startswith("http")]
-    # One line without braces, for a variable KubeSpawner expands templates in.
+    # One line without braces, for a variable KubeSpawner expands templates in; compressed.
     text = record_text(record)
-    assert json.loads(base64.b64decode(text)) == record and not set("{}\n") & set(text)
+    assert record_from_text(text) == record and not set("{}\n") & set(text)
+    plain = base64.b64encode(json.dumps(record).encode()).decode()
+    assert len(text) < len(plain) / 2
+
+
+def test_a_record_variable_is_read_plain_or_compressed_and_bounded(tmp_path: Path) -> None:
+    record = {"@graph": [{"@id": "#session", "name": "x" * 1000}]}
+    plain = base64.b64encode(json.dumps(record).encode()).decode()
+    assert record_from_text(plain) == record == record_from_text(record_text(record))
+    # As earlier hubs wrote it, plain: the session still writes it.
+    insession.start({RECORD_ENV: plain, RECORD_DIR_ENV: str(tmp_path / "r")})
+    assert written(tmp_path / "r")["@graph"][0]["name"] == "x" * 1000
+    bomb = base64.b64encode(zlib.compress(b"[" + b" " * (RECORD_LIMIT + 10) + b"]")).decode()
+    cut = base64.b64encode(zlib.compress(json.dumps(record).encode())[:-8]).decode()
+    for bad in (bomb, cut, base64.b64encode(b"not a record").decode(), "no base64!"):
+        with pytest.raises(ValueError):
+            record_from_text(bad)
 
 
 def _references(entity: dict) -> list[dict]:
