@@ -509,6 +509,28 @@ async def spawn(spawner: Any, options: dict[str, Any]) -> Spawn:
     return Spawn(running - began, answering - began)
 
 
+#: The session's side of fetching its token, in a process of its own as it is in the pod. Each
+#: input line ``<id> <port> <pod> <token>`` is one request, answered by ``<id> <answer in hex>``.
+SESSION_SIDE = r"""
+import socket, sys, threading
+lock = threading.Lock()
+def fetch(ident, port, name, token):
+    request = (
+        f"POST /casa-token/{name} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: token {token}\r\nContent-Length: 2\r\n"
+        "Connection: close\r\n\r\n{}"
+    )
+    with socket.create_connection(("127.0.0.1", int(port))) as conn:
+        conn.sendall(request.encode())
+        answer = b"".join(iter(lambda: conn.recv(65536), b""))
+    with lock:
+        sys.stdout.write(f"{ident} {answer.hex()}\n")
+        sys.stdout.flush()
+for line in sys.stdin:
+    threading.Thread(target=fetch, args=line.split()).start()
+"""
+
+
 class TokenDesk:
     """The hub's side of a session fetching its access token, over HTTP, in this process.
 
@@ -516,13 +538,15 @@ class TokenDesk:
     at a tornado handler of its own on 127.0.0.1. The handler does what the hub's does (the
     pod's address from the pod watch, the spawner's checks and hand-out) but JupyterHub's own
     token lookup; the request's address is the pod's, which the benchmark's requests cannot
-    come from. The session's side is a bare HTTP/1.1 request on a socket, so the CPU counted is
-    almost all the handler's.
+    come from. The session's side (connecting, sending, reading) runs in a process of its own,
+    as it runs in the pod: the hub's CPU counted is the handler's, and a line each way on a pipe.
     """
 
     def __init__(self) -> None:
         self.spawners: dict[str, Any] = {}
         self.port = 0
+        self.session_side: asyncio.subprocess.Process | None = None
+        self.waiting: dict[str, asyncio.Future[bytes]] = {}
 
     async def start(self) -> None:
         from tornado import web
@@ -542,24 +566,42 @@ class TokenDesk:
         app = web.Application([(r"/casa-token/([^/]+)", Handler)], log_function=lambda _: None)
         server = app.listen(0, "127.0.0.1")
         self.port = next(iter(server._sockets.values())).getsockname()[1]
+        self.session_side = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            SESSION_SIDE,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        asyncio.get_running_loop().create_task(self._answers())
+
+    async def _answers(self) -> None:
+        assert self.session_side is not None and self.session_side.stdout is not None
+        async for line in self.session_side.stdout:
+            ident, answer = line.split()
+            self.waiting.pop(ident.decode()).set_result(bytes.fromhex(answer.decode()))
 
     async def fetch(self, spawner: Any) -> None:
         self.spawners[spawner.pod_name] = spawner
         if not self.port:
             await self.start()
-        request = (
-            f"POST /casa-token/{spawner.pod_name} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: token {spawner.api_token}\r\nContent-Length: 2\r\n"
-            "Connection: close\r\n\r\n{}"
-        )
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(request.encode())
-        answer = await reader.read()
-        writer.close()
+        assert self.session_side is not None and self.session_side.stdin is not None
+        ident = secrets.token_hex(8)
+        answered = self.waiting[ident] = asyncio.get_running_loop().create_future()
+        line = f"{ident} {self.port} {spawner.pod_name} {spawner.api_token}\n"
+        self.session_side.stdin.write(line.encode())
+        answer = await asyncio.wait_for(answered, 60)
         head, body = answer.split(b"\r\n\r\n", 1)
         if not head.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(f"{spawner.pod_name}: the token was not handed out: {answer!r}")
         assert json.loads(body)["token"] == spawner.access_token, answer
+
+    async def close(self) -> None:
+        """End the session side's process."""
+        if self.session_side is not None and self.session_side.stdin is not None:
+            self.session_side.stdin.close()
+            await self.session_side.wait()
+            self.session_side = None
 
 
 TOKEN_DESK = TokenDesk()
@@ -847,6 +889,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         from kubespawner import KubeSpawner
 
         await KubeSpawner._stop_all_reflectors()
+        await TOKEN_DESK.close()
         return {"rounds": [asdict(r) for r in rounds], "summary": summarise(rounds)}
     finally:
         COUNTER.uninstall()
