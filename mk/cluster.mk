@@ -62,7 +62,7 @@ k8s-test: venv chp cluster-build k8s-images
 		$(BIN)/pytest -p no:cacheprovider -p no:hypothesispytest tests/k8s $(PYTEST_ARGS)
 
 # Spawn cost of CASASpawner beside a plain KubeSpawner on this cluster (benchmarks/kube_bench.py,
-# about 25 min: results/kube-spawn.json), then a real hub keeping 1,000 sessions on kwok's fake
+# about 33 min: results/kube-spawn.json), then a real hub keeping 1,000 sessions on kwok's fake
 # nodes (kube_scale.py, about 10 min: results/kube-scale.json), both in the cluster's network
 # namespace. The cluster is started (or reused) and stopped again if this target started it.
 # BENCH_KUBE_ARGS and BENCH_SCALE_ARGS narrow them, e.g. `--levels 1 20 --settings fake` and
