@@ -131,10 +131,14 @@ class _LinkDirectories:
 
     A temporary directory of its own for each read cost the hub's event loop about a
     millisecond a spawn (its random name, then a tree removal); these are a ``mkdir`` and a
-    ``rmdir``. The process's directory goes when the process ends.
+    ``rmdir``. The process's directory goes when the process ends. It is in ``memory`` where
+    the hub may write there: on a journalled disk the four calls of a read cost about 120 µs
+    of CPU, on tmpfs about 20.
     """
 
-    def __init__(self) -> None:
+    # mkdtemp makes a private directory with a random name there, as it does in /tmp.
+    def __init__(self, memory: str = "/dev/shm") -> None:  # noqa: S108
+        self.memory = memory
         self._root: str | None = None
         # The process and user that made it: a child forked since, or a process whose user
         # changed, makes its own.
@@ -153,7 +157,9 @@ class _LinkDirectories:
     def _make(self) -> str:
         owner = (os.getpid(), os.geteuid())
         if self._root is None or self._owner != owner:
-            self._root, self._owner = tempfile.mkdtemp(prefix="casaspawner-datasets-"), owner
+            where = self.memory if os.access(self.memory, os.W_OK | os.X_OK) else None
+            self._root = tempfile.mkdtemp(prefix="casaspawner-datasets-", dir=where)
+            self._owner = owner
             atexit.register(_remove_tree, self._root, owner[0])
         path = os.path.join(self._root, str(next(self._names)))
         os.mkdir(path, 0o700)

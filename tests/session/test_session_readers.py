@@ -15,7 +15,12 @@ from casaspawner.datasets.resolve import resolve_path
 from casaspawner.datasets.synth import write_dataset
 from casaspawner.errors import InvalidInput
 from casaspawner.plan import Identity, StorageLayout
-from casaspawner.session.readers import StorageMountReader, StorageRoot, locate_in_storage
+from casaspawner.session.readers import (
+    StorageMountReader,
+    StorageRoot,
+    _LinkDirectories,
+    locate_in_storage,
+)
 
 
 def test_locate_in_storage_is_pure_and_strict():
@@ -62,6 +67,21 @@ def test_each_read_has_a_private_directory_and_leaves_nothing(cavern: Path):
 
     for directory in asyncio.run(read_twice()):
         assert not directory.exists()
+        if os.access("/dev/shm", os.W_OK | os.X_OK):
+            assert Path("/dev/shm") in directory.parents
+
+
+def test_link_directories_fall_back_to_the_temporary_directory(tmp_path: Path):
+    """Without a memory-backed directory the hub may write, the links go where tempfile says."""
+    links = _LinkDirectories(memory=str(tmp_path / "no-shm"))
+    made = Path(links.make())
+    try:
+        assert made.parent.parent == Path(tempfile.gettempdir())
+        assert made.parent.name.startswith("casaspawner-datasets-")
+    finally:
+        links.remove(str(made))
+        made.parent.rmdir()
+    assert not made.parent.exists()
 
 
 def test_the_resolver_reads_the_directory_that_was_checked(cavern: Path):
