@@ -73,12 +73,13 @@ class HubAPI:
             text = await response.text()
             return response.status, json.loads(text) if text.strip() else None
 
-    async def timed_get(self, path: str) -> tuple[float, int, int]:
-        """Seconds to the whole answer of ``path``, its status and its size."""
+    async def timed_get(self, path: str) -> tuple[float, int, int, int | None]:
+        """Seconds to the whole answer of ``path``, its status, its size and its Age header."""
         began = time.perf_counter()
         async with self.session.get(f"{self.hub.url}{path}", headers=self.headers) as response:
             body = await response.read()
-        return time.perf_counter() - began, response.status, len(body)
+        age = response.headers.get("Age")
+        return time.perf_counter() - began, response.status, len(body), int(age) if age else None
 
 
 async def make_users(api: HubAPI, users: kb.Users, count: int) -> None:
@@ -130,8 +131,9 @@ async def start_sessions(api: HubAPI, users: kb.Users, count: int, parallel: int
 async def ask_pages(api: HubAPI, count: int) -> dict[str, Any]:
     """Each page ``ASKS`` times, one after another: first, median and worst, status, size.
 
-    The first answer of casa-sessions is apart: it may wait for a read of the hub's servers,
-    which later answers share (the service's snapshot).
+    The first answer of casa-sessions is apart: it waits at most a quarter of a second for a
+    read of the hub's servers, else shows the service's last background read (``first_age_s``
+    says how old); later answers share that read (the service's snapshot).
     """
     pages = {
         "casa-sessions page": "/services/casa-sessions/",
@@ -142,16 +144,18 @@ async def ask_pages(api: HubAPI, count: int) -> dict[str, Any]:
     timings: dict[str, Any] = {}
     for label, path in pages.items():
         answers = [await api.timed_get(path) for _ in range(ASKS)]
-        statuses = {status for _, status, _ in answers}
+        statuses = {status for _, status, _, _ in answers}
         if statuses != {200}:
             raise RuntimeError(f"{path} answered {statuses}")
-        seconds = [t for t, _, _ in answers]
+        seconds = [t for t, _, _, _ in answers]
         timings[label] = {
             "path": path,
             "first_s": seconds[0],
             "median_s": statistics.median(seconds),
             "max_s": max(seconds),
             "bytes": answers[-1][2],
+            # casa-sessions': how old the first answer's sessions were, in seconds.
+            "first_age_s": answers[0][3],
         }
     return timings
 
@@ -203,7 +207,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for label, timing in full.items():
             kb.log(
                 f"{label}: first {timing['first_s']:.3f} s, median {timing['median_s']:.3f} s, "
-                f"worst {timing['max_s']:.3f} s"
+                f"worst {timing['max_s']:.3f} s, first answer's age {timing['first_age_s']} s"
             )
         return {
             "sessions": args.sessions,

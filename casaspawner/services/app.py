@@ -14,8 +14,9 @@ It is served at ``/services/casa-sessions/``.
   it starts an app of another release (the desktop's ``casa-app --release``).
 
 The page and ``api/sessions`` read the sessions through :class:`SessionsSnapshot`: at most
-``--sessions-max-age`` seconds old (10 by default), so 1,000 sessions still answer within a tenth
-of a second.
+``--sessions-max-age`` seconds old (10 by default) while somebody looks, and read again every
+``--sessions-refresh`` seconds (60 by default) while nobody does, so a first look after a quiet
+spell does not wait for the hub's read of 1,000 sessions. Both say when the sessions were read.
 
 Operators are whoever holds ``access:services!service=casa-sessions``: admins, and the
 ``casa-operators`` role in the shipped hub configuration. The service's own token needs only
@@ -33,6 +34,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -40,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, urlencode, urlparse
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from jupyterhub.services.auth import (
@@ -95,45 +97,81 @@ _TEMPLATES = Environment(
 class SessionsSnapshot:
     """The hub's running sessions, read at most once per ``max_age`` seconds.
 
-    Reading them costs the hub about half a second at 1,000 sessions (five pages of 200 users),
-    and the operators' page asks on every load. Concurrent requests share one read. While
-    somebody has looked within ``keep_warm`` seconds, a background task reads again before the
-    snapshot goes stale, so a request does not wait for the hub. ``max_age`` 0 reads every time.
+    Reading them costs the hub about 0.35 s at 1,000 sessions (five pages of 200 users), and
+    the operators' page asks on every load. Concurrent requests share one read. Once somebody
+    has looked (a hub whose operators never look pays nothing), a background task reads again
+    at four fifths of ``max_age`` for ``keep_warm`` seconds after each look, and every
+    ``refresh`` seconds after that. A request that finds the snapshot stale, but kept by those
+    reads, starts a read and waits ``patience`` seconds for it; a slower hub leaves it the kept
+    snapshot (it says when it was read) and the read to the next request. A missing snapshot,
+    or one older than the background reads keep it, waits for the hub. ``max_age`` 0 reads on
+    every request; ``refresh`` 0 reads only for requests, so the first look after a quiet
+    minute waits.
     """
 
     def __init__(
         self,
         read: Callable[[], Awaitable[list[Session]]],
         max_age: float,
+        refresh: float = 60.0,
         keep_warm: float = 60.0,
+        patience: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_age = max_age
+        self.refresh = refresh
         self.keep_warm = keep_warm
+        self.patience = patience
         self.taken: datetime | None = None
         self._read = read
         self._clock = clock
         self._sessions: list[Session] | None = None
         self._read_at = 0.0
-        self._asked_at = 0.0
+        self._asked_at = -math.inf
         self._reading: asyncio.Task[None] | None = None
-        self._warming: asyncio.Task[None] | None = None
+        self._keeping: asyncio.Task[None] | None = None
 
-    async def get(self) -> list[Session]:
-        """The sessions, read from the hub within the last ``max_age`` seconds."""
+    @property
+    def held_for(self) -> float:
+        """Seconds a stale snapshot is still shown while the next one is read."""
+        return self.refresh + self.max_age if self.refresh > 0 and self.max_age > 0 else 0.0
+
+    async def get(self, fresh: bool = False) -> list[Session]:
+        """The sessions, read within ``max_age`` seconds or kept by the background reads.
+
+        ``fresh`` waits for the hub rather than show a kept snapshot.
+        """
         self._asked_at = self._clock()
-        if self._sessions is None or self._asked_at - self._read_at >= self.max_age:
+        age = self._asked_at - self._read_at
+        held_for = 0.0 if fresh else self.held_for
+        if self._sessions is None or age >= max(self.max_age, held_for):
             await self._refresh()
-        if self.max_age > 0 and (self._warming is None or self._warming.done()):
-            self._warming = asyncio.create_task(self._warm())
+        elif age >= self.max_age:
+            # A failed read leaves the kept snapshot, and _log_failed_read logs it.
+            await asyncio.wait({self._start_read()}, timeout=self.patience)
+        self.start()
         assert self._sessions is not None
         return self._sessions
 
-    async def _refresh(self) -> None:
+    def start(self) -> None:
+        """Start the background reads, unless they run; each request does."""
+        if self.max_age > 0 and (self._keeping is None or self._keeping.done()):
+            self._keeping = asyncio.create_task(self._keep_reading())
+
+    def stop(self) -> None:
+        """Stop the background reads."""
+        if self._keeping is not None:
+            self._keeping.cancel()
+
+    def _start_read(self) -> asyncio.Task[None]:
         # Join a read under way rather than start a second one.
         if self._reading is None:
             self._reading = asyncio.create_task(self._read_once())
-        await asyncio.shield(self._reading)
+            self._reading.add_done_callback(_log_failed_read)
+        return self._reading
+
+    async def _refresh(self) -> None:
+        await asyncio.shield(self._start_read())
 
     async def _read_once(self) -> None:
         started, taken = self._clock(), datetime.now(timezone.utc)
@@ -143,15 +181,28 @@ class SessionsSnapshot:
             self._reading = None
         self._sessions, self._read_at, self.taken = sessions, started, taken
 
-    async def _warm(self) -> None:
-        # Read again at four fifths of max_age, while somebody has looked recently.
-        while self._clock() - self._asked_at < self.keep_warm:
-            await asyncio.sleep(max(0.0, self._read_at + 0.8 * self.max_age - self._clock()))
+    async def _keep_reading(self) -> None:
+        # Wake at least every four fifths of max_age, to notice a look between slow reads.
+        step = 0.8 * self.max_age
+        while True:
+            looked = self._clock() - self._asked_at < self.keep_warm
+            period = step if looked else self.refresh
+            if period <= 0:
+                return
+            wait = self._read_at + period - self._clock()
+            if wait > 0:
+                await asyncio.sleep(min(wait, step))
+                continue
             try:
                 await self._refresh()
-            except Exception as exc:
-                log.warning("reading the hub's sessions in the background failed: %s", exc)
-                return
+            except Exception:
+                # _log_failed_read has logged it; try again a period later.
+                await asyncio.sleep(period)
+
+
+def _log_failed_read(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("reading the hub's sessions failed: %s", task.exception())
 
 
 class ServiceConfig:
@@ -167,6 +218,7 @@ class ServiceConfig:
         prefix: str,
         notices_interval: int = 60,
         sessions_max_age: float = 10.0,
+        sessions_refresh: float = 60.0,
     ) -> None:
         self.catalog = catalog
         self.store = store
@@ -175,7 +227,7 @@ class ServiceConfig:
         self.api_token = api_token
         self.prefix = prefix
         self.notices_interval = notices_interval
-        self.snapshot = SessionsSnapshot(self.running_sessions, sessions_max_age)
+        self.snapshot = SessionsSnapshot(self.running_sessions, sessions_max_age, sessions_refresh)
 
     async def running_sessions(self) -> list[Session]:
         """Every started or pending server on the hub.
@@ -286,24 +338,42 @@ class OperatorHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[mi
         )
 
 
+def reload_query(age: float, max_age: float, fresh: bool, flash: str) -> str | None:
+    """The query the sessions page loads itself again with, or None when it is fresh.
+
+    A page that showed a kept snapshot (older than ``max_age`` seconds) loads again a second
+    later asking for ``fresh`` sessions, keeping its ``done`` message.
+    """
+    if fresh or max_age <= 0 or age < max_age:
+        return None
+    return "?" + urlencode({"fresh": "1", **({"done": flash} if flash else {})})
+
+
 class SessionsPage(OperatorHandler):
     @web.authenticated
     async def get(self) -> None:
         now = datetime.now(timezone.utc)
         states = self.config.states()
-        sessions = await self.config.snapshot.get()
+        fresh = self.get_argument("fresh", "") == "1"
+        sessions = await self.config.snapshot.get(fresh=fresh)
         groups = group_sessions(sessions, states)
         counts: dict[str, int] = {g.release_id: g.count for g in groups}
         releases = [
             {"release": r, "state": states.get(r.id), "running": counts.get(r.id, 0)}
             for r in self.config.catalog.releases
         ]
+        taken = self.config.snapshot.taken or now
+        age = max(0.0, (now - taken).total_seconds())
+        # HTTP's Age: seconds since the sessions were read from the hub.
+        self.set_header("Age", str(int(age)))
+        flash = self.get_argument("done", "")
         html = _TEMPLATES.get_template("sessions.html").render(
+            reload=reload_query(age, self.config.snapshot.max_age, fresh, flash),
             user=self.current_user,
             groups=groups,
             releases=releases,
             now=now,
-            taken=self.config.snapshot.taken or now,
+            taken=taken,
             duration=format_duration,
             prefix=self.config.prefix,
             xsrf_form_html=self.xsrf_form_html(),
@@ -312,7 +382,7 @@ class SessionsPage(OperatorHandler):
                 if self.config.policy.timeout
                 else ""
             ),
-            flash=self.get_argument("done", ""),
+            flash=flash,
         )
         self.finish(html)
 
@@ -344,7 +414,8 @@ class SessionsAPI(OperatorHandler):
     async def get(self) -> None:
         now = datetime.now(timezone.utc)
         states = self.config.states()
-        groups = group_sessions(await self.config.snapshot.get(), states)
+        # Scripts get sessions at most max_age seconds old, never a kept snapshot.
+        groups = group_sessions(await self.config.snapshot.get(fresh=True), states)
         self.set_header("Content-Type", "application/json")
         # HTTP's Age: seconds since the sessions were read from the hub.
         taken = self.config.snapshot.taken or now
@@ -529,6 +600,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--sessions-refresh",
+        type=float,
+        default=60.0,
+        help=(
+            "seconds between two reads of the hub's sessions while nobody looks, so that a "
+            "first look does not wait for the hub (0: read only when asked)"
+        ),
+    )
+    parser.add_argument(
         "--ip", default=None, help="address to listen on (default: from $JUPYTERHUB_SERVICE_URL)"
     )
     parser.add_argument(
@@ -558,8 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cull_timeout < 0 or args.warn_before < 0:
         print("--cull-timeout and --warn-before must not be negative.", file=sys.stderr)
         return 2
-    if args.sessions_max_age < 0:
-        print("--sessions-max-age must not be negative.", file=sys.stderr)
+    if args.sessions_max_age < 0 or args.sessions_refresh < 0:
+        print("--sessions-max-age and --sessions-refresh must not be negative.", file=sys.stderr)
         return 2
     if args.notices_interval < 1:
         print("--notices-interval must be at least 1 second.", file=sys.stderr)
@@ -578,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix=os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/casa-sessions/"),
         notices_interval=args.notices_interval,
         sessions_max_age=args.sessions_max_age,
+        sessions_refresh=args.sessions_refresh,
     )
     url = urlparse(service_url)
     ip = args.ip if args.ip is not None else (url.hostname or "127.0.0.1")
@@ -599,6 +680,7 @@ async def _serve(config: ServiceConfig, ip: str, port: int) -> None:
     server.listen(port, ip)
     log.info("casa-sessions on %s:%s (release state %s)", ip, port, config.store.path)
     await stopped.wait()
+    config.snapshot.stop()
     server.stop()
 
 

@@ -31,7 +31,7 @@ from casaspawner.insession.notices import (
     sync_notice_file,
 )
 from casaspawner.net import free_port
-from casaspawner.services.app import SessionsSnapshot
+from casaspawner.services.app import _TEMPLATES, SessionsSnapshot, reload_query
 from casaspawner.services.sessions import (
     CullPolicy,
     Session,
@@ -358,7 +358,7 @@ class CountingRead:
 async def test_snapshot_shares_one_read_and_keeps_it_for_max_age():
     read = CountingRead()
     read.gate = asyncio.Event()
-    snapshot = SessionsSnapshot(read, max_age=60, keep_warm=0)
+    snapshot = SessionsSnapshot(read, max_age=60, refresh=0, keep_warm=0)
     waiting = [asyncio.ensure_future(snapshot.get()) for _ in range(5)]
     await asyncio.sleep(0.05)
     read.gate.set()
@@ -369,18 +369,19 @@ async def test_snapshot_shares_one_read_and_keeps_it_for_max_age():
 
 async def test_snapshot_reads_again_when_stale_and_every_time_at_zero():
     read = CountingRead()
-    stale = SessionsSnapshot(read, max_age=0.1, keep_warm=0)
+    stale = SessionsSnapshot(read, max_age=0.1, refresh=0, keep_warm=0)
     assert await stale.get() == [1]
     await asyncio.sleep(0.15)
     assert await stale.get() == [2]
-    every = SessionsSnapshot(read, max_age=0)
+    every = SessionsSnapshot(read, max_age=0, refresh=60)
     assert [await every.get() for _ in range(3)] == [[3], [4], [5]]
+    stale.stop()
 
 
 async def test_snapshot_failure_is_raised_and_the_next_request_retries():
     read = CountingRead()
     read.fail = True
-    snapshot = SessionsSnapshot(read, max_age=60, keep_warm=0)
+    snapshot = SessionsSnapshot(read, max_age=60, refresh=0, keep_warm=0)
     with pytest.raises(OSError, match="did not answer"):
         await snapshot.get()
     read.fail = False
@@ -390,7 +391,7 @@ async def test_snapshot_failure_is_raised_and_the_next_request_retries():
 async def test_snapshot_is_read_in_the_background_while_somebody_looks():
     """After a look, reads go on at four fifths of max_age for keep_warm seconds, then stop."""
     read = CountingRead()
-    snapshot = SessionsSnapshot(read, max_age=0.1, keep_warm=0.5)
+    snapshot = SessionsSnapshot(read, max_age=0.1, refresh=0, keep_warm=0.5)
     await snapshot.get()
     await asyncio.sleep(0.35)
     # Nobody asked again, yet the snapshot was read again, so a request would not wait.
@@ -399,6 +400,104 @@ async def test_snapshot_is_read_in_the_background_while_somebody_looks():
     settled = read.calls
     await asyncio.sleep(0.3)
     assert read.calls == settled
+
+
+async def test_snapshot_kept_while_nobody_looks_answers_a_first_look_at_once():
+    """Started with the service, reads go on every ``refresh`` seconds with nobody looking. A
+    stale snapshot they keep is read again for a look; a slow hub leaves the look the kept one
+    after ``patience``, and the read to the next look."""
+    read = CountingRead()
+    kept = SessionsSnapshot(read, max_age=0.1, refresh=0.3, keep_warm=0.2)
+    kept.start()
+    await asyncio.sleep(0.05)
+    assert read.calls == 1
+    await asyncio.sleep(0.4)
+    assert read.calls == 2
+    kept.stop()
+
+    read = CountingRead()
+    snapshot = SessionsSnapshot(read, max_age=0.3, refresh=60, keep_warm=0, patience=0.05)
+    assert await snapshot.get() == [1]
+    # A quick hub: the look waits for the fresh read.
+    await asyncio.sleep(0.35)
+    assert await snapshot.get() == [2]
+    # A slow hub: the look gets the kept snapshot; the next look shares the same read.
+    await asyncio.sleep(0.35)
+    read.gate = asyncio.Event()
+    assert await asyncio.wait_for(snapshot.get(), 0.2) == [2]
+    assert read.calls == 3
+    assert await asyncio.wait_for(snapshot.get(), 0.2) == [2] and read.calls == 3
+    read.gate.set()
+    await asyncio.sleep(0.01)
+    assert await snapshot.get() == [3]
+    snapshot.stop()
+
+
+async def test_snapshot_older_than_the_background_keeps_it_waits_for_the_hub():
+    """A failed read leaves a look the kept snapshot; past ``refresh`` + ``max_age`` it is not
+    shown: the look waits for the hub, and the hub's failure is the look's."""
+    read = CountingRead()
+    now = [0.0]
+    snapshot = SessionsSnapshot(read, max_age=10, refresh=60, clock=lambda: now[0])
+    assert await snapshot.get() == [1]
+    snapshot.stop()
+    read.fail = True
+    now[0] = 69.0
+    assert await snapshot.get() == [1] and read.calls == 2
+    snapshot.stop()
+    now[0] = 71.0
+    with pytest.raises(OSError, match="did not answer"):
+        await snapshot.get()
+    snapshot.stop()
+    read.fail = False
+    assert await snapshot.get() == [4]
+    snapshot.stop()
+
+
+async def test_a_fresh_request_waits_for_the_hub_rather_than_show_a_kept_snapshot():
+    read = CountingRead()
+    now = [0.0]
+    snapshot = SessionsSnapshot(read, max_age=10, refresh=60, clock=lambda: now[0])
+    assert await snapshot.get() == [1]
+    snapshot.stop()
+    now[0] = 30.0
+    read.gate = asyncio.Event()
+    waiting = asyncio.ensure_future(snapshot.get(fresh=True))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    read.gate.set()
+    assert await waiting == [2]
+    snapshot.stop()
+
+
+def test_a_page_showing_a_kept_snapshot_loads_again_asking_for_fresh_sessions():
+    """Only a page older than max_age reloads, keeping its message; a fresh one never does."""
+    assert reload_query(12.0, 10, fresh=False, flash="") == "?fresh=1"
+    assert reload_query(12.0, 10, fresh=False, flash="drained CASA 6.6 & co") == (
+        "?fresh=1&done=drained+CASA+6.6+%26+co"
+    )
+    assert reload_query(9.5, 10, fresh=False, flash="") is None
+    assert reload_query(40.0, 10, fresh=True, flash="") is None
+    assert reload_query(40.0, 0, fresh=False, flash="") is None
+    page = _TEMPLATES.get_template("sessions.html")
+    now = datetime.now(timezone.utc)
+    common = dict(
+        user={"name": "olga"},
+        groups=[],
+        releases=[],
+        now=now,
+        taken=now,
+        duration=format_duration,
+        prefix="/services/casa-sessions/",
+        xsrf_form_html=lambda: "",
+        cull_after="",
+        flash="",
+    )
+    stale = page.render(reload="?fresh=1&done=x", **common)
+    assert '<meta http-equiv="refresh" content="1; url=?fresh=1&amp;done=x">' in stale
+    assert "reading the hub again" in stale
+    shown = page.render(reload=None, **common)
+    assert "http-equiv" not in shown and "reading the hub again" not in shown
 
 
 def test_the_committed_labextension_is_built_from_its_source():
