@@ -327,6 +327,13 @@ class OperatorHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[mi
         if self._finding_user:
             super().check_xsrf_cookie()
 
+    def send_age(self, now: datetime) -> tuple[datetime, float]:
+        """When the shown sessions were read, and their age, sent as HTTP's ``Age``."""
+        taken = self.config.snapshot.taken or now
+        age = max(0.0, (now - taken).total_seconds())
+        self.set_header("Age", str(int(age)))
+        return taken, age
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         # Our HTTPErrors carry one sentence.
@@ -362,10 +369,7 @@ class SessionsPage(OperatorHandler):
             {"release": r, "state": states.get(r.id), "running": counts.get(r.id, 0)}
             for r in self.config.catalog.releases
         ]
-        taken = self.config.snapshot.taken or now
-        age = max(0.0, (now - taken).total_seconds())
-        # HTTP's Age: seconds since the sessions were read from the hub.
-        self.set_header("Age", str(int(age)))
+        taken, age = self.send_age(now)
         flash = self.get_argument("done", "")
         html = _TEMPLATES.get_template("sessions.html").render(
             reload=reload_query(age, self.config.snapshot.max_age, fresh, flash),
@@ -417,9 +421,7 @@ class SessionsAPI(OperatorHandler):
         # Scripts get sessions at most max_age seconds old, never a kept snapshot.
         groups = group_sessions(await self.config.snapshot.get(fresh=True), states)
         self.set_header("Content-Type", "application/json")
-        # HTTP's Age: seconds since the sessions were read from the hub.
-        taken = self.config.snapshot.taken or now
-        self.set_header("Age", str(max(0, int((now - taken).total_seconds()))))
+        self.send_age(now)
         self.finish(
             json.dumps(
                 [

@@ -283,6 +283,8 @@ def test_a_stale_form_is_refused_and_the_service_still_answers(hub, operator, se
         started = time.monotonic()
         answer = context.request.get(f"{base}{path}", timeout=5_000)
         assert answer.status == 200 and time.monotonic() - started < 1, path
+        # Both say how old the sessions they show are (seconds since the hub was read).
+        assert answer.headers.get("age", "").isdigit(), (path, answer.headers)
 
 
 def test_a_script_drains_with_an_operators_token_and_no_xsrf(hub):
