@@ -102,7 +102,8 @@ class _ModifyPod:
     The pod is checked against ``pod_security_level`` and for the access token, so what
     KubeSpawner submits is exactly what was checked. The operator's hook gets KubeSpawner's
     ``V1Pod``; what follows gets the pod as plain JSON data, serialised once for the check and
-    the request alike.
+    the request alike (a :class:`~casaspawner.kube.api.Manifest`, which the request sends as it
+    is).
     """
 
     def __init__(self, user_hook: Any = None) -> None:
@@ -117,7 +118,7 @@ class _ModifyPod:
                     "hook",
                     500,
                 )
-        manifest: dict[str, Any] = spawner.api.api_client.sanitize_for_serialization(pod)
+        manifest = api.Manifest(spawner.api.api_client.sanitize_for_serialization(pod))
         spawner.check_pod_security(manifest)
         return manifest
 

@@ -46,3 +46,38 @@ async def test_the_environments_proxy_for_the_api_server_is_looked_up_once(monke
         api.lean_core_api(core_api("https://api.cluster.test:6443")).api_client.rest_client.proxy
         is None
     )
+
+
+async def test_a_manifest_is_sent_as_it_is_and_other_bodies_are_walked():
+    from aiohttp import web
+
+    received: list[object] = []
+
+    async def create(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.json_response({"kind": "Pod"}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/api/v1/namespaces/{namespace}/pods", create)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    like = core_api(f"http://127.0.0.1:{port}")
+    try:
+        lean = api.lean_core_api(like)
+        pod = {"metadata": {"name": "jupyter-ada"}, "spec": {"containers": [{"name": "c"}]}}
+        manifest = api.Manifest(pod)
+        # The hook's manifest goes out as it is; anything else is walked into new JSON data.
+        assert lean.api_client.sanitize_for_serialization(manifest) is manifest
+        assert lean.api_client.sanitize_for_serialization(dict(pod)) is not pod
+        model = client.V1Pod(metadata=client.V1ObjectMeta(name="jupyter-bob"))
+        assert lean.api_client.sanitize_for_serialization(model) == {
+            "metadata": {"name": "jupyter-bob"}
+        }
+        await api.send(lean.create_namespaced_pod, "test", manifest, timeout=10)
+        assert received == [pod]
+    finally:
+        await like.api_client.close()
+        await runner.cleanup()
