@@ -71,7 +71,8 @@ async def test_a_manifest_is_sent_as_it_is_and_other_bodies_are_walked():
         manifest = api.Manifest(pod)
         # The hook's manifest goes out as it is; anything else is walked into new JSON data.
         assert lean.api_client.sanitize_for_serialization(manifest) is manifest
-        assert lean.api_client.sanitize_for_serialization(dict(pod)) is not pod
+        plain = dict(pod)
+        assert lean.api_client.sanitize_for_serialization(plain) is not plain
         model = client.V1Pod(metadata=client.V1ObjectMeta(name="jupyter-bob"))
         assert lean.api_client.sanitize_for_serialization(model) == {
             "metadata": {"name": "jupyter-bob"}
