@@ -9,6 +9,7 @@ pytest.importorskip("kubernetes_asyncio", reason="the client is kubernetes_async
 from kubernetes_asyncio import client
 
 from casaspawner.kube import api
+from casaspawner.net import free_port
 
 
 def core_api(host: str) -> client.CoreV1Api:
@@ -61,9 +62,8 @@ async def test_a_manifest_is_sent_as_it_is_and_other_bodies_are_walked():
     app.router.add_post("/api/v1/namespaces/{namespace}/pods", create)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     like = core_api(f"http://127.0.0.1:{port}")
     try:
         lean = api.lean_core_api(like)
