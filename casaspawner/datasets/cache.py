@@ -5,7 +5,7 @@ directories it opened and listed, the files it read (and the names it looked for
 find). The resolution worker records each of them, path and stamp — device, inode, type and
 permissions, owner, size, modification and status-change times — as the resolution's
 *footprint* (:class:`Recorder`, told by :data:`casaspawner.datasets.tree.OBSERVER`). When the
-same directory is resolved again, :meth:`ResolutionCache.lookup` opens the same paths the way the
+same directory is resolved again, :meth:`ResolutionCache.peek` opens the same paths the way the
 resolver does (one directory at a time, never through a link) and compares: if every stamp is the
 same, no directory gained, lost or renamed an entry and no file changed, so the resolution would
 be the same, and the kept one is the answer. No worker is started.
@@ -31,11 +31,11 @@ least recently used first out.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
 import stat
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -248,13 +248,15 @@ class ResolutionCache:
     """Resolutions by dataset directory, each valid while its footprint is unchanged.
 
     ``settle`` is how old (seconds) every stamp must be when the worker starts; see the module.
+    Lookups run in threads, as they look at the storage; the entries are shared under a lock.
     """
 
     def __init__(self, size: int = 2048, settle: float = 2.0) -> None:
         self.size = size
         self.settle = settle
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
-        #: Lookups answered, and lookups that started a worker.
+        self._lock = threading.Lock()
+        #: Lookups answered, and lookups not answered (nothing kept, or a change).
         self.hits = 0
         self.misses = 0
 
@@ -262,7 +264,8 @@ class ResolutionCache:
         return len(self._entries)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     def key(
         self,
@@ -283,21 +286,27 @@ class ResolutionCache:
         ids = None if user is None else (user[0], user[1], tuple(user[2]))
         return Key((info.st_dev, info.st_ino), name, label, catalog_file, ids)
 
-    async def lookup(self, key: Key, directory: int, catalog: Catalog) -> Resolution | None:
+    def peek(self, key: Key, directory: int, catalog: Catalog) -> Resolution | None:
         """The kept resolution of ``key`` if its footprint below ``directory`` is unchanged.
 
-        The footprint is checked in a thread: storage can be slow.
+        Blocking, as it looks at the storage, which can be slow: call it in a thread.
         """
-        entry = self._entries.get(key)
+        with self._lock:
+            entry = self._entries.get(key)
         if entry is None or not (entry.catalog is catalog or entry.catalog == catalog):
-            self.misses += 1
+            with self._lock:
+                self.misses += 1
             return None
-        if not await asyncio.to_thread(unchanged, directory, entry.footprint):
-            self._entries.pop(key, None)
-            self.misses += 1
+        if not unchanged(directory, entry.footprint):
+            with self._lock:
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
+                self.misses += 1
             return None
-        self._entries.move_to_end(key)
-        self.hits += 1
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+            self.hits += 1
         resolution = entry.resolution
         if entry.catalog is not catalog:
             resolution = replace(resolution, release=catalog.get(resolution.release.id))
@@ -316,13 +325,15 @@ class ResolutionCache:
         ``started`` is when the worker started (epoch seconds).
         """
         checked = parse_footprint(footprint)
-        if checked is None or not settled(checked, started, self.settle):
-            self._entries.pop(key, None)
-            return False
-        self._entries[key] = _Entry(checked, resolution, catalog)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        trusted = checked is not None and settled(checked, started, self.settle)
+        with self._lock:
+            if not trusted or checked is None:
+                self._entries.pop(key, None)
+                return False
+            self._entries[key] = _Entry(checked, resolution, catalog)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
         return True
 
 

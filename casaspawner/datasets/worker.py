@@ -118,8 +118,9 @@ async def resolve_in_worker(
             stack.callback(os.close, fd)
             fds = (fd,)
             if cache is not None:
-                key = _cache_key(cache, fd, target.name, label, catalog_path, user)
-                kept = None if key is None else await cache.lookup(key, fd, catalog)
+                key, kept = await asyncio.to_thread(
+                    look_up, cache, fd, target.name, label, catalog, catalog_path, user
+                )
                 if kept is not None:
                     return kept
                 args.append("--footprint")
@@ -192,20 +193,26 @@ async def resolve_in_worker(
     return resolution
 
 
-def _cache_key(
+def look_up(
     cache: ResolutionCache,
     fd: int,
     name: str,
     label: str,
-    catalog_path: str | None,
-    user: RunAs | None,
-) -> Key | None:
-    """The cache key of the dataset directory open as ``fd``; None if it cannot be had."""
+    catalog: Catalog,
+    catalog_path: str | None = None,
+    user: RunAs | None = None,
+) -> tuple[Key | None, Resolution | None]:
+    """The cache's key of the dataset directory open as ``fd``, and its kept resolution.
+
+    The key is None if it cannot be had, the resolution None unless kept and unchanged. The
+    arguments are :func:`resolve_in_worker`'s. Blocking, as it looks at the storage: for a thread.
+    """
     ids = None if user is None else (user.uid, user.gid, user.supplemental_gids)
     try:
-        return cache.key(fd, name, label, catalog_path, ids)
+        key = cache.key(fd, name, label, catalog_path, ids)
     except OSError:
-        return None
+        return None, None
+    return key, cache.peek(key, fd, catalog)
 
 
 def _footprint(answer: str) -> object:

@@ -60,6 +60,7 @@ from casaspawner.local.environments.pythons import world_usable
 from casaspawner.local.processes import session_processes, terminate
 from casaspawner.plan import INTERFACES, Identity, SessionPlan, StorageLayout, Substitution
 from casaspawner.runtime import cache_dir
+from casaspawner.session.readers import DatasetReader
 from casaspawner.session.record import Runtime
 from casaspawner.session.relaunch import environment_refusal
 from casaspawner.spawners.errors import spawn_error
@@ -387,6 +388,14 @@ class LocalCASASpawner(SessionRecords, CASASessionMixin, LocalProcessSpawner):  
         return Identity(self.user.name, os.getuid(), os.getgid(), groups)
 
     # The pipeline's steps
+    async def kept_resolution(
+        self, reader: DatasetReader, text: str, identity: Identity
+    ) -> Resolution | None:
+        """None on a root hub: its workers run as the user, and the hub keeps nothing."""
+        if running_as_root():
+            return None
+        return await super().kept_resolution(reader, text, identity)
+
     async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
         """Resolve a dataset directory or an identifier, as the session's user on a root hub.
 

@@ -50,6 +50,15 @@ class SessionSteps(Protocol):
     def get_dataset_reader(self) -> DatasetReader | None:
         """What reads datasets named by path, once the identity is known."""
 
+    async def kept_resolution(
+        self, reader: DatasetReader, text: str, identity: Identity
+    ) -> Resolution | None:
+        """The resolution the backend kept of the dataset ``reader`` finds at ``text``.
+
+        None when it kept none, or something the resolution read has changed since: the
+        dataset is then read (``reader.open``, then :meth:`read_dataset`).
+        """
+
     async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
         """Resolve a dataset directory a reader gave, or an ALMA identifier, as ``label``."""
 
@@ -160,13 +169,21 @@ async def _resolve(
         # downloads unpack) is that dataset, read without asking the archive.
         if reader is not None and "/" not in text:
             with contextlib.suppress(NoSuchDataset):
-                async with reader.open(text, identity) as path:
-                    return await steps.read_dataset(path, text, identity)
+                return await _read_stored(reader, text, identity, steps)
         return await steps.read_dataset(text, text, identity)
     if reader is None:
         raise InvalidInput(
             f"{text[:80]!r} is not an ALMA identifier, and this hub cannot read datasets from "
             "your storage; give the dataset's ALMA identifier."
         )
+    return await _read_stored(reader, text, identity, steps)
+
+
+async def _read_stored(
+    reader: DatasetReader, text: str, identity: Identity, steps: SessionSteps
+) -> Resolution:
+    kept = await steps.kept_resolution(reader, text, identity)
+    if kept is not None:
+        return kept
     async with reader.open(text, identity) as path:
         return await steps.read_dataset(path, text, identity)

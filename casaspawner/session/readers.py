@@ -26,13 +26,15 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from casaspawner.datasets.tree import close as _close
 from casaspawner.errors import InvalidInput, NoSuchDataset, shown
 from casaspawner.plan import Identity, StorageLayout
+
+T = TypeVar("T")
 
 
 class DatasetReader(Protocol):
@@ -227,6 +229,18 @@ class StorageMountReader:
                 yield pinned if pinned.is_dir() else located
             finally:
                 _LINKS.remove(private)
+        finally:
+            os.close(fd)
+
+    def look(self, text: str, identity: Identity, inspect: Callable[[int, str], T]) -> T:
+        """Walk to the dataset directory as :meth:`open` does, then ``inspect`` it.
+
+        ``inspect`` gets the open directory and the name :meth:`open` gives it. Blocking, as the
+        walk and ``inspect`` look at the storage: for a thread, which both share.
+        """
+        fd, located = self._walk(text, identity)
+        try:
+            return inspect(fd, located.name or "dataset")
         finally:
             os.close(fd)
 

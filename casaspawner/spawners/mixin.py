@@ -15,6 +15,7 @@ operators' drained releases. Each backend translates the plan into its own trait
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import hashlib
@@ -33,7 +34,7 @@ from traitlets import Callable as CallableTrait
 from casaspawner.catalog.model import Catalog, Release, load_catalog
 from casaspawner.datasets.cache import RESOLUTIONS
 from casaspawner.datasets.model import Resolution
-from casaspawner.datasets.worker import WorkerLimits, resolve_in_worker
+from casaspawner.datasets.worker import WorkerLimits, look_up, resolve_in_worker
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
 from casaspawner.plan import (
     DEFAULT_SIZES,
@@ -705,6 +706,28 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
         if reader is None and self.storage_hub_path is not None:
             reader = StorageMountReader(self.storage_hub_path, self.storage_layout())
         return reader  # type: ignore[no-any-return]
+
+    async def kept_resolution(
+        self, reader: DatasetReader, text: str, identity: Identity
+    ) -> Resolution | None:
+        """The hub's cached resolution of a dataset in the storage mount, if still valid.
+
+        The walk to the directory and the look at what the resolution read share one thread:
+        each thread costs the hub CPU, the more so the busier its event loop. A subclass whose
+        :meth:`read_dataset` answers otherwise than from the hub's cache returns None.
+        """
+        # A reader of the operator's, even one derived from the mount's, reads through its open.
+        if type(reader) is not StorageMountReader:
+            return None
+        look = functools.partial(
+            look_up,
+            RESOLUTIONS,
+            label=text,
+            catalog=self.casa_catalog(),
+            catalog_path=self.catalog_path,
+        )
+        _, kept = await asyncio.to_thread(reader.look, text, identity, look)
+        return kept
 
     async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
         """Resolve a dataset directory or an identifier in a worker process with limits.

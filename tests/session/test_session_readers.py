@@ -154,6 +154,25 @@ def test_the_walk_leaves_no_descriptor_open(cavern: Path):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+def test_look_walks_as_open_does_and_closes_the_directory(cavern: Path):
+    """``look`` gives its callable the directory ``open`` would give the resolver, under the same
+    name, refuses the same paths, and leaves nothing open."""
+    reader = StorageMountReader(cavern, StorageLayout())
+    alice = Identity("alice", 1001, 1001)
+    (cavern / "home" / "alice" / "to-bob").symlink_to(cavern / "home" / "bob")
+    dataset = cavern / "home" / "alice" / "data" / "ds"
+    before = len(os.listdir("/proc/self/fd"))
+
+    def inspect(fd: int, name: str) -> tuple[bool, str]:
+        return os.path.samestat(os.fstat(fd), dataset.stat()), name
+
+    assert reader.look("~/data/ds", alice, inspect) == (True, "ds")
+    for text, refusal in (("to-bob/data", "leads outside your storage"), ("x/y", "no dataset")):
+        with pytest.raises(InvalidInput, match=refusal):
+            reader.look(text, alice, inspect)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_directories_the_hub_may_only_search_are_walked_through():
     """As by name: a directory on the way that the hub may search but not list (``-wx--x--x``) is
     no obstacle. Run as a user root's permissions do not cover (uid 65534 when the tests run as

@@ -50,6 +50,11 @@ class Steps:
     def get_dataset_reader(self) -> DatasetReader:
         return self.reader
 
+    async def kept_resolution(
+        self, reader: DatasetReader, text: str, identity: Identity
+    ) -> Resolution | None:
+        return None
+
     async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
         return await resolve_in_worker(target, label, self.catalog)
 

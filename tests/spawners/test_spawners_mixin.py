@@ -8,9 +8,11 @@ backend adds.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -19,7 +21,8 @@ from support.spawners import refused
 from support.users import FakeUser, auth_state
 from support.vospace import vospace_service
 
-from casaspawner.datasets.synth import write_dataset
+from casaspawner.datasets.cache import RESOLUTIONS
+from casaspawner.datasets.synth import ERAS, manifest_xml, write_dataset
 from casaspawner.session.options import options_from_form
 from casaspawner.spawners.errors import SpawnException
 
@@ -206,6 +209,35 @@ async def test_project_paths_and_absolute_home_paths(make_spawner, storage):
     )
 
 
+async def test_a_dataset_read_before_costs_one_thread_and_no_worker(
+    make_spawner, tmp_path, monkeypatch
+):
+    """The walk to a dataset resolved before and the cache's look below it share one thread;
+    a dataset changed since is read again."""
+    monkeypatch.setattr(RESOLUTIONS, "settle", 0)
+    storage = tmp_path / "cavern"
+    member = write_dataset(storage / "home" / "alice" / "data", "cycle10")
+    text = str(member.relative_to(storage / "home" / "alice"))
+    first = await make_spawner(storage_hub_path=str(storage)).prepare_session({"dataset": text})
+    threads: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.append(getattr(func, "__name__", type(func).__name__))
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    hits = RESOLUTIONS.hits
+    again = await make_spawner(storage_hub_path=str(storage)).prepare_session({"dataset": text})
+    assert again.resolution == first.resolution and RESOLUTIONS.hits == hits + 1
+    assert threads == ["look"]
+    manifest = next(member.rglob("*pipeline_manifest.xml"))
+    manifest.write_text(manifest_xml(ERAS["cycle9"]))
+    changed = await make_spawner(storage_hub_path=str(storage)).prepare_session({"dataset": text})
+    assert changed.release.pipeline == ERAS["cycle9"].pipeline != first.release.pipeline
+    assert RESOLUTIONS.hits == hits + 1
+
+
 async def test_without_storage_paths_ask_for_an_identifier(make_spawner):
     spawner = make_spawner(storage_hub_path=None)
     message = await refused(spawner, {"dataset": "data/x"})
@@ -213,8 +245,6 @@ async def test_without_storage_paths_ask_for_an_identifier(make_spawner):
 
 
 async def test_identifier_resolved_through_archive_client(make_spawner, tmp_path):
-    from casaspawner.datasets.synth import ERAS, manifest_xml
-
     class Archive:
         name = "test-archive"
 
@@ -255,8 +285,6 @@ async def test_identifier_resolved_through_archive_client(make_spawner, tmp_path
 def linked_storage(tmp_path):
     """alice's home with links into her project (hub-absolute, relative, session-absolute) and out
     of it."""
-    from casaspawner.datasets.synth import write_dataset
-
     root = tmp_path / "cavern"
     member = write_dataset(root / "projects" / "proja" / "shared", "cycle10")
     inside = member.relative_to(root / "projects" / "proja")

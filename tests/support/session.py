@@ -34,6 +34,12 @@ class Backend:
     def get_dataset_reader(self) -> DatasetReader | None:
         return LocalDirectoryReader()
 
+    async def kept_resolution(
+        self, reader: DatasetReader, text: str, identity: Identity
+    ) -> Resolution | None:
+        # Keeps nothing: every dataset is read.
+        return None
+
     async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:
         self.calls.append("read")
         return await resolve_in_worker(target, label, self.catalog)
