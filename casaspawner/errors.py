@@ -77,6 +77,10 @@ class ReleaseBlocked(CasaspawnerError):
     """The operators drained a release, so it may not start now."""
 
 
+class StorageUnavailable(CasaspawnerError):
+    """The users' storage did not answer the hub in time."""
+
+
 class ArchiveUnavailable(CasaspawnerError):
     """The ALMA archive was unreachable, or lacked what was asked for."""
 
