@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -33,6 +34,7 @@ from casaspawner.datasets.cache import Key, ResolutionCache, recording
 from casaspawner.datasets.layout import MEMBER_DIR
 from casaspawner.datasets.model import Evidence, Resolution
 from casaspawner.datasets.resolve import resolve_path, resolve_target
+from casaspawner.datasets.storage import STORAGE
 from casaspawner.errors import (
     ArchiveUnavailable,
     CasaspawnerError,
@@ -113,16 +115,22 @@ async def resolve_in_worker(
         link: Path | None = None
         key: Key | None = None
         if isinstance(target, Path):
-            flags = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
-            fd = os.open(target, flags)
+            # The directory is opened, and its kept resolution looked up, from the hub's
+            # storage threads.
+            opened = functools.partial(
+                _open_and_look, target, cache, label, catalog, catalog_path, user
+            )
+            fd, key, kept = await STORAGE.call(
+                opened,
+                deadline=limits.deadline,
+                what=repr(name),
+                late=lambda late: os.close(late[0]),
+            )
             stack.callback(os.close, fd)
             fds = (fd,)
+            if kept is not None:
+                return kept
             if cache is not None:
-                key, kept = await asyncio.to_thread(
-                    look_up, cache, fd, target.name, label, catalog, catalog_path, user
-                )
-                if kept is not None:
-                    return kept
                 args.append("--footprint")
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="casaspawner-")))
         # The worker reads it; only the hub writes it.
@@ -213,6 +221,28 @@ def look_up(
     except OSError:
         return None, None
     return key, cache.peek(key, fd, catalog)
+
+
+def _open_and_look(
+    target: Path,
+    cache: ResolutionCache | None,
+    label: str,
+    catalog: Catalog,
+    catalog_path: str | None,
+    user: RunAs | None,
+) -> tuple[int, Key | None, Resolution | None]:
+    """Open the dataset directory, and look up its key and kept resolution in ``cache``.
+
+    Blocking, as it looks at the storage: for the hub's storage threads.
+    """
+    fd = os.open(target, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
+    if cache is None:
+        return fd, None, None
+    try:
+        return fd, *look_up(cache, fd, target.name, label, catalog, catalog_path, user)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _footprint(answer: str) -> object:

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import yaml
 
 from casaspawner.catalog.model import Catalog, load_catalog
 from casaspawner.datasets.model import Resolution
+from casaspawner.datasets.storage import STORAGE
 from casaspawner.datasets.tree import open_directory, open_file
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput, shown
 from casaspawner.kube import jobs
@@ -353,7 +355,7 @@ async def find_script(
         try:
             async with reader.open(parent, identity) as there:
                 try:
-                    digest = script_digest(name, there, PurePosixPath(relative.name))
+                    digest = await _digest(reader, name, there, PurePosixPath(relative.name))
                 except InvalidInput as exc:
                     unreadable, digest = exc, None
         except InvalidInput:
@@ -372,10 +374,18 @@ async def find_script(
         if evidence:
             candidates.append(PurePosixPath(evidence).parent / given)
         for candidate in candidates:
-            digest = script_digest(name, directory, candidate)
+            digest = await _digest(reader, name, directory, candidate)
             if digest is not None:
                 return dataset / candidate, digest
     raise missing
+
+
+async def _digest(
+    reader: StorageMountReader, name: str, directory: Path, relative: PurePosixPath
+) -> str | None:
+    """:func:`script_digest` from the hub's storage threads, within the reader's deadline."""
+    read = functools.partial(script_digest, name, directory, relative)
+    return await STORAGE.call(read, deadline=reader.deadline, what=f"the script {shown(name)!r}")
 
 
 def script_digest(name: str, directory: Path, relative: PurePosixPath) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import os
@@ -28,6 +29,7 @@ from kubespawner import KubeSpawner
 from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
 
+from casaspawner.datasets.storage import STORAGE
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
 from casaspawner.insession.record import entity
 from casaspawner.kube import api, apps, events, objects, podsecurity
@@ -637,10 +639,12 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         """Whether the record in ``directory`` exists without an end time, as the hub sees it."""
         if self.storage_hub_path is None:
             return False
-        reader = StorageMountReader(self.storage_hub_path, self.storage_layout())
+        layout = self.storage_layout()
+        reader = StorageMountReader(self.storage_hub_path, layout, deadline=self.resolve_timeout)
         try:
             async with reader.open(directory, plan.identity) as found:
-                record = await asyncio.to_thread(_read_own_file, found / RECORD_FILE)
+                read = functools.partial(_read_own_file, found / RECORD_FILE)
+                record = await STORAGE.call(read, deadline=reader.deadline, what="the record")
         except (CasaspawnerError, OSError, ValueError):
             return False
         action = entity(record, RECORD_ACTION_ID) if isinstance(record, dict) else None

@@ -17,11 +17,11 @@ Anything with the same ``open`` as :class:`DatasetReader` plugs in as ``dataset_
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import dataclasses
 import errno
+import functools
 import itertools
 import os
 import shutil
@@ -30,11 +30,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
 from typing import Protocol, TypeVar
 
+from casaspawner.datasets.storage import STORAGE
 from casaspawner.datasets.tree import close as _close
 from casaspawner.errors import InvalidInput, NoSuchDataset, shown
 from casaspawner.plan import Identity, StorageLayout
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class DatasetReader(Protocol):
@@ -190,6 +192,12 @@ def _remove_tree(path: str, owner: int) -> None:
 _LINKS = _LinkDirectories()
 
 
+@functools.cache
+def _proc_links() -> bool:
+    """Whether this process sees its descriptors as links in ``/proc/self/fd``."""
+    return os.path.isdir("/proc/self/fd")
+
+
 class StorageMountReader:
     """Reads datasets through a read-only mount of the whole storage on the hub.
 
@@ -205,18 +213,25 @@ class StorageMountReader:
     the resolver the very directory the walk ended on, through ``/proc/self/fd``. So a link
     swapped in after a step was checked cannot redirect it. Below that directory the resolver
     opens everything the same way (``datasets.tree``).
+
+    The hub walks from its storage threads, never its event loop; a walk may take ``deadline``
+    seconds (:mod:`casaspawner.datasets.storage`).
     """
 
     #: Like the kernel's limit on links followed while resolving one path.
     MAX_LINKS = 40
 
-    def __init__(self, root: str | Path, layout: StorageLayout) -> None:
+    def __init__(self, root: str | Path, layout: StorageLayout, deadline: float = 60.0) -> None:
         self.root = Path(root)
         self.layout = layout
+        self.deadline = deadline
 
     @contextlib.asynccontextmanager
     async def open(self, text: str, identity: Identity) -> AsyncIterator[Path]:
-        fd, located = await asyncio.to_thread(self._walk, text, identity)
+        walk = functools.partial(self._walk, text, identity)
+        fd, located = await self._in_storage_thread(
+            walk, text, late=lambda walked: os.close(walked[0])
+        )
         try:
             private = _LINKS.make()
             try:
@@ -226,23 +241,38 @@ class StorageMountReader:
                 pinned = Path(private) / (located.name or "dataset")
                 pinned.symlink_to(f"/proc/self/fd/{fd}")
                 # Without /proc the resolver reads the directory by name, as checked.
-                yield pinned if pinned.is_dir() else located
+                yield pinned if _proc_links() else located
             finally:
                 _LINKS.remove(private)
         finally:
             os.close(fd)
 
-    def look(self, text: str, identity: Identity, inspect: Callable[[int, str], T]) -> T:
+    async def look(self, text: str, identity: Identity, inspect: Callable[[int, str], T]) -> T:
         """Walk to the dataset directory as :meth:`open` does, then ``inspect`` it.
 
-        ``inspect`` gets the open directory and the name :meth:`open` gives it. Blocking, as the
-        walk and ``inspect`` look at the storage: for a thread, which both share.
+        ``inspect`` gets the open directory and the name :meth:`open` gives it. The walk and
+        ``inspect`` share one of the hub's storage threads: each hop to a thread costs the hub
+        CPU, the more so the busier its event loop.
         """
-        fd, located = self._walk(text, identity)
-        try:
-            return inspect(fd, located.name or "dataset")
-        finally:
-            os.close(fd)
+
+        def walk_and_inspect() -> T:
+            fd, located = self._walk(text, identity)
+            try:
+                return inspect(fd, located.name or "dataset")
+            finally:
+                os.close(fd)
+
+        return await self._in_storage_thread(walk_and_inspect, text)
+
+    async def _in_storage_thread(
+        self, call: Callable[[], R], text: str, late: Callable[[R], object] | None = None
+    ) -> R:
+        """``call()`` in the hub's storage threads, within the reader's deadline.
+
+        ``late`` gets what comes back past the deadline.
+        """
+        what = repr(shown(text.strip()))
+        return await STORAGE.call(call, deadline=self.deadline, what=what, late=late)
 
     def _walk(self, text: str, identity: Identity) -> tuple[int, Path]:
         """Walk to the dataset directory and open it.

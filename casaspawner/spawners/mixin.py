@@ -15,7 +15,6 @@ operators' drained releases. Each backend translates the plan into its own trait
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import functools
 import hashlib
@@ -260,9 +259,11 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
     resolve_timeout = Float(
         60,
         help="""
-        Seconds a dataset's resolution may take in all: reading its evidence, or looking an
-        identifier up in the archive. Resolution runs in a worker process off the hub's event
-        loop; one that takes longer is stopped, and the user is told in one sentence.
+        Seconds a dataset's resolution may take: reading its evidence, or looking an
+        identifier up in the archive, in a worker process off the hub's event loop; one that
+        takes longer is stopped. Each of the hub's own looks at the storage (the walk to the
+        dataset, the check of a cached resolution) may take as long, from the hub's storage
+        threads. Either way the user is told in one sentence.
         """,
     ).tag(config=True)
 
@@ -704,7 +705,9 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
                 self.vospace_url, self.storage_layout(), self.access_token, probe=probe
             )
         if reader is None and self.storage_hub_path is not None:
-            reader = StorageMountReader(self.storage_hub_path, self.storage_layout())
+            reader = StorageMountReader(
+                self.storage_hub_path, self.storage_layout(), deadline=self.resolve_timeout
+            )
         return reader  # type: ignore[no-any-return]
 
     async def kept_resolution(
@@ -712,9 +715,9 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
     ) -> Resolution | None:
         """The hub's cached resolution of a dataset in the storage mount, if still valid.
 
-        The walk to the directory and the look at what the resolution read share one thread:
-        each thread costs the hub CPU, the more so the busier its event loop. A subclass whose
-        :meth:`read_dataset` answers otherwise than from the hub's cache returns None.
+        The walk to the directory and the look at what the resolution read share one trip to
+        the hub's storage threads. A subclass whose :meth:`read_dataset` answers otherwise than
+        from the hub's cache returns None.
         """
         # A reader of the operator's, even one derived from the mount's, reads through its open.
         if type(reader) is not StorageMountReader:
@@ -726,7 +729,7 @@ class CASASessionMixin(_MixinBase):  # type: ignore[misc]
             catalog=self.casa_catalog(),
             catalog_path=self.catalog_path,
         )
-        _, kept = await asyncio.to_thread(reader.look, text, identity, look)
+        _, kept = await reader.look(text, identity, look)
         return kept
 
     async def read_dataset(self, target: Path | str, label: str, identity: Identity) -> Resolution:

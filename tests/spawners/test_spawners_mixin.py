@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,10 @@ from support.users import FakeUser, auth_state
 from support.vospace import vospace_service
 
 from casaspawner.datasets.cache import RESOLUTIONS
+from casaspawner.datasets.storage import STORAGE
 from casaspawner.datasets.synth import ERAS, manifest_xml, write_dataset
 from casaspawner.session.options import options_from_form
+from casaspawner.session.readers import StorageMountReader
 from casaspawner.spawners.errors import SpawnException
 
 
@@ -209,33 +213,102 @@ async def test_project_paths_and_absolute_home_paths(make_spawner, storage):
     )
 
 
-async def test_a_dataset_read_before_costs_one_thread_and_no_worker(
+async def test_a_dataset_read_before_costs_one_trip_to_a_storage_thread_and_no_worker(
     make_spawner, tmp_path, monkeypatch
 ):
-    """The walk to a dataset resolved before and the cache's look below it share one thread;
-    a dataset changed since is read again."""
+    """The walk to a dataset resolved before and the cache's look below it share one trip to the
+    hub's storage threads; a dataset changed since is read again."""
     monkeypatch.setattr(RESOLUTIONS, "settle", 0)
     storage = tmp_path / "cavern"
     member = write_dataset(storage / "home" / "alice" / "data", "cycle10")
     text = str(member.relative_to(storage / "home" / "alice"))
     first = await make_spawner(storage_hub_path=str(storage)).prepare_session({"dataset": text})
-    threads: list[str] = []
-    to_thread = asyncio.to_thread
+    trips: list[str] = []
 
-    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
-        threads.append(getattr(func, "__name__", type(func).__name__))
-        return await to_thread(func, *args, **kwargs)
+    def counted(real: Any) -> Any:
+        async def call(func: Any, *args: Any, **kwargs: Any) -> Any:
+            trips.append(getattr(func, "__name__", type(func).__name__))
+            return await real(func, *args, **kwargs)
 
-    monkeypatch.setattr(asyncio, "to_thread", counted)
+        return call
+
+    monkeypatch.setattr(STORAGE, "call", counted(STORAGE.call))
+    monkeypatch.setattr(asyncio, "to_thread", counted(asyncio.to_thread))
     hits = RESOLUTIONS.hits
     again = await make_spawner(storage_hub_path=str(storage)).prepare_session({"dataset": text})
     assert again.resolution == first.resolution and RESOLUTIONS.hits == hits + 1
-    assert threads == ["look"]
+    assert trips == ["walk_and_inspect"]
     manifest = next(member.rglob("*pipeline_manifest.xml"))
     manifest.write_text(manifest_xml(ERAS["cycle9"]))
     changed = await make_spawner(storage_hub_path=str(storage)).prepare_session({"dataset": text})
     assert changed.release.pipeline == ERAS["cycle9"].pipeline != first.release.pipeline
     assert RESOLUTIONS.hits == hits + 1
+
+
+async def test_the_event_loop_never_looks_at_the_storage(make_spawner, tmp_path, monkeypatch):
+    """Neither reading a dataset (the walk, the resolution's link, the cache's key) nor finding it
+    kept opens or stats anything in the storage from the hub's event loop."""
+    monkeypatch.setattr(RESOLUTIONS, "settle", 0)
+    storage = (tmp_path / "cavern").resolve()
+    member = write_dataset(storage / "home" / "alice" / "data", "cycle10")
+    text = str(member.relative_to(storage / "home" / "alice"))
+    loop_thread = threading.current_thread()
+    on_loop: list[str] = []
+
+    def spied(real: Any) -> Any:
+        def call(path: Any, *args: Any, dir_fd: int | None = None, **kwargs: Any) -> Any:
+            if threading.current_thread() is loop_thread:
+                where = Path(os.readlink(f"/proc/self/fd/{dir_fd}")) / path if dir_fd else path
+                if storage in Path(os.path.realpath(where)).parents:
+                    on_loop.append(f"{real.__name__} {where}")
+            return real(path, *args, dir_fd=dir_fd, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "open", spied(os.open))
+    monkeypatch.setattr(os, "stat", spied(os.stat))
+    hits = RESOLUTIONS.hits
+    plans = [
+        await make_spawner(storage_hub_path=str(storage)).prepare_session({"dataset": text})
+        for _ in ("read", "kept")
+    ]
+    assert plans[0].resolution == plans[1].resolution and RESOLUTIONS.hits == hits + 1
+    assert plans[0].resolution.evidence.kind == "manifest"
+    assert on_loop == []
+
+
+async def test_storage_that_does_not_answer_ends_the_spawn_with_one_sentence(
+    make_spawner, tmp_path, monkeypatch
+):
+    """A look at the storage past ``resolve_timeout`` ends the wait with one sentence; one of the
+    hub's storage threads, not one it shares, holds the look, and closes what it opened late."""
+    storage = tmp_path / "cavern"
+    member = write_dataset(storage / "home" / "alice" / "data", "cycle10")
+    text = str(member.relative_to(storage / "home" / "alice"))
+    released = threading.Event()
+    walk = StorageMountReader._walk
+    walked_in: list[str] = []
+
+    def hung(self: StorageMountReader, *args: Any) -> Any:
+        walked_in.append(threading.current_thread().name)
+        released.wait(30)
+        return walk(self, *args)
+
+    monkeypatch.setattr(StorageMountReader, "_walk", hung)
+    before = len(os.listdir("/proc/self/fd"))
+    spawner = make_spawner(storage_hub_path=str(storage), resolve_timeout=0.2)
+    message = await refused(spawner, {"dataset": text})
+    assert message == (
+        f"The storage did not answer within 0.2 seconds while the hub looked at {text!r}; "
+        "try again in a few minutes."
+    )
+    assert walked_in[0].startswith("casaspawner-storage-")
+    released.set()
+    for _ in range(100):
+        if len(os.listdir("/proc/self/fd")) == before:
+            break
+        await asyncio.sleep(0.05)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 async def test_without_storage_paths_ask_for_an_identifier(make_spawner):
