@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import time
 from pathlib import Path, PurePosixPath
@@ -22,6 +23,7 @@ from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from casaspawner.datasets.storage import STORAGE
 from casaspawner.errors import CasaspawnerError, ConfigurationError, InvalidInput
 from casaspawner.insession.desktop.casa_releases import APPS
 from casaspawner.kube import apps, objects
@@ -167,8 +169,11 @@ class KubeApps:
         wanted = {k: running.get(k) or options.get(k) for k in ("dataset", "size")}
         wanted |= {"release": release_id, "interface": "lab"}
         if session.measures and spawner.measures_versions_hub_path:
-            root = Path(spawner.measures_versions_hub_path)
-            if session.measures not in await asyncio.to_thread(kept_versions, root):
+            look = functools.partial(kept_versions, Path(spawner.measures_versions_hub_path))
+            kept = await STORAGE.call(
+                look, deadline=spawner.resolve_timeout, what="the measures data"
+            )
+            if session.measures not in kept:
                 raise InvalidInput(
                     f"The measures data your desktop reads ({session.measures}) is no longer "
                     "kept on this hub, so apps of other releases cannot read it; start a new "

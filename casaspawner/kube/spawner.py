@@ -454,9 +454,10 @@ class CASASpawner(SessionRecords, CASASessionMixin, KubeSpawner):  # type: ignor
         """The newest measures version kept, or ``earlier``'s; see measures_versions_hub_path."""
         if not self.measures_versions_hub_path:
             return None
-        # A network mount may be slow: not on the hub's event loop.
-        root = Path(self.measures_versions_hub_path)
-        return await asyncio.to_thread(measures_for, root, earlier)
+        # A network mount may be slow: from the hub's storage threads.
+        look = functools.partial(measures_for, Path(self.measures_versions_hub_path), earlier)
+        what = "the measures data"
+        return await STORAGE.call(look, deadline=self.resolve_timeout, what=what)
 
     def apply_plan(self, plan: SessionPlan) -> None:
         super().apply_plan(plan)
