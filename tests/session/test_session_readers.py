@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from support.forks import answer_in_child
 
 from casaspawner.catalog.model import load_catalog
 from casaspawner.datasets.resolve import resolve_path
@@ -188,32 +189,22 @@ def test_directories_the_hub_may_only_search_are_walked_through():
         (base / "home" / "alice" / "data").chmod(0o311)
         # Loaded here: the child may not read Python's own files where root installed them.
         catalog = load_catalog()
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
+
+        def resolve_as_nobody() -> str:
             # The child: no root, find the dataset's release, report it.
-            try:
-                os.close(read)
-                if os.geteuid() == 0:
-                    os.setgroups([])
-                    os.setgid(uid)
-                    os.setuid(uid)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
 
-                async def resolve() -> str:
-                    reader = StorageMountReader(base, StorageLayout())
-                    async with reader.open("data/ds", Identity("alice", 1001, 1001)) as path:
-                        return resolve_path(path, catalog, label="data/ds").release.id
+            async def resolve() -> str:
+                reader = StorageMountReader(base, StorageLayout())
+                async with reader.open("data/ds", Identity("alice", 1001, 1001)) as path:
+                    return resolve_path(path, catalog, label="data/ds").release.id
 
-                os.write(write, asyncio.run(resolve()).encode())
-            except BaseException as exc:
-                # Everything goes back to the parent.
-                os.write(write, f"{type(exc).__name__}: {exc}".encode())
-            finally:
-                os._exit(0)
-        os.close(write)
-        with os.fdopen(read, "rb") as pipe:
-            answer = pipe.read().decode()
-        os.waitpid(pid, 0)
+            return asyncio.run(resolve())
+
+        answer = answer_in_child(resolve_as_nobody)
         assert answer == "pl-2023.1.0.124"
     finally:
         (base / "home" / "alice" / "data").chmod(0o755)

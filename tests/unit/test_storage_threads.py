@@ -8,6 +8,7 @@ import os
 import threading
 
 import pytest
+from support.forks import answer_in_child
 
 from casaspawner.datasets.storage import StorageThreads
 from casaspawner.errors import StorageUnavailable
@@ -93,16 +94,8 @@ def test_a_child_process_starts_its_own_threads():
     """``fork`` copies no thread: a child's looks start threads of its own."""
     threads = StorageThreads(1)
     assert asyncio.run(threads.call(lambda: os.getpid(), deadline=5, what="x")) == os.getpid()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            answer = asyncio.run(threads.call(lambda: os.getpid(), deadline=5, what="x"))
-            os.write(write, str(answer).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        answer = pipe.read().decode()
-    os.waitpid(pid, 0)
-    assert answer == str(pid)
+    answer = answer_in_child(
+        lambda: str(asyncio.run(threads.call(lambda: os.getpid(), deadline=5, what="x")))
+    )
+    # The child's own pid: its look ran, in its own thread.
+    assert answer.isdigit() and answer != str(os.getpid()), answer
