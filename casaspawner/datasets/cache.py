@@ -289,7 +289,7 @@ class ResolutionCache:
     def peek(self, key: Key, directory: int, catalog: Catalog) -> Resolution | None:
         """The kept resolution of ``key`` if its footprint below ``directory`` is unchanged.
 
-        Blocking, as it looks at the storage, which can be slow: call it in a thread.
+        Blocking, as it looks at the storage, which can be slow: for the hub's storage threads.
         """
         with self._lock:
             entry = self._entries.get(key)

@@ -124,7 +124,7 @@ async def resolve_in_worker(
                 opened,
                 deadline=limits.deadline,
                 what=repr(name),
-                late=lambda late: os.close(late[0]),
+                late=lambda result: os.close(result[0]),
             )
             stack.callback(os.close, fd)
             fds = (fd,)
@@ -213,7 +213,7 @@ def look_up(
     """The cache's key of the dataset directory open as ``fd``, and its kept resolution.
 
     The key is None if it cannot be had, the resolution None unless kept and unchanged. The
-    arguments are :func:`resolve_in_worker`'s. Blocking, as it looks at the storage: for a thread.
+    arguments are :func:`resolve_in_worker`'s. Blocking: for the hub's storage threads.
     """
     ids = None if user is None else (user.uid, user.gid, user.supplemental_gids)
     try:
