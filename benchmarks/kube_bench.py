@@ -4,19 +4,20 @@ Run with ``make bench-kube`` (root; it starts the cluster with a fake node for k
 running one). The benchmark itself runs inside the cluster's network namespace, where pod IPs
 answer. Results: ``benchmarks/results/kube-spawn.json`` and ``kube-spawn.png``.
 
-**Spawn overhead.** One process plays the hub: it runs the spawners as JupyterHub does (the
-user's options, ``apply_user_options``, ``start``, then JupyterHub's own
-``wait_for_http_server`` on the URL), as the hub's ServiceAccount holding Zero to JupyterHub's
-hub Role, against the real API server. Per spawn it times start → pod Running (``start``
-returned) → server answering; per round it measures its own CPU time (``getrusage``, all its
-threads; the resolution workers, its children, apart) and counts its requests to the API server
-(every request the Kubernetes client sends, by verb and resource). A CASA session fetches the
-user's access token from the hub as it starts: the hub's side of that request is counted too
-(:class:`TokenDesk`). The spawners run the same busybox image (``httpd`` on port 8888) with the
-same resources, in the same restricted namespace, alternately, round by round: a plain
-KubeSpawner (``kube``), a plain KubeSpawner mounting what a CASA session mounts (``storage``: the
-home from the shared claim by subPath, the measures, /tmp) and CASASpawner; 1, 20 and 100
-concurrent spawns, on
+**Spawn overhead.** One process plays the hub: it runs the spawners as JupyterHub does (the user's
+options, ``apply_user_options``, ``start``, then JupyterHub's own ``wait_for_http_server`` on the
+URL), as the hub's ServiceAccount holding Zero to JupyterHub's hub Role, against the real API
+server. Per spawn it times start → pod Running (``start`` returned) → server answering; per round
+it measures its own CPU time (``getrusage``, all its threads; the resolution workers, its children,
+apart), the CPU time of the cluster's processes while the spawns ran (API server, etcd, scheduler,
+controller-manager, kubelet, containerd, kube-router, kwok; from /proc) and a second after, above
+their rate at rest in the second before, and counts its requests to the API server (every request
+the Kubernetes client sends, by verb and resource). A CASA session fetches the user's access token
+from the hub as it starts: the hub's side of that request is counted too (:class:`TokenDesk`). The
+spawners run the same busybox image (``httpd`` on port 8888) with the same resources, in the same
+restricted namespace, alternately, round by round: a plain KubeSpawner (``kube``), a plain
+KubeSpawner mounting what a CASA session mounts (``storage``: the home from the shared claim by
+subPath, the measures, /tmp) and CASASpawner; 1, 20 and 100 concurrent spawns, on
 
 * ``fake``: fake nodes registered for the benchmark and played by kwok (pods go Running without
   running anything; their addresses answer through one ``busybox httpd`` in the namespace), so
@@ -166,6 +167,56 @@ COUNTER = RequestCounter()
 def cpu_seconds(who: int) -> float:
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
+
+
+#: The cluster's processes a round's CPU time is measured for, by the start of their name in
+#: /proc (cut there to 15 characters): the component each belongs to.
+CLUSTER_PROCESSES = {
+    "kube-apiserver": "kube-apiserver",
+    "etcd": "etcd",
+    "kube-scheduler": "kube-scheduler",
+    "kube-controller": "kube-controller-manager",
+    "kubelet": "kubelet",
+    # containerd and each pod's shim (containerd-shim-runc-v2).
+    "containerd": "containerd",
+    "kube-router": "kube-router",
+    "kwok": "kwok",
+    "docker-registry": "registry",
+}
+TICKS = os.sysconf("SC_CLK_TCK")
+#: Seconds after a round's spawns answered that still count as the cluster's work for them.
+CLUSTER_SETTLE = 1.0
+
+
+def cluster_processes() -> dict[int, tuple[str, float]]:
+    """The cluster's running processes: pid → (component, CPU seconds so far)."""
+    found: dict[int, tuple[str, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        # pid (comm) state ...: comm may hold spaces; utime and stime are fields 14 and 15.
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        component = next((c for p, c in CLUSTER_PROCESSES.items() if name.startswith(p)), None)
+        if component is not None:
+            fields = text[text.rindex(")") + 2 :].split()
+            found[int(entry.name)] = (component, (int(fields[11]) + int(fields[12])) / TICKS)
+    return found
+
+
+def cluster_cpu_between(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds each component used between two looks (processes that ended are missed)."""
+    used: Counter[str] = Counter()
+    for pid, (component, seconds) in after.items():
+        earlier = before.get(pid)
+        used[component] += seconds - (earlier[1] if earlier else 0.0)
+    return dict(used)
 
 
 # The cluster's side
@@ -643,6 +694,9 @@ class Round:
     elapsed: float
     #: The round's block: each block runs every flavour once, one after the other.
     block: int = 0
+    #: CPU seconds of the cluster's processes while the round's spawns ran and a second after,
+    #: above their rate at rest in the second before, by component.
+    cluster_cpu: dict[str, float] = field(default_factory=dict)
 
 
 async def one_round(
@@ -655,7 +709,14 @@ async def one_round(
     if cache == "cold":
         clear_resolution_cache()
     gc.collect()
+    # The cluster's CPU at rest, in the second before the round, is taken off the round's.
+    idle0, idle_began = cluster_processes(), time.perf_counter()
     await asyncio.sleep(1)
+    cluster0 = cluster_processes()
+    idle_rate = {
+        component: seconds / (time.perf_counter() - idle_began)
+        for component, seconds in cluster_cpu_between(idle0, cluster0).items()
+    }
     COUNTER.take()
     self0, children0, began = (
         cpu_seconds(resource.RUSAGE_SELF),
@@ -665,6 +726,13 @@ async def one_round(
     results = await asyncio.gather(*(spawn(s, o) for s, o in zip(spawners, options, strict=True)))
     elapsed = time.perf_counter() - began
     self1, children1 = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
+    # The cluster goes on with the pods a moment after they answer (a kubelet's status, a
+    # watcher's turn): a second more, also less its rate at rest, is counted.
+    await asyncio.sleep(CLUSTER_SETTLE)
+    cluster = {
+        component: seconds - idle_rate.get(component, 0.0) * (elapsed + CLUSTER_SETTLE)
+        for component, seconds in cluster_cpu_between(cluster0, cluster_processes()).items()
+    }
     requests = COUNTER.take()
     await asyncio.gather(*(stop(s) for s in spawners))
     self2 = cpu_seconds(resource.RUSAGE_SELF)
@@ -683,6 +751,7 @@ async def one_round(
         dict(stop_requests),
         elapsed,
         block,
+        cluster,
     )
 
 
@@ -721,7 +790,8 @@ async def overhead(users: Users, settings: list[Setting], levels: tuple[int, ...
                     log(
                         f"{setting.name} x{concurrency} {flavour} {done.cache}: median "
                         f"{median:.3f} s, hub CPU {done.hub_cpu / concurrency * 1e3:.1f} ms/spawn"
-                        f", worker {done.worker_cpu / concurrency * 1e3:.1f} ms/spawn, "
+                        f", worker {done.worker_cpu / concurrency * 1e3:.1f} ms/spawn, cluster "
+                        f"{sum(done.cluster_cpu.values()) / concurrency * 1e3:.1f} ms/spawn, "
                         f"{sum(done.requests.values()) / concurrency:.1f} requests/spawn"
                     )
     return rounds
@@ -754,6 +824,9 @@ def summarise(rounds: list[Round]) -> list[dict[str, Any]]:
                 requests.update(r.requests)
             label = flavour if flavour in PLAIN else f"casa_{cache}"
             chosen_by_label[label] = chosen
+            cluster: Counter[str] = Counter()
+            for r in chosen:
+                cluster.update(r.cluster_cpu)
             rows[label] = {
                 "spawns": count,
                 "rounds": len(chosen),
@@ -763,6 +836,10 @@ def summarise(rounds: list[Round]) -> list[dict[str, Any]]:
                 "hub_cpu_ms_per_spawn": _cpu_per_spawn(chosen) * 1e3,
                 "worker_cpu_ms_per_spawn": sum(r.worker_cpu for r in chosen) / count * 1e3,
                 "stop_hub_cpu_ms_per_spawn": sum(r.stop_cpu for r in chosen) / count * 1e3,
+                "cluster_cpu_ms_per_spawn": sum(cluster.values()) / count * 1e3,
+                "cluster_cpu_ms_per_spawn_by_component": {
+                    k: round(v / count * 1e3, 2) for k, v in sorted(cluster.items())
+                },
                 "requests_per_spawn": sum(requests.values()) / count,
                 "requests_by_kind_per_spawn": {
                     k: round(v / count, 2) for k, v in sorted(requests.items())
@@ -782,6 +859,8 @@ def summarise(rounds: list[Round]) -> list[dict[str, Any]]:
                     )
                     / (kube["hub_cpu_ms_per_spawn"] + kube["worker_cpu_ms_per_spawn"]),
                     "requests": casa["requests_per_spawn"] / kube["requests_per_spawn"],
+                    "cluster_cpu": casa["cluster_cpu_ms_per_spawn"]
+                    / kube["cluster_cpu_ms_per_spawn"],
                     **_intervals(chosen_by_label[label], chosen_by_label[base]),
                 }
         table.append(rows)
@@ -914,17 +993,22 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         ("casa_warm", "CASASpawner"),
         ("casa_cold", "CASA, cold"),
     )
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     width = 0.2
     for offset, (key, name) in enumerate(series):
         positions = [i + (offset - 1.5) * width for i in range(len(summary))]
         walls = [row.get(key, {}).get("answering_median_s", 0) for row in summary]
         cpus = [row.get(key, {}).get("hub_cpu_ms_per_spawn", 0) for row in summary]
+        clusters = [row.get(key, {}).get("cluster_cpu_ms_per_spawn", 0) for row in summary]
         axes[0].bar(positions, walls, width, label=name)
         axes[1].bar(positions, cpus, width, label=name)
-    for axis, title in zip(
-        axes, ("start to answering, median (s)", "hub CPU per spawn (ms)"), strict=True
-    ):
+        axes[2].bar(positions, clusters, width, label=name)
+    titles = (
+        "start to answering, median (s)",
+        "hub CPU per spawn (ms)",
+        "the cluster's CPU per spawn (ms)",
+    )
+    for axis, title in zip(axes, titles, strict=True):
         axis.set_xticks(range(len(summary)), labels, fontsize=7)
         axis.set_title(title)
         axis.set_yscale("log")
