@@ -10,14 +10,15 @@ URL), as the hub's ServiceAccount holding Zero to JupyterHub's hub Role, against
 server. Per spawn it times start → pod Running (``start`` returned) → server answering; per round
 it measures its own CPU time (``getrusage``, all its threads; the resolution workers, its children,
 apart), the CPU time of the cluster's processes while the spawns ran (API server, etcd, scheduler,
-controller-manager, kubelet, containerd, kube-router, kwok; from /proc) and a second after, above
-their rate at rest in the second before, and counts its requests to the API server (every request
-the Kubernetes client sends, by verb and resource). A CASA session fetches the user's access token
-from the hub as it starts: the hub's side of that request is counted too (:class:`TokenDesk`). The
-spawners run the same busybox image (``httpd`` on port 8888) with the same resources, in the same
-restricted namespace, alternately, round by round: a plain KubeSpawner (``kube``), a plain
-KubeSpawner mounting what a CASA session mounts (``storage``: the home from the shared claim by
-subPath, the measures, /tmp) and CASASpawner; 1, 20 and 100 concurrent spawns, on
+controller-manager, kubelet, containerd, kube-router, kwok, the registry; from /proc) and a second
+after, above their rate at rest in the second before (compared on the fake nodes only: on the real
+node the previous round's clean-up runs into that second), and counts its requests to the API
+server (every request the Kubernetes client sends, by verb and resource). A CASA session fetches
+the user's access token from the hub as it starts: the hub's side of that request is counted too
+(:class:`TokenDesk`). The spawners run the same busybox image (``httpd`` on port 8888) with the
+same resources, in the same restricted namespace, alternately, round by round: a plain KubeSpawner
+(``kube``), a plain KubeSpawner mounting what a CASA session mounts (``storage``: the home from the
+shared claim by subPath, the measures, /tmp) and CASASpawner; 1, 20 and 100 concurrent spawns, on
 
 * ``fake``: fake nodes registered for the benchmark and played by kwok (pods go Running without
   running anything; their addresses answer through one ``busybox httpd`` in the namespace), so
